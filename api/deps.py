@@ -1,0 +1,154 @@
+"""Request dependencies: a pooled connection, the clock, the bearer token, the area scope.
+
+Each request's connection runs in autocommit: every statement stands alone unless a
+route opens ``conn.transaction()``, so a route fixes its own transaction boundaries
+and has committed before it answers (a resident read and its audit row commit
+together, inside the route, never after the response is sent).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Annotated, cast
+
+import psycopg
+from fastapi import Depends, HTTPException, Query, Request, status
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from psycopg.rows import DictRow
+from psycopg_pool import ConnectionPool
+
+from shouhu.tokens import Role, TokenIdentity, authenticate
+
+DEFAULT_PAGE_SIZE = 100
+MAX_PAGE_SIZE = 1000
+
+# How long a request waits for a pooled connection before answering 503.
+CONNECTION_TIMEOUT_S = 5.0
+
+# Roles that may read a resident at all (a technician sees cameras, not residents).
+RESIDENT_READERS: frozenset[Role] = frozenset(
+    {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM}
+)
+# Roles that may read health and location (PIPL sensitive personal information).
+SENSITIVE_READERS: frozenset[Role] = frozenset(
+    {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM}
+)
+
+_bearer = HTTPBearer(
+    auto_error=False,
+    description="A token printed by `shouhu token create --role ROLE [--area AREA]`.",
+)
+
+
+def get_pool(request: Request) -> ConnectionPool:
+    pool: ConnectionPool = request.app.state.pool
+    return pool
+
+
+def get_connection(
+    pool: Annotated[ConnectionPool, Depends(get_pool)],
+) -> Iterator[psycopg.Connection[DictRow]]:
+    """A pooled connection for the request, in autocommit, returned when it ends."""
+    with pool.connection(timeout=CONNECTION_TIMEOUT_S) as conn:
+        conn.autocommit = True
+        # shouhu.db.open_pool gives its connections dict rows.
+        yield cast("psycopg.Connection[DictRow]", conn)
+
+
+def get_now() -> datetime:
+    """The request's clock; tests override this dependency to drive time."""
+    return datetime.now(UTC)
+
+
+ConnDep = Annotated[psycopg.Connection[DictRow], Depends(get_connection)]
+Now = Annotated[datetime, Depends(get_now)]
+
+
+def get_current_token(
+    conn: ConnDep,
+    now: Now,
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> TokenIdentity:
+    """The identity of the request's bearer token; 401 when missing or not valid."""
+    if credentials is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "a bearer token is required (Authorization: Bearer <token>)",
+            headers={"WWW-Authenticate": "Bearer"},
+        )
+    identity = authenticate(conn, credentials.credentials, now)
+    if identity is None:
+        raise HTTPException(
+            status.HTTP_401_UNAUTHORIZED,
+            "the bearer token is unknown, expired or revoked",
+            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
+        )
+    return identity
+
+
+CurrentToken = Annotated[TokenIdentity, Depends(get_current_token)]
+
+
+@dataclass(frozen=True, slots=True)
+class AreaScope:
+    """The areas a token may see; ``area_ids`` is ``None`` for the whole county."""
+
+    area_ids: frozenset[str] | None
+
+    def allows(self, area_id: str | None) -> bool:
+        return self.area_ids is None or (area_id is not None and area_id in self.area_ids)
+
+    def as_param(self) -> list[str] | None:
+        """For SQL written as ``(%(scope)s::text[] IS NULL OR x = ANY(%(scope)s))``."""
+        return None if self.area_ids is None else sorted(self.area_ids)
+
+
+def area_subtree(conn: psycopg.Connection[DictRow], roots: list[str]) -> frozenset[str]:
+    """The given areas and all their descendants, active or not."""
+    rows = conn.execute(
+        """
+        WITH RECURSIVE subtree AS (
+            SELECT id FROM areas WHERE id = ANY(%s)
+            UNION
+            SELECT a.id FROM areas a JOIN subtree s ON a.parent_id = s.id
+        )
+        SELECT id FROM subtree
+        """,
+        (roots,),
+    ).fetchall()
+    return frozenset(row["id"] for row in rows)
+
+
+def get_area_scope(conn: ConnDep, token: CurrentToken) -> AreaScope:
+    """A token with areas sees them and their descendants; one without sees everything."""
+    if not token.areas:
+        return AreaScope(None)
+    return AreaScope(area_subtree(conn, list(token.areas)))
+
+
+Scope = Annotated[AreaScope, Depends(get_area_scope)]
+
+
+def not_found(what: str, ident: str) -> HTTPException:
+    """The one answer for unknown and out-of-scope objects, so neither is disclosed."""
+    return HTTPException(status.HTTP_404_NOT_FOUND, f"{what} {ident!r} not found")
+
+
+@dataclass(frozen=True, slots=True)
+class Pagination:
+    limit: int
+    offset: int
+
+
+def get_pagination(
+    limit: Annotated[
+        int, Query(ge=1, le=MAX_PAGE_SIZE, description="Most items to return.")
+    ] = DEFAULT_PAGE_SIZE,
+    offset: Annotated[int, Query(ge=0, description="Items to skip.")] = 0,
+) -> Pagination:
+    return Pagination(limit=limit, offset=offset)
+
+
+Page = Annotated[Pagination, Depends(get_pagination)]

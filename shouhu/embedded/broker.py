@@ -1,0 +1,85 @@
+"""The embedded MQTT broker: amqtt, for ``shouhu up`` on a machine with no broker.
+
+amqtt speaks MQTT 3.1.1 only and has no shared subscriptions (see DESIGN.md,
+"Facts measured"), and it keeps sessions in memory: good for a demo or a laptop,
+never for production, where Mosquitto or EMQX with persistence runs instead.
+
+It runs as a child process (``python -m shouhu.embedded.broker --port N``) so that
+a broker fault cannot take the hub down with it, and so tests can kill it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import signal
+import socket
+import subprocess
+import sys
+import time
+from typing import Any
+
+DEFAULT_PORT = 1883
+
+
+def broker_config(host: str, port: int) -> dict[str, Any]:
+    return {
+        "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
+        "plugins": {
+            "amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True},
+        },
+    }
+
+
+def is_listening(host: str, port: int, timeout: float = 0.5) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+async def serve(host: str, port: int) -> None:
+    from amqtt.broker import Broker
+
+    broker = Broker(broker_config(host, port))
+    await broker.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for signum in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(signum, stop.set)
+    await stop.wait()
+    await broker.shutdown()
+
+
+def start_embedded_broker(port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> subprocess.Popen[bytes]:
+    """Start the broker in a child process and wait until it accepts connections."""
+    process = subprocess.Popen(
+        [sys.executable, "-m", "shouhu.embedded.broker", "--host", host, "--port", str(port)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 20
+    while not is_listening(host, port):
+        if process.poll() is not None:
+            err = process.stderr.read().decode(errors="replace") if process.stderr else ""
+            raise RuntimeError(f"the embedded MQTT broker exited: {err[-2000:]}")
+        if time.monotonic() > deadline:
+            process.kill()
+            raise RuntimeError(f"the embedded MQTT broker did not listen on {host}:{port}")
+        time.sleep(0.05)
+    return process
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="Shouhu's embedded MQTT 3.1.1 broker (amqtt)")
+    parser.add_argument("--host", default="127.0.0.1")
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT)
+    args = parser.parse_args()
+    with contextlib.suppress(KeyboardInterrupt):
+        asyncio.run(serve(args.host, args.port))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,155 @@
+"""A small migration runner: numbered steps, applied once, in order, under a lock.
+
+Why not Alembic or yoyo: the schema is plain SQL with no ORM, and one step must
+choose at run time between TimescaleDB hypertables and native partitioning; a
+dozen lines of Python do that more plainly than a tool's hooks.
+
+Each step runs in its own transaction holding a PostgreSQL advisory lock, so two
+processes (say ``shouhu up`` and a compose ``migrate`` job) never apply the same
+step twice. SQL steps are recorded with their SHA-256; an applied step whose file
+has since changed is refused rather than silently skipped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import datetime
+from importlib import resources
+
+import psycopg
+
+from shouhu import timeseries
+
+# An arbitrary constant: the advisory lock key that serialises migrations.
+MIGRATION_LOCK_KEY = 0x5348_4F55_4855_0001
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationContext:
+    retention_days: int
+    now: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql_file: str | None = None
+    apply: Callable[[psycopg.Connection, MigrationContext], None] | None = None
+
+    def sql(self) -> str:
+        assert self.sql_file is not None
+        return resources.files(__package__).joinpath(self.sql_file).read_text(encoding="utf-8")
+
+    def checksum(self) -> str | None:
+        return hashlib.sha256(self.sql().encode()).hexdigest() if self.sql_file else None
+
+
+def _create_series_tables(conn: psycopg.Connection, context: MigrationContext) -> None:
+    mode = timeseries.detect_mode(conn)
+    timeseries.create_tables(conn, mode, context.retention_days)
+    conn.execute(
+        "INSERT INTO shouhu_meta (key, value) VALUES ('storage_mode', %s)", (mode.value,)
+    )
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "core schema", sql_file="0001_core.sql"),
+    Migration(2, "time-series tables", apply=_create_series_tables),
+)
+
+
+class MigrationError(Exception):
+    """The database holds a schema this code cannot safely upgrade."""
+
+
+@dataclass(frozen=True, slots=True)
+class MigrationReport:
+    applied: tuple[int, ...]
+    storage_mode: timeseries.StorageMode
+    partitions_created: tuple[str, ...]
+    partitions_dropped: tuple[str, ...]
+
+
+def _bootstrap(conn: psycopg.Connection) -> None:
+    conn.execute(
+        """
+        CREATE TABLE IF NOT EXISTS schema_migrations (
+            version     integer PRIMARY KEY,
+            name        text NOT NULL,
+            checksum    text,
+            applied_at  timestamptz NOT NULL DEFAULT now()
+        )
+        """
+    )
+    conn.execute(
+        "CREATE TABLE IF NOT EXISTS shouhu_meta (key text PRIMARY KEY, value text NOT NULL)"
+    )
+
+
+def storage_mode(conn: psycopg.Connection) -> timeseries.StorageMode:
+    row = conn.execute("SELECT value FROM shouhu_meta WHERE key = 'storage_mode'").fetchone()
+    if row is None:
+        raise MigrationError("the schema has no storage mode: run `shouhu migrate`")
+    return timeseries.StorageMode(row[0])
+
+
+def migrate(conninfo: str, context: MigrationContext) -> MigrationReport:
+    """Apply every pending step, then the storage path's upkeep (partitions or retention).
+
+    Raises:
+        MigrationError: an applied SQL step differs from the file shipped here, or the
+            database is at a version newer than this code knows.
+    """
+    applied: list[int] = []
+    with psycopg.connect(conninfo) as conn:
+        with conn.transaction():
+            conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+            _bootstrap(conn)
+        known = {m.version for m in MIGRATIONS}
+        for migration in MIGRATIONS:
+            with conn.transaction():
+                conn.execute("SELECT pg_advisory_xact_lock(%s)", (MIGRATION_LOCK_KEY,))
+                row = conn.execute(
+                    "SELECT checksum FROM schema_migrations WHERE version = %s",
+                    (migration.version,),
+                ).fetchone()
+                if row is not None:
+                    if row[0] != migration.checksum():
+                        raise MigrationError(
+                            f"migration {migration.version} ({migration.name}) was applied "
+                            "from a different file; restore the original or migrate by hand"
+                        )
+                    continue
+                if migration.sql_file is not None:
+                    conn.execute(migration.sql().encode())
+                if migration.apply is not None:
+                    migration.apply(conn, context)
+                conn.execute(
+                    "INSERT INTO schema_migrations (version, name, checksum) VALUES (%s, %s, %s)",
+                    (migration.version, migration.name, migration.checksum()),
+                )
+                applied.append(migration.version)
+        newer = [
+            v
+            for (v,) in conn.execute("SELECT version FROM schema_migrations").fetchall()
+            if v not in known
+        ]
+        if newer:
+            raise MigrationError(f"the database has migrations {newer} this version does not know")
+        with conn.transaction():
+            mode = storage_mode(conn)
+            created: tuple[str, ...] = ()
+            dropped: tuple[str, ...] = ()
+            if mode is timeseries.StorageMode.NATIVE:
+                report = timeseries.maintain_partitions(conn, context.now, context.retention_days)
+                created, dropped = report.created, report.dropped
+            else:
+                for table in timeseries.SERIES_TABLES:
+                    for statement in timeseries.timescaledb_retention_statements(
+                        table, context.retention_days
+                    ):
+                        conn.execute(statement.encode())
+    return MigrationReport(tuple(applied), mode, created, dropped)

