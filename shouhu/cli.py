@@ -225,12 +225,12 @@ def simulate_emergency_platform() -> None:
 def _resolve_broker(settings: Settings, stack: ExitStack) -> str:
     if settings.mqtt_url:
         return settings.mqtt_url
-    from shouhu.embedded.broker import DEFAULT_PORT, is_listening, start_embedded_broker
+    from shouhu.embedded.broker import DEFAULT_PORT, ensure_local_broker
 
-    if is_listening("127.0.0.1", DEFAULT_PORT):
+    process = ensure_local_broker(DEFAULT_PORT)
+    if process is None:
         typer.echo(f"MQTT: using the broker already listening on 127.0.0.1:{DEFAULT_PORT}")
     else:
-        process = start_embedded_broker(DEFAULT_PORT)
         stack.callback(_stop_process, process)
         typer.echo(f"MQTT: embedded broker (amqtt, MQTT 3.1.1) on 127.0.0.1:{DEFAULT_PORT}")
     return f"mqtt://127.0.0.1:{DEFAULT_PORT}"

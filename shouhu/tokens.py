@@ -20,7 +20,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import tuple_row
 
-TOKEN_PREFIX = "shh_"
+TOKEN_PREFIX = "shh_"  # noqa: S105 (a recognisable prefix, not a secret)
 # token_urlsafe(32) is 43 characters; anything much longer is not one of ours, and
 # refusing it early keeps a hostile header from costing a hash and a query.
 _MAX_SECRET_LENGTH = 128
@@ -90,7 +90,7 @@ def create_token(
     secret = TOKEN_PREFIX + secrets.token_urlsafe(32)
     with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
         cur.execute("SELECT id, active FROM areas WHERE id = ANY(%s)", (wanted,))
-        active = {area_id: is_active for area_id, is_active in cur.fetchall()}
+        active: dict[str, bool] = dict(cur.fetchall())
         for area_id in wanted:
             if area_id not in active:
                 raise ValueError(f"area {area_id!r} does not exist")

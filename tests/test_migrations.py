@@ -17,6 +17,8 @@ from shouhu.migrations import MIGRATIONS, MigrationContext, MigrationError, migr
 from shouhu.tokens import Role
 
 NOW = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
+# Past the partitions the template database made on the real day it was migrated.
+LATER = datetime(2027, 3, 1, 9, 0, tzinfo=UTC)
 
 
 def test_schema_is_complete_on_each_version(any_database_url: str) -> None:
@@ -144,13 +146,13 @@ def _partition_of_rows(conn: psycopg.Connection) -> list[str]:
 
 def test_partitions_made_ahead_and_stray_rows_kept(any_database_url: str) -> None:
     with psycopg.connect(any_database_url) as conn:
-        far_future = NOW + timedelta(days=30)
-        _insert_telemetry(conn, far_future)
+        _insert_telemetry(conn, LATER + timedelta(days=30))
         assert _partition_of_rows(conn) == ["telemetry_default"]
-        report = timeseries.maintain_partitions(conn, NOW, retention_days=90)
-        assert "telemetry_p20261224" in report.created  # the stray row's day
-        assert "telemetry_p20261201" in report.created  # a week ahead
-        assert _partition_of_rows(conn) == ["telemetry_p20261224"]
+        report = timeseries.maintain_partitions(conn, LATER, retention_days=90)
+        assert "telemetry_p20270331" in report.created  # the stray row's day
+        assert "telemetry_p20270308" in report.created  # a week ahead
+        assert "telemetry_p20270309" not in report.created
+        assert _partition_of_rows(conn) == ["telemetry_p20270331"]
         conn.commit()
 
 

@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from api.deps import ConnDep, CurrentToken, Page, Scope
+from api.deps import ConnDep, Page, Scope
 from devices.kinds import AreaLevel
 
 router = APIRouter(prefix="/areas", tags=["areas"])
@@ -35,8 +35,8 @@ _WHERE = """
 
 @router.get("")
 def read_areas(
+    *,
     conn: ConnDep,
-    token: CurrentToken,
     scope: Scope,
     page: Page,
     include_inactive: Annotated[

@@ -72,6 +72,16 @@ def start_embedded_broker(port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> 
     return process
 
 
+def ensure_local_broker(port: int = DEFAULT_PORT) -> subprocess.Popen[bytes] | None:
+    """Use a broker already listening on 127.0.0.1:``port``, or start the embedded one.
+
+    Returns the child process when one was started, None when a broker was there.
+    """
+    if is_listening("127.0.0.1", port):
+        return None
+    return start_embedded_broker(port)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description="Shouhu's embedded MQTT 3.1.1 broker (amqtt)")
     parser.add_argument("--host", default="127.0.0.1")

@@ -1,0 +1,179 @@
+"""The HTTP API: health checks, Prometheus metrics and the REST routes under ``/api/v1``."""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+import psycopg
+from fastapi import FastAPI, Request, status
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from psycopg.rows import tuple_row
+from psycopg_pool import ConnectionPool, PoolTimeout
+from starlette.concurrency import run_in_threadpool
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+import shouhu
+from api.routes import areas, devices, residents
+from shouhu.db import open_pool
+from shouhu.migrations import MIGRATIONS
+
+logger = logging.getLogger(__name__)
+
+API_PREFIX = "/api/v1"
+READY_TIMEOUT_S = 2.0
+
+REQUESTS = Counter(
+    "shouhu_api_requests", "HTTP requests answered, by route template and status.",
+    ["method", "route", "status"],
+)
+REQUEST_SECONDS = Histogram(
+    "shouhu_api_request_duration_seconds", "Time to answer an HTTP request, by route template.",
+    ["method", "route"],
+)
+
+
+class _MetricsMiddleware:
+    """Counts and times requests, labelled by route template (not raw path: ids would
+    make a label per resident)."""
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        start = time.perf_counter()
+        status_code = 500
+
+        async def send_wrapper(message: Message) -> None:
+            nonlocal status_code
+            if message["type"] == "http.response.start":
+                status_code = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_wrapper)
+        finally:
+            # The router writes the matched route into the shared scope.
+            route = getattr(scope.get("route"), "path", None) or "unmatched"
+            method = scope["method"]
+            REQUESTS.labels(method, route, str(status_code)).inc()
+            REQUEST_SECONDS.labels(method, route).observe(time.perf_counter() - start)
+
+
+def _field_name(loc: tuple[Any, ...]) -> str:
+    where, *path = loc
+    name = ".".join(str(part) for part in path) or str(where)
+    return f"{where} field {name!r}" if where == "body" else f"{where} parameter {name!r}"
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    """One readable sentence naming each bad field, plus the structured errors."""
+    assert isinstance(exc, RequestValidationError)
+    errors = exc.errors()
+    message = "; ".join(f"{_field_name(tuple(e['loc']))}: {e['msg']}" for e in errors)
+    return JSONResponse(
+        status_code=status.HTTP_422_UNPROCESSABLE_CONTENT,
+        content={
+            "detail": f"invalid request: {message}",
+            "errors": [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in errors],
+        },
+    )
+
+
+async def _database_unavailable(request: Request, exc: Exception) -> JSONResponse:
+    logger.warning("database unavailable: %s", exc)
+    return JSONResponse(
+        status_code=status.HTTP_503_SERVICE_UNAVAILABLE,
+        content={"detail": "the database is unavailable; try again shortly"},
+    )
+
+
+async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
+    logger.exception("unhandled error on %s %s", request.method, request.url.path)
+    return JSONResponse(
+        status_code=status.HTTP_500_INTERNAL_SERVER_ERROR,
+        content={"detail": "internal server error"},
+    )
+
+
+def readiness_problem(pool: ConnectionPool) -> str | None:
+    """Why the API cannot serve yet, or ``None`` when the database answers and is migrated."""
+    applied: set[int] = set()
+    try:
+        with (
+            pool.connection(timeout=READY_TIMEOUT_S) as conn,
+            conn.cursor(row_factory=tuple_row) as cur,
+        ):
+            cur.execute("SELECT to_regclass('schema_migrations') IS NOT NULL")
+            row = cur.fetchone()
+            if row is not None and row[0]:
+                cur.execute("SELECT version FROM schema_migrations")
+                applied = {version for (version,) in cur.fetchall()}
+    except (psycopg.Error, PoolTimeout) as exc:
+        logger.warning("readiness: database unreachable: %s", exc)
+        return "database unreachable"
+    missing = sorted(m.version for m in MIGRATIONS if m.version not in applied)
+    if missing:
+        versions = ", ".join(str(v) for v in missing)
+        return f"database schema not migrated: missing migrations {versions}; run `shouhu migrate`"
+    return None
+
+
+def create_app(database_url: str) -> FastAPI:
+    """The API application, with its connection pool opened and closed by the lifespan."""
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        app.state.pool = open_pool(database_url, name="api")
+        try:
+            yield
+        finally:
+            await run_in_threadpool(app.state.pool.close)
+
+    app = FastAPI(
+        title="Shouhu API",
+        version=shouhu.__version__,
+        description="守护: elder-care SOS escalation and camera uptime.",
+        lifespan=lifespan,
+    )
+    app.add_middleware(_MetricsMiddleware)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(psycopg.OperationalError, _database_unavailable)
+    app.add_exception_handler(PoolTimeout, _database_unavailable)
+    app.add_exception_handler(Exception, _internal_error)
+
+    @app.get("/healthz", tags=["health"])
+    def read_health() -> dict[str, str]:
+        """The process is alive."""
+        return {"status": "ok"}
+
+    @app.get(
+        "/readyz",
+        tags=["health"],
+        responses={503: {"description": "The database is unreachable or not migrated."}},
+    )
+    def read_readiness(request: Request) -> JSONResponse:
+        """Ready when the database answers and every migration is applied."""
+        problem = readiness_problem(request.app.state.pool)
+        if problem is not None:
+            return JSONResponse(
+                status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": problem}
+            )
+        return JSONResponse(content={"status": "ready"})
+
+    @app.get("/metrics", tags=["health"], include_in_schema=False)
+    def read_metrics() -> Response:
+        """Prometheus metrics from the default registry."""
+        return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    for module in (areas, devices, residents):
+        app.include_router(module.router, prefix=API_PREFIX)
+    return app

@@ -1,0 +1,207 @@
+"""MQTT contract, version 1: topics and payloads (DESIGN.md "MQTT contract").
+
+``parse_message`` turns a raw (topic, bytes) into a typed message or a
+``Rejected`` with the dead-letter reason. It never raises on bad input: the hub
+dead-letters what it cannot read and keeps going.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from devices.kinds import DeviceKind
+
+TOPIC_PREFIX = "shouhu/v1"
+MAX_PAYLOAD_BYTES = 64 * 1024
+DEVICE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+
+
+class MqttChannel(StrEnum):
+    SOS = "sos"
+    FALL = "fall"
+    TELEMETRY = "telemetry"
+    HEALTH = "health"
+    STATUS = "status"
+
+
+CHANNELS_OF_KIND: dict[DeviceKind, frozenset[MqttChannel]] = {
+    DeviceKind.WRISTBAND: frozenset(
+        {MqttChannel.SOS, MqttChannel.FALL, MqttChannel.TELEMETRY, MqttChannel.STATUS}
+    ),
+    DeviceKind.CAMERA: frozenset({MqttChannel.HEALTH, MqttChannel.STATUS}),
+}
+
+# The priority lane: these open incidents and are never batched behind telemetry.
+ALARM_CHANNELS = frozenset({MqttChannel.SOS, MqttChannel.FALL})
+
+
+class RejectReason(StrEnum):
+    """Dead-letter reasons; also the label of the dead-letter metric."""
+
+    BAD_TOPIC = "bad_topic"
+    UNKNOWN_KIND = "unknown_kind"
+    UNKNOWN_CHANNEL = "unknown_channel"
+    OVERSIZED = "oversized"
+    NOT_UTF8 = "not_utf8"
+    MALFORMED_JSON = "malformed_json"
+    SCHEMA = "schema"
+    UNKNOWN_DEVICE = "unknown_device"
+    REUSED_MSG_ID = "reused_msg_id"
+
+
+class _Payload(BaseModel):
+    # Unknown extra fields are kept, not rejected (contract v1).
+    model_config = ConfigDict(extra="allow", frozen=True)
+
+    msg_id: Annotated[str, Field(min_length=1, max_length=64)]
+    ts: AwareDatetime
+
+    @property
+    def extra(self) -> dict[str, Any]:
+        return dict(self.model_extra or {})
+
+
+Latitude = Annotated[float, Field(ge=-90, le=90)]
+Longitude = Annotated[float, Field(ge=-180, le=180)]
+
+
+class SosPayload(_Payload):
+    action: Literal["press", "cancel"]
+    lat: Latitude | None = None
+    lon: Longitude | None = None
+    battery: Annotated[float, Field(ge=0, le=100)] | None = None
+
+
+class FallPayload(_Payload):
+    confidence: Annotated[float, Field(ge=0, le=1)] | None = None
+    lat: Latitude | None = None
+    lon: Longitude | None = None
+
+
+class TelemetryPayload(_Payload):
+    battery: Annotated[float, Field(ge=0, le=100)] | None = None
+    heart_rate: Annotated[float, Field(ge=0, le=400)] | None = None
+    spo2: Annotated[float, Field(ge=0, le=100)] | None = None
+    worn: bool | None = None
+    lat: Latitude | None = None
+    lon: Longitude | None = None
+    steps: Annotated[int, Field(ge=0)] | None = None
+
+
+class HealthPayload(_Payload):
+    online: bool
+    reason: str | None = None
+    fps: Annotated[float, Field(ge=0)] | None = None
+    bitrate_kbps: Annotated[float, Field(ge=0)] | None = None
+    storage_ok: bool | None = None
+
+
+PAYLOAD_MODELS: dict[MqttChannel, type[_Payload]] = {
+    MqttChannel.SOS: SosPayload,
+    MqttChannel.FALL: FallPayload,
+    MqttChannel.TELEMETRY: TelemetryPayload,
+    MqttChannel.HEALTH: HealthPayload,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class Topic:
+    kind: DeviceKind
+    device_id: str
+    channel: MqttChannel
+
+    def __str__(self) -> str:
+        return f"{TOPIC_PREFIX}/{self.kind}/{self.device_id}/{self.channel}"
+
+
+@dataclass(frozen=True, slots=True)
+class Rejected:
+    """A message the hub cannot store as data; it goes to the dead-letter table."""
+
+    reason: RejectReason
+    detail: str
+    topic: Topic | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class DeviceMessage:
+    topic: Topic
+    payload: _Payload
+    payload_hash: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class StatusMessage:
+    topic: Topic
+    online: bool
+
+
+def payload_hash(raw: bytes) -> bytes:
+    return hashlib.sha256(raw).digest()
+
+
+def parse_topic(topic: str) -> Topic | Rejected:
+    parts = topic.split("/")
+    if len(parts) != 5 or "/".join(parts[:2]) != TOPIC_PREFIX:
+        return Rejected(RejectReason.BAD_TOPIC, f"not shouhu/v1/{{kind}}/{{id}}/{{channel}}: {topic[:200]!r}")
+    _, _, kind, device_id, channel = parts
+    if not DEVICE_ID.fullmatch(device_id):
+        return Rejected(RejectReason.BAD_TOPIC, f"device id {device_id[:80]!r} is not [A-Za-z0-9_.-]{{1,64}}")
+    try:
+        device_kind = DeviceKind(kind)
+    except ValueError:
+        return Rejected(RejectReason.UNKNOWN_KIND, f"unknown device kind {kind[:40]!r}")
+    try:
+        mqtt_channel = MqttChannel(channel)
+    except ValueError:
+        return Rejected(RejectReason.UNKNOWN_CHANNEL, f"unknown channel {channel[:40]!r}")
+    if mqtt_channel not in CHANNELS_OF_KIND[device_kind]:
+        return Rejected(RejectReason.UNKNOWN_CHANNEL, f"a {device_kind} has no {mqtt_channel} channel")
+    return Topic(device_kind, device_id, mqtt_channel)
+
+
+def _schema_detail(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in error.errors()
+    )[:1000]
+
+
+def parse_message(topic: str, raw: bytes) -> DeviceMessage | StatusMessage | Rejected:
+    """Parse one MQTT message under contract v1; never raises on bad input."""
+    parsed = parse_topic(topic)
+    if isinstance(parsed, Rejected):
+        return parsed
+    if len(raw) > MAX_PAYLOAD_BYTES:
+        return Rejected(RejectReason.OVERSIZED, f"{len(raw)} bytes > {MAX_PAYLOAD_BYTES}", parsed)
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return Rejected(RejectReason.NOT_UTF8, f"not UTF-8 at byte {exc.start}", parsed)
+    if parsed.channel is MqttChannel.STATUS:
+        value = text.strip()
+        if value not in ("online", "offline"):
+            return Rejected(RejectReason.SCHEMA, f"status must be online or offline, got {value[:40]!r}", parsed)
+        return StatusMessage(parsed, value == "online")
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        return Rejected(RejectReason.MALFORMED_JSON, f"{exc.msg} at {exc.pos}", parsed)
+    if not isinstance(data, dict):
+        return Rejected(RejectReason.SCHEMA, "payload must be a JSON object", parsed)
+    try:
+        payload = PAYLOAD_MODELS[parsed.channel].model_validate(data)
+    except ValidationError as exc:
+        return Rejected(RejectReason.SCHEMA, _schema_detail(exc), parsed)
+    return DeviceMessage(parsed, payload, payload_hash(raw))
+
+
+def device_time(payload: _Payload) -> datetime:
+    return payload.ts

@@ -1,0 +1,152 @@
+"""The embedded defaults: PostgreSQL from the wheel (as root and as a normal user) and
+the amqtt broker."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import paho.mqtt.client as mqtt
+import psycopg
+import pytest
+
+from shouhu.embedded.broker import ensure_local_broker
+from shouhu.embedded.defaults import recorded_database_url, start_embedded_database
+from shouhu.embedded.postgres import _make_traversable, free_port
+from tests.services import Mosquitto, scratch_dir
+
+
+def test_embedded_database_initialises_records_and_restarts() -> None:
+    data_dir = scratch_dir("shouhu-up-")
+    first = start_embedded_database(data_dir)
+    try:
+        assert (data_dir / "postgres" / "PG_VERSION").read_text().strip() == "18"
+        assert recorded_database_url(data_dir) == first.url
+        with psycopg.connect(first.url) as conn:
+            conn.execute("CREATE TABLE kept (x int)")
+            conn.execute("INSERT INTO kept VALUES (42)")
+        first.cluster.stop()
+        assert recorded_database_url(data_dir) is None  # stopped: nothing to reach
+        second = start_embedded_database(data_dir)
+        with psycopg.connect(second.url) as conn:
+            assert conn.execute("SELECT x FROM kept").fetchone() == (42,)
+        second.cluster.stop()
+    finally:
+        first.cluster.remove()
+
+
+NORMAL_USER_SCRIPT = """
+import sys
+from pathlib import Path
+from shouhu.embedded.defaults import start_embedded_database
+db = start_embedded_database(Path(sys.argv[1]))
+import psycopg
+with psycopg.connect(db.url) as conn:
+    print(conn.execute("SELECT current_setting('data_directory')").fetchone()[0])
+db.cluster.stop()
+"""
+
+
+def test_embedded_database_runs_as_a_normal_user() -> None:
+    data_dir = scratch_dir("shouhu-user-")
+    demote = None
+    if os.geteuid() == 0:
+        nobody = pwd.getpwnam("nobody")
+        # The normal user needs to reach this interpreter (pyenv under /root is 0700):
+        # grant only the search bit on its parents, as the embedded wheel itself does.
+        _make_traversable(Path(os.path.realpath(sys.executable)).parent)
+        os.chown(data_dir, nobody.pw_uid, nobody.pw_gid)
+
+        def demote() -> None:
+            os.setgid(nobody.pw_gid)
+            os.setuid(nobody.pw_uid)
+
+    result = subprocess.run(
+        [sys.executable, "-c", NORMAL_USER_SCRIPT, str(data_dir / "shouhu")],
+        capture_output=True, text=True, preexec_fn=demote, timeout=120,  # noqa: PLW1509
+        env={**os.environ, "HOME": str(data_dir), "XDG_RUNTIME_DIR": str(data_dir)},
+        cwd=str(data_dir),
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == str(data_dir / "shouhu" / "postgres")
+
+
+def _roundtrip(port: int, protocol: mqtt.MQTTProtocolVersion) -> list[bytes]:
+    got: list[bytes] = []
+    done = threading.Event()
+    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+
+    def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        got.append(message.payload)
+        done.set()
+
+    client.on_message = on_message
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    try:
+        client.subscribe("shouhu/test", qos=1)[1]
+        subscribed = threading.Event()
+        client.on_subscribe = lambda *_: subscribed.set()
+        client.subscribe("shouhu/test", qos=1)
+        assert subscribed.wait(5)
+        client.publish("shouhu/test", b"ping", qos=1).wait_for_publish(5)
+        assert done.wait(5)
+    finally:
+        client.loop_stop()
+        client.disconnect()
+    return got
+
+
+def test_embedded_broker_starts_when_nothing_listens() -> None:
+    port = free_port()
+    process = ensure_local_broker(port)
+    assert process is not None
+    try:
+        assert _roundtrip(port, mqtt.MQTTv311) == [b"ping"]
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+def test_existing_broker_is_used(mosquitto: Mosquitto) -> None:
+    assert ensure_local_broker(mosquitto.port) is None
+
+
+def test_embedded_broker_refuses_mqtt5() -> None:
+    port = free_port()
+    process = ensure_local_broker(port)
+    assert process is not None
+    try:
+        codes: list[mqtt.ReasonCode] = []
+        connected = threading.Event()
+        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+
+        def on_connect(*args: object) -> None:
+            codes.append(args[3])  # type: ignore[arg-type]
+            connected.set()
+
+        client.on_connect = on_connect
+        client.connect("127.0.0.1", port)
+        client.loop_start()
+        assert connected.wait(5)
+        client.loop_stop()
+        assert codes[0].is_failure
+    finally:
+        process.terminate()
+        process.wait(10)
+
+
+@pytest.mark.parametrize("as_root", [os.geteuid() == 0])
+def test_service_user_owns_data_when_root(as_root: bool) -> None:
+    data_dir = scratch_dir("shouhu-owner-")
+    db = start_embedded_database(data_dir)
+    try:
+        owner = pwd.getpwuid(Path(data_dir / "postgres").stat().st_uid).pw_name
+        expected = "shouhu-pg" if as_root else pwd.getpwuid(os.geteuid()).pw_name
+        assert owner == expected
+    finally:
+        db.cluster.remove()

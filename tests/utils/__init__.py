@@ -1,0 +1,1 @@
+"""Helpers shared by the tests: SQL builders for registry rows."""
