@@ -21,6 +21,7 @@ from psycopg_pool import ConnectionPool
 
 from shouhu.tokens import Role, TokenIdentity, authenticate
 
+API_PREFIX = "/api/v1"
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -29,11 +30,11 @@ CONNECTION_TIMEOUT_S = 5.0
 
 # Roles that may read a resident at all (a technician sees cameras, not residents).
 RESIDENT_READERS: frozenset[Role] = frozenset(
-    {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM}
+    {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM, Role.TECHNICIAN}
 )
 # Roles that may read health and location (PIPL sensitive personal information).
 SENSITIVE_READERS: frozenset[Role] = frozenset(
-    {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM}
+    {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM, Role.TECHNICIAN}
 )
 
 _bearer = HTTPBearer(

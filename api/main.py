@@ -25,7 +25,6 @@ from shouhu.migrations import MIGRATIONS
 
 logger = logging.getLogger(__name__)
 
-API_PREFIX = "/api/v1"
 READY_TIMEOUT_S = 2.0
 
 REQUESTS = Counter(
@@ -61,7 +60,8 @@ class _MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            # The router writes the matched route into the shared scope.
+            # The router writes the matched route into the shared scope; included
+            # routers keep their own path, which is why they carry the full prefix.
             route = getattr(scope.get("route"), "path", None) or "unmatched"
             method = scope["method"]
             REQUESTS.labels(method, route, str(status_code)).inc()
@@ -174,6 +174,8 @@ def create_app(database_url: str) -> FastAPI:
         """Prometheus metrics from the default registry."""
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
 
+    # The routers carry the full /api/v1/... paths themselves, so the matched route's
+    # path is the whole template the metrics label with.
     for module in (areas, devices, residents):
-        app.include_router(module.router, prefix=API_PREFIX)
+        app.include_router(module.router)
     return app

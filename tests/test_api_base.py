@@ -17,7 +17,7 @@ from psycopg import sql
 
 from api import deps
 from api.main import create_app
-from devices.kinds import DeviceKind
+from devices.kinds import AreaLevel, DeviceKind
 from shouhu.embedded.postgres import LocalPostgres, free_port
 from shouhu.tokens import Role, create_token, revoke_token
 from tests.utils.builders import (
@@ -265,7 +265,7 @@ def test_areas_paginate_with_a_total_count(client: TestClient, db: Conn, county:
 def test_deactivated_areas_are_not_listed_by_default(
     client: TestClient, db: Conn, county: County
 ) -> None:
-    add_area(db, "B9", level=county.tree.grid_b and "micro_grid", parent="B", active=False)  # type: ignore[arg-type]
+    add_area(db, "B9", level=AreaLevel.MICRO_GRID, parent=county.tree.grid_b, active=False)
     headers = bearer(db, Role.ADMIN)
     assert "B9" not in ids(client.get("/api/v1/areas", headers=headers).json())
     listed = client.get("/api/v1/areas", params={"include_inactive": True}, headers=headers)

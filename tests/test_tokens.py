@@ -11,7 +11,14 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
-from shouhu.tokens import TOKEN_PREFIX, Role, TokenIdentity, authenticate, create_token, revoke_token
+from shouhu.tokens import (
+    TOKEN_PREFIX,
+    Role,
+    TokenIdentity,
+    authenticate,
+    create_token,
+    revoke_token,
+)
 from tests.utils.builders import SmallCounty, add_small_county
 
 NOW = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)

@@ -7,10 +7,10 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from api.deps import ConnDep, Page, Scope
+from api.deps import API_PREFIX, ConnDep, Page, Scope
 from devices.kinds import AreaLevel
 
-router = APIRouter(prefix="/areas", tags=["areas"])
+router = APIRouter(prefix=f"{API_PREFIX}/areas", tags=["areas"])
 
 
 class AreaPublic(BaseModel):

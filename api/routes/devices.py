@@ -8,11 +8,20 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from api.deps import RESIDENT_READERS, ConnDep, CurrentToken, Page, Scope, area_subtree, not_found
+from api.deps import (
+    API_PREFIX,
+    RESIDENT_READERS,
+    ConnDep,
+    CurrentToken,
+    Page,
+    Scope,
+    area_subtree,
+    not_found,
+)
 from devices.kinds import DeviceKind
 from shouhu.tokens import Role
 
-router = APIRouter(prefix="/devices", tags=["devices"])
+router = APIRouter(prefix=f"{API_PREFIX}/devices", tags=["devices"])
 
 
 class DeviceStatePublic(BaseModel):

@@ -1,0 +1,215 @@
+"""Red incidents from alarms: the ledger check, open-or-join, and the first step.
+
+``record_alarm`` runs inside the hub's transaction for one SOS or fall message, so
+the ledger row, the incident, its timeline and its first escalation action commit
+together — and only then is the message acknowledged to the broker.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+import psycopg
+from psycopg.types.json import Jsonb
+
+from alerts.policy import resolve_policy
+from devices.kinds import IncidentKind, Severity
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+ESCALATION_CHANNEL = "shouhu_escalation"
+CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"  # no 0/O, 1/I/L: read out over the phone
+CODE_LENGTH = 5
+OPEN_STATES = ("open", "acknowledged", "unreached")
+
+
+class AlarmResult(StrEnum):
+    OPENED = "opened"
+    JOINED = "joined"
+    REDELIVERY = "redelivery"
+    CANCEL_NOTED = "cancel_noted"
+
+
+@dataclass(frozen=True, slots=True)
+class Alarm:
+    """One SOS press or cancel, or one fall, as the hub received it."""
+
+    device_id: str
+    kind: IncidentKind  # SOS or FALL, as the topic says
+    msg_id: str | None  # None when the payload could not be read
+    raw: bytes
+    payload_hash: bytes
+    received_at: datetime
+    cancel: bool = False
+    lat: float | None = None
+    lon: float | None = None
+    detail: dict[str, Any] | None = None
+
+    @property
+    def ledger_key(self) -> str:
+        # An unreadable payload has no msg_id: key it by the hash of its bytes, so a
+        # redelivery of the same bytes is still one incident.
+        return self.msg_id if self.msg_id is not None else "raw:" + self.payload_hash.hex()[:60]
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmOutcome:
+    result: AlarmResult
+    incident_id: int | None
+
+
+def _ledger(conn: Conn, alarm: Alarm, channel: str) -> str | None:
+    """Record the message in the ledger; None when it is a redelivery.
+
+    Returns the ledger key used: a reused msg_id with a different payload gets its
+    own key, because an SOS or fall on a reused id is paged as new.
+    """
+    key = alarm.ledger_key
+    for _ in range(2):
+        inserted = conn.execute(
+            """
+            INSERT INTO message_ledger (device_id, msg_id, payload_hash, channel, received_at)
+            VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1
+            """,
+            (alarm.device_id, key, alarm.payload_hash, channel, alarm.received_at),
+        ).fetchone()
+        if inserted:
+            return key
+        row = conn.execute(
+            "SELECT payload_hash FROM message_ledger WHERE device_id = %s AND msg_id = %s",
+            (alarm.device_id, key),
+        ).fetchone()
+        if row is not None and bytes(row[0]) == alarm.payload_hash:
+            return None
+        key = f"{key[:40]}#reused:{alarm.payload_hash.hex()[:16]}"
+    return key
+
+
+def _event(conn: Conn, incident_id: int, at: datetime, event: str, actor: str | None, detail: dict[str, Any]) -> None:
+    conn.execute(
+        "INSERT INTO incident_events (incident_id, at, event, actor, detail) VALUES (%s, %s, %s, %s, %s)",
+        (incident_id, at, event, actor, Jsonb(detail)),
+    )
+
+
+def _county(conn: Conn) -> str | None:
+    row = conn.execute(
+        "SELECT id FROM areas WHERE parent_id IS NULL AND active ORDER BY id LIMIT 1"
+    ).fetchone()
+    return row[0] if row else None
+
+
+def _insert_incident(conn: Conn, values: dict[str, Any]) -> int | None:
+    """Insert an open red incident; None when the resident (or device) already has one."""
+    conflict = (
+        "(resident_id) WHERE severity = 'red' AND state IN ('open', 'acknowledged', 'unreached')"
+        " AND resident_id IS NOT NULL"
+        if values["resident_id"] is not None
+        else "(device_id) WHERE kind = 'sos_unregistered' AND state IN ('open', 'acknowledged', 'unreached')"
+    )
+    while True:
+        code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+        try:
+            with conn.transaction():
+                row = conn.execute(
+                    f"""
+                    INSERT INTO incidents (code, kind, severity, resident_id, device_id, area_id,
+                        opened_at, payload_unreadable, policy_snapshot, lat, lon)
+                    VALUES (%(code)s, %(kind)s, 'red', %(resident_id)s, %(device_id)s, %(area_id)s,
+                        %(opened_at)s, %(unreadable)s, %(snapshot)s, %(lat)s, %(lon)s)
+                    ON CONFLICT {conflict} DO NOTHING
+                    RETURNING id
+                    """,  # noqa: S608 - the conflict target is one of two constants
+                    {**values, "code": code},
+                ).fetchone()
+        except psycopg.errors.UniqueViolation:
+            continue  # the random code collided; draw another
+        return int(row[0]) if row else None
+
+
+def _join(conn: Conn, alarm: Alarm, resident_id: str | None) -> tuple[int, str, str | None] | None:
+    column, value = ("resident_id", resident_id) if resident_id else ("device_id", alarm.device_id)
+    kind_filter = "" if resident_id else " AND kind = 'sos_unregistered'"
+    row = conn.execute(
+        f"""
+        UPDATE incidents SET urgency = urgency + 1, updated_at = %s
+        WHERE {column} = %s AND severity = 'red' AND state IN ('open', 'acknowledged', 'unreached')
+        {kind_filter}
+        RETURNING id, state, acknowledged_by
+        """,  # noqa: S608 - column and filter are constants
+        (alarm.received_at, value),
+    ).fetchone()
+    return (int(row[0]), str(row[1]), row[2]) if row else None
+
+
+def record_alarm(conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str) -> AlarmOutcome:
+    """Store one alarm: ledger, then open or join the red incident, then its first step.
+
+    Runs in the caller's transaction. A press or fall whose resident already has an
+    open red incident joins it (raising its urgency); otherwise it opens one with a
+    frozen policy snapshot and a step-0 action due at once.
+    """
+    key = _ledger(conn, alarm, alarm.kind.value)
+    if key is None:
+        return AlarmOutcome(AlarmResult.REDELIVERY, None)
+    device = conn.execute(
+        """
+        SELECT d.kind, d.resident_id, r.grid_id FROM devices d
+        LEFT JOIN residents r ON r.id = d.resident_id WHERE d.id = %s
+        """,
+        (alarm.device_id,),
+    ).fetchone()
+    registered = device is not None and device[0] == "wristband" and device[1] is not None
+    resident_id: str | None = device[1] if registered and device else None
+    area_id: str | None = device[2] if registered and device else _county(conn)
+    kind = alarm.kind if registered else IncidentKind.SOS_UNREGISTERED
+    message_detail = {
+        "device_id": alarm.device_id, "msg_id": alarm.msg_id, "ledger_key": key,
+        "hub_id": hub_id, "payload_unreadable": alarm.msg_id is None, **(alarm.detail or {}),
+    }
+    if alarm.cancel:
+        joined = conn.execute(
+            "SELECT id FROM incidents WHERE device_id = %s AND state IN ('open', 'acknowledged', 'unreached')"
+            " ORDER BY opened_at DESC LIMIT 1",
+            (alarm.device_id,),
+        ).fetchone()
+        if joined:
+            # Standing an SOS down is decided with the escalation rules (cancel
+            # window, never a fall); here the request is kept on the timeline.
+            _event(conn, joined[0], alarm.received_at, "cancel_received", alarm.device_id, message_detail)
+        return AlarmOutcome(AlarmResult.CANCEL_NOTED, joined[0] if joined else None)
+    for _ in range(3):
+        snapshot = resolve_policy(conn, kind, area_id, ack_timeout_s)
+        incident_id = _insert_incident(
+            conn,
+            {
+                "kind": kind.value, "resident_id": resident_id, "device_id": alarm.device_id,
+                "area_id": area_id, "opened_at": alarm.received_at,
+                "unreadable": alarm.msg_id is None, "snapshot": Jsonb(snapshot.to_json()),
+                "lat": alarm.lat, "lon": alarm.lon,
+            },
+        )
+        if incident_id is not None:
+            _event(conn, incident_id, alarm.received_at, "opened", alarm.device_id,
+                   {"kind": kind.value, "severity": Severity.RED.value, "policy": snapshot.policy_id})
+            _event(conn, incident_id, alarm.received_at, "stored", hub_id, message_detail)
+            conn.execute(
+                "INSERT INTO escalation_actions (incident_id, step, round, token, due_at)"
+                " VALUES (%s, 0, 0, 1, %s)",
+                (incident_id, alarm.received_at),
+            )
+            conn.execute("SELECT pg_notify(%s, %s)", (ESCALATION_CHANNEL, str(incident_id)))
+            return AlarmOutcome(AlarmResult.OPENED, incident_id)
+        joined_row = _join(conn, alarm, resident_id)
+        if joined_row is not None:
+            incident_id, state, acknowledged_by = joined_row
+            _event(conn, incident_id, alarm.received_at, "joined", alarm.device_id,
+                   {**message_detail, "kind": alarm.kind.value, "state": state,
+                    "acknowledged_by": acknowledged_by})
+            return AlarmOutcome(AlarmResult.JOINED, incident_id)
+        # The open incident closed between our insert and update: try again.
+    raise RuntimeError(f"could not open or join an incident for {alarm.device_id}")

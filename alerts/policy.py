@@ -1,0 +1,124 @@
+"""Escalation policies: the registry's, nearest area first, else the built-in default.
+
+The chosen policy is frozen into a snapshot when an incident opens, with every wait
+made concrete, so a later registry edit never changes a running escalation.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from devices.kinds import Channel, EscalationTarget, IncidentKind
+
+
+@dataclass(frozen=True, slots=True)
+class Step:
+    target: EscalationTarget
+    channels: tuple[Channel, ...]
+    wait_s: int
+    repeats: int = 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "target": self.target.value,
+            "channels": [c.value for c in self.channels],
+            "wait_s": self.wait_s,
+            "repeats": self.repeats,
+        }
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Step:
+        return cls(
+            EscalationTarget(data["target"]),
+            tuple(Channel(c) for c in data["channels"]),
+            int(data["wait_s"]),
+            int(data.get("repeats", 0)),
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class PolicySnapshot:
+    policy_id: str
+    steps: tuple[Step, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"policy_id": self.policy_id, "steps": [s.to_json() for s in self.steps]}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> PolicySnapshot:
+        return cls(data["policy_id"], tuple(Step.from_json(s) for s in data["steps"]))
+
+
+def default_red_policy(ack_timeout_s: int) -> PolicySnapshot:
+    """DESIGN.md's default for an SOS or a fall."""
+    voice_sms_console = (Channel.VOICE, Channel.SMS, Channel.CONSOLE)
+    return PolicySnapshot(
+        "built-in",
+        (
+            Step(EscalationTarget.GRID_WORKER, voice_sms_console, ack_timeout_s),
+            Step(EscalationTarget.GUARDIANS, (Channel.VOICE, Channel.SMS), ack_timeout_s),
+            Step(EscalationTarget.EMERGENCY_PLATFORM, (Channel.WEBHOOK,), ack_timeout_s),
+            Step(EscalationTarget.OPERATORS, voice_sms_console, ack_timeout_s),
+        ),
+    )
+
+
+def default_unregistered_policy(ack_timeout_s: int) -> PolicySnapshot:
+    """An SOS from a wristband nobody registered: the county operators, then the platform."""
+    return PolicySnapshot(
+        "built-in-unregistered",
+        (
+            Step(EscalationTarget.OPERATORS, (Channel.VOICE, Channel.SMS, Channel.CONSOLE), ack_timeout_s),
+            Step(EscalationTarget.EMERGENCY_PLATFORM, (Channel.WEBHOOK,), ack_timeout_s),
+        ),
+    )
+
+
+def resolve_policy(
+    conn: psycopg.Connection[tuple[Any, ...]], kind: IncidentKind, area_id: str | None, ack_timeout_s: int
+) -> PolicySnapshot:
+    """The active policy for ``kind`` nearest to ``area_id`` up the tree, else the default.
+
+    Fall and SOS share the SOS default when the registry names no fall policy.
+    """
+    rows = conn.execute(
+        """
+        WITH RECURSIVE up(id, depth) AS (
+            SELECT %(area)s::text, 0
+            UNION ALL
+            SELECT a.parent_id, up.depth + 1 FROM areas a JOIN up ON a.id = up.id
+            WHERE a.parent_id IS NOT NULL
+        )
+        SELECT p.id, p.steps, p.kind FROM escalation_policies p
+        LEFT JOIN up ON up.id = p.area_id
+        WHERE p.active AND p.kind = ANY(%(kinds)s)
+          AND (p.area_id IS NULL OR up.id IS NOT NULL)
+        ORDER BY (p.kind = %(kind)s) DESC, coalesce(up.depth, 1000000), p.id
+        LIMIT 1
+        """,
+        {
+            "area": area_id,
+            "kind": kind.value,
+            "kinds": [kind.value, IncidentKind.SOS.value] if kind is IncidentKind.FALL else [kind.value],
+        },
+    ).fetchall()
+    if not rows:
+        if kind is IncidentKind.SOS_UNREGISTERED:
+            return default_unregistered_policy(ack_timeout_s)
+        return default_red_policy(ack_timeout_s)
+    policy_id, steps, _kind = rows[0]
+    return PolicySnapshot(
+        policy_id,
+        tuple(
+            Step(
+                EscalationTarget(s["target"]),
+                tuple(Channel(c) for c in s["channels"]),
+                int(s.get("wait_s") or ack_timeout_s),
+                int(s.get("repeats", 0)),
+            )
+            for s in steps
+        ),
+    )

@@ -1,0 +1,228 @@
+"""The hub's MQTT connection: session, subscriptions, and acknowledgement after commit.
+
+- A stable client id (``SHOUHU_HUB_ID``) and a persistent session: MQTT 5 with
+  ``clean_start`` off and a 7-day session expiry, or MQTT 3.1.1 with clean session
+  off when the broker refuses 5 (the embedded broker does).
+- ``manual_ack``: paho sends no PUBACK by itself. ``on_message`` only enqueues; the
+  writer calls ``ack`` after its transaction commits.
+- A packet id is only valid on the connection that delivered it. Each message
+  carries the connection's generation, and ``ack`` refuses one from an earlier
+  connection: the broker redelivers it on the new session, and the ledger makes
+  that copy a no-op.
+- ``sos``, ``fall`` and ``status`` are subscribed directly, never shared: a shared
+  subscription parks a dead member's share, and an SOS must not wait for a dead hub.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+from hub import metrics
+
+log = logging.getLogger(__name__)
+
+SESSION_EXPIRY_S = 7 * 24 * 3600
+DIRECT_SUBSCRIPTIONS = (
+    "shouhu/v1/wristband/+/sos",
+    "shouhu/v1/wristband/+/fall",
+    "shouhu/v1/+/+/status",
+)
+UNSUPPORTED_PROTOCOL = 132  # CONNACK reason code (MQTT 5) for "Unsupported protocol version"
+
+
+def probe_topic(hub_id: str) -> str:
+    return f"shouhu/hub/{hub_id}/probe"
+
+
+@dataclass(frozen=True, slots=True)
+class Received:
+    """One message as the network thread handed it over."""
+
+    topic: str
+    payload: bytes
+    qos: int
+    retain: bool
+    mid: int
+    generation: int
+    received_at: datetime
+    monotonic: float
+
+
+@dataclass(frozen=True, slots=True)
+class BrokerAddress:
+    host: str
+    port: int
+    tls: bool
+    username: str | None
+    password: str | None
+
+    @classmethod
+    def parse(cls, url: str) -> BrokerAddress:
+        parts = urlsplit(url)
+        tls = parts.scheme == "mqtts"
+        return cls(
+            parts.hostname or "127.0.0.1",
+            parts.port or (8883 if tls else 1883),
+            tls,
+            unquote(parts.username) if parts.username else None,
+            unquote(parts.password) if parts.password else None,
+        )
+
+
+class BrokerRefused(Exception):
+    """The broker refused the connection for a reason a retry will not fix."""
+
+
+class HubConnection:
+    """A paho client that feeds ``inbox`` and acknowledges only when told to."""
+
+    def __init__(self, url: str, client_id: str, inbox: queue.Queue[Received]) -> None:
+        self.address = BrokerAddress.parse(url)
+        self.client_id = client_id
+        self.inbox = inbox
+        self.protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5
+        self.generation = 0
+        self.connected = threading.Event()
+        self._connack: ReasonCode | None = None
+        self._connack_event = threading.Event()
+        self._lock = threading.Lock()
+        self.client = self._make_client(mqtt.MQTTv5)
+
+    def _make_client(self, protocol: mqtt.MQTTProtocolVersion) -> mqtt.Client:
+        client = mqtt.Client(
+            mqtt.CallbackAPIVersion.VERSION2,
+            client_id=self.client_id,
+            protocol=protocol,
+            clean_session=False if protocol != mqtt.MQTTv5 else None,
+            manual_ack=True,
+        )
+        if self.address.username:
+            client.username_pw_set(self.address.username, self.address.password)
+        if self.address.tls:
+            client.tls_set()
+        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        client.on_connect = self._on_connect
+        client.on_disconnect = self._on_disconnect
+        client.on_message = self._on_message
+        return client
+
+    def _connect_properties(self) -> Properties | None:
+        if self.protocol != mqtt.MQTTv5:
+            return None
+        properties = Properties(PacketTypes.CONNECT)
+        properties.SessionExpiryInterval = SESSION_EXPIRY_S
+        # Receive Maximum bounds what the broker sends before our acknowledgements.
+        properties.ReceiveMaximum = min(self.inbox.maxsize or 1000, 65535)
+        return properties
+
+    def start(self, timeout: float = 30.0) -> None:
+        """Connect (MQTT 5, else 3.1.1), subscribe, and start the network thread."""
+        for protocol in (mqtt.MQTTv5, mqtt.MQTTv311):
+            if protocol != self.protocol:
+                self.protocol = protocol
+                self.client = self._make_client(protocol)
+            self._connack_event.clear()
+            self._connect_with_retry(timeout)
+            self.client.loop_start()
+            if not self._connack_event.wait(timeout):
+                self.client.loop_stop()
+                raise TimeoutError(f"no CONNACK from {self.address.host}:{self.address.port}")
+            code = self._connack
+            if code is not None and not code.is_failure:
+                return
+            self.client.loop_stop()
+            self.client.disconnect()
+            if code is not None and code.value in (UNSUPPORTED_PROTOCOL, 1):
+                log.info("broker refused MQTT 5; falling back to MQTT 3.1.1")
+                continue
+            raise BrokerRefused(f"broker refused the connection: {code}")
+        raise BrokerRefused("broker speaks neither MQTT 5 nor 3.1.1")
+
+    def _connect_with_retry(self, timeout: float) -> None:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                self.client.connect(
+                    self.address.host,
+                    self.address.port,
+                    keepalive=30,
+                    clean_start=False if self.protocol == mqtt.MQTTv5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                    properties=self._connect_properties(),
+                )
+                return
+            except OSError as exc:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"cannot reach the broker: {exc}") from exc
+                time.sleep(0.5)
+
+    def stop(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _on_connect(
+        self,
+        client: mqtt.Client,
+        _userdata: Any,
+        flags: mqtt.ConnectFlags,
+        reason_code: ReasonCode,
+        _properties: Properties | None,
+    ) -> None:
+        self._connack = reason_code
+        self._connack_event.set()
+        if reason_code.is_failure:
+            return
+        with self._lock:
+            self.generation += 1
+        if self.generation > 1 and not flags.session_present:
+            # The broker lost our session: whatever it queued for us while we were
+            # away is gone. Counted and logged; the ledger covers duplicates only.
+            metrics.SESSIONS_LOST.inc()
+            log.warning("reconnected without a session: messages queued meanwhile were lost")
+        for topic in (*DIRECT_SUBSCRIPTIONS, probe_topic(self.client_id)):
+            client.subscribe(topic, qos=1)
+        self.connected.set()
+
+    def _on_disconnect(self, *_args: Any) -> None:
+        self.connected.clear()
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        # Only enqueue: storing happens on the writer thread. A full inbox blocks the
+        # network thread, which is the back-pressure we want.
+        self.inbox.put(
+            Received(
+                topic=message.topic,
+                payload=bytes(message.payload),
+                qos=message.qos,
+                retain=bool(message.retain),
+                mid=message.mid,
+                generation=self.generation,
+                received_at=datetime.now(UTC),
+                monotonic=time.monotonic(),
+            )
+        )
+
+    def ack(self, message: Received) -> bool:
+        """PUBACK ``message``, unless it came on an earlier connection."""
+        if message.qos == 0:
+            return True
+        with self._lock:
+            if message.generation != self.generation:
+                metrics.STALE_ACKS.inc()
+                return False
+            self.client.ack(message.mid, message.qos)
+        return True
+
+    def publish_probe(self, token: str) -> None:
+        self.client.publish(probe_topic(self.client_id), token.encode(), qos=1)

@@ -1,0 +1,43 @@
+"""A small HTTP server for the hub and router: /metrics, /healthz and /readyz.
+
+The API serves these through FastAPI; the workers have no web framework, so the
+standard library's threading server carries them on SHOUHU_METRICS_PORT.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+
+def start_health_server(port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104
+    """Serve metrics and health on ``port`` from a daemon thread; returns the server."""
+
+    class Handler(BaseHTTPRequestHandler):
+        def do_GET(self) -> None:
+            if self.path == "/metrics":
+                self._reply(200, generate_latest(), CONTENT_TYPE_LATEST)
+            elif self.path == "/healthz":
+                self._reply(200, b"ok\n", "text/plain")
+            elif self.path == "/readyz":
+                ok = ready()
+                self._reply(200 if ok else 503, b"ready\n" if ok else b"not ready\n", "text/plain")
+            else:
+                self._reply(404, b"not found\n", "text/plain")
+
+        def _reply(self, status: int, body: bytes, content_type: str) -> None:
+            self.send_response(status)
+            self.send_header("Content-Type", content_type)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+            return
+
+    server = ThreadingHTTPServer((host, port), Handler)
+    threading.Thread(target=server.serve_forever, name=f"health-{port}", daemon=True).start()
+    return server
