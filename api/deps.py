@@ -30,11 +30,11 @@ CONNECTION_TIMEOUT_S = 5.0
 
 # Roles that may read a resident at all (a technician sees cameras, not residents).
 RESIDENT_READERS: frozenset[Role] = frozenset(
-    {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM, Role.TECHNICIAN}
+    {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM}
 )
 # Roles that may read health and location (PIPL sensitive personal information).
 SENSITIVE_READERS: frozenset[Role] = frozenset(
-    {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM, Role.TECHNICIAN}
+    {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM}
 )
 
 _bearer = HTTPBearer(
@@ -77,7 +77,7 @@ def get_current_token(
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "a bearer token is required (Authorization: Bearer <token>)",
-            headers={"WWW-Authenticate": "Bearer"},
+            headers={},
         )
     identity = authenticate(conn, credentials.credentials, now)
     if identity is None:

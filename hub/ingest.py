@@ -198,14 +198,11 @@ class Writer:
         config: IngestConfig,
         *,
         sleep: Callable[[float], None] = time.sleep,
-        before_commit: Callable[[Received], None] | None = None,
     ) -> None:
         self.database_url = database_url
         self.config = config
         self._sleep = sleep
         self._conn: Conn | None = None
-        # A test hook: runs inside the transaction just before COMMIT.
-        self._before_commit = before_commit
 
     def _connection(self) -> Conn:
         if self._conn is None or self._conn.closed:
@@ -221,8 +218,6 @@ class Writer:
                 conn = self._connection()
                 with conn.transaction():
                     store_message(conn, message, self.config)
-                    if self._before_commit is not None:
-                        self._before_commit(message)
                 metrics.COMMIT_SECONDS.observe(time.monotonic() - message.monotonic)
                 parsed_channel = message.topic.rsplit("/", 1)[-1]
                 metrics.MESSAGES_STORED.labels(parsed_channel[:16]).inc()

@@ -133,20 +133,23 @@ class HubConnection:
             if protocol != self.protocol:
                 self.protocol = protocol
                 self.client = self._make_client(protocol)
+            self._connack = None
             self._connack_event.clear()
             self._connect_with_retry(timeout)
             self.client.loop_start()
-            if not self._connack_event.wait(timeout):
-                self.client.loop_stop()
-                raise TimeoutError(f"no CONNACK from {self.address.host}:{self.address.port}")
+            answered = self._connack_event.wait(timeout if protocol == mqtt.MQTTv311 else min(timeout, 5.0))
             code = self._connack
-            if code is not None and not code.is_failure:
+            if answered and code is not None and not code.is_failure:
                 return
             self.client.loop_stop()
             self.client.disconnect()
-            if code is not None and code.value in (UNSUPPORTED_PROTOCOL, 1):
-                log.info("broker refused MQTT 5; falling back to MQTT 3.1.1")
+            if protocol == mqtt.MQTTv5 and (code is None or code.value in (UNSUPPORTED_PROTOCOL, 1)):
+                # Refused, or the connection dropped without a CONNACK (amqtt does
+                # that to an MQTT 5 CONNECT with properties): try 3.1.1.
+                log.info("broker refused MQTT 5 (%s); falling back to MQTT 3.1.1", code)
                 continue
+            if code is None:
+                raise TimeoutError(f"no CONNACK from {self.address.host}:{self.address.port}")
             raise BrokerRefused(f"broker refused the connection: {code}")
         raise BrokerRefused("broker speaks neither MQTT 5 nor 3.1.1")
 
@@ -196,6 +199,8 @@ class HubConnection:
 
     def _on_disconnect(self, *_args: Any) -> None:
         self.connected.clear()
+        # Closed before any CONNACK: let start() decide (fallback or failure) at once.
+        self._connack_event.set()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         # Only enqueue: storing happens on the writer thread. A full inbox blocks the

@@ -6,18 +6,26 @@ pretends to run.
 
 from __future__ import annotations
 
+import logging
 import signal
 import subprocess
 import sys
+import threading
+from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, NoReturn
+from urllib.parse import urlsplit
 
 import typer
 from pydantic import ValidationError
 
-from shouhu.settings import Settings
+from shouhu.settings import TWILIO_DEFAULT_API_BASE, Settings
+
+if TYPE_CHECKING:
+    from alerts.router import Router
+    from hub.service import Hub
 
 app = typer.Typer(
     name="shouhu",
@@ -186,22 +194,91 @@ def api() -> None:
     _serve_api(database_url(settings), settings)
 
 
+def _mqtt_url(settings: Settings) -> str:
+    if settings.mqtt_url:
+        return settings.mqtt_url
+    from shouhu.embedded.broker import DEFAULT_PORT
+
+    return f"mqtt://127.0.0.1:{DEFAULT_PORT}"
+
+
+def _make_hub(settings: Settings, url: str, mqtt_url: str, *, metrics_port: int | None) -> Hub:
+    from hub.service import Hub
+
+    return Hub(url, mqtt_url, settings.hub_id, settings.ack_timeout_s, metrics_port=metrics_port)
+
+
+def _make_router(settings: Settings, url: str) -> Router:
+    from alerts.notifiers.console import ConsoleNotifier
+    from alerts.notifiers.twilio import TwilioNotifier
+    from alerts.router import Router, RouterConfig
+    from devices.kinds import Channel
+
+    if not (settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from):
+        _fail(
+            "SHOUHU_TWILIO_ACCOUNT_SID, SHOUHU_TWILIO_AUTH_TOKEN and SHOUHU_TWILIO_FROM must be set:"
+            " without them the router cannot page anyone by phone",
+            2,
+        )
+    twilio = TwilioNotifier.from_settings(settings)
+    console = ConsoleNotifier()
+    return Router(
+        url,
+        RouterConfig(router_id=f"router-{settings.hub_id}", zone=settings.zone),
+        {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: console},
+    )
+
+
+def _run_until_signal(stop: Callable[[], None]) -> None:
+    def handler(_signum: int, _frame: object) -> None:
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
 @app.command()
 def hub() -> None:
-    """Bridge MQTT into the database and sweep device liveness."""
-    _not_landed("hub", 3, "the MQTT bridge")
+    """Bridge MQTT into the database (SOS and falls open incidents)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_settings()
+    worker = _make_hub(settings, database_url(settings), _mqtt_url(settings), metrics_port=settings.metrics_port)
+    _run_until_signal(worker.stop)
+    worker.run()
 
 
 @app.command()
 def router() -> None:
-    """Run escalation steps as they fall due."""
-    _not_landed("router", 3, "the escalation router")
+    """Run escalation steps as they fall due and send their notifications."""
+    from shouhu.health_server import start_health_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_settings()
+    worker = _make_router(settings, database_url(settings))
+    start_health_server(settings.metrics_port, lambda: not worker.stopping.is_set())
+    _run_until_signal(worker.stop)
+    worker.run()
 
 
 @simulate_app.command("wristbands")
-def simulate_wristbands() -> None:
-    """Simulated wristbands: telemetry, SOS presses, falls."""
-    _not_landed("simulate wristbands", 3, "the wristband fleet")
+def simulate_wristbands(
+    press: Annotated[list[str] | None, typer.Option(help="Press SOS on this wristband (repeatable)")] = None,
+    cancel: Annotated[list[str] | None, typer.Option(help="Send an SOS cancel from this wristband")] = None,
+    fall: Annotated[list[str] | None, typer.Option(help="Report a fall from this wristband")] = None,
+) -> None:
+    """Simulated wristbands: SOS presses, cancels and falls (telemetry fleets: issue #5)."""
+    from simulators.wristband import publish_alarm
+
+    settings = load_settings()
+    if not (press or cancel or fall):
+        _not_landed("simulate wristbands` without --press/--cancel/--fall", 5, "the telemetry fleet")
+    url = _mqtt_url(settings)
+    for device_id in press or []:
+        typer.echo(f"{device_id}: SOS press {publish_alarm(url, device_id, 'sos', action='press')}")
+    for device_id in cancel or []:
+        typer.echo(f"{device_id}: SOS cancel {publish_alarm(url, device_id, 'sos', action='cancel')}")
+    for device_id in fall or []:
+        typer.echo(f"{device_id}: fall {publish_alarm(url, device_id, 'fall')}")
 
 
 @simulate_app.command("cameras")
@@ -211,9 +288,16 @@ def simulate_cameras() -> None:
 
 
 @simulate_app.command("phone-network")
-def simulate_phone_network() -> None:
+def simulate_phone_network(
+    port: Annotated[int, typer.Option(help="Port to listen on (127.0.0.1)")] = 8100,
+) -> None:
     """A Twilio-compatible phone network that records calls and messages."""
-    _not_landed("simulate phone-network", 3, "the phone-network simulator")
+    from simulators.phone_network import serve_phone_network
+
+    settings = load_settings()
+    sid, token = _demo_twilio_credentials(settings)
+    typer.echo(f"phone network: http://127.0.0.1:{port} (set SHOUHU_TWILIO_API_BASE to this)")
+    serve_phone_network("127.0.0.1", port, sid, token)
 
 
 @simulate_app.command("emergency-platform")
@@ -245,9 +329,89 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
             process.kill()
 
 
+DEMO_ACCOUNT_SID = "AC" + "de" * 16
+DEMO_AUTH_TOKEN = "demo-auth-token"
+DEMO_FROM = "+12025550100"
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+def _demo_twilio_credentials(settings: Settings) -> tuple[str, str]:
+    return (
+        settings.twilio_account_sid or DEMO_ACCOUNT_SID,
+        settings.twilio_auth_token or DEMO_AUTH_TOKEN,
+    )
+
+
+def _thread(target: Callable[[], None], name: str) -> threading.Thread:
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def _demo_phone_network(settings: Settings, stack: ExitStack) -> Settings:
+    """Point Twilio at a local phone-network simulator; refuse a real provider."""
+    base = settings.twilio_api_base
+    if base != TWILIO_DEFAULT_API_BASE:
+        host = urlsplit(base).hostname or ""
+        if host not in LOCAL_HOSTS:
+            _fail(f"--demo refuses SHOUHU_TWILIO_API_BASE={base}: a demo never reaches a real phone network", 2)
+        sid, token = _demo_twilio_credentials(settings)
+        typer.echo(f"phone network: {base} (yours)")
+    else:
+        import uvicorn
+
+        from shouhu.embedded.postgres import free_port
+        from simulators.phone_network import create_phone_network
+
+        sid, token = _demo_twilio_credentials(settings)
+        port = free_port()
+        server = uvicorn.Server(
+            uvicorn.Config(create_phone_network(sid, token), host="127.0.0.1", port=port, log_level="warning")
+        )
+        _thread(server.run, "phone-network")
+        stack.callback(setattr, server, "should_exit", True)
+        base = f"http://127.0.0.1:{port}"
+        typer.echo(f"phone network: simulated, {base} (no real phone is ever called)")
+    return settings.model_copy(
+        update={
+            "twilio_api_base": base, "twilio_account_sid": sid, "twilio_auth_token": token,
+            "twilio_from": settings.twilio_from or DEMO_FROM,
+        }
+    )
+
+
+def _demo_press(url: str, broker_url: str, settings: Settings) -> None:
+    """Press SOS on a wristband whose grid has a grid worker on duty now."""
+    from datetime import UTC, datetime
+
+    from alerts.recipients import duty_chain
+    from shouhu.db import connect
+    from simulators.wristband import publish_alarm
+
+    with connect(url) as conn:
+        rows = conn.execute(
+            "SELECT d.id, r.name, r.grid_id FROM devices d JOIN residents r ON r.id = d.resident_id"
+            " WHERE d.kind = 'wristband' AND d.active ORDER BY d.id"
+        ).fetchall()
+        for device_id, name, grid_id in rows:
+            people = duty_chain(conn, grid_id, datetime.now(UTC), settings.zone)
+            if people and people[0].area_id == grid_id:
+                break
+        else:
+            device_id, name, grid_id = rows[0]
+            people = duty_chain(conn, grid_id, datetime.now(UTC), settings.zone)
+    who = ", ".join(f"{p.name} {p.phone}" for p in people) or "nobody"
+    typer.echo(f"demo: {name}'s wristband {device_id} (grid {grid_id}) presses SOS; on duty: {who}")
+    publish_alarm(broker_url, device_id, "sos", action="press")
+    typer.echo(
+        "demo: press again with `shouhu simulate wristbands --press <id>` or "
+        f"mosquitto_pub -q 1 -t shouhu/v1/wristband/<id>/sos -m '{{...}}' on {broker_url}"
+    )
+
+
 @app.command()
 def up(
-    demo: Annotated[bool, typer.Option(help="Also load the demo county")] = False,
+    demo: Annotated[bool, typer.Option(help="Also load the demo county, simulate a phone network and press SOS")] = False,
     data_dir: Annotated[
         Path | None, typer.Option(help="Where the embedded database keeps its data")
     ] = None,
@@ -255,8 +419,11 @@ def up(
     """Run everything in one process tree, with embedded defaults where nothing is configured."""
     from shouhu.embedded.defaults import default_data_dir, start_embedded_database
 
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = load_settings()
     with ExitStack() as stack:
+        if demo:
+            settings = _demo_phone_network(settings, stack)
         url = settings.database_url
         if not url:
             directory = (data_dir or default_data_dir()).resolve()
@@ -271,13 +438,21 @@ def up(
         _run_migrations(url, settings)
         if demo:
             _load_registry_file(url, DEMO_COUNTY)
+        router_worker = _make_router(settings, url)
+        hub_worker = _make_hub(settings, url, broker_url, metrics_port=None)
+        threads = [_thread(hub_worker.run, "hub"), _thread(router_worker.run, "router")]
+        stack.callback(lambda: [t.join(10) for t in threads])
+        stack.callback(router_worker.stop)
+        stack.callback(hub_worker.stop)
+        if not hub_worker.ready.wait(30):
+            _fail(f"the hub did not become ready: its start-up probe did not come back from {broker_url}")
+        typer.echo(f"hub: {settings.hub_id} ready on {broker_url}; router running")
         typer.echo(
             f"API: http://127.0.0.1:{settings.api_port}/api/v1 (make a token with "
             "`shouhu token create --role operator`)"
         )
-        typer.echo(
-            f"hub and router: not yet part of `shouhu up` (issue #3); broker at {broker_url}"
-        )
+        if demo:
+            _demo_press(url, broker_url, settings)
         _serve_api(url, settings)
 
 

@@ -101,7 +101,7 @@ def create_token(
             INSERT INTO api_tokens (token_hash, role, areas, label, created_at, expires_at)
             VALUES (%s, %s, %s, %s, %s, %s)
             """,
-            (secret.encode(), parsed_role.value, wanted, label, now, expires_at),
+            (hash_secret(secret), parsed_role.value, wanted, label, now, expires_at),
         )
     return secret
 

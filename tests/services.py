@@ -6,13 +6,16 @@ on (or disturbs) services already running on the machine.
 
 from __future__ import annotations
 
+import contextlib
 import shutil
 import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from shouhu.embedded.postgres import ClusterSpec, LocalPostgres, free_port
 
@@ -87,3 +90,209 @@ class Mosquitto:
     def remove(self) -> None:
         self.stop()
         shutil.rmtree(self.directory, ignore_errors=True)
+
+
+@dataclass(frozen=True)
+class Packet:
+    direction: str  # "up": client → broker, "down": broker → client
+    kind: int  # MQTT control packet type: 3 PUBLISH, 4 PUBACK, …
+    packet_id: int | None
+    topic: str | None
+    at: float
+
+
+def _remaining_length(buffer: bytes, start: int) -> tuple[int, int] | None:
+    multiplier, value, index = 1, 0, start
+    while index < len(buffer):
+        byte = buffer[index]
+        value += (byte & 0x7F) * multiplier
+        index += 1
+        if not byte & 0x80:
+            return value, index
+        multiplier *= 128
+    return None
+
+
+def _decode(direction: str, header: int, body: bytes) -> Packet:
+    kind = header >> 4
+    packet_id: int | None = None
+    topic: str | None = None
+    if kind == 3:  # PUBLISH: topic, then a packet id when QoS > 0
+        length = int.from_bytes(body[:2], "big")
+        topic = body[2 : 2 + length].decode(errors="replace")
+        if (header >> 1) & 0x03:
+            packet_id = int.from_bytes(body[2 + length : 4 + length], "big")
+    elif kind in (4, 5, 6, 7):  # PUBACK, PUBREC, PUBREL, PUBCOMP
+        packet_id = int.from_bytes(body[:2], "big")
+    return Packet(direction, kind, packet_id, topic, time.monotonic())
+
+
+class MqttWireTap:
+    """A TCP proxy between a client and the broker that decodes the packets it carries.
+
+    It lets a test watch the wire: which PUBLISH the broker delivered, and when (or
+    whether) the client sent its PUBACK.
+    """
+
+    def __init__(self, broker_port: int) -> None:
+        import threading
+
+        self.broker_port = broker_port
+        self.packets: list[Packet] = []
+        self._lock = threading.Lock()
+        self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+        self._server.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self._server.bind(("127.0.0.1", 0))
+        self._server.listen(8)
+        self.port: int = self._server.getsockname()[1]
+        self._sockets: list[socket.socket] = []
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def _accept(self) -> None:
+        import threading
+
+        while True:
+            try:
+                client, _ = self._server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.broker_port))
+            self._sockets += [client, upstream]
+            threading.Thread(target=self._pump, args=(client, upstream, "up"), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
+
+    def _pump(self, source: socket.socket, sink: socket.socket, direction: str) -> None:
+        buffer = b""
+        while True:
+            try:
+                data = source.recv(65536)
+            except OSError:
+                data = b""
+            if not data:
+                for s in (source, sink):
+                    with contextlib.suppress(OSError):
+                        s.shutdown(socket.SHUT_RDWR)
+                return
+            buffer += data
+            while len(buffer) >= 2:
+                decoded = _remaining_length(buffer, 1)
+                if decoded is None:
+                    break
+                length, offset = decoded
+                if len(buffer) < offset + length:
+                    break
+                packet = _decode(direction, buffer[0], buffer[offset : offset + length])
+                with self._lock:
+                    self.packets.append(packet)
+                buffer = buffer[offset + length :]
+            try:
+                sink.sendall(data)
+            except OSError:
+                return
+
+    def seen(self, direction: str, kind: int, packet_id: int | None = None, topic: str | None = None) -> list[Packet]:
+        with self._lock:
+            return [
+                p for p in self.packets
+                if p.direction == direction and p.kind == kind
+                and (packet_id is None or p.packet_id == packet_id)
+                and (topic is None or p.topic == topic)
+            ]
+
+    def wait_for(self, direction: str, kind: int, *, topic: str | None = None, packet_id: int | None = None,
+                 timeout: float = 10.0) -> Packet:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            found = self.seen(direction, kind, packet_id, topic)
+            if found:
+                return found[-1]
+            time.sleep(0.01)
+        raise TimeoutError(f"no packet {kind} {direction} {topic or ''} {packet_id or ''} in {timeout}s")
+
+    def close(self) -> None:
+        self._server.close()
+        for s in self._sockets:
+            with contextlib.suppress(OSError):
+                s.close()
+
+
+SHOUHU_BIN = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "shouhu")
+
+
+def shouhu_env(**settings: str) -> dict[str, str]:
+    """The process environment with only the given SHOUHU_* settings."""
+    import os
+
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOUHU_")}
+    env.update(settings)
+    return env
+
+
+def http_status(url: str) -> int:
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=2) as response:
+            return int(response.status)
+    except urllib.error.HTTPError as exc:
+        return int(exc.code)
+    except OSError:
+        return 0
+
+
+@dataclass
+class ShouhuProcess:
+    """A ``shouhu`` verb running as its own process, as an operator would run it."""
+
+    args: list[str]
+    env: dict[str, str]
+    ready_url: str | None = None
+    process: subprocess.Popen[bytes] | None = None
+    log_path: Path = field(default_factory=lambda: scratch_dir("shouhu-proc-") / "output.log")
+
+    def start(self, timeout: float = 30.0) -> ShouhuProcess:
+        self._log = self.log_path.open("ab")
+        self.process = subprocess.Popen(
+            [SHOUHU_BIN, *self.args], env=self.env, stdout=self._log, stderr=subprocess.STDOUT
+        )
+        if self.ready_url:
+            deadline = time.monotonic() + timeout
+            while http_status(self.ready_url) != 200:
+                if self.process.poll() is not None:
+                    raise RuntimeError(f"shouhu {' '.join(self.args)} exited:\n{self.output()}")
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"shouhu {' '.join(self.args)} not ready:\n{self.output()}")
+                time.sleep(0.05)
+        return self
+
+    def output(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+    def kill(self, signal_number: int = 9) -> None:
+        if self.process is not None and self.process.poll() is None:
+            self.process.send_signal(signal_number)
+            self.process.wait(15)
+
+    def stop(self) -> None:
+        self.kill(15)
+
+
+def serve_app(app: Any) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a free port in a thread; yields its base URL."""
+    import threading
+
+    import uvicorn
+
+    port = free_port()
+    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    wait_for_port(port)
+    yield f"http://127.0.0.1:{port}"
+    server.should_exit = True
+    thread.join(10)

@@ -62,7 +62,7 @@ def read_resident(
             """,
             (resident_id,),
         ).fetchone()
-        if row is None:
+        if row is None or not scope.allows(row["grid_id"]):
             raise not_found("resident", resident_id)
         guardians = conn.execute(
             """
@@ -78,8 +78,8 @@ def read_resident(
         ).fetchall()
         conn.execute(
             """
-            INSERT INTO audit_log (at, token_id, role, action, subject, detail) SELECT * FROM (
-            VALUES (%s, %s, %s, 'read_resident', %s, %s)) v WHERE false
+            INSERT INTO audit_log (at, token_id, role, action, subject, detail)
+            VALUES (%s, %s, %s, 'read_resident', %s, %s)
             """,
             (now, token.id, token.role.value, resident_id, Jsonb({"sensitive": sensitive})),
         )

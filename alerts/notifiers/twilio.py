@@ -1,0 +1,285 @@
+"""SMS and voice calls through Twilio (or the phone-network simulator).
+
+What a person hears or reads is the minimum PIPL allows: name, address, callback
+number, incident code and how to answer — never medical notes (``Message`` has no
+field for them). The voice call gathers one keypress (1 = going, 2 = cannot) and
+posts it to the API; SMS replies reach the API through the Twilio number's inbound
+webhook, which is configured on the number, not per message.
+
+``SHOUHU_TWILIO_API_BASE`` points the real ``twilio`` client at another host: the
+client's ``https://api.twilio.com`` prefix is rewritten by :class:`RebasingHttpClient`,
+and everything else the client does (auth, form encoding, error parsing) is unchanged.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import requests
+from twilio.base.exceptions import TwilioException, TwilioRestException
+from twilio.http.http_client import TwilioHttpClient
+from twilio.rest import Client
+from twilio.twiml.voice_response import VoiceResponse
+
+from alerts.notifiers.base import Delivery, Message, SendOutcome, SendResult
+from devices.kinds import SEVERITY_OF_KIND, Channel, IncidentKind, Severity
+from shouhu.settings import TWILIO_DEFAULT_API_BASE
+
+if TYPE_CHECKING:
+    from twilio.http.response import Response
+
+    from shouhu.settings import Settings
+
+HTTP_TIMEOUT_S = 10.0
+SMS_MAX_CHARS = 140
+NAME_MAX_CHARS = 12
+# Twilio's <Say> takes the Polly/Google language id; Mandarin is cmn-CN, and Zhiyu is
+# the Polly voice that speaks it (the default voice "man" has no Chinese).
+SAY_LANGUAGE = "cmn-CN"
+SAY_VOICE = "Polly.Zhiyu"
+GATHER_TIMEOUT_S = 10
+# Where the API receives Twilio's callbacks (relative to SHOUHU_PUBLIC_URL).
+STATUS_CALLBACK_PATH = "/callbacks/twilio/status"
+KEYPRESS_CALLBACK_PATH = "/callbacks/twilio/keypress"
+
+# What happened, as told on the phone; a kind this table does not know gets "告警".
+_EVENT_OF_KIND: dict[IncidentKind, str] = {
+    IncidentKind.SOS: "按下SOS",
+    IncidentKind.FALL: "疑似跌倒",
+    IncidentKind.SOS_UNREGISTERED: "按下SOS",
+    IncidentKind.WRISTBAND_OFFLINE: "手环离线，请上门探视",
+    IncidentKind.NOT_WORN: "未佩戴手环，请上门探视",
+    IncidentKind.LOW_BATTERY: "手环电量低，请提醒充电",
+    IncidentKind.CAMERA_OFFLINE: "摄像头离线，请安排维修",
+}
+
+
+def _kind(message: Message) -> IncidentKind | None:
+    try:
+        return IncidentKind(message.incident_kind)
+    except ValueError:
+        return None
+
+
+def _event(kind: IncidentKind | None) -> str:
+    return _EVENT_OF_KIND.get(kind, "告警") if kind is not None else "告警"
+
+
+def _headline(kind: IncidentKind | None) -> str:
+    red = kind is not None and SEVERITY_OF_KIND[kind] is Severity.RED
+    return "紧急呼叫" if red or kind is None else "提醒"
+
+
+def _subject(kind: IncidentKind | None, name: str) -> str:
+    # An unregistered wristband has no resident: say so, so nobody looks for one by name.
+    return f"未登记手环{name}" if kind is IncidentKind.SOS_UNREGISTERED else name
+
+
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
+
+
+def _sms(message: Message, name: str, address: str) -> str:
+    kind = _kind(message)
+    code = message.incident_code
+    return (
+        f"【守护】{_headline(kind)}：{_subject(kind, name)}（{address}）{_event(kind)}。"
+        f"回拨{message.callback_number}。"
+        f"回复 {code} 1 接单，{code} 2 无法前往。"
+    )
+
+
+def sms_text(message: Message) -> str:
+    """The SMS for ``message``: at most 140 characters, clipping name then address if needed.
+
+    The incident code and callback number are never clipped: they are how the
+    recipient answers.
+    """
+    name = _clip(message.resident_name, NAME_MAX_CHARS)
+    text = _sms(message, name, message.address)
+    overflow = len(text) - SMS_MAX_CHARS
+    if overflow > 0:
+        text = _sms(message, name, _clip(message.address, len(message.address) - overflow))
+    return text
+
+
+def _spelled(text: str) -> str:
+    # Digits and letters one by one, so the voice reads "1 3 8…" and not a large number.
+    return " ".join(char for char in text if char.isalnum())
+
+
+def voice_text(message: Message, *, keypress: bool) -> str:
+    """What the call says (once; the TwiML repeats it)."""
+    kind = _kind(message)
+    text = (
+        f"守护{_headline(kind)}。{_subject(kind, message.resident_name)}，"
+        f"地址{message.address}，{_event(kind)}。"
+        f"回拨电话：{_spelled(message.callback_number)}。"
+        f"事件编号：{_spelled(message.incident_code)}。"
+    )
+    if keypress:
+        text += "前往处置请按1，无法前往请按2。"
+    return text
+
+
+def voice_twiml(message: Message, *, keypress_url: str | None = None) -> str:
+    """Inline TwiML for the call: the message in Mandarin, said twice.
+
+    Args:
+        message: What to say.
+        keypress_url: Where Twilio posts the digit pressed (1 = going, 2 = cannot).
+            Without it the call only speaks and asks for no keypress.
+    """
+    response = VoiceResponse()
+    text = voice_text(message, keypress=keypress_url is not None)
+    if keypress_url is None:
+        response.say(text, language=SAY_LANGUAGE, voice=SAY_VOICE, loop=2)
+    else:
+        gather = response.gather(action=keypress_url, method="POST", num_digits=1, timeout=GATHER_TIMEOUT_S)
+        gather.say(text, language=SAY_LANGUAGE, voice=SAY_VOICE, loop=2)
+    xml: str = response.to_xml()
+    return xml
+
+
+class RebasingHttpClient(TwilioHttpClient):  # type: ignore[misc]  # twilio ships no types
+    """The twilio HTTP client, sending what is meant for ``https://api.twilio.com`` to ``api_base``.
+
+    Any other URL is left alone. Every request gets a timeout (``timeout`` unless the
+    caller passes one), so a network that does not answer cannot hold an escalation.
+    """
+
+    def __init__(self, api_base: str, *, timeout: float = HTTP_TIMEOUT_S) -> None:
+        super().__init__(timeout=timeout)
+        self.api_base = api_base.rstrip("/")
+
+    def rebase(self, url: str) -> str:
+        """``url`` with the Twilio API prefix replaced by ``api_base``."""
+        if url == TWILIO_DEFAULT_API_BASE or url.startswith(TWILIO_DEFAULT_API_BASE + "/"):
+            return self.api_base + url[len(TWILIO_DEFAULT_API_BASE) :]
+        return url
+
+    def request(
+        self,
+        method: str,
+        url: str,
+        params: dict[str, object] | None = None,
+        data: dict[str, object] | None = None,
+        headers: dict[str, str] | None = None,
+        auth: tuple[str, str] | None = None,
+        timeout: float | None = None,
+        allow_redirects: bool = False,
+    ) -> Response:
+        response: Response = super().request(
+            method,
+            self.rebase(url),
+            params=params,
+            data=data,
+            headers=headers,
+            auth=auth,
+            timeout=timeout,
+            allow_redirects=allow_redirects,
+        )
+        return response
+
+
+def _twilio_error(exc: TwilioException) -> str:
+    # str() of twilio's exceptions is a coloured multi-line text when stderr is a
+    # terminal; the timeline wants one plain line.
+    if isinstance(exc, TwilioRestException):
+        return f"twilio error {exc.code} (HTTP {exc.status}): {exc.msg}"
+    code, status = getattr(exc, "code", None), getattr(exc, "status", None)
+    detail = getattr(exc, "detail", None) or getattr(exc, "title", None) or repr(exc)
+    return f"twilio error {code} (HTTP {status}): {detail}"
+
+
+class TwilioNotifier:
+    """Sends SMS and voice calls through Twilio's REST API."""
+
+    channels: frozenset[Channel] = frozenset({Channel.SMS, Channel.VOICE})
+
+    def __init__(
+        self,
+        account_sid: str,
+        auth_token: str,
+        from_number: str,
+        api_base: str = TWILIO_DEFAULT_API_BASE,
+        public_url: str = "http://127.0.0.1:8000",
+        *,
+        timeout: float = HTTP_TIMEOUT_S,
+    ) -> None:
+        self.from_number = from_number
+        self.api_base = api_base.rstrip("/")
+        self.public_url = public_url.rstrip("/")
+        self.timeout = timeout
+        self.client = Client(account_sid, auth_token, http_client=RebasingHttpClient(api_base, timeout=timeout))
+        # TWILIO_EDGE / TWILIO_REGION in the environment would make the client call
+        # api.{edge}.{region}.twilio.com, which the rebasing does not match: a demo
+        # would then reach the real Twilio. Shouhu is configured by SHOUHU_* only.
+        self.client.edge = None
+        self.client.region = None
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TwilioNotifier:
+        """Build from ``SHOUHU_TWILIO_*`` and ``SHOUHU_PUBLIC_URL``.
+
+        Raises:
+            ValueError: the account sid, auth token or caller number is not set.
+        """
+        missing = [
+            f"SHOUHU_TWILIO_{name.upper()}"
+            for name, value in (
+                ("account_sid", settings.twilio_account_sid),
+                ("auth_token", settings.twilio_auth_token),
+                ("from", settings.twilio_from),
+            )
+            if not value
+        ]
+        if missing:
+            raise ValueError(f"Twilio is not configured: set {', '.join(missing)}")
+        return cls(
+            settings.twilio_account_sid,
+            settings.twilio_auth_token,
+            settings.twilio_from,
+            settings.twilio_api_base,
+            settings.public_url,
+        )
+
+    def send(self, delivery: Delivery) -> SendResult:
+        """Send one SMS or call; a provider or network failure returns FAILED, never raises."""
+        if delivery.channel not in self.channels:
+            return SendResult(SendOutcome.FAILED, error=f"channel {delivery.channel} is not sent by Twilio")
+        try:
+            sid = self._create(delivery)
+        except TwilioException as exc:
+            error = _twilio_error(exc)
+        except requests.Timeout as exc:
+            error = f"no answer from {self.api_base} within {self.timeout:g} s: {exc}"
+        except requests.RequestException as exc:
+            error = f"cannot reach {self.api_base}: {exc}"
+        except ValueError as exc:  # a 2xx answer that is not Twilio's JSON
+            error = f"unreadable answer from {self.api_base}: {exc}"
+        else:
+            if sid:
+                return SendResult(SendOutcome.SENT, provider_id=sid)
+            error = "Twilio accepted it but gave no sid"
+        return SendResult(SendOutcome.FAILED, error=error)
+
+    def _create(self, delivery: Delivery) -> str | None:
+        """Create the Message or Call resource; returns its sid."""
+        status_callback = self.public_url + STATUS_CALLBACK_PATH
+        if delivery.channel is Channel.SMS:
+            resource = self.client.messages.create(
+                to=delivery.to,
+                from_=self.from_number,
+                body=sms_text(delivery.message),
+                status_callback=status_callback,
+            )
+        else:
+            resource = self.client.calls.create(
+                to=delivery.to,
+                from_=self.from_number,
+                twiml=voice_twiml(delivery.message, keypress_url=self.public_url + KEYPRESS_CALLBACK_PATH),
+                status_callback=status_callback,
+            )
+        sid = getattr(resource, "sid", None)
+        return sid if isinstance(sid, str) else None

@@ -1,0 +1,478 @@
+"""A Twilio-compatible phone network for tests and demos.
+
+It answers the two REST calls the ``twilio`` client makes for us — create a Message,
+create a Call — with Twilio's status codes, error codes and JSON shapes, so
+``twilio.rest.Client`` runs unchanged against it (``SHOUHU_TWILIO_API_BASE``). Nothing
+is delivered: each accepted SMS or call is recorded, announced on the terminal (so a
+demo shows the phone ring) and listed under ``/_sim/…`` for tests and the demo.
+
+Faults are injected per number with ``POST /_sim/faults``:
+
+- ``error``: every request to that number answers Twilio's 500 (error 20500);
+- ``busy`` / ``no-answer``: a call is accepted (201, ``queued``, as Twilio does) and
+  then ends ``busy`` / ``no-answer``; if the request gave a ``StatusCallback`` the
+  network posts that final status to it, signed with ``X-Twilio-Signature`` like
+  Twilio. An SMS to such a number is delivered normally: a busy phone still gets SMS.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from email.utils import format_datetime
+from typing import Any, Literal
+from urllib.parse import parse_qs
+
+import requests
+import uvicorn
+from fastapi import FastAPI, Request, Response
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+from starlette.background import BackgroundTask
+from twilio.request_validator import RequestValidator
+
+API_VERSION = "2010-04-01"
+# E.164: a plus, a non-zero country code digit, at most 15 digits in all.
+E164 = re.compile(r"\+[1-9]\d{1,14}")
+SMS_BODY_LIMIT = 1600  # Twilio refuses a longer concatenated body (error 21617)
+CALLBACK_TIMEOUT_S = 5.0
+
+Fault = Literal["busy", "no-answer", "error"]
+Announce = Callable[[str], None]
+
+
+class TwilioApiError(Exception):
+    """A refusal answered in Twilio's JSON error shape."""
+
+    def __init__(self, status: int, code: int, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+        self.code = code
+        self.message = message
+
+    def response(self) -> JSONResponse:
+        return JSONResponse(
+            {
+                "code": self.code,
+                "message": self.message,
+                "more_info": f"https://www.twilio.com/docs/errors/{self.code}",
+                "status": self.status,
+            },
+            status_code=self.status,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class MessageRecord:
+    """An SMS the network accepted."""
+
+    sid: str
+    to: str
+    from_: str
+    body: str
+    status_callback: str | None
+    received_at: datetime
+    monotonic: float
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "sid": self.sid,
+            "to": self.to,
+            "from": self.from_,
+            "body": self.body,
+            "status_callback": self.status_callback,
+            "received_at": self.received_at.isoformat(),
+            "monotonic": self.monotonic,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """A call the network accepted; ``status`` is how it ends (``queued`` = rang normally)."""
+
+    sid: str
+    to: str
+    from_: str
+    twiml: str | None
+    url: str | None
+    status: str
+    status_callback: str | None
+    received_at: datetime
+    monotonic: float
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "sid": self.sid,
+            "to": self.to,
+            "from": self.from_,
+            "twiml": self.twiml,
+            "url": self.url,
+            "status": self.status,
+            "status_callback": self.status_callback,
+            "received_at": self.received_at.isoformat(),
+            "monotonic": self.monotonic,
+        }
+
+
+class FaultRequest(BaseModel):
+    to: str
+    fail: Fault | None
+
+
+def print_flushed(line: str) -> None:
+    """Default announcer: one line on stdout, flushed so a terminal demo shows it at once."""
+    print(line, flush=True)
+
+
+class PhoneNetwork:
+    """The network's state: records, faults, credentials. Safe to use from several threads."""
+
+    def __init__(self, account_sid: str, auth_token: str, announce: Announce) -> None:
+        self.account_sid = account_sid
+        self.auth_token = auth_token
+        self.announce = announce
+        self._lock = threading.Lock()
+        self._messages: list[MessageRecord] = []
+        self._calls: list[CallRecord] = []
+        self._faults: dict[str, Fault] = {}
+
+    def messages(self) -> list[MessageRecord]:
+        with self._lock:
+            return list(self._messages)
+
+    def calls(self) -> list[CallRecord]:
+        with self._lock:
+            return list(self._calls)
+
+    def add_message(self, record: MessageRecord) -> None:
+        with self._lock:
+            self._messages.append(record)
+
+    def add_call(self, record: CallRecord) -> None:
+        with self._lock:
+            self._calls.append(record)
+
+    def clear(self) -> None:
+        with self._lock:
+            self._messages.clear()
+            self._calls.clear()
+
+    def set_fault(self, to: str, fail: Fault | None) -> dict[str, Fault]:
+        with self._lock:
+            if fail is None:
+                self._faults.pop(to, None)
+            else:
+                self._faults[to] = fail
+            return dict(self._faults)
+
+    def faults(self) -> dict[str, Fault]:
+        with self._lock:
+            return dict(self._faults)
+
+    def fault_for(self, to: str) -> Fault | None:
+        with self._lock:
+            return self._faults.get(to)
+
+    def authenticate(self, account_sid: str, request: Request) -> None:
+        """Check HTTP Basic credentials as Twilio does, then the account in the path."""
+        if not self._credentials_match(request.headers.get("authorization", "")):
+            raise TwilioApiError(401, 20003, "Authenticate")
+        if account_sid != self.account_sid:
+            resource = f"/{API_VERSION}/Accounts/{account_sid}"
+            raise TwilioApiError(404, 20404, f"The requested resource {resource} was not found")
+
+    def _credentials_match(self, header: str) -> bool:
+        scheme, _, encoded = header.partition(" ")
+        if scheme.lower() != "basic":
+            return False
+        try:
+            decoded = base64.b64decode(encoded, validate=True).decode()
+        except (binascii.Error, UnicodeDecodeError):
+            return False
+        user, _, password = decoded.partition(":")
+        # Both compared in full, so the answer's timing says nothing about either.
+        user_ok = secrets.compare_digest(user.encode(), self.account_sid.encode())
+        password_ok = secrets.compare_digest(password.encode(), self.auth_token.encode())
+        return user_ok and password_ok
+
+    def post_status_callback(self, url: str, record: CallRecord) -> None:
+        """Tell ``url`` how the call ended, signed like Twilio's own callbacks."""
+        params = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": API_VERSION,
+            "CallSid": record.sid,
+            "CallStatus": record.status,
+            "CallDuration": "0",
+            "Direction": "outbound-api",
+            "From": record.from_,
+            "To": record.to,
+        }
+        signature = RequestValidator(self.auth_token).compute_signature(url, params)
+        try:
+            reply = requests.post(
+                url,
+                data=params,
+                headers={"X-Twilio-Signature": signature},
+                timeout=CALLBACK_TIMEOUT_S,
+            )
+        except requests.RequestException as exc:
+            self.announce(f"✖  status callback for {record.sid} failed: {exc}")
+            return
+        self.announce(
+            f"↩  status callback {record.status} for {record.sid}: HTTP {reply.status_code}"
+        )
+
+
+def _now() -> tuple[datetime, float]:
+    return datetime.now(UTC), time.monotonic()
+
+
+def _sid(prefix: str) -> str:
+    return prefix + secrets.token_hex(16)
+
+
+def _rfc2822(moment: datetime) -> str:
+    return format_datetime(moment)  # e.g. "Tue, 24 Nov 2026 08:00:00 +0000", as Twilio writes
+
+
+async def _form(request: Request) -> dict[str, str]:
+    # Twilio's REST API takes application/x-www-form-urlencoded; parsed here so the
+    # simulator needs no multipart package. A repeated field keeps its first value.
+    fields = parse_qs((await request.body()).decode(), keep_blank_values=True)
+    return {name: values[0] for name, values in fields.items()}
+
+
+def _segments(body: str) -> int:
+    # GSM-7 (approximated as ASCII) fits 160 per SMS, 153 per part; UCS-2 fits 70 / 67.
+    single, part = (160, 153) if body.isascii() else (70, 67)
+    return 1 if len(body) <= single else -(-len(body) // part)
+
+
+def _check_to(to: str) -> None:
+    if not E164.fullmatch(to):
+        raise TwilioApiError(400, 21211, f"Invalid 'To' Phone Number: {to}")
+
+
+def _raise_injected_error(network: PhoneNetwork, to: str) -> None:
+    if network.fault_for(to) == "error":
+        network.announce(f"✖  network error for {to} (injected fault)")
+        raise TwilioApiError(500, 20500, "An internal server error has occurred")
+
+
+def _message_resource(
+    record: MessageRecord, account_sid: str, form: dict[str, str]
+) -> dict[str, Any]:
+    uri = f"/{API_VERSION}/Accounts/{account_sid}/Messages/{record.sid}"
+    stamp = _rfc2822(record.received_at)
+    return {
+        "account_sid": account_sid,
+        "api_version": API_VERSION,
+        "body": record.body,
+        "date_created": stamp,
+        "date_sent": None,
+        "date_updated": stamp,
+        "direction": "outbound-api",
+        "error_code": None,
+        "error_message": None,
+        "from": record.from_,
+        "messaging_service_sid": form.get("MessagingServiceSid"),
+        "num_media": "0",
+        "num_segments": str(_segments(record.body)),
+        "price": None,
+        "price_unit": "USD",
+        "sid": record.sid,
+        "status": "queued",
+        "subresource_uris": {"media": f"{uri}/Media.json"},
+        "to": record.to,
+        "uri": f"{uri}.json",
+    }
+
+
+def _call_resource(record: CallRecord, account_sid: str) -> dict[str, Any]:
+    uri = f"/{API_VERSION}/Accounts/{account_sid}/Calls/{record.sid}"
+    stamp = _rfc2822(record.received_at)
+    return {
+        "account_sid": account_sid,
+        "annotation": None,
+        "answered_by": None,
+        "api_version": API_VERSION,
+        "caller_name": None,
+        "date_created": stamp,
+        "date_updated": stamp,
+        "direction": "outbound-api",
+        "duration": None,
+        "end_time": None,
+        "forwarded_from": None,
+        "from": record.from_,
+        "from_formatted": record.from_,
+        "group_sid": None,
+        "parent_call_sid": None,
+        "phone_number_sid": None,
+        "price": None,
+        "price_unit": "USD",
+        "queue_time": "0",
+        "sid": record.sid,
+        "start_time": None,
+        # Twilio answers "queued" even for a call that will end busy: it cannot know yet.
+        "status": "queued",
+        "subresource_uris": {
+            "notifications": f"{uri}/Notifications.json",
+            "recordings": f"{uri}/Recordings.json",
+        },
+        "to": record.to,
+        "to_formatted": record.to,
+        "trunk_sid": None,
+        "uri": f"{uri}.json",
+    }
+
+
+def accept_message(network: PhoneNetwork, account_sid: str, form: dict[str, str]) -> JSONResponse:
+    """Validate, record and announce one SMS; the answer is Twilio's 201 Message resource."""
+    to, from_, body = form.get("To", ""), form.get("From", ""), form.get("Body", "")
+    if not to:
+        raise TwilioApiError(400, 21604, "A 'To' phone number is required.")
+    if not from_ and not form.get("MessagingServiceSid"):
+        raise TwilioApiError(400, 21603, "A 'From' phone number is required.")
+    _check_to(to)
+    if not body and not form.get("MediaUrl"):
+        raise TwilioApiError(400, 21602, "Message body is required.")
+    if len(body) > SMS_BODY_LIMIT:
+        raise TwilioApiError(
+            400, 21617, "The concatenated message body exceeds the 1600 character limit."
+        )
+    _raise_injected_error(network, to)
+    received_at, monotonic = _now()
+    record = MessageRecord(
+        sid=_sid("SM"),
+        to=to,
+        from_=from_,
+        body=body,
+        status_callback=form.get("StatusCallback") or None,
+        received_at=received_at,
+        monotonic=monotonic,
+    )
+    network.add_message(record)
+    network.announce(f"✉  SMS to {to}: {body}")
+    return JSONResponse(_message_resource(record, account_sid, form), status_code=201)
+
+
+def accept_call(network: PhoneNetwork, account_sid: str, form: dict[str, str]) -> JSONResponse:
+    """Validate, record and announce one call; the answer is Twilio's 201 Call resource.
+
+    A ``busy`` or ``no-answer`` fault on the number posts that final status to the
+    request's ``StatusCallback`` after the answer has gone out.
+    """
+    to, from_ = form.get("To", ""), form.get("From", "")
+    twiml, url = form.get("Twiml") or None, form.get("Url") or None
+    if not to:
+        raise TwilioApiError(400, 21201, "No 'To' number is specified")
+    if not from_:
+        raise TwilioApiError(400, 21213, "No 'From' number is specified")
+    _check_to(to)
+    if not E164.fullmatch(from_):
+        raise TwilioApiError(400, 21212, f"Invalid From Number (caller ID): {from_}")
+    if twiml is None and url is None and not form.get("ApplicationSid"):
+        raise TwilioApiError(400, 21205, "Url parameter is required.")
+    _raise_injected_error(network, to)
+    fault = network.fault_for(to)
+    received_at, monotonic = _now()
+    record = CallRecord(
+        sid=_sid("CA"),
+        to=to,
+        from_=from_,
+        twiml=twiml,
+        url=url,
+        status=fault or "queued",
+        status_callback=form.get("StatusCallback") or None,
+        received_at=received_at,
+        monotonic=monotonic,
+    )
+    network.add_call(record)
+    if fault == "busy":
+        network.announce(f"☎  {to} is busy (call {record.sid})")
+    elif fault == "no-answer":
+        network.announce(f"☎  ringing {to}, no answer (call {record.sid})")
+    else:
+        network.announce(f"☎  ringing {to} (call {record.sid})")
+    callback = None
+    if fault is not None and record.status_callback is not None:
+        callback = BackgroundTask(network.post_status_callback, record.status_callback, record)
+    return JSONResponse(_call_resource(record, account_sid), status_code=201, background=callback)
+
+
+def create_phone_network(
+    account_sid: str, auth_token: str, *, announce: Announce | None = None
+) -> FastAPI:
+    """Build the simulator app for one Twilio account.
+
+    Args:
+        account_sid: The only account it serves (HTTP Basic user, and the path's ``AccountSid``).
+        auth_token: That account's token (HTTP Basic password); also signs status callbacks.
+        announce: Called with one human line per SMS, call and fault; default prints to stdout.
+
+    Returns:
+        The FastAPI app; its ``state.network`` is the :class:`PhoneNetwork`.
+    """
+    network = PhoneNetwork(account_sid, auth_token, announce or print_flushed)
+    app = FastAPI(title="Shouhu phone-network simulator (Twilio-compatible)")
+    app.state.network = network
+
+    @app.exception_handler(TwilioApiError)
+    async def twilio_error(_: Request, exc: TwilioApiError) -> JSONResponse:
+        return exc.response()
+
+    @app.post(f"/{API_VERSION}/Accounts/{{account_sid}}/Messages.json", status_code=201)
+    async def create_message(account_sid: str, request: Request) -> JSONResponse:
+        """Accept an SMS, as Twilio's Messages resource does."""
+        network.authenticate(account_sid, request)
+        return accept_message(network, account_sid, await _form(request))
+
+    @app.post(f"/{API_VERSION}/Accounts/{{account_sid}}/Calls.json", status_code=201)
+    async def create_call(account_sid: str, request: Request) -> JSONResponse:
+        """Place a call, as Twilio's Calls resource does."""
+        network.authenticate(account_sid, request)
+        return accept_call(network, account_sid, await _form(request))
+
+    @app.get("/_sim/messages")
+    async def read_messages() -> list[dict[str, Any]]:
+        """Every SMS accepted so far, newest last."""
+        return [record.public() for record in network.messages()]
+
+    @app.get("/_sim/calls")
+    async def read_calls() -> list[dict[str, Any]]:
+        """Every call accepted so far, newest last."""
+        return [record.public() for record in network.calls()]
+
+    @app.delete("/_sim/records", status_code=204)
+    async def delete_records() -> Response:
+        """Forget every recorded SMS and call (faults stay)."""
+        network.clear()
+        return Response(status_code=204)
+
+    @app.get("/_sim/faults")
+    async def read_faults() -> dict[str, Fault]:
+        """The injected faults, by number."""
+        return network.faults()
+
+    @app.post("/_sim/faults")
+    async def set_fault(fault: FaultRequest) -> dict[str, Fault]:
+        """Make a number fail (``busy``, ``no-answer``, ``error``), or heal it (``null``)."""
+        faults = network.set_fault(fault.to, fault.fail)
+        network.announce(f"⚙  {fault.to} is now {fault.fail or 'healthy'}")
+        return faults
+
+    return app
+
+
+def serve_phone_network(host: str, port: int, account_sid: str, auth_token: str) -> None:
+    """Run the simulator in the foreground until interrupted."""
+    uvicorn.run(
+        create_phone_network(account_sid, auth_token), host=host, port=port, log_level="warning"
+    )

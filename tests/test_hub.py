@@ -1,0 +1,266 @@
+"""The hub against a real Mosquitto (and amqtt) and a real PostgreSQL: SOS in, incident out.
+
+The delivery guarantee is tested on the wire: a proxy between the hub and the
+broker decodes the packets, so "PUBACK only after commit" is observed, not assumed.
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+
+from devices.registry import load_registry
+from devices.registry_file import parse_registry
+from hub.service import Hub
+from shouhu.embedded.broker import ensure_local_broker
+from shouhu.embedded.postgres import free_port
+from simulators.wristband import alarm_payload, publish_raw
+from tests.services import Mosquitto, MqttWireTap, ShouhuProcess, shouhu_env
+
+DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+PUBLISH, PUBACK = 3, 4
+
+
+def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.02)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def query(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def county_url(database_url: str) -> str:
+    with psycopg.connect(database_url) as conn:
+        load_registry(conn, parse_registry(DEMO))
+    return database_url
+
+
+def start_hub(url: str, mqtt_url: str, hub_id: str | None = None) -> tuple[Hub, threading.Thread]:
+    hub = Hub(url, mqtt_url, hub_id or f"test-hub-{uuid.uuid4().hex[:8]}", ack_timeout_s=120)
+    thread = threading.Thread(target=hub.run, daemon=True)
+    thread.start()
+    assert hub.ready.wait(15), "hub did not become ready"
+    return hub, thread
+
+
+@pytest.fixture
+def hub(county_url: str, mosquitto: Mosquitto) -> Iterator[Hub]:
+    worker, thread = start_hub(county_url, mosquitto.url)
+    yield worker
+    worker.stop()
+    thread.join(10)
+
+
+def sos_topic(device_id: str, channel: str = "sos") -> str:
+    return f"shouhu/v1/wristband/{device_id}/{channel}"
+
+
+def incidents(url: str) -> list[tuple[Any, ...]]:
+    return query(url, "SELECT id, kind, state, resident_id, urgency, payload_unreadable, area_id FROM incidents ORDER BY id")
+
+
+def events(url: str, incident_id: int) -> list[str]:
+    return [r[0] for r in query(url, "SELECT event FROM incident_events WHERE incident_id = %s ORDER BY id", incident_id)]
+
+
+def test_press_opens_one_red_incident_with_its_first_step(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
+    publish_raw(mosquitto.url, sos_topic("wb-0001"), alarm_payload("sos", lat=38.7, lon=111.6))
+    found = wait_until(lambda: incidents(county_url), what="an incident")
+    assert len(found) == 1
+    incident_id, kind, state, resident, urgency, unreadable, area = found[0]
+    assert (kind, state, resident, urgency, unreadable) == ("sos", "open", "r-0001", 1, False)
+    grid = query(county_url, "SELECT grid_id FROM residents WHERE id = 'r-0001'")[0][0]
+    assert area == grid
+    assert events(county_url, incident_id) == ["opened", "stored"]
+    actions = query(county_url, "SELECT step, round, token, state FROM escalation_actions WHERE incident_id = %s", incident_id)
+    assert actions == [(0, 0, 1, "pending")]
+    snapshot = query(county_url, "SELECT policy_snapshot FROM incidents WHERE id = %s", incident_id)[0][0]
+    assert [s["target"] for s in snapshot["steps"]][0] == "grid_worker"
+
+
+def test_same_message_twice_is_one_incident(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
+    payload = alarm_payload("sos")
+    publish_raw(mosquitto.url, sos_topic("wb-0002"), payload)
+    publish_raw(mosquitto.url, sos_topic("wb-0002"), payload)
+    publish_raw(mosquitto.url, sos_topic("wb-0003"), alarm_payload("sos"))  # a marker behind them
+    wait_until(lambda: len(incidents(county_url)) == 2, what="two incidents")
+    found = [i for i in incidents(county_url) if i[3] == "r-0002"]
+    assert len(found) == 1
+    assert found[0][4] == 1  # urgency not raised by the copy
+    assert events(county_url, found[0][0]) == ["opened", "stored"]
+    assert query(county_url, "SELECT count(*) FROM message_ledger WHERE device_id = 'wb-0002'") == [(1,)]
+
+
+def test_two_presses_and_a_fall_join_one_incident(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
+    publish_raw(mosquitto.url, sos_topic("wb-0004"), alarm_payload("sos"))
+    publish_raw(mosquitto.url, sos_topic("wb-0004"), alarm_payload("sos"))
+    publish_raw(mosquitto.url, sos_topic("wb-0004", "fall"), alarm_payload("fall", confidence=0.9))
+    found = wait_until(lambda: [i for i in incidents(county_url) if i[4] == 3], what="urgency 3")
+    assert len(incidents(county_url)) == 1
+    assert events(county_url, found[0][0]) == ["opened", "stored", "joined", "joined"]
+    assert query(county_url, "SELECT count(*) FROM escalation_actions") == [(1,)]
+
+
+def test_reused_msg_id_with_other_content_is_paged_not_dropped(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
+    publish_raw(mosquitto.url, sos_topic("wb-0005"), alarm_payload("sos", msg_id="boot1-7"))
+    publish_raw(mosquitto.url, sos_topic("wb-0005"), alarm_payload("sos", msg_id="boot1-7", battery=12))
+    wait_until(lambda: query(county_url, "SELECT urgency FROM incidents") == [(2,)], what="the second press joined")
+    keys = sorted(r[0] for r in query(county_url, "SELECT msg_id FROM message_ledger WHERE device_id = 'wb-0005'"))
+    assert keys[0] == "boot1-7"
+    assert keys[1].startswith("boot1-7#reused:")
+
+
+def test_unreadable_sos_of_a_known_wristband_still_pages(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
+    garbage = b"\xff\xfe{not json"
+    publish_raw(mosquitto.url, sos_topic("wb-0006"), garbage)
+    publish_raw(mosquitto.url, sos_topic("wb-0006"), garbage)  # the same bytes again: one incident
+    publish_raw(mosquitto.url, sos_topic("wb-0007", "fall"), b'{"msg_id": "x"}')  # no ts
+    wait_until(lambda: len(incidents(county_url)) == 2, what="two unreadable incidents")
+    time.sleep(0.3)  # let the duplicate land if it were going to open a second one
+    found = incidents(county_url)
+    assert [(i[1], i[3], i[5]) for i in found] == [("sos", "r-0006", True), ("fall", "r-0007", True)]
+    assert found[0][4] == 1
+    reasons = sorted(r[0] for r in query(county_url, "SELECT reason FROM dead_letters"))
+    assert reasons == ["not_utf8", "not_utf8", "schema"]
+
+
+def test_sos_of_an_unregistered_wristband_pages_the_county(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
+    publish_raw(mosquitto.url, sos_topic("wb-stranger"), alarm_payload("sos"))
+    found = wait_until(lambda: incidents(county_url), what="an incident")
+    assert [(i[1], i[3], i[6]) for i in found] == [("sos_unregistered", None, "county")]
+    snapshot = query(county_url, "SELECT policy_snapshot FROM incidents")[0][0]
+    assert snapshot["steps"][0]["target"] == "operators"
+
+
+def test_bad_input_is_dead_lettered_and_the_hub_keeps_going(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
+    publish_raw(mosquitto.url, "shouhu/v1/wristband/wb-0008/status", b"sleeping")
+    publish_raw(mosquitto.url, "shouhu/v1/camera/cam-999/status", b"offline")
+    publish_raw(mosquitto.url, "shouhu/v1/wristband/wb-0008/status", b"online")
+    publish_raw(mosquitto.url, sos_topic("wb-0008"), alarm_payload("sos"))
+    wait_until(lambda: incidents(county_url), what="the SOS behind the bad input")
+    assert sorted(r[0] for r in query(county_url, "SELECT reason FROM dead_letters")) == ["schema", "unknown_device"]
+    assert query(county_url, "SELECT event FROM device_events WHERE device_id = 'wb-0008'") == [("status_online",)]
+
+
+def test_hub_falls_back_to_mqtt_311_on_the_embedded_broker(county_url: str) -> None:
+    port = free_port()
+    broker = ensure_local_broker(port)
+    assert broker is not None
+    url = f"mqtt://127.0.0.1:{port}"
+    try:
+        worker, thread = start_hub(county_url, url)
+        assert worker.connection.protocol == 4  # MQTT 3.1.1
+        publish_raw(url, sos_topic("wb-0009"), alarm_payload("sos"))
+        wait_until(lambda: incidents(county_url), what="an incident via amqtt")
+        worker.stop()
+        thread.join(10)
+    finally:
+        broker.terminate()
+        broker.wait(10)
+
+
+def test_two_hubs_on_one_broker_open_one_incident(county_url: str, mosquitto: Mosquitto) -> None:
+    first, first_thread = start_hub(county_url, mosquitto.url)
+    second, second_thread = start_hub(county_url, mosquitto.url)
+    try:
+        for _ in range(5):
+            publish_raw(mosquitto.url, sos_topic("wb-0010"), alarm_payload("sos"))
+        wait_until(lambda: query(county_url, "SELECT urgency FROM incidents") == [(5,)], what="five presses, one incident")
+        # Each hub received every press (direct subscriptions); the ledger kept one of each.
+        assert query(county_url, "SELECT count(*) FROM message_ledger") == [(5,)]
+        redeliveries = query(county_url, "SELECT count(*) FROM incident_events WHERE event = 'joined'")
+        assert redeliveries == [(4,)]
+    finally:
+        for worker, thread in ((first, first_thread), (second, second_thread)):
+            worker.stop()
+            thread.join(10)
+
+
+def _hold_incidents(url: str) -> psycopg.Connection[tuple[Any, ...]]:
+    """Block every hub transaction that would write an incident, until rolled back."""
+    blocker = psycopg.connect(url)
+    blocker.execute("LOCK TABLE incidents IN SHARE ROW EXCLUSIVE MODE")
+    return blocker
+
+
+def _hub_waiting_on_lock(url: str, hub_id: str) -> bool:
+    rows = query(
+        url,
+        "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'",
+        f"shouhu-hub-{hub_id}",
+    )
+    return rows[0][0] > 0
+
+
+def _hub_process(url: str, mqtt_url: str, hub_id: str) -> ShouhuProcess:
+    port = free_port()
+    return ShouhuProcess(
+        ["hub"],
+        shouhu_env(SHOUHU_DATABASE_URL=url, SHOUHU_MQTT_URL=mqtt_url, SHOUHU_HUB_ID=hub_id,
+                   SHOUHU_METRICS_PORT=str(port)),
+        ready_url=f"http://127.0.0.1:{port}/readyz",
+    )
+
+
+def test_puback_is_sent_only_after_the_commit(county_url: str, mosquitto: Mosquitto) -> None:
+    tap = MqttWireTap(mosquitto.port)
+    hub_id = f"hub-{uuid.uuid4().hex[:8]}"
+    process = _hub_process(county_url, tap.url, hub_id).start()
+    try:
+        blocker = _hold_incidents(county_url)
+        topic = sos_topic("wb-0011")
+        publish_raw(mosquitto.url, topic, alarm_payload("sos"))
+        delivered = tap.wait_for("down", PUBLISH, topic=topic)
+        wait_until(lambda: _hub_waiting_on_lock(county_url, hub_id), what="the hub inside its transaction")
+        # The hub holds the message in an open transaction: no PUBACK may be on the wire.
+        time.sleep(0.3)
+        assert tap.seen("up", PUBACK, delivered.packet_id) == []
+        assert incidents(county_url) == []
+        blocker.rollback()
+        blocker.close()
+        acked = tap.wait_for("up", PUBACK, packet_id=delivered.packet_id)
+        committed_at = time.monotonic()
+        assert incidents(county_url), "PUBACK seen, so the incident must be committed"
+        assert acked.at <= committed_at
+    finally:
+        process.stop()
+        tap.close()
+
+
+def test_hub_killed_before_commit_loses_nothing_and_doubles_nothing(county_url: str, mosquitto: Mosquitto) -> None:
+    hub_id = f"hub-{uuid.uuid4().hex[:8]}"
+    first = _hub_process(county_url, mosquitto.url, hub_id).start()
+    blocker = _hold_incidents(county_url)
+    publish_raw(mosquitto.url, sos_topic("wb-0012"), alarm_payload("sos"))
+    wait_until(lambda: _hub_waiting_on_lock(county_url, hub_id), what="the hub inside its transaction")
+    first.kill(9)  # SIGKILL: received, not committed, not acknowledged
+    blocker.rollback()
+    blocker.close()
+    assert incidents(county_url) == []
+    second = _hub_process(county_url, mosquitto.url, hub_id).start()
+    try:
+        found = wait_until(lambda: incidents(county_url), what="the redelivered SOS")
+        time.sleep(0.5)
+        assert len(incidents(county_url)) == 1
+        assert found[0][4] == 1
+        assert query(county_url, "SELECT count(*) FROM escalation_actions") == [(1,)]
+        stored = query(county_url, "SELECT detail FROM incident_events WHERE event = 'stored'")
+        assert json.dumps(stored[0][0]).count(hub_id) == 1
+    finally:
+        second.stop()

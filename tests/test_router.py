@@ -1,0 +1,241 @@
+"""The router with the real twilio client against the phone-network simulator, driven by a
+clock the test moves: rosters in Asia/Shanghai, fallback up the tree, steps and fencing."""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import psycopg
+import pytest
+
+from alerts.incidents import Alarm, record_alarm
+from alerts.notifiers.console import ConsoleNotifier
+from alerts.notifiers.twilio import TwilioNotifier
+from alerts.router import PRESS_TO_FIRST_REQUEST, Router, RouterConfig
+from devices.contract import payload_hash
+from devices.kinds import Channel, IncidentKind
+from devices.registry import load_registry
+from devices.registry_file import parse_registry
+from simulators.phone_network import create_phone_network
+from tests.services import serve_app
+
+DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+ZONE = ZoneInfo("Asia/Shanghai")
+SID, TOKEN, FROM = "AC" + "0" * 32, "router-test-token", "+12025550100"
+# Tuesday 10:00 and Wednesday 02:00 in Asia/Shanghai.
+DAY = datetime(2026, 11, 24, 10, 0, tzinfo=ZONE).astimezone(UTC)
+NIGHT = datetime(2026, 11, 25, 2, 0, tzinfo=ZONE).astimezone(UTC)
+
+
+class Clock:
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+@pytest.fixture
+def phone_network() -> Iterator[str]:
+    yield from serve_app(create_phone_network(SID, TOKEN, announce=lambda _line: None))
+
+
+def calls(base: str) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = httpx.get(f"{base}/_sim/calls").json()
+    return result
+
+
+def messages(base: str) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = httpx.get(f"{base}/_sim/messages").json()
+    return result
+
+
+@pytest.fixture
+def county_url(database_url: str) -> str:
+    with psycopg.connect(database_url) as conn:
+        load_registry(conn, parse_registry(DEMO))
+    return database_url
+
+
+def make_router(url: str, phone_base: str, clock: Clock, name: str = "r1") -> Router:
+    twilio = TwilioNotifier(SID, TOKEN, FROM, phone_base, "http://127.0.0.1:8000")
+    return Router(
+        url, RouterConfig(name, ZONE),
+        {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: ConsoleNotifier()},
+        clock=clock,
+    )
+
+
+def press(url: str, device_id: str, at: datetime, msg_id: str = "m1") -> int:
+    with psycopg.connect(url) as conn:
+        outcome = record_alarm(
+            conn,
+            Alarm(device_id, IncidentKind.SOS, msg_id, b"{}", payload_hash(msg_id.encode()), at),
+            ack_timeout_s=120, hub_id="test",
+        )
+    assert outcome.incident_id is not None
+    return outcome.incident_id
+
+
+def q(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+
+
+def grid_worker_shifts(url: str) -> dict[str, list[tuple[str, str, Any, Any]]]:
+    rows = q(url, """
+        SELECT d.area_id, s.id, s.phone, d.start_time, d.end_time FROM duty_shifts d
+        JOIN staff s ON s.id = d.staff_id WHERE s.role = 'grid_worker'""")
+    shifts: dict[str, list[tuple[str, str, Any, Any]]] = {}
+    for area, staff, phone, start, end in rows:
+        shifts.setdefault(area, []).append((staff, phone, start, end))
+    return shifts
+
+
+def wristband_in(url: str, *, night_covered: bool) -> tuple[str, str, str]:
+    """(device, grid, resident) in a grid whose grid workers do or do not cover the night."""
+    shifts = grid_worker_shifts(url)
+    for device, grid, resident in q(url, """
+            SELECT d.id, r.grid_id, r.id FROM devices d JOIN residents r ON r.id = d.resident_id
+            JOIN areas a ON a.id = r.grid_id WHERE a.level = 'grid' ORDER BY d.id"""):
+        has_night = any(start > end for _s, _p, start, end in shifts.get(grid, []))
+        if has_night == night_covered and grid in shifts:
+            return device, grid, resident
+    raise AssertionError("the demo county has no such grid")
+
+
+def test_first_step_calls_and_texts_the_grid_worker_on_duty(county_url: str, phone_network: str) -> None:
+    device, grid, _resident = wristband_in(county_url, night_covered=False)
+    day_worker = next(p for _s, p, start, end in grid_worker_shifts(county_url)[grid] if start < end)
+    clock = Clock(DAY)
+    incident = press(county_url, device, DAY)
+    before = PRESS_TO_FIRST_REQUEST.collect()[0].samples
+    make_router(county_url, phone_network, clock).run_once()
+    assert [c["to"] for c in calls(phone_network)] == [day_worker]
+    assert [m["to"] for m in messages(phone_network)] == [day_worker]
+    attempts = q(county_url, "SELECT channel, state, provider_id FROM notification_attempts ORDER BY id")
+    assert [(a[0], a[1]) for a in attempts] == [("voice", "sent"), ("sms", "sent"), ("console", "sent")]
+    assert attempts[0][2] == calls(phone_network)[0]["sid"]
+    code = q(county_url, "SELECT code FROM incidents WHERE id = %s", incident)[0][0]
+    assert code in messages(phone_network)[0]["body"]
+    timeline = [r[0] for r in q(county_url, "SELECT event FROM incident_events WHERE incident_id = %s ORDER BY id", incident)]
+    assert timeline == ["opened", "stored", "step_started", "attempt_sent", "attempt_sent", "attempt_sent"]
+    assert q(county_url, "SELECT step, state, due_at FROM escalation_actions ORDER BY id") == [
+        (0, "done", DAY), (1, "pending", DAY + timedelta(seconds=120)),
+    ]
+    after = PRESS_TO_FIRST_REQUEST.collect()[0].samples
+    count = next(s.value for s in after if s.name.endswith("_count"))
+    assert count == next(s.value for s in before if s.name.endswith("_count")) + 1
+
+
+def test_grid_with_nobody_on_duty_pages_the_duty_officer_above(county_url: str, phone_network: str) -> None:
+    device, grid, _resident = wristband_in(county_url, night_covered=False)
+    township = q(county_url, """
+        WITH RECURSIVE up(id, parent_id, level) AS (
+            SELECT id, parent_id, level FROM areas WHERE id = %s
+            UNION ALL SELECT a.id, a.parent_id, a.level FROM areas a JOIN up ON a.id = up.parent_id)
+        SELECT id FROM up WHERE level = 'township'""", grid)[0][0]
+    officers = {r[0] for r in q(county_url, """
+        SELECT s.phone FROM duty_shifts d JOIN staff s ON s.id = d.staff_id
+        WHERE d.area_id = %s AND s.role = 'duty_officer' AND d.start_time > d.end_time""", township)}
+    press(county_url, device, NIGHT)
+    make_router(county_url, phone_network, Clock(NIGHT)).run_once()
+    called = {c["to"] for c in calls(phone_network)}
+    assert called
+    assert called <= officers
+    step = q(county_url, "SELECT detail FROM incident_events WHERE event = 'step_started'")[0][0]
+    assert {r["role"] for r in step["recipients"]} == {"duty_officer"}
+
+
+def test_guardians_are_called_in_priority_order_after_the_wait(county_url: str, phone_network: str) -> None:
+    device, _grid, resident = wristband_in(county_url, night_covered=False)
+    guardians = [r[0] for r in q(county_url, "SELECT phone FROM guardians WHERE resident_id = %s ORDER BY priority", resident)]
+    clock = Clock(DAY)
+    press(county_url, device, DAY)
+    router = make_router(county_url, phone_network, clock)
+    router.run_once()
+    first_calls = len(calls(phone_network))
+    clock.advance(119)
+    router.run_once()
+    assert len(calls(phone_network)) == first_calls  # not before its time
+    clock.advance(1)
+    router.run_once()
+    assert [c["to"] for c in calls(phone_network)[first_calls:]] == guardians
+
+
+def test_a_step_without_recipients_advances_at_once_and_the_chain_repeats(county_url: str, phone_network: str) -> None:
+    device, _grid, _resident = wristband_in(county_url, night_covered=False)
+    operators = {r[0] for r in q(county_url, "SELECT phone FROM staff WHERE role = 'operator'")}
+    clock = Clock(DAY)
+    incident = press(county_url, device, DAY)
+    router = make_router(county_url, phone_network, clock)
+    router.run_once()
+    clock.advance(120)
+    router.run_once()  # guardians
+    clock.advance(120)
+    before = len(calls(phone_network))
+    router.run_once()  # the platform step has no notifier yet: no_recipients, then operators at once
+    assert {c["to"] for c in calls(phone_network)[before:]} <= operators
+    assert len(calls(phone_network)) > before
+    clock.advance(120)
+    router.run_once()  # every step done: unreached, operators alarmed, round 1 from the grid worker
+    state = q(county_url, "SELECT state FROM incidents WHERE id = %s", incident)[0][0]
+    assert state == "unreached"
+    events = [r[0] for r in q(county_url, "SELECT event FROM incident_events WHERE incident_id = %s ORDER BY id", incident)]
+    assert "no_recipients" in events
+    assert "unreached" in events
+    rounds = q(county_url, "SELECT DISTINCT round FROM notification_attempts WHERE step = 0 ORDER BY 1")
+    assert rounds == [(0,), (1,)]
+
+
+def test_a_stale_or_closed_incident_pages_nobody(county_url: str, phone_network: str) -> None:
+    first, _g, _r = wristband_in(county_url, night_covered=False)
+    second, _g2, _r2 = wristband_in(county_url, night_covered=True)
+    stale = press(county_url, first, DAY)
+    closed = press(county_url, second, DAY)
+    with psycopg.connect(county_url) as conn:
+        conn.execute("UPDATE incidents SET escalation_token = 2 WHERE id = %s", (stale,))
+        conn.execute("UPDATE incidents SET state = 'acknowledged' WHERE id = %s", (closed,))
+    make_router(county_url, phone_network, Clock(DAY)).run_once()
+    assert calls(phone_network) == []
+    assert sorted(r[0] for r in q(county_url, "SELECT state FROM escalation_actions")) == ["cancelled", "stale"]
+
+
+def test_a_provider_failure_is_recorded_not_raised(county_url: str, phone_network: str) -> None:
+    device, grid, _resident = wristband_in(county_url, night_covered=False)
+    day_worker = next(p for _s, p, start, end in grid_worker_shifts(county_url)[grid] if start < end)
+    httpx.post(f"{phone_network}/_sim/faults", json={"to": day_worker, "fail": "error"})
+    incident = press(county_url, device, DAY)
+    make_router(county_url, phone_network, Clock(DAY)).run_once()
+    failed = q(county_url, "SELECT channel, error FROM notification_attempts WHERE state = 'failed' ORDER BY id")
+    assert [f[0] for f in failed] == ["voice", "sms"]
+    assert all("20500" in (f[1] or "") for f in failed)
+    events = [r[0] for r in q(county_url, "SELECT event FROM incident_events WHERE incident_id = %s", incident)]
+    assert events.count("attempt_failed") == 2
+
+
+def test_two_routers_send_each_attempt_once(county_url: str, phone_network: str) -> None:
+    devices = [r[0] for r in q(county_url, "SELECT id FROM devices WHERE kind = 'wristband' ORDER BY id LIMIT 12")]
+    for device in devices:
+        press(county_url, device, DAY, msg_id=f"m-{device}")
+    clock = Clock(DAY)
+    routers = [make_router(county_url, phone_network, clock, name) for name in ("a", "b")]
+    threads = [threading.Thread(target=r.run_once) for r in routers]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(60)
+    phone_attempts = q(county_url, "SELECT count(*) FROM notification_attempts WHERE channel <> 'console'")[0][0]
+    sids = [c["sid"] for c in calls(phone_network)] + [m["sid"] for m in messages(phone_network)]
+    assert len(sids) == phone_attempts
+    assert q(county_url, "SELECT count(*) FROM notification_attempts WHERE state <> 'sent'") == [(0,)]
+    assert q(county_url, "SELECT count(*) FROM escalation_actions WHERE step = 0 AND state = 'done'") == [(12,)]
