@@ -97,9 +97,7 @@ def _event(conn: Conn, incident_id: int, at: datetime, event: str, actor: str | 
 
 
 def _county(conn: Conn) -> str | None:
-    row = conn.execute(
-        "SELECT id FROM areas WHERE parent_id IS NULL AND active ORDER BY id LIMIT 1"
-    ).fetchone()
+    row = conn.execute("SELECT id FROM areas WHERE parent_id IS NULL AND active ORDER BY id LIMIT 1").fetchone()
     return row[0] if row else None
 
 
@@ -123,7 +121,7 @@ def _insert_incident(conn: Conn, values: dict[str, Any]) -> int | None:
                         %(opened_at)s, %(unreadable)s, %(snapshot)s, %(lat)s, %(lon)s)
                     ON CONFLICT {conflict} DO NOTHING
                     RETURNING id
-                    """,  # noqa: S608 - the conflict target is one of two constants
+                    """,
                     {**values, "code": code},
                 ).fetchone()
         except psycopg.errors.UniqueViolation:
@@ -140,7 +138,7 @@ def _join(conn: Conn, alarm: Alarm, resident_id: str | None) -> tuple[int, str, 
         WHERE {column} = %s AND severity = 'red' AND state IN ('open', 'acknowledged', 'unreached')
         {kind_filter}
         RETURNING id, state, acknowledged_by
-        """,  # noqa: S608 - column and filter are constants
+        """,
         (alarm.received_at, value),
     ).fetchone()
     return (int(row[0]), str(row[1]), row[2]) if row else None
@@ -168,8 +166,12 @@ def record_alarm(conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str) -
     area_id: str | None = device[2] if registered and device else _county(conn)
     kind = alarm.kind if registered else IncidentKind.SOS_UNREGISTERED
     message_detail = {
-        "device_id": alarm.device_id, "msg_id": alarm.msg_id, "ledger_key": key,
-        "hub_id": hub_id, "payload_unreadable": alarm.msg_id is None, **(alarm.detail or {}),
+        "device_id": alarm.device_id,
+        "msg_id": alarm.msg_id,
+        "ledger_key": key,
+        "hub_id": hub_id,
+        "payload_unreadable": alarm.msg_id is None,
+        **(alarm.detail or {}),
     }
     if alarm.cancel:
         joined = conn.execute(
@@ -187,19 +189,29 @@ def record_alarm(conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str) -
         incident_id = _insert_incident(
             conn,
             {
-                "kind": kind.value, "resident_id": resident_id, "device_id": alarm.device_id,
-                "area_id": area_id, "opened_at": alarm.received_at,
-                "unreadable": alarm.msg_id is None, "snapshot": Jsonb(snapshot.to_json()),
-                "lat": alarm.lat, "lon": alarm.lon,
+                "kind": kind.value,
+                "resident_id": resident_id,
+                "device_id": alarm.device_id,
+                "area_id": area_id,
+                "opened_at": alarm.received_at,
+                "unreadable": alarm.msg_id is None,
+                "snapshot": Jsonb(snapshot.to_json()),
+                "lat": alarm.lat,
+                "lon": alarm.lon,
             },
         )
         if incident_id is not None:
-            _event(conn, incident_id, alarm.received_at, "opened", alarm.device_id,
-                   {"kind": kind.value, "severity": Severity.RED.value, "policy": snapshot.policy_id})
+            _event(
+                conn,
+                incident_id,
+                alarm.received_at,
+                "opened",
+                alarm.device_id,
+                {"kind": kind.value, "severity": Severity.RED.value, "policy": snapshot.policy_id},
+            )
             _event(conn, incident_id, alarm.received_at, "stored", hub_id, message_detail)
             conn.execute(
-                "INSERT INTO escalation_actions (incident_id, step, round, token, due_at)"
-                " VALUES (%s, 0, 0, 1, %s)",
+                "INSERT INTO escalation_actions (incident_id, step, round, token, due_at) VALUES (%s, 0, 0, 1, %s)",
                 (incident_id, alarm.received_at),
             )
             conn.execute("SELECT pg_notify(%s, %s)", (ESCALATION_CHANNEL, str(incident_id)))
@@ -207,9 +219,14 @@ def record_alarm(conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str) -
         joined_row = _join(conn, alarm, resident_id)
         if joined_row is not None:
             incident_id, state, acknowledged_by = joined_row
-            _event(conn, incident_id, alarm.received_at, "joined", alarm.device_id,
-                   {**message_detail, "kind": alarm.kind.value, "state": state,
-                    "acknowledged_by": acknowledged_by})
+            _event(
+                conn,
+                incident_id,
+                alarm.received_at,
+                "joined",
+                alarm.device_id,
+                {**message_detail, "kind": alarm.kind.value, "state": state, "acknowledged_by": acknowledged_by},
+            )
             return AlarmOutcome(AlarmResult.JOINED, incident_id)
         # The open incident closed between our insert and update: try again.
     raise RuntimeError(f"could not open or join an incident for {alarm.device_id}")

@@ -91,8 +91,7 @@ def duty_chain(conn: Conn, grid_id: str, at: datetime, zone: ZoneInfo) -> list[R
 
 def guardians(conn: Conn, resident_id: str) -> list[Recipient]:
     rows = conn.execute(
-        "SELECT id, name, phone FROM guardians WHERE resident_id = %s AND active"
-        " ORDER BY priority, id",
+        "SELECT id, name, phone FROM guardians WHERE resident_id = %s AND active ORDER BY priority, id",
         (resident_id,),
     ).fetchall()
     return [Recipient("guardian", gid, name, phone, "guardian") for gid, name, phone in rows]
@@ -138,7 +137,5 @@ def resolve(
     if target is EscalationTarget.OPERATORS:
         return operators(conn, at, zone)
     if target is EscalationTarget.TECHNICIANS:
-        return (
-            on_duty(conn, area_id, at, zone, {StaffRole.TECHNICIAN.value}) if area_id else []
-        )
+        return on_duty(conn, area_id, at, zone, {StaffRole.TECHNICIAN.value}) if area_id else []
     return []

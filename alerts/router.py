@@ -45,7 +45,9 @@ PRESS_TO_FIRST_REQUEST = Histogram(
     buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
 )
 STEPS = Counter("shouhu_router_steps_total", "Escalation steps run, by target and result", ["target", "result"])
-ATTEMPTS = Counter("shouhu_router_attempts_total", "Notification attempts, by channel and outcome", ["channel", "outcome"])
+ATTEMPTS = Counter(
+    "shouhu_router_attempts_total", "Notification attempts, by channel and outcome", ["channel", "outcome"]
+)
 
 ACTIVE_STATES = ("open", "unreached")
 
@@ -153,9 +155,7 @@ class Router:
         return done
 
     def _retire(self, conn: Conn, action: DueAction, state: str, now: datetime) -> None:
-        conn.execute(
-            "UPDATE escalation_actions SET state = %s, done_at = %s WHERE id = %s", (state, now, action.id)
-        )
+        conn.execute("UPDATE escalation_actions SET state = %s, done_at = %s WHERE id = %s", (state, now, action.id))
 
     def _schedule(self, conn: Conn, incident: IncidentView, step: int, round_: int, due: datetime) -> None:
         conn.execute(
@@ -179,25 +179,47 @@ class Router:
             return
         step = steps[action.step]
         recipients = resolve(
-            conn, step.target, resident_id=incident.resident_id, area_id=incident.area_id,
-            at=now, zone=self.config.zone,
+            conn,
+            step.target,
+            resident_id=incident.resident_id,
+            area_id=incident.area_id,
+            at=now,
+            zone=self.config.zone,
         )
         created = self._write_attempts(conn, incident, action, step.target, step.channels, recipients, now)
         self._retire(conn, action, "done", now)
         if created:
             STEPS.labels(step.target.value, "paged").inc()
-            _event(conn, incident.id, now, "step_started", self.config.router_id, {
-                "step": action.step, "round": action.round, "target": step.target.value,
-                "recipients": [{"id": r.id, "name": r.name, "role": r.role} for r in recipients],
-            })
+            _event(
+                conn,
+                incident.id,
+                now,
+                "step_started",
+                self.config.router_id,
+                {
+                    "step": action.step,
+                    "round": action.round,
+                    "target": step.target.value,
+                    "recipients": [{"id": r.id, "name": r.name, "role": r.role} for r in recipients],
+                },
+            )
             self._schedule(conn, incident, action.step + 1, action.round, now + timedelta(seconds=step.wait_s))
         else:
             # Never silent: nobody reachable for this step → say so and go on at once.
             STEPS.labels(step.target.value, "no_recipients").inc()
-            _event(conn, incident.id, now, "no_recipients", self.config.router_id, {
-                "step": action.step, "round": action.round, "target": step.target.value,
-                "channels": [c.value for c in step.channels],
-            })
+            _event(
+                conn,
+                incident.id,
+                now,
+                "no_recipients",
+                self.config.router_id,
+                {
+                    "step": action.step,
+                    "round": action.round,
+                    "target": step.target.value,
+                    "channels": [c.value for c in step.channels],
+                },
+            )
             self._schedule(conn, incident, action.step + 1, action.round, now)
 
     def _exhausted(self, conn: Conn, incident: IncidentView, action: DueAction, now: datetime) -> None:
@@ -207,7 +229,9 @@ class Router:
             (now, incident.id),
         )
         _event(conn, incident.id, now, "unreached", self.config.router_id, {"round": action.round})
-        operators = resolve(conn, EscalationTarget.OPERATORS, resident_id=None, area_id=None, at=now, zone=self.config.zone)
+        operators = resolve(
+            conn, EscalationTarget.OPERATORS, resident_id=None, area_id=None, at=now, zone=self.config.zone
+        )
         self._write_attempts(
             conn, incident, action, EscalationTarget.OPERATORS, (Channel.VOICE, Channel.SMS), operators, now
         )
@@ -236,8 +260,17 @@ class Router:
                     VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 1, 'pending', %s)
                     ON CONFLICT DO NOTHING
                     """,
-                    (incident.id, action.id, action.round, action.step, recipient.kind,
-                     recipient.id, recipient.phone, channel.value, now),
+                    (
+                        incident.id,
+                        action.id,
+                        action.round,
+                        action.step,
+                        recipient.kind,
+                        recipient.id,
+                        recipient.phone,
+                        channel.value,
+                        now,
+                    ),
                 )
                 created += 1
         if created == 0 and recipients:
@@ -272,16 +305,29 @@ class Router:
         return sent
 
     def _send(self, conn: Conn, row: tuple[Any, ...]) -> None:
-        (attempt_id, incident_id, channel, address, step, round_, code, kind, opened_at,
-         name, resident_address, resident_phone) = row
+        (
+            attempt_id,
+            incident_id,
+            channel,
+            address,
+            step,
+            round_,
+            code,
+            kind,
+            opened_at,
+            name,
+            resident_address,
+            resident_phone,
+        ) = row
         notifier = self.notifiers[Channel(channel)]
         delivery = Delivery(
-            attempt_id, Channel(channel), address,
+            attempt_id,
+            Channel(channel),
+            address,
             Message(incident_id, code, kind, name, resident_address, resident_phone or ""),
         )
         first = conn.execute(
-            "SELECT NOT EXISTS (SELECT 1 FROM notification_attempts WHERE incident_id = %s"
-            " AND sent_at IS NOT NULL)",
+            "SELECT NOT EXISTS (SELECT 1 FROM notification_attempts WHERE incident_id = %s AND sent_at IS NOT NULL)",
             (incident_id,),
         ).fetchone()
         started = self.clock()
@@ -297,13 +343,31 @@ class Router:
         conn.execute(
             "UPDATE notification_attempts SET state = %s, provider_id = %s, error = %s,"
             " sent_at = %s, updated_at = %s WHERE id = %s",
-            (result.outcome.value, result.provider_id, result.error,
-             finished if result.outcome is SendOutcome.SENT else None, finished, attempt_id),
+            (
+                result.outcome.value,
+                result.provider_id,
+                result.error,
+                finished if result.outcome is SendOutcome.SENT else None,
+                finished,
+                attempt_id,
+            ),
         )
-        _event(conn, incident_id, finished, "attempt_" + result.outcome.value, self.config.router_id, {
-            "attempt_id": attempt_id, "channel": channel, "to": address, "step": step,
-            "round": round_, "provider_id": result.provider_id, "error": result.error,
-        })
+        _event(
+            conn,
+            incident_id,
+            finished,
+            "attempt_" + result.outcome.value,
+            self.config.router_id,
+            {
+                "attempt_id": attempt_id,
+                "channel": channel,
+                "to": address,
+                "step": step,
+                "round": round_,
+                "provider_id": result.provider_id,
+                "error": result.error,
+            },
+        )
 
     # -- loop ------------------------------------------------------------------
 

@@ -77,7 +77,7 @@ def get_current_token(
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
             "a bearer token is required (Authorization: Bearer <token>)",
-            headers={},
+            headers={"WWW-Authenticate": "Bearer"},
         )
     identity = authenticate(conn, credentials.credentials, now)
     if identity is None:

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import shouhu
-from api.routes import areas, devices, residents
+from api.routes import areas, devices, incidents, residents
 from shouhu.db import open_pool
 from shouhu.migrations import MIGRATIONS
 
@@ -178,4 +178,5 @@ def create_app(database_url: str) -> FastAPI:
     # path is the whole template the metrics label with.
     for module in (areas, devices, residents):
         app.include_router(module.router)
+    app.include_router(incidents.router)
     return app

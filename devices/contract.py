@@ -32,9 +32,7 @@ class MqttChannel(StrEnum):
 
 
 CHANNELS_OF_KIND: dict[DeviceKind, frozenset[MqttChannel]] = {
-    DeviceKind.WRISTBAND: frozenset(
-        {MqttChannel.SOS, MqttChannel.FALL, MqttChannel.TELEMETRY, MqttChannel.STATUS}
-    ),
+    DeviceKind.WRISTBAND: frozenset({MqttChannel.SOS, MqttChannel.FALL, MqttChannel.TELEMETRY, MqttChannel.STATUS}),
     DeviceKind.CAMERA: frozenset({MqttChannel.HEALTH, MqttChannel.STATUS}),
 }
 
@@ -169,9 +167,7 @@ def parse_topic(topic: str) -> Topic | Rejected:
 
 
 def _schema_detail(error: ValidationError) -> str:
-    return "; ".join(
-        f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in error.errors()
-    )[:1000]
+    return "; ".join(f"{'.'.join(str(p) for p in e['loc']) or 'payload'}: {e['msg']}" for e in error.errors())[:1000]
 
 
 def parse_message(topic: str, raw: bytes) -> DeviceMessage | StatusMessage | Rejected:
@@ -201,4 +197,3 @@ def parse_message(topic: str, raw: bytes) -> DeviceMessage | StatusMessage | Rej
     except ValidationError as exc:
         return Rejected(RejectReason.SCHEMA, _schema_detail(exc), parsed)
     return DeviceMessage(parsed, payload, payload_hash(raw))
-

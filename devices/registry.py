@@ -50,9 +50,7 @@ class LoadReport:
         return any(c.upserted or c.deactivated for c in self.changes.values())
 
 
-def _upsert(
-    conn: psycopg.Connection, table: str, keys: Sequence[str], rows: list[Row]
-) -> int:
+def _upsert(conn: psycopg.Connection, table: str, keys: Sequence[str], rows: list[Row]) -> int:
     """Insert or update ``rows``, reactivating them; unchanged rows are left alone."""
     if not rows:
         return 0
@@ -67,10 +65,10 @@ def _upsert(
         cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
         vals=sql.SQL(", ").join(sql.Placeholder(c) for c in columns),
         keys=sql.SQL(", ").join(map(sql.Identifier, keys)),
-        sets=sql.SQL(", ").join(
-            sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updated
+        sets=sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updated),
+        old=sql.SQL(", ").join(
+            sql.SQL("{t}.{c}").format(t=sql.Identifier(table), c=sql.Identifier(c)) for c in updated
         ),
-        old=sql.SQL(", ").join(sql.SQL("{t}.{c}").format(t=sql.Identifier(table), c=sql.Identifier(c)) for c in updated),
         new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updated),
     )
     with conn.cursor() as cur:
@@ -80,9 +78,9 @@ def _upsert(
 
 def _deactivate(conn: psycopg.Connection, table: str, keep: list[str]) -> int:
     cur = conn.execute(
-        sql.SQL(
-            "UPDATE {} SET active = false, updated_at = now() WHERE active AND NOT (id = ANY(%s))"
-        ).format(sql.Identifier(table)),
+        sql.SQL("UPDATE {} SET active = false, updated_at = now() WHERE active AND NOT (id = ANY(%s))").format(
+            sql.Identifier(table)
+        ),
         (keep,),
     )
     return max(cur.rowcount, 0)
@@ -99,23 +97,15 @@ def _weekdays(roster: RosterEntry) -> list[int]:
 
 def _sync_staff_areas(conn: psycopg.Connection, registry: RegistryFile) -> TableChange:
     wanted = {(s.id, a) for s in registry.staff for a in s.areas}
-    have = {
-        (s, a) for s, a in conn.execute("SELECT staff_id, area_id FROM staff_areas").fetchall()
-    }
+    have = {(s, a) for s, a in conn.execute("SELECT staff_id, area_id FROM staff_areas").fetchall()}
     with conn.cursor() as cur:
-        cur.executemany(
-            "DELETE FROM staff_areas WHERE staff_id = %s AND area_id = %s", sorted(have - wanted)
-        )
-        cur.executemany(
-            "INSERT INTO staff_areas (staff_id, area_id) VALUES (%s, %s)", sorted(wanted - have)
-        )
+        cur.executemany("DELETE FROM staff_areas WHERE staff_id = %s AND area_id = %s", sorted(have - wanted))
+        cur.executemany("INSERT INTO staff_areas (staff_id, area_id) VALUES (%s, %s)", sorted(wanted - have))
     return TableChange(len(wanted - have), len(have - wanted))
 
 
 def _sync_rosters(conn: psycopg.Connection, registry: RegistryFile) -> TableChange:
-    rows = [
-        (r.staff, r.area, _weekdays(r), r.start, r.end) for r in registry.rosters
-    ]
+    rows = [(r.staff, r.area, _weekdays(r), r.start, r.end) for r in registry.rosters]
     upserted = 0
     ids: list[int] = []
     for row in rows:
@@ -141,9 +131,7 @@ def _sync_rosters(conn: psycopg.Connection, registry: RegistryFile) -> TableChan
         else:
             upserted += 1
             ids.append(found[0])
-    cur = conn.execute(
-        "UPDATE duty_shifts SET active = false WHERE active AND NOT (id = ANY(%s))", (ids,)
-    )
+    cur = conn.execute("UPDATE duty_shifts SET active = false WHERE active AND NOT (id = ANY(%s))", (ids,))
     return TableChange(upserted, max(cur.rowcount, 0))
 
 
@@ -167,9 +155,15 @@ def load_registry(conn: psycopg.Connection, registry: RegistryFile) -> LoadRepor
             "residents",
             [
                 {
-                    "id": r.id, "name": r.name, "grid_id": r.grid, "address": r.address,
-                    "lives_alone": r.lives_alone, "phone": r.phone,
-                    "medical_notes": r.medical_notes, "lat": r.lat, "lon": r.lon,
+                    "id": r.id,
+                    "name": r.name,
+                    "grid_id": r.grid,
+                    "address": r.address,
+                    "lives_alone": r.lives_alone,
+                    "phone": r.phone,
+                    "medical_notes": r.medical_notes,
+                    "lat": r.lat,
+                    "lon": r.lon,
                 }
                 for r in registry.residents
             ],
@@ -179,8 +173,12 @@ def load_registry(conn: psycopg.Connection, registry: RegistryFile) -> LoadRepor
             "guardians",
             [
                 {
-                    "id": g.id, "resident_id": r.id, "name": g.name, "phone": g.phone,
-                    "relation": g.relation, "priority": g.priority,
+                    "id": g.id,
+                    "resident_id": r.id,
+                    "name": g.name,
+                    "phone": g.phone,
+                    "relation": g.relation,
+                    "priority": g.priority,
                 }
                 for r in registry.residents
                 for g in r.guardians
@@ -198,8 +196,11 @@ def load_registry(conn: psycopg.Connection, registry: RegistryFile) -> LoadRepor
             "devices",
             [
                 {
-                    "id": d.id, "kind": d.kind.value, "resident_id": d.resident,
-                    "area_id": d.area, "model": d.model,
+                    "id": d.id,
+                    "kind": d.kind.value,
+                    "resident_id": d.resident,
+                    "area_id": d.area,
+                    "model": d.model,
                     "heartbeat_interval_s": d.heartbeat_interval_s,
                     "heartbeat_misses": d.heartbeat_misses,
                 }
@@ -211,27 +212,26 @@ def load_registry(conn: psycopg.Connection, registry: RegistryFile) -> LoadRepor
             "escalation_policies",
             [
                 {
-                    "id": p.id, "kind": p.kind.value, "area_id": p.area,
+                    "id": p.id,
+                    "kind": p.kind.value,
+                    "area_id": p.area,
                     "steps": json.dumps([s.model_dump(mode="json") for s in p.steps]),
                 }
                 for p in registry.policies
             ],
         )
-        report = LoadReport(
+        return LoadReport(
             changes=changes,
             residents_without_guardian=residents_without_guardian(conn),
             coverage_gaps=coverage_gaps(conn),
             counts=_counts(conn),
         )
-    return report
 
 
 def _counts(conn: psycopg.Connection) -> dict[str, int]:
     counts = {}
     for table in ("areas", "residents", "guardians", "staff", "devices"):
-        row = conn.execute(
-            sql.SQL("SELECT count(*) FROM {} WHERE active").format(sql.Identifier(table))
-        ).fetchone()
+        row = conn.execute(sql.SQL("SELECT count(*) FROM {} WHERE active").format(sql.Identifier(table))).fetchone()
         counts[table] = int(row[0]) if row else 0
     return counts
 
@@ -268,7 +268,7 @@ def shift_slots(weekdays: Sequence[int], start: time, end: time) -> set[int]:
 
 def coverage_gaps(conn: psycopg.Connection) -> tuple[CoverageGap, ...]:
     """Grids with hours no grid worker is on duty, and how much the fallback covers."""
-    parent = dict(conn.execute("SELECT id, parent_id FROM areas WHERE active").fetchall())
+    parent: dict[str, str | None] = dict(conn.execute("SELECT id, parent_id FROM areas WHERE active").fetchall())
     grids = [
         r[0]
         for r in conn.execute(

@@ -191,9 +191,7 @@ def _area_problems(registry: RegistryFile, areas: dict[str, AreaEntry]) -> list[
         if parent is None:
             problems.append(f"{where}: unknown area {area.parent!r}")
         elif parent.level.depth >= area.level.depth:
-            problems.append(
-                f"{where}: a {area.level} cannot sit under {parent.level} {parent.id!r}"
-            )
+            problems.append(f"{where}: a {area.level} cannot sit under {parent.level} {parent.id!r}")
     # A cycle would make every walk up the tree loop forever.
     for area in registry.areas:
         seen = {area.id}
@@ -207,36 +205,24 @@ def _area_problems(registry: RegistryFile, areas: dict[str, AreaEntry]) -> list[
     return problems
 
 
-def reference_problems(registry: RegistryFile) -> list[str]:
-    """Every dangling or duplicate reference, each naming its entry and field."""
-    areas = {a.id: a for a in registry.areas}
-    staff_ids = {s.id for s in registry.staff}
-    resident_ids = {r.id for r in registry.residents}
+def _roster_problems(registry: RegistryFile, areas: dict[str, AreaEntry]) -> list[str]:
     problems: list[str] = []
-    problems += _duplicates("areas", [a.id for a in registry.areas])
-    problems += _duplicates("staff", [s.id for s in registry.staff])
-    problems += _duplicates("residents", [r.id for r in registry.residents])
-    problems += _duplicates("devices", [d.id for d in registry.devices])
-    problems += _duplicates("policies", [p.id for p in registry.policies])
-    problems += _duplicates(
-        "guardians", [g.id for r in registry.residents for g in r.guardians]
-    )
-    problems += _area_problems(registry, areas)
-    for index, staff in enumerate(registry.staff):
-        for area_id in staff.areas:
-            if area_id not in areas:
-                problems.append(f"staff[{index}] ({staff.id}) field 'areas': unknown area {area_id!r}")
+    staff_ids = {s.id for s in registry.staff}
     staff_areas = {s.id: set(s.areas) for s in registry.staff}
     for index, roster in enumerate(registry.rosters):
         where = f"rosters[{index}]"
         if roster.staff not in staff_ids:
             problems.append(f"{where} field 'staff': unknown staff {roster.staff!r}")
         elif roster.area not in staff_areas[roster.staff]:
-            problems.append(
-                f"{where} field 'area': {roster.staff!r} is not assigned to {roster.area!r}"
-            )
+            problems.append(f"{where} field 'area': {roster.staff!r} is not assigned to {roster.area!r}")
         if roster.area not in areas:
             problems.append(f"{where} field 'area': unknown area {roster.area!r}")
+    return problems
+
+
+def _resident_device_problems(registry: RegistryFile, areas: dict[str, AreaEntry]) -> list[str]:
+    problems: list[str] = []
+    resident_ids = {r.id for r in registry.residents}
     for index, resident in enumerate(registry.residents):
         grid = areas.get(resident.grid)
         where = f"residents[{index}] ({resident.id}) field 'grid'"
@@ -250,6 +236,26 @@ def reference_problems(registry: RegistryFile) -> list[str]:
             problems.append(f"{where} field 'resident': unknown resident {device.resident!r}")
         if device.area is not None and device.area not in areas:
             problems.append(f"{where} field 'area': unknown area {device.area!r}")
+    return problems
+
+
+def reference_problems(registry: RegistryFile) -> list[str]:
+    """Every dangling or duplicate reference, each naming its entry and field."""
+    areas = {a.id: a for a in registry.areas}
+    problems: list[str] = []
+    problems += _duplicates("areas", [a.id for a in registry.areas])
+    problems += _duplicates("staff", [s.id for s in registry.staff])
+    problems += _duplicates("residents", [r.id for r in registry.residents])
+    problems += _duplicates("devices", [d.id for d in registry.devices])
+    problems += _duplicates("policies", [p.id for p in registry.policies])
+    problems += _duplicates("guardians", [g.id for r in registry.residents for g in r.guardians])
+    problems += _area_problems(registry, areas)
+    for index, staff in enumerate(registry.staff):
+        for area_id in staff.areas:
+            if area_id not in areas:
+                problems.append(f"staff[{index}] ({staff.id}) field 'areas': unknown area {area_id!r}")
+    problems += _roster_problems(registry, areas)
+    problems += _resident_device_problems(registry, areas)
     scopes: set[tuple[str, str | None]] = set()
     for index, policy in enumerate(registry.policies):
         if (policy.kind, policy.area) in scopes:
@@ -259,9 +265,7 @@ def reference_problems(registry: RegistryFile) -> list[str]:
             )
         scopes.add((policy.kind, policy.area))
         if policy.area is not None and policy.area not in areas:
-            problems.append(
-                f"policies[{index}] ({policy.id}) field 'area': unknown area {policy.area!r}"
-            )
+            problems.append(f"policies[{index}] ({policy.id}) field 'area': unknown area {policy.area!r}")
     return problems
 
 
@@ -280,7 +284,11 @@ def _location(loc: tuple[int | str, ...], data: Any) -> str:
     node = data
     for step in loc:
         if isinstance(step, int):
-            entry_id = node[step].get("id") if isinstance(node, list) and step < len(node) and isinstance(node[step], dict) else None
+            entry_id = (
+                node[step].get("id")
+                if isinstance(node, list) and step < len(node) and isinstance(node[step], dict)
+                else None
+            )
             parts[-1] = f"{parts[-1]}[{step}]" + (f" ({entry_id})" if entry_id else "")
             node = node[step] if isinstance(node, list) and step < len(node) else None
         else:
@@ -316,4 +324,3 @@ def parse_registry(path: Path) -> RegistryFile:
             else:
                 problems.extend(message.split("; "))
         raise RegistryFileError(path, problems) from exc
-

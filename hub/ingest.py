@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeGuard
 
 import psycopg
 from psycopg.types.json import Jsonb
@@ -90,27 +90,41 @@ def _alarm_from(message: Received, parsed: DeviceMessage | Rejected, topic: Topi
     kind = IncidentKind.SOS if topic.channel is MqttChannel.SOS else IncidentKind.FALL
     if isinstance(parsed, Rejected):
         return Alarm(
-            device_id=topic.device_id, kind=kind, msg_id=None, raw=message.payload,
-            payload_hash=payload_hash(message.payload), received_at=message.received_at,
+            device_id=topic.device_id,
+            kind=kind,
+            msg_id=None,
+            raw=message.payload,
+            payload_hash=payload_hash(message.payload),
+            received_at=message.received_at,
             detail={"unreadable_reason": parsed.reason.value, "unreadable_detail": parsed.detail},
         )
     payload = parsed.payload
     cancel = isinstance(payload, SosPayload) and payload.action == "cancel"
     return Alarm(
-        device_id=topic.device_id, kind=kind, msg_id=payload.msg_id, raw=message.payload,
-        payload_hash=parsed.payload_hash, received_at=message.received_at, cancel=cancel,
-        lat=getattr(payload, "lat", None), lon=getattr(payload, "lon", None),
+        device_id=topic.device_id,
+        kind=kind,
+        msg_id=payload.msg_id,
+        raw=message.payload,
+        payload_hash=parsed.payload_hash,
+        received_at=message.received_at,
+        cancel=cancel,
+        lat=getattr(payload, "lat", None),
+        lon=getattr(payload, "lon", None),
         detail={"device_ts": payload.ts.isoformat()},
     )
 
 
-def _store_alarm(conn: Conn, message: Received, parsed: DeviceMessage | Rejected, topic: Topic, config: IngestConfig) -> None:
+def _store_alarm(
+    conn: Conn, message: Received, parsed: DeviceMessage | Rejected, topic: Topic, config: IngestConfig
+) -> None:
     if isinstance(parsed, Rejected):
         # Kept for forensics too; the page goes out regardless (DESIGN.md exception).
         _dead_letter(conn, message, config.hub_id, parsed.reason, parsed.detail)
     outcome = record_alarm(
-        conn, _alarm_from(message, parsed, topic),
-        ack_timeout_s=config.ack_timeout_s, hub_id=config.hub_id,
+        conn,
+        _alarm_from(message, parsed, topic),
+        ack_timeout_s=config.ack_timeout_s,
+        hub_id=config.hub_id,
     )
     metrics.ALARMS.labels(outcome.result.value).inc()
     if outcome.result is AlarmResult.OPENED:
@@ -125,7 +139,8 @@ def _store_status(conn: Conn, message: Received, status: StatusMessage, config: 
     conn.execute(
         "INSERT INTO device_events (device_id, at, event, reason, detail) VALUES (%s, %s, %s, %s, %s)",
         (
-            topic.device_id, message.received_at,
+            topic.device_id,
+            message.received_at,
             "status_online" if status.online else "status_offline",
             None if status.online else "last_will",
             Jsonb({"retained": message.retain, "hub_id": config.hub_id}),
@@ -139,11 +154,19 @@ def _store_series(conn: Conn, message: Received, parsed: DeviceMessage, config: 
         _dead_letter(conn, message, config.hub_id, RejectReason.UNKNOWN_DEVICE, f"no {topic.kind} {topic.device_id!r}")
         return
     payload = parsed.payload
-    seen = _ledger_new(conn, topic.device_id, payload.msg_id, parsed.payload_hash, topic.channel.value, message.received_at)
+    seen = _ledger_new(
+        conn, topic.device_id, payload.msg_id, parsed.payload_hash, topic.channel.value, message.received_at
+    )
     if seen is None:
         return
     if seen is False:
-        _dead_letter(conn, message, config.hub_id, RejectReason.REUSED_MSG_ID, f"msg_id {payload.msg_id!r} seen with other content")
+        _dead_letter(
+            conn,
+            message,
+            config.hub_id,
+            RejectReason.REUSED_MSG_ID,
+            f"msg_id {payload.msg_id!r} seen with other content",
+        )
         return
     if isinstance(payload, TelemetryPayload):
         conn.execute(
@@ -152,9 +175,20 @@ def _store_series(conn: Conn, message: Received, parsed: DeviceMessage, config: 
                 worn, lat, lon, steps, extra)
             VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
             """,
-            (topic.device_id, payload.msg_id, payload.ts, message.received_at, payload.battery,
-             payload.heart_rate, payload.spo2, payload.worn, payload.lat, payload.lon,
-             payload.steps, Jsonb(payload.extra)),
+            (
+                topic.device_id,
+                payload.msg_id,
+                payload.ts,
+                message.received_at,
+                payload.battery,
+                payload.heart_rate,
+                payload.spo2,
+                payload.worn,
+                payload.lat,
+                payload.lon,
+                payload.steps,
+                Jsonb(payload.extra),
+            ),
         )
     elif isinstance(payload, HealthPayload):
         conn.execute(
@@ -163,10 +197,30 @@ def _store_series(conn: Conn, message: Received, parsed: DeviceMessage, config: 
                 bitrate_kbps, storage_ok, extra)
             VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
             """,
-            (topic.device_id, payload.msg_id, payload.ts, message.received_at, payload.online,
-             payload.reason, payload.fps, payload.bitrate_kbps, payload.storage_ok,
-             Jsonb(payload.extra)),
+            (
+                topic.device_id,
+                payload.msg_id,
+                payload.ts,
+                message.received_at,
+                payload.online,
+                payload.reason,
+                payload.fps,
+                payload.bitrate_kbps,
+                payload.storage_ok,
+                Jsonb(payload.extra),
+            ),
         )
+
+
+def _pages(parsed: DeviceMessage | StatusMessage | Rejected, topic: Topic) -> TypeGuard[DeviceMessage | Rejected]:
+    """Whether this message opens or joins a red incident.
+
+    Any bytes on a wristband's SOS or fall topic page someone, even unreadable ones
+    (DESIGN.md): only a bad topic or an unknown kind or channel is not an alarm.
+    """
+    if topic.kind is not DeviceKind.WRISTBAND or topic.channel not in ALARM_CHANNELS:
+        return False
+    return isinstance(parsed, DeviceMessage) or (isinstance(parsed, Rejected) and parsed.reason in UNREADABLE_ALARM)
 
 
 def store_message(conn: Conn, message: Received, config: IngestConfig) -> None:
@@ -175,12 +229,9 @@ def store_message(conn: Conn, message: Received, config: IngestConfig) -> None:
     topic = parsed.topic
     channel = topic.channel.value if topic else "invalid"
     metrics.MESSAGES_RECEIVED.labels(channel).inc()
-    if topic is not None and topic.kind is DeviceKind.WRISTBAND and topic.channel in ALARM_CHANNELS:
-        if isinstance(parsed, DeviceMessage) or (
-            isinstance(parsed, Rejected) and parsed.reason in UNREADABLE_ALARM
-        ):
-            _store_alarm(conn, message, parsed, topic, config)
-            return
+    if topic is not None and _pages(parsed, topic):
+        _store_alarm(conn, message, parsed, topic, config)
+        return
     if isinstance(parsed, Rejected):
         _dead_letter(conn, message, config.hub_id, parsed.reason, parsed.detail)
     elif isinstance(parsed, StatusMessage):

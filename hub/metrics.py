@@ -4,31 +4,25 @@ from __future__ import annotations
 
 from prometheus_client import Counter, Gauge, Histogram
 
-MESSAGES_RECEIVED = Counter(
-    "shouhu_hub_messages_received_total", "MQTT messages received, by channel", ["channel"]
-)
+MESSAGES_RECEIVED = Counter("shouhu_hub_messages_received_total", "MQTT messages received, by channel", ["channel"])
 MESSAGES_STORED = Counter(
     "shouhu_hub_messages_stored_total", "Messages stored and acknowledged, by channel", ["channel"]
 )
-DEAD_LETTERS = Counter(
-    "shouhu_hub_dead_letters_total", "Messages dead-lettered, by reason", ["reason"]
-)
+DEAD_LETTERS = Counter("shouhu_hub_dead_letters_total", "Messages dead-lettered, by reason", ["reason"])
 ALARMS = Counter(
-    "shouhu_hub_alarms_total", "SOS and fall messages by outcome (opened, joined, redelivery, …)",
+    "shouhu_hub_alarms_total",
+    "SOS and fall messages by outcome (opened, joined, redelivery, …)",
     ["outcome"],
 )
 COMMIT_SECONDS = Histogram(
-    "shouhu_hub_commit_seconds", "From receipt to commit of one message",
+    "shouhu_hub_commit_seconds",
+    "From receipt to commit of one message",
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
 QUEUE_DEPTH = Gauge("shouhu_hub_queue_depth", "Messages received and not yet stored")
-SESSIONS_LOST = Counter(
-    "shouhu_hub_sessions_lost_total", "Reconnects where the broker had no session for us"
-)
+SESSIONS_LOST = Counter("shouhu_hub_sessions_lost_total", "Reconnects where the broker had no session for us")
 STALE_ACKS = Counter(
     "shouhu_hub_stale_acks_total",
     "Acknowledgements withheld because the message came on an earlier connection",
 )
-DATABASE_RETRIES = Counter(
-    "shouhu_hub_database_retries_total", "Transactions retried after a database error"
-)
+DATABASE_RETRIES = Counter("shouhu_hub_database_retries_total", "Transactions retried after a database error")

@@ -25,6 +25,7 @@ from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
@@ -92,20 +93,20 @@ class HubConnection:
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
         self.inbox = inbox
-        self.protocol: mqtt.MQTTProtocolVersion = mqtt.MQTTv5
+        self.protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
         self.generation = 0
         self.connected = threading.Event()
         self._connack: ReasonCode | None = None
         self._connack_event = threading.Event()
         self._lock = threading.Lock()
-        self.client = self._make_client(mqtt.MQTTv5)
+        self.client = self._make_client(MQTTProtocolVersion.MQTTv5)
 
-    def _make_client(self, protocol: mqtt.MQTTProtocolVersion) -> mqtt.Client:
+    def _make_client(self, protocol: MQTTProtocolVersion) -> mqtt.Client:
         client = mqtt.Client(
-            mqtt.CallbackAPIVersion.VERSION2,
+            CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=protocol,
-            clean_session=False if protocol != mqtt.MQTTv5 else None,
+            clean_session=False if protocol != MQTTProtocolVersion.MQTTv5 else None,
             manual_ack=True,
         )
         if self.address.username:
@@ -119,9 +120,9 @@ class HubConnection:
         return client
 
     def _connect_properties(self) -> Properties | None:
-        if self.protocol != mqtt.MQTTv5:
+        if self.protocol != MQTTProtocolVersion.MQTTv5:
             return None
-        properties = Properties(PacketTypes.CONNECT)
+        properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
         # Receive Maximum bounds what the broker sends before our acknowledgements.
         properties.ReceiveMaximum = min(self.inbox.maxsize or 1000, 65535)
@@ -129,7 +130,7 @@ class HubConnection:
 
     def start(self, timeout: float = 30.0) -> None:
         """Connect (MQTT 5, else 3.1.1), subscribe, and start the network thread."""
-        for protocol in (mqtt.MQTTv5, mqtt.MQTTv311):
+        for protocol in (MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311):
             if protocol != self.protocol:
                 self.protocol = protocol
                 self.client = self._make_client(protocol)
@@ -137,13 +138,15 @@ class HubConnection:
             self._connack_event.clear()
             self._connect_with_retry(timeout)
             self.client.loop_start()
-            answered = self._connack_event.wait(timeout if protocol == mqtt.MQTTv311 else min(timeout, 5.0))
+            answered = self._connack_event.wait(
+                timeout if protocol == MQTTProtocolVersion.MQTTv311 else min(timeout, 5.0)
+            )
             code = self._connack
             if answered and code is not None and not code.is_failure:
                 return
             self.client.loop_stop()
             self.client.disconnect()
-            if protocol == mqtt.MQTTv5 and (code is None or code.value in (UNSUPPORTED_PROTOCOL, 1)):
+            if protocol == MQTTProtocolVersion.MQTTv5 and (code is None or code.value in (UNSUPPORTED_PROTOCOL, 1)):
                 # Refused, or the connection dropped without a CONNACK (amqtt does
                 # that to an MQTT 5 CONNECT with properties): try 3.1.1.
                 log.info("broker refused MQTT 5 (%s); falling back to MQTT 3.1.1", code)
@@ -161,7 +164,9 @@ class HubConnection:
                     self.address.host,
                     self.address.port,
                     keepalive=30,
-                    clean_start=False if self.protocol == mqtt.MQTTv5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                    clean_start=False
+                    if self.protocol == MQTTProtocolVersion.MQTTv5
+                    else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                     properties=self._connect_properties(),
                 )
                 return

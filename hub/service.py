@@ -42,13 +42,11 @@ class Hub:
 
     def run(self) -> None:
         """Serve until ``stop()``; blocks."""
-        server = (
-            start_health_server(self.metrics_port, self.ready.is_set)
-            if self.metrics_port is not None else None
-        )
+        server = start_health_server(self.metrics_port, self.ready.is_set) if self.metrics_port is not None else None
         self.connection.start()
         log.info(
-            "hub %s connected with MQTT %s", self.hub_id,
+            "hub %s connected with MQTT %s",
+            self.hub_id,
             "5" if self.connection.protocol == 5 else "3.1.1",
         )
         self.connection.publish_probe(self._probe_token)

@@ -60,9 +60,7 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        lines = [
-            f"  SHOUHU_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors() if e["loc"]
-        ]
+        lines = [f"  SHOUHU_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors() if e["loc"]]
         _fail("invalid configuration:\n" + "\n".join(lines), 2)
 
 
@@ -112,9 +110,9 @@ def _load_registry_file(url: str, path: Path) -> None:
     try:
         registry = parse_registry(path)
     except RegistryFileError as exc:
-        _fail(f"{path}: nothing loaded; {len(exc.problems)} problem(s):\n" + "\n".join(
-            f"  - {p}" for p in exc.problems
-        ))
+        _fail(
+            f"{path}: nothing loaded; {len(exc.problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in exc.problems)
+        )
     with connect(url) as conn:
         report = load_registry(conn, registry)
     counts = ", ".join(f"{n} {t}" for t, n in report.counts.items())
@@ -130,13 +128,18 @@ def _load_registry_file(url: str, path: Path) -> None:
             + ", ".join(report.residents_without_guardian),
             fg=typer.colors.YELLOW,
         )
-    for gap in report.coverage_gaps:
-        colour = typer.colors.RED if gap.uncovered_after_fallback else typer.colors.YELLOW
+    gaps = report.coverage_gaps
+    if gaps:
         typer.secho(
-            f"grid {gap.grid_id}: no grid worker on duty {gap.uncovered_hours_per_week:g} h/week; "
-            f"nobody up the area tree either for {gap.uncovered_after_fallback:g} h/week",
-            fg=colour,
+            f"{len(gaps)} grid(s) have hours with no grid worker on duty; pages there fall back up the area tree",
+            fg=typer.colors.YELLOW,
         )
+    for gap in gaps:
+        if gap.uncovered_after_fallback:
+            typer.secho(
+                f"grid {gap.grid_id}: nobody on duty, grid or above, {gap.uncovered_after_fallback:g} h/week",
+                fg=typer.colors.RED,
+            )
 
 
 @registry_app.command("load")
@@ -151,9 +154,7 @@ def registry_load(
 @token_app.command("create")
 def token_create(
     role: Annotated[str, typer.Option(help="admin, operator, grid_worker, technician or platform")],
-    area: Annotated[
-        list[str] | None, typer.Option(help="Bind to an area and its descendants (repeatable)")
-    ] = None,
+    area: Annotated[list[str] | None, typer.Option(help="Bind to an area and its descendants (repeatable)")] = None,
     label: Annotated[str, typer.Option(help="Who or what the token is for")] = "",
     expires_days: Annotated[int, typer.Option(min=1, help="Days until the token expires")] = 365,
 ) -> None:
@@ -170,7 +171,11 @@ def token_create(
     with connect(database_url(settings)) as conn:
         try:
             secret = create_token(
-                conn, role=parsed_role, areas=list(area or []), label=label, now=now,
+                conn,
+                role=parsed_role,
+                areas=list(area or []),
+                label=label,
+                now=now,
                 expires_at=now + timedelta(days=expires_days),
             )
         except ValueError as exc:
@@ -330,7 +335,7 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
 
 
 DEMO_ACCOUNT_SID = "AC" + "de" * 16
-DEMO_AUTH_TOKEN = "demo-auth-token"
+DEMO_AUTH_TOKEN = "demo-auth-token"  # noqa: S105 - only ever sent to the local simulator
 DEMO_FROM = "+12025550100"
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
@@ -346,6 +351,11 @@ def _thread(target: Callable[[], None], name: str) -> threading.Thread:
     thread = threading.Thread(target=target, name=name, daemon=True)
     thread.start()
     return thread
+
+
+def _join_all(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join(10)
 
 
 def _demo_phone_network(settings: Settings, stack: ExitStack) -> Settings:
@@ -374,7 +384,9 @@ def _demo_phone_network(settings: Settings, stack: ExitStack) -> Settings:
         typer.echo(f"phone network: simulated, {base} (no real phone is ever called)")
     return settings.model_copy(
         update={
-            "twilio_api_base": base, "twilio_account_sid": sid, "twilio_auth_token": token,
+            "twilio_api_base": base,
+            "twilio_account_sid": sid,
+            "twilio_auth_token": token,
             "twilio_from": settings.twilio_from or DEMO_FROM,
         }
     )
@@ -393,13 +405,13 @@ def _demo_press(url: str, broker_url: str, settings: Settings) -> None:
             "SELECT d.id, r.name, r.grid_id FROM devices d JOIN residents r ON r.id = d.resident_id"
             " WHERE d.kind = 'wristband' AND d.active ORDER BY d.id"
         ).fetchall()
-        for device_id, name, grid_id in rows:
-            people = duty_chain(conn, grid_id, datetime.now(UTC), settings.zone)
-            if people and people[0].area_id == grid_id:
-                break
-        else:
-            device_id, name, grid_id = rows[0]
-            people = duty_chain(conn, grid_id, datetime.now(UTC), settings.zone)
+        now = datetime.now(UTC)
+        candidates = [(row, duty_chain(conn, row[2], now, settings.zone)) for row in rows]
+    # Prefer a grid whose own grid worker is on duty now, so the demo rings a 网格员.
+    (device_id, name, grid_id), people = next(
+        ((row, people) for row, people in candidates if people and people[0].area_id == row[2]),
+        candidates[0],
+    )
     who = ", ".join(f"{p.name} {p.phone}" for p in people) or "nobody"
     typer.echo(f"demo: {name}'s wristband {device_id} (grid {grid_id}) presses SOS; on duty: {who}")
     publish_alarm(broker_url, device_id, "sos", action="press")
@@ -411,10 +423,10 @@ def _demo_press(url: str, broker_url: str, settings: Settings) -> None:
 
 @app.command()
 def up(
-    demo: Annotated[bool, typer.Option(help="Also load the demo county, simulate a phone network and press SOS")] = False,
-    data_dir: Annotated[
-        Path | None, typer.Option(help="Where the embedded database keeps its data")
-    ] = None,
+    demo: Annotated[
+        bool, typer.Option(help="Also load the demo county, simulate a phone network and press SOS")
+    ] = False,
+    data_dir: Annotated[Path | None, typer.Option(help="Where the embedded database keeps its data")] = None,
 ) -> None:
     """Run everything in one process tree, with embedded defaults where nothing is configured."""
     from shouhu.embedded.defaults import default_data_dir, start_embedded_database
@@ -441,7 +453,7 @@ def up(
         router_worker = _make_router(settings, url)
         hub_worker = _make_hub(settings, url, broker_url, metrics_port=None)
         threads = [_thread(hub_worker.run, "hub"), _thread(router_worker.run, "router")]
-        stack.callback(lambda: [t.join(10) for t in threads])
+        stack.callback(_join_all, threads)
         stack.callback(router_worker.stop)
         stack.callback(hub_worker.stop)
         if not hub_worker.ready.wait(30):

@@ -35,7 +35,7 @@ def start_health_server(port: int, ready: Callable[[], bool], host: str = "0.0.0
             self.end_headers()
             self.wfile.write(body)
 
-        def log_message(self, format: str, *args: object) -> None:  # noqa: A002
+        def log_message(self, format: str, *args: object) -> None:
             return
 
     server = ThreadingHTTPServer((host, port), Handler)

@@ -28,9 +28,7 @@ def _default_hub_id() -> str:
 class Settings(BaseSettings):
     """Shouhu's configuration, read from ``SHOUHU_*`` variables and ``.env``."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="SHOUHU_", env_file=".env", extra="ignore", frozen=True
-    )
+    model_config = SettingsConfigDict(env_prefix="SHOUHU_", env_file=".env", extra="ignore", frozen=True)
 
     mqtt_url: str = ""
     database_url: str = ""

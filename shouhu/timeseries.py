@@ -75,9 +75,7 @@ COMPRESS_AFTER = "7 days"
 
 def detect_mode(conn: psycopg.Connection) -> StorageMode:
     """TimescaleDB when the extension can be installed here, plain PostgreSQL otherwise."""
-    row = conn.execute(
-        "SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'"
-    ).fetchone()
+    row = conn.execute("SELECT 1 FROM pg_available_extensions WHERE name = 'timescaledb'").fetchone()
     return StorageMode.TIMESCALEDB if row else StorageMode.NATIVE
 
 
@@ -153,10 +151,7 @@ def existing_partitions(conn: psycopg.Connection, table: SeriesTable) -> dict[st
         (table.name, f"{table.name}\\_p%"),
     ).fetchall()
     prefix = f"{table.name}_p"
-    return {
-        name: datetime.strptime(name.removeprefix(prefix), "%Y%m%d").replace(tzinfo=UTC).date()
-        for (name,) in rows
-    }
+    return {name: datetime.strptime(name.removeprefix(prefix), "%Y%m%d").replace(tzinfo=UTC).date() for (name,) in rows}
 
 
 def _create_day_partition(conn: psycopg.Connection, table: SeriesTable, day: date) -> None:
@@ -167,11 +162,7 @@ def _create_day_partition(conn: psycopg.Connection, table: SeriesTable, day: dat
     part = sql.Identifier(partition_name(table, day))
     parent = sql.Identifier(table.name)
     default = sql.Identifier(f"{table.name}_default")
-    conn.execute(
-        sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(
-            part, parent
-        )
-    )
+    conn.execute(sql.SQL("CREATE TABLE {} (LIKE {} INCLUDING DEFAULTS INCLUDING CONSTRAINTS)").format(part, parent))
     conn.execute(
         sql.SQL(
             "WITH moved AS (DELETE FROM {} WHERE received_at >= %s AND received_at < %s"
@@ -216,9 +207,9 @@ def maintain_partitions(
         stray_days = {
             row[0]
             for row in conn.execute(
-                sql.SQL(
-                    "SELECT DISTINCT (received_at AT TIME ZONE 'UTC')::date FROM {}"
-                ).format(sql.Identifier(f"{table.name}_default"))
+                sql.SQL("SELECT DISTINCT (received_at AT TIME ZONE 'UTC')::date FROM {}").format(
+                    sql.Identifier(f"{table.name}_default")
+                )
             ).fetchall()
         }
         for day in sorted(set(wanted) | stray_days):
@@ -230,9 +221,7 @@ def maintain_partitions(
                 conn.execute(sql.SQL("DROP TABLE {}").format(sql.Identifier(name)))
                 dropped.append(name)
         conn.execute(
-            sql.SQL("DELETE FROM {} WHERE received_at < %s").format(
-                sql.Identifier(f"{table.name}_default")
-            ),
+            sql.SQL("DELETE FROM {} WHERE received_at < %s").format(sql.Identifier(f"{table.name}_default")),
             (_day_start(oldest_kept),),
         )
     return PartitionReport(tuple(created), tuple(dropped))

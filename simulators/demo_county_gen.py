@@ -45,34 +45,206 @@ ALL_DAYS = ("mon", "tue", "wed", "thu", "fri", "sat", "sun")
 WEEKDAYS = ("mon", "tue", "wed", "thu", "fri")
 
 SURNAMES = (
-    "王", "李", "张", "刘", "陈", "杨", "赵", "黄", "周", "吴", "徐", "孙", "胡", "朱",
-    "高", "林", "何", "郭", "马", "罗", "梁", "宋", "郑", "谢", "韩", "唐", "冯", "于",
-    "董", "萧", "程", "曹", "袁", "邓", "许", "傅", "沈", "曾", "彭", "吕", "苏", "卢",
-    "蒋", "蔡", "贾", "丁", "魏", "薛", "叶", "阎", "余", "潘", "杜", "戴", "夏", "钟",
-    "汪", "田", "任", "姜", "范", "方", "石", "姚", "谭", "廖", "邹", "熊", "金", "陆",
-    "郝", "孔", "白", "崔", "康", "毛", "邱", "秦", "江", "史", "顾", "侯", "邵", "孟",
+    "王",
+    "李",
+    "张",
+    "刘",
+    "陈",
+    "杨",
+    "赵",
+    "黄",
+    "周",
+    "吴",
+    "徐",
+    "孙",
+    "胡",
+    "朱",
+    "高",
+    "林",
+    "何",
+    "郭",
+    "马",
+    "罗",
+    "梁",
+    "宋",
+    "郑",
+    "谢",
+    "韩",
+    "唐",
+    "冯",
+    "于",
+    "董",
+    "萧",
+    "程",
+    "曹",
+    "袁",
+    "邓",
+    "许",
+    "傅",
+    "沈",
+    "曾",
+    "彭",
+    "吕",
+    "苏",
+    "卢",
+    "蒋",
+    "蔡",
+    "贾",
+    "丁",
+    "魏",
+    "薛",
+    "叶",
+    "阎",
+    "余",
+    "潘",
+    "杜",
+    "戴",
+    "夏",
+    "钟",
+    "汪",
+    "田",
+    "任",
+    "姜",
+    "范",
+    "方",
+    "石",
+    "姚",
+    "谭",
+    "廖",
+    "邹",
+    "熊",
+    "金",
+    "陆",
+    "郝",
+    "孔",
+    "白",
+    "崔",
+    "康",
+    "毛",
+    "邱",
+    "秦",
+    "江",
+    "史",
+    "顾",
+    "侯",
+    "邵",
+    "孟",
 )
 ELDER_GIVEN_MALE = (
-    "建国", "国庆", "保国", "永福", "德明", "长顺", "福来", "满仓", "玉山", "守义",
-    "宝田", "金贵", "树林", "富贵", "振华", "有才", "广德", "存良", "来喜", "新民",
+    "建国",
+    "国庆",
+    "保国",
+    "永福",
+    "德明",
+    "长顺",
+    "福来",
+    "满仓",
+    "玉山",
+    "守义",
+    "宝田",
+    "金贵",
+    "树林",
+    "富贵",
+    "振华",
+    "有才",
+    "广德",
+    "存良",
+    "来喜",
+    "新民",
 )
 ELDER_GIVEN_FEMALE = (
-    "桂兰", "秀英", "凤英", "玉兰", "淑珍", "翠花", "兰英", "秀兰", "桂芳", "巧云",
-    "素芬", "金凤", "月娥", "春梅", "彩霞", "玉珍", "荷花", "冬梅", "润香", "改花",
+    "桂兰",
+    "秀英",
+    "凤英",
+    "玉兰",
+    "淑珍",
+    "翠花",
+    "兰英",
+    "秀兰",
+    "桂芳",
+    "巧云",
+    "素芬",
+    "金凤",
+    "月娥",
+    "春梅",
+    "彩霞",
+    "玉珍",
+    "荷花",
+    "冬梅",
+    "润香",
+    "改花",
 )
 YOUNG_GIVEN = (
-    "伟", "芳", "娜", "敏", "静", "磊", "强", "洋", "艳", "勇", "军", "杰", "涛", "明",
-    "超", "霞", "平", "刚", "浩", "婷", "晓东", "海燕", "志强", "丽娟", "文博", "佳怡",
-    "子豪", "雨涵", "俊杰", "欣怡", "宇航", "思远", "梦洁", "建华", "晓红", "国栋",
+    "伟",
+    "芳",
+    "娜",
+    "敏",
+    "静",
+    "磊",
+    "强",
+    "洋",
+    "艳",
+    "勇",
+    "军",
+    "杰",
+    "涛",
+    "明",
+    "超",
+    "霞",
+    "平",
+    "刚",
+    "浩",
+    "婷",
+    "晓东",
+    "海燕",
+    "志强",
+    "丽娟",
+    "文博",
+    "佳怡",
+    "子豪",
+    "雨涵",
+    "俊杰",
+    "欣怡",
+    "宇航",
+    "思远",
+    "梦洁",
+    "建华",
+    "晓红",
+    "国栋",
 )
 GUARDIAN_RELATIONS = (
-    "儿子", "女儿", "儿子", "女儿", "侄子", "侄女", "孙子", "孙女", "儿媳", "女婿", "外甥",
+    "儿子",
+    "女儿",
+    "儿子",
+    "女儿",
+    "侄子",
+    "侄女",
+    "孙子",
+    "孙女",
+    "儿媳",
+    "女婿",
+    "外甥",
 )
 SAME_SURNAME = frozenset({"儿子", "女儿", "侄子", "侄女", "孙子", "孙女"})
 MEDICAL_NOTES = (
-    "", "", "", "", "", "高血压", "高血压", "糖尿病", "冠心病", "高血压；糖尿病",
-    "慢阻肺", "轻度认知障碍", "脑梗后遗症，行动不便", "心脏起搏器", "骨质疏松，曾跌倒",
-    "高血压；冠心病", "白内障术后，视力差", "听力差，需大声说话",
+    "",
+    "",
+    "",
+    "",
+    "",
+    "高血压",
+    "高血压",
+    "糖尿病",
+    "冠心病",
+    "高血压；糖尿病",
+    "慢阻肺",
+    "轻度认知障碍",
+    "脑梗后遗症，行动不便",
+    "心脏起搏器",
+    "骨质疏松，曾跌倒",
+    "高血压；冠心病",
+    "白内障术后，视力差",
+    "听力差，需大声说话",
 )
 CLOCK = re.compile(r"\d\d:\d\d")
 NUMERALS = ("一", "二", "三", "四", "五", "六")
@@ -183,9 +355,7 @@ class _Builder:
         )
         return staff_id
 
-    def add_roster(
-        self, staff_id: str, area: str, start: str, end: str, days: tuple[str, ...] = ALL_DAYS
-    ) -> None:
+    def add_roster(self, staff_id: str, area: str, start: str, end: str, days: tuple[str, ...] = ALL_DAYS) -> None:
         roster: Entry = {"staff": staff_id, "area": area}
         if days != ALL_DAYS:  # no ``days``: every day
             roster["days"] = list(days)
@@ -206,9 +376,7 @@ def _build_areas_and_workers(b: _Builder) -> list[tuple[str, str, float, float]]
     homes: list[tuple[str, str, float, float]] = []
     gw_count = 0
     for township in TOWNSHIPS:
-        b.areas.append(
-            {"id": township.id, "name": township.name, "level": "township", "parent": COUNTY_ID}
-        )
+        b.areas.append({"id": township.id, "name": township.name, "level": "township", "parent": COUNTY_ID})
         # Township duty officers: 24 h in two 12 h shifts, every day.
         day_officer = b.add_staff(f"do-{township.id}-1", "duty_officer", [township.id])
         night_officer = b.add_staff(f"do-{township.id}-2", "duty_officer", [township.id])
@@ -240,9 +408,7 @@ def _build_areas_and_workers(b: _Builder) -> list[tuple[str, str, float, float]]
                 grid_id = f"{community.id}-g{g}"
                 grid_ids.append(grid_id)
                 grid_name = f"{community.name}第{NUMERALS[g - 1]}网格"
-                b.areas.append(
-                    {"id": grid_id, "name": grid_name, "level": "grid", "parent": community.id}
-                )
+                b.areas.append({"id": grid_id, "name": grid_name, "level": "grid", "parent": community.id})
                 gw_count += 1
                 worker = b.add_staff(f"gw-{gw_count:03d}", "grid_worker", [grid_id])
                 b.add_roster(worker, grid_id, "08:00", "20:00")
@@ -290,9 +456,7 @@ def _build_residents(b: _Builder, homes: list[tuple[str, str, float, float]]) ->
     count = 240
     for index in range(1, count + 1):
         # Round-robin first so every grid has residents, then at random.
-        area_id, prefix, lat, lon = (
-            homes[index - 1] if index <= len(homes) else b.rng.choice(homes)
-        )
+        area_id, prefix, lat, lon = homes[index - 1] if index <= len(homes) else b.rng.choice(homes)
         resident_id = f"r-{index:04d}"
         female = b.rng.random() < 0.58
         surname = b.rng.choice(SURNAMES)
@@ -314,9 +478,7 @@ def _build_residents(b: _Builder, homes: list[tuple[str, str, float, float]]) ->
             guardians.append(
                 {
                     "id": f"{resident_id}-g{priority}",
-                    "name": b.person_name(
-                        YOUNG_GIVEN, surname if relation in SAME_SURNAME else None
-                    ),
+                    "name": b.person_name(YOUNG_GIVEN, surname if relation in SAME_SURNAME else None),
                     "phone": b.phone(),
                     "relation": relation,
                     "priority": priority,
@@ -442,9 +604,7 @@ _Dumper.add_representer(str, _represent_str)
 
 def render_demo_county() -> str:
     """The full text of ``demo_county.yaml``: header comment and YAML."""
-    body = yaml.dump(
-        build_demo_county(), Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=100
-    )
+    body = yaml.dump(build_demo_county(), Dumper=_Dumper, allow_unicode=True, sort_keys=False, width=100)
     return HEADER + body
 
 

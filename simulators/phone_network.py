@@ -225,9 +225,7 @@ class PhoneNetwork:
         except requests.RequestException as exc:
             self.announce(f"✖  status callback for {record.sid} failed: {exc}")
             return
-        self.announce(
-            f"↩  status callback {record.status} for {record.sid}: HTTP {reply.status_code}"
-        )
+        self.announce(f"↩  status callback {record.status} for {record.sid}: HTTP {reply.status_code}")
 
 
 def _now() -> tuple[datetime, float]:
@@ -266,9 +264,7 @@ def _raise_injected_error(network: PhoneNetwork, to: str) -> None:
         raise TwilioApiError(500, 20500, "An internal server error has occurred")
 
 
-def _message_resource(
-    record: MessageRecord, account_sid: str, form: dict[str, str]
-) -> dict[str, Any]:
+def _message_resource(record: MessageRecord, account_sid: str, form: dict[str, str]) -> dict[str, Any]:
     uri = f"/{API_VERSION}/Accounts/{account_sid}/Messages/{record.sid}"
     stamp = _rfc2822(record.received_at)
     return {
@@ -344,9 +340,7 @@ def accept_message(network: PhoneNetwork, account_sid: str, form: dict[str, str]
     if not body and not form.get("MediaUrl"):
         raise TwilioApiError(400, 21602, "Message body is required.")
     if len(body) > SMS_BODY_LIMIT:
-        raise TwilioApiError(
-            400, 21617, "The concatenated message body exceeds the 1600 character limit."
-        )
+        raise TwilioApiError(400, 21617, "The concatenated message body exceeds the 1600 character limit.")
     _raise_injected_error(network, to)
     received_at, monotonic = _now()
     record = MessageRecord(
@@ -407,9 +401,7 @@ def accept_call(network: PhoneNetwork, account_sid: str, form: dict[str, str]) -
     return JSONResponse(_call_resource(record, account_sid), status_code=201, background=callback)
 
 
-def create_phone_network(
-    account_sid: str, auth_token: str, *, announce: Announce | None = None
-) -> FastAPI:
+def create_phone_network(account_sid: str, auth_token: str, *, announce: Announce | None = None) -> FastAPI:
     """Build the simulator app for one Twilio account.
 
     Args:
@@ -473,6 +465,4 @@ def create_phone_network(
 
 def serve_phone_network(host: str, port: int, account_sid: str, auth_token: str) -> None:
     """Run the simulator in the foreground until interrupted."""
-    uvicorn.run(
-        create_phone_network(account_sid, auth_token), host=host, port=port, log_level="warning"
-    )
+    uvicorn.run(create_phone_network(account_sid, auth_token), host=host, port=port, log_level="warning")

@@ -8,6 +8,7 @@ from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
 from hub.mqtt import BrokerAddress
 
@@ -26,7 +27,7 @@ def alarm_payload(channel: str, *, action: str | None = None, msg_id: str | None
 def publish_raw(url: str, topic: str, payload: bytes, *, qos: int = 1, retain: bool = False) -> None:
     """Publish one message and wait for the broker's acknowledgement."""
     address = BrokerAddress.parse(url)
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv311)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv311)
     if address.username:
         client.username_pw_set(address.username, address.password)
     if address.tls:

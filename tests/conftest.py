@@ -13,7 +13,7 @@ from psycopg import sql
 
 from shouhu.embedded.postgres import LocalPostgres, debian_bin_dirs, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
-from tests.services import Mosquitto, start_postgres
+from tests.services import STARTED_PROCESSES, Mosquitto, start_postgres
 
 TEMPLATE = "shouhu_template"
 
@@ -47,11 +47,7 @@ def postgres_debian() -> Iterator[LocalPostgres]:
 def fresh_database(cluster: LocalPostgres) -> Iterator[str]:
     name = f"t_{uuid.uuid4().hex[:12]}"
     with psycopg.connect(cluster.url(), autocommit=True) as conn:
-        conn.execute(
-            sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(
-                sql.Identifier(name), sql.Identifier(TEMPLATE)
-            )
-        )
+        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(TEMPLATE)))
     yield cluster.url(name)
     with psycopg.connect(cluster.url(), autocommit=True) as conn:
         conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
@@ -75,6 +71,16 @@ def any_postgres(request: pytest.FixtureRequest) -> LocalPostgres:
 def any_database_url(any_postgres: LocalPostgres) -> Iterator[str]:
     """A freshly migrated database on each PostgreSQL version in turn."""
     yield from fresh_database(any_postgres)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_stray_processes() -> Iterator[None]:
+    """Whatever a failing test left running is killed when the session ends."""
+    yield
+    for process in STARTED_PROCESSES:
+        if process.poll() is None:
+            process.kill()
+            process.wait(10)
 
 
 @pytest.fixture(scope="session")

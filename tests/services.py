@@ -197,14 +197,23 @@ class MqttWireTap:
     def seen(self, direction: str, kind: int, packet_id: int | None = None, topic: str | None = None) -> list[Packet]:
         with self._lock:
             return [
-                p for p in self.packets
-                if p.direction == direction and p.kind == kind
+                p
+                for p in self.packets
+                if p.direction == direction
+                and p.kind == kind
                 and (packet_id is None or p.packet_id == packet_id)
                 and (topic is None or p.topic == topic)
             ]
 
-    def wait_for(self, direction: str, kind: int, *, topic: str | None = None, packet_id: int | None = None,
-                 timeout: float = 10.0) -> Packet:
+    def wait_for(
+        self,
+        direction: str,
+        kind: int,
+        *,
+        topic: str | None = None,
+        packet_id: int | None = None,
+        timeout: float = 10.0,
+    ) -> Packet:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             found = self.seen(direction, kind, packet_id, topic)
@@ -245,6 +254,9 @@ def http_status(url: str) -> int:
         return 0
 
 
+STARTED_PROCESSES: list[subprocess.Popen[bytes]] = []
+
+
 @dataclass
 class ShouhuProcess:
     """A ``shouhu`` verb running as its own process, as an operator would run it."""
@@ -260,6 +272,7 @@ class ShouhuProcess:
         self.process = subprocess.Popen(
             [SHOUHU_BIN, *self.args], env=self.env, stdout=self._log, stderr=subprocess.STDOUT
         )
+        STARTED_PROCESSES.append(self.process)
         if self.ready_url:
             deadline = time.monotonic() + timeout
             while http_status(self.ready_url) != 200:

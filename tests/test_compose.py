@@ -135,10 +135,7 @@ def _dockerfile_entrypoint() -> list[str]:
 def _effective_argv(service: dict[str, Any]) -> list[str]:
     """What the container runs: entrypoint (compose's, else the Dockerfile's) + command."""
     entrypoint = service.get("entrypoint")
-    if entrypoint is None and "build" in service:
-        head = _dockerfile_entrypoint()
-    else:
-        head = _argv(entrypoint)
+    head = _dockerfile_entrypoint() if entrypoint is None and "build" in service else _argv(entrypoint)
     return head + _argv(service.get("command"))
 
 

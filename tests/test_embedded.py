@@ -9,10 +9,13 @@ import subprocess
 import sys
 import threading
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import psycopg
 import pytest
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.reasoncodes import ReasonCode
 
 from shouhu.embedded.broker import ensure_local_broker
 from shouhu.embedded.defaults import recorded_database_url, start_embedded_database
@@ -67,7 +70,10 @@ def test_embedded_database_runs_as_a_normal_user() -> None:
 
     result = subprocess.run(
         [sys.executable, "-c", NORMAL_USER_SCRIPT, str(data_dir / "shouhu")],
-        capture_output=True, text=True, preexec_fn=demote, timeout=120,  # noqa: PLW1509
+        capture_output=True,
+        text=True,
+        preexec_fn=demote,
+        timeout=120,
         env={**os.environ, "HOME": str(data_dir), "XDG_RUNTIME_DIR": str(data_dir)},
         cwd=str(data_dir),
     )
@@ -75,13 +81,13 @@ def test_embedded_database_runs_as_a_normal_user() -> None:
     assert result.stdout.strip() == str(data_dir / "shouhu" / "postgres")
 
 
-def _roundtrip(port: int, protocol: mqtt.MQTTProtocolVersion) -> list[bytes]:
+def _roundtrip(port: int, protocol: MQTTProtocolVersion) -> list[bytes]:
     got: list[bytes] = []
     done = threading.Event()
-    client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=protocol)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=protocol)
 
     def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
-        got.append(message.payload)
+        got.append(bytes(message.payload))
         done.set()
 
     client.on_message = on_message
@@ -106,7 +112,7 @@ def test_embedded_broker_starts_when_nothing_listens() -> None:
     process = ensure_local_broker(port)
     assert process is not None
     try:
-        assert _roundtrip(port, mqtt.MQTTv311) == [b"ping"]
+        assert _roundtrip(port, MQTTProtocolVersion.MQTTv311) == [b"ping"]
     finally:
         process.terminate()
         process.wait(10)
@@ -121,12 +127,12 @@ def test_embedded_broker_refuses_mqtt5() -> None:
     process = ensure_local_broker(port)
     assert process is not None
     try:
-        codes: list[mqtt.ReasonCode] = []
+        codes: list[ReasonCode] = []
         connected = threading.Event()
-        client = mqtt.Client(mqtt.CallbackAPIVersion.VERSION2, protocol=mqtt.MQTTv5)
+        client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv5)
 
-        def on_connect(*args: object) -> None:
-            codes.append(args[3])  # type: ignore[arg-type]
+        def on_connect(*args: Any) -> None:
+            codes.append(args[3])
             connected.set()
 
         client.on_connect = on_connect

@@ -41,7 +41,7 @@ def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "con
 
 def query(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(url) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+        return conn.execute(sql, params).fetchall()
 
 
 @pytest.fixture
@@ -72,11 +72,15 @@ def sos_topic(device_id: str, channel: str = "sos") -> str:
 
 
 def incidents(url: str) -> list[tuple[Any, ...]]:
-    return query(url, "SELECT id, kind, state, resident_id, urgency, payload_unreadable, area_id FROM incidents ORDER BY id")
+    return query(
+        url, "SELECT id, kind, state, resident_id, urgency, payload_unreadable, area_id FROM incidents ORDER BY id"
+    )
 
 
 def events(url: str, incident_id: int) -> list[str]:
-    return [r[0] for r in query(url, "SELECT event FROM incident_events WHERE incident_id = %s ORDER BY id", incident_id)]
+    return [
+        r[0] for r in query(url, "SELECT event FROM incident_events WHERE incident_id = %s ORDER BY id", incident_id)
+    ]
 
 
 def test_press_opens_one_red_incident_with_its_first_step(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
@@ -88,10 +92,12 @@ def test_press_opens_one_red_incident_with_its_first_step(hub: Hub, county_url: 
     grid = query(county_url, "SELECT grid_id FROM residents WHERE id = 'r-0001'")[0][0]
     assert area == grid
     assert events(county_url, incident_id) == ["opened", "stored"]
-    actions = query(county_url, "SELECT step, round, token, state FROM escalation_actions WHERE incident_id = %s", incident_id)
+    actions = query(
+        county_url, "SELECT step, round, token, state FROM escalation_actions WHERE incident_id = %s", incident_id
+    )
     assert actions == [(0, 0, 1, "pending")]
     snapshot = query(county_url, "SELECT policy_snapshot FROM incidents WHERE id = %s", incident_id)[0][0]
-    assert [s["target"] for s in snapshot["steps"]][0] == "grid_worker"
+    assert snapshot["steps"][0]["target"] == "grid_worker"
 
 
 def test_same_message_twice_is_one_incident(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
@@ -181,7 +187,9 @@ def test_two_hubs_on_one_broker_open_one_incident(county_url: str, mosquitto: Mo
     try:
         for _ in range(5):
             publish_raw(mosquitto.url, sos_topic("wb-0010"), alarm_payload("sos"))
-        wait_until(lambda: query(county_url, "SELECT urgency FROM incidents") == [(5,)], what="five presses, one incident")
+        wait_until(
+            lambda: query(county_url, "SELECT urgency FROM incidents") == [(5,)], what="five presses, one incident"
+        )
         # Each hub received every press (direct subscriptions); the ledger kept one of each.
         assert query(county_url, "SELECT count(*) FROM message_ledger") == [(5,)]
         redeliveries = query(county_url, "SELECT count(*) FROM incident_events WHERE event = 'joined'")
@@ -205,15 +213,16 @@ def _hub_waiting_on_lock(url: str, hub_id: str) -> bool:
         "SELECT count(*) FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'",
         f"shouhu-hub-{hub_id}",
     )
-    return rows[0][0] > 0
+    return bool(rows[0][0] > 0)
 
 
 def _hub_process(url: str, mqtt_url: str, hub_id: str) -> ShouhuProcess:
     port = free_port()
     return ShouhuProcess(
         ["hub"],
-        shouhu_env(SHOUHU_DATABASE_URL=url, SHOUHU_MQTT_URL=mqtt_url, SHOUHU_HUB_ID=hub_id,
-                   SHOUHU_METRICS_PORT=str(port)),
+        shouhu_env(
+            SHOUHU_DATABASE_URL=url, SHOUHU_MQTT_URL=mqtt_url, SHOUHU_HUB_ID=hub_id, SHOUHU_METRICS_PORT=str(port)
+        ),
         ready_url=f"http://127.0.0.1:{port}/readyz",
     )
 

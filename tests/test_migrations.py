@@ -23,19 +23,30 @@ LATER = datetime(2027, 3, 1, 9, 0, tzinfo=UTC)
 
 def test_schema_is_complete_on_each_version(any_database_url: str) -> None:
     with psycopg.connect(any_database_url) as conn:
-        tables = {
-            r[0]
-            for r in conn.execute(
-                "SELECT tablename FROM pg_tables WHERE schemaname = 'public'"
-            ).fetchall()
-        }
+        tables = {r[0] for r in conn.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'").fetchall()}
         versions = [r[0] for r in conn.execute("SELECT version FROM schema_migrations ORDER BY 1")]
         mode = conn.execute("SELECT value FROM shouhu_meta WHERE key = 'storage_mode'").fetchone()
     expected = {
-        "areas", "residents", "guardians", "staff", "staff_areas", "duty_shifts", "devices",
-        "device_state", "device_events", "message_ledger", "dead_letters", "escalation_policies",
-        "incidents", "incident_events", "escalation_actions", "notification_attempts",
-        "api_tokens", "audit_log", "telemetry", "camera_health",
+        "areas",
+        "residents",
+        "guardians",
+        "staff",
+        "staff_areas",
+        "duty_shifts",
+        "devices",
+        "device_state",
+        "device_events",
+        "message_ledger",
+        "dead_letters",
+        "escalation_policies",
+        "incidents",
+        "incident_events",
+        "escalation_actions",
+        "notification_attempts",
+        "api_tokens",
+        "audit_log",
+        "telemetry",
+        "camera_health",
     }
     assert expected <= tables
     assert versions == [m.version for m in MIGRATIONS]
@@ -90,9 +101,7 @@ def _check_values(conn: psycopg.Connection, table: str, column: str) -> set[str]
         ("api_tokens", "role", Role),
     ],
 )
-def test_enums_match_check_constraints(
-    database_url: str, table: str, column: str, enum: type
-) -> None:
+def test_enums_match_check_constraints(database_url: str, table: str, column: str, enum: type) -> None:
     with psycopg.connect(database_url) as conn:
         assert _check_values(conn, table, column) == {e.value for e in enum}  # type: ignore[attr-defined]
 
@@ -100,15 +109,12 @@ def test_enums_match_check_constraints(
 def _resident(conn: psycopg.Connection) -> None:
     conn.execute("INSERT INTO areas (id, level, name) VALUES ('c', 'county', 'C')")
     conn.execute("INSERT INTO areas (id, parent_id, level, name) VALUES ('g', 'c', 'grid', 'G')")
-    conn.execute(
-        "INSERT INTO residents (id, name, grid_id, address) VALUES ('r1', '王', 'g', '1号')"
-    )
+    conn.execute("INSERT INTO residents (id, name, grid_id, address) VALUES ('r1', '王', 'g', '1号')")
 
 
 def _open_red(conn: psycopg.Connection, code: str, kind: str = "sos") -> None:
     conn.execute(
-        "INSERT INTO incidents (code, kind, severity, resident_id, opened_at)"
-        " VALUES (%s, %s, 'red', 'r1', now())",
+        "INSERT INTO incidents (code, kind, severity, resident_id, opened_at) VALUES (%s, %s, 'red', 'r1', now())",
         (code, kind),
     )
 
@@ -137,10 +143,7 @@ def _insert_telemetry(conn: psycopg.Connection, received_at: datetime) -> None:
 
 def _partition_of_rows(conn: psycopg.Connection) -> list[str]:
     return [
-        r[0]
-        for r in conn.execute(
-            "SELECT tableoid::regclass::text FROM telemetry ORDER BY received_at"
-        ).fetchall()
+        r[0] for r in conn.execute("SELECT tableoid::regclass::text FROM telemetry ORDER BY received_at").fetchall()
     ]
 
 

@@ -33,7 +33,10 @@ SMALL: dict[str, Any] = {
     ],
     "residents": [
         {
-            "id": "r1", "name": "王奶奶", "grid": "g1", "address": "东关村1组1号",
+            "id": "r1",
+            "name": "王奶奶",
+            "grid": "g1",
+            "address": "东关村1组1号",
             "guardians": [{"id": "r1-g1", "name": "王大", "phone": "+12015550103", "priority": 1}],
         },
         {"id": "r2", "name": "张爷爷", "grid": "g2", "address": "东关村2组2号"},
@@ -56,9 +59,18 @@ def _write(tmp_path: Path, data: dict[str, Any], name: str = "registry.yaml") ->
 
 
 def _dump(conn: psycopg.Connection) -> dict[str, list[tuple[Any, ...]]]:
-    tables = ["areas", "residents", "guardians", "staff", "staff_areas", "duty_shifts",
-              "devices", "escalation_policies", "incidents"]
-    return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}  # noqa: S608
+    tables = [
+        "areas",
+        "residents",
+        "guardians",
+        "staff",
+        "staff_areas",
+        "duty_shifts",
+        "devices",
+        "escalation_policies",
+        "incidents",
+    ]
+    return {t: conn.execute(f"SELECT * FROM {t} ORDER BY 1, 2").fetchall() for t in tables}
 
 
 def test_demo_county_loads_and_second_load_changes_nothing(database_url: str) -> None:
@@ -82,9 +94,7 @@ def test_demo_county_reports_night_gaps_covered_by_fallback(database_url: str) -
     assert report.residents_without_guardian == ()
 
 
-def test_report_names_resident_without_guardian_and_uncovered_grid(
-    database_url: str, tmp_path: Path
-) -> None:
+def test_report_names_resident_without_guardian_and_uncovered_grid(database_url: str, tmp_path: Path) -> None:
     with psycopg.connect(database_url) as conn:
         report = load_registry(conn, parse_registry(_write(tmp_path, SMALL)))
     assert report.residents_without_guardian == ("r2",)
@@ -108,8 +118,8 @@ def test_missing_entries_are_deactivated_not_deleted(database_url: str, tmp_path
         conn.commit()
         incident_before = conn.execute("SELECT * FROM incidents").fetchall()
         report = load_registry(conn, parse_registry(_write(tmp_path, reduced, "b.yaml")))
-        residents = dict(conn.execute("SELECT id, active FROM residents").fetchall())
-        devices = dict(conn.execute("SELECT id, active FROM devices").fetchall())
+        residents: dict[str, bool] = dict(conn.execute("SELECT id, active FROM residents").fetchall())
+        devices: dict[str, bool] = dict(conn.execute("SELECT id, active FROM devices").fetchall())
         incident_after = conn.execute("SELECT * FROM incidents").fetchall()
     assert residents == {"r1": True, "r2": False}
     assert devices == {"wb-1": True, "wb-2": False, "cam-1": True}
@@ -141,25 +151,32 @@ def test_edit_updates_in_place(database_url: str, tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("mutate", "expected"),
     [
-        (lambda d: d["residents"][0]["guardians"][0].update(phone="13800138000"),
-         "residents[0] (r1).guardians[0] (r1-g1) field 'phone'"),
-        (lambda d: d["residents"][1].update(grid="nowhere"),
-         "residents[1] (r2) field 'grid': unknown area 'nowhere'"),
-        (lambda d: d["devices"].append({"id": "wb-9", "kind": "wristband"}),
-         "devices[3] (wb-9)"),
-        (lambda d: d["areas"][3].update(parent="g2"),
-         "areas[3] (g1) field 'parent': a grid cannot sit under grid 'g2'"),
-        (lambda d: d["rosters"][0].update(start="25:00"),
-         "rosters[0] field 'start'"),
-        (lambda d: d["staff"][0].update(role="mayor"),
-         "staff[0] (gw1) field 'role'"),
-        (lambda d: d["devices"].append({"id": "wb-1", "kind": "wristband", "resident": "r2"}),
-         "devices[3] id 'wb-1': duplicate id"),
-        (lambda d: d["rosters"].append({"staff": "gw1", "area": "g2", "start": "08:00", "end": "09:00"}),
-         "rosters[2] field 'area': 'gw1' is not assigned to 'g2'"),
-        (lambda d: d["policies"].append(
-            {"id": "sos2", "kind": "sos", "steps": [{"target": "guardians", "channels": ["sms"]}]}),
-         "a second sos policy for the default scope"),
+        (
+            lambda d: d["residents"][0]["guardians"][0].update(phone="13800138000"),
+            "residents[0] (r1).guardians[0] (r1-g1) field 'phone'",
+        ),
+        (lambda d: d["residents"][1].update(grid="nowhere"), "residents[1] (r2) field 'grid': unknown area 'nowhere'"),
+        (lambda d: d["devices"].append({"id": "wb-9", "kind": "wristband"}), "devices[3] (wb-9)"),
+        (
+            lambda d: d["areas"][3].update(parent="g2"),
+            "areas[3] (g1) field 'parent': a grid cannot sit under grid 'g2'",
+        ),
+        (lambda d: d["rosters"][0].update(start="25:00"), "rosters[0] field 'start'"),
+        (lambda d: d["staff"][0].update(role="mayor"), "staff[0] (gw1) field 'role'"),
+        (
+            lambda d: d["devices"].append({"id": "wb-1", "kind": "wristband", "resident": "r2"}),
+            "devices[3] id 'wb-1': duplicate id",
+        ),
+        (
+            lambda d: d["rosters"].append({"staff": "gw1", "area": "g2", "start": "08:00", "end": "09:00"}),
+            "rosters[2] field 'area': 'gw1' is not assigned to 'g2'",
+        ),
+        (
+            lambda d: d["policies"].append(
+                {"id": "sos2", "kind": "sos", "steps": [{"target": "guardians", "channels": ["sms"]}]}
+            ),
+            "a second sos policy for the default scope",
+        ),
     ],
 )
 def test_bad_file_names_entry_and_field_and_loads_nothing(
@@ -186,10 +203,7 @@ def test_a_failure_mid_load_leaves_nothing(database_url: str, tmp_path: Path) ->
     registry = parse_registry(_write(tmp_path, SMALL))
     with psycopg.connect(database_url) as conn:
         # A trigger that fails on the devices upsert, after areas and residents ran.
-        conn.execute(
-            "CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS"
-            " $$BEGIN RAISE EXCEPTION 'boom'; END$$"
-        )
+        conn.execute("CREATE FUNCTION boom() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'boom'; END$$")
         conn.execute("CREATE TRIGGER boom BEFORE INSERT ON devices FOR EACH ROW EXECUTE FUNCTION boom()")
         conn.commit()
         with pytest.raises(psycopg.errors.RaiseException):

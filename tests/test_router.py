@@ -69,7 +69,8 @@ def county_url(database_url: str) -> str:
 def make_router(url: str, phone_base: str, clock: Clock, name: str = "r1") -> Router:
     twilio = TwilioNotifier(SID, TOKEN, FROM, phone_base, "http://127.0.0.1:8000")
     return Router(
-        url, RouterConfig(name, ZONE),
+        url,
+        RouterConfig(name, ZONE),
         {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: ConsoleNotifier()},
         clock=clock,
     )
@@ -80,7 +81,8 @@ def press(url: str, device_id: str, at: datetime, msg_id: str = "m1") -> int:
         outcome = record_alarm(
             conn,
             Alarm(device_id, IncidentKind.SOS, msg_id, b"{}", payload_hash(msg_id.encode()), at),
-            ack_timeout_s=120, hub_id="test",
+            ack_timeout_s=120,
+            hub_id="test",
         )
     assert outcome.incident_id is not None
     return outcome.incident_id
@@ -88,13 +90,16 @@ def press(url: str, device_id: str, at: datetime, msg_id: str = "m1") -> int:
 
 def q(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(url) as conn:
-        return conn.execute(sql, params).fetchall()  # type: ignore[arg-type]
+        return conn.execute(sql, params).fetchall()
 
 
 def grid_worker_shifts(url: str) -> dict[str, list[tuple[str, str, Any, Any]]]:
-    rows = q(url, """
+    rows = q(
+        url,
+        """
         SELECT d.area_id, s.id, s.phone, d.start_time, d.end_time FROM duty_shifts d
-        JOIN staff s ON s.id = d.staff_id WHERE s.role = 'grid_worker'""")
+        JOIN staff s ON s.id = d.staff_id WHERE s.role = 'grid_worker'""",
+    )
     shifts: dict[str, list[tuple[str, str, Any, Any]]] = {}
     for area, staff, phone, start, end in rows:
         shifts.setdefault(area, []).append((staff, phone, start, end))
@@ -104,9 +109,12 @@ def grid_worker_shifts(url: str) -> dict[str, list[tuple[str, str, Any, Any]]]:
 def wristband_in(url: str, *, night_covered: bool) -> tuple[str, str, str]:
     """(device, grid, resident) in a grid whose grid workers do or do not cover the night."""
     shifts = grid_worker_shifts(url)
-    for device, grid, resident in q(url, """
+    for device, grid, resident in q(
+        url,
+        """
             SELECT d.id, r.grid_id, r.id FROM devices d JOIN residents r ON r.id = d.resident_id
-            JOIN areas a ON a.id = r.grid_id WHERE a.level = 'grid' ORDER BY d.id"""):
+            JOIN areas a ON a.id = r.grid_id WHERE a.level = 'grid' ORDER BY d.id""",
+    ):
         has_night = any(start > end for _s, _p, start, end in shifts.get(grid, []))
         if has_night == night_covered and grid in shifts:
             return device, grid, resident
@@ -118,7 +126,7 @@ def test_first_step_calls_and_texts_the_grid_worker_on_duty(county_url: str, pho
     day_worker = next(p for _s, p, start, end in grid_worker_shifts(county_url)[grid] if start < end)
     clock = Clock(DAY)
     incident = press(county_url, device, DAY)
-    before = PRESS_TO_FIRST_REQUEST.collect()[0].samples
+    before = next(iter(PRESS_TO_FIRST_REQUEST.collect())).samples
     make_router(county_url, phone_network, clock).run_once()
     assert [c["to"] for c in calls(phone_network)] == [day_worker]
     assert [m["to"] for m in messages(phone_network)] == [day_worker]
@@ -127,26 +135,40 @@ def test_first_step_calls_and_texts_the_grid_worker_on_duty(county_url: str, pho
     assert attempts[0][2] == calls(phone_network)[0]["sid"]
     code = q(county_url, "SELECT code FROM incidents WHERE id = %s", incident)[0][0]
     assert code in messages(phone_network)[0]["body"]
-    timeline = [r[0] for r in q(county_url, "SELECT event FROM incident_events WHERE incident_id = %s ORDER BY id", incident)]
+    timeline = [
+        r[0] for r in q(county_url, "SELECT event FROM incident_events WHERE incident_id = %s ORDER BY id", incident)
+    ]
     assert timeline == ["opened", "stored", "step_started", "attempt_sent", "attempt_sent", "attempt_sent"]
     assert q(county_url, "SELECT step, state, due_at FROM escalation_actions ORDER BY id") == [
-        (0, "done", DAY), (1, "pending", DAY + timedelta(seconds=120)),
+        (0, "done", DAY),
+        (1, "pending", DAY + timedelta(seconds=120)),
     ]
-    after = PRESS_TO_FIRST_REQUEST.collect()[0].samples
+    after = next(iter(PRESS_TO_FIRST_REQUEST.collect())).samples
     count = next(s.value for s in after if s.name.endswith("_count"))
     assert count == next(s.value for s in before if s.name.endswith("_count")) + 1
 
 
 def test_grid_with_nobody_on_duty_pages_the_duty_officer_above(county_url: str, phone_network: str) -> None:
     device, grid, _resident = wristband_in(county_url, night_covered=False)
-    township = q(county_url, """
+    township = q(
+        county_url,
+        """
         WITH RECURSIVE up(id, parent_id, level) AS (
             SELECT id, parent_id, level FROM areas WHERE id = %s
             UNION ALL SELECT a.id, a.parent_id, a.level FROM areas a JOIN up ON a.id = up.parent_id)
-        SELECT id FROM up WHERE level = 'township'""", grid)[0][0]
-    officers = {r[0] for r in q(county_url, """
+        SELECT id FROM up WHERE level = 'township'""",
+        grid,
+    )[0][0]
+    officers = {
+        r[0]
+        for r in q(
+            county_url,
+            """
         SELECT s.phone FROM duty_shifts d JOIN staff s ON s.id = d.staff_id
-        WHERE d.area_id = %s AND s.role = 'duty_officer' AND d.start_time > d.end_time""", township)}
+        WHERE d.area_id = %s AND s.role = 'duty_officer' AND d.start_time > d.end_time""",
+            township,
+        )
+    }
     press(county_url, device, NIGHT)
     make_router(county_url, phone_network, Clock(NIGHT)).run_once()
     called = {c["to"] for c in calls(phone_network)}
@@ -158,7 +180,9 @@ def test_grid_with_nobody_on_duty_pages_the_duty_officer_above(county_url: str, 
 
 def test_guardians_are_called_in_priority_order_after_the_wait(county_url: str, phone_network: str) -> None:
     device, _grid, resident = wristband_in(county_url, night_covered=False)
-    guardians = [r[0] for r in q(county_url, "SELECT phone FROM guardians WHERE resident_id = %s ORDER BY priority", resident)]
+    guardians = [
+        r[0] for r in q(county_url, "SELECT phone FROM guardians WHERE resident_id = %s ORDER BY priority", resident)
+    ]
     clock = Clock(DAY)
     press(county_url, device, DAY)
     router = make_router(county_url, phone_network, clock)
@@ -190,7 +214,9 @@ def test_a_step_without_recipients_advances_at_once_and_the_chain_repeats(county
     router.run_once()  # every step done: unreached, operators alarmed, round 1 from the grid worker
     state = q(county_url, "SELECT state FROM incidents WHERE id = %s", incident)[0][0]
     assert state == "unreached"
-    events = [r[0] for r in q(county_url, "SELECT event FROM incident_events WHERE incident_id = %s ORDER BY id", incident)]
+    events = [
+        r[0] for r in q(county_url, "SELECT event FROM incident_events WHERE incident_id = %s ORDER BY id", incident)
+    ]
     assert "no_recipients" in events
     assert "unreached" in events
     rounds = q(county_url, "SELECT DISTINCT round FROM notification_attempts WHERE step = 0 ORDER BY 1")

@@ -90,7 +90,9 @@ class LocalPostgres:
     def version(self) -> int:
         out = subprocess.run(
             [str(self.spec.bin_dir / "postgres"), "--version"],
-            check=True, capture_output=True, text=True,
+            check=True,
+            capture_output=True,
+            text=True,
         ).stdout
         return int(out.split()[-1].split(".")[0])
 
@@ -115,14 +117,15 @@ class LocalPostgres:
     def _run(self, *args: str) -> None:
         result = subprocess.run(
             [str(self.spec.bin_dir / args[0]), *args[1:]],
-            capture_output=True, text=True, preexec_fn=self._demote(),  # noqa: PLW1509
+            capture_output=True,
+            text=True,
+            check=False,
+            preexec_fn=self._demote(),
             cwd="/",
         )
         if result.returncode != 0:
             log = self.log_file.read_text(errors="replace")[-4000:] if self.log_file.exists() else ""
-            raise PostgresStartError(
-                f"{args[0]} failed ({result.returncode}): {result.stderr.strip()}\n{log}"
-            )
+            raise PostgresStartError(f"{args[0]} failed ({result.returncode}): {result.stderr.strip()}\n{log}")
 
     def _prepare_dirs(self) -> None:
         data = self.spec.data_dir
@@ -141,13 +144,17 @@ class LocalPostgres:
         data = str(self.spec.data_dir)
         if not (self.spec.data_dir / "PG_VERSION").exists():
             self._run(
-                "initdb", "-D", data, "-U", "postgres", "--auth=trust",
-                "--encoding=UTF8", "--locale=C", "--no-sync",
+                "initdb",
+                "-D",
+                data,
+                "-U",
+                "postgres",
+                "--auth=trust",
+                "--encoding=UTF8",
+                "--locale=C",
+                "--no-sync",
             )
-        options = (
-            f"-p {self.spec.port} -h 127.0.0.1 -k {data} "
-            "-c max_connections=200 -c fsync=on"
-        )
+        options = f"-p {self.spec.port} -h 127.0.0.1 -k {data} -c max_connections=200 -c fsync=on"
         self._run("pg_ctl", "-D", data, "-l", str(self.log_file), "-o", options, "-w", "-t", "60", "start")
 
     def stop(self, mode: str = "fast") -> None:

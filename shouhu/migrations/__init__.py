@@ -50,9 +50,7 @@ class Migration:
 def _create_series_tables(conn: psycopg.Connection, context: MigrationContext) -> None:
     mode = timeseries.detect_mode(conn)
     timeseries.create_tables(conn, mode, context.retention_days)
-    conn.execute(
-        "INSERT INTO shouhu_meta (key, value) VALUES ('storage_mode', %s)", (mode.value,)
-    )
+    conn.execute("INSERT INTO shouhu_meta (key, value) VALUES ('storage_mode', %s)", (mode.value,))
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -84,9 +82,7 @@ def _bootstrap(conn: psycopg.Connection) -> None:
         )
         """
     )
-    conn.execute(
-        "CREATE TABLE IF NOT EXISTS shouhu_meta (key text PRIMARY KEY, value text NOT NULL)"
-    )
+    conn.execute("CREATE TABLE IF NOT EXISTS shouhu_meta (key text PRIMARY KEY, value text NOT NULL)")
 
 
 def storage_mode(conn: psycopg.Connection) -> timeseries.StorageMode:
@@ -132,11 +128,7 @@ def migrate(conninfo: str, context: MigrationContext) -> MigrationReport:
                     (migration.version, migration.name, migration.checksum()),
                 )
                 applied.append(migration.version)
-        newer = [
-            v
-            for (v,) in conn.execute("SELECT version FROM schema_migrations").fetchall()
-            if v not in known
-        ]
+        newer = [v for (v,) in conn.execute("SELECT version FROM schema_migrations").fetchall() if v not in known]
         if newer:
             raise MigrationError(f"the database has migrations {newer} this version does not know")
         with conn.transaction():
@@ -148,8 +140,6 @@ def migrate(conninfo: str, context: MigrationContext) -> MigrationReport:
                 created, dropped = report.created, report.dropped
             else:
                 for table in timeseries.SERIES_TABLES:
-                    for statement in timeseries.timescaledb_retention_statements(
-                        table, context.retention_days
-                    ):
+                    for statement in timeseries.timescaledb_retention_statements(table, context.retention_days):
                         conn.execute(statement.encode())
     return MigrationReport(tuple(applied), mode, created, dropped)

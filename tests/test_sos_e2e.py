@@ -1,0 +1,132 @@
+"""The SOS path end to end, as an operator runs it: separate `shouhu` processes, a press
+published with `mosquitto_pub`, and the grid worker's phone ringing in the simulator."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import time
+import uuid
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from alerts.recipients import duty_chain
+from shouhu.embedded.postgres import free_port
+from shouhu.settings import Settings
+from tests.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, shouhu_env
+
+DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+SID, TOKEN, FROM = "AC" + "1" * 32, "e2e-token", "+12025550100"
+
+
+@pytest.fixture
+def stack(database_url: str, mosquitto: Mosquitto) -> Iterator[dict[str, Any]]:
+    phone_port, hub_metrics, router_metrics = free_port(), free_port(), free_port()
+    env = shouhu_env(
+        SHOUHU_DATABASE_URL=database_url,
+        SHOUHU_MQTT_URL=mosquitto.url,
+        SHOUHU_HUB_ID=f"e2e-{uuid.uuid4().hex[:8]}",
+        SHOUHU_TWILIO_ACCOUNT_SID=SID,
+        SHOUHU_TWILIO_AUTH_TOKEN=TOKEN,
+        SHOUHU_TWILIO_FROM=FROM,
+        SHOUHU_TWILIO_API_BASE=f"http://127.0.0.1:{phone_port}",
+    )
+    load = subprocess.run([SHOUHU_BIN, "registry", "load", str(DEMO)], env=env, capture_output=True, text=True)
+    assert load.returncode == 0, load.stderr
+    processes = [
+        ShouhuProcess(
+            ["simulate", "phone-network", "--port", str(phone_port)],
+            env,
+            ready_url=f"http://127.0.0.1:{phone_port}/_sim/calls",
+        ),
+        ShouhuProcess(
+            ["hub"],
+            {**env, "SHOUHU_METRICS_PORT": str(hub_metrics)},
+            ready_url=f"http://127.0.0.1:{hub_metrics}/readyz",
+        ),
+        ShouhuProcess(
+            ["router"],
+            {**env, "SHOUHU_METRICS_PORT": str(router_metrics)},
+            ready_url=f"http://127.0.0.1:{router_metrics}/readyz",
+        ),
+    ]
+    try:
+        for process in processes:
+            process.start()
+        yield {
+            "phone": f"http://127.0.0.1:{phone_port}",
+            "router_metrics": router_metrics,
+            "database_url": database_url,
+            "mosquitto": mosquitto,
+            "processes": processes,
+        }
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def _wristband_with_grid_worker_on_duty(url: str) -> tuple[str, set[str]]:
+    zone = Settings(_env_file=None).zone  # type: ignore[call-arg]
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT d.id, r.grid_id FROM devices d JOIN residents r ON r.id = d.resident_id"
+            " WHERE d.kind = 'wristband' ORDER BY d.id"
+        ).fetchall()
+        for device_id, grid_id in rows:
+            people = duty_chain(conn, grid_id, datetime.now(UTC), zone)
+            if people and all(p.area_id == grid_id and p.role == "grid_worker" for p in people):
+                return device_id, {p.phone for p in people}
+    raise AssertionError("no grid has a grid worker on duty now")
+
+
+def test_a_press_rings_the_right_grid_worker_within_a_second(stack: dict[str, Any]) -> None:
+    device_id, expected = _wristband_with_grid_worker_on_duty(stack["database_url"])
+    mosquitto: Mosquitto = stack["mosquitto"]
+    payload = json.dumps({"msg_id": str(uuid.uuid4()), "ts": datetime.now(UTC).isoformat(), "action": "press"})
+    pressed = time.monotonic()
+    subprocess.run(
+        [
+            "mosquitto_pub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(mosquitto.port),
+            "-q",
+            "1",
+            "-t",
+            f"shouhu/v1/wristband/{device_id}/sos",
+            "-m",
+            payload,
+        ],
+        check=True,
+        timeout=10,
+    )
+    deadline = time.monotonic() + 10
+    ringing: list[dict[str, Any]] = []
+    while not ringing and time.monotonic() < deadline:
+        ringing = httpx.get(f"{stack['phone']}/_sim/calls").json()
+        time.sleep(0.02)
+    assert ringing, "no call reached the phone network"
+    assert {c["to"] for c in ringing} <= expected
+    # The simulator stamps each request with CLOCK_MONOTONIC, shared by every process here.
+    assert ringing[0]["monotonic"] - pressed < 1.0, f"first ring after {ringing[0]['monotonic'] - pressed:.3f}s"
+    metrics = httpx.get(f"http://127.0.0.1:{stack['router_metrics']}/metrics").text
+    assert "shouhu_sos_press_to_first_request_seconds_count 1.0" in metrics
+
+
+def test_the_router_refuses_to_start_without_twilio(database_url: str) -> None:
+    result = subprocess.run(
+        [SHOUHU_BIN, "router"],
+        env=shouhu_env(SHOUHU_DATABASE_URL=database_url),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "SHOUHU_TWILIO_ACCOUNT_SID" in result.stderr
