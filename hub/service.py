@@ -53,7 +53,8 @@ class Hub:
         try:
             while not self.stopping.is_set():
                 try:
-                    message = self.inbox.get(timeout=PROBE_INTERVAL_S)
+                    # Re-probe quickly until ready: the first probe can race the SUBACK.
+                    message = self.inbox.get(timeout=PROBE_INTERVAL_S if self.ready.is_set() else 0.2)
                 except queue.Empty:
                     if not self.ready.is_set():
                         self.connection.publish_probe(self._probe_token)

@@ -309,3 +309,27 @@ def serve_app(app: Any) -> Iterator[str]:
     yield f"http://127.0.0.1:{port}"
     server.should_exit = True
     thread.join(10)
+
+
+def wristband_with_grid_worker_on_duty(url: str, exclude: set[str] | None = None) -> tuple[str, set[str]]:
+    """A wristband whose own grid has a grid worker on duty now, and their phones."""
+    from datetime import UTC, datetime
+
+    import psycopg
+
+    from alerts.recipients import duty_chain
+    from shouhu.settings import Settings
+
+    zone = Settings(_env_file=None).zone  # type: ignore[call-arg]
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            "SELECT d.id, r.grid_id FROM devices d JOIN residents r ON r.id = d.resident_id"
+            " WHERE d.kind = 'wristband' ORDER BY d.id"
+        ).fetchall()
+        for device_id, grid_id in rows:
+            if device_id in (exclude or set()):
+                continue
+            people = duty_chain(conn, grid_id, datetime.now(UTC), zone)
+            if people and all(p.area_id == grid_id and p.role == "grid_worker" for p in people):
+                return device_id, {p.phone for p in people}
+    raise AssertionError("no grid has a grid worker on duty now")

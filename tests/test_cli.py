@@ -8,17 +8,23 @@ import re
 import shutil
 import signal
 import subprocess
+import threading
 import time
 import urllib.error
 import urllib.request
+import uuid
 from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
+from typing import IO, Any
 
+import httpx
 import pytest
 
 from shouhu.cli import NOT_LANDED_EXIT
 from shouhu.embedded.postgres import free_port
-from tests.services import Mosquitto, scratch_dir
+from tests.services import Mosquitto, scratch_dir, wristband_with_grid_worker_on_duty
 
 SHOUHU = shutil.which("shouhu") or str(Path(__file__).resolve().parent.parent / ".venv/bin/shouhu")
 
@@ -118,10 +124,40 @@ def _get(url: str, token: str | None = None) -> tuple[int, bytes]:
             return response.status, response.read()
     except urllib.error.HTTPError as exc:
         return exc.code, exc.read()
+    except OSError:  # nothing listening yet
+        return 0, b""
+
+
+@dataclass
+class RunningUp:
+    process: subprocess.Popen[str]
+    api_port: int
+    data_dir: Path
+    lines: list[str]
+
+    def wait_for_line(self, needle: str, timeout: float = 30.0) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            for line in list(self.lines):
+                if needle in line:
+                    return line
+            time.sleep(0.05)
+        raise AssertionError(f"no line with {needle!r} in:\n" + "\n".join(self.lines))
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            self.process.wait(30)
+
+
+def _read_lines(stream: IO[str], lines: list[str]) -> None:
+    for line in stream:
+        lines.append(line.rstrip("\n"))
 
 
 @pytest.fixture
-def running_up(mosquitto: Mosquitto) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
+def running_up(mosquitto: Mosquitto) -> Iterator[RunningUp]:
+    """`shouhu up --demo` on the embedded database, with the session's Mosquitto."""
     port = free_port()
     data_dir = scratch_dir("shouhu-up-cli-")
     process = subprocess.Popen(
@@ -130,52 +166,33 @@ def running_up(mosquitto: Mosquitto) -> Iterator[tuple[subprocess.Popen[str], in
         stderr=subprocess.STDOUT,
         text=True,
         cwd=data_dir,
-        env=_env(SHOUHU_MQTT_URL=mosquitto.url, SHOUHU_API_PORT=str(port)),
+        env=_env(SHOUHU_MQTT_URL=mosquitto.url, SHOUHU_API_PORT=str(port), SHOUHU_HUB_ID=f"up-{port}"),
     )
-    lines: list[str] = []
+    assert process.stdout is not None
+    running = RunningUp(process, port, data_dir, [])
+    threading.Thread(target=_read_lines, args=(process.stdout, running.lines), daemon=True).start()
     try:
         deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            status, _ = _get(f"http://127.0.0.1:{port}/readyz") if _port_open(port) else (0, b"")
-            if status == 200:
-                break
-            assert process.poll() is None, "shouhu up exited early"
+        while _get(f"http://127.0.0.1:{port}/readyz")[0] != 200:
+            assert process.poll() is None, "shouhu up exited early:\n" + "\n".join(running.lines)
+            assert time.monotonic() < deadline, "shouhu up not ready in 90 s"
             time.sleep(0.2)
-        else:
-            pytest.fail("shouhu up did not become ready in 90 s")
-        yield process, port, lines
+        yield running
     finally:
-        if process.poll() is None:
-            process.send_signal(signal.SIGINT)
-            out, _ = process.communicate(timeout=30)
-            lines.extend(out.splitlines())
+        running.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
 
 
-def _port_open(port: int) -> bool:
-    from shouhu.embedded.broker import is_listening
-
-    return is_listening("127.0.0.1", port)
-
-
-def test_up_demo_serves_the_demo_county(
-    running_up: tuple[subprocess.Popen[str], int, list[str]], tmp_path: Path
-) -> None:
-    process, port, _lines = running_up
+def test_up_demo_serves_the_demo_county(running_up: RunningUp, tmp_path: Path) -> None:
+    port = running_up.api_port
     assert _get(f"http://127.0.0.1:{port}/healthz")[0] == 200
     status, body = _get(f"http://127.0.0.1:{port}/metrics")
     assert status == 200
-    assert b"# TYPE" in body
-    # `shouhu token create` in another terminal finds the embedded database on its own.
-    data_dir = Path(str(process.args[4]))  # type: ignore[index]
-    recorded = json.loads((data_dir / "embedded.json").read_text())
+    assert b"shouhu_sos_press_to_first_request_seconds" in body
+    # `shouhu token create` in another terminal reaches the embedded database.
+    recorded = json.loads((running_up.data_dir / "embedded.json").read_text())
     token = run_shouhu(
-        "token",
-        "create",
-        "--role",
-        "operator",
-        cwd=tmp_path,
-        SHOUHU_DATABASE_URL=recorded["database_url"],
+        "token", "create", "--role", "operator", cwd=tmp_path, SHOUHU_DATABASE_URL=recorded["database_url"]
     )
     assert token.returncode == 0, token.stderr
     status, body = _get(f"http://127.0.0.1:{port}/api/v1/areas?limit=500", token.stdout.strip())
@@ -184,20 +201,60 @@ def test_up_demo_serves_the_demo_county(
     assert _get(f"http://127.0.0.1:{port}/api/v1/areas")[0] == 401
 
 
-def test_up_prints_where_the_data_is(
-    running_up: tuple[subprocess.Popen[str], int, list[str]],
-) -> None:
-    process, _port, lines = running_up
-    process.send_signal(signal.SIGINT)
-    out, _ = process.communicate(timeout=30)
-    lines.extend(out.splitlines())
-    text = "\n".join(lines)
-    data_dir = str(process.args[4])  # type: ignore[index]
-    assert f"data kept under {data_dir}" in text
-    assert "registry loaded" in text
-    assert "240 residents" in text
-    # The demo press reached a simulated phone: the terminal shows it ringing.
-    demo_line = next(line for line in lines if line.startswith("demo: ") and "presses SOS" in line)
+def test_up_demo_shows_the_grid_workers_phone_ringing(running_up: RunningUp) -> None:
+    running_up.wait_for_line("registry loaded")
+    assert any(f"data kept under {running_up.data_dir}" in line for line in running_up.lines)
+    demo_line = running_up.wait_for_line("presses SOS")
     on_duty = re.findall(r"\+1\d{10}", demo_line.split("on duty:")[1])
     assert on_duty
-    assert any(f"ringing {on_duty[0]}" in line for line in lines), text
+    running_up.wait_for_line(f"ringing {on_duty[0]}")
+
+
+def test_mosquitto_pub_on_a_fresh_up_rings_within_a_second(running_up: RunningUp, mosquitto: Mosquitto) -> None:
+    phone = re.search(r"http://127\.0\.0\.1:\d+", running_up.wait_for_line("phone network: simulated"))
+    assert phone is not None
+    running_up.wait_for_line("presses SOS")
+    database_url = running_up.wait_for_line("database: postgresql://").split("database: ")[1]
+    device_id, expected = wristband_with_grid_worker_on_duty(database_url, exclude={"wb-0001"})
+    before = len(httpx.get(f"{phone.group(0)}/_sim/calls").json())
+    payload = json.dumps({"msg_id": str(uuid.uuid4()), "ts": datetime.now(UTC).isoformat(), "action": "press"})
+    pressed = time.monotonic()
+    subprocess.run(
+        [
+            "mosquitto_pub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(mosquitto.port),
+            "-q",
+            "1",
+            "-t",
+            f"shouhu/v1/wristband/{device_id}/sos",
+            "-m",
+            payload,
+        ],
+        check=True,
+        timeout=10,
+    )
+    deadline = time.monotonic() + 10
+    calls: list[dict[str, Any]] = []
+    while len(calls) <= before and time.monotonic() < deadline:
+        calls = httpx.get(f"{phone.group(0)}/_sim/calls").json()
+        time.sleep(0.02)
+    assert len(calls) > before, "no call reached the phone network"
+    assert calls[before]["to"] in expected
+    assert calls[before]["monotonic"] - pressed < 1.0
+
+
+def test_demo_refuses_a_real_phone_network(tmp_path: Path) -> None:
+    result = run_shouhu(
+        "up",
+        "--demo",
+        "--data-dir",
+        str(tmp_path / "data"),
+        cwd=tmp_path,
+        SHOUHU_TWILIO_API_BASE="https://api.example.com",
+    )
+    assert result.returncode == 2
+    assert "refuses SHOUHU_TWILIO_API_BASE=https://api.example.com" in result.stderr
+    assert not (tmp_path / "data").exists()  # refused before anything started

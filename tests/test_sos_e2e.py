@@ -13,13 +13,10 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import psycopg
 import pytest
 
-from alerts.recipients import duty_chain
 from shouhu.embedded.postgres import free_port
-from shouhu.settings import Settings
-from tests.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, shouhu_env
+from tests.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, shouhu_env, wristband_with_grid_worker_on_duty
 
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 SID, TOKEN, FROM = "AC" + "1" * 32, "e2e-token", "+12025550100"
@@ -71,22 +68,8 @@ def stack(database_url: str, mosquitto: Mosquitto) -> Iterator[dict[str, Any]]:
             process.stop()
 
 
-def _wristband_with_grid_worker_on_duty(url: str) -> tuple[str, set[str]]:
-    zone = Settings(_env_file=None).zone  # type: ignore[call-arg]
-    with psycopg.connect(url) as conn:
-        rows = conn.execute(
-            "SELECT d.id, r.grid_id FROM devices d JOIN residents r ON r.id = d.resident_id"
-            " WHERE d.kind = 'wristband' ORDER BY d.id"
-        ).fetchall()
-        for device_id, grid_id in rows:
-            people = duty_chain(conn, grid_id, datetime.now(UTC), zone)
-            if people and all(p.area_id == grid_id and p.role == "grid_worker" for p in people):
-                return device_id, {p.phone for p in people}
-    raise AssertionError("no grid has a grid worker on duty now")
-
-
 def test_a_press_rings_the_right_grid_worker_within_a_second(stack: dict[str, Any]) -> None:
-    device_id, expected = _wristband_with_grid_worker_on_duty(stack["database_url"])
+    device_id, expected = wristband_with_grid_worker_on_duty(stack["database_url"])
     mosquitto: Mosquitto = stack["mosquitto"]
     payload = json.dumps({"msg_id": str(uuid.uuid4()), "ts": datetime.now(UTC).isoformat(), "action": "press"})
     pressed = time.monotonic()
