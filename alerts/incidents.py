@@ -16,12 +16,13 @@ from typing import Any
 import psycopg
 from psycopg.types.json import Jsonb
 
+from alerts.acknowledge import Result, cancel_from_device, repage_acknowledger
 from alerts.policy import resolve_policy
+from alerts.timeline import add_event, wake_routers
 from devices.kinds import IncidentKind, Severity
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
-ESCALATION_CHANNEL = "shouhu_escalation"
 CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"  # no 0/O, 1/I/L: read out over the phone
 CODE_LENGTH = 5
 OPEN_STATES = ("open", "acknowledged", "unreached")
@@ -31,7 +32,8 @@ class AlarmResult(StrEnum):
     OPENED = "opened"
     JOINED = "joined"
     REDELIVERY = "redelivery"
-    CANCEL_NOTED = "cancel_noted"
+    CANCELLED = "cancelled"
+    CANCEL_REFUSED = "cancel_refused"
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,13 +91,6 @@ def _ledger(conn: Conn, alarm: Alarm, channel: str) -> str | None:
     return key
 
 
-def _event(conn: Conn, incident_id: int, at: datetime, event: str, actor: str | None, detail: dict[str, Any]) -> None:
-    conn.execute(
-        "INSERT INTO incident_events (incident_id, at, event, actor, detail) VALUES (%s, %s, %s, %s, %s)",
-        (incident_id, at, event, actor, Jsonb(detail)),
-    )
-
-
 def _county(conn: Conn) -> str | None:
     row = conn.execute("SELECT id FROM areas WHERE parent_id IS NULL AND active ORDER BY id LIMIT 1").fetchone()
     return row[0] if row else None
@@ -144,7 +139,9 @@ def _join(conn: Conn, alarm: Alarm, resident_id: str | None) -> tuple[int, str, 
     return (int(row[0]), str(row[1]), row[2]) if row else None
 
 
-def record_alarm(conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str) -> AlarmOutcome:
+def record_alarm(
+    conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str, cancel_window_s: int = 30
+) -> AlarmOutcome:
     """Store one alarm: ledger, then open or join the red incident, then its first step.
 
     Runs in the caller's transaction. A press or fall whose resident already has an
@@ -179,11 +176,14 @@ def record_alarm(conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str) -
             " ORDER BY opened_at DESC LIMIT 1",
             (alarm.device_id,),
         ).fetchone()
-        if joined:
-            # Standing an SOS down is decided with the escalation rules (cancel
-            # window, never a fall); here the request is kept on the timeline.
-            _event(conn, joined[0], alarm.received_at, "cancel_received", alarm.device_id, message_detail)
-        return AlarmOutcome(AlarmResult.CANCEL_NOTED, joined[0] if joined else None)
+        if joined is None:
+            return AlarmOutcome(AlarmResult.CANCEL_REFUSED, None)
+        add_event(conn, joined[0], alarm.received_at, "cancel_received", alarm.device_id, message_detail)
+        result = cancel_from_device(
+            conn, joined[0], alarm.device_id, alarm.received_at, cancel_window_s=cancel_window_s
+        )
+        cancelled = AlarmResult.CANCELLED if result is Result.DONE else AlarmResult.CANCEL_REFUSED
+        return AlarmOutcome(cancelled, joined[0])
     for _ in range(3):
         snapshot = resolve_policy(conn, kind, area_id, ack_timeout_s)
         incident_id = _insert_incident(
@@ -201,7 +201,7 @@ def record_alarm(conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str) -
             },
         )
         if incident_id is not None:
-            _event(
+            add_event(
                 conn,
                 incident_id,
                 alarm.received_at,
@@ -209,17 +209,17 @@ def record_alarm(conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str) -
                 alarm.device_id,
                 {"kind": kind.value, "severity": Severity.RED.value, "policy": snapshot.policy_id},
             )
-            _event(conn, incident_id, alarm.received_at, "stored", hub_id, message_detail)
+            add_event(conn, incident_id, alarm.received_at, "stored", hub_id, message_detail)
             conn.execute(
                 "INSERT INTO escalation_actions (incident_id, step, round, token, due_at) VALUES (%s, 0, 0, 1, %s)",
                 (incident_id, alarm.received_at),
             )
-            conn.execute("SELECT pg_notify(%s, %s)", (ESCALATION_CHANNEL, str(incident_id)))
+            wake_routers(conn, str(incident_id))
             return AlarmOutcome(AlarmResult.OPENED, incident_id)
         joined_row = _join(conn, alarm, resident_id)
         if joined_row is not None:
             incident_id, state, acknowledged_by = joined_row
-            _event(
+            cause = add_event(
                 conn,
                 incident_id,
                 alarm.received_at,
@@ -227,6 +227,9 @@ def record_alarm(conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str) -
                 alarm.device_id,
                 {**message_detail, "kind": alarm.kind.value, "state": state, "acknowledged_by": acknowledged_by},
             )
+            if state == "acknowledged":
+                # Pressed again after someone took it: that person hears about it now.
+                repage_acknowledger(conn, incident_id, cause, alarm.received_at)
             return AlarmOutcome(AlarmResult.JOINED, incident_id)
         # The open incident closed between our insert and update: try again.
     raise RuntimeError(f"could not open or join an incident for {alarm.device_id}")

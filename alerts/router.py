@@ -18,6 +18,7 @@ from __future__ import annotations
 import logging
 import select
 import threading
+import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
@@ -25,42 +26,37 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
-from prometheus_client import Counter, Histogram
-from psycopg.types.json import Jsonb
+from prometheus_client import Counter
 
-from alerts.incidents import ESCALATION_CHANNEL
-from alerts.notifiers.base import Delivery, Message, Notifier, SendOutcome, SendResult
+from alerts.dispatch import PRESS_TO_FIRST_REQUEST, Dispatcher
+from alerts.notifiers.base import Notifier
+from alerts.notifiers.platform import PlatformNotifier
 from alerts.policy import PolicySnapshot
 from alerts.recipients import Recipient, resolve
-from devices.kinds import Channel, EscalationTarget
+from alerts.timeline import ESCALATION_CHANNEL, add_event, wake_routers
+from devices.kinds import AttemptPurpose, Channel, EscalationTarget
 
 log = logging.getLogger(__name__)
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 Clock = Callable[[], datetime]
 
-PRESS_TO_FIRST_REQUEST = Histogram(
-    "shouhu_sos_press_to_first_request_seconds",
-    "From the hub receiving an SOS or fall to the first provider request for its incident",
-    buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
-)
+__all__ = ["PRESS_TO_FIRST_REQUEST", "Router", "RouterConfig"]
+
 STEPS = Counter("shouhu_router_steps_total", "Escalation steps run, by target and result", ["target", "result"])
-ATTEMPTS = Counter(
-    "shouhu_router_attempts_total", "Notification attempts, by channel and outcome", ["channel", "outcome"]
+INVARIANT_BREACHES = Counter(
+    "shouhu_router_invariant_breaches_total",
+    "Open red incidents found with no pending escalation action (repaired)",
 )
+SWEEP_INTERVAL_S = 5.0
+SWEEPER_LOCK_KEY = 0x5348_4F55_4855_0002
+PLATFORM = Recipient("platform", "emergency-platform", "应急呼叫平台", "", "platform")
 
 ACTIVE_STATES = ("open", "unreached")
 
 
 def utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-def _event(conn: Conn, incident_id: int, at: datetime, event: str, actor: str | None, detail: dict[str, Any]) -> None:
-    conn.execute(
-        "INSERT INTO incident_events (incident_id, at, event, actor, detail) VALUES (%s, %s, %s, %s, %s)",
-        (incident_id, at, event, actor, Jsonb(detail)),
-    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -70,6 +66,7 @@ class DueAction:
     step: int
     round: int
     token: int
+    kind: str = "step"
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,14 +94,17 @@ class Router:
         config: RouterConfig,
         notifiers: Mapping[Channel, Notifier],
         *,
+        platform: PlatformNotifier | None = None,
         clock: Clock = utc_now,
+        exercise: bool = False,
     ) -> None:
         self.database_url = database_url
         self.config = config
-        self.notifiers = dict(notifiers)
         self.clock = clock
+        self.dispatcher = Dispatcher(notifiers, platform, worker_id=config.router_id, clock=clock, exercise=exercise)
         self.stopping = threading.Event()
         self._conn: Conn | None = None
+        self._last_sweep = float("-inf")
 
     # -- connections -----------------------------------------------------------
 
@@ -122,7 +122,7 @@ class Router:
     def _claim_action(self, conn: Conn, now: datetime) -> DueAction | None:
         row = conn.execute(
             """
-            SELECT id, incident_id, step, round, token FROM escalation_actions
+            SELECT id, incident_id, step, round, token, kind FROM escalation_actions
             WHERE state = 'pending' AND due_at <= %s
             ORDER BY due_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
             """,
@@ -139,10 +139,13 @@ class Router:
         assert row is not None
         return IncidentView(row[0], row[1], row[2], row[3], row[4], PolicySnapshot.from_json(row[5]))
 
-    def run_due_steps(self) -> int:
-        """Run every escalation action due now, one transaction each. Returns how many."""
+    def run_due_steps(self, limit: int = 100) -> int:
+        """Run escalation actions due now, one transaction each, at most ``limit``. Returns how many.
+
+        The limit keeps sends flowing between batches of steps.
+        """
         done = 0
-        while not self.stopping.is_set():
+        while not self.stopping.is_set() and done < limit:
             conn = self._connection()
             with conn.transaction():
                 now = self.clock()
@@ -150,7 +153,7 @@ class Router:
                 if action is None:
                     return done
                 self._run_action(conn, action, now)
-                conn.execute("SELECT pg_notify(%s, 'attempts')", (ESCALATION_CHANNEL,))
+                wake_routers(conn, "attempts")
             done += 1
         return done
 
@@ -170,6 +173,9 @@ class Router:
             # Fencing: the escalation was re-planned after this action was written.
             self._retire(conn, action, "stale", now)
             return
+        if action.kind == "resolve_check":
+            self._resolve_check(conn, incident, action, now)
+            return
         if incident.state not in ACTIVE_STATES:
             self._retire(conn, action, "cancelled", now)
             return
@@ -178,19 +184,22 @@ class Router:
             self._exhausted(conn, incident, action, now)
             return
         step = steps[action.step]
-        recipients = resolve(
-            conn,
-            step.target,
-            resident_id=incident.resident_id,
-            area_id=incident.area_id,
-            at=now,
-            zone=self.config.zone,
-        )
+        if step.target is EscalationTarget.EMERGENCY_PLATFORM:
+            recipients = [PLATFORM] if self.dispatcher.platform is not None else []
+        else:
+            recipients = resolve(
+                conn,
+                step.target,
+                resident_id=incident.resident_id,
+                area_id=incident.area_id,
+                at=now,
+                zone=self.config.zone,
+            )
         created = self._write_attempts(conn, incident, action, step.target, step.channels, recipients, now)
         self._retire(conn, action, "done", now)
         if created:
             STEPS.labels(step.target.value, "paged").inc()
-            _event(
+            add_event(
                 conn,
                 incident.id,
                 now,
@@ -207,7 +216,7 @@ class Router:
         else:
             # Never silent: nobody reachable for this step → say so and go on at once.
             STEPS.labels(step.target.value, "no_recipients").inc()
-            _event(
+            add_event(
                 conn,
                 incident.id,
                 now,
@@ -228,7 +237,7 @@ class Router:
             "UPDATE incidents SET state = 'unreached', updated_at = %s WHERE id = %s AND state = 'open'",
             (now, incident.id),
         )
-        _event(conn, incident.id, now, "unreached", self.config.router_id, {"round": action.round})
+        add_event(conn, incident.id, now, "unreached", self.config.router_id, {"round": action.round})
         operators = resolve(
             conn, EscalationTarget.OPERATORS, resident_id=None, area_id=None, at=now, zone=self.config.zone
         )
@@ -236,7 +245,42 @@ class Router:
             conn, incident, action, EscalationTarget.OPERATORS, (Channel.VOICE, Channel.SMS), operators, now
         )
         self._retire(conn, action, "done", now)
-        self._schedule(conn, incident, 0, action.round + 1, now)
+        paged = conn.execute(
+            "SELECT count(*) FROM notification_attempts WHERE incident_id = %s AND round = %s AND purpose = 'page'",
+            (incident.id, action.round),
+        ).fetchone()
+        if paged and paged[0]:
+            self._schedule(conn, incident, 0, action.round + 1, now)
+            return
+        # A whole round found nobody to page, operators included: repeat, but after
+        # the first step's wait, not at once — a tight loop would starve every other
+        # incident's pages.
+        log.critical("incident %s: round %s reached nobody at all", incident.id, action.round)
+        STEPS.labels("round", "nobody_reachable").inc()
+        add_event(conn, incident.id, now, "nobody_reachable", self.config.router_id, {"round": action.round})
+        wait = incident.snapshot.steps[0].wait_s if incident.snapshot.steps else 60
+        self._schedule(conn, incident, 0, action.round + 1, now + timedelta(seconds=wait))
+
+    def _resolve_check(self, conn: Conn, incident: IncidentView, action: DueAction, now: datetime) -> None:
+        """Acknowledged but still unresolved after SHOUHU_RESOLVE_TIMEOUT_S: back on the chain."""
+        self._retire(conn, action, "done", now)
+        if incident.state != "acknowledged":
+            return
+        conn.execute("UPDATE incidents SET state = 'open', updated_at = %s WHERE id = %s", (now, incident.id))
+        last_round = conn.execute(
+            "SELECT coalesce(max(round), 0) FROM escalation_actions WHERE incident_id = %s AND kind = 'step'",
+            (incident.id,),
+        ).fetchone()
+        next_round = (int(last_round[0]) if last_round else 0) + 1
+        add_event(
+            conn,
+            incident.id,
+            now,
+            "reescalated",
+            self.config.router_id,
+            {"reason": "acknowledged but not resolved in time", "round": next_round},
+        )
+        self._schedule(conn, incident, 0, next_round, now)
 
     def _write_attempts(
         self,
@@ -251,18 +295,20 @@ class Router:
         created = 0
         for recipient in recipients:
             for channel in channels:
-                if channel not in self.notifiers:
+                if channel not in self.dispatcher.channels():
                     continue
+                purpose = AttemptPurpose.CAP_ALERT if channel is Channel.WEBHOOK else AttemptPurpose.PAGE
                 conn.execute(
                     """
-                    INSERT INTO notification_attempts (incident_id, action_id, round, step,
+                    INSERT INTO notification_attempts (incident_id, action_id, purpose, round, step,
                         recipient_kind, recipient_id, address, channel, attempt, state, created_at)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, 1, 'pending', %s)
+                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 1, 'pending', %s)
                     ON CONFLICT DO NOTHING
                     """,
                     (
                         incident.id,
                         action.id,
+                        purpose.value,
                         action.round,
                         action.step,
                         recipient.kind,
@@ -285,95 +331,75 @@ class Router:
         while not self.stopping.is_set():
             conn = self._connection()
             with conn.transaction():
-                row = conn.execute(
-                    """
-                    SELECT a.id, a.incident_id, a.channel, a.address, a.step, a.round,
-                           i.code, i.kind, i.opened_at, coalesce(r.name, '未登记手环'),
-                           coalesce(r.address, ''), r.phone
-                    FROM notification_attempts a
-                    JOIN incidents i ON i.id = a.incident_id
-                    LEFT JOIN residents r ON r.id = i.resident_id
-                    WHERE a.state = 'pending'
-                    ORDER BY a.created_at, a.id LIMIT 1
-                    FOR UPDATE OF a SKIP LOCKED
-                    """
-                ).fetchone()
-                if row is None:
+                attempt = self.dispatcher.claim(conn)
+                if attempt is None:
                     return sent
-                self._send(conn, row)
+                self.dispatcher.send(conn, attempt)
             sent += 1
         return sent
 
-    def _send(self, conn: Conn, row: tuple[Any, ...]) -> None:
-        (
-            attempt_id,
-            incident_id,
-            channel,
-            address,
-            step,
-            round_,
-            code,
-            kind,
-            opened_at,
-            name,
-            resident_address,
-            resident_phone,
-        ) = row
-        notifier = self.notifiers[Channel(channel)]
-        delivery = Delivery(
-            attempt_id,
-            Channel(channel),
-            address,
-            Message(incident_id, code, kind, name, resident_address, resident_phone or ""),
-        )
-        first = conn.execute(
-            "SELECT NOT EXISTS (SELECT 1 FROM notification_attempts WHERE incident_id = %s AND sent_at IS NOT NULL)",
-            (incident_id,),
-        ).fetchone()
-        started = self.clock()
-        if first and first[0]:
-            PRESS_TO_FIRST_REQUEST.observe(max((started - opened_at).total_seconds(), 0.0))
-        try:
-            result = notifier.send(delivery)
-        except Exception as exc:  # a notifier must not take the router down
-            log.exception("notifier for %s raised", channel)
-            result = SendResult(SendOutcome.FAILED, error=repr(exc)[:500])
-        finished = self.clock()
-        ATTEMPTS.labels(channel, result.outcome.value).inc()
-        conn.execute(
-            "UPDATE notification_attempts SET state = %s, provider_id = %s, error = %s,"
-            " sent_at = %s, updated_at = %s WHERE id = %s",
-            (
-                result.outcome.value,
-                result.provider_id,
-                result.error,
-                finished if result.outcome is SendOutcome.SENT else None,
-                finished,
-                attempt_id,
-            ),
-        )
-        _event(
-            conn,
-            incident_id,
-            finished,
-            "attempt_" + result.outcome.value,
-            self.config.router_id,
-            {
-                "attempt_id": attempt_id,
-                "channel": channel,
-                "to": address,
-                "step": step,
-                "round": round_,
-                "provider_id": result.provider_id,
-                "error": result.error,
-            },
-        )
+    # -- the invariant -------------------------------------------------------
+
+    def sweep(self) -> list[int]:
+        """Every open red incident has a pending action: find any that has none, repair, report.
+
+        One router sweeps at a time (an advisory lock); the others skip. A breach
+        is a bug or a hand edit; it is repaired by restarting the chain from the
+        first step, because paging again beats paging nobody.
+        """
+        conn = self._connection()
+        repaired: list[int] = []
+        with conn.transaction():
+            locked = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (SWEEPER_LOCK_KEY,)).fetchone()
+            if not locked or not locked[0]:
+                return repaired
+            now = self.clock()
+            rows = conn.execute(
+                """
+                SELECT i.id, i.escalation_token FROM incidents i
+                WHERE i.severity = 'red' AND i.state IN ('open', 'unreached', 'acknowledged')
+                  AND NOT EXISTS (SELECT 1 FROM escalation_actions a WHERE a.incident_id = i.id AND a.state = 'pending')
+                FOR UPDATE OF i SKIP LOCKED
+                """
+            ).fetchall()
+            for incident_id, token in rows:
+                INVARIANT_BREACHES.inc()
+                log.error("incident %s had no pending escalation action: restarting its chain", incident_id)
+                last = conn.execute(
+                    "SELECT coalesce(max(round), 0) FROM escalation_actions WHERE incident_id = %s", (incident_id,)
+                ).fetchone()
+                next_round = (int(last[0]) if last else 0) + 1
+                conn.execute(
+                    "INSERT INTO escalation_actions (incident_id, step, round, token, due_at)"
+                    " VALUES (%s, 0, %s, %s, %s)",
+                    (incident_id, next_round, token, now),
+                )
+                conn.execute(
+                    "UPDATE incidents SET state = 'open', updated_at = %s WHERE id = %s AND state = 'acknowledged'",
+                    (now, incident_id),
+                )
+                add_event(
+                    conn,
+                    incident_id,
+                    now,
+                    "invariant_repaired",
+                    self.config.router_id,
+                    {"reason": "no pending escalation action", "round": next_round},
+                )
+                repaired.append(int(incident_id))
+            if repaired:
+                wake_routers(conn, "repaired")
+        return repaired
 
     # -- loop ------------------------------------------------------------------
 
     def run_once(self) -> None:
-        self.run_due_steps()
-        self.send_pending()
+        """Sweep (every few seconds), run due steps, send pending attempts; until nothing is due."""
+        if time.monotonic() - self._last_sweep >= SWEEP_INTERVAL_S:
+            self._last_sweep = time.monotonic()
+            self.sweep()
+        while self.run_due_steps() + self.send_pending():
+            pass
 
     def run(self, poll_s: float = 0.25) -> None:
         """Loop until ``stop()``: wake on NOTIFY from the hub, or every ``poll_s``."""

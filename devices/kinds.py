@@ -102,3 +102,23 @@ class Weekday(StrEnum):
     def iso(self) -> int:
         """ISO weekday number, Monday = 1."""
         return list(Weekday).index(self) + 1
+
+
+class Outcome(StrEnum):
+    """How an incident ended, recorded when it is resolved."""
+
+    FALSE_ALARM = "false_alarm"  # 误报
+    VISITED_FINE = "visited_fine"  # 已上门，老人无恙
+    SENT_TO_HOSPITAL = "sent_to_hospital"  # 已送医
+    HANDLED_BY_GUARDIAN = "handled_by_guardian"  # 监护人已处置
+    EMERGENCY_SERVICES = "emergency_services"  # 120/110 已处置
+    OTHER = "other"
+
+
+class AttemptPurpose(StrEnum):
+    PAGE = "page"  # part of an escalation step
+    REPAGE = "repage"  # a press after an acknowledgement: whoever acknowledged, again
+    NOTICE = "notice"  # who took it, a cancel: information, not a request
+    CAP_ALERT = "cap_alert"
+    CAP_UPDATE = "cap_update"
+    CAP_CANCEL = "cap_cancel"

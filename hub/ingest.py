@@ -52,6 +52,7 @@ UNREADABLE_ALARM = frozenset(
 class IngestConfig:
     hub_id: str
     ack_timeout_s: int
+    cancel_window_s: int = 30
 
 
 def _dead_letter(conn: Conn, message: Received, hub_id: str, reason: RejectReason, detail: str) -> None:
@@ -125,6 +126,7 @@ def _store_alarm(
         _alarm_from(message, parsed, topic),
         ack_timeout_s=config.ack_timeout_s,
         hub_id=config.hub_id,
+        cancel_window_s=config.cancel_window_s,
     )
     metrics.ALARMS.labels(outcome.result.value).inc()
     if outcome.result is AlarmResult.OPENED:

@@ -31,12 +31,13 @@ class Hub:
     hub_id: str
     ack_timeout_s: int
     metrics_port: int | None = None
+    cancel_window_s: int = 30
     inbox: queue.Queue[Received] = field(default_factory=lambda: queue.Queue(INBOX_SIZE))
     ready: threading.Event = field(default_factory=threading.Event)
     stopping: threading.Event = field(default_factory=threading.Event)
 
     def __post_init__(self) -> None:
-        self.writer = Writer(self.database_url, IngestConfig(self.hub_id, self.ack_timeout_s))
+        self.writer = Writer(self.database_url, IngestConfig(self.hub_id, self.ack_timeout_s, self.cancel_window_s))
         self.connection = HubConnection(self.mqtt_url, self.hub_id, self.inbox)
         self._probe_token = uuid.uuid4().hex
 

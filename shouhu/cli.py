@@ -210,7 +210,14 @@ def _mqtt_url(settings: Settings) -> str:
 def _make_hub(settings: Settings, url: str, mqtt_url: str, *, metrics_port: int | None) -> Hub:
     from hub.service import Hub
 
-    return Hub(url, mqtt_url, settings.hub_id, settings.ack_timeout_s, metrics_port=metrics_port)
+    return Hub(
+        url,
+        mqtt_url,
+        settings.hub_id,
+        settings.ack_timeout_s,
+        metrics_port=metrics_port,
+        cancel_window_s=settings.cancel_window_s,
+    )
 
 
 def _make_router(settings: Settings, url: str) -> Router:

@@ -6,16 +6,22 @@ from __future__ import annotations
 import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 
 import psycopg
 import pytest
 from psycopg import sql
 
+from devices.registry import load_registry
+from devices.registry_file import parse_registry
 from shouhu.embedded.postgres import LocalPostgres, debian_bin_dirs, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
-from tests.services import STARTED_PROCESSES, Mosquitto, start_postgres
+from simulators.phone_network import create_phone_network
+from tests.escalation_support import PHONE_SID, PHONE_TOKEN
+from tests.services import STARTED_PROCESSES, Mosquitto, serve_app, start_postgres
 
 TEMPLATE = "shouhu_template"
+DEMO_COUNTY = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 
 
 def _migrated(cluster: LocalPostgres) -> LocalPostgres:
@@ -81,6 +87,20 @@ def _no_stray_processes() -> Iterator[None]:
         if process.poll() is None:
             process.kill()
             process.wait(10)
+
+
+@pytest.fixture
+def county_url(database_url: str) -> str:
+    """A fresh database with the demo county loaded."""
+    with psycopg.connect(database_url) as conn:
+        load_registry(conn, parse_registry(DEMO_COUNTY))
+    return database_url
+
+
+@pytest.fixture
+def phone_network() -> Iterator[str]:
+    """The Twilio-compatible phone-network simulator, served on a free port; yields its base URL."""
+    yield from serve_app(create_phone_network(PHONE_SID, PHONE_TOKEN, announce=lambda _line: None))
 
 
 @pytest.fixture(scope="session")

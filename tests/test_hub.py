@@ -17,8 +17,6 @@ from typing import Any
 import psycopg
 import pytest
 
-from devices.registry import load_registry
-from devices.registry_file import parse_registry
 from hub.service import Hub
 from shouhu.embedded.broker import ensure_local_broker
 from shouhu.embedded.postgres import free_port
@@ -42,13 +40,6 @@ def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "con
 def query(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
     with psycopg.connect(url) as conn:
         return conn.execute(sql, params).fetchall()
-
-
-@pytest.fixture
-def county_url(database_url: str) -> str:
-    with psycopg.connect(database_url) as conn:
-        load_registry(conn, parse_registry(DEMO))
-    return database_url
 
 
 def start_hub(url: str, mqtt_url: str, hub_id: str | None = None) -> tuple[Hub, threading.Thread]:

@@ -11,7 +11,16 @@ import pglast
 import psycopg
 import pytest
 
-from devices.kinds import AreaLevel, Channel, DeviceKind, IncidentKind, IncidentState, StaffRole
+from devices.kinds import (
+    AreaLevel,
+    AttemptPurpose,
+    Channel,
+    DeviceKind,
+    IncidentKind,
+    IncidentState,
+    Outcome,
+    StaffRole,
+)
 from shouhu import timeseries
 from shouhu.migrations import MIGRATIONS, MigrationContext, MigrationError, migrate
 from shouhu.tokens import Role
@@ -99,6 +108,8 @@ def _check_values(conn: psycopg.Connection, table: str, column: str) -> set[str]
         ("escalation_policies", "kind", IncidentKind),
         ("notification_attempts", "channel", Channel),
         ("api_tokens", "role", Role),
+        ("incidents", "outcome", Outcome),
+        ("notification_attempts", "purpose", AttemptPurpose),
     ],
 )
 def test_enums_match_check_constraints(database_url: str, table: str, column: str, enum: type) -> None:

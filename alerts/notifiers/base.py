@@ -28,6 +28,7 @@ class Message:
     resident_name: str
     address: str
     callback_number: str
+    notice: str | None = None  # an information SMS (who took it, a cancel) instead of a page
 
 
 @dataclass(frozen=True, slots=True)

@@ -95,6 +95,8 @@ def sms_text(message: Message) -> str:
     The incident code and callback number are never clipped: they are how the
     recipient answers.
     """
+    if message.notice is not None:
+        return message.notice[:SMS_MAX_CHARS]
     name = _clip(message.resident_name, NAME_MAX_CHARS)
     text = _sms(message, name, message.address)
     overflow = len(text) - SMS_MAX_CHARS
@@ -278,7 +280,10 @@ class TwilioNotifier:
             resource = self.client.calls.create(
                 to=delivery.to,
                 from_=self.from_number,
-                twiml=voice_twiml(delivery.message, keypress_url=self.public_url + KEYPRESS_CALLBACK_PATH),
+                twiml=voice_twiml(
+                    delivery.message,
+                    keypress_url=f"{self.public_url}{KEYPRESS_CALLBACK_PATH}?attempt={delivery.attempt_id}",
+                ),
                 status_callback=status_callback,
             )
         sid = getattr(resource, "sid", None)

@@ -190,7 +190,7 @@ def read_incident(
     conn: ConnDep, token: CurrentToken, scope: Scope, now: Now, incident_id: int
 ) -> IncidentDetailPublic:
     """Read one incident with its timeline and notification attempts; audited when it names a resident."""
-    masked = False
+    masked = token.role not in PHONE_READERS
     # The read and its audit row commit together, or neither does.
     with conn.transaction():
         row = conn.execute(

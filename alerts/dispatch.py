@@ -1,0 +1,252 @@
+"""Sending pending attempts: pages, re-pages and notices by phone; CAP messages to the platform.
+
+Each attempt is claimed with ``FOR UPDATE SKIP LOCKED`` and sent while its row lock
+is held, then completed with the provider's id. A worker that dies mid-send
+releases the lock; the next one sends that attempt again under the same key — at
+most the one attempt in flight is sent twice.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import uuid
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any
+
+import psycopg
+from prometheus_client import Counter, Histogram
+
+from alerts.notifiers.base import Delivery, Message, Notifier, SendOutcome, SendResult
+from alerts.notifiers.platform import CapMsgType, PlatformAlert, PlatformNotifier, TriedContact
+from alerts.timeline import add_event
+from devices.kinds import AttemptPurpose, Channel
+
+log = logging.getLogger(__name__)
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+PRESS_TO_FIRST_REQUEST = Histogram(
+    "shouhu_sos_press_to_first_request_seconds",
+    "From the hub receiving an SOS or fall to the first provider request for its incident",
+    buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
+)
+ATTEMPTS = Counter(
+    "shouhu_router_attempts_total",
+    "Notification attempts, by channel, purpose and outcome",
+    ["channel", "purpose", "outcome"],
+)
+
+CAP_TYPE = {
+    AttemptPurpose.CAP_ALERT: CapMsgType.ALERT,
+    AttemptPurpose.CAP_UPDATE: CapMsgType.UPDATE,
+    AttemptPurpose.CAP_CANCEL: CapMsgType.CANCEL,
+}
+
+
+@dataclass(frozen=True, slots=True)
+class PendingAttempt:
+    id: int
+    incident_id: int
+    purpose: AttemptPurpose
+    channel: Channel
+    address: str
+    step: int
+    round: int
+    body: str | None
+    code: str
+    kind: str
+    opened_at: datetime
+    resident_name: str
+    resident_address: str
+    resident_phone: str | None
+
+
+class Dispatcher:
+    """Sends what the escalation queued, through the notifiers it was given."""
+
+    def __init__(
+        self,
+        notifiers: Mapping[Channel, Notifier],
+        platform: PlatformNotifier | None,
+        *,
+        worker_id: str,
+        clock: Callable[[], datetime],
+        exercise: bool = False,
+    ) -> None:
+        self.notifiers = dict(notifiers)
+        self.platform = platform
+        self.worker_id = worker_id
+        self.clock = clock
+        self.exercise = exercise
+
+    def channels(self) -> frozenset[Channel]:
+        """Every channel this dispatcher can send on."""
+        return frozenset(self.notifiers) | ({Channel.WEBHOOK} if self.platform else frozenset())
+
+    def claim(self, conn: Conn) -> PendingAttempt | None:
+        row = conn.execute(
+            """
+            SELECT a.id, a.incident_id, a.purpose, a.channel, a.address, a.step, a.round, a.body,
+                   i.code, i.kind, i.opened_at, coalesce(r.name, '未登记手环'), coalesce(r.address, ''), r.phone
+            FROM notification_attempts a
+            JOIN incidents i ON i.id = a.incident_id
+            LEFT JOIN residents r ON r.id = i.resident_id
+            WHERE a.state = 'pending'
+            ORDER BY a.created_at, a.id LIMIT 1
+            FOR UPDATE OF a SKIP LOCKED
+            """
+        ).fetchone()
+        if row is None:
+            return None
+        values = list(row)
+        values[2], values[3] = AttemptPurpose(values[2]), Channel(values[3])
+        return PendingAttempt(*values)
+
+    def send(self, conn: Conn, attempt: PendingAttempt) -> SendResult:
+        """Send one claimed attempt and record the outcome, in the caller's transaction."""
+        first = conn.execute(
+            "SELECT NOT EXISTS (SELECT 1 FROM notification_attempts WHERE incident_id = %s AND sent_at IS NOT NULL)",
+            (attempt.incident_id,),
+        ).fetchone()
+        started = self.clock()
+        if first and first[0] and attempt.purpose is AttemptPurpose.PAGE:
+            PRESS_TO_FIRST_REQUEST.observe(max((started - attempt.opened_at).total_seconds(), 0.0))
+        body = attempt.body
+        try:
+            if attempt.channel is Channel.WEBHOOK:
+                result, body = self._send_cap(conn, attempt, started)
+            else:
+                result = self._send_phone(attempt)
+        except Exception as exc:  # a notifier must not take the router down
+            log.exception("sending attempt %s raised", attempt.id)
+            result = SendResult(SendOutcome.FAILED, error=repr(exc)[:500])
+        finished = self.clock()
+        ATTEMPTS.labels(attempt.channel.value, attempt.purpose.value, result.outcome.value).inc()
+        conn.execute(
+            "UPDATE notification_attempts SET state = %s, provider_id = %s, error = %s, body = %s,"
+            " sent_at = %s, updated_at = %s WHERE id = %s",
+            (
+                result.outcome.value,
+                result.provider_id,
+                result.error,
+                body,
+                finished if result.outcome is SendOutcome.SENT else None,
+                finished,
+                attempt.id,
+            ),
+        )
+        add_event(
+            conn,
+            attempt.incident_id,
+            finished,
+            "attempt_" + result.outcome.value,
+            self.worker_id,
+            {
+                "attempt_id": attempt.id,
+                "purpose": attempt.purpose.value,
+                "channel": attempt.channel.value,
+                "to": attempt.address,
+                "step": attempt.step,
+                "round": attempt.round,
+                "provider_id": result.provider_id,
+                "error": result.error,
+            },
+        )
+        return result
+
+    def _send_phone(self, attempt: PendingAttempt) -> SendResult:
+        notifier = self.notifiers.get(attempt.channel)
+        if notifier is None:
+            return SendResult(SendOutcome.FAILED, error=f"no notifier for {attempt.channel}")
+        message = Message(
+            attempt.incident_id,
+            attempt.code,
+            attempt.kind,
+            attempt.resident_name,
+            attempt.resident_address,
+            attempt.resident_phone or "",
+            notice=attempt.body if attempt.purpose is AttemptPurpose.NOTICE else None,
+        )
+        return notifier.send(Delivery(attempt.id, attempt.channel, attempt.address, message))
+
+    def _send_cap(self, conn: Conn, attempt: PendingAttempt, now: datetime) -> tuple[SendResult, str | None]:
+        if self.platform is None:
+            return SendResult(SendOutcome.FAILED, error="no emergency platform configured"), attempt.body
+        # The identifier is fixed on the first try and kept in the attempt, so a
+        # re-send after a crash is the same CAP message (the platform deduplicates).
+        stored = json.loads(attempt.body) if attempt.body else {}
+        identifier = stored.get("identifier") or f"shouhu-{attempt.incident_id}-{attempt.id}-{uuid.uuid4().hex[:8]}"
+        sent = datetime.fromisoformat(stored["sent"]) if "sent" in stored else now.replace(microsecond=0)
+        body = json.dumps({"identifier": identifier, "sent": sent.isoformat()})
+        alert = self._platform_alert(conn, attempt, identifier, sent)
+        return self.platform.send_alert(alert), body
+
+    def _platform_alert(self, conn: Conn, attempt: PendingAttempt, identifier: str, sent: datetime) -> PlatformAlert:
+        row = conn.execute(
+            """
+            SELECT i.state, i.lat, i.lon, coalesce(r.medical_notes, ''), coalesce(a.name, ''),
+                   i.acknowledged_by_name, i.outcome, i.resolution_note, r.lat, r.lon
+            FROM incidents i
+            LEFT JOIN residents r ON r.id = i.resident_id
+            LEFT JOIN areas a ON a.id = i.area_id
+            WHERE i.id = %s
+            """,
+            (attempt.incident_id,),
+        ).fetchone()
+        assert row is not None
+        state, lat, lon, notes, area_name, taken_by, outcome, resolution, home_lat, home_lon = row
+        tried = tuple(
+            TriedContact(str(name), str(role), str(channel), at, str(outcome_))
+            for name, role, channel, at, outcome_ in conn.execute(
+                """
+                SELECT coalesce(s.name, g.name, a.recipient_id), coalesce(s.role, a.recipient_kind),
+                       a.channel, coalesce(a.sent_at, a.updated_at), a.state
+                FROM notification_attempts a
+                LEFT JOIN staff s ON a.recipient_kind = 'staff' AND s.id = a.recipient_id
+                LEFT JOIN guardians g ON a.recipient_kind = 'guardian' AND g.id = a.recipient_id
+                WHERE a.incident_id = %s AND a.purpose = 'page' AND a.channel IN ('voice', 'sms')
+                  AND a.state <> 'pending'
+                ORDER BY a.created_at, a.id
+                """,
+                (attempt.incident_id,),
+            ).fetchall()
+        )
+        references: tuple[tuple[str, datetime], ...] = ()
+        if attempt.purpose is not AttemptPurpose.CAP_ALERT:
+            first = conn.execute(
+                "SELECT body FROM notification_attempts WHERE incident_id = %s AND purpose = 'cap_alert'"
+                " AND state = 'sent' ORDER BY id LIMIT 1",
+                (attempt.incident_id,),
+            ).fetchone()
+            if first and first[0]:
+                original = json.loads(first[0])
+                references = ((original["identifier"], datetime.fromisoformat(original["sent"])),)
+        note = {
+            "acknowledged": f"已由{taken_by}接单处置" if taken_by else "",
+            "resolved": f"已处置：{outcome}。{resolution}" if outcome else "",
+            "cancelled": "老人已在手环上取消求助",
+        }.get(str(state), "")
+        return PlatformAlert(
+            identifier=identifier,
+            msg_type=CAP_TYPE[attempt.purpose],
+            sent=sent,
+            exercise=self.exercise,
+            incident_id=attempt.incident_id,
+            incident_code=attempt.code,
+            incident_kind=attempt.kind,
+            opened_at=attempt.opened_at,
+            state=str(state),
+            resident_name=attempt.resident_name,
+            address=attempt.resident_address,
+            phone=attempt.resident_phone,
+            lat=lat if lat is not None else home_lat,
+            lon=lon if lon is not None else home_lon,
+            medical_notes=str(notes),
+            area_name=str(area_name),
+            tried=tried,
+            note=note,
+            references=references,
+        )

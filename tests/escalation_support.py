@@ -1,0 +1,100 @@
+"""Shared helpers for escalation tests: a clock the test moves, a router wired to the
+phone-network simulator, and queries over the demo county."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import httpx
+import psycopg
+
+from alerts.incidents import Alarm, record_alarm
+from alerts.notifiers.console import ConsoleNotifier
+from alerts.notifiers.twilio import TwilioNotifier
+from alerts.router import Router, RouterConfig
+from devices.contract import payload_hash
+from devices.kinds import Channel, IncidentKind
+
+ZONE = ZoneInfo("Asia/Shanghai")
+PHONE_SID, PHONE_TOKEN, FROM = "AC" + "0" * 32, "router-test-token", "+12025550100"
+# Tuesday 10:00 and Wednesday 02:00 in Asia/Shanghai.
+DAY = datetime(2026, 11, 24, 10, 0, tzinfo=ZONE).astimezone(UTC)
+NIGHT = datetime(2026, 11, 25, 2, 0, tzinfo=ZONE).astimezone(UTC)
+
+
+class Clock:
+    def __init__(self, start: datetime) -> None:
+        self.now = start
+
+    def __call__(self) -> datetime:
+        return self.now
+
+    def advance(self, seconds: float) -> None:
+        self.now += timedelta(seconds=seconds)
+
+
+def calls(base: str) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = httpx.get(f"{base}/_sim/calls").json()
+    return result
+
+
+def messages(base: str) -> list[dict[str, Any]]:
+    result: list[dict[str, Any]] = httpx.get(f"{base}/_sim/messages").json()
+    return result
+
+
+def make_router(url: str, phone_base: str, clock: Clock, name: str = "r1") -> Router:
+    twilio = TwilioNotifier(PHONE_SID, PHONE_TOKEN, FROM, phone_base, "http://127.0.0.1:8000")
+    return Router(
+        url,
+        RouterConfig(name, ZONE),
+        {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: ConsoleNotifier()},
+        clock=clock,
+    )
+
+
+def press(url: str, device_id: str, at: datetime, msg_id: str = "m1") -> int:
+    with psycopg.connect(url) as conn:
+        outcome = record_alarm(
+            conn,
+            Alarm(device_id, IncidentKind.SOS, msg_id, b"{}", payload_hash(msg_id.encode()), at),
+            ack_timeout_s=120,
+            hub_id="test",
+        )
+    assert outcome.incident_id is not None
+    return outcome.incident_id
+
+
+def q(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
+    with psycopg.connect(url) as conn:
+        return conn.execute(sql, params).fetchall()
+
+
+def grid_worker_shifts(url: str) -> dict[str, list[tuple[str, str, Any, Any]]]:
+    rows = q(
+        url,
+        """
+        SELECT d.area_id, s.id, s.phone, d.start_time, d.end_time FROM duty_shifts d
+        JOIN staff s ON s.id = d.staff_id WHERE s.role = 'grid_worker'""",
+    )
+    shifts: dict[str, list[tuple[str, str, Any, Any]]] = {}
+    for area, staff, phone, start, end in rows:
+        shifts.setdefault(area, []).append((staff, phone, start, end))
+    return shifts
+
+
+def wristband_in(url: str, *, night_covered: bool) -> tuple[str, str, str]:
+    """(device, grid, resident) in a grid whose grid workers do or do not cover the night."""
+    shifts = grid_worker_shifts(url)
+    for device, grid, resident in q(
+        url,
+        """
+            SELECT d.id, r.grid_id, r.id FROM devices d JOIN residents r ON r.id = d.resident_id
+            JOIN areas a ON a.id = r.grid_id WHERE a.level = 'grid' ORDER BY d.id""",
+    ):
+        has_night = any(start > end for _s, _p, start, end in shifts.get(grid, []))
+        if has_night == night_covered and grid in shifts:
+            return device, grid, resident
+    raise AssertionError("the demo county has no such grid")
