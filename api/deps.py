@@ -9,6 +9,7 @@ together, inside the route, never after the response is sent).
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, cast
@@ -16,7 +17,7 @@ from typing import Annotated, cast
 import psycopg
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from psycopg.rows import DictRow
+from psycopg.rows import DictRow, TupleRow, tuple_row
 from psycopg_pool import ConnectionPool
 
 from shouhu.tokens import Role, TokenIdentity, authenticate
@@ -29,13 +30,9 @@ MAX_PAGE_SIZE = 1000
 CONNECTION_TIMEOUT_S = 5.0
 
 # Roles that may read a resident at all (a technician sees cameras, not residents).
-RESIDENT_READERS: frozenset[Role] = frozenset(
-    {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM}
-)
+RESIDENT_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM})
 # Roles that may read health and location (PIPL sensitive personal information).
-SENSITIVE_READERS: frozenset[Role] = frozenset(
-    {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM}
-)
+SENSITIVE_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM})
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -144,12 +141,26 @@ class Pagination:
 
 
 def get_pagination(
-    limit: Annotated[
-        int, Query(ge=1, le=MAX_PAGE_SIZE, description="Most items to return.")
-    ] = DEFAULT_PAGE_SIZE,
+    limit: Annotated[int, Query(ge=1, le=MAX_PAGE_SIZE, description="Most items to return.")] = DEFAULT_PAGE_SIZE,
     offset: Annotated[int, Query(ge=0, description="Items to skip.")] = 0,
 ) -> Pagination:
     return Pagination(limit=limit, offset=offset)
 
 
 Page = Annotated[Pagination, Depends(get_pagination)]
+
+
+@contextmanager
+def tuple_rows(conn: psycopg.Connection[DictRow]) -> Iterator[psycopg.Connection[TupleRow]]:
+    """The same connection reading plain tuples, for the domain code in ``alerts/``.
+
+    The API's pool hands out dict rows; the escalation code, shared with the hub and
+    router, indexes tuples. The row factory is restored before the connection goes
+    back to the pool.
+    """
+    previous = conn.row_factory
+    conn.row_factory = tuple_row  # type: ignore[assignment]
+    try:
+        yield cast("psycopg.Connection[TupleRow]", conn)
+    finally:
+        conn.row_factory = previous

@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import shouhu
-from api.routes import areas, devices, incidents, residents
+from api.routes import acknowledgements, areas, devices, incidents, residents
 from shouhu.db import open_pool
 from shouhu.migrations import MIGRATIONS
 
@@ -127,7 +127,7 @@ def readiness_problem(pool: ConnectionPool) -> str | None:
     return None
 
 
-def create_app(database_url: str) -> FastAPI:
+def create_app(database_url: str, *, resolve_timeout_s: int = 1800) -> FastAPI:
     """The API application, with its connection pool opened and closed by the lifespan."""
 
     @asynccontextmanager
@@ -176,7 +176,7 @@ def create_app(database_url: str) -> FastAPI:
 
     # The routers carry the full /api/v1/... paths themselves, so the matched route's
     # path is the whole template the metrics label with.
-    for module in (areas, devices, residents):
+    for module in (areas, devices, residents, incidents, acknowledgements):
         app.include_router(module.router)
-    app.include_router(incidents.router)
+    app.state.resolve_timeout_s = resolve_timeout_s
     return app

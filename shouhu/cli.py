@@ -189,7 +189,12 @@ def _serve_api(url: str, settings: Settings) -> None:
 
     from api.main import create_app
 
-    uvicorn.run(create_app(url), host="0.0.0.0", port=settings.api_port, log_level="info")  # noqa: S104
+    uvicorn.run(
+        create_app(url, resolve_timeout_s=settings.resolve_timeout_s),
+        host="0.0.0.0",  # noqa: S104 - the API serves the consoles and provider callbacks
+        port=settings.api_port,
+        log_level="info",
+    )
 
 
 @app.command()

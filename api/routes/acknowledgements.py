@@ -1,0 +1,116 @@
+"""Acknowledge and resolve an incident through the API or a console (DESIGN.md "Acknowledging").
+
+The emergency platform acknowledges with a ``platform``-role token. Every
+acknowledgement and resolution is written to the audit log in the transaction
+that makes it.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, HTTPException, Request, status
+from psycopg.types.json import Jsonb
+from pydantic import BaseModel, Field
+
+from alerts.acknowledge import Actor, Result, acknowledge, resolve
+from api.deps import API_PREFIX, ConnDep, CurrentToken, Now, Scope, not_found, tuple_rows
+from api.routes.incidents import visible_kinds
+from devices.kinds import IncidentKind, IncidentState, Outcome
+from shouhu.tokens import Role
+
+router = APIRouter(prefix=f"{API_PREFIX}/incidents", tags=["incidents"])
+
+# Who may take or close an incident: not a technician (cameras only) for red ones.
+ACKNOWLEDGERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM})
+DEFAULT_RESOLVE_TIMEOUT_S = 1800
+
+
+class AcknowledgeBody(BaseModel):
+    note: str = Field(default="", max_length=500, description="Free text kept on the timeline.")
+
+
+class ResolveBody(BaseModel):
+    outcome: Outcome = Field(description="How it ended: false_alarm, visited_fine, sent_to_hospital, …")
+    note: str = Field(default="", max_length=2000)
+
+
+class IncidentActionPublic(BaseModel):
+    id: int
+    state: IncidentState
+    result: Result
+    """done; already (you did it before); taken (someone else acknowledged first); closed."""
+    acknowledged_by: str | None
+
+
+def _actor(conn: ConnDep, token: CurrentToken) -> Actor:
+    row = conn.execute("SELECT label FROM api_tokens WHERE id = %s", (token.id,)).fetchone()
+    label = (row["label"] if row else "") or f"{token.role.value} token {token.id}"
+    return Actor("token", str(token.id), label, None, token.role.value)
+
+
+def _check(conn: ConnDep, token: CurrentToken, scope: Scope, incident_id: int) -> None:
+    row = conn.execute("SELECT kind, area_id FROM incidents WHERE id = %s", (incident_id,)).fetchone()
+    if row is None or IncidentKind(row["kind"]) not in visible_kinds(token.role) or not scope.allows(row["area_id"]):
+        raise not_found("incident", str(incident_id))
+    if token.role not in ACKNOWLEDGERS:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"a {token.role.value} token cannot act on this incident")
+
+
+def _answer(conn: ConnDep, incident_id: int, result: Result) -> IncidentActionPublic:
+    row = conn.execute("SELECT state, acknowledged_by_name FROM incidents WHERE id = %s", (incident_id,)).fetchone()
+    assert row is not None
+    answer = IncidentActionPublic(
+        id=incident_id, state=IncidentState(row["state"]), result=result, acknowledged_by=row["acknowledged_by_name"]
+    )
+    if result in (Result.TAKEN, Result.CLOSED):
+        detail = (
+            f"incident {incident_id} was already taken by {row['acknowledged_by_name']}"
+            if result is Result.TAKEN
+            else f"incident {incident_id} is already {row['state']}"
+        )
+        raise HTTPException(status.HTTP_409_CONFLICT, detail)
+    return answer
+
+
+def _audit(conn: ConnDep, token: CurrentToken, now: Any, action: str, incident_id: int, detail: dict[str, Any]) -> None:
+    conn.execute(
+        "INSERT INTO audit_log (at, token_id, role, action, subject, detail) VALUES (%s, %s, %s, %s, %s, %s)",
+        (now, token.id, token.role.value, action, f"incident:{incident_id}", Jsonb(detail)),
+    )
+
+
+@router.post("/{incident_id}/ack")
+def acknowledge_incident(
+    request: Request,
+    conn: ConnDep,
+    token: CurrentToken,
+    scope: Scope,
+    now: Now,
+    incident_id: int,
+    body: AcknowledgeBody | None = None,
+) -> IncidentActionPublic:
+    """Take an incident: the escalation stops and everyone already paged is told who took it."""
+    _check(conn, token, scope, incident_id)
+    actor = _actor(conn, token)
+    timeout = getattr(request.app.state, "resolve_timeout_s", DEFAULT_RESOLVE_TIMEOUT_S)
+    note = (body or AcknowledgeBody()).note
+    with conn.transaction():
+        with tuple_rows(conn) as plain:
+            result = acknowledge(plain, incident_id, actor, "api", now, resolve_timeout_s=timeout)
+        _audit(conn, token, now, "acknowledge", incident_id, {"result": result.value, "note": note})
+    return _answer(conn, incident_id, result)
+
+
+@router.post("/{incident_id}/resolve")
+def resolve_incident(
+    conn: ConnDep, token: CurrentToken, scope: Scope, now: Now, incident_id: int, body: ResolveBody
+) -> IncidentActionPublic:
+    """Close an incident with its outcome (false alarm, visited and fine, sent to hospital, …)."""
+    _check(conn, token, scope, incident_id)
+    actor = _actor(conn, token)
+    with conn.transaction():
+        with tuple_rows(conn) as plain:
+            result = resolve(plain, incident_id, body.outcome, body.note, actor, now)
+        _audit(conn, token, now, "resolve", incident_id, {"result": result.value, "outcome": body.outcome.value})
+    return _answer(conn, incident_id, result)
