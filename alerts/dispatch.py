@@ -21,6 +21,7 @@ from prometheus_client import Counter, Histogram
 
 from alerts.notifiers.base import Delivery, Message, Notifier, SendOutcome, SendResult
 from alerts.notifiers.platform import CapMsgType, PlatformAlert, PlatformNotifier, TriedContact
+from alerts.retry import after_failure
 from alerts.timeline import add_event
 from devices.kinds import AttemptPurpose, Channel
 
@@ -86,7 +87,7 @@ class Dispatcher:
         """Every channel this dispatcher can send on."""
         return frozenset(self.notifiers) | ({Channel.WEBHOOK} if self.platform else frozenset())
 
-    def claim(self, conn: Conn) -> PendingAttempt | None:
+    def claim(self, conn: Conn, now: datetime) -> PendingAttempt | None:
         row = conn.execute(
             """
             SELECT a.id, a.incident_id, a.purpose, a.channel, a.address, a.step, a.round, a.body,
@@ -94,10 +95,11 @@ class Dispatcher:
             FROM notification_attempts a
             JOIN incidents i ON i.id = a.incident_id
             LEFT JOIN residents r ON r.id = i.resident_id
-            WHERE a.state = 'pending'
+            WHERE a.state = 'pending' AND (a.not_before IS NULL OR a.not_before <= %s)
             ORDER BY a.created_at, a.id LIMIT 1
             FOR UPDATE OF a SKIP LOCKED
-            """
+            """,
+            (now,),
         ).fetchone()
         if row is None:
             return None
@@ -155,6 +157,8 @@ class Dispatcher:
                 "error": result.error,
             },
         )
+        if result.outcome is SendOutcome.FAILED:
+            after_failure(conn, attempt.id, finished)
         return result
 
     def _send_phone(self, attempt: PendingAttempt) -> SendResult:

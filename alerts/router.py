@@ -331,7 +331,7 @@ class Router:
         while not self.stopping.is_set():
             conn = self._connection()
             with conn.transaction():
-                attempt = self.dispatcher.claim(conn)
+                attempt = self.dispatcher.claim(conn, self.clock())
                 if attempt is None:
                     return sent
                 self.dispatcher.send(conn, attempt)

@@ -253,7 +253,9 @@ class EmergencyPlatform:
             raise Refused(401, "missing " + ", ".join(name for name, value in given if not value))
         expected = expected_signature(self.secret, timestamp, delivery, body)
         if not hmac.compare_digest(signature.encode(), expected.encode()):
-            raise Refused(401, f"bad {SIGNATURE_HEADER}: not signed with the shared secret")
+            raise Refused(
+                401, f"bad {SIGNATURE_HEADER}: not signed with the shared secret, or the body or headers were altered"
+            )
         try:
             sent_at = int(timestamp)
         except ValueError:

@@ -168,3 +168,45 @@ def test_two_routers_send_each_attempt_once(county_url: str, phone_network: str)
     assert len(sids) == phone_attempts
     assert q(county_url, "SELECT count(*) FROM notification_attempts WHERE state <> 'sent'") == [(0,)]
     assert q(county_url, "SELECT count(*) FROM escalation_actions WHERE step = 0 AND state = 'done'") == [(12,)]
+
+
+def test_failed_pages_are_retried_with_backoff_then_the_step_moves_on(county_url: str, phone_network: str) -> None:
+    device, grid, resident = wristband_in(county_url, night_covered=False)
+    day_worker = next(p for _s, p, start, end in grid_worker_shifts(county_url)[grid] if start < end)
+    httpx.post(f"{phone_network}/_sim/faults", json={"to": day_worker, "fail": "error"})
+    clock = Clock(DAY)
+    press(county_url, device, DAY)
+    router = make_router(county_url, phone_network, clock)
+    router.run_once()
+    tries = (
+        "SELECT channel, attempt, state FROM notification_attempts"
+        " WHERE address = %s AND purpose = 'page' AND channel <> 'console' ORDER BY id"
+    )
+    assert q(county_url, tries, day_worker) == [
+        ("voice", 1, "failed"),
+        ("sms", 1, "failed"),
+        ("voice", 2, "pending"),
+        ("sms", 2, "pending"),
+    ]
+    clock.advance(19)
+    router.run_once()
+    assert len(q(county_url, tries, day_worker)) == 4  # not before the backoff
+    clock.advance(1)
+    router.run_once()
+    clock.advance(60)
+    router.run_once()
+    assert [r[1:] for r in q(county_url, tries, day_worker)] == [
+        (1, "failed"),
+        (1, "failed"),
+        (2, "failed"),
+        (2, "failed"),
+        (3, "failed"),
+        (3, "failed"),
+    ]
+    # Every channel of step 0 failed its last try at 80 s: the guardians are paged now, not at 120 s.
+    guardians = {r[0] for r in q(county_url, "SELECT phone FROM guardians WHERE resident_id = %s", resident)}
+    assert guardians <= {c["to"] for c in calls(phone_network)}
+    events = [r[0] for r in q(county_url, "SELECT event FROM incident_events ORDER BY id")]
+    assert events.count("retry_scheduled") == 4
+    assert events.count("channel_given_up") == 2
+    assert "step_advanced" in events

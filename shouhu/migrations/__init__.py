@@ -57,6 +57,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "core schema", sql_file="0001_core.sql"),
     Migration(2, "time-series tables", apply=_create_series_tables),
     Migration(3, "acknowledgement, notices, CAP messages", sql_file="0003_acknowledgement.sql"),
+    Migration(4, "retries with backoff", sql_file="0004_retries.sql"),
 )
 
 
