@@ -6,6 +6,7 @@ made concrete, so a later registry edit never changes a running escalation.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -112,7 +113,7 @@ def resolve_policy(
     policy_id, steps, _kind = rows[0]
     return PolicySnapshot(
         policy_id,
-        tuple(
+        expand_repeats(
             Step(
                 EscalationTarget(s["target"]),
                 tuple(Channel(c) for c in s["channels"]),
@@ -122,3 +123,15 @@ def resolve_policy(
             for s in steps
         ),
     )
+
+
+def expand_repeats(steps: Iterable[Step]) -> tuple[Step, ...]:
+    """A step with ``repeats = n`` becomes n + 1 consecutive steps in the frozen snapshot.
+
+    The router then runs plain steps one after another: what runs is exactly what
+    the snapshot lists.
+    """
+    expanded: list[Step] = []
+    for step in steps:
+        expanded.extend(Step(step.target, step.channels, step.wait_s, 0) for _ in range(step.repeats + 1))
+    return tuple(expanded)

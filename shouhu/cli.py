@@ -225,9 +225,10 @@ def _make_hub(settings: Settings, url: str, mqtt_url: str, *, metrics_port: int 
     )
 
 
-def _make_router(settings: Settings, url: str) -> Router:
+def _make_router(settings: Settings, url: str, *, exercise: bool = False) -> Router:
     from alerts.notifiers.console import ConsoleNotifier
     from alerts.notifiers.twilio import TwilioNotifier
+    from alerts.notifiers.webhook import WebhookNotifier
     from alerts.router import Router, RouterConfig
     from devices.kinds import Channel
 
@@ -239,10 +240,24 @@ def _make_router(settings: Settings, url: str) -> Router:
         )
     twilio = TwilioNotifier.from_settings(settings)
     console = ConsoleNotifier()
+    platform = None
+    if settings.emergency_webhook_url:
+        try:
+            platform = WebhookNotifier.from_settings(settings, exercise=exercise)
+        except ValueError as exc:
+            _fail(str(exc), 2)
+    else:
+        typer.secho(
+            "SHOUHU_EMERGENCY_WEBHOOK_URL is not set: the emergency-platform step will record no_recipients",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
     return Router(
         url,
         RouterConfig(router_id=f"router-{settings.hub_id}", zone=settings.zone),
         {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: console},
+        platform=platform,
+        exercise=exercise,
     )
 
 
@@ -318,9 +333,16 @@ def simulate_phone_network(
 
 
 @simulate_app.command("emergency-platform")
-def simulate_emergency_platform() -> None:
-    """An emergency call platform that receives signed CAP alerts."""
-    _not_landed("simulate emergency-platform", 4, "the emergency-platform simulator")
+def simulate_emergency_platform(
+    port: Annotated[int, typer.Option(help="Port to listen on (127.0.0.1)")] = 8200,
+) -> None:
+    """An emergency call platform that verifies and records signed CAP alerts."""
+    from simulators.emergency_platform import serve_emergency_platform
+
+    settings = load_settings()
+    secret = settings.emergency_webhook_secret or DEMO_WEBHOOK_SECRET
+    typer.echo(f"emergency platform: http://127.0.0.1:{port}/cap (set SHOUHU_EMERGENCY_WEBHOOK_URL to this)")
+    serve_emergency_platform("127.0.0.1", port, secret)
 
 
 def _resolve_broker(settings: Settings, stack: ExitStack) -> str:
@@ -349,6 +371,7 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
 DEMO_ACCOUNT_SID = "AC" + "de" * 16
 DEMO_AUTH_TOKEN = "demo-auth-token"  # noqa: S105 - only ever sent to the local simulator
 DEMO_FROM = "+12025550100"
+DEMO_WEBHOOK_SECRET = "demo-webhook-secret"  # noqa: S105 - only ever sent to the local simulator
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
 
 
@@ -370,8 +393,8 @@ def _join_all(threads: list[threading.Thread]) -> None:
         thread.join(10)
 
 
-def _demo_phone_network(settings: Settings, stack: ExitStack) -> Settings:
-    """Point Twilio at a local phone-network simulator; refuse a real provider."""
+def _demo_providers(settings: Settings, stack: ExitStack) -> Settings:
+    """Point Twilio and the emergency webhook at local simulators; refuse real providers."""
     base = settings.twilio_api_base
     if base != TWILIO_DEFAULT_API_BASE:
         host = urlsplit(base).hostname or ""
@@ -394,8 +417,29 @@ def _demo_phone_network(settings: Settings, stack: ExitStack) -> Settings:
         stack.callback(setattr, server, "should_exit", True)
         base = f"http://127.0.0.1:{port}"
         typer.echo(f"phone network: simulated, {base} (no real phone is ever called)")
+    webhook = settings.emergency_webhook_url
+    secret = settings.emergency_webhook_secret or DEMO_WEBHOOK_SECRET
+    if webhook:
+        if (urlsplit(webhook).hostname or "") not in LOCAL_HOSTS:
+            _fail(f"--demo refuses SHOUHU_EMERGENCY_WEBHOOK_URL={webhook}: a demo never reaches a real platform", 2)
+    else:
+        import uvicorn
+
+        from shouhu.embedded.postgres import free_port
+        from simulators.emergency_platform import create_emergency_platform
+
+        platform_port = free_port()
+        platform_server = uvicorn.Server(
+            uvicorn.Config(create_emergency_platform(secret), host="127.0.0.1", port=platform_port, log_level="warning")
+        )
+        _thread(platform_server.run, "emergency-platform")
+        stack.callback(setattr, platform_server, "should_exit", True)
+        webhook = f"http://127.0.0.1:{platform_port}/cap"
+        typer.echo(f"emergency platform: simulated, {webhook} (CAP status Exercise)")
     return settings.model_copy(
         update={
+            "emergency_webhook_url": webhook,
+            "emergency_webhook_secret": secret,
             "twilio_api_base": base,
             "twilio_account_sid": sid,
             "twilio_auth_token": token,
@@ -447,7 +491,7 @@ def up(
     settings = load_settings()
     with ExitStack() as stack:
         if demo:
-            settings = _demo_phone_network(settings, stack)
+            settings = _demo_providers(settings, stack)
         url = settings.database_url
         if not url:
             directory = (data_dir or default_data_dir()).resolve()
@@ -462,7 +506,7 @@ def up(
         _run_migrations(url, settings)
         if demo:
             _load_registry_file(url, DEMO_COUNTY)
-        router_worker = _make_router(settings, url)
+        router_worker = _make_router(settings, url, exercise=demo)
         hub_worker = _make_hub(settings, url, broker_url, metrics_port=None)
         threads = [_thread(hub_worker.run, "hub"), _thread(router_worker.run, "router")]
         stack.callback(_join_all, threads)

@@ -45,7 +45,6 @@ def run_shouhu(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess
     [
         (["simulate", "wristbands"], "#5"),
         (["simulate", "cameras"], "#5"),
-        (["simulate", "emergency-platform"], "#4"),
     ],
 )
 def test_unlanded_verbs_say_so_and_fail(tmp_path: Path, verb: list[str], issue: str) -> None:

@@ -117,7 +117,7 @@ def cap_time(moment: datetime, zone: ZoneInfo = DEFAULT_ZONE) -> str:
     """
     if moment.tzinfo is None or moment.utcoffset() is None:
         raise ValueError(f"CAP times need a timezone-aware datetime, got naive {moment.isoformat()}")
-    local = moment.astimezone(zone)
+    local = moment.astimezone(zone).replace(microsecond=0)
     offset = local.utcoffset() or timedelta(0)
     if offset == timedelta(0):
         return local.strftime("%Y-%m-%dT%H:%M:%S") + "-00:00"

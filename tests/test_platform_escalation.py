@@ -1,0 +1,120 @@
+"""Step 3 of the chain: the emergency platform gets a signed CAP alert; an acknowledgement,
+a resolution or a cancel later reaches it as a CAP Update or Cancel referencing it."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+
+from alerts.acknowledge import Actor, acknowledge, resolve
+from alerts.notifiers.console import ConsoleNotifier
+from alerts.notifiers.twilio import TwilioNotifier
+from alerts.notifiers.webhook import WebhookNotifier
+from alerts.router import Router, RouterConfig
+from devices.kinds import Channel, Outcome
+from simulators.emergency_platform import create_emergency_platform
+from tests.escalation_support import DAY, FROM, PHONE_SID, PHONE_TOKEN, ZONE, Clock, press, q, wristband_in
+from tests.services import serve_app
+
+SECRET = "platform-test-secret"
+
+
+@pytest.fixture
+def platform() -> Iterator[str]:
+    yield from serve_app(create_emergency_platform(SECRET, announce=lambda _line: None))
+
+
+def alerts(base: str) -> list[dict[str, Any]]:
+    found: list[dict[str, Any]] = httpx.get(f"{base}/_sim/alerts").json()
+    return found
+
+
+def router_with_platform(url: str, phone: str, platform_base: str, clock: Clock, *, exercise: bool = False) -> Router:
+    twilio = TwilioNotifier(PHONE_SID, PHONE_TOKEN, FROM, phone, "http://127.0.0.1:8000")
+    webhook = WebhookNotifier(f"{platform_base}/cap", SECRET, sender="shouhu@county.example", sleep=lambda _s: None)
+    return Router(
+        url,
+        RouterConfig("r1", ZONE),
+        {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: ConsoleNotifier()},
+        platform=webhook,
+        clock=clock,
+        exercise=exercise,
+    )
+
+
+def escalate_to_platform(
+    url: str, phone: str, platform_base: str, *, exercise: bool = False
+) -> tuple[int, Clock, Router]:
+    device, _grid, _resident = wristband_in(url, night_covered=False)
+    clock = Clock(DAY)
+    incident = press(url, device, DAY)
+    router = router_with_platform(url, phone, platform_base, clock, exercise=exercise)
+    for _ in range(3):  # grid worker at 0 s, guardians at 120 s, the platform at 240 s
+        router.run_once()
+        clock.advance(120)
+    return incident, clock, router
+
+
+def test_the_platform_step_sends_a_cap_alert_with_what_a_dispatcher_needs(
+    county_url: str, phone_network: str, platform: str
+) -> None:
+    incident, _clock, _router = escalate_to_platform(county_url, phone_network, platform)
+    received = alerts(platform)
+    assert [(a["msgType"], a["status"]) for a in received] == [("Alert", "Actual")]
+    code, notes, name = q(
+        county_url,
+        "SELECT i.code, r.medical_notes, r.name FROM incidents i"
+        " JOIN residents r ON r.id = i.resident_id WHERE i.id = %s",
+        incident,
+    )[0]
+    assert received[0]["incident_code"] == code
+    assert received[0]["resident_name"] == name
+    xml = received[0]["xml"]
+    if notes:
+        assert notes in xml  # the platform, unlike an SMS, gets the medical notes
+    tried = q(county_url, "SELECT DISTINCT s.name FROM notification_attempts a JOIN staff s ON s.id = a.recipient_id")
+    assert all(n in xml for (n,) in tried)  # who was tried
+    attempt = q(county_url, "SELECT state, provider_id FROM notification_attempts WHERE purpose = 'cap_alert'")
+    assert attempt == [("sent", received[0]["receipt"])]
+
+
+def test_acknowledgement_then_false_alarm_reach_the_platform_as_update_and_cancel(
+    county_url: str, phone_network: str, platform: str
+) -> None:
+    incident, clock, router = escalate_to_platform(county_url, phone_network, platform)
+    operator = Actor("token", "9", "值班长", None, "operator")
+    with psycopg.connect(county_url) as conn:
+        acknowledge(conn, incident, operator, "api", clock(), resolve_timeout_s=1800)
+    router.run_once()
+    clock.advance(60)
+    with psycopg.connect(county_url) as conn:
+        resolve(conn, incident, Outcome.FALSE_ALARM, "误触", operator, clock())
+    router.run_once()
+    received = alerts(platform)
+    assert [a["msgType"] for a in received] == ["Alert", "Update", "Cancel"]
+    first = received[0]
+    for later in received[1:]:
+        assert [(r["identifier"], r["known"]) for r in later["references"]] == [(first["identifier"], True)]
+        assert later["references"][0]["sent"] == first["sent"]
+    assert "值班长" in received[1]["xml"]
+
+
+def test_nothing_goes_to_a_platform_that_was_never_told(county_url: str, phone_network: str, platform: str) -> None:
+    device, _grid, _resident = wristband_in(county_url, night_covered=False)
+    clock = Clock(DAY)
+    incident = press(county_url, device, DAY)
+    router = router_with_platform(county_url, phone_network, platform, clock)
+    router.run_once()
+    with psycopg.connect(county_url) as conn:
+        acknowledge(conn, incident, Actor("token", "1", "x", None, "operator"), "api", clock(), resolve_timeout_s=1800)
+    router.run_once()
+    assert alerts(platform) == []
+
+
+def test_the_demo_sends_exercise_alerts(county_url: str, phone_network: str, platform: str) -> None:
+    escalate_to_platform(county_url, phone_network, platform, exercise=True)
+    assert [a["status"] for a in alerts(platform)] == ["Exercise"]
