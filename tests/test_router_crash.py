@@ -1,0 +1,133 @@
+"""The router killed mid-send, and steps firing on time with a real clock."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Iterator
+from datetime import UTC, datetime
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from urllib.parse import parse_qs
+
+import psycopg
+import pytest
+
+from alerts.router import Router
+from shouhu.embedded.postgres import free_port
+from tests.escalation_support import FROM, PHONE_SID, PHONE_TOKEN, calls, make_router, messages, press, q, wristband_in
+from tests.services import ShouhuProcess, shouhu_env
+
+
+class HangingProvider:
+    """A provider that takes each request and never answers: a call stuck in flight."""
+
+    def __init__(self) -> None:
+        self.requests: list[dict[str, str]] = []
+        self.release = threading.Event()
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
+                provider.requests.append({k: v[0] for k, v in parse_qs(body).items()} | {"path": self.path})
+                provider.release.wait(60)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()
+
+
+@pytest.fixture
+def hanging() -> Iterator[HangingProvider]:
+    provider = HangingProvider()
+    yield provider
+    provider.close()
+
+
+def test_a_router_killed_mid_call_resends_only_that_attempt_and_skips_no_step(
+    county_url: str, phone_network: str, hanging: HangingProvider
+) -> None:
+    device, _grid, _resident = wristband_in(county_url, night_covered=True)
+    incident = press(county_url, device, datetime.now(UTC))
+    port = free_port()
+    doomed = ShouhuProcess(
+        ["router"],
+        shouhu_env(
+            SHOUHU_DATABASE_URL=county_url,
+            SHOUHU_TWILIO_ACCOUNT_SID=PHONE_SID,
+            SHOUHU_TWILIO_AUTH_TOKEN=PHONE_TOKEN,
+            SHOUHU_TWILIO_FROM=FROM,
+            SHOUHU_TWILIO_API_BASE=hanging.url,
+            SHOUHU_METRICS_PORT=str(port),
+        ),
+        ready_url=f"http://127.0.0.1:{port}/readyz",
+    ).start()
+    deadline = time.monotonic() + 15
+    while not hanging.requests:
+        assert time.monotonic() < deadline, "the router never called the provider"
+        time.sleep(0.02)
+    in_flight = hanging.requests[0]
+    doomed.kill(9)  # SIGKILL while the provider call is open
+    before = q(county_url, "SELECT id, channel, attempt, state, address FROM notification_attempts ORDER BY id")
+    assert before[0][3] == "pending", "the attempt in flight was not completed by the dead router"
+    # Another router takes over with a working provider.
+    survivor: Router = make_router(county_url, phone_network, lambda: datetime.now(UTC))  # type: ignore[arg-type]
+    survivor.run_once()
+    after = q(county_url, "SELECT id, channel, attempt, state, address FROM notification_attempts ORDER BY id")
+    assert [row[0] for row in after] == [row[0] for row in before]  # the same keys, no new attempts
+    assert all(row[2] == 1 and row[3] == "sent" for row in after)
+    sent_to = [c["to"] for c in calls(phone_network)] + [m["to"] for m in messages(phone_network)]
+    # Every phone attempt went out once through the survivor, the one in flight included:
+    # that one reached the provider twice (once into the hang), nothing else did.
+    phone_attempts = [row for row in after if row[1] in ("voice", "sms")]
+    assert sorted(sent_to) == sorted(row[4] for row in phone_attempts)
+    assert in_flight["To"] in sent_to
+    assert len(hanging.requests) == 1
+    steps = q(county_url, "SELECT step, state FROM escalation_actions WHERE incident_id = %s ORDER BY id", incident)
+    assert steps == [(0, "done"), (1, "pending")]
+
+
+def test_steps_fire_within_a_second_of_their_due_time(county_url: str, phone_network: str) -> None:
+    with psycopg.connect(county_url) as conn:
+        conn.execute(
+            "UPDATE escalation_policies SET steps = %s WHERE id = 'default-sos'",
+            (
+                json.dumps(
+                    [
+                        {"target": "grid_worker", "channels": ["sms"], "wait_s": 1},
+                        {"target": "guardians", "channels": ["sms"], "wait_s": 1},
+                        {"target": "operators", "channels": ["sms"], "wait_s": 1},
+                    ]
+                ),
+            ),
+        )
+    device, _grid, _resident = wristband_in(county_url, night_covered=False)
+    router = make_router(county_url, phone_network, lambda: datetime.now(UTC))  # type: ignore[arg-type]
+    thread = threading.Thread(target=router.run, daemon=True)
+    thread.start()
+    try:
+        incident = press(county_url, device, datetime.now(UTC))
+        deadline = time.monotonic() + 10
+        while len(q(county_url, "SELECT 1 FROM incident_events WHERE event = 'step_started'")) < 3:
+            assert time.monotonic() < deadline, "steps did not fire"
+            time.sleep(0.05)
+    finally:
+        router.stop()
+        thread.join(10)
+    due = dict(q(county_url, "SELECT step, due_at FROM escalation_actions WHERE incident_id = %s", incident))
+    fired = [
+        (r[0]["step"], r[1])
+        for r in q(county_url, "SELECT detail, at FROM incident_events WHERE event = 'step_started' ORDER BY id")
+    ]
+    for step, at in fired:
+        lateness = (at - due[step]).total_seconds()
+        assert 0 <= lateness < 1.0, f"step {step} fired {lateness:.3f}s after its due time"
