@@ -11,31 +11,28 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from datetime import datetime
-from typing import Any, TypeGuard
+from typing import Any, TypeGuard, TypeVar
 
 import psycopg
-from psycopg.types.json import Jsonb
 
 from alerts.incidents import Alarm, AlarmResult, record_alarm
 from devices.contract import (
     ALARM_CHANNELS,
     DeviceMessage,
-    HealthPayload,
     MqttChannel,
     Rejected,
     RejectReason,
     SosPayload,
     StatusMessage,
-    TelemetryPayload,
     Topic,
     parse_message,
     payload_hash,
 )
 from devices.kinds import DeviceKind, IncidentKind
 from hub import metrics
+from hub.batch import SightingSink, prepare_staging, store_batch
 from hub.mqtt import Received
 
 log = logging.getLogger(__name__)
@@ -62,29 +59,6 @@ def _dead_letter(conn: Conn, message: Received, hub_id: str, reason: RejectReaso
         (message.received_at, hub_id, message.topic[:1024], message.payload, reason.value, detail),
     )
     metrics.DEAD_LETTERS.labels(reason.value).inc()
-
-
-def _ledger_new(conn: Conn, device_id: str, msg_id: str, digest: bytes, channel: str, at: datetime) -> bool | None:
-    """True: first sight. None: a redelivery (same hash). False: a reused id."""
-    inserted = conn.execute(
-        "INSERT INTO message_ledger (device_id, msg_id, payload_hash, channel, received_at)"
-        " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1",
-        (device_id, msg_id, digest, channel, at),
-    ).fetchone()
-    if inserted:
-        return True
-    row = conn.execute(
-        "SELECT payload_hash FROM message_ledger WHERE device_id = %s AND msg_id = %s",
-        (device_id, msg_id),
-    ).fetchone()
-    return None if row is not None and bytes(row[0]) == digest else False
-
-
-def _known_device(conn: Conn, topic: Topic) -> bool:
-    row = conn.execute(
-        "SELECT 1 FROM devices WHERE id = %s AND kind = %s", (topic.device_id, topic.kind.value)
-    ).fetchone()
-    return row is not None
 
 
 def _alarm_from(message: Received, parsed: DeviceMessage | Rejected, topic: Topic) -> Alarm:
@@ -133,87 +107,6 @@ def _store_alarm(
         log.warning("red incident %s opened by %s on %s", outcome.incident_id, topic.device_id, topic.channel)
 
 
-def _store_status(conn: Conn, message: Received, status: StatusMessage, config: IngestConfig) -> None:
-    topic = status.topic
-    if not _known_device(conn, topic):
-        _dead_letter(conn, message, config.hub_id, RejectReason.UNKNOWN_DEVICE, f"no {topic.kind} {topic.device_id!r}")
-        return
-    conn.execute(
-        "INSERT INTO device_events (device_id, at, event, reason, detail) VALUES (%s, %s, %s, %s, %s)",
-        (
-            topic.device_id,
-            message.received_at,
-            "status_online" if status.online else "status_offline",
-            None if status.online else "last_will",
-            Jsonb({"retained": message.retain, "hub_id": config.hub_id}),
-        ),
-    )
-
-
-def _store_series(conn: Conn, message: Received, parsed: DeviceMessage, config: IngestConfig) -> None:
-    topic = parsed.topic
-    if not _known_device(conn, topic):
-        _dead_letter(conn, message, config.hub_id, RejectReason.UNKNOWN_DEVICE, f"no {topic.kind} {topic.device_id!r}")
-        return
-    payload = parsed.payload
-    seen = _ledger_new(
-        conn, topic.device_id, payload.msg_id, parsed.payload_hash, topic.channel.value, message.received_at
-    )
-    if seen is None:
-        return
-    if seen is False:
-        _dead_letter(
-            conn,
-            message,
-            config.hub_id,
-            RejectReason.REUSED_MSG_ID,
-            f"msg_id {payload.msg_id!r} seen with other content",
-        )
-        return
-    if isinstance(payload, TelemetryPayload):
-        conn.execute(
-            """
-            INSERT INTO telemetry (device_id, msg_id, ts, received_at, battery, heart_rate, spo2,
-                worn, lat, lon, steps, extra)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-            """,
-            (
-                topic.device_id,
-                payload.msg_id,
-                payload.ts,
-                message.received_at,
-                payload.battery,
-                payload.heart_rate,
-                payload.spo2,
-                payload.worn,
-                payload.lat,
-                payload.lon,
-                payload.steps,
-                Jsonb(payload.extra),
-            ),
-        )
-    elif isinstance(payload, HealthPayload):
-        conn.execute(
-            """
-            INSERT INTO camera_health (device_id, msg_id, ts, received_at, online, reason, fps,
-                bitrate_kbps, storage_ok, extra)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s)
-            """,
-            (
-                topic.device_id,
-                payload.msg_id,
-                payload.ts,
-                message.received_at,
-                payload.online,
-                payload.reason,
-                payload.fps,
-                payload.bitrate_kbps,
-                payload.storage_ok,
-                Jsonb(payload.extra),
-            ),
-        )
-
-
 def _pages(parsed: DeviceMessage | StatusMessage | Rejected, topic: Topic) -> TypeGuard[DeviceMessage | Rejected]:
     """Whether this message opens or joins a red incident.
 
@@ -225,25 +118,33 @@ def _pages(parsed: DeviceMessage | StatusMessage | Rejected, topic: Topic) -> Ty
     return isinstance(parsed, DeviceMessage) or (isinstance(parsed, Rejected) and parsed.reason in UNREADABLE_ALARM)
 
 
-def store_message(conn: Conn, message: Received, config: IngestConfig) -> None:
-    """Store one message in the caller's transaction; bad input is dead-lettered."""
+def store_message(
+    conn: Conn, message: Received, config: IngestConfig, record_sightings: SightingSink | None = None
+) -> None:
+    """Store one message in the caller's transaction; bad input is dead-lettered.
+
+    An alarm opens or joins its incident; anything else is a batch of one.
+    """
     parsed = parse_message(message.topic, message.payload)
     topic = parsed.topic
-    channel = topic.channel.value if topic else "invalid"
-    metrics.MESSAGES_RECEIVED.labels(channel).inc()
     if topic is not None and _pages(parsed, topic):
+        metrics.MESSAGES_RECEIVED.labels(topic.channel.value).inc()
         _store_alarm(conn, message, parsed, topic, config)
         return
-    if isinstance(parsed, Rejected):
-        _dead_letter(conn, message, config.hub_id, parsed.reason, parsed.detail)
-    elif isinstance(parsed, StatusMessage):
-        _store_status(conn, message, parsed, config)
-    else:
-        _store_series(conn, message, parsed, config)
+    store_batch(conn, [message], config.hub_id, record_sightings)
+
+
+T = TypeVar("T")
 
 
 class Writer:
-    """Stores messages one transaction each, reconnecting to the database as needed."""
+    """Stores messages — one alarm, or one batch — per transaction, reconnecting as needed.
+
+    A database that is away is waited for (with backoff) for as long as it takes:
+    nothing is acknowledged meanwhile, so nothing is lost. A message that fails to
+    store for another reason (a bug, a constraint) is retried a little and then kept
+    as a dead letter, so it cannot stall everything behind it.
+    """
 
     def __init__(
         self,
@@ -251,32 +152,32 @@ class Writer:
         config: IngestConfig,
         *,
         sleep: Callable[[float], None] = time.sleep,
+        lane: str = "alarm",
+        record_sightings: SightingSink | None = None,
     ) -> None:
         self.database_url = database_url
         self.config = config
+        self.lane = lane
+        self.record_sightings = record_sightings
         self._sleep = sleep
         self._conn: Conn | None = None
 
     def _connection(self) -> Conn:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.database_url, application_name=f"shouhu-hub-{self.config.hub_id}")
+            self._conn = psycopg.connect(self.database_url, application_name=f"shouhu-hub-{self.config.hub_id}"[:63])
+            prepare_staging(self._conn)
+            self._conn.commit()
         return self._conn
 
-    def store(self, message: Received) -> None:
-        """Commit ``message``; returns only once it is durable. Retries database errors."""
+    def _committed(self, work: Callable[[Conn], T]) -> T:
+        """Run ``work`` in a transaction until it commits; database outages are waited out."""
         delay = 0.2
-        failures = 0
         while True:
             try:
                 conn = self._connection()
                 with conn.transaction():
-                    store_message(conn, message, self.config)
-                metrics.COMMIT_SECONDS.observe(time.monotonic() - message.monotonic)
-                parsed_channel = message.topic.rsplit("/", 1)[-1]
-                metrics.MESSAGES_STORED.labels(parsed_channel[:16]).inc()
-                return
+                    return work(conn)
             except psycopg.OperationalError as exc:
-                failures = 0
                 metrics.DATABASE_RETRIES.inc()
                 log.warning("database unavailable (%s); retrying in %.1fs", exc, delay)
                 if self._conn is not None:
@@ -284,20 +185,40 @@ class Writer:
                 self._conn = None
                 self._sleep(delay)
                 delay = min(delay * 2, 5.0)
-            except psycopg.Error as exc:
-                # Not the database being away but this message failing to store (a
-                # bug, a constraint). Retry a little, then keep it as a dead letter
-                # rather than stall every message behind it.
-                failures += 1
-                log.exception("storing %s failed (%d)", message.topic, failures)
-                if failures >= 3:
-                    self._store_failed(message, exc)
-                    return
 
-    def _store_failed(self, message: Received, exc: Exception) -> None:
-        conn = self._connection()
-        with conn.transaction():
-            _dead_letter(conn, message, self.config.hub_id, RejectReason.STORE_FAILED, repr(exc)[:1000])
+    def store(self, message: Received) -> None:
+        """Commit one message; returns only once it is durable (or dead-lettered)."""
+        for failures in range(1, 4):
+            try:
+                self._committed(lambda conn: store_message(conn, message, self.config, self.record_sightings))
+            except psycopg.Error as exc:
+                log.exception("storing %s failed (%d)", message.topic, failures)
+                if failures == 3:
+                    detail = repr(exc)[:1000]
+                    self._committed(
+                        lambda conn, detail=detail: _dead_letter(  # type: ignore[misc]
+                            conn, message, self.config.hub_id, RejectReason.STORE_FAILED, detail
+                        )
+                    )
+                continue
+            metrics.COMMIT_SECONDS.labels(self.lane).observe(time.monotonic() - message.monotonic)
+            parsed_channel = message.topic.rsplit("/", 1)[-1]
+            metrics.MESSAGES_STORED.labels(parsed_channel[:16]).inc()
+            return
+
+    def store_batch(self, messages: Sequence[Received]) -> None:
+        """Commit a batch of non-alarm messages; one that breaks the batch is stored alone."""
+        started = time.monotonic()
+        try:
+            self._committed(lambda conn: store_batch(conn, messages, self.config.hub_id, self.record_sightings))
+        except psycopg.Error:
+            log.exception("a batch of %d failed to store; storing its messages one by one", len(messages))
+            for message in messages:
+                self.store(message)
+            return
+        metrics.BATCH_SIZE.observe(len(messages))
+        metrics.COMMIT_SECONDS.labels(self.lane).observe(time.monotonic() - min(m.monotonic for m in messages))
+        metrics.BATCH_SECONDS.observe(time.monotonic() - started)
 
     def close(self) -> None:
         if self._conn is not None:

@@ -16,10 +16,21 @@ ALARMS = Counter(
 )
 COMMIT_SECONDS = Histogram(
     "shouhu_hub_commit_seconds",
-    "From receipt to commit of one message",
+    "From receipt to commit, by lane (alarm: one message; bulk: a batch's oldest message)",
+    ["lane"],
     buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5),
 )
-QUEUE_DEPTH = Gauge("shouhu_hub_queue_depth", "Messages received and not yet stored")
+BATCH_SIZE = Histogram(
+    "shouhu_hub_batch_size",
+    "Messages per bulk-lane transaction",
+    buckets=(1, 5, 10, 25, 50, 100, 250, 500, 1000, 2000),
+)
+BATCH_SECONDS = Histogram(
+    "shouhu_hub_batch_commit_seconds",
+    "Time to store and commit one batch",
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+)
+QUEUE_DEPTH = Gauge("shouhu_hub_queue_depth", "Messages received and not yet stored, by lane", ["lane"])
 SESSIONS_LOST = Counter("shouhu_hub_sessions_lost_total", "Reconnects where the broker had no session for us")
 STALE_ACKS = Counter(
     "shouhu_hub_stale_acks_total",

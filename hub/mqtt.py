@@ -40,11 +40,23 @@ DIRECT_SUBSCRIPTIONS = (
     "shouhu/v1/wristband/+/fall",
     "shouhu/v1/+/+/status",
 )
+# Telemetry and camera health: shared among the hubs when the broker supports it.
+BULK_TOPICS = ("shouhu/v1/+/+/telemetry", "shouhu/v1/+/+/health")
+SHARE_GROUP = "shouhu"
+ALARM_SUFFIXES = ("/sos", "/fall")
 UNSUPPORTED_PROTOCOL = 132  # CONNACK reason code (MQTT 5) for "Unsupported protocol version"
 
 
 def probe_topic(hub_id: str) -> str:
     return f"shouhu/hub/{hub_id}/probe"
+
+
+def share_probe_topic(hub_id: str) -> str:
+    return f"shouhu/hub/{hub_id}/share-probe"
+
+
+def bulk_subscriptions(shared: bool) -> tuple[str, ...]:
+    return tuple(f"$share/{SHARE_GROUP}/{t}" for t in BULK_TOPICS) if shared else BULK_TOPICS
 
 
 @dataclass(frozen=True, slots=True)
@@ -89,10 +101,15 @@ class BrokerRefused(Exception):
 class HubConnection:
     """A paho client that feeds ``inbox`` and acknowledges only when told to."""
 
-    def __init__(self, url: str, client_id: str, inbox: queue.Queue[Received]) -> None:
+    def __init__(
+        self, url: str, client_id: str, alarm_inbox: queue.Queue[Received], bulk_inbox: queue.Queue[Received]
+    ) -> None:
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
-        self.inbox = inbox
+        self.alarm_inbox = alarm_inbox
+        self.bulk_inbox = bulk_inbox
+        # Set once the hub knows whether the broker shares subscriptions.
+        self.bulk_topics: tuple[str, ...] = ()
         self.protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
         self.generation = 0
         self.connected = threading.Event()
@@ -125,7 +142,7 @@ class HubConnection:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
         # Receive Maximum bounds what the broker sends before our acknowledgements.
-        properties.ReceiveMaximum = min(self.inbox.maxsize or 1000, 65535)
+        properties.ReceiveMaximum = min(self.bulk_inbox.maxsize or 1000, 65535)
         return properties
 
     def start(self, timeout: float = 30.0) -> None:
@@ -198,9 +215,20 @@ class HubConnection:
             # away is gone. Counted and logged; the ledger covers duplicates only.
             metrics.SESSIONS_LOST.inc()
             log.warning("reconnected without a session: messages queued meanwhile were lost")
-        for topic in (*DIRECT_SUBSCRIPTIONS, probe_topic(self.client_id)):
+        for topic in (
+            *DIRECT_SUBSCRIPTIONS,
+            probe_topic(self.client_id),
+            f"$share/{SHARE_GROUP}-probe/{share_probe_topic(self.client_id)}",
+            *self.bulk_topics,
+        ):
             client.subscribe(topic, qos=1)
         self.connected.set()
+
+    def subscribe_bulk(self, shared: bool) -> None:
+        """Subscribe to telemetry and health, shared or direct; kept for every reconnect."""
+        self.bulk_topics = bulk_subscriptions(shared)
+        for topic in self.bulk_topics:
+            self.client.subscribe(topic, qos=1)
 
     def _on_disconnect(self, *_args: Any) -> None:
         self.connected.clear()
@@ -208,9 +236,11 @@ class HubConnection:
         self._connack_event.set()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        # Only enqueue: storing happens on the writer thread. A full inbox blocks the
-        # network thread, which is the back-pressure we want.
-        self.inbox.put(
+        # Only enqueue: storing happens on the writer threads. Alarms (and the hub's
+        # own probes) take their own lane so they never queue behind telemetry. A
+        # full inbox blocks the network thread: the back-pressure we want.
+        alarm = message.topic.endswith(ALARM_SUFFIXES) or message.topic.startswith("shouhu/hub/")
+        (self.alarm_inbox if alarm else self.bulk_inbox).put(
             Received(
                 topic=message.topic,
                 payload=bytes(message.payload),
@@ -234,5 +264,6 @@ class HubConnection:
             self.client.ack(message.mid, message.qos)
         return True
 
-    def publish_probe(self, token: str) -> None:
-        self.client.publish(probe_topic(self.client_id), token.encode(), qos=1)
+    def publish_probe(self, token: str, *, shared: bool = False) -> None:
+        topic = share_probe_topic(self.client_id) if shared else probe_topic(self.client_id)
+        self.client.publish(topic, token.encode(), qos=1)

@@ -151,6 +151,7 @@ def test_bad_input_is_dead_lettered_and_the_hub_keeps_going(hub: Hub, county_url
     publish_raw(mosquitto.url, "shouhu/v1/wristband/wb-0008/status", b"online")
     publish_raw(mosquitto.url, sos_topic("wb-0008"), alarm_payload("sos"))
     wait_until(lambda: incidents(county_url), what="the SOS behind the bad input")
+    wait_until(lambda: len(query(county_url, "SELECT 1 FROM dead_letters")) == 2, what="two dead letters")
     assert sorted(r[0] for r in query(county_url, "SELECT reason FROM dead_letters")) == ["schema", "unknown_device"]
     assert query(county_url, "SELECT event FROM device_events WHERE device_id = 'wb-0008'") == [("status_online",)]
 

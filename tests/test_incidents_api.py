@@ -387,13 +387,15 @@ def test_detail_carries_the_timeline_in_time_order(
         ("stored", "t"),
         ("step_started", "r1"),
         ("attempt_failed", "r1"),
+        ("retry_scheduled", None),  # a busy line is tried again after the backoff
         ("attempt_sent", "r1"),
         ("attempt_sent", "r1"),
         ("joined", "W-A"),
     ]
     stamps = [when(e["at"]) for e in timeline]
-    assert stamps == [T0, T0] + [T0 + timedelta(seconds=5)] * 4 + [T0 + timedelta(seconds=10)]
-    opened, stored, step, failed, sms, console, joined = (e["detail"] for e in timeline)
+    assert stamps == [T0, T0] + [T0 + timedelta(seconds=5)] * 5 + [T0 + timedelta(seconds=10)]
+    opened, stored, step, failed, retry, sms, console, joined = (e["detail"] for e in timeline)
+    assert (retry["channel"], retry["try"]) == ("voice", 2)
     assert opened == {"kind": "sos", "severity": "red", "policy": "built-in"}
     assert (stored["msg_id"], stored["hub_id"], stored["device_id"]) == ("m1", "t", "W-A")
     assert step["target"] == "grid_worker"
@@ -428,6 +430,9 @@ def test_detail_lists_every_attempt_stored_attempted_and_sent(
          "error": None, "created_at": at, "sent_at": at},
         {**common, "channel": "console", "state": "sent",
          "provider_id": f"console-{attempt_ids[2]}", "error": None, "created_at": at, "sent_at": at},
+        # The busy call's retry: queued, due after the backoff, not yet sent.
+        {**common, "attempt": 2, "channel": "voice", "state": "pending", "provider_id": None,
+         "error": None, "created_at": at, "sent_at": None},
     ]
     fall = client.get(f"/api/v1/incidents/{world.fall_b}", headers=bearer(db, Role.ADMIN)).json()
     assert [e["event"] for e in fall["timeline"]] == ["opened", "stored"]
@@ -486,9 +491,9 @@ def test_grid_worker_sees_the_sos_pages_masked(client: TestClient, db: Conn, wor
     assert {a["to"] for a in body["attempts"]} == {"+1202****0100"}
     assert [e["detail"]["to"] for e in body["timeline"] if "to" in e["detail"]] == [
         "+1202****0100"
-    ] * 3
+    ] * 4  # three attempts and the busy call's retry
     assert GRID_WORKER_PHONE not in response.text
-    assert [a["recipient_id"] for a in body["attempts"]] == ["GW-A"] * 3
+    assert [a["recipient_id"] for a in body["attempts"]] == ["GW-A"] * 4
 
 
 def test_a_technician_sees_camera_incidents_only(

@@ -147,10 +147,11 @@ def test_call_arrives_with_mandarin_twiml_said_twice(simulator: Simulator) -> No
     assert len(str(record["sid"])) == 34
     assert (record["to"], record["from"], record["status"]) == (GRID_WORKER, FROM, "queued")
     twiml = str(record["twiml"])
-    assert twiml == voice_twiml(SOS, keypress_url=PUBLIC_URL + KEYPRESS_CALLBACK_PATH)
+    # The keypress comes back naming the attempt it answers.
+    assert twiml == voice_twiml(SOS, keypress_url=f"{PUBLIC_URL}{KEYPRESS_CALLBACK_PATH}?attempt=1")
     gather = ET.fromstring(twiml).find("Gather")
     assert gather is not None
-    assert gather.get("action") == PUBLIC_URL + KEYPRESS_CALLBACK_PATH
+    assert gather.get("action") == f"{PUBLIC_URL}{KEYPRESS_CALLBACK_PATH}?attempt=1"
     assert gather.get("numDigits") == "1"
     [say] = gather.findall("Say")
     assert (say.get("language"), say.get("loop")) == ("cmn-CN", "2")
