@@ -224,6 +224,12 @@ class HubConnection:
             client.subscribe(topic, qos=1)
         self.connected.set()
 
+    def unsubscribe_bulk(self) -> None:
+        """Stop taking telemetry and health (a graceful stop: no new shares parked for us)."""
+        for topic in self.bulk_topics:
+            self.client.unsubscribe(topic)
+        self.bulk_topics = ()
+
     def subscribe_bulk(self, shared: bool) -> None:
         """Subscribe to telemetry and health, shared or direct; kept for every reconnect."""
         self.bulk_topics = bulk_subscriptions(shared)

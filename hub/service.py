@@ -63,6 +63,8 @@ class Hub:
         self._probe_token = uuid.uuid4().hex
         self._share_token = uuid.uuid4().hex
         self._share_seen = threading.Event()
+        # The lanes run until the drain after stop() is done, not until stop() itself.
+        self._lanes_done = threading.Event()
 
     def run(self) -> None:
         """Serve until ``stop()``; blocks."""
@@ -89,6 +91,8 @@ class Hub:
                     self._tick()
         finally:
             self.stopping.set()
+            self._drain()
+            self._lanes_done.set()
             for thread in threads:
                 thread.join(10)
             self.connection.stop()
@@ -96,6 +100,18 @@ class Hub:
             self.bulk_writer.close()
             if server is not None:
                 server.shutdown()
+
+    def _drain(self, timeout: float = 5.0) -> None:
+        """A graceful stop: take no new telemetry shares, finish storing what is queued.
+
+        Whatever is not stored in time is simply not acknowledged: the broker keeps
+        it in this hub's session for its return.
+        """
+        if self.connection.connected.is_set():
+            self.connection.unsubscribe_bulk()
+        deadline = time.monotonic() + timeout
+        while (self.bulk_inbox.qsize() or self.alarm_inbox.qsize()) and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def _tick(self) -> None:
         assert self.on_tick is not None
@@ -114,7 +130,7 @@ class Hub:
         return False
 
     def _alarm_lane(self) -> None:
-        while not self.stopping.is_set():
+        while not self._lanes_done.is_set():
             try:
                 message = self.alarm_inbox.get(timeout=0.2)
             except queue.Empty:
@@ -135,7 +151,7 @@ class Hub:
         self.connection.ack(message)
 
     def _bulk_lane(self) -> None:
-        while not self.stopping.is_set():
+        while not self._lanes_done.is_set():
             batch = self._collect()
             if batch:
                 self.bulk_writer.store_batch(batch)

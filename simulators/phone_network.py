@@ -13,6 +13,21 @@ Faults are injected per number with ``POST /_sim/faults``:
   then ends ``busy`` / ``no-answer``; if the request gave a ``StatusCallback`` the
   network posts that final status to it, signed with ``X-Twilio-Signature`` like
   Twilio. An SMS to such a number is delivered normally: a busy phone still gets SMS.
+
+How the person at a number behaves is set with ``POST /_sim/behaviour``, so tests
+and demos drive the API's callbacks for real:
+
+- ``answer``: ``press1`` / ``press2`` answer the call and press that digit, posted
+  to the TwiML's ``<Gather action>`` like Twilio, then the ``completed`` status;
+  ``voicemail`` answers without a keypress (only ``completed``); ``busy`` /
+  ``no-answer`` end the call so, as the faults do;
+- ``sms``: ``delivered`` / ``undelivered`` is posted to an SMS's ``StatusCallback``.
+
+Every callback is posted on its own thread once the 201 has gone out, signed with
+``X-Twilio-Signature``; ``GET /_sim/webhooks`` lists each with the reply it got.
+``POST /_sim/inbound-sms`` sends a person's SMS to the ``sms_url`` webhook (set
+with ``create_phone_network(sms_url=…)`` or ``POST /_sim/config``) and returns the
+reply, as the Twilio number's inbound webhook does.
 """
 
 from __future__ import annotations
@@ -23,8 +38,9 @@ import re
 import secrets
 import threading
 import time
+import xml.etree.ElementTree as ET
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from email.utils import format_datetime
 from typing import Any, Literal
@@ -34,8 +50,9 @@ import requests
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
+from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
+from starlette.concurrency import run_in_threadpool
 from twilio.request_validator import RequestValidator
 
 API_VERSION = "2010-04-01"
@@ -45,7 +62,21 @@ SMS_BODY_LIMIT = 1600  # Twilio refuses a longer concatenated body (error 21617)
 CALLBACK_TIMEOUT_S = 5.0
 
 Fault = Literal["busy", "no-answer", "error"]
+Answer = Literal["press1", "press2", "voicemail", "busy", "no-answer"]
+SmsOutcome = Literal["delivered", "undelivered"]
 Announce = Callable[[str], None]
+
+DIGIT_OF_ANSWER: dict[str, str] = {"press1": "1", "press2": "2"}
+# How a call ends, by the callee's behaviour.
+CALL_END_OF_ANSWER: dict[str, str] = {
+    "press1": "completed",
+    "press2": "completed",
+    "voicemail": "completed",
+    "busy": "busy",
+    "no-answer": "no-answer",
+}
+ANSWERED_CALL_DURATION_S = "15"
+UNDELIVERED_ERROR_CODE = "30003"  # Twilio: "Unreachable destination handset"
 
 
 class TwilioApiError(Exception):
@@ -106,6 +137,7 @@ class CallRecord:
     status_callback: str | None
     received_at: datetime
     monotonic: float
+    answer: Answer | None = None
 
     def public(self) -> dict[str, Any]:
         return {
@@ -118,12 +150,71 @@ class CallRecord:
             "status_callback": self.status_callback,
             "received_at": self.received_at.isoformat(),
             "monotonic": self.monotonic,
+            "answer": self.answer,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class Behaviour:
+    """How the person at one number acts: answers calls so, and their SMS end so."""
+
+    answer: Answer | None = None
+    sms: SmsOutcome | None = None
+
+    def public(self) -> dict[str, str | None]:
+        return {"answer": self.answer, "sms": self.sms}
+
+
+@dataclass(frozen=True, slots=True)
+class WebhookRecord:
+    """A signed request the network posted (a status callback, a keypress, an inbound SMS) and its reply."""
+
+    kind: Literal["status", "keypress", "inbound_sms"]
+    url: str
+    params: dict[str, str]
+    signature: str
+    status: int | None  # None: the request got no answer
+    reply: str
+    posted_at: datetime
+
+    def public(self) -> dict[str, Any]:
+        return {
+            "kind": self.kind,
+            "url": self.url,
+            "params": self.params,
+            "signature": self.signature,
+            "status": self.status,
+            "reply": self.reply,
+            "posted_at": self.posted_at.isoformat(),
         }
 
 
 class FaultRequest(BaseModel):
     to: str
     fail: Fault | None
+
+
+class BehaviourRequest(BaseModel):
+    """A field left out keeps its setting; a field given as ``null`` clears it."""
+
+    to: str
+    answer: Answer | None = None
+    sms: SmsOutcome | None = None
+
+
+class ConfigRequest(BaseModel):
+    """A field left out keeps its setting."""
+
+    sms_url: str | None = None
+    number: str | None = Field(default=None, description="The Twilio number inbound SMS are sent to.")
+
+
+class InboundSmsRequest(BaseModel):
+    from_: str = Field(alias="from")
+    body: str
+    to: str | None = Field(
+        default=None, description="Default: the configured number, else the number that last texted the sender."
+    )
 
 
 def print_flushed(line: str) -> None:

@@ -58,6 +58,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(2, "time-series tables", apply=_create_series_tables),
     Migration(3, "acknowledgement, notices, CAP messages", sql_file="0003_acknowledgement.sql"),
     Migration(4, "retries with backoff", sql_file="0004_retries.sql"),
+    Migration(5, "liveness: deadline state, ingest heartbeats and gaps", sql_file="0005_liveness.sql"),
 )
 
 
