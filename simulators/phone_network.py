@@ -63,6 +63,7 @@ CALLBACK_TIMEOUT_S = 5.0
 
 Fault = Literal["busy", "no-answer", "error"]
 Answer = Literal["press1", "press2", "voicemail", "busy", "no-answer"]
+WebhookKind = Literal["status", "keypress", "inbound_sms"]
 SmsOutcome = Literal["delivered", "undelivered"]
 Announce = Callable[[str], None]
 
@@ -169,7 +170,7 @@ class Behaviour:
 class WebhookRecord:
     """A signed request the network posted (a status callback, a keypress, an inbound SMS) and its reply."""
 
-    kind: Literal["status", "keypress", "inbound_sms"]
+    kind: WebhookKind
     url: str
     params: dict[str, str]
     signature: str
@@ -225,14 +226,26 @@ def print_flushed(line: str) -> None:
 class PhoneNetwork:
     """The network's state: records, faults, credentials. Safe to use from several threads."""
 
-    def __init__(self, account_sid: str, auth_token: str, announce: Announce) -> None:
+    def __init__(
+        self,
+        account_sid: str,
+        auth_token: str,
+        announce: Announce,
+        *,
+        sms_url: str | None = None,
+        number: str | None = None,
+    ) -> None:
         self.account_sid = account_sid
         self.auth_token = auth_token
         self.announce = announce
+        self.sms_url = sms_url
+        self.number = number
         self._lock = threading.Lock()
         self._messages: list[MessageRecord] = []
         self._calls: list[CallRecord] = []
         self._faults: dict[str, Fault] = {}
+        self._behaviours: dict[str, Behaviour] = {}
+        self._webhooks: list[WebhookRecord] = []
 
     def messages(self) -> list[MessageRecord]:
         with self._lock:
@@ -250,10 +263,15 @@ class PhoneNetwork:
         with self._lock:
             self._calls.append(record)
 
+    def webhooks(self) -> list[WebhookRecord]:
+        with self._lock:
+            return list(self._webhooks)
+
     def clear(self) -> None:
         with self._lock:
             self._messages.clear()
             self._calls.clear()
+            self._webhooks.clear()
 
     def set_fault(self, to: str, fail: Fault | None) -> dict[str, Fault]:
         with self._lock:
@@ -270,6 +288,145 @@ class PhoneNetwork:
     def fault_for(self, to: str) -> Fault | None:
         with self._lock:
             return self._faults.get(to)
+
+    def set_behaviour(self, to: str, changes: dict[str, Any]) -> dict[str, dict[str, str | None]]:
+        """Change the named fields of ``to``'s behaviour; a number left with none is forgotten."""
+        with self._lock:
+            behaviour = replace(self._behaviours.get(to, Behaviour()), **changes)
+            if behaviour == Behaviour():
+                self._behaviours.pop(to, None)
+            else:
+                self._behaviours[to] = behaviour
+            return {number: b.public() for number, b in self._behaviours.items()}
+
+    def behaviours(self) -> dict[str, dict[str, str | None]]:
+        with self._lock:
+            return {number: b.public() for number, b in self._behaviours.items()}
+
+    def behaviour_for(self, to: str) -> Behaviour:
+        with self._lock:
+            return self._behaviours.get(to, Behaviour())
+
+    def reply_number(self, sender: str) -> str | None:
+        """Where ``sender``'s SMS goes: the configured number, else whoever last texted them."""
+        if self.number:
+            return self.number
+        with self._lock:
+            texted = [m.from_ for m in self._messages if m.to == sender and m.from_]
+        return texted[-1] if texted else None
+
+    def post_webhook(self, kind: WebhookKind, url: str, params: dict[str, str]) -> WebhookRecord:
+        """POST ``params`` to ``url`` signed like Twilio (``X-Twilio-Signature``), and record the reply."""
+        signature = RequestValidator(self.auth_token).compute_signature(url, params)
+        try:
+            answer = requests.post(
+                url,
+                data=params,
+                headers={"X-Twilio-Signature": signature},
+                timeout=CALLBACK_TIMEOUT_S,
+            )
+            status: int | None = answer.status_code
+            reply = answer.text
+        except requests.RequestException as exc:
+            status, reply = None, str(exc)
+        record = WebhookRecord(kind, url, params, signature, status, reply, datetime.now(UTC))
+        with self._lock:
+            self._webhooks.append(record)
+        return record
+
+    def _call_params(self, record: CallRecord, status: str) -> dict[str, str]:
+        return {
+            "AccountSid": self.account_sid,
+            "ApiVersion": API_VERSION,
+            "CallSid": record.sid,
+            "CallStatus": status,
+            "Direction": "outbound-api",
+            "From": record.from_,
+            "To": record.to,
+        }
+
+    def start_call(self, record: CallRecord) -> None:
+        """Play out the callee's side of the call on a thread of its own, as Twilio does."""
+        threading.Thread(target=self._play_call, args=(record,), name=f"call-{record.sid}", daemon=True).start()
+
+    def _play_call(self, record: CallRecord) -> None:
+        digit = DIGIT_OF_ANSWER.get(record.answer or "")
+        if digit is not None:
+            action = gather_action(record.twiml)
+            if action is None:
+                self.announce(f"✖  {record.to} would press {digit}, but call {record.sid} gathers no keypress")
+            else:
+                params = self._call_params(record, "in-progress") | {"Digits": digit, "FinishedOnKey": ""}
+                pressed = self.post_webhook("keypress", action, params)
+                self.announce(f"☎  {record.to} pressed {digit} (call {record.sid}): HTTP {pressed.status}")
+        elif record.answer == "voicemail":
+            self.announce(f"☎  {record.to}: voicemail answered, no keypress (call {record.sid})")
+        if record.status_callback is not None:
+            self.post_status_callback(record.status_callback, record)
+
+    def post_status_callback(self, url: str, record: CallRecord) -> None:
+        """Tell ``url`` how the call ended, signed like Twilio's own callbacks."""
+        duration = ANSWERED_CALL_DURATION_S if record.status == "completed" else "0"
+        params = self._call_params(record, record.status) | {"CallDuration": duration}
+        posted = self.post_webhook("status", url, params)
+        if posted.status is None:
+            self.announce(f"✖  status callback for {record.sid} failed: {posted.reply}")
+            return
+        self.announce(f"↩  status callback {record.status} for {record.sid}: HTTP {posted.status}")
+
+    def start_message_status(self, record: MessageRecord, outcome: SmsOutcome) -> None:
+        """Post the SMS's final status to its ``StatusCallback`` on a thread of its own."""
+        threading.Thread(
+            target=self.post_message_status, args=(record, outcome), name=f"sms-{record.sid}", daemon=True
+        ).start()
+
+    def post_message_status(self, record: MessageRecord, outcome: SmsOutcome) -> None:
+        if record.status_callback is None:
+            return
+        params = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": API_VERSION,
+            "From": record.from_,
+            "MessageSid": record.sid,
+            "MessageStatus": outcome,
+            "SmsSid": record.sid,
+            "SmsStatus": outcome,
+            "To": record.to,
+        }
+        if outcome == "undelivered":
+            params["ErrorCode"] = UNDELIVERED_ERROR_CODE
+        posted = self.post_webhook("status", record.status_callback, params)
+        self.announce(f"↩  SMS {outcome} for {record.sid}: HTTP {posted.status}")
+
+    def receive_sms(self, sender: str, body: str, to: str | None) -> WebhookRecord:
+        """A person's SMS to the Twilio number: posted to ``sms_url`` as Twilio's inbound webhook.
+
+        Raises:
+            TwilioApiError: no ``sms_url`` is configured, or no number to send to is known.
+        """
+        if not self.sms_url:
+            raise TwilioApiError(409, 21606, "No sms_url is configured (POST /_sim/config)")
+        number = to or self.reply_number(sender)
+        if number is None:
+            raise TwilioApiError(409, 21606, f"No number for {sender} to text: give 'to' or configure 'number'")
+        params = {
+            "AccountSid": self.account_sid,
+            "ApiVersion": API_VERSION,
+            "Body": body,
+            "From": sender,
+            "MessageSid": _sid("SM"),
+            "NumMedia": "0",
+            "NumSegments": str(_segments(body)),
+            "SmsMessageSid": "",
+            "SmsSid": "",
+            "SmsStatus": "received",
+            "To": number,
+        }
+        params["SmsMessageSid"] = params["SmsSid"] = params["MessageSid"]
+        self.announce(f"✉  SMS from {sender} to {number}: {body}")
+        posted = self.post_webhook("inbound_sms", self.sms_url, params)
+        self.announce(f"↩  inbound SMS webhook: HTTP {posted.status}")
+        return posted
 
     def authenticate(self, account_sid: str, request: Request) -> None:
         """Check HTTP Basic credentials as Twilio does, then the account in the path."""
@@ -292,31 +449,6 @@ class PhoneNetwork:
         user_ok = secrets.compare_digest(user.encode(), self.account_sid.encode())
         password_ok = secrets.compare_digest(password.encode(), self.auth_token.encode())
         return user_ok and password_ok
-
-    def post_status_callback(self, url: str, record: CallRecord) -> None:
-        """Tell ``url`` how the call ended, signed like Twilio's own callbacks."""
-        params = {
-            "AccountSid": self.account_sid,
-            "ApiVersion": API_VERSION,
-            "CallSid": record.sid,
-            "CallStatus": record.status,
-            "CallDuration": "0",
-            "Direction": "outbound-api",
-            "From": record.from_,
-            "To": record.to,
-        }
-        signature = RequestValidator(self.auth_token).compute_signature(url, params)
-        try:
-            reply = requests.post(
-                url,
-                data=params,
-                headers={"X-Twilio-Signature": signature},
-                timeout=CALLBACK_TIMEOUT_S,
-            )
-        except requests.RequestException as exc:
-            self.announce(f"✖  status callback for {record.sid} failed: {exc}")
-            return
-        self.announce(f"↩  status callback {record.status} for {record.sid}: HTTP {reply.status_code}")
 
 
 def _now() -> tuple[datetime, float]:
@@ -347,6 +479,17 @@ def _segments(body: str) -> int:
 def _check_to(to: str) -> None:
     if not E164.fullmatch(to):
         raise TwilioApiError(400, 21211, f"Invalid 'To' Phone Number: {to}")
+
+
+def gather_action(twiml: str | None) -> str | None:
+    """The ``action`` URL of the TwiML's ``<Gather>``: where a keypress is posted."""
+    if not twiml or "<!" in twiml:  # TwiML has no DTD: an entity bomb is not parsed
+        return None
+    try:
+        gather = ET.fromstring(twiml).find(".//Gather")  # noqa: S314 - no DTD can reach here (refused above)
+    except ET.ParseError:
+        return None
+    return gather.get("action") if gather is not None else None
 
 
 def _raise_injected_error(network: PhoneNetwork, to: str) -> None:
@@ -445,14 +588,20 @@ def accept_message(network: PhoneNetwork, account_sid: str, form: dict[str, str]
     )
     network.add_message(record)
     network.announce(f"✉  SMS to {to}: {body}")
-    return JSONResponse(_message_resource(record, account_sid, form), status_code=201)
+    outcome = network.behaviour_for(to).sms
+    status = None
+    if outcome is not None and record.status_callback is not None:
+        status = BackgroundTask(network.start_message_status, record, outcome)
+    return JSONResponse(_message_resource(record, account_sid, form), status_code=201, background=status)
 
 
 def accept_call(network: PhoneNetwork, account_sid: str, form: dict[str, str]) -> JSONResponse:
     """Validate, record and announce one call; the answer is Twilio's 201 Call resource.
 
     A ``busy`` or ``no-answer`` fault on the number posts that final status to the
-    request's ``StatusCallback`` after the answer has gone out.
+    request's ``StatusCallback`` after the answer has gone out; so does the callee's
+    behaviour (a keypress to the ``<Gather action>`` first). A fault wins over a
+    behaviour.
     """
     to, from_ = form.get("To", ""), form.get("From", "")
     twiml, url = form.get("Twiml") or None, form.get("Url") or None
@@ -467,6 +616,7 @@ def accept_call(network: PhoneNetwork, account_sid: str, form: dict[str, str]) -
         raise TwilioApiError(400, 21205, "Url parameter is required.")
     _raise_injected_error(network, to)
     fault = network.fault_for(to)
+    answer = network.behaviour_for(to).answer if fault is None else None
     received_at, monotonic = _now()
     record = CallRecord(
         sid=_sid("CA"),
@@ -474,36 +624,49 @@ def accept_call(network: PhoneNetwork, account_sid: str, form: dict[str, str]) -
         from_=from_,
         twiml=twiml,
         url=url,
-        status=fault or "queued",
+        status=fault or CALL_END_OF_ANSWER.get(answer or "", "queued"),
         status_callback=form.get("StatusCallback") or None,
         received_at=received_at,
         monotonic=monotonic,
+        answer=answer,
     )
     network.add_call(record)
-    if fault == "busy":
+    if record.status == "busy":
         network.announce(f"☎  {to} is busy (call {record.sid})")
-    elif fault == "no-answer":
+    elif record.status == "no-answer":
         network.announce(f"☎  ringing {to}, no answer (call {record.sid})")
     else:
         network.announce(f"☎  ringing {to} (call {record.sid})")
-    callback = None
-    if fault is not None and record.status_callback is not None:
-        callback = BackgroundTask(network.post_status_callback, record.status_callback, record)
-    return JSONResponse(_call_resource(record, account_sid), status_code=201, background=callback)
+    # The callee's side starts once this answer has gone out (Twilio's callbacks
+    # never overtake its 201), on a thread of its own: the request's connection is
+    # free at once, so the caller's next request never waits behind a callback.
+    callee = None
+    if (fault is not None and record.status_callback is not None) or answer is not None:
+        callee = BackgroundTask(network.start_call, record)
+    return JSONResponse(_call_resource(record, account_sid), status_code=201, background=callee)
 
 
-def create_phone_network(account_sid: str, auth_token: str, *, announce: Announce | None = None) -> FastAPI:
+def create_phone_network(
+    account_sid: str,
+    auth_token: str,
+    *,
+    announce: Announce | None = None,
+    sms_url: str | None = None,
+    number: str | None = None,
+) -> FastAPI:
     """Build the simulator app for one Twilio account.
 
     Args:
         account_sid: The only account it serves (HTTP Basic user, and the path's ``AccountSid``).
-        auth_token: That account's token (HTTP Basic password); also signs status callbacks.
+        auth_token: That account's token (HTTP Basic password); also signs every callback.
         announce: Called with one human line per SMS, call and fault; default prints to stdout.
+        sms_url: The Twilio number's inbound-SMS webhook (``POST /_sim/config`` sets it later).
+        number: The Twilio number people text; by default, whoever last texted them.
 
     Returns:
         The FastAPI app; its ``state.network`` is the :class:`PhoneNetwork`.
     """
-    network = PhoneNetwork(account_sid, auth_token, announce or print_flushed)
+    network = PhoneNetwork(account_sid, auth_token, announce or print_flushed, sms_url=sms_url, number=number)
     app = FastAPI(title="Shouhu phone-network simulator (Twilio-compatible)")
     app.state.network = network
 
@@ -535,7 +698,7 @@ def create_phone_network(account_sid: str, auth_token: str, *, announce: Announc
 
     @app.delete("/_sim/records", status_code=204)
     async def delete_records() -> Response:
-        """Forget every recorded SMS and call (faults stay)."""
+        """Forget every recorded SMS, call and webhook (faults and behaviours stay)."""
         network.clear()
         return Response(status_code=204)
 
@@ -550,6 +713,47 @@ def create_phone_network(account_sid: str, auth_token: str, *, announce: Announc
         faults = network.set_fault(fault.to, fault.fail)
         network.announce(f"⚙  {fault.to} is now {fault.fail or 'healthy'}")
         return faults
+
+    @app.get("/_sim/behaviour")
+    async def read_behaviours() -> dict[str, dict[str, str | None]]:
+        """How the person at each number answers calls and receives SMS."""
+        return network.behaviours()
+
+    @app.post("/_sim/behaviour")
+    async def set_behaviour(behaviour: BehaviourRequest) -> dict[str, dict[str, str | None]]:
+        """Set how ``to`` answers calls (``answer``) and how its SMS end (``sms``); ``null`` clears."""
+        changes: dict[str, Any] = {
+            name: getattr(behaviour, name) for name in ("answer", "sms") if name in behaviour.model_fields_set
+        }
+        behaviours = network.set_behaviour(behaviour.to, changes)
+        network.announce(f"⚙  {behaviour.to} now behaves {behaviours.get(behaviour.to, Behaviour().public())}")
+        return behaviours
+
+    @app.get("/_sim/config")
+    async def read_config() -> dict[str, str | None]:
+        """Where inbound SMS are posted, and the number they are sent to."""
+        return {"sms_url": network.sms_url, "number": network.number}
+
+    @app.post("/_sim/config")
+    async def set_config(config: ConfigRequest) -> dict[str, str | None]:
+        """Set the inbound-SMS webhook URL and the Twilio number (fields left out are kept)."""
+        if "sms_url" in config.model_fields_set:
+            network.sms_url = config.sms_url
+        if "number" in config.model_fields_set:
+            network.number = config.number
+        return {"sms_url": network.sms_url, "number": network.number}
+
+    @app.post("/_sim/inbound-sms")
+    async def receive_inbound_sms(sms: InboundSmsRequest) -> dict[str, Any]:
+        """A person texts the Twilio number: the signed webhook is posted, and its answer returned."""
+        _check_to(sms.from_)
+        posted = await run_in_threadpool(network.receive_sms, sms.from_, sms.body, sms.to)
+        return {"sid": posted.params["MessageSid"], "status": posted.status, "reply": posted.reply}
+
+    @app.get("/_sim/webhooks")
+    async def read_webhooks() -> list[dict[str, Any]]:
+        """Every signed request the network posted (status callbacks, keypresses, inbound SMS), newest last."""
+        return [record.public() for record in network.webhooks()]
 
     return app
 

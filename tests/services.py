@@ -295,13 +295,17 @@ class ShouhuProcess:
         self.kill(15)
 
 
-def serve_app(app: Any) -> Iterator[str]:
-    """Serve an ASGI app with uvicorn on a free port in a thread; yields its base URL."""
+def serve_app(app: Any, *, port: int | None = None) -> Iterator[str]:
+    """Serve an ASGI app with uvicorn on a free port (or ``port``) in a thread; yields its base URL.
+
+    Pass ``port`` (from ``free_port()``) when the app must know its own URL before it
+    is built, as the API does for the callback URLs Twilio signs.
+    """
     import threading
 
     import uvicorn
 
-    port = free_port()
+    port = port or free_port()
     server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

@@ -169,7 +169,8 @@ def test_two_hubs_share_telemetry_and_both_see_every_sos(county_url: str, mosqui
         for worker, thread in ((first, first_thread), (second, second_thread)):
             worker.stop()
             thread.join(10)
-    assert first.shared and second.shared
+    assert first.shared
+    assert second.shared
     # Every telemetry row stored once although two hubs were subscribed.
     assert count(county_url, "message_ledger") == 401
 

@@ -1,0 +1,469 @@
+"""Twilio's callbacks: keypresses, call and SMS status, SMS replies (DESIGN.md "Acknowledging").
+
+Outside the bearer-token API: Twilio holds no token. A request proves it is
+Twilio's by ``X-Twilio-Signature``, an HMAC under the account's auth token of the
+public URL it was sent to (``SHOUHU_PUBLIC_URL`` + path + query) and its form
+fields. A request that fails the check is answered 403 before anything is read or
+written. While no auth token is configured, every request is refused, because
+an empty key would let anyone sign.
+
+Each request does its database work in one transaction. The router commits a
+call's sid only once Twilio's 201 is back, and Twilio may call back before that.
+So a keypress waits on its attempt's row lock, and a status for a sid not yet known
+waits for the sends to that number that are still in flight. Neither is lost to
+that race.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import unicodedata
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Annotated, Any, Literal, TypeVar
+from urllib.parse import parse_qs
+
+import psycopg
+from fastapi import APIRouter, Depends, HTTPException, Request, status
+from fastapi.responses import Response
+from psycopg.rows import DictRow
+from psycopg.types.json import Jsonb
+from pydantic import BaseModel
+from twilio.request_validator import RequestValidator
+from twilio.twiml.messaging_response import MessagingResponse
+from twilio.twiml.voice_response import VoiceResponse
+
+from alerts.acknowledge import Actor, Result, acknowledge, decline
+from alerts.incidents import CODE_ALPHABET, CODE_LENGTH
+from alerts.notifiers.twilio import (
+    GATHER_TIMEOUT_S,
+    KEYPRESS_CALLBACK_PATH,
+    SAY_LANGUAGE,
+    SAY_VOICE,
+    STATUS_CALLBACK_PATH,
+)
+from alerts.retry import after_failure
+from alerts.timeline import add_event
+from api.deps import ConnDep, Now, tuple_rows
+
+log = logging.getLogger(__name__)
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+T = TypeVar("T")
+
+# The Twilio number's inbound-SMS webhook ("A message comes in"), set on the number.
+SMS_CALLBACK_PATH = "/callbacks/twilio/sms"
+DEFAULT_RESOLVE_TIMEOUT_S = 1800
+# A deadlock with a router (each holding a row the other wants) aborts one side;
+# the callback's whole transaction is simply run again.
+TRANSACTION_TRIES = 3
+TWIML = "text/xml"
+PROVIDER = "twilio"
+
+router = APIRouter(tags=["callbacks"])
+
+REFUSED: dict[int | str, dict[str, Any]] = {
+    status.HTTP_403_FORBIDDEN: {"description": "Not signed by Twilio with the configured auth token."}
+}
+
+GOING = "已确认，您已接单，请尽快前往。"
+CANNOT = "已记录，您无法前往，我们将继续联系他人。"
+CLOSED = "此事件已结束，无需前往。"
+ASK_AGAIN = "未能识别您的按键。前往处置请按1，无法前往请按2。"
+SMS_HELP = "【守护】未能识别您的回复。请按短信提示回复：事件编号 1 接单，事件编号 2 无法前往。"
+
+
+# --- the signature ---------------------------------------------------------------
+
+
+def signed_url(request: Request) -> str:
+    """The URL Twilio signed: the public URL, the path and the query, as Twilio was given them."""
+    public: str = getattr(request.app.state, "public_url", "")
+    query = request.url.query
+    return public.rstrip("/") + request.url.path + (f"?{query}" if query else "")
+
+
+async def signed_form(request: Request) -> dict[str, str]:
+    """The request's form fields once ``X-Twilio-Signature`` proves Twilio sent them; 403 otherwise."""
+    # Parsed here, as the phone simulator does: no multipart package is needed.
+    fields = parse_qs((await request.body()).decode("utf-8", "replace"), keep_blank_values=True)
+    form = {name: values[0] for name, values in fields.items()}
+    token: str = getattr(request.app.state, "twilio_auth_token", "")
+    if not token:
+        log.error("refused a callback to %s: no Twilio auth token is configured", request.url.path)
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "callbacks are refused: no Twilio auth token is configured")
+    signature = request.headers.get("X-Twilio-Signature", "")
+    if not signature or not RequestValidator(token).validate(signed_url(request), form, signature):
+        log.warning("refused a callback to %s: X-Twilio-Signature missing or wrong", request.url.path)
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "X-Twilio-Signature is missing or does not match")
+    return form
+
+
+SignedForm = Annotated[dict[str, str], Depends(signed_form)]
+
+
+# --- shared ----------------------------------------------------------------------
+
+
+def in_transaction(conn: psycopg.Connection[DictRow], work: Callable[[Conn], T]) -> T:
+    """Run ``work`` in one transaction with tuple rows; a deadlock runs it again from the start."""
+    for attempt in range(1, TRANSACTION_TRIES + 1):
+        try:
+            with conn.transaction(), tuple_rows(conn) as plain:
+                return work(plain)
+        except psycopg.errors.DeadlockDetected:
+            if attempt == TRANSACTION_TRIES:
+                raise
+            log.warning("a callback's transaction deadlocked (try %s of %s): run again", attempt, TRANSACTION_TRIES)
+    raise AssertionError("unreachable")
+
+
+def _person(conn: Conn, kind: str, person_id: str) -> Actor | None:
+    """The staff member or guardian an attempt paged, as who acts."""
+    if kind == "staff":
+        row = conn.execute("SELECT name, phone, role FROM staff WHERE id = %s", (person_id,)).fetchone()
+        return Actor("staff", person_id, row[0], row[1], row[2]) if row else None
+    if kind == "guardian":
+        row = conn.execute("SELECT name, phone FROM guardians WHERE id = %s", (person_id,)).fetchone()
+        return Actor("guardian", person_id, row[0], row[1], "guardian") if row else None
+    return None
+
+
+def _hold_pending_sends(conn: Conn, incident_id: int) -> None:
+    """Wait for the incident's sends in flight, and hold its pending attempts.
+
+    A router holds an attempt's row while it calls the provider, then takes the
+    incident's row to record the send. Acknowledging takes the incident first, then
+    cancels the pending attempts. Taking the attempts first keeps the routers' order.
+    """
+    conn.execute(
+        "SELECT id FROM notification_attempts WHERE incident_id = %s AND state = 'pending' ORDER BY id FOR UPDATE",
+        (incident_id,),
+    )
+
+
+def _answer(conn: Conn, incident_id: int, actor: Actor, going: bool, result: Result) -> str:
+    """What the person is told: taken, declined, or who took it first."""
+    if result in (Result.DONE, Result.ALREADY):
+        return GOING if going else CANNOT
+    row = conn.execute(
+        "SELECT state, acknowledged_by, acknowledged_by_name FROM incidents WHERE id = %s", (incident_id,)
+    ).fetchone()
+    assert row is not None
+    state, taken_by, taken_by_name = row
+    if state == "acknowledged":
+        return "此事件已由您接单。" if taken_by == actor.key else f"此事件已由{taken_by_name}接单，无需前往。"
+    return CLOSED
+
+
+def _act(conn: Conn, incident_id: int, actor: Actor, going: bool, via: str, now: Any, resolve_timeout_s: int) -> str:
+    """Acknowledge or decline as ``actor``, audited like the API's acknowledgements; returns the answer."""
+    if going:
+        result = acknowledge(conn, incident_id, actor, via, now, resolve_timeout_s=resolve_timeout_s)
+    else:
+        result = decline(conn, incident_id, actor, via, now)
+    conn.execute(
+        "INSERT INTO audit_log (at, token_id, role, action, subject, detail) VALUES (%s, NULL, %s, %s, %s, %s)",
+        (
+            now,
+            actor.role,
+            "acknowledge" if going else "decline",
+            f"incident:{incident_id}",
+            Jsonb({"result": result.value, "via": via, "actor": actor.key}),
+        ),
+    )
+    return _answer(conn, incident_id, actor, going, result)
+
+
+def _say(text: str) -> str:
+    response = VoiceResponse()
+    response.say(text, language=SAY_LANGUAGE, voice=SAY_VOICE)
+    xml: str = response.to_xml()
+    return xml
+
+
+def _ask_again(action: str) -> str:
+    response = VoiceResponse()
+    gather = response.gather(action=action, method="POST", num_digits=1, timeout=GATHER_TIMEOUT_S)
+    gather.say(ASK_AGAIN, language=SAY_LANGUAGE, voice=SAY_VOICE)
+    xml: str = response.to_xml()
+    return xml
+
+
+def _sms(text: str) -> str:
+    response = MessagingResponse()
+    response.message(text)
+    xml: str = response.to_xml()
+    return xml
+
+
+# --- the keypress ----------------------------------------------------------------
+
+
+@router.post(
+    KEYPRESS_CALLBACK_PATH,
+    response_class=Response,
+    responses={**REFUSED, status.HTTP_404_NOT_FOUND: {"description": "No such attempt."}},
+)
+def receive_keypress(request: Request, form: SignedForm, conn: ConnDep, now: Now) -> Response:
+    """A digit pressed on a page call: 1 = going (acknowledges), 2 = cannot (declines)."""
+    try:
+        attempt_id = int(request.query_params.get("attempt", ""))
+    except ValueError:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "no attempt named in the keypress URL") from None
+    call_sid = form.get("CallSid", "")
+    digit = form.get("Digits", "").strip()
+    timeout = int(getattr(request.app.state, "resolve_timeout_s", DEFAULT_RESOLVE_TIMEOUT_S))
+    again = signed_url(request)
+
+    def work(conn: Conn) -> str:
+        # FOR UPDATE also waits out a router still recording this very call.
+        row = conn.execute(
+            "SELECT incident_id, channel, provider_id, recipient_kind, recipient_id"
+            " FROM notification_attempts WHERE id = %s FOR UPDATE",
+            (attempt_id,),
+        ).fetchone()
+        if row is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"attempt {attempt_id} not found")
+        incident_id, channel, provider_id, kind, person_id = row
+        if channel != "voice" or not call_sid or provider_id != call_sid:
+            # Signed, but not this attempt's call: a replay onto another attempt.
+            raise HTTPException(status.HTTP_403_FORBIDDEN, f"call {call_sid!r} is not attempt {attempt_id}'s")
+        actor = _person(conn, kind, person_id)
+        if actor is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"attempt {attempt_id} paged nobody known")
+        _hold_pending_sends(conn, incident_id)
+        conn.execute(
+            "UPDATE notification_attempts SET state = 'answered', updated_at = %s WHERE id = %s", (now, attempt_id)
+        )
+        detail = {"attempt_id": attempt_id, "provider_id": call_sid, "digit": digit}
+        add_event(conn, incident_id, now, "keypress", actor.key, detail)
+        if digit not in ("1", "2"):
+            return _ask_again(again)
+        return _say(_act(conn, incident_id, actor, digit == "1", "voice", now, timeout))
+
+    return Response(in_transaction(conn, work), media_type=TWIML)
+
+
+# --- delivery and call status ----------------------------------------------------
+
+CALL_FAILURES = {"busy": "busy", "no-answer": "no_answer", "failed": "failed", "canceled": "failed"}
+SMS_ENDINGS = {"delivered": "delivered", "undelivered": "undelivered", "failed": "failed"}
+# Attempts still waiting for their outcome; any other state is settled for good.
+UNSETTLED = frozenset({"sent", "answered"})
+
+
+@dataclass(frozen=True, slots=True)
+class Settlement:
+    """What a provider's status makes of an attempt."""
+
+    state: str
+    failed: bool  # retried, or the channel given up (alerts.retry)
+
+
+def settle(channel: str, provider_status: str, current: str) -> Settlement | None:
+    """The attempt's outcome from a provider status, or ``None``: the status only goes on the timeline.
+
+    Only an attempt still waiting for its outcome is settled, so a late, repeated
+    or out-of-order callback never moves it again. A call answered with no keypress
+    (a voicemail) did not reach anyone: it fails like a busy line.
+    """
+    if current not in UNSETTLED:
+        return None
+    if channel == "voice":
+        if current == "answered":
+            return None  # the keypress reached us: the call has done its work
+        if provider_status == "completed":
+            return Settlement("no_keypress", failed=True)
+        ending = CALL_FAILURES.get(provider_status)
+        return Settlement(ending, failed=True) if ending else None
+    ending = SMS_ENDINGS.get(provider_status)
+    return Settlement(ending, failed=ending != "delivered") if ending else None
+
+
+class DeliveryStatusPublic(BaseModel):
+    attempt_id: int | None
+    state: str | None
+    handled: Literal["settled", "recorded", "duplicate", "unknown"]
+    """settled (the attempt's outcome); recorded (timeline only); duplicate (seen before); unknown sid."""
+    follow_up: str | None = None
+    """After a failure: retry, given_up, advanced (the next step paged now), or none."""
+
+
+def _attempt_by_sid(conn: Conn, channel: str, sid: str) -> tuple[Any, ...] | None:
+    return conn.execute(
+        "SELECT id, incident_id, state FROM notification_attempts WHERE provider_id = %s AND channel = %s"
+        " ORDER BY id DESC LIMIT 1 FOR UPDATE",
+        (sid, channel),
+    ).fetchone()
+
+
+def _event_name(provider_status: str, settlement: Settlement | None) -> str:
+    if settlement is not None and settlement.state == "no_keypress":
+        return "delivery_no_keypress"
+    return "delivery_" + (re.sub(r"[^a-z]+", "_", provider_status) or "unknown")
+
+
+@router.post(STATUS_CALLBACK_PATH, responses=REFUSED)
+def receive_delivery_status(form: SignedForm, conn: ConnDep, now: Now) -> DeliveryStatusPublic:
+    """An SMS's or a call's progress: delivered, answered, busy, no answer, failed."""
+    if form.get("MessageSid"):
+        channel, sid = "sms", form["MessageSid"]
+        provider_status = form.get("MessageStatus") or form.get("SmsStatus") or ""
+    elif form.get("CallSid"):
+        channel, sid, provider_status = "voice", form["CallSid"], form.get("CallStatus", "")
+    else:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "neither MessageSid nor CallSid given")
+    provider_status = provider_status.strip().lower()
+    if not provider_status:
+        raise HTTPException(status.HTTP_400_BAD_REQUEST, "no MessageStatus or CallStatus given")
+    to = form.get("To", "")
+    error_code = form.get("ErrorCode") or None
+
+    def work(conn: Conn) -> DeliveryStatusPublic:
+        row = _attempt_by_sid(conn, channel, sid)
+        if row is None and to:
+            # The callback may have overtaken the router's commit of this sid: wait
+            # for the sends in flight to this number, then look again.
+            conn.execute(
+                "SELECT id FROM notification_attempts WHERE state = 'pending' AND channel = %s AND address = %s"
+                " FOR SHARE",
+                (channel, to),
+            )
+            row = _attempt_by_sid(conn, channel, sid)
+        if row is None:
+            # 200 all the same: an error would only make Twilio try again.
+            log.warning("status %r for unknown %s %s: nothing to update", provider_status, channel, sid)
+            return DeliveryStatusPublic(attempt_id=None, state=None, handled="unknown")
+        attempt_id, incident_id, current = row
+        seen = conn.execute(
+            "SELECT 1 FROM incident_events WHERE incident_id = %s AND event LIKE 'delivery%%' AND detail @> %s LIMIT 1",
+            (incident_id, Jsonb({"attempt_id": attempt_id, "status": provider_status})),
+        ).fetchone()
+        if False:
+            log.info("status %r for %s %s seen before: ignored", provider_status, channel, sid)
+            return DeliveryStatusPublic(attempt_id=attempt_id, state=current, handled="duplicate")
+        settlement = settle(channel, provider_status, current)
+        state = current if settlement is None else settlement.state
+        if settlement is not None:
+            error = None
+            if settlement.failed:
+                error = f"{PROVIDER}: {provider_status}" + (f" (error {error_code})" if error_code else "")
+            conn.execute(
+                "UPDATE notification_attempts SET state = %s, error = coalesce(%s, error), updated_at = %s"
+                " WHERE id = %s",
+                (state, error, now, attempt_id),
+            )
+        add_event(
+            conn,
+            incident_id,
+            now,
+            _event_name(provider_status, settlement),
+            PROVIDER,
+            {
+                "attempt_id": attempt_id,
+                "provider_id": sid,
+                "channel": channel,
+                "status": provider_status,
+                "state": state,
+                "error_code": error_code,
+            },
+        )
+        if settlement is None:
+            return DeliveryStatusPublic(attempt_id=attempt_id, state=state, handled="recorded")
+        follow_up = after_failure(conn, attempt_id, now) if settlement.failed else None
+        return DeliveryStatusPublic(attempt_id=attempt_id, state=state, handled="settled", follow_up=follow_up)
+
+    return in_transaction(conn, work)
+
+
+# --- SMS replies -----------------------------------------------------------------
+
+_TOKEN = re.compile(r"[0-9A-Z]+")
+
+
+@dataclass(frozen=True, slots=True)
+class SmsReply:
+    """An incident code found in an SMS, and the digits that follow it ("" for none)."""
+
+    code: str
+    digits: str
+
+    @property
+    def going(self) -> bool | None:
+        """1 or nothing: going; 2: cannot; anything else: not understood."""
+        return {"": True, "1": True, "2": False}.get(self.digits)
+
+
+def _is_code(token: str) -> bool:
+    return len(token) == CODE_LENGTH and all(char in CODE_ALPHABET for char in token)
+
+
+def parse_sms_reply(body: str) -> list[SmsReply]:
+    """Every incident code in an SMS reply, in order, each with the digits after it.
+
+    Case and full-width characters do not matter, and the digit may follow the code
+    directly: "k7p2q 1", "收到K7P2Q，2", "Ｋ７Ｐ２Ｑ１".
+    """
+    tokens = _TOKEN.findall(unicodedata.normalize("NFKC", body).upper())
+    replies: list[SmsReply] = []
+    for index, token in enumerate(tokens):
+        if len(token) == CODE_LENGTH + 1 and token[-1].isdigit() and _is_code(token[:-1]):
+            replies.append(SmsReply(token[:-1], token[-1]))
+        elif _is_code(token):
+            following = tokens[index + 1] if index + 1 < len(tokens) else ""
+            replies.append(SmsReply(token, following if following.isdigit() else ""))
+    return replies
+
+
+def _paged_for(conn: Conn, code: str, phone: str) -> tuple[int, str, Actor] | None:
+    """The incident with ``code`` and the staff member or guardian at ``phone`` it paged, if any."""
+    row = conn.execute(
+        """
+        SELECT i.id, i.code, a.recipient_kind, a.recipient_id FROM incidents i
+        JOIN notification_attempts a ON a.incident_id = i.id
+        WHERE i.code = %s AND a.address = %s AND a.purpose IN ('page', 'repage')
+          AND a.recipient_kind IN ('staff', 'guardian')
+        ORDER BY a.id LIMIT 1
+        """,
+        (code, phone),
+    ).fetchone()
+    if row is None:
+        return None
+    actor = _person(conn, row[2], row[3])
+    return (int(row[0]), str(row[1]), actor) if actor else None
+
+
+@router.post(SMS_CALLBACK_PATH, response_class=Response, responses=REFUSED)
+def receive_sms_reply(request: Request, form: SignedForm, conn: ConnDep, now: Now) -> Response:
+    """An SMS reply: the incident's code, then 1 (going, the default) or 2 (cannot)."""
+    sender = form.get("From", "").strip()
+    message_sid = form.get("MessageSid", "")
+    replies = parse_sms_reply(form.get("Body", ""))
+    timeout = int(getattr(request.app.state, "resolve_timeout_s", DEFAULT_RESOLVE_TIMEOUT_S))
+
+    def work(conn: Conn) -> str:
+        for reply in replies:
+            found = _paged_for(conn, reply.code, sender)
+            if found is None:
+                continue
+            incident_id, code, actor = found
+            if reply.going is None:
+                log.info("SMS %s: %s followed by %r, neither 1 nor 2: help sent", message_sid, code, reply.digits)
+                return SMS_HELP
+            _hold_pending_sends(conn, incident_id)
+            add_event(
+                conn,
+                incident_id,
+                now,
+                "sms_reply",
+                actor.key,
+                {"provider_id": message_sid, "digit": reply.digits or "1"},
+            )
+            return f"【守护】{code} " + _act(conn, incident_id, actor, reply.going, "sms", now, timeout)
+        # The same answer for an unknown phone and an unknown code: neither is disclosed.
+        log.info("SMS %s: no incident code this sender was paged for: help sent", message_sid)
+        return SMS_HELP
+
+    return Response(_sms(in_transaction(conn, work)), media_type=TWIML)

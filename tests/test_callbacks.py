@@ -1,0 +1,543 @@
+"""Twilio's callbacks end to end: keypresses, call and SMS status, SMS replies.
+
+The router pages through the phone-network simulator. The simulated callee presses
+1 or 2, lets voicemail answer, is busy, or texts back. The simulator then posts
+signed callbacks over HTTP to the API, served by uvicorn. Everything runs against
+the real database, with one clock, moved by the test, for the router and the API.
+"""
+
+from __future__ import annotations
+
+import time
+import xml.etree.ElementTree as ET
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import timedelta
+from typing import Any
+
+import httpx
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+from twilio.request_validator import RequestValidator
+
+from alerts.notifiers.console import ConsoleNotifier
+from alerts.notifiers.twilio import KEYPRESS_CALLBACK_PATH, STATUS_CALLBACK_PATH, TwilioNotifier
+from alerts.router import Router, RouterConfig
+from api.deps import get_now
+from api.main import create_app
+from api.routes.callbacks import SMS_CALLBACK_PATH, SMS_HELP, Settlement, SmsReply, parse_sms_reply, settle
+from devices.kinds import Channel
+from shouhu.embedded.postgres import free_port
+from tests.escalation_support import DAY, FROM, PHONE_SID, PHONE_TOKEN, ZONE, Clock, calls, messages, press, q
+from tests.escalation_support import wristband_in as _wristband_in
+from tests.services import serve_app
+
+CALLBACK_DEADLINE_S = 10.0
+SECOND_WORKER = "+12125550142"  # not in the demo county (checked when added)
+STRANGER = "+12125550177"
+
+
+@dataclass
+class Stack:
+    """The database, the API it serves, the phone network, and a router: one clock for all."""
+
+    db: str
+    api: str
+    phone: str
+    clock: Clock
+    router: Router
+
+    def behave(self, to: str, **behaviour: str | None) -> None:
+        httpx.post(f"{self.phone}/_sim/behaviour", json={"to": to, **behaviour}).raise_for_status()
+
+    def webhooks(self) -> list[dict[str, Any]]:
+        hooks: list[dict[str, Any]] = httpx.get(f"{self.phone}/_sim/webhooks").json()
+        return hooks
+
+    def wait_for_webhooks(self, count: int) -> list[dict[str, Any]]:
+        """The first ``count`` callbacks the network posted, once each has had its answer."""
+        deadline = time.monotonic() + CALLBACK_DEADLINE_S
+        while True:
+            hooks = self.webhooks()
+            if len(hooks) >= count:
+                return hooks[:count]
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{len(hooks)} of {count} callbacks posted in {CALLBACK_DEADLINE_S}s: {hooks}")
+            time.sleep(0.02)
+
+    def text(self, sender: str, body: str) -> dict[str, Any]:
+        """``sender`` texts the Twilio number; returns the webhook's answer."""
+        answer = httpx.post(f"{self.phone}/_sim/inbound-sms", json={"from": sender, "body": body}, timeout=30)
+        answer.raise_for_status()
+        result: dict[str, Any] = answer.json()
+        return result
+
+    def post_signed(self, path: str, params: dict[str, str], *, token: str = PHONE_TOKEN) -> httpx.Response:
+        """POST as Twilio would, signed with ``token`` for the URL posted to."""
+        url = self.api + path
+        return httpx.post(url, data=params, headers={"X-Twilio-Signature": sign(url, params, token)}, timeout=30)
+
+
+def sign(url: str, params: dict[str, str], token: str = PHONE_TOKEN) -> str:
+    signature: str = RequestValidator(token).compute_signature(url, params)
+    return signature
+
+
+@pytest.fixture
+def stack(county_url: str, phone_network: str) -> Iterator[Stack]:
+    clock = Clock(DAY)
+    # The API must know its own public URL before it is built: Twilio signs that URL.
+    port = free_port()
+    api = f"http://127.0.0.1:{port}"
+    app = create_app(county_url, public_url=api, twilio_auth_token=PHONE_TOKEN, resolve_timeout_s=1800)
+    app.dependency_overrides[get_now] = clock
+    config = {"sms_url": api + SMS_CALLBACK_PATH, "number": FROM}
+    httpx.post(f"{phone_network}/_sim/config", json=config).raise_for_status()
+    twilio = TwilioNotifier(PHONE_SID, PHONE_TOKEN, FROM, phone_network, api)
+    router = Router(
+        county_url,
+        RouterConfig("r1", ZONE),
+        {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: ConsoleNotifier()},
+        clock=clock,
+    )
+    for url in serve_app(app, port=port):
+        yield Stack(county_url, url, phone_network, clock, router)
+    router.close()
+
+
+@dataclass(frozen=True)
+class Sos:
+    incident: int
+    code: str
+    grid: str
+    resident: str
+
+
+def sos(stack: Stack) -> Sos:
+    """An SOS from a resident whose grid has a grid worker on duty at DAY."""
+    device, grid, resident = _wristband_in(stack.db, night_covered=False)
+    incident = press(stack.db, device, DAY)
+    code = q(stack.db, "SELECT code FROM incidents WHERE id = %s", incident)[0][0]
+    return Sos(incident, code, grid, resident)
+
+
+def add_grid_worker(url: str, grid: str, phone: str = SECOND_WORKER) -> str:
+    """A second grid worker on duty in ``grid`` around the clock (the demo county has one per grid)."""
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT 1 FROM staff WHERE phone = %s", (phone,)).fetchone() is None
+        conn.execute(
+            "INSERT INTO staff (id, name, role, phone) VALUES ('gw-test', '赵网格', 'grid_worker', %s)", (phone,)
+        )
+        conn.execute("INSERT INTO staff_areas (staff_id, area_id) VALUES ('gw-test', %s)", (grid,))
+        conn.execute(
+            "INSERT INTO duty_shifts (staff_id, area_id, weekdays, start_time, end_time)"
+            " VALUES ('gw-test', %s, '{1,2,3,4,5,6,7}', '00:00', '00:00')",
+            (grid,),
+        )
+    return phone
+
+
+@dataclass(frozen=True)
+class Page:
+    id: int
+    recipient_id: str
+    address: str
+    provider_id: str | None
+    state: str
+
+
+def pages(url: str, channel: str, step: int = 0) -> list[Page]:
+    rows = q(
+        url,
+        "SELECT id, recipient_id, address, provider_id, state FROM notification_attempts"
+        " WHERE purpose = 'page' AND channel = %s AND step = %s ORDER BY id",
+        channel,
+        step,
+    )
+    return [Page(*row) for row in rows]
+
+
+def attempt(url: str, attempt_id: int) -> Page:
+    rows = q(
+        url, "SELECT id, recipient_id, address, provider_id, state FROM notification_attempts WHERE id = %s", attempt_id
+    )
+    return Page(*rows[0])
+
+
+def events(url: str, name: str) -> list[tuple[Any, ...]]:
+    return q(url, "SELECT actor, detail FROM incident_events WHERE event = %s ORDER BY id", name)
+
+
+def snapshot(url: str) -> tuple[Any, ...]:
+    """Everything a callback could change."""
+    return q(
+        url,
+        """
+        SELECT (SELECT count(*) FROM incident_events), (SELECT count(*) FROM notification_attempts),
+               (SELECT count(*) FROM audit_log),
+               (SELECT string_agg(id || ':' || state, ',' ORDER BY id) FROM notification_attempts),
+               (SELECT string_agg(state || ':' || escalation_token, ',' ORDER BY id) FROM incidents),
+               (SELECT string_agg(id || ':' || due_at || ':' || state, ',' ORDER BY id) FROM escalation_actions)
+        """,
+    )[0]
+
+
+def said(twiml: str) -> str:
+    say = ET.fromstring(twiml).find("Say")
+    assert say is not None, twiml
+    assert (say.get("language"), say.get("voice")) == ("cmn-CN", "Polly.Zhiyu")
+    return say.text or ""
+
+
+def texted(twiml: str) -> str:
+    return ET.fromstring(twiml).findtext("Message") or ""
+
+
+def phones_of_guardians(url: str, resident: str) -> set[str]:
+    return {row[0] for row in q(url, "SELECT phone FROM guardians WHERE resident_id = %s", resident)}
+
+
+# --- by voice ----------------------------------------------------------------------
+
+
+def test_pressing_1_acknowledges_by_voice_and_tells_the_others_who_took_it(stack: Stack) -> None:
+    case = sos(stack)
+    add_grid_worker(stack.db, case.grid)
+    stack.router.run_due_steps()
+    voice = pages(stack.db, "voice")
+    assert len(voice) == 2
+    # The one paged last presses 1: everyone else has been paged when the press lands.
+    taker, other = voice[-1], voice[0]
+    assert all(p.id < taker.id for p in pages(stack.db, "sms") if p.recipient_id == other.recipient_id)
+    stack.behave(taker.address, answer="press1")
+
+    stack.router.send_pending()
+
+    keypress, status = stack.wait_for_webhooks(2)
+    assert (keypress["kind"], keypress["status"], keypress["params"]["Digits"]) == ("keypress", 200, "1")
+    assert said(keypress["reply"]).startswith("已确认，您已接单")
+    assert (status["kind"], status["status"], status["params"]["CallStatus"]) == ("status", 200, "completed")
+    taker_name = q(stack.db, "SELECT name FROM staff WHERE id = %s", taker.recipient_id)[0][0]
+    assert q(stack.db, "SELECT state, acknowledged_by, acknowledged_via FROM incidents") == [
+        ("acknowledged", f"staff:{taker.recipient_id}", "voice")
+    ]
+    called = attempt(stack.db, taker.id)
+    assert called.state == "answered"  # the completed status leaves a keypress answered
+    assert called.provider_id == keypress["params"]["CallSid"]
+    [(actor, detail)] = events(stack.db, "keypress")
+    assert (actor, detail["digit"], detail["provider_id"]) == (f"staff:{taker.recipient_id}", "1", called.provider_id)
+    assert q(stack.db, "SELECT count(*) FROM notification_attempts WHERE attempt > 1") == [(0,)]  # no retry
+
+    stack.router.run_once()
+    notices = [m for m in messages(stack.phone) if "接单处置" in m["body"]]
+    assert [m["to"] for m in notices] == [other.address]
+    assert taker_name in notices[0]["body"]
+    assert case.code in notices[0]["body"]
+
+    calls_before = len(calls(stack.phone))
+    stack.clock.advance(600)
+    stack.router.run_once()
+    assert len(calls(stack.phone)) == calls_before
+    assert q(stack.db, "SELECT count(*) FROM notification_attempts WHERE purpose = 'page' AND step > 0") == [(0,)]
+
+
+def test_pressing_2_declines_and_when_the_whole_step_declined_the_guardians_are_paged_at_once(stack: Stack) -> None:
+    case = sos(stack)
+    second = add_grid_worker(stack.db, case.grid)
+    stack.router.run_due_steps()
+    [first] = [p for p in pages(stack.db, "voice") if p.address != second]
+    stack.behave(first.address, answer="press2")
+    guardians = phones_of_guardians(stack.db, case.resident)
+
+    stack.router.send_pending()
+
+    keypress, status = stack.wait_for_webhooks(2)
+    assert keypress["params"]["Digits"] == "2"
+    assert said(keypress["reply"]) == "已记录，您无法前往，我们将继续联系他人。"
+    assert status["params"]["CallStatus"] == "completed"
+    assert attempt(stack.db, first.id).state == "answered"
+    [(actor, detail)] = events(stack.db, "declined")
+    assert (actor, detail["via"]) == (f"staff:{first.recipient_id}", "voice")
+    stack.router.run_once()
+    assert not guardians & {c["to"] for c in calls(stack.phone)}  # the second worker has not answered yet
+    assert q(stack.db, "SELECT state FROM incidents") == [("open",)]
+
+    reply = stack.text(second, f"{case.code} 2")
+
+    assert reply["status"] == 200
+    assert texted(reply["reply"]) == f"【守护】{case.code} 已记录，您无法前往，我们将继续联系他人。"
+    calls_before = len(calls(stack.phone))
+    stack.router.run_once()  # the clock has not moved: the guardians are paged now, not in 120 s
+    assert {c["to"] for c in calls(stack.phone)[calls_before:]} == guardians
+    assert [d["reason"] for _a, d in events(stack.db, "step_advanced")] == ["everyone paged declined"]
+    assert [d["via"] for _a, d in events(stack.db, "declined")] == ["voice", "sms"]
+
+
+@pytest.mark.parametrize(
+    ("answer", "state", "call_status", "event"),
+    [
+        ("voicemail", "no_keypress", "completed", "delivery_no_keypress"),
+        ("busy", "busy", "busy", "delivery_busy"),
+        ("no-answer", "no_answer", "no-answer", "delivery_no_answer"),
+    ],
+)
+def test_a_call_nobody_pressed_on_fails_and_is_retried_with_backoff(
+    stack: Stack, answer: str, state: str, call_status: str, event: str
+) -> None:
+    sos(stack)
+    stack.router.run_due_steps()
+    [page] = pages(stack.db, "voice")
+    stack.behave(page.address, answer=answer)
+
+    stack.router.send_pending()
+
+    [hook] = stack.wait_for_webhooks(1)
+    assert (hook["params"]["CallStatus"], hook["status"]) == (call_status, 200)
+    first = attempt(stack.db, page.id)
+    assert first.state == state
+    [(actor, detail)] = events(stack.db, event)
+    assert (actor, detail["provider_id"], detail["state"]) == ("twilio", first.provider_id, state)
+    retries = q(
+        stack.db,
+        "SELECT attempt, state, not_before FROM notification_attempts WHERE channel = 'voice' AND attempt > 1",
+    )
+    assert retries == [(2, "pending", DAY + timedelta(seconds=20))]
+    assert q(stack.db, "SELECT state FROM incidents") == [("open",)]  # not reached, still escalating
+
+    stack.clock.advance(19)
+    stack.router.run_once()
+    assert [c["to"] for c in calls(stack.phone)] == [page.address]
+    stack.clock.advance(1)
+    stack.router.run_once()
+    assert [c["to"] for c in calls(stack.phone)] == [page.address, page.address]
+    stack.wait_for_webhooks(2)
+    assert q(stack.db, "SELECT attempt, state FROM notification_attempts WHERE channel = 'voice' ORDER BY id") == [
+        (1, state),
+        (2, state),
+        (3, "pending"),  # 60 s later
+    ]
+
+
+def test_the_same_status_callback_twice_retries_once(stack: Stack) -> None:
+    sos(stack)
+    stack.router.run_due_steps()
+    [page] = pages(stack.db, "voice")
+    stack.behave(page.address, answer="busy")
+    stack.router.send_pending()
+    [hook] = stack.wait_for_webhooks(1)
+    before = snapshot(stack.db)
+
+    again = httpx.post(hook["url"], data=hook["params"], headers={"X-Twilio-Signature": hook["signature"]})
+
+    assert again.status_code == 200
+    assert again.json()["handled"] == "duplicate"
+    assert snapshot(stack.db) == before
+    assert q(stack.db, "SELECT attempt FROM notification_attempts WHERE channel = 'voice' ORDER BY id") == [(1,), (2,)]
+    assert len(events(stack.db, "retry_scheduled")) == 1
+    # A different final status for the settled call is recorded, and moves nothing.
+    late = dict(hook["params"], CallStatus="no-answer")
+    answer = stack.post_signed(STATUS_CALLBACK_PATH, late)
+    assert answer.json() == {"attempt_id": page.id, "state": "busy", "handled": "recorded", "follow_up": None}
+    assert len(events(stack.db, "retry_scheduled")) == 1
+
+
+def test_a_keypress_for_another_call_is_refused_and_an_unknown_digit_asks_again(stack: Stack) -> None:
+    sos(stack)
+    stack.router.run_once()
+    [page] = pages(stack.db, "voice")
+    assert page.provider_id is not None
+    path = f"{KEYPRESS_CALLBACK_PATH}?attempt={page.id}"
+    before = snapshot(stack.db)
+
+    replayed = stack.post_signed(path, {"CallSid": "CA" + "0" * 32, "Digits": "1"})
+    missing = stack.post_signed(
+        f"{KEYPRESS_CALLBACK_PATH}?attempt=999999", {"CallSid": page.provider_id, "Digits": "1"}
+    )
+
+    assert (replayed.status_code, missing.status_code) == (403, 404)
+    assert snapshot(stack.db) == before
+
+    nine = stack.post_signed(path, {"CallSid": page.provider_id, "Digits": "9"})
+
+    assert nine.status_code == 200
+    gather = ET.fromstring(nine.text).find("Gather")
+    assert gather is not None
+    assert gather.get("action") == stack.api + path
+    assert "请按1" in (gather.findtext("Say") or "")
+    assert attempt(stack.db, page.id).state == "answered"
+    assert [d["digit"] for _a, d in events(stack.db, "keypress")] == ["9"]
+    assert q(stack.db, "SELECT state FROM incidents") == [("open",)]
+
+
+def test_a_second_keypress_hears_who_took_it(stack: Stack) -> None:
+    case = sos(stack)
+    second = add_grid_worker(stack.db, case.grid)
+    stack.router.run_once()
+    first, other = sorted(pages(stack.db, "voice"), key=lambda p: p.address == second)
+    assert other.address == second
+
+    taken = stack.post_signed(
+        f"{KEYPRESS_CALLBACK_PATH}?attempt={first.id}", {"CallSid": str(first.provider_id), "Digits": "1"}
+    )
+    late = stack.post_signed(
+        f"{KEYPRESS_CALLBACK_PATH}?attempt={other.id}", {"CallSid": str(other.provider_id), "Digits": "1"}
+    )
+
+    assert said(taken.text).startswith("已确认，您已接单")
+    first_name = q(stack.db, "SELECT name FROM staff WHERE id = %s", first.recipient_id)[0][0]
+    assert said(late.text) == f"此事件已由{first_name}接单，无需前往。"
+    assert q(stack.db, "SELECT acknowledged_by FROM incidents") == [(f"staff:{first.recipient_id}",)]
+
+
+# --- by SMS ------------------------------------------------------------------------
+
+
+def test_an_sms_reply_with_the_code_acknowledges_and_others_get_help_and_change_nothing(stack: Stack) -> None:
+    case = sos(stack)
+    stack.router.run_once()
+    [page] = pages(stack.db, "sms")
+    guardian = sorted(phones_of_guardians(stack.db, case.resident))[0]  # not paged yet
+    before = snapshot(stack.db)
+
+    for sender, body in ((STRANGER, f"{case.code} 1"), (guardian, f"{case.code} 1"), (page.address, "好的 1")):
+        answer = stack.text(sender, body)
+        assert (answer["status"], texted(answer["reply"])) == (200, SMS_HELP)
+    assert snapshot(stack.db) == before
+
+    answer = stack.text(page.address, f"{case.code.lower()} 1")
+
+    assert texted(answer["reply"]) == f"【守护】{case.code} 已确认，您已接单，请尽快前往。"
+    assert q(stack.db, "SELECT state, acknowledged_by, acknowledged_via FROM incidents") == [
+        ("acknowledged", f"staff:{page.recipient_id}", "sms")
+    ]
+    [(actor, detail)] = events(stack.db, "sms_reply")
+    assert (actor, detail) == (f"staff:{page.recipient_id}", {"provider_id": answer["sid"], "digit": "1"})
+    assert q(stack.db, "SELECT role, action, detail->>'via' FROM audit_log") == [("grid_worker", "acknowledge", "sms")]
+
+
+@pytest.mark.parametrize(("outcome", "retried"), [("delivered", False), ("undelivered", True)])
+def test_sms_delivery_status_settles_the_attempt(stack: Stack, outcome: str, retried: bool) -> None:
+    sos(stack)
+    stack.router.run_due_steps()
+    [page] = pages(stack.db, "sms")
+    stack.behave(page.address, sms=outcome)
+
+    stack.router.send_pending()
+
+    [hook] = stack.wait_for_webhooks(1)
+    assert (hook["params"]["MessageStatus"], hook["status"]) == (outcome, 200)
+    sent = attempt(stack.db, page.id)
+    assert sent.state == outcome
+    [(actor, detail)] = events(stack.db, f"delivery_{outcome}")
+    assert (actor, detail["provider_id"], detail["channel"]) == ("twilio", sent.provider_id, "sms")
+    retries = q(stack.db, "SELECT attempt FROM notification_attempts WHERE channel = 'sms' AND attempt > 1")
+    assert retries == ([(2,)] if retried else [])
+
+
+# --- forgeries ---------------------------------------------------------------------
+
+
+def forgeable(stack: Stack, case: Sos) -> list[tuple[str, dict[str, str]]]:
+    """One request per route that, correctly signed, would change the incident."""
+    [voice] = pages(stack.db, "voice")
+    [sms] = pages(stack.db, "sms")
+    return [
+        (f"{KEYPRESS_CALLBACK_PATH}?attempt={voice.id}", {"CallSid": str(voice.provider_id), "Digits": "1"}),
+        (STATUS_CALLBACK_PATH, {"CallSid": str(voice.provider_id), "CallStatus": "busy", "To": voice.address}),
+        (SMS_CALLBACK_PATH, {"From": sms.address, "To": FROM, "Body": f"{case.code} 1", "MessageSid": "SM" + "1" * 32}),
+    ]
+
+
+def test_forged_callbacks_are_refused_with_403_and_change_nothing(stack: Stack) -> None:
+    case = sos(stack)
+    stack.router.run_once()
+    requests = forgeable(stack, case)
+    before = snapshot(stack.db)
+
+    for path, params in requests:
+        url = stack.api + path
+        tampered = dict(params, Digits="2") if "Digits" in params else dict(params, Body=params.get("Body", "") + "x")
+        for headers, data in (
+            ({}, params),  # unsigned
+            ({"X-Twilio-Signature": sign(url, params, "another-account-token")}, params),
+            ({"X-Twilio-Signature": sign("https://elsewhere.example" + path, params)}, params),
+            ({"X-Twilio-Signature": sign(url, params)}, tampered),
+        ):
+            answer = httpx.post(url, data=data, headers=headers)
+            assert answer.status_code == 403, (path, headers, answer.text)
+            assert "X-Twilio-Signature" in answer.json()["detail"]
+    assert snapshot(stack.db) == before
+
+    # The same requests signed by the account do act: the refusals above were the signature's.
+    assert [stack.post_signed(path, params).status_code for path, params in requests] == [200, 200, 200]
+    assert q(stack.db, "SELECT state FROM incidents") == [("acknowledged",)]
+    assert snapshot(stack.db) != before
+
+
+def test_with_no_auth_token_configured_every_callback_is_refused(stack: Stack) -> None:
+    case = sos(stack)
+    stack.router.run_once()
+    requests = forgeable(stack, case)
+    before = snapshot(stack.db)
+    unconfigured = create_app(stack.db, public_url=stack.api, twilio_auth_token="")
+
+    with TestClient(unconfigured) as client:
+        for path, params in requests:
+            for token in (PHONE_TOKEN, ""):  # an empty key would let anyone sign
+                signature = sign(stack.api + path, params, token)
+                answer = client.post(path, data=params, headers={"X-Twilio-Signature": signature})
+                assert answer.status_code == 403, (path, token, answer.text)
+
+    assert snapshot(stack.db) == before
+    assert stack.post_signed(*requests[0]).status_code == 200  # the configured API takes the same request
+
+
+def test_a_status_for_an_unknown_sid_is_answered_200_and_changes_nothing(stack: Stack) -> None:
+    sos(stack)
+    stack.router.run_once()
+    before = snapshot(stack.db)
+
+    call = stack.post_signed(STATUS_CALLBACK_PATH, {"CallSid": "CA" + "9" * 32, "CallStatus": "busy", "To": STRANGER})
+    sms = stack.post_signed(STATUS_CALLBACK_PATH, {"MessageSid": "SM" + "9" * 32, "MessageStatus": "undelivered"})
+
+    assert (call.status_code, call.json()["handled"]) == (200, "unknown")
+    assert (sms.status_code, sms.json()["handled"]) == (200, "unknown")
+    assert snapshot(stack.db) == before
+
+
+# --- the pure parts ----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ("K7P2Q 1", [SmsReply("K7P2Q", "1")]),
+        ("k7p2q", [SmsReply("K7P2Q", "")]),
+        ("收到K7P2Q，2", [SmsReply("K7P2Q", "2")]),
+        ("Ｋ７Ｐ２Ｑ１", [SmsReply("K7P2Q", "1")]),
+        ("K7P2Q 3", [SmsReply("K7P2Q", "3")]),
+        ("HELLO 1", []),  # L and O are not in the code alphabet
+        ("K7P2QX 1", []),
+        ("1 2", []),
+    ],
+)
+def test_sms_replies_are_parsed_for_a_code_and_a_digit(body: str, expected: list[SmsReply]) -> None:
+    assert parse_sms_reply(body) == expected
+
+
+def test_what_each_digit_means() -> None:
+    assert [SmsReply("K7P2Q", d).going for d in ("", "1", "2", "3", "12")] == [True, True, False, None, None]
+
+
+def test_only_an_unsettled_attempt_is_settled() -> None:
+    assert settle("voice", "completed", "sent") == Settlement("no_keypress", failed=True)
+    assert settle("voice", "completed", "answered") is None
+    assert settle("voice", "busy", "sent") == Settlement("busy", failed=True)
+    assert settle("voice", "canceled", "sent") == Settlement("failed", failed=True)
+    assert settle("voice", "ringing", "sent") is None
+    assert settle("voice", "busy", "busy") is None
+    assert settle("sms", "delivered", "sent") == Settlement("delivered", failed=False)
+    assert settle("sms", "undelivered", "sent") == Settlement("undelivered", failed=True)
+    assert settle("sms", "sent", "sent") is None
+    assert settle("sms", "failed", "delivered") is None
