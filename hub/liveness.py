@@ -17,6 +17,23 @@ Rules (DESIGN.md, "Liveness"):
   is the receipt time of the evidence behind ``online``).
 - The sweeper marks ``no_heartbeat`` every online device whose deadline has passed.
   The transition is dated at the deadline, when the device actually fell silent.
+- Within a batch, the latest sighting by ``received_at`` (ties: the later in the
+  batch) decides online/offline; battery, worn and position take their newest given
+  value from refreshing sightings, so an SOS without a battery reading does not hide
+  the telemetry just before it. A transition — unknown → online/offline, online ⇄
+  offline — writes a ``device_events`` row; a new reason while already offline does
+  not.
+
+How the writer spells each message as a :class:`~hub.sightings.Sighting` (the
+dataclass has no ``retained`` flag, so this is the contract):
+
+- telemetry, SOS, fall, live ``online`` status: ``refreshes=True``;
+- camera health: ``refreshes=True``, ``reported_online`` and ``reported_reason`` from
+  the payload;
+- live ``offline`` status (a will): ``refreshes=False, reported_online=False,
+  reported_reason='last_will'``;
+- any retained delivery: ``refreshes=False`` and ``reported_online`` None (or True) —
+  never False, or a stale retained will would read as a live one.
 
 The ingest-outage rule. While no hub can ingest — its own outage, the broker's, the
 database's — silence proves nothing about devices: that time is ``unknown``.
@@ -188,7 +205,7 @@ def apply_sightings(current: DeviceState, sightings: Sequence[Sighting], window:
     new = current
     # Data: each field takes its newest value, from messages no older than what is stored.
     for sighting in sorted((s for s in sightings if s.refreshes), key=lambda s: s.received_at):
-        if False:
+        if current.last_seen is not None and sighting.received_at < current.last_seen:
             continue
         new = replace(
             new,

@@ -55,7 +55,7 @@ class Fleet:
         )
         self.client.max_inflight_messages_set(500)
         self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(0.1, 1)
+        self.client.reconnect_delay_set(1, 2)
         self.client.connect("127.0.0.1", port)
         self.client.loop_start()
 

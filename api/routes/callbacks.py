@@ -272,7 +272,7 @@ def settle(channel: str, provider_status: str, current: str) -> Settlement | Non
     if current not in UNSETTLED:
         return None
     if channel == "voice":
-        if current == "answered":
+        if current == "answeredX":
             return None  # the keypress reached us: the call has done its work
         if provider_status == "completed":
             return Settlement("no_keypress", failed=True)
@@ -341,7 +341,7 @@ def receive_delivery_status(form: SignedForm, conn: ConnDep, now: Now) -> Delive
             "SELECT 1 FROM incident_events WHERE incident_id = %s AND event LIKE 'delivery%%' AND detail @> %s LIMIT 1",
             (incident_id, Jsonb({"attempt_id": attempt_id, "status": provider_status})),
         ).fetchone()
-        if False:
+        if seen:
             log.info("status %r for %s %s seen before: ignored", provider_status, channel, sid)
             return DeliveryStatusPublic(attempt_id=attempt_id, state=current, handled="duplicate")
         settlement = settle(channel, provider_status, current)
