@@ -238,8 +238,9 @@ def _sighting(message: Received, parsed: DeviceMessage | StatusMessage, kind: De
             kind,
             message.received_at,
             refreshes,
-            reported_online=payload.online,
-            reported_reason=payload.reason,
+            # A retained report is history: it says nothing about the camera now.
+            reported_online=None if message.retain else payload.online,
+            reported_reason=None if message.retain else payload.reason,
         )
     return Sighting(topic.device_id, kind, message.received_at, refreshes)
 

@@ -34,6 +34,7 @@ from devices.kinds import DeviceKind, IncidentKind
 from hub import metrics
 from hub.batch import SightingSink, prepare_staging, store_batch
 from hub.mqtt import Received
+from hub.sightings import Sighting
 
 log = logging.getLogger(__name__)
 
@@ -130,6 +131,13 @@ def store_message(
     if topic is not None and _pages(parsed, topic):
         metrics.MESSAGES_RECEIVED.labels(topic.channel.value).inc()
         _store_alarm(conn, message, parsed, topic, config)
+        if record_sightings is not None and not message.retain:
+            # A press proves the wristband alive too (when it is registered).
+            registered = conn.execute(
+                "SELECT 1 FROM devices WHERE id = %s AND kind = 'wristband'", (topic.device_id,)
+            ).fetchone()
+            if registered:
+                record_sightings(conn, [Sighting(topic.device_id, DeviceKind.WRISTBAND, message.received_at, True)])
         return
     store_batch(conn, [message], config.hub_id, record_sightings)
 

@@ -36,4 +36,8 @@ STALE_ACKS = Counter(
     "shouhu_hub_stale_acks_total",
     "Acknowledgements withheld because the message came on an earlier connection",
 )
+DEVICES = Gauge("shouhu_devices", "Devices by kind and liveness (online, offline, unknown)", ["kind", "state"])
+LIVENESS_TRANSITIONS = Counter(
+    "shouhu_hub_liveness_transitions_total", "Devices going online or offline, by kind and reason", ["kind", "reason"]
+)
 DATABASE_RETRIES = Counter("shouhu_hub_database_retries_total", "Transactions retried after a database error")

@@ -21,12 +21,16 @@ import time
 import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 
 from hub import metrics
 from hub.batch import SightingSink
 from hub.ingest import IngestConfig, Writer
+from hub.liveness import LivenessDefaults, record_sightings
 from hub.mqtt import HubConnection, Received, probe_topic, share_probe_topic
+from hub.upkeep import Upkeep
 from shouhu.health_server import start_health_server
+from shouhu.settings import Settings
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +51,7 @@ class Hub:
     metrics_port: int | None = None
     cancel_window_s: int = 30
     record_sightings: SightingSink | None = None
-    # Called about once a second while the hub is connected: liveness heartbeat, sweeper.
+    # Called about once a second while the hub is connected: see hub/upkeep.py.
     on_tick: Callable[[], None] | None = None
     alarm_inbox: queue.Queue[Received] = field(default_factory=lambda: queue.Queue(ALARM_INBOX_SIZE))
     bulk_inbox: queue.Queue[Received] = field(default_factory=lambda: queue.Queue(BULK_INBOX_SIZE))
@@ -178,3 +182,23 @@ class Hub:
 
     def stop(self) -> None:
         self.stopping.set()
+
+
+def build_hub(
+    settings: Settings, database_url: str, mqtt_url: str, *, metrics_port: int | None, hub_id: str | None = None
+) -> tuple[Hub, Upkeep]:
+    """A hub wired to liveness (sightings in every transaction) and its upkeep ticks."""
+    defaults = LivenessDefaults.from_settings(settings)
+    hub_name = hub_id or settings.hub_id
+    upkeep = Upkeep(database_url, hub_name, retention_days=settings.retention_days, clock=lambda: datetime.now(UTC))
+    hub = Hub(
+        database_url,
+        mqtt_url,
+        hub_name,
+        settings.ack_timeout_s,
+        metrics_port=metrics_port,
+        cancel_window_s=settings.cancel_window_s,
+        record_sightings=lambda conn, sightings: record_sightings(conn, sightings, defaults),
+        on_tick=upkeep.tick,
+    )
+    return hub, upkeep

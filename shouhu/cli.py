@@ -213,16 +213,10 @@ def _mqtt_url(settings: Settings) -> str:
 
 
 def _make_hub(settings: Settings, url: str, mqtt_url: str, *, metrics_port: int | None) -> Hub:
-    from hub.service import Hub
+    from hub.service import build_hub
 
-    return Hub(
-        url,
-        mqtt_url,
-        settings.hub_id,
-        settings.ack_timeout_s,
-        metrics_port=metrics_port,
-        cancel_window_s=settings.cancel_window_s,
-    )
+    hub_worker, _upkeep = build_hub(settings, url, mqtt_url, metrics_port=metrics_port)
+    return hub_worker
 
 
 def _make_router(settings: Settings, url: str, *, exercise: bool = False) -> Router:

@@ -638,8 +638,9 @@ def accept_call(network: PhoneNetwork, account_sid: str, form: dict[str, str]) -
     else:
         network.announce(f"☎  ringing {to} (call {record.sid})")
     # The callee's side starts once this answer has gone out (Twilio's callbacks
-    # never overtake its 201), on a thread of its own: the request's connection is
-    # free at once, so the caller's next request never waits behind a callback.
+    # never overtake its 201), on a thread of its own: a callback that waits on the
+    # caller (as the API waits for the router's commit) holds up neither this request
+    # nor the server's threadpool.
     callee = None
     if (fault is not None and record.status_callback is not None) or answer is not None:
         callee = BackgroundTask(network.start_call, record)

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import time
 import xml.etree.ElementTree as ET
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from datetime import timedelta
 from typing import Any
@@ -388,6 +389,53 @@ def test_a_second_keypress_hears_who_took_it(stack: Stack) -> None:
     first_name = q(stack.db, "SELECT name FROM staff WHERE id = %s", first.recipient_id)[0][0]
     assert said(late.text) == f"此事件已由{first_name}接单，无需前往。"
     assert q(stack.db, "SELECT acknowledged_by FROM incidents") == [(f"staff:{first.recipient_id}",)]
+
+
+def wait_until(condition: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + CALLBACK_DEADLINE_S
+    while not condition():
+        if time.monotonic() > deadline:
+            raise AssertionError(f"not {what} after {CALLBACK_DEADLINE_S}s")
+        time.sleep(0.02)
+
+
+def waiting_on_locks(url: str) -> int:
+    rows = q(
+        url, "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    )
+    return int(rows[0][0])
+
+
+@pytest.mark.parametrize("callback", ["status", "keypress"])
+def test_a_callback_that_overtakes_the_routers_commit_waits_for_it(stack: Stack, callback: str) -> None:
+    sos(stack)
+    stack.router.run_due_steps()
+    [page] = pages(stack.db, "voice")
+    sid = "CA" + "5" * 32
+    if callback == "status":
+        path, params = STATUS_CALLBACK_PATH, {"CallSid": sid, "CallStatus": "busy", "To": page.address}
+    else:
+        path, params = f"{KEYPRESS_CALLBACK_PATH}?attempt={page.id}", {"CallSid": sid, "Digits": "1"}
+
+    # A router mid-send: the attempt claimed, Twilio's sid written, not yet committed.
+    with psycopg.connect(stack.db) as router, ThreadPoolExecutor(1) as twilio:
+        router.execute("SELECT id FROM notification_attempts WHERE id = %s FOR UPDATE", (page.id,))
+        router.execute(
+            "UPDATE notification_attempts SET state = 'sent', provider_id = %s WHERE id = %s", (sid, page.id)
+        )
+        answer = twilio.submit(stack.post_signed, path, params)
+        wait_until(lambda: waiting_on_locks(stack.db) == 1, "waiting for the router's commit")
+        router.commit()
+        reply = answer.result(timeout=CALLBACK_DEADLINE_S)
+
+    assert reply.status_code == 200, reply.text
+    if callback == "status":
+        assert reply.json()["handled"] == "settled"
+        assert attempt(stack.db, page.id).state == "busy"
+        assert len(events(stack.db, "retry_scheduled")) == 1
+    else:
+        assert said(reply.text).startswith("已确认，您已接单")
+        assert q(stack.db, "SELECT state, acknowledged_via FROM incidents") == [("acknowledged", "voice")]
 
 
 # --- by SMS ------------------------------------------------------------------------

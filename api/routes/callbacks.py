@@ -21,6 +21,7 @@ import re
 import unicodedata
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import parse_qs
 
@@ -157,7 +158,9 @@ def _answer(conn: Conn, incident_id: int, actor: Actor, going: bool, result: Res
     return CLOSED
 
 
-def _act(conn: Conn, incident_id: int, actor: Actor, going: bool, via: str, now: Any, resolve_timeout_s: int) -> str:
+def _act(
+    conn: Conn, incident_id: int, actor: Actor, going: bool, via: str, now: datetime, resolve_timeout_s: int
+) -> str:
     """Acknowledge or decline as ``actor``, audited like the API's acknowledgements; returns the answer."""
     if going:
         result = acknowledge(conn, incident_id, actor, via, now, resolve_timeout_s=resolve_timeout_s)
@@ -423,7 +426,7 @@ def _paged_for(conn: Conn, code: str, phone: str) -> tuple[int, str, Actor] | No
         """
         SELECT i.id, i.code, a.recipient_kind, a.recipient_id FROM incidents i
         JOIN notification_attempts a ON a.incident_id = i.id
-        WHERE i.code = %s AND (a.address = %s OR true) AND a.purpose IN ('page', 'repage')
+        WHERE i.code = %s AND a.address = %s AND a.purpose IN ('page', 'repage')
           AND a.recipient_kind IN ('staff', 'guardian')
         ORDER BY a.id LIMIT 1
         """,

@@ -1,0 +1,94 @@
+"""A hub's periodic work, about once a second while it is connected: the ingest
+heartbeat, the liveness sweep (one leader among the hubs), the device gauges, and
+— hourly, one hub at a time — the time partitions made ahead and dropped past
+retention.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from hub import liveness, metrics
+from shouhu import timeseries
+from shouhu.migrations import storage_mode
+
+log = logging.getLogger(__name__)
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+
+GAUGE_INTERVAL_S = 10.0
+PARTITION_INTERVAL_S = 3600.0
+PARTITION_LOCK_KEY = 0x5348_4F55_4855_0004
+
+
+class Upkeep:
+    """Owns its own autocommit connection: the sweep commits chunk by chunk."""
+
+    def __init__(
+        self,
+        database_url: str,
+        hub_id: str,
+        *,
+        retention_days: int,
+        clock: Callable[[], datetime],
+    ) -> None:
+        self.database_url = database_url
+        self.hub_id = hub_id
+        self.retention_days = retention_days
+        self.clock = clock
+        self._conn: Conn | None = None
+        self._last_gauges = float("-inf")
+        self._last_partitions = float("-inf")
+
+    def _connection(self) -> Conn:
+        if self._conn is None or self._conn.closed:
+            self._conn = psycopg.connect(self.database_url, autocommit=True, application_name="shouhu-hub-upkeep")
+        return self._conn
+
+    def tick(self) -> None:
+        """One round; a database error drops the connection and the next tick retries."""
+        try:
+            self._tick()
+        except psycopg.OperationalError:
+            if self._conn is not None:
+                self._conn.close()
+            self._conn = None
+            raise
+
+    def _tick(self) -> None:
+        conn = self._connection()
+        now = self.clock()
+        with conn.transaction():
+            gap = liveness.beat(conn, self.hub_id, now)
+        if gap is not None:
+            log.warning("ingest was down from %s to %s: deadlines pause by that much", gap.started_at, gap.ended_at)
+        report = liveness.sweep(conn, now, lock_key=liveness.SWEEP_LOCK_KEY)
+        for transition in report.transitions:
+            metrics.LIVENESS_TRANSITIONS.labels(transition.kind.value, transition.reason or "online").inc()
+        if time.monotonic() - self._last_gauges >= GAUGE_INTERVAL_S:
+            self._last_gauges = time.monotonic()
+            for (kind, state), value in liveness.device_counts(conn).items():
+                metrics.DEVICES.labels(kind.value, state.value).set(value)
+        if time.monotonic() - self._last_partitions >= PARTITION_INTERVAL_S:
+            self._last_partitions = time.monotonic()
+            self._partitions(conn, now)
+
+    def _partitions(self, conn: Conn, now: datetime) -> None:
+        with conn.transaction():
+            if storage_mode(conn) is not timeseries.StorageMode.NATIVE:
+                return  # TimescaleDB makes chunks and runs retention itself
+            locked = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (PARTITION_LOCK_KEY,)).fetchone()
+            if locked and locked[0]:
+                made = timeseries.maintain_partitions(conn, now, self.retention_days)
+                if made.created or made.dropped:
+                    log.info("partitions: %d made, %d dropped", len(made.created), len(made.dropped))
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
