@@ -220,12 +220,33 @@ def load_registry(conn: psycopg.Connection, registry: RegistryFile) -> LoadRepor
                 for p in registry.policies
             ],
         )
+        changes["heartbeat_policies"] = _sync_heartbeats(conn, registry)
         return LoadReport(
             changes=changes,
             residents_without_guardian=residents_without_guardian(conn),
             coverage_gaps=coverage_gaps(conn),
             counts=_counts(conn),
         )
+
+
+def _sync_heartbeats(conn: psycopg.Connection, registry: RegistryFile) -> TableChange:
+    """Per-kind liveness windows: configuration, not entities, so a kind left out is
+    removed and falls back to SHOUHU_HEARTBEAT_*."""
+    kinds = [kind.value for kind in registry.heartbeats]
+    removed = conn.execute("DELETE FROM heartbeat_policies WHERE NOT (kind = ANY(%s))", (kinds,)).rowcount
+    upserted = 0
+    for kind, entry in registry.heartbeats.items():
+        upserted += conn.execute(
+            """
+            INSERT INTO heartbeat_policies (kind, interval_s, misses) VALUES (%s, %s, %s)
+            ON CONFLICT (kind) DO UPDATE SET interval_s = EXCLUDED.interval_s, misses = EXCLUDED.misses,
+                updated_at = now()
+            WHERE (heartbeat_policies.interval_s, heartbeat_policies.misses) IS DISTINCT FROM
+                  (EXCLUDED.interval_s, EXCLUDED.misses)
+            """,
+            (kind.value, entry.interval_s, entry.misses),
+        ).rowcount
+    return TableChange(max(upserted, 0), max(removed, 0))
 
 
 def _counts(conn: psycopg.Connection) -> dict[str, int]:

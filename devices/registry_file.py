@@ -153,6 +153,13 @@ class PolicyEntry(_Entry):
     steps: list[PolicyStep] = Field(min_length=1)
 
 
+class HeartbeatEntry(_Entry):
+    """A device kind's liveness window: offline after ``interval_s`` × ``misses`` of silence."""
+
+    interval_s: int = Field(gt=0)
+    misses: int = Field(ge=1)
+
+
 class RegistryFile(_Entry):
     areas: list[AreaEntry] = Field(default_factory=list)
     staff: list[StaffEntry] = Field(default_factory=list)
@@ -160,6 +167,7 @@ class RegistryFile(_Entry):
     residents: list[ResidentEntry] = Field(default_factory=list)
     devices: list[DeviceEntry] = Field(default_factory=list)
     policies: list[PolicyEntry] = Field(default_factory=list)
+    heartbeats: dict[DeviceKind, HeartbeatEntry] = Field(default_factory=dict)
 
     @model_validator(mode="after")
     def _references(self) -> RegistryFile:

@@ -235,10 +235,12 @@ _ENSURE_ROWS = """
 # Locks in device_id order, as every other multi-row writer here does, so two hubs'
 # batches (or a batch and a gap push) wait for each other instead of deadlocking.
 _LOCK_ROWS = """
-    SELECT s.device_id, d.kind, d.heartbeat_interval_s, d.heartbeat_misses,
+    SELECT s.device_id, d.kind,
+           coalesce(d.heartbeat_interval_s, h.interval_s), coalesce(d.heartbeat_misses, h.misses),
            s.online, s.offline_reason, s.last_seen, s.deadline, s.state_at,
            s.battery, s.worn, s.lat, s.lon
     FROM device_state s JOIN devices d ON d.id = s.device_id
+    LEFT JOIN heartbeat_policies h ON h.kind = d.kind
     WHERE s.device_id = ANY(%s)
     ORDER BY s.device_id
     FOR UPDATE OF s

@@ -59,6 +59,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(3, "acknowledgement, notices, CAP messages", sql_file="0003_acknowledgement.sql"),
     Migration(4, "retries with backoff", sql_file="0004_retries.sql"),
     Migration(5, "liveness: deadline state, ingest heartbeats and gaps", sql_file="0005_liveness.sql"),
+    Migration(6, "liveness windows per device kind", sql_file="0006_heartbeat_kinds.sql"),
 )
 
 
