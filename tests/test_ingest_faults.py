@@ -309,3 +309,27 @@ def test_one_of_two_hubs_killed_every_sos_is_still_paged(county_url: str, broker
         second.stop()
     assert first.process is not None
     assert first.process.poll() is not None  # it never came back during the test
+
+
+def stored_telemetry(metrics_url: str) -> float:
+    with urllib.request.urlopen(metrics_url) as response:
+        text = response.read().decode()
+    found = re.search(r'^shouhu_hub_messages_stored_total\{channel="telemetry"\} ([0-9.e+]+)$', text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
+
+
+def test_two_hubs_each_store_a_distinct_share_of_telemetry(county_url: str, broker: Mosquitto) -> None:
+    hubs = [hub_process(county_url, broker, f"hub-{name}-{uuid.uuid4().hex[:4]}").start() for name in "ab"]
+    fleet = Fleet(broker.port)
+    try:
+        fleet.telemetry(2000)
+        fleet.wait_published()
+        wait_until(lambda: count(county_url, "telemetry") == 2000, timeout=60, what="2000 rows")
+        shares = [stored_telemetry(str(h.ready_url).replace("/readyz", "/metrics")) for h in hubs]
+    finally:
+        fleet.close()
+        for hub in hubs:
+            hub.stop()
+    assert all(share > 0 for share in shares), shares  # both took part
+    assert sum(shares) == 2000  # and no message was stored by both
+    assert count(county_url, "message_ledger") == 2000
