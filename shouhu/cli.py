@@ -190,7 +190,12 @@ def _serve_api(url: str, settings: Settings) -> None:
     from api.main import create_app
 
     uvicorn.run(
-        create_app(url, resolve_timeout_s=settings.resolve_timeout_s),
+        create_app(
+            url,
+            resolve_timeout_s=settings.resolve_timeout_s,
+            public_url=settings.public_url,
+            twilio_auth_token=settings.twilio_auth_token,
+        ),
         host="0.0.0.0",  # noqa: S104 - the API serves the consoles and provider callbacks
         port=settings.api_port,
         log_level="info",
@@ -405,7 +410,17 @@ def _demo_providers(settings: Settings, stack: ExitStack) -> Settings:
         sid, token = _demo_twilio_credentials(settings)
         port = free_port()
         server = uvicorn.Server(
-            uvicorn.Config(create_phone_network(sid, token), host="127.0.0.1", port=port, log_level="warning")
+            uvicorn.Config(
+                create_phone_network(
+                    sid,
+                    token,
+                    sms_url=f"http://127.0.0.1:{settings.api_port}/callbacks/twilio/sms",
+                    number=settings.twilio_from or DEMO_FROM,
+                ),
+                host="127.0.0.1",
+                port=port,
+                log_level="warning",
+            )
         )
         _thread(server.run, "phone-network")
         stack.callback(setattr, server, "should_exit", True)
@@ -430,8 +445,13 @@ def _demo_providers(settings: Settings, stack: ExitStack) -> Settings:
         stack.callback(setattr, platform_server, "should_exit", True)
         webhook = f"http://127.0.0.1:{platform_port}/cap"
         typer.echo(f"emergency platform: simulated, {webhook} (CAP status Exercise)")
+    # The simulators call back the API they run beside: keypresses, SMS replies, statuses.
+    public_url = settings.public_url
+    if (urlsplit(public_url).hostname or "") in LOCAL_HOSTS:
+        public_url = f"http://127.0.0.1:{settings.api_port}"
     return settings.model_copy(
         update={
+            "public_url": public_url,
             "emergency_webhook_url": webhook,
             "emergency_webhook_secret": secret,
             "twilio_api_base": base,

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import IO, Any
 
 import httpx
+import psycopg
 import pytest
 
 from shouhu.cli import NOT_LANDED_EXIT
@@ -257,3 +258,20 @@ def test_demo_refuses_a_real_phone_network(tmp_path: Path) -> None:
     assert result.returncode == 2
     assert "refuses SHOUHU_TWILIO_API_BASE=https://api.example.com" in result.stderr
     assert not (tmp_path / "data").exists()  # refused before anything started
+
+
+def test_up_demo_takes_an_sms_reply_through_the_signed_callback(running_up: RunningUp) -> None:
+    phone = re.search(r"http://127\.0\.0\.1:\d+", running_up.wait_for_line("phone network: simulated"))
+    assert phone is not None
+    sms = running_up.wait_for_line("SMS to ")
+    to = re.search(r"SMS to (\+1\d{10})", sms)
+    code = re.search(r"回复 ([A-Z0-9]{5}) 1", sms)
+    assert to is not None
+    assert code is not None
+    reply = httpx.post(f"{phone.group(0)}/_sim/inbound-sms", json={"from": to.group(1), "body": f"{code.group(1)} 1"})
+    assert reply.status_code == 200, reply.text
+    assert "接单" in reply.json()["reply"]
+    database_url = running_up.wait_for_line("database: postgresql://").split("database: ")[1]
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute("SELECT state, acknowledged_via FROM incidents WHERE code = %s", (code.group(1),)).fetchone()
+    assert row == ("acknowledged", "sms")
