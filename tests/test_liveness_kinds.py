@@ -22,7 +22,8 @@ def deadline(url: str, device: str) -> timedelta:
     with psycopg.connect(url) as conn:
         row = conn.execute("SELECT deadline FROM device_state WHERE device_id = %s", (device,)).fetchone()
     assert row is not None
-    return row[0] - AT
+    window: timedelta = row[0] - AT
+    return window
 
 
 def test_kind_window_from_the_registry_and_device_override(database_url: str, tmp_path: Path) -> None:
