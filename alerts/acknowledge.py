@@ -74,18 +74,31 @@ def _lock(conn: Conn, incident_id: int) -> IncidentRow | None:
 
 
 def _stop_escalation(conn: Conn, incident_id: int, now: datetime) -> None:
-    """Retire every queued step and every page not yet sent (fencing token bumped)."""
+    """Retire every queued step and every page not yet sent (fencing token bumped).
+
+    Rows a router holds right now are skipped, not waited for: the router locks an
+    action or attempt before the incident, this code the incident first, and waiting
+    would deadlock. A skipped step is refused by the bumped token when the router
+    reaches the incident; a skipped page is the one already on its way.
+    """
     conn.execute(
         "UPDATE incidents SET escalation_token = escalation_token + 1, updated_at = %s WHERE id = %s",
         (now, incident_id),
     )
     conn.execute(
-        "UPDATE escalation_actions SET state = 'cancelled', done_at = %s WHERE incident_id = %s AND state = 'pending'",
+        """
+        UPDATE escalation_actions SET state = 'cancelled', done_at = %s
+        WHERE id IN (SELECT id FROM escalation_actions WHERE incident_id = %s AND state = 'pending'
+                     FOR UPDATE SKIP LOCKED)
+        """,
         (now, incident_id),
     )
     conn.execute(
-        "UPDATE notification_attempts SET state = 'cancelled', updated_at = %s"
-        " WHERE incident_id = %s AND state = 'pending' AND purpose IN ('page', 'repage')",
+        """
+        UPDATE notification_attempts SET state = 'cancelled', updated_at = %s
+        WHERE id IN (SELECT id FROM notification_attempts WHERE incident_id = %s AND state = 'pending'
+                     AND purpose IN ('page', 'repage') FOR UPDATE SKIP LOCKED)
+        """,
         (now, incident_id),
     )
 
