@@ -334,14 +334,22 @@ def simulate_phone_network(
 @simulate_app.command("emergency-platform")
 def simulate_emergency_platform(
     port: Annotated[int, typer.Option(help="Port to listen on (127.0.0.1)")] = 8200,
+    dispatch_token: Annotated[
+        str, typer.Option(help="A platform-role token: a dispatcher acknowledges every alert through the API")
+    ] = "",
 ) -> None:
     """An emergency call platform that verifies and records signed CAP alerts."""
-    from simulators.emergency_platform import serve_emergency_platform
+    import uvicorn
+
+    from simulators.emergency_platform import Dispatcher, create_emergency_platform
 
     settings = load_settings()
     secret = settings.emergency_webhook_secret or DEMO_WEBHOOK_SECRET
+    dispatcher = Dispatcher(settings.public_url, dispatch_token) if dispatch_token else None
     typer.echo(f"emergency platform: http://127.0.0.1:{port}/cap (set SHOUHU_EMERGENCY_WEBHOOK_URL to this)")
-    serve_emergency_platform("127.0.0.1", port, secret)
+    if dispatcher is not None:
+        typer.echo(f"a dispatcher acknowledges every alert through {settings.public_url}")
+    uvicorn.run(create_emergency_platform(secret, dispatcher=dispatcher), host="127.0.0.1", port=port)
 
 
 def _resolve_broker(settings: Settings, stack: ExitStack) -> str:

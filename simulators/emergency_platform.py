@@ -37,10 +37,12 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any, Literal
 
+import requests
 import uvicorn
 from fastapi import FastAPI, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
+from starlette.background import BackgroundTask
 
 CAP_NAMESPACE = "urn:oasis:names:tc:emergency:cap:1.2"
 CAP_CONTENT_TYPE = "application/common-alerting-protocol+xml"
@@ -195,6 +197,8 @@ class EmergencyPlatform:
         self._deliveries: list[DeliveryRecord] = []
         self._seen: dict[str, float] = {}  # delivery id → when first seen
         self._fault: ActiveFault | None = None
+        # Set to take every new alert through Shouhu's API (see ``Dispatcher``).
+        self.dispatcher: Dispatcher | None = None
 
     def now(self) -> datetime:
         return datetime.fromtimestamp(self.clock(), UTC)
@@ -407,11 +411,43 @@ async def receive_cap(platform: EmergencyPlatform, request: Request) -> JSONResp
         platform.announce(f"↺  platform already has {cap.identifier} (receipt {record.receipt}); not recorded again")
     status = 202 if new else 200
     platform.log(delivery, status, "recorded" if new else "duplicate", cap.identifier)
+    dispatcher = platform.dispatcher
+    take = None
+    if new and cap.msg_type == "Alert" and dispatcher is not None and cap.incident_id:
+        # The receipt goes out first; then a dispatcher takes the case through the API.
+        take = BackgroundTask(dispatcher.acknowledge, platform, cap.incident_id)
     return JSONResponse(
         {"receipt": record.receipt, "identifier": cap.identifier, "duplicate": not new},
         status_code=status,
         headers={RECEIPT_HEADER: record.receipt},
+        background=take,
     )
+
+
+@dataclass(frozen=True, slots=True)
+class Dispatcher:
+    """A platform dispatcher who takes every new alert: ``POST /api/v1/incidents/{id}/ack``
+    with a ``platform``-role token, as DESIGN.md lets the platform do."""
+
+    api_url: str
+    token: str
+
+    def acknowledge(self, platform: EmergencyPlatform, incident_id: str) -> None:
+        url = f"{self.api_url.rstrip('/')}/api/v1/incidents/{incident_id}/ack"
+        try:
+            answer = requests.post(
+                url, headers={"Authorization": f"Bearer {self.token}"}, json={"note": "平台调度已接警"}, timeout=10
+            )
+        except requests.RequestException as exc:
+            platform.announce(f"✖  platform could not acknowledge incident {incident_id}: {exc}")
+            return
+        platform.announce(f"☑  platform acknowledged incident {incident_id}: HTTP {answer.status_code}")
+
+
+class DispatcherRequest(BaseModel):
+    api_url: str
+    token: str
+
 
 
 def create_emergency_platform(
@@ -419,6 +455,7 @@ def create_emergency_platform(
     *,
     announce: Announce | None = None,
     clock: Callable[[], float] = time.time,
+    dispatcher: Dispatcher | None = None,
 ) -> FastAPI:
     """Build the simulator app.
 
@@ -433,8 +470,15 @@ def create_emergency_platform(
     if not secret:
         raise ValueError("the emergency platform needs a shared secret")
     platform = EmergencyPlatform(secret, announce or print_flushed, clock)
+    platform.dispatcher = dispatcher
     app = FastAPI(title="Shouhu emergency-platform simulator (CAP 1.2 webhook)")
     app.state.platform = platform
+
+    @app.post("/_sim/dispatcher")
+    async def set_dispatcher(request: DispatcherRequest | None = None) -> dict[str, str | None]:
+        """Have a dispatcher acknowledge every new alert through Shouhu's API (``null``: stop)."""
+        platform.dispatcher = Dispatcher(request.api_url, request.token) if request else None
+        return {"api_url": request.api_url if request else None}
 
     @app.post("/cap", status_code=202)
     async def create_cap_alert(request: Request) -> JSONResponse:

@@ -21,6 +21,8 @@ and demos drive the API's callbacks for real:
   to the TwiML's ``<Gather action>`` like Twilio, then the ``completed`` status;
   ``voicemail`` answers without a keypress (only ``completed``); ``busy`` /
   ``no-answer`` end the call so, as the faults do;
+- ``answer_after_s``: how long it rings before the person answers (or the line ends);
+- ``unreachable``: a switched-off or unknown handset, the call ends ``failed``;
 - ``sms``: ``delivered`` / ``undelivered`` is posted to an SMS's ``StatusCallback``.
 
 Every callback is posted on its own thread once the 201 has gone out, signed with
@@ -62,7 +64,7 @@ SMS_BODY_LIMIT = 1600  # Twilio refuses a longer concatenated body (error 21617)
 CALLBACK_TIMEOUT_S = 5.0
 
 Fault = Literal["busy", "no-answer", "error"]
-Answer = Literal["press1", "press2", "voicemail", "busy", "no-answer"]
+Answer = Literal["press1", "press2", "voicemail", "busy", "no-answer", "unreachable"]
 WebhookKind = Literal["status", "keypress", "inbound_sms"]
 SmsOutcome = Literal["delivered", "undelivered"]
 Announce = Callable[[str], None]
@@ -75,6 +77,7 @@ CALL_END_OF_ANSWER: dict[str, str] = {
     "voicemail": "completed",
     "busy": "busy",
     "no-answer": "no-answer",
+    "unreachable": "failed",  # a switched-off or unknown handset: Twilio ends the call `failed`
 }
 ANSWERED_CALL_DURATION_S = "15"
 UNDELIVERED_ERROR_CODE = "30003"  # Twilio: "Unreachable destination handset"
@@ -139,6 +142,7 @@ class CallRecord:
     received_at: datetime
     monotonic: float
     answer: Answer | None = None
+    answer_after_s: float = 0.0
 
     def public(self) -> dict[str, Any]:
         return {
@@ -161,9 +165,11 @@ class Behaviour:
 
     answer: Answer | None = None
     sms: SmsOutcome | None = None
+    # How long the phone rings before the person answers (and presses, or not).
+    answer_after_s: float = 0.0
 
     def public(self) -> dict[str, str | None]:
-        return {"answer": self.answer, "sms": self.sms}
+        return {"answer": self.answer, "sms": self.sms, "answer_after_s": str(self.answer_after_s)}
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +207,7 @@ class BehaviourRequest(BaseModel):
     to: str
     answer: Answer | None = None
     sms: SmsOutcome | None = None
+    answer_after_s: float = Field(default=0.0, ge=0, le=120)
 
 
 class ConfigRequest(BaseModel):
@@ -350,6 +357,9 @@ class PhoneNetwork:
         threading.Thread(target=self._play_call, args=(record,), name=f"call-{record.sid}", daemon=True).start()
 
     def _play_call(self, record: CallRecord) -> None:
+        if record.answer_after_s:
+            # The person lets it ring: a simulated human, on the simulator's own thread.
+            time.sleep(record.answer_after_s)
         digit = DIGIT_OF_ANSWER.get(record.answer or "")
         if digit is not None:
             action = gather_action(record.twiml)
@@ -616,7 +626,8 @@ def accept_call(network: PhoneNetwork, account_sid: str, form: dict[str, str]) -
         raise TwilioApiError(400, 21205, "Url parameter is required.")
     _raise_injected_error(network, to)
     fault = network.fault_for(to)
-    answer = network.behaviour_for(to).answer if fault is None else None
+    behaviour = network.behaviour_for(to)
+    answer = behaviour.answer if fault is None else None
     received_at, monotonic = _now()
     record = CallRecord(
         sid=_sid("CA"),
@@ -629,6 +640,7 @@ def accept_call(network: PhoneNetwork, account_sid: str, form: dict[str, str]) -
         received_at=received_at,
         monotonic=monotonic,
         answer=answer,
+        answer_after_s=behaviour.answer_after_s if answer is not None else 0.0,
     )
     network.add_call(record)
     if record.status == "busy":
@@ -724,7 +736,9 @@ def create_phone_network(
     async def set_behaviour(behaviour: BehaviourRequest) -> dict[str, dict[str, str | None]]:
         """Set how ``to`` answers calls (``answer``) and how its SMS end (``sms``); ``null`` clears."""
         changes: dict[str, Any] = {
-            name: getattr(behaviour, name) for name in ("answer", "sms") if name in behaviour.model_fields_set
+            name: getattr(behaviour, name)
+            for name in ("answer", "sms", "answer_after_s")
+            if name in behaviour.model_fields_set
         }
         behaviours = network.set_behaviour(behaviour.to, changes)
         network.announce(f"⚙  {behaviour.to} now behaves {behaviours.get(behaviour.to, Behaviour().public())}")

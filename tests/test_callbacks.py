@@ -13,7 +13,7 @@ import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -281,6 +281,7 @@ def test_pressing_2_declines_and_when_the_whole_step_declined_the_guardians_are_
         ("voicemail", "no_keypress", "completed", "delivery_no_keypress"),
         ("busy", "busy", "busy", "delivery_busy"),
         ("no-answer", "no_answer", "no-answer", "delivery_no_answer"),
+        ("unreachable", "failed", "failed", "delivery_failed"),
     ],
 )
 def test_a_call_nobody_pressed_on_fails_and_is_retried_with_backoff(
@@ -589,3 +590,19 @@ def test_only_an_unsettled_attempt_is_settled() -> None:
     assert settle("sms", "undelivered", "sent") == Settlement("undelivered", failed=True)
     assert settle("sms", "sent", "sent") is None
     assert settle("sms", "failed", "delivered") is None
+
+
+def test_a_person_who_lets_it_ring_then_presses_1_is_waited_for(stack: Stack) -> None:
+    sos(stack)
+    stack.router.run_due_steps()
+    [page] = pages(stack.db, "voice")
+    httpx.post(
+        f"{stack.phone}/_sim/behaviour", json={"to": page.address, "answer": "press1", "answer_after_s": 1.0}
+    ).raise_for_status()
+    stack.router.send_pending()
+    [call] = calls(stack.phone)
+    keypress, _status = stack.wait_for_webhooks(2)
+    rang = datetime.fromisoformat(keypress["posted_at"]) - datetime.fromisoformat(call["received_at"])
+    assert rang >= timedelta(seconds=1)  # answered only after ringing for a second
+    assert keypress["params"]["Digits"] == "1"
+    assert q(stack.db, "SELECT state, acknowledged_via FROM incidents") == [("acknowledged", "voice")]

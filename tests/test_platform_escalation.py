@@ -3,7 +3,9 @@ a resolution or a cancel later reaches it as a CAP Update or Cancel referencing 
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from typing import Any
 
 import httpx
@@ -15,7 +17,9 @@ from alerts.notifiers.console import ConsoleNotifier
 from alerts.notifiers.twilio import TwilioNotifier
 from alerts.notifiers.webhook import WebhookNotifier
 from alerts.router import Router, RouterConfig
+from api.main import create_app
 from devices.kinds import Channel, Outcome
+from shouhu.tokens import Role, create_token
 from simulators.emergency_platform import create_emergency_platform
 from tests.escalation_support import DAY, FROM, PHONE_SID, PHONE_TOKEN, ZONE, Clock, press, q, wristband_in
 from tests.services import serve_app
@@ -118,3 +122,18 @@ def test_nothing_goes_to_a_platform_that_was_never_told(county_url: str, phone_n
 def test_the_demo_sends_exercise_alerts(county_url: str, phone_network: str, platform: str) -> None:
     escalate_to_platform(county_url, phone_network, platform, exercise=True)
     assert [a["status"] for a in alerts(platform)] == ["Exercise"]
+
+
+def test_a_platform_dispatcher_acknowledges_through_the_api(county_url: str, phone_network: str, platform: str) -> None:
+    with psycopg.connect(county_url) as conn:
+        secret = create_token(
+            conn, role=Role.PLATFORM, areas=[], label="120调度台", now=datetime.now(UTC), expires_at=None
+        )
+    for api in serve_app(create_app(county_url)):
+        httpx.post(f"{platform}/_sim/dispatcher", json={"api_url": api, "token": secret}).raise_for_status()
+        incident, _clock, _router = escalate_to_platform(county_url, phone_network, platform)
+        deadline = time.monotonic() + 10
+        while q(county_url, "SELECT state FROM incidents WHERE id = %s", incident) != [("acknowledged",)]:
+            assert time.monotonic() < deadline, "the platform's dispatcher never acknowledged"
+            time.sleep(0.05)
+    assert q(county_url, "SELECT acknowledged_by_name, acknowledged_via FROM incidents") == [("120调度台", "api")]
