@@ -9,6 +9,7 @@ hand every sighting to liveness. The caller commits, then acknowledges the batch
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -31,6 +32,8 @@ from devices.kinds import DeviceKind
 from hub import metrics
 from hub.mqtt import Received
 from hub.sightings import Sighting
+
+log = logging.getLogger(__name__)
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 SightingSink = Callable[[Conn, Sequence[Sighting]], object]
@@ -245,6 +248,19 @@ def _sighting(message: Received, parsed: DeviceMessage | StatusMessage, kind: De
     return Sighting(topic.device_id, kind, message.received_at, refreshes)
 
 
+def record_sightings_safely(conn: Conn, record: SightingSink, sightings: Sequence[Sighting]) -> None:
+    """Liveness in a savepoint: if it fails, the message it came with still commits.
+
+    An SOS must never be lost because device-state bookkeeping broke.
+    """
+    try:
+        with conn.transaction():
+            record(conn, sightings)
+    except psycopg.Error:
+        metrics.LIVENESS_FAILURES.inc()
+        log.exception("recording %d sighting(s) failed; the messages are stored regardless", len(sightings))
+
+
 def store_batch(
     conn: Conn, messages: Sequence[Received], hub_id: str, record_sightings: SightingSink | None = None
 ) -> BatchResult:
@@ -297,7 +313,7 @@ def store_batch(
         result.stored["status"] = len(statuses)
         metrics.MESSAGES_STORED.labels("status").inc(len(statuses))
     if record_sightings is not None and sightings:
-        record_sightings(conn, sightings)
+        record_sightings_safely(conn, record_sightings, sightings)
     if letters:
         _dead_letters(conn, letters, hub_id, result)
     return result

@@ -32,7 +32,7 @@ from devices.contract import (
 )
 from devices.kinds import DeviceKind, IncidentKind
 from hub import metrics
-from hub.batch import SightingSink, prepare_staging, store_batch
+from hub.batch import SightingSink, prepare_staging, record_sightings_safely, store_batch
 from hub.mqtt import Received
 from hub.sightings import Sighting
 
@@ -137,7 +137,8 @@ def store_message(
                 "SELECT 1 FROM devices WHERE id = %s AND kind = 'wristband'", (topic.device_id,)
             ).fetchone()
             if registered:
-                record_sightings(conn, [Sighting(topic.device_id, DeviceKind.WRISTBAND, message.received_at, True)])
+                sighting = Sighting(topic.device_id, DeviceKind.WRISTBAND, message.received_at, True)
+                record_sightings_safely(conn, record_sightings, [sighting])
         return
     store_batch(conn, [message], config.hub_id, record_sightings)
 

@@ -40,4 +40,7 @@ DEVICES = Gauge("shouhu_devices", "Devices by kind and liveness (online, offline
 LIVENESS_TRANSITIONS = Counter(
     "shouhu_hub_liveness_transitions_total", "Devices going online or offline, by kind and reason", ["kind", "reason"]
 )
+LIVENESS_FAILURES = Counter(
+    "shouhu_hub_liveness_failures_total", "Batches whose liveness update failed (the messages were stored)"
+)
 DATABASE_RETRIES = Counter("shouhu_hub_database_retries_total", "Transactions retried after a database error")

@@ -1,0 +1,327 @@
+"""Escalation under load: new presses while 1,000 escalations run, then a burst of 1,000 presses.
+
+Starts its own Mosquitto and PostgreSQL 18, loads the demo county and adds synthetic
+residents (each with one wristband and two guardians, in the county's existing grids)
+by SQL, rewrites the ``default-sos`` policy to grid worker → guardians → operators
+with a short wait (``--wait-s``) so steps keep falling due during the run, and runs
+`shouhu hub` and `shouhu router` as processes with the phone-network simulator in
+this process.
+
+Phase 1: ``--inflight`` presses on distinct wristbands open escalations; once each
+has had its first page, new presses arrive at ``--rate``/s for ``--window`` s on
+other wristbands. Measured: press (publish, CLOCK_MONOTONIC) → the simulator
+receiving the incident's first provider request (the attempts' provider ids matched
+to the simulator's sids), and step lateness for steps run during the window, from
+``escalation_actions`` (``done_at − due_at``: the router ran the step) and from
+``notification_attempts`` (first ``sent_at`` of the step − ``due_at``: its pages
+went out).
+
+Phase 2: phase 1's incidents are closed (by SQL), then ``--burst`` presses on fresh
+wristbands are published as fast as one client can; measured until every one of
+those incidents has had its first page.
+
+    .venv/bin/python -m bench.escalation
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import subprocess
+import time
+import uuid
+from collections.abc import Iterable
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import psycopg
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from psycopg.types.json import Jsonb
+
+from shouhu.embedded.postgres import create_database, free_port, wheel_bin_dir
+from shouhu.migrations import MigrationContext, migrate
+from simulators.phone_network import PhoneNetwork, create_phone_network
+from tests.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, serve_app, shouhu_env, start_postgres
+
+DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+SID, TOKEN = "AC" + "3" * 32, "bench-token"
+PHONE_CHANNELS = ("voice", "sms")
+
+
+def percentile(values: list[float], fraction: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
+
+
+def summary(name: str, values: list[float], unit: str = "ms") -> str:
+    if not values:
+        return f"{name}: n=0"
+    scaled = [v * 1000 for v in values] if unit == "ms" else values
+    return (
+        f"{name}: n={len(scaled)} p50={statistics.median(scaled):.1f} {unit}"
+        f" p99={percentile(scaled, 0.99):.1f} {unit} max={max(scaled):.1f} {unit}"
+    )
+
+
+def add_residents(url: str, count: int) -> list[str]:
+    """``count`` synthetic residents spread over the existing grids, each with a wristband
+    and two guardians (fictional +1 202 555 numbers). Returns the wristband ids."""
+    with psycopg.connect(url) as conn:
+        grids = [r[0] for r in conn.execute("SELECT id FROM areas WHERE level = 'grid' AND active ORDER BY id")]
+        residents = [
+            (f"bench-r-{i:05d}", f"压测老人{i}", grids[i % len(grids)], f"压测地址 {i} 号") for i in range(count)
+        ]
+        with conn.cursor() as cur:
+            cur.executemany("INSERT INTO residents (id, name, grid_id, address) VALUES (%s, %s, %s, %s)", residents)
+            cur.executemany(
+                "INSERT INTO devices (id, kind, resident_id, model) VALUES (%s, 'wristband', %s, 'bench')",
+                [(f"bench-wb-{i:05d}", f"bench-r-{i:05d}") for i in range(count)],
+            )
+            cur.executemany(
+                "INSERT INTO guardians (id, resident_id, name, phone, relation, priority)"
+                " VALUES (%s, %s, %s, %s, '子女', %s)",
+                [
+                    (f"bench-g-{i:05d}-{n}", f"bench-r-{i:05d}", f"家属{i}-{n}", f"+1202555{2 * i + n:04d}", n)
+                    for i in range(count)
+                    for n in (1, 2)
+                ],
+            )
+    return [f"bench-wb-{i:05d}" for i in range(count)]
+
+
+def short_policy(url: str, wait_s: int) -> None:
+    steps = [
+        {"target": "grid_worker", "channels": ["voice", "sms", "console"], "wait_s": wait_s},
+        {"target": "guardians", "channels": ["voice", "sms"], "wait_s": wait_s},
+        {"target": "operators", "channels": ["voice", "sms", "console"], "wait_s": wait_s},
+    ]
+    with psycopg.connect(url) as conn:
+        updated = conn.execute(
+            "UPDATE escalation_policies SET steps = %s WHERE id = 'default-sos'", (Jsonb(steps),)
+        ).rowcount
+    if updated != 1:
+        raise RuntimeError("the demo county has no default-sos policy")
+
+
+class Presser:
+    """One MQTT client publishing SOS presses at QoS 1; remembers when each was published."""
+
+    def __init__(self, port: int) -> None:
+        self.client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv311)
+        self.client.max_inflight_messages_set(1000)
+        self.client.max_queued_messages_set(0)
+        self.client.connect("127.0.0.1", port)
+        self.client.loop_start()
+        self.published: dict[str, float] = {}
+
+    def press(self, device: str) -> None:
+        payload = json.dumps(
+            {"msg_id": str(uuid.uuid4()), "ts": datetime.now(UTC).isoformat(timespec="seconds"), "action": "press"}
+        )
+        self.published[device] = time.monotonic()
+        self.client.publish(f"shouhu/v1/wristband/{device}/sos", payload, qos=1)
+
+    def close(self) -> None:
+        self.client.loop_stop()
+        self.client.disconnect()
+
+
+def paged(url: str, devices: list[str]) -> int:
+    """How many of these wristbands' incidents have a phone attempt the provider accepted."""
+    with psycopg.connect(url) as conn:
+        row = conn.execute(
+            """
+            SELECT count(DISTINCT i.id) FROM incidents i JOIN notification_attempts a ON a.incident_id = i.id
+            WHERE i.device_id = ANY(%s) AND a.provider_id IS NOT NULL AND a.channel = ANY(%s)
+            """,
+            (devices, list(PHONE_CHANNELS)),
+        ).fetchone()
+    return int(row[0]) if row else 0
+
+
+def wait_all_paged(url: str, devices: list[str], timeout: float) -> float:
+    """Poll until every wristband's incident has been paged; returns the monotonic time it was seen."""
+    deadline = time.monotonic() + timeout
+    while True:
+        done = paged(url, devices)
+        if done >= len(devices):
+            return time.monotonic()
+        if time.monotonic() > deadline:
+            raise RuntimeError(f"only {done} of {len(devices)} incidents paged after {timeout:.0f} s")
+        time.sleep(0.2)
+
+
+def first_requests(url: str, network: PhoneNetwork, devices: Iterable[str]) -> dict[str, float]:
+    """Wristband → CLOCK_MONOTONIC of the first provider request for its incident."""
+    stamps = {r.sid: r.monotonic for r in network.calls()} | {r.sid: r.monotonic for r in network.messages()}
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            """
+            SELECT i.device_id, a.provider_id FROM incidents i JOIN notification_attempts a ON a.incident_id = i.id
+            WHERE i.device_id = ANY(%s) AND a.provider_id IS NOT NULL AND a.channel = ANY(%s)
+            """,
+            (list(devices), list(PHONE_CHANNELS)),
+        ).fetchall()
+    first: dict[str, float] = {}
+    for device, sid in rows:
+        if sid in stamps:
+            first[device] = min(first.get(device, float("inf")), stamps[sid])
+    return first
+
+
+def step_lateness(url: str, start: datetime, end: datetime) -> dict[str, list[float]]:
+    """Lateness of the steps run in [start, end): all, later steps only, and to their first page."""
+    with psycopg.connect(url) as conn:
+        rows: list[tuple[Any, ...]] = conn.execute(
+            """
+            SELECT x.step, x.round, extract(epoch FROM x.done_at - x.due_at)::float8,
+                   (SELECT extract(epoch FROM min(a.sent_at) - x.due_at)::float8 FROM notification_attempts a
+                    WHERE a.action_id = x.id AND a.channel = ANY(%s) AND a.sent_at IS NOT NULL)
+            FROM escalation_actions x
+            WHERE x.kind = 'step' AND x.state = 'done' AND x.done_at >= %s AND x.done_at < %s
+            """,
+            (list(PHONE_CHANNELS), start, end),
+        ).fetchall()
+    later = [r for r in rows if (r[0], r[1]) != (0, 0)]
+    return {
+        "run": [float(r[2]) for r in rows],
+        "run_later": [float(r[2]) for r in later],
+        "page_later": [float(r[3]) for r in later if r[3] is not None],
+    }
+
+
+def close_all(url: str) -> None:
+    """Close every open incident and drop its queued work, so phase 2 starts on a quiet stack."""
+    with psycopg.connect(url) as conn:
+        conn.execute(
+            "UPDATE incidents SET state = 'resolved', resolved_at = now(), outcome = 'other', updated_at = now()"
+            " WHERE state IN ('open', 'acknowledged', 'unreached')"
+        )
+        conn.execute(
+            "UPDATE escalation_actions SET state = 'cancelled', done_at = now() WHERE state = 'pending'"
+        )
+        conn.execute(
+            "UPDATE notification_attempts SET state = 'cancelled', error = 'bench: closed before phase 2',"
+            " updated_at = now() WHERE state = 'pending'"
+        )
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--inflight", type=int, default=1000, help="escalations opened before the window")
+    parser.add_argument("--rate", type=float, default=20.0, help="new presses per second during the window")
+    parser.add_argument("--window", type=float, default=30.0, help="seconds of new presses")
+    parser.add_argument("--burst", type=int, default=1000, help="simultaneous presses in phase 2")
+    parser.add_argument("--wait-s", type=int, default=10, help="wait_s of every step of default-sos")
+    parser.add_argument("--timeout", type=float, default=300.0, help="give up waiting for pages after this")
+    args = parser.parse_args()
+    new_count = round(args.rate * args.window)
+
+    broker = Mosquitto()
+    broker.start()
+    cluster = start_postgres(wheel_bin_dir())
+    create_database(cluster.url(), "bench")
+    url = cluster.url("bench")
+    migrate(url, MigrationContext(90, datetime.now(UTC)))
+    processes: list[ShouhuProcess] = []
+    app = create_phone_network(SID, TOKEN, announce=lambda _line: None)
+    network: PhoneNetwork = app.state.network
+    phone = serve_app(app)
+    phone_base = next(phone)
+    presser: Presser | None = None
+    try:
+        env = shouhu_env(
+            SHOUHU_DATABASE_URL=url, SHOUHU_MQTT_URL=broker.url, SHOUHU_HUB_ID="bench-hub",
+            SHOUHU_TWILIO_ACCOUNT_SID=SID, SHOUHU_TWILIO_AUTH_TOKEN=TOKEN,
+            SHOUHU_TWILIO_FROM="+12025550100", SHOUHU_TWILIO_API_BASE=phone_base,
+        )
+        subprocess.run([SHOUHU_BIN, "registry", "load", str(DEMO)], env=env, check=True, capture_output=True)
+        wristbands = add_residents(url, args.inflight + new_count + args.burst)
+        short_policy(url, args.wait_s)
+        inflight = wristbands[: args.inflight]
+        new = wristbands[args.inflight : args.inflight + new_count]
+        burst = wristbands[args.inflight + new_count :]
+        for verb in ("hub", "router"):
+            port = free_port()
+            processes.append(
+                ShouhuProcess([verb], {**env, "SHOUHU_METRICS_PORT": str(port)},
+                              ready_url=f"http://127.0.0.1:{port}/readyz").start()
+            )
+        presser = Presser(broker.port)
+
+        # Phase 1: open the in-flight escalations and let each page once.
+        started = time.monotonic()
+        for device in inflight:
+            presser.press(device)
+        opened = wait_all_paged(url, inflight, args.timeout)
+        print(f"phase 1: {len(inflight)} escalations opened and first-paged in {opened - started:.1f} s", flush=True)
+
+        # New presses at a steady rate while the in-flight escalations keep stepping.
+        window_start = datetime.now(UTC)
+        t0 = time.monotonic()
+        for index, device in enumerate(new):
+            delay = t0 + index / args.rate - time.monotonic()
+            if delay > 0:
+                time.sleep(delay)
+            presser.press(device)
+        window_end = datetime.now(UTC)
+        behind = max(presser.published[d] - (t0 + i / args.rate) for i, d in enumerate(new))
+        wait_all_paged(url, new, args.timeout)
+        firsts = first_requests(url, network, new)
+        latencies = [firsts[d] - presser.published[d] for d in new if d in firsts]
+        lateness = step_lateness(url, window_start, window_end)
+        with psycopg.connect(url) as conn:
+            row = conn.execute(
+                "SELECT count(*) FROM notification_attempts WHERE state = 'pending'"
+            ).fetchone()
+            backlog = int(row[0]) if row else 0
+        sent_in_window = sum(
+            1 for r in [*network.calls(), *network.messages()]
+            if window_start <= r.received_at < window_end
+        )
+        window_s = (window_end - window_start).total_seconds()
+
+        # Phase 2: a quiet stack, then a burst.
+        close_all(url)
+        time.sleep(1.0)
+        burst_start = time.monotonic()
+        for device in burst:
+            presser.press(device)
+        published_s = time.monotonic() - burst_start
+        all_paged = wait_all_paged(url, burst, args.timeout)
+        burst_firsts = first_requests(url, network, burst)
+        burst_latencies = [burst_firsts[d] - presser.published[d] for d in burst if d in burst_firsts]
+        last_first = max(burst_firsts.values()) - burst_start
+
+        print()
+        print(f"policy default-sos: grid_worker → guardians → operators, wait_s={args.wait_s} each")
+        print(f"phase 1: {len(inflight)} escalations in flight; {len(new)} new presses at {args.rate:g}/s "
+              f"over {window_s:.1f} s (publisher at most {behind * 1000:.0f} ms behind schedule)")
+        print(summary("  press → first provider request (new presses)", latencies))
+        print(f"  new presses over 250 ms: {sum(1 for v in latencies if v >= 0.25)} of {len(latencies)}")
+        print(summary("  step lateness, every step run in the window (done_at − due_at)", lateness["run"], "s"))
+        print(summary("  step lateness, later steps only (done_at − due_at)", lateness["run_later"], "s"))
+        print(summary("  step lateness, later steps to first page sent (sent_at − due_at)",
+                      lateness["page_later"], "s"))
+        print(f"  provider requests in the window: {sent_in_window} ({sent_in_window / window_s:.0f}/s);"
+              f" pending attempts at the end: {backlog}")
+        print(f"phase 2: {len(burst)} presses published in {published_s * 1000:.0f} ms")
+        print(summary("  press → first provider request (burst)", burst_latencies))
+        print(f"  every first page sent: {last_first:.2f} s after the first publish"
+              f" (seen paged by polling at {all_paged - burst_start:.2f} s)")
+    finally:
+        if presser is not None:
+            presser.close()
+        for process in processes:
+            process.stop()
+        for _ in phone:
+            pass
+        broker.remove()
+        cluster.remove()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,55 @@
+"""Liveness bookkeeping can never cost an SOS or a telemetry row: it runs in a savepoint."""
+
+from __future__ import annotations
+
+import json
+import time
+import uuid
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from prometheus_client import REGISTRY
+
+from hub.batch import prepare_staging
+from hub.ingest import IngestConfig, store_message
+from hub.mqtt import Received
+from hub.sightings import Sighting
+
+
+def broken_liveness(conn: psycopg.Connection[Any], _sightings: Sequence[Sighting]) -> None:
+    conn.execute("SELECT * FROM a_table_that_is_not_there")
+
+
+def received(topic: str, payload: dict[str, Any]) -> Received:
+    body = json.dumps({"msg_id": str(uuid.uuid4()), "ts": datetime.now(UTC).isoformat(), **payload}).encode()
+    return Received(topic, body, 1, False, 1, 1, datetime.now(UTC), time.monotonic())
+
+
+def failures() -> float:
+    return REGISTRY.get_sample_value("shouhu_hub_liveness_failures_total") or 0.0
+
+
+def test_an_sos_commits_even_when_liveness_fails(county_url: str) -> None:
+    before = failures()
+    with psycopg.connect(county_url) as conn:
+        prepare_staging(conn)  # as the hub's writer does on every new connection
+        store_message(
+            conn,
+            received("shouhu/v1/wristband/wb-0001/sos", {"action": "press"}),
+            IngestConfig("t", 120),
+            broken_liveness,
+        )
+        store_message(
+            conn,
+            received("shouhu/v1/wristband/wb-0002/telemetry", {"battery": 40}),
+            IngestConfig("t", 120),
+            broken_liveness,
+        )
+        conn.commit()
+        incidents = conn.execute("SELECT kind, resident_id FROM incidents").fetchall()
+        rows = conn.execute("SELECT device_id FROM telemetry").fetchall()
+    assert incidents == [("sos", "r-0001")]
+    assert rows == [("wb-0002",)]
+    assert failures() == before + 2
