@@ -69,6 +69,8 @@ def summary(name: str, values: list[float], unit: str = "ms") -> str:
 def add_residents(url: str, count: int) -> list[str]:
     """``count`` synthetic residents spread over the existing grids, each with a wristband
     and two guardians (fictional +1 202 555 numbers). Returns the wristband ids."""
+    if count > 4999:
+        raise ValueError("at most 4,999 synthetic residents: guardian numbers are +1 202 555 0000–9999")
     with psycopg.connect(url) as conn:
         grids = [r[0] for r in conn.execute("SELECT id FROM areas WHERE level = 'grid' AND active ORDER BY id")]
         residents = [
@@ -209,6 +211,66 @@ def close_all(url: str) -> None:
         )
 
 
+def phase_one(url: str, network: PhoneNetwork, presser: Presser, inflight: list[str], new: list[str],
+              args: argparse.Namespace) -> list[str]:
+    """Open the in-flight escalations, then new presses at a steady rate; returns the report lines."""
+    started = time.monotonic()
+    for device in inflight:
+        presser.press(device)
+    opened = wait_all_paged(url, inflight, args.timeout)
+    print(f"phase 1: {len(inflight)} escalations opened and first-paged in {opened - started:.1f} s", flush=True)
+
+    window_start = datetime.now(UTC)
+    t0 = time.monotonic()
+    for index, device in enumerate(new):
+        delay = t0 + index / args.rate - time.monotonic()
+        if delay > 0:
+            time.sleep(delay)
+        presser.press(device)
+    window_end = datetime.now(UTC)
+    behind = max(presser.published[d] - (t0 + i / args.rate) for i, d in enumerate(new))
+    with psycopg.connect(url) as conn:
+        row = conn.execute("SELECT count(*) FROM notification_attempts WHERE state = 'pending'").fetchone()
+        backlog = int(row[0]) if row else 0
+    wait_all_paged(url, new, args.timeout)
+    firsts = first_requests(url, network, new)
+    latencies = [firsts[d] - presser.published[d] for d in new if d in firsts]
+    lateness = step_lateness(url, window_start, window_end)
+    received = [r.received_at for r in network.calls()] + [r.received_at for r in network.messages()]
+    in_window = sum(1 for at in received if window_start <= at < window_end)
+    window_s = (window_end - window_start).total_seconds()
+    return [
+        f"phase 1: {len(inflight)} escalations in flight; {len(new)} new presses at {args.rate:g}/s "
+        f"over {window_s:.1f} s (publisher at most {behind * 1000:.0f} ms behind schedule)",
+        summary("  press → first provider request (new presses)", latencies),
+        f"  new presses over 250 ms: {sum(1 for v in latencies if v >= 0.25)} of {len(latencies)}",
+        summary("  step lateness, every step run in the window (done_at − due_at)", lateness["run"], "s"),
+        summary("  step lateness, later steps only (done_at − due_at)", lateness["run_later"], "s"),
+        summary("  step lateness, later steps to first page sent (sent_at − due_at)", lateness["page_later"], "s"),
+        f"  provider requests in the window: {in_window} ({in_window / window_s:.0f}/s);"
+        f" pending attempts at the window's end: {backlog}",
+    ]
+
+
+def phase_two(url: str, network: PhoneNetwork, presser: Presser, burst: list[str], timeout: float) -> list[str]:
+    """Close phase 1's incidents, publish the burst, wait until every incident is paged."""
+    close_all(url)
+    time.sleep(1.0)
+    burst_start = time.monotonic()
+    for device in burst:
+        presser.press(device)
+    published_s = time.monotonic() - burst_start
+    all_paged = wait_all_paged(url, burst, timeout)
+    firsts = first_requests(url, network, burst)
+    latencies = [firsts[d] - presser.published[d] for d in burst if d in firsts]
+    return [
+        f"phase 2: {len(burst)} presses published in {published_s * 1000:.0f} ms",
+        summary("  press → first provider request (burst)", latencies),
+        f"  every first page sent: {max(firsts.values()) - burst_start:.2f} s after the first publish"
+        f" (seen paged by polling at {all_paged - burst_start:.2f} s)",
+    ]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--inflight", type=int, default=1000, help="escalations opened before the window")
@@ -241,9 +303,6 @@ def main() -> None:
         subprocess.run([SHOUHU_BIN, "registry", "load", str(DEMO)], env=env, check=True, capture_output=True)
         wristbands = add_residents(url, args.inflight + new_count + args.burst)
         short_policy(url, args.wait_s)
-        inflight = wristbands[: args.inflight]
-        new = wristbands[args.inflight : args.inflight + new_count]
-        burst = wristbands[args.inflight + new_count :]
         for verb in ("hub", "router"):
             port = free_port()
             processes.append(
@@ -251,67 +310,14 @@ def main() -> None:
                               ready_url=f"http://127.0.0.1:{port}/readyz").start()
             )
         presser = Presser(broker.port)
-
-        # Phase 1: open the in-flight escalations and let each page once.
-        started = time.monotonic()
-        for device in inflight:
-            presser.press(device)
-        opened = wait_all_paged(url, inflight, args.timeout)
-        print(f"phase 1: {len(inflight)} escalations opened and first-paged in {opened - started:.1f} s", flush=True)
-
-        # New presses at a steady rate while the in-flight escalations keep stepping.
-        window_start = datetime.now(UTC)
-        t0 = time.monotonic()
-        for index, device in enumerate(new):
-            delay = t0 + index / args.rate - time.monotonic()
-            if delay > 0:
-                time.sleep(delay)
-            presser.press(device)
-        window_end = datetime.now(UTC)
-        behind = max(presser.published[d] - (t0 + i / args.rate) for i, d in enumerate(new))
-        wait_all_paged(url, new, args.timeout)
-        firsts = first_requests(url, network, new)
-        latencies = [firsts[d] - presser.published[d] for d in new if d in firsts]
-        lateness = step_lateness(url, window_start, window_end)
-        with psycopg.connect(url) as conn:
-            row = conn.execute(
-                "SELECT count(*) FROM notification_attempts WHERE state = 'pending'"
-            ).fetchone()
-            backlog = int(row[0]) if row else 0
-        sent_in_window = sum(
-            1 for r in [*network.calls(), *network.messages()]
-            if window_start <= r.received_at < window_end
+        lines = phase_one(
+            url, network, presser, wristbands[: args.inflight],
+            wristbands[args.inflight : args.inflight + new_count], args,
         )
-        window_s = (window_end - window_start).total_seconds()
-
-        # Phase 2: a quiet stack, then a burst.
-        close_all(url)
-        time.sleep(1.0)
-        burst_start = time.monotonic()
-        for device in burst:
-            presser.press(device)
-        published_s = time.monotonic() - burst_start
-        all_paged = wait_all_paged(url, burst, args.timeout)
-        burst_firsts = first_requests(url, network, burst)
-        burst_latencies = [burst_firsts[d] - presser.published[d] for d in burst if d in burst_firsts]
-        last_first = max(burst_firsts.values()) - burst_start
-
+        lines += phase_two(url, network, presser, wristbands[args.inflight + new_count :], args.timeout)
         print()
         print(f"policy default-sos: grid_worker → guardians → operators, wait_s={args.wait_s} each")
-        print(f"phase 1: {len(inflight)} escalations in flight; {len(new)} new presses at {args.rate:g}/s "
-              f"over {window_s:.1f} s (publisher at most {behind * 1000:.0f} ms behind schedule)")
-        print(summary("  press → first provider request (new presses)", latencies))
-        print(f"  new presses over 250 ms: {sum(1 for v in latencies if v >= 0.25)} of {len(latencies)}")
-        print(summary("  step lateness, every step run in the window (done_at − due_at)", lateness["run"], "s"))
-        print(summary("  step lateness, later steps only (done_at − due_at)", lateness["run_later"], "s"))
-        print(summary("  step lateness, later steps to first page sent (sent_at − due_at)",
-                      lateness["page_later"], "s"))
-        print(f"  provider requests in the window: {sent_in_window} ({sent_in_window / window_s:.0f}/s);"
-              f" pending attempts at the end: {backlog}")
-        print(f"phase 2: {len(burst)} presses published in {published_s * 1000:.0f} ms")
-        print(summary("  press → first provider request (burst)", burst_latencies))
-        print(f"  every first page sent: {last_first:.2f} s after the first publish"
-              f" (seen paged by polling at {all_paged - burst_start:.2f} s)")
+        print("\n".join(lines))
     finally:
         if presser is not None:
             presser.close()
