@@ -56,6 +56,7 @@ class PendingAttempt:
     address: str
     step: int
     round: int
+    attempt: int
     body: str | None
     code: str
     kind: str
@@ -90,13 +91,17 @@ class Dispatcher:
     def claim(self, conn: Conn, now: datetime) -> PendingAttempt | None:
         row = conn.execute(
             """
-            SELECT a.id, a.incident_id, a.purpose, a.channel, a.address, a.step, a.round, a.body,
+            SELECT a.id, a.incident_id, a.purpose, a.channel, a.address, a.step, a.round, a.attempt, a.body,
                    i.code, i.kind, i.opened_at, coalesce(r.name, '未登记手环'), coalesce(r.address, ''), r.phone
             FROM notification_attempts a
             JOIN incidents i ON i.id = a.incident_id
             LEFT JOIN residents r ON r.id = i.resident_id
             WHERE a.state = 'pending' AND (a.not_before IS NULL OR a.not_before <= %s)
-            ORDER BY a.created_at, a.id LIMIT 1
+            -- An incident's very first pages go before everything else: a new SOS
+            -- must not queue behind the later steps of a thousand others.
+            ORDER BY (a.purpose = 'page' AND a.round = 0 AND a.step = 0 AND a.attempt = 1) DESC,
+                     a.created_at, a.id
+            LIMIT 1
             FOR UPDATE OF a SKIP LOCKED
             """,
             (now,),
@@ -109,12 +114,15 @@ class Dispatcher:
 
     def send(self, conn: Conn, attempt: PendingAttempt) -> SendResult:
         """Send one claimed attempt and record the outcome, in the caller's transaction."""
+        # The incident's first page, exactly once even with several senders: the
+        # lowest page attempt of the first step, on its first try.
         first = conn.execute(
-            "SELECT NOT EXISTS (SELECT 1 FROM notification_attempts WHERE incident_id = %s AND sent_at IS NOT NULL)",
-            (attempt.incident_id,),
+            "SELECT min(id) = %s AND bool_and(sent_at IS NULL) FROM notification_attempts"
+            " WHERE incident_id = %s AND purpose = 'page' AND round = 0 AND step = 0",
+            (attempt.id, attempt.incident_id),
         ).fetchone()
         started = self.clock()
-        if first and first[0] and attempt.purpose is AttemptPurpose.PAGE:
+        if first and first[0] and attempt.attempt == 1:
             PRESS_TO_FIRST_REQUEST.observe(max((started - attempt.opened_at).total_seconds(), 0.0))
         body = attempt.body
         try:

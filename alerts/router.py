@@ -49,6 +49,9 @@ INVARIANT_BREACHES = Counter(
     "Open red incidents found with no pending escalation action (repaired)",
 )
 SWEEP_INTERVAL_S = 5.0
+# Threads sending attempts in `shouhu router`: provider calls are I/O-bound, so a few
+# threads multiply what one process sends (bench/escalation.py).
+DEFAULT_SENDERS = 4
 SWEEPER_LOCK_KEY = 0x5348_4F55_4855_0002
 PLATFORM = Recipient("platform", "emergency-platform", "应急呼叫平台", "", "platform")
 
@@ -103,19 +106,36 @@ class Router:
         self.clock = clock
         self.dispatcher = Dispatcher(notifiers, platform, worker_id=config.router_id, clock=clock, exercise=exercise)
         self.stopping = threading.Event()
-        self._conn: Conn | None = None
+        # One connection per thread: the loop and each sender thread hold their own.
+        self._local = threading.local()
+        self._connections: list[Conn] = []
+        self._connections_lock = threading.Lock()
+        self._work = threading.Event()
         self._last_sweep = float("-inf")
 
     # -- connections -----------------------------------------------------------
 
     def _connection(self) -> Conn:
-        if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.database_url, application_name=f"shouhu-router-{self.config.router_id}")
-        return self._conn
+        conn: Conn | None = getattr(self._local, "conn", None)
+        if conn is None or conn.closed:
+            conn = psycopg.connect(self.database_url, application_name=f"shouhu-router-{self.config.router_id}")
+            self._local.conn = conn
+            with self._connections_lock:
+                self._connections = [c for c in self._connections if not c.closed]
+                self._connections.append(conn)
+        return conn
+
+    def _drop_connection(self) -> None:
+        conn: Conn | None = getattr(self._local, "conn", None)
+        if conn is not None:
+            conn.close()
+        self._local.conn = None
 
     def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
+        with self._connections_lock:
+            for conn in self._connections:
+                conn.close()
+            self._connections.clear()
 
     # -- escalation steps ------------------------------------------------------
 
@@ -401,29 +421,66 @@ class Router:
         while self.run_due_steps() + self.send_pending():
             pass
 
-    def run(self, poll_s: float = 0.25) -> None:
-        """Loop until ``stop()``: wake on NOTIFY from the hub, or every ``poll_s``."""
+    def run(self, poll_s: float = 0.25, *, senders: int = 0) -> None:
+        """Loop until ``stop()``: wake on NOTIFY from the hub, or every ``poll_s``.
+
+        With ``senders`` > 0, that many threads send attempts concurrently (each under
+        its own row lock, so they never send one twice) while this loop runs the steps:
+        a provider's latency then no longer holds up the next steps or other
+        incidents' pages.
+        """
+        threads = [
+            threading.Thread(target=self._send_loop, args=(poll_s,), name=f"sender-{n}", daemon=True)
+            for n in range(senders)
+        ]
+        for thread in threads:
+            thread.start()
         listener: Conn | None = None
         while not self.stopping.is_set():
             try:
                 if listener is None or listener.closed:
                     listener = psycopg.connect(self.database_url, autocommit=True)
                     listener.execute(f"LISTEN {ESCALATION_CHANNEL}")
-                self.run_once()
+                if senders:
+                    self._steps_only()
+                else:
+                    self.run_once()
                 select.select([listener.fileno()], [], [], poll_s)
                 for _ in listener.notifies(timeout=0, stop_after=100):
                     pass
             except psycopg.OperationalError as exc:
                 log.warning("database unavailable (%s); retrying", exc)
-                self.close()
-                self._conn = None
+                self._drop_connection()
                 if listener is not None:
                     listener.close()
                 listener = None
                 self.stopping.wait(1.0)
+        self._work.set()
+        for thread in threads:
+            thread.join(15)
         if listener is not None:
             listener.close()
         self.close()
+
+    def _steps_only(self) -> None:
+        if time.monotonic() - self._last_sweep >= SWEEP_INTERVAL_S:
+            self._last_sweep = time.monotonic()
+            self.sweep()
+        while self.run_due_steps():
+            self._work.set()
+        self._work.set()  # attempts may also come from acknowledgements, retries, callbacks
+
+    def _send_loop(self, poll_s: float) -> None:
+        while not self.stopping.is_set():
+            try:
+                self.send_pending()
+            except psycopg.OperationalError as exc:
+                log.warning("database unavailable while sending (%s); retrying", exc)
+                self._drop_connection()
+                self.stopping.wait(1.0)
+                continue
+            self._work.wait(poll_s)
+            self._work.clear()
 
     def stop(self) -> None:
         self.stopping.set()

@@ -202,17 +202,16 @@ def close_all(url: str) -> None:
             "UPDATE incidents SET state = 'resolved', resolved_at = now(), outcome = 'other', updated_at = now()"
             " WHERE state IN ('open', 'acknowledged', 'unreached')"
         )
-        conn.execute(
-            "UPDATE escalation_actions SET state = 'cancelled', done_at = now() WHERE state = 'pending'"
-        )
+        conn.execute("UPDATE escalation_actions SET state = 'cancelled', done_at = now() WHERE state = 'pending'")
         conn.execute(
             "UPDATE notification_attempts SET state = 'cancelled', error = 'bench: closed before phase 2',"
             " updated_at = now() WHERE state = 'pending'"
         )
 
 
-def phase_one(url: str, network: PhoneNetwork, presser: Presser, inflight: list[str], new: list[str],
-              args: argparse.Namespace) -> list[str]:
+def phase_one(
+    url: str, network: PhoneNetwork, presser: Presser, inflight: list[str], new: list[str], args: argparse.Namespace
+) -> list[str]:
     """Open the in-flight escalations, then new presses at a steady rate; returns the report lines."""
     started = time.monotonic()
     for device in inflight:
@@ -296,9 +295,13 @@ def main() -> None:
     presser: Presser | None = None
     try:
         env = shouhu_env(
-            SHOUHU_DATABASE_URL=url, SHOUHU_MQTT_URL=broker.url, SHOUHU_HUB_ID="bench-hub",
-            SHOUHU_TWILIO_ACCOUNT_SID=SID, SHOUHU_TWILIO_AUTH_TOKEN=TOKEN,
-            SHOUHU_TWILIO_FROM="+12025550100", SHOUHU_TWILIO_API_BASE=phone_base,
+            SHOUHU_DATABASE_URL=url,
+            SHOUHU_MQTT_URL=broker.url,
+            SHOUHU_HUB_ID="bench-hub",
+            SHOUHU_TWILIO_ACCOUNT_SID=SID,
+            SHOUHU_TWILIO_AUTH_TOKEN=TOKEN,
+            SHOUHU_TWILIO_FROM="+12025550100",
+            SHOUHU_TWILIO_API_BASE=phone_base,
         )
         subprocess.run([SHOUHU_BIN, "registry", "load", str(DEMO)], env=env, check=True, capture_output=True)
         wristbands = add_residents(url, args.inflight + new_count + args.burst)
@@ -306,13 +309,18 @@ def main() -> None:
         for verb in ("hub", "router"):
             port = free_port()
             processes.append(
-                ShouhuProcess([verb], {**env, "SHOUHU_METRICS_PORT": str(port)},
-                              ready_url=f"http://127.0.0.1:{port}/readyz").start()
+                ShouhuProcess(
+                    [verb], {**env, "SHOUHU_METRICS_PORT": str(port)}, ready_url=f"http://127.0.0.1:{port}/readyz"
+                ).start()
             )
         presser = Presser(broker.port)
         lines = phase_one(
-            url, network, presser, wristbands[: args.inflight],
-            wristbands[args.inflight : args.inflight + new_count], args,
+            url,
+            network,
+            presser,
+            wristbands[: args.inflight],
+            wristbands[args.inflight : args.inflight + new_count],
+            args,
         )
         lines += phase_two(url, network, presser, wristbands[args.inflight + new_count :], args.timeout)
         print()

@@ -32,6 +32,7 @@ instants from CLOCK_MONOTONIC in this process (poll interval 5 ms).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import re
 import statistics
@@ -44,6 +45,7 @@ import urllib.request
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any
 
 import paho.mqtt.client as mqtt
 import psutil
@@ -55,50 +57,98 @@ from paho.mqtt.properties import Properties
 from shouhu.embedded.postgres import create_database, free_port, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
 from simulators.wristband import alarm_payload
-from tests.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, shouhu_env, start_postgres
+from tests.services import SHOUHU_BIN, STARTED_PROCESSES, Mosquitto, ShouhuProcess, shouhu_env, start_postgres
 
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 WRISTBANDS = 240  # wb-0001 … wb-0240 in the demo county
 HUB_RECEIVE_MAXIMUM = 5_000  # hub/service.py BULK_INBOX_SIZE, sent as Receive Maximum
 DRAIN_TIMEOUT_S = 600.0
 
-# Publishes N QoS 1 telemetry messages as fast as paho allows (1,000 in flight). The
-# payloads are built before the clock starts; prints the publish → last PUBACK time.
+# The load generator: a lean MQTT 3.1.1 publisher on a raw socket (no paho), so that
+# it costs little CPU and cannot be the bottleneck. All PUBLISH packets (QoS 1,
+# distinct msg_ids) are built before the clock starts. rate 0: as fast as the broker
+# acknowledges (the backlog); rate > 0: paced every 10 ms to the schedule, for
+# `duration` s. A reader thread counts PUBACKs; unacknowledged packets stay < 60,000
+# (packet ids are 16-bit). Prints one JSON line with what it sent and had acknowledged.
 PUBLISHER = textwrap.dedent(
     """
-    import json, sys, threading, time, uuid
+    import json, socket, sys, threading, time, uuid
     from datetime import UTC, datetime
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-    port, count, devices = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
-    now = datetime.now(UTC).isoformat()
-    messages = [
-        (f"shouhu/v1/wristband/wb-{i % devices + 1:04d}/telemetry",
-         json.dumps({"msg_id": str(uuid.uuid4()), "ts": now, "battery": 80, "heart_rate": 72, "worn": True}))
-        for i in range(count)
-    ]
+    port, count, rate, duration, devices = (
+        int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
+    if rate > 0:
+        count = int(rate * duration) + 1
+    def remaining(n):
+        out = bytearray()
+        while True:
+            byte, n = n % 128, n // 128
+            out.append(byte | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+    def string(text):
+        data = text.encode()
+        return len(data).to_bytes(2, "big") + data
+    stamp = datetime.now(UTC).isoformat()
+    packets = []
+    for i in range(count):
+        body = json.dumps({"msg_id": str(uuid.uuid4()), "ts": stamp, "battery": 80, "heart_rate": 72,
+                           "worn": True}).encode()
+        topic = f"shouhu/v1/wristband/wb-{i % devices + 1:04d}/telemetry"
+        variable = string(topic) + (i % 65535 + 1).to_bytes(2, "big")
+        packets.append(b"\x32" + remaining(len(variable) + len(body)) + variable + body)
+    sock = socket.create_connection(("127.0.0.1", port))
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    connect = string("MQTT") + bytes([4, 0x02, 0, 0]) + string(f"bench-load-{uuid.uuid4().hex[:8]}")
+    sock.sendall(b"\x10" + remaining(len(connect)) + connect)
+    connack = sock.recv(4)
+    if len(connack) != 4 or connack[0] != 0x20 or connack[3] != 0:
+        sys.exit(f"CONNACK refused: {connack!r}")
     acked = 0
-    done = threading.Event()
-    def on_publish(client, userdata, mid, reason_code, properties):
+    def read():
         global acked
-        acked += 1
-        if acked == count:
-            done.set()
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv311)
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    client.on_publish = on_publish
-    client.connect("127.0.0.1", port)
-    client.loop_start()
+        pending = 0
+        while True:
+            try:
+                data = sock.recv(65536)
+            except OSError:
+                return
+            if not data:
+                return
+            pending += len(data)
+            acked += pending // 4  # only PUBACKs (4 bytes each) come back
+            pending %= 4
+    threading.Thread(target=read, daemon=True).start()
+    print("ready", flush=True)
     started = time.monotonic()
-    for topic, body in messages:
-        client.publish(topic, body, qos=1)
-    if not done.wait(600):
-        sys.exit(f"only {acked} of {count} acknowledged")
-    elapsed = time.monotonic() - started
-    client.disconnect()
-    client.loop_stop()
-    print(json.dumps({"seconds": elapsed, "cpu": time.process_time()}), flush=True)
+    sent = worst_lag = 0
+    per_second, second_mark, second_sent = [], started, 0
+    while sent < count:
+        now = time.monotonic()
+        if rate > 0 and now - started >= duration:
+            break
+        due = min(count, int(rate * (now - started)) + 1) if rate > 0 else min(count, sent + 500)
+        worst_lag = max(worst_lag, due - sent)
+        due = min(due, acked + 60000)
+        if due > sent:
+            sock.sendall(b"".join(packets[sent:due]))
+            sent = due
+        if now - second_mark >= 1.0:
+            per_second.append((sent - second_sent) / (now - second_mark))
+            second_mark, second_sent = now, sent
+        if rate > 0:
+            time.sleep(max(0.0, 0.01 - (time.monotonic() - now)))
+        elif due == sent and sent - acked >= 60000:
+            time.sleep(0.001)
+    window = time.monotonic() - started
+    acked_in_window = acked
+    deadline = time.monotonic() + 60
+    while acked < sent and time.monotonic() < deadline:
+        time.sleep(0.002)
+    last_ack = time.monotonic() - started
+    sock.close()
+    print(json.dumps({"sent": sent, "seconds": window, "until_last_ack": last_ack, "acked": acked,
+                      "acked_in_window": acked_in_window, "worst_lag": worst_lag,
+                      "min_second": min(per_second or [0.0]), "cpu": time.process_time()}), flush=True)
     """
 )
 
@@ -106,7 +156,7 @@ PUBLISHER = textwrap.dedent(
 # subscription, then leave. "drain": reconnect to that session and count N messages.
 SUBSCRIBER = textwrap.dedent(
     """
-    import json, resource, sys, threading, time
+    import json, sys, threading, time
     import paho.mqtt.client as mqtt
     from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
     from paho.mqtt.packettypes import PacketTypes
@@ -116,6 +166,7 @@ SUBSCRIBER = textwrap.dedent(
     count = int(sys.argv[7]) if mode == "drain" else 0
     seen = 0
     first = None
+    cpu_first = 0.0
     connected_at = None
     done = threading.Event()
     subscribed = threading.Event()
@@ -127,9 +178,10 @@ SUBSCRIBER = textwrap.dedent(
     def on_subscribe(client, userdata, mid, reason_codes, properties):
         subscribed.set()
     def on_message(client, userdata, message):
-        global seen, first
+        global seen, first, cpu_first
         if first is None:
             first = time.time()
+            cpu_first = time.process_time()
         seen += 1
         if seen == count:
             done.set()
@@ -158,66 +210,11 @@ SUBSCRIBER = textwrap.dedent(
     if not done.wait(600):
         sys.exit(f"only {seen} of {count} received")
     last = time.time()
-    usage = resource.getrusage(resource.RUSAGE_SELF)
+    cpu = time.process_time() - cpu_first
     client.disconnect()
     client.loop_stop()
     print(json.dumps({"connected": connected_at, "first": first, "last": last,
-                      "cpu": usage.ru_utime + usage.ru_stime}), flush=True)
-    """
-)
-
-# Publishes telemetry at a paced rate for a duration: every 10 ms it sends what the
-# schedule says is due. Prints what it sent, what the broker acknowledged, and the rate.
-LOADGEN = textwrap.dedent(
-    """
-    import json, sys, threading, time, uuid
-    from datetime import UTC, datetime
-    import paho.mqtt.client as mqtt
-    from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-    port, rate, duration, devices = int(sys.argv[1]), float(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
-    acked = 0
-    def on_publish(client, userdata, mid, reason_code, properties):
-        global acked
-        acked += 1
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv311)
-    client.max_inflight_messages_set(1000)
-    client.max_queued_messages_set(0)
-    client.on_publish = on_publish
-    client.connect("127.0.0.1", port)
-    client.loop_start()
-    time.sleep(0.3)
-    print("ready", flush=True)
-    started = time.monotonic()
-    sent = 0
-    worst_lag = 0
-    per_second = []
-    second_mark, second_sent = started, 0
-    while True:
-        now = time.monotonic()
-        if now - started >= duration:
-            break
-        due = int(rate * (now - started))
-        worst_lag = max(worst_lag, due - sent)
-        stamp = datetime.now(UTC).isoformat()
-        while sent < due:
-            body = json.dumps({"msg_id": str(uuid.uuid4()), "ts": stamp, "battery": 80, "heart_rate": 72,
-                               "worn": True})
-            client.publish(f"shouhu/v1/wristband/wb-{sent % devices + 1:04d}/telemetry", body, qos=1)
-            sent += 1
-        if now - second_mark >= 1.0:
-            per_second.append((sent - second_sent) / (now - second_mark))
-            second_mark, second_sent = now, sent
-        time.sleep(max(0.0, 0.01 - (time.monotonic() - now)))
-    elapsed = time.monotonic() - started
-    acked_in_window = acked
-    deadline = time.monotonic() + 30
-    while acked < sent and time.monotonic() < deadline:
-        time.sleep(0.01)
-    client.disconnect()
-    client.loop_stop()
-    print(json.dumps({"sent": sent, "seconds": elapsed, "acked_in_window": acked_in_window, "acked": acked,
-                      "worst_lag": worst_lag, "min_second": min(per_second or [0.0]),
-                      "cpu": time.process_time()}), flush=True)
+                      "cpu": cpu}), flush=True)
     """
 )
 
@@ -237,8 +234,10 @@ def run_json(args: list[str]) -> dict[str, float]:
 
 def publish_backlog(port: int, count: int) -> float:
     """Queue ``count`` telemetry messages in the broker; returns the publisher's rate (msg/s)."""
-    result = run_json([PUBLISHER, str(port), str(count), str(WRISTBANDS)])
-    return count / result["seconds"]
+    result = run_json([PUBLISHER, str(port), str(count), "0", "0", str(WRISTBANDS)])
+    if result["acked"] < count:
+        raise RuntimeError(f"the broker acknowledged only {result['acked']:,.0f} of {count:,}")
+    return count / result["until_last_ack"]
 
 
 def clear_session(port: int, client_id: str) -> None:
@@ -303,6 +302,7 @@ class Stack:
     broker: Mosquitto
     url: str
     env: dict[str, str]
+    data_dir: Path
     peak_rss: dict[str, int] = field(default_factory=dict)
 
     def hub(self, hub_id: str, *, wait_ready: bool) -> tuple[ShouhuProcess, int]:
@@ -311,7 +311,7 @@ class Stack:
         ready = f"http://127.0.0.1:{port}/readyz" if wait_ready else None
         return ShouhuProcess(["hub"], env, ready_url=ready).start(timeout=60), port
 
-    def telemetry_rows(self, conn: psycopg.Connection[tuple[object, ...]]) -> int:
+    def telemetry_rows(self, conn: psycopg.Connection[tuple[Any, ...]]) -> int:
         row = conn.execute("SELECT count(*) FROM telemetry").fetchone()
         return int(row[0]) if row else 0
 
@@ -323,12 +323,45 @@ class Stack:
                 self.peak_rss[key] = max(self.peak_rss.get(key, 0), rss)
 
 
-def stored_telemetry(metrics_port: int) -> int:
-    """The hub's own count of telemetry stored and acknowledged (Prometheus counter)."""
-    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:  # noqa: S310
+METRICS = {
+    "stored": r'shouhu_hub_messages_stored_total\{channel="telemetry"\}',
+    "batches": r"shouhu_hub_batch_commit_seconds_count",
+    "batch_seconds": r"shouhu_hub_batch_commit_seconds_sum",
+    "batched": r"shouhu_hub_batch_size_sum",
+    "alarm_seconds": r'shouhu_hub_commit_seconds_sum\{lane="alarm"\}',
+    "alarms": r'shouhu_hub_commit_seconds_count\{lane="alarm"\}',
+}
+
+
+def hub_metrics(metrics_port: int) -> dict[str, float]:
+    """The hub's own counters: telemetry stored, bulk batches, time inside store_batch."""
+    with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=5) as response:
         text = response.read().decode()
-    found = re.search(r'^shouhu_hub_messages_stored_total\{channel="telemetry"\} (\S+)$', text, re.MULTILINE)
-    return int(float(found.group(1))) if found else 0
+    values = {}
+    for key, pattern in METRICS.items():
+        found = re.search(rf"^{pattern} (\S+)$", text, re.MULTILINE)
+        values[key] = float(found.group(1)) if found else 0.0
+    return values
+
+
+def postgres_cpu(stack: Stack) -> float:
+    """CPU seconds used so far by the cluster's processes (postmaster and backends)."""
+    pid = int((stack.data_dir / "postmaster.pid").read_text().split()[0])
+    postmaster = psutil.Process(pid)
+    total = 0.0
+    for process in [postmaster, *postmaster.children()]:
+        with contextlib.suppress(psutil.Error):
+            total += sum(process.cpu_times()[:2])
+    return total
+
+
+def joined(template: str, values: list[dict[str, float]]) -> str:
+    return ", ".join(template.format(**v) for v in values)
+
+
+def hubs_cpu(running: list[tuple[ShouhuProcess, int]]) -> float:
+    """CPU seconds (user + system) the hub processes have used so far."""
+    return sum(sum(psutil.Process(hub.process.pid).cpu_times()[:2]) for hub, _ in running if hub.process is not None)
 
 
 def hub_drain(stack: Stack, count: int, hub_ids: list[str]) -> Drain:
@@ -343,22 +376,32 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str]) -> Drain:
     with psycopg.connect(stack.url, autocommit=True) as conn:
         baseline = stack.telemetry_rows(conn)
         spawned = datetime.now(UTC)
-        broker_before = sum(broker_process.cpu_times()[:2])
+        broker_before, postgres_before = sum(broker_process.cpu_times()[:2]), postgres_cpu(stack)
         running = [stack.hub(hub_id, wait_ready=False) for hub_id in hub_ids]
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
-        while stack.telemetry_rows(conn) < baseline + count:
+        cpu_at_first_row: float | None = None
+        while (rows := stack.telemetry_rows(conn)) < baseline + count:
+            if cpu_at_first_row is None and rows > baseline:
+                cpu_at_first_row = hubs_cpu(running)
             stack.sample_rss([hub for hub, _ in running])
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{hub_ids}: not all {count} rows committed in {DRAIN_TIMEOUT_S:.0f} s")
             time.sleep(0.02)
         finished = datetime.now(UTC)
         broker_cpu = sum(broker_process.cpu_times()[:2]) - broker_before
-        hub_cpu = sum(
-            sum(psutil.Process(hub.process.pid).cpu_times()[:2]) for hub, _ in running if hub.process is not None
-        )
+        pg_cpu = postgres_cpu(stack) - postgres_before
+        hub_cpu = hubs_cpu(running) - (cpu_at_first_row or 0.0)
         row = conn.execute("SELECT min(received_at) FROM telemetry WHERE received_at >= %s", (spawned,)).fetchone()
         first_received: datetime = row[0] if row and row[0] else spawned
-    per_hub = [stored_telemetry(port) for _, port in running]
+    seconds = (finished - first_received).total_seconds()
+    scraped = []
+    for _, port in running:
+        m = hub_metrics(port)
+        batches = max(m["batches"], 1.0)
+        busy = m["batch_seconds"] / seconds
+        scraped.append(
+            {**m, "size": m["batched"] / batches, "busy": busy, "per_batch": 1000 * m["batch_seconds"] / batches}
+        )
     direct = sum("direct subscription" in hub.output() for hub, _ in running)
     for hub, _ in running:
         hub.stop()
@@ -367,11 +410,14 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str]) -> Drain:
     name = "one shouhu hub" if len(hub_ids) == 1 else f"{len(hub_ids)} shouhu hubs sharing $share/shouhu/…"
     detail = (
         f"spawn → first message {(first_received - spawned).total_seconds():.2f} s; "
-        f"committed per hub: {', '.join(f'{n:,}' for n in per_hub)}"
+        f"committed per hub: {joined('{stored:,.0f}', scraped)}; "
+        f"mean batch {joined('{size:.0f}', scraped)} messages, bulk lane inside store_batch "
+        f"{joined('{busy:.0%}', scraped)} of the window, {joined('{per_batch:.0f}', scraped)}"
+        f" ms per batch; PostgreSQL CPU {pg_cpu / seconds:.0%} of a core"
     )
     if direct:
         detail += f"; {direct} hub(s) fell back to a direct telemetry subscription (share probe behind the backlog)"
-    return Drain(name, count, rate, (finished - first_received).total_seconds(), hub_cpu, broker_cpu, detail)
+    return Drain(name, count, rate, seconds, hub_cpu, broker_cpu, detail)
 
 
 @dataclass
@@ -381,64 +427,88 @@ class SosResult:
     target_rate: float
     committed_rate: float
     missing: int
+    in_hub: float  # mean receipt by the hub's network thread → commit, alarm lane (hub's own histogram)
 
 
-def sos_under_load(stack: Stack, presses: int, spacing: float, load_rate: float) -> SosResult:
-    hub_id = "bench-hub-sos"
-    clear_session(stack.broker.port, hub_id)
-    hub, _ = stack.hub(hub_id, wait_ready=True)
-    warmup, tail = 3.0, 2.0
-    duration = warmup + presses * spacing + tail
-    loadgen = subprocess.Popen(
-        [sys.executable, "-c", LOADGEN, str(stack.broker.port), str(load_rate), str(duration), str(WRISTBANDS)],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    assert loadgen.stdout is not None
-    if loadgen.stdout.readline().strip() != "ready":
-        raise RuntimeError("the load generator did not start")
-    published: dict[str, float] = {}
-    observed: dict[str, float] = {}
-    stop = threading.Event()
+class IncidentWatcher(threading.Thread):
+    """Polls open SOS incidents every 5 ms; notes when each wristband's first appeared (CLOCK_MONOTONIC)."""
 
-    def poll() -> None:
-        with psycopg.connect(stack.url, autocommit=True) as conn:
-            while not stop.is_set():
-                rows = conn.execute("SELECT device_id FROM incidents WHERE kind = 'sos'").fetchall()
+    def __init__(self, stack: Stack, hub: ShouhuProcess) -> None:
+        super().__init__(daemon=True)
+        self.stack, self.hub = stack, hub
+        self.observed: dict[str, float] = {}
+        self.stopping = threading.Event()
+
+    def run(self) -> None:
+        with psycopg.connect(self.stack.url, autocommit=True) as conn:
+            while not self.stopping.is_set():
+                rows = conn.execute("SELECT device_id FROM incidents WHERE kind = 'sos' AND state = 'open'").fetchall()
                 now = time.monotonic()
                 for (device_id,) in rows:
-                    observed.setdefault(str(device_id), now)
-                stack.sample_rss([hub])
+                    self.observed.setdefault(str(device_id), now)
+                self.stack.sample_rss([self.hub])
                 time.sleep(0.005)
 
-    poller = threading.Thread(target=poll, daemon=True)
-    poller.start()
+    def wait_for(self, devices: set[str], timeout: float) -> dict[str, float]:
+        deadline = time.monotonic() + timeout
+        while not devices <= set(self.observed) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self.stopping.set()
+        self.join(5)
+        return dict(self.observed)
+
+
+def press(stack: Stack, presses: int, spacing: float, first_wristband: int) -> tuple[dict[str, float], float]:
+    """SOS presses on distinct wristbands, ``spacing`` s apart; returns publish instants and the
+    telemetry rows/s the hub committed meanwhile."""
+    published: dict[str, float] = {}
     publisher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv311)
     publisher.connect("127.0.0.1", stack.broker.port)
     publisher.loop_start()
-    time.sleep(warmup)
     with psycopg.connect(stack.url, autocommit=True) as conn:
         rows_before, window_start = stack.telemetry_rows(conn), time.monotonic()
         next_press = time.monotonic()
-        for index in range(1, presses + 1):
+        for index in range(first_wristband, first_wristband + presses):
             device = f"wb-{index:04d}"
             time.sleep(max(0.0, next_press - time.monotonic()))
             published[device] = time.monotonic()
             publisher.publish(f"shouhu/v1/wristband/{device}/sos", alarm_payload("sos"), qos=1)
             next_press += spacing
         committed_rate = (stack.telemetry_rows(conn) - rows_before) / (time.monotonic() - window_start)
-    deadline = time.monotonic() + 15
-    while len(set(published) & set(observed)) < presses and time.monotonic() < deadline:
-        time.sleep(0.05)
-    stop.set()
-    poller.join(5)
-    out, _ = loadgen.communicate(timeout=60)
     publisher.loop_stop()
     publisher.disconnect()
+    return published, committed_rate
+
+
+def sos_under_load(stack: Stack, presses: int, spacing: float, load_rate: float, first_wristband: int) -> SosResult:
+    """Presses on wb-{first_wristband}… while the load generator runs; one fresh hub."""
+    hub_id = "bench-hub-sos"
+    clear_session(stack.broker.port, hub_id)
+    with psycopg.connect(stack.url, autocommit=True) as conn:  # earlier presses' incidents: close them
+        conn.execute("UPDATE incidents SET state = 'resolved', resolved_at = now() WHERE kind = 'sos'")
+    hub, metrics_port = stack.hub(hub_id, wait_ready=True)
+    warmup, tail = 3.0, 2.0
+    duration = warmup + presses * spacing + tail
+    loadgen = subprocess.Popen(
+        [sys.executable, "-c", PUBLISHER, str(stack.broker.port), "0", str(load_rate), str(duration), str(WRISTBANDS)],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    assert loadgen.stdout is not None
+    if loadgen.stdout.readline().strip() != "ready":
+        raise RuntimeError("the load generator did not start")
+    watcher = IncidentWatcher(stack, hub)
+    watcher.start()
+    time.sleep(warmup)
+    published, committed_rate = press(stack, presses, spacing, first_wristband)
+    observed = watcher.wait_for(set(published), timeout=15)
+    out, _ = loadgen.communicate(timeout=60)
+    scraped = hub_metrics(metrics_port)
     hub.stop()
     latencies = [observed[d] - published[d] for d in published if d in observed]
     load: dict[str, float] = json.loads(out.strip().splitlines()[-1])
-    return SosResult(latencies, load, load_rate, committed_rate, presses - len(latencies))
+    in_hub = scraped["alarm_seconds"] / max(scraped["alarms"], 1.0)
+    return SosResult(latencies, load, load_rate, committed_rate, presses - len(latencies), in_hub)
 
 
 def drain_line(drain: Drain, wall: float) -> str:
@@ -449,7 +519,24 @@ def drain_line(drain: Drain, wall: float) -> str:
     )
 
 
-def report(drains: list[Drain], sos: SosResult, peak_rss: dict[str, int], started: float) -> None:
+def sos_lines(sos: SosResult) -> str:
+    load = sos.load
+    ms = [v * 1000 for v in sos.latencies]
+    return (
+        f"\nload generator, target {sos.target_rate:,.0f} msg/s: sent {load['sent']:,.0f} in {load['seconds']:.1f} s"
+        f" = {load['sent'] / load['seconds']:,.0f} msg/s (slowest 1-s window {load['min_second']:,.0f} msg/s;"
+        f" broker-acknowledged within the window {load['acked_in_window'] / load['seconds']:,.0f} msg/s;"
+        f" worst lag behind schedule {load['worst_lag']:,.0f} messages; generator CPU {load['cpu']:.1f} s"
+        f" including building the packets)\n"
+        f"hub committed telemetry while the presses ran: {sos.committed_rate:,.0f} msg/s\n"
+        f"SOS press → incident committed, load {sos.target_rate:,.0f} msg/s: n={len(ms)}"
+        f" p50={statistics.median(ms):.1f} ms p99={percentile(ms, 0.99):.1f} ms max={max(ms):.1f} ms"
+        f" (no incident within 15 s: {sos.missing}); of which inside the hub, receipt → commit (its alarm-lane"
+        f" histogram): mean {1000 * sos.in_hub:.1f} ms"
+    )
+
+
+def report(drains: list[Drain], sos: list[SosResult], peak_rss: dict[str, int], started: float) -> None:
     bare = max((d for d in drains if d.name.startswith("bare")), key=lambda d: d.rate)
     print(f"\nbacklog: {drains[0].count:,} QoS 1 telemetry messages per consumer, queued before it connects")
     print("drain (first message received → last counted / last row committed):")
@@ -459,19 +546,8 @@ def report(drains: list[Drain], sos: SosResult, peak_rss: dict[str, int], starte
     for drain in drains:
         if not drain.name.startswith("bare"):
             print(f"ratio {drain.name} / bare ceiling ({bare.rate:,.0f} msg/s): {drain.rate / bare.rate:.2f}")
-    load = sos.load
-    print(
-        f"\nload generator: target {sos.target_rate:,.0f} msg/s, sent {load['sent']:,.0f} in {load['seconds']:.1f} s "
-        f"= {load['sent'] / load['seconds']:,.0f} msg/s (slowest 1-s window {load['min_second']:,.0f} msg/s; "
-        f"broker-acked within the window {load['acked_in_window'] / load['seconds']:,.0f} msg/s; "
-        f"worst lag behind schedule {load['worst_lag']:,.0f} messages; CPU {load['cpu']:.1f} s)"
-    )
-    print(f"hub committed telemetry during the SOS presses: {sos.committed_rate:,.0f} msg/s")
-    ms = [v * 1000 for v in sos.latencies]
-    print(
-        f"SOS press → incident committed under load: n={len(ms)} p50={statistics.median(ms):.1f} ms "
-        f"p99={percentile(ms, 0.99):.1f} ms max={max(ms):.1f} ms (missing: {sos.missing})"
-    )
+    for run in sos:
+        print(sos_lines(run))
     for hub_id, rss in sorted(peak_rss.items()):
         print(f"peak RSS {hub_id}: {rss / 2**20:.0f} MiB")
     print(f"total run time: {time.monotonic() - started:.0f} s; load average {psutil.getloadavg()}")
@@ -481,6 +557,9 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=50_000, help="backlog size per consumer")
     parser.add_argument("--load-rate", type=float, default=5_500, help="telemetry msg/s during the SOS presses")
+    parser.add_argument(
+        "--context-rate", type=float, default=2_000, help="a second SOS run at this lower load, for context (0: skip)"
+    )
     parser.add_argument("--presses", type=int, default=200)
     parser.add_argument("--spacing", type=float, default=0.05, help="seconds between SOS presses")
     args = parser.parse_args()
@@ -495,7 +574,7 @@ def main() -> None:
         migrate(url, MigrationContext(90, datetime.now(UTC)))
         env = shouhu_env(SHOUHU_DATABASE_URL=url, SHOUHU_MQTT_URL=broker.url)
         subprocess.run([SHOUHU_BIN, "registry", "load", str(DEMO)], env=env, check=True, capture_output=True)
-        stack = Stack(broker, url, env)
+        stack = Stack(broker, url, env, cluster.spec.data_dir)
         drains = [
             bare_drain(broker, args.messages, 3, 0),
             bare_drain(broker, args.messages, 5, HUB_RECEIVE_MAXIMUM),
@@ -506,9 +585,17 @@ def main() -> None:
         print(drain_line(drains[-1], drains[-1].seconds), flush=True)
         drains.append(hub_drain(stack, args.messages, ["bench-hub-a", "bench-hub-b"]))
         print(drain_line(drains[-1], drains[-1].seconds), flush=True)
-        sos = sos_under_load(stack, args.presses, args.spacing, args.load_rate)
+        sos = [sos_under_load(stack, args.presses, args.spacing, args.load_rate, 1)]
+        print(sos_lines(sos[0]), flush=True)
+        if args.context_rate > 0:
+            sos.append(sos_under_load(stack, args.presses, args.spacing, args.context_rate, 1))
+            print(sos_lines(sos[1]), flush=True)
         report(drains, sos, stack.peak_rss, started)
     finally:
+        for process in STARTED_PROCESSES:  # only the hubs this run started
+            if process.poll() is None:
+                process.kill()
+                process.wait(15)
         broker.remove()
         cluster.remove()
 

@@ -288,7 +288,9 @@ def router() -> None:
     worker = _make_router(settings, database_url(settings))
     start_health_server(settings.metrics_port, lambda: not worker.stopping.is_set())
     _run_until_signal(worker.stop)
-    worker.run()
+    from alerts.router import DEFAULT_SENDERS
+
+    worker.run(senders=DEFAULT_SENDERS)
 
 
 @simulate_app.command("wristbands")
@@ -530,7 +532,12 @@ def up(
             _load_registry_file(url, DEMO_COUNTY)
         router_worker = _make_router(settings, url, exercise=demo)
         hub_worker = _make_hub(settings, url, broker_url, metrics_port=None)
-        threads = [_thread(hub_worker.run, "hub"), _thread(router_worker.run, "router")]
+        from alerts.router import DEFAULT_SENDERS
+
+        threads = [
+            _thread(hub_worker.run, "hub"),
+            _thread(lambda: router_worker.run(senders=DEFAULT_SENDERS), "router"),
+        ]
         stack.callback(_join_all, threads)
         stack.callback(router_worker.stop)
         stack.callback(hub_worker.stop)

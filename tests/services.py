@@ -337,3 +337,52 @@ def wristband_with_grid_worker_on_duty(url: str, exclude: set[str] | None = None
             if people and all(p.area_id == grid_id and p.role == "grid_worker" for p in people):
                 return device_id, {p.phone for p in people}
     raise AssertionError("no grid has a grid worker on duty now")
+
+
+@dataclass(frozen=True)
+class Ring:
+    """The first call a press caused, and how long after the press it reached the network."""
+
+    call: dict[str, Any]
+    seconds: float
+
+
+def press_and_wait_for_ring(broker_port: int, device_id: str, phone_base: str, timeout: float = 10.0) -> Ring:
+    """Press SOS with `mosquitto_pub`, as a wristband would, and wait for the next call.
+
+    The simulator stamps each request with CLOCK_MONOTONIC, shared by every process on
+    the machine, so the latency is measured across processes.
+    """
+    import json
+    import uuid
+    from datetime import UTC, datetime
+
+    import httpx
+
+    before = len(httpx.get(f"{phone_base}/_sim/calls").json())
+    payload = json.dumps({"msg_id": str(uuid.uuid4()), "ts": datetime.now(UTC).isoformat(), "action": "press"})
+    pressed = time.monotonic()
+    subprocess.run(
+        [
+            "mosquitto_pub",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(broker_port),
+            "-q",
+            "1",
+            "-t",
+            f"shouhu/v1/wristband/{device_id}/sos",
+            "-m",
+            payload,
+        ],
+        check=True,
+        timeout=10,
+    )
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        calls: list[dict[str, Any]] = httpx.get(f"{phone_base}/_sim/calls").json()
+        if len(calls) > before:
+            return Ring(calls[before], float(calls[before]["monotonic"]) - pressed)
+        time.sleep(0.02)
+    raise AssertionError(f"no call reached the phone network within {timeout}s of the press")

@@ -3,12 +3,9 @@ published with `mosquitto_pub`, and the grid worker's phone ringing in the simul
 
 from __future__ import annotations
 
-import json
 import subprocess
-import time
 import uuid
 from collections.abc import Iterator
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,7 +13,14 @@ import httpx
 import pytest
 
 from shouhu.embedded.postgres import free_port
-from tests.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, shouhu_env, wristband_with_grid_worker_on_duty
+from tests.services import (
+    SHOUHU_BIN,
+    Mosquitto,
+    ShouhuProcess,
+    press_and_wait_for_ring,
+    shouhu_env,
+    wristband_with_grid_worker_on_duty,
+)
 
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 SID, TOKEN, FROM = "AC" + "1" * 32, "e2e-token", "+12025550100"
@@ -71,34 +75,9 @@ def stack(database_url: str, mosquitto: Mosquitto) -> Iterator[dict[str, Any]]:
 def test_a_press_rings_the_right_grid_worker_within_a_second(stack: dict[str, Any]) -> None:
     device_id, expected = wristband_with_grid_worker_on_duty(stack["database_url"])
     mosquitto: Mosquitto = stack["mosquitto"]
-    payload = json.dumps({"msg_id": str(uuid.uuid4()), "ts": datetime.now(UTC).isoformat(), "action": "press"})
-    pressed = time.monotonic()
-    subprocess.run(
-        [
-            "mosquitto_pub",
-            "-h",
-            "127.0.0.1",
-            "-p",
-            str(mosquitto.port),
-            "-q",
-            "1",
-            "-t",
-            f"shouhu/v1/wristband/{device_id}/sos",
-            "-m",
-            payload,
-        ],
-        check=True,
-        timeout=10,
-    )
-    deadline = time.monotonic() + 10
-    ringing: list[dict[str, Any]] = []
-    while not ringing and time.monotonic() < deadline:
-        ringing = httpx.get(f"{stack['phone']}/_sim/calls").json()
-        time.sleep(0.02)
-    assert ringing, "no call reached the phone network"
-    assert {c["to"] for c in ringing} <= expected
-    # The simulator stamps each request with CLOCK_MONOTONIC, shared by every process here.
-    assert ringing[0]["monotonic"] - pressed < 1.0, f"first ring after {ringing[0]['monotonic'] - pressed:.3f}s"
+    ring = press_and_wait_for_ring(mosquitto.port, device_id, stack["phone"])
+    assert ring.call["to"] in expected
+    assert ring.seconds < 1.0, f"first ring after {ring.seconds:.3f}s"
     metrics = httpx.get(f"http://127.0.0.1:{stack['router_metrics']}/metrics").text
     assert "shouhu_sos_press_to_first_request_seconds_count 1.0" in metrics
 
