@@ -66,6 +66,20 @@ class PendingAttempt:
     resident_phone: str | None
 
 
+_CLAIM = """
+    SELECT a.id, a.incident_id, a.purpose, a.channel, a.address, a.step, a.round, a.attempt, a.body,
+           i.code, i.kind, i.opened_at, coalesce(r.name, '未登记手环'), coalesce(r.address, ''), r.phone
+    FROM notification_attempts a
+    JOIN incidents i ON i.id = a.incident_id
+    LEFT JOIN residents r ON r.id = i.resident_id
+    WHERE a.state = 'pending' AND (a.not_before IS NULL OR a.not_before <= %s) {extra}
+    ORDER BY a.created_at, a.id
+    LIMIT 1
+    FOR UPDATE OF a SKIP LOCKED
+"""
+_FIRST_PAGES = "AND a.purpose = 'page' AND a.round = 0 AND a.step = 0 AND a.attempt = 1"
+
+
 class Dispatcher:
     """Sends what the escalation queued, through the notifiers it was given."""
 
@@ -89,28 +103,19 @@ class Dispatcher:
         return frozenset(self.notifiers) | ({Channel.WEBHOOK} if self.platform else frozenset())
 
     def claim(self, conn: Conn, now: datetime) -> PendingAttempt | None:
-        row = conn.execute(
-            """
-            SELECT a.id, a.incident_id, a.purpose, a.channel, a.address, a.step, a.round, a.attempt, a.body,
-                   i.code, i.kind, i.opened_at, coalesce(r.name, '未登记手环'), coalesce(r.address, ''), r.phone
-            FROM notification_attempts a
-            JOIN incidents i ON i.id = a.incident_id
-            LEFT JOIN residents r ON r.id = i.resident_id
-            WHERE a.state = 'pending' AND (a.not_before IS NULL OR a.not_before <= %s)
-            -- An incident's very first pages go before everything else: a new SOS
-            -- must not queue behind the later steps of a thousand others.
-            ORDER BY (a.purpose = 'page' AND a.round = 0 AND a.step = 0 AND a.attempt = 1) DESC,
-                     a.created_at, a.id
-            LIMIT 1
-            FOR UPDATE OF a SKIP LOCKED
-            """,
-            (now,),
-        ).fetchone()
-        if row is None:
-            return None
-        values = list(row)
-        values[2], values[3] = AttemptPurpose(values[2]), Channel(values[3])
-        return PendingAttempt(*values)
+        """The next pending attempt, locked for this sender; None when nothing is due.
+
+        An incident's very first pages go before everything else — a new SOS must not
+        queue behind the later steps of a thousand others — each query served by its
+        own partial index.
+        """
+        for extra in (_FIRST_PAGES, ""):
+            row = conn.execute(_CLAIM.format(extra=extra), (now,)).fetchone()
+            if row is not None:
+                values = list(row)
+                values[2], values[3] = AttemptPurpose(values[2]), Channel(values[3])
+                return PendingAttempt(*values)
+        return None
 
     def send(self, conn: Conn, attempt: PendingAttempt) -> SendResult:
         """Send one claimed attempt and record the outcome, in the caller's transaction."""

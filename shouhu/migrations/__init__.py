@@ -60,6 +60,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(4, "retries with backoff", sql_file="0004_retries.sql"),
     Migration(5, "liveness: deadline state, ingest heartbeats and gaps", sql_file="0005_liveness.sql"),
     Migration(6, "liveness windows per device kind", sql_file="0006_heartbeat_kinds.sql"),
+    Migration(7, "an index for first pages", sql_file="0007_first_pages.sql"),
 )
 
 
