@@ -44,6 +44,9 @@ from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from starlette.background import BackgroundTask
 
+# The contract's names and the signature are written out again here on purpose, not
+# imported from alerts/notifiers/webhook.py: the simulator plays the other party, and a
+# mistake shared by both sides would pass every test.
 CAP_NAMESPACE = "urn:oasis:names:tc:emergency:cap:1.2"
 CAP_CONTENT_TYPE = "application/common-alerting-protocol+xml"
 DELIVERY_HEADER = "X-Shouhu-Delivery"
