@@ -42,6 +42,7 @@ import argparse
 import contextlib
 import json
 import re
+import shutil
 import statistics
 import subprocess
 import sys
@@ -311,12 +312,15 @@ class Stack:
     env: dict[str, str]
     data_dir: Path
     peak_rss: dict[str, int] = field(default_factory=dict)
+    started: list[ShouhuProcess] = field(default_factory=list)
 
     def hub(self, hub_id: str, *, wait_ready: bool) -> tuple[ShouhuProcess, int]:
         port = free_port()
         env = {**self.env, "SHOUHU_HUB_ID": hub_id, "SHOUHU_METRICS_PORT": str(port)}
         ready = f"http://127.0.0.1:{port}/readyz" if wait_ready else None
-        return ShouhuProcess(["hub"], env, ready_url=ready).start(timeout=60), port
+        process = ShouhuProcess(["hub"], env, ready_url=ready)
+        self.started.append(process)  # before start(): its log directory is removed at the end
+        return process.start(timeout=60), port
 
     def telemetry_rows(self, conn: psycopg.Connection[tuple[Any, ...]]) -> int:
         row = conn.execute("SELECT count(*) FROM telemetry").fetchone()
@@ -366,6 +370,14 @@ def joined(template: str, values: list[dict[str, float]]) -> str:
     return ", ".join(template.format(**v) for v in values)
 
 
+def lock_waiters(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
+    """Backends of this database waiting on a lock right now."""
+    row = conn.execute(
+        "SELECT count(*) FROM pg_stat_activity WHERE datname = current_database() AND wait_event_type = 'Lock'"
+    ).fetchone()
+    return int(row[0]) if row else 0
+
+
 def hubs_cpu(running: list[tuple[ShouhuProcess, int]]) -> float:
     """CPU seconds (user + system) the hub processes have used so far."""
     return sum(sum(psutil.Process(hub.process.pid).cpu_times()[:2]) for hub, _ in running if hub.process is not None)
@@ -387,9 +399,11 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str]) -> Drain:
         running = [stack.hub(hub_id, wait_ready=False) for hub_id in hub_ids]
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         cpu_at_first_row: float | None = None
+        lock_samples: list[int] = []
         while (rows := stack.telemetry_rows(conn)) < baseline + count:
             if cpu_at_first_row is None and rows > baseline:
                 cpu_at_first_row = hubs_cpu(running)
+            lock_samples.append(lock_waiters(conn))
             stack.sample_rss([hub for hub, _ in running])
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{hub_ids}: not all {count} rows committed in {DRAIN_TIMEOUT_S:.0f} s")
@@ -420,7 +434,8 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str]) -> Drain:
         f"committed per hub: {joined('{stored:,.0f}', scraped)}; "
         f"mean batch {joined('{size:.0f}', scraped)} messages, bulk lane inside store_batch "
         f"{joined('{busy:.0%}', scraped)} of the window, {joined('{per_batch:.0f}', scraped)}"
-        f" ms per batch; PostgreSQL CPU {pg_cpu / seconds:.0%} of a core"
+        f" ms per batch; PostgreSQL CPU {pg_cpu / seconds:.0%} of a core; a backend waiting on a row lock in"
+        f" {sum(1 for n in lock_samples if n) / max(len(lock_samples), 1):.0%} of {len(lock_samples)} samples"
     )
     if direct:
         detail += f"; {direct} hub(s) fell back to a direct telemetry subscription (share probe behind the backlog)"
@@ -575,6 +590,7 @@ def main() -> None:
     broker = Mosquitto()
     broker.start()
     cluster = start_postgres(wheel_bin_dir())
+    stack: Stack | None = None
     try:
         create_database(cluster.url(), "bench")
         url = cluster.url("bench")
@@ -599,6 +615,10 @@ def main() -> None:
             print(sos_lines(sos[1]), flush=True)
         report(drains, sos, stack.peak_rss, started)
     finally:
+        if stack is not None:
+            for hub in stack.started:
+                hub.kill(9)
+                shutil.rmtree(hub.log_path.parent, ignore_errors=True)
         for process in STARTED_PROCESSES:  # only the hubs this run started
             if process.poll() is None:
                 process.kill()

@@ -110,6 +110,8 @@ class HubConnection:
         self.bulk_inbox = bulk_inbox
         # Set once the hub knows whether the broker shares subscriptions.
         self.bulk_topics: tuple[str, ...] = ()
+        # From an MQTT 5 CONNACK; None on 3.1.1, where only a probe can tell.
+        self.shares_available: bool | None = None
         self.protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
         self.generation = 0
         self.connected = threading.Event()
@@ -202,9 +204,12 @@ class HubConnection:
         _userdata: Any,
         flags: mqtt.ConnectFlags,
         reason_code: ReasonCode,
-        _properties: Properties | None,
+        properties: Properties | None,
     ) -> None:
         self._connack = reason_code
+        if self.protocol == MQTTProtocolVersion.MQTTv5:
+            # MQTT 5 says it in the CONNACK: an absent property means "available".
+            self.shares_available = bool(getattr(properties, "SharedSubscriptionAvailable", 1))
         self._connack_event.set()
         if reason_code.is_failure:
             return
@@ -231,7 +236,14 @@ class HubConnection:
         self.bulk_topics = ()
 
     def subscribe_bulk(self, shared: bool) -> None:
-        """Subscribe to telemetry and health, shared or direct; kept for every reconnect."""
+        """Subscribe to telemetry and health, shared or direct; kept for every reconnect.
+
+        Going direct, first drop any shared subscription an earlier run left in the
+        session, or the hub would get its share of telemetry twice.
+        """
+        if not shared:
+            for topic in bulk_subscriptions(True):
+                self.client.unsubscribe(topic)
         self.bulk_topics = bulk_subscriptions(shared)
         for topic in self.bulk_topics:
             self.client.subscribe(topic, qos=1)

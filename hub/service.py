@@ -125,7 +125,14 @@ class Hub:
             log.exception("hub tick failed")
 
     def _broker_shares(self) -> bool:
-        """Whether a ``$share/…`` subscription delivers here: try it with a probe."""
+        """Whether the broker shares subscriptions: MQTT 5 says so in its CONNACK; on 3.1.1
+        a ``$share/…`` probe published to ourselves must come back.
+
+        The CONNACK answer matters when the session holds a backlog: a probe would
+        queue behind it and time out.
+        """
+        if self.connection.shares_available is not None:
+            return self.connection.shares_available
         deadline = time.monotonic() + SHARE_PROBE_WAIT_S
         while time.monotonic() < deadline and not self.stopping.is_set():
             self.connection.publish_probe(self._share_token, shared=True)

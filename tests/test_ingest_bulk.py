@@ -222,3 +222,11 @@ def test_the_parser_never_raises_on_anything(topic: str, payload: bytes) -> None
     assert isinstance(result, DeviceMessage | StatusMessage | Rejected)
     if isinstance(result, Rejected):
         assert result.detail
+
+
+def test_on_mqtt_5_the_connack_says_whether_subscriptions_are_shared(hub: Hub) -> None:
+    """No probe on MQTT 5: a probe would queue behind a session's backlog, time out, and
+    leave the hub subscribed directly beside its shared subscription."""
+    assert hub.connection.shares_available is True
+    assert hub.shared
+    assert not hub._share_seen.is_set()
