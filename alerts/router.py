@@ -140,15 +140,20 @@ class Router:
     # -- escalation steps ------------------------------------------------------
 
     def _claim_action(self, conn: Conn, now: datetime) -> DueAction | None:
-        row = conn.execute(
-            """
-            SELECT id, incident_id, step, round, token, kind FROM escalation_actions
-            WHERE state = 'pending' AND due_at <= %s
-            ORDER BY due_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
-            """,
-            (now,),
-        ).fetchone()
-        return DueAction(*row) if row else None
+        """The next due action, locked; a new incident's first step before any other."""
+        for first_step_only in (True, False):
+            row = conn.execute(
+                """
+                SELECT id, incident_id, step, round, token, kind FROM escalation_actions
+                WHERE state = 'pending' AND due_at <= %(now)s
+                  AND (NOT %(first)s OR (kind = 'step' AND step = 0 AND round = 0))
+                ORDER BY due_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
+                """,
+                {"now": now, "first": first_step_only},
+            ).fetchone()
+            if row:
+                return DueAction(*row)
+        return None
 
     def _incident(self, conn: Conn, incident_id: int) -> IncidentView:
         row = conn.execute(

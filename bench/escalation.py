@@ -196,7 +196,20 @@ def step_lateness(url: str, start: datetime, end: datetime) -> dict[str, list[fl
 
 
 def close_all(url: str) -> None:
-    """Close every open incident and drop its queued work, so phase 2 starts on a quiet stack."""
+    """Close every open incident and drop its queued work, so phase 2 starts on a quiet stack.
+
+    The router is still running and locks these rows too: a deadlock is retried.
+    """
+    for _ in range(10):
+        try:
+            _close_all(url)
+            return
+        except psycopg.errors.DeadlockDetected:
+            time.sleep(0.2)
+    _close_all(url)
+
+
+def _close_all(url: str) -> None:
     with psycopg.connect(url) as conn:
         conn.execute(
             "UPDATE incidents SET state = 'resolved', resolved_at = now(), outcome = 'other', updated_at = now()"
