@@ -256,7 +256,13 @@ def record_sightings_safely(conn: Conn, record: SightingSink, sightings: Sequenc
     try:
         with conn.transaction():
             record(conn, sightings)
+    except psycopg.OperationalError:
+        # The database went away, not the bookkeeping: the whole transaction is lost
+        # and must be retried by the caller, never reported as stored.
+        raise
     except psycopg.Error:
+        if conn.broken or conn.closed:
+            raise
         metrics.LIVENESS_FAILURES.inc()
         log.exception("recording %d sighting(s) failed; the messages are stored regardless", len(sightings))
 

@@ -185,7 +185,12 @@ class Writer:
             try:
                 conn = self._connection()
                 with conn.transaction():
-                    return work(conn)
+                    result = work(conn)
+                if conn.broken or conn.closed:
+                    # psycopg does not always raise when the connection dies under the
+                    # COMMIT: never take "no exception" for "committed".
+                    raise psycopg.OperationalError("the connection broke before the commit was confirmed")
+                return result
             except psycopg.OperationalError as exc:
                 metrics.DATABASE_RETRIES.inc()
                 log.warning("database unavailable (%s); retrying in %.1fs", exc, delay)

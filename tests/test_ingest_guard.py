@@ -53,3 +53,26 @@ def test_an_sos_commits_even_when_liveness_fails(county_url: str) -> None:
     assert incidents == [("sos", "r-0001")]
     assert rows == [("wb-0002",)]
     assert failures() == before + 2
+
+
+def test_a_database_outage_inside_liveness_fails_the_whole_transaction(county_url: str) -> None:
+    """The database going away is not a bookkeeping failure: nothing may be reported stored."""
+
+    def database_gone(conn: psycopg.Connection[Any], _sightings: Sequence[Sighting]) -> None:
+        raise psycopg.OperationalError("consuming input failed: server closed the connection unexpectedly")
+
+    with psycopg.connect(county_url) as conn:
+        prepare_staging(conn)
+        try:
+            with conn.transaction():
+                store_message(
+                    conn,
+                    received("shouhu/v1/wristband/wb-0002/telemetry", {"battery": 40}),
+                    IngestConfig("t", 120),
+                    database_gone,
+                )
+        except psycopg.OperationalError:
+            pass
+        else:
+            raise AssertionError("the outage was swallowed: the writer would acknowledge unstored messages")
+        assert conn.execute("SELECT count(*) FROM telemetry").fetchone() == (0,)
