@@ -222,11 +222,18 @@ class MqttWireTap:
             time.sleep(0.01)
         raise TimeoutError(f"no packet {kind} {direction} {topic or ''} {packet_id or ''} in {timeout}s")
 
-    def close(self) -> None:
-        self._server.close()
-        for s in self._sockets:
+    def cut(self) -> None:
+        """Drop every connection passing through, as a network fault would; keep listening."""
+        sockets, self._sockets = self._sockets, []
+        for s in sockets:
+            with contextlib.suppress(OSError):
+                s.shutdown(socket.SHUT_RDWR)
             with contextlib.suppress(OSError):
                 s.close()
+
+    def close(self) -> None:
+        self._server.close()
+        self.cut()
 
 
 SHOUHU_BIN = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "shouhu")

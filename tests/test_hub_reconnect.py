@@ -1,0 +1,81 @@
+"""Reconnects: a packet id from an earlier connection is never acknowledged, and a lost
+session is logged and counted."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterator
+
+import psycopg
+import pytest
+from prometheus_client import REGISTRY
+
+from simulators.wristband import alarm_payload, publish_raw
+from tests.services import Mosquitto, MqttWireTap
+from tests.test_hub import incidents, query, start_hub, wait_until
+
+PUBLISH = 3
+
+
+@pytest.fixture
+def broker() -> Iterator[Mosquitto]:
+    own = Mosquitto()
+    own.start()
+    yield own
+    own.remove()
+
+
+def metric(name: str) -> float:
+    return REGISTRY.get_sample_value(name) or 0.0
+
+
+def test_a_message_committed_after_a_reconnect_is_not_acknowledged_on_the_new_connection(
+    county_url: str, broker: Mosquitto
+) -> None:
+    tap = MqttWireTap(broker.port)
+    worker, thread = start_hub(county_url, tap.url, f"hub-{uuid.uuid4().hex[:6]}")
+    stale_before = metric("shouhu_hub_stale_acks_total")
+    try:
+        blocker = psycopg.connect(county_url)
+        blocker.execute("LOCK TABLE incidents IN SHARE ROW EXCLUSIVE MODE")  # hold the commit
+        topic = "shouhu/v1/wristband/wb-0031/sos"
+        publish_raw(broker.url, topic, alarm_payload("sos"))
+        tap.wait_for("down", PUBLISH, topic=topic)
+        tap.cut()  # the connection that delivered it is gone; paho reconnects
+        wait_until(lambda: len(tap.seen("down", 2)) >= 2, timeout=20, what="a second CONNACK")
+        blocker.rollback()
+        blocker.close()
+        # The writer commits, but the packet id belongs to the dead connection: withheld.
+        wait_until(lambda: metric("shouhu_hub_stale_acks_total") > stale_before, timeout=20, what="a withheld ack")
+        # The broker redelivers on the new session; the ledger makes it a no-op.
+        wait_until(lambda: len(tap.seen("down", PUBLISH, topic=topic)) >= 2, timeout=20, what="the redelivery")
+        wait_until(
+            lambda: query(county_url, "SELECT count(*) FROM incident_events WHERE event = 'stored'") == [(1,)],
+            what="one stored event",
+        )
+        assert len(incidents(county_url)) == 1
+        assert query(county_url, "SELECT count(*) FROM message_ledger") == [(1,)]
+    finally:
+        worker.stop()
+        thread.join(10)
+        tap.close()
+
+
+def test_a_reconnect_without_a_session_is_logged_and_counted(
+    county_url: str, broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    worker, thread = start_hub(county_url, broker.url, f"hub-{uuid.uuid4().hex[:6]}")
+    lost_before = metric("shouhu_hub_sessions_lost_total")
+    try:
+        broker.stop(9)  # SIGKILL before any save: the broker forgets the hub's session
+        for leftover in (broker.directory / "data").glob("*"):
+            leftover.unlink()
+        broker.start()
+        wait_until(lambda: metric("shouhu_hub_sessions_lost_total") > lost_before, timeout=30, what="a lost session")
+        assert "reconnected without a session" in caplog.text
+        # The hub subscribed again on its own: a press after the loss is still stored.
+        publish_raw(broker.url, "shouhu/v1/wristband/wb-0032/sos", alarm_payload("sos"))
+        wait_until(lambda: incidents(county_url), timeout=20, what="the SOS after the lost session")
+    finally:
+        worker.stop()
+        thread.join(10)
