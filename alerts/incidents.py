@@ -17,7 +17,7 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from alerts.acknowledge import Result, cancel_from_device, repage_acknowledger
-from alerts.policy import resolve_policy
+from alerts.policy import default_unregistered_policy, resolve_policy
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import IncidentKind, Severity
 
@@ -233,3 +233,43 @@ def record_alarm(
             return AlarmOutcome(AlarmResult.JOINED, incident_id)
         # The open incident closed between our insert and update: try again.
     raise RuntimeError(f"could not open or join an incident for {alarm.device_id}")
+
+
+def open_fallback_incident(conn: Conn, device_id: str, received_at: datetime, *, ack_timeout_s: int) -> int | None:
+    """The last resort for an alarm the normal path could not store: a red incident for
+    the county operators, keyed by the device (joining one already open for it).
+
+    Deliberately plain — no ledger, no resident lookup, the built-in operators policy —
+    so that whatever broke the normal path is unlikely to break this one too.
+    """
+    snapshot = default_unregistered_policy(ack_timeout_s)
+    incident_id = _insert_incident(
+        conn,
+        {
+            "kind": IncidentKind.SOS_UNREGISTERED.value,
+            "resident_id": None,
+            "device_id": device_id,
+            "area_id": _county(conn),
+            "opened_at": received_at,
+            "unreadable": True,
+            "snapshot": Jsonb(snapshot.to_json()),
+            "lat": None,
+            "lon": None,
+        },
+    )
+    if incident_id is None:
+        return None  # one is already open for this device: it is escalating
+    add_event(
+        conn,
+        incident_id,
+        received_at,
+        "opened",
+        device_id,
+        {"kind": IncidentKind.SOS_UNREGISTERED.value, "fallback": "the alarm could not be stored normally"},
+    )
+    conn.execute(
+        "INSERT INTO escalation_actions (incident_id, step, round, token, due_at) VALUES (%s, 0, 0, 1, %s)",
+        (incident_id, received_at),
+    )
+    wake_routers(conn, str(incident_id))
+    return incident_id

@@ -17,7 +17,7 @@ from typing import Any, TypeGuard, TypeVar
 
 import psycopg
 
-from alerts.incidents import Alarm, AlarmResult, record_alarm
+from alerts.incidents import Alarm, AlarmResult, open_fallback_incident, record_alarm
 from devices.contract import (
     ALARM_CHANNELS,
     DeviceMessage,
@@ -28,6 +28,7 @@ from devices.contract import (
     StatusMessage,
     Topic,
     parse_message,
+    parse_topic,
     payload_hash,
 )
 from devices.kinds import DeviceKind, IncidentKind
@@ -208,17 +209,27 @@ class Writer:
             except psycopg.Error as exc:
                 log.exception("storing %s failed (%d)", message.topic, failures)
                 if failures == 3:
-                    detail = repr(exc)[:1000]
-                    self._committed(
-                        lambda conn, detail=detail: _dead_letter(  # type: ignore[misc]
-                            conn, message, self.config.hub_id, RejectReason.STORE_FAILED, detail
-                        )
-                    )
+                    self._committed(lambda conn, exc=exc: self._give_up(conn, message, exc))  # type: ignore[misc]
                 continue
             metrics.COMMIT_SECONDS.labels(self.lane).observe(time.monotonic() - message.monotonic)
             parsed_channel = message.topic.rsplit("/", 1)[-1]
             metrics.MESSAGES_STORED.labels(parsed_channel[:16]).inc()
             return
+
+    def _give_up(self, conn: Conn, message: Received, exc: Exception) -> None:
+        """Keep the message as a dead letter — and if it was an alarm, page anyway.
+
+        When in doubt, page: an SOS or fall that cannot be stored the normal way (a
+        bug, a broken constraint) still opens a red incident for the county operators,
+        by the plainest insert there is.
+        """
+        _dead_letter(conn, message, self.config.hub_id, RejectReason.STORE_FAILED, repr(exc)[:1000])
+        topic = parse_topic(message.topic)
+        if isinstance(topic, Topic) and topic.kind is DeviceKind.WRISTBAND and topic.channel in ALARM_CHANNELS:
+            incident_id = open_fallback_incident(
+                conn, topic.device_id, message.received_at, ack_timeout_s=self.config.ack_timeout_s
+            )
+            log.critical("alarm on %s could not be stored normally; fallback incident %s", message.topic, incident_id)
 
     def store_batch(self, messages: Sequence[Received]) -> None:
         """Commit a batch of non-alarm messages; one that breaks the batch is stored alone."""

@@ -13,7 +13,7 @@ import psycopg
 from prometheus_client import REGISTRY
 
 from hub.batch import prepare_staging
-from hub.ingest import IngestConfig, store_message
+from hub.ingest import IngestConfig, Writer, store_message
 from hub.mqtt import Received
 from hub.sightings import Sighting
 
@@ -76,3 +76,24 @@ def test_a_database_outage_inside_liveness_fails_the_whole_transaction(county_ur
         else:
             raise AssertionError("the outage was swallowed: the writer would acknowledge unstored messages")
         assert conn.execute("SELECT count(*) FROM telemetry").fetchone() == (0,)
+
+
+def test_an_alarm_that_cannot_be_stored_normally_still_pages_the_county(county_url: str) -> None:
+    with psycopg.connect(county_url) as conn:
+        # A broken constraint on the normal path, as a bug would leave it.
+        conn.execute(
+            "CREATE FUNCTION refuse() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RAISE EXCEPTION 'broken'; END$$"
+        )
+        conn.execute("CREATE TRIGGER refuse BEFORE INSERT ON message_ledger FOR EACH ROW EXECUTE FUNCTION refuse()")
+    writer = Writer(county_url, IngestConfig("t", 120), sleep=lambda _s: None)
+    try:
+        writer.store(received("shouhu/v1/wristband/wb-0040/sos", {"action": "press"}))
+    finally:
+        writer.close()
+    with psycopg.connect(county_url) as conn:
+        incidents = conn.execute("SELECT kind, device_id, area_id, state FROM incidents").fetchall()
+        actions = conn.execute("SELECT step, state FROM escalation_actions").fetchall()
+        letters = conn.execute("SELECT reason FROM dead_letters").fetchall()
+    assert incidents == [("sos_unregistered", "wb-0040", "county", "open")]
+    assert actions == [(0, "pending")]
+    assert letters == [("store_failed",)]
