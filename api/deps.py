@@ -119,6 +119,20 @@ def area_subtree(conn: psycopg.Connection[DictRow], roots: list[str]) -> frozens
     return frozenset(row["id"] for row in rows)
 
 
+def area_filter(conn: psycopg.Connection[DictRow], scope: AreaScope, area: str | None) -> list[str] | None:
+    """The areas an ``?area=`` filter means (the area and its descendants), or None for no filter.
+
+    Raises:
+        HTTPException: 404 when the area does not exist or lies outside the token's scope.
+    """
+    if area is None:
+        return None
+    exists = conn.execute("SELECT 1 FROM areas WHERE id = %s", (area,)).fetchone()
+    if exists is None or not scope.allows(area):
+        raise not_found("area", area)
+    return sorted(area_subtree(conn, [area]))
+
+
 def get_area_scope(conn: ConnDep, token: CurrentToken) -> AreaScope:
     """A token with areas sees them and their descendants; one without sees everything."""
     if not token.areas:

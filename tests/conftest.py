@@ -103,6 +103,17 @@ def phone_network() -> Iterator[str]:
     yield from serve_app(create_phone_network(PHONE_SID, PHONE_TOKEN, announce=lambda _line: None))
 
 
+@pytest.fixture
+def broker() -> Iterator[Mosquitto]:
+    """A Mosquitto of this test's own. The session broker keeps the persistent sessions
+    of other tests' stopped hubs, and with them shares of `$share/shouhu/…` parked until
+    they return (as DESIGN.md says): tests that count telemetry need a broker of their own."""
+    own = Mosquitto()
+    own.start()
+    yield own
+    own.remove()
+
+
 @pytest.fixture(scope="session")
 def mosquitto() -> Iterator[Mosquitto]:
     broker = Mosquitto()

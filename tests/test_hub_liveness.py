@@ -22,14 +22,6 @@ from tests.test_hub import query, start_hub, wait_until
 
 
 @pytest.fixture
-def broker() -> Iterator[Mosquitto]:
-    own = Mosquitto()
-    own.start()
-    yield own
-    own.remove()
-
-
-@pytest.fixture
 def hub(county_url: str, broker: Mosquitto) -> Iterator[Hub]:
     worker, thread = start_hub(county_url, broker.url)
     yield worker

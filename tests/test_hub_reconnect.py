@@ -4,7 +4,6 @@ session is logged and counted."""
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -15,14 +14,6 @@ from tests.services import Mosquitto, MqttWireTap
 from tests.test_hub import incidents, query, start_hub, wait_until
 
 PUBLISH = 3
-
-
-@pytest.fixture
-def broker() -> Iterator[Mosquitto]:
-    own = Mosquitto()
-    own.start()
-    yield own
-    own.remove()
 
 
 def metric(name: str) -> float:

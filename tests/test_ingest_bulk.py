@@ -47,19 +47,8 @@ class Publisher:
 
 
 @pytest.fixture
-def mosquitto() -> Iterator[Mosquitto]:
-    """A broker of this test's own: persistent sessions of other tests' stopped hubs
-    still hold shares of `$share/shouhu/…` (parked until they return, as DESIGN.md
-    says), which would take messages meant for this test."""
-    broker = Mosquitto()
-    broker.start()
-    yield broker
-    broker.remove()
-
-
-@pytest.fixture
-def hub(county_url: str, mosquitto: Mosquitto) -> Iterator[Hub]:
-    worker, thread = start_hub(county_url, mosquitto.url)
+def hub(county_url: str, broker: Mosquitto) -> Iterator[Hub]:
+    worker, thread = start_hub(county_url, broker.url)
     yield worker
     worker.stop()
     thread.join(10)
@@ -69,9 +58,9 @@ def count(url: str, table: str) -> int:
     return int(query(url, f"SELECT count(*) FROM {table}")[0][0])
 
 
-def test_telemetry_and_health_are_stored_once_each(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
+def test_telemetry_and_health_are_stored_once_each(hub: Hub, county_url: str, broker: Mosquitto) -> None:
     assert hub.shared, "Mosquitto shares subscriptions: the hub should use $share"
-    publisher = Publisher(mosquitto.port)
+    publisher = Publisher(broker.port)
     try:
         for index in range(300):
             publisher.publish(
@@ -96,8 +85,8 @@ def test_telemetry_and_health_are_stored_once_each(hub: Hub, county_url: str, mo
     assert offline == [(9,)]
 
 
-def test_redeliveries_reused_ids_and_bad_input_in_one_batch(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
-    publisher = Publisher(mosquitto.port)
+def test_redeliveries_reused_ids_and_bad_input_in_one_batch(hub: Hub, county_url: str, broker: Mosquitto) -> None:
+    publisher = Publisher(broker.port)
     same = telemetry("boot1-1", battery=80)
     try:
         publisher.publish("shouhu/v1/wristband/wb-0001/telemetry", same)
@@ -135,8 +124,8 @@ def test_redeliveries_reused_ids_and_bad_input_in_one_batch(hub: Hub, county_url
     assert len(bytes(kept)) > 70_000  # the bytes are kept, not just the reason
 
 
-def test_an_sos_does_not_wait_behind_a_flood_of_telemetry(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
-    publisher = Publisher(mosquitto.port)
+def test_an_sos_does_not_wait_behind_a_flood_of_telemetry(hub: Hub, county_url: str, broker: Mosquitto) -> None:
+    publisher = Publisher(broker.port)
     try:
         for index in range(4000):
             publisher.publish(f"shouhu/v1/wristband/wb-{index % 240 + 1:04d}/telemetry", telemetry(battery=60))
@@ -149,15 +138,15 @@ def test_an_sos_does_not_wait_behind_a_flood_of_telemetry(hub: Hub, county_url: 
     assert stored_when_paged < 4000, "the SOS was stored only after every batch ahead of it"
 
 
-def test_two_hubs_share_telemetry_and_both_see_every_sos(county_url: str, mosquitto: Mosquitto) -> None:
-    first, first_thread = start_hub(county_url, mosquitto.url)
-    second, second_thread = start_hub(county_url, mosquitto.url)
-    publisher = Publisher(mosquitto.port)
+def test_two_hubs_share_telemetry_and_both_see_every_sos(county_url: str, broker: Mosquitto) -> None:
+    first, first_thread = start_hub(county_url, broker.url)
+    second, second_thread = start_hub(county_url, broker.url)
+    publisher = Publisher(broker.port)
     try:
         for index in range(400):
             publisher.publish(f"shouhu/v1/wristband/wb-{index % 240 + 1:04d}/telemetry", telemetry(battery=70))
         wait_until(lambda: count(county_url, "telemetry") == 400, timeout=20, what="400 rows")
-        publish_raw(mosquitto.url, "shouhu/v1/wristband/wb-0100/sos", alarm_payload("sos"))
+        publish_raw(broker.url, "shouhu/v1/wristband/wb-0100/sos", alarm_payload("sos"))
         wait_until(
             lambda: (
                 query(county_url, "SELECT count(*) FROM incident_events WHERE event IN ('opened', 'joined')") == [(1,)]

@@ -76,14 +76,6 @@ class Fleet:
         self.client.disconnect()
 
 
-@pytest.fixture
-def broker() -> Iterator[Mosquitto]:
-    own = Mosquitto()
-    own.start()
-    yield own
-    own.remove()
-
-
 def hub_process(url: str, broker: Mosquitto, hub_id: str) -> ShouhuProcess:
     port = free_port()
     return ShouhuProcess(

@@ -15,7 +15,7 @@ from api.deps import (
     CurrentToken,
     Page,
     Scope,
-    area_subtree,
+    area_filter,
     not_found,
 )
 from devices.kinds import DeviceKind
@@ -127,12 +127,7 @@ def read_devices(
     kinds = visible_kinds(token.role)
     if kind is not None:
         kinds = kinds & {kind}
-    within: list[str] | None = None
-    if area is not None:
-        exists = conn.execute("SELECT 1 FROM areas WHERE id = %s", (area,)).fetchone()
-        if exists is None or not scope.allows(area):
-            raise not_found("area", area)
-        within = sorted(area_subtree(conn, [area]))
+    within = area_filter(conn, scope, area)
     params = {
         "kinds": sorted(k.value for k in kinds),
         "scope": scope.as_param(),

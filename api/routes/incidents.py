@@ -10,7 +10,7 @@ from psycopg.types.json import Jsonb
 from pydantic import AwareDatetime, BaseModel
 
 from api import deps
-from api.deps import API_PREFIX, ConnDep, CurrentToken, Now, Page, Scope, area_subtree, not_found
+from api.deps import API_PREFIX, ConnDep, CurrentToken, Now, Page, Scope, area_filter, not_found
 from devices.kinds import Channel, IncidentKind, IncidentState, Severity
 from shouhu.tokens import Role
 
@@ -155,12 +155,7 @@ def read_incidents(
     kinds = visible_kinds(token.role)
     if kind is not None:
         kinds = kinds & {kind}
-    within: list[str] | None = None
-    if area is not None:
-        exists = conn.execute("SELECT 1 FROM areas WHERE id = %s", (area,)).fetchone()
-        if exists is None or not scope.allows(area):
-            raise not_found("area", area)
-        within = sorted(area_subtree(conn, [area]))
+    within = area_filter(conn, scope, area)
     params = {
         "kinds": sorted(k.value for k in kinds),
         "scope": scope.as_param(),
