@@ -41,6 +41,7 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from psycopg.types.json import Jsonb
 
+from bench.stats import percentile
 from shouhu.embedded.postgres import create_database, free_port, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
 from simulators.phone_network import PhoneNetwork, create_phone_network
@@ -49,11 +50,6 @@ from tests.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, serve_app, shou
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 SID, TOKEN = "AC" + "3" * 32, "bench-token"
 PHONE_CHANNELS = ("voice", "sms")
-
-
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
 
 
 def summary(name: str, values: list[float], unit: str = "ms") -> str:

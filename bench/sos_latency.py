@@ -26,6 +26,7 @@ import httpx
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
+from bench.stats import percentile
 from shouhu.embedded.postgres import create_database, free_port, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
 from simulators.phone_network import create_phone_network
@@ -36,16 +37,10 @@ DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml
 SID, TOKEN = "AC" + "2" * 32, "bench-token"
 
 
-def percentile(values: list[float], fraction: float) -> float:
-    ordered = sorted(values)
-    return ordered[min(len(ordered) - 1, int(fraction * len(ordered)))]
-
-
 def summary(name: str, values: list[float]) -> str:
     ms = [v * 1000 for v in values]
     return (
-        f"{name}: n={len(ms)} p50={statistics.median(ms):.1f} ms p95={percentile(ms, 0.95):.1f} ms "
-        f"max={max(ms):.1f} ms"
+        f"{name}: n={len(ms)} p50={statistics.median(ms):.1f} ms p95={percentile(ms, 0.95):.1f} ms max={max(ms):.1f} ms"
     )
 
 
@@ -91,16 +86,21 @@ def main() -> None:
     phone_base = next(phone)
     try:
         env = shouhu_env(
-            SHOUHU_DATABASE_URL=url, SHOUHU_MQTT_URL=broker.url, SHOUHU_HUB_ID="bench-hub",
-            SHOUHU_TWILIO_ACCOUNT_SID=SID, SHOUHU_TWILIO_AUTH_TOKEN=TOKEN,
-            SHOUHU_TWILIO_FROM="+12025550100", SHOUHU_TWILIO_API_BASE=phone_base,
+            SHOUHU_DATABASE_URL=url,
+            SHOUHU_MQTT_URL=broker.url,
+            SHOUHU_HUB_ID="bench-hub",
+            SHOUHU_TWILIO_ACCOUNT_SID=SID,
+            SHOUHU_TWILIO_AUTH_TOKEN=TOKEN,
+            SHOUHU_TWILIO_FROM="+12025550100",
+            SHOUHU_TWILIO_API_BASE=phone_base,
         )
         subprocess.run([SHOUHU_BIN, "registry", "load", str(DEMO)], env=env, check=True, capture_output=True)
         for verb in ("hub", "router"):
             port = free_port()
             processes.append(
-                ShouhuProcess([verb], {**env, "SHOUHU_METRICS_PORT": str(port)},
-                              ready_url=f"http://127.0.0.1:{port}/readyz").start()
+                ShouhuProcess(
+                    [verb], {**env, "SHOUHU_METRICS_PORT": str(port)}, ready_url=f"http://127.0.0.1:{port}/readyz"
+                ).start()
             )
         reference = reference_latencies(broker.port, args.presses)
         publisher = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv311)
