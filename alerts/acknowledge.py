@@ -118,17 +118,27 @@ def _paged_people(conn: Conn, incident_id: int) -> list[tuple[str, str, str]]:
 
 
 def queue_notice(
-    conn: Conn, incident_id: int, cause_event: int, text: str, people: list[tuple[str, str, str]], now: datetime
+    conn: Conn,
+    incident_id: int,
+    cause_event: int,
+    text: str,
+    people: list[tuple[str, str, str]],
+    now: datetime,
+    *,
+    not_before: datetime | None = None,
 ) -> int:
-    """An SMS to each of ``people``, keyed by the event that caused it (so it is queued once)."""
+    """An SMS to each of ``people``, keyed by the event that caused it (so it is queued once).
+
+    ``not_before`` holds a non-urgent notice back (quiet hours); pages never use it.
+    """
     for kind, recipient_id, phone in people:
         conn.execute(
             """
             INSERT INTO notification_attempts (incident_id, purpose, round, step, recipient_kind, recipient_id,
-                address, channel, attempt, state, body, created_at)
-            VALUES (%s, 'notice', 0, %s, %s, %s, %s, 'sms', 1, 'pending', %s, %s) ON CONFLICT DO NOTHING
+                address, channel, attempt, state, body, created_at, not_before)
+            VALUES (%s, 'notice', 0, %s, %s, %s, %s, 'sms', 1, 'pending', %s, %s, %s) ON CONFLICT DO NOTHING
             """,
-            (incident_id, cause_event, kind, recipient_id, phone, text, now),
+            (incident_id, cause_event, kind, recipient_id, phone, text, now, not_before),
         )
     return len(people)
 

@@ -96,6 +96,11 @@ def _county(conn: Conn) -> str | None:
     return row[0] if row else None
 
 
+def draw_code() -> str:
+    """A short random incident code, read out over the phone and typed into an SMS reply."""
+    return "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+
+
 def _insert_incident(conn: Conn, values: dict[str, Any]) -> int | None:
     """Insert an open red incident; None when the resident (or device) already has one."""
     conflict = (
@@ -105,7 +110,7 @@ def _insert_incident(conn: Conn, values: dict[str, Any]) -> int | None:
         else "(device_id) WHERE kind = 'sos_unregistered' AND state IN ('open', 'acknowledged', 'unreached')"
     )
     while True:
-        code = "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
+        code = draw_code()
         try:
             with conn.transaction():
                 row = conn.execute(

@@ -12,14 +12,16 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
-from typing import Annotated, cast
+from typing import Annotated, Any, cast
 
 import psycopg
 from fastapi import Depends, HTTPException, Query, Request, status
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg.rows import DictRow, TupleRow, tuple_row
+from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
 
+from alerts.acknowledge import Actor
 from shouhu.tokens import Role, TokenIdentity, authenticate
 
 API_PREFIX = "/api/v1"
@@ -178,3 +180,25 @@ def tuple_rows(conn: psycopg.Connection[DictRow]) -> Iterator[psycopg.Connection
         yield cast("psycopg.Connection[TupleRow]", conn)
     finally:
         conn.row_factory = previous
+
+
+def token_actor(conn: psycopg.Connection[DictRow], token: TokenIdentity) -> Actor:
+    """The token as the one who acts, named by its label, for timelines and notices."""
+    row = conn.execute("SELECT label FROM api_tokens WHERE id = %s", (token.id,)).fetchone()
+    label = (row["label"] if row else "") or f"{token.role.value} token {token.id}"
+    return Actor("token", str(token.id), label, None, token.role.value)
+
+
+def write_audit(
+    conn: psycopg.Connection[DictRow],
+    token: TokenIdentity,
+    now: datetime,
+    action: str,
+    subject: str,
+    detail: dict[str, Any],
+) -> None:
+    """One audit-log row, in the caller's transaction."""
+    conn.execute(
+        "INSERT INTO audit_log (at, token_id, role, action, subject, detail) VALUES (%s, %s, %s, %s, %s, %s)",
+        (now, token.id, token.role.value, action, subject, Jsonb(detail)),
+    )

@@ -113,6 +113,10 @@ class Outcome(StrEnum):
     HANDLED_BY_GUARDIAN = "handled_by_guardian"  # 监护人已处置
     EMERGENCY_SERVICES = "emergency_services"  # 120/110 已处置
     OTHER = "other"
+    # Care incidents (yellow, blue) end these ways too.
+    DEVICE_RECOVERED = "device_recovered"  # the device came back before anyone started on it
+    TASK_COMPLETED = "task_completed"  # the visit or repair was done; its task says how
+    BATTERY_CHARGED = "battery_charged"
 
 
 class AttemptPurpose(StrEnum):
@@ -122,3 +126,53 @@ class AttemptPurpose(StrEnum):
     CAP_ALERT = "cap_alert"
     CAP_UPDATE = "cap_update"
     CAP_CANCEL = "cap_cancel"
+
+
+class TaskKind(StrEnum):
+    VISIT = "visit"  # 网格员探视: a wristband offline or not worn
+    REPAIR = "repair"  # 雪亮工程 repair work order: a camera offline
+
+
+class TaskState(StrEnum):
+    OPEN = "open"
+    STARTED = "started"  # somebody is on the way: the device coming back no longer closes it
+    CLOSED = "closed"
+
+
+class TaskOutcome(StrEnum):
+    """How a visit or repair ended, recorded by whoever closes it (or by the device coming back)."""
+
+    RESIDENT_FINE = "resident_fine"  # 老人无恙
+    BAND_CHARGED = "band_charged"  # 手环已充电
+    BAND_REPLACED = "band_replaced"
+    BAND_BROKEN = "band_broken"  # 手环损坏，待更换
+    RESIDENT_AWAY = "resident_away"  # 老人外出/走亲戚
+    RESIDENT_IN_HOSPITAL = "resident_in_hospital"
+    REPAIRED = "repaired"
+    REPLACED = "replaced"
+    POWER_RESTORED = "power_restored"
+    NETWORK_RESTORED = "network_restored"
+    DEVICE_RECOVERED = "device_recovered"  # closed by the device itself, before anyone started
+    OTHER = "other"
+
+
+VISIT_OUTCOMES = frozenset(
+    {
+        TaskOutcome.RESIDENT_FINE,
+        TaskOutcome.BAND_CHARGED,
+        TaskOutcome.BAND_REPLACED,
+        TaskOutcome.BAND_BROKEN,
+        TaskOutcome.RESIDENT_AWAY,
+        TaskOutcome.RESIDENT_IN_HOSPITAL,
+        TaskOutcome.OTHER,
+    }
+)
+REPAIR_OUTCOMES = frozenset(
+    {
+        TaskOutcome.REPAIRED,
+        TaskOutcome.REPLACED,
+        TaskOutcome.POWER_RESTORED,
+        TaskOutcome.NETWORK_RESTORED,
+        TaskOutcome.OTHER,
+    }
+)

@@ -221,6 +221,7 @@ def load_registry(conn: psycopg.Connection, registry: RegistryFile) -> LoadRepor
             ],
         )
         changes["heartbeat_policies"] = _sync_heartbeats(conn, registry)
+        changes["quiet_hours"] = _sync_quiet_hours(conn, registry)
         return LoadReport(
             changes=changes,
             residents_without_guardian=residents_without_guardian(conn),
@@ -245,6 +246,25 @@ def _sync_heartbeats(conn: psycopg.Connection, registry: RegistryFile) -> TableC
                   (EXCLUDED.interval_s, EXCLUDED.misses)
             """,
             (kind.value, entry.interval_s, entry.misses),
+        ).rowcount
+    return TableChange(max(upserted, 0), max(removed, 0))
+
+
+def _sync_quiet_hours(conn: psycopg.Connection, registry: RegistryFile) -> TableChange:
+    """Quiet hours are configuration, not entities: an area left out has none of its own."""
+    listed = [q.area for q in registry.quiet_hours]
+    removed = conn.execute("DELETE FROM quiet_hours WHERE NOT (area_id = ANY(%s))", (listed,)).rowcount
+    upserted = 0
+    for quiet in registry.quiet_hours:
+        upserted += conn.execute(
+            """
+            INSERT INTO quiet_hours (area_id, start_time, end_time) VALUES (%s, %s, %s)
+            ON CONFLICT (area_id) DO UPDATE SET start_time = EXCLUDED.start_time, end_time = EXCLUDED.end_time,
+                updated_at = now()
+            WHERE (quiet_hours.start_time, quiet_hours.end_time) IS DISTINCT FROM
+                  (EXCLUDED.start_time, EXCLUDED.end_time)
+            """,
+            (quiet.area, quiet.start, quiet.end),
         ).rowcount
     return TableChange(max(upserted, 0), max(removed, 0))
 

@@ -79,12 +79,9 @@ def _clock(value: Any) -> Any:
 ClockTime = Annotated[time, Field(description="HH:MM, local time in SHOUHU_TIMEZONE")]
 
 
-class RosterEntry(_Entry):
-    """A recurring duty shift; ``end`` at or before ``start`` means the shift ends next day."""
+class _DailyWindow(_Entry):
+    """A ``start``–``end`` window of local time; ``end`` at or before ``start`` ends next day."""
 
-    staff: EntryId
-    area: EntryId
-    days: list[Weekday] = Field(default_factory=lambda: list(Weekday), min_length=1)
     start: ClockTime
     end: ClockTime
 
@@ -94,6 +91,14 @@ class RosterEntry(_Entry):
         if isinstance(data, dict):
             data = {**data, **{k: _clock(data[k]) for k in ("start", "end") if k in data}}
         return data
+
+
+class RosterEntry(_DailyWindow):
+    """A recurring duty shift; ``end`` at or before ``start`` means the shift ends next day."""
+
+    staff: EntryId
+    area: EntryId
+    days: list[Weekday] = Field(default_factory=lambda: list(Weekday), min_length=1)
 
 
 class GuardianEntry(_Entry):
@@ -160,6 +165,19 @@ class HeartbeatEntry(_Entry):
     misses: int = Field(ge=1)
 
 
+class QuietHoursEntry(_DailyWindow):
+    """Quiet hours of an area and everything below it (nearest area wins): non-urgent
+    (blue) notices wait until they end. Never an SOS, a fall or a visit."""
+
+    area: EntryId
+
+    @model_validator(mode="after")
+    def _not_empty(self) -> QuietHoursEntry:
+        if self.start == self.end:
+            raise ValueError("start and end are the same time: quiet hours must be a window")
+        return self
+
+
 class RegistryFile(_Entry):
     areas: list[AreaEntry] = Field(default_factory=list)
     staff: list[StaffEntry] = Field(default_factory=list)
@@ -168,6 +186,7 @@ class RegistryFile(_Entry):
     devices: list[DeviceEntry] = Field(default_factory=list)
     policies: list[PolicyEntry] = Field(default_factory=list)
     heartbeats: dict[DeviceKind, HeartbeatEntry] = Field(default_factory=dict)
+    quiet_hours: list[QuietHoursEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references(self) -> RegistryFile:
@@ -274,6 +293,13 @@ def reference_problems(registry: RegistryFile) -> list[str]:
         scopes.add((policy.kind, policy.area))
         if policy.area is not None and policy.area not in areas:
             problems.append(f"policies[{index}] ({policy.id}) field 'area': unknown area {policy.area!r}")
+    quiet_areas: set[str] = set()
+    for index, quiet in enumerate(registry.quiet_hours):
+        if quiet.area not in areas:
+            problems.append(f"quiet_hours[{index}] field 'area': unknown area {quiet.area!r}")
+        if quiet.area in quiet_areas:
+            problems.append(f"quiet_hours[{index}] field 'area': a second entry for {quiet.area!r}")
+        quiet_areas.add(quiet.area)
     return problems
 
 

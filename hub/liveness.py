@@ -20,7 +20,8 @@ Rules (DESIGN.md, "Liveness"):
 - Within a batch, the latest sighting by ``received_at`` (ties: the later in the
   batch) decides online/offline; battery, worn and position take their newest given
   value from refreshing sightings, so an SOS without a battery reading does not hide
-  the telemetry just before it. A transition — unknown → online/offline, online ⇄
+  the telemetry just before it. ``worn_since`` is when ``worn`` last changed value
+  (the care sweeper asks how long a band has lain unworn). A transition — unknown → online/offline, online ⇄
   offline — writes a ``device_events`` row; a new reason while already offline does
   not.
 
@@ -146,6 +147,7 @@ class DeviceState:
     worn: bool | None = None
     lat: float | None = None
     lon: float | None = None
+    worn_since: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -207,8 +209,10 @@ def apply_sightings(current: DeviceState, sightings: Sequence[Sighting], window:
     for sighting in sorted((s for s in sightings if s.refreshes), key=lambda s: s.received_at):
         if current.last_seen is not None and sighting.received_at < current.last_seen:
             continue
+        worn_changed = sighting.worn is not None and (sighting.worn != new.worn or new.worn_since is None)
         new = replace(
             new,
+            worn_since=sighting.received_at if worn_changed else new.worn_since,
             last_seen=sighting.received_at,
             deadline=sighting.received_at + window,
             battery=round(sighting.battery) if sighting.battery is not None else new.battery,
@@ -238,7 +242,7 @@ _LOCK_ROWS = """
     SELECT s.device_id, d.kind,
            coalesce(d.heartbeat_interval_s, h.interval_s), coalesce(d.heartbeat_misses, h.misses),
            s.online, s.offline_reason, s.last_seen, s.deadline, s.state_at,
-           s.battery, s.worn, s.lat, s.lon
+           s.battery, s.worn, s.lat, s.lon, s.worn_since
     FROM device_state s JOIN devices d ON d.id = s.device_id
     LEFT JOIN heartbeat_policies h ON h.kind = d.kind
     WHERE s.device_id = ANY(%s)
@@ -250,10 +254,11 @@ _WRITE_STATES = """
     UPDATE device_state s SET
         online = u.online, offline_reason = u.offline_reason, state_at = u.state_at,
         last_seen = u.last_seen, deadline = u.deadline,
-        battery = u.battery, worn = u.worn, lat = u.lat, lon = u.lon, updated_at = now()
+        battery = u.battery, worn = u.worn, lat = u.lat, lon = u.lon, worn_since = u.worn_since,
+        updated_at = now()
     FROM unnest(%s::text[], %s::boolean[], %s::text[], %s::timestamptz[], %s::timestamptz[],
-                %s::timestamptz[], %s::smallint[], %s::boolean[], %s::float8[], %s::float8[])
-         AS u(device_id, online, offline_reason, state_at, last_seen, deadline, battery, worn, lat, lon)
+                %s::timestamptz[], %s::smallint[], %s::boolean[], %s::float8[], %s::float8[], %s::timestamptz[])
+         AS u(device_id, online, offline_reason, state_at, last_seen, deadline, battery, worn, lat, lon, worn_since)
     WHERE s.device_id = u.device_id
 """
 
@@ -323,6 +328,7 @@ def record_sightings(conn: Conn, sightings: Sequence[Sighting], defaults: Livene
                 [s.worn for _, s in changed],
                 [s.lat for _, s in changed],
                 [s.lon for _, s in changed],
+                [s.worn_since for _, s in changed],
             ),
         )
     if transitions:

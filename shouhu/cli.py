@@ -24,6 +24,7 @@ from pydantic import ValidationError
 from shouhu.settings import TWILIO_DEFAULT_API_BASE, Settings
 
 if TYPE_CHECKING:
+    from alerts.care_sweep import CareSweeper
     from alerts.router import Router
     from hub.service import Hub
 
@@ -285,12 +286,28 @@ def router() -> None:
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = load_settings()
-    worker = _make_router(settings, database_url(settings))
+    url = database_url(settings)
+    worker = _make_router(settings, url)
+    care = _care_sweeper(settings, url)
     start_health_server(settings.metrics_port, lambda: not worker.stopping.is_set())
-    _run_until_signal(worker.stop)
+    def stop() -> None:
+        care.stop()
+        worker.stop()
+
+    _run_until_signal(stop)
     from alerts.router import DEFAULT_SENDERS
 
+    care_thread = _thread(care.run, "care")
     worker.run(senders=DEFAULT_SENDERS)
+    care.stop()
+    care_thread.join(15)
+
+
+def _care_sweeper(settings: Settings, url: str) -> CareSweeper:
+    """Visits, repairs and battery notices run beside the router (one leader across routers)."""
+    from alerts.care_sweep import CareRules, CareSweeper
+
+    return CareSweeper(url, CareRules.from_settings(settings))
 
 
 @simulate_app.command("wristbands")
@@ -534,11 +551,14 @@ def up(
         hub_worker = _make_hub(settings, url, broker_url, metrics_port=None)
         from alerts.router import DEFAULT_SENDERS
 
+        care = _care_sweeper(settings, url)
         threads = [
             _thread(hub_worker.run, "hub"),
             _thread(lambda: router_worker.run(senders=DEFAULT_SENDERS), "router"),
+            _thread(care.run, "care"),
         ]
         stack.callback(_join_all, threads)
+        stack.callback(care.stop)
         stack.callback(router_worker.stop)
         stack.callback(hub_worker.stop)
         if not hub_worker.ready.wait(30):

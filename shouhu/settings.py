@@ -48,6 +48,15 @@ class Settings(BaseSettings):
     heartbeat_interval_s: PositiveSeconds = 60
     heartbeat_misses: Annotated[int, Field(ge=1)] = 3
     camera_offline_hold_s: PositiveSeconds = 300
+    # Care between emergencies (issue #6; names beyond DESIGN.md's table, documented in
+    # docs/escalation.md): a wristband offline or unworn this long gets a visit, due
+    # within visit_due_s; a repair order is due within repair_due_s; overdue → one level up.
+    visit_offline_hold_s: PositiveSeconds = 3600
+    not_worn_hold_s: PositiveSeconds = 21600
+    visit_due_s: PositiveSeconds = 14400
+    repair_due_s: PositiveSeconds = 172800
+    battery_low_pct: Annotated[int, Field(ge=1, le=99)] = 20
+    battery_critical_pct: Annotated[int, Field(ge=1, le=99)] = 10
     timezone: str = "Asia/Shanghai"
     retention_days: Annotated[int, Field(ge=1)] = 90
 

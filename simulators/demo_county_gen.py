@@ -583,6 +583,8 @@ def build_demo_county() -> dict[str, object]:
         "residents": b.residents,
         "devices": b.devices,
         "policies": _build_policies(),
+        # Low-battery reminders to families wait for the morning (never an SOS or a visit).
+        "quiet_hours": [{"area": COUNTY_ID, "start": "21:00", "end": "07:00"}],
     }
 
 

@@ -20,6 +20,9 @@ from devices.kinds import (
     IncidentState,
     Outcome,
     StaffRole,
+    TaskKind,
+    TaskOutcome,
+    TaskState,
 )
 from shouhu import timeseries
 from shouhu.migrations import MIGRATIONS, MigrationContext, MigrationError, migrate
@@ -56,6 +59,10 @@ def test_schema_is_complete_on_each_version(any_database_url: str) -> None:
         "audit_log",
         "telemetry",
         "camera_health",
+        "care_tasks",
+        "maintenance_windows",
+        "quiet_hours",
+        "battery_notices",
     }
     assert expected <= tables
     assert versions == [m.version for m in MIGRATIONS]
@@ -110,6 +117,9 @@ def _check_values(conn: psycopg.Connection, table: str, column: str) -> set[str]
         ("api_tokens", "role", Role),
         ("incidents", "outcome", Outcome),
         ("notification_attempts", "purpose", AttemptPurpose),
+        ("care_tasks", "kind", TaskKind),
+        ("care_tasks", "state", TaskState),
+        ("care_tasks", "outcome", TaskOutcome),
     ],
 )
 def test_enums_match_check_constraints(database_url: str, table: str, column: str, enum: type) -> None:

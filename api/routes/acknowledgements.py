@@ -10,11 +10,20 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, HTTPException, Request, status
-from psycopg.types.json import Jsonb
 from pydantic import BaseModel, Field
 
-from alerts.acknowledge import Actor, Result, acknowledge, resolve
-from api.deps import API_PREFIX, ConnDep, CurrentToken, Now, Scope, not_found, tuple_rows
+from alerts.acknowledge import Result, acknowledge, resolve
+from api.deps import (
+    API_PREFIX,
+    ConnDep,
+    CurrentToken,
+    Now,
+    Scope,
+    not_found,
+    token_actor,
+    tuple_rows,
+    write_audit,
+)
 from api.routes.incidents import visible_kinds
 from devices.kinds import IncidentKind, IncidentState, Outcome
 from shouhu.tokens import Role
@@ -43,18 +52,27 @@ class IncidentActionPublic(BaseModel):
     acknowledged_by: str | None
 
 
-def _actor(conn: ConnDep, token: CurrentToken) -> Actor:
-    row = conn.execute("SELECT label FROM api_tokens WHERE id = %s", (token.id,)).fetchone()
-    label = (row["label"] if row else "") or f"{token.role.value} token {token.id}"
-    return Actor("token", str(token.id), label, None, token.role.value)
-
-
-def _check(conn: ConnDep, token: CurrentToken, scope: Scope, incident_id: int) -> None:
-    row = conn.execute("SELECT kind, area_id FROM incidents WHERE id = %s", (incident_id,)).fetchone()
+def _check(conn: ConnDep, token: CurrentToken, scope: Scope, incident_id: int, *, acknowledging: bool) -> None:
+    row = conn.execute(
+        "SELECT i.kind, i.severity, i.area_id, t.id AS task_id FROM incidents i"
+        " LEFT JOIN care_tasks t ON t.incident_id = i.id WHERE i.id = %s",
+        (incident_id,),
+    ).fetchone()
     if row is None or IncidentKind(row["kind"]) not in visible_kinds(token.role) or not scope.allows(row["area_id"]):
         raise not_found("incident", str(incident_id))
     if token.role not in ACKNOWLEDGERS:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"a {token.role.value} token cannot act on this incident")
+    # A visit or repair is taken and closed through its task, which records what was
+    # found; a blue notice asks nobody to come, so there is nothing to acknowledge.
+    if row["task_id"] is not None:
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"incident {incident_id} is a {row['kind']} task: use /api/v1/tasks/{row['task_id']}/start and /close",
+        )
+    if acknowledging and row["severity"] != "red":
+        raise HTTPException(
+            status.HTTP_409_CONFLICT, f"incident {incident_id} is a {row['severity']} notice: resolve it instead"
+        )
 
 
 def _answer(conn: ConnDep, incident_id: int, result: Result) -> IncidentActionPublic:
@@ -74,10 +92,7 @@ def _answer(conn: ConnDep, incident_id: int, result: Result) -> IncidentActionPu
 
 
 def _audit(conn: ConnDep, token: CurrentToken, now: Any, action: str, incident_id: int, detail: dict[str, Any]) -> None:
-    conn.execute(
-        "INSERT INTO audit_log (at, token_id, role, action, subject, detail) VALUES (%s, %s, %s, %s, %s, %s)",
-        (now, token.id, token.role.value, action, f"incident:{incident_id}", Jsonb(detail)),
-    )
+    write_audit(conn, token, now, action, f"incident:{incident_id}", detail)
 
 
 @router.post("/{incident_id}/ack")
@@ -91,8 +106,8 @@ def acknowledge_incident(
     body: AcknowledgeBody | None = None,
 ) -> IncidentActionPublic:
     """Take an incident: the escalation stops and everyone already paged is told who took it."""
-    _check(conn, token, scope, incident_id)
-    actor = _actor(conn, token)
+    _check(conn, token, scope, incident_id, acknowledging=True)
+    actor = token_actor(conn, token)
     timeout = getattr(request.app.state, "resolve_timeout_s", DEFAULT_RESOLVE_TIMEOUT_S)
     note = (body or AcknowledgeBody()).note
     with conn.transaction():
@@ -107,8 +122,8 @@ def resolve_incident(
     conn: ConnDep, token: CurrentToken, scope: Scope, now: Now, incident_id: int, body: ResolveBody
 ) -> IncidentActionPublic:
     """Close an incident with its outcome (false alarm, visited and fine, sent to hospital, …)."""
-    _check(conn, token, scope, incident_id)
-    actor = _actor(conn, token)
+    _check(conn, token, scope, incident_id, acknowledging=False)
+    actor = token_actor(conn, token)
     with conn.transaction():
         with tuple_rows(conn) as plain:
             result = resolve(plain, incident_id, body.outcome, body.note, actor, now)

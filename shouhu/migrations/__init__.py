@@ -61,6 +61,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(5, "liveness: deadline state, ingest heartbeats and gaps", sql_file="0005_liveness.sql"),
     Migration(6, "liveness windows per device kind", sql_file="0006_heartbeat_kinds.sql"),
     Migration(7, "an index for first pages", sql_file="0007_first_pages.sql"),
+    Migration(8, "care: visit tasks, work orders, battery notices, maintenance, quiet hours", sql_file="0008_care.sql"),
 )
 
 

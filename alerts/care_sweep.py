@@ -1,0 +1,428 @@
+"""The care sweeper: turns device state into visits, repairs and battery notices, and
+keeps every task moving until somebody closes it.
+
+Rules (docs/escalation.md, "Between emergencies"):
+
+- a wristband offline longer than ``SHOUHU_VISIT_OFFLINE_HOLD_S``, or online but
+  reporting not worn for longer than ``SHOUHU_NOT_WORN_HOLD_S`` → a yellow incident and
+  a visit for the grid worker; the device coming back closes the visit only if nobody
+  has started it;
+- a camera offline longer than ``SHOUHU_CAMERA_OFFLINE_HOLD_S`` → a yellow incident and
+  a repair work order for the area's technicians; the order closes by itself once the
+  camera has stayed back for the same hold (a camera flapping inside that keeps its one
+  order), with its time to repair;
+- a task past due → one level up the area tree, with a new deadline;
+- battery at or below ``SHOUHU_BATTERY_LOW_PCT`` → a blue incident; the guardian is
+  told at most once a local day, the grid worker too at ``SHOUHU_BATTERY_CRITICAL_PCT``;
+  quiet hours hold those notices until the morning;
+- a maintenance window on the device or its area silences all of it (nothing opens,
+  nothing escalates) — never an SOS or a fall, which do not pass through here.
+
+Runs in the router process, one leader at a time (an advisory lock); every rule is a
+query over the database, so a sweeper that dies loses nothing. The clock is passed in.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+from prometheus_client import Counter
+
+from alerts.acknowledge import Actor, queue_notice
+from alerts.care import (
+    TaskRow,
+    close_task,
+    escalate_task,
+    lock_task,
+    open_care_incident,
+    open_task,
+    tell_owners,
+    timeline_detail,
+)
+from alerts.recipients import duty_chain, guardians
+from alerts.silence import active_window, send_after
+from alerts.timeline import add_event, wake_routers
+from devices.kinds import IncidentKind, Outcome, TaskKind, TaskOutcome, TaskState
+from shouhu.settings import Settings
+
+log = logging.getLogger(__name__)
+
+Conn = psycopg.Connection[tuple[Any, ...]]
+Clock = Callable[[], datetime]
+
+# (…0001 migrations, …0002 the escalation router, …0003 liveness.)
+CARE_LOCK_KEY = 0x5348_4F55_4855_0004
+CARE_SWEEP_INTERVAL_S = 10.0
+# A battery must climb this far above the low mark to count as charged, so a reading
+# wobbling around the mark does not open and close an incident every minute.
+BATTERY_HYSTERESIS_PCT = 5
+# Rows each rule handles per sweep; the rest wait for the next sweep, seconds later.
+BATCH = 500
+SYSTEM = Actor("system", "care", "守护系统", None, "system")
+
+CARE_EVENTS = Counter("shouhu_care_events_total", "Care sweeper actions, by what was done", ["action"])
+
+
+@dataclass(frozen=True, slots=True)
+class CareRules:
+    visit_offline_hold: timedelta
+    not_worn_hold: timedelta
+    visit_due: timedelta
+    camera_offline_hold: timedelta
+    repair_due: timedelta
+    battery_low: int
+    battery_critical: int
+    zone: ZoneInfo
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> CareRules:
+        return cls(
+            visit_offline_hold=timedelta(seconds=settings.visit_offline_hold_s),
+            not_worn_hold=timedelta(seconds=settings.not_worn_hold_s),
+            visit_due=timedelta(seconds=settings.visit_due_s),
+            camera_offline_hold=timedelta(seconds=settings.camera_offline_hold_s),
+            repair_due=timedelta(seconds=settings.repair_due_s),
+            battery_low=settings.battery_low_pct,
+            battery_critical=min(settings.battery_critical_pct, settings.battery_low_pct),
+            zone=settings.zone,
+        )
+
+    def due(self, kind: TaskKind) -> timedelta:
+        return self.visit_due if kind is TaskKind.VISIT else self.repair_due
+
+
+@dataclass(slots=True)
+class CareReport:
+    leader: bool = False
+    opened: list[int] = field(default_factory=list)  # task ids
+    closed: list[int] = field(default_factory=list)
+    escalated: list[int] = field(default_factory=list)
+    silenced: list[str] = field(default_factory=list)  # devices left alone under maintenance
+    battery_incidents: list[int] = field(default_factory=list)
+    battery_notices: int = 0
+    charged: list[int] = field(default_factory=list)
+
+
+# Each rule reads its candidates with the partial indexes' help and skips what an open
+# incident of its kind already covers.
+_OFFLINE_WRISTBANDS = """
+    SELECT d.id, d.resident_id, r.grid_id, s.state_at, s.offline_reason
+    FROM device_state s JOIN devices d ON d.id = s.device_id JOIN residents r ON r.id = d.resident_id
+    WHERE d.kind = 'wristband' AND d.active AND r.active AND s.online = false AND s.state_at <= %(cutoff)s
+      AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'wristband_offline'
+                      AND i.state IN ('open', 'acknowledged', 'unreached'))
+    ORDER BY s.state_at LIMIT %(limit)s
+"""
+_UNWORN_WRISTBANDS = """
+    SELECT d.id, d.resident_id, r.grid_id, s.worn_since, 'not_worn'
+    FROM device_state s JOIN devices d ON d.id = s.device_id JOIN residents r ON r.id = d.resident_id
+    WHERE d.kind = 'wristband' AND d.active AND r.active AND s.online AND s.worn = false
+      AND s.worn_since <= %(cutoff)s
+      AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'not_worn'
+                      AND i.state IN ('open', 'acknowledged', 'unreached'))
+    ORDER BY s.worn_since LIMIT %(limit)s
+"""
+_OFFLINE_CAMERAS = """
+    SELECT d.id, NULL, d.area_id, s.state_at, s.offline_reason
+    FROM device_state s JOIN devices d ON d.id = s.device_id
+    WHERE d.kind = 'camera' AND d.active AND s.online = false AND s.state_at <= %(cutoff)s
+      AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'camera_offline'
+                      AND i.state IN ('open', 'acknowledged', 'unreached'))
+    ORDER BY s.state_at LIMIT %(limit)s
+"""
+# Open tasks with what their device says now: back (online, and worn for a not-worn
+# visit) or not, and since when.
+_OPEN_TASKS = """
+    SELECT t.id, t.kind, t.reason, t.state, t.recovered_at, t.due_at, s.online, s.state_at, s.worn, s.worn_since
+    FROM care_tasks t LEFT JOIN device_state s ON s.device_id = t.device_id
+    WHERE t.state <> 'closed'
+    ORDER BY t.id LIMIT %(limit)s
+"""
+
+
+def _open(
+    conn: Conn,
+    report: CareReport,
+    rules: CareRules,
+    now: datetime,
+    *,
+    query: str,
+    hold: timedelta,
+    incident_kind: IncidentKind,
+    task_kind: TaskKind,
+) -> None:
+    rows = conn.execute(query, {"cutoff": now - hold, "limit": BATCH}).fetchall()
+    for device_id, resident_id, area_id, since, reason in rows:
+        if active_window(conn, device_id, now) is not None:
+            report.silenced.append(device_id)
+            continue
+        reason_text = str(reason or "unknown")
+        incident_id = open_care_incident(
+            conn,
+            incident_kind,
+            device_id=device_id,
+            resident_id=resident_id,
+            area_id=area_id,
+            at=now,
+            detail={"reason": reason_text, "since": since.isoformat()},
+        )
+        if incident_id is None:
+            continue  # another sweeper got there first
+        task_id = open_task(
+            conn,
+            incident_id,
+            task_kind,
+            device_id=device_id,
+            resident_id=resident_id,
+            area_id=area_id,
+            reason=reason_text,
+            problem_since=since,
+            now=now,
+            due=rules.due(task_kind),
+            zone=rules.zone,
+        )
+        CARE_EVENTS.labels(f"{task_kind.value}_opened").inc()
+        report.opened.append(task_id)
+
+
+def _is_back(kind: TaskKind, reason: str, online: bool | None, worn: bool | None) -> bool:
+    if kind is TaskKind.VISIT and reason == "not_worn":
+        return bool(online) and worn is True
+    return online is True
+
+
+def _follow_tasks(conn: Conn, report: CareReport, rules: CareRules, now: datetime) -> None:
+    """Devices back, flaps, and overdue tasks."""
+    for task_id, kind_text, reason, state_text, stored_recovery, due_at, online, state_at, worn, worn_since in (
+        conn.execute(_OPEN_TASKS, {"limit": BATCH}).fetchall()
+    ):
+        kind, state = TaskKind(kind_text), TaskState(state_text)
+        recovered_at: datetime | None = stored_recovery
+        back = _is_back(kind, reason, online, worn)
+        back_at = worn_since if (kind is TaskKind.VISIT and reason == "not_worn") else state_at
+        task = lock_task(conn, task_id)
+        if task is None or task.state is TaskState.CLOSED:
+            continue
+        if back and recovered_at is None:
+            conn.execute("UPDATE care_tasks SET recovered_at = %s WHERE id = %s", (back_at or now, task_id))
+            add_event(conn, task.incident_id, now, "device_back", "care", timeline_detail(task))
+            recovered_at = back_at or now
+        elif not back and recovered_at is not None:
+            # Gone again before the order closed: the same order, one more flap.
+            conn.execute("UPDATE care_tasks SET recovered_at = NULL, flaps = flaps + 1 WHERE id = %s", (task_id,))
+            add_event(conn, task.incident_id, now, "flapped", "care", timeline_detail(task))
+            recovered_at = None
+        if back and _closes_itself(kind, state, recovered_at, now, rules):
+            _close_recovered(conn, task, now)
+            report.closed.append(task_id)
+            continue
+        if due_at <= now and not back:
+            if active_window(conn, task.device_id, now) is not None:
+                report.silenced.append(task.device_id)
+                continue
+            escalate_task(conn, task, now, rules.due(kind), rules.zone)
+            CARE_EVENTS.labels(f"{kind.value}_escalated").inc()
+            report.escalated.append(task_id)
+
+
+def _closes_itself(
+    kind: TaskKind, state: TaskState, recovered_at: datetime | None, now: datetime, rules: CareRules
+) -> bool:
+    if kind is TaskKind.VISIT:
+        # Somebody on the way records what they found; only an unstarted visit is withdrawn.
+        return state is TaskState.OPEN
+    return recovered_at is not None and now - recovered_at >= rules.camera_offline_hold
+
+
+def _close_recovered(conn: Conn, task: TaskRow, now: datetime) -> None:
+    close_task(
+        conn,
+        task.id,
+        TaskOutcome.DEVICE_RECOVERED,
+        "设备已恢复",
+        SYSTEM,
+        now,
+        incident_outcome=Outcome.DEVICE_RECOVERED,
+    )
+    label = "探视任务" if task.kind is TaskKind.VISIT else "维修工单"
+    event = add_event(conn, task.incident_id, now, "owners_told", "care", timeline_detail(task))
+    tell_owners(conn, task, event, f"【守护】{label}{task.code}：{task.device_id}已恢复，任务自动销号。", now)
+    wake_routers(conn, "care")
+    CARE_EVENTS.labels(f"{task.kind.value}_recovered").inc()
+
+
+_LOW_BATTERIES = """
+    SELECT d.id, d.resident_id, r.grid_id, s.battery, r.name
+    FROM device_state s JOIN devices d ON d.id = s.device_id JOIN residents r ON r.id = d.resident_id
+    WHERE d.kind = 'wristband' AND d.active AND r.active AND s.battery <= %(low)s
+    ORDER BY s.battery, d.id LIMIT %(limit)s
+"""
+
+
+def _batteries(conn: Conn, report: CareReport, rules: CareRules, now: datetime) -> None:
+    for device_id, resident_id, grid_id, battery, name in conn.execute(
+        _LOW_BATTERIES, {"low": rules.battery_low, "limit": BATCH}
+    ).fetchall():
+        if active_window(conn, device_id, now) is not None:
+            report.silenced.append(device_id)
+            continue
+        incident_id = _battery_incident(conn, report, device_id, resident_id, grid_id, battery, now)
+        after = send_after(conn, grid_id, now, rules.zone)
+        day = after.astimezone(rules.zone).date()
+        audiences = [("guardian", guardians(conn, resident_id))]
+        if battery <= rules.battery_critical:
+            audiences.append(("grid_worker", duty_chain(conn, grid_id, after, rules.zone)))
+        for audience, people in audiences:
+            claimed = conn.execute(
+                """
+                INSERT INTO battery_notices (device_id, local_day, audience, incident_id, battery, queued_at,
+                    send_after)
+                VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1
+                """,
+                (device_id, day, audience, incident_id, battery, now, after),
+            ).fetchone()
+            if claimed is None:
+                continue  # told today already
+            cause = add_event(
+                conn,
+                incident_id,
+                now,
+                "battery_notice",
+                "care",
+                {"audience": audience, "battery": battery, "send_after": after.isoformat(), "day": day.isoformat()},
+            )
+            text = (
+                f"【守护】提醒：{name}的手环电量{battery}%，请提醒老人及时充电。"
+                if audience == "guardian"
+                else f"【守护】{name}的手环电量仅剩{battery}%，即将关机，请联系老人或上门协助充电。"
+            )
+            contacts = [(p.kind, p.id, p.phone) for p in people if p.phone]
+            queue_notice(conn, incident_id, cause, text, contacts, now, not_before=after if after > now else None)
+            report.battery_notices += len(contacts)
+            CARE_EVENTS.labels(f"battery_notice_{audience}").inc()
+        wake_routers(conn, "care")
+
+
+def _battery_incident(
+    conn: Conn, report: CareReport, device_id: str, resident_id: str, grid_id: str, battery: int, now: datetime
+) -> int:
+    opened = open_care_incident(
+        conn,
+        IncidentKind.LOW_BATTERY,
+        device_id=device_id,
+        resident_id=resident_id,
+        area_id=grid_id,
+        at=now,
+        detail={"battery": battery},
+    )
+    if opened is not None:
+        report.battery_incidents.append(opened)
+        return opened
+    row = conn.execute(
+        "SELECT id FROM incidents WHERE device_id = %s AND kind = 'low_battery'"
+        " AND state IN ('open', 'acknowledged', 'unreached')",
+        (device_id,),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def _charged(conn: Conn, report: CareReport, rules: CareRules, now: datetime) -> None:
+    rows = conn.execute(
+        """
+        SELECT i.id, s.battery FROM incidents i JOIN device_state s ON s.device_id = i.device_id
+        WHERE i.kind = 'low_battery' AND i.state IN ('open', 'acknowledged', 'unreached')
+          AND s.battery >= %s
+        ORDER BY i.id LIMIT %s FOR UPDATE OF i
+        """,
+        (rules.battery_low + BATTERY_HYSTERESIS_PCT, BATCH),
+    ).fetchall()
+    for incident_id, battery in rows:
+        conn.execute(
+            "UPDATE incidents SET state = 'resolved', resolved_at = %s, outcome = 'battery_charged', updated_at = %s"
+            " WHERE id = %s",
+            (now, now, incident_id),
+        )
+        # Notices still waiting for the morning are moot now.
+        conn.execute(
+            "UPDATE notification_attempts SET state = 'cancelled', updated_at = %s"
+            " WHERE incident_id = %s AND state = 'pending'",
+            (now, incident_id),
+        )
+        add_event(conn, incident_id, now, "resolved", "care", {"outcome": "battery_charged", "battery": battery})
+        report.charged.append(int(incident_id))
+
+
+def sweep(conn: Conn, now: datetime, rules: CareRules, *, lock_key: int = CARE_LOCK_KEY) -> CareReport:
+    """Apply every care rule once, in one transaction, if this process leads.
+
+    Raises:
+        ValueError: ``now`` is naive.
+    """
+    if now.tzinfo is None:
+        raise ValueError(f"naive datetime {now!r}: the care sweeper works in timezone-aware UTC")
+    report = CareReport()
+    with conn.transaction():
+        (leader,) = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (lock_key,)).fetchone() or (False,)
+        if not leader:
+            return report
+        report.leader = True
+        _follow_tasks(conn, report, rules, now)
+        for query, hold, incident_kind, task_kind in (
+            (_OFFLINE_WRISTBANDS, rules.visit_offline_hold, IncidentKind.WRISTBAND_OFFLINE, TaskKind.VISIT),
+            (_UNWORN_WRISTBANDS, rules.not_worn_hold, IncidentKind.NOT_WORN, TaskKind.VISIT),
+            (_OFFLINE_CAMERAS, rules.camera_offline_hold, IncidentKind.CAMERA_OFFLINE, TaskKind.REPAIR),
+        ):
+            _open(
+                conn,
+                report,
+                rules,
+                now,
+                query=query,
+                hold=hold,
+                incident_kind=incident_kind,
+                task_kind=task_kind,
+            )
+        _charged(conn, report, rules, now)
+        _batteries(conn, report, rules, now)
+    return report
+
+
+class CareSweeper:
+    """Runs :func:`sweep` every few seconds on its own connection until stopped."""
+
+    def __init__(self, database_url: str, rules: CareRules, *, clock: Clock | None = None) -> None:
+        self.database_url = database_url
+        self.rules = rules
+        self.clock: Clock = clock or (lambda: datetime.now(UTC))
+        self.stopping = threading.Event()
+
+    def run(self, interval_s: float = CARE_SWEEP_INTERVAL_S) -> None:
+        conn: Conn | None = None
+        while not self.stopping.is_set():
+            try:
+                if conn is None or conn.closed:
+                    conn = psycopg.connect(self.database_url, application_name="shouhu-care")
+                sweep(conn, self.clock(), self.rules)
+            except psycopg.OperationalError as exc:
+                log.warning("care sweeper: database unavailable (%s); retrying", exc)
+                if conn is not None:
+                    conn.close()
+                conn = None
+            except Exception:  # a bad row must not stop every other elder's care
+                log.exception("care sweep failed; next sweep in %.0f s", interval_s)
+                if conn is not None:
+                    conn.rollback()
+            self.stopping.wait(interval_s)
+        if conn is not None:
+            conn.close()
+
+    def stop(self) -> None:
+        self.stopping.set()
