@@ -97,6 +97,11 @@ class CareRules:
     def due(self, kind: TaskKind) -> timedelta:
         return self.visit_due if kind is TaskKind.VISIT else self.repair_due
 
+    def sweep_interval_s(self) -> float:
+        """Sweep well inside the shortest hold, and never busier than twice a second."""
+        shortest = min(self.visit_offline_hold, self.not_worn_hold, self.camera_offline_hold).total_seconds()
+        return max(0.5, min(CARE_SWEEP_INTERVAL_S, shortest / 5))
+
 
 @dataclass(slots=True)
 class CareReport:
@@ -404,7 +409,8 @@ class CareSweeper:
         self.clock: Clock = clock or (lambda: datetime.now(UTC))
         self.stopping = threading.Event()
 
-    def run(self, interval_s: float = CARE_SWEEP_INTERVAL_S) -> None:
+    def run(self, interval_s: float | None = None) -> None:
+        interval_s = interval_s or self.rules.sweep_interval_s()
         conn: Conn | None = None
         while not self.stopping.is_set():
             try:

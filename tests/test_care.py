@@ -8,65 +8,29 @@ Time is driven: sightings carry the hub's receipt time and every sweep is given 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import UTC, datetime, time, timedelta
+from datetime import datetime, time, timedelta
 from typing import Any
 
 import psycopg
 import pytest
 
-from alerts.acknowledge import Actor, Result
+from alerts.acknowledge import Result
 from alerts.care import close_task, start_task
-from alerts.care_sweep import CareRules, sweep
+from alerts.incidents import Alarm, record_alarm
+from alerts.recipients import duty_chain
 from alerts.silence import QuietHours
-from devices.kinds import DeviceKind, TaskOutcome
-from hub.liveness import LivenessDefaults, record_sightings
-from hub.sightings import Sighting
-from tests.escalation_support import ZONE, q
+from devices.contract import payload_hash
+from devices.kinds import IncidentKind, TaskOutcome
+from tests.care_support import LOCK, RULES, T0, WORKER, heard, last_will, run, s
+from tests.escalation_support import NIGHT, ZONE, Clock, calls, make_router, q, wristband_in
 
 Conn = psycopg.Connection[tuple[Any, ...]]
-
-# Tuesday 10:00 in Asia/Shanghai: day shifts are on.
-T0 = datetime(2026, 11, 24, 10, 0, tzinfo=ZONE).astimezone(UTC)
-RULES = CareRules(
-    visit_offline_hold=timedelta(hours=1),
-    not_worn_hold=timedelta(hours=6),
-    visit_due=timedelta(hours=4),
-    camera_offline_hold=timedelta(seconds=300),
-    repair_due=timedelta(hours=48),
-    battery_low=20,
-    battery_critical=10,
-    zone=ZONE,
-)
-LOCK = 0x7E57_0C0E  # not the production key: the suite may share a cluster
-WORKER = Actor("staff", "gw-test", "测试网格员", None, "grid_worker")
-
-
-def s(seconds: float) -> timedelta:
-    return timedelta(seconds=seconds)
-
 
 @pytest.fixture
 def conn(county_url: str) -> Iterator[Conn]:
     # Autocommit: each sweep and sighting is its own transaction, as in the services.
     with psycopg.connect(county_url, autocommit=True) as connection:
         yield connection
-
-
-def heard(conn: Conn, device_id: str, at: datetime, **fields: Any) -> None:
-    """A message from the device as the hub records it (refreshing unless told otherwise)."""
-    kind = DeviceKind.CAMERA if device_id.startswith("cam-") else DeviceKind.WRISTBAND
-    refreshes = fields.pop("refreshes", True)
-    sighting = Sighting(device_id=device_id, kind=kind, received_at=at, refreshes=refreshes, **fields)
-    with conn.transaction():
-        record_sightings(conn, [sighting], LivenessDefaults(60, 3))
-
-
-def last_will(conn: Conn, device_id: str, at: datetime) -> None:
-    heard(conn, device_id, at, refreshes=False, reported_online=False, reported_reason="last_will")
-
-
-def run(conn: Conn, at: datetime) -> Any:
-    return sweep(conn, at, RULES, lock_key=LOCK)
 
 
 def tasks(conn: Conn, device_id: str) -> list[tuple[Any, ...]]:
@@ -107,8 +71,6 @@ def parent(conn: Conn, area_id: str) -> str:
 
 
 def grid_workers_on_duty(conn: Conn, grid: str) -> set[str]:
-    from alerts.recipients import duty_chain
-
     return {p.id for p in duty_chain(conn, grid, T0, ZONE)}
 
 
@@ -422,3 +384,44 @@ def test_only_one_sweeper_leads(conn: Conn, county_url: str) -> None:
         assert tasks(conn, "wb-0001") == []
         other.execute("SELECT pg_advisory_unlock(%s)", (LOCK,))
     assert run(conn, T0 + timedelta(hours=2)).leader is True
+
+
+# -- an SOS bypasses all of it ----------------------------------------------------------
+
+
+@pytest.mark.parametrize("kind", [IncidentKind.SOS, IncidentKind.FALL])
+def test_an_alarm_bypasses_maintenance_and_quiet_hours(
+    conn: Conn, county_url: str, phone_network: str, kind: IncidentKind
+) -> None:
+    """In hospital (a maintenance window on the band and on its whole county), at 02:00
+    (the demo county's quiet hours): a press or a fall still rings the grid worker at once."""
+    device, grid, _resident = wristband_in(county_url, night_covered=True)
+    county = conn.execute("SELECT id FROM areas WHERE parent_id IS NULL").fetchone()
+    assert county is not None
+    add_window(conn, start=NIGHT - timedelta(days=1), end=NIGHT + timedelta(days=1), device=device)
+    add_window(conn, start=NIGHT - timedelta(days=1), end=NIGHT + timedelta(days=1), area=county[0])
+    assert conn.execute("SELECT count(*) FROM quiet_hours").fetchone() == (1,)
+    clock = Clock(NIGHT)
+    router = make_router(county_url, phone_network, clock)
+    with psycopg.connect(county_url) as alarm_conn:
+        outcome = record_alarm(
+            alarm_conn,
+            Alarm(device, kind, "m-bypass", b"{}", payload_hash(b"m-bypass"), NIGHT),
+            ack_timeout_s=120,
+            hub_id="test",
+        )
+    assert outcome.incident_id is not None
+    router.run_once()
+    rung = {c["to"] for c in calls(phone_network)}
+    on_duty = {p.phone for p in duty_chain(conn, grid, NIGHT, ZONE)}
+    assert on_duty
+    assert rung == on_duty
+    attempts = conn.execute(
+        "SELECT not_before, sent_at FROM notification_attempts WHERE incident_id = %s AND purpose = 'page'",
+        (outcome.incident_id,),
+    ).fetchall()
+    assert attempts
+    assert all(not_before is None and sent_at == NIGHT for not_before, sent_at in attempts)
+    # And the care sweeper leaves the red incident alone.
+    assert run(conn, NIGHT).opened == []
+    assert conn.execute("SELECT count(*) FROM care_tasks").fetchone() == (0,)

@@ -114,7 +114,7 @@ def create_maintenance(
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"a {token.role.value} token cannot silence a whole area")
     starts_at = body.starts_at or now
     if body.ends_at <= starts_at:
-        raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, "body field 'ends_at': must be after starts_at")
+        raise HTTPException(422, "body field 'ends_at': must be after starts_at")
     with conn.transaction():
         row = conn.execute(
             """
@@ -189,7 +189,7 @@ def end_maintenance(conn: ConnDep, token: CurrentToken, scope: Scope, now: Now, 
     if row["cancelled_at"] is not None or row["ends_at"] <= now:
         raise HTTPException(status.HTTP_409_CONFLICT, f"maintenance window {window_id} is already over")
     with conn.transaction():
-        if row["starts_at"] > now:
+        if row["starts_at"] >= now:
             conn.execute("UPDATE maintenance_windows SET cancelled_at = %s WHERE id = %s", (now, window_id))
         else:
             conn.execute("UPDATE maintenance_windows SET ends_at = %s WHERE id = %s", (now, window_id))

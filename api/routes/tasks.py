@@ -245,7 +245,7 @@ def close_care_task(
             try:
                 result = close_task(plain, task_id, body.outcome, body.note, actor, now)
             except ValueError as exc:
-                raise HTTPException(status.HTTP_422_UNPROCESSABLE_ENTITY, f"body field 'outcome': {exc}") from exc
+                raise HTTPException(422, f"body field 'outcome': {exc}") from exc
         detail = {"result": result.value, "outcome": body.outcome.value}
         write_audit(conn, token, now, "task_close", f"task:{task_id}", detail)
     return _answer(conn, task_id, result)
