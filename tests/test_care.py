@@ -8,7 +8,7 @@ Time is driven: sightings carry the hub's receipt time and every sweep is given 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 
 import psycopg
@@ -22,7 +22,7 @@ from alerts.silence import QuietHours
 from devices.contract import payload_hash
 from devices.kinds import IncidentKind, TaskOutcome
 from tests.care_support import LOCK, RULES, T0, WORKER, heard, last_will, run, s
-from tests.escalation_support import NIGHT, ZONE, Clock, calls, make_router, q, wristband_in
+from tests.escalation_support import NIGHT, ZONE, Clock, calls, make_router, messages, q, wristband_in
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -425,3 +425,37 @@ def test_an_alarm_bypasses_maintenance_and_quiet_hours(
     # And the care sweeper leaves the red incident alone.
     assert run(conn, NIGHT).opened == []
     assert conn.execute("SELECT count(*) FROM care_tasks").fetchone() == (0,)
+
+
+def test_the_router_delivers_a_visit_at_once_and_a_night_battery_notice_at_seven(
+    conn: Conn, county_url: str, phone_network: str
+) -> None:
+    """Through the real senders and the phone-network simulator: a yellow visit is not
+    held by quiet hours; a blue notice raised at 23:30 reaches the guardians at 07:00."""
+    late = datetime(2026, 11, 24, 23, 30, tzinfo=ZONE)
+    clock = Clock(late.astimezone(UTC))
+    router = make_router(county_url, phone_network, clock)
+    device, _, grid = wristband(conn, "wb-0002")
+    last_will(conn, device, late - timedelta(hours=2))
+    heard(conn, "wb-0003", late, battery=12)
+    report = run(conn, late)
+    assert len(report.opened) == 1
+    assert len(report.battery_incidents) == 1
+    router.run_once()
+    texts = messages(phone_network)
+    visit_to = {p.phone for p in duty_chain(conn, grid, late, ZONE)}
+    assert {m["to"] for m in texts if "探视任务" in m["body"]} == visit_to
+    assert not [m for m in texts if "电量" in m["body"]]
+    guardian_phones = {
+        r[0]
+        for r in conn.execute(
+            "SELECT g.phone FROM guardians g JOIN devices d ON d.resident_id = g.resident_id WHERE d.id = 'wb-0003'"
+        ).fetchall()
+    }
+    clock.now = datetime(2026, 11, 25, 6, 59, tzinfo=ZONE).astimezone(UTC)
+    router.run_once()
+    assert not [m for m in messages(phone_network) if "电量" in m["body"]]
+    clock.now = datetime(2026, 11, 25, 7, 0, tzinfo=ZONE).astimezone(UTC)
+    router.run_once()
+    battery = [m for m in messages(phone_network) if "电量12%" in m["body"]]
+    assert {m["to"] for m in battery} == guardian_phones

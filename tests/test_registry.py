@@ -177,6 +177,14 @@ def test_edit_updates_in_place(database_url: str, tmp_path: Path) -> None:
             ),
             "a second sos policy for the default scope",
         ),
+        (
+            lambda d: d.update(quiet_hours=[{"area": "nowhere", "start": "21:00", "end": "07:00"}]),
+            "quiet_hours[0] field 'area': unknown area 'nowhere'",
+        ),
+        (
+            lambda d: d.update(quiet_hours=[{"area": "g1", "start": "21:00", "end": "21:00"}]),
+            "quiet_hours[0]: start and end are the same time",
+        ),
     ],
 )
 def test_bad_file_names_entry_and_field_and_loads_nothing(
