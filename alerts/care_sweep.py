@@ -115,12 +115,14 @@ class CareReport:
     charged: list[int] = field(default_factory=list)
 
 
-# Each rule reads its candidates with the partial indexes' help and skips what an open
-# incident of its kind already covers.
+# Each rule reads its candidates and skips what an open incident of its kind already
+# covers. A task somebody closed while the device is still down restarts the hold from
+# the close: "repaired" but still dark a hold later is a new order, not an instant one.
 _OFFLINE_WRISTBANDS = """
     SELECT d.id, d.resident_id, r.grid_id, s.state_at, s.offline_reason
     FROM device_state s JOIN devices d ON d.id = s.device_id JOIN residents r ON r.id = d.resident_id
-    WHERE d.kind = 'wristband' AND d.active AND r.active AND s.online = false AND s.state_at <= %(cutoff)s
+    WHERE d.kind = 'wristband' AND d.active AND r.active AND s.online = false
+      AND greatest(s.state_at, (SELECT max(closed_at) FROM care_tasks t WHERE t.device_id = d.id)) <= %(cutoff)s
       AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'wristband_offline'
                       AND i.state IN ('open', 'acknowledged', 'unreached'))
     ORDER BY s.state_at LIMIT %(limit)s
@@ -129,7 +131,7 @@ _UNWORN_WRISTBANDS = """
     SELECT d.id, d.resident_id, r.grid_id, s.worn_since, 'not_worn'
     FROM device_state s JOIN devices d ON d.id = s.device_id JOIN residents r ON r.id = d.resident_id
     WHERE d.kind = 'wristband' AND d.active AND r.active AND s.online AND s.worn = false
-      AND s.worn_since <= %(cutoff)s
+      AND greatest(s.worn_since, (SELECT max(closed_at) FROM care_tasks t WHERE t.device_id = d.id)) <= %(cutoff)s
       AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'not_worn'
                       AND i.state IN ('open', 'acknowledged', 'unreached'))
     ORDER BY s.worn_since LIMIT %(limit)s
@@ -137,7 +139,8 @@ _UNWORN_WRISTBANDS = """
 _OFFLINE_CAMERAS = """
     SELECT d.id, NULL, d.area_id, s.state_at, s.offline_reason
     FROM device_state s JOIN devices d ON d.id = s.device_id
-    WHERE d.kind = 'camera' AND d.active AND s.online = false AND s.state_at <= %(cutoff)s
+    WHERE d.kind = 'camera' AND d.active AND s.online = false
+      AND greatest(s.state_at, (SELECT max(closed_at) FROM care_tasks t WHERE t.device_id = d.id)) <= %(cutoff)s
       AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'camera_offline'
                       AND i.state IN ('open', 'acknowledged', 'unreached'))
     ORDER BY s.state_at LIMIT %(limit)s

@@ -459,3 +459,16 @@ def test_the_router_delivers_a_visit_at_once_and_a_night_battery_notice_at_seven
     router.run_once()
     battery = [m for m in messages(phone_network) if "电量12%" in m["body"]]
     assert {m["to"] for m in battery} == guardian_phones
+
+
+def test_closed_by_hand_while_still_dark_reopens_only_a_hold_after_the_close(conn: Conn) -> None:
+    heard(conn, "cam-004", T0, reported_online=False, reported_reason="power")
+    run(conn, T0 + s(300))
+    [(task_id, *_rest)] = tasks(conn, "cam-004")
+    closed_at = T0 + timedelta(hours=1)
+    with conn.transaction():
+        close_task(conn, task_id, TaskOutcome.POWER_RESTORED, "电源已恢复", WORKER, closed_at)
+    assert run(conn, closed_at + s(299)).opened == []
+    reopened = run(conn, closed_at + s(300)).opened
+    assert len(reopened) == 1
+    assert [t[2] for t in tasks(conn, "cam-004")] == ["closed", "open"]
