@@ -7,7 +7,7 @@ from typing import Annotated
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
-from api.deps import API_PREFIX, ConnDep, Page, Scope
+from api.deps import API_PREFIX, ConnDep, Page, Scope, area_filter
 from devices.kinds import AreaLevel
 
 router = APIRouter(prefix=f"{API_PREFIX}/areas", tags=["areas"])
@@ -29,7 +29,9 @@ class AreasPublic(BaseModel):
 _WHERE = """
     FROM areas
     WHERE (%(scope)s::text[] IS NULL OR id = ANY(%(scope)s))
+      AND (%(within)s::text[] IS NULL OR id = ANY(%(within)s))
       AND (%(include_inactive)s OR active)
+      AND (%(level)s::text IS NULL OR level = %(level)s)
 """
 
 
@@ -42,10 +44,14 @@ def read_areas(
     include_inactive: Annotated[
         bool, Query(description="Also list deactivated areas.")
     ] = False,
+    area: Annotated[str | None, Query(description="An area id: it and everything below it.")] = None,
+    level: Annotated[AreaLevel | None, Query(description="Only areas of this level.")] = None,
 ) -> AreasPublic:
     """List the areas the token may see, from the top of the tree down."""
     params = {
         "scope": scope.as_param(),
+        "within": area_filter(conn, scope, area),
+        "level": level.value if level else None,
         "include_inactive": include_inactive,
         "levels": [level.value for level in AreaLevel],
         "limit": page.limit,

@@ -1,0 +1,326 @@
+"""The authorization matrix: every route × every role × (own area, other area), and
+every route with no token, an expired token and a revoked one.
+
+One scenario is built once for the module: the demo county, a grid A in 东关镇 and a
+grid B in 西关镇, and for each role its own objects in each (an SOS, a visit, a repair
+order, a maintenance window, a token to revoke), so routes that change things can be
+checked role by role without one role's call changing another's answer. Tokens are
+bound to grid A (grid worker) or to 东关镇 (everyone else). Expected answers are
+written out here, not derived from the code under test; a route the matrix does not
+list fails ``test_every_route_is_in_the_matrix``.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import psycopg
+import pytest
+from fastapi.testclient import TestClient
+
+from alerts.care_sweep import sweep
+from api import deps
+from api.main import create_app
+from devices.registry import load_registry
+from devices.registry_file import parse_registry
+from shouhu.embedded.postgres import LocalPostgres
+from shouhu.tokens import Role, create_token, revoke_token
+from tests.care_support import RULES, heard, last_will
+from tests.conftest import DEMO_COUNTY, fresh_database
+from tests.escalation_support import press
+
+NOW = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)  # 12:00 in Asia/Shanghai
+GRID_A, GRID_B = "dongguan-01-g1", "xiguan-02-g2"
+TOWN_A, TOWN_B = "dongguan", "xiguan"
+ROLES = tuple(Role)
+READERS = {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM}  # may read residents
+VISIT_ROLES = {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER}
+REPAIR_ROLES = {Role.ADMIN, Role.OPERATOR, Role.TECHNICIAN}
+CALLBACKS = ("/callbacks/twilio/keypress", "/callbacks/twilio/status", "/callbacks/twilio/sms")
+OUTSIDE_TOKENS = {("get", "/healthz"), ("get", "/readyz")} | {("post", path) for path in CALLBACKS}
+
+
+@dataclass(frozen=True)
+class Scenario:
+    url: str
+    headers: dict[Role, dict[str, str]]
+    own: dict[Role, dict[str, Any]]
+    other: dict[Role, dict[str, Any]]
+    expired: dict[str, str]
+    revoked: dict[str, str]
+
+
+def _bearer(secret: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {secret}"}
+
+
+def _ids(conn: psycopg.Connection[Any], sql: str, *params: Any) -> list[str]:
+    return [str(r[0]) for r in conn.execute(sql, params).fetchall()]
+
+
+def _objects(conn: psycopg.Connection[Any], url: str, grid: str, town: str, index: int) -> dict[str, Any]:
+    wristbands = _ids(
+        conn,
+        "SELECT d.id FROM devices d JOIN residents r ON r.id = d.resident_id WHERE r.grid_id = %s ORDER BY d.id",
+        grid,
+    )
+    cameras_in_town = _ids(
+        conn,
+        """
+        SELECT d.id FROM devices d JOIN areas a ON a.id = d.area_id LEFT JOIN areas p ON p.id = a.parent_id
+        WHERE d.kind = 'camera' AND (a.parent_id = %s OR p.parent_id = %s) ORDER BY d.id
+        """,
+        town,
+        town,
+    )
+    grid_camera = _ids(conn, "SELECT id FROM devices WHERE kind = 'camera' AND area_id = %s ORDER BY id", grid)[0]
+    wristband, camera = wristbands[index], cameras_in_town[index + 2]
+    resident = _ids(conn, "SELECT resident_id FROM devices WHERE id = %s", wristband)[0]
+    incident = press(url, wristband, NOW - timedelta(hours=3), msg_id=f"authz-{index}")
+    heard(conn, camera, NOW - timedelta(hours=3), reported_online=False, reported_reason="power")
+    last_will(conn, wristband, NOW - timedelta(hours=3))
+    window_device = camera if index == ROLES.index(Role.TECHNICIAN) else wristband
+    window = conn.execute(
+        "INSERT INTO maintenance_windows (device_id, starts_at, ends_at, reason, created_by, created_at)"
+        " VALUES (%s, %s, %s, 'authz', 'test', %s) RETURNING id",
+        (window_device, NOW - timedelta(hours=1), NOW + timedelta(hours=5), NOW),
+    ).fetchone()
+    token_to_revoke = create_token(conn, role=Role.OPERATOR, areas=[town], label="target", now=NOW, expires_at=None)
+    token_id = _ids(conn, "SELECT id FROM api_tokens ORDER BY id DESC LIMIT 1")[0]
+    assert window is not None
+    assert token_to_revoke
+    return {
+        "grid": grid,
+        "town": town,
+        "wristband": wristband,
+        "camera": grid_camera,
+        "repair_camera": camera,
+        "resident": resident,
+        "incident": incident,
+        "window": window[0],
+        "window_device": window_device,
+        "token": token_id,
+    }
+
+
+@pytest.fixture(scope="module")
+def scenario(postgres: LocalPostgres) -> Iterator[Scenario]:
+    for url in fresh_database(postgres):
+        with psycopg.connect(url, autocommit=True) as conn:
+            load_registry(conn, parse_registry(DEMO_COUNTY))
+            own = {role: _objects(conn, url, GRID_A, TOWN_A, i) for i, role in enumerate(ROLES)}
+            other = {role: _objects(conn, url, GRID_B, TOWN_B, i) for i, role in enumerate(ROLES)}
+            # Cameras dark for 3 h and bands silent for 3 h: repair orders and visits open
+            # (the windows made above for the maintenance routes start only after this sweep).
+            conn.execute("UPDATE maintenance_windows SET starts_at = %s", (NOW + timedelta(minutes=1),))
+            report = sweep(conn, NOW, RULES, lock_key=0x7E57_A022)
+            conn.execute("UPDATE maintenance_windows SET starts_at = %s", (NOW - timedelta(hours=1),))
+            assert len(report.opened) == 4 * len(ROLES)
+            tasks = {
+                (device, kind): task_id
+                for device, kind, task_id in conn.execute("SELECT device_id, kind, id FROM care_tasks").fetchall()
+            }
+            for objects in (*own.values(), *other.values()):
+                objects["visit"] = tasks[(objects["wristband"], "visit")]
+                objects["repair"] = tasks[(objects["repair_camera"], "repair")]
+            headers = {
+                role: _bearer(
+                    create_token(
+                        conn,
+                        role=role,
+                        areas=[GRID_A if role is Role.GRID_WORKER else TOWN_A],
+                        label=f"authz {role}",
+                        now=NOW,
+                        expires_at=None,
+                    )
+                )
+                for role in ROLES
+            }
+            expired = create_token(
+                conn,
+                role=Role.ADMIN,
+                areas=[],
+                label="old",
+                now=NOW - timedelta(days=2),
+                expires_at=NOW - timedelta(days=1),
+            )
+            revoked = create_token(conn, role=Role.ADMIN, areas=[], label="gone", now=NOW, expires_at=None)
+            revoked_id = int(_ids(conn, "SELECT id FROM api_tokens ORDER BY id DESC LIMIT 1")[0])
+            revoke_token(conn, revoked_id, NOW)
+        yield Scenario(url, headers, own, other, _bearer(expired), _bearer(revoked))
+
+
+@pytest.fixture(scope="module")
+def client(scenario: Scenario) -> Iterator[TestClient]:
+    app = create_app(scenario.url, twilio_auth_token="authz-twilio-token")
+    app.dependency_overrides[deps.get_now] = lambda: NOW
+    with TestClient(app) as test_client:
+        yield test_client
+
+
+@dataclass(frozen=True)
+class Case:
+    """One route: how to call it on an object, and who gets what in their own area and in another."""
+
+    method: str
+    template: str
+    path: str  # with {key} placeholders filled from the scenario's objects
+    allowed: frozenset[Role]  # answered ``ok`` in their own area
+    ok: int = 200
+    denied: int = 404  # a role outside ``allowed``, in its own area
+    other: int = 404  # every role, in another area
+    body: dict[str, Any] | None = None
+    body_other: dict[str, Any] | None = None
+
+
+def _everyone() -> frozenset[Role]:
+    return frozenset(ROLES)
+
+
+# Order matters for routes that change things: acknowledge before resolve, start before close.
+MATRIX: tuple[Case, ...] = (
+    Case("get", "/api/v1/areas", "/api/v1/areas?area={grid}", _everyone()),
+    Case("get", "/api/v1/devices", "/api/v1/devices?area={grid}", _everyone()),
+    Case("get", "/api/v1/devices/{device_id}", "/api/v1/devices/{wristband}", frozenset(READERS)),
+    Case("get", "/api/v1/devices/{device_id}", "/api/v1/devices/{camera}", _everyone()),
+    Case("get", "/api/v1/residents/{resident_id}", "/api/v1/residents/{resident}", frozenset(READERS)),
+    Case("get", "/api/v1/incidents", "/api/v1/incidents?area={grid}", _everyone()),
+    Case("get", "/api/v1/incidents/{incident_id}", "/api/v1/incidents/{incident}", frozenset(READERS)),
+    Case("post", "/api/v1/incidents/{incident_id}/ack", "/api/v1/incidents/{incident}/ack", frozenset(READERS)),
+    Case(
+        "post",
+        "/api/v1/incidents/{incident_id}/resolve",
+        "/api/v1/incidents/{incident}/resolve",
+        frozenset(READERS),
+        body={"outcome": "false_alarm"},
+        body_other={"outcome": "false_alarm"},
+    ),
+    Case("get", "/api/v1/tasks", "/api/v1/tasks?area={grid}", _everyone()),
+    Case(
+        "get",
+        "/api/v1/tasks/repair-rounds",
+        "/api/v1/tasks/repair-rounds?area={grid}",
+        frozenset(REPAIR_ROLES),
+        denied=403,
+    ),
+    Case("get", "/api/v1/tasks/{task_id}", "/api/v1/tasks/{visit}", frozenset(VISIT_ROLES)),
+    Case("get", "/api/v1/tasks/{task_id}", "/api/v1/tasks/{repair}", frozenset(REPAIR_ROLES)),
+    Case("post", "/api/v1/tasks/{task_id}/start", "/api/v1/tasks/{visit}/start", frozenset(VISIT_ROLES)),
+    Case(
+        "post",
+        "/api/v1/tasks/{task_id}/close",
+        "/api/v1/tasks/{visit}/close",
+        frozenset(VISIT_ROLES),
+        body={"outcome": "resident_fine"},
+        body_other={"outcome": "resident_fine"},
+    ),
+    Case(
+        "post",
+        "/api/v1/tasks/{task_id}/close",
+        "/api/v1/tasks/{repair}/close",
+        frozenset(REPAIR_ROLES),
+        body={"outcome": "repaired"},
+        body_other={"outcome": "repaired"},
+    ),
+    Case("get", "/api/v1/maintenance", "/api/v1/maintenance?area={grid}", _everyone()),
+    Case(
+        "post",
+        "/api/v1/maintenance",
+        "/api/v1/maintenance",
+        frozenset(ROLES) - {Role.PLATFORM},
+        ok=201,
+        body={"device_id": "{window_device}", "ends_at": "2026-11-25T00:00:00Z", "reason": "authz"},
+        body_other={"device_id": "{window_device}", "ends_at": "2026-11-25T00:00:00Z", "reason": "authz"},
+    ),
+    Case(
+        "post",
+        "/api/v1/maintenance/{window_id}/end",
+        "/api/v1/maintenance/{window}/end",
+        frozenset(ROLES) - {Role.PLATFORM},
+    ),
+    Case("get", "/api/v1/tokens", "/api/v1/tokens", frozenset({Role.ADMIN}), denied=403, other=0),
+    Case(
+        "post",
+        "/api/v1/tokens",
+        "/api/v1/tokens",
+        frozenset({Role.ADMIN}),
+        ok=201,
+        denied=403,
+        other=403,
+        body={"role": "operator", "areas": ["{town}"]},
+        body_other={"role": "operator", "areas": ["{town}"]},
+    ),
+    Case("delete", "/api/v1/tokens/{token_id}", "/api/v1/tokens/{token}", frozenset({Role.ADMIN}), denied=403),
+    # The audit log spans the county: an admin bound to an area is refused too.
+    Case("get", "/api/v1/audit", "/api/v1/audit", frozenset(), denied=403, other=0),
+)
+
+
+def _fill(value: Any, objects: dict[str, Any]) -> Any:
+    if isinstance(value, str):
+        return value.format(**objects)
+    if isinstance(value, dict):
+        return {k: _fill(v, objects) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_fill(v, objects) for v in value]
+    return value
+
+
+def _call(client: TestClient, case: Case, objects: dict[str, Any], headers: dict[str, str], body: Any) -> int:
+    path = _fill(case.path, objects)
+    kwargs: dict[str, Any] = {"headers": headers}
+    if body is not None:
+        kwargs["json"] = _fill(body, objects)
+    return int(client.request(case.method.upper(), path, **kwargs).status_code)
+
+
+def test_every_route_answers_each_role_in_its_own_area_and_refuses_others(
+    client: TestClient, scenario: Scenario
+) -> None:
+    wrong: list[str] = []
+    for case in MATRIX:
+        for role in ROLES:
+            headers = scenario.headers[role]
+            # Another area first: a refused call must change nothing the own-area call relies on.
+            if case.other:
+                # A role refused the route outright is refused the same way everywhere.
+                elsewhere = case.other if role in case.allowed else case.denied
+                got = _call(client, case, scenario.other[role], headers, case.body_other)
+                if got != elsewhere:
+                    wrong.append(f"{case.method.upper()} {case.path} as {role} in another area: {got}, not {elsewhere}")
+            expected = case.ok if role in case.allowed else case.denied
+            got = _call(client, case, scenario.own[role], headers, case.body)
+            if got != expected:
+                wrong.append(f"{case.method.upper()} {case.path} as {role} in its own area: {got}, not {expected}")
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_every_token_route_refuses_no_token_an_expired_one_and_a_revoked_one(
+    client: TestClient, scenario: Scenario
+) -> None:
+    wrong: list[str] = []
+    objects = scenario.own[Role.ADMIN]
+    for case in MATRIX:
+        for name, headers in (("no token", {}), ("expired", scenario.expired), ("revoked", scenario.revoked)):
+            got = _call(client, case, objects, headers, case.body)
+            if got != 401:
+                wrong.append(f"{case.method.upper()} {case.path} with {name}: {got}, not 401")
+    assert wrong == [], "\n".join(wrong)
+
+
+def test_callbacks_ignore_tokens_and_refuse_what_twilio_did_not_sign(client: TestClient, scenario: Scenario) -> None:
+    for path in CALLBACKS:
+        for headers in ({}, scenario.headers[Role.ADMIN]):
+            answer = client.post(path, headers=headers, data={"CallSid": "CA1", "Digits": "1", "From": "+12025550100"})
+            assert answer.status_code == 403, (path, answer.text)
+    assert client.get("/healthz").status_code == 200
+
+
+def test_every_route_is_in_the_matrix(client: TestClient) -> None:
+    paths = client.get("/openapi.json").json()["paths"]
+    routes = {(method, path) for path, item in paths.items() for method in item}
+    covered = {(case.method, case.template) for case in MATRIX} | OUTSIDE_TOKENS
+    assert routes - covered == set(), "routes with no row in the authorization matrix"
