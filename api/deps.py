@@ -8,6 +8,7 @@ together, inside the route, never after the response is sent).
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -20,11 +21,40 @@ from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from psycopg.rows import DictRow, TupleRow, tuple_row
 from psycopg.types.json import Jsonb
 from psycopg_pool import ConnectionPool
+from pydantic import AwareDatetime, BaseModel, BeforeValidator
 
 from alerts.acknowledge import Actor
 from shouhu.tokens import Role, TokenIdentity, authenticate
 
 API_PREFIX = "/api/v1"
+
+
+class ErrorPublic(BaseModel):
+    """Every error answer: one sentence that names the field, object or rule at fault."""
+
+    detail: str
+    errors: list[dict[str, Any]] | None = None
+    """Request validation only: each bad field's location, message and type."""
+
+
+def _error(description: str, example: str) -> dict[str, Any]:
+    return {
+        "model": ErrorPublic,
+        "description": description,
+        "content": {"application/json": {"example": {"detail": example}}},
+    }
+
+
+# The answers any route under the bearer token may give besides its own success.
+ERROR_RESPONSES: dict[int | str, dict[str, Any]] = {
+    400: _error("The body is not valid JSON.", "There was an error parsing the body"),
+    401: _error("No bearer token or session, or it is unknown, expired or revoked.", "a bearer token is required"),
+    403: _error("The token's role may not do this.", "a technician token cannot act on this incident"),
+    404: _error("Unknown, or outside the token's areas: the two answer alike.", "incident '42' not found"),
+    409: _error("The object's state does not allow it.", "incident 42 was already taken by 董思远"),
+    422: _error("A field or parameter is invalid; the message names it.", "invalid request: query parameter 'limit'"),
+    503: _error("The database is unavailable; try again shortly.", "the database is unavailable; try again shortly"),
+}
 DEFAULT_PAGE_SIZE = 100
 MAX_PAGE_SIZE = 1000
 
@@ -35,6 +65,20 @@ CONNECTION_TIMEOUT_S = 5.0
 RESIDENT_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM})
 # Roles that may read health and location (PIPL sensitive personal information).
 SENSITIVE_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM})
+
+_RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
+
+
+def _rfc3339_only(value: Any) -> Any:
+    # pydantic would also take "0.5" or 1700000000 as Unix seconds; the contract says
+    # RFC 3339 with an offset, and a number where a time belongs is a client's mistake.
+    if not isinstance(value, datetime) and not (isinstance(value, str) and _RFC3339.match(value)):
+        raise ValueError("must be an RFC 3339 time with an offset, e.g. 2026-11-24T10:00:00+08:00")
+    return value
+
+
+Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_only)]
+"""A timezone-aware time written as RFC 3339, in a query or a body."""
 
 _bearer = HTTPBearer(
     auto_error=False,
@@ -202,3 +246,31 @@ def write_audit(
         "INSERT INTO audit_log (at, token_id, role, action, subject, detail) VALUES (%s, %s, %s, %s, %s, %s)",
         (now, token.id, token.role.value, action, subject, Jsonb(detail)),
     )
+
+
+def _query_names(dependant: Any) -> set[str]:
+    """The query parameters of a route, its dependencies' included (Page's limit and offset)."""
+    names = {str(param.alias) for param in dependant.query_params}
+    for sub in dependant.dependencies:
+        names |= _query_names(sub)
+    return names
+
+
+def reject_unknown_query(request: Request) -> None:
+    """422 for a query parameter the route does not take.
+
+    A mistyped filter (``?stat=open``) would otherwise be ignored and the answer would
+    look filtered when it is not — an operator could miss an open incident.
+    """
+    route = request.scope.get("route")
+    dependant = getattr(route, "dependant", None)
+    if dependant is None:
+        return
+    known = _query_names(dependant)
+    unknown = sorted(set(request.query_params) - known)
+    if unknown:
+        raise HTTPException(
+            422,
+            f"invalid request: query parameter {unknown[0]!r} is not one this route takes"
+            + (f" (it takes {', '.join(sorted(known))})" if known else " (it takes none)"),
+        )

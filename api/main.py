@@ -9,16 +9,20 @@ from contextlib import asynccontextmanager
 from typing import Any
 
 import psycopg
-from fastapi import FastAPI, Request, status
+from fastapi import Depends, FastAPI, Request, status
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import shouhu
+from api.deps import ERROR_RESPONSES, reject_unknown_query
 from api.routes import (
     acknowledgements,
     areas,
@@ -106,6 +110,27 @@ async def _database_unavailable(request: Request, exc: Exception) -> JSONRespons
     )
 
 
+async def _http_error(request: Request, exc: Exception) -> Response:
+    """FastAPI's own answer, except that a 405 lists every method the path allows.
+
+    Each method of a path is its own route, and Starlette's 405 names only the first
+    route's; a client (and RFC 9110) needs them all.
+    """
+    assert isinstance(exc, StarletteHTTPException)
+    if exc.status_code != status.HTTP_405_METHOD_NOT_ALLOWED:
+        return await http_exception_handler(request, exc)
+    allowed: set[str] = set()
+    for route in request.app.routes:
+        match, _child = route.matches({**request.scope, "method": "\x00"})
+        if match is Match.PARTIAL:
+            allowed |= set(getattr(route, "methods", None) or ())
+    return JSONResponse(
+        status_code=exc.status_code,
+        content={"detail": f"{request.method} is not allowed here; use {', '.join(sorted(allowed))}"},
+        headers={"Allow": ", ".join(sorted(allowed))},
+    )
+
+
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
     logger.exception("unhandled error on %s %s", request.method, request.url.path)
     return JSONResponse(
@@ -167,6 +192,7 @@ def create_app(
     )
     app.add_middleware(_MetricsMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
     app.add_exception_handler(psycopg.OperationalError, _database_unavailable)
     app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(Exception, _internal_error)
@@ -197,8 +223,9 @@ def create_app(
 
     # The routers carry the full /api/v1/... paths themselves, so the matched route's
     # path is the whole template the metrics label with.
-    for module in (areas, devices, residents, incidents, acknowledgements, tasks, maintenance, tokens, callbacks):
-        app.include_router(module.router)
+    for module in (areas, devices, residents, incidents, acknowledgements, tasks, maintenance, tokens):
+        app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
+    app.include_router(callbacks.router)
     app.state.resolve_timeout_s = resolve_timeout_s
     app.state.public_url = public_url
     app.state.twilio_auth_token = twilio_auth_token

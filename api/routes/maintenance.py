@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
-from pydantic import AwareDatetime, BaseModel, Field, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from api.deps import (
     API_PREFIX,
@@ -21,6 +21,7 @@ from api.deps import (
     CurrentToken,
     Now,
     Page,
+    Rfc3339,
     Scope,
     area_filter,
     not_found,
@@ -45,8 +46,8 @@ AREA_SETTERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR, Role.TECHN
 class MaintenanceCreate(BaseModel):
     device_id: str | None = Field(default=None, description="One device; or give area_id instead.")
     area_id: str | None = Field(default=None, description="Every device in this area and below.")
-    starts_at: AwareDatetime | None = Field(default=None, description="Default: now.")
-    ends_at: AwareDatetime
+    starts_at: Rfc3339 | None = Field(default=None, description="Default: now.")
+    ends_at: Rfc3339
     reason: str = Field(min_length=1, max_length=500, examples=["摄像头更换中", "老人住院"])
 
     @model_validator(mode="after")

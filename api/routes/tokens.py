@@ -11,7 +11,7 @@ from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
-from pydantic import AwareDatetime, BaseModel, Field
+from pydantic import BaseModel, Field
 
 from api.deps import (
     API_PREFIX,
@@ -19,6 +19,7 @@ from api.deps import (
     CurrentToken,
     Now,
     Page,
+    Rfc3339,
     Scope,
     not_found,
     tuple_rows,
@@ -199,8 +200,8 @@ def read_audit_log(
     action: Annotated[str | None, Query(description="e.g. read_resident, acknowledge, token_create")] = None,
     subject: Annotated[str | None, Query(description="e.g. resident:r-0001 or incident:42")] = None,
     token_id: Annotated[int | None, Query(description="Only what this token did.")] = None,
-    since: Annotated[AwareDatetime | None, Query(alias="from")] = None,
-    until: Annotated[AwareDatetime | None, Query(alias="to")] = None,
+    since: Annotated[Rfc3339 | None, Query(alias="from")] = None,
+    until: Annotated[Rfc3339 | None, Query(alias="to")] = None,
 ) -> AuditLogPublic:
     """Who read which resident and who took or closed what, newest first (admins for the whole county)."""
     _require_admin(token, county_wide=True)
