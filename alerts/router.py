@@ -289,9 +289,10 @@ class Router:
     def _run_actions(self, conn: Conn, actions: list[DueAction], now: datetime) -> None:
         """Run one batch of claimed actions: read all they need, decide each, then write all at once.
 
-        Each action is decided exactly as when actions ran one per transaction (the
-        batch holds one action per incident, so no decision sees another's writes);
-        only the reads and writes are gathered, to save round trips.
+        Each action is decided as when actions ran one per transaction (the batch
+        holds one action per incident, so no decision depends on another's writes);
+        only the reads and writes are gathered, to save round trips. The batch has
+        one moment, ``now``: rosters are read, and ``done_at`` stamped, as of its claim.
         """
         incidents = self._lock_incidents(conn, [a.incident_id for a in actions])
         rosters = Rosters(conn, now, self.config.zone)
