@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -229,6 +229,11 @@ def on_duty(conn: Conn, area_id: str, at: datetime, zone: ZoneInfo, roles: set[s
 def duty_chain(conn: Conn, grid_id: str, at: datetime, zone: ZoneInfo) -> list[Recipient]:
     """The grid workers on duty for the grid; nobody → the nearest area above with anyone on duty."""
     return Rosters(conn, at, zone).duty_chain(grid_id)
+
+
+def guardians(conn: Conn, resident_id: str) -> list[Recipient]:
+    """The resident's active guardians, in priority order (no roster: any moment will do)."""
+    return Rosters(conn, datetime.now(UTC), ZoneInfo("UTC")).guardians(resident_id)
 
 
 def operators(conn: Conn, at: datetime, zone: ZoneInfo) -> list[Recipient]:
