@@ -7,8 +7,9 @@ page always has somewhere to go when anyone in the chain is on duty.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
-from datetime import datetime, time, timedelta
+from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -42,82 +43,202 @@ def shift_covers(weekdays: list[int], start: time, end: time, local: datetime) -
     return (today in weekdays and now >= start) or (yesterday in weekdays and now < end)
 
 
-def _area_chain(conn: Conn, area_id: str) -> list[str]:
-    rows = conn.execute(
+@dataclass(frozen=True, slots=True)
+class Shift:
+    """One active shift of an active staff member on an area."""
+
+    area_id: str
+    staff_id: str
+    name: str
+    phone: str
+    role: str
+    weekdays: tuple[int, ...]
+    start: time
+    end: time
+
+
+class Rosters:
+    """Rosters and guardians as of one moment, each area and resident read at most once.
+
+    The router resolves a whole batch of steps at one moment: ``prepare`` reads all
+    that those steps will ask for in a few queries (every area chain in one, every
+    shift on those areas in one, every guardian in one) instead of a walk up the tree
+    per step. ``resolve`` reads whatever was not prepared, so one step needs no
+    ``prepare``; the rules are the same either way. One instance per moment: rosters
+    change, so nothing is kept across batches.
+    """
+
+    def __init__(self, conn: Conn, at: datetime, zone: ZoneInfo) -> None:
+        self.conn = conn
+        self.local = at.astimezone(zone)
+        self._chains: dict[str, list[str]] = {}
+        self._shifts: dict[str, list[Shift]] = {}
+        self._guardians: dict[str, list[Recipient]] = {}
+        self._operator_areas: list[str] | None = None
+        self._operators: list[Recipient] | None = None
+
+    def prepare(self, wanted: Iterable[tuple[EscalationTarget, str | None, str | None]]) -> None:
+        """Read at once what ``resolve`` will need for these (target, resident id, area id)."""
+        grids: set[str] = set()
+        areas: set[str] = set()
+        residents: set[str] = set()
+        for target, resident_id, area_id in wanted:
+            if target is EscalationTarget.GRID_WORKER and area_id:
+                grids.add(area_id)
+            elif target is EscalationTarget.TECHNICIANS and area_id:
+                areas.add(area_id)
+            elif target is EscalationTarget.GUARDIANS and resident_id:
+                residents.add(resident_id)
+            elif target is EscalationTarget.OPERATORS:
+                areas.update(self.operator_areas())
+        self._load_chains(grids)
+        for grid_id in grids:
+            areas.update(self._chains[grid_id])
+        self._load_shifts(areas)
+        self._load_guardians(residents)
+
+    def resolve(self, target: EscalationTarget, *, resident_id: str | None, area_id: str | None) -> list[Recipient]:
+        """The people a step's target means now. Empty when nobody is reachable."""
+        if target is EscalationTarget.GRID_WORKER:
+            return self.duty_chain(area_id) if area_id else []
+        if target is EscalationTarget.GUARDIANS:
+            return self.guardians(resident_id) if resident_id else []
+        if target is EscalationTarget.OPERATORS:
+            return self.operators()
+        if target is EscalationTarget.TECHNICIANS:
+            return self.on_duty(area_id, {StaffRole.TECHNICIAN.value}) if area_id else []
+        return []
+
+    def on_duty(self, area_id: str, roles: set[str] | None = None) -> list[Recipient]:
+        """Active staff with an active shift on ``area_id`` covering the moment, by staff id."""
+        self._load_shifts({area_id})
+        found: dict[str, Recipient] = {}
+        for shift in self._shifts[area_id]:
+            if roles is not None and shift.role not in roles:
+                continue
+            if shift_covers(list(shift.weekdays), shift.start, shift.end, self.local):
+                found.setdefault(
+                    shift.staff_id, Recipient("staff", shift.staff_id, shift.name, shift.phone, shift.role, area_id)
+                )
+        return list(found.values())
+
+    def duty_chain(self, grid_id: str) -> list[Recipient]:
+        """The grid workers on duty for the grid; nobody → the nearest area above with anyone on duty."""
+        self._load_chains({grid_id})
+        for depth, area_id in enumerate(self._chains[grid_id]):
+            roles = {StaffRole.GRID_WORKER.value} if depth == 0 else None
+            people = self.on_duty(area_id, roles)
+            if people:
+                return people
+        return []
+
+    def guardians(self, resident_id: str) -> list[Recipient]:
+        """The resident's active guardians, in priority order."""
+        self._load_guardians({resident_id})
+        return list(self._guardians[resident_id])
+
+    def operator_areas(self) -> list[str]:
+        """Every area an active operator is attached to."""
+        if self._operator_areas is None:
+            rows = self.conn.execute(
+                """
+                SELECT DISTINCT sa.area_id FROM staff s JOIN staff_areas sa ON sa.staff_id = s.id
+                WHERE s.role = 'operator' AND s.active ORDER BY 1
+                """
+            ).fetchall()
+            self._operator_areas = [r[0] for r in rows]
+        return self._operator_areas
+
+    def operators(self) -> list[Recipient]:
+        """County operators on duty; when the roster shows none, every active operator.
+
+        Operators are the last human line: paging all beats paging nobody.
         """
-        WITH RECURSIVE up(id, parent_id, depth) AS (
-            SELECT id, parent_id, 0 FROM areas WHERE id = %s
-            UNION ALL
-            SELECT a.id, a.parent_id, up.depth + 1 FROM areas a JOIN up ON a.id = up.parent_id
-        )
-        SELECT id FROM up ORDER BY depth
-        """,
-        (area_id,),
-    ).fetchall()
-    return [r[0] for r in rows]
+        if self._operators is None:
+            people: dict[str, Recipient] = {}
+            for area_id in self.operator_areas():
+                for person in self.on_duty(area_id, {StaffRole.OPERATOR.value}):
+                    people.setdefault(person.id, person)
+            if not people:
+                everyone = self.conn.execute(
+                    "SELECT id, name, phone FROM staff WHERE role = 'operator' AND active ORDER BY id"
+                ).fetchall()
+                people = {sid: Recipient("staff", sid, name, phone, "operator") for sid, name, phone in everyone}
+            self._operators = list(people.values())
+        return list(self._operators)
+
+    def _load_chains(self, grid_ids: set[str]) -> None:
+        """Each area and its ancestors, nearest first, for the areas not read yet."""
+        missing = sorted(grid_ids - self._chains.keys())
+        if not missing:
+            return
+        rows = self.conn.execute(
+            """
+            WITH RECURSIVE up(start, id, parent_id, depth) AS (
+                SELECT id, id, parent_id, 0 FROM areas WHERE id = ANY(%s)
+                UNION ALL
+                SELECT up.start, a.id, a.parent_id, up.depth + 1 FROM areas a JOIN up ON a.id = up.parent_id
+            )
+            SELECT start, id FROM up ORDER BY start, depth
+            """,
+            (missing,),
+        ).fetchall()
+        for grid_id in missing:
+            self._chains[grid_id] = []
+        for start, area_id in rows:
+            self._chains[start].append(area_id)
+
+    def _load_shifts(self, area_ids: set[str]) -> None:
+        missing = sorted(area_ids - self._shifts.keys())
+        if not missing:
+            return
+        rows = self.conn.execute(
+            """
+            SELECT d.area_id, s.id, s.name, s.phone, s.role, d.weekdays, d.start_time, d.end_time
+            FROM duty_shifts d JOIN staff s ON s.id = d.staff_id
+            WHERE d.area_id = ANY(%s) AND d.active AND s.active
+            ORDER BY d.area_id, s.id
+            """,
+            (missing,),
+        ).fetchall()
+        for area_id in missing:
+            self._shifts[area_id] = []
+        for area_id, staff_id, name, phone, role, weekdays, start, end in rows:
+            self._shifts[area_id].append(Shift(area_id, staff_id, name, phone, role, tuple(weekdays), start, end))
+
+    def _load_guardians(self, resident_ids: set[str]) -> None:
+        missing = sorted(resident_ids - self._guardians.keys())
+        if not missing:
+            return
+        rows = self.conn.execute(
+            "SELECT resident_id, id, name, phone FROM guardians WHERE resident_id = ANY(%s) AND active"
+            " ORDER BY resident_id, priority, id",
+            (missing,),
+        ).fetchall()
+        for resident_id in missing:
+            self._guardians[resident_id] = []
+        for resident_id, gid, name, phone in rows:
+            self._guardians[resident_id].append(Recipient("guardian", gid, name, phone, "guardian"))
 
 
 def on_duty(conn: Conn, area_id: str, at: datetime, zone: ZoneInfo, roles: set[str] | None = None) -> list[Recipient]:
     """Active staff with an active shift on ``area_id`` covering ``at``."""
-    local = at.astimezone(zone)
-    rows = conn.execute(
-        """
-        SELECT s.id, s.name, s.phone, s.role, d.weekdays, d.start_time, d.end_time
-        FROM duty_shifts d JOIN staff s ON s.id = d.staff_id
-        WHERE d.area_id = %s AND d.active AND s.active
-        ORDER BY s.id
-        """,
-        (area_id,),
-    ).fetchall()
-    found: dict[str, Recipient] = {}
-    for staff_id, name, phone, role, weekdays, start, end in rows:
-        if roles is not None and role not in roles:
-            continue
-        if shift_covers(list(weekdays), start, end, local):
-            found.setdefault(staff_id, Recipient("staff", staff_id, name, phone, role, area_id))
-    return list(found.values())
+    return Rosters(conn, at, zone).on_duty(area_id, roles)
 
 
 def duty_chain(conn: Conn, grid_id: str, at: datetime, zone: ZoneInfo) -> list[Recipient]:
     """The grid workers on duty for the grid; nobody → the nearest area above with anyone on duty."""
-    chain = _area_chain(conn, grid_id)
-    for depth, area_id in enumerate(chain):
-        roles = {StaffRole.GRID_WORKER.value} if depth == 0 else None
-        people = on_duty(conn, area_id, at, zone, roles)
-        if people:
-            return people
-    return []
+    return Rosters(conn, at, zone).duty_chain(grid_id)
 
 
 def guardians(conn: Conn, resident_id: str) -> list[Recipient]:
-    rows = conn.execute(
-        "SELECT id, name, phone FROM guardians WHERE resident_id = %s AND active ORDER BY priority, id",
-        (resident_id,),
-    ).fetchall()
-    return [Recipient("guardian", gid, name, phone, "guardian") for gid, name, phone in rows]
+    """The resident's active guardians, in priority order (no roster: any moment will do)."""
+    return Rosters(conn, datetime.now(UTC), ZoneInfo("UTC")).guardians(resident_id)
 
 
 def operators(conn: Conn, at: datetime, zone: ZoneInfo) -> list[Recipient]:
-    """County operators on duty; when the roster shows none, every active operator.
-
-    Operators are the last human line: paging all beats paging nobody.
-    """
-    rows = conn.execute(
-        """
-        SELECT DISTINCT sa.area_id FROM staff s JOIN staff_areas sa ON sa.staff_id = s.id
-        WHERE s.role = 'operator' AND s.active ORDER BY 1
-        """
-    ).fetchall()
-    people: dict[str, Recipient] = {}
-    for (area_id,) in rows:
-        for person in on_duty(conn, area_id, at, zone, {StaffRole.OPERATOR.value}):
-            people.setdefault(person.id, person)
-    if people:
-        return list(people.values())
-    everyone = conn.execute(
-        "SELECT id, name, phone FROM staff WHERE role = 'operator' AND active ORDER BY id"
-    ).fetchall()
-    return [Recipient("staff", sid, name, phone, "operator") for sid, name, phone in everyone]
+    """County operators on duty; when the roster shows none, every active operator."""
+    return Rosters(conn, at, zone).operators()
 
 
 def resolve(
@@ -130,12 +251,4 @@ def resolve(
     zone: ZoneInfo,
 ) -> list[Recipient]:
     """The people a step's target means now. Empty when nobody is reachable."""
-    if target is EscalationTarget.GRID_WORKER:
-        return duty_chain(conn, area_id, at, zone) if area_id else []
-    if target is EscalationTarget.GUARDIANS:
-        return guardians(conn, resident_id) if resident_id else []
-    if target is EscalationTarget.OPERATORS:
-        return operators(conn, at, zone)
-    if target is EscalationTarget.TECHNICIANS:
-        return on_duty(conn, area_id, at, zone, {StaffRole.TECHNICIAN.value}) if area_id else []
-    return []
+    return Rosters(conn, at, zone).resolve(target, resident_id=resident_id, area_id=area_id)

@@ -27,12 +27,13 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 from prometheus_client import Counter
+from psycopg.types.json import Jsonb
 
 from alerts.dispatch import PRESS_TO_FIRST_REQUEST, Dispatcher
 from alerts.notifiers.base import Notifier
 from alerts.notifiers.platform import PlatformNotifier
 from alerts.policy import PolicySnapshot
-from alerts.recipients import Recipient, resolve
+from alerts.recipients import Recipient, Rosters
 from alerts.timeline import ESCALATION_CHANNEL, add_event, wake_routers
 from devices.kinds import AttemptPurpose, Channel, EscalationTarget
 
@@ -49,6 +50,12 @@ INVARIANT_BREACHES = Counter(
     "Open red incidents found with no pending escalation action (repaired)",
 )
 SWEEP_INTERVAL_S = 5.0
+# Due actions run per transaction. One transaction for many steps saves most of
+# their round trips (bench/escalation.py, docs/BENCHMARKS.md). Small, because a batch
+# holds its incidents' row locks until it commits, and an acknowledgement, or the hub
+# joining a press to an open incident, waits for that lock: a few tens of
+# milliseconds, not seconds.
+STEP_BATCH = 25
 # Threads sending attempts in `shouhu router`: provider calls are I/O-bound, so a few
 # threads multiply what one process sends (bench/escalation.py).
 DEFAULT_SENDERS = 4
@@ -86,6 +93,87 @@ class IncidentView:
 class RouterConfig:
     router_id: str
     zone: ZoneInfo
+
+
+class _Writes:
+    """The rows one batch of actions writes, gathered so they go out in a few statements."""
+
+    def __init__(self, now: datetime, actor: str) -> None:
+        self.now = now
+        self.actor = actor
+        self.attempts: list[tuple[Any, ...]] = []
+        self.retired: list[tuple[int, str]] = []
+        self.events: list[tuple[Any, ...]] = []
+        self.scheduled: list[tuple[Any, ...]] = []
+        self.unreached: list[int] = []
+
+    def attempt(
+        self, incident: IncidentView, action: DueAction, purpose: AttemptPurpose, recipient: Recipient, channel: Channel
+    ) -> None:
+        self.attempts.append(
+            (
+                incident.id,
+                action.id,
+                purpose.value,
+                action.round,
+                action.step,
+                recipient.kind,
+                recipient.id,
+                recipient.phone,
+                channel.value,
+                self.now,
+            )
+        )
+
+    def retire(self, action: DueAction, state: str) -> None:
+        self.retired.append((action.id, state))
+
+    def event(self, incident_id: int, event: str, detail: dict[str, Any]) -> None:
+        self.events.append((incident_id, self.now, event, self.actor, Jsonb(detail)))
+
+    def schedule(self, incident: IncidentView, step: int, round_: int, due: datetime) -> None:
+        self.scheduled.append((incident.id, step, round_, incident.token, due))
+
+    def flush_attempts(self, conn: Conn) -> None:
+        """Incidents left unreached, the attempts, the retired actions: all the next reads depend on."""
+        if self.unreached:
+            conn.execute(
+                "UPDATE incidents SET state = 'unreached', updated_at = %s WHERE id = ANY(%s) AND state = 'open'",
+                (self.now, self.unreached),
+            )
+        if self.attempts:
+            conn.cursor().executemany(
+                """
+                INSERT INTO notification_attempts (incident_id, action_id, purpose, round, step,
+                    recipient_kind, recipient_id, address, channel, attempt, state, created_at)
+                VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 1, 'pending', %s)
+                ON CONFLICT DO NOTHING
+                """,
+                self.attempts,
+            )
+        if self.retired:
+            conn.execute(
+                """
+                UPDATE escalation_actions a SET state = r.state, done_at = %s
+                FROM unnest(%s::bigint[], %s::text[]) AS r(id, state) WHERE a.id = r.id
+                """,
+                (self.now, [i for i, _s in self.retired], [s for _i, s in self.retired]),
+            )
+
+    def flush_rest(self, conn: Conn) -> None:
+        """The timeline entries, in the order they were decided, and the next actions."""
+        if self.events:
+            # add_event's row, many at once (alerts/timeline.py).
+            conn.cursor().executemany(
+                "INSERT INTO incident_events (incident_id, at, event, actor, detail) VALUES (%s, %s, %s, %s, %s)",
+                self.events,
+            )
+        if self.scheduled:
+            conn.cursor().executemany(
+                "INSERT INTO escalation_actions (incident_id, step, round, token, due_at)"
+                " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
+                self.scheduled,
+            )
 
 
 class Router:
@@ -139,97 +227,127 @@ class Router:
 
     # -- escalation steps ------------------------------------------------------
 
-    def _claim_action(self, conn: Conn, now: datetime) -> DueAction | None:
-        """The next due action, locked; a new incident's first step before any other."""
-        for first_step_only in (True, False):
-            row = conn.execute(
+    def _claim_actions(self, conn: Conn, now: datetime, limit: int) -> list[DueAction]:
+        """Due actions, locked, at most one per incident; new incidents' first steps before any other.
+
+        A batch of first steps is run on its own, so a new SOS's first pages never
+        wait for other incidents' later steps to be written. A second due action of
+        an incident already in the batch is left for the next batch (its lock is held
+        till this one commits), so each batch sees every incident as one step left it.
+        """
+        for first_steps_only in (True, False):
+            rows = conn.execute(
                 """
                 SELECT id, incident_id, step, round, token, kind FROM escalation_actions
                 WHERE state = 'pending' AND due_at <= %(now)s
                   AND (NOT %(first)s OR (kind = 'step' AND step = 0 AND round = 0))
-                ORDER BY due_at, id LIMIT 1 FOR UPDATE SKIP LOCKED
+                ORDER BY due_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
                 """,
-                {"now": now, "first": first_step_only},
-            ).fetchone()
-            if row:
-                return DueAction(*row)
-        return None
+                {"now": now, "first": first_steps_only, "limit": limit},
+            ).fetchall()
+            if rows:
+                actions: dict[int, DueAction] = {}
+                for row in rows:
+                    action = DueAction(*row)
+                    actions.setdefault(action.incident_id, action)
+                return list(actions.values())
+        return []
 
-    def _incident(self, conn: Conn, incident_id: int) -> IncidentView:
-        row = conn.execute(
+    def _lock_incidents(self, conn: Conn, incident_ids: list[int]) -> dict[int, IncidentView]:
+        # In id order: two routers whose batches share an incident (two due actions
+        # of one incident, claimed by each) wait for each other instead of deadlocking.
+        rows = conn.execute(
             "SELECT id, state, escalation_token, resident_id, area_id, policy_snapshot"
-            " FROM incidents WHERE id = %s FOR UPDATE",
-            (incident_id,),
-        ).fetchone()
-        assert row is not None
-        return IncidentView(row[0], row[1], row[2], row[3], row[4], PolicySnapshot.from_json(row[5]))
+            " FROM incidents WHERE id = ANY(%s) ORDER BY id FOR UPDATE",
+            (incident_ids,),
+        ).fetchall()
+        return {
+            row[0]: IncidentView(row[0], row[1], row[2], row[3], row[4], PolicySnapshot.from_json(row[5]))
+            for row in rows
+        }
 
     def run_due_steps(self, limit: int = 100) -> int:
-        """Run escalation actions due now, one transaction each, at most ``limit``. Returns how many.
+        """Run escalation actions due now, in batches of one transaction each, at most ``limit``.
 
-        The limit keeps sends flowing between batches of steps.
+        Returns how many. The limit keeps sends flowing between batches of steps.
         """
         done = 0
         while not self.stopping.is_set() and done < limit:
             conn = self._connection()
             with conn.transaction():
                 now = self.clock()
-                action = self._claim_action(conn, now)
-                if action is None:
+                actions = self._claim_actions(conn, now, min(STEP_BATCH, limit - done))
+                if not actions:
                     return done
-                self._run_action(conn, action, now)
+                self._run_actions(conn, actions, now)
                 wake_routers(conn, "attempts")
-            done += 1
+            # Sender threads in this process start on the new attempts at once.
+            self._work.set()
+            done += len(actions)
         return done
 
-    def _retire(self, conn: Conn, action: DueAction, state: str, now: datetime) -> None:
-        conn.execute("UPDATE escalation_actions SET state = %s, done_at = %s WHERE id = %s", (state, now, action.id))
+    def _run_actions(self, conn: Conn, actions: list[DueAction], now: datetime) -> None:
+        """Run one batch of claimed actions: read all they need, decide each, then write all at once.
 
-    def _schedule(self, conn: Conn, incident: IncidentView, step: int, round_: int, due: datetime) -> None:
-        conn.execute(
-            "INSERT INTO escalation_actions (incident_id, step, round, token, due_at)"
-            " VALUES (%s, %s, %s, %s, %s) ON CONFLICT DO NOTHING",
-            (incident.id, step, round_, incident.token, due),
-        )
+        Each action is decided as when actions ran one per transaction (the batch
+        holds one action per incident, so no decision depends on another's writes);
+        only the reads and writes are gathered, to save round trips. The batch has
+        one moment, ``now``: rosters are read, and ``done_at`` stamped, as of its claim.
+        """
+        incidents = self._lock_incidents(conn, [a.incident_id for a in actions])
+        rosters = Rosters(conn, now, self.config.zone)
+        wanted: list[tuple[EscalationTarget, str | None, str | None]] = []
+        for action in actions:
+            incident = incidents[action.incident_id]
+            if action.token != incident.token or action.kind != "step" or incident.state not in ACTIVE_STATES:
+                continue
+            steps = incident.snapshot.steps
+            target = steps[action.step].target if action.step < len(steps) else EscalationTarget.OPERATORS
+            wanted.append((target, incident.resident_id, incident.area_id))
+        rosters.prepare(wanted)
+        writes = _Writes(now, self.config.router_id)
+        exhausted: list[tuple[IncidentView, DueAction]] = []
+        for action in actions:
+            incident = incidents[action.incident_id]
+            if self._run_action(conn, rosters, writes, action, incident, now):
+                exhausted.append((incident, action))
+        with conn.pipeline():
+            writes.flush_attempts(conn)
+            paged = self._paged_rounds(conn, exhausted)
+            for incident, action in exhausted:
+                self._after_round(writes, incident, action, (incident.id, action.round) in paged, now)
+            writes.flush_rest(conn)
 
-    def _run_action(self, conn: Conn, action: DueAction, now: datetime) -> None:
-        incident = self._incident(conn, action.incident_id)
+    def _run_action(
+        self, conn: Conn, rosters: Rosters, writes: _Writes, action: DueAction, incident: IncidentView, now: datetime
+    ) -> bool:
+        """Decide one action, queueing its writes. True when the chain is exhausted (see ``_after_round``)."""
         if action.token != incident.token:
             # Fencing: the escalation was re-planned after this action was written.
-            self._retire(conn, action, "stale", now)
-            return
+            writes.retire(action, "stale")
+            return False
         if action.kind == "resolve_check":
             self._resolve_check(conn, incident, action, now)
-            return
+            return False
         if incident.state not in ACTIVE_STATES:
-            self._retire(conn, action, "cancelled", now)
-            return
+            writes.retire(action, "cancelled")
+            return False
         steps = incident.snapshot.steps
         if action.step >= len(steps):
-            self._exhausted(conn, incident, action, now)
-            return
+            self._exhausted(rosters, writes, incident, action)
+            return True
         step = steps[action.step]
         if step.target is EscalationTarget.EMERGENCY_PLATFORM:
             recipients = [PLATFORM] if self.dispatcher.platform is not None else []
         else:
-            recipients = resolve(
-                conn,
-                step.target,
-                resident_id=incident.resident_id,
-                area_id=incident.area_id,
-                at=now,
-                zone=self.config.zone,
-            )
-        created = self._write_attempts(conn, incident, action, step.target, step.channels, recipients, now)
-        self._retire(conn, action, "done", now)
+            recipients = rosters.resolve(step.target, resident_id=incident.resident_id, area_id=incident.area_id)
+        created = self._write_attempts(writes, incident, action, step.target, step.channels, recipients)
+        writes.retire(action, "done")
         if created:
             STEPS.labels(step.target.value, "paged").inc()
-            add_event(
-                conn,
+            writes.event(
                 incident.id,
-                now,
                 "step_started",
-                self.config.router_id,
                 {
                     "step": action.step,
                     "round": action.round,
@@ -237,16 +355,13 @@ class Router:
                     "recipients": [{"id": r.id, "name": r.name, "role": r.role} for r in recipients],
                 },
             )
-            self._schedule(conn, incident, action.step + 1, action.round, now + timedelta(seconds=step.wait_s))
+            writes.schedule(incident, action.step + 1, action.round, now + timedelta(seconds=step.wait_s))
         else:
             # Never silent: nobody reachable for this step → say so and go on at once.
             STEPS.labels(step.target.value, "no_recipients").inc()
-            add_event(
-                conn,
+            writes.event(
                 incident.id,
-                now,
                 "no_recipients",
-                self.config.router_id,
                 {
                     "step": action.step,
                     "round": action.round,
@@ -254,41 +369,57 @@ class Router:
                     "channels": [c.value for c in step.channels],
                 },
             )
-            self._schedule(conn, incident, action.step + 1, action.round, now)
+            writes.schedule(incident, action.step + 1, action.round, now)
+        return False
 
-    def _exhausted(self, conn: Conn, incident: IncidentView, action: DueAction, now: datetime) -> None:
-        """Every step ran and nobody took it: unreached, alarm the operators, start over."""
-        conn.execute(
-            "UPDATE incidents SET state = 'unreached', updated_at = %s WHERE id = %s AND state = 'open'",
-            (now, incident.id),
-        )
-        add_event(conn, incident.id, now, "unreached", self.config.router_id, {"round": action.round})
-        operators = resolve(
-            conn, EscalationTarget.OPERATORS, resident_id=None, area_id=None, at=now, zone=self.config.zone
-        )
+    def _exhausted(self, rosters: Rosters, writes: _Writes, incident: IncidentView, action: DueAction) -> None:
+        """Every step ran and nobody took it: unreached, alarm the operators; ``_after_round`` starts over."""
+        writes.unreached.append(incident.id)
+        writes.event(incident.id, "unreached", {"round": action.round})
+        operators = rosters.resolve(EscalationTarget.OPERATORS, resident_id=None, area_id=None)
         self._write_attempts(
-            conn, incident, action, EscalationTarget.OPERATORS, (Channel.VOICE, Channel.SMS), operators, now
+            writes, incident, action, EscalationTarget.OPERATORS, (Channel.VOICE, Channel.SMS), operators
         )
-        self._retire(conn, action, "done", now)
-        paged = conn.execute(
-            "SELECT count(*) FROM notification_attempts WHERE incident_id = %s AND round = %s AND purpose = 'page'",
-            (incident.id, action.round),
-        ).fetchone()
-        if paged and paged[0]:
-            self._schedule(conn, incident, 0, action.round + 1, now)
+        writes.retire(action, "done")
+
+    def _paged_rounds(self, conn: Conn, exhausted: list[tuple[IncidentView, DueAction]]) -> set[tuple[int, int]]:
+        """The exhausted (incident, round) pairs with any page attempt, the operators' just written included."""
+        if not exhausted:
+            return set()
+        rows = conn.execute(
+            """
+            SELECT DISTINCT a.incident_id, a.round
+            FROM notification_attempts a
+            JOIN unnest(%s::bigint[], %s::integer[]) AS r(incident_id, round)
+              ON a.incident_id = r.incident_id AND a.round = r.round
+            WHERE a.purpose = 'page'
+            """,
+            ([i.id for i, _a in exhausted], [a.round for _i, a in exhausted]),
+        ).fetchall()
+        return {(int(incident_id), int(round_)) for incident_id, round_ in rows}
+
+    def _after_round(
+        self, writes: _Writes, incident: IncidentView, action: DueAction, paged: bool, now: datetime
+    ) -> None:
+        """Start the next round: at once if this one paged anyone, else after the first step's wait."""
+        if paged:
+            writes.schedule(incident, 0, action.round + 1, now)
             return
         # A whole round found nobody to page, operators included: repeat, but after
         # the first step's wait, not at once — a tight loop would starve every other
         # incident's pages.
         log.critical("incident %s: round %s reached nobody at all", incident.id, action.round)
         STEPS.labels("round", "nobody_reachable").inc()
-        add_event(conn, incident.id, now, "nobody_reachable", self.config.router_id, {"round": action.round})
+        writes.event(incident.id, "nobody_reachable", {"round": action.round})
         wait = incident.snapshot.steps[0].wait_s if incident.snapshot.steps else 60
-        self._schedule(conn, incident, 0, action.round + 1, now + timedelta(seconds=wait))
+        writes.schedule(incident, 0, action.round + 1, now + timedelta(seconds=wait))
 
     def _resolve_check(self, conn: Conn, incident: IncidentView, action: DueAction, now: datetime) -> None:
-        """Acknowledged but still unresolved after SHOUHU_RESOLVE_TIMEOUT_S: back on the chain."""
-        self._retire(conn, action, "done", now)
+        """Acknowledged but still unresolved after SHOUHU_RESOLVE_TIMEOUT_S: back on the chain.
+
+        Rare, so written at once rather than gathered with the batch's writes.
+        """
+        conn.execute("UPDATE escalation_actions SET state = 'done', done_at = %s WHERE id = %s", (now, action.id))
         if incident.state != "acknowledged":
             return
         conn.execute("UPDATE incidents SET state = 'open', updated_at = %s WHERE id = %s", (now, incident.id))
@@ -305,44 +436,29 @@ class Router:
             self.config.router_id,
             {"reason": "acknowledged but not resolved in time", "round": next_round},
         )
-        self._schedule(conn, incident, 0, next_round, now)
+        conn.execute(
+            "INSERT INTO escalation_actions (incident_id, step, round, token, due_at)"
+            " VALUES (%s, 0, %s, %s, %s) ON CONFLICT DO NOTHING",
+            (incident.id, next_round, incident.token, now),
+        )
 
     def _write_attempts(
         self,
-        conn: Conn,
+        writes: _Writes,
         incident: IncidentView,
         action: DueAction,
         target: EscalationTarget,
         channels: tuple[Channel, ...],
         recipients: list[Recipient],
-        now: datetime,
     ) -> int:
         created = 0
+        available = self.dispatcher.channels()
         for recipient in recipients:
             for channel in channels:
-                if channel not in self.dispatcher.channels():
+                if channel not in available:
                     continue
                 purpose = AttemptPurpose.CAP_ALERT if channel is Channel.WEBHOOK else AttemptPurpose.PAGE
-                conn.execute(
-                    """
-                    INSERT INTO notification_attempts (incident_id, action_id, purpose, round, step,
-                        recipient_kind, recipient_id, address, channel, attempt, state, created_at)
-                    VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 1, 'pending', %s)
-                    ON CONFLICT DO NOTHING
-                    """,
-                    (
-                        incident.id,
-                        action.id,
-                        purpose.value,
-                        action.round,
-                        action.step,
-                        recipient.kind,
-                        recipient.id,
-                        recipient.phone,
-                        channel.value,
-                        now,
-                    ),
-                )
+                writes.attempt(incident, action, purpose, recipient, channel)
                 created += 1
         if created == 0 and recipients:
             log.error("step %s of incident %s: no notifier for %s", action.step, incident.id, channels)

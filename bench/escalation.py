@@ -9,8 +9,9 @@ this process.
 
 Phase 1: ``--inflight`` presses on distinct wristbands open escalations; once each
 has had its first page, new presses arrive at ``--rate``/s for ``--window`` s on
-other wristbands. Measured: press (publish, CLOCK_MONOTONIC) → the simulator
-receiving the incident's first provider request (the attempts' provider ids matched
+other wristbands (after ``--lead-s`` s, so that with long waits the in-flight
+escalations' later steps fall due inside the window). Measured: press (publish,
+CLOCK_MONOTONIC) → the simulator receiving the incident's first provider request (the attempts' provider ids matched
 to the simulator's sids), and step lateness for steps run during the window, from
 ``escalation_actions`` (``done_at − due_at``: the router ran the step) and from
 ``notification_attempts`` (first ``sent_at`` of the step − ``due_at``: its pages
@@ -27,6 +28,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import time
@@ -60,6 +62,10 @@ def summary(name: str, values: list[float], unit: str = "ms") -> str:
         f"{name}: n={len(scaled)} p50={statistics.median(scaled):.1f} {unit}"
         f" p99={percentile(scaled, 0.99):.1f} {unit} max={max(scaled):.1f} {unit}"
     )
+
+
+def _load(averages: tuple[float, float, float]) -> str:
+    return " ".join(f"{a:.2f}" for a in averages)
 
 
 def add_residents(url: str, count: int) -> list[str]:
@@ -227,6 +233,11 @@ def phase_one(
         presser.press(device)
     opened = wait_all_paged(url, inflight, args.timeout)
     print(f"phase 1: {len(inflight)} escalations opened and first-paged in {opened - started:.1f} s", flush=True)
+    if args.lead_s > 0:
+        # With long waits the in-flight escalations' next steps fall due only
+        # wait_s after their first: start the window where they do.
+        print(f"phase 1: waiting {args.lead_s:g} s before the window", flush=True)
+        time.sleep(args.lead_s)
 
     window_start = datetime.now(UTC)
     t0 = time.monotonic()
@@ -286,8 +297,16 @@ def main() -> None:
     parser.add_argument("--window", type=float, default=30.0, help="seconds of new presses")
     parser.add_argument("--burst", type=int, default=1000, help="simultaneous presses in phase 2")
     parser.add_argument("--wait-s", type=int, default=10, help="wait_s of every step of default-sos")
+    parser.add_argument(
+        "--lead-s",
+        type=float,
+        default=0.0,
+        help="seconds between the in-flight escalations' first pages and the window (e.g. 100 with --wait-s 120)",
+    )
     parser.add_argument("--timeout", type=float, default=300.0, help="give up waiting for pages after this")
     args = parser.parse_args()
+    # The machine is often shared: say how busy it was, so a figure can be judged.
+    load_at_start = os.getloadavg()
     new_count = round(args.rate * args.window)
 
     broker = Mosquitto()
@@ -334,6 +353,7 @@ def main() -> None:
         lines += phase_two(url, network, presser, wristbands[args.inflight + new_count :], args.timeout)
         print()
         print(f"policy default-sos: grid_worker → guardians → operators, wait_s={args.wait_s} each")
+        print(f"load average (1, 5, 15 min): at the start {_load(load_at_start)}, at the end {_load(os.getloadavg())}")
         print("\n".join(lines))
     finally:
         if presser is not None:

@@ -4,15 +4,20 @@ clock the test moves: rosters in Asia/Shanghai, fallback up the tree, steps and 
 from __future__ import annotations
 
 import threading
-from datetime import timedelta
+from datetime import datetime, timedelta
+from typing import Any
 
 import httpx
 import psycopg
+import pytest
 
+from alerts.recipients import Rosters, shift_covers
 from alerts.router import PRESS_TO_FIRST_REQUEST
+from devices.kinds import EscalationTarget
 from tests.escalation_support import (
     DAY,
     NIGHT,
+    ZONE,
     Clock,
     calls,
     grid_worker_shifts,
@@ -210,3 +215,110 @@ def test_failed_pages_are_retried_with_backoff_then_the_step_moves_on(county_url
     assert events.count("retry_scheduled") == 4
     assert events.count("channel_given_up") == 2
     assert "step_advanced" in events
+
+
+def _walk_up_the_tree(url: str, target: EscalationTarget, area_id: str, at: datetime) -> list[str]:
+    """The staff ids a step meant before steps were batched: one query per level, then the rule."""
+    local = at.astimezone(ZONE)
+    with psycopg.connect(url) as conn:
+        levels: list[tuple[str, set[str] | None]]
+        if target is EscalationTarget.OPERATORS:
+            levels = [
+                (r[0], {"operator"})
+                for r in conn.execute(
+                    "SELECT DISTINCT sa.area_id FROM staff s JOIN staff_areas sa ON sa.staff_id = s.id"
+                    " WHERE s.role = 'operator' AND s.active ORDER BY 1"
+                )
+            ]
+        else:
+            chain = conn.execute(
+                """
+                WITH RECURSIVE up(id, parent_id, depth) AS (
+                    SELECT id, parent_id, 0 FROM areas WHERE id = %s
+                    UNION ALL SELECT a.id, a.parent_id, up.depth + 1 FROM areas a JOIN up ON a.id = up.parent_id)
+                SELECT id FROM up ORDER BY depth""",
+                (area_id,),
+            ).fetchall()
+            levels = [(r[0], {"grid_worker"} if depth == 0 else None) for depth, r in enumerate(chain)]
+        found: list[str] = []
+        for level, roles in levels:
+            for staff, role, weekdays, start, end in conn.execute(
+                "SELECT s.id, s.role, d.weekdays, d.start_time, d.end_time FROM duty_shifts d"
+                " JOIN staff s ON s.id = d.staff_id WHERE d.area_id = %s AND d.active AND s.active ORDER BY s.id",
+                (level,),
+            ):
+                if (roles is None or role in roles) and shift_covers(list(weekdays), start, end, local):
+                    found += [] if staff in found else [staff]
+            if found and target is EscalationTarget.GRID_WORKER:
+                return found
+        return found
+
+
+def test_rosters_read_for_a_batch_match_the_walk_up_the_tree(county_url: str) -> None:
+    grids = [r[0] for r in q(county_url, "SELECT id FROM areas WHERE level = 'grid' ORDER BY id")]
+    for at in (DAY, NIGHT, NIGHT + timedelta(hours=20)):
+        with psycopg.connect(county_url) as conn:
+            rosters = Rosters(conn, at, ZONE)
+            wanted = [(EscalationTarget.GRID_WORKER, None, g) for g in grids] + [
+                (EscalationTarget.OPERATORS, None, None)
+            ]
+            rosters.prepare(wanted)
+            batched = {g: [p.id for p in rosters.resolve(t, resident_id=None, area_id=g)] for t, _r, g in wanted}
+        for target, _r, grid in wanted:
+            assert batched[grid] == _walk_up_the_tree(county_url, target, grid or "", at), (target, grid, at)
+
+
+def test_many_due_steps_run_in_a_few_statements_each_as_if_alone(
+    county_url: str, phone_network: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    devices = [r[0] for r in q(county_url, "SELECT id FROM devices WHERE kind = 'wristband' ORDER BY id LIMIT 30")]
+    incidents = [press(county_url, device, DAY, msg_id=f"m-{device}") for device in devices]
+    router = make_router(county_url, phone_network, Clock(DAY))
+    statements = 0
+    execute = psycopg.Connection.execute
+
+    def counting(self: psycopg.Connection[Any], *args: Any, **kwargs: Any) -> Any:
+        nonlocal statements
+        statements += 1
+        return execute(self, *args, **kwargs)
+
+    monkeypatch.setattr(psycopg.Connection, "execute", counting)
+    assert router.run_due_steps() == 30
+    monkeypatch.undo()
+    assert statements <= 2 * 12  # two batches; one step a transaction took about 12 each
+    for incident in incidents:
+        area = q(county_url, "SELECT area_id FROM incidents WHERE id = %s", incident)[0][0]
+        started = q(
+            county_url, "SELECT detail FROM incident_events WHERE incident_id = %s AND event = 'step_started'", incident
+        )
+        assert [r["id"] for r in started[0][0]["recipients"]] == _walk_up_the_tree(
+            county_url, EscalationTarget.GRID_WORKER, area, DAY
+        )
+        assert q(
+            county_url,
+            "SELECT step, state, due_at FROM escalation_actions WHERE incident_id = %s ORDER BY id",
+            incident,
+        ) == [
+            (0, "done", DAY),
+            (1, "pending", DAY + timedelta(seconds=120)),
+        ]
+
+
+def test_a_second_due_action_of_an_incident_waits_for_the_next_batch(county_url: str, phone_network: str) -> None:
+    device, _grid, _resident = wristband_in(county_url, night_covered=False)
+    incident = press(county_url, device, DAY)
+    with psycopg.connect(county_url) as conn:  # e.g. a hand edit: step 1 due as well
+        conn.execute(
+            "INSERT INTO escalation_actions (incident_id, step, round, token, due_at) VALUES (%s, 1, 0, 1, %s)",
+            (incident, DAY),
+        )
+    make_router(county_url, phone_network, Clock(DAY)).run_due_steps()
+    assert q(county_url, "SELECT step, state FROM escalation_actions WHERE incident_id = %s ORDER BY id", incident) == [
+        (0, "done"),
+        (1, "done"),
+        (2, "pending"),
+    ]
+    events = [
+        r[0] for r in q(county_url, "SELECT event FROM incident_events WHERE incident_id = %s ORDER BY id", incident)
+    ]
+    assert events.count("step_started") == 2
