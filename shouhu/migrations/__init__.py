@@ -62,6 +62,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "liveness windows per device kind", sql_file="0006_heartbeat_kinds.sql"),
     Migration(7, "an index for first pages", sql_file="0007_first_pages.sql"),
     Migration(8, "care: visit tasks, work orders, battery notices, maintenance, quiet hours", sql_file="0008_care.sql"),
+    Migration(9, "an index for the incident list", sql_file="0009_incident_list.sql"),
 )
 
 
