@@ -88,7 +88,9 @@ class AreaRoundPublic(BaseModel):
 
 class RepairRoundsPublic(BaseModel):
     data: list[AreaRoundPublic]
-    """Areas with open orders, the one with the oldest order first."""
+    """Areas with open orders, the one with the oldest order first (this page's orders)."""
+    count: int
+    """Open repair orders in all, over every page."""
 
 
 class CloseTaskBody(BaseModel):
@@ -172,6 +174,7 @@ def read_repair_rounds(
     conn: ConnDep,
     token: CurrentToken,
     scope: Scope,
+    page: Page,
     now: Now,
     area: Annotated[str | None, Query(description="An area id: it and everything below it.")] = None,
 ) -> RepairRoundsPublic:
@@ -186,8 +189,13 @@ def read_repair_rounds(
         "open_only": True,
         "overdue": False,
         "now": now,
+        "limit": page.limit,
+        "offset": page.offset,
     }
-    rows = conn.execute(_SELECT + _WHERE + " ORDER BY t.opened_at, t.id", params).fetchall()
+    rows = conn.execute(
+        _SELECT + _WHERE + " ORDER BY t.opened_at, t.id LIMIT %(limit)s OFFSET %(offset)s", params
+    ).fetchall()
+    count = conn.execute("SELECT count(*) AS n FROM care_tasks t" + _WHERE, params).fetchone()
     names = {r["id"]: r["name"] for r in conn.execute("SELECT id, name FROM areas").fetchall()}
     rounds: dict[str, AreaRoundPublic] = {}
     for row in rows:
@@ -195,7 +203,7 @@ def read_repair_rounds(
             row["area_id"], AreaRoundPublic(area_id=row["area_id"], area_name=names.get(row["area_id"], ""), orders=[])
         )
         area_round.orders.append(_public(row))
-    return RepairRoundsPublic(data=list(rounds.values()))
+    return RepairRoundsPublic(data=list(rounds.values()), count=count["n"] if count else 0)
 
 
 def _visible(conn: ConnDep, token: CurrentToken, scope: Scope, task_id: int, now: datetime) -> TaskPublic:
