@@ -191,3 +191,19 @@ def test_maintenance_windows_by_role_and_scope(client: TestClient, conn: Conn, c
     assert ended["active"] is False
     assert client.post(f"/api/v1/maintenance/{camera['id']}/end", headers=tech).status_code == 409
     assert len(run(conn, later + s(1)).opened) == 1
+
+
+def test_tasks_filter_by_time_and_devices_by_liveness(
+    client: TestClient, county_url: str, opened: dict[str, Any]
+) -> None:
+    operator = token(county_url, Role.OPERATOR)
+    # cam-001's order opened at T0 - 500 s, the visit and cam-002's at T0 + 101 s.
+    early = client.get("/api/v1/tasks?until=" + T0.isoformat().replace("+00:00", "Z"), headers=operator).json()
+    assert [t["device_id"] for t in early["data"]] == ["cam-001"]
+    later = client.get("/api/v1/tasks?since=" + T0.isoformat().replace("+00:00", "Z"), headers=operator).json()
+    assert sorted(t["device_id"] for t in later["data"]) == ["cam-002", "wb-0001"]
+    offline = client.get("/api/v1/devices?liveness=offline", headers=operator).json()
+    assert sorted(d["id"] for d in offline["data"]) == ["cam-001", "cam-002", "wb-0001"]
+    unknown = client.get("/api/v1/devices?liveness=unknown&kind=camera&limit=1", headers=operator).json()
+    assert unknown["count"] == q(county_url, "SELECT count(*) FROM devices WHERE kind = 'camera'")[0][0] - 2
+    assert client.get("/api/v1/devices?liveness=dead", headers=operator).status_code == 422

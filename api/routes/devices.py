@@ -19,6 +19,7 @@ from api.deps import (
     not_found,
 )
 from devices.kinds import DeviceKind
+from hub.liveness import Liveness
 from shouhu.tokens import Role
 
 router = APIRouter(prefix=f"{API_PREFIX}/devices", tags=["devices"])
@@ -70,6 +71,10 @@ _WHERE = """
       AND (%(scope)s::text[] IS NULL OR v.scope_area = ANY(%(scope)s))
       AND (%(within)s::text[] IS NULL OR v.scope_area = ANY(%(within)s))
       AND (%(include_inactive)s OR v.active)
+      AND (%(liveness)s::text IS NULL
+           OR (%(liveness)s = 'online' AND v.online)
+           OR (%(liveness)s = 'offline' AND NOT v.online)
+           OR (%(liveness)s = 'unknown' AND v.online IS NULL))
 """
 
 
@@ -122,6 +127,9 @@ def read_devices(
     include_inactive: Annotated[
         bool, Query(description="Also list deactivated devices.")
     ] = False,
+    liveness: Annotated[
+        Liveness | None, Query(description="online, offline, or unknown (never heard from, or nothing known).")
+    ] = None,
 ) -> DevicesPublic:
     """List the devices the token may see, with their latest state."""
     kinds = visible_kinds(token.role)
@@ -133,6 +141,7 @@ def read_devices(
         "scope": scope.as_param(),
         "within": within,
         "include_inactive": include_inactive,
+        "liveness": liveness.value if liveness else None,
         "limit": page.limit,
         "offset": page.offset,
     }

@@ -20,6 +20,7 @@ from api.deps import (
     CurrentToken,
     Now,
     Page,
+    Rfc3339,
     Scope,
     area_filter,
     not_found,
@@ -123,6 +124,8 @@ _WHERE = """
       AND (%(state)s::text IS NULL OR t.state = %(state)s)
       AND (NOT %(open_only)s OR t.state <> 'closed')
       AND (NOT %(overdue)s OR (t.state <> 'closed' AND t.due_at <= %(now)s))
+      AND (%(since)s::timestamptz IS NULL OR t.opened_at >= %(since)s)
+      AND (%(until)s::timestamptz IS NULL OR t.opened_at < %(until)s)
 """
 
 
@@ -148,6 +151,8 @@ def read_tasks(
     open_only: Annotated[bool, Query(alias="open", description="Only tasks not yet closed.")] = False,
     overdue: Annotated[bool, Query(description="Only open tasks past their due time.")] = False,
     area: Annotated[str | None, Query(description="An area id: it and everything below it.")] = None,
+    since: Annotated[Rfc3339 | None, Query(description="Only tasks opened at or after this time.")] = None,
+    until: Annotated[Rfc3339 | None, Query(description="Only tasks opened before this time.")] = None,
 ) -> TasksPublic:
     """Visits and repair orders within the token's areas, oldest first."""
     params = {
@@ -157,6 +162,8 @@ def read_tasks(
         "state": state.value if state else None,
         "open_only": open_only,
         "overdue": overdue,
+        "since": since,
+        "until": until,
         "now": now,
         "limit": page.limit,
         "offset": page.offset,
@@ -188,6 +195,8 @@ def read_repair_rounds(
         "state": None,
         "open_only": True,
         "overdue": False,
+        "since": None,
+        "until": None,
         "now": now,
         "limit": page.limit,
         "offset": page.offset,
