@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -21,7 +21,7 @@ from api.main import create_app
 from devices.kinds import Channel, Outcome
 from shouhu.tokens import Role, create_token
 from simulators.emergency_platform import create_emergency_platform
-from tests.escalation_support import DAY, FROM, PHONE_SID, PHONE_TOKEN, ZONE, Clock, press, q, wristband_in
+from tests.escalation_support import DAY, FROM, PHONE_SID, PHONE_TOKEN, ZONE, Clock, calls, press, q, wristband_in
 from tests.services import serve_app
 
 SECRET = "platform-test-secret"
@@ -137,3 +137,96 @@ def test_a_platform_dispatcher_acknowledges_through_the_api(county_url: str, pho
             assert time.monotonic() < deadline, "the platform's dispatcher never acknowledged"
             time.sleep(0.05)
     assert q(county_url, "SELECT acknowledged_by_name, acknowledged_via FROM incidents") == [("120调度台", "api")]
+
+
+def step_started(url: str, incident: int) -> list[tuple[int, int, str, set[str]]]:
+    """(round, step, target, recipient ids) of each step that paged someone, in order."""
+    rows = q(
+        url,
+        "SELECT detail FROM incident_events WHERE incident_id = %s AND event = 'step_started' ORDER BY id",
+        incident,
+    )
+    return [(d["round"], d["step"], d["target"], {r["id"] for r in d["recipients"]}) for (d,) in rows]
+
+
+def test_nobody_answers_the_whole_chain_runs_to_unreached_and_starts_over(
+    county_url: str, phone_network: str, platform: str
+) -> None:
+    device, _grid, resident = wristband_in(county_url, night_covered=False)
+    clock = Clock(DAY)
+    incident = press(county_url, device, DAY)
+    waits = [s["wait_s"] for s in q(county_url, "SELECT policy_snapshot FROM incidents")[0][0]["steps"]]
+    assert waits == [120, 120, 120, 120]  # the default timeline: 0 / 120 / 240 / 360, unreached at 480
+    router = router_with_platform(county_url, phone_network, platform, clock)
+    guardians = {r[0] for r in q(county_url, "SELECT phone FROM guardians WHERE resident_id = %s", resident)}
+
+    def new_calls(since: int) -> set[str]:
+        return {c["to"] for c in calls(phone_network)[since:]}
+
+    router.run_once()  # 0 s: the grid worker
+    [(_r, _s, target, worker_ids)] = step_started(county_url, incident)
+    assert target == "grid_worker"
+    workers = {r[0] for r in q(county_url, "SELECT phone FROM staff WHERE id = ANY(%s)", list(worker_ids))}
+    assert new_calls(0) == workers
+    seen = len(calls(phone_network))
+
+    clock.advance(119)
+    router.run_once()
+    assert new_calls(seen) == set()  # nobody before the step's wait is up
+    clock.advance(1)
+    router.run_once()  # 120 s: the guardians
+    assert new_calls(seen) == guardians
+    seen = len(calls(phone_network))
+
+    clock.advance(120)
+    router.run_once()  # 240 s: the emergency platform, and no phone call
+    assert [a["msgType"] for a in alerts(platform)] == ["Alert"]
+    assert new_calls(seen) == set()
+    assert q(county_url, "SELECT state FROM notification_attempts WHERE purpose = 'cap_alert'") == [("sent",)]
+
+    clock.advance(120)
+    router.run_once()  # 360 s: the county operators
+    operator_ids = step_started(county_url, incident)[-1][3]
+    operators = {r[0] for r in q(county_url, "SELECT phone FROM staff WHERE id = ANY(%s)", list(operator_ids))}
+    assert step_started(county_url, incident)[-1][2] == "operators"
+    assert new_calls(seen) == operators
+    assert q(county_url, "SELECT state FROM incidents") == [("open",)]
+    seen = len(calls(phone_network))
+
+    clock.advance(120)
+    router.run_once()  # 480 s: unreached, the operators alarmed, and round 1 pages the grid worker again
+    assert q(county_url, "SELECT state FROM incidents") == [("unreached",)]
+    assert new_calls(seen) == operators | workers
+    alarmed = q(
+        county_url,
+        "SELECT DISTINCT address FROM notification_attempts WHERE round = 0 AND step = 4 AND channel = 'voice'",
+    )
+    assert {a[0] for a in alarmed} == operators
+    assert [(r, s, t) for r, s, t, _ids in step_started(county_url, incident)] == [
+        (0, 0, "grid_worker"),
+        (0, 1, "guardians"),
+        (0, 2, "emergency_platform"),
+        (0, 3, "operators"),
+        (1, 0, "grid_worker"),
+    ]
+    events = [
+        (e, at - DAY)
+        for e, at in q(
+            county_url,
+            "SELECT event, at FROM incident_events WHERE incident_id = %s AND event IN ('step_started', 'unreached')"
+            " ORDER BY id",
+            incident,
+        )
+    ]
+    assert [(e, int(d.total_seconds())) for e, d in events] == [
+        ("step_started", 0),
+        ("step_started", 120),
+        ("step_started", 240),
+        ("step_started", 360),
+        ("unreached", 480),
+        ("step_started", 480),
+    ]
+    assert [a["msgType"] for a in alerts(platform)] == ["Alert"]  # round 1 has not reached the platform yet
+    assert q(county_url, "SELECT step, round, due_at - %s FROM escalation_actions WHERE state = 'pending'", DAY) == [
+        (1, 1, timedelta(seconds=600))
+    ]
