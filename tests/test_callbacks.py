@@ -22,15 +22,27 @@ import pytest
 from fastapi.testclient import TestClient
 from twilio.request_validator import RequestValidator
 
-from alerts.notifiers.console import ConsoleNotifier
-from alerts.notifiers.twilio import KEYPRESS_CALLBACK_PATH, STATUS_CALLBACK_PATH, TwilioNotifier
-from alerts.router import Router, RouterConfig
+from alerts.notifiers.twilio import KEYPRESS_CALLBACK_PATH, STATUS_CALLBACK_PATH
+from alerts.router import Router
 from api.deps import get_now
 from api.main import create_app
 from api.routes.callbacks import SMS_CALLBACK_PATH, SMS_HELP, Settlement, SmsReply, parse_sms_reply, settle
-from devices.kinds import Channel
 from shouhu.embedded.postgres import free_port
-from tests.escalation_support import DAY, FROM, PHONE_SID, PHONE_TOKEN, ZONE, Clock, calls, messages, press, q
+from simulators.emergency_platform import create_emergency_platform
+from tests.escalation_support import (
+    DAY,
+    FROM,
+    PHONE_TOKEN,
+    PLATFORM_SECRET,
+    Clock,
+    calls,
+    make_router,
+    messages,
+    platform_alerts,
+    platform_webhook,
+    press,
+    q,
+)
 from tests.escalation_support import wristband_in as _wristband_in
 from tests.services import serve_app
 
@@ -74,6 +86,13 @@ class Stack:
         result: dict[str, Any] = answer.json()
         return result
 
+    def add_platform(self, platform_base: str) -> None:
+        """From now on the router sends the chain's CAP messages to the platform at ``platform_base``."""
+        self.router.close()
+        self.router = make_router(
+            self.db, self.phone, self.clock, public_url=self.api, platform=platform_webhook(platform_base)
+        )
+
     def post_signed(self, path: str, params: dict[str, str], *, token: str = PHONE_TOKEN) -> httpx.Response:
         """POST as Twilio would, signed with ``token`` for the URL posted to."""
         url = self.api + path
@@ -95,16 +114,10 @@ def stack(county_url: str, phone_network: str) -> Iterator[Stack]:
     app.dependency_overrides[get_now] = clock
     config = {"sms_url": api + SMS_CALLBACK_PATH, "number": FROM}
     httpx.post(f"{phone_network}/_sim/config", json=config).raise_for_status()
-    twilio = TwilioNotifier(PHONE_SID, PHONE_TOKEN, FROM, phone_network, api)
-    router = Router(
-        county_url,
-        RouterConfig("r1", ZONE),
-        {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: ConsoleNotifier()},
-        clock=clock,
-    )
-    for url in serve_app(app, port=port):
-        yield Stack(county_url, url, phone_network, clock, router)
-    router.close()
+    stack = Stack(county_url, api, phone_network, clock, make_router(county_url, phone_network, clock, public_url=api))
+    for _url in serve_app(app, port=port):
+        yield stack
+    stack.router.close()
 
 
 @dataclass(frozen=True)
@@ -463,6 +476,48 @@ def test_an_sms_reply_with_the_code_acknowledges_and_others_get_help_and_change_
     [(actor, detail)] = events(stack.db, "sms_reply")
     assert (actor, detail) == (f"staff:{page.recipient_id}", {"provider_id": answer["sid"], "digit": "1"})
     assert q(stack.db, "SELECT role, action, detail->>'via' FROM audit_log") == [("grid_worker", "acknowledge", "sms")]
+
+
+def test_a_guardian_taking_it_by_sms_stops_the_chain_before_the_platform(stack: Stack) -> None:
+    case = sos(stack)
+    for platform in serve_app(create_emergency_platform(PLATFORM_SECRET, announce=lambda _line: None)):
+        stack.add_platform(platform)
+        stack.router.run_once()  # 0 s: the grid worker
+        stack.clock.advance(120)
+        stack.router.run_once()  # 120 s: the guardians
+        guardians = q(
+            stack.db, "SELECT id, name, phone FROM guardians WHERE resident_id = %s ORDER BY priority", case.resident
+        )
+        assert len(guardians) >= 2
+        taker_id, taker_name, taker_phone = guardians[-1]  # called last: everyone else is paged by now
+        assert {p.address for p in pages(stack.db, "sms", step=1)} == {g[2] for g in guardians}
+        paged = {r[0] for r in q(stack.db, "SELECT DISTINCT address FROM notification_attempts WHERE purpose = 'page'")}
+        stack.clock.advance(30)
+
+        answer = stack.text(taker_phone, f"收到 {case.code}")
+
+        assert texted(answer["reply"]) == f"【守护】{case.code} 已确认，您已接单，请尽快前往。"
+        assert q(stack.db, "SELECT state, acknowledged_by, acknowledged_via FROM incidents") == [
+            ("acknowledged", f"guardian:{taker_id}", "sms")
+        ]
+        sms_before = len(messages(stack.phone))
+        stack.router.run_once()
+        notices = messages(stack.phone)[sms_before:]
+        assert sorted(m["to"] for m in notices) == sorted(paged - {taker_phone})
+        assert all(taker_name in m["body"] and case.code in m["body"] for m in notices)
+
+        calls_before = len(calls(stack.phone))
+        stack.clock.advance(600)  # well past 240 s, when the platform step was due
+        stack.router.run_once()
+        assert platform_alerts(platform) == []
+        assert len(calls(stack.phone)) == calls_before
+        assert q(stack.db, "SELECT count(*) FROM notification_attempts WHERE purpose LIKE 'cap%%'") == [(0,)]
+        assert q(
+            stack.db, "SELECT step FROM escalation_actions WHERE state = 'done' AND kind = 'step' ORDER BY id"
+        ) == [
+            (0,),
+            (1,),
+        ]
 
 
 @pytest.mark.parametrize(("outcome", "retried"), [("delivered", False), ("undelivered", True)])

@@ -6,48 +6,39 @@ from __future__ import annotations
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
 from alerts.acknowledge import Actor, acknowledge, resolve
-from alerts.notifiers.console import ConsoleNotifier
-from alerts.notifiers.twilio import TwilioNotifier
-from alerts.notifiers.webhook import WebhookNotifier
-from alerts.router import Router, RouterConfig
+from alerts.router import Router
 from api.main import create_app
-from devices.kinds import Channel, Outcome
+from devices.kinds import Outcome
 from shouhu.tokens import Role, create_token
 from simulators.emergency_platform import create_emergency_platform
-from tests.escalation_support import DAY, FROM, PHONE_SID, PHONE_TOKEN, ZONE, Clock, calls, press, q, wristband_in
+from tests.escalation_support import (
+    DAY,
+    PLATFORM_SECRET,
+    Clock,
+    calls,
+    make_router,
+    platform_webhook,
+    press,
+    q,
+    wristband_in,
+)
+from tests.escalation_support import platform_alerts as alerts
 from tests.services import serve_app
-
-SECRET = "platform-test-secret"
 
 
 @pytest.fixture
 def platform() -> Iterator[str]:
-    yield from serve_app(create_emergency_platform(SECRET, announce=lambda _line: None))
-
-
-def alerts(base: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = httpx.get(f"{base}/_sim/alerts").json()
-    return found
+    yield from serve_app(create_emergency_platform(PLATFORM_SECRET, announce=lambda _line: None))
 
 
 def router_with_platform(url: str, phone: str, platform_base: str, clock: Clock, *, exercise: bool = False) -> Router:
-    twilio = TwilioNotifier(PHONE_SID, PHONE_TOKEN, FROM, phone, "http://127.0.0.1:8000")
-    webhook = WebhookNotifier(f"{platform_base}/cap", SECRET, sender="shouhu@county.example", sleep=lambda _s: None)
-    return Router(
-        url,
-        RouterConfig("r1", ZONE),
-        {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: ConsoleNotifier()},
-        platform=webhook,
-        clock=clock,
-        exercise=exercise,
-    )
+    return make_router(url, phone, clock, platform=platform_webhook(platform_base), exercise=exercise)
 
 
 def escalate_to_platform(
