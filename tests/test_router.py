@@ -210,3 +210,43 @@ def test_failed_pages_are_retried_with_backoff_then_the_step_moves_on(county_url
     assert events.count("retry_scheduled") == 4
     assert events.count("channel_given_up") == 2
     assert "step_advanced" in events
+
+
+def test_a_grid_with_nobody_reachable_pages_the_guardians_at_once(county_url: str, phone_network: str) -> None:
+    device, grid, resident = wristband_in(county_url, night_covered=False)
+    with psycopg.connect(county_url) as conn:
+        # Everyone who could be on duty for this grid, up to the county: the grid's own
+        # workers and any staff rostered on the community, township or county above it.
+        conn.execute(
+            """
+            WITH RECURSIVE up(id, parent_id) AS (
+                SELECT id, parent_id FROM areas WHERE id = %s
+                UNION ALL SELECT a.id, a.parent_id FROM areas a JOIN up ON a.id = up.parent_id)
+            UPDATE staff SET active = false
+            WHERE id IN (SELECT staff_id FROM duty_shifts WHERE area_id IN (SELECT id FROM up))
+            """,
+            (grid,),
+        )
+    guardians = [
+        r[0] for r in q(county_url, "SELECT phone FROM guardians WHERE resident_id = %s ORDER BY priority", resident)
+    ]
+    assert guardians
+    clock = Clock(DAY)
+    incident = press(county_url, device, DAY)
+
+    make_router(county_url, phone_network, clock).run_once()  # the clock never moves
+
+    assert [c["to"] for c in calls(phone_network)] == guardians
+    timeline = q(
+        county_url,
+        "SELECT event, at, detail->>'step', detail->>'target' FROM incident_events"
+        " WHERE incident_id = %s AND event IN ('no_recipients', 'step_started') ORDER BY id",
+        incident,
+    )
+    assert timeline == [("no_recipients", DAY, "0", "grid_worker"), ("step_started", DAY, "1", "guardians")]
+    assert q(county_url, "SELECT step, state, due_at FROM escalation_actions ORDER BY id") == [
+        (0, "done", DAY),
+        (1, "done", DAY),
+        (2, "pending", DAY + timedelta(seconds=120)),
+    ]
+    assert q(county_url, "SELECT count(*) FROM notification_attempts WHERE step = 0") == [(0,)]
