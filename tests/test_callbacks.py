@@ -86,6 +86,21 @@ class Stack:
         result: dict[str, Any] = answer.json()
         return result
 
+    def send_due(self) -> None:
+        """Run the router until every attempt due now has gone out.
+
+        A callback holds the incident's pending attempts while it acts, and the
+        router skips rows someone holds: one pass may leave some for the next.
+        """
+        deadline = time.monotonic() + CALLBACK_DEADLINE_S
+        due = "SELECT count(*) FROM notification_attempts WHERE state = 'pending' AND coalesce(not_before, %s) <= %s"
+        while True:
+            self.router.run_once()
+            if q(self.db, due, self.clock(), self.clock()) == [(0,)]:
+                return
+            assert time.monotonic() < deadline, "attempts due now were never sent"
+            time.sleep(0.02)
+
     def add_platform(self, platform_base: str) -> None:
         """From now on the router sends the chain's CAP messages to the platform at ``platform_base``."""
         self.router.close()
@@ -286,6 +301,48 @@ def test_pressing_2_declines_and_when_the_whole_step_declined_the_guardians_are_
     assert {c["to"] for c in calls(stack.phone)[calls_before:]} == guardians
     assert [d["reason"] for _a, d in events(stack.db, "step_advanced")] == ["everyone paged declined"]
     assert [d["via"] for _a, d in events(stack.db, "declined")] == ["voice", "sms"]
+
+
+@pytest.mark.parametrize("decline", ["first", "last"])
+def test_one_declines_and_the_other_cannot_be_reached_the_guardians_are_paged_at_once(
+    stack: Stack, decline: str
+) -> None:
+    case = sos(stack)
+    second = add_grid_worker(stack.db, case.grid)
+    stack.router.run_due_steps()
+    [first] = [p for p in pages(stack.db, "voice") if p.address != second]
+    if decline == "first":
+        stack.behave(first.address, answer="press2")  # "I cannot", before the other is given up
+    stack.behave(second, answer="no-answer", sms="undelivered")
+    guardians = phones_of_guardians(stack.db, case.resident)
+    hooks = 4 if decline == "first" else 2  # keypress and status for the first; call and SMS status for the second
+
+    stack.send_due()  # 0 s
+    stack.wait_for_webhooks(hooks)
+    stack.clock.advance(20)
+    stack.send_due()  # the second's second tries
+    stack.wait_for_webhooks(hooks + 2)
+    stack.clock.advance(60)
+    calls_before = len(calls(stack.phone))
+    stack.send_due()  # 80 s: the second's third and last tries
+    stack.wait_for_webhooks(hooks + 4)
+    tries = q(
+        stack.db,
+        "SELECT channel, attempt, state FROM notification_attempts WHERE address = %s AND channel IN ('voice', 'sms')",
+        second,
+    )
+    assert sorted(tries) == [(c, n, s) for c, s in (("sms", "undelivered"), ("voice", "no_answer")) for n in (1, 2, 3)]
+    if decline == "last":
+        assert not guardians & {c["to"] for c in calls(stack.phone)}  # the first might still answer
+        reply = stack.text(first.address, f"{case.code} 2")
+        assert texted(reply["reply"]) == f"【守护】{case.code} 已记录，您无法前往，我们将继续联系他人。"
+
+    stack.router.run_once()  # still 80 s: the guardians now, not at 120 s
+
+    assert {c["to"] for c in calls(stack.phone)[calls_before:]} == guardians | {second}  # its last call, then them
+    [(_actor, advanced)] = events(stack.db, "step_advanced")
+    assert advanced == {"reason": "everyone paged declined or could not be reached", "step": 0, "round": 0}
+    assert q(stack.db, "SELECT due_at FROM escalation_actions WHERE step = 1") == [(DAY + timedelta(seconds=80),)]
 
 
 @pytest.mark.parametrize(

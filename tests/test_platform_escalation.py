@@ -15,6 +15,7 @@ from alerts.acknowledge import Actor, acknowledge, resolve
 from alerts.router import Router
 from api.main import create_app
 from devices.kinds import Outcome
+from shouhu.embedded.postgres import free_port
 from shouhu.tokens import Role, create_token
 from simulators.emergency_platform import create_emergency_platform
 from tests.escalation_support import (
@@ -220,4 +221,43 @@ def test_nobody_answers_the_whole_chain_runs_to_unreached_and_starts_over(
     assert [a["msgType"] for a in alerts(platform)] == ["Alert"]  # round 1 has not reached the platform yet
     assert q(county_url, "SELECT step, round, due_at - %s FROM escalation_actions WHERE state = 'pending'", DAY) == [
         (1, 1, timedelta(seconds=600))
+    ]
+
+
+@pytest.mark.parametrize("down", ["503", "unreachable"])
+def test_a_platform_that_never_takes_the_alert_pages_the_operators_at_once(
+    county_url: str, phone_network: str, platform: str, down: str
+) -> None:
+    if down == "503":
+        httpx.post(f"{platform}/_sim/faults", json={"fail": "error", "times": 100}).raise_for_status()
+        url = platform
+    else:
+        url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    device, _grid, _resident = wristband_in(county_url, night_covered=False)
+    clock = Clock(DAY)
+    incident = press(county_url, device, DAY)
+    router = make_router(county_url, phone_network, clock, platform=platform_webhook(url))
+    for _ in range(2):  # grid worker at 0 s, guardians at 120 s
+        router.run_once()
+        clock.advance(120)
+    calls_before = len(calls(phone_network))
+
+    router.run_once()  # 240 s: every try of the CAP alert fails; the clock does not move again
+
+    [(state, error)] = q(county_url, "SELECT state, error FROM notification_attempts WHERE purpose = 'cap_alert'")
+    assert state == "failed"
+    assert "no receipt after 5 tries" in error
+    if down == "503":
+        assert len(httpx.get(f"{platform}/_sim/deliveries").json()) == 5
+    [(_r, step, target, operator_ids)] = step_started(county_url, incident)[3:]
+    assert (step, target) == (3, "operators")
+    operators = {r[0] for r in q(county_url, "SELECT phone FROM staff WHERE id = ANY(%s)", list(operator_ids))}
+    assert operators
+    assert {c["to"] for c in calls(phone_network)[calls_before:]} == operators
+    advanced = q(county_url, "SELECT at, detail FROM incident_events WHERE event = 'step_advanced'")
+    assert advanced == [
+        (DAY + timedelta(seconds=240), {"reason": "every channel of the step failed", "step": 2, "round": 0})
+    ]
+    assert q(county_url, "SELECT step, due_at FROM escalation_actions WHERE state = 'pending'") == [
+        (4, DAY + timedelta(seconds=360))
     ]
