@@ -345,6 +345,40 @@ def test_one_declines_and_the_other_cannot_be_reached_the_guardians_are_paged_at
     assert q(stack.db, "SELECT due_at FROM escalation_actions WHERE step = 1") == [(DAY + timedelta(seconds=80),)]
 
 
+def test_calls_that_always_fail_while_the_sms_is_delivered_keep_the_step_to_its_wait(stack: Stack) -> None:
+    case = sos(stack)
+    stack.router.run_due_steps()
+    [page] = pages(stack.db, "voice")
+    httpx.post(
+        f"{stack.phone}/_sim/faults", json={"to": page.address, "fail": "error", "only": "call"}
+    ).raise_for_status()
+    stack.behave(page.address, sms="delivered")
+    guardians = phones_of_guardians(stack.db, case.resident)
+
+    stack.send_due()  # 0 s
+    [hook] = stack.wait_for_webhooks(1)
+    assert (hook["params"]["MessageStatus"], hook["status"]) == ("delivered", 200)
+    stack.clock.advance(20)
+    stack.send_due()
+    stack.clock.advance(60)
+    stack.send_due()  # 80 s: the third call fails too; the voice channel is given up
+    assert q(
+        stack.db,
+        "SELECT channel, attempt, state FROM notification_attempts WHERE address = %s AND channel <> 'console'"
+        " ORDER BY id",
+        page.address,
+    ) == [("voice", 1, "failed"), ("sms", 1, "delivered"), ("voice", 2, "failed"), ("voice", 3, "failed")]
+    assert len(events(stack.db, "channel_given_up")) == 1
+
+    stack.clock.advance(39)
+    stack.router.run_once()  # 119 s: the SMS reached the grid worker, who may yet reply
+    assert not guardians & {c["to"] for c in calls(stack.phone)}
+    assert events(stack.db, "step_advanced") == []
+    stack.clock.advance(1)
+    stack.router.run_once()  # 120 s
+    assert guardians <= {c["to"] for c in calls(stack.phone)}
+
+
 @pytest.mark.parametrize(
     ("answer", "state", "call_status", "event"),
     [
