@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 
+from alerts.retry import advance, nobody_left
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import AttemptPurpose, Channel, IncidentKind, Outcome
 
@@ -221,8 +222,9 @@ def acknowledge(
 
 
 def decline(conn: Conn, incident_id: int, actor: Actor, via: str, now: datetime) -> Result:
-    """ "I cannot": recorded; when everyone paged in the current step has declined or
-    could not be reached, the next step is due at once instead of after its wait."""
+    """ "I cannot": recorded; when nobody paged in the current step can still take it
+    (each declined, or every channel to them failed for good), the next step is due at
+    once instead of after its wait."""
     incident = _lock(conn, incident_id)
     if incident is None or incident.state not in ACTIVE:
         return Result.CLOSED
@@ -230,38 +232,16 @@ def decline(conn: Conn, incident_id: int, actor: Actor, via: str, now: datetime)
     current = conn.execute(
         """
         SELECT round, step FROM notification_attempts
-        WHERE incident_id = %s AND purpose = 'page' ORDER BY round DESC, step DESC LIMIT 1
+        WHERE incident_id = %s AND purpose IN ('page', 'cap_alert') ORDER BY round DESC, step DESC LIMIT 1
         """,
         (incident.id,),
     ).fetchone()
     if current is None:
         return Result.DONE
     round_, step = current
-    declined = {
-        str(r[0])
-        for r in conn.execute(
-            "SELECT DISTINCT actor FROM incident_events WHERE incident_id = %s AND event = 'declined'", (incident.id,)
-        ).fetchall()
-    }
-    waiting = conn.execute(
-        """
-        SELECT DISTINCT recipient_kind || ':' || recipient_id FROM notification_attempts
-        WHERE incident_id = %s AND purpose = 'page' AND round = %s AND step = %s
-          AND channel IN ('sms', 'voice') AND state NOT IN ('failed', 'cancelled')
-        """,
-        (incident.id, round_, step),
-    ).fetchall()
-    if all(str(w[0]) in declined for w in waiting):
-        advanced = conn.execute(
-            "UPDATE escalation_actions SET due_at = %s WHERE incident_id = %s AND state = 'pending' AND kind = 'step'"
-            " AND due_at > %s RETURNING id",
-            (now, incident.id, now),
-        ).fetchall()
-        if advanced:
-            add_event(
-                conn, incident.id, now, "step_advanced", None, {"reason": "everyone paged declined", "step": step}
-            )
-            wake_routers(conn)
+    reason = nobody_left(conn, incident.id, round_, step)
+    if reason is not None:
+        advance(conn, incident.id, round_, step, now, reason)
     return Result.DONE
 
 

@@ -14,6 +14,10 @@ Faults are injected per number with ``POST /_sim/faults``:
   network posts that final status to it, signed with ``X-Twilio-Signature`` like
   Twilio. An SMS to such a number is delivered normally: a busy phone still gets SMS.
 
+A fault may be narrowed: ``only`` (``call`` or ``sms``) applies it to that kind of
+request alone, and ``times`` to the next N such requests to the number, after
+which the number is healthy again (a provider that recovers).
+
 How the person at a number behaves is set with ``POST /_sim/behaviour``, so tests
 and demos drive the API's callbacks for real:
 
@@ -64,6 +68,7 @@ SMS_BODY_LIMIT = 1600  # Twilio refuses a longer concatenated body (error 21617)
 CALLBACK_TIMEOUT_S = 5.0
 
 Fault = Literal["busy", "no-answer", "error"]
+RequestKind = Literal["call", "sms"]
 Answer = Literal["press1", "press2", "voicemail", "busy", "no-answer", "unreachable"]
 WebhookKind = Literal["status", "keypress", "inbound_sms"]
 SmsOutcome = Literal["delivered", "undelivered"]
@@ -199,6 +204,24 @@ class WebhookRecord:
 class FaultRequest(BaseModel):
     to: str
     fail: Fault | None
+    times: int | None = Field(default=None, ge=1, description="The next N requests only; default: until healed.")
+    only: RequestKind | None = Field(default=None, description="Calls or SMS only; default: both.")
+
+
+@dataclass(frozen=True, slots=True)
+class NumberFault:
+    """A fault on one number: what fails, for which requests, and how many more times (None: until healed)."""
+
+    fail: Fault
+    only: RequestKind | None = None
+    remaining: int | None = None
+
+    def applies_to(self, kind: RequestKind) -> bool:
+        # Busy and no-answer are how a call ends; an SMS to that phone goes through.
+        return (self.only is None or self.only == kind) and (kind == "call" or self.fail == "error")
+
+    def public(self) -> dict[str, Any]:
+        return {"fail": self.fail, "only": self.only, "remaining": self.remaining}
 
 
 class BehaviourRequest(BaseModel):
@@ -250,7 +273,7 @@ class PhoneNetwork:
         self._lock = threading.Lock()
         self._messages: list[MessageRecord] = []
         self._calls: list[CallRecord] = []
-        self._faults: dict[str, Fault] = {}
+        self._faults: dict[str, NumberFault] = {}
         self._behaviours: dict[str, Behaviour] = {}
         self._webhooks: list[WebhookRecord] = []
 
@@ -280,21 +303,32 @@ class PhoneNetwork:
             self._calls.clear()
             self._webhooks.clear()
 
-    def set_fault(self, to: str, fail: Fault | None) -> dict[str, Fault]:
+    def set_fault(
+        self, to: str, fail: Fault | None, *, times: int | None = None, only: RequestKind | None = None
+    ) -> dict[str, dict[str, Any]]:
         with self._lock:
             if fail is None:
                 self._faults.pop(to, None)
             else:
-                self._faults[to] = fail
-            return dict(self._faults)
+                self._faults[to] = NumberFault(fail, only, times)
+            return {number: fault.public() for number, fault in self._faults.items()}
 
-    def faults(self) -> dict[str, Fault]:
+    def faults(self) -> dict[str, dict[str, Any]]:
         with self._lock:
-            return dict(self._faults)
+            return {number: fault.public() for number, fault in self._faults.items()}
 
-    def fault_for(self, to: str) -> Fault | None:
+    def take_fault(self, to: str, kind: RequestKind) -> Fault | None:
+        """The fault this request to ``to`` meets, if any; a counted fault is used up by it."""
         with self._lock:
-            return self._faults.get(to)
+            fault = self._faults.get(to)
+            if fault is None or not fault.applies_to(kind):
+                return None
+            if fault.remaining is not None:
+                if fault.remaining > 1:
+                    self._faults[to] = replace(fault, remaining=fault.remaining - 1)
+                else:
+                    del self._faults[to]
+            return fault.fail
 
     def set_behaviour(self, to: str, changes: dict[str, Any]) -> dict[str, dict[str, str | None]]:
         """Change the named fields of ``to``'s behaviour; a number left with none is forgotten."""
@@ -502,10 +536,13 @@ def gather_action(twiml: str | None) -> str | None:
     return gather.get("action") if gather is not None else None
 
 
-def _raise_injected_error(network: PhoneNetwork, to: str) -> None:
-    if network.fault_for(to) == "error":
+def _injected_fault(network: PhoneNetwork, to: str, kind: RequestKind) -> Fault | None:
+    """The fault this request meets; an ``error`` is raised as Twilio's 500, the others returned."""
+    fault = network.take_fault(to, kind)
+    if fault == "error":
         network.announce(f"✖  network error for {to} (injected fault)")
         raise TwilioApiError(500, 20500, "An internal server error has occurred")
+    return fault
 
 
 def _message_resource(record: MessageRecord, account_sid: str, form: dict[str, str]) -> dict[str, Any]:
@@ -585,7 +622,7 @@ def accept_message(network: PhoneNetwork, account_sid: str, form: dict[str, str]
         raise TwilioApiError(400, 21602, "Message body is required.")
     if len(body) > SMS_BODY_LIMIT:
         raise TwilioApiError(400, 21617, "The concatenated message body exceeds the 1600 character limit.")
-    _raise_injected_error(network, to)
+    _injected_fault(network, to, "sms")
     received_at, monotonic = _now()
     record = MessageRecord(
         sid=_sid("SM"),
@@ -624,8 +661,7 @@ def accept_call(network: PhoneNetwork, account_sid: str, form: dict[str, str]) -
         raise TwilioApiError(400, 21212, f"Invalid From Number (caller ID): {from_}")
     if twiml is None and url is None and not form.get("ApplicationSid"):
         raise TwilioApiError(400, 21205, "Url parameter is required.")
-    _raise_injected_error(network, to)
-    fault = network.fault_for(to)
+    fault = _injected_fault(network, to, "call")
     behaviour = network.behaviour_for(to)
     answer = behaviour.answer if fault is None else None
     received_at, monotonic = _now()
@@ -716,15 +752,19 @@ def create_phone_network(
         return Response(status_code=204)
 
     @app.get("/_sim/faults")
-    async def read_faults() -> dict[str, Fault]:
+    async def read_faults() -> dict[str, dict[str, Any]]:
         """The injected faults, by number."""
         return network.faults()
 
     @app.post("/_sim/faults")
-    async def set_fault(fault: FaultRequest) -> dict[str, Fault]:
-        """Make a number fail (``busy``, ``no-answer``, ``error``), or heal it (``null``)."""
-        faults = network.set_fault(fault.to, fault.fail)
-        network.announce(f"⚙  {fault.to} is now {fault.fail or 'healthy'}")
+    async def set_fault(fault: FaultRequest) -> dict[str, dict[str, Any]]:
+        """Make a number fail (``busy``, ``no-answer``, ``error``), or heal it (``null``).
+
+        ``only`` narrows it to calls or SMS; ``times`` to the next N of those requests.
+        """
+        faults = network.set_fault(fault.to, fault.fail, times=fault.times, only=fault.only)
+        scope = f" for the next {fault.times} {fault.only or 'request'}(s)" if fault.times else ""
+        network.announce(f"⚙  {fault.to} is now {fault.fail or 'healthy'}{scope}")
         return faults
 
     @app.get("/_sim/behaviour")

@@ -12,13 +12,16 @@ import psycopg
 
 from alerts.incidents import Alarm, record_alarm
 from alerts.notifiers.console import ConsoleNotifier
+from alerts.notifiers.platform import PlatformNotifier
 from alerts.notifiers.twilio import TwilioNotifier
+from alerts.notifiers.webhook import WebhookNotifier
 from alerts.router import Router, RouterConfig
 from devices.contract import payload_hash
 from devices.kinds import Channel, IncidentKind
 
 ZONE = ZoneInfo("Asia/Shanghai")
 PHONE_SID, PHONE_TOKEN, FROM = "AC" + "0" * 32, "router-test-token", "+12025550100"
+PLATFORM_SECRET = "platform-test-secret"
 # Tuesday 10:00 and Wednesday 02:00 in Asia/Shanghai.
 DAY = datetime(2026, 11, 24, 10, 0, tzinfo=ZONE).astimezone(UTC)
 NIGHT = datetime(2026, 11, 25, 2, 0, tzinfo=ZONE).astimezone(UTC)
@@ -45,14 +48,39 @@ def messages(base: str) -> list[dict[str, Any]]:
     return result
 
 
-def make_router(url: str, phone_base: str, clock: Clock, name: str = "r1") -> Router:
-    twilio = TwilioNotifier(PHONE_SID, PHONE_TOKEN, FROM, phone_base, "http://127.0.0.1:8000")
+def make_router(
+    url: str,
+    phone_base: str,
+    clock: Clock,
+    name: str = "r1",
+    *,
+    public_url: str = "http://127.0.0.1:8000",
+    platform: PlatformNotifier | None = None,
+    exercise: bool = False,
+) -> Router:
+    """A router paging through the phone network at ``phone_base``, callbacks to ``public_url``."""
+    twilio = TwilioNotifier(PHONE_SID, PHONE_TOKEN, FROM, phone_base, public_url)
     return Router(
         url,
         RouterConfig(name, ZONE),
         {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: ConsoleNotifier()},
+        platform=platform,
         clock=clock,
+        exercise=exercise,
     )
+
+
+def platform_webhook(platform_base: str) -> WebhookNotifier:
+    """The CAP notifier for the platform simulator at ``platform_base``; its retries do not sleep."""
+    return WebhookNotifier(
+        f"{platform_base}/cap", PLATFORM_SECRET, sender="shouhu@county.example", sleep=lambda _s: None
+    )
+
+
+def platform_alerts(platform_base: str) -> list[dict[str, Any]]:
+    """Every CAP message the platform simulator recorded, oldest first."""
+    found: list[dict[str, Any]] = httpx.get(f"{platform_base}/_sim/alerts").json()
+    return found
 
 
 def press(url: str, device_id: str, at: datetime, msg_id: str = "m1") -> int:

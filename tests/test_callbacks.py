@@ -22,15 +22,27 @@ import pytest
 from fastapi.testclient import TestClient
 from twilio.request_validator import RequestValidator
 
-from alerts.notifiers.console import ConsoleNotifier
-from alerts.notifiers.twilio import KEYPRESS_CALLBACK_PATH, STATUS_CALLBACK_PATH, TwilioNotifier
-from alerts.router import Router, RouterConfig
+from alerts.notifiers.twilio import KEYPRESS_CALLBACK_PATH, STATUS_CALLBACK_PATH
+from alerts.router import Router
 from api.deps import get_now
 from api.main import create_app
 from api.routes.callbacks import SMS_CALLBACK_PATH, SMS_HELP, Settlement, SmsReply, parse_sms_reply, settle
-from devices.kinds import Channel
 from shouhu.embedded.postgres import free_port
-from tests.escalation_support import DAY, FROM, PHONE_SID, PHONE_TOKEN, ZONE, Clock, calls, messages, press, q
+from simulators.emergency_platform import create_emergency_platform
+from tests.escalation_support import (
+    DAY,
+    FROM,
+    PHONE_TOKEN,
+    PLATFORM_SECRET,
+    Clock,
+    calls,
+    make_router,
+    messages,
+    platform_alerts,
+    platform_webhook,
+    press,
+    q,
+)
 from tests.escalation_support import wristband_in as _wristband_in
 from tests.services import serve_app
 
@@ -74,6 +86,28 @@ class Stack:
         result: dict[str, Any] = answer.json()
         return result
 
+    def send_due(self) -> None:
+        """Run the router until every attempt due now has gone out.
+
+        A callback holds the incident's pending attempts while it acts, and the
+        router skips rows someone holds: one pass may leave some for the next.
+        """
+        deadline = time.monotonic() + CALLBACK_DEADLINE_S
+        due = "SELECT count(*) FROM notification_attempts WHERE state = 'pending' AND coalesce(not_before, %s) <= %s"
+        while True:
+            self.router.run_once()
+            if q(self.db, due, self.clock(), self.clock()) == [(0,)]:
+                return
+            assert time.monotonic() < deadline, "attempts due now were never sent"
+            time.sleep(0.02)
+
+    def add_platform(self, platform_base: str) -> None:
+        """From now on the router sends the chain's CAP messages to the platform at ``platform_base``."""
+        self.router.close()
+        self.router = make_router(
+            self.db, self.phone, self.clock, public_url=self.api, platform=platform_webhook(platform_base)
+        )
+
     def post_signed(self, path: str, params: dict[str, str], *, token: str = PHONE_TOKEN) -> httpx.Response:
         """POST as Twilio would, signed with ``token`` for the URL posted to."""
         url = self.api + path
@@ -95,16 +129,10 @@ def stack(county_url: str, phone_network: str) -> Iterator[Stack]:
     app.dependency_overrides[get_now] = clock
     config = {"sms_url": api + SMS_CALLBACK_PATH, "number": FROM}
     httpx.post(f"{phone_network}/_sim/config", json=config).raise_for_status()
-    twilio = TwilioNotifier(PHONE_SID, PHONE_TOKEN, FROM, phone_network, api)
-    router = Router(
-        county_url,
-        RouterConfig("r1", ZONE),
-        {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: ConsoleNotifier()},
-        clock=clock,
-    )
-    for url in serve_app(app, port=port):
-        yield Stack(county_url, url, phone_network, clock, router)
-    router.close()
+    stack = Stack(county_url, api, phone_network, clock, make_router(county_url, phone_network, clock, public_url=api))
+    for _url in serve_app(app, port=port):
+        yield stack
+    stack.router.close()
 
 
 @dataclass(frozen=True)
@@ -273,6 +301,82 @@ def test_pressing_2_declines_and_when_the_whole_step_declined_the_guardians_are_
     assert {c["to"] for c in calls(stack.phone)[calls_before:]} == guardians
     assert [d["reason"] for _a, d in events(stack.db, "step_advanced")] == ["everyone paged declined"]
     assert [d["via"] for _a, d in events(stack.db, "declined")] == ["voice", "sms"]
+
+
+@pytest.mark.parametrize("decline", ["first", "last"])
+def test_one_declines_and_the_other_cannot_be_reached_the_guardians_are_paged_at_once(
+    stack: Stack, decline: str
+) -> None:
+    case = sos(stack)
+    second = add_grid_worker(stack.db, case.grid)
+    stack.router.run_due_steps()
+    [first] = [p for p in pages(stack.db, "voice") if p.address != second]
+    if decline == "first":
+        stack.behave(first.address, answer="press2")  # "I cannot", before the other is given up
+    stack.behave(second, answer="no-answer", sms="undelivered")
+    guardians = phones_of_guardians(stack.db, case.resident)
+    hooks = 4 if decline == "first" else 2  # keypress and status for the first; call and SMS status for the second
+
+    stack.send_due()  # 0 s
+    stack.wait_for_webhooks(hooks)
+    stack.clock.advance(20)
+    stack.send_due()  # the second's second tries
+    stack.wait_for_webhooks(hooks + 2)
+    stack.clock.advance(60)
+    calls_before = len(calls(stack.phone))
+    stack.send_due()  # 80 s: the second's third and last tries
+    stack.wait_for_webhooks(hooks + 4)
+    tries = q(
+        stack.db,
+        "SELECT channel, attempt, state FROM notification_attempts WHERE address = %s AND channel IN ('voice', 'sms')",
+        second,
+    )
+    assert sorted(tries) == [(c, n, s) for c, s in (("sms", "undelivered"), ("voice", "no_answer")) for n in (1, 2, 3)]
+    if decline == "last":
+        assert not guardians & {c["to"] for c in calls(stack.phone)}  # the first might still answer
+        reply = stack.text(first.address, f"{case.code} 2")
+        assert texted(reply["reply"]) == f"【守护】{case.code} 已记录，您无法前往，我们将继续联系他人。"
+
+    stack.router.run_once()  # still 80 s: the guardians now, not at 120 s
+
+    assert {c["to"] for c in calls(stack.phone)[calls_before:]} == guardians | {second}  # its last call, then them
+    [(_actor, advanced)] = events(stack.db, "step_advanced")
+    assert advanced == {"reason": "everyone paged declined or could not be reached", "step": 0, "round": 0}
+    assert q(stack.db, "SELECT due_at FROM escalation_actions WHERE step = 1") == [(DAY + timedelta(seconds=80),)]
+
+
+def test_calls_that_always_fail_while_the_sms_is_delivered_keep_the_step_to_its_wait(stack: Stack) -> None:
+    case = sos(stack)
+    stack.router.run_due_steps()
+    [page] = pages(stack.db, "voice")
+    httpx.post(
+        f"{stack.phone}/_sim/faults", json={"to": page.address, "fail": "error", "only": "call"}
+    ).raise_for_status()
+    stack.behave(page.address, sms="delivered")
+    guardians = phones_of_guardians(stack.db, case.resident)
+
+    stack.send_due()  # 0 s
+    [hook] = stack.wait_for_webhooks(1)
+    assert (hook["params"]["MessageStatus"], hook["status"]) == ("delivered", 200)
+    stack.clock.advance(20)
+    stack.send_due()
+    stack.clock.advance(60)
+    stack.send_due()  # 80 s: the third call fails too; the voice channel is given up
+    assert q(
+        stack.db,
+        "SELECT channel, attempt, state FROM notification_attempts WHERE address = %s AND channel <> 'console'"
+        " ORDER BY id",
+        page.address,
+    ) == [("voice", 1, "failed"), ("sms", 1, "delivered"), ("voice", 2, "failed"), ("voice", 3, "failed")]
+    assert len(events(stack.db, "channel_given_up")) == 1
+
+    stack.clock.advance(39)
+    stack.router.run_once()  # 119 s: the SMS reached the grid worker, who may yet reply
+    assert not guardians & {c["to"] for c in calls(stack.phone)}
+    assert events(stack.db, "step_advanced") == []
+    stack.clock.advance(1)
+    stack.router.run_once()  # 120 s
+    assert guardians <= {c["to"] for c in calls(stack.phone)}
 
 
 @pytest.mark.parametrize(
@@ -463,6 +567,48 @@ def test_an_sms_reply_with_the_code_acknowledges_and_others_get_help_and_change_
     [(actor, detail)] = events(stack.db, "sms_reply")
     assert (actor, detail) == (f"staff:{page.recipient_id}", {"provider_id": answer["sid"], "digit": "1"})
     assert q(stack.db, "SELECT role, action, detail->>'via' FROM audit_log") == [("grid_worker", "acknowledge", "sms")]
+
+
+def test_a_guardian_taking_it_by_sms_stops_the_chain_before_the_platform(stack: Stack) -> None:
+    case = sos(stack)
+    for platform in serve_app(create_emergency_platform(PLATFORM_SECRET, announce=lambda _line: None)):
+        stack.add_platform(platform)
+        stack.router.run_once()  # 0 s: the grid worker
+        stack.clock.advance(120)
+        stack.router.run_once()  # 120 s: the guardians
+        guardians = q(
+            stack.db, "SELECT id, name, phone FROM guardians WHERE resident_id = %s ORDER BY priority", case.resident
+        )
+        assert len(guardians) >= 2
+        taker_id, taker_name, taker_phone = guardians[-1]  # called last: everyone else is paged by now
+        assert {p.address for p in pages(stack.db, "sms", step=1)} == {g[2] for g in guardians}
+        paged = {r[0] for r in q(stack.db, "SELECT DISTINCT address FROM notification_attempts WHERE purpose = 'page'")}
+        stack.clock.advance(30)
+
+        answer = stack.text(taker_phone, f"收到 {case.code}")
+
+        assert texted(answer["reply"]) == f"【守护】{case.code} 已确认，您已接单，请尽快前往。"
+        assert q(stack.db, "SELECT state, acknowledged_by, acknowledged_via FROM incidents") == [
+            ("acknowledged", f"guardian:{taker_id}", "sms")
+        ]
+        sms_before = len(messages(stack.phone))
+        stack.router.run_once()
+        notices = messages(stack.phone)[sms_before:]
+        assert sorted(m["to"] for m in notices) == sorted(paged - {taker_phone})
+        assert all(taker_name in m["body"] and case.code in m["body"] for m in notices)
+
+        calls_before = len(calls(stack.phone))
+        stack.clock.advance(600)  # well past 240 s, when the platform step was due
+        stack.router.run_once()
+        assert platform_alerts(platform) == []
+        assert len(calls(stack.phone)) == calls_before
+        assert q(stack.db, "SELECT count(*) FROM notification_attempts WHERE purpose LIKE 'cap%%'") == [(0,)]
+        assert q(
+            stack.db, "SELECT step FROM escalation_actions WHERE state = 'done' AND kind = 'step' ORDER BY id"
+        ) == [
+            (0,),
+            (1,),
+        ]
 
 
 @pytest.mark.parametrize(("outcome", "retried"), [("delivered", False), ("undelivered", True)])

@@ -423,3 +423,19 @@ def test_voice_says_the_same_fields_spelled_out() -> None:
     spoken = with_keypress.findtext("Gather/Say")
     assert spoken is not None
     assert spoken.endswith("前往处置请按1，无法前往请按2。")
+
+
+def test_a_fault_can_be_limited_to_calls_and_to_the_next_n_requests(simulator: Simulator) -> None:
+    notifier = simulator.notifier()
+    httpx.post(
+        f"{simulator.url}/_sim/faults", json={"to": GRID_WORKER, "fail": "error", "times": 2, "only": "call"}
+    ).raise_for_status()
+    assert httpx.get(f"{simulator.url}/_sim/faults").json() == {
+        GRID_WORKER: {"fail": "error", "only": "call", "remaining": 2}
+    }
+
+    outcomes = [notifier.send(delivery(channel)).outcome for channel in (Channel.VOICE, Channel.SMS, Channel.VOICE)]
+    assert outcomes == [SendOutcome.FAILED, SendOutcome.SENT, SendOutcome.FAILED]  # SMS untouched, not counted
+    assert notifier.send(delivery(Channel.VOICE)).outcome is SendOutcome.SENT  # the third call: healed
+    assert httpx.get(f"{simulator.url}/_sim/faults").json() == {}
+    assert [c["to"] for c in simulator.calls()] == [GRID_WORKER]

@@ -5,49 +5,41 @@ from __future__ import annotations
 
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime
-from typing import Any
+from datetime import UTC, datetime, timedelta
 
 import httpx
 import psycopg
 import pytest
 
 from alerts.acknowledge import Actor, acknowledge, resolve
-from alerts.notifiers.console import ConsoleNotifier
-from alerts.notifiers.twilio import TwilioNotifier
-from alerts.notifiers.webhook import WebhookNotifier
-from alerts.router import Router, RouterConfig
+from alerts.router import Router
 from api.main import create_app
-from devices.kinds import Channel, Outcome
+from devices.kinds import Outcome
+from shouhu.embedded.postgres import free_port
 from shouhu.tokens import Role, create_token
 from simulators.emergency_platform import create_emergency_platform
-from tests.escalation_support import DAY, FROM, PHONE_SID, PHONE_TOKEN, ZONE, Clock, press, q, wristband_in
+from tests.escalation_support import (
+    DAY,
+    PLATFORM_SECRET,
+    Clock,
+    calls,
+    make_router,
+    platform_webhook,
+    press,
+    q,
+    wristband_in,
+)
+from tests.escalation_support import platform_alerts as alerts
 from tests.services import serve_app
-
-SECRET = "platform-test-secret"
 
 
 @pytest.fixture
 def platform() -> Iterator[str]:
-    yield from serve_app(create_emergency_platform(SECRET, announce=lambda _line: None))
-
-
-def alerts(base: str) -> list[dict[str, Any]]:
-    found: list[dict[str, Any]] = httpx.get(f"{base}/_sim/alerts").json()
-    return found
+    yield from serve_app(create_emergency_platform(PLATFORM_SECRET, announce=lambda _line: None))
 
 
 def router_with_platform(url: str, phone: str, platform_base: str, clock: Clock, *, exercise: bool = False) -> Router:
-    twilio = TwilioNotifier(PHONE_SID, PHONE_TOKEN, FROM, phone, "http://127.0.0.1:8000")
-    webhook = WebhookNotifier(f"{platform_base}/cap", SECRET, sender="shouhu@county.example", sleep=lambda _s: None)
-    return Router(
-        url,
-        RouterConfig("r1", ZONE),
-        {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: ConsoleNotifier()},
-        platform=webhook,
-        clock=clock,
-        exercise=exercise,
-    )
+    return make_router(url, phone, clock, platform=platform_webhook(platform_base), exercise=exercise)
 
 
 def escalate_to_platform(
@@ -137,3 +129,135 @@ def test_a_platform_dispatcher_acknowledges_through_the_api(county_url: str, pho
             assert time.monotonic() < deadline, "the platform's dispatcher never acknowledged"
             time.sleep(0.05)
     assert q(county_url, "SELECT acknowledged_by_name, acknowledged_via FROM incidents") == [("120调度台", "api")]
+
+
+def step_started(url: str, incident: int) -> list[tuple[int, int, str, set[str]]]:
+    """(round, step, target, recipient ids) of each step that paged someone, in order."""
+    rows = q(
+        url,
+        "SELECT detail FROM incident_events WHERE incident_id = %s AND event = 'step_started' ORDER BY id",
+        incident,
+    )
+    return [(d["round"], d["step"], d["target"], {r["id"] for r in d["recipients"]}) for (d,) in rows]
+
+
+def test_nobody_answers_the_whole_chain_runs_to_unreached_and_starts_over(
+    county_url: str, phone_network: str, platform: str
+) -> None:
+    device, _grid, resident = wristband_in(county_url, night_covered=False)
+    clock = Clock(DAY)
+    incident = press(county_url, device, DAY)
+    waits = [s["wait_s"] for s in q(county_url, "SELECT policy_snapshot FROM incidents")[0][0]["steps"]]
+    assert waits == [120, 120, 120, 120]  # the default timeline: 0 / 120 / 240 / 360, unreached at 480
+    router = router_with_platform(county_url, phone_network, platform, clock)
+    guardians = {r[0] for r in q(county_url, "SELECT phone FROM guardians WHERE resident_id = %s", resident)}
+
+    def new_calls(since: int) -> set[str]:
+        return {c["to"] for c in calls(phone_network)[since:]}
+
+    router.run_once()  # 0 s: the grid worker
+    [(_r, _s, target, worker_ids)] = step_started(county_url, incident)
+    assert target == "grid_worker"
+    workers = {r[0] for r in q(county_url, "SELECT phone FROM staff WHERE id = ANY(%s)", list(worker_ids))}
+    assert new_calls(0) == workers
+    seen = len(calls(phone_network))
+
+    clock.advance(119)
+    router.run_once()
+    assert new_calls(seen) == set()  # nobody before the step's wait is up
+    clock.advance(1)
+    router.run_once()  # 120 s: the guardians
+    assert new_calls(seen) == guardians
+    seen = len(calls(phone_network))
+
+    clock.advance(120)
+    router.run_once()  # 240 s: the emergency platform, and no phone call
+    assert [a["msgType"] for a in alerts(platform)] == ["Alert"]
+    assert new_calls(seen) == set()
+    assert q(county_url, "SELECT state FROM notification_attempts WHERE purpose = 'cap_alert'") == [("sent",)]
+
+    clock.advance(120)
+    router.run_once()  # 360 s: the county operators
+    operator_ids = step_started(county_url, incident)[-1][3]
+    operators = {r[0] for r in q(county_url, "SELECT phone FROM staff WHERE id = ANY(%s)", list(operator_ids))}
+    assert step_started(county_url, incident)[-1][2] == "operators"
+    assert new_calls(seen) == operators
+    assert q(county_url, "SELECT state FROM incidents") == [("open",)]
+    seen = len(calls(phone_network))
+
+    clock.advance(120)
+    router.run_once()  # 480 s: unreached, the operators alarmed, and round 1 pages the grid worker again
+    assert q(county_url, "SELECT state FROM incidents") == [("unreached",)]
+    assert new_calls(seen) == operators | workers
+    alarmed = q(
+        county_url,
+        "SELECT DISTINCT address FROM notification_attempts WHERE round = 0 AND step = 4 AND channel = 'voice'",
+    )
+    assert {a[0] for a in alarmed} == operators
+    assert [(r, s, t) for r, s, t, _ids in step_started(county_url, incident)] == [
+        (0, 0, "grid_worker"),
+        (0, 1, "guardians"),
+        (0, 2, "emergency_platform"),
+        (0, 3, "operators"),
+        (1, 0, "grid_worker"),
+    ]
+    events = [
+        (e, at - DAY)
+        for e, at in q(
+            county_url,
+            "SELECT event, at FROM incident_events WHERE incident_id = %s AND event IN ('step_started', 'unreached')"
+            " ORDER BY id",
+            incident,
+        )
+    ]
+    assert [(e, int(d.total_seconds())) for e, d in events] == [
+        ("step_started", 0),
+        ("step_started", 120),
+        ("step_started", 240),
+        ("step_started", 360),
+        ("unreached", 480),
+        ("step_started", 480),
+    ]
+    assert [a["msgType"] for a in alerts(platform)] == ["Alert"]  # round 1 has not reached the platform yet
+    assert q(county_url, "SELECT step, round, due_at - %s FROM escalation_actions WHERE state = 'pending'", DAY) == [
+        (1, 1, timedelta(seconds=600))
+    ]
+
+
+@pytest.mark.parametrize("down", ["503", "unreachable"])
+def test_a_platform_that_never_takes_the_alert_pages_the_operators_at_once(
+    county_url: str, phone_network: str, platform: str, down: str
+) -> None:
+    if down == "503":
+        httpx.post(f"{platform}/_sim/faults", json={"fail": "error", "times": 100}).raise_for_status()
+        url = platform
+    else:
+        url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    device, _grid, _resident = wristband_in(county_url, night_covered=False)
+    clock = Clock(DAY)
+    incident = press(county_url, device, DAY)
+    router = make_router(county_url, phone_network, clock, platform=platform_webhook(url))
+    for _ in range(2):  # grid worker at 0 s, guardians at 120 s
+        router.run_once()
+        clock.advance(120)
+    calls_before = len(calls(phone_network))
+
+    router.run_once()  # 240 s: every try of the CAP alert fails; the clock does not move again
+
+    [(state, error)] = q(county_url, "SELECT state, error FROM notification_attempts WHERE purpose = 'cap_alert'")
+    assert state == "failed"
+    assert "no receipt after 5 tries" in error
+    if down == "503":
+        assert len(httpx.get(f"{platform}/_sim/deliveries").json()) == 5
+    [(_r, step, target, operator_ids)] = step_started(county_url, incident)[3:]
+    assert (step, target) == (3, "operators")
+    operators = {r[0] for r in q(county_url, "SELECT phone FROM staff WHERE id = ANY(%s)", list(operator_ids))}
+    assert operators
+    assert {c["to"] for c in calls(phone_network)[calls_before:]} == operators
+    advanced = q(county_url, "SELECT at, detail FROM incident_events WHERE event = 'step_advanced'")
+    assert advanced == [
+        (DAY + timedelta(seconds=240), {"reason": "every channel of the step failed", "step": 2, "round": 0})
+    ]
+    assert q(county_url, "SELECT step, due_at FROM escalation_actions WHERE state = 'pending'") == [
+        (4, DAY + timedelta(seconds=360))
+    ]

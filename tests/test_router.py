@@ -322,3 +322,93 @@ def test_a_second_due_action_of_an_incident_waits_for_the_next_batch(county_url:
         r[0] for r in q(county_url, "SELECT event FROM incident_events WHERE incident_id = %s ORDER BY id", incident)
     ]
     assert events.count("step_started") == 2
+
+
+def test_a_grid_with_nobody_reachable_pages_the_guardians_at_once(county_url: str, phone_network: str) -> None:
+    device, grid, resident = wristband_in(county_url, night_covered=False)
+    with psycopg.connect(county_url) as conn:
+        # Everyone who could be on duty for this grid, up to the county: the grid's own
+        # workers and any staff rostered on the community, township or county above it.
+        conn.execute(
+            """
+            WITH RECURSIVE up(id, parent_id) AS (
+                SELECT id, parent_id FROM areas WHERE id = %s
+                UNION ALL SELECT a.id, a.parent_id FROM areas a JOIN up ON a.id = up.parent_id)
+            UPDATE staff SET active = false
+            WHERE id IN (SELECT staff_id FROM duty_shifts WHERE area_id IN (SELECT id FROM up))
+            """,
+            (grid,),
+        )
+    guardians = [
+        r[0] for r in q(county_url, "SELECT phone FROM guardians WHERE resident_id = %s ORDER BY priority", resident)
+    ]
+    assert guardians
+    clock = Clock(DAY)
+    incident = press(county_url, device, DAY)
+
+    make_router(county_url, phone_network, clock).run_once()  # the clock never moves
+
+    assert [c["to"] for c in calls(phone_network)] == guardians
+    timeline = q(
+        county_url,
+        "SELECT event, at, detail->>'step', detail->>'target' FROM incident_events"
+        " WHERE incident_id = %s AND event IN ('no_recipients', 'step_started') ORDER BY id",
+        incident,
+    )
+    assert timeline == [("no_recipients", DAY, "0", "grid_worker"), ("step_started", DAY, "1", "guardians")]
+    assert q(county_url, "SELECT step, state, due_at FROM escalation_actions ORDER BY id") == [
+        (0, "done", DAY),
+        (1, "done", DAY),
+        (2, "pending", DAY + timedelta(seconds=120)),
+    ]
+    assert q(county_url, "SELECT count(*) FROM notification_attempts WHERE step = 0") == [(0,)]
+
+
+def test_a_provider_that_recovers_by_the_third_try_keeps_the_step_to_its_wait(
+    county_url: str, phone_network: str
+) -> None:
+    device, grid, resident = wristband_in(county_url, night_covered=False)
+    day_worker = next(p for _s, p, start, end in grid_worker_shifts(county_url)[grid] if start < end)
+    # The first two tries of the call and of the SMS (four requests) meet a provider error.
+    httpx.post(f"{phone_network}/_sim/faults", json={"to": day_worker, "fail": "error", "times": 4}).raise_for_status()
+    guardians = {r[0] for r in q(county_url, "SELECT phone FROM guardians WHERE resident_id = %s", resident)}
+    clock = Clock(DAY)
+    incident = press(county_url, device, DAY)
+    router = make_router(county_url, phone_network, clock)
+    tries = (
+        "SELECT channel, attempt, state, not_before FROM notification_attempts"
+        " WHERE address = %s AND channel IN ('voice', 'sms') ORDER BY attempt, channel"
+    )
+
+    router.run_once()  # 0 s
+    clock.advance(20)
+    router.run_once()  # 20 s
+    clock.advance(59)
+    router.run_once()  # 79 s: the third tries are not due yet
+    assert [r[:3] for r in q(county_url, tries, day_worker)] == [
+        ("sms", 1, "failed"),
+        ("voice", 1, "failed"),
+        ("sms", 2, "failed"),
+        ("voice", 2, "failed"),
+        ("sms", 3, "pending"),
+        ("voice", 3, "pending"),
+    ]
+    assert {r[3] for r in q(county_url, tries, day_worker)[2:]} == {
+        DAY + timedelta(seconds=20),
+        DAY + timedelta(seconds=80),
+    }
+    clock.advance(1)
+    router.run_once()  # 80 s: the third tries go through
+    assert [r[2] for r in q(county_url, tries, day_worker)[4:]] == ["sent", "sent"]
+    assert [c["to"] for c in calls(phone_network)] == [day_worker]  # the only call the network accepted
+
+    clock.advance(39)
+    router.run_once()  # 119 s: the grid worker may yet answer, so the guardians wait
+    assert not guardians & {c["to"] for c in calls(phone_network)}
+    clock.advance(1)
+    router.run_once()  # 120 s: the step's own wait
+    assert guardians <= {c["to"] for c in calls(phone_network)}
+    events = [r[0] for r in q(county_url, "SELECT event FROM incident_events WHERE incident_id = %s", incident)]
+    assert events.count("retry_scheduled") == 4
+    assert "channel_given_up" not in events
+    assert "step_advanced" not in events
