@@ -19,7 +19,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import shouhu
-from api.routes import acknowledgements, areas, callbacks, devices, incidents, maintenance, residents, tasks
+from api.routes import acknowledgements, areas, callbacks, devices, incidents, maintenance, residents, tasks, uptime
 from shouhu.db import open_pool
 from shouhu.migrations import MIGRATIONS
 
@@ -187,7 +187,7 @@ def create_app(
 
     # The routers carry the full /api/v1/... paths themselves, so the matched route's
     # path is the whole template the metrics label with.
-    for module in (areas, devices, residents, incidents, acknowledgements, tasks, maintenance, callbacks):
+    for module in (areas, devices, residents, incidents, acknowledgements, tasks, maintenance, callbacks, uptime):
         app.include_router(module.router)
     app.state.resolve_timeout_s = resolve_timeout_s
     app.state.public_url = public_url
