@@ -20,7 +20,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import TYPE_CHECKING, Any
-from zoneinfo import ZoneInfo
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
 from psycopg.rows import tuple_row
@@ -240,7 +240,10 @@ def timescaledb_statements(zone: str) -> list[str]:
     day is bucketed in ``zone`` (SHOUHU_TIMEZONE when the migration ran), which
     ``time_bucket`` accepts in a continuous aggregate from TimescaleDB 2.8.
     """
-    ZoneInfo(zone)  # refuse an unknown zone before it reaches SQL
+    try:
+        ZoneInfo(zone)  # refuse an unknown zone before it reaches SQL
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {zone!r}") from exc
     literal = zone.replace("'", "''")
     return [
         f"""CREATE MATERIALIZED VIEW {HEALTH_DAILY}
