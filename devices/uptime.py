@@ -87,27 +87,27 @@ class Uptime:
         return dict(self.offline_reasons)
 
     def __add__(self, other: Uptime) -> Uptime:
-        reasons = self.offline_by_reason()
-        for reason, seconds in other.offline_reasons:
-            reasons[reason] = reasons.get(reason, 0.0) + seconds
-        return Uptime(
-            online_s=self.online_s + other.online_s,
-            offline_s=self.offline_s + other.offline_s,
-            maintenance_s=self.maintenance_s + other.maintenance_s,
-            unknown_s=self.unknown_s + other.unknown_s,
-            offline_reasons=tuple(sorted(reasons.items())),
-            outages=self.outages + other.outages,
-            repairs_closed=self.repairs_closed + other.repairs_closed,
-            repair_s=self.repair_s + other.repair_s,
-            cameras=self.cameras + other.cameras,
-        )
+        return total((self, other))
 
 
 def total(values: Iterable[Uptime]) -> Uptime:
-    result = Uptime()
+    """The time-weighted sum of ``values``: seconds and counts added, reasons merged."""
+    online = offline = maintenance = unknown = repair = 0.0
+    outages = repairs = cameras = 0
+    reasons: dict[str, float] = {}
     for value in values:
-        result = result + value
-    return result
+        online += value.online_s
+        offline += value.offline_s
+        maintenance += value.maintenance_s
+        unknown += value.unknown_s
+        outages += value.outages
+        repairs += value.repairs_closed
+        repair += value.repair_s
+        cameras += value.cameras
+        for reason, seconds in value.offline_reasons:
+            reasons[reason] = reasons.get(reason, 0.0) + seconds
+    return Uptime(online, offline, maintenance, unknown, tuple(sorted(reasons.items())), outages, repairs, repair,
+                  cameras)
 
 
 def merge(spans: Iterable[Span]) -> list[Span]:
@@ -150,6 +150,39 @@ class _Tally:
         )
 
 
+def _sweep(
+    changes: Sequence[StateChange], buckets: Sequence[Span], gaps: Sequence[Span], held: Sequence[Span],
+    ordered: Sequence[datetime],
+) -> list[_Tally]:
+    """Tally each piece between consecutive ``ordered`` points into its bucket."""
+    # Pointers that only move forward rather than a bisect per piece: a report
+    # measures hundreds of cameras per request.
+    tallies = [_Tally() for _ in buckets]
+    b = c = g = m = 0
+    for piece_start, piece_end in pairwise(ordered):
+        while buckets[b].end <= piece_start:
+            b += 1
+        while c < len(changes) and changes[c].at <= piece_start:
+            c += 1
+        while g < len(gaps) and gaps[g].end <= piece_start:
+            g += 1
+        while m < len(held) and held[m].end <= piece_start:
+            m += 1
+        tally = tallies[b]
+        seconds = (piece_end - piece_start).total_seconds()
+        if c == 0 or (g < len(gaps) and gaps[g].start <= piece_start):
+            tally.unknown += seconds
+        elif m < len(held) and held[m].start <= piece_start:
+            tally.maintenance += seconds
+        elif changes[c - 1].online:
+            tally.online += seconds
+        else:
+            tally.offline += seconds
+            reason = changes[c - 1].reason or UNSPECIFIED_REASON
+            tally.reasons[reason] = tally.reasons.get(reason, 0.0) + seconds
+    return tallies
+
+
 def measure(
     changes: Sequence[StateChange],
     buckets: Sequence[Span],
@@ -182,32 +215,14 @@ def measure(
     held = merge(maintenance)
     gap_starts = [s.start for s in gaps]
     held_starts = [s.start for s in held]
-    change_times = [c.at for c in changes]
     bucket_starts = [b.start for b in buckets]
 
     points = {start, end}
     points.update(b.end for b in buckets)
-    points.update(t for t in change_times if start < t < end)
+    points.update(change.at for change in changes if start < change.at < end)
     for span in (*gaps, *held):
         points.update(t for t in (span.start, span.end) if start < t < end)
-    ordered = sorted(points)
-
-    tallies = [_Tally() for _ in buckets]
-    for piece_start, piece_end in pairwise(ordered):
-        tally = tallies[bisect_right(bucket_starts, piece_start) - 1]
-        seconds = (piece_end - piece_start).total_seconds()
-        last = bisect_right(change_times, piece_start) - 1
-        if last < 0 or _inside(gaps, gap_starts, piece_start):
-            tally.unknown += seconds
-        elif _inside(held, held_starts, piece_start):
-            tally.maintenance += seconds
-        elif changes[last].online:
-            tally.online += seconds
-        else:
-            tally.offline += seconds
-            reason = changes[last].reason or UNSPECIFIED_REASON
-            tally.reasons[reason] = tally.reasons.get(reason, 0.0) + seconds
-
+    tallies = _sweep(changes, buckets, gaps, held, sorted(points))
     for change in changes:
         if change.online or not start <= change.at < end:
             continue
@@ -261,10 +276,12 @@ def roll_up(
         parents: every area's parent (the whole tree, so a camera's ancestry is complete).
         keep: the areas to report.
     """
-    areas: dict[str, list[Uptime]] = {}
+    members: dict[str, list[Sequence[Uptime]]] = {}
     for area_id, buckets in cameras:
         for area in ancestry(parents, area_id):
             if area in keep:
-                sums = areas.get(area, [Uptime()] * len(buckets))
-                areas[area] = [a + b for a, b in zip(sums, buckets, strict=True)]
-    return areas
+                members.setdefault(area, []).append(buckets)
+    return {
+        area: [total(camera[i] for camera in inside) for i in range(len(inside[0]))]
+        for area, inside in members.items()
+    }

@@ -15,7 +15,6 @@ for why the ratio itself is not one).
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -111,12 +110,16 @@ _MAINTENANCE = """
 """
 
 # Time to repair counts from when the camera fell silent to when it came back (or,
-# failing that, when the order was closed).
+# failing that, when the order was closed). Summed per camera and bucket here: a
+# township's month has thousands of orders. width_bucket gives the 1-based bucket
+# whose start is the last at or before closed_at.
 _REPAIRS = """
-    SELECT device_id, closed_at, extract(epoch FROM coalesce(recovered_at, closed_at) - problem_since)::float8
+    SELECT device_id, width_bucket(closed_at, %(starts)s::timestamptz[]) - 1, count(*)::int,
+           sum(extract(epoch FROM coalesce(recovered_at, closed_at) - problem_since))::float8
     FROM care_tasks
     WHERE kind = 'repair' AND state = 'closed' AND closed_at >= %(start)s AND closed_at < %(end)s
       AND device_id = ANY(%(ids)s)
+    GROUP BY 1, 2
 """
 
 _OPEN_ORDERS = """
@@ -164,7 +167,12 @@ def uptime_report(
     """
     buckets = report_buckets(window, zone, by_day)
     spans = [span for _, span in buckets]
-    params: dict[str, Any] = {"start": window.start, "end": min(window.end, max(now, window.start)), "now": now}
+    params: dict[str, Any] = {
+        "start": window.start,
+        "end": min(window.end, max(now, window.start)),
+        "now": now,
+        "starts": [span.start for span in spans],
+    }
     with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
         nodes = {row[0]: AreaNode(*row) for row in cur.execute(_AREAS).fetchall()}
         parents = {node.id: node.parent_id for node in nodes.values()}
@@ -172,9 +180,9 @@ def uptime_report(
         cameras = cur.execute(_CAMERAS, {"areas": sorted(selected)}).fetchall()
         params["ids"] = [device_id for device_id, _ in cameras]
         changes: dict[str, list[StateChange]] = {}
-        for device_id, at, online, reason in cur.execute(_CHANGES, params):
+        for device_id, at, online, reason in cur.execute(_CHANGES, params).fetchall():
             changes.setdefault(device_id, []).append(StateChange(at, online, reason))
-        gaps = [Span(start, end) for start, end in cur.execute(_GAPS, params) if end > start]
+        gaps = [Span(start, end) for start, end in cur.execute(_GAPS, params).fetchall() if end > start]
         windows = cur.execute(_MAINTENANCE, params).fetchall()
         repairs = cur.execute(_REPAIRS, params).fetchall()
         open_orders: dict[str, int] = dict(cur.execute(_OPEN_ORDERS, params).fetchall())
@@ -187,11 +195,8 @@ def uptime_report(
         target = held_by_device.setdefault(device_id, []) if device_id else held_by_area.setdefault(area_id, [])
         target.append(Span(starts_at, ends_at))
     repaired: dict[str, list[Uptime]] = {}
-    starts = [span.start for span in spans]
-    for device_id, closed_at, seconds in repairs:
-        per_bucket = repaired.setdefault(device_id, [Uptime()] * len(spans))
-        index = bisect_right(starts, closed_at) - 1
-        per_bucket[index] = per_bucket[index] + Uptime(repairs_closed=1, repair_s=seconds)
+    for device_id, index, count, seconds in repairs:
+        repaired.setdefault(device_id, [Uptime()] * len(spans))[index] = Uptime(repairs_closed=count, repair_s=seconds)
 
     measured: list[CameraUptime] = []
     for device_id, area_id in cameras:
