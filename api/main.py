@@ -33,6 +33,7 @@ from api.routes import (
     residents,
     tasks,
     tokens,
+    uptime,
 )
 from shouhu.db import open_pool
 from shouhu.migrations import MIGRATIONS
@@ -223,7 +224,7 @@ def create_app(
 
     # The routers carry the full /api/v1/... paths themselves, so the matched route's
     # path is the whole template the metrics label with.
-    for module in (areas, devices, residents, incidents, acknowledgements, tasks, maintenance, tokens):
+    for module in (areas, devices, residents, incidents, acknowledgements, tasks, maintenance, tokens, uptime):
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
     app.include_router(callbacks.router)
     app.state.resolve_timeout_s = resolve_timeout_s

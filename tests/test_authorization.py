@@ -254,6 +254,13 @@ MATRIX: tuple[Case, ...] = (
         body_other={"role": "operator", "areas": ["{town}"]},
     ),
     Case("delete", "/api/v1/tokens/{token_id}", "/api/v1/tokens/{token}", frozenset({Role.ADMIN}), denied=403),
+    Case(
+        "get",
+        "/api/v1/cameras/uptime",
+        "/api/v1/cameras/uptime?area={grid}",
+        frozenset(REPAIR_ROLES),
+        denied=403,
+    ),
     # The audit log spans the county: an admin bound to an area is refused too.
     Case("get", "/api/v1/audit", "/api/v1/audit", frozenset(), denied=403, other=0),
 )

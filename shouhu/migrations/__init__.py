@@ -20,6 +20,7 @@ from importlib import resources
 
 import psycopg
 
+from devices import uptime_store
 from shouhu import timeseries
 
 # An arbitrary constant: the advisory lock key that serialises migrations.
@@ -63,6 +64,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(7, "an index for first pages", sql_file="0007_first_pages.sql"),
     Migration(8, "care: visit tasks, work orders, battery notices, maintenance, quiet hours", sql_file="0008_care.sql"),
     Migration(9, "an index for the incident list", sql_file="0009_incident_list.sql"),
+    Migration(11, "camera uptime", sql_file="0011_uptime.sql", apply=uptime_store.create_timescaledb_views),
 )
 
 
