@@ -62,6 +62,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(6, "liveness windows per device kind", sql_file="0006_heartbeat_kinds.sql"),
     Migration(7, "an index for first pages", sql_file="0007_first_pages.sql"),
     Migration(8, "care: visit tasks, work orders, battery notices, maintenance, quiet hours", sql_file="0008_care.sql"),
+    # 9, 10 and 11 are taken by work in parallel; the runner does not need them contiguous.
+    Migration(12, "live feed outbox and console sessions", sql_file="0012_events.sql"),
 )
 
 
