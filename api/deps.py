@@ -132,10 +132,10 @@ def identify(
         return identity
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie is None:
+        # The consoles know to log in; the message speaks to API clients, and stays as it was.
         raise HTTPException(
             status.HTTP_401_UNAUTHORIZED,
-            f"a bearer token (Authorization: Bearer <token>) or a session cookie ({SESSION_COOKIE}, "
-            "from POST /api/v1/session) is required",
+            "a bearer token is required (Authorization: Bearer <token>)",
             headers={"WWW-Authenticate": "Bearer"},
         )
     session = authenticate_session(conn, cookie, now)
