@@ -110,6 +110,11 @@ def require_same_origin(request: Request) -> None:
         )
 
 
+def unauthorized(detail: str, challenge: str = "Bearer") -> HTTPException:
+    """A 401 with the ``WWW-Authenticate`` challenge HTTP requires of it."""
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": challenge})
+
+
 def identify(
     conn: psycopg.Connection[Any], request: Request, bearer: str | None, now: datetime
 ) -> TokenIdentity:
@@ -124,27 +129,15 @@ def identify(
     if bearer is not None:
         identity = authenticate(conn, bearer, now)
         if identity is None:
-            raise HTTPException(
-                status.HTTP_401_UNAUTHORIZED,
-                "the bearer token is unknown, expired or revoked",
-                headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-            )
+            raise unauthorized("the bearer token is unknown, expired or revoked", 'Bearer error="invalid_token"')
         return identity
     cookie = request.cookies.get(SESSION_COOKIE)
     if cookie is None:
         # The consoles know to log in; the message speaks to API clients, and stays as it was.
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "a bearer token is required (Authorization: Bearer <token>)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise unauthorized("a bearer token is required (Authorization: Bearer <token>)")
     session = authenticate_session(conn, cookie, now)
     if session is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "the session has ended or expired, or its token was revoked: log in again",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
+        raise unauthorized("the session has ended or expired, or its token was revoked: log in again")
     require_same_origin(request)
     return session.token
 

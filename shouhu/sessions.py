@@ -18,13 +18,11 @@ from typing import Any
 import psycopg
 from psycopg.rows import tuple_row
 
-from shouhu.tokens import Role, TokenIdentity, hash_secret, require_aware
+from shouhu.tokens import Role, TokenIdentity, hash_secret, plausible_secret, require_aware
 
 SESSION_PREFIX = "shs_"  # a recognisable prefix, not a secret
 # A working day and a bit: a console logs in at the start of a shift.
 SESSION_LIFETIME = timedelta(hours=12)
-# token_urlsafe(32) is 43 characters; see shouhu.tokens for why longer is refused early.
-_MAX_SECRET_LENGTH = 128
 
 
 @dataclass(frozen=True, slots=True)
@@ -79,7 +77,7 @@ def open_session(
 def authenticate_session(conn: psycopg.Connection[Any], secret: str, now: datetime) -> SessionIdentity | None:
     """The session behind ``secret``, or ``None`` if it is unknown, ended, expired, or its token is not valid."""
     require_aware("now", now)
-    if not secret.startswith(SESSION_PREFIX) or len(secret) > _MAX_SECRET_LENGTH:
+    if not plausible_secret(secret, SESSION_PREFIX):
         return None
     with conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(

@@ -50,6 +50,11 @@ def hash_secret(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8")).digest()
 
 
+def plausible_secret(secret: str, prefix: str) -> bool:
+    """Whether ``secret`` could be one of ours, checked before it costs a hash and a query."""
+    return secret.startswith(prefix) and len(secret) <= _MAX_SECRET_LENGTH
+
+
 def require_aware(name: str, value: datetime) -> None:
     """Refuse a naive time: compared with stored timestamptz it would shift by the server's zone."""
     if value.tzinfo is None or value.utcoffset() is None:
@@ -110,7 +115,7 @@ def create_token(
 def authenticate(conn: psycopg.Connection[Any], secret: str, now: datetime) -> TokenIdentity | None:
     """The identity behind ``secret``, or ``None`` if it is unknown, expired or revoked."""
     require_aware("now", now)
-    if not secret.startswith(TOKEN_PREFIX) or len(secret) > _MAX_SECRET_LENGTH:
+    if not plausible_secret(secret, TOKEN_PREFIX):
         return None
     with conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(

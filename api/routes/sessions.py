@@ -5,10 +5,10 @@ from __future__ import annotations
 from datetime import datetime
 from typing import Annotated
 
-from fastapi import APIRouter, Cookie, HTTPException, Request, Response, status
+from fastapi import APIRouter, Cookie, Request, Response, status
 from pydantic import BaseModel, Field
 
-from api.deps import API_PREFIX, SESSION_COOKIE, ConnDep, Now, require_same_origin, write_audit
+from api.deps import API_PREFIX, SESSION_COOKIE, ConnDep, Now, require_same_origin, unauthorized, write_audit
 from shouhu.sessions import authenticate_session, end_session, open_session
 from shouhu.tokens import Role, authenticate
 
@@ -38,7 +38,7 @@ def create_session(body: SessionCreate, request: Request, response: Response, co
     """Log a console in: set the session cookie for a valid token."""
     token = authenticate(conn, body.token, now)
     if token is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "the token is unknown, expired or revoked")
+        raise unauthorized("the token is unknown, expired or revoked")
     with conn.transaction():
         session = open_session(conn, token, now)
         write_audit(conn, token, now, "login", f"session:{session.id}", {"expires_at": session.expires_at.isoformat()})
@@ -72,7 +72,7 @@ def delete_session(
     """Log a console out: end its session and clear the cookie."""
     session = None if cookie is None else authenticate_session(conn, cookie, now)
     if session is None:
-        raise HTTPException(status.HTTP_401_UNAUTHORIZED, "no session to end: the cookie is missing, ended or expired")
+        raise unauthorized("no session to end: the cookie is missing, ended or expired")
     require_same_origin(request)
     with conn.transaction():
         end_session(conn, session.id, now)
