@@ -8,7 +8,7 @@ import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -144,10 +144,10 @@ def readiness_problem(pool: ConnectionPool) -> str | None:
     return None
 
 
-def _prune_once(pool: ConnectionPool, now: datetime) -> None:
+def _prune_once(pool: ConnectionPool, events_now: datetime, sessions_now: datetime) -> None:
     with pooled(pool) as conn:
-        deleted = live.prune(conn, now)
-        ended = prune_sessions(conn, now)
+        deleted = live.prune(conn, events_now)
+        ended = prune_sessions(conn, sessions_now)
     if deleted or ended:
         logger.info("pruned %d live events and %d old sessions", deleted, ended)
 
@@ -159,10 +159,12 @@ async def _upkeep(app: FastAPI) -> None:
     repeat each other's work.
     """
     while True:
-        # The clock the routes use, so a test that drives time drives this too.
-        now = app.dependency_overrides.get(get_now, get_now)()
+        # Each table by the clock that stamped it: the outbox by the database's real
+        # clock, sessions by the routes' clock (which tests move).
+        events_now = datetime.now(UTC)
+        sessions_now = app.dependency_overrides.get(get_now, get_now)()
         try:
-            await run_in_threadpool(_prune_once, app.state.pool, now)
+            await run_in_threadpool(_prune_once, app.state.pool, events_now, sessions_now)
         except (psycopg.Error, PoolTimeout) as exc:
             logger.warning("live feed: pruning failed, retrying later: %s", exc)
         await asyncio.sleep(live.PRUNE_INTERVAL_S)

@@ -85,6 +85,7 @@ class Feed:
     def __init__(self, api: Api, *, headers: dict[str, str] | None = None, params: dict[str, Any] | None = None,
                  cookies: dict[str, str] | None = None) -> None:
         self.status: int | None = None
+        self.last_id = 0
         self.body = b""
         self.comments: list[str] = []
         self.events: queue.Queue[Event] = queue.Queue()
@@ -126,9 +127,11 @@ class Feed:
 
     def next(self, within: float = DEADLINE_S) -> Event:
         try:
-            return self.events.get(timeout=within)
+            event = self.events.get(timeout=within)
         except queue.Empty:
             raise AssertionError(f"no event within {within}s") from None
+        self.last_id = event.id
+        return event
 
     def take(self, count: int) -> list[Event]:
         return [self.next() for _ in range(count)]
@@ -327,6 +330,23 @@ def test_a_stale_or_unknown_last_event_id_is_answered_with_reset(api: Api, feeds
     # An id this database never issued (say, it was restored from a backup) resets too.
     assert open_feed(feeds, api, headers={**bearer(secret), "Last-Event-ID": "99999999"}).next().event == "reset"
     assert open_feed(feeds, api, headers={**bearer(secret), "Last-Event-ID": "garbage"}).next().event == "reset"
+
+
+def test_streams_hold_no_connection_while_they_wait(api: Api, feeds: list[Feed]) -> None:
+    # More streams than the API's pool has connections (8): each borrows one only to read.
+    secret = token(api.db, Role.OPERATOR)
+    crowd = [open_feed(feeds, api, headers=bearer(secret)) for _ in range(12)]
+    (device, _grid), _ = in_other_grids(api.db)
+    incident = press(api.db, device, DAY)
+    assert {feed.next().data["id"] for feed in crowd} == {incident}
+    assert httpx.get(f"{api.url}/api/v1/incidents", headers=bearer(secret)).status_code == 200
+    # Consoles that go away leave nothing behind: the next ones are served as before.
+    for feed in crowd:
+        feed.close()
+    again = open_feed(feeds, api, headers={**bearer(secret), "Last-Event-ID": str(crowd[0].last_id)})
+    acknowledged = httpx.post(f"{api.url}/api/v1/incidents/{incident}/ack", headers=bearer(secret))
+    assert acknowledged.status_code == 200
+    assert again.next().data["state"] == "acknowledged"
 
 
 def test_the_feed_refuses_a_missing_or_bad_credential(api: Api) -> None:
