@@ -1,4 +1,4 @@
-"""Request dependencies: a pooled connection, the clock, the bearer token, the area scope.
+"""Request dependencies: a pooled connection, the clock, the bearer token or session cookie, the area scope.
 
 Each request's connection runs in autocommit: every statement stands alone unless a
 route opens ``conn.transaction()``, so a route fixes its own transaction boundaries
@@ -14,6 +14,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, cast
+from urllib.parse import urlsplit
 
 import psycopg
 from fastapi import Depends, HTTPException, Query, Request, status
@@ -24,6 +25,7 @@ from psycopg_pool import ConnectionPool
 from pydantic import AwareDatetime, BaseModel, BeforeValidator
 
 from alerts.acknowledge import Actor
+from shouhu.sessions import authenticate_session
 from shouhu.tokens import Role, TokenIdentity, authenticate
 
 API_PREFIX = "/api/v1"
@@ -80,7 +82,11 @@ def _rfc3339_only(value: Any) -> Any:
 Rfc3339 = Annotated[AwareDatetime, BeforeValidator(_rfc3339_only)]
 """A timezone-aware time written as RFC 3339, in a query or a body."""
 
-_bearer = HTTPBearer(
+SESSION_COOKIE = "shouhu_session"
+# Methods that change something: a cookie-authenticated one must pass the CSRF check.
+UNSAFE_METHODS = frozenset({"POST", "PUT", "PATCH", "DELETE"})
+
+bearer_scheme = HTTPBearer(
     auto_error=False,
     description="A token printed by `shouhu token create --role ROLE [--area AREA]`.",
 )
@@ -91,14 +97,21 @@ def get_pool(request: Request) -> ConnectionPool:
     return pool
 
 
-def get_connection(
-    pool: Annotated[ConnectionPool, Depends(get_pool)],
-) -> Iterator[psycopg.Connection[DictRow]]:
-    """A pooled connection for the request, in autocommit, returned when it ends."""
+@contextmanager
+def pooled(pool: ConnectionPool) -> Iterator[psycopg.Connection[DictRow]]:
+    """A pooled connection in autocommit, for as long as the ``with`` block."""
     with pool.connection(timeout=CONNECTION_TIMEOUT_S) as conn:
         conn.autocommit = True
         # shouhu.db.open_pool gives its connections dict rows.
         yield cast("psycopg.Connection[DictRow]", conn)
+
+
+def get_connection(
+    pool: Annotated[ConnectionPool, Depends(get_pool)],
+) -> Iterator[psycopg.Connection[DictRow]]:
+    """A pooled connection for the request, in autocommit, returned when it ends."""
+    with pooled(pool) as conn:
+        yield conn
 
 
 def get_now() -> datetime:
@@ -110,26 +123,77 @@ ConnDep = Annotated[psycopg.Connection[DictRow], Depends(get_connection)]
 Now = Annotated[datetime, Depends(get_now)]
 
 
+def same_origin(request: Request) -> bool:
+    """Whether the request's Origin (or, failing that, Referer) names the host it was sent to.
+
+    Compared by host and port only: behind a TLS-terminating proxy the scheme the
+    API sees is not the one the browser used.
+    """
+    source = request.headers.get("origin") or request.headers.get("referer")
+    host = request.headers.get("host")
+    if not source or source == "null" or not host:
+        return False
+    return urlsplit(source).netloc.lower() == host.lower()
+
+
+def require_same_origin(request: Request) -> None:
+    """Refuse a cookie-authenticated unsafe request from another site (CSRF).
+
+    A browser attaches the cookie to a form posted from any site; SameSite=Strict
+    already stops that in current browsers, and this check stops it everywhere.
+
+    Raises:
+        HTTPException: 403 when the method is unsafe and the origin does not match.
+    """
+    if request.method in UNSAFE_METHODS and not same_origin(request):
+        host = request.headers.get("host", "this host")
+        raise HTTPException(
+            status.HTTP_403_FORBIDDEN,
+            f"a {request.method} authenticated by the session cookie must come from this site: "
+            f"send an Origin (or Referer) header naming {host}, or use a bearer token",
+        )
+
+
+def unauthorized(detail: str, challenge: str = "Bearer") -> HTTPException:
+    """A 401 with the ``WWW-Authenticate`` challenge HTTP requires of it."""
+    return HTTPException(status.HTTP_401_UNAUTHORIZED, detail, headers={"WWW-Authenticate": challenge})
+
+
+def identify(
+    conn: psycopg.Connection[Any], request: Request, bearer: str | None, now: datetime
+) -> TokenIdentity:
+    """The token behind the request's bearer header or, without one, its session cookie.
+
+    The bearer wins: a script that sends one means it, whatever cookie the browser adds.
+
+    Raises:
+        HTTPException: 401 when neither is present or valid; 403 for a cookie-only
+            unsafe request from another site.
+    """
+    if bearer is not None:
+        identity = authenticate(conn, bearer, now)
+        if identity is None:
+            raise unauthorized("the bearer token is unknown, expired or revoked", 'Bearer error="invalid_token"')
+        return identity
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie is None:
+        # The consoles know to log in; the message speaks to API clients, and stays as it was.
+        raise unauthorized("a bearer token is required (Authorization: Bearer <token>)")
+    session = authenticate_session(conn, cookie, now)
+    if session is None:
+        raise unauthorized("the session has ended or expired, or its token was revoked: log in again")
+    require_same_origin(request)
+    return session.token
+
+
 def get_current_token(
+    request: Request,
     conn: ConnDep,
     now: Now,
-    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    credentials: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
 ) -> TokenIdentity:
-    """The identity of the request's bearer token; 401 when missing or not valid."""
-    if credentials is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "a bearer token is required (Authorization: Bearer <token>)",
-            headers={"WWW-Authenticate": "Bearer"},
-        )
-    identity = authenticate(conn, credentials.credentials, now)
-    if identity is None:
-        raise HTTPException(
-            status.HTTP_401_UNAUTHORIZED,
-            "the bearer token is unknown, expired or revoked",
-            headers={"WWW-Authenticate": 'Bearer error="invalid_token"'},
-        )
-    return identity
+    """The identity of the request's bearer token or session cookie; 401 when missing or not valid."""
+    return identify(conn, request, None if credentials is None else credentials.credentials, now)
 
 
 CurrentToken = Annotated[TokenIdentity, Depends(get_current_token)]

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from datetime import UTC, datetime
 from typing import Any
 
 import psycopg
@@ -22,21 +25,25 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import shouhu
-from api.deps import ERROR_RESPONSES, reject_unknown_query
+from api import live
+from api.deps import ERROR_RESPONSES, get_now, pooled, reject_unknown_query
 from api.routes import (
     acknowledgements,
     areas,
     callbacks,
     devices,
+    events,
     incidents,
     maintenance,
     residents,
+    sessions,
     tasks,
     tokens,
     uptime,
 )
 from shouhu.db import open_pool
 from shouhu.migrations import MIGRATIONS
+from shouhu.sessions import prune_sessions
 
 logger = logging.getLogger(__name__)
 
@@ -163,26 +170,64 @@ def readiness_problem(pool: ConnectionPool) -> str | None:
     return None
 
 
+def _prune_once(pool: ConnectionPool, events_now: datetime, sessions_now: datetime) -> None:
+    with pooled(pool) as conn:
+        deleted = live.prune(conn, events_now)
+        ended = prune_sessions(conn, sessions_now)
+    if deleted or ended:
+        logger.info("pruned %d live events and %d old sessions", deleted, ended)
+
+
+async def _upkeep(app: FastAPI) -> None:
+    """Keeps the live-feed outbox to its retention window and drops long-dead sessions.
+
+    Every API process does it; the deletes are idempotent, so several at once only
+    repeat each other's work.
+    """
+    while True:
+        # Each table by the clock that stamped it: the outbox by the database's real
+        # clock, sessions by the routes' clock (which tests move).
+        events_now = datetime.now(UTC)
+        sessions_now = app.dependency_overrides.get(get_now, get_now)()
+        try:
+            await run_in_threadpool(_prune_once, app.state.pool, events_now, sessions_now)
+        except (psycopg.Error, PoolTimeout) as exc:
+            logger.warning("live feed: pruning failed, retrying later: %s", exc)
+        await asyncio.sleep(live.PRUNE_INTERVAL_S)
+
+
 def create_app(
     database_url: str,
     *,
     resolve_timeout_s: int = 1800,
     public_url: str = "http://127.0.0.1:8000",
     twilio_auth_token: str = "",
+    events_heartbeat_s: float = live.HEARTBEAT_S,
 ) -> FastAPI:
     """The API application, with its connection pool opened and closed by the lifespan.
 
     ``public_url`` (``SHOUHU_PUBLIC_URL``) is where Twilio reaches the callback routes,
     and with ``twilio_auth_token`` checks their signatures; with no token every
-    callback is refused.
+    callback is refused. ``events_heartbeat_s`` is the live feed's heartbeat, which
+    also re-checks each stream's credential.
     """
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         app.state.pool = open_pool(database_url, name="api")
+        app.state.live_feed = live.LiveFeedListener(database_url)
+        background = [
+            asyncio.create_task(app.state.live_feed.run(), name="live-feed-listener"),
+            asyncio.create_task(_upkeep(app), name="live-feed-upkeep"),
+        ]
         try:
             yield
         finally:
+            for task in background:
+                task.cancel()
+            for task in background:
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
             await run_in_threadpool(app.state.pool.close)
 
     app = FastAPI(
@@ -224,10 +269,14 @@ def create_app(
 
     # The routers carry the full /api/v1/... paths themselves, so the matched route's
     # path is the whole template the metrics label with.
-    for module in (areas, devices, residents, incidents, acknowledgements, tasks, maintenance, tokens, uptime):
+    modules = (
+        areas, devices, residents, incidents, acknowledgements, tasks, maintenance, tokens, uptime, events, sessions
+    )
+    for module in modules:
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
     app.include_router(callbacks.router)
     app.state.resolve_timeout_s = resolve_timeout_s
     app.state.public_url = public_url
     app.state.twilio_auth_token = twilio_auth_token
+    app.state.events_heartbeat_s = events_heartbeat_s
     return app

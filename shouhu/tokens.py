@@ -50,7 +50,13 @@ def hash_secret(secret: str) -> bytes:
     return hashlib.sha256(secret.encode("utf-8")).digest()
 
 
-def _require_aware(name: str, value: datetime) -> None:
+def plausible_secret(secret: str, prefix: str) -> bool:
+    """Whether ``secret`` could be one of ours, checked before it costs a hash and a query."""
+    return secret.startswith(prefix) and len(secret) <= _MAX_SECRET_LENGTH
+
+
+def require_aware(name: str, value: datetime) -> None:
+    """Refuse a naive time: compared with stored timestamptz it would shift by the server's zone."""
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError(f"{name} must be timezone-aware")
 
@@ -81,9 +87,9 @@ def create_token(
             a naive time, or an expiry not after ``now``.
     """
     parsed_role = Role(role)
-    _require_aware("now", now)
+    require_aware("now", now)
     if expires_at is not None:
-        _require_aware("expires_at", expires_at)
+        require_aware("expires_at", expires_at)
         if expires_at <= now:
             raise ValueError("expires_at must be after now")
     wanted = list(dict.fromkeys(areas))
@@ -108,8 +114,8 @@ def create_token(
 
 def authenticate(conn: psycopg.Connection[Any], secret: str, now: datetime) -> TokenIdentity | None:
     """The identity behind ``secret``, or ``None`` if it is unknown, expired or revoked."""
-    _require_aware("now", now)
-    if not secret.startswith(TOKEN_PREFIX) or len(secret) > _MAX_SECRET_LENGTH:
+    require_aware("now", now)
+    if not plausible_secret(secret, TOKEN_PREFIX):
         return None
     with conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(
@@ -130,7 +136,7 @@ def authenticate(conn: psycopg.Connection[Any], secret: str, now: datetime) -> T
 
 def revoke_token(conn: psycopg.Connection[Any], token_id: int, now: datetime) -> bool:
     """Revoke a token from ``now`` on; ``False`` if it is unknown or already revoked."""
-    _require_aware("now", now)
+    require_aware("now", now)
     with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(
             "UPDATE api_tokens SET revoked_at = %s WHERE id = %s AND revoked_at IS NULL",

@@ -1,0 +1,122 @@
+"""Console sessions: a bearer token exchanged for a cookie, stored as SHA-256, expiring.
+
+A browser's EventSource cannot send an Authorization header, and a token kept in a
+page's script is a token any injected script can read; an HttpOnly cookie is
+neither. The session is a second secret bound to the token that opened it, so
+everything that ends the token (revocation, expiry) ends its sessions too.
+
+The clock is passed in everywhere, so tests drive expiry instead of sleeping.
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+from typing import Any
+
+import psycopg
+from psycopg.rows import tuple_row
+
+from shouhu.tokens import Role, TokenIdentity, hash_secret, plausible_secret, require_aware
+
+SESSION_PREFIX = "shs_"  # a recognisable prefix, not a secret
+# A working day and a bit: a console logs in at the start of a shift.
+SESSION_LIFETIME = timedelta(hours=12)
+
+
+@dataclass(frozen=True, slots=True)
+class SessionIdentity:
+    """A valid session and the token it speaks for."""
+
+    id: int
+    token: TokenIdentity
+    expires_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class NewSession:
+    """A session just opened; ``secret`` goes into the cookie and is stored nowhere."""
+
+    id: int
+    secret: str
+    expires_at: datetime
+
+
+def open_session(
+    conn: psycopg.Connection[Any],
+    token: TokenIdentity,
+    now: datetime,
+    *,
+    lifetime: timedelta = SESSION_LIFETIME,
+) -> NewSession:
+    """Store a new session for ``token``, ending at ``now + lifetime`` or the token's expiry if sooner.
+
+    Raises:
+        ValueError: a naive ``now``, or a token that is unknown or no longer valid.
+    """
+    require_aware("now", now)
+    secret = SESSION_PREFIX + secrets.token_urlsafe(32)
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(
+            """
+            INSERT INTO api_sessions (session_hash, token_id, created_at, expires_at)
+            SELECT %(hash)s, t.id, %(now)s, least(%(until)s, t.expires_at)
+            FROM api_tokens t
+            WHERE t.id = %(token)s AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > %(now)s)
+            RETURNING id, expires_at
+            """,
+            {"hash": hash_secret(secret), "token": token.id, "now": now, "until": now + lifetime},
+        )
+        row = cur.fetchone()
+    if row is None:
+        raise ValueError(f"token {token.id} is unknown, expired or revoked")
+    return NewSession(id=row[0], secret=secret, expires_at=row[1])
+
+
+def authenticate_session(conn: psycopg.Connection[Any], secret: str, now: datetime) -> SessionIdentity | None:
+    """The session behind ``secret``, or ``None`` if it is unknown, ended, expired, or its token is not valid."""
+    require_aware("now", now)
+    if not plausible_secret(secret, SESSION_PREFIX):
+        return None
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(
+            """
+            SELECT s.id, s.expires_at, t.id, t.role, t.areas
+            FROM api_sessions s JOIN api_tokens t ON t.id = s.token_id
+            WHERE s.session_hash = %(hash)s
+              AND s.ended_at IS NULL AND s.expires_at > %(now)s
+              AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > %(now)s)
+            """,
+            {"hash": hash_secret(secret), "now": now},
+        )
+        row = cur.fetchone()
+    if row is None:
+        return None
+    session_id, expires_at, token_id, role, areas = row
+    return SessionIdentity(session_id, TokenIdentity(id=token_id, role=Role(role), areas=tuple(areas)), expires_at)
+
+
+def end_session(conn: psycopg.Connection[Any], session_id: int, now: datetime) -> bool:
+    """End a session from ``now`` on (logout); ``False`` if it had already ended."""
+    require_aware("now", now)
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(
+            "UPDATE api_sessions SET ended_at = %s WHERE id = %s AND ended_at IS NULL",
+            (now, session_id),
+        )
+        return cur.rowcount == 1
+
+
+def prune_sessions(conn: psycopg.Connection[Any], now: datetime, *, keep: timedelta = timedelta(days=7)) -> int:
+    """Delete sessions that expired or ended more than ``keep`` ago; returns how many.
+
+    The audit log keeps the logins and logouts; a dead session row only costs space.
+    """
+    require_aware("now", now)
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(
+            "DELETE FROM api_sessions WHERE least(expires_at, coalesce(ended_at, expires_at)) < %s",
+            (now - keep,),
+        )
+        return cur.rowcount
