@@ -57,8 +57,8 @@ log = logging.getLogger(__name__)
 Conn = psycopg.Connection[tuple[Any, ...]]
 Clock = Callable[[], datetime]
 
-# (…0001 migrations, …0002 the escalation router, …0003 liveness.)
-CARE_LOCK_KEY = 0x5348_4F55_4855_0004
+# (…0001 migrations, …0002 the escalation router, …0003 liveness, …0004 partition upkeep.)
+CARE_LOCK_KEY = 0x5348_4F55_4855_0005
 CARE_SWEEP_INTERVAL_S = 10.0
 # A battery must climb this far above the low mark to count as charged, so a reading
 # wobbling around the mark does not open and close an incident every minute.
