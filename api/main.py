@@ -15,7 +15,8 @@ import psycopg
 from fastapi import Depends, FastAPI, Request, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, Response
+from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
@@ -26,6 +27,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import shouhu
 from api import live
+from api.consoles import pages
 from api.deps import ERROR_RESPONSES, get_now, pooled, reject_unknown_query
 from api.routes import (
     acknowledgements,
@@ -125,6 +127,8 @@ async def _http_error(request: Request, exc: Exception) -> Response:
     route's; a client (and RFC 9110) needs them all.
     """
     assert isinstance(exc, StarletteHTTPException)
+    if request.url.path.startswith("/console/") and exc.status_code != status.HTTP_405_METHOD_NOT_ALLOWED:
+        return pages.error_page(request, exc.status_code)
     if exc.status_code != status.HTTP_405_METHOD_NOT_ALLOWED:
         return await http_exception_handler(request, exc)
     allowed: set[str] = set()
@@ -137,6 +141,10 @@ async def _http_error(request: Request, exc: Exception) -> Response:
         content={"detail": f"{request.method} is not allowed here; use {', '.join(sorted(allowed))}"},
         headers={"Allow": ", ".join(sorted(allowed))},
     )
+
+
+async def _login_required(request: Request, exc: Exception) -> Response:
+    return RedirectResponse("/console/login", status_code=status.HTTP_303_SEE_OTHER)
 
 
 async def _internal_error(request: Request, exc: Exception) -> JSONResponse:
@@ -239,6 +247,7 @@ def create_app(
     app.add_middleware(_MetricsMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(pages.LoginRequired, _login_required)
     app.add_exception_handler(psycopg.OperationalError, _database_unavailable)
     app.add_exception_handler(PoolTimeout, _database_unavailable)
     app.add_exception_handler(Exception, _internal_error)
@@ -275,6 +284,8 @@ def create_app(
     for module in modules:
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
     app.include_router(callbacks.router)
+    app.include_router(pages.router)
+    app.mount("/console/static", StaticFiles(directory=pages.STATIC_DIR), name="console-static")
     app.state.resolve_timeout_s = resolve_timeout_s
     app.state.public_url = public_url
     app.state.twilio_auth_token = twilio_auth_token

@@ -1,0 +1,520 @@
+"""The consoles: server-rendered pages for grid workers, technicians and the
+governance centre (综治中心), in Chinese with English available.
+
+A page is complete as served; ``static/console.js`` only keeps its live parts current
+(the live feed, then a refetch of the page's ``data-fragment`` parts). Pages log in
+with the same tokens as the API, exchanged for the session cookie; they read through
+the same area scope and role sets as the REST routes, and act through the same
+domain functions, so a console can do nothing the API would refuse. Forms post to
+the console (no script needed); each post is checked as the API checks a
+cookie-authenticated one (same origin), then redirects back (post/redirect/get).
+"""
+
+from __future__ import annotations
+
+import math
+from datetime import UTC, date, datetime, time, timedelta
+from pathlib import Path
+from typing import Annotated, Any
+from zoneinfo import ZoneInfo
+
+from fastapi import APIRouter, Depends, Form, HTTPException, Request, status
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from fastapi.templating import Jinja2Templates
+from jinja2 import Environment, FileSystemLoader, select_autoescape
+
+from alerts.acknowledge import Result, acknowledge, decline, resolve
+from alerts.care import close_task, start_task
+from api import deps
+from api.consoles import queries
+from api.consoles.i18n import Lang, maybe, word
+from api.consoles.uptime_chart import area_ratios, daily_ratios, svg_chart
+from api.deps import (
+    SESSION_COOKIE,
+    ConnDep,
+    Now,
+    identify,
+    require_same_origin,
+    token_actor,
+    tuple_rows,
+    write_audit,
+)
+from api.routes.incidents import visible_kinds
+from api.routes.sessions import SessionCreate, create_session, delete_session
+from api.routes.tasks import TASK_KINDS_OF_ROLE
+from devices.kinds import REPAIR_OUTCOMES, VISIT_OUTCOMES, IncidentKind, Outcome, TaskKind, TaskOutcome
+from shouhu.tokens import Role, TokenIdentity
+
+HERE = Path(__file__).resolve().parent
+STATIC_DIR = HERE / "static"
+LANG_COOKIE = "shouhu_lang"
+DEFAULT_ZONE = ZoneInfo("Asia/Shanghai")
+ACKNOWLEDGERS = frozenset({Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM})
+HOME = {
+    Role.GRID_WORKER: "/console/grid",
+    Role.PLATFORM: "/console/grid",
+    Role.TECHNICIAN: "/console/tech",
+    Role.OPERATOR: "/console/overview",
+    Role.ADMIN: "/console/overview",
+}
+NAV = {
+    Role.GRID_WORKER: [("/console/grid", "grid_console")],
+    Role.PLATFORM: [("/console/grid", "grid_console")],
+    Role.TECHNICIAN: [("/console/tech", "tech_board")],
+    Role.OPERATOR: [
+        ("/console/overview", "overview"),
+        ("/console/grid", "open_incidents"),
+        ("/console/tech", "tech_board"),
+    ],
+    Role.ADMIN: [
+        ("/console/overview", "overview"),
+        ("/console/grid", "open_incidents"),
+        ("/console/tech", "tech_board"),
+    ],
+}
+OUTCOME_WORDS = {
+    Outcome.VISITED_FINE: ("已上门，老人无恙", "Visited, resident fine"),
+    Outcome.FALSE_ALARM: ("误报", "False alarm"),
+    Outcome.SENT_TO_HOSPITAL: ("已送医", "Sent to hospital"),
+    Outcome.HANDLED_BY_GUARDIAN: ("监护人已处置", "Handled by the guardian"),
+    Outcome.EMERGENCY_SERVICES: ("120/110 已处置", "Handled by emergency services"),
+    Outcome.OTHER: ("其他", "Other"),
+}
+
+router = APIRouter(prefix="/console", include_in_schema=False)
+
+
+class LoginRequired(Exception):
+    """No valid session: the console sends the browser to its login page."""
+
+
+def _environment() -> Environment:
+    return Environment(loader=FileSystemLoader(HERE / "templates"), autoescape=select_autoescape(["html"]))
+
+
+templates = Jinja2Templates(env=_environment())
+
+
+def get_lang(request: Request) -> Lang:
+    asked = request.query_params.get("lang") or request.cookies.get(LANG_COOKIE)
+    return Lang.EN if asked == "en" else Lang.ZH
+
+
+def console_token(request: Request, conn: ConnDep, now: Now) -> TokenIdentity:
+    """The session's token; a missing or ended session sends the browser to log in."""
+    try:
+        return identify(conn, request, None, now)
+    except HTTPException as exc:
+        if exc.status_code == status.HTTP_401_UNAUTHORIZED:
+            raise LoginRequired from exc
+        raise
+
+
+Viewer = Annotated[TokenIdentity, Depends(console_token)]
+LangDep = Annotated[Lang, Depends(get_lang)]
+
+
+def _zone(request: Request) -> ZoneInfo:
+    zone: ZoneInfo = getattr(request.app.state, "zone", DEFAULT_ZONE)
+    return zone
+
+
+def _render(
+    request: Request, name: str, lang: Lang, context: dict[str, Any], *, status_code: int = 200
+) -> HTMLResponse:
+    zone = _zone(request)
+    me = context.get("token")
+    page = templates.TemplateResponse(
+        request,
+        name,
+        {
+            "lang": lang.value,
+            "w": lambda key: word(lang, key),
+            "m": lambda key: maybe(lang, key),
+            "local": lambda at: at.astimezone(zone).strftime("%m-%d %H:%M") if at else "",
+            "pct": lambda ratio: "—" if ratio is None else f"{ratio * 100:.1f}%",
+            "seconds": lambda s: "—" if s is None else f"{s:.0f} s",
+            "duration": _duration,
+            "me": {"label": context.get("label", ""), "role": me.role.value} if me else None,
+            "nav": NAV.get(me.role, []) if me else [],
+            "here": request.url.path,
+            **context,
+        },
+        status_code=status_code,
+    )
+    if "lang" in request.query_params:
+        page.set_cookie(LANG_COOKIE, lang.value, max_age=365 * 86400, samesite="strict", path="/")
+    return page
+
+
+def _duration(seconds: float | None) -> str:
+    if seconds is None or math.isnan(seconds):
+        return "—"
+    minutes = int(seconds // 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
+
+
+def _label(conn: ConnDep, token: TokenIdentity) -> str:
+    return token_actor(conn, token).name
+
+
+def _scope(conn: ConnDep, token: TokenIdentity) -> list[str] | None:
+    return deps.get_area_scope(conn, token).as_param()
+
+
+# -- login ---------------------------------------------------------------------------
+
+
+@router.get("/login")
+def login_page(request: Request, lang: LangDep) -> HTMLResponse:
+    return _render(request, "login.html", lang, {"error": False})
+
+
+@router.post("/login")
+def log_in(
+    request: Request, conn: ConnDep, now: Now, lang: LangDep, token: Annotated[str, Form(max_length=200)]
+) -> Response:
+    """The token from the form becomes the session cookie, exactly as ``POST /api/v1/session`` does."""
+    go = RedirectResponse("/console", status_code=status.HTTP_303_SEE_OTHER)
+    try:
+        create_session(SessionCreate(token=token.strip() or "-"), request, go, conn, now)
+    except HTTPException:
+        return _render(request, "login.html", lang, {"error": True}, status_code=status.HTTP_401_UNAUTHORIZED)
+    return go
+
+
+@router.post("/logout")
+def log_out(request: Request, conn: ConnDep, now: Now) -> Response:
+    """End the session through the API's own logout, then back to the login page."""
+    try:
+        delete_session(request, conn, now, request.cookies.get(SESSION_COOKIE))
+    except HTTPException as exc:
+        if exc.status_code != status.HTTP_401_UNAUTHORIZED:
+            raise
+    go = RedirectResponse("/console/login", status_code=status.HTTP_303_SEE_OTHER)
+    go.delete_cookie(SESSION_COOKIE, path="/", httponly=True, samesite="strict", secure=request.url.scheme == "https")
+    return go
+
+
+@router.get("")
+def home(token: Viewer) -> RedirectResponse:
+    return RedirectResponse(HOME[token.role], status_code=status.HTTP_303_SEE_OTHER)
+
+
+# -- the grid worker's console ---------------------------------------------------------
+
+
+def _grid_context(conn: ConnDep, token: TokenIdentity) -> dict[str, Any]:
+    kinds = [k.value for k in visible_kinds(token.role)]
+    return {"incidents": queries.open_incidents(conn, _scope(conn, token), kinds), "token": token}
+
+
+@router.get("/grid")
+def grid_console(request: Request, conn: ConnDep, token: Viewer, lang: LangDep) -> HTMLResponse:
+    """Open incidents and visits of my areas, reddest and newest first, live."""
+    context = _grid_context(conn, token)
+    return _render(request, "grid.html", lang, {**context, "label": _label(conn, token)})
+
+
+@router.get("/grid/list")
+def grid_list(request: Request, conn: ConnDep, token: Viewer, lang: LangDep) -> HTMLResponse:
+    return _render(request, "_incident_list.html", lang, _grid_context(conn, token))
+
+
+def _visible_incident(conn: ConnDep, token: TokenIdentity, incident_id: int) -> dict[str, Any]:
+    found = queries.incident(conn, incident_id)
+    scope = deps.get_area_scope(conn, token)
+    if (
+        found is None
+        or IncidentKind(found["kind"]) not in visible_kinds(token.role)
+        or not scope.allows(found["area_id"])
+    ):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "not found")
+    return found
+
+
+def _incident_context(
+    conn: ConnDep, token: TokenIdentity, incident_id: int, lang: Lang, now: datetime
+) -> dict[str, Any]:
+    found = _visible_incident(conn, token, incident_id)
+    resident = None
+    guardians: list[dict[str, Any]] = []
+    if found["resident_id"] and token.role in deps.RESIDENT_READERS:
+        resident = {
+            "name": found["resident_name"],
+            "address": found["resident_address"],
+            "phone": found["resident_phone"],
+            # Health data only for the roles the API shows it to (PIPL).
+            "medical_notes": found["medical_notes"] if token.role in deps.SENSITIVE_READERS else None,
+        }
+        guardians = queries.guardians(conn, found["resident_id"])
+        with conn.transaction():
+            write_audit(conn, token, now, "read_resident", f"resident:{found['resident_id']}", {"via": "console"})
+    zh = lang is Lang.ZH
+    return {
+        "i": found,
+        "resident": resident,
+        "guardians": guardians,
+        "timeline": queries.timeline(conn, incident_id),
+        "can_act": token.role in ACKNOWLEDGERS and found["severity"] == "red",
+        "outcomes": [(o.value, words[0] if zh else words[1]) for o, words in OUTCOME_WORDS.items()],
+        "token": token,
+    }
+
+
+@router.get("/incidents/{incident_id}")
+def incident_page(
+    request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now, incident_id: int
+) -> Response:
+    found = queries.incident(conn, incident_id)
+    if found is not None and found["task_id"] is not None:
+        return RedirectResponse(f"/console/tasks/{found['task_id']}", status_code=status.HTTP_303_SEE_OTHER)
+    context = _incident_context(conn, token, incident_id, lang, now)
+    return _render(request, "incident.html", lang, {**context, "label": _label(conn, token)})
+
+
+@router.get("/incidents/{incident_id}/body")
+def incident_body(
+    request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now, incident_id: int
+) -> HTMLResponse:
+    return _render(request, "_incident_body.html", lang, _incident_context(conn, token, incident_id, lang, now))
+
+
+def _act(
+    request: Request, conn: ConnDep, token: TokenIdentity, incident_id: int, action: str, run: Any, now: datetime
+) -> Response:
+    require_same_origin(request)
+    found = _visible_incident(conn, token, incident_id)
+    if token.role not in ACKNOWLEDGERS or found["severity"] != "red":
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "forbidden")
+    actor = token_actor(conn, token)
+    with conn.transaction():
+        with tuple_rows(conn) as plain:
+            result: Result = run(plain, actor)
+        write_audit(conn, token, now, action, f"incident:{incident_id}", {"result": result.value, "via": "console"})
+    return RedirectResponse(f"/console/incidents/{incident_id}", status_code=status.HTTP_303_SEE_OTHER)
+
+
+@router.post("/incidents/{incident_id}/ack")
+def acknowledge_from_console(request: Request, conn: ConnDep, token: Viewer, now: Now, incident_id: int) -> Response:
+    timeout = getattr(request.app.state, "resolve_timeout_s", 1800)
+    return _act(
+        request,
+        conn,
+        token,
+        incident_id,
+        "acknowledge",
+        lambda plain, actor: acknowledge(plain, incident_id, actor, "console", now, resolve_timeout_s=timeout),
+        now,
+    )
+
+
+@router.post("/incidents/{incident_id}/decline")
+def decline_from_console(request: Request, conn: ConnDep, token: Viewer, now: Now, incident_id: int) -> Response:
+    return _act(
+        request,
+        conn,
+        token,
+        incident_id,
+        "decline",
+        lambda plain, actor: decline(plain, incident_id, actor, "console", now),
+        now,
+    )
+
+
+@router.post("/incidents/{incident_id}/resolve")
+def resolve_from_console(
+    request: Request,
+    conn: ConnDep,
+    token: Viewer,
+    now: Now,
+    incident_id: int,
+    outcome: Annotated[Outcome, Form()],
+    note: Annotated[str, Form(max_length=2000)] = "",
+) -> Response:
+    return _act(
+        request,
+        conn,
+        token,
+        incident_id,
+        "resolve",
+        lambda plain, actor: resolve(plain, incident_id, outcome, note, actor, now),
+        now,
+    )
+
+
+# -- tasks (visits and repair orders) --------------------------------------------------
+
+
+def _visible_task(conn: ConnDep, token: TokenIdentity, task_id: int) -> dict[str, Any]:
+    found = queries.task(conn, task_id)
+    scope = deps.get_area_scope(conn, token)
+    if (
+        found is None
+        or TaskKind(found["kind"]) not in TASK_KINDS_OF_ROLE[token.role]
+        or not scope.allows(found["area_id"])
+    ):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, "not found")
+    return found
+
+
+@router.get("/tasks/{task_id}")
+def task_page(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, task_id: int) -> HTMLResponse:
+    found = _visible_task(conn, token, task_id)
+    outcomes = VISIT_OUTCOMES if found["kind"] == TaskKind.VISIT.value else REPAIR_OUTCOMES
+    return _render(
+        request,
+        "task.html",
+        lang,
+        {
+            "t": found,
+            "timeline": queries.timeline(conn, found["incident_id"]),
+            "outcomes": sorted(o.value for o in outcomes),
+            "token": token,
+            "label": _label(conn, token),
+        },
+    )
+
+
+def _task_action(
+    request: Request, conn: ConnDep, token: TokenIdentity, task_id: int, action: str, run: Any, now: datetime
+) -> Response:
+    require_same_origin(request)
+    _visible_task(conn, token, task_id)
+    actor = token_actor(conn, token)
+    with conn.transaction():
+        with tuple_rows(conn) as plain:
+            try:
+                result: Result = run(plain, actor)
+            except ValueError as exc:
+                raise HTTPException(422, str(exc)) from exc
+        write_audit(conn, token, now, action, f"task:{task_id}", {"result": result.value, "via": "console"})
+    return RedirectResponse(f"/console/tasks/{task_id}", status_code=status.HTTP_303_SEE_OTHER)
+
+
+@router.post("/tasks/{task_id}/start")
+def start_from_console(request: Request, conn: ConnDep, token: Viewer, now: Now, task_id: int) -> Response:
+    return _task_action(
+        request, conn, token, task_id, "task_start", lambda plain, actor: start_task(plain, task_id, actor, now), now
+    )
+
+
+@router.post("/tasks/{task_id}/close")
+def close_from_console(
+    request: Request,
+    conn: ConnDep,
+    token: Viewer,
+    now: Now,
+    task_id: int,
+    outcome: Annotated[TaskOutcome, Form()],
+    note: Annotated[str, Form(max_length=2000)] = "",
+) -> Response:
+    return _task_action(
+        request,
+        conn,
+        token,
+        task_id,
+        "task_close",
+        lambda plain, actor: close_task(plain, task_id, outcome, note, actor, now),
+        now,
+    )
+
+
+# -- the technician's board and the governance overview ---------------------------------
+
+
+def _period(request: Request, now: datetime, zone: ZoneInfo, default_days: int) -> tuple[date, date]:
+    """[from, to] as local days from ``?from=&to=`` (inclusive), the last ``default_days`` days by default."""
+    today = now.astimezone(zone).date()
+    try:
+        start = date.fromisoformat(request.query_params["from"]) if request.query_params.get("from") else None
+        end = date.fromisoformat(request.query_params["to"]) if request.query_params.get("to") else None
+    except ValueError as exc:
+        raise HTTPException(422, "the period's from and to must be dates (YYYY-MM-DD)") from exc
+    end = end or today
+    start = start or end - timedelta(days=default_days - 1)
+    if start > end or (end - start).days > 366:
+        raise HTTPException(422, "the period must run forwards and be at most a year")
+    return start, end
+
+
+def _instant(day: date, zone: ZoneInfo) -> datetime:
+    return datetime.combine(day, time(0), zone).astimezone(UTC)
+
+
+def _tech_context(request: Request, conn: ConnDep, token: TokenIdentity, now: datetime) -> dict[str, Any]:
+    if TaskKind.REPAIR not in TASK_KINDS_OF_ROLE[token.role]:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "forbidden")
+    zone = _zone(request)
+    start, end = _period(request, now, zone, 7)
+    scope = _scope(conn, token)
+    today = now.astimezone(zone).date()
+    by_area_today = area_ratios(conn, scope, _instant(today, zone), now, zone)
+    by_area_period = area_ratios(
+        conn, scope, _instant(start, zone), min(now, _instant(end + timedelta(days=1), zone)), zone
+    )
+    series = daily_ratios(conn, scope, start, end, zone, now)
+    return {
+        "areas": queries.cameras_by_area(conn, scope, now),
+        "orders": queries.open_orders(conn, scope),
+        "today": by_area_today,
+        "period": by_area_period,
+        "chart": svg_chart(series, title="在线率" if get_lang(request) is Lang.ZH else "Online ratio"),
+        "period_from": start.isoformat(),
+        "period_to": end.isoformat(),
+        "token": token,
+    }
+
+
+@router.get("/tech")
+def tech_board(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now) -> HTMLResponse:
+    """Cameras by area with their online ratio, the offline list, open orders and the trend."""
+    return _render(
+        request, "tech.html", lang, {**_tech_context(request, conn, token, now), "label": _label(conn, token)}
+    )
+
+
+@router.get("/tech/body")
+def tech_body(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now) -> HTMLResponse:
+    return _render(request, "_tech_body.html", lang, _tech_context(request, conn, token, now))
+
+
+def _overview_context(request: Request, conn: ConnDep, token: TokenIdentity, now: datetime) -> dict[str, Any]:
+    if token.role not in (Role.ADMIN, Role.OPERATOR):
+        raise HTTPException(status.HTTP_403_FORBIDDEN, "forbidden")
+    zone = _zone(request)
+    start, end = _period(request, now, zone, 30)
+    since, until = _instant(start, zone), _instant(end + timedelta(days=1), zone)
+    scope = _scope(conn, token)
+    return {
+        "severity": queries.incidents_by_severity_and_area(conn, scope, since, until),
+        "response": queries.sos_response(conn, scope, since, until),
+        "uncovered": queries.uncovered_tonight(conn, scope, now, zone),
+        "offline": queries.devices_offline_by_area(conn, scope),
+        "period_from": start.isoformat(),
+        "period_to": end.isoformat(),
+        "token": token,
+    }
+
+
+@router.get("/overview")
+def overview(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now) -> HTMLResponse:
+    """Incidents by 红黄蓝 and area, SOS response against the 60 s / 180 s targets, tonight's gaps, devices offline."""
+    return _render(
+        request, "overview.html", lang, {**_overview_context(request, conn, token, now), "label": _label(conn, token)}
+    )
+
+
+@router.get("/overview/body")
+def overview_body(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now) -> HTMLResponse:
+    return _render(request, "_overview_body.html", lang, _overview_context(request, conn, token, now))
+
+
+def error_page(request: Request, status_code: int) -> HTMLResponse:
+    """A console's 403/404/422 as a page, not JSON (the pages are for people)."""
+    lang = get_lang(request)
+    message = word(lang, "not_found") if status_code == status.HTTP_404_NOT_FOUND else str(status_code)
+    return _render(
+        request, "error.html", lang, {"status_code": status_code, "message": message}, status_code=status_code
+    )

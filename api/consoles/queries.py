@@ -1,0 +1,263 @@
+"""What the consoles show, read within the viewer's areas.
+
+Every query takes the viewer's area scope (``None``: the whole county) and filters by
+it in SQL, as the REST routes do; nothing here decides who may see what on its own
+— the pages pass the same scope and role sets the API uses.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from datetime import datetime, time, timedelta
+from typing import Any
+from zoneinfo import ZoneInfo
+
+import psycopg
+from psycopg.rows import DictRow
+
+from alerts.recipients import shift_covers
+
+Conn = psycopg.Connection[DictRow]
+
+SEVERITY_ORDER = {"red": 0, "yellow": 1, "blue": 2}
+OPEN_STATES = ("open", "unreached", "acknowledged")
+
+
+def open_incidents(conn: Conn, scope: list[str] | None, kinds: Sequence[str], limit: int = 200) -> list[dict[str, Any]]:
+    """Open incidents, reddest then newest first, with the resident's name for the list."""
+    rows = conn.execute(
+        """
+        SELECT i.id, i.code, i.kind, i.severity, i.state, i.opened_at, i.urgency, i.area_id,
+               i.acknowledged_by_name, i.device_id, r.name AS resident_name, a.name AS area_name,
+               t.id AS task_id, t.kind AS task_kind, t.state AS task_state, t.due_at, t.level
+        FROM incidents i
+        LEFT JOIN residents r ON r.id = i.resident_id
+        LEFT JOIN areas a ON a.id = i.area_id
+        LEFT JOIN care_tasks t ON t.incident_id = i.id
+        WHERE i.state = ANY(%(states)s) AND i.kind = ANY(%(kinds)s)
+          AND (%(scope)s::text[] IS NULL OR i.area_id = ANY(%(scope)s))
+        ORDER BY CASE i.severity WHEN 'red' THEN 0 WHEN 'yellow' THEN 1 ELSE 2 END,
+                 (i.state = 'acknowledged'), i.opened_at DESC, i.id DESC
+        LIMIT %(limit)s
+        """,
+        {"states": list(OPEN_STATES), "kinds": list(kinds), "scope": scope, "limit": limit},
+    ).fetchall()
+    return [dict(r) for r in rows]
+
+
+def incident(conn: Conn, incident_id: int) -> dict[str, Any] | None:
+    row = conn.execute(
+        """
+        SELECT i.*, r.name AS resident_name, r.address AS resident_address, r.phone AS resident_phone,
+               r.medical_notes, a.name AS area_name, t.id AS task_id
+        FROM incidents i
+        LEFT JOIN residents r ON r.id = i.resident_id
+        LEFT JOIN areas a ON a.id = i.area_id
+        LEFT JOIN care_tasks t ON t.incident_id = i.id
+        WHERE i.id = %s
+        """,
+        (incident_id,),
+    ).fetchone()
+    return dict(row) if row else None
+
+
+def timeline(conn: Conn, incident_id: int) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT at, event, actor, detail FROM incident_events WHERE incident_id = %s ORDER BY at, id", (incident_id,)
+    ).fetchall()
+    return [dict(r) for r in rows]
+
+
+def guardians(conn: Conn, resident_id: str) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        "SELECT name, phone, relation, priority FROM guardians WHERE resident_id = %s AND active ORDER BY priority, id",
+        (resident_id,),
+    ).fetchall()
+    return [dict(r) for r in rows]
+
+
+def task(conn: Conn, task_id: int) -> dict[str, Any] | None:
+    row = conn.execute(
+        """
+        SELECT t.*, i.code, i.severity, i.kind AS incident_kind, r.name AS resident_name,
+               r.address AS resident_address, a.name AS area_name
+        FROM care_tasks t JOIN incidents i ON i.id = t.incident_id
+        LEFT JOIN residents r ON r.id = t.resident_id
+        LEFT JOIN areas a ON a.id = t.area_id
+        WHERE t.id = %s
+        """,
+        (task_id,),
+    ).fetchone()
+    return dict(row) if row else None
+
+
+def cameras_by_area(conn: Conn, scope: list[str] | None, now: datetime) -> list[dict[str, Any]]:
+    """Each area with cameras: how many, how many online now, and the offline ones with reason and duration."""
+    rows = conn.execute(
+        """
+        SELECT d.id, d.area_id, a.name AS area_name, s.online, s.offline_reason, s.state_at,
+               extract(epoch FROM %(now)s - s.state_at) AS offline_s
+        FROM devices d JOIN areas a ON a.id = d.area_id
+        LEFT JOIN device_state s ON s.device_id = d.id
+        WHERE d.kind = 'camera' AND d.active AND (%(scope)s::text[] IS NULL OR d.area_id = ANY(%(scope)s))
+        ORDER BY d.area_id, d.id
+        """,
+        {"scope": scope, "now": now},
+    ).fetchall()
+    areas: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        area = areas.setdefault(
+            row["area_id"],
+            {"area_id": row["area_id"], "area_name": row["area_name"], "cameras": 0, "online": 0, "offline": []},
+        )
+        area["cameras"] += 1
+        if row["online"]:
+            area["online"] += 1
+        elif row["online"] is False:
+            area["offline"].append(dict(row))
+    return list(areas.values())
+
+
+def open_orders(conn: Conn, scope: list[str] | None) -> list[dict[str, Any]]:
+    """Open repair orders, oldest first."""
+    rows = conn.execute(
+        """
+        SELECT t.id, t.device_id, t.area_id, a.name AS area_name, t.reason, t.state, t.opened_at, t.due_at,
+               t.level, t.flaps, i.code
+        FROM care_tasks t JOIN incidents i ON i.id = t.incident_id JOIN areas a ON a.id = t.area_id
+        WHERE t.kind = 'repair' AND t.state <> 'closed'
+          AND (%(scope)s::text[] IS NULL OR t.area_id = ANY(%(scope)s))
+        ORDER BY t.opened_at, t.id
+        """,
+        {"scope": scope},
+    ).fetchall()
+    return [dict(r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class Response_:
+    """How fast SOS and falls were taken over a period (the telecare targets: 60 s and 180 s)."""
+
+    incidents: int
+    acknowledged: int
+    p50_s: float | None
+    p90_s: float | None
+    within_60s: float | None  # share of all red incidents of the period
+    within_180s: float | None
+    reached_platform: int
+    unreached: int
+
+
+def sos_response(conn: Conn, scope: list[str] | None, since: datetime, until: datetime) -> Response_:
+    row = conn.execute(
+        """
+        WITH red AS (
+            SELECT i.id, extract(epoch FROM i.acknowledged_at - i.opened_at) AS ack_s
+            FROM incidents i
+            WHERE i.kind IN ('sos', 'fall', 'sos_unregistered') AND i.opened_at >= %(since)s
+              AND i.opened_at < %(until)s AND (%(scope)s::text[] IS NULL OR i.area_id = ANY(%(scope)s))
+        )
+        SELECT count(*) AS n, count(ack_s) AS acked,
+               percentile_cont(0.5) WITHIN GROUP (ORDER BY ack_s) AS p50,
+               percentile_cont(0.9) WITHIN GROUP (ORDER BY ack_s) AS p90,
+               count(*) FILTER (WHERE ack_s <= 60) AS in60, count(*) FILTER (WHERE ack_s <= 180) AS in180,
+               (SELECT count(DISTINCT a.incident_id) FROM notification_attempts a JOIN red ON red.id = a.incident_id
+                WHERE a.purpose = 'cap_alert') AS platform,
+               (SELECT count(DISTINCT e.incident_id) FROM incident_events e JOIN red ON red.id = e.incident_id
+                WHERE e.event = 'unreached') AS unreached
+        FROM red
+        """,
+        {"since": since, "until": until, "scope": scope},
+    ).fetchone()
+    assert row is not None
+    total = int(row["n"])
+    return Response_(
+        incidents=total,
+        acknowledged=int(row["acked"]),
+        p50_s=float(row["p50"]) if row["p50"] is not None else None,
+        p90_s=float(row["p90"]) if row["p90"] is not None else None,
+        within_60s=int(row["in60"]) / total if total else None,
+        within_180s=int(row["in180"]) / total if total else None,
+        reached_platform=int(row["platform"]),
+        unreached=int(row["unreached"]),
+    )
+
+
+def incidents_by_severity_and_area(
+    conn: Conn, scope: list[str] | None, since: datetime, until: datetime
+) -> list[dict[str, Any]]:
+    """Per township-or-lower area: open now and opened in the period, by 红黄蓝 severity."""
+    rows = conn.execute(
+        """
+        SELECT coalesce(a.name, '—') AS area_name, i.area_id, i.severity,
+               count(*) FILTER (WHERE i.state IN ('open', 'unreached', 'acknowledged')) AS open_now,
+               count(*) FILTER (WHERE i.opened_at >= %(since)s AND i.opened_at < %(until)s) AS in_period
+        FROM incidents i LEFT JOIN areas a ON a.id = i.area_id
+        WHERE (%(scope)s::text[] IS NULL OR i.area_id = ANY(%(scope)s))
+          AND (i.state IN ('open', 'unreached', 'acknowledged') OR i.opened_at >= %(since)s)
+        GROUP BY 1, 2, 3
+        ORDER BY 1, 3
+        """,
+        {"scope": scope, "since": since, "until": until},
+    ).fetchall()
+    table: dict[str, dict[str, Any]] = {}
+    for row in rows:
+        entry = table.setdefault(
+            row["area_id"] or "",
+            {"area_name": row["area_name"], "red": [0, 0], "yellow": [0, 0], "blue": [0, 0]},
+        )
+        entry[row["severity"]] = [int(row["open_now"]), int(row["in_period"])]
+    return sorted(table.values(), key=lambda e: (-e["red"][0], -e["red"][1], e["area_name"]))
+
+
+def devices_offline_by_area(conn: Conn, scope: list[str] | None) -> list[dict[str, Any]]:
+    rows = conn.execute(
+        """
+        SELECT coalesce(d.area_id, r.grid_id) AS area_id, a.name AS area_name, d.kind,
+               count(*) FILTER (WHERE s.online = false) AS offline, count(*) AS total
+        FROM devices d LEFT JOIN residents r ON r.id = d.resident_id
+        LEFT JOIN device_state s ON s.device_id = d.id
+        LEFT JOIN areas a ON a.id = coalesce(d.area_id, r.grid_id)
+        WHERE d.active AND (%(scope)s::text[] IS NULL OR coalesce(d.area_id, r.grid_id) = ANY(%(scope)s))
+        GROUP BY 1, 2, 3 HAVING count(*) FILTER (WHERE s.online = false) > 0
+        ORDER BY 4 DESC, 2
+        """,
+        {"scope": scope},
+    ).fetchall()
+    return [dict(r) for r in rows]
+
+
+def uncovered_tonight(conn: Conn, scope: list[str] | None, now: datetime, zone: ZoneInfo) -> list[dict[str, Any]]:
+    """Grids whose own grid workers are off duty at some hour of the coming night (20:00–08:00 local)."""
+    local = now.astimezone(zone)
+    evening = datetime.combine(local.date() if local.hour >= 8 else local.date() - timedelta(days=1), time(20), zone)
+    hours = [evening + timedelta(hours=h) for h in range(12)]
+    shifts: dict[str, list[tuple[list[int], time, time]]] = {}
+    for row in conn.execute(
+        """
+        SELECT d.area_id, d.weekdays, d.start_time, d.end_time FROM duty_shifts d JOIN staff s ON s.id = d.staff_id
+        WHERE d.active AND s.active AND s.role = 'grid_worker'
+        """
+    ).fetchall():
+        shifts.setdefault(row["area_id"], []).append((list(row["weekdays"]), row["start_time"], row["end_time"]))
+    gaps = []
+    for grid in conn.execute(
+        # Grids only: a micro-grid is looked after by its grid's workers.
+        "SELECT id, name FROM areas WHERE active AND level = 'grid'"
+        " AND (%(scope)s::text[] IS NULL OR id = ANY(%(scope)s)) ORDER BY id",
+        {"scope": scope},
+    ).fetchall():
+        own = shifts.get(grid["id"], [])
+        missing = [h for h in hours if not any(shift_covers(days, s, e, h) for days, s, e in own)]
+        if missing:
+            gaps.append(
+                {
+                    "area_id": grid["id"],
+                    "area_name": grid["name"],
+                    "hours": len(missing),
+                    "from": min(missing).strftime("%H:%M"),
+                    "to": (max(missing) + timedelta(hours=1)).strftime("%H:%M"),
+                }
+            )
+    return gaps

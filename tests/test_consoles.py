@@ -1,0 +1,203 @@
+"""The consoles in a real browser: Debian's Chromium driven by Playwright, against the
+API served by uvicorn over the real database with the demo county.
+
+A grid worker logs in, watches an SOS arrive without reloading, takes it and sees the
+state change and the timeline grow; a technician closes a work order; a grid worker
+cannot open another grid's resident; the governance overview reads in Chinese and in
+English. With ``SHOUHU_SCREENSHOTS=<dir>`` the same run saves each console's
+screenshot there (docs/screenshots/ holds the ones the README shows).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import psycopg
+import pytest
+from playwright.sync_api import Browser, Page, expect, sync_playwright
+
+from alerts.care_sweep import sweep
+from api.main import create_app
+from shouhu.tokens import Role, create_token
+from tests.care_support import RULES, heard, last_will
+from tests.escalation_support import press
+from tests.services import serve_app
+
+CHROMIUM = "/usr/bin/chromium"
+# The flags this machine's closed network needs (no background fetches to Google).
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+]
+GRID_A, GRID_B = "dongguan-01-g1", "xiguan-02-g2"
+LIVE_WAIT_MS = 5_000
+
+
+@pytest.fixture(scope="module")
+def browser() -> Iterator[Browser]:
+    if not Path(CHROMIUM).exists():
+        pytest.fail("Debian's chromium is not installed: run the README's test command")
+    with sync_playwright() as playwright:
+        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        yield launched
+        launched.close()
+
+
+@pytest.fixture
+def site(county_url: str) -> Iterator[dict[str, Any]]:
+    """The API and consoles over the demo county, with a visit and a repair order open."""
+    now = datetime.now(UTC)
+    with psycopg.connect(county_url, autocommit=True) as conn:
+        band = conn.execute(
+            "SELECT d.id FROM devices d JOIN residents r ON r.id = d.resident_id WHERE r.grid_id = %s ORDER BY d.id",
+            (GRID_A,),
+        ).fetchall()
+        last_will(conn, band[-1][0], now - timedelta(hours=2))
+        heard(conn, "cam-002", now - timedelta(hours=1), reported_online=True)
+        heard(conn, "cam-002", now - timedelta(minutes=30), reported_online=False, reported_reason="video_lost")
+        sweep(conn, now, RULES, lock_key=0x7E57_C0DE)
+        tokens = {
+            "grid": create_token(conn, role=Role.GRID_WORKER, areas=[GRID_A], label="董思远", now=now, expires_at=None),
+            "tech": create_token(
+                conn, role=Role.TECHNICIAN, areas=["dongguan"], label="田霞", now=now, expires_at=None
+            ),
+            "operator": create_token(conn, role=Role.OPERATOR, areas=[], label="综治值班", now=now, expires_at=None),
+        }
+        wristbands = [r[0] for r in band]
+        other = conn.execute(
+            "SELECT d.id FROM devices d JOIN residents r ON r.id = d.resident_id WHERE r.grid_id = %s ORDER BY d.id",
+            (GRID_B,),
+        ).fetchone()
+    assert other is not None
+    for base in serve_app(create_app(county_url)):
+        yield {"base": base, "url": county_url, "tokens": tokens, "wristbands": wristbands, "other_band": other[0]}
+
+
+def log_in(browser: Browser, base: str, token: str) -> Page:
+    page = browser.new_page(viewport={"width": 412, "height": 915})  # a phone
+    page.goto(f"{base}/console/login")
+    page.get_by_label("访问令牌").fill(token)
+    page.get_by_role("button", name="登录").click()
+    page.wait_for_url(lambda url: "/console/login" not in url)
+    return page
+
+
+def snap(page: Page, name: str) -> None:
+    folder = os.environ.get("SHOUHU_SCREENSHOTS")
+    if folder:
+        Path(folder).mkdir(parents=True, exist_ok=True)
+        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
+
+
+def assert_accessible_basics(page: Page) -> None:
+    """What every page owes a screen reader: a language, one main landmark, one h1, labelled fields."""
+    assert page.locator("html").get_attribute("lang") in ("zh-CN", "en")
+    assert page.locator("main").count() == 1
+    assert page.locator("h1").count() == 1
+    for field in page.locator("input:not([type=hidden]), select").all():
+        field_id = field.get_attribute("id")
+        assert field_id, "a form field without an id cannot be labelled"
+        assert page.locator(f"label[for='{field_id}']").count() == 1, f"field {field_id} has no label"
+    for image in page.locator("svg[role=img]").all():
+        assert image.get_attribute("aria-labelledby")
+
+
+def test_a_grid_worker_sees_an_sos_arrive_live_takes_it_and_watches_the_timeline_grow(
+    browser: Browser, site: dict[str, Any]
+) -> None:
+    page = log_in(browser, site["base"], site["tokens"]["grid"])
+    assert page.url.endswith("/console/grid")
+    expect(page.locator("#incident-list")).to_contain_text("手环离线")  # the visit already open
+    assert_accessible_basics(page)
+    before = page.locator("#incident-list [data-incident]").count()
+    # A press as the hub stores it; the page must show it without a reload.
+    incident = press(site["url"], site["wristbands"][0], datetime.now(UTC), msg_id="console-live")
+    row = page.locator(f"#incident-list [data-incident='{incident}']")
+    expect(row).to_be_visible(timeout=LIVE_WAIT_MS)
+    expect(page.locator("#incident-list [data-incident]").first).to_have_attribute("data-incident", str(incident))
+    assert page.locator("#incident-list [data-incident]").count() == before + 1
+    snap(page, "grid-console")
+    row.locator("a").click()
+    page.wait_for_url(f"**/console/incidents/{incident}")
+    assert_accessible_basics(page)
+    expect(page.locator("#incident-state")).to_have_text("待接单")
+    expect(page.locator("a.call").first).to_have_attribute("href", re.compile(r"^tel:\+\d+$"))
+    events_before = page.locator("#timeline li").count()
+    page.get_by_role("button", name="接单（我去处置）").click()
+    expect(page.locator("#incident-state")).to_have_text("已接单")
+    expect(page.locator("dd", has_text="董思远")).to_be_visible()
+    assert page.locator("#timeline li").count() > events_before
+    expect(page.locator("#timeline")).to_contain_text("已接单")
+    snap(page, "incident")
+    page.get_by_label("处置结果").select_option("visited_fine")
+    page.get_by_label("备注").fill("老人无恙")
+    page.get_by_role("button", name="办结").click()
+    expect(page.locator("#incident-state")).to_have_text("已办结")
+
+
+def test_a_grid_worker_cannot_open_another_grids_incident(browser: Browser, site: dict[str, Any]) -> None:
+    elsewhere = press(site["url"], site["other_band"], datetime.now(UTC), msg_id="console-other")
+    page = log_in(browser, site["base"], site["tokens"]["grid"])
+    answer = page.goto(f"{site['base']}/console/incidents/{elsewhere}")
+    assert answer is not None
+    assert answer.status == 404
+    expect(page.locator("main")).to_contain_text("未找到，或不在您的辖区内")
+    expect(page.locator("main")).not_to_contain_text("地址")
+    # Nor can a post act on it.
+    refused = page.request.post(
+        f"{site['base']}/console/incidents/{elsewhere}/ack", headers={"Origin": site["base"]}, max_redirects=0
+    )
+    assert refused.status == 404
+
+
+def test_a_technician_closes_a_work_order_from_the_board(browser: Browser, site: dict[str, Any]) -> None:
+    page = log_in(browser, site["base"], site["tokens"]["tech"])
+    assert page.url.endswith("/console/tech")
+    assert_accessible_basics(page)
+    expect(page.locator("#offline-table")).to_contain_text("cam-002")
+    expect(page.locator("#offline-table")).to_contain_text("reported:video_lost")
+    expect(page.locator("svg.chart")).to_be_visible()
+    snap(page, "technician-board")
+    page.locator("#order-list a", has_text="cam-002").click()
+    expect(page.locator("#task-state")).to_have_text("待接单")
+    page.get_by_label("处置结果").select_option("repaired")
+    page.get_by_label("备注").fill("更换了电源适配器")
+    page.get_by_role("button", name="销号").click()
+    expect(page.locator("#task-state")).to_have_text("已销号")
+    page.goto(f"{site['base']}/console/tech")
+    expect(page.locator("#order-list")).not_to_contain_text("cam-002")
+
+
+def test_the_governance_overview_in_chinese_and_english(browser: Browser, site: dict[str, Any]) -> None:
+    press(site["url"], site["wristbands"][1], datetime.now(UTC), msg_id="console-overview")
+    page = log_in(browser, site["base"], site["tokens"]["operator"])
+    assert page.url.endswith("/console/overview")
+    assert_accessible_basics(page)
+    expect(page.locator("#severity-table")).to_contain_text("东关村第一网格")
+    expect(page.locator("#sos-response")).to_contain_text("60 秒内接单")
+    expect(page.locator("h2", has_text="今晚无网格员值班的网格")).to_be_visible()
+    snap(page, "governance-overview")
+    page.get_by_role("link", name="English").click()
+    expect(page.locator("h1")).to_contain_text("Governance overview")
+    expect(page.locator("html")).to_have_attribute("lang", "en")
+    page.goto(f"{site['base']}/console/overview")  # the choice is remembered
+    expect(page.locator("h1")).to_contain_text("Governance overview")
+
+
+def test_a_page_without_a_session_goes_to_the_login(browser: Browser, site: dict[str, Any]) -> None:
+    page = browser.new_page()
+    page.goto(f"{site['base']}/console/grid")
+    assert page.url.endswith("/console/login")
+    page.get_by_label("访问令牌").fill("shh_not-a-token")
+    page.get_by_role("button", name="登录").click()
+    expect(page.get_by_role("alert")).to_contain_text("令牌无效")
