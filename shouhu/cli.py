@@ -568,6 +568,7 @@ def up(
             f"API: http://127.0.0.1:{settings.api_port}/api/v1 (make a token with "
             "`shouhu token create --role operator`)"
         )
+        typer.echo(f"consoles: http://127.0.0.1:{settings.api_port}/console (log in with such a token)")
         if demo:
             _demo_press(url, broker_url, settings)
         _serve_api(url, settings)

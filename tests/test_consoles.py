@@ -168,14 +168,14 @@ def test_a_technician_closes_a_work_order_from_the_board(browser: Browser, site:
     expect(page.locator("#offline-table")).to_contain_text("reported:video_lost")
     expect(page.locator("svg.chart")).to_be_visible()
     snap(page, "technician-board")
-    page.locator("#order-list a", has_text="cam-002").click()
+    page.locator("#orders a", has_text="cam-002").click()
     expect(page.locator("#task-state")).to_have_text("待接单")
     page.get_by_label("处置结果").select_option("repaired")
     page.get_by_label("备注").fill("更换了电源适配器")
     page.get_by_role("button", name="销号").click()
     expect(page.locator("#task-state")).to_have_text("已销号")
     page.goto(f"{site['base']}/console/tech")
-    expect(page.locator("#order-list")).not_to_contain_text("cam-002")
+    expect(page.locator("#orders")).not_to_contain_text("cam-002")
 
 
 def test_the_governance_overview_in_chinese_and_english(browser: Browser, site: dict[str, Any]) -> None:

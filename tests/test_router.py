@@ -412,3 +412,22 @@ def test_a_provider_that_recovers_by_the_third_try_keeps_the_step_to_its_wait(
     assert events.count("retry_scheduled") == 4
     assert "channel_given_up" not in events
     assert "step_advanced" not in events
+
+
+def test_calls_and_texts_carry_no_medical_notes(county_url: str, phone_network: str) -> None:
+    """PIPL: a page says who, where and how to call back — never the resident's health."""
+    device, _grid, resident = wristband_in(county_url, night_covered=False)
+    notes = "心脏起搏器，青霉素过敏"
+    with psycopg.connect(county_url) as conn:
+        conn.execute("UPDATE residents SET medical_notes = %s WHERE id = %s", (notes, resident))
+    clock = Clock(DAY)
+    press(county_url, device, DAY)
+    router = make_router(county_url, phone_network, clock)
+    router.run_once()
+    clock.advance(120)
+    router.run_once()  # the guardians too
+    sent = [m["body"] for m in messages(phone_network)] + [c["twiml"] or "" for c in calls(phone_network)]
+    assert len(sent) >= 4
+    for text in sent:
+        assert "起搏器" not in text
+        assert "过敏" not in text
