@@ -14,7 +14,6 @@ server and client.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -25,15 +24,13 @@ from playwright.sync_api import sync_playwright
 
 from alerts.care_sweep import sweep
 from api.main import create_app
-from bench.stats import percentile
+from bench.stats import load_average, migrated_database, percentile
 from devices.registry import load_registry
 from devices.registry_file import parse_registry
-from shouhu.embedded.postgres import create_database, wheel_bin_dir
-from shouhu.migrations import MigrationContext, migrate
 from shouhu.tokens import Role, create_token
 from tests.care_support import RULES, heard, last_will
 from tests.escalation_support import press
-from tests.services import serve_app, start_postgres
+from tests.services import serve_app
 from tests.test_consoles import CHROMIUM, CHROMIUM_ARGS
 
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
@@ -106,13 +103,9 @@ def main() -> None:
     parser.add_argument("--requests", type=int, default=100)
     parser.add_argument("--loads", type=int, default=20)
     args = parser.parse_args()
-    print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    cluster = start_postgres(wheel_bin_dir())
-    try:
-        create_database(cluster.url(), "bench")
-        url = cluster.url("bench")
-        now = datetime.now(UTC)
-        migrate(url, MigrationContext(retention_days=90, now=now))
+    print(f"load average at the start: {load_average()}")
+    now = datetime.now(UTC)
+    with migrated_database(now) as url:
         secret = seed(url, now)
         pages = ["/console/overview", "/console/grid", "/console/tech", "/console/incidents/1"]
         for base in serve_app(create_app(url)):
@@ -120,9 +113,7 @@ def main() -> None:
             worst = max(served, browser_times(base, secret, pages, args.loads))
         verdict = "met" if worst < GOAL_MS else "NOT met"
         print(f"goal < {GOAL_MS:.0f} ms a page: {verdict} (worst p99 {worst:.1f} ms)")
-        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    finally:
-        cluster.remove()
+        print(f"load average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

@@ -15,7 +15,6 @@ HTTP stack's own cost.
 from __future__ import annotations
 
 import argparse
-import os
 import time
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -24,13 +23,11 @@ import httpx
 import psycopg
 
 from api.main import create_app
-from bench.stats import percentile
+from bench.stats import load_average, migrated_database, percentile
 from devices.registry import load_registry
 from devices.registry_file import parse_registry
-from shouhu.embedded.postgres import create_database, wheel_bin_dir
-from shouhu.migrations import MigrationContext, migrate
 from shouhu.tokens import Role, create_token
-from tests.services import serve_app, start_postgres
+from tests.services import serve_app
 
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 GOAL_P99_MS = 50.0
@@ -127,13 +124,9 @@ def main() -> None:
     parser.add_argument("--incidents", type=int, default=20_000)
     parser.add_argument("--requests", type=int, default=300)
     args = parser.parse_args()
-    print(f"load average at the start: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    cluster = start_postgres(wheel_bin_dir())
-    try:
-        create_database(cluster.url(), "bench")
-        url = cluster.url("bench")
-        now = datetime.now(UTC)
-        migrate(url, MigrationContext(retention_days=90, now=now))
+    print(f"load average at the start: {load_average()}")
+    now = datetime.now(UTC)
+    with migrated_database(now) as url:
         started = time.monotonic()
         counts = fill(url, args.telemetry, args.incidents)
         print(f"filled in {time.monotonic() - started:.0f} s: " + ", ".join(f"{k} {v:,}" for k, v in counts.items()))
@@ -165,9 +158,7 @@ def main() -> None:
                     print(line(f"GET {path} ({name})", seconds))
                 verdict = "met" if worst < GOAL_P99_MS else "NOT met"
                 print(f"goal p99 < {GOAL_P99_MS:.0f} ms: {verdict} (worst p99 {worst:.1f} ms)")
-        print(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}")
-    finally:
-        cluster.remove()
+        print(f"load average at the end: {load_average()}")
 
 
 if __name__ == "__main__":

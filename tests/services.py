@@ -393,3 +393,55 @@ def press_and_wait_for_ring(broker_port: int, device_id: str, phone_base: str, t
             return Ring(calls[before], float(calls[before]["monotonic"]) - pressed)
         time.sleep(0.02)
     raise AssertionError(f"no call reached the phone network within {timeout}s of the press")
+
+
+def shouhu_stack(database_url: str, mosquitto: Mosquitto, *, name: str, **settings: str) -> Iterator[dict[str, Any]]:
+    """The demo county loaded, then `shouhu simulate phone-network`, `shouhu hub` and
+    `shouhu router` as processes, each ready before this yields; stopped afterwards.
+
+    ``settings`` are extra ``SHOUHU_*`` variables (short holds, say).
+    """
+    import uuid
+
+    demo = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+    phone_port, hub_metrics, router_metrics = free_port(), free_port(), free_port()
+    env = shouhu_env(
+        SHOUHU_DATABASE_URL=database_url,
+        SHOUHU_MQTT_URL=mosquitto.url,
+        SHOUHU_HUB_ID=f"{name}-{uuid.uuid4().hex[:8]}",
+        SHOUHU_TWILIO_ACCOUNT_SID="AC" + "1" * 32,
+        SHOUHU_TWILIO_AUTH_TOKEN=f"{name}-token",
+        SHOUHU_TWILIO_FROM="+12025550100",
+        SHOUHU_TWILIO_API_BASE=f"http://127.0.0.1:{phone_port}",
+        **settings,
+    )
+    load = subprocess.run([SHOUHU_BIN, "registry", "load", str(demo)], env=env, capture_output=True, text=True)
+    assert load.returncode == 0, load.stderr
+    processes = [
+        ShouhuProcess(
+            ["simulate", "phone-network", "--port", str(phone_port)],
+            env,
+            ready_url=f"http://127.0.0.1:{phone_port}/_sim/calls",
+        ),
+        ShouhuProcess(
+            ["hub"], {**env, "SHOUHU_METRICS_PORT": str(hub_metrics)}, ready_url=f"http://127.0.0.1:{hub_metrics}/readyz"
+        ),
+        ShouhuProcess(
+            ["router"],
+            {**env, "SHOUHU_METRICS_PORT": str(router_metrics)},
+            ready_url=f"http://127.0.0.1:{router_metrics}/readyz",
+        ),
+    ]
+    try:
+        for process in processes:
+            process.start()
+        yield {
+            "phone": f"http://127.0.0.1:{phone_port}",
+            "router_metrics": router_metrics,
+            "database_url": database_url,
+            "mosquitto": mosquitto,
+            "processes": processes,
+        }
+    finally:
+        for process in processes:
+            process.stop()

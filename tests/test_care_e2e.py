@@ -10,58 +10,19 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
 
-from shouhu.embedded.postgres import free_port
-from tests.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, shouhu_env
-
-DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
-SID, TOKEN, FROM = "AC" + "2" * 32, "care-e2e-token", "+12025550100"
+from tests.services import Mosquitto, shouhu_stack
 
 
 @pytest.fixture
 def stack(database_url: str, mosquitto: Mosquitto) -> Iterator[dict[str, Any]]:
-    phone_port, hub_metrics, router_metrics = free_port(), free_port(), free_port()
-    env = shouhu_env(
-        SHOUHU_DATABASE_URL=database_url,
-        SHOUHU_MQTT_URL=mosquitto.url,
-        SHOUHU_HUB_ID=f"care-e2e-{uuid.uuid4().hex[:8]}",
-        SHOUHU_TWILIO_ACCOUNT_SID=SID,
-        SHOUHU_TWILIO_AUTH_TOKEN=TOKEN,
-        SHOUHU_TWILIO_FROM=FROM,
-        SHOUHU_TWILIO_API_BASE=f"http://127.0.0.1:{phone_port}",
-        # Short holds so the loop closes in seconds; the router sweeps well inside them.
-        SHOUHU_CAMERA_OFFLINE_HOLD_S="2",
-    )
-    load = subprocess.run([SHOUHU_BIN, "registry", "load", str(DEMO)], env=env, capture_output=True, text=True)
-    assert load.returncode == 0, load.stderr
-    processes = [
-        ShouhuProcess(
-            ["simulate", "phone-network", "--port", str(phone_port)],
-            env,
-            ready_url=f"http://127.0.0.1:{phone_port}/_sim/calls",
-        ),
-        ShouhuProcess(
-            ["hub"], {**env, "SHOUHU_METRICS_PORT": str(hub_metrics)}, ready_url=f"http://127.0.0.1:{hub_metrics}/readyz"
-        ),
-        ShouhuProcess(
-            ["router"],
-            {**env, "SHOUHU_METRICS_PORT": str(router_metrics)},
-            ready_url=f"http://127.0.0.1:{router_metrics}/readyz",
-        ),
-    ]
-    try:
-        for process in processes:
-            process.start()
-        yield {"phone": f"http://127.0.0.1:{phone_port}", "database_url": database_url, "mosquitto": mosquitto}
-    finally:
-        for process in processes:
-            process.stop()
+    # Short holds so the loop closes in seconds; the router sweeps well inside them.
+    yield from shouhu_stack(database_url, mosquitto, name="care-e2e", SHOUHU_CAMERA_OFFLINE_HOLD_S="2")
 
 
 def publish_health(port: int, camera: str, *, online: bool, reason: str | None = None) -> None:
