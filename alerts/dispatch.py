@@ -65,18 +65,46 @@ class PendingAttempt:
     resident_address: str
     resident_phone: str | None
 
+    def message(self) -> Message:
+        """What the person is told: the minimum, never medical notes (PIPL)."""
+        return Message(
+            self.incident_id,
+            self.code,
+            self.kind,
+            self.resident_name,
+            self.resident_address,
+            self.resident_phone or "",
+            notice=self.body if self.purpose is AttemptPurpose.NOTICE else None,
+        )
 
-_CLAIM = """
+
+def attempt_by_id(conn: Conn, attempt_id: int) -> PendingAttempt | None:
+    """One attempt with what its message needs, whatever its state (the call's TwiML is asked for mid-call)."""
+    row = conn.execute(_ATTEMPTS + " WHERE a.id = %s", (attempt_id,)).fetchone()
+    return None if row is None else _attempt(row)
+
+
+def _attempt(row: tuple[Any, ...]) -> PendingAttempt:
+    values = list(row)
+    values[2], values[3] = AttemptPurpose(values[2]), Channel(values[3])
+    return PendingAttempt(*values)
+
+
+_ATTEMPTS = """
     SELECT a.id, a.incident_id, a.purpose, a.channel, a.address, a.step, a.round, a.attempt, a.body,
            i.code, i.kind, i.opened_at, coalesce(r.name, '未登记手环'), coalesce(r.address, ''), r.phone
     FROM notification_attempts a
     JOIN incidents i ON i.id = a.incident_id
     LEFT JOIN residents r ON r.id = i.resident_id
-    WHERE a.state = 'pending' AND (a.not_before IS NULL OR a.not_before <= %s) {extra}
-    ORDER BY a.created_at, a.id
+"""
+_CLAIM = (
+    _ATTEMPTS
+    + """
+    WHERE a.state = 'pending' AND (a.not_before IS NULL OR a.not_before <= %s) {extra}    ORDER BY a.created_at, a.id
     LIMIT 1
     FOR UPDATE OF a SKIP LOCKED
 """
+)
 _FIRST_PAGES = "AND a.purpose = 'page' AND a.round = 0 AND a.step = 0 AND a.attempt = 1"
 
 
@@ -112,9 +140,7 @@ class Dispatcher:
         for extra in (_FIRST_PAGES, ""):
             row = conn.execute(_CLAIM.format(extra=extra), (now,)).fetchone()
             if row is not None:
-                values = list(row)
-                values[2], values[3] = AttemptPurpose(values[2]), Channel(values[3])
-                return PendingAttempt(*values)
+                return _attempt(row)
         return None
 
     def send(self, conn: Conn, attempt: PendingAttempt) -> SendResult:
@@ -178,16 +204,7 @@ class Dispatcher:
         notifier = self.notifiers.get(attempt.channel)
         if notifier is None:
             return SendResult(SendOutcome.FAILED, error=f"no notifier for {attempt.channel}")
-        message = Message(
-            attempt.incident_id,
-            attempt.code,
-            attempt.kind,
-            attempt.resident_name,
-            attempt.resident_address,
-            attempt.resident_phone or "",
-            notice=attempt.body if attempt.purpose is AttemptPurpose.NOTICE else None,
-        )
-        return notifier.send(Delivery(attempt.id, attempt.channel, attempt.address, message))
+        return notifier.send(Delivery(attempt.id, attempt.channel, attempt.address, attempt.message()))
 
     def _send_cap(self, conn: Conn, attempt: PendingAttempt, now: datetime) -> tuple[SendResult, str | None]:
         if self.platform is None:

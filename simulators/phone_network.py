@@ -70,7 +70,7 @@ CALLBACK_TIMEOUT_S = 5.0
 Fault = Literal["busy", "no-answer", "error"]
 RequestKind = Literal["call", "sms"]
 Answer = Literal["press1", "press2", "voicemail", "busy", "no-answer", "unreachable"]
-WebhookKind = Literal["status", "keypress", "inbound_sms"]
+WebhookKind = Literal["status", "keypress", "inbound_sms", "twiml"]
 SmsOutcome = Literal["delivered", "undelivered"]
 Announce = Callable[[str], None]
 
@@ -395,8 +395,14 @@ class PhoneNetwork:
             # The person lets it ring: a simulated human, on the simulator's own thread.
             time.sleep(record.answer_after_s)
         digit = DIGIT_OF_ANSWER.get(record.answer or "")
+        twiml = record.twiml
+        if twiml is None and record.url is not None and record.answer is not None:
+            # Answered, the call asks its Url what to say, as Twilio does: a signed POST.
+            fetched = self.post_webhook("twiml", record.url, self._call_params(record, "in-progress"))
+            twiml = fetched.reply if fetched.status == 200 else None
+            self.announce(f"☎  {record.to} answered; TwiML from {record.url}: HTTP {fetched.status}")
         if digit is not None:
-            action = gather_action(record.twiml)
+            action = gather_action(twiml)
             if action is None:
                 self.announce(f"✖  {record.to} would press {digit}, but call {record.sid} gathers no keypress")
             else:

@@ -57,9 +57,10 @@ def make_router(
     public_url: str = "http://127.0.0.1:8000",
     platform: PlatformNotifier | None = None,
     exercise: bool = False,
+    twiml_by_url: bool = False,
 ) -> Router:
     """A router paging through the phone network at ``phone_base``, callbacks to ``public_url``."""
-    twilio = TwilioNotifier(PHONE_SID, PHONE_TOKEN, FROM, phone_base, public_url)
+    twilio = TwilioNotifier(PHONE_SID, PHONE_TOKEN, FROM, phone_base, public_url, twiml_by_url=twiml_by_url)
     return Router(
         url,
         RouterConfig(name, ZONE),

@@ -39,7 +39,12 @@ ROLES = tuple(Role)
 READERS = {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM}  # may read residents
 VISIT_ROLES = {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER}
 REPAIR_ROLES = {Role.ADMIN, Role.OPERATOR, Role.TECHNICIAN}
-CALLBACKS = ("/callbacks/twilio/keypress", "/callbacks/twilio/status", "/callbacks/twilio/sms")
+CALLBACKS = (
+    "/callbacks/twilio/keypress",
+    "/callbacks/twilio/status",
+    "/callbacks/twilio/sms",
+    "/callbacks/twilio/voice",
+)
 OUTSIDE_TOKENS = {("get", "/healthz"), ("get", "/readyz")} | {("post", path) for path in CALLBACKS}
 # Covered by tests/test_events_api.py: the live feed streams until the client leaves
 # (its scoping and 401s are tested there over a real server), and the session routes

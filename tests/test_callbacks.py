@@ -752,3 +752,35 @@ def test_a_person_who_lets_it_ring_then_presses_1_is_waited_for(stack: Stack) ->
     assert rang >= timedelta(seconds=1)  # answered only after ringing for a second
     assert keypress["params"]["Digits"] == "1"
     assert q(stack.db, "SELECT state, acknowledged_via FROM incidents") == [("acknowledged", "voice")]
+
+
+def test_a_call_placed_by_url_fetches_its_twiml_from_the_api_and_the_keypress_takes_it(stack: Stack) -> None:
+    """Twilio's other way to place a call: the simulator asks the API's signed voice route
+    what to say, finds the <Gather>, and the press acknowledges as with inline TwiML."""
+    case = sos(stack)
+    by_url = make_router(stack.db, stack.phone, stack.clock, public_url=stack.api, twiml_by_url=True)
+    by_url.run_due_steps()
+    [page] = pages(stack.db, "voice")
+    stack.behave(page.address, answer="press1")
+    by_url.send_pending()
+    fetched, keypress, status = stack.wait_for_webhooks(3)
+    assert (fetched["kind"], fetched["status"]) == ("twiml", 200)
+    assert fetched["url"].endswith(f"/callbacks/twilio/voice?attempt={page.id}")
+    assert " ".join(case.code) in fetched["reply"]  # the incident code is read out, letter by letter
+    assert "<Gather" in fetched["reply"]
+    assert (keypress["kind"], keypress["status"], keypress["params"]["Digits"]) == ("keypress", 200, "1")
+    assert status["kind"] == "status"
+    [call] = [c for c in calls(stack.phone) if c["to"] == page.address]
+    assert call["twiml"] is None
+    assert call["url"] == fetched["url"]
+    assert q(stack.db, "SELECT state, acknowledged_via FROM incidents WHERE id = %s", case.incident) == [
+        ("acknowledged", "voice")
+    ]
+
+
+def test_the_voice_route_refuses_a_forged_request_and_never_answers_silence(stack: Stack) -> None:
+    forged = httpx.post(f"{stack.api}/callbacks/twilio/voice?attempt=1", data={"CallSid": "CA1"})
+    assert forged.status_code == 403
+    unknown = stack.post_signed("/callbacks/twilio/voice?attempt=999999", {"CallSid": "CA1"})
+    assert unknown.status_code == 200
+    assert "请查看短信" in said(unknown.text)

@@ -41,6 +41,8 @@ GATHER_TIMEOUT_S = 10
 # Where the API receives Twilio's callbacks (relative to SHOUHU_PUBLIC_URL).
 STATUS_CALLBACK_PATH = "/callbacks/twilio/status"
 KEYPRESS_CALLBACK_PATH = "/callbacks/twilio/keypress"
+# Where Twilio fetches a call's TwiML when the call is placed by URL.
+VOICE_CALLBACK_PATH = "/callbacks/twilio/voice"
 
 # What happened, as told on the phone; a kind this table does not know gets "告警".
 _EVENT_OF_KIND: dict[IncidentKind, str] = {
@@ -194,6 +196,11 @@ def _twilio_error(exc: TwilioException) -> str:
     return f"twilio error {code} (HTTP {status}): {detail}"
 
 
+def keypress_url(public_url: str, attempt_id: int) -> str:
+    """Where the call's ``<Gather>`` posts the digit: the attempt is named, so the press finds its page."""
+    return f"{public_url.rstrip('/')}{KEYPRESS_CALLBACK_PATH}?attempt={attempt_id}"
+
+
 class TwilioNotifier:
     """Sends SMS and voice calls through Twilio's REST API."""
 
@@ -208,7 +215,14 @@ class TwilioNotifier:
         public_url: str = "http://127.0.0.1:8000",
         *,
         timeout: float = HTTP_TIMEOUT_S,
+        twiml_by_url: bool = False,
     ) -> None:
+        """``twiml_by_url``: place calls with a ``Url`` Twilio fetches the TwiML from
+        (``VOICE_CALLBACK_PATH`` on the API) instead of the TwiML inline. Inline is the
+        default because it makes a call say its message even while the API is down;
+        by URL suits a provider that takes no inline TwiML.
+        """
+        self.twiml_by_url = twiml_by_url
         self.from_number = from_number
         self.api_base = api_base.rstrip("/")
         self.public_url = public_url.rstrip("/")
@@ -276,14 +290,18 @@ class TwilioNotifier:
                 body=sms_text(delivery.message),
                 status_callback=status_callback,
             )
+        elif self.twiml_by_url:
+            resource = self.client.calls.create(
+                to=delivery.to,
+                from_=self.from_number,
+                url=f"{self.public_url}{VOICE_CALLBACK_PATH}?attempt={delivery.attempt_id}",
+                status_callback=status_callback,
+            )
         else:
             resource = self.client.calls.create(
                 to=delivery.to,
                 from_=self.from_number,
-                twiml=voice_twiml(
-                    delivery.message,
-                    keypress_url=f"{self.public_url}{KEYPRESS_CALLBACK_PATH}?attempt={delivery.attempt_id}",
-                ),
+                twiml=voice_twiml(delivery.message, keypress_url=keypress_url(self.public_url, delivery.attempt_id)),
                 status_callback=status_callback,
             )
         sid = getattr(resource, "sid", None)

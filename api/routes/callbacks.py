@@ -36,6 +36,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 from twilio.twiml.voice_response import VoiceResponse
 
 from alerts.acknowledge import Actor, Result, acknowledge, decline
+from alerts.dispatch import attempt_by_id
 from alerts.incidents import CODE_ALPHABET, CODE_LENGTH
 from alerts.notifiers.twilio import (
     GATHER_TIMEOUT_S,
@@ -43,10 +44,14 @@ from alerts.notifiers.twilio import (
     SAY_LANGUAGE,
     SAY_VOICE,
     STATUS_CALLBACK_PATH,
+    VOICE_CALLBACK_PATH,
+    keypress_url,
+    voice_twiml,
 )
 from alerts.retry import after_failure
 from alerts.timeline import add_event
 from api.deps import ConnDep, Now, tuple_rows
+from devices.kinds import Channel
 
 log = logging.getLogger(__name__)
 
@@ -199,6 +204,29 @@ def _sms(text: str) -> str:
     response.message(text)
     xml: str = response.to_xml()
     return xml
+
+
+# --- the call's TwiML, when the call was placed by URL -------------------------------
+
+# Said when the URL names no page of ours: never a silent call (the SMS carries the rest).
+UNKNOWN_CALL = "守护紧急呼叫。请查看短信，并按短信提示回复。"
+
+
+@router.post(VOICE_CALLBACK_PATH, response_class=Response, responses=REFUSED)
+def read_call_twiml(request: Request, form: SignedForm, conn: ConnDep) -> Response:
+    """What a page call says, for a call placed with ``Url``: the same TwiML the router sends inline."""
+    try:
+        attempt_id = int(request.query_params.get("attempt", ""))
+    except ValueError:
+        attempt_id = 0
+    with tuple_rows(conn) as plain:
+        attempt = attempt_by_id(plain, attempt_id) if attempt_id else None
+    if attempt is None or attempt.channel is not Channel.VOICE:
+        log.warning("TwiML asked for call %s naming no voice attempt (%r)", form.get("CallSid"), attempt_id)
+        return Response(_say(UNKNOWN_CALL), media_type=TWIML)
+    public: str = getattr(request.app.state, "public_url", "")
+    twiml = voice_twiml(attempt.message(), keypress_url=keypress_url(public, attempt.id))
+    return Response(twiml, media_type=TWIML)
 
 
 # --- the keypress ----------------------------------------------------------------
