@@ -431,3 +431,35 @@ def test_calls_and_texts_carry_no_medical_notes(county_url: str, phone_network: 
     for text in sent:
         assert "起搏器" not in text
         assert "过敏" not in text
+
+
+def test_two_routers_over_several_steps_run_each_action_once(county_url: str, phone_network: str) -> None:
+    """Two routers racing through three steps of twelve escalations: every step runs
+    once (one step_started per incident and step), every attempt is sent once."""
+    devices = [r[0] for r in q(county_url, "SELECT id FROM devices WHERE kind = 'wristband' ORDER BY id LIMIT 12")]
+    for device in devices:
+        press(county_url, device, DAY, msg_id=f"m-{device}")
+    clock = Clock(DAY)
+    routers = [make_router(county_url, phone_network, clock, name) for name in ("a", "b")]
+    for _step in range(3):
+        threads = [threading.Thread(target=r.run_once) for r in routers]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        clock.advance(120)
+    started = q(
+        county_url,
+        "SELECT incident_id, detail->>'step', count(*) FROM incident_events WHERE event = 'step_started' GROUP BY 1, 2",
+    )
+    assert len(started) >= 12 * 2  # grid workers and guardians at least, for all twelve
+    assert {count for _i, _s, count in started} == {1}
+    done = q(
+        county_url,
+        "SELECT incident_id, step, round, count(*) FROM escalation_actions WHERE state = 'done' GROUP BY 1, 2, 3",
+    )
+    assert {count for *_key, count in done} == {1}
+    phone_attempts = q(county_url, "SELECT count(*) FROM notification_attempts WHERE channel IN ('voice', 'sms')")[0][0]
+    sids = [c["sid"] for c in calls(phone_network)] + [m["sid"] for m in messages(phone_network)]
+    assert len(sids) == phone_attempts
+    assert len(set(sids)) == len(sids)
