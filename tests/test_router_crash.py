@@ -136,3 +136,59 @@ def test_steps_fire_within_a_second_of_their_due_time(county_url: str, phone_net
     for step, at in fired:
         lateness = (at - due[step]).total_seconds()
         assert 0 <= lateness < 1.0, f"step {step} fired {lateness:.3f}s after its due time"
+
+
+def test_a_router_killed_in_a_later_step_loses_no_step_and_the_chain_goes_on(
+    county_url: str, phone_network: str, hanging: HangingProvider
+) -> None:
+    """Killed while paging the guardians (step 1): the survivor re-sends those attempts
+    under their keys, and steps 2 and 3 still run, once each."""
+    device, _grid, _resident = wristband_in(county_url, night_covered=True)
+    incident = press(county_url, device, datetime.now(UTC))
+    first = make_router(county_url, phone_network, lambda: datetime.now(UTC))  # type: ignore[arg-type]
+    first.run_once()  # step 0, through the working provider
+    with psycopg.connect(county_url) as conn:
+        conn.execute("UPDATE escalation_actions SET due_at = now() WHERE incident_id = %s AND step = 1", (incident,))
+    port = free_port()
+    doomed = ShouhuProcess(
+        ["router"],
+        shouhu_env(
+            SHOUHU_DATABASE_URL=county_url,
+            SHOUHU_TWILIO_ACCOUNT_SID=PHONE_SID,
+            SHOUHU_TWILIO_AUTH_TOKEN=PHONE_TOKEN,
+            SHOUHU_TWILIO_FROM=FROM,
+            SHOUHU_TWILIO_API_BASE=hanging.url,
+            SHOUHU_METRICS_PORT=str(port),
+        ),
+        ready_url=f"http://127.0.0.1:{port}/readyz",
+    ).start()
+    deadline = time.monotonic() + 15
+    while not hanging.requests:
+        assert time.monotonic() < deadline, "the router never called the provider"
+        time.sleep(0.02)
+    doomed.kill(9)
+    in_flight = list(hanging.requests)
+    keys_before = q(county_url, "SELECT id FROM notification_attempts WHERE step = 1 ORDER BY id")
+    survivor = make_router(county_url, phone_network, lambda: datetime.now(UTC))  # type: ignore[arg-type]
+    survivor.run_once()
+    assert q(county_url, "SELECT id FROM notification_attempts WHERE step = 1 ORDER BY id") == keys_before
+    assert q(county_url, "SELECT count(*) FROM notification_attempts WHERE step = 1 AND state <> 'sent'") == [(0,)]
+    assert all(
+        request["To"] in [c["to"] for c in calls(phone_network)] + [m["to"] for m in messages(phone_network)]
+        for request in in_flight
+    )
+    for step in (2, 3):
+        with psycopg.connect(county_url) as conn:
+            conn.execute(
+                "UPDATE escalation_actions SET due_at = now()"
+                " WHERE incident_id = %s AND step = %s AND state = 'pending'",
+                (incident, step),
+            )
+        survivor.run_once()
+    steps = q(
+        county_url,
+        "SELECT step, count(*) FROM escalation_actions WHERE incident_id = %s AND state = 'done'"
+        " GROUP BY step ORDER BY step",
+        incident,
+    )
+    assert steps[:4] == [(0, 1), (1, 1), (2, 1), (3, 1)]
