@@ -29,6 +29,7 @@ import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
+from functools import partial
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -155,6 +156,22 @@ _OPEN_TASKS = """
 """
 
 
+def _isolated(conn: Conn, what: str, key: object, work: Callable[[], None]) -> None:
+    """Run one row's work in a savepoint: a bad row costs only itself, not every other elder's care.
+
+    A database that is gone (OperationalError) is not a bad row: the whole sweep stops
+    and the sweeper retries.
+    """
+    try:
+        with conn.transaction():
+            work()
+    except psycopg.OperationalError:
+        raise
+    except Exception:
+        log.exception("care sweep: %s %s failed; the other rows go on", what, key)
+        CARE_EVENTS.labels("row_failed").inc()
+
+
 def _open(
     conn: Conn,
     report: CareReport,
@@ -167,37 +184,55 @@ def _open(
     task_kind: TaskKind,
 ) -> None:
     rows = conn.execute(query, {"cutoff": now - hold, "limit": BATCH}).fetchall()
-    for device_id, resident_id, area_id, since, reason in rows:
-        if active_window(conn, device_id, now) is not None:
-            report.silenced.append(device_id)
-            continue
-        reason_text = str(reason or "unknown")
-        incident_id = open_care_incident(
+    for row in rows:
+        _isolated(
             conn,
-            incident_kind,
-            device_id=device_id,
-            resident_id=resident_id,
-            area_id=area_id,
-            at=now,
-            detail={"reason": reason_text, "since": since.isoformat()},
+            f"opening a {task_kind.value} for",
+            row[0],
+            partial(_open_one, conn, report, rules, now, row, incident_kind, task_kind),
         )
-        if incident_id is None:
-            continue  # another sweeper got there first
-        task_id = open_task(
-            conn,
-            incident_id,
-            task_kind,
-            device_id=device_id,
-            resident_id=resident_id,
-            area_id=area_id,
-            reason=reason_text,
-            problem_since=since,
-            now=now,
-            due=rules.due(task_kind),
-            zone=rules.zone,
-        )
-        CARE_EVENTS.labels(f"{task_kind.value}_opened").inc()
-        report.opened.append(task_id)
+
+
+def _open_one(
+    conn: Conn,
+    report: CareReport,
+    rules: CareRules,
+    now: datetime,
+    row: tuple[Any, ...],
+    incident_kind: IncidentKind,
+    task_kind: TaskKind,
+) -> None:
+    device_id, resident_id, area_id, since, reason = row
+    if active_window(conn, device_id, now) is not None:
+        report.silenced.append(device_id)
+        return
+    reason_text = str(reason or "unknown")
+    incident_id = open_care_incident(
+        conn,
+        incident_kind,
+        device_id=device_id,
+        resident_id=resident_id,
+        area_id=area_id,
+        at=now,
+        detail={"reason": reason_text, "since": since.isoformat()},
+    )
+    if incident_id is None:
+        return  # another sweeper got there first
+    task_id = open_task(
+        conn,
+        incident_id,
+        task_kind,
+        device_id=device_id,
+        resident_id=resident_id,
+        area_id=area_id,
+        reason=reason_text,
+        problem_since=since,
+        now=now,
+        due=rules.due(task_kind),
+        zone=rules.zone,
+    )
+    CARE_EVENTS.labels(f"{task_kind.value}_opened").inc()
+    report.opened.append(task_id)
 
 
 def _is_back(kind: TaskKind, reason: str, online: bool | None, worn: bool | None) -> bool:
@@ -208,36 +243,39 @@ def _is_back(kind: TaskKind, reason: str, online: bool | None, worn: bool | None
 
 def _follow_tasks(conn: Conn, report: CareReport, rules: CareRules, now: datetime) -> None:
     """Devices back, flaps, and overdue tasks."""
-    for task_id, kind_text, reason, state_text, stored_recovery, due_at, online, state_at, worn, worn_since in (
-        conn.execute(_OPEN_TASKS, {"limit": BATCH}).fetchall()
-    ):
-        kind, state = TaskKind(kind_text), TaskState(state_text)
-        recovered_at: datetime | None = stored_recovery
-        back = _is_back(kind, reason, online, worn)
-        back_at = worn_since if (kind is TaskKind.VISIT and reason == "not_worn") else state_at
-        task = lock_task(conn, task_id)
-        if task is None or task.state is TaskState.CLOSED:
-            continue
-        if back and recovered_at is None:
-            conn.execute("UPDATE care_tasks SET recovered_at = %s WHERE id = %s", (back_at or now, task_id))
-            add_event(conn, task.incident_id, now, "device_back", "care", timeline_detail(task))
-            recovered_at = back_at or now
-        elif not back and recovered_at is not None:
-            # Gone again before the order closed: the same order, one more flap.
-            conn.execute("UPDATE care_tasks SET recovered_at = NULL, flaps = flaps + 1 WHERE id = %s", (task_id,))
-            add_event(conn, task.incident_id, now, "flapped", "care", timeline_detail(task))
-            recovered_at = None
-        if back and _closes_itself(kind, state, recovered_at, now, rules):
-            _close_recovered(conn, task, now)
-            report.closed.append(task_id)
-            continue
-        if due_at <= now and not back:
-            if active_window(conn, task.device_id, now) is not None:
-                report.silenced.append(task.device_id)
-                continue
-            escalate_task(conn, task, now, rules.due(kind), rules.zone)
-            CARE_EVENTS.labels(f"{kind.value}_escalated").inc()
-            report.escalated.append(task_id)
+    for row in conn.execute(_OPEN_TASKS, {"limit": BATCH}).fetchall():
+        _isolated(conn, "following task", row[0], partial(_follow_one, conn, report, rules, now, row))
+
+
+def _follow_one(conn: Conn, report: CareReport, rules: CareRules, now: datetime, row: tuple[Any, ...]) -> None:
+    task_id, kind_text, reason, state_text, stored_recovery, due_at, online, state_at, worn, worn_since = row
+    kind, state = TaskKind(kind_text), TaskState(state_text)
+    recovered_at: datetime | None = stored_recovery
+    back = _is_back(kind, reason, online, worn)
+    back_at = worn_since if (kind is TaskKind.VISIT and reason == "not_worn") else state_at
+    task = lock_task(conn, task_id)
+    if task is None or task.state is TaskState.CLOSED:
+        return
+    if back and recovered_at is None:
+        conn.execute("UPDATE care_tasks SET recovered_at = %s WHERE id = %s", (back_at or now, task_id))
+        add_event(conn, task.incident_id, now, "device_back", "care", timeline_detail(task))
+        recovered_at = back_at or now
+    elif not back and recovered_at is not None:
+        # Gone again before the order closed: the same order, one more flap.
+        conn.execute("UPDATE care_tasks SET recovered_at = NULL, flaps = flaps + 1 WHERE id = %s", (task_id,))
+        add_event(conn, task.incident_id, now, "flapped", "care", timeline_detail(task))
+        recovered_at = None
+    if back and _closes_itself(kind, state, recovered_at, now, rules):
+        _close_recovered(conn, task, now)
+        report.closed.append(task_id)
+        return
+    if due_at <= now and not back:
+        if active_window(conn, task.device_id, now) is not None:
+            report.silenced.append(task.device_id)
+            return
+        escalate_task(conn, task, now, rules.due(kind), rules.zone)
+        CARE_EVENTS.labels(f"{kind.value}_escalated").inc()
+        report.escalated.append(task_id)
 
 
 def _closes_itself(
@@ -275,47 +313,50 @@ _LOW_BATTERIES = """
 
 
 def _batteries(conn: Conn, report: CareReport, rules: CareRules, now: datetime) -> None:
-    for device_id, resident_id, grid_id, battery, name in conn.execute(
-        _LOW_BATTERIES, {"low": rules.battery_low, "limit": BATCH}
-    ).fetchall():
-        if active_window(conn, device_id, now) is not None:
-            report.silenced.append(device_id)
-            continue
-        incident_id = _battery_incident(conn, report, device_id, resident_id, grid_id, battery, now)
-        after = send_after(conn, grid_id, now, rules.zone)
-        day = after.astimezone(rules.zone).date()
-        audiences = [("guardian", guardians(conn, resident_id))]
-        if battery <= rules.battery_critical:
-            audiences.append(("grid_worker", duty_chain(conn, grid_id, after, rules.zone)))
-        for audience, people in audiences:
-            claimed = conn.execute(
-                """
-                INSERT INTO battery_notices (device_id, local_day, audience, incident_id, battery, queued_at,
-                    send_after)
-                VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1
-                """,
-                (device_id, day, audience, incident_id, battery, now, after),
-            ).fetchone()
-            if claimed is None:
-                continue  # told today already
-            cause = add_event(
-                conn,
-                incident_id,
-                now,
-                "battery_notice",
-                "care",
-                {"audience": audience, "battery": battery, "send_after": after.isoformat(), "day": day.isoformat()},
-            )
-            text = (
-                f"【守护】提醒：{name}的手环电量{battery}%，请提醒老人及时充电。"
-                if audience == "guardian"
-                else f"【守护】{name}的手环电量仅剩{battery}%，即将关机，请联系老人或上门协助充电。"
-            )
-            contacts = [(p.kind, p.id, p.phone) for p in people if p.phone]
-            queue_notice(conn, incident_id, cause, text, contacts, now, not_before=after if after > now else None)
-            report.battery_notices += len(contacts)
-            CARE_EVENTS.labels(f"battery_notice_{audience}").inc()
-        wake_routers(conn, "care")
+    for row in conn.execute(_LOW_BATTERIES, {"low": rules.battery_low, "limit": BATCH}).fetchall():
+        _isolated(conn, "battery of", row[0], partial(_battery_one, conn, report, rules, now, row))
+
+
+def _battery_one(conn: Conn, report: CareReport, rules: CareRules, now: datetime, row: tuple[Any, ...]) -> None:
+    device_id, resident_id, grid_id, battery, name = row
+    if active_window(conn, device_id, now) is not None:
+        report.silenced.append(device_id)
+        return
+    incident_id = _battery_incident(conn, report, device_id, resident_id, grid_id, battery, now)
+    after = send_after(conn, grid_id, now, rules.zone)
+    day = after.astimezone(rules.zone).date()
+    audiences = [("guardian", guardians(conn, resident_id))]
+    if battery <= rules.battery_critical:
+        audiences.append(("grid_worker", duty_chain(conn, grid_id, after, rules.zone)))
+    for audience, people in audiences:
+        claimed = conn.execute(
+            """
+            INSERT INTO battery_notices (device_id, local_day, audience, incident_id, battery, queued_at,
+                send_after)
+            VALUES (%s, %s, %s, %s, %s, %s, %s) ON CONFLICT DO NOTHING RETURNING 1
+            """,
+            (device_id, day, audience, incident_id, battery, now, after),
+        ).fetchone()
+        if claimed is None:
+            continue  # told today already
+        cause = add_event(
+            conn,
+            incident_id,
+            now,
+            "battery_notice",
+            "care",
+            {"audience": audience, "battery": battery, "send_after": after.isoformat(), "day": day.isoformat()},
+        )
+        text = (
+            f"【守护】提醒：{name}的手环电量{battery}%，请提醒老人及时充电。"
+            if audience == "guardian"
+            else f"【守护】{name}的手环电量仅剩{battery}%，即将关机，请联系老人或上门协助充电。"
+        )
+        contacts = [(p.kind, p.id, p.phone) for p in people if p.phone]
+        queue_notice(conn, incident_id, cause, text, contacts, now, not_before=after if after > now else None)
+        report.battery_notices += len(contacts)
+        CARE_EVENTS.labels(f"battery_notice_{audience}").inc()
+    wake_routers(conn, "care")
 
 
 def _battery_incident(

@@ -472,3 +472,25 @@ def test_closed_by_hand_while_still_dark_reopens_only_a_hold_after_the_close(con
     reopened = run(conn, closed_at + s(300)).opened
     assert len(reopened) == 1
     assert [t[2] for t in tasks(conn, "cam-004")] == ["closed", "open"]
+
+
+def test_one_row_that_fails_costs_only_itself(conn: Conn) -> None:
+    """A row the database refuses (here a trigger stands in for any bug or bad data)
+    is logged and skipped; every other elder's visit still opens in the same sweep."""
+    conn.execute(
+        """
+        CREATE FUNCTION refuse_wb_0003() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN RAISE EXCEPTION 'refused for the test'; END $$;
+        CREATE TRIGGER refuse_wb_0003 BEFORE INSERT ON care_tasks
+            FOR EACH ROW WHEN (NEW.device_id = 'wb-0003') EXECUTE FUNCTION refuse_wb_0003();
+        """
+    )
+    for device in ("wb-0002", "wb-0003", "wb-0004"):
+        last_will(conn, device, T0)
+    report = run(conn, T0 + timedelta(hours=1, seconds=1))
+    assert len(report.opened) == 2
+    assert tasks(conn, "wb-0003") == []
+    assert len(tasks(conn, "wb-0002")) == 1
+    assert len(tasks(conn, "wb-0004")) == 1
+    # Nothing half-done is left behind for the refused one: no incident without its task.
+    assert conn.execute("SELECT count(*) FROM incidents WHERE device_id = 'wb-0003'").fetchone() == (0,)
