@@ -56,6 +56,8 @@ class TaskRow:
     state: TaskState
     due_at: datetime
     code: str
+    reason: str
+    recovered_at: datetime | None
 
 
 def open_care_incident(
@@ -208,9 +210,9 @@ def lock_task(conn: Conn, task_id: int) -> TaskRow | None:
     row = conn.execute(
         """
         SELECT t.id, t.incident_id, t.kind, t.device_id, t.area_id, t.owner_area_id, t.level, t.state, t.due_at,
-               i.code
+               i.code, t.reason, t.recovered_at
         FROM care_tasks t JOIN incidents i ON i.id = t.incident_id
-        WHERE t.id = %s FOR UPDATE OF t, i
+        WHERE t.id = %s FOR NO KEY UPDATE OF t, i
         """,
         (task_id,),
     ).fetchone()

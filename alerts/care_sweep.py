@@ -116,43 +116,90 @@ class CareReport:
     charged: list[int] = field(default_factory=list)
 
 
+# Devices a maintenance window covers now: its own window, or one on its area or any
+# area above. Filtered in SQL, so a township's 500 dark cameras under a power window
+# never fill a batch and hold back repair orders elsewhere.
+_SILENCED = """
+    silenced AS (
+        WITH RECURSIVE up(area_id, ancestor) AS (
+            SELECT id, id FROM areas
+            UNION ALL
+            SELECT up.area_id, a.parent_id FROM up JOIN areas a ON a.id = up.ancestor WHERE a.parent_id IS NOT NULL
+        ),
+        windows AS (
+            SELECT device_id, area_id FROM maintenance_windows
+            WHERE cancelled_at IS NULL AND starts_at <= %(now)s AND ends_at > %(now)s
+        )
+        SELECT w.device_id AS id FROM windows w WHERE w.device_id IS NOT NULL
+        UNION
+        SELECT d.id FROM devices d LEFT JOIN residents r ON r.id = d.resident_id
+        JOIN up ON up.area_id = coalesce(d.area_id, r.grid_id)
+        JOIN windows w ON w.area_id = up.ancestor
+    )
+"""
 # Each rule reads its candidates and skips what an open incident of its kind already
 # covers. A task somebody closed while the device is still down restarts the hold from
 # the close: "repaired" but still dark a hold later is a new order, not an instant one.
-_OFFLINE_WRISTBANDS = """
+# Rows from before a column existed (state_at, worn_since NULL) are left alone.
+_OFFLINE_WRISTBANDS = (
+    "WITH"
+    + _SILENCED
+    + """
     SELECT d.id, d.resident_id, r.grid_id, s.state_at, s.offline_reason
     FROM device_state s JOIN devices d ON d.id = s.device_id JOIN residents r ON r.id = d.resident_id
-    WHERE d.kind = 'wristband' AND d.active AND r.active AND s.online = false
+    WHERE d.kind = 'wristband' AND d.active AND r.active AND s.online = false AND s.state_at IS NOT NULL
       AND greatest(s.state_at, (SELECT max(closed_at) FROM care_tasks t WHERE t.device_id = d.id)) <= %(cutoff)s
       AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'wristband_offline'
                       AND i.state IN ('open', 'acknowledged', 'unreached'))
+      AND d.id NOT IN (SELECT id FROM silenced)
     ORDER BY s.state_at LIMIT %(limit)s
 """
-_UNWORN_WRISTBANDS = """
+)
+_UNWORN_WRISTBANDS = (
+    "WITH"
+    + _SILENCED
+    + """
     SELECT d.id, d.resident_id, r.grid_id, s.worn_since, 'not_worn'
     FROM device_state s JOIN devices d ON d.id = s.device_id JOIN residents r ON r.id = d.resident_id
     WHERE d.kind = 'wristband' AND d.active AND r.active AND s.online AND s.worn = false
+      AND s.worn_since IS NOT NULL
       AND greatest(s.worn_since, (SELECT max(closed_at) FROM care_tasks t WHERE t.device_id = d.id)) <= %(cutoff)s
       AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'not_worn'
                       AND i.state IN ('open', 'acknowledged', 'unreached'))
+      AND d.id NOT IN (SELECT id FROM silenced)
     ORDER BY s.worn_since LIMIT %(limit)s
 """
-_OFFLINE_CAMERAS = """
+)
+_OFFLINE_CAMERAS = (
+    "WITH"
+    + _SILENCED
+    + """
     SELECT d.id, NULL, d.area_id, s.state_at, s.offline_reason
     FROM device_state s JOIN devices d ON d.id = s.device_id
-    WHERE d.kind = 'camera' AND d.active AND s.online = false
+    WHERE d.kind = 'camera' AND d.active AND s.online = false AND s.state_at IS NOT NULL
       AND greatest(s.state_at, (SELECT max(closed_at) FROM care_tasks t WHERE t.device_id = d.id)) <= %(cutoff)s
       AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'camera_offline'
                       AND i.state IN ('open', 'acknowledged', 'unreached'))
+      AND d.id NOT IN (SELECT id FROM silenced)
     ORDER BY s.state_at LIMIT %(limit)s
 """
-# Open tasks with what their device says now: back (online, and worn for a not-worn
-# visit) or not, and since when.
-_OPEN_TASKS = """
-    SELECT t.id, t.kind, t.reason, t.state, t.recovered_at, t.due_at, s.online, s.state_at, s.worn, s.worn_since
+)
+# Open tasks that need something now — their device came back, went again, or the
+# task is past due — with what the device says: back (online, and worn for a not-worn
+# visit) or not. A started visit whose band is back is read once (to note it on the
+# timeline), then waits for its worker without being read again every sweep.
+_BACK = """
+    coalesce(CASE WHEN t.kind = 'visit' AND t.reason = 'not_worn' THEN s.online AND s.worn ELSE s.online END, false)
+"""
+_OPEN_TASKS = f"""
+    SELECT t.id, s.online, s.state_at, s.worn, s.worn_since
     FROM care_tasks t LEFT JOIN device_state s ON s.device_id = t.device_id
-    WHERE t.state <> 'closed'
-    ORDER BY t.id LIMIT %(limit)s
+    WHERE t.state <> 'closed' AND (
+        (t.due_at <= %(now)s AND NOT {_BACK})
+        OR (t.recovered_at IS NULL AND {_BACK})
+        OR (t.recovered_at IS NOT NULL AND (t.kind = 'repair' OR NOT {_BACK}))
+    )
+    ORDER BY t.due_at, t.id LIMIT %(limit)s
 """
 
 
@@ -183,7 +230,7 @@ def _open(
     incident_kind: IncidentKind,
     task_kind: TaskKind,
 ) -> None:
-    rows = conn.execute(query, {"cutoff": now - hold, "limit": BATCH}).fetchall()
+    rows = conn.execute(query, {"cutoff": now - hold, "now": now, "limit": BATCH}).fetchall()
     for row in rows:
         _isolated(
             conn,
@@ -243,19 +290,20 @@ def _is_back(kind: TaskKind, reason: str, online: bool | None, worn: bool | None
 
 def _follow_tasks(conn: Conn, report: CareReport, rules: CareRules, now: datetime) -> None:
     """Devices back, flaps, and overdue tasks."""
-    for row in conn.execute(_OPEN_TASKS, {"limit": BATCH}).fetchall():
+    for row in conn.execute(_OPEN_TASKS, {"limit": BATCH, "now": now}).fetchall():
         _isolated(conn, "following task", row[0], partial(_follow_one, conn, report, rules, now, row))
 
 
 def _follow_one(conn: Conn, report: CareReport, rules: CareRules, now: datetime, row: tuple[Any, ...]) -> None:
-    task_id, kind_text, reason, state_text, stored_recovery, due_at, online, state_at, worn, worn_since = row
-    kind, state = TaskKind(kind_text), TaskState(state_text)
-    recovered_at: datetime | None = stored_recovery
-    back = _is_back(kind, reason, online, worn)
-    back_at = worn_since if (kind is TaskKind.VISIT and reason == "not_worn") else state_at
+    task_id, online, state_at, worn, worn_since = row
+    # Decide from the locked row: a worker may have started the visit since the read.
     task = lock_task(conn, task_id)
     if task is None or task.state is TaskState.CLOSED:
         return
+    kind, state, reason, due_at = task.kind, task.state, task.reason, task.due_at
+    recovered_at = task.recovered_at
+    back = _is_back(kind, reason, online, worn)
+    back_at = worn_since if (kind is TaskKind.VISIT and reason == "not_worn") else state_at
     if back and recovered_at is None:
         conn.execute("UPDATE care_tasks SET recovered_at = %s WHERE id = %s", (back_at or now, task_id))
         add_event(conn, task.incident_id, now, "device_back", "care", timeline_detail(task))
@@ -304,16 +352,35 @@ def _close_recovered(conn: Conn, task: TaskRow, now: datetime) -> None:
     CARE_EVENTS.labels(f"{task.kind.value}_recovered").inc()
 
 
-_LOW_BATTERIES = """
+# Bands low now that still have someone to tell today (a notice claimed for today, or
+# for tomorrow morning, counts), so the same told bands never fill every batch.
+_LOW_BATTERIES = (
+    "WITH"
+    + _SILENCED
+    + """
     SELECT d.id, d.resident_id, r.grid_id, s.battery, r.name
     FROM device_state s JOIN devices d ON d.id = s.device_id JOIN residents r ON r.id = d.resident_id
     WHERE d.kind = 'wristband' AND d.active AND r.active AND s.battery <= %(low)s
+      AND d.id NOT IN (SELECT id FROM silenced)
+      AND (NOT EXISTS (SELECT 1 FROM battery_notices n WHERE n.device_id = d.id AND n.audience = 'guardian'
+                       AND n.local_day >= %(today)s)
+           OR (s.battery <= %(critical)s
+               AND NOT EXISTS (SELECT 1 FROM battery_notices n WHERE n.device_id = d.id
+                               AND n.audience = 'grid_worker' AND n.local_day >= %(today)s)))
     ORDER BY s.battery, d.id LIMIT %(limit)s
 """
+)
 
 
 def _batteries(conn: Conn, report: CareReport, rules: CareRules, now: datetime) -> None:
-    for row in conn.execute(_LOW_BATTERIES, {"low": rules.battery_low, "limit": BATCH}).fetchall():
+    params = {
+        "low": rules.battery_low,
+        "critical": rules.battery_critical,
+        "today": now.astimezone(rules.zone).date(),
+        "now": now,
+        "limit": BATCH,
+    }
+    for row in conn.execute(_LOW_BATTERIES, params).fetchall():
         _isolated(conn, "battery of", row[0], partial(_battery_one, conn, report, rules, now, row))
 
 
@@ -323,6 +390,8 @@ def _battery_one(conn: Conn, report: CareReport, rules: CareRules, now: datetime
         report.silenced.append(device_id)
         return
     incident_id = _battery_incident(conn, report, device_id, resident_id, grid_id, battery, now)
+    if incident_id is None:
+        return
     after = send_after(conn, grid_id, now, rules.zone)
     day = after.astimezone(rules.zone).date()
     audiences = [("guardian", guardians(conn, resident_id))]
@@ -361,7 +430,7 @@ def _battery_one(conn: Conn, report: CareReport, rules: CareRules, now: datetime
 
 def _battery_incident(
     conn: Conn, report: CareReport, device_id: str, resident_id: str, grid_id: str, battery: int, now: datetime
-) -> int:
+) -> int | None:
     opened = open_care_incident(
         conn,
         IncidentKind.LOW_BATTERY,
@@ -379,17 +448,19 @@ def _battery_incident(
         " AND state IN ('open', 'acknowledged', 'unreached')",
         (device_id,),
     ).fetchone()
-    assert row is not None
-    return int(row[0])
+    # None: resolved between the two statements (charged, or by hand); the next sweep looks again.
+    return int(row[0]) if row else None
 
 
 def _charged(conn: Conn, report: CareReport, rules: CareRules, now: datetime) -> None:
+    # NO KEY UPDATE, and attempts a sender holds skipped: a sender recording an attempt
+    # takes a key-share lock on the incident, which FOR UPDATE would wait on (deadlock).
     rows = conn.execute(
         """
         SELECT i.id, s.battery FROM incidents i JOIN device_state s ON s.device_id = i.device_id
         WHERE i.kind = 'low_battery' AND i.state IN ('open', 'acknowledged', 'unreached')
           AND s.battery >= %s
-        ORDER BY i.id LIMIT %s FOR UPDATE OF i
+        ORDER BY i.id LIMIT %s FOR NO KEY UPDATE OF i SKIP LOCKED
         """,
         (rules.battery_low + BATTERY_HYSTERESIS_PCT, BATCH),
     ).fetchall()
@@ -399,12 +470,17 @@ def _charged(conn: Conn, report: CareReport, rules: CareRules, now: datetime) ->
             " WHERE id = %s",
             (now, now, incident_id),
         )
-        # Notices still waiting for the morning are moot now.
+        # Notices still waiting for the morning are moot now; their claims go with them,
+        # so a band low again later that day is told again.
         conn.execute(
-            "UPDATE notification_attempts SET state = 'cancelled', updated_at = %s"
-            " WHERE incident_id = %s AND state = 'pending'",
+            """
+            UPDATE notification_attempts SET state = 'cancelled', updated_at = %s
+            WHERE id IN (SELECT id FROM notification_attempts WHERE incident_id = %s AND state = 'pending'
+                         FOR UPDATE SKIP LOCKED)
+            """,
             (now, incident_id),
         )
+        conn.execute("DELETE FROM battery_notices WHERE incident_id = %s AND send_after > %s", (incident_id, now))
         add_event(conn, incident_id, now, "resolved", "care", {"outcome": "battery_charged", "battery": battery})
         report.charged.append(int(incident_id))
 
@@ -466,10 +542,11 @@ class CareSweeper:
                 if conn is not None:
                     conn.close()
                 conn = None
-            except Exception:  # a bad row must not stop every other elder's care
-                log.exception("care sweep failed; next sweep in %.0f s", interval_s)
+            except Exception:  # rows fail alone (savepoints); this is the sweep itself
+                log.exception("care sweep failed; next sweep in %.0f s on a new connection", interval_s)
                 if conn is not None:
-                    conn.rollback()
+                    conn.close()
+                conn = None
             self.stopping.wait(interval_s)
         if conn is not None:
             conn.close()

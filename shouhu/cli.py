@@ -289,15 +289,16 @@ def router() -> None:
     url = database_url(settings)
     worker = _make_router(settings, url)
     care = _care_sweeper(settings, url)
-    start_health_server(settings.metrics_port, lambda: not worker.stopping.is_set())
+    from alerts.router import DEFAULT_SENDERS
+
+    care_thread = _thread(care.run, "care")
+    # Healthy only while both run: a care sweeper that died would leave visits unopened.
+    start_health_server(settings.metrics_port, lambda: not worker.stopping.is_set() and care_thread.is_alive())
     def stop() -> None:
         care.stop()
         worker.stop()
 
     _run_until_signal(stop)
-    from alerts.router import DEFAULT_SENDERS
-
-    care_thread = _thread(care.run, "care")
     worker.run(senders=DEFAULT_SENDERS)
     care.stop()
     care_thread.join(15)

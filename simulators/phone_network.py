@@ -396,7 +396,7 @@ class PhoneNetwork:
             time.sleep(record.answer_after_s)
         digit = DIGIT_OF_ANSWER.get(record.answer or "")
         twiml = record.twiml
-        if twiml is None and record.url is not None and record.answer is not None:
+        if twiml is None and record.url is not None and record.answer in ("press1", "press2", "voicemail"):
             # Answered, the call asks its Url what to say, as Twilio does: a signed POST.
             fetched = self.post_webhook("twiml", record.url, self._call_params(record, "in-progress"))
             twiml = fetched.reply if fetched.status == 200 else None

@@ -17,6 +17,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import httpx
 import psycopg
 import pytest
 from playwright.sync_api import Browser, Page, expect, sync_playwright
@@ -25,7 +26,7 @@ from alerts.care_sweep import sweep
 from api.main import create_app
 from shouhu.tokens import Role, create_token
 from tests.care_support import RULES, heard, last_will
-from tests.escalation_support import press
+from tests.escalation_support import press, q
 from tests.services import serve_app
 
 CHROMIUM = "/usr/bin/chromium"
@@ -201,3 +202,16 @@ def test_a_page_without_a_session_goes_to_the_login(browser: Browser, site: dict
     page.get_by_label("访问令牌").fill("shh_not-a-token")
     page.get_by_role("button", name="登录").click()
     expect(page.get_by_role("alert")).to_contain_text("令牌无效")
+
+
+def test_a_visit_page_is_an_audited_read_of_the_resident(site: dict[str, Any]) -> None:
+    with httpx.Client(base_url=site["base"]) as client:
+        client.post("/api/v1/session", json={"token": site["tokens"]["grid"]}).raise_for_status()
+        [(task_id, resident)] = q(site["url"], "SELECT id, resident_id FROM care_tasks WHERE kind = 'visit'")
+        page = client.get(f"/console/tasks/{task_id}")
+        assert page.status_code == 200
+        audit = q(site["url"], "SELECT action, subject, detail->>'via' FROM audit_log WHERE action = 'read_resident'")
+        assert audit == [("read_resident", f"resident:{resident}", "console")]
+        # A post from another site is refused even with the session cookie.
+        forged = client.post(f"/console/tasks/{task_id}/start", headers={"Origin": "https://evil.example"})
+        assert forged.status_code == 403

@@ -176,6 +176,7 @@ def log_in(
     request: Request, conn: ConnDep, now: Now, lang: LangDep, token: Annotated[str, Form(max_length=200)]
 ) -> Response:
     """The token from the form becomes the session cookie, exactly as ``POST /api/v1/session`` does."""
+    require_same_origin(request)  # no logging a victim's browser into someone else's session
     go = RedirectResponse("/console", status_code=status.HTTP_303_SEE_OTHER)
     try:
         create_session(SessionCreate(token=token.strip() or "-"), request, go, conn, now)
@@ -187,6 +188,7 @@ def log_in(
 @router.post("/logout")
 def log_out(request: Request, conn: ConnDep, now: Now) -> Response:
     """End the session through the API's own logout, then back to the login page."""
+    require_same_origin(request)
     try:
         delete_session(request, conn, now, request.cookies.get(SESSION_COOKIE))
     except HTTPException as exc:
@@ -267,8 +269,8 @@ def _incident_context(
 def incident_page(
     request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now, incident_id: int
 ) -> Response:
-    found = queries.incident(conn, incident_id)
-    if found is not None and found["task_id"] is not None:
+    found = _visible_incident(conn, token, incident_id)  # out of scope: 404 before anything is told
+    if found["task_id"] is not None:
         return RedirectResponse(f"/console/tasks/{found['task_id']}", status_code=status.HTTP_303_SEE_OTHER)
     context = _incident_context(conn, token, incident_id, lang, now)
     return _render(request, "incident.html", lang, {**context, "label": _label(conn, token)})
@@ -360,8 +362,12 @@ def _visible_task(conn: ConnDep, token: TokenIdentity, task_id: int) -> dict[str
 
 
 @router.get("/tasks/{task_id}")
-def task_page(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, task_id: int) -> HTMLResponse:
+def task_page(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now, task_id: int) -> HTMLResponse:
     found = _visible_task(conn, token, task_id)
+    if found["resident_id"]:
+        # A visit shows whose band it is and where they live: a read of personal data.
+        with conn.transaction():
+            write_audit(conn, token, now, "read_resident", f"resident:{found['resident_id']}", {"via": "console"})
     outcomes = VISIT_OUTCOMES if found["kind"] == TaskKind.VISIT.value else REPAIR_OUTCOMES
     return _render(
         request,

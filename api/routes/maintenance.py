@@ -2,14 +2,15 @@
 
 A window silences non-SOS incidents for a device, or for every device in an area and
 below, and is left out of camera uptime. It never touches an SOS or a fall. A
-technician may set windows on cameras and areas, a grid worker on wristbands (a
-resident in hospital), operators and admins on anything — all within their areas.
+technician may set windows on cameras, a grid worker on wristbands (a resident in
+hospital), operators and admins on anything, areas included — all within their
+areas. A window starts now or later, never in the past.
 Ending a window early keeps what already passed, so uptime stays true.
 """
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Query, status
@@ -39,8 +40,11 @@ DEVICE_KINDS_OF_ROLE: dict[Role, frozenset[DeviceKind]] = {
     Role.GRID_WORKER: frozenset({DeviceKind.WRISTBAND}),
     Role.PLATFORM: frozenset(),
 }
-# A window over a whole area silences wristbands too: only roles over both.
-AREA_SETTERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR, Role.TECHNICIAN})
+# A window over a whole area silences residents' wristbands too (visits, battery
+# notices): only roles answerable for both. A technician silences cameras one by one.
+AREA_SETTERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR})
+# How far back a window may start: clock skew, not rewriting history (uptime excludes it).
+BACKDATE_ALLOWANCE = timedelta(minutes=5)
 
 
 class MaintenanceCreate(BaseModel):
@@ -114,6 +118,10 @@ def create_maintenance(
         if token.role not in AREA_SETTERS:
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"a {token.role.value} token cannot silence a whole area")
     starts_at = body.starts_at or now
+    if starts_at < now - BACKDATE_ALLOWANCE:
+        raise HTTPException(
+            422, "body field 'starts_at': a window cannot start in the past (it would erase downtime from uptime)"
+        )
     if body.ends_at <= starts_at:
         raise HTTPException(422, "body field 'ends_at': must be after starts_at")
     with conn.transaction():
