@@ -197,6 +197,12 @@ def test_up_demo_serves_the_demo_county(running_up: RunningUp, tmp_path: Path) -
     assert status == 200, body
     assert json.loads(body)["count"] >= 1 + 3 + 10 + 30
     assert _get(f"http://127.0.0.1:{port}/api/v1/areas")[0] == 401
+    # The consoles come up with it, their page and assets served by the same process.
+    status, body = _get(f"http://127.0.0.1:{port}/console/login")
+    assert status == 200
+    assert "访问令牌".encode() in body
+    assert _get(f"http://127.0.0.1:{port}/console/static/console.js")[0] == 200
+    assert running_up.wait_for_line("consoles: http://127.0.0.1:")
 
 
 def test_up_demo_shows_the_grid_workers_phone_ringing(running_up: RunningUp) -> None:
