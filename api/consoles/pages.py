@@ -39,17 +39,17 @@ from api.deps import (
     tuple_rows,
     write_audit,
 )
-from api.routes.incidents import visible_kinds
+from api.routes.acknowledgements import ACKNOWLEDGERS
+from api.routes.incidents import may_see_incident, visible_kinds
 from api.routes.sessions import SessionCreate, create_session, delete_session
-from api.routes.tasks import TASK_KINDS_OF_ROLE
-from devices.kinds import REPAIR_OUTCOMES, VISIT_OUTCOMES, IncidentKind, Outcome, TaskKind, TaskOutcome
+from api.routes.tasks import TASK_KINDS_OF_ROLE, may_see_task
+from devices.kinds import REPAIR_OUTCOMES, VISIT_OUTCOMES, Outcome, TaskKind, TaskOutcome
 from shouhu.tokens import Role, TokenIdentity
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
 LANG_COOKIE = "shouhu_lang"
 DEFAULT_ZONE = ZoneInfo("Asia/Shanghai")
-ACKNOWLEDGERS = frozenset({Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM})
 HOME = {
     Role.GRID_WORKER: "/console/grid",
     Role.PLATFORM: "/console/grid",
@@ -227,11 +227,7 @@ def grid_list(request: Request, conn: ConnDep, token: Viewer, lang: LangDep) -> 
 def _visible_incident(conn: ConnDep, token: TokenIdentity, incident_id: int) -> dict[str, Any]:
     found = queries.incident(conn, incident_id)
     scope = deps.get_area_scope(conn, token)
-    if (
-        found is None
-        or IncidentKind(found["kind"]) not in visible_kinds(token.role)
-        or not scope.allows(found["area_id"])
-    ):
+    if found is None or not may_see_incident(token.role, scope, found["kind"], found["area_id"]):
         raise HTTPException(status.HTTP_404_NOT_FOUND, "not found")
     return found
 
@@ -352,11 +348,7 @@ def resolve_from_console(
 def _visible_task(conn: ConnDep, token: TokenIdentity, task_id: int) -> dict[str, Any]:
     found = queries.task(conn, task_id)
     scope = deps.get_area_scope(conn, token)
-    if (
-        found is None
-        or TaskKind(found["kind"]) not in TASK_KINDS_OF_ROLE[token.role]
-        or not scope.allows(found["area_id"])
-    ):
+    if found is None or not may_see_task(token.role, scope, found["kind"], found["area_id"]):
         raise HTTPException(status.HTTP_404_NOT_FOUND, "not found")
     return found
 

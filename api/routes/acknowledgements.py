@@ -24,8 +24,8 @@ from api.deps import (
     tuple_rows,
     write_audit,
 )
-from api.routes.incidents import visible_kinds
-from devices.kinds import IncidentKind, IncidentState, Outcome
+from api.routes.incidents import may_see_incident
+from devices.kinds import IncidentState, Outcome
 from shouhu.tokens import Role
 
 router = APIRouter(prefix=f"{API_PREFIX}/incidents", tags=["incidents"])
@@ -58,7 +58,7 @@ def _check(conn: ConnDep, token: CurrentToken, scope: Scope, incident_id: int, *
         " LEFT JOIN care_tasks t ON t.incident_id = i.id WHERE i.id = %s",
         (incident_id,),
     ).fetchone()
-    if row is None or IncidentKind(row["kind"]) not in visible_kinds(token.role) or not scope.allows(row["area_id"]):
+    if row is None or not may_see_incident(token.role, scope, row["kind"], row["area_id"]):
         raise not_found("incident", str(incident_id))
     if token.role not in ACKNOWLEDGERS:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"a {token.role.value} token cannot act on this incident")

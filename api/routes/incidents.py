@@ -106,6 +106,11 @@ def visible_kinds(role: Role) -> frozenset[IncidentKind]:
     return frozenset({IncidentKind.CAMERA_OFFLINE})
 
 
+def may_see_incident(role: Role, scope: deps.AreaScope, kind: str, area_id: str | None) -> bool:
+    """Whether a token of ``role`` within ``scope`` sees this incident at all (else it is a 404)."""
+    return IncidentKind(kind) in visible_kinds(role) and scope.allows(area_id)
+
+
 def mask_phone(address: str) -> str:
     """``+12025550100`` → ``+1202****0100``; anything short is masked whole."""
     if len(address) < 10:
@@ -191,11 +196,7 @@ def read_incident(
         row = conn.execute(
             "SELECT" + _COLUMNS + " FROM incidents i WHERE i.id = %s", (incident_id,)
         ).fetchone()
-        if (
-            row is None
-            or IncidentKind(row["kind"]) not in visible_kinds(token.role)
-            or not scope.allows(row["area_id"])
-        ):
+        if row is None or not may_see_incident(token.role, scope, row["kind"], row["area_id"]):
             raise not_found("incident", str(incident_id))
         events = conn.execute(
             """

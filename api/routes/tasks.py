@@ -16,6 +16,7 @@ from alerts.acknowledge import Result
 from alerts.care import close_task, start_task
 from api.deps import (
     API_PREFIX,
+    AreaScope,
     ConnDep,
     CurrentToken,
     Now,
@@ -129,6 +130,11 @@ _WHERE = """
 """
 
 
+def may_see_task(role: Role, scope: AreaScope, kind: str, area_id: str | None) -> bool:
+    """Whether a token of ``role`` within ``scope`` sees this task at all (else it is a 404)."""
+    return TaskKind(kind) in TASK_KINDS_OF_ROLE[role] and scope.allows(area_id)
+
+
 def _kinds(role: Role, kind: TaskKind | None) -> list[str]:
     allowed = TASK_KINDS_OF_ROLE[role]
     return sorted(k.value for k in allowed if kind is None or k is kind)
@@ -217,7 +223,7 @@ def read_repair_rounds(
 
 def _visible(conn: ConnDep, token: CurrentToken, scope: Scope, task_id: int, now: datetime) -> TaskPublic:
     row = conn.execute(_SELECT + " WHERE t.id = %(id)s", {"id": task_id, "now": now}).fetchone()
-    if row is None or TaskKind(row["kind"]) not in TASK_KINDS_OF_ROLE[token.role] or not scope.allows(row["area_id"]):
+    if row is None or not may_see_task(token.role, scope, row["kind"], row["area_id"]):
         raise not_found("task", str(task_id))
     return _public(row)
 
