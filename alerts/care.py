@@ -20,7 +20,7 @@ from psycopg.types.json import Jsonb
 
 from alerts.acknowledge import Actor, Result, queue_notice
 from alerts.incidents import draw_code
-from alerts.recipients import Recipient, duty_chain, on_duty, operators
+from alerts.recipients import Recipient, Rosters
 from alerts.silence import area_chain
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import (
@@ -112,16 +112,17 @@ def task_owners(conn: Conn, kind: TaskKind, area_id: str, level: int, at: dateti
     walking further up if nobody is. Nobody anywhere: the county operators — never
     silent.
     """
+    rosters = Rosters(conn, at, zone)  # one read of each roster, however far up the walk goes
     people: list[Recipient] = []
     if level == 0 and kind is TaskKind.VISIT:
-        people = duty_chain(conn, area_id, at, zone)
+        people = rosters.duty_chain(area_id)
     else:
         roles = {StaffRole.TECHNICIAN.value} if level == 0 else None
         for area in area_chain(conn, area_id):
-            people = on_duty(conn, area, at, zone, roles)
+            people = rosters.on_duty(area, roles)
             if people:
                 break
-    return people or operators(conn, at, zone)
+    return people or rosters.operators()
 
 
 def _contacts(people: list[Recipient]) -> list[tuple[str, str, str]]:

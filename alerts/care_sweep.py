@@ -110,7 +110,7 @@ class CareReport:
     opened: list[int] = field(default_factory=list)  # task ids
     closed: list[int] = field(default_factory=list)
     escalated: list[int] = field(default_factory=list)
-    silenced: list[str] = field(default_factory=list)  # devices left alone under maintenance
+    silenced: list[str] = field(default_factory=list)  # overdue tasks left alone under maintenance
     battery_incidents: list[int] = field(default_factory=list)
     battery_notices: int = 0
     charged: list[int] = field(default_factory=list)
@@ -192,7 +192,8 @@ _BACK = """
     coalesce(CASE WHEN t.kind = 'visit' AND t.reason = 'not_worn' THEN s.online AND s.worn ELSE s.online END, false)
 """
 _OPEN_TASKS = f"""
-    SELECT t.id, s.online, s.state_at, s.worn, s.worn_since
+    SELECT t.id, {_BACK} AS back,
+           CASE WHEN t.kind = 'visit' AND t.reason = 'not_worn' THEN s.worn_since ELSE s.state_at END AS back_at
     FROM care_tasks t LEFT JOIN device_state s ON s.device_id = t.device_id
     WHERE t.state <> 'closed' AND (
         (t.due_at <= %(now)s AND NOT {_BACK})
@@ -250,9 +251,6 @@ def _open_one(
     task_kind: TaskKind,
 ) -> None:
     device_id, resident_id, area_id, since, reason = row
-    if active_window(conn, device_id, now) is not None:
-        report.silenced.append(device_id)
-        return
     reason_text = str(reason or "unknown")
     incident_id = open_care_incident(
         conn,
@@ -282,12 +280,6 @@ def _open_one(
     report.opened.append(task_id)
 
 
-def _is_back(kind: TaskKind, reason: str, online: bool | None, worn: bool | None) -> bool:
-    if kind is TaskKind.VISIT and reason == "not_worn":
-        return bool(online) and worn is True
-    return online is True
-
-
 def _follow_tasks(conn: Conn, report: CareReport, rules: CareRules, now: datetime) -> None:
     """Devices back, flaps, and overdue tasks."""
     for row in conn.execute(_OPEN_TASKS, {"limit": BATCH, "now": now}).fetchall():
@@ -295,15 +287,14 @@ def _follow_tasks(conn: Conn, report: CareReport, rules: CareRules, now: datetim
 
 
 def _follow_one(conn: Conn, report: CareReport, rules: CareRules, now: datetime, row: tuple[Any, ...]) -> None:
-    task_id, online, state_at, worn, worn_since = row
+    # Whether the device is back (and since when) comes from _OPEN_TASKS's one rule.
+    task_id, back, back_at = row
     # Decide from the locked row: a worker may have started the visit since the read.
     task = lock_task(conn, task_id)
     if task is None or task.state is TaskState.CLOSED:
         return
-    kind, state, reason, due_at = task.kind, task.state, task.reason, task.due_at
+    kind, state, due_at = task.kind, task.state, task.due_at
     recovered_at = task.recovered_at
-    back = _is_back(kind, reason, online, worn)
-    back_at = worn_since if (kind is TaskKind.VISIT and reason == "not_worn") else state_at
     if back and recovered_at is None:
         conn.execute("UPDATE care_tasks SET recovered_at = %s WHERE id = %s", (back_at or now, task_id))
         add_event(conn, task.incident_id, now, "device_back", "care", timeline_detail(task))
@@ -386,9 +377,6 @@ def _batteries(conn: Conn, report: CareReport, rules: CareRules, now: datetime) 
 
 def _battery_one(conn: Conn, report: CareReport, rules: CareRules, now: datetime, row: tuple[Any, ...]) -> None:
     device_id, resident_id, grid_id, battery, name = row
-    if active_window(conn, device_id, now) is not None:
-        report.silenced.append(device_id)
-        return
     incident_id = _battery_incident(conn, report, device_id, resident_id, grid_id, battery, now)
     if incident_id is None:
         return
