@@ -46,20 +46,10 @@ class HangingProvider:
         self.server.shutdown()
 
 
-@pytest.fixture
-def hanging() -> Iterator[HangingProvider]:
-    provider = HangingProvider()
-    yield provider
-    provider.close()
-
-
-def test_a_router_killed_mid_call_resends_only_that_attempt_and_skips_no_step(
-    county_url: str, phone_network: str, hanging: HangingProvider
-) -> None:
-    device, _grid, _resident = wristband_in(county_url, night_covered=True)
-    incident = press(county_url, device, datetime.now(UTC))
+def router_hung_in_a_call(county_url: str, hanging: HangingProvider) -> ShouhuProcess:
+    """A `shouhu router` process paging through ``hanging``, once its first provider call is stuck."""
     port = free_port()
-    doomed = ShouhuProcess(
+    router = ShouhuProcess(
         ["router"],
         shouhu_env(
             SHOUHU_DATABASE_URL=county_url,
@@ -75,6 +65,22 @@ def test_a_router_killed_mid_call_resends_only_that_attempt_and_skips_no_step(
     while not hanging.requests:
         assert time.monotonic() < deadline, "the router never called the provider"
         time.sleep(0.02)
+    return router
+
+
+@pytest.fixture
+def hanging() -> Iterator[HangingProvider]:
+    provider = HangingProvider()
+    yield provider
+    provider.close()
+
+
+def test_a_router_killed_mid_call_resends_only_that_attempt_and_skips_no_step(
+    county_url: str, phone_network: str, hanging: HangingProvider
+) -> None:
+    device, _grid, _resident = wristband_in(county_url, night_covered=True)
+    incident = press(county_url, device, datetime.now(UTC))
+    doomed = router_hung_in_a_call(county_url, hanging)
     doomed.kill(9)  # SIGKILL while the provider calls are open
     in_flight = list(hanging.requests)
     before = q(county_url, "SELECT id, channel, attempt, state, address FROM notification_attempts ORDER BY id")
@@ -149,23 +155,7 @@ def test_a_router_killed_in_a_later_step_loses_no_step_and_the_chain_goes_on(
     first.run_once()  # step 0, through the working provider
     with psycopg.connect(county_url) as conn:
         conn.execute("UPDATE escalation_actions SET due_at = now() WHERE incident_id = %s AND step = 1", (incident,))
-    port = free_port()
-    doomed = ShouhuProcess(
-        ["router"],
-        shouhu_env(
-            SHOUHU_DATABASE_URL=county_url,
-            SHOUHU_TWILIO_ACCOUNT_SID=PHONE_SID,
-            SHOUHU_TWILIO_AUTH_TOKEN=PHONE_TOKEN,
-            SHOUHU_TWILIO_FROM=FROM,
-            SHOUHU_TWILIO_API_BASE=hanging.url,
-            SHOUHU_METRICS_PORT=str(port),
-        ),
-        ready_url=f"http://127.0.0.1:{port}/readyz",
-    ).start()
-    deadline = time.monotonic() + 15
-    while not hanging.requests:
-        assert time.monotonic() < deadline, "the router never called the provider"
-        time.sleep(0.02)
+    doomed = router_hung_in_a_call(county_url, hanging)
     doomed.kill(9)
     in_flight = list(hanging.requests)
     keys_before = q(county_url, "SELECT id FROM notification_attempts WHERE step = 1 ORDER BY id")
