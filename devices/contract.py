@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import re
 from dataclasses import dataclass
 from enum import StrEnum
@@ -21,6 +22,16 @@ from devices.kinds import DeviceKind
 TOPIC_PREFIX = "shouhu/v1"
 MAX_PAYLOAD_BYTES = 64 * 1024
 DEVICE_ID = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+# Deeper than any honest payload, far shallower than Python's recursion limit: a
+# payload nested 10,000 deep must be a dead letter, not a RecursionError in a lane.
+MAX_JSON_DEPTH = 32
+# Column ranges (shouhu/migrations/0001_core.sql): checked here, before SQL, so a
+# value the column cannot hold is this message's dead letter, never a failed COPY
+# (or, worse, a silently wrapped integer).
+INT4_MAX = 2**31 - 1
+FLOAT4_MAX = 3.4e38
+# Channels devices receive on and the hub publishes to: never data for the hub.
+OUTBOUND_CHANNELS = frozenset({"receipt"})
 
 
 class MqttChannel(StrEnum):
@@ -44,11 +55,13 @@ class RejectReason(StrEnum):
     """Dead-letter reasons; also the label of the dead-letter metric."""
 
     BAD_TOPIC = "bad_topic"
-    UNKNOWN_KIND = "unknown_kind"
-    UNKNOWN_CHANNEL = "unknown_channel"
     OVERSIZED = "oversized"
     NOT_UTF8 = "not_utf8"
     MALFORMED_JSON = "malformed_json"
+    TOO_DEEP = "too_deep"  # JSON nested deeper than MAX_JSON_DEPTH
+    NUMBER_OUT_OF_RANGE = "number_out_of_range"  # an integer past 4,300 digits, or Infinity/NaN
+    BAD_TEXT = "bad_text"  # a NUL or a lone surrogate: PostgreSQL text and jsonb cannot hold them
+    UNKNOWN_TOPIC = "unknown_topic"  # under shouhu/v1/ but not a topic of the contract
     SCHEMA = "schema"
     UNKNOWN_DEVICE = "unknown_device"
     REUSED_MSG_ID = "reused_msg_id"
@@ -91,14 +104,14 @@ class TelemetryPayload(_Payload):
     worn: bool | None = None
     lat: Latitude | None = None
     lon: Longitude | None = None
-    steps: Annotated[int, Field(ge=0)] | None = None
+    steps: Annotated[int, Field(ge=0, le=INT4_MAX)] | None = None
 
 
 class HealthPayload(_Payload):
     online: bool
     reason: str | None = None
-    fps: Annotated[float, Field(ge=0)] | None = None
-    bitrate_kbps: Annotated[float, Field(ge=0)] | None = None
+    fps: Annotated[float, Field(ge=0, le=FLOAT4_MAX)] | None = None
+    bitrate_kbps: Annotated[float, Field(ge=0, le=FLOAT4_MAX)] | None = None
     storage_ok: bool | None = None
 
 
@@ -147,23 +160,73 @@ def payload_hash(raw: bytes) -> bytes:
 
 
 def parse_topic(topic: str) -> Topic | Rejected:
+    """Classify a topic. Under ``shouhu/v1/`` anything that is not a contract topic is
+    ``unknown_topic``; an alarm channel of a wristband with extra levels after it
+    (``…/wb-1/sos/x``) is rejected too but keeps its ``Topic``, because it still pages."""
     parts = topic.split("/")
-    if len(parts) != 5 or "/".join(parts[:2]) != TOPIC_PREFIX:
-        return Rejected(RejectReason.BAD_TOPIC, f"not shouhu/v1/{{kind}}/{{id}}/{{channel}}: {topic[:200]!r}")
-    _, _, kind, device_id, channel = parts
+    if len(parts) < 3 or "/".join(parts[:2]) != TOPIC_PREFIX:
+        return Rejected(RejectReason.BAD_TOPIC, f"not under {TOPIC_PREFIX}/: {topic[:200]!r}")
+    if len(parts) < 5:
+        return Rejected(RejectReason.UNKNOWN_TOPIC, f"not shouhu/v1/{{kind}}/{{id}}/{{channel}}: {topic[:200]!r}")
+    kind, device_id, channel = parts[2], parts[3], parts[4]
     if not DEVICE_ID.fullmatch(device_id):
         return Rejected(RejectReason.BAD_TOPIC, f"device id {device_id[:80]!r} is not [A-Za-z0-9_.-]{{1,64}}")
     try:
         device_kind = DeviceKind(kind)
     except ValueError:
-        return Rejected(RejectReason.UNKNOWN_KIND, f"unknown device kind {kind[:40]!r}")
+        return Rejected(RejectReason.UNKNOWN_TOPIC, f"unknown device kind {kind[:40]!r}")
     try:
         mqtt_channel = MqttChannel(channel)
     except ValueError:
-        return Rejected(RejectReason.UNKNOWN_CHANNEL, f"unknown channel {channel[:40]!r}")
+        return Rejected(RejectReason.UNKNOWN_TOPIC, f"unknown channel {channel[:40]!r}")
     if mqtt_channel not in CHANNELS_OF_KIND[device_kind]:
-        return Rejected(RejectReason.UNKNOWN_CHANNEL, f"a {device_kind} has no {mqtt_channel} channel")
-    return Topic(device_kind, device_id, mqtt_channel)
+        return Rejected(RejectReason.UNKNOWN_TOPIC, f"a {device_kind} has no {mqtt_channel} channel")
+    parsed = Topic(device_kind, device_id, mqtt_channel)
+    if len(parts) > 5:
+        detail = f"extra levels after {mqtt_channel}: {topic[:200]!r}"
+        return Rejected(RejectReason.UNKNOWN_TOPIC, detail, parsed if mqtt_channel in ALARM_CHANNELS else None)
+    return parsed
+
+
+def is_outbound(topic: str) -> bool:
+    """A topic the hub publishes for devices (a receipt): not data, never dead-lettered."""
+    parts = topic.split("/")
+    return len(parts) == 5 and "/".join(parts[:2]) == TOPIC_PREFIX and parts[4] in OUTBOUND_CHANNELS
+
+
+def _reject_float(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise _OutOfRange(f"number {text[:40]} is out of range")
+    return value
+
+
+def _reject_constant(name: str) -> Any:
+    raise _OutOfRange(f"{name} is not a number the contract allows")
+
+
+class _OutOfRange(ValueError):
+    pass
+
+
+def _hostile_structure(data: Any) -> Rejected | None:
+    """Depth, text and numbers PostgreSQL can hold, checked without recursion."""
+    stack: list[tuple[Any, int]] = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                return Rejected(RejectReason.BAD_TEXT, "text holds a NUL character")
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return Rejected(RejectReason.BAD_TEXT, "text holds a lone surrogate (\\ud800-\\udfff)")
+        elif isinstance(value, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return Rejected(RejectReason.TOO_DEEP, f"nested deeper than {MAX_JSON_DEPTH}")
+            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
+            stack.extend((item, depth + 1) for item in items)
+    return None
 
 
 def _schema_detail(error: ValidationError) -> str:
@@ -175,6 +238,10 @@ def parse_message(topic: str, raw: bytes) -> DeviceMessage | StatusMessage | Rej
     parsed = parse_topic(topic)
     if isinstance(parsed, Rejected):
         return parsed
+    return _parse_payload(parsed, raw)
+
+
+def _parse_payload(parsed: Topic, raw: bytes) -> DeviceMessage | StatusMessage | Rejected:
     if len(raw) > MAX_PAYLOAD_BYTES:
         return Rejected(RejectReason.OVERSIZED, f"{len(raw)} bytes > {MAX_PAYLOAD_BYTES}", parsed)
     try:
@@ -187,13 +254,22 @@ def parse_message(topic: str, raw: bytes) -> DeviceMessage | StatusMessage | Rej
             return Rejected(RejectReason.SCHEMA, f"status must be online or offline, got {value[:40]!r}", parsed)
         return StatusMessage(parsed, value == "online")
     try:
-        data = json.loads(text)
+        data = json.loads(text, parse_float=_reject_float, parse_constant=_reject_constant)
     except json.JSONDecodeError as exc:
         return Rejected(RejectReason.MALFORMED_JSON, f"{exc.msg} at {exc.pos}", parsed)
+    except RecursionError:
+        return Rejected(RejectReason.TOO_DEEP, f"nested deeper than {MAX_JSON_DEPTH}", parsed)
+    except ValueError as exc:  # _OutOfRange, or Python's 4,300-digit limit on integers
+        return Rejected(RejectReason.NUMBER_OUT_OF_RANGE, str(exc)[:200], parsed)
     if not isinstance(data, dict):
         return Rejected(RejectReason.SCHEMA, "payload must be a JSON object", parsed)
+    hostile = _hostile_structure(data)
+    if hostile is not None:
+        return Rejected(hostile.reason, hostile.detail, parsed)
     try:
         payload = PAYLOAD_MODELS[parsed.channel].model_validate(data)
     except ValidationError as exc:
         return Rejected(RejectReason.SCHEMA, _schema_detail(exc), parsed)
+    except (ValueError, OverflowError) as exc:  # a number no validator was ready for
+        return Rejected(RejectReason.NUMBER_OUT_OF_RANGE, repr(exc)[:200], parsed)
     return DeviceMessage(parsed, payload, payload_hash(raw))

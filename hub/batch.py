@@ -77,6 +77,13 @@ CAMERA_HEALTH = StagedSeries(
 SERIES = {s.channel: s for s in (TELEMETRY, CAMERA_HEALTH)}
 
 
+def storable_text(text: str) -> str:
+    """``text`` as PostgreSQL can hold it: no NUL, no lone surrogate (for dead letters,
+    which keep whatever came)."""
+    cleaned = text.replace("\x00", "\\x00")
+    return cleaned.encode("utf-8", errors="backslashreplace").decode("utf-8")
+
+
 def _round(value: float | None) -> int | None:
     return None if value is None else round(value)
 
@@ -133,7 +140,14 @@ def _dead_letters(conn: Conn, letters: list[DeadLetter], hub_id: str, result: Ba
             "INSERT INTO dead_letters (received_at, hub_id, topic, payload, reason, detail)"
             " VALUES (%s, %s, %s, %s, %s, %s)",
             [
-                (d.message.received_at, hub_id, d.message.topic[:1024], d.message.payload, d.reason.value, d.detail)
+                (
+                    d.message.received_at,
+                    hub_id,
+                    storable_text(d.message.topic[:1024]),
+                    d.message.payload,
+                    d.reason.value,
+                    storable_text(d.detail),
+                )
                 for d in letters
             ],
         )

@@ -33,7 +33,7 @@ from devices.contract import (
 )
 from devices.kinds import DeviceKind, IncidentKind
 from hub import metrics
-from hub.batch import SightingSink, prepare_staging, record_sightings_safely, store_batch
+from hub.batch import SightingSink, prepare_staging, record_sightings_safely, storable_text, store_batch
 from hub.mqtt import Received
 from hub.sightings import Sighting
 
@@ -41,10 +41,31 @@ log = logging.getLogger(__name__)
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
-# Rejections of an alarm topic that still page: the bytes arrived, only unreadable.
+# Rejections of an alarm that still page: the bytes arrived on a wristband's alarm
+# topic (or one with extra levels after it), only unreadable.
 UNREADABLE_ALARM = frozenset(
-    {RejectReason.SCHEMA, RejectReason.MALFORMED_JSON, RejectReason.NOT_UTF8, RejectReason.OVERSIZED}
+    {
+        RejectReason.SCHEMA,
+        RejectReason.MALFORMED_JSON,
+        RejectReason.NOT_UTF8,
+        RejectReason.OVERSIZED,
+        RejectReason.TOO_DEEP,
+        RejectReason.NUMBER_OUT_OF_RANGE,
+        RejectReason.BAD_TEXT,
+        RejectReason.UNKNOWN_TOPIC,
+    }
 )
+STORE_TRIES = 3
+
+
+@dataclass(frozen=True, slots=True)
+class AlarmReceipt:
+    """What the hub tells a wristband after its alarm committed (``…/receipt``)."""
+
+    device_id: str
+    msg_id: str | None
+    incident_code: str | None
+    state: str | None
 
 
 @dataclass(frozen=True, slots=True)
@@ -58,7 +79,8 @@ def _dead_letter(conn: Conn, message: Received, hub_id: str, reason: RejectReaso
     conn.execute(
         "INSERT INTO dead_letters (received_at, hub_id, topic, payload, reason, detail)"
         " VALUES (%s, %s, %s, %s, %s, %s)",
-        (message.received_at, hub_id, message.topic[:1024], message.payload, reason.value, detail),
+        (message.received_at, hub_id, storable_text(message.topic[:1024]), message.payload, reason.value,
+         storable_text(detail)),
     )
     metrics.DEAD_LETTERS.labels(reason.value).inc()
 
@@ -93,7 +115,7 @@ def _alarm_from(message: Received, parsed: DeviceMessage | Rejected, topic: Topi
 
 def _store_alarm(
     conn: Conn, message: Received, parsed: DeviceMessage | Rejected, topic: Topic, config: IngestConfig
-) -> None:
+) -> AlarmReceipt:
     if isinstance(parsed, Rejected):
         # Kept for forensics too; the page goes out regardless (DESIGN.md exception).
         _dead_letter(conn, message, config.hub_id, parsed.reason, parsed.detail)
@@ -107,6 +129,20 @@ def _store_alarm(
     metrics.ALARMS.labels(outcome.result.value).inc()
     if outcome.result is AlarmResult.OPENED:
         log.warning("red incident %s opened by %s on %s", outcome.incident_id, topic.device_id, topic.channel)
+    return _receipt(conn, topic.device_id, parsed, outcome.incident_id)
+
+
+def _receipt(conn: Conn, device_id: str, parsed: DeviceMessage | Rejected, incident_id: int | None) -> AlarmReceipt:
+    """The incident this alarm opened or joined; for a redelivery, the device's newest."""
+    if incident_id is not None:
+        row = conn.execute("SELECT code, state FROM incidents WHERE id = %s", (incident_id,)).fetchone()
+    else:
+        row = conn.execute(
+            "SELECT code, state FROM incidents WHERE device_id = %s ORDER BY opened_at DESC, id DESC LIMIT 1",
+            (device_id,),
+        ).fetchone()
+    msg_id = parsed.payload.msg_id if isinstance(parsed, DeviceMessage) else None
+    return AlarmReceipt(device_id, msg_id, row[0] if row else None, row[1] if row else None)
 
 
 def _pages(parsed: DeviceMessage | StatusMessage | Rejected, topic: Topic) -> TypeGuard[DeviceMessage | Rejected]:
@@ -122,16 +158,17 @@ def _pages(parsed: DeviceMessage | StatusMessage | Rejected, topic: Topic) -> Ty
 
 def store_message(
     conn: Conn, message: Received, config: IngestConfig, record_sightings: SightingSink | None = None
-) -> None:
+) -> AlarmReceipt | None:
     """Store one message in the caller's transaction; bad input is dead-lettered.
 
-    An alarm opens or joins its incident; anything else is a batch of one.
+    An alarm opens or joins its incident and returns the receipt to publish after
+    the commit; anything else is a batch of one.
     """
     parsed = parse_message(message.topic, message.payload)
     topic = parsed.topic
     if topic is not None and _pages(parsed, topic):
         metrics.MESSAGES_RECEIVED.labels(topic.channel.value).inc()
-        _store_alarm(conn, message, parsed, topic, config)
+        receipt = _store_alarm(conn, message, parsed, topic, config)
         if record_sightings is not None and not message.retain:
             # A press proves the wristband alive too (when it is registered).
             registered = conn.execute(
@@ -140,8 +177,9 @@ def store_message(
             if registered:
                 sighting = Sighting(topic.device_id, DeviceKind.WRISTBAND, message.received_at, True)
                 record_sightings_safely(conn, record_sightings, [sighting])
-        return
+        return receipt
     store_batch(conn, [message], config.hub_id, record_sightings)
+    return None
 
 
 T = TypeVar("T")
@@ -201,31 +239,58 @@ class Writer:
                 self._sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def store(self, message: Received) -> None:
-        """Commit one message; returns only once it is durable (or dead-lettered)."""
-        for failures in range(1, 4):
+    def store(self, message: Received) -> AlarmReceipt | None:
+        """Commit one message; returns only once it is durable (or dead-lettered).
+
+        Whatever storing it raises — a database error other than an outage, a bug,
+        a value the decoder let through — costs this message alone: after a few
+        tries it is dead-lettered (and an alarm still pages, see ``_give_up``).
+        """
+        for failures in range(1, STORE_TRIES + 1):
             try:
-                self._committed(lambda conn: store_message(conn, message, self.config, self.record_sightings))
-            except psycopg.Error as exc:
-                log.exception("storing %s failed (%d)", message.topic, failures)
-                if failures == 3:
-                    self._committed(lambda conn, exc=exc: self._give_up(conn, message, exc))  # type: ignore[misc]
+                receipt = self._committed(lambda conn: store_message(conn, message, self.config, self.record_sightings))
+            except Exception as exc:
+                metrics.LANE_ERRORS.labels(self.lane).inc()
+                log.exception("storing %r failed (%d of %d)", message.topic[:200], failures, STORE_TRIES)
+                self._reset()
+                if failures == STORE_TRIES:
+                    self._give_up(message, exc)
+                    return None
                 continue
             metrics.COMMIT_SECONDS.labels(self.lane).observe(time.monotonic() - message.monotonic)
             parsed_channel = message.topic.rsplit("/", 1)[-1]
             metrics.MESSAGES_STORED.labels(parsed_channel[:16]).inc()
-            return
+            return receipt
+        return None  # pragma: no cover - the loop returns on its last try
 
-    def _give_up(self, conn: Conn, message: Received, exc: Exception) -> None:
+    def _reset(self) -> None:
+        """After a failure that was not an outage: a fresh connection, in a known state
+        (a COPY cut short by an exception may leave the old one mid-protocol)."""
+        if self._conn is not None:
+            self._conn.close()
+        self._conn = None
+
+    def _give_up(self, message: Received, exc: Exception) -> None:
         """Keep the message as a dead letter — and if it was an alarm, page anyway.
 
         When in doubt, page: an SOS or fall that cannot be stored the normal way (a
         bug, a broken constraint) still opens a red incident for the county operators,
-        by the plainest insert there is.
+        by the plainest insert there is. If even that fails, the failure is logged as
+        critical and the message acknowledged: holding it would stop every alarm
+        behind it, and its redelivery would fail the same way.
         """
+        try:
+            self._committed(lambda conn: self._dead_letter_and_page(conn, message, exc))
+        except Exception:
+            metrics.LANE_ERRORS.labels(self.lane).inc()
+            log.critical("could not even dead-letter %r; acknowledged and dropped", message.topic[:200], exc_info=True)
+            self._reset()
+
+    def _dead_letter_and_page(self, conn: Conn, message: Received, exc: Exception) -> None:
         _dead_letter(conn, message, self.config.hub_id, RejectReason.STORE_FAILED, repr(exc)[:1000])
-        topic = parse_topic(message.topic)
-        if isinstance(topic, Topic) and topic.kind is DeviceKind.WRISTBAND and topic.channel in ALARM_CHANNELS:
+        parsed = parse_topic(message.topic)
+        topic = parsed if isinstance(parsed, Topic) else parsed.topic
+        if topic is not None and topic.kind is DeviceKind.WRISTBAND and topic.channel in ALARM_CHANNELS:
             incident_id = open_fallback_incident(
                 conn, topic.device_id, message.received_at, ack_timeout_s=self.config.ack_timeout_s
             )
@@ -236,8 +301,9 @@ class Writer:
         started = time.monotonic()
         try:
             self._committed(lambda conn: store_batch(conn, messages, self.config.hub_id, self.record_sightings))
-        except psycopg.Error:
+        except Exception:
             log.exception("a batch of %d failed to store; storing its messages one by one", len(messages))
+            self._reset()
             for message in messages:
                 self.store(message)
             return

@@ -44,3 +44,9 @@ LIVENESS_FAILURES = Counter(
     "shouhu_hub_liveness_failures_total", "Batches whose liveness update failed (the messages were stored)"
 )
 DATABASE_RETRIES = Counter("shouhu_hub_database_retries_total", "Transactions retried after a database error")
+RECEIPTS = Counter("shouhu_hub_receipts_total", "Alarm receipts published to wristbands after the commit")
+LANE_ERRORS = Counter(
+    "shouhu_hub_message_errors_total",
+    "Messages whose storing raised something other than a database outage, by lane (each one dead-lettered)",
+    ["lane"],
+)

@@ -1,24 +1,38 @@
-"""The hub's MQTT connection: session, subscriptions, and acknowledgement after commit.
+"""The hub's MQTT connections: sessions, subscriptions, and acknowledgement after commit.
 
-- A stable client id (``SHOUHU_HUB_ID``) and a persistent session: MQTT 5 with
-  ``clean_start`` off and a 7-day session expiry, or MQTT 3.1.1 with clean session
-  off when the broker refuses 5 (the embedded broker does).
-- ``manual_ack``: paho sends no PUBACK by itself. ``on_message`` only enqueues; the
-  writer calls ``ack`` after its transaction commits.
-- A packet id is only valid on the connection that delivered it. Each message
-  carries the connection's generation, and ``ack`` refuses one from an earlier
-  connection: the broker redelivers it on the new session, and the ledger makes
-  that copy a no-op.
-- ``sos``, ``fall`` and ``status`` are subscribed directly, never shared: a shared
-  subscription parks a dead member's share, and an SOS must not wait for a dead hub.
+A hub holds two connections, each with its own persistent session:
+
+- the alarm connection (client id ``<SHOUHU_HUB_ID>-alarm``) subscribes directly,
+  never shared, to ``sos``, ``fall`` (with any extra levels: an alarm on a malformed
+  alarm topic still pages) and ``status``. The broker delivers a session's messages
+  in order, so an SOS on its own session never waits behind a telemetry backlog, and
+  a shared subscription would park a dead member's share: an SOS must not wait for a
+  dead hub. Every hub gets every alarm; the ledger makes the second copy a no-op.
+- the bulk connection (client id ``<SHOUHU_HUB_ID>``) subscribes to everything else
+  under ``shouhu/v1/#`` — shared among the hubs when the broker supports it — so no
+  topic goes unseen: telemetry and health are stored, the rest dead-lettered. Alarm
+  and status topics also match ``#`` here; those copies are the alarm connection's
+  and are acknowledged at once.
+
+Both use a stable client id and a persistent session: MQTT 5 with ``clean_start``
+off and a 7-day session expiry, or MQTT 3.1.1 with clean session off when the
+broker refuses 5 (the embedded broker does). A graceful stop keeps the sessions and
+their subscriptions, so the broker holds what arrives meanwhile; ``end_session``
+(``shouhu hub --leave``) gives them up for good.
+
+``manual_ack``: paho sends no PUBACK by itself. ``on_message`` only enqueues; a
+lane calls ``ack`` after its transaction commits. A packet id is only valid on the
+connection that delivered it: each message carries the connection's generation,
+and ``ack`` refuses one from an earlier connection (the broker redelivers it on the
+new session, and the ledger makes that copy a no-op).
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -35,16 +49,30 @@ from hub import metrics
 log = logging.getLogger(__name__)
 
 SESSION_EXPIRY_S = 7 * 24 * 3600
-DIRECT_SUBSCRIPTIONS = (
+# The alarm connection's subscriptions, direct: `sos/#` also matches `sos` itself.
+ALARM_SUBSCRIPTIONS = (
+    "shouhu/v1/+/+/sos/#",
+    "shouhu/v1/+/+/fall/#",
+    "shouhu/v1/+/+/status",
+)
+# The bulk connection: everything under the contract's prefix, shared when possible.
+BULK_TOPIC = "shouhu/v1/#"
+SHARE_GROUP = "shouhu"
+# What earlier versions subscribed on the bulk session (client id = the hub id):
+# dropped at start, or the old filters would keep delivering second copies.
+LEGACY_BULK_SUBSCRIPTIONS = (
     "shouhu/v1/wristband/+/sos",
     "shouhu/v1/wristband/+/fall",
     "shouhu/v1/+/+/status",
+    "shouhu/v1/+/+/telemetry",
+    "shouhu/v1/+/+/health",
+    f"$share/{SHARE_GROUP}/shouhu/v1/+/+/telemetry",
+    f"$share/{SHARE_GROUP}/shouhu/v1/+/+/health",
 )
-# Telemetry and camera health: shared among the hubs when the broker supports it.
-BULK_TOPICS = ("shouhu/v1/+/+/telemetry", "shouhu/v1/+/+/health")
-SHARE_GROUP = "shouhu"
-ALARM_SUFFIXES = ("/sos", "/fall")
 UNSUPPORTED_PROTOCOL = 132  # CONNACK reason code (MQTT 5) for "Unsupported protocol version"
+# Larger than the shipped broker's limit (deploy/mosquitto/mosquitto.conf), so what
+# the broker lets through reaches the hub and is dead-lettered there if over 64 KiB.
+MAX_PACKET_BYTES = 1024 * 1024
 
 
 def probe_topic(hub_id: str) -> str:
@@ -55,8 +83,25 @@ def share_probe_topic(hub_id: str) -> str:
     return f"shouhu/hub/{hub_id}/share-probe"
 
 
+def alarm_client_id(hub_id: str) -> str:
+    return f"{hub_id}-alarm"
+
+
+def receipt_topic(device_id: str) -> str:
+    return f"shouhu/v1/wristband/{device_id}/receipt"
+
+
+def on_alarm_connection(topic: str) -> bool:
+    """Whether ``topic`` matches one of ALARM_SUBSCRIPTIONS (and so is the alarm
+    connection's to store)."""
+    parts = topic.split("/")
+    if len(parts) < 5 or parts[0] != "shouhu" or parts[1] != "v1":
+        return False
+    return parts[4] in ("sos", "fall") or (len(parts) == 5 and parts[4] == "status")
+
+
 def bulk_subscriptions(shared: bool) -> tuple[str, ...]:
-    return tuple(f"$share/{SHARE_GROUP}/{t}" for t in BULK_TOPICS) if shared else BULK_TOPICS
+    return (f"$share/{SHARE_GROUP}/{BULK_TOPIC}",) if shared else (BULK_TOPIC,)
 
 
 @dataclass(frozen=True, slots=True)
@@ -99,33 +144,46 @@ class BrokerRefused(Exception):
 
 
 class HubConnection:
-    """A paho client that feeds ``inbox`` and acknowledges only when told to."""
+    """A paho client that hands every message to ``deliver`` and acknowledges only when told to.
+
+    ``subscriptions`` are made on every (re)connect; ``extra_subscriptions`` too, and
+    can change while running (the bulk connection learns whether to share).
+    """
 
     def __init__(
-        self, url: str, client_id: str, alarm_inbox: queue.Queue[Received], bulk_inbox: queue.Queue[Received]
+        self,
+        url: str,
+        client_id: str,
+        deliver: Callable[[Received], None],
+        subscriptions: tuple[str, ...],
+        *,
+        receive_maximum: int,
     ) -> None:
         self.address = BrokerAddress.parse(url)
         self.client_id = client_id
-        self.alarm_inbox = alarm_inbox
-        self.bulk_inbox = bulk_inbox
-        # Set once the hub knows whether the broker shares subscriptions.
-        self.bulk_topics: tuple[str, ...] = ()
+        self.deliver = deliver
+        self.subscriptions = subscriptions
+        self.receive_maximum = max(1, min(receive_maximum, 65535))
+        self.extra_subscriptions: tuple[str, ...] = ()
         # From an MQTT 5 CONNACK; None on 3.1.1, where only a probe can tell.
         self.shares_available: bool | None = None
         self.protocol: MQTTProtocolVersion = MQTTProtocolVersion.MQTTv5
         self.generation = 0
         self.connected = threading.Event()
+        # Set when the network thread could not hand a message over: the hub ends
+        # rather than run on with a message it will never acknowledge.
+        self.failed = threading.Event()
         self._connack: ReasonCode | None = None
         self._connack_event = threading.Event()
         self._lock = threading.Lock()
         self.client = self._make_client(MQTTProtocolVersion.MQTTv5)
 
-    def _make_client(self, protocol: MQTTProtocolVersion) -> mqtt.Client:
+    def _make_client(self, protocol: MQTTProtocolVersion, *, clean: bool = False) -> mqtt.Client:
         client = mqtt.Client(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=protocol,
-            clean_session=False if protocol != MQTTProtocolVersion.MQTTv5 else None,
+            clean_session=clean if protocol != MQTTProtocolVersion.MQTTv5 else None,
             manual_ack=True,
         )
         if self.address.username:
@@ -144,7 +202,8 @@ class HubConnection:
         properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
         properties.SessionExpiryInterval = SESSION_EXPIRY_S
         # Receive Maximum bounds what the broker sends before our acknowledgements.
-        properties.ReceiveMaximum = min(self.bulk_inbox.maxsize or 1000, 65535)
+        properties.ReceiveMaximum = self.receive_maximum
+        properties.MaximumPacketSize = MAX_PACKET_BYTES
         return properties
 
     def start(self, timeout: float = 30.0) -> None:
@@ -155,7 +214,7 @@ class HubConnection:
                 self.client = self._make_client(protocol)
             self._connack = None
             self._connack_event.clear()
-            self._connect_with_retry(timeout)
+            self._connect_with_retry(self.client, timeout)
             self.client.loop_start()
             answered = self._connack_event.wait(
                 timeout if protocol == MQTTProtocolVersion.MQTTv311 else min(timeout, 5.0)
@@ -175,17 +234,16 @@ class HubConnection:
             raise BrokerRefused(f"broker refused the connection: {code}")
         raise BrokerRefused("broker speaks neither MQTT 5 nor 3.1.1")
 
-    def _connect_with_retry(self, timeout: float) -> None:
+    def _connect_with_retry(self, client: mqtt.Client, timeout: float, *, clean: bool = False) -> None:
         deadline = time.monotonic() + timeout
+        v5 = self.protocol == MQTTProtocolVersion.MQTTv5
         while True:
             try:
-                self.client.connect(
+                client.connect(
                     self.address.host,
                     self.address.port,
                     keepalive=30,
-                    clean_start=False
-                    if self.protocol == MQTTProtocolVersion.MQTTv5
-                    else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
+                    clean_start=clean if v5 else mqtt.MQTT_CLEAN_START_FIRST_ONLY,
                     properties=self._connect_properties(),
                 )
                 return
@@ -195,8 +253,34 @@ class HubConnection:
                 time.sleep(0.5)
 
     def stop(self) -> None:
+        """Disconnect, keeping the session: the broker holds our messages for our return."""
         self.client.disconnect()
         self.client.loop_stop()
+
+    def end_session(self) -> None:
+        """Give the session up for good (``shouhu hub --leave``), after ``stop``.
+
+        MQTT 5 and 3.1.1 alike: connect once more with a clean start and leave; the
+        broker then drops the session, its subscriptions and anything queued in it.
+        """
+        client = self._make_client(self.protocol, clean=True)
+        client.on_connect = None
+        client.on_message = None
+        connected = threading.Event()
+        client.on_connect = lambda *_args: connected.set()
+        self._connect_with_retry(client, 10.0, clean=True)
+        client.loop_start()
+        try:
+            if not connected.wait(10):
+                raise TimeoutError(f"no CONNACK while ending the session of {self.client_id}")
+            if self.protocol == MQTTProtocolVersion.MQTTv5:
+                properties = Properties(PacketTypes.DISCONNECT)  # type: ignore[no-untyped-call]
+                properties.SessionExpiryInterval = 0
+                client.disconnect(properties=properties)
+            else:
+                client.disconnect()
+        finally:
+            client.loop_stop()
 
     def _on_connect(
         self,
@@ -219,34 +303,43 @@ class HubConnection:
             # The broker lost our session: whatever it queued for us while we were
             # away is gone. Counted and logged; the ledger covers duplicates only.
             metrics.SESSIONS_LOST.inc()
-            log.warning("reconnected without a session: messages queued meanwhile were lost")
-        for topic in (
-            *DIRECT_SUBSCRIPTIONS,
-            probe_topic(self.client_id),
-            f"$share/{SHARE_GROUP}-probe/{share_probe_topic(self.client_id)}",
-            *self.bulk_topics,
-        ):
+            log.warning("%s reconnected without a session: messages queued meanwhile were lost", self.client_id)
+        for topic in (*self.subscriptions, *self.extra_subscriptions):
             client.subscribe(topic, qos=1)
         self.connected.set()
 
-    def unsubscribe_bulk(self) -> None:
-        """Stop taking telemetry and health (a graceful stop: no new shares parked for us)."""
-        for topic in self.bulk_topics:
+    def unsubscribe(self, topics: tuple[str, ...]) -> None:
+        for topic in topics:
             self.client.unsubscribe(topic)
-        self.bulk_topics = ()
 
-    def subscribe_bulk(self, shared: bool) -> None:
-        """Subscribe to telemetry and health, shared or direct; kept for every reconnect.
-
-        Going direct, first drop any shared subscription an earlier run left in the
-        session, or the hub would get its share of telemetry twice.
-        """
-        if not shared:
-            for topic in bulk_subscriptions(True):
-                self.client.unsubscribe(topic)
-        self.bulk_topics = bulk_subscriptions(shared)
-        for topic in self.bulk_topics:
+    def subscribe_extra(self, topics: tuple[str, ...]) -> None:
+        """Subscribe now and on every reconnect."""
+        self.extra_subscriptions = topics
+        for topic in topics:
             self.client.subscribe(topic, qos=1)
+
+    def leave_extra(self, timeout: float = 10.0) -> None:
+        """Unsubscribe ``extra_subscriptions`` and wait for the broker to confirm."""
+        topics, self.extra_subscriptions = self.extra_subscriptions, ()
+        for topic in topics:
+            result, mid = self.client.unsubscribe(topic)
+            if result == mqtt.MQTT_ERR_SUCCESS:
+                self._wait_unsuback(mid, timeout)
+
+    def _wait_unsuback(self, mid: int | None, timeout: float) -> None:
+        done = threading.Event()
+        previous = self.client.on_unsubscribe
+
+        def confirmed(_client: mqtt.Client, _userdata: Any, acked: int, *_rest: Any) -> None:
+            if acked == mid:
+                done.set()
+
+        self.client.on_unsubscribe = confirmed
+        try:
+            if not done.wait(timeout):
+                log.warning("no UNSUBACK from the broker within %.0fs", timeout)
+        finally:
+            self.client.on_unsubscribe = previous
 
     def _on_disconnect(self, *_args: Any) -> None:
         self.connected.clear()
@@ -254,22 +347,26 @@ class HubConnection:
         self._connack_event.set()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        # Only enqueue: storing happens on the writer threads. Alarms (and the hub's
-        # own probes) take their own lane so they never queue behind telemetry. A
-        # full inbox blocks the network thread: the back-pressure we want.
-        alarm = message.topic.endswith(ALARM_SUFFIXES) or message.topic.startswith("shouhu/hub/")
-        (self.alarm_inbox if alarm else self.bulk_inbox).put(
-            Received(
-                topic=message.topic,
-                payload=bytes(message.payload),
-                qos=message.qos,
-                retain=bool(message.retain),
-                mid=message.mid,
-                generation=self.generation,
-                received_at=datetime.now(UTC),
-                monotonic=time.monotonic(),
+        # Only hand over: storing happens on the lanes. Nothing may escape into paho's
+        # network thread (it would end it); a message that cannot be handed over is
+        # never acknowledged, and the hub ends so the broker redelivers it to a fresh one.
+        try:
+            self.deliver(
+                Received(
+                    # paho's `topic` raises on bytes that are not UTF-8; keep what came.
+                    topic=message._topic.decode("utf-8", errors="replace"),
+                    payload=bytes(message.payload),
+                    qos=message.qos,
+                    retain=bool(message.retain),
+                    mid=message.mid,
+                    generation=self.generation,
+                    received_at=datetime.now(UTC),
+                    monotonic=time.monotonic(),
+                )
             )
-        )
+        except Exception:
+            log.critical("%s could not hand a message over; the hub ends", self.client_id, exc_info=True)
+            self.failed.set()
 
     def ack(self, message: Received) -> bool:
         """PUBACK ``message``, unless it came on an earlier connection."""
@@ -282,6 +379,5 @@ class HubConnection:
             self.client.ack(message.mid, message.qos)
         return True
 
-    def publish_probe(self, token: str, *, shared: bool = False) -> None:
-        topic = share_probe_topic(self.client_id) if shared else probe_topic(self.client_id)
-        self.client.publish(topic, token.encode(), qos=1)
+    def publish(self, topic: str, payload: bytes, *, qos: int = 1) -> None:
+        self.client.publish(topic, payload, qos=qos)

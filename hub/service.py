@@ -1,19 +1,26 @@
-"""``shouhu hub``: the network thread feeds two bounded lanes; writer threads store and ack.
+"""``shouhu hub``: two MQTT connections feed three bounded inboxes; two lanes store and ack.
 
-- The alarm lane (SOS, fall, the hub's own probes): one message per transaction, on
-  its own thread and database connection, so an SOS never waits behind a batch.
-- The bulk lane (telemetry, camera health, status): batches bounded by size and
-  age, one transaction each, acknowledged after the commit.
+- The alarm lane takes what the alarm connection delivers: SOS and falls one per
+  transaction, the hub's own probes, and device status in small batches, always
+  alarms first. An SOS never waits behind telemetry: not in the broker (its own
+  session), not in the hub (its own inbox, thread and database connection).
+- The bulk lane takes what the bulk connection delivers: telemetry, camera health
+  and every unknown topic, in batches bounded by size and age, one transaction each.
+- Every message is acknowledged only after the transaction that stores it (or its
+  dead letter) has committed. After an alarm's commit the hub publishes a receipt to
+  ``shouhu/v1/wristband/{id}/receipt``: a device re-sends the same alarm until it has one.
 
-Ready (``/readyz`` on SHOUHU_METRICS_PORT) only after the start-up probe — a message
-the hub publishes to itself — has come back through the broker, the alarm lane and
-its writer: proof the whole path works, not just the socket. At start the hub also
-probes whether the broker shares subscriptions (Mosquitto does; amqtt does not) and
-subscribes to telemetry and health through ``$share/shouhu/…`` only if it does.
+Whatever one message does costs that message alone (hub/ingest.py). A lane that can
+no longer run ends ``run`` with ``LaneFailed`` — the process exits non-zero and its
+supervisor restarts it — instead of lingering half-alive. Ready (``/readyz`` on
+SHOUHU_METRICS_PORT) only while the start-up probe — a message the hub publishes to
+itself — has come back through the broker, the alarm lane and its writer, both lanes
+run, and the database answers.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import queue
 import threading
@@ -23,11 +30,25 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 
+import psycopg
+
+from devices.contract import is_outbound
 from hub import metrics
 from hub.batch import SightingSink
-from hub.ingest import IngestConfig, Writer
+from hub.ingest import AlarmReceipt, IngestConfig, Writer
 from hub.liveness import LivenessDefaults, record_sightings
-from hub.mqtt import HubConnection, Received, probe_topic, share_probe_topic
+from hub.mqtt import (
+    ALARM_SUBSCRIPTIONS,
+    LEGACY_BULK_SUBSCRIPTIONS,
+    HubConnection,
+    Received,
+    alarm_client_id,
+    bulk_subscriptions,
+    on_alarm_connection,
+    probe_topic,
+    receipt_topic,
+    share_probe_topic,
+)
 from hub.upkeep import Upkeep
 from shouhu.health_server import start_health_server
 from shouhu.settings import Settings
@@ -35,11 +56,18 @@ from shouhu.settings import Settings
 log = logging.getLogger(__name__)
 
 ALARM_INBOX_SIZE = 10_000
+STATUS_INBOX_SIZE = 50_000
 BULK_INBOX_SIZE = 5_000
 BATCH_MAX = 500
+STATUS_BATCH_MAX = 200
 BATCH_AGE_S = 0.1
-PROBE_INTERVAL_S = 2.0
 SHARE_PROBE_WAIT_S = 2.0
+DATABASE_CHECK_S = 1.0
+SHARE_PROBE_GROUP = "shouhu-probe"
+
+
+class LaneFailed(RuntimeError):
+    """A lane or a connection of the hub stopped working: the process must end."""
 
 
 @dataclass
@@ -54,42 +82,93 @@ class Hub:
     # Called about once a second while the hub is connected: see hub/upkeep.py.
     on_tick: Callable[[], None] | None = None
     alarm_inbox: queue.Queue[Received] = field(default_factory=lambda: queue.Queue(ALARM_INBOX_SIZE))
+    status_inbox: queue.Queue[Received] = field(default_factory=lambda: queue.Queue(STATUS_INBOX_SIZE))
     bulk_inbox: queue.Queue[Received] = field(default_factory=lambda: queue.Queue(BULK_INBOX_SIZE))
     ready: threading.Event = field(default_factory=threading.Event)
     stopping: threading.Event = field(default_factory=threading.Event)
     shared: bool = False
+    # Give the sessions up for good at stop (``shouhu hub --leave``): scaling down.
+    leave: bool = False
 
     def __post_init__(self) -> None:
         config = IngestConfig(self.hub_id, self.ack_timeout_s, self.cancel_window_s)
         self.alarm_writer = Writer(self.database_url, config, lane="alarm", record_sightings=self.record_sightings)
         self.bulk_writer = Writer(self.database_url, config, lane="bulk", record_sightings=self.record_sightings)
-        self.connection = HubConnection(self.mqtt_url, self.hub_id, self.alarm_inbox, self.bulk_inbox)
+        self.alarm_connection = HubConnection(
+            self.mqtt_url,
+            alarm_client_id(self.hub_id),
+            self._deliver_alarm,
+            (*ALARM_SUBSCRIPTIONS, probe_topic(self.hub_id)),
+            receive_maximum=ALARM_INBOX_SIZE,
+        )
+        self.connection = HubConnection(
+            self.mqtt_url,
+            self.hub_id,
+            self._deliver_bulk,
+            (f"$share/{SHARE_PROBE_GROUP}/{share_probe_topic(self.hub_id)}",),
+            receive_maximum=BULK_INBOX_SIZE,
+        )
         self._probe_token = uuid.uuid4().hex
         self._share_token = uuid.uuid4().hex
         self._share_seen = threading.Event()
         # The lanes run until the drain after stop() is done, not until stop() itself.
         self._lanes_done = threading.Event()
+        self._lanes: list[threading.Thread] = []
+        self._failure: str | None = None
+        self._database_ok = False
+        self._database_checked = float("-inf")
+        self._database_lock = threading.Lock()
+
+    # -- the network threads hand messages over ----------------------------------
+
+    def _deliver_alarm(self, message: Received) -> None:
+        # A full inbox blocks the network thread: the back-pressure we want.
+        if message.topic.endswith("/status"):
+            self.status_inbox.put(message)
+        else:
+            self.alarm_inbox.put(message)
+
+    def _deliver_bulk(self, message: Received) -> None:
+        if on_alarm_connection(message.topic) or is_outbound(message.topic):
+            # `shouhu/v1/#` matches these too. Alarms and status are the alarm
+            # connection's (its own session holds its own copy); receipts are ours,
+            # going out to devices. Neither is data for this lane.
+            self.connection.ack(message)
+            return
+        self.bulk_inbox.put(message)
+
+    # -- running -------------------------------------------------------------------
 
     def run(self) -> None:
-        """Serve until ``stop()``; blocks."""
-        server = start_health_server(self.metrics_port, self.ready.is_set) if self.metrics_port is not None else None
-        self.connection.start()
-        log.info("hub %s connected with MQTT %s", self.hub_id, "5" if self.connection.protocol == 5 else "3.1.1")
-        threads = [
-            threading.Thread(target=self._alarm_lane, name="alarm-lane", daemon=True),
-            threading.Thread(target=self._bulk_lane, name="bulk-lane", daemon=True),
-        ]
-        for thread in threads:
-            thread.start()
+        """Serve until ``stop()``; blocks. Raises ``LaneFailed`` if a lane or a
+        connection stopped working (the caller exits non-zero)."""
+        server = start_health_server(self.metrics_port, self.is_ready) if self.metrics_port is not None else None
         try:
+            self.alarm_connection.start()
+            self._start_lanes()
+            self.connection.start()
+            log.info(
+                "hub %s connected with MQTT %s (alarms) and %s (bulk)",
+                self.hub_id,
+                _version(self.alarm_connection),
+                _version(self.connection),
+            )
+            self.connection.unsubscribe(LEGACY_BULK_SUBSCRIPTIONS)
             self.shared = self._broker_shares()
-            self.connection.subscribe_bulk(self.shared)
-            log.info("telemetry and health: %s subscription", "shared" if self.shared else "direct")
-            self.connection.publish_probe(self._probe_token)
+            if not self.shared:
+                # Going direct: drop a shared subscription an earlier run left in the
+                # session, or the hub would get its share of telemetry twice.
+                self.connection.unsubscribe(bulk_subscriptions(True))
+            self.connection.subscribe_extra(bulk_subscriptions(self.shared))
+            log.info("everything else under shouhu/v1/: %s subscription", "shared" if self.shared else "direct")
+            # Ready only once both connections are subscribed: the probe goes out now.
+            self.alarm_connection.publish(probe_topic(self.hub_id), self._probe_token.encode())
             while not self.stopping.wait(1.0):
+                self._check_running()
                 if not self.ready.is_set():
-                    self.connection.publish_probe(self._probe_token)
+                    self.alarm_connection.publish(probe_topic(self.hub_id), self._probe_token.encode())
                 metrics.QUEUE_DEPTH.labels("alarm").set(self.alarm_inbox.qsize())
+                metrics.QUEUE_DEPTH.labels("status").set(self.status_inbox.qsize())
                 metrics.QUEUE_DEPTH.labels("bulk").set(self.bulk_inbox.qsize())
                 if self.on_tick is not None and self.connection.connected.is_set():
                     self._tick()
@@ -97,25 +176,102 @@ class Hub:
             self.stopping.set()
             self._drain()
             self._lanes_done.set()
-            for thread in threads:
+            for thread in self._lanes:
                 thread.join(10)
+            if self.leave and self._failure is None:
+                self._leave()
             self.connection.stop()
+            self.alarm_connection.stop()
+            if self.leave and self._failure is None:
+                self.connection.end_session()
+                self.alarm_connection.end_session()
+                log.info("hub %s left: its sessions and shares are given up", self.hub_id)
             self.alarm_writer.close()
             self.bulk_writer.close()
             if server is not None:
                 server.shutdown()
+        if self._failure is not None:
+            raise LaneFailed(self._failure)
+
+    def _start_lanes(self) -> None:
+        self._lanes = [
+            threading.Thread(target=self._lane, args=("alarm", self._alarm_lane), name="alarm-lane", daemon=True),
+            threading.Thread(target=self._lane, args=("bulk", self._bulk_lane), name="bulk-lane", daemon=True),
+        ]
+        for thread in self._lanes:
+            thread.start()
+
+    def _lane(self, name: str, body: Callable[[], None]) -> None:
+        try:
+            body()
+        except BaseException as exc:
+            # Each message's trouble is caught where it is handled; reaching here means
+            # the lane itself is broken. End the process rather than limp on.
+            log.critical("the %s lane stopped: %r; the hub ends", name, exc, exc_info=True)
+            self._fail(f"the {name} lane stopped: {exc!r}")
+
+    def _fail(self, reason: str) -> None:
+        if self._failure is None:
+            self._failure = reason
+        self.ready.clear()
+        self.stopping.set()
+
+    def _check_running(self) -> None:
+        for connection in (self.alarm_connection, self.connection):
+            if connection.failed.is_set():
+                self._fail(f"the connection {connection.client_id} could not hand a message over")
+        for thread in self._lanes:
+            if not thread.is_alive():
+                self._fail(f"the {thread.name} is not running")
+
+    def is_ready(self) -> bool:
+        """``/readyz``: the probe came back, both lanes run, the alarm connection is up
+        and the database answers."""
+        return (
+            self.ready.is_set()
+            and self._failure is None
+            and all(thread.is_alive() for thread in self._lanes)
+            and self.alarm_connection.connected.is_set()
+            and self._database_answers()
+        )
+
+    def _database_answers(self) -> bool:
+        with self._database_lock:
+            if time.monotonic() - self._database_checked >= DATABASE_CHECK_S:
+                self._database_checked = time.monotonic()
+                try:
+                    with psycopg.connect(self.database_url, connect_timeout=2) as conn:
+                        conn.execute("SELECT 1")
+                    self._database_ok = True
+                except psycopg.Error:
+                    self._database_ok = False
+            return self._database_ok
 
     def _drain(self, timeout: float = 5.0) -> None:
-        """A graceful stop: take no new telemetry shares, finish storing what is queued.
+        """A graceful stop: finish storing what is queued, for up to ``timeout``.
 
-        Whatever is not stored in time is simply not acknowledged: the broker keeps
-        it in this hub's session for its return.
+        The sessions and subscriptions stay: whatever is not stored in time is simply
+        not acknowledged, and the broker keeps it — and all that arrives meanwhile —
+        in this hub's sessions for its return.
         """
-        if self.connection.connected.is_set():
-            self.connection.unsubscribe_bulk()
         deadline = time.monotonic() + timeout
-        while (self.bulk_inbox.qsize() or self.alarm_inbox.qsize()) and time.monotonic() < deadline:
+        while self._queued() and time.monotonic() < deadline and self._failure is None:
             time.sleep(0.05)
+
+    def _queued(self) -> int:
+        return self.bulk_inbox.qsize() + self.alarm_inbox.qsize() + self.status_inbox.qsize()
+
+    def _leave(self) -> None:
+        """Scale-down: stop taking shares, store what already came, then stop."""
+        self.connection.leave_extra()
+        self._lanes_done.clear()
+        self._start_lanes()
+        deadline = time.monotonic() + 30
+        while self._queued() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        self._lanes_done.set()
+        for thread in self._lanes:
+            thread.join(10)
 
     def _tick(self) -> None:
         assert self.on_tick is not None
@@ -135,16 +291,23 @@ class Hub:
             return self.connection.shares_available
         deadline = time.monotonic() + SHARE_PROBE_WAIT_S
         while time.monotonic() < deadline and not self.stopping.is_set():
-            self.connection.publish_probe(self._share_token, shared=True)
+            self.connection.publish(share_probe_topic(self.hub_id), self._share_token.encode())
             if self._share_seen.wait(0.5):
                 return True
         return False
 
+    # -- the alarm lane --------------------------------------------------------------
+
     def _alarm_lane(self) -> None:
         while not self._lanes_done.is_set():
             try:
-                message = self.alarm_inbox.get(timeout=0.2)
+                message = self.alarm_inbox.get(timeout=0.05)
             except queue.Empty:
+                statuses = _take(self.status_inbox, STATUS_BATCH_MAX)
+                if statuses:
+                    self.alarm_writer.store_batch(statuses)
+                    for status in statuses:
+                        self.alarm_connection.ack(status)
                 continue
             self._handle_alarm(message)
 
@@ -153,21 +316,34 @@ class Hub:
             if message.payload.decode(errors="replace") == self._probe_token and not self.ready.is_set():
                 self.ready.set()
                 log.info("hub %s ready: the start-up probe came back", self.hub_id)
-        elif message.topic == share_probe_topic(self.hub_id):
-            if message.payload.decode(errors="replace") == self._share_token:
-                self._share_seen.set()
         else:
-            self.alarm_writer.store(message)
+            receipt = self.alarm_writer.store(message)
+            if receipt is not None:
+                self._send_receipt(receipt)
         # PUBACK strictly after the commit above returned.
-        self.connection.ack(message)
+        self.alarm_connection.ack(message)
+
+    def _send_receipt(self, receipt: AlarmReceipt) -> None:
+        body = {"msg_id": receipt.msg_id, "incident": receipt.incident_code, "state": receipt.state}
+        self.alarm_connection.publish(receipt_topic(receipt.device_id), json.dumps(body).encode())
+        metrics.RECEIPTS.inc()
+
+    # -- the bulk lane ---------------------------------------------------------------
 
     def _bulk_lane(self) -> None:
         while not self._lanes_done.is_set():
             batch = self._collect()
+            if not batch:
+                continue
+            probes = [m for m in batch if m.topic == share_probe_topic(self.hub_id)]
+            if probes:
+                if any(m.payload.decode(errors="replace") == self._share_token for m in probes):
+                    self._share_seen.set()
+                batch = [m for m in batch if m.topic != share_probe_topic(self.hub_id)]
             if batch:
                 self.bulk_writer.store_batch(batch)
-                for message in batch:
-                    self.connection.ack(message)
+            for message in (*batch, *probes):
+                self.connection.ack(message)
 
     def _collect(self) -> Sequence[Received]:
         """Up to BATCH_MAX messages, waiting at most BATCH_AGE_S after the first."""
@@ -191,8 +367,28 @@ class Hub:
         self.stopping.set()
 
 
+def _take(inbox: queue.Queue[Received], limit: int) -> list[Received]:
+    taken: list[Received] = []
+    while len(taken) < limit:
+        try:
+            taken.append(inbox.get_nowait())
+        except queue.Empty:
+            break
+    return taken
+
+
+def _version(connection: HubConnection) -> str:
+    return "5" if connection.protocol == 5 else "3.1.1"
+
+
 def build_hub(
-    settings: Settings, database_url: str, mqtt_url: str, *, metrics_port: int | None, hub_id: str | None = None
+    settings: Settings,
+    database_url: str,
+    mqtt_url: str,
+    *,
+    metrics_port: int | None,
+    hub_id: str | None = None,
+    leave: bool = False,
 ) -> tuple[Hub, Upkeep]:
     """A hub wired to liveness (sightings in every transaction) and its upkeep ticks."""
     defaults = LivenessDefaults.from_settings(settings)
@@ -207,5 +403,6 @@ def build_hub(
         cancel_window_s=settings.cancel_window_s,
         record_sightings=lambda conn, sightings: record_sightings(conn, sightings, defaults),
         on_tick=upkeep.tick,
+        leave=leave,
     )
     return hub, upkeep

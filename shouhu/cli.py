@@ -7,6 +7,7 @@ pretends to run.
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import subprocess
 import sys
@@ -45,6 +46,8 @@ app.add_typer(token_app, name="token")
 app.add_typer(simulate_app, name="simulate")
 
 NOT_LANDED_EXIT = 3
+# The hub ended because a lane or connection broke (EX_SOFTWARE): restart it.
+EXIT_HUB_FAILED = 70
 DEMO_COUNTY = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 
 
@@ -218,11 +221,24 @@ def _mqtt_url(settings: Settings) -> str:
     return f"mqtt://127.0.0.1:{DEFAULT_PORT}"
 
 
-def _make_hub(settings: Settings, url: str, mqtt_url: str, *, metrics_port: int | None) -> Hub:
+def _make_hub(settings: Settings, url: str, mqtt_url: str, *, metrics_port: int | None, leave: bool = False) -> Hub:
     from hub.service import build_hub
 
-    hub_worker, _upkeep = build_hub(settings, url, mqtt_url, metrics_port=metrics_port)
+    hub_worker, _upkeep = build_hub(settings, url, mqtt_url, metrics_port=metrics_port, leave=leave)
     return hub_worker
+
+
+def _run_hub_or_exit(worker: Hub) -> None:
+    """Run the hub; if a lane or connection broke, end the whole process non-zero so its
+    supervisor restarts it (the broker redelivers whatever was not acknowledged)."""
+    from hub.service import LaneFailed
+
+    try:
+        worker.run()
+    except LaneFailed as exc:
+        logging.getLogger("shouhu.hub").critical("hub failed: %s; exiting", exc)
+        sys.stderr.flush()
+        os._exit(EXIT_HUB_FAILED)
 
 
 def _make_router(settings: Settings, url: str, *, exercise: bool = False) -> Router:
@@ -270,13 +286,24 @@ def _run_until_signal(stop: Callable[[], None]) -> None:
 
 
 @app.command()
-def hub() -> None:
+def hub(
+    leave: Annotated[
+        bool,
+        typer.Option(
+            "--leave",
+            help="On stop, give up this hub's broker sessions and telemetry shares for good (scaling down); "
+            "without it a stop keeps them and the broker holds messages for the hub's return.",
+        ),
+    ] = False,
+) -> None:
     """Bridge MQTT into the database (SOS and falls open incidents)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = load_settings()
-    worker = _make_hub(settings, database_url(settings), _mqtt_url(settings), metrics_port=settings.metrics_port)
+    worker = _make_hub(
+        settings, database_url(settings), _mqtt_url(settings), metrics_port=settings.metrics_port, leave=leave
+    )
     _run_until_signal(worker.stop)
-    worker.run()
+    _run_hub_or_exit(worker)
 
 
 @app.command()
@@ -316,20 +343,39 @@ def simulate_wristbands(
     press: Annotated[list[str] | None, typer.Option(help="Press SOS on this wristband (repeatable)")] = None,
     cancel: Annotated[list[str] | None, typer.Option(help="Send an SOS cancel from this wristband")] = None,
     fall: Annotated[list[str] | None, typer.Option(help="Report a fall from this wristband")] = None,
+    receipt_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait (re-sending) for the hub's receipt of each alarm")
+    ] = 30.0,
 ) -> None:
-    """Simulated wristbands: SOS presses, cancels and falls (telemetry fleets: issue #5)."""
-    from simulators.wristband import publish_alarm
+    """Simulated wristbands: SOS presses, cancels and falls, each re-sent until the hub's
+    receipt comes back (telemetry fleets: issue #5)."""
+    from simulators.wristband import Wristband
 
     settings = load_settings()
     if not (press or cancel or fall):
         _not_landed("simulate wristbands` without --press/--cancel/--fall", 5, "the telemetry fleet")
     url = _mqtt_url(settings)
-    for device_id in press or []:
-        typer.echo(f"{device_id}: SOS press {publish_alarm(url, device_id, 'sos', action='press')}")
-    for device_id in cancel or []:
-        typer.echo(f"{device_id}: SOS cancel {publish_alarm(url, device_id, 'sos', action='cancel')}")
-    for device_id in fall or []:
-        typer.echo(f"{device_id}: fall {publish_alarm(url, device_id, 'fall')}")
+    sends = [
+        *((d, "sos", "press", "SOS press") for d in press or []),
+        *((d, "sos", "cancel", "SOS cancel") for d in cancel or []),
+        *((d, "fall", None, "fall") for d in fall or []),
+    ]
+    unanswered = 0
+    for device_id, channel, action, label in sends:
+        band = Wristband(url, device_id)
+        try:
+            msg_id = band.alarm(channel, action=action)
+            typer.echo(f"{device_id}: {label} {msg_id}")
+            receipt = band.wait_for_receipt(msg_id, timeout=receipt_timeout)
+        finally:
+            band.close()
+        if receipt is None:
+            unanswered += 1
+            typer.secho(f"{device_id}: no receipt within {receipt_timeout:.0f}s (is `shouhu hub` running?)", err=True)
+        else:
+            typer.echo(f"{device_id}: receipt: incident {receipt.get('incident')} ({receipt.get('state')})")
+    if unanswered:
+        raise typer.Exit(1)
 
 
 @simulate_app.command("cameras")
@@ -554,7 +600,7 @@ def up(
 
         care = _care_sweeper(settings, url)
         threads = [
-            _thread(hub_worker.run, "hub"),
+            _thread(lambda: _run_hub_or_exit(hub_worker), "hub"),
             _thread(lambda: router_worker.run(senders=DEFAULT_SENDERS), "router"),
             _thread(care.run, "care"),
         ]
