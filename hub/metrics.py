@@ -44,3 +44,6 @@ LIVENESS_FAILURES = Counter(
     "shouhu_hub_liveness_failures_total", "Batches whose liveness update failed (the messages were stored)"
 )
 DATABASE_RETRIES = Counter("shouhu_hub_database_retries_total", "Transactions retried after a database error")
+PRUNED = Counter(
+    "shouhu_hub_pruned_rows_total", "Rows deleted past retention (message_ledger, dead_letters), by table", ["table"]
+)
