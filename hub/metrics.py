@@ -50,3 +50,6 @@ LANE_ERRORS = Counter(
     "Messages whose storing raised something other than a database outage, by lane (each one dead-lettered)",
     ["lane"],
 )
+PRUNED = Counter(
+    "shouhu_hub_pruned_rows_total", "Rows deleted past retention (message_ledger, dead_letters), by table", ["table"]
+)

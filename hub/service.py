@@ -393,7 +393,13 @@ def build_hub(
     """A hub wired to liveness (sightings in every transaction) and its upkeep ticks."""
     defaults = LivenessDefaults.from_settings(settings)
     hub_name = hub_id or settings.hub_id
-    upkeep = Upkeep(database_url, hub_name, retention_days=settings.retention_days, clock=lambda: datetime.now(UTC))
+    upkeep = Upkeep(
+        database_url,
+        hub_name,
+        retention_days=settings.retention_days,
+        dead_letter_days=settings.dead_letter_days,
+        clock=lambda: datetime.now(UTC),
+    )
     hub = Hub(
         database_url,
         mqtt_url,

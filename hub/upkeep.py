@@ -1,7 +1,7 @@
 """A hub's periodic work, about once a second while it is connected: the ingest
 heartbeat, the liveness sweep (one leader among the hubs), the device gauges, and
 — hourly, one hub at a time — the time partitions made ahead and dropped past
-retention.
+retention, and the message ledger and dead letters pruned (``hub/retention.py``).
 """
 
 from __future__ import annotations
@@ -9,12 +9,12 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable
-from datetime import datetime
+from datetime import datetime, timedelta
 from typing import Any
 
 import psycopg
 
-from hub import liveness, metrics
+from hub import liveness, metrics, retention
 from shouhu import timeseries
 from shouhu.migrations import storage_mode
 
@@ -25,6 +25,8 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 GAUGE_INTERVAL_S = 10.0
 PARTITION_INTERVAL_S = 3600.0
 PARTITION_LOCK_KEY = 0x5348_4F55_4855_0004
+RETENTION_INTERVAL = timedelta(hours=1)
+DEAD_LETTER_DAYS = 14
 
 
 class Upkeep:
@@ -37,14 +39,18 @@ class Upkeep:
         *,
         retention_days: int,
         clock: Callable[[], datetime],
+        dead_letter_days: int = DEAD_LETTER_DAYS,
     ) -> None:
         self.database_url = database_url
         self.hub_id = hub_id
         self.retention_days = retention_days
+        self.dead_letter_days = dead_letter_days
         self.clock = clock
         self._conn: Conn | None = None
         self._last_gauges = float("-inf")
         self._last_partitions = float("-inf")
+        # On the injected clock, so tests drive the hourly pass; None: prune at the first tick.
+        self._next_prune: datetime | None = None
 
     def _connection(self) -> Conn:
         if self._conn is None or self._conn.closed:
@@ -78,6 +84,8 @@ class Upkeep:
         if time.monotonic() - self._last_partitions >= PARTITION_INTERVAL_S:
             self._last_partitions = time.monotonic()
             self._partitions(conn, now)
+        if self._next_prune is None or now >= self._next_prune:
+            self._prune(conn, now)
 
     def _partitions(self, conn: Conn, now: datetime) -> None:
         with conn.transaction():
@@ -88,6 +96,26 @@ class Upkeep:
                 made = timeseries.maintain_partitions(conn, now, self.retention_days)
                 if made.created or made.dropped:
                     log.info("partitions: %d made, %d dropped", len(made.created), len(made.dropped))
+
+    def _prune(self, conn: Conn, now: datetime) -> None:
+        try:
+            pruned = retention.prune(conn, now, dead_letter_days=self.dead_letter_days)
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error:
+            # Retention can wait an hour; the heartbeat and the sweep cannot.
+            log.exception("pruning the ledger and dead letters failed; next try in %s", RETENTION_INTERVAL)
+            self._next_prune = now + RETENTION_INTERVAL
+            return
+        if pruned is None:  # another hub prunes this hour
+            self._next_prune = now + RETENTION_INTERVAL
+            return
+        metrics.PRUNED.labels("message_ledger").inc(pruned.ledger)
+        metrics.PRUNED.labels("dead_letters").inc(pruned.dead_letters)
+        if pruned.ledger or pruned.dead_letters:
+            log.info("pruned %d ledger keys and %d dead letters", pruned.ledger, pruned.dead_letters)
+        # A pass that ran out of time goes on at the next tick, until it is done.
+        self._next_prune = now if pruned.more else now + RETENTION_INTERVAL
 
     def close(self) -> None:
         if self._conn is not None:

@@ -72,9 +72,9 @@ def database_url(settings: Settings) -> str:
     """The configured database, or the embedded one a running ``shouhu up`` recorded."""
     if settings.database_url:
         return settings.database_url
-    from shouhu.embedded.defaults import recorded_database_url
+    from shouhu.embedded.defaults import default_data_dir, recorded_database_url
 
-    url = recorded_database_url()
+    url = recorded_database_url(default_data_dir(settings.data_dir))
     if url is None:
         _fail(
             "no database: set SHOUHU_DATABASE_URL, or start `shouhu up` to run the embedded one",
@@ -570,7 +570,9 @@ def up(
     demo: Annotated[
         bool, typer.Option(help="Also load the demo county, simulate a phone network and press SOS")
     ] = False,
-    data_dir: Annotated[Path | None, typer.Option(help="Where the embedded database keeps its data")] = None,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Where the embedded database keeps its data (default: SHOUHU_DATA_DIR)")
+    ] = None,
 ) -> None:
     """Run everything in one process tree, with embedded defaults where nothing is configured."""
     from shouhu.embedded.defaults import default_data_dir, start_embedded_database
@@ -582,7 +584,7 @@ def up(
             settings = _demo_providers(settings, stack)
         url = settings.database_url
         if not url:
-            directory = (data_dir or default_data_dir()).resolve()
+            directory = (data_dir or default_data_dir(settings.data_dir)).resolve()
             typer.echo(f"database: embedded PostgreSQL, data kept under {directory}")
             database = start_embedded_database(directory)
             stack.callback(database.cluster.stop)

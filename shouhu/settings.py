@@ -59,6 +59,10 @@ class Settings(BaseSettings):
     battery_critical_pct: Annotated[int, Field(ge=1, le=99)] = 10
     timezone: str = "Asia/Shanghai"
     retention_days: Annotated[int, Field(ge=1)] = 90
+    dead_letter_days: Annotated[int, Field(ge=1)] = 14
+    # Where `shouhu up` keeps the embedded database and records its URL for the other
+    # verbs (docs/architecture.md); empty: /var/lib/shouhu as root, else $XDG_DATA_HOME/shouhu.
+    data_dir: str = ""
 
     @field_validator("timezone")
     @classmethod

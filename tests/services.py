@@ -395,15 +395,18 @@ def press_and_wait_for_ring(broker_port: int, device_id: str, phone_base: str, t
     raise AssertionError(f"no call reached the phone network within {timeout}s of the press")
 
 
-def shouhu_stack(database_url: str, mosquitto: Mosquitto, *, name: str, **settings: str) -> Iterator[dict[str, Any]]:
-    """The demo county loaded, then `shouhu simulate phone-network`, `shouhu hub` and
-    `shouhu router` as processes, each ready before this yields; stopped afterwards.
+def shouhu_stack(
+    database_url: str, mosquitto: Mosquitto, *, name: str, registry: Path | None = None, **settings: str
+) -> Iterator[dict[str, Any]]:
+    """The demo county (or ``registry``) loaded, then `shouhu simulate phone-network`,
+    `shouhu hub` and `shouhu router` as processes, each ready before this yields;
+    stopped afterwards.
 
     ``settings`` are extra ``SHOUHU_*`` variables (short holds, say).
     """
     import uuid
 
-    demo = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+    demo = registry or Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
     phone_port, hub_metrics, router_metrics = free_port(), free_port(), free_port()
     env = shouhu_env(
         SHOUHU_DATABASE_URL=database_url,

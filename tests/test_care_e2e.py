@@ -1,6 +1,10 @@
 """Care end to end, as it runs: separate `shouhu hub` and `shouhu router` processes, a
 camera reporting itself offline and back over MQTT with `mosquitto_pub`, and the
-technicians' phones receiving the repair order and its close in the simulator."""
+technicians' phones receiving the repair order and its close in the simulator.
+
+The processes resolve who is on duty at the real "now": the test's registry keeps the
+demo county's technicians on shift around the clock, so the order's recipients do not
+depend on the hour the suite runs at (the demo rosters them 08:00–18:00)."""
 
 from __future__ import annotations
 
@@ -10,19 +14,41 @@ import time
 import uuid
 from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
+import yaml
 
 from tests.services import Mosquitto, shouhu_stack
 
+DEMO_COUNTY = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+# cam-005 sits in a grid of the township dongguan, whose two technicians take its repairs.
+TOWNSHIP_TECHNICIANS = {"tech-dongguan-1", "tech-dongguan-2"}
+
+
+def technicians_around_the_clock(path: Path) -> Path:
+    """The demo county with every technician on shift every day, all day (00:00–00:00)."""
+    registry = yaml.safe_load(DEMO_COUNTY.read_text(encoding="utf-8"))
+    technicians = {s["id"] for s in registry["staff"] if s["role"] == "technician"}
+    assert technicians >= TOWNSHIP_TECHNICIANS
+    for roster in registry["rosters"]:
+        if roster["staff"] in technicians:
+            roster.pop("days", None)
+            roster.update(start="00:00", end="00:00")
+    path.write_text(yaml.safe_dump(registry, allow_unicode=True, sort_keys=False), encoding="utf-8")
+    return path
+
 
 @pytest.fixture
-def stack(database_url: str, mosquitto: Mosquitto) -> Iterator[dict[str, Any]]:
+def stack(database_url: str, mosquitto: Mosquitto, tmp_path: Path) -> Iterator[dict[str, Any]]:
     # Short holds so the loop closes in seconds; the router sweeps well inside them.
-    yield from shouhu_stack(database_url, mosquitto, name="care-e2e", SHOUHU_CAMERA_OFFLINE_HOLD_S="2")
+    registry = technicians_around_the_clock(tmp_path / "county.yaml")
+    yield from shouhu_stack(
+        database_url, mosquitto, name="care-e2e", registry=registry, SHOUHU_CAMERA_OFFLINE_HOLD_S="2"
+    )
 
 
 def publish_health(port: int, camera: str, *, online: bool, reason: str | None = None) -> None:
@@ -59,9 +85,10 @@ def test_a_camera_dark_past_the_hold_reaches_its_technicians_and_closes_when_bac
     assert all("cam-005" in m["body"] and "video_lost" in m["body"] for m in orders)
     with psycopg.connect(stack["database_url"]) as conn:
         technicians = {
-            r[0] for r in conn.execute("SELECT phone FROM staff WHERE role = 'technician'").fetchall()
+            r[0] for r in conn.execute("SELECT phone FROM staff WHERE id = ANY(%s)", (list(TOWNSHIP_TECHNICIANS),))
         }
-        assert {m["to"] for m in orders} <= technicians
+    # Both of the township's technicians are on shift whatever the hour: both get the order.
+    wait_for(lambda: {m["to"] for m in sms_containing(stack["phone"], "维修工单")} == technicians, "both technicians")
     publish_health(port, "cam-005", online=True)
     wait_for(lambda: sms_containing(stack["phone"], "自动销号"), "the order closing itself")
     with psycopg.connect(stack["database_url"]) as conn:

@@ -106,9 +106,9 @@ def test_bad_registry_file_loads_nothing_and_says_where(database_url: str, tmp_p
 
 
 def test_no_database_is_a_clear_error(tmp_path: Path) -> None:
-    result = run_shouhu("migrate", cwd=tmp_path, HOME=str(tmp_path), XDG_DATA_HOME=str(tmp_path))
-    if os.geteuid() == 0 and Path("/var/lib/shouhu/embedded.json").exists():
-        pytest.fail("a recorded embedded database from a real `shouhu up` is in the way")
+    # SHOUHU_DATA_DIR keeps the machine's own data directory (/var/lib/shouhu as root,
+    # where a real `shouhu up` may have recorded a running database) out of the test.
+    result = run_shouhu("migrate", cwd=tmp_path, SHOUHU_DATA_DIR=str(tmp_path / "data"))
     assert result.returncode == 2
     assert "SHOUHU_DATABASE_URL" in result.stderr
 
@@ -187,10 +187,11 @@ def test_up_demo_serves_the_demo_county(running_up: RunningUp, tmp_path: Path) -
     status, body = _get(f"http://127.0.0.1:{port}/metrics")
     assert status == 200
     assert b"shouhu_sos_press_to_first_request_seconds" in body
-    # `shouhu token create` in another terminal reaches the embedded database.
-    recorded = json.loads((running_up.data_dir / "embedded.json").read_text())
+    # `shouhu token create` in another terminal reaches the embedded database through
+    # the URL recorded in the data directory (SHOUHU_DATA_DIR, as --data-dir for `up`).
+    assert json.loads((running_up.data_dir / "embedded.json").read_text())["database_url"]
     token = run_shouhu(
-        "token", "create", "--role", "operator", cwd=tmp_path, SHOUHU_DATABASE_URL=recorded["database_url"]
+        "token", "create", "--role", "operator", cwd=tmp_path, SHOUHU_DATA_DIR=str(running_up.data_dir)
     )
     assert token.returncode == 0, token.stderr
     status, body = _get(f"http://127.0.0.1:{port}/api/v1/areas?limit=500", token.stdout.strip())

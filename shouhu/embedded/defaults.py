@@ -1,9 +1,10 @@
 """Where the embedded defaults live, and how other verbs find a running one.
 
 ``shouhu up`` with no ``SHOUHU_DATABASE_URL`` keeps its PostgreSQL under the data
-directory (``/var/lib/shouhu`` as root, ``$XDG_DATA_HOME/shouhu`` otherwise) and
-records the URL there, so ``shouhu token create`` or ``shouhu registry load`` in
-another terminal reach the same database without configuration.
+directory (``SHOUHU_DATA_DIR`` when set, else ``/var/lib/shouhu`` as root and
+``$XDG_DATA_HOME/shouhu`` otherwise) and records the URL there, so ``shouhu token
+create`` or ``shouhu registry load`` in another terminal reach the same database
+without configuration.
 """
 
 from __future__ import annotations
@@ -26,7 +27,10 @@ STATE_FILE = "embedded.json"
 PREFERRED_PORT = 5544
 
 
-def default_data_dir() -> Path:
+def default_data_dir(configured: str = "") -> Path:
+    """``configured`` (``SHOUHU_DATA_DIR``) when set, else the platform's place for it."""
+    if configured:
+        return Path(configured)
     if os.geteuid() == 0:
         return Path("/var/lib/shouhu")
     base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
