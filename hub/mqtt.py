@@ -190,7 +190,9 @@ class HubConnection:
             client.username_pw_set(self.address.username, self.address.password)
         if self.address.tls:
             client.tls_set()
-        client.reconnect_delay_set(min_delay=1, max_delay=10)
+        # Short: after a broker restart every second before we subscribe again is a
+        # second of shared-subscription traffic Mosquitto 2.0 drops (docs/contract.md).
+        client.reconnect_delay_set(min_delay=1, max_delay=2)
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
