@@ -582,6 +582,9 @@ class Spool:
         self._lock = threading.Lock()
         self._paged = threading.Condition(self._lock)
         self._paging: set[str] = set()
+        # Entries a reconcile is storing: not paged from now on (their pages would
+        # miss the transaction that records them, and the router pages after it).
+        self._reconciling: set[str] = set()
         directory.mkdir(parents=True, exist_ok=True, mode=0o700)
         self._lock_file = self._take_directory()
         self.snapshot: RosterSnapshot | None = self._load_snapshot()
@@ -641,6 +644,10 @@ class Spool:
 
     def _append(self, record: dict[str, Any]) -> None:
         """Write one record and fsync it; the caller holds the lock."""
+        if self._journal.closed:
+            # A page that returned after close(): it went out, but cannot be kept.
+            log.error("spool closed: record %s not kept", record.get("t"))
+            return
         self._journal.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
         self._journal.flush()
         os.fsync(self._journal.fileno())
@@ -779,7 +786,8 @@ class Spool:
         thread pages nobody. Blocks at most about ``request_timeout_s``.
         """
         with self._lock:
-            if entry.cancel or entry.id in self._state.done or entry.id in self._paging:
+            busy = entry.id in self._paging or entry.id in self._reconciling
+            if entry.cancel or entry.id in self._state.done or busy:
                 return tuple(self._state.pages.get(entry.id, ()))
             self._paging.add(entry.id)
             paged = {(p.recipient.id, p.channel) for p in self._state.pages.get(entry.id, ())}
@@ -885,8 +893,12 @@ class Spool:
             result.provider_id or result.error,
         )
 
-    def _wait_for_paging(self, entry: SpoolEntry) -> bool:
-        """Wait until no thread is paging ``entry``; False if one still is after a request's timeout."""
+    def _claim(self, entry: SpoolEntry) -> bool:
+        """Take ``entry`` for reconciling once no thread is paging it; False if one still is after a timeout.
+
+        From the claim on, ``page`` leaves it alone: every page it has is recorded by
+        the transaction that stores it, and none is sent after.
+        """
         deadline = time.monotonic() + self.request_timeout_s + 2.0
         with self._lock:
             while entry.id in self._paging:
@@ -894,6 +906,7 @@ class Spool:
                 if remaining <= 0:
                     return False
                 self._paged.wait(remaining)
+            self._reconciling.add(entry.id)
         return True
 
     # -- reconciling ---------------------------------------------------------------
@@ -918,22 +931,30 @@ class Spool:
             raise RuntimeError("reconcile needs a connection with no transaction open: each entry commits")
         done: list[Reconciled] = []
         for entry in self.pending():
-            if not self._wait_for_paging(entry):
+            if not self._claim(entry):
                 log.warning("spooled alarm %s is still being paged: reconciled next time", entry.id)
                 continue
-            outcome = self._reconcile_one(conn, entry, config, record_sightings)
+            try:
+                outcome = self._reconcile_one(conn, entry, config, record_sightings)
+            except BaseException:
+                with self._lock:
+                    self._reconciling.discard(entry.id)  # not stored: it may still be paged
+                raise
             with self._lock:
+                # Done in memory first: if the append fails, this process still never
+                # pages it again, and a restart reconciles it again as a no-op.
+                self._state.done[entry.id] = self.clock()
+                self._reconciling.discard(entry.id)
+                SPOOL_PENDING.set(self._pending_count())
                 self._append(
                     {
                         "t": "done",
                         "entry": entry.id,
-                        "at": self.clock().isoformat(),
+                        "at": self._state.done[entry.id].isoformat(),
                         "incident_id": outcome.incident_id,
                         "result": outcome.result,
                     }
                 )
-                self._state.done[entry.id] = self.clock()
-                SPOOL_PENDING.set(self._pending_count())
             SPOOL_RECONCILED.labels(outcome.result).inc()
             log.warning(
                 "spooled alarm %s of %s reconciled: %s, incident %s, %d attempts recorded",

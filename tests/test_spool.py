@@ -478,6 +478,47 @@ def test_a_cancel_spooled_after_its_press_stands_the_incident_down(
     spool.close()
 
 
+def test_an_entry_reconciled_before_it_was_paged_is_paged_once_by_the_router(
+    county_url: str, phone_network: str, spool_dir: Path
+) -> None:
+    """The database came back between record and page: the spool no longer pages it, the router does."""
+    device, _grid, _resident = wristband_in(county_url, night_covered=False)
+    clock = Clock(DAY)
+    spool = open_spool(spool_dir, phone_network, clock)
+    refreshed(spool, county_url, DAY)
+    entry = spool.record(press(device, DAY)).entry
+    assert [r[1:] for r in reconcile(spool, county_url)] == [("opened", 0)]
+    assert spool.page(entry) == ()
+    assert calls(phone_network) == []
+    make_router(county_url, phone_network, clock).run_once()
+    assert len(calls(phone_network)) == 1
+    assert len(messages(phone_network)) == 1
+    assert entry.code in messages(phone_network)[0]["body"]  # the incident took the spool's code
+    spool.close()
+
+
+def test_an_alarm_the_database_makes_no_incident_of_still_gets_one(
+    county_url: str, phone_network: str, spool_dir: Path
+) -> None:
+    """An SOS on a malformed alarm topic (``…/sos/x``) of a known wristband: paged, then one incident."""
+    device, _grid, _resident = wristband_in(county_url, night_covered=False)
+    clock = Clock(DAY)
+    spool = open_spool(spool_dir, phone_network, clock)
+    refreshed(spool, county_url, DAY)
+    received = dataclasses.replace(press(device, DAY), topic=f"shouhu/v1/wristband/{device}/sos/x")
+    entry = spool.record(received).entry
+    pages = spool.page(entry)
+    assert {p.outcome for p in pages} == {SendOutcome.SENT}
+    [(incident, result, recorded)] = reconcile(spool, county_url)
+    # Today's store_message dead-letters the topic, so the spool opens the operators'
+    # fallback incident; once the hub pages such topics itself, the normal one.
+    assert result in ("fallback", "opened")
+    assert recorded == 2
+    assert q(county_url, "SELECT id, code FROM incidents") == [(incident, entry.code)]
+    assert len(first_page_attempts(county_url)) == 2
+    spool.close()
+
+
 # -- PostgreSQL stopped for real ---------------------------------------------------------
 
 
