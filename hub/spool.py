@@ -645,9 +645,7 @@ class Spool:
     def _append(self, record: dict[str, Any]) -> None:
         """Write one record and fsync it; the caller holds the lock."""
         if self._journal.closed:
-            # A page that returned after close(): it went out, but cannot be kept.
-            log.error("spool closed: record %s not kept", record.get("t"))
-            return
+            raise RuntimeError(f"the spool in {self.directory} is closed: record {record.get('t')!r} not kept")
         self._journal.write(json.dumps(record, ensure_ascii=False).encode() + b"\n")
         self._journal.flush()
         os.fsync(self._journal.fileno())
@@ -695,7 +693,8 @@ class Spool:
 
         Database errors propagate: the previous snapshot stays in use.
         """
-        snapshot = RosterSnapshot.read(conn, now, ack_timeout_s=self.ack_timeout_s)
+        with conn.transaction():  # no transaction left open on the caller's connection
+            snapshot = RosterSnapshot.read(conn, now, ack_timeout_s=self.ack_timeout_s)
         write_atomically(self._snapshot_path, json.dumps(snapshot.to_json(), ensure_ascii=False).encode())
         self.snapshot = snapshot
         SNAPSHOT_TAKEN.set(now.timestamp())
@@ -881,8 +880,13 @@ class Spool:
                 slot.started_at,
                 self.clock(),
             )
-            self._append(page.to_json())
             self._state.pages.setdefault(entry.id, []).append(page)
+            try:
+                self._append(page.to_json())
+            except RuntimeError:
+                # A page that returned after close() (the hub stopping): it went out,
+                # but this process can no longer keep it.
+                log.exception("spool page %s to %s not kept", entry.id, slot.recipient.id)
         SPOOL_PAGES.labels(slot.channel.value, result.outcome.value).inc()
         log.warning(
             "spool paged %s by %s for %s: %s %s",

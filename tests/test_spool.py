@@ -12,13 +12,10 @@ import dataclasses
 import json
 import shutil
 import stat
-import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from urllib.parse import parse_qs
 
 import httpx
 import psycopg
@@ -45,6 +42,7 @@ from tests.escalation_support import (
     PHONE_TOKEN,
     ZONE,
     Clock,
+    HangingProvider,
     calls,
     make_router,
     messages,
@@ -107,6 +105,25 @@ def first_page_attempts(url: str) -> list[tuple[str, str, str, str, str | None]]
 def spool_dir(tmp_path: Path) -> Path:
     # Always the test's own directory: a leftover /var/lib/shouhu must never be used.
     return tmp_path / "spool"
+
+
+@dataclasses.dataclass(frozen=True)
+class Pressing:
+    spool: Spool
+    clock: Clock
+    device: str
+    resident: str
+
+
+@pytest.fixture
+def at_day(county_url: str, phone_network: str, spool_dir: Path) -> Iterator[Pressing]:
+    """A spool whose snapshot was read a minute before DAY, and a wristband of a grid worked by day only."""
+    device, _grid, resident = wristband_in(county_url, night_covered=False)
+    clock = Clock(DAY)
+    spool = open_spool(spool_dir, phone_network, clock)
+    refreshed(spool, county_url, DAY - timedelta(minutes=1))
+    yield Pressing(spool, clock, device, resident)
+    spool.close()
 
 
 # -- the roster snapshot ---------------------------------------------------------------
@@ -239,12 +256,9 @@ def test_a_torn_last_record_is_dropped_and_the_journal_stays_appendable(
 
 
 def test_pages_reach_the_phone_network_with_the_code_and_a_redelivery_is_not_paged_twice(
-    county_url: str, phone_network: str, spool_dir: Path
+    phone_network: str, spool_dir: Path, at_day: Pressing
 ) -> None:
-    device, _grid, _resident = wristband_in(county_url, night_covered=False)
-    clock = Clock(DAY)
-    spool = open_spool(spool_dir, phone_network, clock)
-    refreshed(spool, county_url, DAY - timedelta(minutes=1))
+    spool, clock, device = at_day.spool, at_day.clock, at_day.device
     started = time.monotonic()
     received = press(device, DAY)
     entry = spool.record(received).entry
@@ -277,44 +291,6 @@ def test_pages_reach_the_phone_network_with_the_code_and_a_redelivery_is_not_pag
     restarted.close()
 
 
-class HangingProxy:
-    """A Twilio API in front of the phone network that never answers requests to one number."""
-
-    def __init__(self, upstream: str, hang_for: str) -> None:
-        self.release = threading.Event()
-        proxy = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers.get("Content-Length", "0")))
-                if parse_qs(body.decode()).get("To") == [hang_for]:
-                    proxy.release.wait(30)  # hangs: no status line, no bytes
-                    return
-                answer = httpx.post(
-                    upstream + self.path,
-                    content=body,
-                    headers={k: v for k, v in self.headers.items() if k.lower() not in ("host", "content-length")},
-                )
-                self.send_response(answer.status_code)
-                self.send_header("Content-Type", answer.headers.get("content-type", "application/json"))
-                self.send_header("Content-Length", str(len(answer.content)))
-                self.end_headers()
-                self.wfile.write(answer.content)
-
-            def log_message(self, *_args: object) -> None:
-                pass
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
-        self.server.server_close()
-
-
 @pytest.fixture
 def operator_phones(county_url: str) -> dict[str, str]:
     return {r[0]: r[1] for r in q(county_url, "SELECT id, phone FROM staff WHERE role = 'operator'")}
@@ -324,7 +300,7 @@ def test_a_hanging_provider_is_cut_by_the_timeout_and_the_other_recipient_is_sti
     county_url: str, phone_network: str, spool_dir: Path, operator_phones: dict[str, str]
 ) -> None:
     hung = operator_phones["op-01"]
-    proxy = HangingProxy(phone_network, hung)
+    proxy = HangingProvider(phone_network, hang_for=hung)
     try:
         # The client's own timeout is long: the spool's hard limit is what cuts it.
         spool = Spool(
@@ -348,7 +324,7 @@ def test_a_hanging_provider_is_cut_by_the_timeout_and_the_other_recipient_is_sti
     assert "未登记手环" in messages(phone_network)[0]["body"]
 
     # Reconciled: an sos_unregistered incident with the pages as its first step; the
-    # two cut ones get the normal retry, the router pages nobody twice.
+    # two cut ones get the normal retry after its backoff, and nobody is paged twice.
     assert [r[1:] for r in reconcile(spool, county_url)] == [("opened", 4)]
     assert q(county_url, "SELECT kind, code FROM incidents") == [("sos_unregistered", entry.code)]
     retries = q(
@@ -356,6 +332,14 @@ def test_a_hanging_provider_is_cut_by_the_timeout_and_the_other_recipient_is_sti
         "SELECT recipient_id, channel, attempt, state FROM notification_attempts WHERE attempt = 2 ORDER BY channel",
     )
     assert retries == [("op-01", "sms", 2, "pending"), ("op-01", "voice", 2, "pending")]
+    clock = Clock(DAY)
+    router = make_router(county_url, phone_network, clock)
+    router.run_once()
+    assert len(calls(phone_network)) == 1
+    clock.advance(20)
+    router.run_once()
+    assert sorted(c["to"] for c in calls(phone_network)) == sorted([operator_phones["op-02"], hung])
+    assert sorted(m["to"] for m in messages(phone_network)) == sorted([operator_phones["op-02"], hung])
     spool.close()
 
 
@@ -363,12 +347,10 @@ def test_a_hanging_provider_is_cut_by_the_timeout_and_the_other_recipient_is_sti
 
 
 def test_reconcile_makes_one_incident_whose_first_step_is_the_spools_and_the_chain_goes_on(
-    county_url: str, phone_network: str, spool_dir: Path
+    county_url: str, phone_network: str, at_day: Pressing
 ) -> None:
-    device, _grid, resident = wristband_in(county_url, night_covered=False)
-    clock = Clock(DAY)
-    spool = open_spool(spool_dir, phone_network, clock)
-    refreshed(spool, county_url, DAY - timedelta(seconds=50))
+    spool, clock, device = at_day.spool, at_day.clock, at_day.device
+    resident = at_day.resident
     received = press(device, DAY)
     entry = spool.record(received).entry
     pages = spool.page(entry)
@@ -412,16 +394,12 @@ def test_reconcile_makes_one_incident_whose_first_step_is_the_spools_and_the_cha
     assert guardians
     assert {c["to"] for c in calls(phone_network)[1:]} == guardians
     assert [c["to"] for c in calls(phone_network)].count(worker.phone) == 1
-    spool.close()
 
 
 def test_reconcile_run_again_after_a_crash_before_marking_doubles_nothing(
-    county_url: str, phone_network: str, spool_dir: Path
+    county_url: str, phone_network: str, spool_dir: Path, at_day: Pressing
 ) -> None:
-    device, _grid, _resident = wristband_in(county_url, night_covered=False)
-    clock = Clock(DAY)
-    spool = open_spool(spool_dir, phone_network, clock)
-    refreshed(spool, county_url, DAY)
+    spool, clock, device = at_day.spool, at_day.clock, at_day.device
     entry = spool.record(press(device, DAY)).entry
     plan = spool.plan(entry)
     assert plan is not None
@@ -460,12 +438,9 @@ def test_reconcile_run_again_after_a_crash_before_marking_doubles_nothing(
 
 
 def test_a_cancel_spooled_after_its_press_stands_the_incident_down(
-    county_url: str, phone_network: str, spool_dir: Path
+    county_url: str, phone_network: str, at_day: Pressing
 ) -> None:
-    device, _grid, _resident = wristband_in(county_url, night_covered=False)
-    clock = Clock(DAY)
-    spool = open_spool(spool_dir, phone_network, clock)
-    refreshed(spool, county_url, DAY)
+    spool, clock, device = at_day.spool, at_day.clock, at_day.device
     entry = spool.record(press(device, DAY)).entry
     spool.page(entry)
     cancel = spool.record(press(device, DAY + timedelta(seconds=10), msg_id="m2", action="cancel")).entry
@@ -475,17 +450,13 @@ def test_a_cancel_spooled_after_its_press_stands_the_incident_down(
     results = reconcile(spool, county_url)
     assert [r[1] for r in results] == ["opened", "cancel"]
     assert q(county_url, "SELECT state FROM incidents") == [("cancelled",)]
-    spool.close()
 
 
 def test_an_entry_reconciled_before_it_was_paged_is_paged_once_by_the_router(
-    county_url: str, phone_network: str, spool_dir: Path
+    county_url: str, phone_network: str, at_day: Pressing
 ) -> None:
     """The database came back between record and page: the spool no longer pages it, the router does."""
-    device, _grid, _resident = wristband_in(county_url, night_covered=False)
-    clock = Clock(DAY)
-    spool = open_spool(spool_dir, phone_network, clock)
-    refreshed(spool, county_url, DAY)
+    spool, clock, device = at_day.spool, at_day.clock, at_day.device
     entry = spool.record(press(device, DAY)).entry
     assert [r[1:] for r in reconcile(spool, county_url)] == [("opened", 0)]
     assert spool.page(entry) == ()
@@ -494,17 +465,13 @@ def test_an_entry_reconciled_before_it_was_paged_is_paged_once_by_the_router(
     assert len(calls(phone_network)) == 1
     assert len(messages(phone_network)) == 1
     assert entry.code in messages(phone_network)[0]["body"]  # the incident took the spool's code
-    spool.close()
 
 
 def test_an_alarm_the_database_makes_no_incident_of_still_gets_one(
-    county_url: str, phone_network: str, spool_dir: Path
+    county_url: str, phone_network: str, at_day: Pressing
 ) -> None:
     """An SOS on a malformed alarm topic (``…/sos/x``) of a known wristband: paged, then one incident."""
-    device, _grid, _resident = wristband_in(county_url, night_covered=False)
-    clock = Clock(DAY)
-    spool = open_spool(spool_dir, phone_network, clock)
-    refreshed(spool, county_url, DAY)
+    spool, device = at_day.spool, at_day.device
     received = dataclasses.replace(press(device, DAY), topic=f"shouhu/v1/wristband/{device}/sos/x")
     entry = spool.record(received).entry
     pages = spool.page(entry)
@@ -516,7 +483,6 @@ def test_an_alarm_the_database_makes_no_incident_of_still_gets_one(
     assert recorded == 2
     assert q(county_url, "SELECT id, code FROM incidents") == [(incident, entry.code)]
     assert len(first_page_attempts(county_url)) == 2
-    spool.close()
 
 
 # -- PostgreSQL stopped for real ---------------------------------------------------------
