@@ -28,10 +28,15 @@ COPY simulators ./simulators
 RUN pip install . \
     && rm -rf /src
 
-# Unprivileged user with a fixed uid, so volume ownership is predictable.
+# Unprivileged user with a fixed uid, so volume ownership is predictable; its data
+# directory holds the hub's spool (a named volume in docker-compose.yml, which takes
+# this directory's owner when first mounted).
 RUN groupadd --system --gid 10001 shouhu \
     && useradd --system --uid 10001 --gid shouhu --home-dir /home/shouhu --create-home \
-       --shell /usr/sbin/nologin shouhu
+       --shell /usr/sbin/nologin shouhu \
+    && mkdir -p /home/shouhu/.local/share/shouhu/spool \
+    && chown -R shouhu:shouhu /home/shouhu/.local \
+    && chmod 0700 /home/shouhu/.local/share/shouhu/spool
 
 USER shouhu:shouhu
 WORKDIR /home/shouhu

@@ -7,7 +7,7 @@ page always has somewhere to go when anyone in the chain is on duty.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime, time, timedelta
 from typing import Any
@@ -57,6 +57,22 @@ class Shift:
     end: time
 
 
+@dataclass(frozen=True, slots=True)
+class RosterData:
+    """Everything ``Rosters`` reads, read ahead: the areas' chains, the shifts, the operators.
+
+    For a resolver that cannot reach the database: the hub's spool pages from this
+    while PostgreSQL is down (hub/spool.py). Shifts, not who is on duty, so it is
+    evaluated at the moment it is asked about and stays right as the hours pass.
+    """
+
+    chains: Mapping[str, tuple[str, ...]]  # area → itself and its ancestors, nearest first
+    shifts: Mapping[str, tuple[Shift, ...]]  # area → its active shifts of active staff
+    operator_areas: tuple[str, ...]
+    operators: tuple[Recipient, ...]  # every active operator: the fallback when none is on duty
+    guardians: Mapping[str, tuple[Recipient, ...]]  # resident → active guardians, by priority
+
+
 class Rosters:
     """Rosters and guardians as of one moment, each area and resident read at most once.
 
@@ -66,9 +82,13 @@ class Rosters:
     per step. ``resolve`` reads whatever was not prepared, so one step needs no
     ``prepare``; the rules are the same either way. One instance per moment: rosters
     change, so nothing is kept across batches.
+
+    Built from ``RosterData`` with no connection, it reads nothing: what the data
+    does not hold is unknown (no chain, no shift, no guardian), and the rules are the
+    same.
     """
 
-    def __init__(self, conn: Conn, at: datetime, zone: ZoneInfo) -> None:
+    def __init__(self, conn: Conn | None, at: datetime, zone: ZoneInfo, *, data: RosterData | None = None) -> None:
         self.conn = conn
         self.local = at.astimezone(zone)
         self._chains: dict[str, list[str]] = {}
@@ -76,6 +96,27 @@ class Rosters:
         self._guardians: dict[str, list[Recipient]] = {}
         self._operator_areas: list[str] | None = None
         self._operators: list[Recipient] | None = None
+        self._every_operator: list[Recipient] | None = None
+        if data is not None:
+            self._chains = {area: list(chain) for area, chain in data.chains.items()}
+            self._shifts = {area: list(shifts) for area, shifts in data.shifts.items()}
+            self._guardians = {resident: list(people) for resident, people in data.guardians.items()}
+            self._operator_areas = list(data.operator_areas)
+            self._every_operator = list(data.operators)
+
+    def _rows(self, query: str, params: tuple[Any, ...] = ()) -> list[tuple[Any, ...]]:
+        # Without a connection (built from RosterData) there is nothing more to read.
+        return [] if self.conn is None else self.conn.execute(query, params).fetchall()
+
+    def data(self) -> RosterData:
+        """What this instance has read so far, for a resolver without the database."""
+        return RosterData(
+            chains={area: tuple(chain) for area, chain in self._chains.items()},
+            shifts={area: tuple(shifts) for area, shifts in self._shifts.items()},
+            operator_areas=tuple(self.operator_areas()),
+            operators=tuple(self.every_operator()),
+            guardians={resident: tuple(people) for resident, people in self._guardians.items()},
+        )
 
     def prepare(self, wanted: Iterable[tuple[EscalationTarget, str | None, str | None]]) -> None:
         """Read at once what ``resolve`` will need for these (target, resident id, area id)."""
@@ -140,14 +181,21 @@ class Rosters:
     def operator_areas(self) -> list[str]:
         """Every area an active operator is attached to."""
         if self._operator_areas is None:
-            rows = self.conn.execute(
+            rows = self._rows(
                 """
                 SELECT DISTINCT sa.area_id FROM staff s JOIN staff_areas sa ON sa.staff_id = s.id
                 WHERE s.role = 'operator' AND s.active ORDER BY 1
                 """
-            ).fetchall()
+            )
             self._operator_areas = [r[0] for r in rows]
         return self._operator_areas
+
+    def every_operator(self) -> list[Recipient]:
+        """Every active operator, on duty or not."""
+        if self._every_operator is None:
+            rows = self._rows("SELECT id, name, phone FROM staff WHERE role = 'operator' AND active ORDER BY id")
+            self._every_operator = [Recipient("staff", sid, name, phone, "operator") for sid, name, phone in rows]
+        return list(self._every_operator)
 
     def operators(self) -> list[Recipient]:
         """County operators on duty; when the roster shows none, every active operator.
@@ -160,10 +208,7 @@ class Rosters:
                 for person in self.on_duty(area_id, {StaffRole.OPERATOR.value}):
                     people.setdefault(person.id, person)
             if not people:
-                everyone = self.conn.execute(
-                    "SELECT id, name, phone FROM staff WHERE role = 'operator' AND active ORDER BY id"
-                ).fetchall()
-                people = {sid: Recipient("staff", sid, name, phone, "operator") for sid, name, phone in everyone}
+                people = {person.id: person for person in self.every_operator()}
             self._operators = list(people.values())
         return list(self._operators)
 
@@ -172,7 +217,7 @@ class Rosters:
         missing = sorted(grid_ids - self._chains.keys())
         if not missing:
             return
-        rows = self.conn.execute(
+        rows = self._rows(
             """
             WITH RECURSIVE up(start, id, parent_id, depth) AS (
                 SELECT id, id, parent_id, 0 FROM areas WHERE id = ANY(%s)
@@ -182,7 +227,7 @@ class Rosters:
             SELECT start, id FROM up ORDER BY start, depth
             """,
             (missing,),
-        ).fetchall()
+        )
         for grid_id in missing:
             self._chains[grid_id] = []
         for start, area_id in rows:
@@ -192,7 +237,7 @@ class Rosters:
         missing = sorted(area_ids - self._shifts.keys())
         if not missing:
             return
-        rows = self.conn.execute(
+        rows = self._rows(
             """
             SELECT d.area_id, s.id, s.name, s.phone, s.role, d.weekdays, d.start_time, d.end_time
             FROM duty_shifts d JOIN staff s ON s.id = d.staff_id
@@ -200,7 +245,7 @@ class Rosters:
             ORDER BY d.area_id, s.id
             """,
             (missing,),
-        ).fetchall()
+        )
         for area_id in missing:
             self._shifts[area_id] = []
         for area_id, staff_id, name, phone, role, weekdays, start, end in rows:
@@ -210,15 +255,29 @@ class Rosters:
         missing = sorted(resident_ids - self._guardians.keys())
         if not missing:
             return
-        rows = self.conn.execute(
+        rows = self._rows(
             "SELECT resident_id, id, name, phone FROM guardians WHERE resident_id = ANY(%s) AND active"
             " ORDER BY resident_id, priority, id",
             (missing,),
-        ).fetchall()
+        )
         for resident_id in missing:
             self._guardians[resident_id] = []
         for resident_id, gid, name, phone in rows:
             self._guardians[resident_id].append(Recipient("guardian", gid, name, phone, "guardian"))
+
+
+def read_roster_data(conn: Conn) -> RosterData:
+    """Every area's chain and shifts, the operators and every resident's guardians, read now.
+
+    The same queries ``Rosters`` runs for one step, for all areas and residents at once.
+    """
+    rosters = Rosters(conn, datetime.now(UTC), ZoneInfo("UTC"))
+    areas = {str(r[0]) for r in conn.execute("SELECT id FROM areas").fetchall()}
+    residents = {str(r[0]) for r in conn.execute("SELECT id FROM residents").fetchall()}
+    rosters._load_chains(areas)
+    rosters._load_shifts(areas)
+    rosters._load_guardians(residents)
+    return rosters.data()
 
 
 def on_duty(conn: Conn, area_id: str, at: datetime, zone: ZoneInfo, roles: set[str] | None = None) -> list[Recipient]:

@@ -305,11 +305,12 @@ class Router:
             target = steps[action.step].target if action.step < len(steps) else EscalationTarget.OPERATORS
             wanted.append((target, incident.resident_id, incident.area_id))
         rosters.prepare(wanted)
+        spooled = self._spooled_first_pages(conn, actions)
         writes = _Writes(now, self.config.router_id)
         exhausted: list[tuple[IncidentView, DueAction]] = []
         for action in actions:
             incident = incidents[action.incident_id]
-            if self._run_action(conn, rosters, writes, action, incident, now):
+            if self._run_action(conn, rosters, writes, action, incident, now, spooled.get(incident.id)):
                 exhausted.append((incident, action))
         with conn.pipeline():
             writes.flush_attempts(conn)
@@ -318,10 +319,38 @@ class Router:
                 self._after_round(writes, incident, action, (incident.id, action.round) in paged, now)
             writes.flush_rest(conn)
 
+    def _spooled_first_pages(self, conn: Conn, actions: list[DueAction]) -> dict[int, datetime]:
+        """When the hub's spool sent the first step's pages, for the incidents it paged.
+
+        While the database was down the hub paged from its spool (hub/spool.py), and
+        reconciling wrote those pages as the first step's attempts before the step
+        ran. The step then pages only whom the spool did not (the attempts' key makes
+        the others no-ops) and its wait runs from the spool's first page, not from now.
+        """
+        first = [a.incident_id for a in actions if a.kind == "step" and a.step == 0 and a.round == 0]
+        if not first:
+            return {}
+        rows = conn.execute(
+            "SELECT incident_id, min(created_at) FROM notification_attempts"
+            " WHERE incident_id = ANY(%s) AND purpose = 'page' AND round = 0 AND step = 0 GROUP BY incident_id",
+            (first,),
+        ).fetchall()
+        return {int(incident_id): started for incident_id, started in rows}
+
     def _run_action(
-        self, conn: Conn, rosters: Rosters, writes: _Writes, action: DueAction, incident: IncidentView, now: datetime
+        self,
+        conn: Conn,
+        rosters: Rosters,
+        writes: _Writes,
+        action: DueAction,
+        incident: IncidentView,
+        now: datetime,
+        spooled_at: datetime | None = None,
     ) -> bool:
-        """Decide one action, queueing its writes. True when the chain is exhausted (see ``_after_round``)."""
+        """Decide one action, queueing its writes. True when the chain is exhausted (see ``_after_round``).
+
+        ``spooled_at``: when the hub's spool already paged this step (``_spooled_first_pages``).
+        """
         if action.token != incident.token:
             # Fencing: the escalation was re-planned after this action was written.
             writes.retire(action, "stale")
@@ -343,19 +372,19 @@ class Router:
             recipients = rosters.resolve(step.target, resident_id=incident.resident_id, area_id=incident.area_id)
         created = self._write_attempts(writes, incident, action, step.target, step.channels, recipients)
         writes.retire(action, "done")
-        if created:
+        if created or spooled_at is not None:
             STEPS.labels(step.target.value, "paged").inc()
-            writes.event(
-                incident.id,
-                "step_started",
-                {
-                    "step": action.step,
-                    "round": action.round,
-                    "target": step.target.value,
-                    "recipients": [{"id": r.id, "name": r.name, "role": r.role} for r in recipients],
-                },
-            )
-            writes.schedule(incident, action.step + 1, action.round, now + timedelta(seconds=step.wait_s))
+            detail: dict[str, Any] = {
+                "step": action.step,
+                "round": action.round,
+                "target": step.target.value,
+                "recipients": [{"id": r.id, "name": r.name, "role": r.role} for r in recipients],
+            }
+            if spooled_at is not None:
+                detail["spooled_at"] = spooled_at.isoformat()
+            writes.event(incident.id, "step_started", detail)
+            started = min(now, spooled_at) if spooled_at is not None else now
+            writes.schedule(incident, action.step + 1, action.round, started + timedelta(seconds=step.wait_s))
         else:
             # Never silent: nobody reachable for this step → say so and go on at once.
             STEPS.labels(step.target.value, "no_recipients").inc()

@@ -7,6 +7,7 @@ An empty database or MQTT URL means "use the embedded default".
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 from typing import Annotated
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
@@ -33,6 +34,9 @@ class Settings(BaseSettings):
     mqtt_url: str = ""
     database_url: str = ""
     hub_id: str = Field(default_factory=_default_hub_id, min_length=1, max_length=64)
+    # Where the hub keeps SOS presses it could not store (the database down) and the
+    # roster snapshot it pages them from (hub/spool.py). Empty: ``<data dir>/spool``.
+    spool_dir: str = ""
     api_port: int = Field(default=8000, ge=1, le=65535)
     metrics_port: int = Field(default=9100, ge=1, le=65535)
     public_url: str = "http://127.0.0.1:8000"
@@ -86,6 +90,15 @@ class Settings(BaseSettings):
         if value and urlsplit(value).scheme not in ("postgresql", "postgres"):
             raise ValueError("SHOUHU_DATABASE_URL must start with postgresql://")
         return value
+
+    @property
+    def spool_path(self) -> Path:
+        """``SHOUHU_SPOOL_DIR``, or ``spool`` under the data directory ``shouhu up`` uses."""
+        if self.spool_dir:
+            return Path(self.spool_dir)
+        from shouhu.embedded.defaults import default_data_dir  # the embedded package is heavier
+
+        return default_data_dir(self.data_dir) / "spool"
 
     @property
     def zone(self) -> ZoneInfo:

@@ -3,8 +3,11 @@ phone-network simulator, and queries over the demo county."""
 
 from __future__ import annotations
 
+import threading
 from datetime import UTC, datetime, timedelta
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs
 from zoneinfo import ZoneInfo
 
 import httpx
@@ -127,3 +130,46 @@ def wristband_in(url: str, *, night_covered: bool) -> tuple[str, str, str]:
         if has_night == night_covered and grid in shifts:
             return device, grid, resident
     raise AssertionError("the demo county has no such grid")
+
+
+class HangingProvider:
+    """A provider that takes a request and never answers: a call stuck in flight.
+
+    Every request hangs, or with ``hang_for`` only those to that number, the others
+    being passed on to the Twilio API at ``upstream`` (the phone-network simulator)
+    and its answer passed back.
+    """
+
+    def __init__(self, upstream: str | None = None, hang_for: str | None = None) -> None:
+        self.requests: list[dict[str, str]] = []
+        self.release = threading.Event()
+        provider = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:
+                raw = self.rfile.read(int(self.headers["Content-Length"]))
+                fields = {k: v[0] for k, v in parse_qs(raw.decode()).items()}
+                provider.requests.append(fields | {"path": self.path})
+                if upstream is None or hang_for is None or fields.get("To") == hang_for:
+                    provider.release.wait(60)  # no status line, no bytes
+                    return
+                skipped = ("host", "content-length")
+                headers = {k: v for k, v in self.headers.items() if k.lower() not in skipped}
+                answer = httpx.post(upstream + self.path, content=raw, headers=headers)
+                self.send_response(answer.status_code)
+                self.send_header("Content-Type", answer.headers.get("content-type", "application/json"))
+                self.send_header("Content-Length", str(len(answer.content)))
+                self.end_headers()
+                self.wfile.write(answer.content)
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.server.daemon_threads = True
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
+        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+
+    def close(self) -> None:
+        self.release.set()
+        self.server.shutdown()

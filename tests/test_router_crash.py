@@ -7,43 +7,25 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import parse_qs
 
 import psycopg
 import pytest
 
 from alerts.router import DEFAULT_SENDERS, Router
 from shouhu.embedded.postgres import free_port
-from tests.escalation_support import FROM, PHONE_SID, PHONE_TOKEN, calls, make_router, messages, press, q, wristband_in
+from tests.escalation_support import (
+    FROM,
+    PHONE_SID,
+    PHONE_TOKEN,
+    HangingProvider,
+    calls,
+    make_router,
+    messages,
+    press,
+    q,
+    wristband_in,
+)
 from tests.services import ShouhuProcess, shouhu_env
-
-
-class HangingProvider:
-    """A provider that takes each request and never answers: a call stuck in flight."""
-
-    def __init__(self) -> None:
-        self.requests: list[dict[str, str]] = []
-        self.release = threading.Event()
-        provider = self
-
-        class Handler(BaseHTTPRequestHandler):
-            def do_POST(self) -> None:
-                body = self.rfile.read(int(self.headers["Content-Length"])).decode()
-                provider.requests.append({k: v[0] for k, v in parse_qs(body).items()} | {"path": self.path})
-                provider.release.wait(60)
-
-            def log_message(self, format: str, *args: object) -> None:
-                return
-
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
-
-    def close(self) -> None:
-        self.release.set()
-        self.server.shutdown()
 
 
 def router_hung_in_a_call(county_url: str, hanging: HangingProvider) -> ShouhuProcess:

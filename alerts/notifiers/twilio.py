@@ -235,8 +235,8 @@ class TwilioNotifier:
         self.client.region = None
 
     @classmethod
-    def from_settings(cls, settings: Settings) -> TwilioNotifier:
-        """Build from ``SHOUHU_TWILIO_*`` and ``SHOUHU_PUBLIC_URL``.
+    def from_settings(cls, settings: Settings, *, timeout: float = HTTP_TIMEOUT_S) -> TwilioNotifier:
+        """Build from ``SHOUHU_TWILIO_*`` and ``SHOUHU_PUBLIC_URL``; ``timeout`` bounds each request.
 
         Raises:
             ValueError: the account sid, auth token or caller number is not set.
@@ -258,6 +258,7 @@ class TwilioNotifier:
             settings.twilio_from,
             settings.twilio_api_base,
             settings.public_url,
+            timeout=timeout,
         )
 
     def send(self, delivery: Delivery) -> SendResult:
@@ -298,10 +299,14 @@ class TwilioNotifier:
                 status_callback=status_callback,
             )
         else:
+            # A page with no attempt row yet (attempt_id 0: the hub's spool, while the
+            # database is down) asks for no keypress: nothing could record it, and a
+            # "1" that acknowledges nothing would mislead. Its SMS carries the code to reply.
+            keys = keypress_url(self.public_url, delivery.attempt_id) if delivery.attempt_id > 0 else None
             resource = self.client.calls.create(
                 to=delivery.to,
                 from_=self.from_number,
-                twiml=voice_twiml(delivery.message, keypress_url=keypress_url(self.public_url, delivery.attempt_id)),
+                twiml=voice_twiml(delivery.message, keypress_url=keys),
                 status_callback=status_callback,
             )
         sid = getattr(resource, "sid", None)
