@@ -183,15 +183,23 @@ def store_message(
 
 
 T = TypeVar("T")
+# A host that is unreachable (not just refusing) must not hold a lane for minutes.
+CONNECT_TIMEOUT_S = 3
+
+
+class DatabaseUnavailable(Exception):
+    """The database stayed away longer than the caller was willing to wait."""
 
 
 class Writer:
     """Stores messages — one alarm, or one batch — per transaction, reconnecting as needed.
 
-    A database that is away is waited for (with backoff) for as long as it takes:
-    nothing is acknowledged meanwhile, so nothing is lost. A message that fails to
-    store for another reason (a bug, a constraint) is retried a little and then kept
-    as a dead letter, so it cannot stall everything behind it.
+    A database that is away is waited for (with backoff), for as long as it takes or
+    for ``outage_limit_s`` when the caller has something better to do meanwhile (the
+    alarm lane pages from its spool): nothing is acknowledged meanwhile, so nothing
+    is lost. A message that fails to store for another reason (a bug, a constraint)
+    is retried a little and then kept as a dead letter, so it cannot stall
+    everything behind it.
     """
 
     def __init__(
@@ -212,14 +220,20 @@ class Writer:
 
     def _connection(self) -> Conn:
         if self._conn is None or self._conn.closed:
-            self._conn = psycopg.connect(self.database_url, application_name=f"shouhu-hub-{self.config.hub_id}"[:63])
+            self._conn = psycopg.connect(
+                self.database_url,
+                application_name=f"shouhu-hub-{self.config.hub_id}"[:63],
+                connect_timeout=CONNECT_TIMEOUT_S,
+            )
             prepare_staging(self._conn)
             self._conn.commit()
         return self._conn
 
-    def _committed(self, work: Callable[[Conn], T]) -> T:
-        """Run ``work`` in a transaction until it commits; database outages are waited out."""
+    def _committed(self, work: Callable[[Conn], T], outage_limit_s: float | None = None) -> T:
+        """Run ``work`` in a transaction until it commits; database outages are waited out
+        (for at most ``outage_limit_s``, then ``DatabaseUnavailable``)."""
         delay = 0.2
+        started = time.monotonic()
         while True:
             try:
                 conn = self._connection()
@@ -236,10 +250,12 @@ class Writer:
                 if self._conn is not None:
                     self._conn.close()
                 self._conn = None
+                if outage_limit_s is not None and time.monotonic() - started >= outage_limit_s:
+                    raise DatabaseUnavailable(str(exc)) from exc
                 self._sleep(delay)
                 delay = min(delay * 2, 5.0)
 
-    def store(self, message: Received) -> AlarmReceipt | None:
+    def store(self, message: Received, *, outage_limit_s: float | None = None) -> AlarmReceipt | None:
         """Commit one message; returns only once it is durable (or dead-lettered).
 
         Whatever storing it raises — a database error other than an outage, a bug,
@@ -248,7 +264,11 @@ class Writer:
         """
         for failures in range(1, STORE_TRIES + 1):
             try:
-                receipt = self._committed(lambda conn: store_message(conn, message, self.config, self.record_sightings))
+                receipt = self._committed(
+                    lambda conn: store_message(conn, message, self.config, self.record_sightings), outage_limit_s
+                )
+            except DatabaseUnavailable:
+                raise
             except Exception as exc:
                 metrics.LANE_ERRORS.labels(self.lane).inc()
                 log.exception("storing %r failed (%d of %d)", message.topic[:200], failures, STORE_TRIES)
@@ -296,16 +316,20 @@ class Writer:
             )
             log.critical("alarm on %s could not be stored normally; fallback incident %s", message.topic, incident_id)
 
-    def store_batch(self, messages: Sequence[Received]) -> None:
+    def store_batch(self, messages: Sequence[Received], *, outage_limit_s: float | None = None) -> None:
         """Commit a batch of non-alarm messages; one that breaks the batch is stored alone."""
         started = time.monotonic()
         try:
-            self._committed(lambda conn: store_batch(conn, messages, self.config.hub_id, self.record_sightings))
+            self._committed(
+                lambda conn: store_batch(conn, messages, self.config.hub_id, self.record_sightings), outage_limit_s
+            )
+        except DatabaseUnavailable:
+            raise
         except Exception:
             log.exception("a batch of %d failed to store; storing its messages one by one", len(messages))
             self._reset()
             for message in messages:
-                self.store(message)
+                self.store(message, outage_limit_s=outage_limit_s)
             return
         metrics.BATCH_SIZE.observe(len(messages))
         metrics.COMMIT_SECONDS.labels(self.lane).observe(time.monotonic() - min(m.monotonic for m in messages))

@@ -35,7 +35,7 @@ import psycopg
 from devices.contract import is_outbound
 from hub import metrics
 from hub.batch import SightingSink
-from hub.ingest import AlarmReceipt, IngestConfig, Writer
+from hub.ingest import CONNECT_TIMEOUT_S, AlarmReceipt, DatabaseUnavailable, IngestConfig, Writer
 from hub.liveness import LivenessDefaults, record_sightings
 from hub.mqtt import (
     ALARM_SUBSCRIPTIONS,
@@ -49,6 +49,7 @@ from hub.mqtt import (
     receipt_topic,
     share_probe_topic,
 )
+from hub.spool import Reconciled, Spool, SpoolEntry
 from hub.upkeep import Upkeep
 from shouhu.health_server import start_health_server
 from shouhu.settings import Settings
@@ -63,6 +64,13 @@ STATUS_BATCH_MAX = 200
 BATCH_AGE_S = 0.1
 SHARE_PROBE_WAIT_S = 2.0
 DATABASE_CHECK_S = 1.0
+# An alarm the database has not taken within this goes to the spool and is paged from
+# there: the first page must go out within 10 s of the press (DESIGN.md).
+SPOOL_AFTER_S = 2.5
+# While the database is down: how often the alarm lane tries to reconcile, and how
+# often a hub refreshes its roster snapshot while the database is up.
+RECOVER_EVERY_S = 1.0
+SNAPSHOT_EVERY_S = 60.0
 SHARE_PROBE_GROUP = "shouhu-probe"
 
 
@@ -89,6 +97,8 @@ class Hub:
     shared: bool = False
     # Give the sessions up for good at stop (``shouhu hub --leave``): scaling down.
     leave: bool = False
+    # Pages an SOS while the database is down (hub/spool.py); None: wait for the database.
+    spool: Spool | None = None
 
     def __post_init__(self) -> None:
         config = IngestConfig(self.hub_id, self.ack_timeout_s, self.cancel_window_s)
@@ -118,6 +128,13 @@ class Hub:
         self._database_ok = False
         self._database_checked = float("-inf")
         self._database_lock = threading.Lock()
+        # The alarm lane's messages waiting for the database, unacknowledged: alarms the
+        # spool holds (by spool entry), and the rest (status, dead letters) in order.
+        self._held: dict[str, list[Received]] = {}
+        self._deferred: list[Received] = []
+        self._database_down = False
+        self._last_recovery = float("-inf")
+        self._last_snapshot = float("-inf")
 
     # -- the network threads hand messages over ----------------------------------
 
@@ -144,6 +161,11 @@ class Hub:
         connection stopped working (the caller exits non-zero)."""
         server = start_health_server(self.metrics_port, self.is_ready) if self.metrics_port is not None else None
         try:
+            if self.spool is not None:
+                # Entries a crash left unpaged are paged now; pending ones are
+                # reconciled by the alarm lane before it stores anything new.
+                self.spool.page_unpaged()
+                self._database_down = bool(self.spool.pending())
             self.alarm_connection.start()
             self._start_lanes()
             self.connection.start()
@@ -172,6 +194,7 @@ class Hub:
                 metrics.QUEUE_DEPTH.labels("bulk").set(self.bulk_inbox.qsize())
                 if self.on_tick is not None and self.connection.connected.is_set():
                     self._tick()
+                self._refresh_snapshot()
         finally:
             self.stopping.set()
             self._drain()
@@ -188,6 +211,8 @@ class Hub:
                 log.info("hub %s left: its sessions and shares are given up", self.hub_id)
             self.alarm_writer.close()
             self.bulk_writer.close()
+            if self.spool is not None:
+                self.spool.close()
             if server is not None:
                 server.shutdown()
         if self._failure is not None:
@@ -300,14 +325,14 @@ class Hub:
 
     def _alarm_lane(self) -> None:
         while not self._lanes_done.is_set():
+            if self._database_down and time.monotonic() - self._last_recovery >= RECOVER_EVERY_S:
+                self._recover()
             try:
                 message = self.alarm_inbox.get(timeout=0.05)
             except queue.Empty:
                 statuses = _take(self.status_inbox, STATUS_BATCH_MAX)
                 if statuses:
-                    self.alarm_writer.store_batch(statuses)
-                    for status in statuses:
-                        self.alarm_connection.ack(status)
+                    self._store_statuses(statuses)
                 continue
             self._handle_alarm(message)
 
@@ -316,12 +341,112 @@ class Hub:
             if message.payload.decode(errors="replace") == self._probe_token and not self.ready.is_set():
                 self.ready.set()
                 log.info("hub %s ready: the start-up probe came back", self.hub_id)
-        else:
-            receipt = self.alarm_writer.store(message)
-            if receipt is not None:
-                self._send_receipt(receipt)
+            self.alarm_connection.ack(message)
+            return
+        if self._database_down:
+            # Alarms go to the spool until it is reconciled: stored in press order,
+            # and never a second first page (hub/spool.py).
+            self._spool_or_defer(message)
+            return
+        try:
+            receipt = self.alarm_writer.store(message, outage_limit_s=SPOOL_AFTER_S if self.spool else None)
+        except DatabaseUnavailable:
+            log.error("the database did not take an alarm within %.1fs: paging from the spool", SPOOL_AFTER_S)
+            self._database_down = True
+            self._spool_or_defer(message)
+            return
+        if receipt is not None:
+            self._send_receipt(receipt)
         # PUBACK strictly after the commit above returned.
         self.alarm_connection.ack(message)
+
+    def _spool_or_defer(self, message: Received) -> None:
+        """While the database is down: an SOS or fall is fsynced to the spool and paged
+        from it; anything else waits, unacknowledged, for the database."""
+        assert self.spool is not None
+        try:
+            spooled = self.spool.record(message)
+        except ValueError:  # not a wristband's alarm: nothing to page
+            self._deferred.append(message)
+            return
+        if spooled.new:
+            self.spool.page_in_background(spooled.entry)
+        # Acknowledged only once reconciled into the database; the receipt now, because
+        # the press is durable in the spool and the device may stop re-sending.
+        self._held.setdefault(spooled.entry.id, []).append(message)
+        self._send_receipt(
+            AlarmReceipt(spooled.entry.device_id, spooled.entry.msg_id, spooled.entry.code, "spooled")
+        )
+
+    def _store_statuses(self, statuses: list[Received]) -> None:
+        if self._database_down:
+            self._deferred.extend(statuses)
+            return
+        try:
+            self.alarm_writer.store_batch(statuses, outage_limit_s=SPOOL_AFTER_S if self.spool else None)
+        except DatabaseUnavailable:
+            self._database_down = True
+            self._deferred.extend(statuses)
+            return
+        for status in statuses:
+            self.alarm_connection.ack(status)
+
+    def _recover(self) -> None:
+        """The database answers again: reconcile the spool, then store what waited."""
+        self._last_recovery = time.monotonic()
+        assert self.spool is not None
+        try:
+            with psycopg.connect(self.database_url, connect_timeout=CONNECT_TIMEOUT_S, autocommit=False) as conn:
+                outcomes = self.spool.reconcile(
+                    conn, self.alarm_writer.config, record_sightings=self.alarm_writer.record_sightings
+                )
+                receipts = [self._reconciled_receipt(conn, outcome) for outcome in outcomes]
+                conn.rollback()
+        except psycopg.OperationalError as exc:
+            log.info("database still unavailable (%s); the spool holds %d alarm(s)", exc, len(self.spool.pending()))
+            return
+        for outcome, receipt in zip(outcomes, receipts, strict=True):
+            for message in self._held.pop(outcome.entry.id, []):
+                self.alarm_connection.ack(message)
+            if receipt is not None:
+                self._send_receipt(receipt)
+        if self.spool.pending():
+            return  # an entry still being paged: the next round takes it
+        # Copies of reconciled alarms (a device re-sending) are redeliveries now.
+        held, self._held = self._held, {}
+        deferred, self._deferred = self._deferred, []
+        self._database_down = False
+        for message in [m for messages in held.values() for m in messages] + deferred:
+            self._handle_alarm_or_status(message)
+        log.warning("the database is back: the spool is reconciled, %d waiting message(s) stored", len(deferred))
+
+    def _handle_alarm_or_status(self, message: Received) -> None:
+        if message.topic.endswith("/status"):
+            self._store_statuses([message])
+        else:
+            self._handle_alarm(message)
+
+    def _reconciled_receipt(
+        self, conn: psycopg.Connection[tuple[object, ...]], outcome: Reconciled
+    ) -> AlarmReceipt | None:
+        entry: SpoolEntry = outcome.entry
+        if outcome.incident_id is None:
+            return AlarmReceipt(entry.device_id, entry.msg_id, None, None)
+        row = conn.execute("SELECT code, state FROM incidents WHERE id = %s", (outcome.incident_id,)).fetchone()
+        return AlarmReceipt(entry.device_id, entry.msg_id, str(row[0]) if row else None, str(row[1]) if row else None)
+
+    def _refresh_snapshot(self) -> None:
+        """Every minute while the database answers: who to page if it stops answering."""
+        if self.spool is None or self._database_down:
+            return
+        if time.monotonic() - self._last_snapshot < SNAPSHOT_EVERY_S:
+            return
+        self._last_snapshot = time.monotonic()
+        try:
+            with psycopg.connect(self.database_url, connect_timeout=CONNECT_TIMEOUT_S) as conn:
+                self.spool.refresh(conn, datetime.now(UTC))
+        except psycopg.Error:
+            log.exception("the roster snapshot was not refreshed; the previous one stays in use")
 
     def _send_receipt(self, receipt: AlarmReceipt) -> None:
         body = {"msg_id": receipt.msg_id, "incident": receipt.incident_code, "state": receipt.state}
@@ -389,8 +514,10 @@ def build_hub(
     metrics_port: int | None,
     hub_id: str | None = None,
     leave: bool = False,
+    spool: bool = True,
 ) -> tuple[Hub, Upkeep]:
-    """A hub wired to liveness (sightings in every transaction) and its upkeep ticks."""
+    """A hub wired to liveness (sightings in every transaction), its upkeep ticks and,
+    unless ``spool`` is False, its alarm spool in SHOUHU_SPOOL_DIR."""
     defaults = LivenessDefaults.from_settings(settings)
     hub_name = hub_id or settings.hub_id
     upkeep = Upkeep(
@@ -410,5 +537,6 @@ def build_hub(
         record_sightings=lambda conn, sightings: record_sightings(conn, sightings, defaults),
         on_tick=upkeep.tick,
         leave=leave,
+        spool=Spool.from_settings(settings.model_copy(update={"hub_id": hub_name})) if spool else None,
     )
     return hub, upkeep

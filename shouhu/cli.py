@@ -582,6 +582,9 @@ def up(
     with ExitStack() as stack:
         if demo:
             settings = _demo_providers(settings, stack)
+        if data_dir is not None and not settings.data_dir:
+            # --data-dir also holds the hub's alarm spool (SHOUHU_SPOOL_DIR's default).
+            settings = settings.model_copy(update={"data_dir": str(data_dir.resolve())})
         url = settings.database_url
         if not url:
             directory = (data_dir or default_data_dir(settings.data_dir)).resolve()

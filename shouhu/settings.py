@@ -93,12 +93,14 @@ class Settings(BaseSettings):
 
     @property
     def spool_path(self) -> Path:
-        """``SHOUHU_SPOOL_DIR``, or ``spool`` under the data directory ``shouhu up`` uses."""
+        """``SHOUHU_SPOOL_DIR``, or ``spool/<SHOUHU_HUB_ID>`` under the data directory
+        ``shouhu up`` uses: one spool per hub identity, so two hubs on one host (or in
+        one test run) never share a journal, and a restarted hub finds its own."""
         if self.spool_dir:
             return Path(self.spool_dir)
         from shouhu.embedded.defaults import default_data_dir  # the embedded package is heavier
 
-        return default_data_dir(self.data_dir) / "spool"
+        return default_data_dir(self.data_dir) / "spool" / self.hub_id
 
     @property
     def zone(self) -> ZoneInfo:

@@ -18,7 +18,7 @@ from shouhu.embedded.postgres import LocalPostgres, debian_bin_dirs, wheel_bin_d
 from shouhu.migrations import MigrationContext, migrate
 from simulators.phone_network import create_phone_network
 from tests.escalation_support import PHONE_SID, PHONE_TOKEN
-from tests.services import STARTED_PROCESSES, Mosquitto, serve_app, start_postgres
+from tests.services import STARTED_PROCESSES, Mosquitto, serve_app, session_data_dir, start_postgres
 
 TEMPLATE = "shouhu_template"
 DEMO_COUNTY = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
@@ -77,6 +77,21 @@ def any_postgres(request: pytest.FixtureRequest) -> LocalPostgres:
 def any_database_url(any_postgres: LocalPostgres) -> Iterator[str]:
     """A freshly migrated database on each PostgreSQL version in turn."""
     yield from fresh_database(any_postgres)
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _own_data_directory() -> Iterator[None]:
+    """In-process hubs (``Settings()``) keep their spools in the session's scratch data
+    directory, never in the machine's /var/lib/shouhu or ~/.local/share/shouhu."""
+    import os
+
+    previous = os.environ.get("SHOUHU_DATA_DIR")
+    os.environ["SHOUHU_DATA_DIR"] = str(session_data_dir())
+    yield
+    if previous is None:
+        os.environ.pop("SHOUHU_DATA_DIR", None)
+    else:
+        os.environ["SHOUHU_DATA_DIR"] = previous
 
 
 @pytest.fixture(scope="session", autouse=True)

@@ -240,12 +240,24 @@ SHOUHU_BIN = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "sho
 
 
 def shouhu_env(**settings: str) -> dict[str, str]:
-    """The process environment with only the given SHOUHU_* settings."""
+    """The process environment with only the given SHOUHU_* settings, and a data
+    directory of the test session's own (never the machine's /var/lib/shouhu)."""
     import os
 
     env = {k: v for k, v in os.environ.items() if not k.startswith("SHOUHU_")}
+    env["SHOUHU_DATA_DIR"] = str(session_data_dir())
     env.update(settings)
     return env
+
+
+_SESSION_DATA_DIR: list[Path] = []
+
+
+def session_data_dir() -> Path:
+    """One scratch data directory for the test session (hub spools live under it, one per hub id)."""
+    if not _SESSION_DATA_DIR:
+        _SESSION_DATA_DIR.append(scratch_dir("shouhu-data-"))
+    return _SESSION_DATA_DIR[0]
 
 
 def http_status(url: str) -> int:

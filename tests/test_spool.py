@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 import shutil
 import stat
 import time
@@ -538,12 +539,17 @@ def test_sos_while_postgresql_is_stopped_immediate_is_paged_then_reconciled(
 
 
 def test_the_spool_directory_defaults_under_the_data_directory(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
+    """One spool per hub identity under the data directory; SHOUHU_SPOOL_DIR overrides it."""
+    monkeypatch.setenv("SHOUHU_DATA_DIR", str(tmp_path / "data"))
+    monkeypatch.setenv("SHOUHU_HUB_ID", "hub-east")
     monkeypatch.delenv("SHOUHU_SPOOL_DIR", raising=False)
+    assert Settings(_env_file=None).spool_path == tmp_path / "data" / "spool" / "hub-east"  # type: ignore[call-arg]
+    monkeypatch.delenv("SHOUHU_DATA_DIR")
+    monkeypatch.setenv("XDG_DATA_HOME", str(tmp_path))
     settings = Settings(_env_file=None)  # type: ignore[call-arg]
-    if settings.spool_path.is_relative_to(Path("/var/lib/shouhu")):
-        assert settings.spool_path == Path("/var/lib/shouhu/spool")  # as root
+    if os.geteuid() == 0:
+        assert settings.spool_path == Path("/var/lib/shouhu/spool/hub-east")
     else:
-        assert settings.spool_path == tmp_path / "shouhu" / "spool"
+        assert settings.spool_path == tmp_path / "shouhu" / "spool" / "hub-east"
     monkeypatch.setenv("SHOUHU_SPOOL_DIR", str(tmp_path / "elsewhere"))
     assert Settings(_env_file=None).spool_path == tmp_path / "elsewhere"  # type: ignore[call-arg]

@@ -1,0 +1,131 @@
+"""An SOS while PostgreSQL is down, end to end (issue 12): `shouhu hub` and `shouhu router`
+processes, a real Mosquitto, the phone-network simulator, and a PostgreSQL crashed with
+`pg_ctl stop -m immediate`.
+
+The hub fsyncs the press to its spool and pages the first step from its roster
+snapshot within 10 s; when PostgreSQL returns the spool is reconciled into exactly one
+incident carrying the code the pages carried, nobody gets a second first page, and the
+chain goes on (the guardians are paged when the step's wait runs out)."""
+
+from __future__ import annotations
+
+import time
+import uuid
+from collections.abc import Iterator
+from typing import Any
+
+import httpx
+import pytest
+
+from shouhu.embedded.postgres import LocalPostgres, free_port
+from simulators.wristband import Wristband
+from tests.escalation_support import PHONE_SID, PHONE_TOKEN
+from tests.services import Mosquitto, ShouhuProcess, session_data_dir, shouhu_env
+from tests.test_hub import query, wait_until
+from tests.test_ingest_faults import own_postgres  # noqa: F401  (the fixture)
+
+ACK_TIMEOUT_S = 6
+
+
+@pytest.fixture
+def stack(own_postgres: tuple[LocalPostgres, str], broker: Mosquitto) -> Iterator[dict[str, Any]]:  # noqa: F811
+    cluster, url = own_postgres
+    phone_port, hub_metrics, router_metrics = free_port(), free_port(), free_port()
+    hub_id = f"spool-e2e-{uuid.uuid4().hex[:6]}"
+    env = shouhu_env(
+        SHOUHU_DATABASE_URL=url,
+        SHOUHU_MQTT_URL=broker.url,
+        SHOUHU_HUB_ID=hub_id,
+        SHOUHU_TWILIO_ACCOUNT_SID=PHONE_SID,
+        SHOUHU_TWILIO_AUTH_TOKEN=PHONE_TOKEN,
+        SHOUHU_TWILIO_FROM="+12025550100",
+        SHOUHU_TWILIO_API_BASE=f"http://127.0.0.1:{phone_port}",
+        SHOUHU_ACK_TIMEOUT_S=str(ACK_TIMEOUT_S),
+    )
+    processes = [
+        ShouhuProcess(
+            ["simulate", "phone-network", "--port", str(phone_port)],
+            env,
+            ready_url=f"http://127.0.0.1:{phone_port}/_sim/calls",
+        ),
+        ShouhuProcess(
+            ["hub"], {**env, "SHOUHU_METRICS_PORT": str(hub_metrics)}, ready_url=f"http://127.0.0.1:{hub_metrics}/readyz"
+        ),
+        ShouhuProcess(
+            ["router"],
+            {**env, "SHOUHU_METRICS_PORT": str(router_metrics)},
+            ready_url=f"http://127.0.0.1:{router_metrics}/readyz",
+        ),
+    ]
+    try:
+        for process in processes:
+            process.start()
+        yield {
+            "cluster": cluster,
+            "url": url,
+            "broker": broker,
+            "phone": f"http://127.0.0.1:{phone_port}",
+            "spool": session_data_dir() / "spool" / hub_id,
+            "hub": processes[1],
+        }
+    finally:
+        for process in processes:
+            process.stop()
+
+
+def calls(phone: str) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{phone}/_sim/calls").json())
+
+
+def messages(phone: str) -> list[dict[str, Any]]:
+    return list(httpx.get(f"{phone}/_sim/messages").json())
+
+
+def test_an_sos_while_postgres_is_down_is_paged_from_the_spool_and_reconciled(stack: dict[str, Any]) -> None:
+    phone, url = stack["phone"], stack["url"]
+    wait_until((stack["spool"] / "roster.json").exists, timeout=15, what="the hub's first roster snapshot")
+    stack["cluster"].stop("immediate")  # a crash of the database
+    band = Wristband(stack["broker"].url, "wb-0001", resend_s=2.0)
+    try:
+        pressed = time.monotonic()
+        msg_id = band.alarm("sos", action="press")
+        first = wait_until(lambda: calls(phone), timeout=15, what="a call placed from the spool")
+        assert float(first[0]["monotonic"]) - pressed < 10.0, "the first page must go out within 10 s of the press"
+        receipt = band.wait_for_receipt(msg_id, timeout=10)
+        assert receipt is not None
+        assert receipt["state"] == "spooled"
+        code = receipt["incident"]
+        spool_sms = wait_until(
+            lambda: [m for m in messages(phone) if code in m["body"]], what="the spool's SMS with its code"
+        )
+        first_step = {m["to"] for m in spool_sms}
+        assert "spooled" in stack["hub"].output()
+
+        stack["cluster"].start()
+        wait_until(lambda: query(url, "SELECT code FROM incidents"), timeout=30, what="the reconciled incident")
+        assert query(url, "SELECT code, state FROM incidents") == [(code, "open")]
+        attempts = query(
+            url, "SELECT address, channel, state FROM notification_attempts WHERE step = 0 AND round = 0"
+        )
+        assert first_step <= {address for address, _channel, _state in attempts}
+        # The chain goes on from there: the guardians when the first step's wait runs out.
+        guardians = {
+            row[0]
+            for row in query(
+                url,
+                "SELECT g.phone FROM guardians g JOIN devices d ON d.resident_id = g.resident_id WHERE d.id = %s",
+                "wb-0001",
+            )
+        }
+        wait_until(
+            lambda: {c["to"] for c in calls(phone)} & guardians, timeout=ACK_TIMEOUT_S + 20, what="the guardians"
+        )
+        placed = calls(phone)
+    finally:
+        band.close()
+    # Nobody paged from the spool was paged a second time by the router's first step.
+    for number in first_step:
+        assert sum(1 for c in placed if c["to"] == number) == 1, f"{number} got a second first page"
+    assert query(url, "SELECT count(*) FROM incidents") == [(1,)]
+    events = {r[0] for r in query(url, "SELECT event FROM incident_events")}
+    assert "spool_paged" in events or any("spool" in e for e in events), events
