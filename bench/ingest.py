@@ -33,7 +33,7 @@ second run at a lower load (--context-rate, default 2,000 msg/s) gives context.
 Also printed: CPU used by consumer, broker and PostgreSQL over each drain, the hubs'
 bulk-lane busy time (from their /metrics), and the peak RSS of each hub (psutil).
 
-    .venv/bin/python -m bench.ingest --messages 50000
+    .venv/bin/python -m bench.ingest --messages 60000
 """
 
 from __future__ import annotations
@@ -62,9 +62,10 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
+from hub.mqtt import alarm_client_id
 from shouhu.embedded.postgres import create_database, free_port, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
-from simulators.wristband import alarm_payload
+from simulators.wristband import alarm_payload, publish_raw
 from tests.services import SHOUHU_BIN, STARTED_PROCESSES, Mosquitto, ShouhuProcess, shouhu_env, start_postgres
 
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
@@ -383,19 +384,34 @@ def hubs_cpu(running: list[tuple[ShouhuProcess, int]]) -> float:
     return sum(sum(psutil.Process(hub.process.pid).cpu_times()[:2]) for hub, _ in running if hub.process is not None)
 
 
-def hub_drain(stack: Stack, count: int, hub_ids: list[str]) -> Drain:
-    """Sessions first (start, ready, SIGKILL), then the backlog, then restart and time the commits."""
+def clear_hub_sessions(port: int, hub_id: str) -> None:
+    """Both sessions of a hub: the bulk one (its id) and the alarm one (``<id>-alarm``)."""
+    clear_session(port, hub_id)
+    clear_session(port, alarm_client_id(hub_id))
+
+
+def hub_drain(stack: Stack, count: int, hub_ids: list[str], sos_device: str | None = None) -> Drain:
+    """Sessions first (start, ready, SIGKILL), then the backlog, then restart and time the commits.
+
+    With ``sos_device``, an SOS is pressed after the backlog is queued: the time from
+    spawning the hub to its incident committed is the issue-12 measure (an SOS behind
+    a telemetry backlog), reported in the drain's detail.
+    """
     for hub_id in hub_ids:
-        clear_session(stack.broker.port, hub_id)
+        clear_hub_sessions(stack.broker.port, hub_id)
     first_run = [stack.hub(hub_id, wait_ready=True)[0] for hub_id in hub_ids]
     for hub in first_run:
         hub.kill(9)  # session and its $share subscriptions stay in the broker
     rate = publish_backlog(stack.broker.port, count)
+    if sos_device is not None:
+        publish_raw(stack.broker.url, f"shouhu/v1/wristband/{sos_device}/sos", alarm_payload("sos"))
+    sos_seconds: float | None = None
     broker_process = psutil.Process(stack.broker.process.pid if stack.broker.process else 0)
     with psycopg.connect(stack.url, autocommit=True) as conn:
         baseline = stack.telemetry_rows(conn)
         spawned = datetime.now(UTC)
         broker_before, postgres_before = sum(broker_process.cpu_times()[:2]), postgres_cpu(stack)
+        spawned_monotonic = time.monotonic()
         running = [stack.hub(hub_id, wait_ready=False) for hub_id in hub_ids]
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         cpu_at_first_row: float | None = None
@@ -405,6 +421,8 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str]) -> Drain:
                 cpu_at_first_row = hubs_cpu(running)
             lock_samples.append(lock_waiters(conn))
             stack.sample_rss([hub for hub, _ in running])
+            if sos_device is not None and sos_seconds is None and sos_opened(conn, sos_device):
+                sos_seconds = time.monotonic() - spawned_monotonic
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{hub_ids}: not all {count} rows committed in {DRAIN_TIMEOUT_S:.0f} s")
             time.sleep(0.02)
@@ -427,7 +445,7 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str]) -> Drain:
     for hub, _ in running:
         hub.stop()
     for hub_id in hub_ids:
-        clear_session(stack.broker.port, hub_id)
+        clear_hub_sessions(stack.broker.port, hub_id)
     name = "one shouhu hub" if len(hub_ids) == 1 else f"{len(hub_ids)} shouhu hubs sharing $share/shouhu/…"
     detail = (
         f"spawn → first message {(first_received - spawned).total_seconds():.2f} s; "
@@ -437,9 +455,19 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str]) -> Drain:
         f" ms per batch; PostgreSQL CPU {pg_cpu / seconds:.0%} of a core; a backend waiting on a row lock in"
         f" {sum(1 for n in lock_samples if n) / max(len(lock_samples), 1):.0%} of {len(lock_samples)} samples"
     )
+    if sos_device is not None:
+        detail += (
+            f"; an SOS pressed behind the backlog: incident committed {sos_seconds:.2f} s after the hub was spawned"
+            if sos_seconds is not None
+            else "; the SOS pressed behind the backlog was committed only after the whole backlog"
+        )
     if direct:
         detail += f"; {direct} hub(s) fell back to a direct telemetry subscription (share probe behind the backlog)"
     return Drain(name, count, rate, seconds, hub_cpu, broker_cpu, detail)
+
+
+def sos_opened(conn: psycopg.Connection[tuple[Any, ...]], device_id: str) -> bool:
+    return conn.execute("SELECT 1 FROM incidents WHERE device_id = %s", (device_id,)).fetchone() is not None
 
 
 @dataclass
@@ -577,7 +605,7 @@ def report(drains: list[Drain], sos: list[SosResult], peak_rss: dict[str, int], 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--messages", type=int, default=50_000, help="backlog size per consumer")
+    parser.add_argument("--messages", type=int, default=60_000, help="backlog size per consumer")
     parser.add_argument("--load-rate", type=float, default=5_500, help="telemetry msg/s during the SOS presses")
     parser.add_argument(
         "--context-rate", type=float, default=2_000, help="a second SOS run at this lower load, for context (0: skip)"
@@ -604,7 +632,7 @@ def main() -> None:
         ]
         print(drain_line(drains[0], drains[0].seconds), flush=True)
         print(drain_line(drains[1], drains[1].seconds), flush=True)
-        drains.append(hub_drain(stack, args.messages, ["bench-hub"]))
+        drains.append(hub_drain(stack, args.messages, ["bench-hub"], sos_device="wb-0240"))
         print(drain_line(drains[-1], drains[-1].seconds), flush=True)
         drains.append(hub_drain(stack, args.messages, ["bench-hub-a", "bench-hub-b"]))
         print(drain_line(drains[-1], drains[-1].seconds), flush=True)

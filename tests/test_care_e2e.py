@@ -43,11 +43,14 @@ def technicians_around_the_clock(path: Path) -> Path:
 
 
 @pytest.fixture
-def stack(database_url: str, mosquitto: Mosquitto, tmp_path: Path) -> Iterator[dict[str, Any]]:
+def stack(database_url: str, broker: Mosquitto, tmp_path: Path) -> Iterator[dict[str, Any]]:
+    # A broker of its own: camera health travels the hubs' shared subscription, and on
+    # the session broker earlier tests' stopped hubs keep their shares parked (as they
+    # should: a stop keeps a hub's session), so a report could wait for a hub that is gone.
     # Short holds so the loop closes in seconds; the router sweeps well inside them.
     registry = technicians_around_the_clock(tmp_path / "county.yaml")
     yield from shouhu_stack(
-        database_url, mosquitto, name="care-e2e", registry=registry, SHOUHU_CAMERA_OFFLINE_HOLD_S="2"
+        database_url, broker, name="care-e2e", registry=registry, SHOUHU_CAMERA_OFFLINE_HOLD_S="2"
     )
 
 
