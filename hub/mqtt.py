@@ -72,7 +72,7 @@ LEGACY_BULK_SUBSCRIPTIONS = (
 UNSUPPORTED_PROTOCOL = 132  # CONNACK reason code (MQTT 5) for "Unsupported protocol version"
 # Larger than the shipped broker's limit (deploy/mosquitto/mosquitto.conf), so what
 # the broker lets through reaches the hub and is dead-lettered there if over 64 KiB.
-MAX_PACKET_BYTES = 1024 * 1024
+MAX_PACKET_BYTES = 4 * 1024 * 1024
 
 
 def probe_topic(hub_id: str) -> str:

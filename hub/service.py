@@ -302,6 +302,8 @@ class Hub:
         assert self.on_tick is not None
         try:
             self.on_tick()
+        except psycopg.OperationalError as exc:  # an outage: one line a second, not a traceback
+            log.warning("hub tick skipped: database unavailable (%s)", str(exc).splitlines()[0])
         except Exception:  # the heartbeat must not take the hub down; it retries next second
             log.exception("hub tick failed")
 

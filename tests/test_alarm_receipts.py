@@ -165,3 +165,50 @@ def test_broker_sigkilled_with_presses_queued_loses_none_of_a_wristband_that_wai
     assert len(sent) == 150
     assert set(sent) <= stored
     assert query(county_url, "SELECT count(*) FROM incidents") == [(15,)]
+
+
+def test_an_oversized_sos_through_the_shipped_broker_is_paged_and_past_its_cap_is_never_receipted(
+    county_url: str,
+) -> None:
+    """A 1 MiB SOS (issue 12, item 7: it used to vanish) reaches the hub through the
+    shipped configuration and is paged as unreadable, its bytes dead-lettered as
+    `oversized`. Past the broker's 2 MiB cap Mosquitto 2.0.11 drops it silently (a
+    PUBACK, no log line): it never reaches the hub, so no receipt is ever sent for it —
+    a wristband following the receipt protocol is where that loss shows."""
+    directory = scratch_dir("shouhu-oversize-")
+    port = free_port()
+    conf = shipped_broker(directory, port)
+    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_port(port)
+    url, metrics_port = f"mqtt://127.0.0.1:{port}", free_port()
+    hub_process = ShouhuProcess(
+        ["hub"],
+        shouhu_env(
+            SHOUHU_DATABASE_URL=county_url,
+            SHOUHU_MQTT_URL=url,
+            SHOUHU_HUB_ID=f"hub-{uuid.uuid4().hex[:6]}",
+            SHOUHU_METRICS_PORT=str(metrics_port),
+        ),
+        ready_url=f"http://127.0.0.1:{metrics_port}/readyz",
+    ).start()
+    listener = ReceiptListener(port, "wb-0066")
+    try:
+        one_mib = json.dumps({"msg_id": str(uuid.uuid4()), "ts": "2026-12-03T10:00:00+08:00", "action": "press",
+                              "x": "a" * (1024 * 1024)}).encode()
+        publish_raw(url, "shouhu/v1/wristband/wb-0066/sos", one_mib)
+        wait_until(lambda: listener.receipts, timeout=15, what="the 1 MiB SOS receipted")
+        assert query(county_url, "SELECT kind, payload_unreadable FROM incidents") == [("sos", True)]
+        assert query(county_url, "SELECT reason, length(payload) FROM dead_letters") == [("oversized", len(one_mib))]
+        past_cap = b"x" * (2 * 1024 * 1024 + 1)
+        publish_raw(url, "shouhu/v1/wristband/wb-0067/sos", past_cap)  # the broker acknowledges it
+        fine = alarm_payload("sos", action="press")
+        publish_raw(url, "shouhu/v1/wristband/wb-0067/sos", fine)  # and the next press still gets through
+        wait_until(
+            lambda: query(county_url, "SELECT count(*) FROM incidents WHERE device_id = 'wb-0067'") == [(1,)],
+            what="the next press of the same wristband",
+        )
+        assert query(county_url, "SELECT count(*) FROM dead_letters") == [(1,)]  # the 2 MiB one never arrived
+    finally:
+        listener.close()
+        hub_process.stop()
+        broker.kill()

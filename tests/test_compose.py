@@ -22,6 +22,7 @@ import pytest
 import typer.main
 import yaml
 
+from hub.mqtt import MAX_PACKET_BYTES
 from shouhu.settings import Settings, setting_env_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -451,8 +452,11 @@ def test_mosquitto_queues_survive_an_outage(mosquitto_conf: list[tuple[str, str]
     # >= 1 day (hub sessions), <= the ledger's 7 days (a redelivery is still a duplicate).
     assert 24 <= hours <= LEDGER_KEEP_HOURS
     limit = int(_single(mosquitto_conf, "message_size_limit"))
-    # Payloads just over 64 KiB must reach the hub to be dead-lettered with a reason.
+    # Payloads over 64 KiB must reach the hub to be dead-lettered with a reason (and an
+    # oversized SOS paged): a 1 MiB one too, and the hub must accept what the broker passes.
     assert limit == 0 or limit > CONTRACT_MAX_PAYLOAD
+    assert limit == 0 or limit > 1024 * 1024 + 1024
+    assert limit < MAX_PACKET_BYTES
 
 
 def test_mosquitto_listeners_authenticate_and_the_health_check_can_connect(

@@ -73,6 +73,20 @@ def stack(own_postgres: tuple[LocalPostgres, str], broker: Mosquitto) -> Iterato
             process.stop()
 
 
+def metric_text(url: str) -> str:
+    try:
+        return httpx.get(url, timeout=2).text
+    except httpx.HTTPError:
+        return ""
+
+
+def metric_value(url: str, name: str) -> float:
+    for line in metric_text(url).splitlines():
+        if line.startswith(f"{name} "):
+            return float(line.split()[1])
+    return 0.0
+
+
 def calls(phone: str) -> list[dict[str, Any]]:
     return list(httpx.get(f"{phone}/_sim/calls").json())
 
@@ -129,3 +143,45 @@ def test_an_sos_while_postgres_is_down_is_paged_from_the_spool_and_reconciled(st
     assert query(url, "SELECT count(*) FROM incidents") == [(1,)]
     events = {r[0] for r in query(url, "SELECT event FROM incident_events")}
     assert "spool_paged" in events or any("spool" in e for e in events), events
+
+
+def test_a_hub_sigkilled_during_the_outage_pages_nobody_twice_and_reconciles_after_restart(
+    stack: dict[str, Any],
+) -> None:
+    """The spool survives the hub: a SIGKILL after the spool's page, a new hub started
+    while PostgreSQL is still down (the broker redelivers the unacknowledged press),
+    then the database back: one incident, and the spool's people paged once."""
+    phone, url, hub = stack["phone"], stack["url"], stack["hub"]
+    wait_until((stack["spool"] / "roster.json").exists, timeout=15, what="the hub's first roster snapshot")
+    stack["cluster"].stop("immediate")
+    band = Wristband(stack["broker"].url, "wb-0002", resend_s=1.0)
+    try:
+        msg_id = band.alarm("sos", action="press")
+        receipt = band.wait_for_receipt(msg_id, timeout=15)
+        assert receipt is not None
+        code = receipt["incident"]
+        first_step = wait_until(
+            lambda: {m["to"] for m in messages(phone) if code in m["body"]}, what="the spool's SMS"
+        )
+        paged_calls = len(calls(phone))
+        hub.kill(9)
+        restarted = ShouhuProcess(hub.args, hub.env, ready_url=None).start()
+        try:
+            metrics = f"http://127.0.0.1:{hub.env['SHOUHU_METRICS_PORT']}/metrics"
+            # The broker redelivers the press the killed hub never acknowledged; the
+            # restarted hub's spool already holds it and does not page it again.
+            wait_until(
+                lambda: metric_value(metrics, "shouhu_spool_redeliveries_total") >= 1,
+                timeout=20,
+                what="the redelivered press recognised by the restarted hub's spool",
+            )
+            stack["cluster"].start()
+            wait_until(lambda: query(url, "SELECT code FROM incidents"), timeout=30, what="the reconciled incident")
+        finally:
+            restarted.stop()
+    finally:
+        band.close()
+    assert query(url, "SELECT code FROM incidents") == [(code,)]
+    assert len(calls(phone)) >= paged_calls
+    for number in first_step:
+        assert sum(1 for m in messages(phone) if m["to"] == number and code in m["body"]) == 1, number
