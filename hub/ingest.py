@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, TypeGuard, TypeVar
 
 import psycopg
@@ -191,6 +192,15 @@ class DatabaseUnavailable(Exception):
     """The database stayed away longer than the caller was willing to wait."""
 
 
+class StoreAlone(Enum):
+    """A group member whose savepoint failed: store it by itself, after the group commits."""
+
+    STORE_ALONE = "store_alone"
+
+
+STORE_ALONE = StoreAlone.STORE_ALONE
+
+
 class Writer:
     """Stores messages — one alarm, or one batch — per transaction, reconnecting as needed.
 
@@ -315,6 +325,52 @@ class Writer:
                 conn, topic.device_id, message.received_at, ack_timeout_s=self.config.ack_timeout_s
             )
             log.critical("alarm on %s could not be stored normally; fallback incident %s", message.topic, incident_id)
+
+    def store_group(
+        self, messages: Sequence[Received], *, outage_limit_s: float | None = None
+    ) -> list[AlarmReceipt | StoreAlone | None]:
+        """Commit several alarms in one transaction, each in a savepoint of its own.
+
+        A mass event (a thousand presses in two seconds) must not wait for a thousand
+        commits. One alarm whose storing fails costs only its savepoint; it comes back
+        as ``STORE_ALONE`` for the caller to store by itself after this commit (the
+        retries and the dead letter of ``store``). Nothing here is acknowledged: the
+        caller acknowledges each message after this returns, i.e. after the commit.
+        """
+        alone: set[int] = set()
+
+        def work(conn: Conn) -> list[AlarmReceipt | None]:
+            alone.clear()
+            receipts: list[AlarmReceipt | None] = []
+            for index, message in enumerate(messages):
+                try:
+                    with conn.transaction():
+                        receipts.append(store_message(conn, message, self.config, self.record_sightings))
+                except psycopg.OperationalError:
+                    raise
+                except Exception:
+                    if conn.broken or conn.closed:
+                        raise
+                    log.exception("storing %r in a group failed; it is stored alone", message.topic[:200])
+                    alone.add(index)
+                    receipts.append(None)
+            return receipts
+
+        started = time.monotonic()
+        try:
+            receipts = self._committed(work, outage_limit_s)
+        except DatabaseUnavailable:
+            raise
+        except Exception:
+            log.exception("a group of %d alarms failed to commit; storing them one by one", len(messages))
+            self._reset()
+            return [STORE_ALONE] * len(messages)
+        metrics.ALARM_GROUP_SIZE.observe(len(messages))
+        done = time.monotonic()
+        for message in messages:
+            metrics.COMMIT_SECONDS.labels(self.lane).observe(done - message.monotonic)
+        log.debug("%d alarms committed together in %.1f ms", len(messages), 1000 * (done - started))
+        return [STORE_ALONE if index in alone else receipt for index, receipt in enumerate(receipts)]
 
     def store_batch(self, messages: Sequence[Received], *, outage_limit_s: float | None = None) -> None:
         """Commit a batch of non-alarm messages; one that breaks the batch is stored alone."""
