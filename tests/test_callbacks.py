@@ -383,6 +383,16 @@ def test_calls_that_always_fail_while_the_sms_is_delivered_keep_the_step_to_its_
     assert guardians <= {c["to"] for c in calls(stack.phone)}
 
 
+def call_the_grid_worker(stack: Stack, answer: str) -> Page:
+    """An SOS; the grid worker's first call goes out, and its callee answers so."""
+    sos(stack)
+    stack.router.run_due_steps()
+    [page] = pages(stack.db, "voice")
+    stack.behave(page.address, answer=answer)
+    stack.router.send_pending()
+    return page
+
+
 @pytest.mark.parametrize(
     ("answer", "state", "call_status", "event"),
     [
@@ -395,12 +405,7 @@ def test_calls_that_always_fail_while_the_sms_is_delivered_keep_the_step_to_its_
 def test_a_call_nobody_pressed_on_fails_and_is_retried_with_backoff(
     stack: Stack, answer: str, state: str, call_status: str, event: str
 ) -> None:
-    sos(stack)
-    stack.router.run_due_steps()
-    [page] = pages(stack.db, "voice")
-    stack.behave(page.address, answer=answer)
-
-    stack.router.send_pending()
+    page = call_the_grid_worker(stack, answer)
 
     [hook] = stack.wait_for_webhooks(1)
     assert (hook["params"]["CallStatus"], hook["status"]) == (call_status, 200)
@@ -437,12 +442,7 @@ def test_a_call_that_ends_without_1_or_2_is_not_reached_and_is_retried(
     stack: Stack, answer: str, digits: str | None
 ) -> None:
     """A wrong key (5, # alone) or a hang-up without a key: retried like a busy line (issue 13)."""
-    sos(stack)
-    stack.router.run_due_steps()
-    [page] = pages(stack.db, "voice")
-    stack.behave(page.address, answer=answer)
-
-    stack.router.send_pending()
+    page = call_the_grid_worker(stack, answer)
 
     hooks = stack.wait_for_webhooks(1 if digits is None else 2)
     if digits is not None:
