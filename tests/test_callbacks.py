@@ -909,7 +909,8 @@ def test_a_resident_with_control_characters_in_the_database_is_still_paged_clean
 
         keypress, _status = stack.wait_for_webhooks(2)
         assert (keypress["kind"], keypress["status"], keypress["params"]["Digits"]) == ("keypress", 200, "2")
-        [call] = calls(stack.phone)
+        # The decline may already have paged the guardians (send_due runs the router again).
+        [call] = [c for c in calls(stack.phone) if c["to"] == page.address]
         said_text = ET.fromstring(call["twiml"]).findtext("Gather/Say") or ""
         assert "王 奶奶<&>，地址东关村1组 1号，" in said_text
         [sms] = [m for m in messages(stack.phone) if m["to"] == page.address]
@@ -924,5 +925,6 @@ def test_a_resident_with_control_characters_in_the_database_is_still_paged_clean
         [alert] = platform_alerts(platform)
         assert schema.is_valid(alert["xml"].encode())
         assert alert["resident_name"] == "王 奶奶<&>"
-        for guardian_call in calls(stack.phone)[1:]:
-            assert gather_action(guardian_call["twiml"]) is not None
+        later = [c for c in calls(stack.phone) if c["to"] != page.address]
+        assert later  # the guardians
+        assert all(gather_action(c["twiml"]) is not None for c in later)
