@@ -12,7 +12,6 @@ from typing import Any
 import psycopg
 from prometheus_client import REGISTRY
 
-from hub.liveness import LivenessDefaults, record_sightings
 from hub.service import Hub, LaneFailed
 from hub.sightings import Sighting
 from simulators.wristband import alarm_payload, publish_raw
@@ -65,20 +64,25 @@ def test_a_mass_event_commits_alarms_in_groups_and_one_failing_alarm_costs_only_
     county_url: str, mosquitto: Mosquitto
 ) -> None:
     """Thirty presses queue up while a lock holds the first commit; then they commit in
-    groups (a savepoint each). One whose storing raises is stored alone afterwards, and
-    after its retries dead-lettered with the operators' fallback incident; the others
-    are each their resident's one incident with one first step."""
-
-    def sink(conn: psycopg.Connection[Any], sightings: Sequence[Sighting]) -> None:
-        if any(s.device_id == "wb-0105" for s in sightings):
-            raise ValueError("a bug that only this wristband's sighting trips")
-        record_sightings(conn, sightings, LivenessDefaults(60, 3))
-
+    groups (a savepoint each). One that the database refuses (a trigger, for one
+    wristband) is stored alone afterwards, and after its retries dead-lettered with the
+    operators' fallback incident; the others are each their resident's one incident
+    with one first step."""
+    with psycopg.connect(county_url) as conn:
+        conn.execute(
+            """
+            CREATE FUNCTION refuse_one() RETURNS trigger LANGUAGE plpgsql AS $$
+            BEGIN
+                IF NEW.device_id = 'wb-0105' AND NEW.kind = 'sos' THEN
+                    RAISE EXCEPTION 'a fault only this wristband trips';
+                END IF;
+                RETURN NEW;
+            END $$;
+            CREATE TRIGGER refuse_one BEFORE INSERT ON incidents FOR EACH ROW EXECUTE FUNCTION refuse_one();
+            """
+        )
     groups_before = REGISTRY.get_sample_value("shouhu_hub_alarm_group_size_count") or 0.0
-    hub = Hub(county_url, mosquitto.url, f"hub-{uuid.uuid4().hex[:6]}", 120, record_sightings=sink)
-    thread = threading.Thread(target=hub.run, daemon=True)
-    thread.start()
-    assert hub.ready.wait(15)
+    hub, thread = start_hub(county_url, mosquitto.url)
     try:
         blocker = psycopg.connect(county_url)
         blocker.execute("LOCK TABLE incidents IN SHARE ROW EXCLUSIVE MODE")  # hold the first commit
