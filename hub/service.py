@@ -253,15 +253,19 @@ class Hub:
                 self._fail(f"the {thread.name} is not running")
 
     def is_ready(self) -> bool:
-        """``/readyz``: the probe came back, both lanes run, the alarm connection is up
-        and the database answers."""
+        """``/readyz``: the probe came back, both lanes run, the alarm connection is up,
+        the broker refused no subscription, and the database answers."""
         return (
             self.ready.is_set()
             and self._failure is None
+            and not self._refused_subscriptions()
             and all(thread.is_alive() for thread in self._lanes)
             and self.alarm_connection.connected.is_set()
             and self._database_answers()
         )
+
+    def _refused_subscriptions(self) -> dict[str, str]:
+        return {**self.alarm_connection.refused, **self.connection.refused}
 
     def _database_answers(self) -> bool:
         with self._database_lock:
@@ -374,8 +378,13 @@ class Hub:
     def _handle_alarm(self, message: Received) -> None:
         if message.topic == probe_topic(self.hub_id):
             if message.payload.decode(errors="replace") == self._probe_token and not self.ready.is_set():
-                self.ready.set()
-                log.info("hub %s ready: the start-up probe came back", self.hub_id)
+                refused = self._refused_subscriptions()
+                if refused:
+                    # The probe's SUBSCRIBE went before its PUBLISH: every SUBACK is in.
+                    log.error("hub %s not ready: the broker refused %s", self.hub_id, refused)
+                else:
+                    self.ready.set()
+                    log.info("hub %s ready: the start-up probe came back", self.hub_id)
             self.alarm_connection.ack(message)
             return
         if self._database_down:
