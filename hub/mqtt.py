@@ -306,6 +306,7 @@ class HubConnection:
             return
         with self._lock:
             self.generation += 1
+            self._subscribing = {}  # SUBACKs owed by an earlier connection never come
         if self.generation > 1 and not flags.session_present:
             # The broker lost our session: whatever it queued for us while we were
             # away is gone. Counted and logged; the ledger covers duplicates only.
@@ -316,10 +317,16 @@ class HubConnection:
         self.connected.set()
 
     def _subscribe(self, client: mqtt.Client, topic: str) -> None:
-        result, mid = client.subscribe(topic, qos=1)
-        if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
-            with self._lock:
+        # Under the lock: the SUBACK may come back before `subscribe` returns.
+        with self._lock:
+            result, mid = client.subscribe(topic, qos=1)
+            if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
                 self._subscribing[mid] = topic
+
+    def subscribed(self) -> bool:
+        """Connected, and the broker has answered every subscription of this connection."""
+        with self._lock:
+            return self.connected.is_set() and not self._subscribing
 
     def _on_subscribe(
         self,

@@ -102,6 +102,8 @@ class Hub:
     leave: bool = False
     # Pages an SOS while the database is down (hub/spool.py); None: wait for the database.
     spool: Spool | None = None
+    # Share telemetry among hubs when the broker can (SHOUHU_HUB_SHARED); False: direct.
+    share_subscriptions: bool = True
 
     def __post_init__(self) -> None:
         config = IngestConfig(self.hub_id, self.ack_timeout_s, self.cancel_window_s)
@@ -179,7 +181,7 @@ class Hub:
                 _version(self.connection),
             )
             self.connection.unsubscribe(LEGACY_BULK_SUBSCRIPTIONS)
-            self.shared = self._broker_shares()
+            self.shared = self.share_subscriptions and self._broker_shares()
             if not self.shared:
                 # Going direct: drop a shared subscription an earlier run left in the
                 # session, or the hub would get its share of telemetry twice.
@@ -253,14 +255,15 @@ class Hub:
                 self._fail(f"the {thread.name} is not running")
 
     def is_ready(self) -> bool:
-        """``/readyz``: the probe came back, both lanes run, the alarm connection is up,
-        the broker refused no subscription, and the database answers."""
+        """``/readyz``: the probe came back, both lanes run, both connections are up with
+        every subscription answered and none refused, and the database answers."""
         return (
             self.ready.is_set()
             and self._failure is None
             and not self._refused_subscriptions()
             and all(thread.is_alive() for thread in self._lanes)
-            and self.alarm_connection.connected.is_set()
+            and self.alarm_connection.subscribed()
+            and self.connection.subscribed()
             and self._database_answers()
         )
 
@@ -581,6 +584,7 @@ def build_hub(
         record_sightings=lambda conn, sightings: record_sightings(conn, sightings, defaults),
         on_tick=upkeep.tick,
         leave=leave,
+        share_subscriptions=settings.hub_shared,
         spool=Spool.from_settings(settings.model_copy(update={"hub_id": hub_name})) if spool else None,
     )
     return hub, upkeep

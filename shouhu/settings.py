@@ -34,6 +34,10 @@ class Settings(BaseSettings):
     mqtt_url: str = ""
     database_url: str = ""
     hub_id: str = Field(default_factory=_default_hub_id, min_length=1, max_length=64)
+    # Telemetry and health through `$share/shouhu/…` (several hubs split them). A lone
+    # hub may turn it off: Mosquitto 2.0.11 restores only direct subscriptions after a
+    # broker restart, so a direct one loses nothing published before the hub is back.
+    hub_shared: bool = True
     # Where the hub keeps SOS presses it could not store (the database down) and the
     # roster snapshot it pages them from (hub/spool.py). Empty: ``<data dir>/spool``.
     spool_dir: str = ""

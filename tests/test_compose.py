@@ -393,9 +393,9 @@ def test_every_setting_is_in_the_compose_file_and_nothing_else(raw: dict[str, An
     for name in APP_SERVICES:
         missing = set(shared) - _env_keys(services[name])
         assert not missing, f"{name} does not get x-shouhu-env: {sorted(missing)}"
-    # The hub gets every setting; SHOUHU_HUB_ID is its own, not shared.
+    # The hub gets every setting; SHOUHU_HUB_ID and SHOUHU_HUB_SHARED are its own, not shared.
     assert known - _env_keys(services["hub"]) == set()
-    assert known - set(shared) <= {"SHOUHU_HUB_ID"}
+    assert known - set(shared) <= {"SHOUHU_HUB_ID", "SHOUHU_HUB_SHARED"}
 
 
 def test_compose_defaults_match_the_settings_defaults(raw: dict[str, Any]) -> None:
