@@ -7,11 +7,12 @@ fields. A request that fails the check is answered 403 before anything is read o
 written. While no auth token is configured, every request is refused, because
 an empty key would let anyone sign.
 
-Each request does its database work in one transaction. The router commits a
-call's sid only once Twilio's 201 is back, and Twilio may call back before that.
-So a keypress waits on its attempt's row lock, and a status for a sid not yet known
-waits for the sends to that number that are still in flight. Neither is lost to
-that race.
+Each request does its database work in one transaction, taking the incident's row
+first (the lock order of ``alerts/attempts.py``). The router commits a call's sid
+only once Twilio's 201 is back, and Twilio may call back before that; no lock is
+held across that send, so nothing here waits for it. A keypress or a status for an
+attempt still in flight (its URL names the attempt) records the sid Twilio gives it.
+Neither is lost to that race, and neither waits on another channel.
 """
 
 from __future__ import annotations
@@ -36,6 +37,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 from twilio.twiml.voice_response import VoiceResponse
 
 from alerts.acknowledge import Actor, Result, acknowledge, decline
+from alerts.attempts import lock_incident
 from alerts.dispatch import attempt_by_id
 from alerts.incidents import CODE_ALPHABET, CODE_LENGTH
 from alerts.notifiers.twilio import (
@@ -134,19 +136,6 @@ def _person(conn: Conn, kind: str, person_id: str) -> Actor | None:
         row = conn.execute("SELECT name, phone FROM guardians WHERE id = %s", (person_id,)).fetchone()
         return Actor("guardian", person_id, row[0], row[1], "guardian") if row else None
     return None
-
-
-def _hold_pending_sends(conn: Conn, incident_id: int) -> None:
-    """Wait for the incident's sends in flight, and hold its pending attempts.
-
-    A router holds an attempt's row while it calls the provider, then takes the
-    incident's row to record the send. Acknowledging takes the incident first, then
-    cancels the pending attempts. Taking the attempts first keeps the routers' order.
-    """
-    conn.execute(
-        "SELECT id FROM notification_attempts WHERE incident_id = %s AND state = 'pending' ORDER BY id FOR UPDATE",
-        (incident_id,),
-    )
 
 
 def _answer(conn: Conn, incident_id: int, actor: Actor, going: bool, result: Result) -> str:
@@ -249,24 +238,23 @@ def receive_keypress(request: Request, form: SignedForm, conn: ConnDep, now: Now
     again = signed_url(request)
 
     def work(conn: Conn) -> str:
-        # FOR UPDATE also waits out a router still recording this very call.
-        row = conn.execute(
-            "SELECT incident_id, channel, provider_id, recipient_kind, recipient_id"
-            " FROM notification_attempts WHERE id = %s FOR UPDATE",
-            (attempt_id,),
-        ).fetchone()
+        row = _lock_attempt(conn, "id = %s", (attempt_id,))
         if row is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"attempt {attempt_id} not found")
-        incident_id, channel, provider_id, kind, person_id = row
-        if channel != "voice" or not call_sid or provider_id != call_sid:
+        incident_id, channel, provider_id, kind, person_id, in_flight = row
+        # A call still in flight (the router has not had Twilio's answer yet) has no sid
+        # recorded: it takes the one Twilio signed for this attempt's keypress URL.
+        known = provider_id == call_sid or (provider_id is None and in_flight)
+        if channel != "voice" or not call_sid or not known:
             # Signed, but not this attempt's call: a replay onto another attempt.
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"call {call_sid!r} is not attempt {attempt_id}'s")
         actor = _person(conn, kind, person_id)
         if actor is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"attempt {attempt_id} paged nobody known")
-        _hold_pending_sends(conn, incident_id)
         conn.execute(
-            "UPDATE notification_attempts SET state = 'answered', updated_at = %s WHERE id = %s", (now, attempt_id)
+            "UPDATE notification_attempts SET state = 'answered', provider_id = coalesce(provider_id, %s),"
+            " updated_at = %s WHERE id = %s",
+            (call_sid, now, attempt_id),
         )
         detail = {"attempt_id": attempt_id, "provider_id": call_sid, "digit": digit}
         add_event(conn, incident_id, now, "keypress", actor.key, detail)
@@ -322,12 +310,47 @@ class DeliveryStatusPublic(BaseModel):
     """After a failure: retry, given_up, advanced (the next step paged now), or none."""
 
 
-def _attempt_by_sid(conn: Conn, channel: str, sid: str) -> tuple[Any, ...] | None:
+def _lock_attempt(conn: Conn, where: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The attempt found by ``where``, locked in the lock order: its incident first, then it.
+
+    (incident, channel, provider id, recipient kind, recipient id, in flight). No lock
+    is waited for while a provider is called: a router holds none across its send.
+    """
+    found = conn.execute(f"SELECT id, incident_id FROM notification_attempts WHERE {where}", params).fetchone()
+    if found is None:
+        return None
+    lock_incident(conn, int(found[1]))
     return conn.execute(
-        "SELECT id, incident_id, state FROM notification_attempts WHERE provider_id = %s AND channel = %s"
-        " ORDER BY id DESC LIMIT 1 FOR UPDATE",
+        "SELECT incident_id, channel, provider_id, recipient_kind, recipient_id,"
+        " state = 'pending' AND leased_by IS NOT NULL FROM notification_attempts WHERE id = %s FOR UPDATE",
+        (found[0],),
+    ).fetchone()
+
+
+def _attempt_by_sid(conn: Conn, channel: str, sid: str, attempt_id: int | None) -> tuple[Any, ...] | None:
+    """(id, incident, state) of the attempt ``sid`` reports on, locked (incident first).
+
+    The status URL names the attempt (``?attempt=``): a status that overtakes the
+    router's record of the sid binds it to that attempt while it is in flight, and
+    counts it as sent.
+    """
+    if attempt_id is not None:
+        row = _lock_attempt(conn, "id = %s AND channel = %s", (attempt_id, channel))
+        if row is not None and (row[2] == sid or (row[2] is None and row[5])):
+            if row[2] is None:
+                conn.execute("UPDATE notification_attempts SET provider_id = %s WHERE id = %s", (sid, attempt_id))
+            state = conn.execute("SELECT state FROM notification_attempts WHERE id = %s", (attempt_id,)).fetchone()
+            assert state is not None
+            return attempt_id, row[0], "sent" if row[5] else state[0]
+    row = _lock_attempt(conn, "provider_id = %s AND channel = %s ORDER BY id DESC LIMIT 1", (sid, channel))
+    if row is None:
+        return None
+    found = conn.execute(
+        "SELECT id, state FROM notification_attempts WHERE provider_id = %s AND channel = %s ORDER BY id DESC LIMIT 1",
         (sid, channel),
     ).fetchone()
+    assert found is not None
+    return found[0], row[0], found[1]
 
 
 def _event_name(provider_status: str, settlement: Settlement | None) -> str:
@@ -337,8 +360,12 @@ def _event_name(provider_status: str, settlement: Settlement | None) -> str:
 
 
 @router.post(STATUS_CALLBACK_PATH, responses=REFUSED)
-def receive_delivery_status(form: SignedForm, conn: ConnDep, now: Now) -> DeliveryStatusPublic:
+def receive_delivery_status(request: Request, form: SignedForm, conn: ConnDep, now: Now) -> DeliveryStatusPublic:
     """An SMS's or a call's progress: delivered, answered, busy, no answer, failed."""
+    try:
+        named: int | None = int(request.query_params.get("attempt", ""))
+    except ValueError:
+        named = None
     if form.get("MessageSid"):
         channel, sid = "sms", form["MessageSid"]
         provider_status = form.get("MessageStatus") or form.get("SmsStatus") or ""
@@ -349,20 +376,10 @@ def receive_delivery_status(form: SignedForm, conn: ConnDep, now: Now) -> Delive
     provider_status = provider_status.strip().lower()
     if not provider_status:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "no MessageStatus or CallStatus given")
-    to = form.get("To", "")
     error_code = form.get("ErrorCode") or None
 
     def work(conn: Conn) -> DeliveryStatusPublic:
-        row = _attempt_by_sid(conn, channel, sid)
-        if row is None and to:
-            # The callback may have overtaken the router's commit of this sid: wait
-            # for the sends in flight to this number, then look again.
-            conn.execute(
-                "SELECT id FROM notification_attempts WHERE state = 'pending' AND channel = %s AND address = %s"
-                " FOR SHARE",
-                (channel, to),
-            )
-            row = _attempt_by_sid(conn, channel, sid)
+        row = _attempt_by_sid(conn, channel, sid, named)
         if row is None:
             # 200 all the same: an error would only make Twilio try again.
             log.warning("status %r for unknown %s %s: nothing to update", provider_status, channel, sid)
@@ -483,7 +500,7 @@ def receive_sms_reply(request: Request, form: SignedForm, conn: ConnDep, now: No
             if reply.going is None:
                 log.info("SMS %s: %s followed by %r, neither 1 nor 2: help sent", message_sid, code, reply.digits)
                 return SMS_HELP
-            _hold_pending_sends(conn, incident_id)
+            lock_incident(conn, incident_id)  # before the timeline's insert: incident → attempts
             add_event(
                 conn,
                 incident_id,
