@@ -327,7 +327,9 @@ def _lock_attempt(conn: Conn, where: str, params: tuple[Any, ...]) -> tuple[Any,
     ).fetchone()
 
 
-def _attempt_by_sid(conn: Conn, channel: str, sid: str, attempt_id: int | None) -> tuple[Any, ...] | None:
+def _attempt_by_sid(
+    conn: Conn, channel: str, sid: str, attempt_id: int | None, to: str = ""
+) -> tuple[Any, ...] | None:
     """(id, incident, state) of the attempt ``sid`` reports on, locked (incident first).
 
     The status URL names the attempt (``?attempt=``): a status that overtakes the
@@ -342,7 +344,19 @@ def _attempt_by_sid(conn: Conn, channel: str, sid: str, attempt_id: int | None) 
             state = conn.execute("SELECT state FROM notification_attempts WHERE id = %s", (attempt_id,)).fetchone()
             assert state is not None
             return attempt_id, row[0], "sent" if row[5] else state[0]
-    row = _lock_attempt(conn, "provider_id = %s AND channel = %s ORDER BY id DESC LIMIT 1", (sid, channel))
+    where = "provider_id = %s AND channel = %s ORDER BY id DESC LIMIT 1"
+    row = _lock_attempt(conn, where, (sid, channel))
+    if row is None and to:
+        # Maybe a router is recording this sid right now: wait for the transactions that
+        # hold that number's pending attempts (a claim or a settle, never a send), holding
+        # no other lock meanwhile, and let go of those rows before looking again.
+        with conn.transaction(force_rollback=True):
+            conn.execute(
+                "SELECT id FROM notification_attempts WHERE state = 'pending' AND channel = %s AND address = %s"
+                " FOR SHARE",
+                (channel, to),
+            )
+        row = _lock_attempt(conn, where, (sid, channel))
     if row is None:
         return None
     found = conn.execute(
@@ -379,7 +393,7 @@ def receive_delivery_status(request: Request, form: SignedForm, conn: ConnDep, n
     error_code = form.get("ErrorCode") or None
 
     def work(conn: Conn) -> DeliveryStatusPublic:
-        row = _attempt_by_sid(conn, channel, sid, named)
+        row = _attempt_by_sid(conn, channel, sid, named, form.get("To", ""))
         if row is None:
             # 200 all the same: an error would only make Twilio try again.
             log.warning("status %r for unknown %s %s: nothing to update", provider_status, channel, sid)
