@@ -104,7 +104,7 @@ def _keep(conn: Conn, purpose: AttemptPurpose, incident_id: int, state: str) -> 
             " WHERE incident_id = %s AND purpose = 'cap_alert'",
             (incident_id,),
         ).fetchone()
-        sent, pending = (alerts or (None, None))
+        sent, pending = alerts or (None, None)
         if not sent and pending:
             return False, None  # the Alert is still on its way (or retrying): the Update follows it
         if not sent:

@@ -97,6 +97,7 @@ _ATTEMPTS = """
     LEFT JOIN residents r ON r.id = i.resident_id
 """
 
+
 class Dispatcher:
     """Sends what the escalation queued, through the notifiers it was given.
 
@@ -140,23 +141,22 @@ class Dispatcher:
                 attempt = attempt_by_id(conn, lease.attempt_id)
                 assert attempt is not None
                 alert = self._cap_alert(conn, attempt) if attempt.channel is Channel.WEBHOOK else None
-                work.append((lease, attempt, alert, self._is_first_page(conn, attempt)))
+                work.append((lease, attempt, alert, self._is_first_page(conn, attempt, lease.sends)))
         for lease, attempt, alert, first in work:
             self._send_one(conn, lease, attempt, alert, first)
         return len(leases)
 
-    def _is_first_page(self, conn: Conn, attempt: PendingAttempt) -> bool:
-        if not (attempt.purpose is AttemptPurpose.PAGE and attempt.round == 0 and attempt.step == 0):
+    def _is_first_page(self, conn: Conn, attempt: PendingAttempt, sends: int) -> bool:
+        """The incident's first page, counted once even with several senders: the lowest page
+        attempt of the first step, on its first try and first send."""
+        if attempt.purpose is not AttemptPurpose.PAGE or attempt.attempt != 1 or sends != 1:
             return False
-        if attempt.attempt != 1:
-            return False
-        # The incident's first page: the first of its first step's pages to be claimed.
         row = conn.execute(
-            "SELECT count(*) FROM notification_attempts WHERE incident_id = %s AND purpose = 'page'"
-            " AND round = 0 AND step = 0 AND (sends > 0 OR sent_at IS NOT NULL) AND id <> %s",
-            (attempt.incident_id, attempt.id),
+            "SELECT min(id) = %s AND bool_and(sent_at IS NULL) FROM notification_attempts"
+            " WHERE incident_id = %s AND purpose = 'page' AND round = 0 AND step = 0",
+            (attempt.id, attempt.incident_id),
         ).fetchone()
-        return bool(row and row[0] == 0)
+        return bool(row and row[0])
 
     def _send_one(
         self, conn: Conn, lease: Lease, attempt: PendingAttempt, alert: PlatformAlert | None, first: bool

@@ -613,8 +613,11 @@ class Router:
                 listener = None
                 self.stopping.wait(1.0)
         self._wake()
+        # A sender in a provider call ends within its hard timeout; do not wait longer
+        # than that for all of them together (they are daemon threads).
+        deadline = time.monotonic() + 12
         for thread in threads:
-            thread.join(15)
+            thread.join(max(deadline - time.monotonic(), 0))
         if listener is not None:
             listener.close()
         self.close()

@@ -284,9 +284,6 @@ class TwilioNotifier:
     def _create(self, delivery: Delivery) -> str | None:
         """Create the Message or Call resource; returns its sid."""
         status_callback = self.public_url + STATUS_CALLBACK_PATH
-        if delivery.attempt_id > 0:
-            # Named, so a status that overtakes the router's record of the sid still finds its attempt.
-            status_callback += f"?attempt={delivery.attempt_id}"
         if delivery.channel is Channel.SMS:
             resource = self.client.messages.create(
                 to=delivery.to,

@@ -10,8 +10,9 @@ an empty key would let anyone sign.
 Each request does its database work in one transaction, taking the incident's row
 first (the lock order of ``alerts/attempts.py``). The router commits a call's sid
 only once Twilio's 201 is back, and Twilio may call back before that; no lock is
-held across that send, so nothing here waits for it. A keypress or a status for an
-attempt still in flight (its URL names the attempt) records the sid Twilio gives it.
+held across that send, so nothing here waits for it. A keypress (its URL names the
+attempt) or a status (the one attempt in flight to that number) for an attempt still
+in flight records the sid Twilio gives it.
 Neither is lost to that race, and neither waits on another channel.
 """
 
@@ -327,29 +328,19 @@ def _lock_attempt(conn: Conn, where: str, params: tuple[Any, ...]) -> tuple[Any,
     ).fetchone()
 
 
-def _attempt_by_sid(
-    conn: Conn, channel: str, sid: str, attempt_id: int | None, to: str = ""
-) -> tuple[Any, ...] | None:
+def _attempt_by_sid(conn: Conn, channel: str, sid: str, to: str) -> tuple[Any, ...] | None:
     """(id, incident, state) of the attempt ``sid`` reports on, locked (incident first).
 
-    The status URL names the attempt (``?attempt=``): a status that overtakes the
-    router's record of the sid binds it to that attempt while it is in flight, and
-    counts it as sent.
+    A status may overtake the router's record of the sid. While the send is in flight
+    (leased, no sid yet) the one attempt in flight on this channel to ``to`` takes the
+    sid and counts as sent; a router settling it right now is waited for.
     """
-    if attempt_id is not None:
-        row = _lock_attempt(conn, "id = %s AND channel = %s", (attempt_id, channel))
-        if row is not None and (row[2] == sid or (row[2] is None and row[5])):
-            if row[2] is None:
-                conn.execute("UPDATE notification_attempts SET provider_id = %s WHERE id = %s", (sid, attempt_id))
-            state = conn.execute("SELECT state FROM notification_attempts WHERE id = %s", (attempt_id,)).fetchone()
-            assert state is not None
-            return attempt_id, row[0], "sent" if row[5] else state[0]
     where = "provider_id = %s AND channel = %s ORDER BY id DESC LIMIT 1"
     row = _lock_attempt(conn, where, (sid, channel))
     if row is None and to:
-        # Maybe a router is recording this sid right now: wait for the transactions that
-        # hold that number's pending attempts (a claim or a settle, never a send), holding
-        # no other lock meanwhile, and let go of those rows before looking again.
+        # Wait for the transactions holding that number's pending attempts (a claim or a
+        # settle, never a send), holding no other lock meanwhile, and let go of those
+        # rows before looking again.
         with conn.transaction(force_rollback=True):
             conn.execute(
                 "SELECT id FROM notification_attempts WHERE state = 'pending' AND channel = %s AND address = %s"
@@ -357,6 +348,18 @@ def _attempt_by_sid(
                 (channel, to),
             )
         row = _lock_attempt(conn, where, (sid, channel))
+        if row is None:
+            flying = conn.execute(
+                "SELECT id FROM notification_attempts WHERE state = 'pending' AND leased_by IS NOT NULL"
+                " AND provider_id IS NULL AND channel = %s AND address = %s",
+                (channel, to),
+            ).fetchall()
+            if len(flying) == 1:
+                row = _lock_attempt(conn, "id = %s", (flying[0][0],))
+                if row is not None and row[2] is None and row[5]:
+                    conn.execute("UPDATE notification_attempts SET provider_id = %s WHERE id = %s", (sid, flying[0][0]))
+                    return flying[0][0], row[0], "sent"
+                row = _lock_attempt(conn, where, (sid, channel))
     if row is None:
         return None
     found = conn.execute(
@@ -374,12 +377,8 @@ def _event_name(provider_status: str, settlement: Settlement | None) -> str:
 
 
 @router.post(STATUS_CALLBACK_PATH, responses=REFUSED)
-def receive_delivery_status(request: Request, form: SignedForm, conn: ConnDep, now: Now) -> DeliveryStatusPublic:
+def receive_delivery_status(form: SignedForm, conn: ConnDep, now: Now) -> DeliveryStatusPublic:
     """An SMS's or a call's progress: delivered, answered, busy, no answer, failed."""
-    try:
-        named: int | None = int(request.query_params.get("attempt", ""))
-    except ValueError:
-        named = None
     if form.get("MessageSid"):
         channel, sid = "sms", form["MessageSid"]
         provider_status = form.get("MessageStatus") or form.get("SmsStatus") or ""
@@ -393,7 +392,7 @@ def receive_delivery_status(request: Request, form: SignedForm, conn: ConnDep, n
     error_code = form.get("ErrorCode") or None
 
     def work(conn: Conn) -> DeliveryStatusPublic:
-        row = _attempt_by_sid(conn, channel, sid, named, form.get("To", ""))
+        row = _attempt_by_sid(conn, channel, sid, form.get("To", ""))
         if row is None:
             # 200 all the same: an error would only make Twilio try again.
             log.warning("status %r for unknown %s %s: nothing to update", provider_status, channel, sid)
