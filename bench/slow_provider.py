@@ -71,13 +71,16 @@ def _press(url: str, device: str, tag: str) -> int:
     return outcome.incident_id
 
 
-def _first_pages(url: str, incidents: list[int]) -> list[float]:
+def _first_pages(
+    url: str, incidents: list[int], channels: tuple[str, ...] = ("voice", "sms", "console")
+) -> list[float]:
     with psycopg.connect(url) as conn:
         rows = conn.execute(
             "SELECT extract(epoch FROM min(a.sent_at) - i.opened_at)::float8 FROM incidents i"
             " JOIN notification_attempts a ON a.incident_id = i.id AND a.round = 0 AND a.step = 0"
-            " AND a.purpose = 'page' AND a.sent_at IS NOT NULL WHERE i.id = ANY(%s) GROUP BY i.id",
-            (incidents,),
+            " AND a.purpose = 'page' AND a.sent_at IS NOT NULL AND a.channel = ANY(%s)"
+            " WHERE i.id = ANY(%s) GROUP BY i.id",
+            (list(channels), incidents),
         ).fetchall()
     if len(rows) != len(incidents):
         raise RuntimeError(f"{len(incidents) - len(rows)} of {len(incidents)} new SOS had no first page")
@@ -98,8 +101,9 @@ def _lateness(url: str, incidents: list[int]) -> list[float]:
 
 def run_scenario(
     scenario: str, url: str, env: dict[str, str], bands: list[str], args: argparse.Namespace, phone: str, tag: str
-) -> tuple[list[float], list[float]]:
-    """One scenario on a fresh router process: (new SOS first-page delays, step lateness)."""
+) -> tuple[list[float], list[float], list[float]]:
+    """One scenario on a fresh router process: new SOS first-page delays (any channel; by
+    phone, empty with Twilio hung), and step lateness."""
     hung = HangingProvider() if scenario == "platform-hang" else None
     env = dict(env)
     if hung is not None:
@@ -119,6 +123,7 @@ def run_scenario(
             time.sleep(1 / args.rate)
         time.sleep(4.0)  # the new incidents' later steps
         firsts = _first_pages(url, new)
+        phoned = [] if scenario == "twilio-hang" else _first_pages(url, new, ("voice", "sms"))
         late = _lateness(url, early + new)
     finally:
         router.stop()
@@ -126,7 +131,7 @@ def run_scenario(
             hung.close()
         httpx.post(f"{phone}/_sim/faults", json={"to": "*", "fail": None}).raise_for_status()
         close_all(url)
-    return firsts, late
+    return firsts, phoned, late
 
 
 def _ms(values: list[float]) -> str:
@@ -153,7 +158,7 @@ def main() -> None:
     platform_app = create_emergency_platform(SECRET, announce=lambda _line: None)
     phone_server, platform_server = serve_app(phone_app), serve_app(platform_app)
     phone, platform = next(phone_server), next(platform_server)
-    results: dict[str, list[tuple[list[float], list[float]]]] = {s: [] for s in SCENARIOS}
+    results: dict[str, list[tuple[list[float], list[float], list[float]]]] = {s: [] for s in SCENARIOS}
     try:
         env = shouhu_env(
             SHOUHU_DATABASE_URL=url,
@@ -190,16 +195,22 @@ def main() -> None:
         f"load average (1, 5, 15 min): at the start {' '.join(f'{a:.2f}' for a in load_at_start)},"
         f" at the end {' '.join(f'{a:.2f}' for a in os.getloadavg())}"
     )
-    base_p99 = [percentile(firsts, 0.99) for firsts, _late in results["baseline"]]
+    for label, index in (("first page, any channel", 0), ("first page by voice or SMS", 1)):
+        print(f"{label}:")
+        base = [percentile(run[index], 0.99) for run in results["baseline"]]
+        for scenario in SCENARIOS:
+            if not results[scenario][0][index]:
+                print(f"{scenario:>16}: none (Twilio hung)")
+                continue
+            p99s = [percentile(run[index], 0.99) for run in results[scenario]]
+            line = f"{scenario:>16}: p99 {_spread([p * 1000 for p in p99s], ' ms')}"
+            if scenario != "baseline":
+                ratios = [p / b for p, b in zip(p99s, base, strict=True)]
+                line += f"; ÷ baseline p99 of the same round {_spread(ratios)}"
+            print(line)
+    print("step lateness (step started − due), max per run:")
     for scenario in SCENARIOS:
-        p99s = [percentile(firsts, 0.99) for firsts, _late in results[scenario]]
-        late_max = [max(late) for _firsts, late in results[scenario]]
-        line = f"{scenario:>14}: first page p99 {_spread([p * 1000 for p in p99s], ' ms')}"
-        line += f"; step lateness max {_spread(late_max, ' s')}"
-        if scenario != "baseline":
-            ratios = [p / b for p, b in zip(p99s, base_p99, strict=True)]
-            line += f"; p99 ÷ baseline p99 of the same round {_spread(ratios)}"
-        print(line)
+        print(f"{scenario:>16}: {_spread([max(run[2]) for run in results[scenario]], ' s')}")
 
 
 if __name__ == "__main__":
