@@ -7,6 +7,7 @@ whole, with errors that name the entry and the field, before anything is written
 
 from __future__ import annotations
 
+import re
 from datetime import time
 from pathlib import Path
 from typing import Annotated, Any
@@ -49,6 +50,52 @@ def _e164(value: str) -> str:
 
 Phone = Annotated[str, AfterValidator(_e164)]
 
+# C0 and C1 controls and DEL: Excel's in-cell line break (\x0b), a stray bell (\x07),
+# a NUL. XML 1.0 cannot carry most of them even escaped, so one in a name or an
+# address would make every call's TwiML for that resident malformed.
+_CONTROL = re.compile("[\x00-\x1f\x7f-\x9f]")
+# Line breaks and tabs an address may hold (pasted from a form or a spreadsheet
+# cell): folded into one space, since an address is said and texted on one line.
+_ADDRESS_BREAKS = re.compile(r"[ \t]*(?:\r\n|[\r\n\t])[ \t\r\n]*")
+
+
+def _control_problem(value: str, allowed: str = "") -> str | None:
+    found = sorted({char for char in _CONTROL.findall(value) if char not in allowed})
+    if not found:
+        return None
+    shown = ", ".join(repr(char) for char in found)
+    return f"control character {shown} is not allowed (a spreadsheet's in-cell line break is '\\x0b'): remove it"
+
+
+def _one_line(value: str) -> str:
+    problem = _control_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _address(value: str) -> str:
+    value = _ADDRESS_BREAKS.sub(" ", value).strip()
+    problem = _control_problem(value)
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+def _notes(value: str) -> str:
+    problem = _control_problem(value, allowed="\t\n\r")
+    if problem:
+        raise ValueError(problem)
+    return value
+
+
+# Free text: one line, no control character at all (names, relations, models).
+Line = Annotated[str, AfterValidator(_one_line)]
+# An address: line breaks and tabs become one space; any other control is refused.
+Address = Annotated[str, AfterValidator(_address)]
+# Medical notes (only the emergency platform sees them): may span lines.
+Notes = Annotated[str, AfterValidator(_notes)]
+
 
 class _Entry(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, str_strip_whitespace=True)
@@ -56,14 +103,14 @@ class _Entry(BaseModel):
 
 class AreaEntry(_Entry):
     id: EntryId
-    name: str = Field(min_length=1)
+    name: Line = Field(min_length=1)
     level: AreaLevel
     parent: EntryId | None = None
 
 
 class StaffEntry(_Entry):
     id: EntryId
-    name: str = Field(min_length=1)
+    name: Line = Field(min_length=1)
     role: StaffRole
     phone: Phone
     areas: list[EntryId] = Field(min_length=1)
@@ -103,20 +150,20 @@ class RosterEntry(_DailyWindow):
 
 class GuardianEntry(_Entry):
     id: EntryId
-    name: str = Field(min_length=1)
+    name: Line = Field(min_length=1)
     phone: Phone
-    relation: str = ""
+    relation: Line = ""
     priority: int = Field(default=1, ge=1)
 
 
 class ResidentEntry(_Entry):
     id: EntryId
-    name: str = Field(min_length=1)
+    name: Line = Field(min_length=1)
     grid: EntryId
-    address: str = Field(min_length=1)
+    address: Address = Field(min_length=1)
     lives_alone: bool = True
     phone: Phone | None = None
-    medical_notes: str = ""
+    medical_notes: Notes = ""
     lat: float | None = Field(default=None, ge=-90, le=90)
     lon: float | None = Field(default=None, ge=-180, le=180)
     guardians: list[GuardianEntry] = Field(default_factory=list)
@@ -127,7 +174,7 @@ class DeviceEntry(_Entry):
     kind: DeviceKind
     resident: EntryId | None = None
     area: EntryId | None = None
-    model: str = ""
+    model: Line = ""
     heartbeat_interval_s: int | None = Field(default=None, gt=0)
     heartbeat_misses: int | None = Field(default=None, ge=1)
 

@@ -274,7 +274,7 @@ def record_sightings_safely(conn: Conn, record: SightingSink, sightings: Sequenc
         # The database went away, not the bookkeeping: the whole transaction is lost
         # and must be retried by the caller, never reported as stored.
         raise
-    except psycopg.Error:
+    except Exception:  # a constraint, a bug: the savepoint is rolled back, the messages stay
         if conn.broken or conn.closed:
             raise
         metrics.LIVENESS_FAILURES.inc()

@@ -13,6 +13,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from enum import Enum
 from typing import Any, TypeGuard, TypeVar
 
 import psycopg
@@ -182,6 +183,26 @@ def store_message(
     return None
 
 
+def _alarm_sightings(conn: Conn, messages: Sequence[Received], record: SightingSink) -> None:
+    """A press proves its wristband alive: one liveness update for a group of alarms."""
+    devices: dict[str, Received] = {}
+    for message in messages:
+        topic = parse_topic(message.topic)
+        if isinstance(topic, Topic) and topic.kind is DeviceKind.WRISTBAND and not message.retain:
+            devices[topic.device_id] = message
+    if not devices:
+        return
+    rows = conn.execute(
+        "SELECT id FROM devices WHERE id = ANY(%s) AND kind = 'wristband'", (sorted(devices),)
+    ).fetchall()
+    sightings = [
+        Sighting(str(device_id), DeviceKind.WRISTBAND, devices[str(device_id)].received_at, True)
+        for (device_id,) in rows
+    ]
+    if sightings:
+        record_sightings_safely(conn, record, sightings)
+
+
 T = TypeVar("T")
 # A host that is unreachable (not just refusing) must not hold a lane for minutes.
 CONNECT_TIMEOUT_S = 3
@@ -189,6 +210,15 @@ CONNECT_TIMEOUT_S = 3
 
 class DatabaseUnavailable(Exception):
     """The database stayed away longer than the caller was willing to wait."""
+
+
+class StoreAlone(Enum):
+    """A group member whose savepoint failed: store it by itself, after the group commits."""
+
+    STORE_ALONE = "store_alone"
+
+
+STORE_ALONE = StoreAlone.STORE_ALONE
 
 
 class Writer:
@@ -315,6 +345,56 @@ class Writer:
                 conn, topic.device_id, message.received_at, ack_timeout_s=self.config.ack_timeout_s
             )
             log.critical("alarm on %s could not be stored normally; fallback incident %s", message.topic, incident_id)
+
+    def store_group(
+        self, messages: Sequence[Received], *, outage_limit_s: float | None = None
+    ) -> list[AlarmReceipt | StoreAlone | None]:
+        """Commit several alarms in one transaction, each in a savepoint of its own.
+
+        A mass event (a thousand presses in two seconds) must not wait for a thousand
+        commits. One alarm whose storing fails costs only its savepoint; it comes back
+        as ``STORE_ALONE`` for the caller to store by itself after this commit (the
+        retries and the dead letter of ``store``). Nothing here is acknowledged: the
+        caller acknowledges each message after this returns, i.e. after the commit.
+        """
+        alone: set[int] = set()
+
+        def work(conn: Conn) -> list[AlarmReceipt | None]:
+            alone.clear()
+            receipts: list[AlarmReceipt | None] = []
+            for index, message in enumerate(messages):
+                try:
+                    with conn.transaction():
+                        # Liveness once for the whole group, below: it is a third of an alarm's cost.
+                        receipts.append(store_message(conn, message, self.config, None))
+                except psycopg.OperationalError:
+                    raise
+                except Exception:
+                    if conn.broken or conn.closed:
+                        raise
+                    log.exception("storing %r in a group failed; it is stored alone", message.topic[:200])
+                    alone.add(index)
+                    receipts.append(None)
+            if self.record_sightings is not None:
+                stored = [m for i, m in enumerate(messages) if i not in alone and receipts[i] is not None]
+                _alarm_sightings(conn, stored, self.record_sightings)
+            return receipts
+
+        started = time.monotonic()
+        try:
+            receipts = self._committed(work, outage_limit_s)
+        except DatabaseUnavailable:
+            raise
+        except Exception:
+            log.exception("a group of %d alarms failed to commit; storing them one by one", len(messages))
+            self._reset()
+            return [STORE_ALONE] * len(messages)
+        metrics.ALARM_GROUP_SIZE.observe(len(messages))
+        done = time.monotonic()
+        for message in messages:
+            metrics.COMMIT_SECONDS.labels(self.lane).observe(done - message.monotonic)
+        log.debug("%d alarms committed together in %.1f ms", len(messages), 1000 * (done - started))
+        return [STORE_ALONE if index in alone else receipt for index, receipt in enumerate(receipts)]
 
     def store_batch(self, messages: Sequence[Received], *, outage_limit_s: float | None = None) -> None:
         """Commit a batch of non-alarm messages; one that breaks the batch is stored alone."""

@@ -53,3 +53,8 @@ LANE_ERRORS = Counter(
 PRUNED = Counter(
     "shouhu_hub_pruned_rows_total", "Rows deleted past retention (message_ledger, dead_letters), by table", ["table"]
 )
+ALARM_GROUP_SIZE = Histogram(
+    "shouhu_hub_alarm_group_size",
+    "Alarms committed together in one transaction (a mass event); 1 is the usual case",
+    buckets=(1, 2, 5, 10, 25, 50, 100),
+)

@@ -173,6 +173,10 @@ class HubConnection:
         # Set when the network thread could not hand a message over: the hub ends
         # rather than run on with a message it will never acknowledge.
         self.failed = threading.Event()
+        # Subscriptions the broker refused in its SUBACK (topic → reason): while any is
+        # refused the hub is not ready, and says why (an ACL, a broker limit).
+        self.refused: dict[str, str] = {}
+        self._subscribing: dict[int, str] = {}
         self._connack: ReasonCode | None = None
         self._connack_event = threading.Event()
         self._lock = threading.Lock()
@@ -196,6 +200,7 @@ class HubConnection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_subscribe = self._on_subscribe
         return client
 
     def _connect_properties(self) -> Properties | None:
@@ -307,8 +312,39 @@ class HubConnection:
             metrics.SESSIONS_LOST.inc()
             log.warning("%s reconnected without a session: messages queued meanwhile were lost", self.client_id)
         for topic in (*self.subscriptions, *self.extra_subscriptions):
-            client.subscribe(topic, qos=1)
+            self._subscribe(client, topic)
         self.connected.set()
+
+    def _subscribe(self, client: mqtt.Client, topic: str) -> None:
+        result, mid = client.subscribe(topic, qos=1)
+        if result == mqtt.MQTT_ERR_SUCCESS and mid is not None:
+            with self._lock:
+                self._subscribing[mid] = topic
+
+    def _on_subscribe(
+        self,
+        _client: mqtt.Client,
+        _userdata: Any,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        _properties: Properties | None,
+    ) -> None:
+        with self._lock:
+            topic = self._subscribing.pop(mid, None)
+        if topic is None:
+            return
+        failures = [code for code in reason_codes if code.is_failure]
+        if failures:
+            self.refused[topic] = str(failures[0])
+            log.error(
+                "the broker refused %s's subscription to %s (%s): the hub is not ready; check the broker's ACL"
+                " and limits for this client",
+                self.client_id,
+                topic,
+                failures[0],
+            )
+        else:
+            self.refused.pop(topic, None)
 
     def unsubscribe(self, topics: tuple[str, ...]) -> None:
         for topic in topics:
@@ -318,7 +354,7 @@ class HubConnection:
         """Subscribe now and on every reconnect."""
         self.extra_subscriptions = topics
         for topic in topics:
-            self.client.subscribe(topic, qos=1)
+            self._subscribe(self.client, topic)
 
     def leave_extra(self, timeout: float = 10.0) -> None:
         """Unsubscribe ``extra_subscriptions`` and wait for the broker to confirm."""

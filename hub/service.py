@@ -35,7 +35,7 @@ import psycopg
 from devices.contract import is_outbound
 from hub import metrics
 from hub.batch import SightingSink
-from hub.ingest import CONNECT_TIMEOUT_S, AlarmReceipt, DatabaseUnavailable, IngestConfig, Writer
+from hub.ingest import CONNECT_TIMEOUT_S, STORE_ALONE, AlarmReceipt, DatabaseUnavailable, IngestConfig, Writer
 from hub.liveness import LivenessDefaults, record_sightings
 from hub.mqtt import (
     ALARM_SUBSCRIPTIONS,
@@ -61,6 +61,9 @@ STATUS_INBOX_SIZE = 50_000
 BULK_INBOX_SIZE = 5_000
 BATCH_MAX = 500
 STATUS_BATCH_MAX = 200
+# Alarms already waiting when the lane takes one are committed with it, up to this many:
+# a mass event costs tens of commits, not a thousand; a lone SOS waits for nothing.
+ALARM_GROUP_MAX = 50
 BATCH_AGE_S = 0.1
 SHARE_PROBE_WAIT_S = 2.0
 DATABASE_CHECK_S = 1.0
@@ -250,15 +253,19 @@ class Hub:
                 self._fail(f"the {thread.name} is not running")
 
     def is_ready(self) -> bool:
-        """``/readyz``: the probe came back, both lanes run, the alarm connection is up
-        and the database answers."""
+        """``/readyz``: the probe came back, both lanes run, the alarm connection is up,
+        the broker refused no subscription, and the database answers."""
         return (
             self.ready.is_set()
             and self._failure is None
+            and not self._refused_subscriptions()
             and all(thread.is_alive() for thread in self._lanes)
             and self.alarm_connection.connected.is_set()
             and self._database_answers()
         )
+
+    def _refused_subscriptions(self) -> dict[str, str]:
+        return {**self.alarm_connection.refused, **self.connection.refused}
 
     def _database_answers(self) -> bool:
         with self._database_lock:
@@ -336,13 +343,48 @@ class Hub:
                 if statuses:
                     self._store_statuses(statuses)
                 continue
-            self._handle_alarm(message)
+            waiting = _take(self.alarm_inbox, ALARM_GROUP_MAX - 1)
+            if waiting:
+                self._handle_alarms([message, *waiting])
+            else:
+                self._handle_alarm(message)
+
+    def _handle_alarms(self, messages: list[Received]) -> None:
+        """Several alarms at once (a mass event): one transaction, then receipts and acks."""
+        alarms = [m for m in messages if m.topic != probe_topic(self.hub_id)]
+        for probe in (m for m in messages if m.topic == probe_topic(self.hub_id)):
+            self._handle_alarm(probe)
+        if self._database_down or len(alarms) < 2:
+            for alarm in alarms:
+                self._handle_alarm(alarm)
+            return
+        try:
+            results = self.alarm_writer.store_group(alarms, outage_limit_s=SPOOL_AFTER_S if self.spool else None)
+        except DatabaseUnavailable:
+            log.error("the database did not take %d alarms in %.1fs: paging from the spool", len(alarms), SPOOL_AFTER_S)
+            self._database_down = True
+            for alarm in alarms:
+                self._spool_or_defer(alarm)
+            return
+        for alarm, result in zip(alarms, results, strict=True):
+            if result is STORE_ALONE:
+                self._handle_alarm(alarm)  # its own transaction, retries and dead letter
+                continue
+            if result is not None:
+                self._send_receipt(result)
+            # PUBACK strictly after the group's commit returned.
+            self.alarm_connection.ack(alarm)
 
     def _handle_alarm(self, message: Received) -> None:
         if message.topic == probe_topic(self.hub_id):
             if message.payload.decode(errors="replace") == self._probe_token and not self.ready.is_set():
-                self.ready.set()
-                log.info("hub %s ready: the start-up probe came back", self.hub_id)
+                refused = self._refused_subscriptions()
+                if refused:
+                    # The probe's SUBSCRIBE went before its PUBLISH: every SUBACK is in.
+                    log.error("hub %s not ready: the broker refused %s", self.hub_id, refused)
+                else:
+                    self.ready.set()
+                    log.info("hub %s ready: the start-up probe came back", self.hub_id)
             self.alarm_connection.ack(message)
             return
         if self._database_down:

@@ -28,7 +28,11 @@ and demos drive the API's callbacks for real:
 
 - ``answer``: ``press1`` / ``press2`` answer the call and press that digit, posted
   to the TwiML's ``<Gather action>`` like Twilio, then the ``completed`` status;
-  ``voicemail`` answers without a keypress (only ``completed``); ``busy`` /
+  ``press5`` presses a key the call did not ask for, and ``press#`` the finishing
+  key alone (posted with empty ``Digits`` and ``FinishedOnKey`` ``#``): either way
+  the person then hangs up whatever the call says next, and the call ends
+  ``completed``; ``hangup`` answers and hangs up without a key, ``voicemail``
+  answers without a keypress (only ``completed`` for both); ``busy`` /
   ``no-answer`` end the call so, as the faults do;
 - ``answer_after_s``: how long it rings before the person answers (or the line ends);
 - ``unreachable``: a switched-off or unknown handset, the call ends ``failed``;
@@ -75,16 +79,26 @@ CALLBACK_TIMEOUT_S = 5.0
 
 Fault = Literal["busy", "no-answer", "error", "hang"]
 RequestKind = Literal["call", "sms"]
-Answer = Literal["press1", "press2", "voicemail", "busy", "no-answer", "unreachable"]
+Answer = Literal["press1", "press2", "press5", "press#", "hangup", "voicemail", "busy", "no-answer", "unreachable"]
 WebhookKind = Literal["status", "keypress", "inbound_sms", "twiml"]
 SmsOutcome = Literal["delivered", "undelivered"]
 Announce = Callable[[str], None]
 
-DIGIT_OF_ANSWER: dict[str, str] = {"press1": "1", "press2": "2"}
+# The keys pressed, as Twilio posts them: (Digits, FinishedOnKey). The finishing key
+# (#) alone ends the <Gather> with no digits.
+KEYS_OF_ANSWER: dict[str, tuple[str, str]] = {
+    "press1": ("1", ""),
+    "press2": ("2", ""),
+    "press5": ("5", ""),
+    "press#": ("", "#"),
+}
 # How a call ends, by the callee's behaviour.
 CALL_END_OF_ANSWER: dict[str, str] = {
     "press1": "completed",
     "press2": "completed",
+    "press5": "completed",
+    "press#": "completed",
+    "hangup": "completed",
     "voicemail": "completed",
     "busy": "busy",
     "no-answer": "no-answer",
@@ -426,21 +440,25 @@ class PhoneNetwork:
         if record.answer_after_s:
             # The person lets it ring: a simulated human, on the simulator's own thread.
             time.sleep(record.answer_after_s)
-        digit = DIGIT_OF_ANSWER.get(record.answer or "")
+        keys = KEYS_OF_ANSWER.get(record.answer or "")
         twiml = record.twiml
-        if twiml is None and record.url is not None and record.answer in ("press1", "press2", "voicemail"):
+        if twiml is None and record.url is not None and CALL_END_OF_ANSWER.get(record.answer or "") == "completed":
             # Answered, the call asks its Url what to say, as Twilio does: a signed POST.
             fetched = self.post_webhook("twiml", record.url, self._call_params(record, "in-progress"))
             twiml = fetched.reply if fetched.status == 200 else None
             self.announce(f"☎  {record.to} answered; TwiML from {record.url}: HTTP {fetched.status}")
-        if digit is not None:
+        if keys is not None:
+            digits, finished_on = keys
+            key = digits or finished_on
             action = gather_action(twiml)
             if action is None:
-                self.announce(f"✖  {record.to} would press {digit}, but call {record.sid} gathers no keypress")
+                self.announce(f"✖  {record.to} would press {key}, but call {record.sid} gathers no keypress")
             else:
-                params = self._call_params(record, "in-progress") | {"Digits": digit, "FinishedOnKey": ""}
+                params = self._call_params(record, "in-progress") | {"Digits": digits, "FinishedOnKey": finished_on}
                 pressed = self.post_webhook("keypress", action, params)
-                self.announce(f"☎  {record.to} pressed {digit} (call {record.sid}): HTTP {pressed.status}")
+                self.announce(f"☎  {record.to} pressed {key} (call {record.sid}): HTTP {pressed.status}")
+        elif record.answer == "hangup":
+            self.announce(f"☎  {record.to} answered and hung up without a key (call {record.sid})")
         elif record.answer == "voicemail":
             self.announce(f"☎  {record.to}: voicemail answered, no keypress (call {record.sid})")
         if record.status_callback is not None:

@@ -134,10 +134,12 @@ class MqttWireTap:
     whether) the client sent its PUBACK.
     """
 
-    def __init__(self, broker_port: int) -> None:
+    def __init__(self, broker_port: int, *, refuse_filters: frozenset[str] = frozenset()) -> None:
         import threading
 
         self.broker_port = broker_port
+        # A fault to inject: the broker's SUBACK for these topic filters says "refused".
+        self.refuse_filters = refuse_filters
         self.packets: list[Packet] = []
         self._lock = threading.Lock()
         self._server = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
@@ -162,10 +164,12 @@ class MqttWireTap:
                 return
             upstream = socket.create_connection(("127.0.0.1", self.broker_port))
             self._sockets += [client, upstream]
-            threading.Thread(target=self._pump, args=(client, upstream, "up"), daemon=True).start()
-            threading.Thread(target=self._pump, args=(upstream, client, "down"), daemon=True).start()
+            state: dict[str, Any] = {}  # per connection: protocol level, SUBSCRIBEs to refuse
+            threading.Thread(target=self._pump, args=(client, upstream, "up", state), daemon=True).start()
+            threading.Thread(target=self._pump, args=(upstream, client, "down", state), daemon=True).start()
 
-    def _pump(self, source: socket.socket, sink: socket.socket, direction: str) -> None:
+    def _pump(self, source: socket.socket, sink: socket.socket, direction: str, state: dict[str, Any]) -> None:
+        """Forward whole packets, decoding each; a SUBACK for a refused filter is rewritten."""
         buffer = b""
         while True:
             try:
@@ -178,6 +182,7 @@ class MqttWireTap:
                         s.shutdown(socket.SHUT_RDWR)
                 return
             buffer += data
+            out = b""
             while len(buffer) >= 2:
                 decoded = _remaining_length(buffer, 1)
                 if decoded is None:
@@ -185,14 +190,44 @@ class MqttWireTap:
                 length, offset = decoded
                 if len(buffer) < offset + length:
                     break
+                raw = buffer[: offset + length]
                 packet = _decode(direction, buffer[0], buffer[offset : offset + length])
                 with self._lock:
                     self.packets.append(packet)
+                out += self._fault(direction, raw, offset, state)
                 buffer = buffer[offset + length :]
             try:
-                sink.sendall(data)
+                sink.sendall(out)
             except OSError:
                 return
+
+    def _fault(self, direction: str, raw: bytes, offset: int, state: dict[str, Any]) -> bytes:
+        """Refuse (in the SUBACK) any SUBSCRIBE naming a filter in ``refuse_filters``."""
+        if not self.refuse_filters:
+            return raw
+        kind, body = raw[0] >> 4, raw[offset:]
+        if direction == "up" and kind == 1:  # CONNECT: remember the protocol level
+            name_length = int.from_bytes(body[:2], "big")
+            state["v5"] = body[2 + name_length] == 5
+        elif direction == "up" and kind == 8:  # SUBSCRIBE: packet id, [properties], filters
+            packet_id, index = int.from_bytes(body[:2], "big"), 2
+            if state.get("v5"):
+                properties, index = _remaining_length(body, index) or (0, index)
+                index += properties
+            while index < len(body):
+                length = int.from_bytes(body[index : index + 2], "big")
+                if body[index + 2 : index + 2 + length].decode(errors="replace") in self.refuse_filters:
+                    state.setdefault("refuse", set()).add(packet_id)
+                index += 2 + length + 1
+        elif direction == "down" and kind == 9:  # SUBACK: packet id, [properties], one code per filter
+            packet_id, index = int.from_bytes(body[:2], "big"), 2
+            if packet_id in state.get("refuse", set()):
+                if state.get("v5"):
+                    properties, index = _remaining_length(body, index) or (0, index)
+                    index += properties
+                refused = 0x87 if state.get("v5") else 0x80  # Not authorized / Failure
+                return raw[: offset + index] + bytes([refused]) * (len(body) - index)
+        return raw
 
     def seen(self, direction: str, kind: int, packet_id: int | None = None, topic: str | None = None) -> list[Packet]:
         with self._lock:

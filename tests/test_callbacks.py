@@ -9,6 +9,7 @@ the real database, with one clock, moved by the test, for the router and the API
 from __future__ import annotations
 
 import time
+import unicodedata
 import xml.etree.ElementTree as ET
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +20,7 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
+import xmlschema
 from fastapi.testclient import TestClient
 from twilio.request_validator import RequestValidator
 
@@ -29,6 +31,7 @@ from api.main import create_app
 from api.routes.callbacks import SMS_CALLBACK_PATH, SMS_HELP, Settlement, SmsReply, parse_sms_reply, settle
 from shouhu.embedded.postgres import free_port
 from simulators.emergency_platform import create_emergency_platform
+from simulators.phone_network import gather_action
 from tests.escalation_support import (
     DAY,
     FROM,
@@ -45,6 +48,7 @@ from tests.escalation_support import (
 )
 from tests.escalation_support import wristband_in as _wristband_in
 from tests.services import serve_app
+from tests.test_emergency_platform import cap_schema_path
 
 CALLBACK_DEADLINE_S = 10.0
 SECOND_WORKER = "+12125550142"  # not in the demo county (checked when added)
@@ -379,6 +383,16 @@ def test_calls_that_always_fail_while_the_sms_is_delivered_keep_the_step_to_its_
     assert guardians <= {c["to"] for c in calls(stack.phone)}
 
 
+def call_the_grid_worker(stack: Stack, answer: str) -> Page:
+    """An SOS; the grid worker's first call goes out, and its callee answers so."""
+    sos(stack)
+    stack.router.run_due_steps()
+    [page] = pages(stack.db, "voice")
+    stack.behave(page.address, answer=answer)
+    stack.router.send_pending()
+    return page
+
+
 @pytest.mark.parametrize(
     ("answer", "state", "call_status", "event"),
     [
@@ -391,12 +405,7 @@ def test_calls_that_always_fail_while_the_sms_is_delivered_keep_the_step_to_its_
 def test_a_call_nobody_pressed_on_fails_and_is_retried_with_backoff(
     stack: Stack, answer: str, state: str, call_status: str, event: str
 ) -> None:
-    sos(stack)
-    stack.router.run_due_steps()
-    [page] = pages(stack.db, "voice")
-    stack.behave(page.address, answer=answer)
-
-    stack.router.send_pending()
+    page = call_the_grid_worker(stack, answer)
 
     [hook] = stack.wait_for_webhooks(1)
     assert (hook["params"]["CallStatus"], hook["status"]) == (call_status, 200)
@@ -423,6 +432,96 @@ def test_a_call_nobody_pressed_on_fails_and_is_retried_with_backoff(
         (2, state),
         (3, "pending"),  # 60 s later
     ]
+
+
+@pytest.mark.parametrize(
+    ("answer", "digits"),
+    [("press5", "5"), ("press#", ""), ("hangup", None)],
+)
+def test_a_call_that_ends_without_1_or_2_is_not_reached_and_is_retried(
+    stack: Stack, answer: str, digits: str | None
+) -> None:
+    """A wrong key (5, # alone) or a hang-up without a key: retried like a busy line (issue 13)."""
+    page = call_the_grid_worker(stack, answer)
+
+    hooks = stack.wait_for_webhooks(1 if digits is None else 2)
+    if digits is not None:
+        keypress = hooks[0]
+        assert (keypress["kind"], keypress["status"], keypress["params"]["Digits"]) == ("keypress", 200, digits)
+        gather = ET.fromstring(keypress["reply"]).find("Gather")  # asked again, not taken
+        assert gather is not None
+        assert "请按1" in (gather.findtext("Say") or "")
+        assert [d["digit"] for _a, d in events(stack.db, "keypress")] == [digits]
+    status = hooks[-1]
+    assert (status["kind"], status["params"]["CallStatus"], status["status"]) == ("status", "completed", 200)
+    first = attempt(stack.db, page.id)
+    assert first.state == "no_keypress"
+    [(_actor, detail)] = events(stack.db, "delivery_no_keypress")
+    assert detail["provider_id"] == first.provider_id
+    retries = q(
+        stack.db,
+        "SELECT attempt, state, not_before FROM notification_attempts WHERE channel = 'voice' AND attempt > 1",
+    )
+    assert retries == [(2, "pending", DAY + timedelta(seconds=20))]
+    assert q(stack.db, "SELECT state, acknowledged_by FROM incidents") == [("open", None)]
+    assert events(stack.db, "declined") == []
+
+    stack.clock.advance(20)
+    stack.router.run_once()
+    assert [c["to"] for c in calls(stack.phone)] == [page.address, page.address]
+
+
+def test_wrong_keys_on_every_call_and_an_undelivered_sms_advance_the_step_at_once(stack: Stack) -> None:
+    """As for no answer: when every try to everyone in the step failed, the next step runs at once."""
+    case = sos(stack)
+    stack.router.run_due_steps()
+    [page] = pages(stack.db, "voice")
+    stack.behave(page.address, answer="press5", sms="undelivered")
+    guardians = phones_of_guardians(stack.db, case.resident)
+
+    stack.send_due()  # 0 s: keypress, call status, SMS status
+    stack.wait_for_webhooks(3)
+    stack.clock.advance(20)
+    stack.send_due()  # 20 s: the second tries
+    stack.wait_for_webhooks(6)
+    stack.clock.advance(60)
+    calls_before = len(calls(stack.phone))
+    stack.send_due()  # 80 s: the third and last tries
+    stack.wait_for_webhooks(9)
+    tries = q(
+        stack.db,
+        "SELECT channel, attempt, state FROM notification_attempts WHERE address = %s AND channel IN ('voice', 'sms')",
+        page.address,
+    )
+    ended = (("sms", "undelivered"), ("voice", "no_keypress"))
+    assert sorted(tries) == [(c, n, s) for c, s in ended for n in (1, 2, 3)]
+
+    stack.router.run_once()  # still 80 s: the guardians now, not at 120 s
+
+    assert {c["to"] for c in calls(stack.phone)[calls_before:]} == guardians | {page.address}
+    [(_actor, advanced)] = events(stack.db, "step_advanced")
+    assert advanced["step"] == 0
+    assert q(stack.db, "SELECT state FROM incidents") == [("open",)]
+
+
+def test_a_wrong_key_then_1_takes_it(stack: Stack) -> None:
+    """The call asks again after a wrong key; a 1 then acknowledges as a first 1 would."""
+    sos(stack)
+    stack.router.run_once()
+    [page] = pages(stack.db, "voice")
+    assert page.provider_id is not None
+    path = f"{KEYPRESS_CALLBACK_PATH}?attempt={page.id}"
+
+    five = stack.post_signed(path, {"CallSid": page.provider_id, "Digits": "5"})
+    one = stack.post_signed(path, {"CallSid": page.provider_id, "Digits": "1"})
+
+    assert (five.status_code, one.status_code) == (200, 200)
+    assert said(one.text).startswith("已确认，您已接单")
+    assert attempt(stack.db, page.id).state == "answered"
+    assert q(stack.db, "SELECT state, acknowledged_via FROM incidents") == [("acknowledged", "voice")]
+    completed = {"CallSid": page.provider_id, "CallStatus": "completed", "To": page.address}
+    assert stack.post_signed(STATUS_CALLBACK_PATH, completed).json()["handled"] == "recorded"
+    assert q(stack.db, "SELECT count(*) FROM notification_attempts WHERE attempt > 1") == [(0,)]  # no retry
 
 
 def test_the_same_status_callback_twice_retries_once(stack: Stack) -> None:
@@ -471,7 +570,7 @@ def test_a_keypress_for_another_call_is_refused_and_an_unknown_digit_asks_again(
     assert gather is not None
     assert gather.get("action") == stack.api + path
     assert "请按1" in (gather.findtext("Say") or "")
-    assert attempt(stack.db, page.id).state == "answered"
+    assert attempt(stack.db, page.id).state == "sent"  # not reached: a 9 is neither going nor cannot
     assert [d["digit"] for _a, d in events(stack.db, "keypress")] == ["9"]
     assert q(stack.db, "SELECT state FROM incidents") == [("open",)]
 
@@ -784,3 +883,48 @@ def test_the_voice_route_refuses_a_forged_request_and_never_answers_silence(stac
     unknown = stack.post_signed("/callbacks/twilio/voice?attempt=999999", {"CallSid": "CA1"})
     assert unknown.status_code == 200
     assert "请查看短信" in said(unknown.text)
+
+
+# --- text with control characters (issue 13) ------------------------------------------
+
+
+def test_a_resident_with_control_characters_in_the_database_is_still_paged_cleanly(stack: Stack) -> None:
+    """An older load, the API or a hand edit left Excel's line break and a bell in the
+    name and address: the call's TwiML is well formed (the simulator reads its <Gather>
+    and the press lands), the SMS is clean, and the CAP alert is valid against the schema."""
+    case = sos(stack)
+    with psycopg.connect(stack.db) as conn:
+        conn.execute(
+            "UPDATE residents SET name = %s, address = %s WHERE id = %s",
+            ("王\x0b奶奶<&>", "东关村\x071组\x0b1号", case.resident),
+        )
+    schema = xmlschema.XMLSchema(str(cap_schema_path()))
+    for platform in serve_app(create_emergency_platform(PLATFORM_SECRET, announce=lambda _line: None)):
+        stack.add_platform(platform)
+        stack.router.run_due_steps()
+        [page] = pages(stack.db, "voice")
+        stack.behave(page.address, answer="press2")  # "I cannot": the chain goes on to the platform
+
+        stack.send_due()
+
+        keypress, _status = stack.wait_for_webhooks(2)
+        assert (keypress["kind"], keypress["status"], keypress["params"]["Digits"]) == ("keypress", 200, "2")
+        # The decline may already have paged the guardians (send_due runs the router again).
+        [call] = [c for c in calls(stack.phone) if c["to"] == page.address]
+        said_text = ET.fromstring(call["twiml"]).findtext("Gather/Say") or ""
+        assert "王 奶奶<&>，地址东关村1组 1号，" in said_text
+        [sms] = [m for m in messages(stack.phone) if m["to"] == page.address]
+        assert "王 奶奶<&>（东关村1组 1号）" in sms["body"]
+        assert not [c for c in call["twiml"] + sms["body"] if unicodedata.category(c) == "Cc"]
+
+        for _ in range(4):  # the guardians (at once: the only grid worker declined), then the platform
+            stack.router.run_once()
+            if platform_alerts(platform):
+                break
+            stack.clock.advance(120)
+        [alert] = platform_alerts(platform)
+        assert schema.is_valid(alert["xml"].encode())
+        assert alert["resident_name"] == "王 奶奶<&>"
+        later = [c for c in calls(stack.phone) if c["to"] != page.address]
+        assert later  # the guardians
+        assert all(gather_action(c["twiml"]) is not None for c in later)

@@ -105,6 +105,26 @@ def test_bad_registry_file_loads_nothing_and_says_where(database_url: str, tmp_p
     assert "staff[0] (s1) field 'phone'" in result.stderr
 
 
+def test_a_control_character_in_a_name_is_refused_by_registry_load_and_loads_nothing(
+    database_url: str, tmp_path: Path
+) -> None:
+    bad = tmp_path / "excel.yaml"
+    # "\\v" is YAML's escape for \x0b, the line break Excel writes inside a cell.
+    bad.write_text(
+        "areas:\n  - {id: county, name: 县, level: county}\n"
+        "  - {id: g1, name: 一网格, level: grid, parent: county}\n"
+        'residents:\n  - {id: r1, name: "王\\v奶奶", grid: g1, address: "东关村\\a1号"}\n',
+        encoding="utf-8",
+    )
+    result = run_shouhu("registry", "load", str(bad), cwd=tmp_path, SHOUHU_DATABASE_URL=database_url)
+    assert result.returncode == 1
+    assert "nothing loaded" in result.stderr
+    assert "residents[0] (r1) field 'name': control character '\\x0b' is not allowed" in result.stderr
+    assert "residents[0] (r1) field 'address': control character '\\x07' is not allowed" in result.stderr
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT count(*) FROM areas").fetchone() == (0,)
+
+
 def test_no_database_is_a_clear_error(tmp_path: Path) -> None:
     # SHOUHU_DATA_DIR keeps the machine's own data directory (/var/lib/shouhu as root,
     # where a real `shouhu up` may have recorded a running database) out of the test.

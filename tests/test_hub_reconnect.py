@@ -3,6 +3,7 @@ session is logged and counted."""
 
 from __future__ import annotations
 
+import threading
 import uuid
 
 import psycopg
@@ -13,7 +14,7 @@ from simulators.wristband import alarm_payload, publish_raw
 from tests.services import Mosquitto, MqttWireTap
 from tests.test_hub import incidents, query, start_hub, wait_until
 
-PUBLISH = 3
+PUBLISH, PUBACK = 3, 4
 
 
 def metric(name: str) -> float:
@@ -76,3 +77,30 @@ def test_a_reconnect_without_a_session_is_logged_and_counted(
     finally:
         worker.stop()
         thread.join(10)
+
+
+def test_a_refused_sos_subscription_keeps_the_hub_not_ready_and_says_why(
+    county_url: str, broker: Mosquitto, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Issue 14: a broker that refuses the SOS subscription (an ACL, say) must not leave a
+    hub that reports ready while no SOS can reach it. The fault: the broker's SUBACK for
+    the SOS filter says "not authorized" (rewritten on the wire by the tap)."""
+    from hub.service import Hub
+
+    tap = MqttWireTap(broker.port, refuse_filters=frozenset({"shouhu/v1/+/+/sos/#"}))
+    hub = Hub(county_url, tap.url, f"hub-{uuid.uuid4().hex[:6]}", 120)
+    thread = threading.Thread(target=hub.run, daemon=True)
+    thread.start()
+    try:
+        probe = f"shouhu/hub/{hub.hub_id}/probe"
+        delivered = tap.wait_for("down", PUBLISH, topic=probe, timeout=15)
+        tap.wait_for("up", PUBACK, packet_id=delivered.packet_id)  # the probe was handled
+        assert not hub.ready.is_set()
+        assert not hub.is_ready()
+        assert "shouhu/v1/+/+/sos/#" in hub.alarm_connection.refused
+        assert "refused" in caplog.text
+        assert "shouhu/v1/+/+/sos/#" in caplog.text
+    finally:
+        hub.stop()
+        thread.join(15)
+        tap.close()

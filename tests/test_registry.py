@@ -185,6 +185,41 @@ def test_edit_updates_in_place(database_url: str, tmp_path: Path) -> None:
             lambda d: d.update(quiet_hours=[{"area": "g1", "start": "21:00", "end": "21:00"}]),
             "quiet_hours[0]: start and end are the same time",
         ),
+        # Control characters in free text (issue 13): each refusal names the row and the field.
+        (
+            lambda d: d["residents"][0].update(name="王\x0b奶奶"),
+            "residents[0] (r1) field 'name': control character '\\x0b' is not allowed",
+        ),
+        (
+            lambda d: d["residents"][1].update(address="东关村\x072组2号"),
+            "residents[1] (r2) field 'address': control character '\\x07' is not allowed",
+        ),
+        (
+            lambda d: d["residents"][1].update(address="东关村\x0b2组2号"),
+            "residents[1] (r2) field 'address': control character '\\x0b' is not allowed",
+        ),
+        (
+            lambda d: d["residents"][0].update(name="王\n奶奶"),
+            "residents[0] (r1) field 'name': control character '\\n'",
+        ),
+        (
+            lambda d: d["residents"][0]["guardians"][0].update(name="王\x00大"),
+            "residents[0] (r1).guardians[0] (r1-g1) field 'name': control character '\\x00'",
+        ),
+        (
+            lambda d: d["residents"][0]["guardians"][0].update(relation="儿\x1b子"),
+            "residents[0] (r1).guardians[0] (r1-g1) field 'relation': control character '\\x1b'",
+        ),
+        (lambda d: d["staff"][0].update(name="李\x9b网格"), "staff[0] (gw1) field 'name': control character '\\x9b'"),
+        (lambda d: d["areas"][3].update(name="一\t网格"), "areas[3] (g1) field 'name': control character '\\t'"),
+        (
+            lambda d: d["residents"][0].update(medical_notes="高血压\n\x07糖尿病"),
+            "residents[0] (r1) field 'medical_notes': control character '\\x07'",
+        ),
+        (
+            lambda d: d["devices"][0].update(model="X\x7f1"),
+            "devices[0] (wb-1) field 'model': control character '\\x7f'",
+        ),
     ],
 )
 def test_bad_file_names_entry_and_field_and_loads_nothing(
@@ -227,3 +262,12 @@ def test_shift_slots_wrap_midnight_and_week() -> None:
     assert 7 * 48 - 1 in night  # Sunday 23:30 slot
     day = shift_slots([1, 2, 3, 4, 5, 6, 7], time(0, 0), time(0, 0))
     assert len(day) == 7 * 48  # a shift ending at its start time is 24 h
+
+
+def test_line_breaks_in_an_address_fold_into_one_space_and_notes_keep_their_lines(tmp_path: Path) -> None:
+    """An address pasted over two lines is still one address: said and texted on one line."""
+    data = yaml.safe_load(yaml.safe_dump(SMALL))
+    data["residents"][0].update(address="东关村1组1号\r\n  3单元\t501", medical_notes="高血压\n糖尿病\t10年")
+    registry = parse_registry(_write(tmp_path, data))
+    assert registry.residents[0].address == "东关村1组1号 3单元 501"
+    assert registry.residents[0].medical_notes == "高血压\n糖尿病\t10年"

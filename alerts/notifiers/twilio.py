@@ -13,6 +13,7 @@ and everything else the client does (auth, form encoding, error parsing) is unch
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import requests
@@ -22,6 +23,7 @@ from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
 from alerts.notifiers.base import Delivery, Message, SendOutcome, SendResult
+from alerts.notifiers.text import plain_text
 from devices.kinds import SEVERITY_OF_KIND, Channel, IncidentKind, Severity
 from shouhu.settings import TWILIO_DEFAULT_API_BASE
 
@@ -81,6 +83,18 @@ def _clip(text: str, limit: int) -> str:
     return text if len(text) <= limit else text[: max(limit - 1, 0)] + "…"
 
 
+def _plain(message: Message) -> Message:
+    # Whatever the database holds, no control character reaches TwiML or an SMS.
+    return replace(
+        message,
+        incident_code=plain_text(message.incident_code),
+        resident_name=plain_text(message.resident_name),
+        address=plain_text(message.address),
+        callback_number=plain_text(message.callback_number),
+        notice=None if message.notice is None else plain_text(message.notice),
+    )
+
+
 def _sms(message: Message, name: str, address: str) -> str:
     kind = _kind(message)
     code = message.incident_code
@@ -95,8 +109,9 @@ def sms_text(message: Message) -> str:
     """The SMS for ``message``: at most 140 characters, clipping name then address if needed.
 
     The incident code and callback number are never clipped: they are how the
-    recipient answers.
+    recipient answers. Control characters are taken out first (``plain_text``).
     """
+    message = _plain(message)
     if message.notice is not None:
         return message.notice[:SMS_MAX_CHARS]
     name = _clip(message.resident_name, NAME_MAX_CHARS)
@@ -113,7 +128,8 @@ def _spelled(text: str) -> str:
 
 
 def voice_text(message: Message, *, keypress: bool) -> str:
-    """What the call says (once; the TwiML repeats it)."""
+    """What the call says (once; the TwiML repeats it), with no control character in it."""
+    message = _plain(message)
     kind = _kind(message)
     text = (
         f"守护{_headline(kind)}。{_subject(kind, message.resident_name)}，"

@@ -49,6 +49,7 @@ import requests
 
 from alerts.notifiers.base import SendOutcome, SendResult
 from alerts.notifiers.platform import CapMsgType, PlatformAlert, TriedContact
+from alerts.notifiers.text import plain_text
 from devices.kinds import SEVERITY_OF_KIND, IncidentKind, Severity
 
 if TYPE_CHECKING:
@@ -69,9 +70,6 @@ SENDER_NAME = "守护 独居老人守护平台"
 # CAP 1.2: identifier, sender (and each references entry) "MUST NOT include spaces,
 # commas or restricted characters (< and &)".
 _CAP_TOKEN = re.compile(r"[^\s,<&]+")
-# Characters XML 1.0 cannot carry at all, even escaped: a name typed with a stray
-# control character must not make the whole alert unparseable.
-_NOT_XML = re.compile("[\x00-\x08\x0b\x0c\x0e-\x1f\ud800-\udfff\ufffe\uffff]")
 
 _EVENT: dict[str, str] = {
     IncidentKind.SOS: "独居老人一键求助",
@@ -131,7 +129,9 @@ def _token(value: str, what: str) -> str:
 
 
 def _text(value: str) -> str:
-    return _NOT_XML.sub("", value)
+    # XML 1.0 cannot carry a control character at all, even escaped: one stray in a
+    # name must not make the whole alert unparseable. Lines (the description) stay.
+    return plain_text(value, multiline=True)
 
 
 def _location(alert: PlatformAlert) -> tuple[float, float] | None:
@@ -325,6 +325,14 @@ def cap_xml(
         raise ValueError("CAP Private scope needs addresses")
     if alert.msg_type is not CapMsgType.ALERT and not alert.references:
         raise ValueError(f"a CAP {alert.msg_type} must reference the alert it changes")
+    # Names and the address are one line wherever they appear (headline, parameters,
+    # areaDesc); every element's text is cleaned again by _text.
+    alert = dataclasses.replace(
+        alert,
+        resident_name=plain_text(alert.resident_name),
+        address=plain_text(alert.address),
+        area_name=plain_text(alert.area_name),
+    )
     root = ET.Element(f"{{{CAP_NAMESPACE}}}alert")
     _alert_block(root, alert, sender, addresses, zone)
     _info_block(_element(root, "info"), alert, zone)

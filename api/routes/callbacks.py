@@ -41,6 +41,7 @@ from alerts.acknowledge import Actor, Result, acknowledge, decline
 from alerts.attempts import lock_incident
 from alerts.dispatch import attempt_by_id
 from alerts.incidents import CODE_ALPHABET, CODE_LENGTH
+from alerts.notifiers.text import plain_text
 from alerts.notifiers.twilio import (
     GATHER_TIMEOUT_S,
     KEYPRESS_CALLBACK_PATH,
@@ -176,7 +177,7 @@ def _act(
 
 def _say(text: str) -> str:
     response = VoiceResponse()
-    response.say(text, language=SAY_LANGUAGE, voice=SAY_VOICE)
+    response.say(plain_text(text), language=SAY_LANGUAGE, voice=SAY_VOICE)
     xml: str = response.to_xml()
     return xml
 
@@ -191,7 +192,7 @@ def _ask_again(action: str) -> str:
 
 def _sms(text: str) -> str:
     response = MessagingResponse()
-    response.message(text)
+    response.message(plain_text(text))
     xml: str = response.to_xml()
     return xml
 
@@ -252,11 +253,17 @@ def receive_keypress(request: Request, form: SignedForm, conn: ConnDep, now: Now
         actor = _person(conn, kind, person_id)
         if actor is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"attempt {attempt_id} paged nobody known")
+        # A call still in flight takes the sid Twilio gave it (its record may come later).
         conn.execute(
-            "UPDATE notification_attempts SET state = 'answered', provider_id = coalesce(provider_id, %s),"
-            " updated_at = %s WHERE id = %s",
+            "UPDATE notification_attempts SET provider_id = coalesce(provider_id, %s), updated_at = %s WHERE id = %s",
             (call_sid, now, attempt_id),
         )
+        # Only 1 or 2 reaches the person. Any other key (5, #, nothing) leaves the call
+        # unsettled: if it then ends without 1 or 2 it is not reached, and retried.
+        if digit in ("1", "2"):
+            conn.execute(
+                "UPDATE notification_attempts SET state = 'answered', updated_at = %s WHERE id = %s", (now, attempt_id)
+            )
         detail = {"attempt_id": attempt_id, "provider_id": call_sid, "digit": digit}
         add_event(conn, incident_id, now, "keypress", actor.key, detail)
         if digit not in ("1", "2"):
