@@ -12,8 +12,8 @@ first (the lock order of ``alerts/attempts.py``). The router commits a call's si
 only once Twilio's 201 is back, and Twilio may call back before that; no lock is
 held across that send, so nothing here waits for it. A keypress (its URL names the
 attempt) or a status (the one attempt in flight to that number) for an attempt still
-in flight records the sid Twilio gives it.
-Neither is lost to that race, and neither waits on another channel.
+in flight records the sid Twilio gives it. Neither is lost to that race, and neither
+waits on another channel.
 """
 
 from __future__ import annotations
