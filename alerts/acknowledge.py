@@ -17,6 +17,7 @@ from typing import Any
 
 import psycopg
 
+from alerts.attempts import lock_incident
 from alerts.retry import advance, nobody_left
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import AttemptPurpose, Channel, IncidentKind, Outcome
@@ -62,12 +63,14 @@ class IncidentRow:
 
 
 def _lock(conn: Conn, incident_id: int) -> IncidentRow | None:
+    if lock_incident(conn, incident_id) is None:
+        return None
     row = conn.execute(
         """
         SELECT i.id, i.code, i.kind, i.state, i.opened_at, i.acknowledged_by, i.acknowledged_by_name,
                coalesce(r.name, '未登记手环')
         FROM incidents i LEFT JOIN residents r ON r.id = i.resident_id
-        WHERE i.id = %s FOR UPDATE OF i
+        WHERE i.id = %s
         """,
         (incident_id,),
     ).fetchone()
@@ -75,12 +78,14 @@ def _lock(conn: Conn, incident_id: int) -> IncidentRow | None:
 
 
 def _stop_escalation(conn: Conn, incident_id: int, now: datetime) -> None:
-    """Retire every queued step and every page not yet sent (fencing token bumped).
+    """Retire every queued step and every page not yet started (fencing token bumped).
 
-    Rows a router holds right now are skipped, not waited for: the router locks an
-    action or attempt before the incident, this code the incident first, and waiting
-    would deadlock. A skipped step is refused by the bumped token when the router
-    reaches the incident; a skipped page is the one already on its way.
+    Rows a router holds right now are skipped, not waited for: a router claims an
+    action or an attempt before it reads the incident. A skipped step is refused by
+    the bumped token when the router reaches the incident; a skipped page is cancelled
+    by the claim, which reads the incident under a share lock this transaction's
+    ``FOR UPDATE`` conflicts with. A page in flight (leased) goes on: its person is
+    told who took it (:func:`_paged_people`).
     """
     conn.execute(
         "UPDATE incidents SET escalation_token = escalation_token + 1, updated_at = %s WHERE id = %s",
@@ -98,19 +103,19 @@ def _stop_escalation(conn: Conn, incident_id: int, now: datetime) -> None:
         """
         UPDATE notification_attempts SET state = 'cancelled', updated_at = %s
         WHERE id IN (SELECT id FROM notification_attempts WHERE incident_id = %s AND state = 'pending'
-                     AND purpose IN ('page', 'repage') FOR UPDATE SKIP LOCKED)
+                     AND purpose IN ('page', 'repage') AND leased_by IS NULL FOR UPDATE SKIP LOCKED)
         """,
         (now, incident_id),
     )
 
 
 def _paged_people(conn: Conn, incident_id: int) -> list[tuple[str, str, str]]:
-    """(recipient kind, id, phone) of everyone a page reached the provider for."""
+    """(recipient kind, id, phone) of everyone a page reached the provider for, or is reaching (in flight)."""
     rows = conn.execute(
         """
         SELECT DISTINCT recipient_kind, recipient_id, address FROM notification_attempts
         WHERE incident_id = %s AND purpose IN ('page', 'repage') AND channel IN ('sms', 'voice')
-          AND state NOT IN ('pending', 'cancelled')
+          AND (state NOT IN ('pending', 'cancelled') OR (state = 'pending' AND leased_by IS NOT NULL))
         ORDER BY 1, 2
         """,
         (incident_id,),
@@ -147,9 +152,14 @@ def queue_notice(
 def queue_platform_message(
     conn: Conn, incident_id: int, cause_event: int, purpose: AttemptPurpose, now: datetime
 ) -> bool:
-    """A CAP Update or Cancel, if (and only if) the platform was sent the first alert."""
+    """A CAP Update or Cancel, if (and only if) the platform was sent the first alert, or it is on its way.
+
+    An Alert in flight (leased) or between its tries: the Update is queued now and sent
+    once the Alert got through (``alerts.attempts``), or dropped if it never did.
+    """
     told = conn.execute(
-        "SELECT 1 FROM notification_attempts WHERE incident_id = %s AND purpose = 'cap_alert' AND state = 'sent'",
+        "SELECT 1 FROM notification_attempts WHERE incident_id = %s AND purpose = 'cap_alert'"
+        " AND (state = 'sent' OR (state = 'pending' AND (leased_by IS NOT NULL OR attempt > 1)))",
         (incident_id,),
     ).fetchone()
     if not told:

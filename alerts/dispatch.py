@@ -1,16 +1,16 @@
 """Sending pending attempts: pages, re-pages and notices by phone; CAP messages to the platform.
 
-Each attempt is claimed with ``FOR UPDATE SKIP LOCKED`` and sent while its row lock
-is held, then completed with the provider's id. A worker that dies mid-send
-releases the lock; the next one sends that attempt again under the same key — at
-most the one attempt in flight is sent twice.
+Each attempt is leased in a short transaction (``alerts/attempts.py``), sent with no
+transaction or lock open, then settled with the provider's id in a new transaction.
+A worker that dies mid-send leaves its leases behind; the next sender takes them over
+and sends those attempts again under the same keys — at most the attempts in flight
+are sent twice, none a third time.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import uuid
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,10 +19,9 @@ from typing import Any
 import psycopg
 from prometheus_client import Counter, Histogram
 
+from alerts.attempts import Lease, claim, settle
 from alerts.notifiers.base import Delivery, Message, Notifier, SendOutcome, SendResult
 from alerts.notifiers.platform import CapMsgType, PlatformAlert, PlatformNotifier, TriedContact
-from alerts.retry import after_failure
-from alerts.timeline import add_event
 from devices.kinds import AttemptPurpose, Channel
 
 log = logging.getLogger(__name__)
@@ -97,19 +96,15 @@ _ATTEMPTS = """
     JOIN incidents i ON i.id = a.incident_id
     LEFT JOIN residents r ON r.id = i.resident_id
 """
-_CLAIM = (
-    _ATTEMPTS
-    + """
-    WHERE a.state = 'pending' AND (a.not_before IS NULL OR a.not_before <= %s) {extra}    ORDER BY a.created_at, a.id
-    LIMIT 1
-    FOR UPDATE OF a SKIP LOCKED
-"""
-)
-_FIRST_PAGES = "AND a.purpose = 'page' AND a.round = 0 AND a.step = 0 AND a.attempt = 1"
 
 
 class Dispatcher:
-    """Sends what the escalation queued, through the notifiers it was given."""
+    """Sends what the escalation queued, through the notifiers it was given.
+
+    One channel at a time (each channel has its own senders, ``alerts/router.py``): an
+    attempt is leased in one short transaction (``alerts/attempts.py``), sent with no
+    transaction open, and settled in another.
+    """
 
     def __init__(
         self,
@@ -130,74 +125,72 @@ class Dispatcher:
         """Every channel this dispatcher can send on."""
         return frozenset(self.notifiers) | ({Channel.WEBHOOK} if self.platform else frozenset())
 
-    def claim(self, conn: Conn, now: datetime) -> PendingAttempt | None:
-        """The next pending attempt, locked for this sender; None when nothing is due.
+    def send_due(
+        self, conn: Conn, channel: Channel | None = None, *, limit: int = 1, first_pages_only: bool = False
+    ) -> int:
+        """Claim up to ``limit`` due attempts of ``channel`` (None: any), send each, settle each; how many.
 
-        An incident's very first pages go before everything else — a new SOS must not
-        queue behind the later steps of a thousand others — each query served by its
-        own partial index.
+        ``conn`` must have no transaction open: none is held while a provider is called.
         """
-        for extra in (_FIRST_PAGES, ""):
-            row = conn.execute(_CLAIM.format(extra=extra), (now,)).fetchone()
-            if row is not None:
-                return _attempt(row)
-        return None
+        with conn.transaction():
+            now = self.clock()
+            channels = self.channels() if channel is None else (channel,)
+            leases = claim(conn, channels, now, self.worker_id, limit=limit, first_pages_only=first_pages_only)
+            work: list[tuple[Lease, PendingAttempt, PlatformAlert | None, bool]] = []
+            for lease in leases:
+                attempt = attempt_by_id(conn, lease.attempt_id)
+                assert attempt is not None
+                alert = self._cap_alert(conn, attempt) if attempt.channel is Channel.WEBHOOK else None
+                work.append((lease, attempt, alert, self._is_first_page(conn, attempt, lease.sends)))
+        for lease, attempt, alert, first in work:
+            self._send_one(conn, lease, attempt, alert, first)
+        return len(leases)
 
-    def send(self, conn: Conn, attempt: PendingAttempt) -> SendResult:
-        """Send one claimed attempt and record the outcome, in the caller's transaction."""
-        # The incident's first page, exactly once even with several senders: the
-        # lowest page attempt of the first step, on its first try.
-        first = conn.execute(
+    def _is_first_page(self, conn: Conn, attempt: PendingAttempt, sends: int) -> bool:
+        """The incident's first page, counted once even with several senders: the lowest page
+        attempt of the first step, on its first try and first send."""
+        if attempt.purpose is not AttemptPurpose.PAGE or attempt.attempt != 1 or sends != 1:
+            return False
+        row = conn.execute(
             "SELECT min(id) = %s AND bool_and(sent_at IS NULL) FROM notification_attempts"
             " WHERE incident_id = %s AND purpose = 'page' AND round = 0 AND step = 0",
             (attempt.id, attempt.incident_id),
         ).fetchone()
+        return bool(row and row[0])
+
+    def _send_one(
+        self, conn: Conn, lease: Lease, attempt: PendingAttempt, alert: PlatformAlert | None, first: bool
+    ) -> SendResult:
         started = self.clock()
-        if first and first[0] and attempt.attempt == 1:
+        if first:
             PRESS_TO_FIRST_REQUEST.observe(max((started - attempt.opened_at).total_seconds(), 0.0))
-        body = attempt.body
         try:
             if attempt.channel is Channel.WEBHOOK:
-                result, body = self._send_cap(conn, attempt, started)
+                if self.platform is None or alert is None:
+                    result = SendResult(SendOutcome.FAILED, error="no emergency platform configured", final=True)
+                else:
+                    result = self.platform.send_alert(alert)
             else:
                 result = self._send_phone(attempt)
         except Exception as exc:  # a notifier must not take the router down
             log.exception("sending attempt %s raised", attempt.id)
             result = SendResult(SendOutcome.FAILED, error=repr(exc)[:500])
-        finished = self.clock()
         ATTEMPTS.labels(attempt.channel.value, attempt.purpose.value, result.outcome.value).inc()
-        conn.execute(
-            "UPDATE notification_attempts SET state = %s, provider_id = %s, error = %s, body = %s,"
-            " sent_at = %s, updated_at = %s WHERE id = %s",
-            (
-                result.outcome.value,
-                result.provider_id,
-                result.error,
-                body,
-                finished if result.outcome is SendOutcome.SENT else None,
-                finished,
-                attempt.id,
-            ),
-        )
-        add_event(
-            conn,
-            attempt.incident_id,
-            finished,
-            "attempt_" + result.outcome.value,
-            self.worker_id,
-            {
-                "attempt_id": attempt.id,
-                "purpose": attempt.purpose.value,
-                "channel": attempt.channel.value,
-                "to": attempt.address,
-                "step": attempt.step,
-                "round": attempt.round,
-                "provider_id": result.provider_id,
-                "error": result.error,
-            },
-        )
-        if result.outcome is SendOutcome.FAILED:
-            after_failure(conn, attempt.id, finished)
+        with conn.transaction():
+            settle(
+                conn,
+                lease,
+                result,
+                self.clock(),
+                self.worker_id,
+                {
+                    "purpose": attempt.purpose.value,
+                    "channel": attempt.channel.value,
+                    "to": attempt.address,
+                    "step": attempt.step,
+                    "round": attempt.round,
+                },
+            )
         return result
 
     def _send_phone(self, attempt: PendingAttempt) -> SendResult:
@@ -206,17 +199,13 @@ class Dispatcher:
             return SendResult(SendOutcome.FAILED, error=f"no notifier for {attempt.channel}")
         return notifier.send(Delivery(attempt.id, attempt.channel, attempt.address, attempt.message()))
 
-    def _send_cap(self, conn: Conn, attempt: PendingAttempt, now: datetime) -> tuple[SendResult, str | None]:
+    def _cap_alert(self, conn: Conn, attempt: PendingAttempt) -> PlatformAlert | None:
         if self.platform is None:
-            return SendResult(SendOutcome.FAILED, error="no emergency platform configured"), attempt.body
-        # The identifier is fixed on the first try and kept in the attempt, so a
-        # re-send after a crash is the same CAP message (the platform deduplicates).
+            return None
         stored = json.loads(attempt.body) if attempt.body else {}
-        identifier = stored.get("identifier") or f"shouhu-{attempt.incident_id}-{attempt.id}-{uuid.uuid4().hex[:8]}"
-        sent = datetime.fromisoformat(stored["sent"]) if "sent" in stored else now.replace(microsecond=0)
-        body = json.dumps({"identifier": identifier, "sent": sent.isoformat()})
-        alert = self._platform_alert(conn, attempt, identifier, sent)
-        return self.platform.send_alert(alert), body
+        identifier = stored["identifier"]
+        sent = datetime.fromisoformat(stored["sent"])
+        return self._platform_alert(conn, attempt, identifier, sent)
 
     def _platform_alert(self, conn: Conn, attempt: PendingAttempt, identifier: str, sent: datetime) -> PlatformAlert:
         row = conn.execute(

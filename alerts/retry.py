@@ -2,11 +2,13 @@
 
 A page that failed (provider error, busy, no answer, a voicemail with no keypress,
 an undelivered SMS) is tried again as a new attempt row, ``not_before`` the backoff.
-After ``MAX_TRIES`` the channel is given up for that person. A CAP alert is given
-up after its first failure: the webhook notifier has already retried it with
-backoff. When nobody the step paged can still take the incident — each of them
-declined, or every channel to them was given up — the step advances at once
-instead of waiting out its timer: the next people are paged now.
+After ``MAX_TRIES`` the channel is given up for that person. A CAP message (Alert,
+Update, Cancel) is retried the same way, one request per attempt, after
+``WEBHOOK_BACKOFF_S`` (0.5, 1, 2, 4 s: five tries, keeping the first try's CAP
+identifier), unless the platform refused it (a 4xx: ``final``). When nobody the
+step paged can still take the incident — each of them declined, or every channel
+to them was given up — the step advances at once instead of waiting out its
+timer: the next people are paged now.
 """
 
 from __future__ import annotations
@@ -22,39 +24,52 @@ Conn = psycopg.Connection[tuple[Any, ...]]
 
 MAX_TRIES = 3
 BACKOFF_S = (20, 60)  # before the 2nd and the 3rd try
+WEBHOOK_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)  # before the 2nd … 5th try of a CAP message
+WEBHOOK_TRIES = len(WEBHOOK_BACKOFF_S) + 1
 FAILED_STATES = frozenset({"failed", "busy", "no_answer", "no_keypress", "undelivered"})
 
 
-def after_failure(conn: Conn, attempt_id: int, now: datetime) -> str:
+def after_failure(conn: Conn, attempt_id: int, now: datetime, *, final: bool = False) -> str:
     """Schedule a retry of ``attempt_id``, or give the channel up; returns what was done.
 
-    Runs in the caller's transaction. Only pages and re-pages are retried here; a
-    CAP alert has had its retries in the webhook notifier, so its failure gives the
-    platform up at once. A given-up page or CAP alert advances its step when nobody
-    of the step is left (:func:`nobody_left`): "advanced".
+    Runs in the caller's transaction, the incident locked first (``alerts.attempts``).
+    Pages, re-pages and CAP messages are retried; a notice is not. ``final``: the
+    provider refused it for good (a 4xx from the platform), so no retry. A given-up
+    page or CAP alert advances its step when nobody of the step is left
+    (:func:`nobody_left`): "advanced".
     """
+    from alerts.attempts import lock_incident
+
+    found = conn.execute("SELECT incident_id FROM notification_attempts WHERE id = %s", (attempt_id,)).fetchone()
+    assert found is not None
+    lock_incident(conn, int(found[0]))
     row = conn.execute(
         """
         SELECT a.incident_id, a.action_id, a.purpose, a.round, a.step, a.recipient_kind, a.recipient_id,
-               a.address, a.channel, a.attempt, i.state
+               a.address, a.channel, a.attempt, i.state, a.body
         FROM notification_attempts a JOIN incidents i ON i.id = a.incident_id
-        WHERE a.id = %s FOR UPDATE OF i
+        WHERE a.id = %s
         """,
         (attempt_id,),
     ).fetchone()
     assert row is not None
-    incident_id, action_id, purpose, round_, step, kind, recipient, address, channel, attempt, state = row
-    if purpose not in ("page", "repage", "cap_alert") or state in ("resolved", "cancelled"):
-        return "none"  # a notice, a CAP Update or Cancel: nothing waits on it
-    if purpose != "repage" and state == "acknowledged":
+    incident_id, action_id, purpose, round_, step, kind, recipient, address, channel, attempt, state, body = row
+    platform_news = purpose in ("cap_update", "cap_cancel")
+    if purpose not in ("page", "repage", "cap_alert") and not platform_news:
+        return "none"  # a notice: nothing waits on it
+    if not platform_news and state in ("resolved", "cancelled"):
+        return "none"
+    if purpose in ("page", "cap_alert") and state == "acknowledged":
         return "none"  # someone took it: no point paging the rest again
-    if purpose != "cap_alert" and attempt < MAX_TRIES:
-        delay = BACKOFF_S[min(attempt - 1, len(BACKOFF_S) - 1)]
+    webhook = channel == "webhook"
+    tries, backoff = (WEBHOOK_TRIES, WEBHOOK_BACKOFF_S) if webhook else (MAX_TRIES, BACKOFF_S)
+    if not final and attempt < tries:
+        delay = backoff[min(attempt - 1, len(backoff) - 1)]
         conn.execute(
             """
             INSERT INTO notification_attempts (incident_id, action_id, purpose, round, step, recipient_kind,
-                recipient_id, address, channel, attempt, state, created_at, not_before)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s) ON CONFLICT DO NOTHING
+                recipient_id, address, channel, attempt, state, created_at, not_before, body)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s) ON CONFLICT DO NOTHING
             """,
             (
                 incident_id,
@@ -69,6 +84,7 @@ def after_failure(conn: Conn, attempt_id: int, now: datetime) -> str:
                 attempt + 1,
                 now,
                 now + timedelta(seconds=delay),
+                body if webhook else None,  # the same CAP message: its identifier and sent time
             ),
         )
         add_event(
@@ -88,7 +104,7 @@ def after_failure(conn: Conn, attempt_id: int, now: datetime) -> str:
         None,
         {"attempt_id": attempt_id, "channel": channel, "to": address, "tries": attempt},
     )
-    if purpose != "repage":
+    if purpose in ("page", "cap_alert"):
         reason = nobody_left(conn, incident_id, round_, step)
         if reason is not None and advance(conn, incident_id, round_, step, now, reason):
             return "advanced"
@@ -96,7 +112,8 @@ def after_failure(conn: Conn, attempt_id: int, now: datetime) -> str:
 
 
 def _given_up(channel: str, state: str, attempt: int) -> bool:
-    # A CAP alert's one attempt already holds the webhook notifier's retries.
+    # A CAP alert's retry is written in the same transaction as its failure, so a
+    # failed last try is given up (its tries ran out, or the platform refused it).
     return state in FAILED_STATES and (attempt >= MAX_TRIES or channel == "webhook")
 
 

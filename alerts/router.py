@@ -7,10 +7,11 @@ number of routers share them without a coordinator:
    in SHOUHU_TIMEZONE), write one ``notification_attempts`` row per recipient and
    channel, schedule the next step, all in one transaction; a stale fencing token
    or a closed incident retires the action instead;
-2. a ``pending`` attempt: call the provider while holding the attempt's row lock,
-   then record the provider's id. A router that dies mid-call releases the lock, and
-   the next one re-sends that attempt under the same key: at most the one attempt
-   in flight is sent twice, and no step is skipped.
+2. a ``pending`` attempt: lease it (a committed claim), call the provider with no
+   lock or transaction held, then record the provider's id (``alerts/attempts.py``).
+   A router that dies mid-call leaves its leases, which the next sender takes over
+   and re-sends under the same keys: at most the attempts in flight are sent twice,
+   none a third time, and no step is skipped. Each channel has its own senders.
 """
 
 from __future__ import annotations
@@ -56,8 +57,9 @@ SWEEP_INTERVAL_S = 5.0
 # joining a press to an open incident, waits for that lock: a few tens of
 # milliseconds, not seconds.
 STEP_BATCH = 25
-# Threads sending attempts in `shouhu router`: provider calls are I/O-bound, so a few
-# threads multiply what one process sends (bench/escalation.py).
+# Threads sending attempts per phone channel in `shouhu router` (the webhook gets half,
+# the console one, each channel one more for first pages only): provider calls are
+# I/O-bound, so a few threads multiply what one process sends (bench/escalation.py).
 DEFAULT_SENDERS = 4
 SWEEPER_LOCK_KEY = 0x5348_4F55_4855_0002
 PLATFORM = Recipient("platform", "emergency-platform", "应急呼叫平台", "", "platform")
@@ -198,7 +200,7 @@ class Router:
         self._local = threading.local()
         self._connections: list[Conn] = []
         self._connections_lock = threading.Lock()
-        self._work = threading.Event()
+        self._wakeups: list[threading.Event] = []
         self._last_sweep = float("-inf")
 
     # -- connections -----------------------------------------------------------
@@ -282,7 +284,7 @@ class Router:
                 self._run_actions(conn, actions, now)
                 wake_routers(conn, "attempts")
             # Sender threads in this process start on the new attempts at once.
-            self._work.set()
+            self._wake()
             done += len(actions)
         return done
 
@@ -496,16 +498,17 @@ class Router:
     # -- sending ---------------------------------------------------------------
 
     def send_pending(self) -> int:
-        """Send every pending attempt, each under its own row lock. Returns how many."""
+        """Send every due attempt of every channel, one after another, in this thread. Returns how many.
+
+        What tests and ``run_once`` use; ``run(senders=…)`` gives each channel its own threads.
+        """
         sent = 0
         while not self.stopping.is_set():
             conn = self._connection()
-            with conn.transaction():
-                attempt = self.dispatcher.claim(conn, self.clock())
-                if attempt is None:
-                    return sent
-                self.dispatcher.send(conn, attempt)
-            sent += 1
+            claimed = self.dispatcher.send_due(conn)
+            if not claimed:
+                return sent
+            sent += claimed
         return sent
 
     # -- the invariant -------------------------------------------------------
@@ -574,14 +577,18 @@ class Router:
     def run(self, poll_s: float = 0.25, *, senders: int = 0) -> None:
         """Loop until ``stop()``: wake on NOTIFY from the hub, or every ``poll_s``.
 
-        With ``senders`` > 0, that many threads send attempts concurrently (each under
-        its own row lock, so they never send one twice) while this loop runs the steps:
-        a provider's latency then no longer holds up the next steps or other
-        incidents' pages.
+        With ``senders`` > 0 each channel gets its own bounded pool of sender threads
+        (``senders`` each for voice and SMS, fewer for the webhook and the console, plus
+        one per channel that only sends incidents' first pages), while this loop runs
+        the steps: a provider's latency, or a hung provider, then holds only its own
+        channel's threads, never another channel's pages or the next steps.
         """
         threads = [
-            threading.Thread(target=self._send_loop, args=(poll_s,), name=f"sender-{n}", daemon=True)
-            for n in range(senders)
+            threading.Thread(
+                target=self._send_loop, args=(channel, poll_s, first_only), name=f"sender-{channel}-{n}", daemon=True
+            )
+            for channel, size in self._pool_sizes(senders).items()
+            for n, first_only in enumerate([True] + [False] * size)
         ]
         for thread in threads:
             thread.start()
@@ -605,32 +612,62 @@ class Router:
                     listener.close()
                 listener = None
                 self.stopping.wait(1.0)
-        self._work.set()
+        self._wake()
+        # A sender in a provider call ends within its hard timeout; do not wait longer
+        # than that for all of them together (they are daemon threads).
+        deadline = time.monotonic() + 12
         for thread in threads:
-            thread.join(15)
+            thread.join(max(deadline - time.monotonic(), 0))
         if listener is not None:
             listener.close()
         self.close()
+
+    def _pool_sizes(self, senders: int) -> dict[Channel, int]:
+        if senders <= 0:
+            return {}
+        sizes = {
+            Channel.VOICE: senders,
+            Channel.SMS: senders,
+            Channel.WEBHOOK: max(senders // 2, 1),
+            Channel.CONSOLE: 1,
+        }
+        return {channel: size for channel, size in sizes.items() if channel in self.dispatcher.channels()}
+
+    def _wake(self) -> None:
+        with self._connections_lock:
+            for event in self._wakeups:
+                event.set()
 
     def _steps_only(self) -> None:
         if time.monotonic() - self._last_sweep >= SWEEP_INTERVAL_S:
             self._last_sweep = time.monotonic()
             self.sweep()
         while self.run_due_steps():
-            self._work.set()
-        self._work.set()  # attempts may also come from acknowledgements, retries, callbacks
+            self._wake()
+        self._wake()  # attempts may also come from acknowledgements, retries, callbacks
 
-    def _send_loop(self, poll_s: float) -> None:
+    def _send_loop(self, channel: Channel, poll_s: float, first_only: bool) -> None:
+        wakeup = threading.Event()
+        with self._connections_lock:
+            self._wakeups.append(wakeup)
         while not self.stopping.is_set():
             try:
-                self.send_pending()
+                while not self.stopping.is_set() and self.dispatcher.send_due(
+                    self._connection(), channel, first_pages_only=first_only
+                ):
+                    pass
             except psycopg.OperationalError as exc:
                 log.warning("database unavailable while sending (%s); retrying", exc)
                 self._drop_connection()
                 self.stopping.wait(1.0)
                 continue
-            self._work.wait(poll_s)
-            self._work.clear()
+            except Exception:
+                log.exception("sender %s failed; going on", threading.current_thread().name)
+                self._drop_connection()
+                self.stopping.wait(poll_s)
+                continue
+            wakeup.wait(poll_s)
+            wakeup.clear()
 
     def stop(self) -> None:
         self.stopping.set()

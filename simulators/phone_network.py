@@ -14,6 +14,11 @@ Faults are injected per number with ``POST /_sim/faults``:
   network posts that final status to it, signed with ``X-Twilio-Signature`` like
   Twilio. An SMS to such a number is delivered normally: a busy phone still gets SMS.
 
+- ``hang``: the request gets no answer for ``hang_s`` seconds (default 60), then is
+  handled as usual: a provider that hangs (past the client's timeout) or is slow (a
+  shorter ``hang_s``: the send is provably in flight meanwhile). ``to`` ``*`` hangs
+  every number.
+
 A fault may be narrowed: ``only`` (``call`` or ``sms``) applies it to that kind of
 request alone, and ``times`` to the next N such requests to the number, after
 which the number is healthy again (a provider that recovers).
@@ -42,6 +47,7 @@ reply, as the Twilio number's inbound webhook does.
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import re
@@ -71,7 +77,7 @@ E164 = re.compile(r"\+[1-9]\d{1,14}")
 SMS_BODY_LIMIT = 1600  # Twilio refuses a longer concatenated body (error 21617)
 CALLBACK_TIMEOUT_S = 5.0
 
-Fault = Literal["busy", "no-answer", "error"]
+Fault = Literal["busy", "no-answer", "error", "hang"]
 RequestKind = Literal["call", "sms"]
 Answer = Literal["press1", "press2", "press5", "press#", "hangup", "voicemail", "busy", "no-answer", "unreachable"]
 WebhookKind = Literal["status", "keypress", "inbound_sms", "twiml"]
@@ -220,6 +226,7 @@ class FaultRequest(BaseModel):
     fail: Fault | None
     times: int | None = Field(default=None, ge=1, description="The next N requests only; default: until healed.")
     only: RequestKind | None = Field(default=None, description="Calls or SMS only; default: both.")
+    hang_s: float = Field(default=60.0, ge=0, le=600, description="For ``hang``: how long no answer comes.")
 
 
 @dataclass(frozen=True, slots=True)
@@ -229,13 +236,15 @@ class NumberFault:
     fail: Fault
     only: RequestKind | None = None
     remaining: int | None = None
+    hang_s: float = 60.0
 
     def applies_to(self, kind: RequestKind) -> bool:
         # Busy and no-answer are how a call ends; an SMS to that phone goes through.
-        return (self.only is None or self.only == kind) and (kind == "call" or self.fail == "error")
+        return (self.only is None or self.only == kind) and (kind == "call" or self.fail in ("error", "hang"))
 
     def public(self) -> dict[str, Any]:
-        return {"fail": self.fail, "only": self.only, "remaining": self.remaining}
+        public: dict[str, Any] = {"fail": self.fail, "only": self.only, "remaining": self.remaining}
+        return public | ({"hang_s": self.hang_s} if self.fail == "hang" else {})
 
 
 class BehaviourRequest(BaseModel):
@@ -318,24 +327,47 @@ class PhoneNetwork:
             self._webhooks.clear()
 
     def set_fault(
-        self, to: str, fail: Fault | None, *, times: int | None = None, only: RequestKind | None = None
+        self,
+        to: str,
+        fail: Fault | None,
+        *,
+        times: int | None = None,
+        only: RequestKind | None = None,
+        hang_s: float = 60.0,
     ) -> dict[str, dict[str, Any]]:
         with self._lock:
             if fail is None:
                 self._faults.pop(to, None)
             else:
-                self._faults[to] = NumberFault(fail, only, times)
+                self._faults[to] = NumberFault(fail, only, times, hang_s)
             return {number: fault.public() for number, fault in self._faults.items()}
 
     def faults(self) -> dict[str, dict[str, Any]]:
         with self._lock:
             return {number: fault.public() for number, fault in self._faults.items()}
 
+    def take_hang(self, to: str, kind: RequestKind) -> float | None:
+        """How long this request to ``to`` hangs, if a ``hang`` fault meets it (``*``: any number)."""
+        with self._lock:
+            for number in (to, "*"):
+                fault = self._faults.get(number)
+                if fault is not None and fault.fail == "hang" and fault.applies_to(kind):
+                    self._use(number, fault)
+                    return fault.hang_s
+            return None
+
+    def _use(self, number: str, fault: NumberFault) -> None:
+        if fault.remaining is not None:
+            if fault.remaining > 1:
+                self._faults[number] = replace(fault, remaining=fault.remaining - 1)
+            else:
+                del self._faults[number]
+
     def take_fault(self, to: str, kind: RequestKind) -> Fault | None:
         """The fault this request to ``to`` meets, if any; a counted fault is used up by it."""
         with self._lock:
             fault = self._faults.get(to)
-            if fault is None or not fault.applies_to(kind):
+            if fault is None or fault.fail == "hang" or not fault.applies_to(kind):
                 return None
             if fault.remaining is not None:
                 if fault.remaining > 1:
@@ -560,6 +592,14 @@ def gather_action(twiml: str | None) -> str | None:
     return gather.get("action") if gather is not None else None
 
 
+async def _hang(network: PhoneNetwork, to: str, kind: RequestKind) -> None:
+    """Hold the request while a ``hang`` fault says so (the event loop serves others meanwhile)."""
+    hang = network.take_hang(to, kind)
+    if hang:
+        network.announce(f"…  {to}: no answer for {hang:g} s (injected hang)")
+        await asyncio.sleep(hang)
+
+
 def _injected_fault(network: PhoneNetwork, to: str, kind: RequestKind) -> Fault | None:
     """The fault this request meets; an ``error`` is raised as Twilio's 500, the others returned."""
     fault = network.take_fault(to, kind)
@@ -751,13 +791,17 @@ def create_phone_network(
     async def create_message(account_sid: str, request: Request) -> JSONResponse:
         """Accept an SMS, as Twilio's Messages resource does."""
         network.authenticate(account_sid, request)
-        return accept_message(network, account_sid, await _form(request))
+        form = await _form(request)
+        await _hang(network, form.get("To", ""), "sms")
+        return accept_message(network, account_sid, form)
 
     @app.post(f"/{API_VERSION}/Accounts/{{account_sid}}/Calls.json", status_code=201)
     async def create_call(account_sid: str, request: Request) -> JSONResponse:
         """Place a call, as Twilio's Calls resource does."""
         network.authenticate(account_sid, request)
-        return accept_call(network, account_sid, await _form(request))
+        form = await _form(request)
+        await _hang(network, form.get("To", ""), "call")
+        return accept_call(network, account_sid, form)
 
     @app.get("/_sim/messages")
     async def read_messages() -> list[dict[str, Any]]:
@@ -782,11 +826,11 @@ def create_phone_network(
 
     @app.post("/_sim/faults")
     async def set_fault(fault: FaultRequest) -> dict[str, dict[str, Any]]:
-        """Make a number fail (``busy``, ``no-answer``, ``error``), or heal it (``null``).
+        """Make a number fail (``busy``, ``no-answer``, ``error``, ``hang``), or heal it (``null``).
 
         ``only`` narrows it to calls or SMS; ``times`` to the next N of those requests.
         """
-        faults = network.set_fault(fault.to, fault.fail, times=fault.times, only=fault.only)
+        faults = network.set_fault(fault.to, fault.fail, times=fault.times, only=fault.only, hang_s=fault.hang_s)
         scope = f" for the next {fault.times} {fault.only or 'request'}(s)" if fault.times else ""
         network.announce(f"⚙  {fault.to} is now {fault.fail or 'healthy'}{scope}")
         return faults

@@ -242,11 +242,21 @@ def test_a_platform_that_never_takes_the_alert_pages_the_operators_at_once(
         clock.advance(120)
     calls_before = len(calls(phone_network))
 
-    router.run_once()  # 240 s: every try of the CAP alert fails; the clock does not move again
+    # 240 s: the CAP alert's tries fail, one request per attempt row, 0.5, 1, 2 and 4 s
+    # apart (issue 13: a retry is a scheduled row, never a sleep in a sender).
+    router.run_once()
+    for backoff in (0.5, 1, 2, 4):
+        clock.advance(backoff)
+        router.run_once()
 
-    [(state, error)] = q(county_url, "SELECT state, error FROM notification_attempts WHERE purpose = 'cap_alert'")
-    assert state == "failed"
-    assert "no receipt after 5 tries" in error
+    tries = q(county_url, "SELECT state, error FROM notification_attempts WHERE purpose = 'cap_alert' ORDER BY id")
+    assert [state for state, _error in tries] == ["failed"] * 5
+    error = tries[-1][1]
+    assert "HTTP 503" in error or "cannot reach" in error
+    assert (
+        len({body for (body,) in q(county_url, "SELECT body FROM notification_attempts WHERE purpose = 'cap_alert'")})
+        == 1
+    )  # one CAP message
     if down == "503":
         assert len(httpx.get(f"{platform}/_sim/deliveries").json()) == 5
     [(_r, step, target, operator_ids)] = step_started(county_url, incident)[3:]
@@ -256,8 +266,8 @@ def test_a_platform_that_never_takes_the_alert_pages_the_operators_at_once(
     assert {c["to"] for c in calls(phone_network)[calls_before:]} == operators
     advanced = q(county_url, "SELECT at, detail FROM incident_events WHERE event = 'step_advanced'")
     assert advanced == [
-        (DAY + timedelta(seconds=240), {"reason": "every channel of the step failed", "step": 2, "round": 0})
+        (DAY + timedelta(seconds=247.5), {"reason": "every channel of the step failed", "step": 2, "round": 0})
     ]
     assert q(county_url, "SELECT step, due_at FROM escalation_actions WHERE state = 'pending'") == [
-        (4, DAY + timedelta(seconds=360))
+        (4, DAY + timedelta(seconds=367.5))
     ]

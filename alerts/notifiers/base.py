@@ -46,6 +46,7 @@ class SendResult:
     outcome: SendOutcome
     provider_id: str | None = None
     error: str | None = None
+    final: bool = False  # a refusal that would be refused again (a 4xx): not retried
 
 
 class Notifier(Protocol):

@@ -357,13 +357,17 @@ def sender_for(public_url: str) -> str:
 
 
 class WebhookNotifier:
-    """POSTs signed CAP messages to the emergency platform, retrying transient failures.
+    """POSTs signed CAP messages to the emergency platform: one request per call.
 
-    A connection error, a timeout, a 5xx or a 429 is retried after ``backoff_s``,
-    then twice that, and so on, ``retries`` times; every try is a new delivery (a new
-    ``X-Shouhu-Delivery`` and timestamp) of the same CAP message, which the platform
-    deduplicates on its identifier. Any other 4xx, or a redirect, is a hard failure:
-    sending the same thing again would be refused again.
+    The router calls it once per attempt and retries a transient failure (a connection
+    error, a timeout, a 5xx or a 429) as a new attempt row with backoff
+    (``alerts/retry.py``), so no thread or lock waits between tries. Every try is a
+    new delivery (a new ``X-Shouhu-Delivery`` and timestamp) of the same CAP message,
+    which the platform deduplicates on its identifier. Any other 4xx, or a redirect,
+    is a hard failure (``SendResult.final``): sending the same thing again would be
+    refused again. Built with ``retries`` > 0 (the default, for a caller with no retry
+    rows of its own) it retries within the call, sleeping ``backoff_s``, doubling;
+    the router builds it with ``retries=0`` (:meth:`from_settings`).
     """
 
     def __init__(
@@ -391,8 +395,9 @@ class WebhookNotifier:
             zone: The zone CAP times are rendered in.
             exercise: Send every message with status ``Exercise`` (the demo), whatever
                 the alert says; never turns an exercise into ``Actual``.
-            timeout: Seconds to wait for each try's answer.
-            retries: Tries after the first, for transient failures.
+            timeout: Seconds to wait for each try's answer (connecting, and each read).
+            retries: Tries after the first within one call, for transient failures
+                (the router uses none: its retries are attempt rows).
             backoff_s: The first wait between tries; it doubles each time.
             sleep: How to wait (tests pass a recorder).
             clock: Unix time for ``X-Shouhu-Timestamp``.
@@ -423,6 +428,8 @@ class WebhookNotifier:
     def from_settings(cls, settings: Settings, *, exercise: bool) -> WebhookNotifier:
         """Build from ``SHOUHU_EMERGENCY_WEBHOOK_*``, ``SHOUHU_PUBLIC_URL`` and ``SHOUHU_TIMEZONE``.
 
+        One request per call: the router retries as attempt rows (``alerts/retry.py``).
+
         Raises:
             ValueError: the webhook URL or secret is not set.
         """
@@ -442,6 +449,7 @@ class WebhookNotifier:
             sender=sender_for(settings.public_url),
             zone=settings.zone,
             exercise=exercise,
+            retries=0,
         )
 
     def body(self, alert: PlatformAlert) -> bytes:
@@ -451,11 +459,11 @@ class WebhookNotifier:
         return cap_xml(alert, sender=self.sender, addresses=self.addresses, zone=self.zone)
 
     def send_alert(self, alert: PlatformAlert) -> SendResult:
-        """POST one CAP message, retrying transient failures; the 2xx reply is the receipt."""
+        """POST one CAP message (``retries`` more times for a transient failure); the 2xx reply is the receipt."""
         try:
             body = self.body(alert)
         except ValueError as exc:
-            return SendResult(SendOutcome.FAILED, error=f"cannot build the CAP message: {exc}")
+            return SendResult(SendOutcome.FAILED, error=f"cannot build the CAP message: {exc}", final=True)
         error = ""
         for attempt in range(self.retries + 1):
             if attempt:
@@ -464,6 +472,8 @@ class WebhookNotifier:
             if result is not None:
                 return result
             error = retry
+        if not self.retries:
+            return SendResult(SendOutcome.FAILED, error=error)
         return SendResult(SendOutcome.FAILED, error=f"no receipt after {self.retries + 1} tries; last: {error}")
 
     def _deliver(self, body: bytes) -> tuple[SendResult | None, str]:
@@ -483,7 +493,7 @@ class WebhookNotifier:
         except requests.ConnectionError as exc:
             return None, f"cannot reach {self.url}: {exc}"
         except requests.RequestException as exc:
-            return SendResult(SendOutcome.FAILED, error=f"cannot send to {self.url}: {exc}"), ""
+            return SendResult(SendOutcome.FAILED, error=f"cannot send to {self.url}: {exc}", final=True), ""
         status = reply.status_code
         if 200 <= status < 300:
             return SendResult(SendOutcome.SENT, provider_id=_receipt(reply) or delivery), ""
@@ -492,7 +502,7 @@ class WebhookNotifier:
             return None, answer
         if 300 <= status < 400:
             answer += f" (a redirect to {reply.headers.get('Location')}: set the final URL)"
-        return SendResult(SendOutcome.FAILED, error=f"refused: {answer}"), ""
+        return SendResult(SendOutcome.FAILED, error=f"refused: {answer}", final=True), ""
 
 
 def _receipt(reply: requests.Response) -> str | None:

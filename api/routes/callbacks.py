@@ -7,11 +7,13 @@ fields. A request that fails the check is answered 403 before anything is read o
 written. While no auth token is configured, every request is refused, because
 an empty key would let anyone sign.
 
-Each request does its database work in one transaction. The router commits a
-call's sid only once Twilio's 201 is back, and Twilio may call back before that.
-So a keypress waits on its attempt's row lock, and a status for a sid not yet known
-waits for the sends to that number that are still in flight. Neither is lost to
-that race.
+Each request does its database work in one transaction, taking the incident's row
+first (the lock order of ``alerts/attempts.py``). The router commits a call's sid
+only once Twilio's 201 is back, and Twilio may call back before that; no lock is
+held across that send, so nothing here waits for it. A keypress (its URL names the
+attempt) or a status (the one attempt in flight to that number) for an attempt still
+in flight records the sid Twilio gives it. Neither is lost to that race, and neither
+waits on another channel.
 """
 
 from __future__ import annotations
@@ -36,6 +38,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 from twilio.twiml.voice_response import VoiceResponse
 
 from alerts.acknowledge import Actor, Result, acknowledge, decline
+from alerts.attempts import lock_incident
 from alerts.dispatch import attempt_by_id
 from alerts.incidents import CODE_ALPHABET, CODE_LENGTH
 from alerts.notifiers.text import plain_text
@@ -135,19 +138,6 @@ def _person(conn: Conn, kind: str, person_id: str) -> Actor | None:
         row = conn.execute("SELECT name, phone FROM guardians WHERE id = %s", (person_id,)).fetchone()
         return Actor("guardian", person_id, row[0], row[1], "guardian") if row else None
     return None
-
-
-def _hold_pending_sends(conn: Conn, incident_id: int) -> None:
-    """Wait for the incident's sends in flight, and hold its pending attempts.
-
-    A router holds an attempt's row while it calls the provider, then takes the
-    incident's row to record the send. Acknowledging takes the incident first, then
-    cancels the pending attempts. Taking the attempts first keeps the routers' order.
-    """
-    conn.execute(
-        "SELECT id FROM notification_attempts WHERE incident_id = %s AND state = 'pending' ORDER BY id FOR UPDATE",
-        (incident_id,),
-    )
 
 
 def _answer(conn: Conn, incident_id: int, actor: Actor, going: bool, result: Result) -> str:
@@ -250,22 +240,24 @@ def receive_keypress(request: Request, form: SignedForm, conn: ConnDep, now: Now
     again = signed_url(request)
 
     def work(conn: Conn) -> str:
-        # FOR UPDATE also waits out a router still recording this very call.
-        row = conn.execute(
-            "SELECT incident_id, channel, provider_id, recipient_kind, recipient_id"
-            " FROM notification_attempts WHERE id = %s FOR UPDATE",
-            (attempt_id,),
-        ).fetchone()
+        row = _lock_attempt(conn, "id = %s", (attempt_id,))
         if row is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"attempt {attempt_id} not found")
-        incident_id, channel, provider_id, kind, person_id = row
-        if channel != "voice" or not call_sid or provider_id != call_sid:
+        incident_id, channel, provider_id, kind, person_id, in_flight = row
+        # A call still in flight (the router has not had Twilio's answer yet) has no sid
+        # recorded: it takes the one Twilio signed for this attempt's keypress URL.
+        known = provider_id == call_sid or (provider_id is None and in_flight)
+        if channel != "voice" or not call_sid or not known:
             # Signed, but not this attempt's call: a replay onto another attempt.
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"call {call_sid!r} is not attempt {attempt_id}'s")
         actor = _person(conn, kind, person_id)
         if actor is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"attempt {attempt_id} paged nobody known")
-        _hold_pending_sends(conn, incident_id)
+        # A call still in flight takes the sid Twilio gave it (its record may come later).
+        conn.execute(
+            "UPDATE notification_attempts SET provider_id = coalesce(provider_id, %s), updated_at = %s WHERE id = %s",
+            (call_sid, now, attempt_id),
+        )
         # Only 1 or 2 reaches the person. Any other key (5, #, nothing) leaves the call
         # unsettled: if it then ends without 1 or 2 it is not reached, and retried.
         if digit in ("1", "2"):
@@ -326,12 +318,63 @@ class DeliveryStatusPublic(BaseModel):
     """After a failure: retry, given_up, advanced (the next step paged now), or none."""
 
 
-def _attempt_by_sid(conn: Conn, channel: str, sid: str) -> tuple[Any, ...] | None:
+def _lock_attempt(conn: Conn, where: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
+    """The attempt found by ``where``, locked in the lock order: its incident first, then it.
+
+    (incident, channel, provider id, recipient kind, recipient id, in flight). No lock
+    is waited for while a provider is called: a router holds none across its send.
+    """
+    found = conn.execute(f"SELECT id, incident_id FROM notification_attempts WHERE {where}", params).fetchone()
+    if found is None:
+        return None
+    lock_incident(conn, int(found[1]))
     return conn.execute(
-        "SELECT id, incident_id, state FROM notification_attempts WHERE provider_id = %s AND channel = %s"
-        " ORDER BY id DESC LIMIT 1 FOR UPDATE",
+        "SELECT incident_id, channel, provider_id, recipient_kind, recipient_id,"
+        " state = 'pending' AND leased_by IS NOT NULL FROM notification_attempts WHERE id = %s FOR UPDATE",
+        (found[0],),
+    ).fetchone()
+
+
+def _attempt_by_sid(conn: Conn, channel: str, sid: str, to: str) -> tuple[Any, ...] | None:
+    """(id, incident, state) of the attempt ``sid`` reports on, locked (incident first).
+
+    A status may overtake the router's record of the sid. While the send is in flight
+    (leased, no sid yet) the one attempt in flight on this channel to ``to`` takes the
+    sid and counts as sent; a router settling it right now is waited for.
+    """
+    where = "provider_id = %s AND channel = %s ORDER BY id DESC LIMIT 1"
+    row = _lock_attempt(conn, where, (sid, channel))
+    if row is None and to:
+        # Wait for the transactions holding that number's pending attempts (a claim or a
+        # settle, never a send), holding no other lock meanwhile, and let go of those
+        # rows before looking again.
+        with conn.transaction(force_rollback=True):
+            conn.execute(
+                "SELECT id FROM notification_attempts WHERE state = 'pending' AND channel = %s AND address = %s"
+                " FOR SHARE",
+                (channel, to),
+            )
+        row = _lock_attempt(conn, where, (sid, channel))
+        if row is None:
+            flying = conn.execute(
+                "SELECT id FROM notification_attempts WHERE state = 'pending' AND leased_by IS NOT NULL"
+                " AND provider_id IS NULL AND channel = %s AND address = %s",
+                (channel, to),
+            ).fetchall()
+            if len(flying) == 1:
+                row = _lock_attempt(conn, "id = %s", (flying[0][0],))
+                if row is not None and row[2] is None and row[5]:
+                    conn.execute("UPDATE notification_attempts SET provider_id = %s WHERE id = %s", (sid, flying[0][0]))
+                    return flying[0][0], row[0], "sent"
+                row = _lock_attempt(conn, where, (sid, channel))
+    if row is None:
+        return None
+    found = conn.execute(
+        "SELECT id, state FROM notification_attempts WHERE provider_id = %s AND channel = %s ORDER BY id DESC LIMIT 1",
         (sid, channel),
     ).fetchone()
+    assert found is not None
+    return found[0], row[0], found[1]
 
 
 def _event_name(provider_status: str, settlement: Settlement | None) -> str:
@@ -353,20 +396,10 @@ def receive_delivery_status(form: SignedForm, conn: ConnDep, now: Now) -> Delive
     provider_status = provider_status.strip().lower()
     if not provider_status:
         raise HTTPException(status.HTTP_400_BAD_REQUEST, "no MessageStatus or CallStatus given")
-    to = form.get("To", "")
     error_code = form.get("ErrorCode") or None
 
     def work(conn: Conn) -> DeliveryStatusPublic:
-        row = _attempt_by_sid(conn, channel, sid)
-        if row is None and to:
-            # The callback may have overtaken the router's commit of this sid: wait
-            # for the sends in flight to this number, then look again.
-            conn.execute(
-                "SELECT id FROM notification_attempts WHERE state = 'pending' AND channel = %s AND address = %s"
-                " FOR SHARE",
-                (channel, to),
-            )
-            row = _attempt_by_sid(conn, channel, sid)
+        row = _attempt_by_sid(conn, channel, sid, form.get("To", ""))
         if row is None:
             # 200 all the same: an error would only make Twilio try again.
             log.warning("status %r for unknown %s %s: nothing to update", provider_status, channel, sid)
@@ -487,7 +520,7 @@ def receive_sms_reply(request: Request, form: SignedForm, conn: ConnDep, now: No
             if reply.going is None:
                 log.info("SMS %s: %s followed by %r, neither 1 nor 2: help sent", message_sid, code, reply.digits)
                 return SMS_HELP
-            _hold_pending_sends(conn, incident_id)
+            lock_incident(conn, incident_id)  # before the timeline's insert: incident → attempts
             add_event(
                 conn,
                 incident_id,

@@ -67,6 +67,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     # 10 was reserved for work that needed no migration; the runner does not need versions contiguous.
     Migration(11, "camera uptime", sql_file="0011_uptime.sql", apply=uptime_store.create_timescaledb_views),
     Migration(12, "live feed outbox and console sessions", sql_file="0012_events.sql"),
+    # 13 is left free for parallel work on issue 13; versions need not be contiguous.
+    Migration(14, "attempt leases: send outside any lock", sql_file="0014_attempt_leases.sql"),
 )
 
 
