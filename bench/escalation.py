@@ -335,6 +335,7 @@ def main() -> None:
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="give up waiting for pages after this")
     parser.add_argument("--burst-only", action="store_true", help="skip phase 1: only the burst of --burst presses")
+    parser.add_argument("--routers", type=int, default=1, help="`shouhu router` processes (they share by row locks)")
     args = parser.parse_args()
     if args.burst_only:
         args.inflight, args.window = 0, 0.0
@@ -367,7 +368,7 @@ def main() -> None:
         subprocess.run([SHOUHU_BIN, "registry", "load", str(DEMO)], env=env, check=True, capture_output=True)
         wristbands = add_residents(url, args.inflight + new_count + args.burst)
         short_policy(url, args.wait_s)
-        for verb in ("hub", "router"):
+        for verb in ("hub", *["router"] * args.routers):
             port = free_port()
             processes.append(
                 ShouhuProcess(
@@ -389,7 +390,8 @@ def main() -> None:
         )
         lines += phase_two(url, network, presser, wristbands[args.inflight + new_count :], args.timeout)
         print()
-        print(f"policy default-sos: grid_worker → guardians → operators, wait_s={args.wait_s} each")
+        print(f"policy default-sos: grid_worker → guardians → operators, wait_s={args.wait_s} each;"
+              f" {args.routers} router process(es)")
         print(f"load average (1, 5, 15 min): at the start {_load(load_at_start)}, at the end {_load(os.getloadavg())}")
         print("\n".join(lines))
     finally:
