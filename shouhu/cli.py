@@ -6,6 +6,7 @@ pretends to run.
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -18,7 +19,7 @@ from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 from urllib.parse import urlsplit
 
 import typer
@@ -560,6 +561,23 @@ def _join_all(threads: list[threading.Thread]) -> None:
         thread.join(10)
 
 
+def _quiet_http_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol without the access log, for the simulators beside the API.
+
+    uvicorn decides per connection from the process-wide ``uvicorn.access`` logger,
+    which the API's own server turns on (``access_log=False`` in a Config is not
+    consulted), so the phone network's requests would fill the demo terminal.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class QuietH11Protocol(H11Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.access_log = False
+
+    return QuietH11Protocol
+
+
 def _demo_providers(settings: Settings, stack: ExitStack) -> Settings:
     """Point Twilio and the emergency webhook at local simulators; refuse real providers."""
     base = settings.twilio_api_base
@@ -588,9 +606,7 @@ def _demo_providers(settings: Settings, stack: ExitStack) -> Settings:
                 host="127.0.0.1",
                 port=port,
                 log_level="warning",
-                # The API's uvicorn turns the shared access logger on: keep the
-                # simulator's requests out of the demo terminal.
-                access_log=False,
+                http=_quiet_http_protocol(),
             )
         )
         _thread(server.run, "phone-network")
@@ -615,7 +631,7 @@ def _demo_providers(settings: Settings, stack: ExitStack) -> Settings:
                 host="127.0.0.1",
                 port=platform_port,
                 log_level="warning",
-                access_log=False,
+                http=_quiet_http_protocol(),
             )
         )
         _thread(platform_server.run, "emergency-platform")

@@ -7,6 +7,7 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
@@ -18,10 +19,12 @@ from pathlib import Path
 from typing import IO
 
 import httpx
+import psutil
 import psycopg
 import pytest
 
-from shouhu.cli import NOT_LANDED_EXIT
+from shouhu import __version__
+from shouhu.cli import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM, NOT_LANDED_EXIT
 from shouhu.embedded.postgres import free_port
 from tests.services import Mosquitto, press_and_wait_for_ring, scratch_dir, wristband_with_grid_worker_on_duty
 
@@ -277,3 +280,135 @@ def test_up_demo_takes_an_sms_reply_through_the_signed_callback(running_up: Runn
     with psycopg.connect(database_url) as conn:
         row = conn.execute("SELECT state, acknowledged_via FROM incidents WHERE code = %s", (code.group(1),)).fetchone()
     assert row == ("acknowledged", "sms")
+
+
+# --- failures that say what to do (issue 14) ------------------------------------------
+
+
+def test_version_and_help_without_type_columns(tmp_path: Path) -> None:
+    version = run_shouhu("--version", cwd=tmp_path)
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"shouhu {__version__}"
+    for verb in ([], ["up"], ["hub"], ["router"], ["api"], ["simulate", "wristbands"], ["token", "create"]):
+        text = run_shouhu(*verb, "--help", cwd=tmp_path).stdout
+        assert "<bool>" not in text, verb
+    assert "--port" in run_shouhu("up", "--help", cwd=tmp_path).stdout
+
+
+def test_the_not_available_message_has_no_stray_backtick(tmp_path: Path) -> None:
+    result = run_shouhu("simulate", "wristbands", cwd=tmp_path)
+    assert result.returncode == NOT_LANDED_EXIT
+    assert "`shouhu simulate wristbands` is not available yet" in result.stderr
+    assert result.stderr.count("`") == 2
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port some other process listens on, on every address."""
+    with socket.create_server(("0.0.0.0", 0)) as holder:
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("verb", "setting", "extra"),
+    [
+        (["api"], "SHOUHU_API_PORT", {}),
+        (["hub"], "SHOUHU_METRICS_PORT", {"SHOUHU_HUB_ID": "taken-port-hub"}),
+        (
+            ["router"],
+            "SHOUHU_METRICS_PORT",
+            {"SHOUHU_TWILIO_ACCOUNT_SID": "AC1", "SHOUHU_TWILIO_AUTH_TOKEN": "t", "SHOUHU_TWILIO_FROM": "+12025550100"},
+        ),
+        (["up", "--data-dir", "data"], "SHOUHU_API_PORT", {}),
+    ],
+)
+def test_a_port_in_use_is_one_line_naming_the_port_and_the_setting(
+    taken_port: int, tmp_path: Path, verb: list[str], setting: str, extra: dict[str, str]
+) -> None:
+    result = run_shouhu(
+        *verb,
+        cwd=tmp_path,
+        SHOUHU_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none",
+        SHOUHU_MQTT_URL="mqtt://127.0.0.1:1",
+        SHOUHU_SPOOL_DIR=str(tmp_path / "spool"),
+        **{setting: str(taken_port)},
+        **extra,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"port {taken_port} is already in use" in result.stderr
+    assert setting in result.stderr
+    assert "Traceback" not in result.stderr
+    if verb[0] == "up":
+        assert not (tmp_path / "data").exists()  # refused before anything started
+
+
+def test_up_without_a_phone_provider_runs_says_so_and_binds_what_it_prints(
+    mosquitto: Mosquitto, tmp_path: Path
+) -> None:
+    port = free_port()
+    data_dir = scratch_dir("shouhu-up-nophone-")
+    process = subprocess.Popen(
+        [SHOUHU, "up", "--data-dir", str(data_dir), "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        cwd=data_dir,
+        env=_env(SHOUHU_MQTT_URL=mosquitto.url, SHOUHU_HUB_ID=f"up-nophone-{port}"),
+    )
+    assert process.stdout is not None
+    running = RunningUp(process, port, data_dir, [])
+    threading.Thread(target=_read_lines, args=(process.stdout, running.lines), daemon=True).start()
+    try:
+        deadline = time.monotonic() + 90
+        while _get(f"http://127.0.0.1:{port}/readyz")[0] != 200:
+            assert process.poll() is None, "shouhu up exited:\n" + "\n".join(running.lines)
+            assert time.monotonic() < deadline, "shouhu up not ready in 90 s"
+            time.sleep(0.2)
+        warning = running.wait_for_line("NO PHONE PROVIDER")
+        assert "no SMS and no voice call will go out" in warning
+        how = running.wait_for_line("SHOUHU_TWILIO_ACCOUNT_SID")
+        assert "SHOUHU_TWILIO_AUTH_TOKEN" in how
+        assert "SHOUHU_TWILIO_FROM" in how
+        assert "--demo" in how
+        running.wait_for_line(f"API: http://127.0.0.1:{port} ")
+        listening = [
+            c.laddr
+            for c in psutil.Process(process.pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        ]
+        assert [address.ip for address in listening] == ["127.0.0.1"]
+        assert not any("RuntimeDirWarning" in line for line in running.lines)
+    finally:
+        running.stop()
+        shutil.rmtree(data_dir, ignore_errors=True)
+
+
+def test_up_demo_keeps_simulator_access_logs_and_runtime_dir_warnings_out(running_up: RunningUp) -> None:
+    running_up.wait_for_line("ringing ")
+    running_up.wait_for_line("SMS to ")
+    assert not any("/2010-04-01/" in line for line in running_up.lines), "\n".join(running_up.lines)
+    assert not any("RuntimeDirWarning" in line for line in running_up.lines)
+
+
+def test_the_phone_network_simulator_prints_the_credentials_it_accepts(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [SHOUHU, "simulate", "phone-network", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+        env=_env(),
+    )
+    assert process.stdout is not None
+    try:
+        banner = [process.stdout.readline() for _ in range(5)]
+    finally:
+        process.terminate()
+        process.wait(15)
+    text = "".join(banner)
+
+    assert f"SHOUHU_TWILIO_API_BASE=http://127.0.0.1:{port}" in text
+    assert f"SHOUHU_TWILIO_ACCOUNT_SID={DEMO_ACCOUNT_SID}" in text
+    assert f"SHOUHU_TWILIO_AUTH_TOKEN={DEMO_AUTH_TOKEN}" in text
+    assert f"SHOUHU_TWILIO_FROM={DEMO_FROM}" in text
