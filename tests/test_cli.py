@@ -14,6 +14,7 @@ import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
@@ -176,18 +177,25 @@ def _read_lines(stream: IO[str], lines: list[str]) -> None:
         lines.append(line.rstrip("\n"))
 
 
-@pytest.fixture
-def running_up(mosquitto: Mosquitto) -> Iterator[RunningUp]:
-    """`shouhu up --demo` on the embedded database, with the session's Mosquitto."""
+@contextmanager
+def _running_up(mosquitto: Mosquitto, *options: str, prefix: str, port_option: bool = False) -> Iterator[RunningUp]:
+    """`shouhu up OPTIONS` on the embedded database, with the session's Mosquitto, once ready.
+
+    The API's port is chosen here, given as SHOUHU_API_PORT or, with ``port_option``, as ``--port``.
+    """
     port = free_port()
-    data_dir = scratch_dir("shouhu-up-cli-")
+    data_dir = scratch_dir(f"shouhu-{prefix}-")
+    port_args = ["--port", str(port)] if port_option else []
+    env = _env(SHOUHU_MQTT_URL=mosquitto.url, SHOUHU_HUB_ID=f"{prefix}-{port}")
+    if not port_option:
+        env["SHOUHU_API_PORT"] = str(port)
     process = subprocess.Popen(
-        [SHOUHU, "up", "--demo", "--data-dir", str(data_dir)],
+        [SHOUHU, "up", *options, *port_args, "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=data_dir,
-        env=_env(SHOUHU_MQTT_URL=mosquitto.url, SHOUHU_API_PORT=str(port), SHOUHU_HUB_ID=f"up-{port}"),
+        env=env,
     )
     assert process.stdout is not None
     running = RunningUp(process, port, data_dir, [])
@@ -202,6 +210,13 @@ def running_up(mosquitto: Mosquitto) -> Iterator[RunningUp]:
     finally:
         running.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def running_up(mosquitto: Mosquitto) -> Iterator[RunningUp]:
+    """`shouhu up --demo` on the embedded database, with the session's Mosquitto."""
+    with _running_up(mosquitto, "--demo", prefix="up") as running:
+        yield running
 
 
 def test_up_demo_serves_the_demo_county(running_up: RunningUp, tmp_path: Path) -> None:
@@ -342,28 +357,9 @@ def test_a_port_in_use_is_one_line_naming_the_port_and_the_setting(
         assert not (tmp_path / "data").exists()  # refused before anything started
 
 
-def test_up_without_a_phone_provider_runs_says_so_and_binds_what_it_prints(
-    mosquitto: Mosquitto, tmp_path: Path
-) -> None:
-    port = free_port()
-    data_dir = scratch_dir("shouhu-up-nophone-")
-    process = subprocess.Popen(
-        [SHOUHU, "up", "--data-dir", str(data_dir), "--port", str(port)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-        cwd=data_dir,
-        env=_env(SHOUHU_MQTT_URL=mosquitto.url, SHOUHU_HUB_ID=f"up-nophone-{port}"),
-    )
-    assert process.stdout is not None
-    running = RunningUp(process, port, data_dir, [])
-    threading.Thread(target=_read_lines, args=(process.stdout, running.lines), daemon=True).start()
-    try:
-        deadline = time.monotonic() + 90
-        while _get(f"http://127.0.0.1:{port}/readyz")[0] != 200:
-            assert process.poll() is None, "shouhu up exited:\n" + "\n".join(running.lines)
-            assert time.monotonic() < deadline, "shouhu up not ready in 90 s"
-            time.sleep(0.2)
+def test_up_without_a_phone_provider_runs_says_so_and_binds_what_it_prints(mosquitto: Mosquitto) -> None:
+    with _running_up(mosquitto, prefix="up-nophone", port_option=True) as running:
+        port = running.api_port
         warning = running.wait_for_line("NO PHONE PROVIDER")
         assert "no SMS and no voice call will go out" in warning
         how = running.wait_for_line("SHOUHU_TWILIO_ACCOUNT_SID")
@@ -373,14 +369,11 @@ def test_up_without_a_phone_provider_runs_says_so_and_binds_what_it_prints(
         running.wait_for_line(f"API: http://127.0.0.1:{port} ")
         listening = [
             c.laddr
-            for c in psutil.Process(process.pid).net_connections(kind="inet")
+            for c in psutil.Process(running.process.pid).net_connections(kind="inet")
             if c.status == psutil.CONN_LISTEN and c.laddr.port == port
         ]
         assert [address.ip for address in listening] == ["127.0.0.1"]
         assert not any("RuntimeDirWarning" in line for line in running.lines)
-    finally:
-        running.stop()
-        shutil.rmtree(data_dir, ignore_errors=True)
 
 
 def test_up_demo_keeps_simulator_access_logs_and_runtime_dir_warnings_out(running_up: RunningUp) -> None:
