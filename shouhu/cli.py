@@ -18,6 +18,7 @@ import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 from urllib.parse import urlsplit
@@ -28,6 +29,8 @@ from pydantic import ValidationError
 from shouhu.settings import TWILIO_DEFAULT_API_BASE, Settings
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
     from alerts.care_sweep import CareSweeper
     from alerts.router import Router
     from hub.service import Hub
@@ -536,6 +539,13 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
             process.kill()
 
 
+class PhoneNetwork(StrEnum):
+    """Where ``shouhu up`` sends SMS and calls."""
+
+    TWILIO = "twilio"
+    SIMULATE = "simulate"
+
+
 DEMO_ACCOUNT_SID = "AC" + "de" * 16
 DEMO_AUTH_TOKEN = "demo-auth-token"  # noqa: S105 - only ever sent to the local simulator
 DEMO_FROM = "+12025550100"
@@ -578,6 +588,54 @@ def _quiet_http_protocol() -> type[asyncio.Protocol]:
     return QuietH11Protocol
 
 
+def _serve_beside(app: ASGIApp, name: str, stack: ExitStack) -> int:
+    """Serve a simulator on a free 127.0.0.1 port from a thread, stopped with ``stack``; the port."""
+    import uvicorn
+
+    from shouhu.embedded.postgres import free_port
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=_quiet_http_protocol())
+    server = uvicorn.Server(config)
+    _thread(server.run, name)
+    stack.callback(setattr, server, "should_exit", True)
+    return port
+
+
+def _start_phone_network(settings: Settings, stack: ExitStack, sid: str, token: str) -> str:
+    """Run the phone-network simulator beside the API, stopped with ``stack``; its base URL."""
+    from simulators.phone_network import create_phone_network
+
+    network = create_phone_network(
+        sid,
+        token,
+        sms_url=f"http://127.0.0.1:{settings.api_port}/callbacks/twilio/sms",
+        number=settings.twilio_from or DEMO_FROM,
+    )
+    base = f"http://127.0.0.1:{_serve_beside(network, 'phone-network', stack)}"
+    typer.echo(f"phone network: simulated, {base} (no real phone is ever called)")
+    return base
+
+
+def _simulated_phone_network(settings: Settings, stack: ExitStack) -> Settings:
+    """``--phone-network simulate`` without ``--demo``: a staging county's pages go to the
+    simulator, which prints them; every other setting stays the user's."""
+    if settings.twilio_api_base != TWILIO_DEFAULT_API_BASE:
+        typer.secho(
+            f"--phone-network simulate: SHOUHU_TWILIO_API_BASE={settings.twilio_api_base} is not used", err=True
+        )
+    sid, token = _demo_twilio_credentials(settings)
+    base = _start_phone_network(settings, stack, sid, token)
+    return settings.model_copy(
+        update={
+            "twilio_api_base": base,
+            "twilio_account_sid": sid,
+            "twilio_auth_token": token,
+            "twilio_from": settings.twilio_from or DEMO_FROM,
+        }
+    )
+
+
 def _demo_providers(settings: Settings, stack: ExitStack) -> Settings:
     """Point Twilio and the emergency webhook at local simulators; refuse real providers."""
     base = settings.twilio_api_base
@@ -588,54 +646,17 @@ def _demo_providers(settings: Settings, stack: ExitStack) -> Settings:
         sid, token = _demo_twilio_credentials(settings)
         typer.echo(f"phone network: {base} (yours)")
     else:
-        import uvicorn
-
-        from shouhu.embedded.postgres import free_port
-        from simulators.phone_network import create_phone_network
-
         sid, token = _demo_twilio_credentials(settings)
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_phone_network(
-                    sid,
-                    token,
-                    sms_url=f"http://127.0.0.1:{settings.api_port}/callbacks/twilio/sms",
-                    number=settings.twilio_from or DEMO_FROM,
-                ),
-                host="127.0.0.1",
-                port=port,
-                log_level="warning",
-                http=_quiet_http_protocol(),
-            )
-        )
-        _thread(server.run, "phone-network")
-        stack.callback(setattr, server, "should_exit", True)
-        base = f"http://127.0.0.1:{port}"
-        typer.echo(f"phone network: simulated, {base} (no real phone is ever called)")
+        base = _start_phone_network(settings, stack, sid, token)
     webhook = settings.emergency_webhook_url
     secret = settings.emergency_webhook_secret or DEMO_WEBHOOK_SECRET
     if webhook:
         if (urlsplit(webhook).hostname or "") not in LOCAL_HOSTS:
             _fail(f"--demo refuses SHOUHU_EMERGENCY_WEBHOOK_URL={webhook}: a demo never reaches a real platform", 2)
     else:
-        import uvicorn
-
-        from shouhu.embedded.postgres import free_port
         from simulators.emergency_platform import create_emergency_platform
 
-        platform_port = free_port()
-        platform_server = uvicorn.Server(
-            uvicorn.Config(
-                create_emergency_platform(secret),
-                host="127.0.0.1",
-                port=platform_port,
-                log_level="warning",
-                http=_quiet_http_protocol(),
-            )
-        )
-        _thread(platform_server.run, "emergency-platform")
-        stack.callback(setattr, platform_server, "should_exit", True)
+        platform_port = _serve_beside(create_emergency_platform(secret), "emergency-platform", stack)
         webhook = f"http://127.0.0.1:{platform_port}/cap"
         typer.echo(f"emergency platform: simulated, {webhook} (CAP status Exercise)")
     # The simulators call back the API they run beside: keypresses, SMS replies, statuses.
@@ -692,6 +713,14 @@ def up(
     data_dir: Annotated[
         Path | None, typer.Option(help="Where the embedded database keeps its data (default: SHOUHU_DATA_DIR)")
     ] = None,
+    phone_network: Annotated[
+        PhoneNetwork,
+        typer.Option(
+            case_sensitive=False,
+            help="twilio: page through SHOUHU_TWILIO_*; simulate: a local simulated phone network that prints"
+            " every call and SMS (a staging county; --demo always simulates)",
+        ),
+    ] = PhoneNetwork.TWILIO,
     port: Annotated[
         int | None,
         typer.Option(min=1, max=65535, metavar="PORT", help="The API's port (default: SHOUHU_API_PORT, 8000)"),
@@ -714,6 +743,8 @@ def up(
         stack.callback(api_socket.close)
         if demo:
             settings = _demo_providers(settings, stack)
+        elif phone_network is PhoneNetwork.SIMULATE:
+            settings = _simulated_phone_network(settings, stack)
         if data_dir is not None and not settings.data_dir:
             # --data-dir also holds the hub's alarm spool (SHOUHU_SPOOL_DIR's default).
             settings = settings.model_copy(update={"data_dir": str(data_dir.resolve())})

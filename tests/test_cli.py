@@ -376,6 +376,21 @@ def test_up_without_a_phone_provider_runs_says_so_and_binds_what_it_prints(mosqu
         assert not any("RuntimeDirWarning" in line for line in running.lines)
 
 
+def test_up_with_a_simulated_phone_network_pages_through_it(mosquitto: Mosquitto) -> None:
+    with _running_up(mosquitto, "--phone-network", "simulate", prefix="up-simphone") as running:
+        line = running.wait_for_line("phone network: simulated")
+        base = re.search(r"http://127\.0\.0\.1:\d+", line)
+        assert base is not None
+        database_url = running.wait_for_line("database: postgresql://").split("database: ")[1]
+        demo = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+        load = run_shouhu("registry", "load", str(demo), cwd=running.data_dir, SHOUHU_DATABASE_URL=database_url)
+        assert load.returncode == 0, load.stderr
+        device_id, expected = wristband_with_grid_worker_on_duty(database_url, exclude=set())
+        ring = press_and_wait_for_ring(mosquitto.port, device_id, base.group(0))
+        assert ring.call["to"] in expected
+        assert not any("NO PHONE PROVIDER" in line for line in running.lines)
+
+
 def test_up_demo_keeps_simulator_access_logs_and_runtime_dir_warnings_out(running_up: RunningUp) -> None:
     running_up.wait_for_line("ringing ")
     running_up.wait_for_line("SMS to ")
