@@ -29,6 +29,7 @@ import shouhu
 from api import live
 from api.consoles import pages
 from api.deps import ERROR_RESPONSES, get_now, pooled, reject_unknown_query
+from api.limits import DEFAULT_MAX_BODY_BYTES, RequestLimits
 from api.routes import (
     acknowledgements,
     areas,
@@ -211,13 +212,16 @@ def create_app(
     public_url: str = "http://127.0.0.1:8000",
     twilio_auth_token: str = "",
     events_heartbeat_s: float = live.HEARTBEAT_S,
+    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
 ) -> FastAPI:
     """The API application, with its connection pool opened and closed by the lifespan.
 
     ``public_url`` (``SHOUHU_PUBLIC_URL``) is where Twilio reaches the callback routes,
     and with ``twilio_auth_token`` checks their signatures; with no token every
     callback is refused. ``events_heartbeat_s`` is the live feed's heartbeat, which
-    also re-checks each stream's credential.
+    also re-checks each stream's credential. ``max_body_bytes``
+    (``SHOUHU_MAX_BODY_BYTES``) bounds every request body, before authentication
+    (``api/limits.py``).
     """
 
     @asynccontextmanager
@@ -244,6 +248,9 @@ def create_app(
         description="守护: elder-care SOS escalation and camera uptime.",
         lifespan=lifespan,
     )
+    # Limits first, before routing and authentication; metrics outside them, so a 413
+    # or a refused NUL is counted too.
+    app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes)
     app.add_middleware(_MetricsMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)

@@ -6,17 +6,21 @@ pretends to run.
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import logging
 import os
 import signal
+import socket
 import subprocess
 import sys
 import threading
 from collections.abc import Callable
 from contextlib import ExitStack
 from datetime import UTC, datetime, timedelta
+from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, NoReturn
+from typing import TYPE_CHECKING, Annotated, Any, NoReturn
 from urllib.parse import urlsplit
 
 import typer
@@ -25,21 +29,28 @@ from pydantic import ValidationError
 from shouhu.settings import TWILIO_DEFAULT_API_BASE, Settings
 
 if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
     from alerts.care_sweep import CareSweeper
     from alerts.router import Router
     from hub.service import Hub
 
+# Plain help: typer's rich help prints a "<bool>" type column beside every flag.
 app = typer.Typer(
     name="shouhu",
     help="Shouhu (守护): elder-care and safety monitoring hub.",
     no_args_is_help=True,
     add_completion=False,
+    rich_markup_mode=None,
 )
-registry_app = typer.Typer(help="The registry of areas, people and devices.", no_args_is_help=True)
-token_app = typer.Typer(help="API bearer tokens.", no_args_is_help=True)
+registry_app = typer.Typer(
+    help="The registry of areas, people and devices.", no_args_is_help=True, rich_markup_mode=None
+)
+token_app = typer.Typer(help="API bearer tokens.", no_args_is_help=True, rich_markup_mode=None)
 simulate_app = typer.Typer(
     help="Simulated wristbands, cameras, phone network and emergency platform.",
     no_args_is_help=True,
+    rich_markup_mode=None,
 )
 app.add_typer(registry_app, name="registry")
 app.add_typer(token_app, name="token")
@@ -58,6 +69,43 @@ def _fail(message: str, code: int = 1) -> NoReturn:
 
 def _not_landed(verb: str, issue: int, what: str) -> NoReturn:
     _fail(f"`shouhu {verb}` is not available yet: {what} lands with issue #{issue}.", NOT_LANDED_EXIT)
+
+
+def _version(value: bool) -> None:
+    if value:
+        from shouhu import __version__
+
+        typer.echo(f"shouhu {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Shouhu (守护): elder-care and safety monitoring hub."""
+
+
+def _in_use_message(exc: OSError, host: str, port: int, setting: str) -> str:
+    """Why ``host:port`` could not be listened on, and which setting moves it."""
+    if exc.errno == errno.EADDRINUSE:
+        why = f"port {port} is already in use on {host} (another process listens there: stop it"
+    elif exc.errno == errno.EACCES:
+        why = f"port {port} on {host} needs privileges this user does not have (use a port above 1023"
+    else:
+        why = f"cannot listen on {host}:{port}: {exc.strerror or exc} (check SHOUHU_API_HOST"
+    return f"{why}, or choose another port with {setting})"
+
+
+def _listen(host: str, port: int, setting: str) -> socket.socket:
+    """A listening socket on ``host:port``, or a one-line failure (exit 2) naming the setting."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        _fail(_in_use_message(exc, host, port, setting), 2)
 
 
 def load_settings() -> Settings:
@@ -188,29 +236,46 @@ def token_create(
     typer.echo(secret)
 
 
-def _serve_api(url: str, settings: Settings) -> None:
+def _api_address(settings: Settings) -> str:
+    """Where a user on this host reaches the API, and where it listens when that differs."""
+    host = settings.api_host
+    if host in ("0.0.0.0", "::"):  # noqa: S104 - describing the bind, not making it
+        return f"http://127.0.0.1:{settings.api_port} (listening on every address, {host})"
+    shown = f"[{host}]" if ":" in host else host
+    return f"http://{shown}:{settings.api_port}"
+
+
+def _serve_api(url: str, settings: Settings, sock: socket.socket | None = None) -> None:
+    """Serve the API on ``SHOUHU_API_HOST``:``SHOUHU_API_PORT`` (``sock`` if already bound)."""
     import uvicorn
 
     from api.main import create_app
 
-    uvicorn.run(
+    # Bound here, not by uvicorn: a port in use is one line naming the setting, not a traceback.
+    sock = sock or _listen(settings.api_host, settings.api_port, "SHOUHU_API_PORT")
+    config = uvicorn.Config(
         create_app(
             url,
             resolve_timeout_s=settings.resolve_timeout_s,
             public_url=settings.public_url,
             twilio_auth_token=settings.twilio_auth_token,
+            max_body_bytes=settings.max_body_bytes,
         ),
-        host="0.0.0.0",  # noqa: S104 - the API serves the consoles and provider callbacks
+        host=settings.api_host,
         port=settings.api_port,
         log_level="info",
     )
+    uvicorn.Server(config).run(sockets=[sock])
 
 
 @app.command()
 def api() -> None:
     """Serve the HTTP API, health checks and metrics."""
     settings = load_settings()
-    _serve_api(database_url(settings), settings)
+    url = database_url(settings)
+    sock = _listen(settings.api_host, settings.api_port, "SHOUHU_API_PORT")
+    typer.echo(f"API: {_api_address(settings)}")
+    _serve_api(url, settings, sock)
 
 
 def _mqtt_url(settings: Settings) -> str:
@@ -232,30 +297,50 @@ def _run_hub_or_exit(worker: Hub) -> None:
     """Run the hub; if a lane or connection broke, end the whole process non-zero so its
     supervisor restarts it (the broker redelivers whatever was not acknowledged)."""
     from hub.service import LaneFailed
+    from shouhu.health_server import PortInUse
 
     try:
         worker.run()
+    except PortInUse as exc:
+        _fail(str(exc), 2)
     except LaneFailed as exc:
         logging.getLogger("shouhu.hub").critical("hub failed: %s; exiting", exc)
         sys.stderr.flush()
         os._exit(EXIT_HUB_FAILED)
 
 
-def _make_router(settings: Settings, url: str, *, exercise: bool = False) -> Router:
+TWILIO_SETTINGS = "SHOUHU_TWILIO_ACCOUNT_SID, SHOUHU_TWILIO_AUTH_TOKEN and SHOUHU_TWILIO_FROM"
+
+
+def _make_router(settings: Settings, url: str, *, exercise: bool = False, phone_optional: bool = False) -> Router:
+    """The escalation worker with its notifiers.
+
+    ``phone_optional`` (``shouhu up``): with no Twilio settings it runs on the consoles
+    and the emergency platform alone, and says so loudly; ``shouhu router`` refuses to.
+    """
+    from alerts.notifiers.base import Notifier
     from alerts.notifiers.console import ConsoleNotifier
     from alerts.notifiers.twilio import TwilioNotifier
     from alerts.notifiers.webhook import WebhookNotifier
     from alerts.router import Router, RouterConfig
     from devices.kinds import Channel
 
-    if not (settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from):
-        _fail(
-            "SHOUHU_TWILIO_ACCOUNT_SID, SHOUHU_TWILIO_AUTH_TOKEN and SHOUHU_TWILIO_FROM must be set:"
-            " without them the router cannot page anyone by phone",
-            2,
+    notifiers: dict[Channel, Notifier] = {Channel.CONSOLE: ConsoleNotifier()}
+    if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from:
+        twilio = TwilioNotifier.from_settings(settings)
+        notifiers |= {Channel.SMS: twilio, Channel.VOICE: twilio}
+    elif phone_optional:
+        typer.secho(
+            "NO PHONE PROVIDER: no SMS and no voice call will go out; SOS pages reach only the consoles"
+            " and the emergency platform.\n"
+            f"  To page by phone set {TWILIO_SETTINGS}; to try Shouhu with a simulated phone network,"
+            " run `shouhu up --demo`.",
+            fg=typer.colors.RED,
+            bold=True,
+            err=True,
         )
-    twilio = TwilioNotifier.from_settings(settings)
-    console = ConsoleNotifier()
+    else:
+        _fail(f"{TWILIO_SETTINGS} must be set: without them the router cannot page anyone by phone", 2)
     platform = None
     if settings.emergency_webhook_url:
         try:
@@ -271,7 +356,7 @@ def _make_router(settings: Settings, url: str, *, exercise: bool = False) -> Rou
     return Router(
         url,
         RouterConfig(router_id=f"router-{settings.hub_id}", zone=settings.zone),
-        {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: console},
+        notifiers,
         platform=platform,
         exercise=exercise,
     )
@@ -309,7 +394,7 @@ def hub(
 @app.command()
 def router() -> None:
     """Run escalation steps as they fall due and send their notifications."""
-    from shouhu.health_server import start_health_server
+    from shouhu.health_server import PortInUse, start_health_server
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = load_settings()
@@ -318,9 +403,16 @@ def router() -> None:
     care = _care_sweeper(settings, url)
     from alerts.router import DEFAULT_SENDERS
 
+    care_thread: threading.Thread | None = None
+    try:
+        # Healthy only while both run: a care sweeper that died would leave visits unopened.
+        start_health_server(
+            settings.metrics_port,
+            lambda: not worker.stopping.is_set() and care_thread is not None and care_thread.is_alive(),
+        )
+    except PortInUse as exc:
+        _fail(str(exc), 2)
     care_thread = _thread(care.run, "care")
-    # Healthy only while both run: a care sweeper that died would leave visits unopened.
-    start_health_server(settings.metrics_port, lambda: not worker.stopping.is_set() and care_thread.is_alive())
     def stop() -> None:
         care.stop()
         worker.stop()
@@ -353,7 +445,7 @@ def simulate_wristbands(
 
     settings = load_settings()
     if not (press or cancel or fall):
-        _not_landed("simulate wristbands` without --press/--cancel/--fall", 5, "the telemetry fleet")
+        _not_landed("simulate wristbands", 5, "the telemetry fleet (without --press, --cancel or --fall)")
     url = _mqtt_url(settings)
     sends = [
         *((d, "sos", "press", "SOS press") for d in press or []),
@@ -393,7 +485,13 @@ def simulate_phone_network(
 
     settings = load_settings()
     sid, token = _demo_twilio_credentials(settings)
-    typer.echo(f"phone network: http://127.0.0.1:{port} (set SHOUHU_TWILIO_API_BASE to this)")
+    typer.echo(f"phone network: http://127.0.0.1:{port}; it accepts only these credentials — point Shouhu at it with")
+    typer.echo(f"  SHOUHU_TWILIO_API_BASE=http://127.0.0.1:{port}")
+    typer.echo(f"  SHOUHU_TWILIO_ACCOUNT_SID={sid}")
+    # Never echo a token the user set (it may be a real Twilio one): only the demo's.
+    shown = token if token == DEMO_AUTH_TOKEN else "<the SHOUHU_TWILIO_AUTH_TOKEN set here>"
+    typer.echo(f"  SHOUHU_TWILIO_AUTH_TOKEN={shown}")
+    typer.echo(f"  SHOUHU_TWILIO_FROM={settings.twilio_from or DEMO_FROM}")
     serve_phone_network("127.0.0.1", port, sid, token)
 
 
@@ -441,6 +539,13 @@ def _stop_process(process: subprocess.Popen[bytes]) -> None:
             process.kill()
 
 
+class PhoneNetwork(StrEnum):
+    """Where ``shouhu up`` sends SMS and calls."""
+
+    TWILIO = "twilio"
+    SIMULATE = "simulate"
+
+
 DEMO_ACCOUNT_SID = "AC" + "de" * 16
 DEMO_AUTH_TOKEN = "demo-auth-token"  # noqa: S105 - only ever sent to the local simulator
 DEMO_FROM = "+12025550100"
@@ -466,6 +571,71 @@ def _join_all(threads: list[threading.Thread]) -> None:
         thread.join(10)
 
 
+def _quiet_http_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol without the access log, for the simulators beside the API.
+
+    uvicorn decides per connection from the process-wide ``uvicorn.access`` logger,
+    which the API's own server turns on (``access_log=False`` in a Config is not
+    consulted), so the phone network's requests would fill the demo terminal.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class QuietH11Protocol(H11Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.access_log = False
+
+    return QuietH11Protocol
+
+
+def _serve_beside(app: ASGIApp, name: str, stack: ExitStack) -> int:
+    """Serve a simulator on a free 127.0.0.1 port from a thread, stopped with ``stack``; the port."""
+    import uvicorn
+
+    from shouhu.embedded.postgres import free_port
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=_quiet_http_protocol())
+    server = uvicorn.Server(config)
+    _thread(server.run, name)
+    stack.callback(setattr, server, "should_exit", True)
+    return port
+
+
+def _start_phone_network(settings: Settings, stack: ExitStack, sid: str, token: str) -> str:
+    """Run the phone-network simulator beside the API, stopped with ``stack``; its base URL."""
+    from simulators.phone_network import create_phone_network
+
+    network = create_phone_network(
+        sid,
+        token,
+        sms_url=f"http://127.0.0.1:{settings.api_port}/callbacks/twilio/sms",
+        number=settings.twilio_from or DEMO_FROM,
+    )
+    base = f"http://127.0.0.1:{_serve_beside(network, 'phone-network', stack)}"
+    typer.echo(f"phone network: simulated, {base} (no real phone is ever called)")
+    return base
+
+
+def _simulated_phone_network(settings: Settings, stack: ExitStack) -> Settings:
+    """``--phone-network simulate`` without ``--demo``: a staging county's pages go to the
+    simulator, which prints them; every other setting stays the user's."""
+    if settings.twilio_api_base != TWILIO_DEFAULT_API_BASE:
+        typer.secho(
+            f"--phone-network simulate: SHOUHU_TWILIO_API_BASE={settings.twilio_api_base} is not used", err=True
+        )
+    sid, token = _demo_twilio_credentials(settings)
+    base = _start_phone_network(settings, stack, sid, token)
+    return settings.model_copy(
+        update={
+            "twilio_api_base": base,
+            "twilio_account_sid": sid,
+            "twilio_auth_token": token,
+            "twilio_from": settings.twilio_from or DEMO_FROM,
+        }
+    )
+
+
 def _demo_providers(settings: Settings, stack: ExitStack) -> Settings:
     """Point Twilio and the emergency webhook at local simulators; refuse real providers."""
     base = settings.twilio_api_base
@@ -476,47 +646,17 @@ def _demo_providers(settings: Settings, stack: ExitStack) -> Settings:
         sid, token = _demo_twilio_credentials(settings)
         typer.echo(f"phone network: {base} (yours)")
     else:
-        import uvicorn
-
-        from shouhu.embedded.postgres import free_port
-        from simulators.phone_network import create_phone_network
-
         sid, token = _demo_twilio_credentials(settings)
-        port = free_port()
-        server = uvicorn.Server(
-            uvicorn.Config(
-                create_phone_network(
-                    sid,
-                    token,
-                    sms_url=f"http://127.0.0.1:{settings.api_port}/callbacks/twilio/sms",
-                    number=settings.twilio_from or DEMO_FROM,
-                ),
-                host="127.0.0.1",
-                port=port,
-                log_level="warning",
-            )
-        )
-        _thread(server.run, "phone-network")
-        stack.callback(setattr, server, "should_exit", True)
-        base = f"http://127.0.0.1:{port}"
-        typer.echo(f"phone network: simulated, {base} (no real phone is ever called)")
+        base = _start_phone_network(settings, stack, sid, token)
     webhook = settings.emergency_webhook_url
     secret = settings.emergency_webhook_secret or DEMO_WEBHOOK_SECRET
     if webhook:
         if (urlsplit(webhook).hostname or "") not in LOCAL_HOSTS:
             _fail(f"--demo refuses SHOUHU_EMERGENCY_WEBHOOK_URL={webhook}: a demo never reaches a real platform", 2)
     else:
-        import uvicorn
-
-        from shouhu.embedded.postgres import free_port
         from simulators.emergency_platform import create_emergency_platform
 
-        platform_port = free_port()
-        platform_server = uvicorn.Server(
-            uvicorn.Config(create_emergency_platform(secret), host="127.0.0.1", port=platform_port, log_level="warning")
-        )
-        _thread(platform_server.run, "emergency-platform")
-        stack.callback(setattr, platform_server, "should_exit", True)
+        platform_port = _serve_beside(create_emergency_platform(secret), "emergency-platform", stack)
         webhook = f"http://127.0.0.1:{platform_port}/cap"
         typer.echo(f"emergency platform: simulated, {webhook} (CAP status Exercise)")
     # The simulators call back the API they run beside: keypresses, SMS replies, statuses.
@@ -568,10 +708,22 @@ def _demo_press(url: str, broker_url: str, settings: Settings) -> None:
 @app.command()
 def up(
     demo: Annotated[
-        bool, typer.Option(help="Also load the demo county, simulate a phone network and press SOS")
+        bool, typer.Option("--demo", help="Also load the demo county, simulate a phone network and press SOS")
     ] = False,
     data_dir: Annotated[
         Path | None, typer.Option(help="Where the embedded database keeps its data (default: SHOUHU_DATA_DIR)")
+    ] = None,
+    phone_network: Annotated[
+        PhoneNetwork,
+        typer.Option(
+            case_sensitive=False,
+            help="twilio: page through SHOUHU_TWILIO_*; simulate: a local simulated phone network that prints"
+            " every call and SMS (a staging county; --demo always simulates)",
+        ),
+    ] = PhoneNetwork.TWILIO,
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, metavar="PORT", help="The API's port (default: SHOUHU_API_PORT, 8000)"),
     ] = None,
 ) -> None:
     """Run everything in one process tree, with embedded defaults where nothing is configured."""
@@ -579,9 +731,20 @@ def up(
 
     logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = load_settings()
+    if port is not None:
+        update: dict[str, object] = {"api_port": port}
+        # A local callback address follows the API (a public one is the operator's to set).
+        if (urlsplit(settings.public_url).hostname or "") in LOCAL_HOSTS:
+            update["public_url"] = f"http://127.0.0.1:{port}"
+        settings = settings.model_copy(update=update)
+    # The API's port first: taken, it fails here in one line, before anything starts.
+    api_socket = _listen(settings.api_host, settings.api_port, "--port or SHOUHU_API_PORT")
     with ExitStack() as stack:
+        stack.callback(api_socket.close)
         if demo:
             settings = _demo_providers(settings, stack)
+        elif phone_network is PhoneNetwork.SIMULATE:
+            settings = _simulated_phone_network(settings, stack)
         if data_dir is not None and not settings.data_dir:
             # --data-dir also holds the hub's alarm spool (SHOUHU_SPOOL_DIR's default).
             settings = settings.model_copy(update={"data_dir": str(data_dir.resolve())})
@@ -599,7 +762,7 @@ def up(
         _run_migrations(url, settings)
         if demo:
             _load_registry_file(url, DEMO_COUNTY)
-        router_worker = _make_router(settings, url, exercise=demo)
+        router_worker = _make_router(settings, url, exercise=demo, phone_optional=True)
         hub_worker = _make_hub(settings, url, broker_url, metrics_port=None)
         from alerts.router import DEFAULT_SENDERS
 
@@ -616,14 +779,12 @@ def up(
         if not hub_worker.ready.wait(30):
             _fail(f"the hub did not become ready: its start-up probe did not come back from {broker_url}")
         typer.echo(f"hub: {settings.hub_id} ready on {broker_url}; router running")
-        typer.echo(
-            f"API: http://127.0.0.1:{settings.api_port}/api/v1 (make a token with "
-            "`shouhu token create --role operator`)"
-        )
-        typer.echo(f"consoles: http://127.0.0.1:{settings.api_port}/console (log in with such a token)")
+        address = _api_address(settings)
+        typer.echo(f"API: {address} — /api/v1 (make a token with `shouhu token create --role operator`)")
+        typer.echo(f"consoles: {address.split(' ', 1)[0]}/console (log in with such a token)")
         if demo:
             _demo_press(url, broker_url, settings)
-        _serve_api(url, settings)
+        _serve_api(url, settings, api_socket)
 
 
 def main() -> None:

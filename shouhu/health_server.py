@@ -6,6 +6,7 @@ standard library's threading server carries them on SHOUHU_METRICS_PORT.
 
 from __future__ import annotations
 
+import errno
 import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -13,8 +14,17 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 
+class PortInUse(OSError):
+    """The metrics port cannot be listened on; the message names the port and its setting."""
+
+
 def start_health_server(port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104
-    """Serve metrics and health on ``port`` from a daemon thread; returns the server."""
+    """Serve metrics and health on ``port`` from a daemon thread; returns the server.
+
+    Raises:
+        PortInUse: ``port`` is taken (or not this user's to take); the message says
+            which port and that ``SHOUHU_METRICS_PORT`` moves it.
+    """
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
@@ -38,6 +48,15 @@ def start_health_server(port: int, ready: Callable[[], bool], host: str = "0.0.0
         def log_message(self, format: str, *args: object) -> None:
             return
 
-    server = ThreadingHTTPServer((host, port), Handler)
+    try:
+        server = ThreadingHTTPServer((host, port), Handler)
+    except OSError as exc:
+        if exc.errno == errno.EADDRINUSE:
+            why = f"metrics port {port} is already in use on {host} (another process listens there: stop it"
+        else:
+            why = f"cannot listen on metrics port {port} on {host}: {exc.strerror or exc} ("
+        error = PortInUse(f"{why}, or choose another port with SHOUHU_METRICS_PORT)")
+        error.errno = exc.errno
+        raise error from exc
     threading.Thread(target=server.serve_forever, name=f"health-{port}", daemon=True).start()
     return server

@@ -41,7 +41,12 @@ class Settings(BaseSettings):
     # Where the hub keeps SOS presses it could not store (the database down) and the
     # roster snapshot it pages them from (hub/spool.py). Empty: ``<data dir>/spool``.
     spool_dir: str = ""
+    # The address the API binds, and prints: loopback unless told otherwise (the
+    # container sets 0.0.0.0, docker-compose.yml).
+    api_host: str = Field(default="127.0.0.1", min_length=1)
     api_port: int = Field(default=8000, ge=1, le=65535)
+    # Request bodies past this are refused (413) before authentication, while reading.
+    max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     metrics_port: int = Field(default=9100, ge=1, le=65535)
     public_url: str = "http://127.0.0.1:8000"
     twilio_account_sid: str = ""

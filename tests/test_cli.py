@@ -7,21 +7,25 @@ import os
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import IO
 
 import httpx
+import psutil
 import psycopg
 import pytest
 
-from shouhu.cli import NOT_LANDED_EXIT
+from shouhu import __version__
+from shouhu.cli import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM, NOT_LANDED_EXIT
 from shouhu.embedded.postgres import free_port
 from tests.services import Mosquitto, press_and_wait_for_ring, scratch_dir, wristband_with_grid_worker_on_duty
 
@@ -173,18 +177,25 @@ def _read_lines(stream: IO[str], lines: list[str]) -> None:
         lines.append(line.rstrip("\n"))
 
 
-@pytest.fixture
-def running_up(mosquitto: Mosquitto) -> Iterator[RunningUp]:
-    """`shouhu up --demo` on the embedded database, with the session's Mosquitto."""
+@contextmanager
+def _running_up(mosquitto: Mosquitto, *options: str, prefix: str, port_option: bool = False) -> Iterator[RunningUp]:
+    """`shouhu up OPTIONS` on the embedded database, with the session's Mosquitto, once ready.
+
+    The API's port is chosen here, given as SHOUHU_API_PORT or, with ``port_option``, as ``--port``.
+    """
     port = free_port()
-    data_dir = scratch_dir("shouhu-up-cli-")
+    data_dir = scratch_dir(f"shouhu-{prefix}-")
+    port_args = ["--port", str(port)] if port_option else []
+    env = _env(SHOUHU_MQTT_URL=mosquitto.url, SHOUHU_HUB_ID=f"{prefix}-{port}")
+    if not port_option:
+        env["SHOUHU_API_PORT"] = str(port)
     process = subprocess.Popen(
-        [SHOUHU, "up", "--demo", "--data-dir", str(data_dir)],
+        [SHOUHU, "up", *options, *port_args, "--data-dir", str(data_dir)],
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
         cwd=data_dir,
-        env=_env(SHOUHU_MQTT_URL=mosquitto.url, SHOUHU_API_PORT=str(port), SHOUHU_HUB_ID=f"up-{port}"),
+        env=env,
     )
     assert process.stdout is not None
     running = RunningUp(process, port, data_dir, [])
@@ -199,6 +210,13 @@ def running_up(mosquitto: Mosquitto) -> Iterator[RunningUp]:
     finally:
         running.stop()
         shutil.rmtree(data_dir, ignore_errors=True)
+
+
+@pytest.fixture
+def running_up(mosquitto: Mosquitto) -> Iterator[RunningUp]:
+    """`shouhu up --demo` on the embedded database, with the session's Mosquitto."""
+    with _running_up(mosquitto, "--demo", prefix="up") as running:
+        yield running
 
 
 def test_up_demo_serves_the_demo_county(running_up: RunningUp, tmp_path: Path) -> None:
@@ -277,3 +295,128 @@ def test_up_demo_takes_an_sms_reply_through_the_signed_callback(running_up: Runn
     with psycopg.connect(database_url) as conn:
         row = conn.execute("SELECT state, acknowledged_via FROM incidents WHERE code = %s", (code.group(1),)).fetchone()
     assert row == ("acknowledged", "sms")
+
+
+# --- failures that say what to do (issue 14) ------------------------------------------
+
+
+def test_version_and_help_without_type_columns(tmp_path: Path) -> None:
+    version = run_shouhu("--version", cwd=tmp_path)
+    assert version.returncode == 0
+    assert version.stdout.strip() == f"shouhu {__version__}"
+    for verb in ([], ["up"], ["hub"], ["router"], ["api"], ["simulate", "wristbands"], ["token", "create"]):
+        text = run_shouhu(*verb, "--help", cwd=tmp_path).stdout
+        assert "<bool>" not in text, verb
+    assert "--port" in run_shouhu("up", "--help", cwd=tmp_path).stdout
+
+
+def test_the_not_available_message_has_no_stray_backtick(tmp_path: Path) -> None:
+    result = run_shouhu("simulate", "wristbands", cwd=tmp_path)
+    assert result.returncode == NOT_LANDED_EXIT
+    assert "`shouhu simulate wristbands` is not available yet" in result.stderr
+    assert result.stderr.count("`") == 2
+
+
+@pytest.fixture
+def taken_port() -> Iterator[int]:
+    """A port some other process listens on, on every address."""
+    with socket.create_server(("0.0.0.0", 0)) as holder:
+        yield holder.getsockname()[1]
+
+
+@pytest.mark.parametrize(
+    ("verb", "setting", "extra"),
+    [
+        (["api"], "SHOUHU_API_PORT", {}),
+        (["hub"], "SHOUHU_METRICS_PORT", {"SHOUHU_HUB_ID": "taken-port-hub"}),
+        (
+            ["router"],
+            "SHOUHU_METRICS_PORT",
+            {"SHOUHU_TWILIO_ACCOUNT_SID": "AC1", "SHOUHU_TWILIO_AUTH_TOKEN": "t", "SHOUHU_TWILIO_FROM": "+12025550100"},
+        ),
+        (["up", "--data-dir", "data"], "SHOUHU_API_PORT", {}),
+    ],
+)
+def test_a_port_in_use_is_one_line_naming_the_port_and_the_setting(
+    taken_port: int, tmp_path: Path, verb: list[str], setting: str, extra: dict[str, str]
+) -> None:
+    result = run_shouhu(
+        *verb,
+        cwd=tmp_path,
+        SHOUHU_DATABASE_URL="postgresql://nobody@127.0.0.1:1/none",
+        SHOUHU_MQTT_URL="mqtt://127.0.0.1:1",
+        SHOUHU_SPOOL_DIR=str(tmp_path / "spool"),
+        **{setting: str(taken_port)},
+        **extra,
+    )
+    assert result.returncode == 2, result.stdout + result.stderr
+    assert f"port {taken_port} is already in use" in result.stderr
+    assert setting in result.stderr
+    assert "Traceback" not in result.stderr
+    if verb[0] == "up":
+        assert not (tmp_path / "data").exists()  # refused before anything started
+
+
+def test_up_without_a_phone_provider_runs_says_so_and_binds_what_it_prints(mosquitto: Mosquitto) -> None:
+    with _running_up(mosquitto, prefix="up-nophone", port_option=True) as running:
+        port = running.api_port
+        warning = running.wait_for_line("NO PHONE PROVIDER")
+        assert "no SMS and no voice call will go out" in warning
+        how = running.wait_for_line("SHOUHU_TWILIO_ACCOUNT_SID")
+        assert "SHOUHU_TWILIO_AUTH_TOKEN" in how
+        assert "SHOUHU_TWILIO_FROM" in how
+        assert "--demo" in how
+        running.wait_for_line(f"API: http://127.0.0.1:{port} ")
+        listening = [
+            c.laddr
+            for c in psutil.Process(running.process.pid).net_connections(kind="inet")
+            if c.status == psutil.CONN_LISTEN and c.laddr.port == port
+        ]
+        assert [address.ip for address in listening] == ["127.0.0.1"]
+        assert not any("RuntimeDirWarning" in line for line in running.lines)
+
+
+def test_up_with_a_simulated_phone_network_pages_through_it(mosquitto: Mosquitto) -> None:
+    with _running_up(mosquitto, "--phone-network", "simulate", prefix="up-simphone") as running:
+        line = running.wait_for_line("phone network: simulated")
+        base = re.search(r"http://127\.0\.0\.1:\d+", line)
+        assert base is not None
+        database_url = running.wait_for_line("database: postgresql://").split("database: ")[1]
+        demo = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+        load = run_shouhu("registry", "load", str(demo), cwd=running.data_dir, SHOUHU_DATABASE_URL=database_url)
+        assert load.returncode == 0, load.stderr
+        device_id, expected = wristband_with_grid_worker_on_duty(database_url, exclude=set())
+        ring = press_and_wait_for_ring(mosquitto.port, device_id, base.group(0))
+        assert ring.call["to"] in expected
+        assert not any("NO PHONE PROVIDER" in line for line in running.lines)
+
+
+def test_up_demo_keeps_simulator_access_logs_and_runtime_dir_warnings_out(running_up: RunningUp) -> None:
+    running_up.wait_for_line("ringing ")
+    running_up.wait_for_line("SMS to ")
+    assert not any("/2010-04-01/" in line for line in running_up.lines), "\n".join(running_up.lines)
+    assert not any("RuntimeDirWarning" in line for line in running_up.lines)
+
+
+def test_the_phone_network_simulator_prints_the_credentials_it_accepts(tmp_path: Path) -> None:
+    port = free_port()
+    process = subprocess.Popen(
+        [SHOUHU, "simulate", "phone-network", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+        env=_env(),
+    )
+    assert process.stdout is not None
+    try:
+        banner = [process.stdout.readline() for _ in range(5)]
+    finally:
+        process.terminate()
+        process.wait(15)
+    text = "".join(banner)
+
+    assert f"SHOUHU_TWILIO_API_BASE=http://127.0.0.1:{port}" in text
+    assert f"SHOUHU_TWILIO_ACCOUNT_SID={DEMO_ACCOUNT_SID}" in text
+    assert f"SHOUHU_TWILIO_AUTH_TOKEN={DEMO_AUTH_TOKEN}" in text
+    assert f"SHOUHU_TWILIO_FROM={DEMO_FROM}" in text

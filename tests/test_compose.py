@@ -38,7 +38,8 @@ LEDGER_KEEP_HOURS = 7 * 24
 CONTRACT_MAX_PAYLOAD = 64 * 1024
 # Settings whose compose default deliberately differs from the settings default:
 # empty means "embedded", and production must point at the compose services.
-COMPOSE_SPECIFIC_DEFAULTS = {"SHOUHU_DATABASE_URL", "SHOUHU_MQTT_URL"}
+# The container's API binds every address (DESIGN.md: 0.0.0.0 in the container).
+COMPOSE_SPECIFIC_DEFAULTS = {"SHOUHU_DATABASE_URL", "SHOUHU_MQTT_URL", "SHOUHU_API_HOST"}
 
 MISSING_COMPOSE = (
     "docker-compose is not installed. The test command installs it "
@@ -411,6 +412,8 @@ def test_compose_defaults_match_the_settings_defaults(raw: dict[str, Any]) -> No
         else:
             assert "$" not in text, f"{key}: {text!r} is not ${{{key}:-default}}"
             default = text
+        if key == "SHOUHU_API_HOST":
+            assert default == "0.0.0.0", "the container's API must listen beyond loopback"
         if key in COMPOSE_SPECIFIC_DEFAULTS:
             continue
         field = Settings.model_fields[key.removeprefix("SHOUHU_").lower()]

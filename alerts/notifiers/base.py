@@ -29,6 +29,9 @@ class Message:
     address: str
     callback_number: str
     notice: str | None = None  # an information SMS (who took it, a cancel) instead of a page
+    # The wristband or camera the incident is about: what names an unregistered band
+    # or a camera, which have no resident. Empty when the sender does not know it.
+    device_id: str = ""
 
 
 @dataclass(frozen=True, slots=True)

@@ -54,7 +54,7 @@ _EVENT_OF_KIND: dict[IncidentKind, str] = {
     IncidentKind.WRISTBAND_OFFLINE: "手环离线，请上门探视",
     IncidentKind.NOT_WORN: "未佩戴手环，请上门探视",
     IncidentKind.LOW_BATTERY: "手环电量低，请提醒充电",
-    IncidentKind.CAMERA_OFFLINE: "摄像头离线，请安排维修",
+    IncidentKind.CAMERA_OFFLINE: "离线，请安排维修",  # after "摄像头<id>"
 }
 
 
@@ -74,9 +74,21 @@ def _headline(kind: IncidentKind | None) -> str:
     return "紧急呼叫" if red or kind is None else "提醒"
 
 
-def _subject(kind: IncidentKind | None, name: str) -> str:
-    # An unregistered wristband has no resident: say so, so nobody looks for one by name.
-    return f"未登记手环{name}" if kind is IncidentKind.SOS_UNREGISTERED else name
+# What the dispatcher stores as the name of an incident with no resident (an
+# unregistered wristband, a camera): a placeholder, not a name to print twice.
+NO_RESIDENT_NAME = "未登记手环"
+
+
+def _subject(kind: IncidentKind | None, message: Message) -> str:
+    """Who or what the page is about: the resident, or the device when there is none."""
+    name = "" if message.resident_name == NO_RESIDENT_NAME else message.resident_name
+    if kind is IncidentKind.SOS_UNREGISTERED:
+        # No resident: say so, and name the band so the operators can find it. The hub's
+        # spool passes the device id as the name; the dispatcher passes it as device_id.
+        return f"未登记手环{message.device_id or name}"
+    if kind is IncidentKind.CAMERA_OFFLINE:
+        return f"摄像头{message.device_id}"
+    return _clip(name, NAME_MAX_CHARS) if name else "住户"
 
 
 def _clip(text: str, limit: int) -> str:
@@ -88,37 +100,54 @@ def _plain(message: Message) -> Message:
     return replace(
         message,
         incident_code=plain_text(message.incident_code),
-        resident_name=plain_text(message.resident_name),
-        address=plain_text(message.address),
-        callback_number=plain_text(message.callback_number),
+        resident_name=plain_text(message.resident_name).strip(),
+        address=plain_text(message.address).strip(),
+        callback_number=plain_text(message.callback_number).strip(),
         notice=None if message.notice is None else plain_text(message.notice),
+        device_id=plain_text(message.device_id).strip(),
     )
 
 
-def _sms(message: Message, name: str, address: str) -> str:
+def _no_callback(kind: IncidentKind | None) -> str:
+    # Said instead of an empty "回拨" so nobody waits for a number that is not there;
+    # a camera has nobody to call back, so nothing is said.
+    if kind is IncidentKind.CAMERA_OFFLINE:
+        return ""
+    return "无回拨号码（手环未登记）。" if kind is IncidentKind.SOS_UNREGISTERED else "住户未登记电话，无回拨号码。"
+
+
+def _sms(message: Message, subject: str, address: str) -> str:
     kind = _kind(message)
     code = message.incident_code
+    where = f"（{address}）" if address else ""
+    back = f"回拨{message.callback_number}。" if message.callback_number else _no_callback(kind)
     return (
-        f"【守护】{_headline(kind)}：{_subject(kind, name)}（{address}）{_event(kind)}。"
-        f"回拨{message.callback_number}。"
+        f"【守护】{_headline(kind)}：{subject}{where}{_event(kind)}。{back}"
         f"回复 {code} 1 接单，{code} 2 无法前往。"
     )
 
 
 def sms_text(message: Message) -> str:
-    """The SMS for ``message``: at most 140 characters, clipping name then address if needed.
+    """The SMS for ``message``: at most 140 characters, clipping the address, then the name.
 
     The incident code and callback number are never clipped: they are how the
-    recipient answers. Control characters are taken out first (``plain_text``).
+    recipient answers. A part that is empty is left out (no empty brackets, no bare
+    "回拨"): a missing callback number is said to be missing. Control characters are
+    taken out first (``plain_text``).
     """
     message = _plain(message)
     if message.notice is not None:
         return message.notice[:SMS_MAX_CHARS]
-    name = _clip(message.resident_name, NAME_MAX_CHARS)
-    text = _sms(message, name, message.address)
+    subject, address = _subject(_kind(message), message), message.address
+    text = _sms(message, subject, address)
+    overflow = len(text) - SMS_MAX_CHARS
+    if overflow > 0 and address:
+        room = len(address) - overflow
+        address = _clip(address, room) if room >= 2 else ""
+        text = _sms(message, subject, address)
     overflow = len(text) - SMS_MAX_CHARS
     if overflow > 0:
-        text = _sms(message, name, _clip(message.address, len(message.address) - overflow))
+        text = _sms(message, _clip(subject, len(subject) - overflow), address)
     return text
 
 
@@ -131,10 +160,17 @@ def voice_text(message: Message, *, keypress: bool) -> str:
     """What the call says (once; the TwiML repeats it), with no control character in it."""
     message = _plain(message)
     kind = _kind(message)
+    subject = _subject(kind, message)
+    # A device id is spelled out, after what the device is ("未登记手环，编号 w b 4 2").
+    for label in ("未登记手环", "摄像头"):
+        if kind in (IncidentKind.SOS_UNREGISTERED, IncidentKind.CAMERA_OFFLINE) and subject.startswith(label):
+            device = subject[len(label) :]
+            subject = f"{label}，编号{_spelled(device)}" if device else label
+    subject += "，"
+    where = f"地址{message.address}，" if message.address else ""
+    back = f"回拨电话：{_spelled(message.callback_number)}。" if message.callback_number else _no_callback(kind)
     text = (
-        f"守护{_headline(kind)}。{_subject(kind, message.resident_name)}，"
-        f"地址{message.address}，{_event(kind)}。"
-        f"回拨电话：{_spelled(message.callback_number)}。"
+        f"守护{_headline(kind)}。{subject}{where}{_event(kind)}。{back}"
         f"事件编号：{_spelled(message.incident_code)}。"
     )
     if keypress:

