@@ -63,6 +63,7 @@ class PendingAttempt:
     resident_name: str
     resident_address: str
     resident_phone: str | None
+    device_id: str | None = None
 
     def message(self) -> Message:
         """What the person is told: the minimum, never medical notes (PIPL)."""
@@ -74,6 +75,7 @@ class PendingAttempt:
             self.resident_address,
             self.resident_phone or "",
             notice=self.body if self.purpose is AttemptPurpose.NOTICE else None,
+            device_id=self.device_id or "",
         )
 
 
@@ -91,7 +93,8 @@ def _attempt(row: tuple[Any, ...]) -> PendingAttempt:
 
 _ATTEMPTS = """
     SELECT a.id, a.incident_id, a.purpose, a.channel, a.address, a.step, a.round, a.attempt, a.body,
-           i.code, i.kind, i.opened_at, coalesce(r.name, '未登记手环'), coalesce(r.address, ''), r.phone
+           i.code, i.kind, i.opened_at, coalesce(r.name, '未登记手环'), coalesce(r.address, ''), r.phone,
+           i.device_id
     FROM notification_attempts a
     JOIN incidents i ON i.id = a.incident_id
     LEFT JOIN residents r ON r.id = i.resident_id
