@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -373,6 +373,20 @@ def test_an_ack_while_the_cap_alert_is_in_flight_sends_the_platform_an_update(
 STRESS_S = 20.0  # issue 13 asks for about 60 s; 20 s keeps the suite's budget (docs/escalation.md)
 
 
+def _until_quiet(count: Callable[[], int], quiet_s: float = 2.0, timeout: float = 30.0) -> None:
+    """Return once ``count()`` has not changed for ``quiet_s`` seconds."""
+    deadline = time.monotonic() + timeout
+    seen, since = count(), time.monotonic()
+    while time.monotonic() < deadline:
+        time.sleep(0.1)
+        now = count()
+        if now != seen:
+            seen, since = now, time.monotonic()
+        elif time.monotonic() - since >= quiet_s:
+            return
+    raise AssertionError(f"callbacks still arriving after {timeout:.0f}s")
+
+
 def test_acks_callbacks_steps_and_two_routers_against_each_other_never_deadlock(
     county_url: str, phone_network: str, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -445,16 +459,18 @@ def test_acks_callbacks_steps_and_two_routers_against_each_other_never_deadlock(
         time.sleep(STRESS_S)
         stop.set()
         driver.join(30)
-        time.sleep(2.0)  # the last callbacks
         for router in routers:
             router.stop()
         for thread in threads:
             thread.join(30)
+        # Calls placed before the routers stopped still end, and their status callbacks
+        # must find the API up: serve it until no callback has come for 2 s.
+        _until_quiet(lambda: len(httpx.get(f"{phone_network}/_sim/webhooks").json()))
     deadlocks = q(county_url, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
     hooks = httpx.get(f"{phone_network}/_sim/webhooks").json()
     assert not errors, errors[:3]
     assert "deadlock" not in caplog.text.lower()
     assert deadlocks == [(0,)]
     assert len(hooks) > 50, f"only {len(hooks)} callbacks in {STRESS_S} s"
-    unanswered = [h for h in hooks if h["status"] != 200]
+    unanswered = [(h["kind"], h["status"], str(h.get("reply"))[:300]) for h in hooks if h["status"] != 200]
     assert unanswered == []
