@@ -17,9 +17,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from hub.service import Hub
 from shouhu.embedded.postgres import free_port
 from simulators.wristband import Wristband, alarm_payload, publish_raw
-from tests.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, scratch_dir, shouhu_env, wait_for_port
+from tests.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, scratch_dir, shouhu_env
 from tests.test_hub import hub, query, wait_until  # noqa: F401  (the `hub` fixture)
-from tests.test_ingest_faults import shipped_broker
+from tests.test_ingest_faults import run_shipped_broker, shipped_broker
 
 
 class ReceiptListener:
@@ -120,9 +120,7 @@ def test_broker_sigkilled_with_presses_queued_loses_none_of_a_wristband_that_wai
     conf = shipped_broker(directory, port)
 
     def start_broker() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for_port(port)
-        return process
+        return run_shipped_broker(conf, port)
 
     def start_hub() -> ShouhuProcess:
         return ShouhuProcess(
@@ -178,8 +176,7 @@ def test_an_oversized_sos_through_the_shipped_broker_is_paged_and_past_its_cap_i
     directory = scratch_dir("shouhu-oversize-")
     port = free_port()
     conf = shipped_broker(directory, port)
-    broker = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_for_port(port)
+    broker = run_shipped_broker(conf, port)
     url, metrics_port = f"mqtt://127.0.0.1:{port}", free_port()
     hub_process = ShouhuProcess(
         ["hub"],

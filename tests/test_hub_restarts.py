@@ -15,9 +15,9 @@ import pytest
 
 from shouhu.embedded.postgres import LocalPostgres, free_port
 from simulators.wristband import Wristband
-from tests.services import Mosquitto, ShouhuProcess, http_status, scratch_dir, shouhu_env, wait_for_port
+from tests.services import Mosquitto, ShouhuProcess, http_status, scratch_dir, shouhu_env
 from tests.test_hub import wait_until
-from tests.test_ingest_faults import Fleet, count, hub_process, own_postgres, shipped_broker
+from tests.test_ingest_faults import Fleet, count, hub_process, own_postgres, run_shipped_broker, shipped_broker
 
 __all__ = ["own_postgres"]
 
@@ -151,9 +151,7 @@ def test_broker_restarted_with_the_shipped_configuration(county_url: str, shared
     conf = shipped_broker(directory, port)
 
     def start_broker() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for_port(port)
-        return process
+        return run_shipped_broker(conf, port)
 
     broker = start_broker()
     url = f"mqtt://127.0.0.1:{port}"

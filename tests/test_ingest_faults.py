@@ -223,6 +223,13 @@ def shipped_broker(directory: Path, port: int) -> Path:
     return conf
 
 
+def run_shipped_broker(conf: Path, port: int) -> subprocess.Popen[bytes]:
+    """Mosquitto on a configuration from ``shipped_broker``, listening before this returns."""
+    process = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    wait_for_port(port)
+    return process
+
+
 def test_broker_sigkilled_with_the_shipped_configuration(county_url: str) -> None:
     """With the shipped configuration Mosquitto saves its state every `autosave_interval`
     seconds: a SIGKILL loses at most what arrived since the last save. Sessions saved
@@ -235,9 +242,7 @@ def test_broker_sigkilled_with_the_shipped_configuration(county_url: str) -> Non
     assert autosave <= 60
 
     def start() -> subprocess.Popen[bytes]:
-        process = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-        wait_for_port(port)
-        return process
+        return run_shipped_broker(conf, port)
 
     broker_process = start()
     fake = Mosquitto(directory=tmp_path, port=port)  # for its URL only
