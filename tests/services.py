@@ -455,10 +455,11 @@ def shouhu_stack(
 
     demo = registry or Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
     phone_port, hub_metrics, router_metrics = free_port(), free_port(), free_port()
+    hub_id = f"{name}-{uuid.uuid4().hex[:8]}"
     env = shouhu_env(
         SHOUHU_DATABASE_URL=database_url,
         SHOUHU_MQTT_URL=mosquitto.url,
-        SHOUHU_HUB_ID=f"{name}-{uuid.uuid4().hex[:8]}",
+        SHOUHU_HUB_ID=hub_id,
         SHOUHU_TWILIO_ACCOUNT_SID="AC" + "1" * 32,
         SHOUHU_TWILIO_AUTH_TOKEN=f"{name}-token",
         SHOUHU_TWILIO_FROM="+12025550100",
@@ -491,6 +492,7 @@ def shouhu_stack(
             "database_url": database_url,
             "mosquitto": mosquitto,
             "processes": processes,
+            "hub_id": hub_id,
         }
     finally:
         for process in processes:

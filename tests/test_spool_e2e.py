@@ -10,17 +10,15 @@ chain goes on (the guardians are paged when the step's wait runs out)."""
 from __future__ import annotations
 
 import time
-import uuid
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 import pytest
 
-from shouhu.embedded.postgres import LocalPostgres, free_port
+from shouhu.embedded.postgres import LocalPostgres
 from simulators.wristband import Wristband
-from tests.escalation_support import PHONE_SID, PHONE_TOKEN
-from tests.services import Mosquitto, ShouhuProcess, session_data_dir, shouhu_env
+from tests.services import Mosquitto, ShouhuProcess, session_data_dir, shouhu_stack
 from tests.test_hub import query, wait_until
 from tests.test_ingest_faults import own_postgres  # noqa: F401  (the fixture)
 
@@ -30,47 +28,15 @@ ACK_TIMEOUT_S = 6
 @pytest.fixture
 def stack(own_postgres: tuple[LocalPostgres, str], broker: Mosquitto) -> Iterator[dict[str, Any]]:  # noqa: F811
     cluster, url = own_postgres
-    phone_port, hub_metrics, router_metrics = free_port(), free_port(), free_port()
-    hub_id = f"spool-e2e-{uuid.uuid4().hex[:6]}"
-    env = shouhu_env(
-        SHOUHU_DATABASE_URL=url,
-        SHOUHU_MQTT_URL=broker.url,
-        SHOUHU_HUB_ID=hub_id,
-        SHOUHU_TWILIO_ACCOUNT_SID=PHONE_SID,
-        SHOUHU_TWILIO_AUTH_TOKEN=PHONE_TOKEN,
-        SHOUHU_TWILIO_FROM="+12025550100",
-        SHOUHU_TWILIO_API_BASE=f"http://127.0.0.1:{phone_port}",
-        SHOUHU_ACK_TIMEOUT_S=str(ACK_TIMEOUT_S),
-    )
-    processes = [
-        ShouhuProcess(
-            ["simulate", "phone-network", "--port", str(phone_port)],
-            env,
-            ready_url=f"http://127.0.0.1:{phone_port}/_sim/calls",
-        ),
-        ShouhuProcess(
-            ["hub"], {**env, "SHOUHU_METRICS_PORT": str(hub_metrics)}, ready_url=f"http://127.0.0.1:{hub_metrics}/readyz"
-        ),
-        ShouhuProcess(
-            ["router"],
-            {**env, "SHOUHU_METRICS_PORT": str(router_metrics)},
-            ready_url=f"http://127.0.0.1:{router_metrics}/readyz",
-        ),
-    ]
-    try:
-        for process in processes:
-            process.start()
+    for running in shouhu_stack(url, broker, name="spool-e2e", SHOUHU_ACK_TIMEOUT_S=str(ACK_TIMEOUT_S)):
         yield {
+            **running,
             "cluster": cluster,
             "url": url,
             "broker": broker,
-            "phone": f"http://127.0.0.1:{phone_port}",
-            "spool": session_data_dir() / "spool" / hub_id,
-            "hub": processes[1],
+            "spool": session_data_dir() / "spool" / running["hub_id"],
+            "hub": running["processes"][1],
         }
-    finally:
-        for process in processes:
-            process.stop()
 
 
 def metric_text(url: str) -> str:
