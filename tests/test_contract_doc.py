@@ -121,10 +121,23 @@ def app_routes() -> set[str]:
     return routes
 
 
+ROUTE = re.compile(rf"`({'|'.join(HTTP_METHODS)}) (/[^`\s?]*)")
+
+
 def test_every_route_is_named_and_no_other() -> None:
-    methods = "|".join(HTTP_METHODS)
-    named = {f"{m} {path}" for m, path in re.findall(rf"`({methods}) (/[^`\s?]*)", contract())}
+    named = {f"{method} {path}" for method, path in ROUTE.findall(contract())}
     assert_same("routes", app_routes(), named, "api.main.create_app")
+
+
+def test_every_route_has_its_row() -> None:
+    rows = set()
+    for title in ("Routes", "Consoles"):
+        for cells in table_rows(section(title)):
+            match = ROUTE.match(cells[0])
+            if match:
+                assert len(cells) >= 3, f"{cells[0]}: the row does not say who may call it and what it returns"
+                rows.add(f"{match.group(1)} {match.group(2)}")
+    assert_same("rows of the Routes and Consoles tables", app_routes(), rows, "api.main.create_app")
 
 
 # ---------------------------------------------------------------------------- commands
