@@ -9,6 +9,7 @@ every MQTT topic and subscription, every payload field and every dead-letter rea
 from __future__ import annotations
 
 import importlib
+import inspect
 import re
 from collections.abc import Iterable, Iterator
 from functools import cache
@@ -16,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import typer.main
+from fastapi import FastAPI
 from fastapi.routing import iter_route_contexts
 from typer.core import TyperGroup, TyperOption
 
@@ -111,9 +113,18 @@ def test_every_setting_has_its_row_with_its_default() -> None:
 # ----------------------------------------------------------------------------- routes
 
 
+def api_app() -> FastAPI:
+    """The API, never served: nothing connects. ``create_app`` takes a database URL, or
+    (issue 14) the settings; whichever this tree has."""
+    url = "postgresql://contract-doc.invalid/none"
+    first = next(iter(inspect.signature(create_app).parameters))
+    argument: Any = Settings(database_url=url) if first == "settings" else url
+    return create_app(argument)
+
+
 def app_routes() -> set[str]:
     """Every ``METHOD /path`` the API serves (HEAD, which Starlette adds to GET, left out)."""
-    app = create_app("postgresql://contract-doc.invalid/none")  # nothing connects until it is served
+    app = api_app()
     routes = set()
     for context in iter_route_contexts(app.routes):
         methods = getattr(context.original_route, "methods", None) or set()
