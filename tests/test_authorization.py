@@ -27,6 +27,7 @@ from api.main import create_app
 from devices.registry import load_registry
 from devices.registry_file import parse_registry
 from shouhu.embedded.postgres import LocalPostgres
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token, revoke_token
 from tests.care_support import RULES, heard, last_will
 from tests.conftest import DEMO_COUNTY, fresh_database
@@ -164,7 +165,7 @@ def scenario(postgres: LocalPostgres) -> Iterator[Scenario]:
 
 @pytest.fixture(scope="module")
 def client(scenario: Scenario) -> Iterator[TestClient]:
-    app = create_app(scenario.url, twilio_auth_token="authz-twilio-token")
+    app = create_app(Settings(database_url=scenario.url, twilio_auth_token="authz-twilio-token"))
     app.dependency_overrides[deps.get_now] = lambda: NOW
     with TestClient(app) as test_client:
         yield test_client

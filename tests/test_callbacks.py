@@ -30,6 +30,7 @@ from api.deps import get_now
 from api.main import create_app
 from api.routes.callbacks import SMS_CALLBACK_PATH, SMS_HELP, Settlement, SmsReply, parse_sms_reply, settle
 from shouhu.embedded.postgres import free_port
+from shouhu.settings import Settings
 from simulators.emergency_platform import create_emergency_platform
 from simulators.phone_network import gather_action
 from tests.escalation_support import (
@@ -129,7 +130,9 @@ def stack(county_url: str, phone_network: str) -> Iterator[Stack]:
     # The API must know its own public URL before it is built: Twilio signs that URL.
     port = free_port()
     api = f"http://127.0.0.1:{port}"
-    app = create_app(county_url, public_url=api, twilio_auth_token=PHONE_TOKEN, resolve_timeout_s=1800)
+    app = create_app(
+        Settings(database_url=county_url, public_url=api, twilio_auth_token=PHONE_TOKEN, resolve_timeout_s=1800)
+    )
     app.dependency_overrides[get_now] = clock
     config = {"sms_url": api + SMS_CALLBACK_PATH, "number": FROM}
     httpx.post(f"{phone_network}/_sim/config", json=config).raise_for_status()
@@ -774,7 +777,7 @@ def test_with_no_auth_token_configured_every_callback_is_refused(stack: Stack) -
     stack.router.run_once()
     requests = forgeable(stack, case)
     before = snapshot(stack.db)
-    unconfigured = create_app(stack.db, public_url=stack.api, twilio_auth_token="")
+    unconfigured = create_app(Settings(database_url=stack.db, public_url=stack.api, twilio_auth_token=""))
 
     with TestClient(unconfigured) as client:
         for path, params in requests:

@@ -24,6 +24,7 @@ from fastapi.testclient import TestClient
 
 from api.main import create_app
 from shouhu.embedded.postgres import free_port
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.escalation_support import DAY, press, q, wristband_in
 
@@ -33,7 +34,7 @@ SHOUHU = shutil.which("shouhu") or str(Path(__file__).resolve().parent.parent / 
 
 @pytest.fixture
 def client(county_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(county_url)) as test_client:
+    with TestClient(create_app(Settings(database_url=county_url))) as test_client:
         yield test_client
 
 

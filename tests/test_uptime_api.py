@@ -16,8 +16,8 @@ from psycopg.types.json import Jsonb
 
 from api import deps
 from api.main import create_app
-from api.routes import uptime
 from devices.kinds import AreaLevel, DeviceKind
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.utils.builders import add_area, add_device
 
@@ -51,9 +51,8 @@ def conn(database_url: str) -> Iterator[Conn]:
 
 @pytest.fixture
 def client(database_url: str) -> Iterator[TestClient]:
-    app = create_app(database_url)
+    app = create_app(Settings(database_url=database_url, timezone=ZONE.key))
     app.dependency_overrides[deps.get_now] = lambda: NOW
-    app.dependency_overrides[uptime.get_zone] = lambda: ZONE
     with TestClient(app) as test_client:
         yield test_client
 
