@@ -1,4 +1,5 @@
-"""Request dependencies: a pooled connection, the clock, the bearer token or session cookie, the area scope.
+"""Request dependencies: the settings, a pooled connection, the clock, the bearer token or session cookie,
+the area scope.
 
 Each request's connection runs in autocommit: every statement stands alone unless a
 route opens ``conn.transaction()``, so a route fixes its own transaction boundaries

@@ -220,6 +220,8 @@ def create_app(settings: Settings) -> FastAPI:
     ``api/limits.py``).
     """
     database_url = settings.database_url
+    if not database_url:
+        raise ValueError("create_app needs settings.database_url resolved: the entry point finds the embedded one")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
