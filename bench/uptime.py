@@ -46,7 +46,7 @@ from devices.uptime_store import uptime_report
 from shouhu.embedded.postgres import create_database, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
 from shouhu.tokens import Role, create_token
-from tests.services import serve_app, start_postgres
+from tests.support.services import serve_app, start_postgres
 
 ZONE = ZoneInfo("Asia/Shanghai")
 TOWNSHIP = "bench-town"

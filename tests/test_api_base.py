@@ -20,7 +20,7 @@ from api.main import create_app
 from devices.kinds import AreaLevel, DeviceKind
 from shouhu.embedded.postgres import LocalPostgres, free_port
 from shouhu.tokens import Role, create_token, revoke_token
-from tests.utils.builders import (
+from tests.support.builders import (
     SmallCounty,
     add_area,
     add_device,

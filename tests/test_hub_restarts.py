@@ -15,11 +15,9 @@ import pytest
 
 from shouhu.embedded.postgres import LocalPostgres, free_port
 from simulators.wristband import Wristband
-from tests.services import Mosquitto, ShouhuProcess, http_status, scratch_dir, shouhu_env
-from tests.test_hub import wait_until
-from tests.test_ingest_faults import Fleet, count, hub_process, own_postgres, run_shipped_broker, shipped_broker
-
-__all__ = ["own_postgres"]
+from tests.support.broker import Fleet, run_shipped_broker, shipped_broker
+from tests.support.hub import count, hub_process, wait_until
+from tests.support.services import Mosquitto, ShouhuProcess, http_status, scratch_dir, shouhu_env
 
 
 def plateau(read: Callable[[], int], still_for: float = 1.5, timeout: float = 60) -> int:
@@ -40,7 +38,7 @@ def test_a_lone_hub_stopped_with_sigterm_loses_nothing_published_while_it_was_do
     county_url: str, broker: Mosquitto
 ) -> None:
     hub_id = f"hub-{uuid.uuid4().hex[:6]}"
-    hub_process(county_url, broker, hub_id).start().stop()  # SIGTERM: sessions kept
+    hub_process(county_url, broker.url, hub_id).start().stop()  # SIGTERM: sessions kept
     fleet = Fleet(broker.port)
     try:
         fleet.telemetry(3300)
@@ -48,7 +46,7 @@ def test_a_lone_hub_stopped_with_sigterm_loses_nothing_published_while_it_was_do
         fleet.wait_published()
     finally:
         fleet.close()
-    second = hub_process(county_url, broker, hub_id).start()
+    second = hub_process(county_url, broker.url, hub_id).start()
     try:
         wait_until(
             lambda: count(county_url, "telemetry") == 3300 and count(county_url, "incidents") == 1,
@@ -62,16 +60,16 @@ def test_a_lone_hub_stopped_with_sigterm_loses_nothing_published_while_it_was_do
 
 def test_one_of_two_hubs_restarted_with_sigterm_loses_nothing(county_url: str, broker: Mosquitto) -> None:
     """The stopped hub's share of the telemetry waits in its session for its return."""
-    first = hub_process(county_url, broker, f"hub-a-{uuid.uuid4().hex[:4]}").start()
+    first = hub_process(county_url, broker.url, f"hub-a-{uuid.uuid4().hex[:4]}").start()
     second_id = f"hub-b-{uuid.uuid4().hex[:4]}"
-    hub_process(county_url, broker, second_id).start().stop()
+    hub_process(county_url, broker.url, second_id).start().stop()
     fleet = Fleet(broker.port)
     try:
         fleet.telemetry(3000)
         fleet.wait_published()
         # Some of it is parked for the stopped hub: the other cannot have it all yet.
         wait_until(lambda: count(county_url, "telemetry") > 0, timeout=30, what="the running hub's share")
-        second = hub_process(county_url, broker, second_id).start()
+        second = hub_process(county_url, broker.url, second_id).start()
         try:
             wait_until(lambda: count(county_url, "telemetry") == 3000, timeout=60, what="both shares")
         finally:
@@ -85,8 +83,8 @@ def test_one_of_two_hubs_restarted_with_sigterm_loses_nothing(county_url: str, b
 def test_a_hub_that_leaves_parks_nothing(county_url: str, broker: Mosquitto) -> None:
     """Scale-down: `shouhu hub --leave` unsubscribes its shares and ends its sessions, so
     everything published afterwards reaches the hub that stays, with the leaver gone."""
-    staying = hub_process(county_url, broker, f"hub-a-{uuid.uuid4().hex[:4]}").start()
-    leaving = hub_process(county_url, broker, f"hub-b-{uuid.uuid4().hex[:4]}")
+    staying = hub_process(county_url, broker.url, f"hub-a-{uuid.uuid4().hex[:4]}").start()
+    leaving = hub_process(county_url, broker.url, f"hub-b-{uuid.uuid4().hex[:4]}")
     leaving.args = ["hub", "--leave"]
     leaving.start()
     leaving.stop()
@@ -106,8 +104,8 @@ def test_a_hub_that_leaves_parks_nothing(county_url: str, broker: Mosquitto) -> 
 def test_a_hub_stopped_without_leave_keeps_its_share_parked(county_url: str, broker: Mosquitto) -> None:
     """The other side of --leave, so the test above can fail: without it a stopped hub's
     share waits for it, and the hub that stays does not get it."""
-    staying = hub_process(county_url, broker, f"hub-a-{uuid.uuid4().hex[:4]}").start()
-    hub_process(county_url, broker, f"hub-b-{uuid.uuid4().hex[:4]}").start().stop()
+    staying = hub_process(county_url, broker.url, f"hub-a-{uuid.uuid4().hex[:4]}").start()
+    hub_process(county_url, broker.url, f"hub-b-{uuid.uuid4().hex[:4]}").start().stop()
     fleet = Fleet(broker.port)
     try:
         fleet.telemetry(2000)
@@ -122,7 +120,7 @@ def test_a_hub_stopped_without_leave_keeps_its_share_parked(county_url: str, bro
 
 def test_readyz_is_503_while_the_database_is_down(own_postgres: tuple[LocalPostgres, str], broker: Mosquitto) -> None:
     cluster, url = own_postgres
-    hub = hub_process(url, broker, f"hub-{uuid.uuid4().hex[:6]}").start()
+    hub = hub_process(url, broker.url, f"hub-{uuid.uuid4().hex[:6]}").start()
     try:
         assert hub.ready_url is not None
         assert http_status(hub.ready_url) == 200

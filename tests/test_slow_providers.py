@@ -27,7 +27,8 @@ from alerts.router import DEFAULT_SENDERS, Router, RouterConfig
 from devices.kinds import Channel
 from shouhu.tokens import Role, create_token
 from simulators.emergency_platform import create_emergency_platform
-from tests.escalation_support import (
+from tests.support.callbacks import Stack
+from tests.support.escalation import (
     DAY,
     FROM,
     PHONE_SID,
@@ -44,8 +45,7 @@ from tests.escalation_support import (
     q,
     wristband_in,
 )
-from tests.services import serve_app
-from tests.test_callbacks import Stack, stack  # noqa: F401  (the fixture)
+from tests.support.services import serve_app
 
 FAST_STEPS = [
     {"target": "grid_worker", "channels": ["voice", "sms", "console"], "wait_s": 1},
@@ -231,7 +231,7 @@ def _keypress(api: str, attempt_id: int, call_sid: str, digit: str) -> httpx.Res
 
 
 @pytest.mark.parametrize("via", ["api", "console", "sms", "keypress"])
-def test_an_ack_while_guardians_pages_are_in_flight_tells_each_of_them_once(stack: Stack, via: str) -> None:  # noqa: F811
+def test_an_ack_while_guardians_pages_are_in_flight_tells_each_of_them_once(stack: Stack, via: str) -> None:
     device, _grid, _resident = wristband_in(stack.db, night_covered=False)
     incident = press(stack.db, device, DAY)
     code = q(stack.db, "SELECT code FROM incidents WHERE id = %s", incident)[0][0]

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from api import deps
 from api.main import create_app
 from shouhu.tokens import Role, create_token
-from tests.escalation_support import q
+from tests.support.escalation import q
 
 NOW = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
 
