@@ -17,7 +17,7 @@ from hub.service import Hub
 from shouhu.embedded.broker import ensure_local_broker
 from shouhu.embedded.postgres import free_port
 from simulators.wristband import alarm_payload, publish_raw
-from tests.support.hub import hub_process, incidents, query, sos_topic, start_hub, wait_until
+from tests.support.hub import count, hub_process, incidents, query, sos_topic, start_hub, wait_until
 from tests.support.services import Mosquitto, MqttWireTap
 
 PUBLISH, PUBACK = 3, 4
@@ -84,7 +84,9 @@ def test_unreadable_sos_of_a_known_wristband_still_pages(hub: Hub, county_url: s
     publish_raw(broker.url, sos_topic("wb-0006"), garbage)  # the same bytes again: one incident
     publish_raw(broker.url, sos_topic("wb-0007", "fall"), b'{"msg_id": "x"}')  # no ts
     wait_until(lambda: len(incidents(county_url)) == 2, what="two unreadable incidents")
-    time.sleep(0.3)  # let the duplicate land if it were going to open a second one
+    # The copy is dead-lettered in the transaction that handles it: its dead letter (the
+    # third) means the copy has been stored, so a second incident would be there by now.
+    wait_until(lambda: count(county_url, "dead_letters") == 3, what="the copy's dead letter")
     found = incidents(county_url)
     assert [(i[1], i[3], i[5]) for i in found] == [("sos", "r-0006", True), ("fall", "r-0007", True)]
     assert found[0][4] == 1
@@ -202,11 +204,18 @@ def test_hub_killed_before_commit_loses_nothing_and_doubles_nothing(county_url: 
     second = hub_process(county_url, mosquitto.url, hub_id).start()
     try:
         found = wait_until(lambda: incidents(county_url), what="the redelivered SOS")
-        time.sleep(0.5)
-        assert len(incidents(county_url)) == 1
+        # A press from another wristband, behind the redelivery on the same alarm session:
+        # once its incident is stored, any second copy of the first press has been handled.
+        publish_raw(mosquitto.url, sos_topic("wb-0013"), alarm_payload("sos"))
+        wait_until(lambda: [i for i in incidents(county_url) if i[3] == "r-0013"], what="the press behind it")
+        assert [i[3] for i in incidents(county_url)] == ["r-0012", "r-0013"]
         assert found[0][4] == 1
-        assert query(county_url, "SELECT count(*) FROM escalation_actions") == [(1,)]
-        stored = query(county_url, "SELECT detail FROM incident_events WHERE event = 'stored'")
+        incident = found[0][0]
+        actions = query(county_url, "SELECT count(*) FROM escalation_actions WHERE incident_id = %s", incident)
+        assert actions == [(1,)]
+        stored = query(
+            county_url, "SELECT detail FROM incident_events WHERE event = 'stored' AND incident_id = %s", incident
+        )
         assert json.dumps(stored[0][0]).count(hub_id) == 1
     finally:
         second.stop()
