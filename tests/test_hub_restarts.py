@@ -6,9 +6,7 @@ real PostgreSQL; the stops are real signals."""
 from __future__ import annotations
 
 import subprocess
-import time
 import uuid
-from collections.abc import Callable
 
 import psycopg
 import pytest
@@ -16,22 +14,20 @@ import pytest
 from shouhu.embedded.postgres import LocalPostgres, free_port
 from simulators.wristband import Wristband
 from tests.support.broker import Fleet, run_shipped_broker, shipped_broker
-from tests.support.hub import count, hub_process, wait_until
+from tests.support.hub import count, hub_process, query, wait_until
 from tests.support.services import Mosquitto, ShouhuProcess, http_status, scratch_dir, shouhu_env
 
+MARKER = "marker-"
 
-def plateau(read: Callable[[], int], still_for: float = 1.5, timeout: float = 60) -> int:
-    """The value once it has stopped changing for ``still_for`` seconds."""
-    deadline = time.monotonic() + timeout
-    value, since = read(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = read()
-        if now != value:
-            value, since = now, time.monotonic()
-        elif time.monotonic() - since >= still_for:
-            return value
-    raise AssertionError(f"still changing after {timeout}s")
+
+def fleet_rows(url: str) -> int:
+    """Telemetry rows of the fleet's stream, markers left out."""
+    rows = query(url, "SELECT count(*) FROM telemetry WHERE msg_id NOT LIKE %s", MARKER + "%")
+    return int(rows[0][0])
+
+
+def markers_stored(url: str) -> int:
+    return int(query(url, "SELECT count(*) FROM telemetry WHERE msg_id LIKE %s", MARKER + "%")[0][0])
 
 
 def test_a_lone_hub_stopped_with_sigterm_loses_nothing_published_while_it_was_down(
@@ -109,9 +105,15 @@ def test_a_hub_stopped_without_leave_keeps_its_share_parked(county_url: str, bro
     fleet = Fleet(broker.port)
     try:
         fleet.telemetry(2000)
+        # Markers behind the stream. The two sessions take turns at the share, so some
+        # markers are the staying hub's: once it has stored one, it has stored every
+        # message it was given before it, and what it has not got stays parked.
+        for n in range(10):
+            fleet.marker(f"{MARKER}{n}")
         fleet.wait_published()
         wait_until(lambda: count(county_url, "telemetry") > 0, timeout=30, what="the staying hub's share")
-        settled = plateau(lambda: count(county_url, "telemetry"))
+        wait_until(lambda: markers_stored(county_url) > 0, timeout=30, what="a marker through the staying hub")
+        settled = fleet_rows(county_url)
     finally:
         fleet.close()
         staying.stop()
@@ -179,11 +181,13 @@ def test_broker_restarted_with_the_shipped_configuration(county_url: str, shared
         fleet.wait_published(60)
         wait_until(lambda: not band.unreceipted, timeout=60, what="both presses receipted")
         wait_until(lambda: http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 200, what="the hub back")
-        # The restart's blocks may still be draining: count from where they settled.
-        before = plateau(lambda: count(county_url, "telemetry"))
+        # The restart's blocks may still be draining: count from a marker queued behind them.
+        fleet.marker(f"{MARKER}settled")
+        wait_until(lambda: markers_stored(county_url) == 1, timeout=60, what="the marker behind the restart's blocks")
+        before = fleet_rows(county_url)
         fleet.telemetry(2000, offset=10_000)
         fleet.wait_published(60)
-        wait_until(lambda: count(county_url, "telemetry") == before + 2000, timeout=60, what="telemetry after")
+        wait_until(lambda: fleet_rows(county_url) == before + 2000, timeout=60, what="telemetry after")
     finally:
         fleet.close()
         band.close()
@@ -192,7 +196,7 @@ def test_broker_restarted_with_the_shipped_configuration(county_url: str, shared
     with psycopg.connect(county_url) as conn:
         stored = {r[0] for r in conn.execute("SELECT msg_id FROM message_ledger WHERE channel = 'sos'")}
     assert set(presses) <= stored
-    lost = 12_000 - count(county_url, "telemetry")
+    lost = 12_000 - fleet_rows(county_url)
     subscription = "shared" if shared else "direct (lone hub)"
     print(f"broker restart, shipped configuration, {subscription}: {lost} of 10,000 telemetry messages lost")
     if not shared:

@@ -19,8 +19,9 @@ from tests.support.services import wait_for_port
 SHIPPED_CONF = Path(__file__).resolve().parents[2] / "deploy" / "mosquitto" / "mosquitto.conf"
 
 
-def telemetry() -> bytes:
-    return json.dumps({"msg_id": str(uuid.uuid4()), "ts": datetime.now(UTC).isoformat(), "battery": 50}).encode()
+def telemetry(msg_id: str | None = None) -> bytes:
+    body = {"msg_id": msg_id or str(uuid.uuid4()), "ts": datetime.now(UTC).isoformat(), "battery": 50}
+    return json.dumps(body).encode()
 
 
 class Fleet:
@@ -42,6 +43,11 @@ class Fleet:
     def telemetry(self, count: int, offset: int = 0) -> None:
         for index in range(offset, offset + count):
             self.client.publish(f"shouhu/v1/wristband/wb-{index % 240 + 1:04d}/telemetry", telemetry(), qos=1)
+
+    def marker(self, msg_id: str, device: str = "wb-0001") -> None:
+        """One telemetry message with a known ``msg_id``, queued behind everything published
+        so far: a hub that has stored it has stored all it was given before it."""
+        self.client.publish(f"shouhu/v1/wristband/{device}/telemetry", telemetry(msg_id), qos=1)
 
     def sos(self, device: str) -> None:
         self.client.publish(f"shouhu/v1/wristband/{device}/sos", alarm_payload("sos"), qos=1)
