@@ -29,10 +29,10 @@ from devices.registry import load_registry
 from devices.registry_file import parse_registry
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
-from tests.care_support import RULES, heard, last_will
-from tests.escalation_support import press
-from tests.services import serve_app
-from tests.test_consoles import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.care import RULES, heard, last_will
+from tests.support.escalation import press
+from tests.support.services import serve_app
 
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 GOAL_MS = 300.0

@@ -28,7 +28,7 @@ from devices.registry import load_registry
 from devices.registry_file import parse_registry
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
-from tests.services import serve_app
+from tests.support.services import serve_app
 
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 GOAL_P99_MS = 50.0

@@ -1,6 +1,6 @@
 """Ingest: backlog drain (bare paho subscriber, one hub, two hubs) and SOS latency under telemetry load.
 
-Starts its own Mosquitto (tests.services.Mosquitto: persistence on, max_queued_messages
+Starts its own Mosquitto (tests.support.services.Mosquitto: persistence on, max_queued_messages
 1,000,000) and PostgreSQL 18, migrates, and loads the demo county.
 
 Backlog drain. For each consumer the backlog is made first, so the load generator is
@@ -66,7 +66,7 @@ from hub.mqtt import alarm_client_id
 from shouhu.embedded.postgres import create_database, free_port, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
 from simulators.wristband import alarm_payload, publish_raw
-from tests.services import SHOUHU_BIN, STARTED_PROCESSES, Mosquitto, ShouhuProcess, shouhu_env, start_postgres
+from tests.support.services import SHOUHU_BIN, STARTED_PROCESSES, Mosquitto, ShouhuProcess, shouhu_env, start_postgres
 
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 WRISTBANDS = 240  # wb-0001 … wb-0240 in the demo county

@@ -46,8 +46,8 @@ from shouhu.embedded.postgres import create_database, free_port, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
 from simulators.emergency_platform import create_emergency_platform
 from simulators.phone_network import create_phone_network
-from tests.escalation_support import HangingProvider
-from tests.services import SHOUHU_BIN, ShouhuProcess, serve_app, shouhu_env, start_postgres
+from tests.support.escalation import HangingProvider
+from tests.support.services import SHOUHU_BIN, ShouhuProcess, serve_app, shouhu_env, start_postgres
 
 SID, TOKEN, SECRET = "AC" + "4" * 32, "bench-token", "bench-platform-secret"
 SCENARIOS = ("baseline", "platform-hang", "twilio-hang")

@@ -31,7 +31,7 @@ from shouhu.embedded.postgres import create_database, free_port, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
 from simulators.phone_network import create_phone_network
 from simulators.wristband import alarm_payload
-from tests.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, serve_app, shouhu_env, start_postgres
+from tests.support.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, serve_app, shouhu_env, start_postgres
 
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 SID, TOKEN = "AC" + "2" * 32, "bench-token"

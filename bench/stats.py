@@ -27,7 +27,7 @@ def migrated_database(now: datetime) -> Iterator[str]:
     """A PostgreSQL 18 of the benchmark's own with a migrated database; yields its URL, removes it after."""
     from shouhu.embedded.postgres import create_database, wheel_bin_dir
     from shouhu.migrations import MigrationContext, migrate
-    from tests.services import start_postgres
+    from tests.support.services import start_postgres
 
     cluster = start_postgres(wheel_bin_dir())
     try:

@@ -47,7 +47,7 @@ from shouhu.embedded.postgres import create_database, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
-from tests.services import serve_app, start_postgres
+from tests.support.services import serve_app, start_postgres
 
 ZONE = ZoneInfo("Asia/Shanghai")
 TOWNSHIP = "bench-town"

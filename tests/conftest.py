@@ -1,12 +1,13 @@
 """The test session's real services: PostgreSQL 18 (embedded wheel), PostgreSQL 15
-(Debian) and Mosquitto, each started here on free ports and stopped at the end."""
+(Debian) and Mosquitto, each started here on free ports and stopped at the end.
+
+Helpers and fixtures shared by several test modules live in ``tests/support/``; the
+fixtures there are registered below (``pytest_plugins``)."""
 
 from __future__ import annotations
 
-import uuid
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from pathlib import Path
 
 import psycopg
 import pytest
@@ -14,14 +15,14 @@ from psycopg import sql
 
 from devices.registry import load_registry
 from devices.registry_file import parse_registry
-from shouhu.embedded.postgres import LocalPostgres, debian_bin_dirs, wheel_bin_dir
+from shouhu.embedded.postgres import LocalPostgres, create_database, debian_bin_dirs, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
 from simulators.phone_network import create_phone_network
-from tests.escalation_support import PHONE_SID, PHONE_TOKEN
-from tests.services import STARTED_PROCESSES, Mosquitto, serve_app, session_data_dir, start_postgres
+from tests.support.database import DEMO_COUNTY, TEMPLATE, fresh_database
+from tests.support.escalation import PHONE_SID, PHONE_TOKEN
+from tests.support.services import STARTED_PROCESSES, Mosquitto, serve_app, session_data_dir, start_postgres
 
-TEMPLATE = "shouhu_template"
-DEMO_COUNTY = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+pytest_plugins = ["tests.support.callbacks", "tests.support.hub"]
 
 
 def _migrated(cluster: LocalPostgres) -> LocalPostgres:
@@ -50,13 +51,19 @@ def postgres_debian() -> Iterator[LocalPostgres]:
     cluster.remove()
 
 
-def fresh_database(cluster: LocalPostgres) -> Iterator[str]:
-    name = f"t_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
-        conn.execute(sql.SQL("CREATE DATABASE {} TEMPLATE {}").format(sql.Identifier(name), sql.Identifier(TEMPLATE)))
-    yield cluster.url(name)
-    with psycopg.connect(cluster.url(), autocommit=True) as conn:
-        conn.execute(sql.SQL("DROP DATABASE {} WITH (FORCE)").format(sql.Identifier(name)))
+@pytest.fixture
+def own_postgres() -> Iterator[tuple[LocalPostgres, str]]:
+    """A PostgreSQL cluster of this test's own, with the demo county: the test may stop it."""
+    cluster = start_postgres(wheel_bin_dir())
+    try:
+        create_database(cluster.url(), "shouhu")
+        url = cluster.url("shouhu")
+        migrate(url, MigrationContext(retention_days=90, now=datetime.now(UTC)))
+        with psycopg.connect(url) as conn:
+            load_registry(conn, parse_registry(DEMO_COUNTY))
+        yield cluster, url
+    finally:
+        cluster.remove()
 
 
 @pytest.fixture

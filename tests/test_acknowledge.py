@@ -12,7 +12,7 @@ from alerts.acknowledge import Actor, Result, acknowledge, decline, resolve
 from alerts.incidents import Alarm, AlarmResult, record_alarm
 from devices.contract import payload_hash
 from devices.kinds import IncidentKind, Outcome
-from tests.escalation_support import DAY, Clock, calls, make_router, messages, q, wristband_in
+from tests.support.escalation import DAY, Clock, calls, make_router, messages, q, wristband_in
 
 
 def alarm(

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from api.main import create_app
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
-from tests.escalation_support import DAY, press, q, wristband_in
+from tests.support.escalation import DAY, press, q, wristband_in
 
 
 @pytest.fixture

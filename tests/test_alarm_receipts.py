@@ -17,9 +17,9 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from hub.service import Hub
 from shouhu.embedded.postgres import free_port
 from simulators.wristband import Wristband, alarm_payload, publish_raw
-from tests.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, scratch_dir, shouhu_env
-from tests.test_hub import hub, query, wait_until  # noqa: F401  (the `hub` fixture)
-from tests.test_ingest_faults import run_shipped_broker, shipped_broker
+from tests.support.broker import run_shipped_broker, shipped_broker
+from tests.support.hub import query, wait_until
+from tests.support.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, scratch_dir, shouhu_env
 
 
 class ReceiptListener:
@@ -41,8 +41,8 @@ class ReceiptListener:
         self.client.loop_stop()
 
 
-def test_a_press_gets_a_receipt_naming_its_incident(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:  # noqa: F811
-    band = Wristband(mosquitto.url, "wb-0061")
+def test_a_press_gets_a_receipt_naming_its_incident(hub: Hub, county_url: str, broker: Mosquitto) -> None:
+    band = Wristband(broker.url, "wb-0061")
     try:
         msg_id = band.alarm("sos", action="press")
         receipt = band.wait_for_receipt(msg_id, timeout=10)
@@ -55,17 +55,17 @@ def test_a_press_gets_a_receipt_naming_its_incident(hub: Hub, county_url: str, m
 
 
 def test_a_redelivered_press_is_receipted_again_with_the_same_incident(
-    hub: Hub,  # noqa: F811
+    hub: Hub,
     county_url: str,
-    mosquitto: Mosquitto,
+    broker: Mosquitto,
 ) -> None:
     """A wristband that missed its receipt re-sends; the ledger makes the copy a no-op,
     and the copy is receipted too — or the wristband would re-send forever."""
-    listener = ReceiptListener(mosquitto.port, "wb-0062")
+    listener = ReceiptListener(broker.port, "wb-0062")
     try:
         payload = alarm_payload("sos", action="press")
         for _ in range(2):
-            publish_raw(mosquitto.url, "shouhu/v1/wristband/wb-0062/sos", payload)
+            publish_raw(broker.url, "shouhu/v1/wristband/wb-0062/sos", payload)
             wait_until(lambda: listener.receipts, what="a receipt")
         wait_until(lambda: len(listener.receipts) == 2, what="a receipt for the re-sent copy")
     finally:
@@ -76,10 +76,10 @@ def test_a_redelivered_press_is_receipted_again_with_the_same_incident(
     assert query(county_url, "SELECT count(*), max(urgency) FROM incidents") == [(1, 1)]
 
 
-def test_simulate_wristbands_waits_for_the_receipt(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:  # noqa: F811
+def test_simulate_wristbands_waits_for_the_receipt(hub: Hub, county_url: str, broker: Mosquitto) -> None:
     result = subprocess.run(
         [SHOUHU_BIN, "simulate", "wristbands", "--press", "wb-0063"],
-        env=shouhu_env(SHOUHU_MQTT_URL=mosquitto.url),
+        env=shouhu_env(SHOUHU_MQTT_URL=broker.url),
         capture_output=True,
         text=True,
         timeout=60,

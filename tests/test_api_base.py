@@ -21,7 +21,7 @@ from devices.kinds import AreaLevel, DeviceKind
 from shouhu.embedded.postgres import LocalPostgres, free_port
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token, revoke_token
-from tests.utils.builders import (
+from tests.support.builders import (
     SmallCounty,
     add_area,
     add_device,

@@ -29,9 +29,9 @@ from devices.registry_file import parse_registry
 from shouhu.embedded.postgres import LocalPostgres
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token, revoke_token
-from tests.care_support import RULES, heard, last_will
-from tests.conftest import DEMO_COUNTY, fresh_database
-from tests.escalation_support import press
+from tests.support.care import RULES, heard, last_will
+from tests.support.database import DEMO_COUNTY, fresh_database
+from tests.support.escalation import press
 
 NOW = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)  # 12:00 in Asia/Shanghai
 GRID_A, GRID_B = "dongguan-01-g1", "xiguan-02-g2"

@@ -21,8 +21,8 @@ from alerts.recipients import duty_chain
 from alerts.silence import QuietHours
 from devices.contract import payload_hash
 from devices.kinds import IncidentKind, TaskOutcome
-from tests.care_support import LOCK, RULES, T0, WORKER, heard, last_will, run, s
-from tests.escalation_support import NIGHT, ZONE, Clock, calls, make_router, messages, q, wristband_in
+from tests.support.care import LOCK, RULES, T0, WORKER, heard, last_will, run, s
+from tests.support.escalation import NIGHT, ZONE, Clock, calls, make_router, messages, q, wristband_in
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 

@@ -22,7 +22,7 @@ import psycopg
 import pytest
 import yaml
 
-from tests.services import Mosquitto, shouhu_stack
+from tests.support.services import Mosquitto, shouhu_stack
 
 DEMO_COUNTY = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 # cam-005 sits in a grid of the township dongguan, whose two technicians take its repairs.

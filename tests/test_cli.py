@@ -27,7 +27,7 @@ import pytest
 from shouhu import __version__
 from shouhu.cli import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM, NOT_LANDED_EXIT
 from shouhu.embedded.postgres import free_port
-from tests.services import Mosquitto, press_and_wait_for_ring, scratch_dir, wristband_with_grid_worker_on_duty
+from tests.support.services import Mosquitto, press_and_wait_for_ring, scratch_dir, wristband_with_grid_worker_on_duty
 
 SHOUHU = shutil.which("shouhu") or str(Path(__file__).resolve().parent.parent / ".venv/bin/shouhu")
 

@@ -26,21 +26,11 @@ from alerts.care_sweep import sweep
 from api.main import create_app
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
-from tests.care_support import RULES, heard, last_will
-from tests.escalation_support import press, q
-from tests.services import serve_app
+from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.care import RULES, heard, last_will
+from tests.support.escalation import press, q
+from tests.support.services import serve_app
 
-CHROMIUM = "/usr/bin/chromium"
-# The flags this machine's closed network needs (no background fetches to Google).
-CHROMIUM_ARGS = [
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 GRID_A, GRID_B = "dongguan-01-g1", "xiguan-02-g2"
 LIVE_WAIT_MS = 5_000
 

@@ -20,7 +20,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from shouhu.embedded.broker import ensure_local_broker
 from shouhu.embedded.defaults import recorded_database_url, start_embedded_database
 from shouhu.embedded.postgres import _make_traversable, free_port
-from tests.services import Mosquitto, scratch_dir
+from tests.support.services import Mosquitto, scratch_dir
 
 
 def test_embedded_database_initialises_records_and_restarts() -> None:

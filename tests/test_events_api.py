@@ -32,8 +32,8 @@ from hub.sightings import Sighting
 from shouhu.sessions import SESSION_LIFETIME
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token, revoke_token
-from tests.escalation_support import DAY, Clock, press, q
-from tests.services import serve_app
+from tests.support.escalation import DAY, Clock, press, q
+from tests.support.services import serve_app
 
 ARRIVAL_S = 1.0  # the promise: a change is on the console within a second
 DEADLINE_S = 10.0  # how long a test waits for something that must happen

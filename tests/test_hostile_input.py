@@ -22,8 +22,8 @@ from hypothesis import HealthCheck, Phase, example, given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from tests.services import Mosquitto, http_status, shouhu_stack
-from tests.test_hub import wait_until
+from tests.support.hub import wait_until
+from tests.support.services import Mosquitto, http_status, shouhu_stack
 
 # Hostile messages use these devices; the canaries use wb-0101 and up, so a hostile
 # SOS (which still pages, as "payload unreadable") never joins a canary's incident.
@@ -86,7 +86,7 @@ messages = st.tuples(st.sampled_from(TOPICS), st.sampled_from(HOSTILE_DEVICES), 
 
 @pytest.fixture(scope="module")
 def hostile_stack(postgres: Any) -> Iterator[dict[str, Any]]:
-    from tests.conftest import fresh_database
+    from tests.support.database import fresh_database
 
     broker = Mosquitto()
     broker.start()

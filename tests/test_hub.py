@@ -7,72 +7,20 @@ broker decodes the packets, so "PUBACK only after commit" is observed, not assum
 from __future__ import annotations
 
 import json
-import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
-from pathlib import Path
 from typing import Any
 
 import psycopg
-import pytest
 
-from hub.service import Hub, build_hub
+from hub.service import Hub
 from shouhu.embedded.broker import ensure_local_broker
 from shouhu.embedded.postgres import free_port
-from shouhu.settings import Settings
 from simulators.wristband import alarm_payload, publish_raw
-from tests.services import Mosquitto, MqttWireTap, ShouhuProcess, shouhu_env
+from tests.support.hub import count, hub_process, incidents, query, sos_topic, start_hub, wait_until
+from tests.support.services import Mosquitto, MqttWireTap
 
-DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 PUBLISH, PUBACK = 3, 4
-
-
-def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "condition") -> Any:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.02)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
-
-
-def query(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
-    with psycopg.connect(url) as conn:
-        return conn.execute(sql, params).fetchall()
-
-
-def start_hub(url: str, mqtt_url: str, hub_id: str | None = None) -> tuple[Hub, threading.Thread]:
-    hub, _upkeep = build_hub(
-        Settings(_env_file=None),  # type: ignore[call-arg]
-        url,
-        mqtt_url,
-        metrics_port=None,
-        hub_id=hub_id or f"test-hub-{uuid.uuid4().hex[:8]}",
-    )
-    thread = threading.Thread(target=hub.run, daemon=True)
-    thread.start()
-    assert hub.ready.wait(15), "hub did not become ready"
-    return hub, thread
-
-
-@pytest.fixture
-def hub(county_url: str, mosquitto: Mosquitto) -> Iterator[Hub]:
-    worker, thread = start_hub(county_url, mosquitto.url)
-    yield worker
-    worker.stop()
-    thread.join(10)
-
-
-def sos_topic(device_id: str, channel: str = "sos") -> str:
-    return f"shouhu/v1/wristband/{device_id}/{channel}"
-
-
-def incidents(url: str) -> list[tuple[Any, ...]]:
-    return query(
-        url, "SELECT id, kind, state, resident_id, urgency, payload_unreadable, area_id FROM incidents ORDER BY id"
-    )
 
 
 def events(url: str, incident_id: int) -> list[str]:
@@ -81,8 +29,8 @@ def events(url: str, incident_id: int) -> list[str]:
     ]
 
 
-def test_press_opens_one_red_incident_with_its_first_step(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
-    publish_raw(mosquitto.url, sos_topic("wb-0001"), alarm_payload("sos", lat=38.7, lon=111.6))
+def test_press_opens_one_red_incident_with_its_first_step(hub: Hub, county_url: str, broker: Mosquitto) -> None:
+    publish_raw(broker.url, sos_topic("wb-0001"), alarm_payload("sos", lat=38.7, lon=111.6))
     found = wait_until(lambda: incidents(county_url), what="an incident")
     assert len(found) == 1
     incident_id, kind, state, resident, urgency, unreadable, area = found[0]
@@ -98,11 +46,11 @@ def test_press_opens_one_red_incident_with_its_first_step(hub: Hub, county_url: 
     assert snapshot["steps"][0]["target"] == "grid_worker"
 
 
-def test_same_message_twice_is_one_incident(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
+def test_same_message_twice_is_one_incident(hub: Hub, county_url: str, broker: Mosquitto) -> None:
     payload = alarm_payload("sos")
-    publish_raw(mosquitto.url, sos_topic("wb-0002"), payload)
-    publish_raw(mosquitto.url, sos_topic("wb-0002"), payload)
-    publish_raw(mosquitto.url, sos_topic("wb-0003"), alarm_payload("sos"))  # a marker behind them
+    publish_raw(broker.url, sos_topic("wb-0002"), payload)
+    publish_raw(broker.url, sos_topic("wb-0002"), payload)
+    publish_raw(broker.url, sos_topic("wb-0003"), alarm_payload("sos"))  # a marker behind them
     wait_until(lambda: len(incidents(county_url)) == 2, what="two incidents")
     found = [i for i in incidents(county_url) if i[3] == "r-0002"]
     assert len(found) == 1
@@ -111,32 +59,34 @@ def test_same_message_twice_is_one_incident(hub: Hub, county_url: str, mosquitto
     assert query(county_url, "SELECT count(*) FROM message_ledger WHERE device_id = 'wb-0002'") == [(1,)]
 
 
-def test_two_presses_and_a_fall_join_one_incident(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
-    publish_raw(mosquitto.url, sos_topic("wb-0004"), alarm_payload("sos"))
-    publish_raw(mosquitto.url, sos_topic("wb-0004"), alarm_payload("sos"))
-    publish_raw(mosquitto.url, sos_topic("wb-0004", "fall"), alarm_payload("fall", confidence=0.9))
+def test_two_presses_and_a_fall_join_one_incident(hub: Hub, county_url: str, broker: Mosquitto) -> None:
+    publish_raw(broker.url, sos_topic("wb-0004"), alarm_payload("sos"))
+    publish_raw(broker.url, sos_topic("wb-0004"), alarm_payload("sos"))
+    publish_raw(broker.url, sos_topic("wb-0004", "fall"), alarm_payload("fall", confidence=0.9))
     found = wait_until(lambda: [i for i in incidents(county_url) if i[4] == 3], what="urgency 3")
     assert len(incidents(county_url)) == 1
     assert events(county_url, found[0][0]) == ["opened", "stored", "joined", "joined"]
     assert query(county_url, "SELECT count(*) FROM escalation_actions") == [(1,)]
 
 
-def test_reused_msg_id_with_other_content_is_paged_not_dropped(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
-    publish_raw(mosquitto.url, sos_topic("wb-0005"), alarm_payload("sos", msg_id="boot1-7"))
-    publish_raw(mosquitto.url, sos_topic("wb-0005"), alarm_payload("sos", msg_id="boot1-7", battery=12))
+def test_reused_msg_id_with_other_content_is_paged_not_dropped(hub: Hub, county_url: str, broker: Mosquitto) -> None:
+    publish_raw(broker.url, sos_topic("wb-0005"), alarm_payload("sos", msg_id="boot1-7"))
+    publish_raw(broker.url, sos_topic("wb-0005"), alarm_payload("sos", msg_id="boot1-7", battery=12))
     wait_until(lambda: query(county_url, "SELECT urgency FROM incidents") == [(2,)], what="the second press joined")
     keys = sorted(r[0] for r in query(county_url, "SELECT msg_id FROM message_ledger WHERE device_id = 'wb-0005'"))
     assert keys[0] == "boot1-7"
     assert keys[1].startswith("boot1-7#reused:")
 
 
-def test_unreadable_sos_of_a_known_wristband_still_pages(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
+def test_unreadable_sos_of_a_known_wristband_still_pages(hub: Hub, county_url: str, broker: Mosquitto) -> None:
     garbage = b"\xff\xfe{not json"
-    publish_raw(mosquitto.url, sos_topic("wb-0006"), garbage)
-    publish_raw(mosquitto.url, sos_topic("wb-0006"), garbage)  # the same bytes again: one incident
-    publish_raw(mosquitto.url, sos_topic("wb-0007", "fall"), b'{"msg_id": "x"}')  # no ts
+    publish_raw(broker.url, sos_topic("wb-0006"), garbage)
+    publish_raw(broker.url, sos_topic("wb-0006"), garbage)  # the same bytes again: one incident
+    publish_raw(broker.url, sos_topic("wb-0007", "fall"), b'{"msg_id": "x"}')  # no ts
     wait_until(lambda: len(incidents(county_url)) == 2, what="two unreadable incidents")
-    time.sleep(0.3)  # let the duplicate land if it were going to open a second one
+    # The copy is dead-lettered in the transaction that handles it: its dead letter (the
+    # third) means the copy has been stored, so a second incident would be there by now.
+    wait_until(lambda: count(county_url, "dead_letters") == 3, what="the copy's dead letter")
     found = incidents(county_url)
     assert [(i[1], i[3], i[5]) for i in found] == [("sos", "r-0006", True), ("fall", "r-0007", True)]
     assert found[0][4] == 1
@@ -144,19 +94,19 @@ def test_unreadable_sos_of_a_known_wristband_still_pages(hub: Hub, county_url: s
     assert reasons == ["not_utf8", "not_utf8", "schema"]
 
 
-def test_sos_of_an_unregistered_wristband_pages_the_county(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
-    publish_raw(mosquitto.url, sos_topic("wb-stranger"), alarm_payload("sos"))
+def test_sos_of_an_unregistered_wristband_pages_the_county(hub: Hub, county_url: str, broker: Mosquitto) -> None:
+    publish_raw(broker.url, sos_topic("wb-stranger"), alarm_payload("sos"))
     found = wait_until(lambda: incidents(county_url), what="an incident")
     assert [(i[1], i[3], i[6]) for i in found] == [("sos_unregistered", None, "county")]
     snapshot = query(county_url, "SELECT policy_snapshot FROM incidents")[0][0]
     assert snapshot["steps"][0]["target"] == "operators"
 
 
-def test_bad_input_is_dead_lettered_and_the_hub_keeps_going(hub: Hub, county_url: str, mosquitto: Mosquitto) -> None:
-    publish_raw(mosquitto.url, "shouhu/v1/wristband/wb-0008/status", b"sleeping")
-    publish_raw(mosquitto.url, "shouhu/v1/camera/cam-999/status", b"offline")
-    publish_raw(mosquitto.url, "shouhu/v1/wristband/wb-0008/status", b"online")
-    publish_raw(mosquitto.url, sos_topic("wb-0008"), alarm_payload("sos"))
+def test_bad_input_is_dead_lettered_and_the_hub_keeps_going(hub: Hub, county_url: str, broker: Mosquitto) -> None:
+    publish_raw(broker.url, "shouhu/v1/wristband/wb-0008/status", b"sleeping")
+    publish_raw(broker.url, "shouhu/v1/camera/cam-999/status", b"offline")
+    publish_raw(broker.url, "shouhu/v1/wristband/wb-0008/status", b"online")
+    publish_raw(broker.url, sos_topic("wb-0008"), alarm_payload("sos"))
     wait_until(lambda: incidents(county_url), what="the SOS behind the bad input")
     wait_until(lambda: len(query(county_url, "SELECT 1 FROM dead_letters")) == 2, what="two dead letters")
     assert sorted(r[0] for r in query(county_url, "SELECT reason FROM dead_letters")) == ["schema", "unknown_device"]
@@ -216,21 +166,10 @@ def _hub_waiting_on_lock(url: str, hub_id: str) -> bool:
     return bool(rows[0][0] > 0)
 
 
-def _hub_process(url: str, mqtt_url: str, hub_id: str) -> ShouhuProcess:
-    port = free_port()
-    return ShouhuProcess(
-        ["hub"],
-        shouhu_env(
-            SHOUHU_DATABASE_URL=url, SHOUHU_MQTT_URL=mqtt_url, SHOUHU_HUB_ID=hub_id, SHOUHU_METRICS_PORT=str(port)
-        ),
-        ready_url=f"http://127.0.0.1:{port}/readyz",
-    )
-
-
 def test_puback_is_sent_only_after_the_commit(county_url: str, mosquitto: Mosquitto) -> None:
     tap = MqttWireTap(mosquitto.port)
     hub_id = f"hub-{uuid.uuid4().hex[:8]}"
-    process = _hub_process(county_url, tap.url, hub_id).start()
+    process = hub_process(county_url, tap.url, hub_id).start()
     try:
         blocker = _hold_incidents(county_url)
         topic = sos_topic("wb-0011")
@@ -254,7 +193,7 @@ def test_puback_is_sent_only_after_the_commit(county_url: str, mosquitto: Mosqui
 
 def test_hub_killed_before_commit_loses_nothing_and_doubles_nothing(county_url: str, mosquitto: Mosquitto) -> None:
     hub_id = f"hub-{uuid.uuid4().hex[:8]}"
-    first = _hub_process(county_url, mosquitto.url, hub_id).start()
+    first = hub_process(county_url, mosquitto.url, hub_id).start()
     blocker = _hold_incidents(county_url)
     publish_raw(mosquitto.url, sos_topic("wb-0012"), alarm_payload("sos"))
     wait_until(lambda: _hub_waiting_on_lock(county_url, hub_id), what="the hub inside its transaction")
@@ -262,14 +201,21 @@ def test_hub_killed_before_commit_loses_nothing_and_doubles_nothing(county_url: 
     blocker.rollback()
     blocker.close()
     assert incidents(county_url) == []
-    second = _hub_process(county_url, mosquitto.url, hub_id).start()
+    second = hub_process(county_url, mosquitto.url, hub_id).start()
     try:
         found = wait_until(lambda: incidents(county_url), what="the redelivered SOS")
-        time.sleep(0.5)
-        assert len(incidents(county_url)) == 1
+        # A press from another wristband, behind the redelivery on the same alarm session:
+        # once its incident is stored, any second copy of the first press has been handled.
+        publish_raw(mosquitto.url, sos_topic("wb-0013"), alarm_payload("sos"))
+        wait_until(lambda: [i for i in incidents(county_url) if i[3] == "r-0013"], what="the press behind it")
+        assert [i[3] for i in incidents(county_url)] == ["r-0012", "r-0013"]
         assert found[0][4] == 1
-        assert query(county_url, "SELECT count(*) FROM escalation_actions") == [(1,)]
-        stored = query(county_url, "SELECT detail FROM incident_events WHERE event = 'stored'")
+        incident = found[0][0]
+        actions = query(county_url, "SELECT count(*) FROM escalation_actions WHERE incident_id = %s", incident)
+        assert actions == [(1,)]
+        stored = query(
+            county_url, "SELECT detail FROM incident_events WHERE event = 'stored' AND incident_id = %s", incident
+        )
         assert json.dumps(stored[0][0]).count(hub_id) == 1
     finally:
         second.stop()

@@ -15,8 +15,8 @@ from prometheus_client import REGISTRY
 from hub.service import Hub, LaneFailed
 from hub.sightings import Sighting
 from simulators.wristband import alarm_payload, publish_raw
-from tests.services import Mosquitto
-from tests.test_hub import incidents, query, start_hub, wait_until
+from tests.support.hub import incidents, query, start_hub, wait_until
+from tests.support.services import Mosquitto
 
 
 class LaneBreaker(BaseException):

@@ -5,11 +5,9 @@ from __future__ import annotations
 
 import json
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 
 import psycopg
-import pytest
 from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 
@@ -18,16 +16,8 @@ from hub.service import Hub
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from simulators.wristband import publish_raw
-from tests.services import Mosquitto
-from tests.test_hub import query, start_hub, wait_until
-
-
-@pytest.fixture
-def hub(county_url: str, broker: Mosquitto) -> Iterator[Hub]:
-    worker, thread = start_hub(county_url, broker.url)
-    yield worker
-    worker.stop()
-    thread.join(10)
+from tests.support.hub import query, start_hub, wait_until
+from tests.support.services import Mosquitto
 
 
 def body(**fields: object) -> bytes:

@@ -11,8 +11,8 @@ import pytest
 from prometheus_client import REGISTRY
 
 from simulators.wristband import alarm_payload, publish_raw
-from tests.services import Mosquitto, MqttWireTap
-from tests.test_hub import incidents, query, start_hub, wait_until
+from tests.support.hub import incidents, query, start_hub, wait_until
+from tests.support.services import Mosquitto, MqttWireTap
 
 PUBLISH, PUBACK = 3, 4
 

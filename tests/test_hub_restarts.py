@@ -6,41 +6,35 @@ real PostgreSQL; the stops are real signals."""
 from __future__ import annotations
 
 import subprocess
-import time
 import uuid
-from collections.abc import Callable
 
 import psycopg
 import pytest
 
 from shouhu.embedded.postgres import LocalPostgres, free_port
 from simulators.wristband import Wristband
-from tests.services import Mosquitto, ShouhuProcess, http_status, scratch_dir, shouhu_env
-from tests.test_hub import wait_until
-from tests.test_ingest_faults import Fleet, count, hub_process, own_postgres, run_shipped_broker, shipped_broker
+from tests.support.broker import Fleet, run_shipped_broker, shipped_broker
+from tests.support.hub import count, hub_process, query, wait_until
+from tests.support.services import Mosquitto, ShouhuProcess, http_status, scratch_dir, shouhu_env
 
-__all__ = ["own_postgres"]
+MARKER = "marker-"
 
 
-def plateau(read: Callable[[], int], still_for: float = 1.5, timeout: float = 60) -> int:
-    """The value once it has stopped changing for ``still_for`` seconds."""
-    deadline = time.monotonic() + timeout
-    value, since = read(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = read()
-        if now != value:
-            value, since = now, time.monotonic()
-        elif time.monotonic() - since >= still_for:
-            return value
-    raise AssertionError(f"still changing after {timeout}s")
+def fleet_rows(url: str) -> int:
+    """Telemetry rows of the fleet's stream, markers left out."""
+    rows = query(url, "SELECT count(*) FROM telemetry WHERE msg_id NOT LIKE %s", MARKER + "%")
+    return int(rows[0][0])
+
+
+def markers_stored(url: str) -> int:
+    return int(query(url, "SELECT count(*) FROM telemetry WHERE msg_id LIKE %s", MARKER + "%")[0][0])
 
 
 def test_a_lone_hub_stopped_with_sigterm_loses_nothing_published_while_it_was_down(
     county_url: str, broker: Mosquitto
 ) -> None:
     hub_id = f"hub-{uuid.uuid4().hex[:6]}"
-    hub_process(county_url, broker, hub_id).start().stop()  # SIGTERM: sessions kept
+    hub_process(county_url, broker.url, hub_id).start().stop()  # SIGTERM: sessions kept
     fleet = Fleet(broker.port)
     try:
         fleet.telemetry(3300)
@@ -48,7 +42,7 @@ def test_a_lone_hub_stopped_with_sigterm_loses_nothing_published_while_it_was_do
         fleet.wait_published()
     finally:
         fleet.close()
-    second = hub_process(county_url, broker, hub_id).start()
+    second = hub_process(county_url, broker.url, hub_id).start()
     try:
         wait_until(
             lambda: count(county_url, "telemetry") == 3300 and count(county_url, "incidents") == 1,
@@ -62,16 +56,16 @@ def test_a_lone_hub_stopped_with_sigterm_loses_nothing_published_while_it_was_do
 
 def test_one_of_two_hubs_restarted_with_sigterm_loses_nothing(county_url: str, broker: Mosquitto) -> None:
     """The stopped hub's share of the telemetry waits in its session for its return."""
-    first = hub_process(county_url, broker, f"hub-a-{uuid.uuid4().hex[:4]}").start()
+    first = hub_process(county_url, broker.url, f"hub-a-{uuid.uuid4().hex[:4]}").start()
     second_id = f"hub-b-{uuid.uuid4().hex[:4]}"
-    hub_process(county_url, broker, second_id).start().stop()
+    hub_process(county_url, broker.url, second_id).start().stop()
     fleet = Fleet(broker.port)
     try:
         fleet.telemetry(3000)
         fleet.wait_published()
         # Some of it is parked for the stopped hub: the other cannot have it all yet.
         wait_until(lambda: count(county_url, "telemetry") > 0, timeout=30, what="the running hub's share")
-        second = hub_process(county_url, broker, second_id).start()
+        second = hub_process(county_url, broker.url, second_id).start()
         try:
             wait_until(lambda: count(county_url, "telemetry") == 3000, timeout=60, what="both shares")
         finally:
@@ -85,8 +79,8 @@ def test_one_of_two_hubs_restarted_with_sigterm_loses_nothing(county_url: str, b
 def test_a_hub_that_leaves_parks_nothing(county_url: str, broker: Mosquitto) -> None:
     """Scale-down: `shouhu hub --leave` unsubscribes its shares and ends its sessions, so
     everything published afterwards reaches the hub that stays, with the leaver gone."""
-    staying = hub_process(county_url, broker, f"hub-a-{uuid.uuid4().hex[:4]}").start()
-    leaving = hub_process(county_url, broker, f"hub-b-{uuid.uuid4().hex[:4]}")
+    staying = hub_process(county_url, broker.url, f"hub-a-{uuid.uuid4().hex[:4]}").start()
+    leaving = hub_process(county_url, broker.url, f"hub-b-{uuid.uuid4().hex[:4]}")
     leaving.args = ["hub", "--leave"]
     leaving.start()
     leaving.stop()
@@ -106,14 +100,20 @@ def test_a_hub_that_leaves_parks_nothing(county_url: str, broker: Mosquitto) -> 
 def test_a_hub_stopped_without_leave_keeps_its_share_parked(county_url: str, broker: Mosquitto) -> None:
     """The other side of --leave, so the test above can fail: without it a stopped hub's
     share waits for it, and the hub that stays does not get it."""
-    staying = hub_process(county_url, broker, f"hub-a-{uuid.uuid4().hex[:4]}").start()
-    hub_process(county_url, broker, f"hub-b-{uuid.uuid4().hex[:4]}").start().stop()
+    staying = hub_process(county_url, broker.url, f"hub-a-{uuid.uuid4().hex[:4]}").start()
+    hub_process(county_url, broker.url, f"hub-b-{uuid.uuid4().hex[:4]}").start().stop()
     fleet = Fleet(broker.port)
     try:
         fleet.telemetry(2000)
+        # Markers behind the stream. The two sessions take turns at the share, so some
+        # markers are the staying hub's: once it has stored one, it has stored every
+        # message it was given before it, and what it has not got stays parked.
+        for n in range(10):
+            fleet.marker(f"{MARKER}{n}")
         fleet.wait_published()
         wait_until(lambda: count(county_url, "telemetry") > 0, timeout=30, what="the staying hub's share")
-        settled = plateau(lambda: count(county_url, "telemetry"))
+        wait_until(lambda: markers_stored(county_url) > 0, timeout=30, what="a marker through the staying hub")
+        settled = fleet_rows(county_url)
     finally:
         fleet.close()
         staying.stop()
@@ -122,7 +122,7 @@ def test_a_hub_stopped_without_leave_keeps_its_share_parked(county_url: str, bro
 
 def test_readyz_is_503_while_the_database_is_down(own_postgres: tuple[LocalPostgres, str], broker: Mosquitto) -> None:
     cluster, url = own_postgres
-    hub = hub_process(url, broker, f"hub-{uuid.uuid4().hex[:6]}").start()
+    hub = hub_process(url, broker.url, f"hub-{uuid.uuid4().hex[:6]}").start()
     try:
         assert hub.ready_url is not None
         assert http_status(hub.ready_url) == 200
@@ -181,11 +181,13 @@ def test_broker_restarted_with_the_shipped_configuration(county_url: str, shared
         fleet.wait_published(60)
         wait_until(lambda: not band.unreceipted, timeout=60, what="both presses receipted")
         wait_until(lambda: http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 200, what="the hub back")
-        # The restart's blocks may still be draining: count from where they settled.
-        before = plateau(lambda: count(county_url, "telemetry"))
+        # The restart's blocks may still be draining: count from a marker queued behind them.
+        fleet.marker(f"{MARKER}settled")
+        wait_until(lambda: markers_stored(county_url) == 1, timeout=60, what="the marker behind the restart's blocks")
+        before = fleet_rows(county_url)
         fleet.telemetry(2000, offset=10_000)
         fleet.wait_published(60)
-        wait_until(lambda: count(county_url, "telemetry") == before + 2000, timeout=60, what="telemetry after")
+        wait_until(lambda: fleet_rows(county_url) == before + 2000, timeout=60, what="telemetry after")
     finally:
         fleet.close()
         band.close()
@@ -194,7 +196,7 @@ def test_broker_restarted_with_the_shipped_configuration(county_url: str, shared
     with psycopg.connect(county_url) as conn:
         stored = {r[0] for r in conn.execute("SELECT msg_id FROM message_ledger WHERE channel = 'sos'")}
     assert set(presses) <= stored
-    lost = 12_000 - count(county_url, "telemetry")
+    lost = 12_000 - fleet_rows(county_url)
     subscription = "shared" if shared else "direct (lone hub)"
     print(f"broker restart, shipped configuration, {subscription}: {lost} of 10,000 telemetry messages lost")
     if not shared:

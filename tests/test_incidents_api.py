@@ -23,7 +23,7 @@ from devices.contract import payload_hash
 from devices.kinds import Channel, DeviceKind, IncidentKind
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
-from tests.utils.builders import SmallCounty, add_device, add_resident, add_small_county
+from tests.support.builders import SmallCounty, add_device, add_resident, add_small_county
 
 ZONE = ZoneInfo("Asia/Shanghai")
 T0 = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)  # 10:00 in Asia/Shanghai

@@ -7,12 +7,10 @@ import json
 import threading
 import time
 import uuid
-from collections.abc import Iterator
 from datetime import UTC, datetime
 from typing import Any
 
 import paho.mqtt.client as mqtt
-import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -23,8 +21,8 @@ from shouhu.embedded.broker import ensure_local_broker
 from shouhu.embedded.postgres import free_port
 from shouhu.settings import Settings
 from simulators.wristband import alarm_payload, publish_raw
-from tests.services import Mosquitto
-from tests.test_hub import incidents, query, start_hub, wait_until
+from tests.support.hub import count, incidents, query, start_hub, wait_until
+from tests.support.services import Mosquitto
 
 
 def telemetry(msg_id: str | None = None, **fields: Any) -> bytes:
@@ -47,18 +45,6 @@ class Publisher:
     def close(self) -> None:
         self.client.loop_stop()
         self.client.disconnect()
-
-
-@pytest.fixture
-def hub(county_url: str, broker: Mosquitto) -> Iterator[Hub]:
-    worker, thread = start_hub(county_url, broker.url)
-    yield worker
-    worker.stop()
-    thread.join(10)
-
-
-def count(url: str, table: str) -> int:
-    return int(query(url, f"SELECT count(*) FROM {table}")[0][0])
 
 
 def test_telemetry_and_health_are_stored_once_each(hub: Hub, county_url: str, broker: Mosquitto) -> None:

@@ -4,91 +4,21 @@ killed. Each test has its own broker, so no other test's sessions hold shares.""
 
 from __future__ import annotations
 
-import json
 import re
 import subprocess
-import time
 import urllib.request
 import uuid
-from collections.abc import Iterator
-from datetime import UTC, datetime
-from pathlib import Path
 
-import paho.mqtt.client as mqtt
-import psycopg
-import pytest
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-
-from devices.registry import load_registry
-from devices.registry_file import parse_registry
-from shouhu.embedded.postgres import LocalPostgres, create_database, free_port, wheel_bin_dir
-from shouhu.migrations import MigrationContext, migrate
-from simulators.wristband import alarm_payload
-from tests.services import (
+from shouhu.embedded.postgres import LocalPostgres, free_port
+from tests.support.broker import Fleet, run_shipped_broker, shipped_broker
+from tests.support.hub import count, hub_process, query, wait_until
+from tests.support.services import (
     Mosquitto,
     ShouhuProcess,
     http_status,
     scratch_dir,
     shouhu_env,
-    start_postgres,
-    wait_for_port,
 )
-from tests.test_hub import query, wait_until
-
-DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
-SHIPPED_CONF = Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "mosquitto.conf"
-
-
-def telemetry() -> bytes:
-    return json.dumps({"msg_id": str(uuid.uuid4()), "ts": datetime.now(UTC).isoformat(), "battery": 50}).encode()
-
-
-class Fleet:
-    """A publisher that reconnects by itself, as a fleet gateway does."""
-
-    def __init__(self, port: int) -> None:
-        self.client = mqtt.Client(
-            CallbackAPIVersion.VERSION2,
-            client_id=f"fleet-{uuid.uuid4().hex[:6]}",
-            protocol=MQTTProtocolVersion.MQTTv311,
-            clean_session=False,
-        )
-        self.client.max_inflight_messages_set(500)
-        self.client.max_queued_messages_set(0)
-        self.client.reconnect_delay_set(1, 2)
-        self.client.connect("127.0.0.1", port)
-        self.client.loop_start()
-
-    def telemetry(self, count: int, offset: int = 0) -> None:
-        for index in range(offset, offset + count):
-            self.client.publish(f"shouhu/v1/wristband/wb-{index % 240 + 1:04d}/telemetry", telemetry(), qos=1)
-
-    def sos(self, device: str) -> None:
-        self.client.publish(f"shouhu/v1/wristband/{device}/sos", alarm_payload("sos"), qos=1)
-
-    def wait_published(self, timeout: float = 30) -> None:
-        deadline = time.monotonic() + timeout
-        while self.client._out_messages and time.monotonic() < deadline:
-            time.sleep(0.05)
-
-    def close(self) -> None:
-        self.client.loop_stop()
-        self.client.disconnect()
-
-
-def hub_process(url: str, broker: Mosquitto, hub_id: str) -> ShouhuProcess:
-    port = free_port()
-    return ShouhuProcess(
-        ["hub"],
-        shouhu_env(
-            SHOUHU_DATABASE_URL=url, SHOUHU_MQTT_URL=broker.url, SHOUHU_HUB_ID=hub_id, SHOUHU_METRICS_PORT=str(port)
-        ),
-        ready_url=f"http://127.0.0.1:{port}/readyz",
-    )
-
-
-def count(url: str, table: str) -> int:
-    return int(query(url, f"SELECT count(*) FROM {table}")[0][0])
 
 
 def sos_incidents(url: str) -> int:
@@ -97,7 +27,7 @@ def sos_incidents(url: str) -> int:
 
 def test_hub_sigkilled_mid_stream_stores_everything_exactly_once(county_url: str, broker: Mosquitto) -> None:
     hub_id = f"hub-{uuid.uuid4().hex[:6]}"
-    first = hub_process(county_url, broker, hub_id).start()
+    first = hub_process(county_url, broker.url, hub_id).start()
     fleet = Fleet(broker.port)
     try:
         for block in range(10):
@@ -106,7 +36,7 @@ def test_hub_sigkilled_mid_stream_stores_everything_exactly_once(county_url: str
         wait_until(lambda: count(county_url, "telemetry") >= 600, timeout=30, what="the stream under way")
         first.kill(9)
         fleet.wait_published()
-        second = hub_process(county_url, broker, hub_id).start()
+        second = hub_process(county_url, broker.url, hub_id).start()
         try:
             wait_until(
                 lambda: count(county_url, "telemetry") == 3000 and sos_incidents(county_url) == 10,
@@ -122,23 +52,11 @@ def test_hub_sigkilled_mid_stream_stores_everything_exactly_once(county_url: str
     assert query(county_url, "SELECT count(*) FROM escalation_actions WHERE step = 0") == [(10,)]
 
 
-@pytest.fixture
-def own_postgres() -> Iterator[tuple[LocalPostgres, str]]:
-    cluster = start_postgres(wheel_bin_dir())
-    create_database(cluster.url(), "faults")
-    url = cluster.url("faults")
-    migrate(url, MigrationContext(90, datetime.now(UTC)))
-    with psycopg.connect(url) as conn:
-        load_registry(conn, parse_registry(DEMO))
-    yield cluster, url
-    cluster.remove()
-
-
 def test_postgres_restarted_mid_stream_the_hub_waits_and_loses_nothing(
     own_postgres: tuple[LocalPostgres, str], broker: Mosquitto
 ) -> None:
     cluster, url = own_postgres
-    hub = hub_process(url, broker, f"hub-{uuid.uuid4().hex[:6]}").start()
+    hub = hub_process(url, broker.url, f"hub-{uuid.uuid4().hex[:6]}").start()
     fleet = Fleet(broker.port)
     try:
         fleet.telemetry(1000)
@@ -171,7 +89,7 @@ def test_broker_stopped_with_sigterm_and_restarted(county_url: str, broker: Mosq
     travels through a shared subscription.
     """
     hub_id = f"hub-{uuid.uuid4().hex[:6]}"
-    first = hub_process(county_url, broker, hub_id).start()
+    first = hub_process(county_url, broker.url, hub_id).start()
     first.kill(9)  # its session (direct and shared subscriptions) stays on the broker
     fleet = Fleet(broker.port)
     fleet.telemetry(300)
@@ -180,7 +98,7 @@ def test_broker_stopped_with_sigterm_and_restarted(county_url: str, broker: Mosq
     fleet.close()
     broker.stop(15)
     broker.start()  # same port, same persistence directory
-    second = hub_process(county_url, broker, hub_id).start()
+    second = hub_process(county_url, broker.url, hub_id).start()
     try:
         wait_until(
             lambda: count(county_url, "telemetry") == 300 and sos_incidents(county_url) == 1,
@@ -195,39 +113,6 @@ def test_broker_stopped_with_sigterm_and_restarted(county_url: str, broker: Mosq
     finally:
         second.stop()
     assert count(county_url, "message_ledger") == 601
-
-
-def shipped_broker(directory: Path, port: int) -> Path:
-    """The shipped configuration with only its paths, listeners and credentials made local."""
-    kept = []
-    for line in SHIPPED_CONF.read_text().splitlines():
-        key = line.split(" ", 1)[0]
-        if key in (
-            "listener",
-            "persistence_location",
-            "password_file",
-            "allow_anonymous",
-            "log_dest",
-            "per_listener_settings",
-            "acl_file",
-        ):
-            continue
-        kept.append(line)
-    data = directory / "data"
-    data.mkdir(exist_ok=True)
-    data.chmod(0o777)
-    conf = directory / "shipped.conf"
-    conf.write_text(
-        "\n".join(kept) + f"\nlistener {port} 127.0.0.1\nallow_anonymous true\npersistence_location {data}/\n"
-    )
-    return conf
-
-
-def run_shipped_broker(conf: Path, port: int) -> subprocess.Popen[bytes]:
-    """Mosquitto on a configuration from ``shipped_broker``, listening before this returns."""
-    process = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    wait_for_port(port)
-    return process
 
 
 def test_broker_sigkilled_with_the_shipped_configuration(county_url: str) -> None:
@@ -289,8 +174,8 @@ def test_broker_sigkilled_with_the_shipped_configuration(county_url: str) -> Non
 
 
 def test_one_of_two_hubs_killed_every_sos_is_still_paged(county_url: str, broker: Mosquitto) -> None:
-    first = hub_process(county_url, broker, f"hub-a-{uuid.uuid4().hex[:4]}").start()
-    second = hub_process(county_url, broker, f"hub-b-{uuid.uuid4().hex[:4]}").start()
+    first = hub_process(county_url, broker.url, f"hub-a-{uuid.uuid4().hex[:4]}").start()
+    second = hub_process(county_url, broker.url, f"hub-b-{uuid.uuid4().hex[:4]}").start()
     fleet = Fleet(broker.port)
     try:
         first.kill(9)
@@ -316,7 +201,7 @@ def stored_telemetry(metrics_url: str) -> float:
 
 
 def test_two_hubs_each_store_a_distinct_share_of_telemetry(county_url: str, broker: Mosquitto) -> None:
-    hubs = [hub_process(county_url, broker, f"hub-{name}-{uuid.uuid4().hex[:4]}").start() for name in "ab"]
+    hubs = [hub_process(county_url, broker.url, f"hub-{name}-{uuid.uuid4().hex[:4]}").start() for name in "ab"]
     fleet = Fleet(broker.port)
     try:
         fleet.telemetry(2000)

@@ -27,10 +27,10 @@ from devices.registry_file import parse_registry
 from shouhu.embedded.postgres import LocalPostgres
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
-from tests.care_support import RULES, heard, last_will
-from tests.conftest import DEMO_COUNTY, fresh_database
-from tests.escalation_support import press
-from tests.services import serve_app
+from tests.support.care import RULES, heard, last_will
+from tests.support.database import DEMO_COUNTY, fresh_database
+from tests.support.escalation import press
+from tests.support.services import serve_app
 
 NOW = datetime.now(UTC)
 # The live feed streams until the client leaves: it has its own tests.

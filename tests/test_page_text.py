@@ -127,7 +127,7 @@ def test_a_long_device_id_and_address_keep_the_code_and_the_number() -> None:
 def test_the_router_names_an_unregistered_wristband_in_its_page(county_url: str, phone_network: str) -> None:
     """Issue 14, item 8: the operators' SMS for an unregistered wristband names the device
     (the dispatcher passes the incident's device id), through the router and the simulator."""
-    from tests.escalation_support import DAY, Clock, make_router, messages, press
+    from tests.support.escalation import DAY, Clock, make_router, messages, press
 
     press(county_url, "ghost-042", DAY)
     make_router(county_url, phone_network, Clock(DAY)).run_once()

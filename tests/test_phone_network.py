@@ -37,7 +37,7 @@ from devices.kinds import Channel
 from shouhu.embedded.postgres import free_port
 from shouhu.settings import Settings
 from simulators.phone_network import create_phone_network
-from tests.services import serve_app
+from tests.support.services import serve_app
 
 ACCOUNT_SID = "AC" + "0123456789abcdef" * 2
 AUTH_TOKEN = "f" * 32

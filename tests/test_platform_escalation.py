@@ -19,7 +19,7 @@ from shouhu.embedded.postgres import free_port
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from simulators.emergency_platform import create_emergency_platform
-from tests.escalation_support import (
+from tests.support.escalation import (
     DAY,
     PLATFORM_SECRET,
     Clock,
@@ -30,8 +30,8 @@ from tests.escalation_support import (
     q,
     wristband_in,
 )
-from tests.escalation_support import platform_alerts as alerts
-from tests.services import serve_app
+from tests.support.escalation import platform_alerts as alerts
+from tests.support.services import serve_app
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ import psycopg
 
 from alerts.policy import Step, expand_repeats, resolve_policy
 from devices.kinds import Channel, EscalationTarget, IncidentKind
-from tests.escalation_support import DAY, Clock, calls, make_router, press, q, wristband_in
+from tests.support.escalation import DAY, Clock, calls, make_router, press, q, wristband_in
 
 
 def _snapshot_targets(url: str, incident: int) -> list[tuple[str, int]]:

@@ -27,7 +27,7 @@ from api.main import create_app
 from shouhu.embedded.postgres import free_port
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
-from tests.escalation_support import DAY, press, q, wristband_in
+from tests.support.escalation import DAY, press, q, wristband_in
 
 LIMIT = 1024 * 1024
 SHOUHU = shutil.which("shouhu") or str(Path(__file__).resolve().parent.parent / ".venv/bin/shouhu")

@@ -16,7 +16,7 @@ from alerts.incidents import Alarm, AlarmResult, record_alarm
 from devices.kinds import IncidentKind
 from hub.retention import LEDGER_KEEP, RETENTION_LOCK_KEY, prune
 from hub.upkeep import RETENTION_INTERVAL, Upkeep
-from tests.escalation_support import Clock
+from tests.support.escalation import Clock
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 

@@ -14,7 +14,7 @@ import pytest
 from alerts.recipients import Rosters, shift_covers
 from alerts.router import PRESS_TO_FIRST_REQUEST
 from devices.kinds import EscalationTarget
-from tests.escalation_support import (
+from tests.support.escalation import (
     DAY,
     NIGHT,
     ZONE,

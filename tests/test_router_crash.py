@@ -13,7 +13,7 @@ import pytest
 
 from alerts.router import DEFAULT_SENDERS, Router
 from shouhu.embedded.postgres import free_port
-from tests.escalation_support import (
+from tests.support.escalation import (
     FROM,
     PHONE_SID,
     PHONE_TOKEN,
@@ -25,7 +25,7 @@ from tests.escalation_support import (
     q,
     wristband_in,
 )
-from tests.services import ShouhuProcess, shouhu_env
+from tests.support.services import ShouhuProcess, shouhu_env
 
 
 def router_hung_in_a_call(county_url: str, hanging: HangingProvider) -> ShouhuProcess:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from datetime import UTC, datetime
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
@@ -27,7 +27,8 @@ from alerts.router import DEFAULT_SENDERS, Router, RouterConfig
 from devices.kinds import Channel
 from shouhu.tokens import Role, create_token
 from simulators.emergency_platform import create_emergency_platform
-from tests.escalation_support import (
+from tests.support.callbacks import Stack
+from tests.support.escalation import (
     DAY,
     FROM,
     PHONE_SID,
@@ -44,8 +45,7 @@ from tests.escalation_support import (
     q,
     wristband_in,
 )
-from tests.services import serve_app
-from tests.test_callbacks import Stack, stack  # noqa: F401  (the fixture)
+from tests.support.services import serve_app
 
 FAST_STEPS = [
     {"target": "grid_worker", "channels": ["voice", "sms", "console"], "wait_s": 1},
@@ -125,6 +125,28 @@ def _run_router(router: Router) -> threading.Thread:
     return thread
 
 
+def _steps_started(url: str, incidents: list[int], step: int) -> int:
+    """How many of ``incidents`` have started their step ``step``."""
+    rows = q(
+        url,
+        "SELECT count(*) FROM incident_events WHERE event = 'step_started'"
+        " AND (detail->>'step')::int = %s AND incident_id = ANY(%s)",
+        step,
+        incidents,
+    )
+    return int(rows[0][0])
+
+
+def _cap_alerts_sent(url: str, incidents: list[int]) -> int:
+    rows = q(
+        url,
+        "SELECT count(*) FROM notification_attempts"
+        " WHERE purpose = 'cap_alert' AND sent_at IS NOT NULL AND incident_id = ANY(%s)",
+        incidents,
+    )
+    return int(rows[0][0])
+
+
 def _wait(what: str, check: Any, timeout: float = 15.0) -> None:
     deadline = time.monotonic() + timeout
     while not check():
@@ -147,8 +169,10 @@ def test_a_hung_platform_holds_up_no_page_and_no_step(county_url: str, phone_net
         for band in bands[4:]:
             later.append(press(county_url, band, datetime.now(UTC), msg_id="later"))
             time.sleep(0.3)
-        # The early incidents' operators are due 1 s after the platform step, while it hangs.
-        time.sleep(2.5)
+        # The operators (the last step) are due 1 s after the platform step, while it hangs:
+        # wait until every incident has reached them; how late each step started is below.
+        every = early + later
+        _wait("not every incident reached its operators", lambda: _steps_started(county_url, every, 3) == len(every))
         delays = _first_page_delays(county_url, later, ("voice", "sms"))
         late_steps = [(i, s, late) for i, s, late in _step_lateness(county_url, early + later) if late >= 1.0]
     finally:
@@ -157,13 +181,8 @@ def test_a_hung_platform_holds_up_no_page_and_no_step(county_url: str, phone_net
         thread.join(20)
     assert delays[-1] < 1.0, f"first pages took {delays}"
     assert late_steps == []
-    operators = q(
-        county_url,
-        "SELECT count(*) FROM incident_events WHERE event = 'step_started'"
-        " AND (detail->>'step')::int = 3 AND incident_id = ANY(%s)",
-        early,
-    )
-    assert operators == [(4,)], "the operators of the incidents whose CAP alert hung were not paged on time"
+    operators = _steps_started(county_url, early, 3)
+    assert operators == 4, "the operators of the incidents whose CAP alert hung were not paged on time"
 
 
 def test_a_hung_twilio_holds_up_neither_the_console_nor_the_platform(county_url: str, platform: str) -> None:
@@ -180,7 +199,8 @@ def test_a_hung_twilio_holds_up_neither_the_console_nor_the_platform(county_url:
             incidents.append(press(county_url, band, datetime.now(UTC), msg_id="p"))
             time.sleep(0.3)
         _wait("the voice and SMS pools never hung", lambda: len(hung.requests) >= DEFAULT_SENDERS)
-        time.sleep(3.0)  # guardians at +1 s, the platform at +2 s
+        # Guardians at +1 s, the platform at +2 s: wait until every CAP alert has gone out.
+        _wait("not every CAP alert went out", lambda: _cap_alerts_sent(county_url, incidents) == len(incidents))
         delays = _first_page_delays(county_url, incidents, ("console",))
         late_steps = [(i, s, late) for i, s, late in _step_lateness(county_url, incidents) if late >= 1.0]
         cap_late = q(
@@ -231,7 +251,7 @@ def _keypress(api: str, attempt_id: int, call_sid: str, digit: str) -> httpx.Res
 
 
 @pytest.mark.parametrize("via", ["api", "console", "sms", "keypress"])
-def test_an_ack_while_guardians_pages_are_in_flight_tells_each_of_them_once(stack: Stack, via: str) -> None:  # noqa: F811
+def test_an_ack_while_guardians_pages_are_in_flight_tells_each_of_them_once(stack: Stack, via: str) -> None:
     device, _grid, _resident = wristband_in(stack.db, night_covered=False)
     incident = press(stack.db, device, DAY)
     code = q(stack.db, "SELECT code FROM incidents WHERE id = %s", incident)[0][0]
@@ -373,18 +393,13 @@ def test_an_ack_while_the_cap_alert_is_in_flight_sends_the_platform_an_update(
 STRESS_S = 20.0  # issue 13 asks for about 60 s; 20 s keeps the suite's budget (docs/escalation.md)
 
 
-def _until_quiet(count: Callable[[], int], quiet_s: float = 2.0, timeout: float = 30.0) -> None:
-    """Return once ``count()`` has not changed for ``quiet_s`` seconds."""
-    deadline = time.monotonic() + timeout
-    seen, since = count(), time.monotonic()
-    while time.monotonic() < deadline:
-        time.sleep(0.1)
-        now = count()
-        if now != seen:
-            seen, since = now, time.monotonic()
-        elif time.monotonic() - since >= quiet_s:
-            return
-    raise AssertionError(f"callbacks still arriving after {timeout:.0f}s")
+def _calls_still_playing(phone_network: str) -> list[str]:
+    """The calls whose callee is still playing out (the simulator plays every call that has
+    a status callback and an answer set), i.e. whose final status callback is not yet posted."""
+    calls = httpx.get(f"{phone_network}/_sim/calls").json()
+    hooks = httpx.get(f"{phone_network}/_sim/webhooks").json()
+    ended = {h["params"].get("CallSid") for h in hooks if h["kind"] == "status"}
+    return [c["sid"] for c in calls if c["status_callback"] and c["answer"] and c["sid"] not in ended]
 
 
 def test_acks_callbacks_steps_and_two_routers_against_each_other_never_deadlock(
@@ -467,8 +482,8 @@ def test_acks_callbacks_steps_and_two_routers_against_each_other_never_deadlock(
         for thread in threads:
             thread.join(30)
         # Calls placed before the routers stopped still end, and their status callbacks
-        # must find the API up: serve it until no callback has come for 2 s.
-        _until_quiet(lambda: len(httpx.get(f"{phone_network}/_sim/webhooks").json()))
+        # must find the API up: serve it until every call has posted its final status.
+        _wait("calls still ringing 30 s after the routers stopped", lambda: not _calls_still_playing(phone_network), 30)
     deadlocks = q(county_url, "SELECT deadlocks FROM pg_stat_database WHERE datname = current_database()")
     hooks = httpx.get(f"{phone_network}/_sim/webhooks").json()
     assert not errors, errors[:3]

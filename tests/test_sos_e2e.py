@@ -10,7 +10,7 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.services import (
+from tests.support.services import (
     SHOUHU_BIN,
     Mosquitto,
     press_and_wait_for_ring,

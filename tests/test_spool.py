@@ -15,7 +15,7 @@ import shutil
 import stat
 import time
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import httpx
@@ -26,16 +26,12 @@ from alerts.notifiers.base import SendOutcome
 from alerts.notifiers.twilio import TwilioNotifier
 from alerts.recipients import Rosters
 from devices.kinds import IncidentKind
-from devices.registry import load_registry
-from devices.registry_file import parse_registry
 from hub.ingest import IngestConfig
 from hub.mqtt import Received
 from hub.spool import JOURNAL_FILE, SNAPSHOT_FILE, TIMELINE_EVENT, Spool, SpoolBusy, SpoolPage
-from shouhu.embedded.postgres import LocalPostgres, create_database, wheel_bin_dir
-from shouhu.migrations import MigrationContext, migrate
+from shouhu.embedded.postgres import LocalPostgres
 from shouhu.settings import Settings
-from tests.conftest import DEMO_COUNTY
-from tests.escalation_support import (
+from tests.support.escalation import (
     DAY,
     FROM,
     NIGHT,
@@ -50,7 +46,6 @@ from tests.escalation_support import (
     q,
     wristband_in,
 )
-from tests.services import start_postgres
 
 HUB = "hub-spool-test"
 CONFIG = IngestConfig(hub_id=HUB, ack_timeout_s=120)
@@ -489,25 +484,10 @@ def test_an_alarm_the_database_makes_no_incident_of_still_gets_one(
 # -- PostgreSQL stopped for real ---------------------------------------------------------
 
 
-@pytest.fixture
-def private_postgres() -> Iterator[tuple[LocalPostgres, str]]:
-    """A PostgreSQL cluster of this test's own, with the demo county: it will be stopped."""
-    cluster = start_postgres(wheel_bin_dir())
-    try:
-        create_database(cluster.url(), "shouhu")
-        url = cluster.url("shouhu")
-        migrate(url, MigrationContext(retention_days=90, now=datetime.now(UTC)))
-        with psycopg.connect(url) as conn:
-            load_registry(conn, parse_registry(DEMO_COUNTY))
-        yield cluster, url
-    finally:
-        cluster.remove()
-
-
 def test_sos_while_postgresql_is_stopped_immediate_is_paged_then_reconciled(
-    private_postgres: tuple[LocalPostgres, str], phone_network: str, spool_dir: Path
+    own_postgres: tuple[LocalPostgres, str], phone_network: str, spool_dir: Path
 ) -> None:
-    cluster, url = private_postgres
+    cluster, url = own_postgres
     device, _grid, _resident = wristband_in(url, night_covered=False)
     clock = Clock(DAY)
     spool = open_spool(spool_dir, phone_network, clock)

@@ -18,15 +18,14 @@ import pytest
 
 from shouhu.embedded.postgres import LocalPostgres
 from simulators.wristband import Wristband
-from tests.services import Mosquitto, ShouhuProcess, session_data_dir, shouhu_stack
-from tests.test_hub import query, wait_until
-from tests.test_ingest_faults import own_postgres  # noqa: F401  (the fixture)
+from tests.support.hub import query, wait_until
+from tests.support.services import Mosquitto, ShouhuProcess, session_data_dir, shouhu_stack
 
 ACK_TIMEOUT_S = 6
 
 
 @pytest.fixture
-def stack(own_postgres: tuple[LocalPostgres, str], broker: Mosquitto) -> Iterator[dict[str, Any]]:  # noqa: F811
+def stack(own_postgres: tuple[LocalPostgres, str], broker: Mosquitto) -> Iterator[dict[str, Any]]:
     cluster, url = own_postgres
     for running in shouhu_stack(url, broker, name="spool-e2e", SHOUHU_ACK_TIMEOUT_S=str(ACK_TIMEOUT_S)):
         yield {

@@ -15,8 +15,8 @@ from api import deps
 from api.main import create_app
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
-from tests.care_support import T0, heard, last_will, run, s
-from tests.escalation_support import q
+from tests.support.care import T0, heard, last_will, run, s
+from tests.support.escalation import q
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 NOW = T0 + timedelta(hours=2)

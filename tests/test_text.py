@@ -14,7 +14,7 @@ from alerts.notifiers.text import plain_text
 from alerts.notifiers.twilio import sms_text, voice_twiml
 from alerts.notifiers.webhook import cap_xml
 from simulators.phone_network import gather_action
-from tests.test_emergency_platform import SENDER, cap_schema_path, parameters, platform_alert, text
+from tests.support.cap import SENDER, cap_schema_path, parameters, platform_alert, text
 
 # Excel's in-cell line break, a bell, NUL, ESC, DEL, a C1 control (CSI), and XML specials.
 NAME = "王\x0b奶奶\x07<&>"

@@ -19,7 +19,7 @@ from shouhu.tokens import (
     create_token,
     revoke_token,
 )
-from tests.utils.builders import SmallCounty, add_small_county
+from tests.support.builders import SmallCounty, add_small_county
 
 NOW = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
 

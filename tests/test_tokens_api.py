@@ -13,7 +13,7 @@ from api import deps
 from api.main import create_app
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
-from tests.escalation_support import q
+from tests.support.escalation import q
 
 NOW = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
 

@@ -20,7 +20,7 @@ from api.main import create_app
 from devices.kinds import AreaLevel, DeviceKind
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
-from tests.utils.builders import add_area, add_device
+from tests.support.builders import add_area, add_device
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 ZONE = ZoneInfo("Asia/Shanghai")

@@ -275,7 +275,7 @@ class MqttWireTap:
         self.cut()
 
 
-SHOUHU_BIN = str(Path(__file__).resolve().parent.parent / ".venv" / "bin" / "shouhu")
+SHOUHU_BIN = str(Path(__file__).resolve().parents[2] / ".venv" / "bin" / "shouhu")
 
 
 def shouhu_env(**settings: str) -> dict[str, str]:
@@ -457,7 +457,7 @@ def shouhu_stack(
     """
     import uuid
 
-    demo = registry or Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+    demo = registry or Path(__file__).resolve().parents[2] / "simulators" / "demo_county.yaml"
     phone_port, hub_metrics, router_metrics = free_port(), free_port(), free_port()
     hub_id = f"{name}-{uuid.uuid4().hex[:8]}"
     env = shouhu_env(

@@ -13,7 +13,7 @@ from alerts.care_sweep import CareReport, CareRules, sweep
 from devices.kinds import DeviceKind
 from hub.liveness import LivenessDefaults, record_sightings
 from hub.sightings import Sighting
-from tests.escalation_support import ZONE
+from tests.support.escalation import ZONE
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 

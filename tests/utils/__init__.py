@@ -1,1 +1,0 @@
-"""Helpers shared by the tests: SQL builders for registry rows."""
