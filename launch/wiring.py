@@ -92,7 +92,7 @@ def run_migrations(url: str, settings: Settings) -> None:
     from shouhu.migrations import MigrationContext, MigrationError, migrate
 
     try:
-        report = migrate(url, MigrationContext(settings.retention_days, datetime.now(UTC)))
+        report = migrate(url, MigrationContext(settings.retention_days, datetime.now(UTC), settings.timezone))
     except MigrationError as exc:
         fail(f"migration refused: {exc}")
     report_migrations(report)

@@ -16,6 +16,8 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TWILIO_DEFAULT_API_BASE = "https://api.twilio.com"
+# Where duty rosters and local days are evaluated unless SHOUHU_TIMEZONE says otherwise.
+DEFAULT_TIMEZONE = "Asia/Shanghai"
 
 PositiveSeconds = Annotated[int, Field(gt=0)]
 
@@ -70,7 +72,7 @@ class Settings(BaseSettings):
     repair_due_s: PositiveSeconds = 172800
     battery_low_pct: Annotated[int, Field(ge=1, le=99)] = 20
     battery_critical_pct: Annotated[int, Field(ge=1, le=99)] = 10
-    timezone: str = "Asia/Shanghai"
+    timezone: str = DEFAULT_TIMEZONE
     retention_days: Annotated[int, Field(ge=1)] = 90
     dead_letter_days: Annotated[int, Field(ge=1)] = 14
     # Where `shouhu up` keeps the embedded database and records its URL for the other
