@@ -13,16 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
-
-import psycopg
 
 from alerts.attempts import lock_incident
 from alerts.retry import advance, nobody_left
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import AttemptPurpose, Channel, IncidentKind, Outcome
-
-Conn = psycopg.Connection[tuple[Any, ...]]
+from shouhu.db import Conn
 
 ACTIVE = ("open", "unreached")
 

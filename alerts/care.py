@@ -34,8 +34,7 @@ from devices.kinds import (
     TaskOutcome,
     TaskState,
 )
-
-Conn = psycopg.Connection[tuple[Any, ...]]
+from shouhu.db import Conn
 
 # Care incidents have no escalation chain of steps; their task's due time is the
 # escalation. The snapshot still names a policy so every incident reads the same way.

@@ -16,17 +16,16 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import psycopg
 from prometheus_client import Counter, Histogram
 
 from alerts.attempts import Lease, claim, settle
 from alerts.notifiers.base import Delivery, Message, Notifier, SendOutcome, SendResult
 from alerts.notifiers.platform import CapMsgType, PlatformAlert, PlatformNotifier, TriedContact
 from devices.kinds import AttemptPurpose, Channel
+from shouhu.db import Conn
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 PRESS_TO_FIRST_REQUEST = Histogram(
     "shouhu_sos_press_to_first_request_seconds",

@@ -37,10 +37,10 @@ from alerts.policy import PolicySnapshot
 from alerts.recipients import Recipient, Rosters
 from alerts.timeline import ESCALATION_CHANNEL, add_event, wake_routers
 from devices.kinds import AttemptPurpose, Channel, EscalationTarget
+from shouhu.db import Conn
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 Clock = Callable[[], datetime]
 
 __all__ = ["PRESS_TO_FIRST_REQUEST", "Router", "RouterConfig"]

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo
 
-import psycopg
-
-Conn = psycopg.Connection[tuple[Any, ...]]
+from shouhu.db import Conn
 
 
 @dataclass(frozen=True, slots=True)

@@ -65,16 +65,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
 
-import psycopg
 from psycopg.pq import TransactionStatus
 
 from devices.kinds import DeviceKind
 from hub.sightings import Sighting
+from shouhu.db import Conn
 from shouhu.settings import Settings
-
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 # An arbitrary constant: the advisory lock that elects one liveness sweeper among hubs.
 # (…0001 is the migrations', …0002 the escalation router's.)

@@ -10,17 +10,16 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
 
 import psycopg
 
 from hub import liveness, metrics, retention
 from shouhu import timeseries
+from shouhu.db import Conn
 from shouhu.migrations import storage_mode
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 GAUGE_INTERVAL_S = 10.0
 PARTITION_INTERVAL_S = 3600.0

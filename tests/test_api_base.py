@@ -18,6 +18,7 @@ from psycopg import sql
 from api import deps
 from api.main import create_app
 from devices.kinds import AreaLevel, DeviceKind
+from shouhu.db import Conn
 from shouhu.embedded.postgres import LocalPostgres, free_port
 from shouhu.tokens import Role, create_token, revoke_token
 from tests.utils.builders import (
@@ -34,7 +35,6 @@ NOW = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
 SEEN = NOW - timedelta(seconds=30)
 NOTES = "insulin-dependent diabetic; pacemaker"
 
-Conn = psycopg.Connection[Any]
 Headers = dict[str, str]
 
 

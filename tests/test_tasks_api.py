@@ -13,11 +13,11 @@ from fastapi.testclient import TestClient
 
 from api import deps
 from api.main import create_app
+from shouhu.db import Conn
 from shouhu.tokens import Role, create_token
 from tests.care_support import T0, heard, last_will, run, s
 from tests.escalation_support import q
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 NOW = T0 + timedelta(hours=2)
 
 

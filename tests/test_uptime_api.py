@@ -18,10 +18,10 @@ from api import deps
 from api.main import create_app
 from api.routes import uptime
 from devices.kinds import AreaLevel, DeviceKind
+from shouhu.db import Conn
 from shouhu.tokens import Role, create_token
 from tests.utils.builders import add_area, add_device
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 ZONE = ZoneInfo("Asia/Shanghai")
 HOUR = 3600.0
 

@@ -56,10 +56,10 @@ from alerts.retry import after_failure
 from alerts.timeline import add_event
 from api.deps import ConnDep, Now, tuple_rows
 from devices.kinds import Channel
+from shouhu.db import Conn
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 T = TypeVar("T")
 
 # The Twilio number's inbound-SMS webhook ("A message comes in"), set on the number.
