@@ -22,7 +22,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
-from psycopg.rows import tuple_row
+from psycopg.rows import class_row, tuple_row
 
 from devices.uptime import Span, StateChange, Uptime, ancestry, day_buckets, measure, roll_up, total
 
@@ -171,7 +171,7 @@ def uptime_report(
         "starts": [span.start for span in spans],
     }
     with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
-        nodes = {row[0]: AreaNode(*row) for row in cur.execute(_AREAS).fetchall()}
+        nodes = {node.id: node for node in conn.cursor(row_factory=class_row(AreaNode)).execute(_AREAS)}
         parents = {node.id: node.parent_id for node in nodes.values()}
         selected = subtree(parents, list(nodes) if roots is None else roots)
         cameras = cur.execute(_CAMERAS, {"areas": sorted(selected)}).fetchall()
