@@ -139,6 +139,7 @@ def serve_api(url: str, settings: Settings, sock: socket.socket | None = None) -
 def make_hub(settings: Settings, url: str, broker_url: str, *, metrics_port: int | None, leave: bool = False) -> Hub:
     from hub.service import build_hub
 
+    # The hub owns its upkeep: it ticks it and closes it when run() ends.
     hub_worker, _upkeep = build_hub(settings, url, broker_url, metrics_port=metrics_port, leave=leave)
     return hub_worker
 
