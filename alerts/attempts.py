@@ -122,11 +122,14 @@ def claim(
 ) -> list[Lease]:
     """Lease up to ``limit`` due attempts of ``channels`` for ``worker``, oldest first; in the caller's transaction.
 
-    An incident's very first pages go before everything else, each query served by a
-    partial index. Commit before sending: the lease is what other senders see.
+    An incident's very first pages go before everything else, and among them first
+    those of incidents no provider has been asked about yet: in a mass event every
+    incident gets one call or SMS out before any gets its second channel. Each query is
+    served by a partial index. Commit before sending: the lease is what other senders see.
     """
     taken: list[tuple[Any, ...]] = []
-    for extra in (_FIRST_PAGES, "") if not first_pages_only else (_FIRST_PAGES,):
+    tiers = (_UNPAGED_FIRST_PAGES, _FIRST_PAGES) if first_pages_only else (_UNPAGED_FIRST_PAGES, _FIRST_PAGES, "")
+    for extra in tiers:
         taken = conn.execute(
             _CLAIM.format(extra=extra), {"channels": [c.value for c in channels], "now": now, "limit": limit}
         ).fetchall()
@@ -169,6 +172,8 @@ def claim(
             " sends = sends + 1, body = %s, updated_at = %s WHERE id = %s",
             (token, now + timedelta(seconds=lease_s), body, now, attempt_id),
         )
+        if extra == _UNPAGED_FIRST_PAGES and channel in (Channel.VOICE.value, Channel.SMS.value):
+            conn.execute(_BEHIND_SIBLING, {"incident": incident_id, "leased": attempt_id})
         leases.append(Lease(int(attempt_id), int(incident_id), token, int(sends) + 1))
     return leases
 
@@ -183,6 +188,21 @@ _CLAIM = """
     FOR UPDATE OF a SKIP LOCKED
 """
 _FIRST_PAGES = "AND a.purpose = 'page' AND a.round = 0 AND a.step = 0 AND a.attempt = 1"
+# A first page of an incident no provider has been asked about yet (migration 15).
+_UNPAGED_FIRST_PAGES = _FIRST_PAGES + " AND NOT a.behind_sibling"
+# Leasing an incident's first call or SMS puts its other first calls and SMS behind the
+# first pages of incidents not paged at all. Rows another sender holds are skipped, not
+# waited for: two senders leasing the same incident's voice and SMS must not deadlock.
+_BEHIND_SIBLING = """
+    UPDATE notification_attempts SET behind_sibling = true
+    WHERE id IN (
+        SELECT b.id FROM notification_attempts b
+        WHERE b.incident_id = %(incident)s AND b.id <> %(leased)s AND b.state = 'pending'
+          AND b.purpose = 'page' AND b.round = 0 AND b.step = 0 AND b.attempt = 1
+          AND b.channel IN ('voice', 'sms') AND NOT b.behind_sibling
+        FOR UPDATE SKIP LOCKED
+    )
+"""
 
 
 def settle(

@@ -122,13 +122,7 @@ def serve_api(url: str, settings: Settings, sock: socket.socket | None = None) -
     # Bound here, not by uvicorn: a port in use is one line naming the setting, not a traceback.
     sock = sock or listen(settings.api_host, settings.api_port, "SHOUHU_API_PORT")
     config = uvicorn.Config(
-        create_app(
-            url,
-            resolve_timeout_s=settings.resolve_timeout_s,
-            public_url=settings.public_url,
-            twilio_auth_token=settings.twilio_auth_token,
-            max_body_bytes=settings.max_body_bytes,
-        ),
+        create_app(settings.model_copy(update={"database_url": url})),
         host=settings.api_host,
         port=settings.api_port,
         log_level="info",

@@ -16,10 +16,10 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TWILIO_DEFAULT_API_BASE = "https://api.twilio.com"
-# Where duty rosters and local days are evaluated unless SHOUHU_TIMEZONE says otherwise.
-DEFAULT_TIMEZONE = "Asia/Shanghai"
 
 PositiveSeconds = Annotated[int, Field(gt=0)]
+# SHOUHU_TIMEZONE's default: where duty rosters and local days are evaluated.
+DEFAULT_TIMEZONE = "Asia/Shanghai"
 
 
 def _default_hub_id() -> str:
