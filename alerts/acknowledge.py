@@ -13,16 +13,14 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
 
-import psycopg
+from psycopg.rows import class_row
 
 from alerts.attempts import lock_incident
 from alerts.retry import advance, nobody_left
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import AttemptPurpose, Channel, IncidentKind, Outcome
-
-Conn = psycopg.Connection[tuple[Any, ...]]
+from shouhu.db import Conn
 
 ACTIVE = ("open", "unreached")
 
@@ -65,16 +63,15 @@ class IncidentRow:
 def _lock(conn: Conn, incident_id: int) -> IncidentRow | None:
     if lock_incident(conn, incident_id) is None:
         return None
-    row = conn.execute(
+    return conn.cursor(row_factory=class_row(IncidentRow)).execute(
         """
         SELECT i.id, i.code, i.kind, i.state, i.opened_at, i.acknowledged_by, i.acknowledged_by_name,
-               coalesce(r.name, '未登记手环')
+               coalesce(r.name, '未登记手环') AS resident_name
         FROM incidents i LEFT JOIN residents r ON r.id = i.resident_id
         WHERE i.id = %s
         """,
         (incident_id,),
     ).fetchone()
-    return IncidentRow(*row) if row else None
 
 
 def _stop_escalation(conn: Conn, incident_id: int, now: datetime) -> None:

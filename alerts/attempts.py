@@ -33,15 +33,13 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
-import psycopg
-
 from alerts.notifiers.base import SendOutcome, SendResult
 from alerts.timeline import add_event
 from devices.kinds import AttemptPurpose, Channel
+from shouhu.db import Conn
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 # Longer than any notifier's hard timeout per request (10 s), with room: a live sender
 # always settles before its lease runs out.

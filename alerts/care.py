@@ -16,6 +16,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import psycopg
+from psycopg.rows import kwargs_row
 from psycopg.types.json import Jsonb
 
 from alerts.acknowledge import Actor, Result, queue_notice
@@ -34,8 +35,7 @@ from devices.kinds import (
     TaskOutcome,
     TaskState,
 )
-
-Conn = psycopg.Connection[tuple[Any, ...]]
+from shouhu.db import Conn
 
 # Care incidents have no escalation chain of steps; their task's due time is the
 # escalation. The snapshot still names a policy so every incident reads the same way.
@@ -208,7 +208,7 @@ def _code(conn: Conn, incident_id: int) -> str:
 
 
 def lock_task(conn: Conn, task_id: int) -> TaskRow | None:
-    row = conn.execute(
+    return conn.cursor(row_factory=kwargs_row(_task_row)).execute(
         """
         SELECT t.id, t.incident_id, t.kind, t.device_id, t.area_id, t.owner_area_id, t.level, t.state, t.due_at,
                i.code, t.reason, t.recovered_at
@@ -217,11 +217,10 @@ def lock_task(conn: Conn, task_id: int) -> TaskRow | None:
         """,
         (task_id,),
     ).fetchone()
-    if row is None:
-        return None
-    values = list(row)
-    values[2], values[7] = TaskKind(values[2]), TaskState(values[7])
-    return TaskRow(*values)
+
+
+def _task_row(*, kind: str, state: str, **columns: Any) -> TaskRow:
+    return TaskRow(kind=TaskKind(kind), state=TaskState(state), **columns)
 
 
 def start_task(conn: Conn, task_id: int, actor: Actor, now: datetime) -> Result:

@@ -51,11 +51,11 @@ from alerts.recipients import duty_chain, guardians
 from alerts.silence import active_window, send_after
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import IncidentKind, Outcome, TaskKind, TaskOutcome, TaskState
+from shouhu.db import Conn
 from shouhu.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 Clock = Callable[[], datetime]
 
 # (…0001 migrations, …0002 the escalation router, …0003 liveness, …0004 partition upkeep.)

@@ -16,17 +16,17 @@ from dataclasses import dataclass
 from datetime import datetime
 from typing import Any
 
-import psycopg
 from prometheus_client import Counter, Histogram
+from psycopg.rows import kwargs_row
 
 from alerts.attempts import Lease, claim, settle
 from alerts.notifiers.base import Delivery, Message, Notifier, SendOutcome, SendResult
 from alerts.notifiers.platform import CapMsgType, PlatformAlert, PlatformNotifier, TriedContact
 from devices.kinds import AttemptPurpose, Channel
+from shouhu.db import Conn
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 PRESS_TO_FIRST_REQUEST = Histogram(
     "shouhu_sos_press_to_first_request_seconds",
@@ -81,20 +81,18 @@ class PendingAttempt:
 
 def attempt_by_id(conn: Conn, attempt_id: int) -> PendingAttempt | None:
     """One attempt with what its message needs, whatever its state (the call's TwiML is asked for mid-call)."""
-    row = conn.execute(_ATTEMPTS + " WHERE a.id = %s", (attempt_id,)).fetchone()
-    return None if row is None else _attempt(row)
+    cursor = conn.cursor(row_factory=kwargs_row(_attempt))
+    return cursor.execute(_ATTEMPTS + " WHERE a.id = %s", (attempt_id,)).fetchone()
 
 
-def _attempt(row: tuple[Any, ...]) -> PendingAttempt:
-    values = list(row)
-    values[2], values[3] = AttemptPurpose(values[2]), Channel(values[3])
-    return PendingAttempt(*values)
+def _attempt(*, purpose: str, channel: str, **columns: Any) -> PendingAttempt:
+    return PendingAttempt(purpose=AttemptPurpose(purpose), channel=Channel(channel), **columns)
 
 
 _ATTEMPTS = """
     SELECT a.id, a.incident_id, a.purpose, a.channel, a.address, a.step, a.round, a.attempt, a.body,
-           i.code, i.kind, i.opened_at, coalesce(r.name, '未登记手环'), coalesce(r.address, ''), r.phone,
-           i.device_id
+           i.code, i.kind, i.opened_at, coalesce(r.name, '未登记手环') AS resident_name,
+           coalesce(r.address, '') AS resident_address, r.phone AS resident_phone, i.device_id
     FROM notification_attempts a
     JOIN incidents i ON i.id = a.incident_id
     LEFT JOIN residents r ON r.id = i.resident_id

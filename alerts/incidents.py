@@ -20,8 +20,7 @@ from alerts.acknowledge import Result, cancel_from_device, repage_acknowledger
 from alerts.policy import default_unregistered_policy, resolve_policy
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import IncidentKind, Severity
-
-Conn = psycopg.Connection[tuple[Any, ...]]
+from shouhu.db import Conn
 
 CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"  # no 0/O, 1/I/L: read out over the phone
 CODE_LENGTH = 5

@@ -13,11 +13,8 @@ from datetime import UTC, datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import psycopg
-
 from devices.kinds import EscalationTarget, StaffRole
-
-Conn = psycopg.Connection[tuple[Any, ...]]
+from shouhu.db import Conn
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,13 +14,9 @@ timer: the next people are paged now.
 from __future__ import annotations
 
 from datetime import datetime, timedelta
-from typing import Any
-
-import psycopg
 
 from alerts.timeline import add_event, wake_routers
-
-Conn = psycopg.Connection[tuple[Any, ...]]
+from shouhu.db import Conn
 
 MAX_TRIES = 3
 BACKOFF_S = (20, 60)  # before the 2nd and the 3rd try

@@ -28,6 +28,7 @@ from zoneinfo import ZoneInfo
 
 import psycopg
 from prometheus_client import Counter
+from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from alerts.dispatch import PRESS_TO_FIRST_REQUEST, Dispatcher
@@ -37,10 +38,10 @@ from alerts.policy import PolicySnapshot
 from alerts.recipients import Recipient, Rosters
 from alerts.timeline import ESCALATION_CHANNEL, add_event, wake_routers
 from devices.kinds import AttemptPurpose, Channel, EscalationTarget
+from shouhu.db import Conn
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 Clock = Callable[[], datetime]
 
 __all__ = ["PRESS_TO_FIRST_REQUEST", "Router", "RouterConfig"]
@@ -238,7 +239,7 @@ class Router:
         till this one commits), so each batch sees every incident as one step left it.
         """
         for first_steps_only in (True, False):
-            rows = conn.execute(
+            rows = conn.cursor(row_factory=class_row(DueAction)).execute(
                 """
                 SELECT id, incident_id, step, round, token, kind FROM escalation_actions
                 WHERE state = 'pending' AND due_at <= %(now)s
@@ -249,8 +250,7 @@ class Router:
             ).fetchall()
             if rows:
                 actions: dict[int, DueAction] = {}
-                for row in rows:
-                    action = DueAction(*row)
+                for action in rows:
                     actions.setdefault(action.incident_id, action)
                 return list(actions.values())
         return []

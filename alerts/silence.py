@@ -10,12 +10,11 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime, time, timedelta
-from typing import Any
 from zoneinfo import ZoneInfo
 
-import psycopg
+from psycopg.rows import class_row
 
-Conn = psycopg.Connection[tuple[Any, ...]]
+from shouhu.db import Conn
 
 
 @dataclass(frozen=True, slots=True)
@@ -98,12 +97,11 @@ def quiet_hours_for(conn: Conn, area_id: str | None) -> QuietHours | None:
     chain = area_chain(conn, area_id)
     if not chain:
         return None
-    row = conn.execute(
-        "SELECT start_time, end_time FROM quiet_hours WHERE area_id = ANY(%s) ORDER BY array_position(%s, area_id)"
-        " LIMIT 1",
+    return conn.cursor(row_factory=class_row(QuietHours)).execute(
+        "SELECT start_time AS start, end_time AS end FROM quiet_hours WHERE area_id = ANY(%s)"
+        " ORDER BY array_position(%s, area_id) LIMIT 1",
         (chain, chain),
     ).fetchone()
-    return QuietHours(row[0], row[1]) if row else None
 
 
 def send_after(conn: Conn, area_id: str | None, at: datetime, zone: ZoneInfo) -> datetime:

@@ -15,6 +15,7 @@ from typing import Any
 
 import psycopg
 from psycopg import sql
+from psycopg.rows import class_row
 
 from devices.kinds import AreaLevel, StaffRole
 from devices.registry_file import RegistryFile, RosterEntry
@@ -288,6 +289,23 @@ def residents_without_guardian(conn: psycopg.Connection) -> tuple[str, ...]:
         """
     ).fetchall()
     return tuple(r[0] for r in rows)
+
+
+@dataclass(frozen=True, slots=True)
+class ActiveWristband:
+    device_id: str
+    resident_name: str
+    grid_id: str
+
+
+def active_wristbands(conn: psycopg.Connection[Any]) -> list[ActiveWristband]:
+    """Every active wristband with its resident's name and grid, by device id."""
+    with conn.cursor(row_factory=class_row(ActiveWristband)) as cur:
+        return cur.execute(
+            "SELECT d.id AS device_id, r.name AS resident_name, r.grid_id FROM devices d"
+            " JOIN residents r ON r.id = d.resident_id"
+            " WHERE d.kind = 'wristband' AND d.active ORDER BY d.id"
+        ).fetchall()
 
 
 SLOT_MINUTES = 30

@@ -8,9 +8,9 @@ hundred times more. Per camera it reads the transitions inside the window plus t
 last one before it (the state the window opens in), the ingest outages, the
 maintenance windows and the repair orders; :mod:`devices.uptime` does the arithmetic.
 
-With TimescaleDB, :func:`timescaledb_statements` adds a continuous aggregate of the
-health samples per camera and local day (see docs/architecture.md, "Camera uptime",
-for why the ratio itself is not one).
+With TimescaleDB, migration 11 adds a continuous aggregate of the health samples per
+camera and local day (``shouhu/timeseries.py``; see docs/architecture.md, "Camera
+uptime", for why the ratio itself is not one).
 """
 
 from __future__ import annotations
@@ -19,10 +19,10 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
 from typing import Any
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 import psycopg
-from psycopg.rows import tuple_row
+from psycopg.rows import class_row, tuple_row
 
 from devices.uptime import Span, StateChange, Uptime, ancestry, day_buckets, measure, roll_up, total
 
@@ -171,7 +171,7 @@ def uptime_report(
         "starts": [span.start for span in spans],
     }
     with conn.transaction(), conn.cursor(row_factory=tuple_row) as cur:
-        nodes = {row[0]: AreaNode(*row) for row in cur.execute(_AREAS).fetchall()}
+        nodes = {node.id: node for node in conn.cursor(row_factory=class_row(AreaNode)).execute(_AREAS)}
         parents = {node.id: node.parent_id for node in nodes.values()}
         selected = subtree(parents, list(nodes) if roots is None else roots)
         cameras = cur.execute(_CAMERAS, {"areas": sorted(selected)}).fetchall()
@@ -224,55 +224,3 @@ def uptime_report(
         areas=areas,
         cameras=tuple(measured),
     )
-
-
-# The health samples' continuous aggregate refreshes the last three days every hour,
-# leaving the newest hour to settle. Three days is far inside the raw retention
-# (SHOUHU_RETENTION_DAYS, 90), so a refresh never runs over dropped chunks, and the
-# daily rows outlive the samples they summarise.
-HEALTH_DAILY = "camera_health_daily"
-
-
-def timescaledb_statements(zone: str) -> list[str]:
-    """A continuous aggregate of the 5-minute health samples per camera and local day.
-
-    It is the sample side of the picture — how many reports, how many said "offline",
-    mean frame rate and bitrate — kept after raw retention drops the samples. The
-    uptime report does not read it: the ratio is time-weighted from transitions. The
-    day is bucketed in ``zone`` (SHOUHU_TIMEZONE when the migration ran), which
-    ``time_bucket`` accepts in a continuous aggregate from TimescaleDB 2.8.
-    """
-    try:
-        ZoneInfo(zone)  # refuse an unknown zone before it reaches SQL
-    except (ZoneInfoNotFoundError, ValueError) as exc:
-        raise ValueError(f"unknown time zone {zone!r}") from exc
-    literal = zone.replace("'", "''")
-    return [
-        f"""CREATE MATERIALIZED VIEW {HEALTH_DAILY}
-WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
-SELECT time_bucket(INTERVAL '1 day', received_at, '{literal}') AS day,
-       device_id,
-       count(*) AS samples,
-       count(*) FILTER (WHERE NOT online) AS offline_samples,
-       count(*) FILTER (WHERE storage_ok = false) AS storage_faults,
-       avg(fps) AS mean_fps,
-       avg(bitrate_kbps) AS mean_bitrate_kbps,
-       min(received_at) AS first_sample,
-       max(received_at) AS last_sample
-FROM camera_health
-GROUP BY day, device_id
-WITH NO DATA""",
-        f"""SELECT add_continuous_aggregate_policy('{HEALTH_DAILY}',
-    start_offset => INTERVAL '3 days',
-    end_offset => INTERVAL '1 hour',
-    schedule_interval => INTERVAL '1 hour')""",
-    ]
-
-
-def create_timescaledb_views(conn: psycopg.Connection[Any], zone: str) -> None:
-    """Migration step 11: the continuous aggregate, its days in ``zone``, on the TimescaleDB path only."""
-    row = conn.execute("SELECT value FROM shouhu_meta WHERE key = 'storage_mode'").fetchone()
-    if row is None or row[0] != "timescaledb":
-        return
-    for statement in timescaledb_statements(zone):
-        conn.execute(statement.encode())

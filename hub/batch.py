@@ -32,10 +32,10 @@ from devices.kinds import DeviceKind
 from hub import metrics
 from hub.mqtt import Received
 from hub.sightings import Sighting
+from shouhu.db import Conn
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 SightingSink = Callable[[Conn, Sequence[Sighting]], object]
 
 

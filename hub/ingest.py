@@ -14,7 +14,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from enum import Enum
-from typing import Any, TypeGuard, TypeVar
+from typing import TypeGuard, TypeVar
 
 import psycopg
 
@@ -37,10 +37,10 @@ from hub import metrics
 from hub.batch import SightingSink, prepare_staging, record_sightings_safely, storable_text, store_batch
 from hub.mqtt import Received
 from hub.sightings import Sighting
+from shouhu.db import Conn
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 # Rejections of an alarm that still page: the bytes arrived on a wristband's alarm
 # topic (or one with extra levels after it), only unreadable.

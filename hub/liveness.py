@@ -67,14 +67,13 @@ from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
-import psycopg
 from psycopg.pq import TransactionStatus
+from psycopg.rows import class_row, kwargs_row
 
 from devices.kinds import DeviceKind
 from hub.sightings import Sighting
+from shouhu.db import Conn
 from shouhu.settings import Settings
-
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 # An arbitrary constant: the advisory lock that elects one liveness sweeper among hubs.
 # (…0001 is the migrations', …0002 the escalation router's.)
@@ -148,6 +147,25 @@ class DeviceState:
     lat: float | None = None
     lon: float | None = None
     worn_since: datetime | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class LockedDevice:
+    """A ``device_state`` row locked for a batch of sightings, with its device's window."""
+
+    device_id: str
+    kind: DeviceKind
+    interval_s: int | None
+    misses: int | None
+    state: DeviceState
+
+
+def _locked_device(
+    *, device_id: str, kind: str, interval_s: int | None, misses: int | None, **state: Any
+) -> LockedDevice:
+    return LockedDevice(
+        device_id=device_id, kind=DeviceKind(kind), interval_s=interval_s, misses=misses, state=DeviceState(**state)
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -240,7 +258,8 @@ _ENSURE_ROWS = """
 # batches (or a batch and a gap push) wait for each other instead of deadlocking.
 _LOCK_ROWS = """
     SELECT s.device_id, d.kind,
-           coalesce(d.heartbeat_interval_s, h.interval_s), coalesce(d.heartbeat_misses, h.misses),
+           coalesce(d.heartbeat_interval_s, h.interval_s) AS interval_s,
+           coalesce(d.heartbeat_misses, h.misses) AS misses,
            s.online, s.offline_reason, s.last_seen, s.deadline, s.state_at,
            s.battery, s.worn, s.lat, s.lon, s.worn_since
     FROM device_state s JOIN devices d ON d.id = s.device_id
@@ -299,20 +318,20 @@ def record_sightings(conn: Conn, sightings: Sequence[Sighting], defaults: Livene
     if not ids:
         return []
     conn.execute(_ENSURE_ROWS, (ids,))
-    rows = conn.execute(_LOCK_ROWS, (ids,)).fetchall()
-    missing = set(ids) - {row[0] for row in rows}
+    rows = conn.cursor(row_factory=kwargs_row(_locked_device)).execute(_LOCK_ROWS, (ids,)).fetchall()
+    missing = set(ids) - {row.device_id for row in rows}
     if missing:
         raise UnknownDeviceError(f"sightings of unregistered devices: {sorted(missing)}")
     changed: list[tuple[str, DeviceState]] = []
     transitions: list[tuple[Transition, Liveness]] = []
-    for device_id, kind, interval_s, misses, *stored in rows:
-        current = DeviceState(*stored)
-        new = apply_sightings(current, by_device[device_id], defaults.window(interval_s, misses))
+    for row in rows:
+        current = row.state
+        new = apply_sightings(current, by_device[row.device_id], defaults.window(row.interval_s, row.misses))
         if new != current:
-            changed.append((device_id, new))
+            changed.append((row.device_id, new))
         if new.online is not None and new.online != current.online:
             assert new.state_at is not None
-            transition = Transition(device_id, DeviceKind(kind), new.state_at, new.online, new.offline_reason)
+            transition = Transition(row.device_id, row.kind, new.state_at, new.online, new.offline_reason)
             transitions.append((transition, _state_name(current.online)))
     if changed:
         conn.execute(
@@ -372,8 +391,8 @@ def beat(conn: Conn, hub_id: str, now: datetime, *, grace: timedelta = INGEST_GR
     and returned, and the next sweep pauses deadlines by it.
     """
     _require_aware(now)
-    row = conn.execute(_BEAT, {"hub_id": hub_id, "now": now, "grace": grace}).fetchone()
-    return IngestGap(row[0], row[1]) if row is not None else None
+    cursor = conn.cursor(row_factory=class_row(IngestGap))
+    return cursor.execute(_BEAT, {"hub_id": hub_id, "now": now, "grace": grace}).fetchone()
 
 
 # One chunk of the sweep. The partial index device_state_deadline_idx (deadline WHERE

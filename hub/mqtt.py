@@ -36,7 +36,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
@@ -45,6 +44,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from hub import metrics
+from shouhu.mqtt_address import BrokerAddress
 
 log = logging.getLogger(__name__)
 
@@ -116,27 +116,6 @@ class Received:
     generation: int
     received_at: datetime
     monotonic: float
-
-
-@dataclass(frozen=True, slots=True)
-class BrokerAddress:
-    host: str
-    port: int
-    tls: bool
-    username: str | None
-    password: str | None
-
-    @classmethod
-    def parse(cls, url: str) -> BrokerAddress:
-        parts = urlsplit(url)
-        tls = parts.scheme == "mqtts"
-        return cls(
-            parts.hostname or "127.0.0.1",
-            parts.port or (8883 if tls else 1883),
-            tls,
-            unquote(parts.username) if parts.username else None,
-            unquote(parts.password) if parts.password else None,
-        )
 
 
 class BrokerRefused(Exception):

@@ -19,10 +19,10 @@ from __future__ import annotations
 import time
 from dataclasses import dataclass
 from datetime import datetime, timedelta
-from typing import Any
 
-import psycopg
 from psycopg import sql
+
+from shouhu.db import Conn
 
 LEDGER_KEEP = timedelta(days=7)
 BATCH_ROWS = 10_000
@@ -30,7 +30,6 @@ BATCH_ROWS = 10_000
 PASS_BUDGET_S = 1.0
 RETENTION_LOCK_KEY = 0x5348_4F55_4855_0006
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 # One batch of a table. Its rows are found by ctid, a TID scan: the ledger has no
 # surrogate key, and a join on its (device_id, msg_id) could be hashed against the

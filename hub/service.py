@@ -90,8 +90,9 @@ class Hub:
     metrics_port: int | None = None
     cancel_window_s: int = 30
     record_sightings: SightingSink | None = None
-    # Called about once a second while the hub is connected: see hub/upkeep.py.
-    on_tick: Callable[[], None] | None = None
+    # Ticked about once a second while the hub is connected (hub/upkeep.py); the hub
+    # owns it and closes it when run() ends.
+    upkeep: Upkeep | None = None
     alarm_inbox: queue.Queue[Received] = field(default_factory=lambda: queue.Queue(ALARM_INBOX_SIZE))
     status_inbox: queue.Queue[Received] = field(default_factory=lambda: queue.Queue(STATUS_INBOX_SIZE))
     bulk_inbox: queue.Queue[Received] = field(default_factory=lambda: queue.Queue(BULK_INBOX_SIZE))
@@ -197,8 +198,8 @@ class Hub:
                 metrics.QUEUE_DEPTH.labels("alarm").set(self.alarm_inbox.qsize())
                 metrics.QUEUE_DEPTH.labels("status").set(self.status_inbox.qsize())
                 metrics.QUEUE_DEPTH.labels("bulk").set(self.bulk_inbox.qsize())
-                if self.on_tick is not None and self.connection.connected.is_set():
-                    self._tick()
+                if self.upkeep is not None and self.connection.connected.is_set():
+                    self._tick(self.upkeep)
                 self._refresh_snapshot()
         finally:
             self.stopping.set()
@@ -214,14 +215,20 @@ class Hub:
                 self.connection.end_session()
                 self.alarm_connection.end_session()
                 log.info("hub %s left: its sessions and shares are given up", self.hub_id)
-            self.alarm_writer.close()
-            self.bulk_writer.close()
-            if self.spool is not None:
-                self.spool.close()
+            self._close()
             if server is not None:
                 server.shutdown()
         if self._failure is not None:
             raise LaneFailed(self._failure)
+
+    def _close(self) -> None:
+        """Close what the hub opened or was given to own: the writers, the spool, the upkeep."""
+        self.alarm_writer.close()
+        self.bulk_writer.close()
+        if self.spool is not None:
+            self.spool.close()
+        if self.upkeep is not None:
+            self.upkeep.close()
 
     def _start_lanes(self) -> None:
         self._lanes = [
@@ -308,10 +315,9 @@ class Hub:
         for thread in self._lanes:
             thread.join(10)
 
-    def _tick(self) -> None:
-        assert self.on_tick is not None
+    def _tick(self, upkeep: Upkeep) -> None:
         try:
-            self.on_tick()
+            upkeep.tick()
         except psycopg.OperationalError as exc:  # an outage: one line a second, not a traceback
             log.warning("hub tick skipped: database unavailable (%s)", str(exc).splitlines()[0])
         except Exception:  # the heartbeat must not take the hub down; it retries next second
@@ -564,7 +570,11 @@ def build_hub(
     spool: bool = True,
 ) -> tuple[Hub, Upkeep]:
     """A hub wired to liveness (sightings in every transaction), its upkeep ticks and,
-    unless ``spool`` is False, its alarm spool in SHOUHU_SPOOL_DIR."""
+    unless ``spool`` is False, its alarm spool in SHOUHU_SPOOL_DIR.
+
+    The hub owns the upkeep (``hub.upkeep``): it ticks it and closes it when ``run()``
+    ends. It is returned beside the hub for callers that watch it; they must not close it.
+    """
     defaults = LivenessDefaults.from_settings(settings)
     hub_name = hub_id or settings.hub_id
     upkeep = Upkeep(
@@ -582,7 +592,7 @@ def build_hub(
         metrics_port=metrics_port,
         cancel_window_s=settings.cancel_window_s,
         record_sightings=lambda conn, sightings: record_sightings(conn, sightings, defaults),
-        on_tick=upkeep.tick,
+        upkeep=upkeep,
         leave=leave,
         share_subscriptions=settings.hub_shared,
         spool=Spool.from_settings(settings.model_copy(update={"hub_id": hub_name})) if spool else None,

@@ -59,13 +59,13 @@ from devices.kinds import Channel, EscalationTarget, IncidentKind
 from hub.batch import SightingSink
 from hub.ingest import IngestConfig, store_message
 from hub.mqtt import Received
+from shouhu.db import Conn
 
 if TYPE_CHECKING:
     from shouhu.settings import Settings
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 Clock = Callable[[], datetime]
 
 SNAPSHOT_FILE = "roster.json"

@@ -10,17 +10,16 @@ import logging
 import time
 from collections.abc import Callable
 from datetime import datetime, timedelta
-from typing import Any
 
 import psycopg
 
 from hub import liveness, metrics, retention
 from shouhu import timeseries
+from shouhu.db import Conn
 from shouhu.migrations import storage_mode
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 GAUGE_INTERVAL_S = 10.0
 PARTITION_INTERVAL_S = 3600.0
@@ -117,6 +116,19 @@ class Upkeep:
         # A pass that ran out of time goes on at the next tick, until it is done.
         self._next_prune = now if pruned.more else now + RETENTION_INTERVAL
 
+    @property
+    def connected(self) -> bool:
+        """Whether the upkeep holds an open database connection now."""
+        return self._conn is not None and not self._conn.closed
+
     def close(self) -> None:
+        """Close the connection; a later tick would open a new one."""
         if self._conn is not None:
             self._conn.close()
+            self._conn = None
+
+    def __enter__(self) -> Upkeep:
+        return self
+
+    def __exit__(self, *_exc: object) -> None:
+        self.close()

@@ -2,12 +2,20 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 import psycopg
-from psycopg.rows import dict_row
+from psycopg.rows import DictRow, dict_row
 from psycopg_pool import ConnectionPool
 
+# A connection with psycopg's default rows (tuples); a query that builds a dataclass
+# passes ``row_factory=class_row(...)`` to its cursor.
+Conn = psycopg.Connection[tuple[Any, ...]]
+# A connection from a pool opened here: its rows are dicts (see ``open_pool``).
+DictConn = psycopg.Connection[DictRow]
 
-def connect(url: str, *, autocommit: bool = False) -> psycopg.Connection:
+
+def connect(url: str, *, autocommit: bool = False) -> Conn:
     """A plain connection, for CLI verbs and one-shot work."""
     return psycopg.connect(url, autocommit=autocommit, application_name="shouhu")
 

@@ -18,6 +18,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
 from psycopg import sql
@@ -104,6 +105,49 @@ def timescaledb_retention_statements(table: SeriesTable, retention_days: int) ->
     return [
         f"SELECT remove_retention_policy('{table.name}', if_exists => true)",
         f"SELECT add_retention_policy('{table.name}', INTERVAL '{int(retention_days)} days')",
+    ]
+
+
+# The health samples' continuous aggregate refreshes the last three days every hour,
+# leaving the newest hour to settle. Three days is far inside the raw retention
+# (SHOUHU_RETENTION_DAYS, 90), so a refresh never runs over dropped chunks, and the
+# daily rows outlive the samples they summarise.
+HEALTH_DAILY = "camera_health_daily"
+
+
+def health_daily_statements(zone: str) -> list[str]:
+    """A continuous aggregate of the 5-minute health samples per camera and local day.
+
+    It is the sample side of the picture — how many reports, how many said "offline",
+    mean frame rate and bitrate — kept after raw retention drops the samples. The
+    uptime report does not read it: the ratio is time-weighted from transitions. The
+    day is bucketed in ``zone`` (SHOUHU_TIMEZONE when the migration ran, from its context), which
+    ``time_bucket`` accepts in a continuous aggregate from TimescaleDB 2.8.
+    """
+    try:
+        ZoneInfo(zone)  # refuse an unknown zone before it reaches SQL
+    except (ZoneInfoNotFoundError, ValueError) as exc:
+        raise ValueError(f"unknown time zone {zone!r}") from exc
+    literal = zone.replace("'", "''")
+    return [
+        f"""CREATE MATERIALIZED VIEW {HEALTH_DAILY}
+WITH (timescaledb.continuous, timescaledb.materialized_only = false) AS
+SELECT time_bucket(INTERVAL '1 day', received_at, '{literal}') AS day,
+       device_id,
+       count(*) AS samples,
+       count(*) FILTER (WHERE NOT online) AS offline_samples,
+       count(*) FILTER (WHERE storage_ok = false) AS storage_faults,
+       avg(fps) AS mean_fps,
+       avg(bitrate_kbps) AS mean_bitrate_kbps,
+       min(received_at) AS first_sample,
+       max(received_at) AS last_sample
+FROM camera_health
+GROUP BY day, device_id
+WITH NO DATA""",
+        f"""SELECT add_continuous_aggregate_policy('{HEALTH_DAILY}',
+    start_offset => INTERVAL '3 days',
+    end_offset => INTERVAL '1 hour',
+    schedule_interval => INTERVAL '1 hour')""",
     ]
 
 

@@ -12,7 +12,7 @@ from typing import Any
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 
-from hub.mqtt import BrokerAddress
+from shouhu.mqtt_address import BrokerAddress
 
 
 def alarm_payload(channel: str, *, action: str | None = None, msg_id: str | None = None, **extra: Any) -> bytes:

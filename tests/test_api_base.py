@@ -18,6 +18,7 @@ from psycopg import sql
 from api import access, deps
 from api.main import create_app
 from devices.kinds import AreaLevel, DeviceKind
+from shouhu.db import Conn
 from shouhu.embedded.postgres import LocalPostgres, free_port
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token, revoke_token
@@ -35,7 +36,6 @@ NOW = datetime(2026, 11, 24, 8, 0, tzinfo=UTC)
 SEEN = NOW - timedelta(seconds=30)
 NOTES = "insulin-dependent diabetic; pacemaker"
 
-Conn = psycopg.Connection[Any]
 Headers = dict[str, str]
 
 

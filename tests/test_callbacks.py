@@ -22,6 +22,7 @@ import psycopg
 import pytest
 import xmlschema
 from fastapi.testclient import TestClient
+from psycopg.rows import class_row
 
 from alerts.notifiers.twilio import KEYPRESS_CALLBACK_PATH, STATUS_CALLBACK_PATH
 from api.main import create_app
@@ -92,21 +93,22 @@ class Page:
 
 
 def pages(url: str, channel: str, step: int = 0) -> list[Page]:
-    rows = q(
-        url,
-        "SELECT id, recipient_id, address, provider_id, state FROM notification_attempts"
-        " WHERE purpose = 'page' AND channel = %s AND step = %s ORDER BY id",
-        channel,
-        step,
-    )
-    return [Page(*row) for row in rows]
+    with psycopg.connect(url) as conn:
+        return conn.cursor(row_factory=class_row(Page)).execute(
+            "SELECT id, recipient_id, address, provider_id, state FROM notification_attempts"
+            " WHERE purpose = 'page' AND channel = %s AND step = %s ORDER BY id",
+            (channel, step),
+        ).fetchall()
 
 
 def attempt(url: str, attempt_id: int) -> Page:
-    rows = q(
-        url, "SELECT id, recipient_id, address, provider_id, state FROM notification_attempts WHERE id = %s", attempt_id
-    )
-    return Page(*rows[0])
+    with psycopg.connect(url) as conn:
+        row = conn.cursor(row_factory=class_row(Page)).execute(
+            "SELECT id, recipient_id, address, provider_id, state FROM notification_attempts WHERE id = %s",
+            (attempt_id,),
+        ).fetchone()
+    assert row is not None, f"no attempt {attempt_id}"
+    return row
 
 
 def events(url: str, name: str) -> list[tuple[Any, ...]]:

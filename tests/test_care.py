@@ -21,10 +21,10 @@ from alerts.recipients import duty_chain
 from alerts.silence import QuietHours
 from devices.contract import payload_hash
 from devices.kinds import IncidentKind, TaskOutcome
+from shouhu.db import Conn
 from tests.support.care import LOCK, RULES, T0, WORKER, heard, last_will, run, s
 from tests.support.escalation import NIGHT, ZONE, Clock, calls, make_router, messages, q, wristband_in
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 @pytest.fixture
 def conn(county_url: str) -> Iterator[Conn]:

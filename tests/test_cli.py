@@ -24,8 +24,8 @@ import psutil
 import psycopg
 import pytest
 
+from launch.cli import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM, NOT_LANDED_EXIT
 from shouhu import __version__
-from shouhu.cli import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM, NOT_LANDED_EXIT
 from shouhu.embedded.postgres import free_port
 from tests.support.services import Mosquitto, press_and_wait_for_ring, scratch_dir, wristband_with_grid_worker_on_duty
 

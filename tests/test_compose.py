@@ -168,11 +168,11 @@ def _resolves_to_cli_command(group: Any, args: list[str]) -> bool:
 
 def _cli_verbs() -> tuple[Any, set[str]]:
     """The typer app as a command group, and its top-level verbs."""
-    from shouhu.cli import app
+    from launch.cli import app
 
     group = typer.main.get_command(app)
     commands = _subcommands(group)
-    assert commands is not None, "shouhu.cli.app has no sub-commands"
+    assert commands is not None, "launch.cli.app has no sub-commands"
     return group, set(commands)
 
 

@@ -8,7 +8,6 @@ every MQTT topic and subscription, every payload field and every dead-letter rea
 
 from __future__ import annotations
 
-import importlib
 import inspect
 import re
 from collections.abc import Iterable, Iterator
@@ -25,6 +24,7 @@ from api.main import create_app
 from devices.contract import CHANNELS_OF_KIND, PAYLOAD_MODELS, TOPIC_PREFIX, RejectReason
 from hub.mqtt import ALARM_SUBSCRIPTIONS, bulk_subscriptions, probe_topic, receipt_topic, share_probe_topic
 from hub.service import SHARE_PROBE_GROUP
+from launch.cli import app as shouhu_app
 from shouhu.settings import Settings, setting_env_names
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -155,16 +155,8 @@ def test_every_route_has_its_row() -> None:
 
 
 def cli_command() -> Any:
-    """The ``shouhu`` command tree, wherever the CLI lives (issue 14 moves it to ``launch``)."""
-    for module_name in ("launch.cli", "shouhu.cli"):
-        try:
-            module = importlib.import_module(module_name)
-        except ModuleNotFoundError as exc:
-            if exc.name not in (module_name, module_name.split(".")[0]):
-                raise
-            continue
-        return typer.main.get_command(module.app)
-    raise AssertionError("neither launch.cli nor shouhu.cli exists")
+    """The ``shouhu`` command tree."""
+    return typer.main.get_command(shouhu_app)
 
 
 def cli_commands() -> dict[str, set[str]]:

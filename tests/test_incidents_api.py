@@ -21,6 +21,7 @@ from alerts.router import Router, RouterConfig
 from api.main import create_app
 from devices.contract import payload_hash
 from devices.kinds import Channel, DeviceKind, IncidentKind
+from shouhu.db import Conn
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.support.builders import SmallCounty, add_device, add_resident, add_small_county
@@ -36,7 +37,6 @@ LIST_FIELDS = {
     "outcome",
 }
 
-Conn = psycopg.Connection[Any]
 Headers = dict[str, str]
 
 

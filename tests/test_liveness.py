@@ -29,9 +29,8 @@ from hub.liveness import (
     sweep,
 )
 from hub.sightings import Sighting
+from shouhu.db import Conn
 from shouhu.settings import Settings
-
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 T0 = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 DEFAULTS = LivenessDefaults(interval_s=60, misses=3)

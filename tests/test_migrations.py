@@ -89,6 +89,21 @@ def test_unknown_newer_migration_is_refused(database_url: str) -> None:
         migrate(database_url, MigrationContext(90, NOW))
 
 
+def test_the_health_aggregate_takes_its_zone_from_the_migration_context(
+    database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A valid zone in the environment: migration 11 must not read it; the context's
+    # unknown zone is refused before any SQL runs, which proves it is the one used.
+    monkeypatch.setenv("SHOUHU_TIMEZONE", "Asia/Shanghai")
+    [step] = [m for m in MIGRATIONS if m.version == 11]
+    assert step.apply is not None
+    with psycopg.connect(database_url) as conn:
+        conn.execute("UPDATE shouhu_meta SET value = 'timescaledb' WHERE key = 'storage_mode'")
+        with pytest.raises(ValueError, match="Mars/Olympus"):
+            step.apply(conn, MigrationContext(90, NOW, timezone="Mars/Olympus"))
+        conn.rollback()
+
+
 def _check_values(conn: psycopg.Connection, table: str, column: str) -> set[str]:
     rows = conn.execute(
         """

@@ -7,7 +7,6 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from typing import Any
 
 import psycopg
 import pytest
@@ -16,9 +15,8 @@ from alerts.incidents import Alarm, AlarmResult, record_alarm
 from devices.kinds import IncidentKind
 from hub.retention import LEDGER_KEEP, RETENTION_LOCK_KEY, prune
 from hub.upkeep import RETENTION_INTERVAL, Upkeep
+from shouhu.db import Conn
 from tests.support.escalation import Clock
-
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 NOW = datetime(2026, 11, 24, 9, 0, tzinfo=UTC)
 LOCK = 0x7E57_0006  # not the production key: the suite may share a cluster

@@ -13,12 +13,12 @@ from fastapi.testclient import TestClient
 
 from api import deps
 from api.main import create_app
+from shouhu.db import Conn
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.support.care import T0, heard, last_will, run, s
 from tests.support.escalation import q
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 NOW = T0 + timedelta(hours=2)
 
 

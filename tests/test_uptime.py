@@ -9,7 +9,7 @@ import pglast
 import pytest
 
 from devices.uptime import Span, StateChange, Uptime, day_buckets, measure, merge, roll_up, total
-from devices.uptime_store import HEALTH_DAILY, timescaledb_statements
+from shouhu.timeseries import HEALTH_DAILY, health_daily_statements
 
 ZONE = ZoneInfo("Asia/Shanghai")
 DAY = datetime(2026, 11, 24, tzinfo=ZONE).astimezone(UTC)
@@ -132,7 +132,7 @@ def test_a_daylight_saving_day_is_23_hours_long() -> None:
 
 
 def test_timescaledb_statements_parse() -> None:
-    statements = timescaledb_statements("Asia/Shanghai")
+    statements = health_daily_statements("Asia/Shanghai")
     for statement in statements:
         pglast.parse_sql(statement)
     joined = "\n".join(statements)
@@ -145,4 +145,4 @@ def test_timescaledb_statements_parse() -> None:
 
 def test_timescaledb_statements_refuse_an_unknown_zone() -> None:
     with pytest.raises(ValueError, match="Mars"):
-        timescaledb_statements("Mars/Olympus'; DROP TABLE areas; --")
+        health_daily_statements("Mars/Olympus'; DROP TABLE areas; --")

@@ -18,11 +18,11 @@ from psycopg.types.json import Jsonb
 from api import deps
 from api.main import create_app
 from devices.kinds import AreaLevel, DeviceKind
+from shouhu.db import Conn
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.support.builders import add_area, add_device
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 ZONE = ZoneInfo("Asia/Shanghai")
 HOUR = 3600.0
 

@@ -13,18 +13,16 @@ from datetime import datetime, time, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
 
-import psycopg
-from psycopg.rows import DictRow
-
 from alerts.recipients import shift_covers
-
-Conn = psycopg.Connection[DictRow]
+from shouhu.db import DictConn
 
 SEVERITY_ORDER = {"red": 0, "yellow": 1, "blue": 2}
 OPEN_STATES = ("open", "unreached", "acknowledged")
 
 
-def open_incidents(conn: Conn, scope: list[str] | None, kinds: Sequence[str], limit: int = 200) -> list[dict[str, Any]]:
+def open_incidents(
+    conn: DictConn, scope: list[str] | None, kinds: Sequence[str], limit: int = 200
+) -> list[dict[str, Any]]:
     """Open incidents, reddest then newest first, with the resident's name for the list."""
     rows = conn.execute(
         """
@@ -46,7 +44,7 @@ def open_incidents(conn: Conn, scope: list[str] | None, kinds: Sequence[str], li
     return [dict(r) for r in rows]
 
 
-def incident(conn: Conn, incident_id: int) -> dict[str, Any] | None:
+def incident(conn: DictConn, incident_id: int) -> dict[str, Any] | None:
     row = conn.execute(
         """
         SELECT i.*, r.name AS resident_name, r.address AS resident_address, r.phone AS resident_phone,
@@ -62,14 +60,14 @@ def incident(conn: Conn, incident_id: int) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
-def timeline(conn: Conn, incident_id: int) -> list[dict[str, Any]]:
+def timeline(conn: DictConn, incident_id: int) -> list[dict[str, Any]]:
     rows = conn.execute(
         "SELECT at, event, actor, detail FROM incident_events WHERE incident_id = %s ORDER BY at, id", (incident_id,)
     ).fetchall()
     return [dict(r) for r in rows]
 
 
-def guardians(conn: Conn, resident_id: str) -> list[dict[str, Any]]:
+def guardians(conn: DictConn, resident_id: str) -> list[dict[str, Any]]:
     rows = conn.execute(
         "SELECT name, phone, relation, priority FROM guardians WHERE resident_id = %s AND active ORDER BY priority, id",
         (resident_id,),
@@ -77,7 +75,7 @@ def guardians(conn: Conn, resident_id: str) -> list[dict[str, Any]]:
     return [dict(r) for r in rows]
 
 
-def task(conn: Conn, task_id: int) -> dict[str, Any] | None:
+def task(conn: DictConn, task_id: int) -> dict[str, Any] | None:
     row = conn.execute(
         """
         SELECT t.*, i.code, i.severity, i.kind AS incident_kind, r.name AS resident_name,
@@ -92,7 +90,7 @@ def task(conn: Conn, task_id: int) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
-def cameras_by_area(conn: Conn, scope: list[str] | None, now: datetime) -> list[dict[str, Any]]:
+def cameras_by_area(conn: DictConn, scope: list[str] | None, now: datetime) -> list[dict[str, Any]]:
     """Each area with cameras: how many, how many online now, and the offline ones with reason and duration."""
     rows = conn.execute(
         """
@@ -119,7 +117,7 @@ def cameras_by_area(conn: Conn, scope: list[str] | None, now: datetime) -> list[
     return list(areas.values())
 
 
-def open_orders(conn: Conn, scope: list[str] | None) -> list[dict[str, Any]]:
+def open_orders(conn: DictConn, scope: list[str] | None) -> list[dict[str, Any]]:
     """Open repair orders, oldest first."""
     rows = conn.execute(
         """
@@ -149,7 +147,7 @@ class Response_:
     unreached: int
 
 
-def sos_response(conn: Conn, scope: list[str] | None, since: datetime, until: datetime) -> Response_:
+def sos_response(conn: DictConn, scope: list[str] | None, since: datetime, until: datetime) -> Response_:
     row = conn.execute(
         """
         WITH red AS (
@@ -185,7 +183,7 @@ def sos_response(conn: Conn, scope: list[str] | None, since: datetime, until: da
 
 
 def incidents_by_severity_and_area(
-    conn: Conn, scope: list[str] | None, since: datetime, until: datetime
+    conn: DictConn, scope: list[str] | None, since: datetime, until: datetime
 ) -> list[dict[str, Any]]:
     """Per township-or-lower area: open now and opened in the period, by 红黄蓝 severity."""
     rows = conn.execute(
@@ -211,7 +209,7 @@ def incidents_by_severity_and_area(
     return sorted(table.values(), key=lambda e: (-e["red"][0], -e["red"][1], e["area_name"]))
 
 
-def devices_offline_by_area(conn: Conn, scope: list[str] | None) -> list[dict[str, Any]]:
+def devices_offline_by_area(conn: DictConn, scope: list[str] | None) -> list[dict[str, Any]]:
     rows = conn.execute(
         """
         SELECT coalesce(d.area_id, r.grid_id) AS area_id, a.name AS area_name, d.kind,
@@ -228,7 +226,7 @@ def devices_offline_by_area(conn: Conn, scope: list[str] | None) -> list[dict[st
     return [dict(r) for r in rows]
 
 
-def uncovered_tonight(conn: Conn, scope: list[str] | None, now: datetime, zone: ZoneInfo) -> list[dict[str, Any]]:
+def uncovered_tonight(conn: DictConn, scope: list[str] | None, now: datetime, zone: ZoneInfo) -> list[dict[str, Any]]:
     """Grids whose own grid workers are off duty at some hour of the coming night (20:00–08:00 local)."""
     local = now.astimezone(zone)
     evening = datetime.combine(local.date() if local.hour >= 8 else local.date() - timedelta(days=1), time(20), zone)

@@ -9,16 +9,12 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta
 from html import escape
-from typing import Any
 from zoneinfo import ZoneInfo
-
-import psycopg
 
 from api.deps import tuple_rows
 from devices.uptime import Span, local_midnight
 from devices.uptime_store import uptime_report
-
-Conn = psycopg.Connection[Any]
+from shouhu.db import DictConn
 
 WIDTH, HEIGHT, PAD = 640, 200, 32
 
@@ -74,7 +70,7 @@ def svg_chart(series: list[tuple[date, float | None]], *, title: str) -> str:
 
 
 def area_ratios(
-    conn: Conn, scope: list[str] | None, since: datetime, until: datetime, zone: ZoneInfo
+    conn: DictConn, scope: list[str] | None, since: datetime, until: datetime, zone: ZoneInfo
 ) -> dict[str, float | None]:
     """Each area's time-weighted online ratio over [since, until) (cameras in it and below)."""
     if until <= since:
@@ -85,7 +81,7 @@ def area_ratios(
 
 
 def daily_ratios(
-    conn: Conn, scope: list[str] | None, start: date, end: date, zone: ZoneInfo, now: datetime
+    conn: DictConn, scope: list[str] | None, start: date, end: date, zone: ZoneInfo, now: datetime
 ) -> list[tuple[date, float | None]]:
     """The online ratio of every camera in scope together, day by local day (inclusive)."""
     window = Span(local_midnight(start, zone), local_midnight(end + timedelta(days=1), zone))

@@ -57,10 +57,10 @@ from alerts.timeline import add_event
 from api.deps import ConnDep, Now, SettingsDep, tuple_rows
 from api.limits import storable_text
 from devices.kinds import Channel
+from shouhu.db import Conn
 
 log = logging.getLogger(__name__)
 
-Conn = psycopg.Connection[tuple[Any, ...]]
 T = TypeVar("T")
 
 # The Twilio number's inbound-SMS webhook ("A message comes in"), set on the number.

@@ -20,7 +20,6 @@ from importlib import resources
 
 import psycopg
 
-from devices import uptime_store
 from shouhu import timeseries
 from shouhu.settings import DEFAULT_TIMEZONE
 
@@ -30,9 +29,12 @@ MIGRATION_LOCK_KEY = 0x5348_4F55_4855_0001
 
 @dataclass(frozen=True, slots=True)
 class MigrationContext:
+    """What the steps may depend on beyond the database: given by the caller (the
+    settings of the ``shouhu`` verb that migrates), never read from the environment."""
+
     retention_days: int
     now: datetime
-    # SHOUHU_TIMEZONE: the day boundaries of migration 11's continuous aggregate.
+    # SHOUHU_TIMEZONE: the local day the health samples' daily aggregate buckets by.
     timezone: str = DEFAULT_TIMEZONE
 
 
@@ -57,8 +59,12 @@ def _create_series_tables(conn: psycopg.Connection, context: MigrationContext) -
     conn.execute("INSERT INTO shouhu_meta (key, value) VALUES ('storage_mode', %s)", (mode.value,))
 
 
-def _create_uptime_views(conn: psycopg.Connection, context: MigrationContext) -> None:
-    uptime_store.create_timescaledb_views(conn, context.timezone)
+def _create_health_daily(conn: psycopg.Connection, context: MigrationContext) -> None:
+    """The health samples' continuous aggregate, on the TimescaleDB path only."""
+    if storage_mode(conn) is not timeseries.StorageMode.TIMESCALEDB:
+        return
+    for statement in timeseries.health_daily_statements(context.timezone):
+        conn.execute(statement.encode())
 
 
 MIGRATIONS: tuple[Migration, ...] = (
@@ -72,7 +78,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "care: visit tasks, work orders, battery notices, maintenance, quiet hours", sql_file="0008_care.sql"),
     Migration(9, "an index for the incident list", sql_file="0009_incident_list.sql"),
     # 10 was reserved for work that needed no migration; the runner does not need versions contiguous.
-    Migration(11, "camera uptime", sql_file="0011_uptime.sql", apply=_create_uptime_views),
+    Migration(11, "camera uptime", sql_file="0011_uptime.sql", apply=_create_health_daily),
     Migration(12, "live feed outbox and console sessions", sql_file="0012_events.sql"),
     # 13 is left free for parallel work on issue 13; versions need not be contiguous.
     Migration(14, "attempt leases: send outside any lock", sql_file="0014_attempt_leases.sql"),

@@ -8,13 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from datetime import datetime
-from typing import Any
-
-import psycopg
 
 from devices.kinds import AreaLevel, DeviceKind
-
-Conn = psycopg.Connection[Any]
+from shouhu.db import Conn
 
 
 def add_area(

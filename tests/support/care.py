@@ -6,16 +6,13 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-import psycopg
-
 from alerts.acknowledge import Actor
 from alerts.care_sweep import CareReport, CareRules, sweep
 from devices.kinds import DeviceKind
 from hub.liveness import LivenessDefaults, record_sightings
 from hub.sightings import Sighting
+from shouhu.db import Conn
 from tests.support.escalation import ZONE
-
-Conn = psycopg.Connection[tuple[Any, ...]]
 
 # Tuesday 10:00 in Asia/Shanghai: day shifts are on.
 T0 = datetime(2026, 11, 24, 10, 0, tzinfo=ZONE).astimezone(UTC)

@@ -1,0 +1,380 @@
+"""The ``shouhu`` command line: every verb of docs/contract.md, parsed by typer.
+
+A verb whose issue has not landed says so and exits with status 3; it never
+pretends to run. The wiring is in :mod:`launch.wiring`, the demo in
+:mod:`launch.demo`, what the verbs print in :mod:`launch.output`.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import threading
+from contextlib import ExitStack
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from launch.demo import (
+    DEMO_ACCOUNT_SID,
+    DEMO_AUTH_TOKEN,
+    DEMO_COUNTY,
+    DEMO_FROM,
+    DEMO_WEBHOOK_SECRET,
+    PhoneNetwork,
+    demo_press,
+    demo_providers,
+    demo_twilio_credentials,
+    is_local,
+    simulated_phone_network,
+)
+from launch.output import NOT_LANDED_EXIT, api_address, fail, not_landed
+from launch.wiring import (
+    EXIT_HUB_FAILED,
+    care_sweeper,
+    database_url,
+    join_all,
+    listen,
+    load_registry_file,
+    load_settings,
+    make_hub,
+    make_router,
+    mqtt_url,
+    resolve_broker,
+    run_hub_or_exit,
+    run_migrations,
+    run_until_signal,
+    serve_api,
+    start_thread,
+)
+
+__all__ = ["DEMO_ACCOUNT_SID", "DEMO_AUTH_TOKEN", "DEMO_FROM", "EXIT_HUB_FAILED", "NOT_LANDED_EXIT", "app"]
+
+# Plain help: typer's rich help prints a "<bool>" type column beside every flag.
+app = typer.Typer(
+    name="shouhu",
+    help="Shouhu (守护): elder-care and safety monitoring hub.",
+    no_args_is_help=True,
+    add_completion=False,
+    rich_markup_mode=None,
+)
+registry_app = typer.Typer(
+    help="The registry of areas, people and devices.", no_args_is_help=True, rich_markup_mode=None
+)
+token_app = typer.Typer(help="API bearer tokens.", no_args_is_help=True, rich_markup_mode=None)
+simulate_app = typer.Typer(
+    help="Simulated wristbands, cameras, phone network and emergency platform.",
+    no_args_is_help=True,
+    rich_markup_mode=None,
+)
+app.add_typer(registry_app, name="registry")
+app.add_typer(token_app, name="token")
+app.add_typer(simulate_app, name="simulate")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from shouhu import __version__
+
+        typer.echo(f"shouhu {__version__}")
+        raise typer.Exit
+
+
+@app.callback()
+def _main(
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit.")
+    ] = False,
+) -> None:
+    """Shouhu (守护): elder-care and safety monitoring hub."""
+
+
+@app.command()
+def migrate() -> None:
+    """Create or upgrade the schema (and make time partitions ahead)."""
+    settings = load_settings()
+    run_migrations(database_url(settings), settings)
+
+
+@registry_app.command("load")
+def registry_load(
+    file: Annotated[Path, typer.Argument(help="Registry YAML file", exists=False)],
+) -> None:
+    """Load the registry from YAML: upsert, deactivate what is missing, report gaps."""
+    settings = load_settings()
+    load_registry_file(database_url(settings), file)
+
+
+@token_app.command("create")
+def token_create(
+    role: Annotated[str, typer.Option(help="admin, operator, grid_worker, technician or platform")],
+    area: Annotated[list[str] | None, typer.Option(help="Bind to an area and its descendants (repeatable)")] = None,
+    label: Annotated[str, typer.Option(help="Who or what the token is for")] = "",
+    expires_days: Annotated[int, typer.Option(min=1, help="Days until the token expires")] = 365,
+) -> None:
+    """Print a new API bearer token (stored hashed; shown once)."""
+    from shouhu.db import connect
+    from shouhu.tokens import Role, create_token
+
+    try:
+        parsed_role = Role(role)
+    except ValueError:
+        fail(f"--role: {role!r} is not one of {', '.join(r.value for r in Role)}", 2)
+    settings = load_settings()
+    now = datetime.now(UTC)
+    with connect(database_url(settings)) as conn:
+        try:
+            secret = create_token(
+                conn,
+                role=parsed_role,
+                areas=list(area or []),
+                label=label,
+                now=now,
+                expires_at=now + timedelta(days=expires_days),
+            )
+        except ValueError as exc:
+            fail(f"--area: {exc}", 2)
+        conn.commit()
+    typer.echo(secret)
+
+
+@app.command()
+def api() -> None:
+    """Serve the HTTP API, health checks and metrics."""
+    settings = load_settings()
+    url = database_url(settings)
+    sock = listen(settings.api_host, settings.api_port, "SHOUHU_API_PORT")
+    typer.echo(f"API: {api_address(settings)}")
+    serve_api(url, settings, sock)
+
+
+@app.command()
+def hub(
+    leave: Annotated[
+        bool,
+        typer.Option(
+            "--leave",
+            help="On stop, give up this hub's broker sessions and telemetry shares for good (scaling down); "
+            "without it a stop keeps them and the broker holds messages for the hub's return.",
+        ),
+    ] = False,
+) -> None:
+    """Bridge MQTT into the database (SOS and falls open incidents)."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_settings()
+    worker = make_hub(
+        settings, database_url(settings), mqtt_url(settings), metrics_port=settings.metrics_port, leave=leave
+    )
+    run_until_signal(worker.stop)
+    run_hub_or_exit(worker)
+
+
+@app.command()
+def router() -> None:
+    """Run escalation steps as they fall due and send their notifications."""
+    from shouhu.health_server import PortInUse, start_health_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_settings()
+    url = database_url(settings)
+    worker = make_router(settings, url)
+    care = care_sweeper(settings, url)
+    from alerts.router import DEFAULT_SENDERS
+
+    care_thread: threading.Thread | None = None
+    try:
+        # Healthy only while both run: a care sweeper that died would leave visits unopened.
+        start_health_server(
+            settings.metrics_port,
+            lambda: not worker.stopping.is_set() and care_thread is not None and care_thread.is_alive(),
+        )
+    except PortInUse as exc:
+        fail(str(exc), 2)
+    care_thread = start_thread(care.run, "care")
+
+    def stop() -> None:
+        care.stop()
+        worker.stop()
+
+    run_until_signal(stop)
+    worker.run(senders=DEFAULT_SENDERS)
+    care.stop()
+    care_thread.join(15)
+
+
+@simulate_app.command("wristbands")
+def simulate_wristbands(
+    press: Annotated[list[str] | None, typer.Option(help="Press SOS on this wristband (repeatable)")] = None,
+    cancel: Annotated[list[str] | None, typer.Option(help="Send an SOS cancel from this wristband")] = None,
+    fall: Annotated[list[str] | None, typer.Option(help="Report a fall from this wristband")] = None,
+    receipt_timeout: Annotated[
+        float, typer.Option(help="Seconds to wait (re-sending) for the hub's receipt of each alarm")
+    ] = 30.0,
+) -> None:
+    """Simulated wristbands: SOS presses, cancels and falls, each re-sent until the hub's
+    receipt comes back (telemetry fleets: issue #5)."""
+    from simulators.wristband import Wristband
+
+    settings = load_settings()
+    if not (press or cancel or fall):
+        not_landed("simulate wristbands", 5, "the telemetry fleet (without --press, --cancel or --fall)")
+    url = mqtt_url(settings)
+    sends = [
+        *((d, "sos", "press", "SOS press") for d in press or []),
+        *((d, "sos", "cancel", "SOS cancel") for d in cancel or []),
+        *((d, "fall", None, "fall") for d in fall or []),
+    ]
+    unanswered = 0
+    for device_id, channel, action, label in sends:
+        band = Wristband(url, device_id)
+        try:
+            msg_id = band.alarm(channel, action=action)
+            typer.echo(f"{device_id}: {label} {msg_id}")
+            receipt = band.wait_for_receipt(msg_id, timeout=receipt_timeout)
+        finally:
+            band.close()
+        if receipt is None:
+            unanswered += 1
+            typer.secho(f"{device_id}: no receipt within {receipt_timeout:.0f}s (is `shouhu hub` running?)", err=True)
+        else:
+            typer.echo(f"{device_id}: receipt: incident {receipt.get('incident')} ({receipt.get('state')})")
+    if unanswered:
+        raise typer.Exit(1)
+
+
+@simulate_app.command("cameras")
+def simulate_cameras() -> None:
+    """Simulated cameras: health reports, outages."""
+    not_landed("simulate cameras", 5, "the camera fleet")
+
+
+@simulate_app.command("phone-network")
+def simulate_phone_network(
+    port: Annotated[int, typer.Option(help="Port to listen on (127.0.0.1)")] = 8100,
+) -> None:
+    """A Twilio-compatible phone network that records calls and messages."""
+    from simulators.phone_network import serve_phone_network
+
+    settings = load_settings()
+    sid, token = demo_twilio_credentials(settings)
+    typer.echo(f"phone network: http://127.0.0.1:{port}; it accepts only these credentials — point Shouhu at it with")
+    typer.echo(f"  SHOUHU_TWILIO_API_BASE=http://127.0.0.1:{port}")
+    typer.echo(f"  SHOUHU_TWILIO_ACCOUNT_SID={sid}")
+    # Never echo a token the user set (it may be a real Twilio one): only the demo's.
+    shown = token if token == DEMO_AUTH_TOKEN else "<the SHOUHU_TWILIO_AUTH_TOKEN set here>"
+    typer.echo(f"  SHOUHU_TWILIO_AUTH_TOKEN={shown}")
+    typer.echo(f"  SHOUHU_TWILIO_FROM={settings.twilio_from or DEMO_FROM}")
+    serve_phone_network("127.0.0.1", port, sid, token)
+
+
+@simulate_app.command("emergency-platform")
+def simulate_emergency_platform(
+    port: Annotated[int, typer.Option(help="Port to listen on (127.0.0.1)")] = 8200,
+    dispatch_token: Annotated[
+        str, typer.Option(help="A platform-role token: a dispatcher acknowledges every alert through the API")
+    ] = "",
+) -> None:
+    """An emergency call platform that verifies and records signed CAP alerts."""
+    import uvicorn
+
+    from simulators.emergency_platform import Dispatcher, create_emergency_platform
+
+    settings = load_settings()
+    secret = settings.emergency_webhook_secret or DEMO_WEBHOOK_SECRET
+    dispatcher = Dispatcher(settings.public_url, dispatch_token) if dispatch_token else None
+    typer.echo(f"emergency platform: http://127.0.0.1:{port}/cap (set SHOUHU_EMERGENCY_WEBHOOK_URL to this)")
+    if dispatcher is not None:
+        typer.echo(f"a dispatcher acknowledges every alert through {settings.public_url}")
+    uvicorn.run(create_emergency_platform(secret, dispatcher=dispatcher), host="127.0.0.1", port=port)
+
+
+@app.command()
+def up(
+    demo: Annotated[
+        bool, typer.Option("--demo", help="Also load the demo county, simulate a phone network and press SOS")
+    ] = False,
+    data_dir: Annotated[
+        Path | None, typer.Option(help="Where the embedded database keeps its data (default: SHOUHU_DATA_DIR)")
+    ] = None,
+    phone_network: Annotated[
+        PhoneNetwork,
+        typer.Option(
+            case_sensitive=False,
+            help="twilio: page through SHOUHU_TWILIO_*; simulate: a local simulated phone network that prints"
+            " every call and SMS (a staging county; --demo always simulates)",
+        ),
+    ] = PhoneNetwork.TWILIO,
+    port: Annotated[
+        int | None,
+        typer.Option(min=1, max=65535, metavar="PORT", help="The API's port (default: SHOUHU_API_PORT, 8000)"),
+    ] = None,
+) -> None:
+    """Run everything in one process tree, with embedded defaults where nothing is configured."""
+    from shouhu.embedded.defaults import default_data_dir, start_embedded_database
+
+    logging.basicConfig(level=logging.WARNING, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_settings()
+    if port is not None:
+        update: dict[str, object] = {"api_port": port}
+        # A local callback address follows the API (a public one is the operator's to set).
+        if is_local(settings.public_url):
+            update["public_url"] = f"http://127.0.0.1:{port}"
+        settings = settings.model_copy(update=update)
+    # The API's port first: taken, it fails here in one line, before anything starts.
+    api_socket = listen(settings.api_host, settings.api_port, "--port or SHOUHU_API_PORT")
+    with ExitStack() as stack:
+        stack.callback(api_socket.close)
+        if demo:
+            settings = demo_providers(settings, stack)
+        elif phone_network is PhoneNetwork.SIMULATE:
+            settings = simulated_phone_network(settings, stack)
+        if data_dir is not None and not settings.data_dir:
+            # --data-dir also holds the hub's alarm spool (SHOUHU_SPOOL_DIR's default).
+            settings = settings.model_copy(update={"data_dir": str(data_dir.resolve())})
+        url = settings.database_url
+        if not url:
+            directory = (data_dir or default_data_dir(settings.data_dir)).resolve()
+            typer.echo(f"database: embedded PostgreSQL, data kept under {directory}")
+            database = start_embedded_database(directory)
+            stack.callback(database.cluster.stop)
+            url = database.url
+            typer.echo(f"database: {url}")
+        else:
+            typer.echo("database: SHOUHU_DATABASE_URL")
+        broker_url = resolve_broker(settings, stack)
+        run_migrations(url, settings)
+        if demo:
+            load_registry_file(url, DEMO_COUNTY)
+        router_worker = make_router(settings, url, exercise=demo, phone_optional=True)
+        hub_worker = make_hub(settings, url, broker_url, metrics_port=None)
+        from alerts.router import DEFAULT_SENDERS
+
+        care = care_sweeper(settings, url)
+        threads = [
+            start_thread(lambda: run_hub_or_exit(hub_worker), "hub"),
+            start_thread(lambda: router_worker.run(senders=DEFAULT_SENDERS), "router"),
+            start_thread(care.run, "care"),
+        ]
+        stack.callback(join_all, threads)
+        stack.callback(care.stop)
+        stack.callback(router_worker.stop)
+        stack.callback(hub_worker.stop)
+        if not hub_worker.ready.wait(30):
+            fail(f"the hub did not become ready: its start-up probe did not come back from {broker_url}")
+        typer.echo(f"hub: {settings.hub_id} ready on {broker_url}; router running")
+        address = api_address(settings)
+        typer.echo(f"API: {address} — /api/v1 (make a token with `shouhu token create --role operator`)")
+        typer.echo(f"consoles: {address.split(' ', 1)[0]}/console (log in with such a token)")
+        if demo:
+            demo_press(url, broker_url, settings)
+        serve_api(url, settings, api_socket)
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    sys.exit(app())

@@ -1,0 +1,182 @@
+"""The demo and the simulated providers beside ``shouhu up``: the demo county, a phone
+network and an emergency platform on local ports, and the first SOS press.
+
+A demo never reaches a real phone network or platform: a provider address that is
+not on this host is refused.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from enum import StrEnum
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+import typer
+
+from launch.output import fail
+from launch.wiring import start_thread
+from shouhu.settings import TWILIO_DEFAULT_API_BASE, Settings
+
+if TYPE_CHECKING:
+    from starlette.types import ASGIApp
+
+DEMO_COUNTY = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+DEMO_ACCOUNT_SID = "AC" + "de" * 16
+DEMO_AUTH_TOKEN = "demo-auth-token"  # noqa: S105 - only ever sent to the local simulator
+DEMO_FROM = "+12025550100"
+DEMO_WEBHOOK_SECRET = "demo-webhook-secret"  # noqa: S105 - only ever sent to the local simulator
+LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+
+
+class PhoneNetwork(StrEnum):
+    """Where ``shouhu up`` sends SMS and calls."""
+
+    TWILIO = "twilio"
+    SIMULATE = "simulate"
+
+
+def is_local(url: str) -> bool:
+    """Does ``url`` point at this host?"""
+    return (urlsplit(url).hostname or "") in LOCAL_HOSTS
+
+
+def demo_twilio_credentials(settings: Settings) -> tuple[str, str]:
+    """The account SID and token the simulator accepts: the user's, or the demo's."""
+    return (
+        settings.twilio_account_sid or DEMO_ACCOUNT_SID,
+        settings.twilio_auth_token or DEMO_AUTH_TOKEN,
+    )
+
+
+def _quiet_http_protocol() -> type[asyncio.Protocol]:
+    """uvicorn's HTTP protocol without the access log, for the simulators beside the API.
+
+    uvicorn decides per connection from the process-wide ``uvicorn.access`` logger,
+    which the API's own server turns on (``access_log=False`` in a Config is not
+    consulted), so the phone network's requests would fill the demo terminal.
+    """
+    from uvicorn.protocols.http.h11_impl import H11Protocol
+
+    class QuietH11Protocol(H11Protocol):
+        def __init__(self, *args: Any, **kwargs: Any) -> None:
+            super().__init__(*args, **kwargs)
+            self.access_log = False
+
+    return QuietH11Protocol
+
+
+def _serve_beside(app: ASGIApp, name: str, stack: ExitStack) -> int:
+    """Serve a simulator on a free 127.0.0.1 port from a thread, stopped with ``stack``; the port."""
+    import uvicorn
+
+    from shouhu.embedded.postgres import free_port
+
+    port = free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", http=_quiet_http_protocol())
+    server = uvicorn.Server(config)
+    start_thread(server.run, name)
+    stack.callback(setattr, server, "should_exit", True)
+    return port
+
+
+def _start_phone_network(settings: Settings, stack: ExitStack, sid: str, token: str) -> str:
+    """Run the phone-network simulator beside the API, stopped with ``stack``; its base URL."""
+    from simulators.phone_network import create_phone_network
+
+    network = create_phone_network(
+        sid,
+        token,
+        sms_url=f"http://127.0.0.1:{settings.api_port}/callbacks/twilio/sms",
+        number=settings.twilio_from or DEMO_FROM,
+    )
+    base = f"http://127.0.0.1:{_serve_beside(network, 'phone-network', stack)}"
+    typer.echo(f"phone network: simulated, {base} (no real phone is ever called)")
+    return base
+
+
+def simulated_phone_network(settings: Settings, stack: ExitStack) -> Settings:
+    """``--phone-network simulate`` without ``--demo``: a staging county's pages go to the
+    simulator, which prints them; every other setting stays the user's."""
+    if settings.twilio_api_base != TWILIO_DEFAULT_API_BASE:
+        typer.secho(
+            f"--phone-network simulate: SHOUHU_TWILIO_API_BASE={settings.twilio_api_base} is not used", err=True
+        )
+    sid, token = demo_twilio_credentials(settings)
+    base = _start_phone_network(settings, stack, sid, token)
+    return settings.model_copy(
+        update={
+            "twilio_api_base": base,
+            "twilio_account_sid": sid,
+            "twilio_auth_token": token,
+            "twilio_from": settings.twilio_from or DEMO_FROM,
+        }
+    )
+
+
+def demo_providers(settings: Settings, stack: ExitStack) -> Settings:
+    """Point Twilio and the emergency webhook at local simulators; refuse real providers."""
+    base = settings.twilio_api_base
+    if base != TWILIO_DEFAULT_API_BASE:
+        if not is_local(base):
+            fail(f"--demo refuses SHOUHU_TWILIO_API_BASE={base}: a demo never reaches a real phone network", 2)
+        sid, token = demo_twilio_credentials(settings)
+        typer.echo(f"phone network: {base} (yours)")
+    else:
+        sid, token = demo_twilio_credentials(settings)
+        base = _start_phone_network(settings, stack, sid, token)
+    webhook = settings.emergency_webhook_url
+    secret = settings.emergency_webhook_secret or DEMO_WEBHOOK_SECRET
+    if webhook:
+        if not is_local(webhook):
+            fail(f"--demo refuses SHOUHU_EMERGENCY_WEBHOOK_URL={webhook}: a demo never reaches a real platform", 2)
+    else:
+        from simulators.emergency_platform import create_emergency_platform
+
+        platform_port = _serve_beside(create_emergency_platform(secret), "emergency-platform", stack)
+        webhook = f"http://127.0.0.1:{platform_port}/cap"
+        typer.echo(f"emergency platform: simulated, {webhook} (CAP status Exercise)")
+    # The simulators call back the API they run beside: keypresses, SMS replies, statuses.
+    public_url = settings.public_url
+    if is_local(public_url):
+        public_url = f"http://127.0.0.1:{settings.api_port}"
+    return settings.model_copy(
+        update={
+            "public_url": public_url,
+            "emergency_webhook_url": webhook,
+            "emergency_webhook_secret": secret,
+            "twilio_api_base": base,
+            "twilio_account_sid": sid,
+            "twilio_auth_token": token,
+            "twilio_from": settings.twilio_from or DEMO_FROM,
+        }
+    )
+
+
+def demo_press(url: str, broker_url: str, settings: Settings) -> None:
+    """Press SOS on a wristband whose grid has a grid worker on duty now."""
+    from alerts.recipients import duty_chain
+    from devices.registry import active_wristbands
+    from shouhu.db import connect
+    from simulators.wristband import publish_alarm
+
+    with connect(url) as conn:
+        now = datetime.now(UTC)
+        candidates = [(band, duty_chain(conn, band.grid_id, now, settings.zone)) for band in active_wristbands(conn)]
+    # Prefer a grid whose own grid worker is on duty now, so the demo rings a 网格员.
+    band, people = next(
+        ((band, people) for band, people in candidates if people and people[0].area_id == band.grid_id),
+        candidates[0],
+    )
+    who = ", ".join(f"{p.name} {p.phone}" for p in people) or "nobody"
+    typer.echo(
+        f"demo: {band.resident_name}'s wristband {band.device_id} (grid {band.grid_id}) presses SOS; on duty: {who}"
+    )
+    publish_alarm(broker_url, band.device_id, "sos", action="press")
+    typer.echo(
+        "demo: press again with `shouhu simulate wristbands --press <id>` or "
+        f"mosquitto_pub -q 1 -t shouhu/v1/wristband/<id>/sos -m '{{...}}' on {broker_url}"
+    )

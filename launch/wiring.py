@@ -1,0 +1,257 @@
+"""Wiring the packages into processes: settings, the database and broker to use, the
+hub, the router, the care sweeper and the API, and the threads and signals that run
+and stop them."""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import signal
+import socket
+import subprocess
+import sys
+import threading
+from collections.abc import Callable
+from contextlib import ExitStack
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import typer
+from pydantic import ValidationError
+
+from launch.output import fail, report_migrations, report_registry
+from shouhu.settings import Settings
+
+if TYPE_CHECKING:
+    from alerts.care_sweep import CareSweeper
+    from alerts.router import Router
+    from hub.service import Hub
+
+# The hub ended because a lane or connection broke (EX_SOFTWARE): restart it.
+EXIT_HUB_FAILED = 70
+TWILIO_SETTINGS = "SHOUHU_TWILIO_ACCOUNT_SID, SHOUHU_TWILIO_AUTH_TOKEN and SHOUHU_TWILIO_FROM"
+
+
+def load_settings() -> Settings:
+    """The settings from the environment, or a one-line failure per bad one (exit 2)."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        lines = [f"  SHOUHU_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors() if e["loc"]]
+        fail("invalid configuration:\n" + "\n".join(lines), 2)
+
+
+def database_url(settings: Settings) -> str:
+    """The configured database, or the embedded one a running ``shouhu up`` recorded."""
+    if settings.database_url:
+        return settings.database_url
+    from shouhu.embedded.defaults import default_data_dir, recorded_database_url
+
+    url = recorded_database_url(default_data_dir(settings.data_dir))
+    if url is None:
+        fail(
+            "no database: set SHOUHU_DATABASE_URL, or start `shouhu up` to run the embedded one",
+            2,
+        )
+    return url
+
+
+def mqtt_url(settings: Settings) -> str:
+    """The configured broker, or the embedded one's address."""
+    if settings.mqtt_url:
+        return settings.mqtt_url
+    from shouhu.embedded.broker import DEFAULT_PORT
+
+    return f"mqtt://127.0.0.1:{DEFAULT_PORT}"
+
+
+def _in_use_message(exc: OSError, host: str, port: int, setting: str) -> str:
+    """Why ``host:port`` could not be listened on, and which setting moves it."""
+    if exc.errno == errno.EADDRINUSE:
+        why = f"port {port} is already in use on {host} (another process listens there: stop it"
+    elif exc.errno == errno.EACCES:
+        why = f"port {port} on {host} needs privileges this user does not have (use a port above 1023"
+    else:
+        why = f"cannot listen on {host}:{port}: {exc.strerror or exc} (check SHOUHU_API_HOST"
+    return f"{why}, or choose another port with {setting})"
+
+
+def listen(host: str, port: int, setting: str) -> socket.socket:
+    """A listening socket on ``host:port``, or a one-line failure (exit 2) naming the setting."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        return socket.create_server((host, port), family=family, backlog=2048)
+    except OSError as exc:
+        fail(_in_use_message(exc, host, port, setting), 2)
+
+
+def run_migrations(url: str, settings: Settings) -> None:
+    """Migrate the schema and print what was done; a refused migration exits 1."""
+    from shouhu.migrations import MigrationContext, MigrationError, migrate
+
+    try:
+        report = migrate(url, MigrationContext(settings.retention_days, datetime.now(UTC), settings.timezone))
+    except MigrationError as exc:
+        fail(f"migration refused: {exc}")
+    report_migrations(report)
+
+
+def load_registry_file(url: str, path: Path) -> None:
+    """Load the registry YAML at ``path`` and print the report; a bad file loads nothing."""
+    from devices.registry import load_registry
+    from devices.registry_file import RegistryFileError, parse_registry
+    from shouhu.db import connect
+
+    try:
+        registry = parse_registry(path)
+    except RegistryFileError as exc:
+        fail(f"{path}: nothing loaded; {len(exc.problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in exc.problems))
+    with connect(url) as conn:
+        report = load_registry(conn, registry)
+    report_registry(path, report)
+
+
+def serve_api(url: str, settings: Settings, sock: socket.socket | None = None) -> None:
+    """Serve the API on ``SHOUHU_API_HOST``:``SHOUHU_API_PORT`` (``sock`` if already bound)."""
+    import uvicorn
+
+    from api.main import create_app
+
+    # Bound here, not by uvicorn: a port in use is one line naming the setting, not a traceback.
+    sock = sock or listen(settings.api_host, settings.api_port, "SHOUHU_API_PORT")
+    config = uvicorn.Config(
+        create_app(settings.model_copy(update={"database_url": url})),
+        host=settings.api_host,
+        port=settings.api_port,
+        log_level="info",
+    )
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def make_hub(settings: Settings, url: str, broker_url: str, *, metrics_port: int | None, leave: bool = False) -> Hub:
+    from hub.service import build_hub
+
+    # The hub owns its upkeep: it ticks it and closes it when run() ends.
+    hub_worker, _upkeep = build_hub(settings, url, broker_url, metrics_port=metrics_port, leave=leave)
+    return hub_worker
+
+
+def run_hub_or_exit(worker: Hub) -> None:
+    """Run the hub; if a lane or connection broke, end the whole process non-zero so its
+    supervisor restarts it (the broker redelivers whatever was not acknowledged)."""
+    from hub.service import LaneFailed
+    from shouhu.health_server import PortInUse
+
+    try:
+        worker.run()
+    except PortInUse as exc:
+        fail(str(exc), 2)
+    except LaneFailed as exc:
+        logging.getLogger("shouhu.hub").critical("hub failed: %s; exiting", exc)
+        sys.stderr.flush()
+        os._exit(EXIT_HUB_FAILED)
+
+
+def make_router(settings: Settings, url: str, *, exercise: bool = False, phone_optional: bool = False) -> Router:
+    """The escalation worker with its notifiers.
+
+    ``phone_optional`` (``shouhu up``): with no Twilio settings it runs on the consoles
+    and the emergency platform alone, and says so loudly; ``shouhu router`` refuses to.
+    """
+    from alerts.notifiers.base import Notifier
+    from alerts.notifiers.console import ConsoleNotifier
+    from alerts.notifiers.twilio import TwilioNotifier
+    from alerts.notifiers.webhook import WebhookNotifier
+    from alerts.router import Router, RouterConfig
+    from devices.kinds import Channel
+
+    notifiers: dict[Channel, Notifier] = {Channel.CONSOLE: ConsoleNotifier()}
+    if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from:
+        twilio = TwilioNotifier.from_settings(settings)
+        notifiers |= {Channel.SMS: twilio, Channel.VOICE: twilio}
+    elif phone_optional:
+        typer.secho(
+            "NO PHONE PROVIDER: no SMS and no voice call will go out; SOS pages reach only the consoles"
+            " and the emergency platform.\n"
+            f"  To page by phone set {TWILIO_SETTINGS}; to try Shouhu with a simulated phone network,"
+            " run `shouhu up --demo`.",
+            fg=typer.colors.RED,
+            bold=True,
+            err=True,
+        )
+    else:
+        fail(f"{TWILIO_SETTINGS} must be set: without them the router cannot page anyone by phone", 2)
+    platform = None
+    if settings.emergency_webhook_url:
+        try:
+            platform = WebhookNotifier.from_settings(settings, exercise=exercise)
+        except ValueError as exc:
+            fail(str(exc), 2)
+    else:
+        typer.secho(
+            "SHOUHU_EMERGENCY_WEBHOOK_URL is not set: the emergency-platform step will record no_recipients",
+            fg=typer.colors.YELLOW,
+            err=True,
+        )
+    return Router(
+        url,
+        RouterConfig(router_id=f"router-{settings.hub_id}", zone=settings.zone),
+        notifiers,
+        platform=platform,
+        exercise=exercise,
+    )
+
+
+def care_sweeper(settings: Settings, url: str) -> CareSweeper:
+    """Visits, repairs and battery notices run beside the router (one leader across routers)."""
+    from alerts.care_sweep import CareRules, CareSweeper
+
+    return CareSweeper(url, CareRules.from_settings(settings))
+
+
+def run_until_signal(stop: Callable[[], None]) -> None:
+    """Call ``stop`` on SIGTERM or SIGINT."""
+
+    def handler(_signum: int, _frame: object) -> None:
+        stop()
+
+    signal.signal(signal.SIGTERM, handler)
+    signal.signal(signal.SIGINT, handler)
+
+
+def resolve_broker(settings: Settings, stack: ExitStack) -> str:
+    """The configured broker, one already on the embedded port, or an embedded one
+    started now and stopped with ``stack``."""
+    if settings.mqtt_url:
+        return settings.mqtt_url
+    from shouhu.embedded.broker import DEFAULT_PORT, ensure_local_broker
+
+    process = ensure_local_broker(DEFAULT_PORT)
+    if process is None:
+        typer.echo(f"MQTT: using the broker already listening on 127.0.0.1:{DEFAULT_PORT}")
+    else:
+        stack.callback(stop_process, process)
+        typer.echo(f"MQTT: embedded broker (amqtt, MQTT 3.1.1) on 127.0.0.1:{DEFAULT_PORT}")
+    return f"mqtt://127.0.0.1:{DEFAULT_PORT}"
+
+
+def stop_process(process: subprocess.Popen[bytes]) -> None:
+    if process.poll() is None:
+        process.send_signal(signal.SIGTERM)
+        try:
+            process.wait(10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+
+
+def start_thread(target: Callable[[], None], name: str) -> threading.Thread:
+    thread = threading.Thread(target=target, name=name, daemon=True)
+    thread.start()
+    return thread
+
+
+def join_all(threads: list[threading.Thread]) -> None:
+    for thread in threads:
+        thread.join(10)
