@@ -47,6 +47,7 @@ from api.routes import (
 from shouhu.db import open_pool
 from shouhu.migrations import MIGRATIONS
 from shouhu.sessions import prune_sessions
+from shouhu.settings import DEFAULT_RESOLVE_TIMEOUT_S
 
 logger = logging.getLogger(__name__)
 
@@ -208,7 +209,7 @@ async def _upkeep(app: FastAPI) -> None:
 def create_app(
     database_url: str,
     *,
-    resolve_timeout_s: int = 1800,
+    resolve_timeout_s: int = DEFAULT_RESOLVE_TIMEOUT_S,
     public_url: str = "http://127.0.0.1:8000",
     twilio_auth_token: str = "",
     events_heartbeat_s: float = live.HEARTBEAT_S,

@@ -18,6 +18,9 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 TWILIO_DEFAULT_API_BASE = "https://api.twilio.com"
 
 PositiveSeconds = Annotated[int, Field(gt=0)]
+# Acknowledged but not resolved this long: the incident goes back on the chain. The one
+# default; everything else takes ``Settings.resolve_timeout_s``.
+DEFAULT_RESOLVE_TIMEOUT_S = 1800
 
 
 def _default_hub_id() -> str:
@@ -56,7 +59,7 @@ class Settings(BaseSettings):
     emergency_webhook_url: str = ""
     emergency_webhook_secret: str = ""
     ack_timeout_s: PositiveSeconds = 120
-    resolve_timeout_s: PositiveSeconds = 1800
+    resolve_timeout_s: PositiveSeconds = DEFAULT_RESOLVE_TIMEOUT_S
     cancel_window_s: PositiveSeconds = 30
     heartbeat_interval_s: PositiveSeconds = 60
     heartbeat_misses: Annotated[int, Field(ge=1)] = 3

@@ -44,6 +44,7 @@ from api.routes.incidents import may_see_incident, visible_kinds
 from api.routes.sessions import SessionCreate, create_session, delete_session
 from api.routes.tasks import TASK_KINDS_OF_ROLE, may_see_task
 from devices.kinds import REPAIR_OUTCOMES, VISIT_OUTCOMES, Outcome, TaskKind, TaskOutcome
+from shouhu.settings import DEFAULT_RESOLVE_TIMEOUT_S
 from shouhu.tokens import Role, TokenIdentity
 
 HERE = Path(__file__).resolve().parent
@@ -296,7 +297,7 @@ def _act(
 
 @router.post("/incidents/{incident_id}/ack")
 def acknowledge_from_console(request: Request, conn: ConnDep, token: Viewer, now: Now, incident_id: int) -> Response:
-    timeout = getattr(request.app.state, "resolve_timeout_s", 1800)
+    timeout = getattr(request.app.state, "resolve_timeout_s", DEFAULT_RESOLVE_TIMEOUT_S)
     return _act(
         request,
         conn,

@@ -26,13 +26,13 @@ from api.deps import (
 )
 from api.routes.incidents import may_see_incident
 from devices.kinds import IncidentState, Outcome
+from shouhu.settings import DEFAULT_RESOLVE_TIMEOUT_S
 from shouhu.tokens import Role
 
 router = APIRouter(prefix=f"{API_PREFIX}/incidents", tags=["incidents"])
 
 # Who may take or close an incident: not a technician (cameras only) for red ones.
 ACKNOWLEDGERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM})
-DEFAULT_RESOLVE_TIMEOUT_S = 1800
 
 
 class AcknowledgeBody(BaseModel):
