@@ -22,6 +22,7 @@ from alerts.policy import default_unregistered_policy, resolve_policy
 from alerts.states import OPEN_SQL, IncidentState
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import IncidentKind, Severity
+from shouhu.settings import DEFAULT_CANCEL_WINDOW_S
 
 Conn = psycopg.Connection[tuple[Any, ...]]
 
@@ -146,7 +147,7 @@ def _join(conn: Conn, alarm: Alarm, resident_id: str | None) -> tuple[int, Incid
 
 
 def record_alarm(
-    conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str, cancel_window_s: int = 30
+    conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str, cancel_window_s: int = DEFAULT_CANCEL_WINDOW_S
 ) -> AlarmOutcome:
     """Store one alarm: ledger, then open or join the red incident, then its first step.
 

@@ -62,6 +62,7 @@ from devices.kinds import Channel, EscalationTarget, IncidentKind
 from hub.batch import SightingSink
 from hub.ingest import IngestConfig, store_message
 from hub.mqtt import Received
+from shouhu.settings import DEFAULT_ACK_TIMEOUT_S
 
 if TYPE_CHECKING:
     from shouhu.settings import Settings
@@ -174,7 +175,7 @@ class RosterSnapshot:
     county_name: str
 
     @classmethod
-    def read(cls, conn: Conn, now: datetime, *, ack_timeout_s: int = 120) -> RosterSnapshot:
+    def read(cls, conn: Conn, now: datetime, *, ack_timeout_s: int = DEFAULT_ACK_TIMEOUT_S) -> RosterSnapshot:
         """Read the registry: wristbands and residents, areas, shifts, operators, guardians, policies."""
         wristbands = {
             str(device_id): Wristband(str(resident_id), str(name), str(address), str(phone or ""), str(grid_id))
@@ -573,7 +574,7 @@ class Spool:
         zone: ZoneInfo,
         clock: Clock = utc_now,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
-        ack_timeout_s: int = 120,
+        ack_timeout_s: int = DEFAULT_ACK_TIMEOUT_S,
     ) -> None:
         self.directory = directory
         self.notifier = notifier

@@ -53,7 +53,7 @@ from alerts.notifiers.twilio import (
     voice_twiml,
 )
 from alerts.retry import after_failure
-from alerts.states import AttemptState
+from alerts.states import AttemptState, IncidentState
 from alerts.timeline import add_event
 from api.deps import ConnDep, Now, tuple_rows
 from devices.kinds import Channel
@@ -150,7 +150,7 @@ def _answer(conn: Conn, incident_id: int, actor: Actor, going: bool, result: Res
     ).fetchone()
     assert row is not None
     state, taken_by, taken_by_name = row
-    if state == "acknowledged":
+    if state == IncidentState.ACKNOWLEDGED:
         return "此事件已由您接单。" if taken_by == actor.key else f"此事件已由{taken_by_name}接单，无需前往。"
     return CLOSED
 
