@@ -32,7 +32,6 @@ from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
 from alerts.attempts import NewPage, queue_pages
-from alerts.locks import lock_incident
 from alerts.policy import PolicySnapshot
 from alerts.recipients import Recipient, Rosters
 from alerts.states import ACTIVE, OPEN_SQL, ActionKind, ActionState, IncidentState
@@ -636,7 +635,6 @@ __all__ = [
     "claim_due",
     "decide",
     "first_step_id",
-    "lock_incident",
     "next_round",
     "run_due",
     "schedule_first_step",
