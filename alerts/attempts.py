@@ -127,19 +127,20 @@ def claim(
 ) -> list[Lease]:
     """Lease up to ``limit`` due attempts of ``channels`` for ``worker``, oldest first; in the caller's transaction.
 
-    An incident's very first pages go before everything else, each query served by a
-    partial index. Commit before sending: the lease is what other senders see.
+    An incident's very first pages go before everything else, and among them first
+    those of incidents no provider has been asked about yet: in a mass event every
+    incident gets one call or SMS out before any gets its second channel. Each query is
+    served by a partial index. Commit before sending: the lease is what other senders see.
     """
     taken: list[tuple[Any, ...]] = []
-    for extra in (_FIRST_PAGES, "") if not first_pages_only else (_FIRST_PAGES,):
+    tiers = (_UNPAGED_FIRST_PAGES, _FIRST_PAGES) if first_pages_only else (_UNPAGED_FIRST_PAGES, _FIRST_PAGES, "")
+    for extra in tiers:
         taken = conn.execute(
-            _CLAIM.format(extra=extra),
+            _CLAIM.format(extra=extra, pending=AttemptState.PENDING),
             {
                 "channels": [c.value for c in channels],
                 "now": now,
                 "limit": limit,
-                "pending": AttemptState.PENDING,
-                "page": AttemptPurpose.PAGE,
             },
         ).fetchall()
         if taken:
@@ -186,20 +187,39 @@ def claim(
             " sends = sends + 1, body = %s, updated_at = %s WHERE id = %s",
             (token, now + timedelta(seconds=lease_s), body, now, attempt_id),
         )
+        if extra == _UNPAGED_FIRST_PAGES and channel in (Channel.VOICE.value, Channel.SMS.value):
+            conn.execute(_BEHIND_SIBLING, {"incident": incident_id, "leased": attempt_id})
         leases.append(Lease(int(attempt_id), int(incident_id), token, int(sends) + 1))
     return leases
 
 
+# State and purpose are written out (from the enums), not passed as parameters: each
+# claim must match a partial index's predicate, which a parameter cannot prove.
 _CLAIM = """
     SELECT a.id, a.incident_id, a.purpose, a.sends, a.body, a.channel FROM notification_attempts a
-    WHERE a.state = %(pending)s AND a.channel = ANY(%(channels)s) AND (a.not_before IS NULL OR a.not_before <= %(now)s)
+    WHERE a.state = '{pending}' AND a.channel = ANY(%(channels)s) AND (a.not_before IS NULL OR a.not_before <= %(now)s)
       AND (a.leased_until IS NULL OR a.leased_until < %(now)s
            OR NOT EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = a.lease_pid)) {extra}
     ORDER BY a.created_at, a.id
     LIMIT %(limit)s
     FOR UPDATE OF a SKIP LOCKED
 """
-_FIRST_PAGES = "AND a.purpose = %(page)s AND a.round = 0 AND a.step = 0 AND a.attempt = 1"
+_FIRST_PAGES = f"AND a.purpose = '{AttemptPurpose.PAGE}' AND a.round = 0 AND a.step = 0 AND a.attempt = 1"
+# A first page of an incident no provider has been asked about yet (migration 15).
+_UNPAGED_FIRST_PAGES = _FIRST_PAGES + " AND NOT a.behind_sibling"
+# Leasing an incident's first call or SMS puts its other first calls and SMS behind the
+# first pages of incidents not paged at all. Rows another sender holds are skipped, not
+# waited for: two senders leasing the same incident's voice and SMS must not deadlock.
+_BEHIND_SIBLING = f"""
+    UPDATE notification_attempts SET behind_sibling = true
+    WHERE id IN (
+        SELECT b.id FROM notification_attempts b
+        WHERE b.incident_id = %(incident)s AND b.id <> %(leased)s AND b.state = '{AttemptState.PENDING}'
+          AND b.purpose = '{AttemptPurpose.PAGE}' AND b.round = 0 AND b.step = 0 AND b.attempt = 1
+          AND b.channel IN ('{Channel.VOICE}', '{Channel.SMS}') AND NOT b.behind_sibling
+        FOR UPDATE SKIP LOCKED
+    )
+"""
 
 
 def settle(

@@ -202,20 +202,15 @@ def claim_due(conn: Conn, now: datetime, limit: int) -> list[DueAction]:
     """
     cursor = conn.cursor(row_factory=class_row(DueAction))
     for first_steps_only in (True, False):
+        # The state written out, not a parameter: the query must match the partial index.
         rows = cursor.execute(
-            """
+            f"""
             SELECT id, incident_id, step, round, token, kind FROM escalation_actions
-            WHERE state = %(pending)s AND due_at <= %(now)s
-              AND (NOT %(first)s OR (kind = %(step)s AND step = 0 AND round = 0))
+            WHERE state = '{ActionState.PENDING}' AND due_at <= %(now)s
+              AND (NOT %(first)s OR (kind = '{ActionKind.STEP}' AND step = 0 AND round = 0))
             ORDER BY due_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
             """,
-            {
-                "pending": ActionState.PENDING,
-                "step": ActionKind.STEP,
-                "now": now,
-                "first": first_steps_only,
-                "limit": limit,
-            },
+            {"now": now, "first": first_steps_only, "limit": limit},
         ).fetchall()
         if rows:
             actions: dict[int, DueAction] = {}

@@ -1,9 +1,10 @@
 """The states of incidents, escalation actions and notification attempts, defined once.
 
-Python code compares against these enums, never bare strings; SQL takes a state as
-a parameter, or a list of them from :func:`sql_in` (a fragment built from the enums,
-for the few places a literal is needed: a partial index's ``ON CONFLICT`` target must
-repeat the index's predicate word for word, which a parameter cannot).
+Python code compares against these enums, never bare strings. SQL takes a state as a
+parameter, or written out from the enum (``f"state = '{AttemptState.PENDING}'"``, or a
+list from :func:`sql_in` such as :data:`OPEN_SQL`) where the query must match a partial
+index's predicate: an ``ON CONFLICT`` target repeats it word for word, and a claim of
+due rows must be provably inside it, which a parameter is not (a generic plan).
 """
 
 from __future__ import annotations

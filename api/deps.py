@@ -1,4 +1,5 @@
-"""Request dependencies: a pooled connection, the clock, the bearer token or session cookie, the area scope.
+"""Request dependencies: the settings, a pooled connection, the clock, the bearer token or session cookie,
+the area scope.
 
 Each request's connection runs in autocommit: every statement stands alone unless a
 route opens ``conn.transaction()``, so a route fixes its own transaction boundaries
@@ -15,6 +16,7 @@ from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Annotated, Any, cast
 from urllib.parse import urlsplit
+from zoneinfo import ZoneInfo
 
 import psycopg
 from fastapi import Depends, HTTPException, Query, Request, status
@@ -25,8 +27,11 @@ from psycopg_pool import ConnectionPool
 from pydantic import AwareDatetime, BaseModel, BeforeValidator
 
 from alerts.acknowledge import Actor
+from api.access import AreaScope
+from api.live import LiveFeedListener
 from shouhu.sessions import authenticate_session
-from shouhu.tokens import Role, TokenIdentity, authenticate
+from shouhu.settings import Settings
+from shouhu.tokens import TokenIdentity, authenticate
 
 API_PREFIX = "/api/v1"
 
@@ -63,11 +68,6 @@ MAX_PAGE_SIZE = 1000
 # How long a request waits for a pooled connection before answering 503.
 CONNECTION_TIMEOUT_S = 5.0
 
-# Roles that may read a resident at all (a technician sees cameras, not residents).
-RESIDENT_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM})
-# Roles that may read health and location (PIPL sensitive personal information).
-SENSITIVE_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM})
-
 _RFC3339 = re.compile(r"^\d{4}-\d{2}-\d{2}[Tt ]\d{2}:\d{2}")
 
 
@@ -92,9 +92,39 @@ bearer_scheme = HTTPBearer(
 )
 
 
+def get_settings(request: Request) -> Settings:
+    """The settings ``create_app`` was given: the API's one way in to its configuration."""
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_zone(settings: SettingsDep) -> ZoneInfo:
+    """``SHOUHU_TIMEZONE``: where local days begin, for the consoles and the uptime route alike."""
+    return settings.zone
+
+
+Zone = Annotated[ZoneInfo, Depends(get_zone)]
+
+
 def get_pool(request: Request) -> ConnectionPool:
+    """The API's connection pool, opened by the lifespan."""
     pool: ConnectionPool = request.app.state.pool
     return pool
+
+
+PoolDep = Annotated[ConnectionPool, Depends(get_pool)]
+
+
+def get_live_feed(request: Request) -> LiveFeedListener:
+    """The live feed's one LISTEN connection, opened by the lifespan."""
+    listener: LiveFeedListener = request.app.state.live_feed
+    return listener
+
+
+LiveFeedDep = Annotated[LiveFeedListener, Depends(get_live_feed)]
 
 
 @contextmanager
@@ -106,9 +136,7 @@ def pooled(pool: ConnectionPool) -> Iterator[psycopg.Connection[DictRow]]:
         yield cast("psycopg.Connection[DictRow]", conn)
 
 
-def get_connection(
-    pool: Annotated[ConnectionPool, Depends(get_pool)],
-) -> Iterator[psycopg.Connection[DictRow]]:
+def get_connection(pool: PoolDep) -> Iterator[psycopg.Connection[DictRow]]:
     """A pooled connection for the request, in autocommit, returned when it ends."""
     with pooled(pool) as conn:
         yield conn
@@ -197,20 +225,6 @@ def get_current_token(
 
 
 CurrentToken = Annotated[TokenIdentity, Depends(get_current_token)]
-
-
-@dataclass(frozen=True, slots=True)
-class AreaScope:
-    """The areas a token may see; ``area_ids`` is ``None`` for the whole county."""
-
-    area_ids: frozenset[str] | None
-
-    def allows(self, area_id: str | None) -> bool:
-        return self.area_ids is None or (area_id is not None and area_id in self.area_ids)
-
-    def as_param(self) -> list[str] | None:
-        """For SQL written as ``(%(scope)s::text[] IS NULL OR x = ANY(%(scope)s))``."""
-        return None if self.area_ids is None else sorted(self.area_ids)
 
 
 def area_subtree(conn: psycopg.Connection[DictRow], roots: list[str]) -> frozenset[str]:

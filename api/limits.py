@@ -1,6 +1,6 @@
 """Request limits, enforced before any route, dependency or authentication runs.
 
-- A body larger than ``SHOUHU_MAX_BODY_BYTES`` (1 MiB) is refused with 413: at once by
+- A body larger than ``SHOUHU_MAX_BODY_BYTES`` (1 MiB by default) is refused with 413: at once by
   its ``Content-Length``, or after that many bytes of a body that does not declare its
   length (chunked). Nothing past the limit is read, so a client without a token cannot
   make the API hold 64 MiB bodies in memory, and ``/healthz`` stays fast meanwhile.
@@ -8,6 +8,12 @@
   a query parameter, or a JSON or form body is refused with 422 naming where it is,
   instead of failing in the database with a 500 (an acknowledgement carrying one was
   lost that way).
+- One exemption, explicit: the provider callbacks (``forgiven_paths``, the Twilio routes
+  of ``api/routes/callbacks.py``). Twilio cannot correct and resend a reply, so a 422
+  there would lose the acknowledgement an SMS carries. Their form bodies pass through
+  unchecked; the route checks the signature over the fields as Twilio signed them, then
+  drops what cannot be stored with :func:`storable_text`. Their path, query and body
+  size are checked as everywhere.
 
 Both live in one ASGI middleware because both need the body before the application
 sees it: the body (at most the limit) is read here, checked, and handed on unchanged.
@@ -23,7 +29,6 @@ from starlette.datastructures import Headers
 from starlette.responses import JSONResponse
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-DEFAULT_MAX_BODY_BYTES = 1024 * 1024
 _JSON_TYPES = ("application/json", "application/merge-patch+json")
 _FORM_TYPE = "application/x-www-form-urlencoded"
 
@@ -35,6 +40,14 @@ def _bad_char(text: str) -> str | None:
     if any("\ud800" <= char <= "\udfff" for char in text):
         return "a lone surrogate (an unpaired \\ud800-\\udfff escape) is not allowed"
     return None
+
+
+def storable_text(text: str) -> str:
+    """``text`` without what PostgreSQL text cannot hold (NUL bytes, lone surrogates).
+
+    For the callbacks exempt from the 422 below, once their signature is checked.
+    """
+    return "".join(char for char in text if char != "\x00" and not "\ud800" <= char <= "\udfff")
 
 
 def _json_problem(value: Any, path: tuple[str, ...] = ()) -> tuple[str, str] | None:
@@ -111,11 +124,22 @@ class _Disconnected(Exception):
 
 
 class RequestLimits:
-    """The body limit and the text checks, as an ASGI middleware (outermost but metrics)."""
+    """The body limit and the text checks, as an ASGI middleware (outermost but metrics).
 
-    def __init__(self, app: ASGIApp, max_body_bytes: int = DEFAULT_MAX_BODY_BYTES) -> None:
+    ``forgiven_paths``: paths whose body text is not checked here, because their route
+    cleans it (the provider callbacks; see the module's docstring).
+    """
+
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_body_bytes: int,
+        forgiven_paths: frozenset[str] = frozenset(),
+    ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
+        self.forgiven_paths = forgiven_paths
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -148,7 +172,7 @@ class RequestLimits:
             return
         except _Disconnected:
             return
-        problem = _body_problem(headers, body)
+        problem = None if scope["path"] in self.forgiven_paths else _body_problem(headers, body)
         if problem is not None:
             await _invalid("body", *problem)(scope, receive, send)
             return

@@ -21,10 +21,7 @@ from typing import Any
 import psycopg
 from psycopg.rows import DictRow
 
-from api.deps import AreaScope
-from api.routes.devices import visible_kinds as visible_device_kinds
-from api.routes.incidents import visible_kinds as visible_incident_kinds
-from api.routes.tasks import TASK_KINDS_OF_ROLE
+from api.access import TASK_KINDS_OF_ROLE, AreaScope, visible_device_kinds, visible_incident_kinds
 from shouhu.tokens import TokenIdentity, require_aware
 
 logger = logging.getLogger(__name__)

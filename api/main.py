@@ -28,8 +28,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 import shouhu
 from api import live
 from api.consoles import pages
-from api.deps import ERROR_RESPONSES, get_now, pooled, reject_unknown_query
-from api.limits import DEFAULT_MAX_BODY_BYTES, RequestLimits
+from api.deps import ERROR_RESPONSES, PoolDep, get_now, pooled, reject_unknown_query
+from api.limits import RequestLimits
 from api.routes import (
     acknowledgements,
     areas,
@@ -47,7 +47,7 @@ from api.routes import (
 from shouhu.db import open_pool
 from shouhu.migrations import MIGRATIONS
 from shouhu.sessions import prune_sessions
-from shouhu.settings import DEFAULT_RESOLVE_TIMEOUT_S
+from shouhu.settings import Settings
 
 logger = logging.getLogger(__name__)
 
@@ -188,7 +188,7 @@ def _prune_once(pool: ConnectionPool, events_now: datetime, sessions_now: dateti
         logger.info("pruned %d live events and %d old sessions", deleted, ended)
 
 
-async def _upkeep(app: FastAPI) -> None:
+async def _upkeep(app: FastAPI, pool: ConnectionPool) -> None:
     """Keeps the live-feed outbox to its retention window and drops long-dead sessions.
 
     Every API process does it; the deletes are idempotent, so several at once only
@@ -200,38 +200,37 @@ async def _upkeep(app: FastAPI) -> None:
         events_now = datetime.now(UTC)
         sessions_now = app.dependency_overrides.get(get_now, get_now)()
         try:
-            await run_in_threadpool(_prune_once, app.state.pool, events_now, sessions_now)
+            await run_in_threadpool(_prune_once, pool, events_now, sessions_now)
         except (psycopg.Error, PoolTimeout) as exc:
             logger.warning("live feed: pruning failed, retrying later: %s", exc)
         await asyncio.sleep(live.PRUNE_INTERVAL_S)
 
 
-def create_app(
-    database_url: str,
-    *,
-    resolve_timeout_s: int = DEFAULT_RESOLVE_TIMEOUT_S,
-    public_url: str = "http://127.0.0.1:8000",
-    twilio_auth_token: str = "",
-    events_heartbeat_s: float = live.HEARTBEAT_S,
-    max_body_bytes: int = DEFAULT_MAX_BODY_BYTES,
-) -> FastAPI:
+def create_app(settings: Settings) -> FastAPI:
     """The API application, with its connection pool opened and closed by the lifespan.
 
-    ``public_url`` (``SHOUHU_PUBLIC_URL``) is where Twilio reaches the callback routes,
-    and with ``twilio_auth_token`` checks their signatures; with no token every
-    callback is refused. ``events_heartbeat_s`` is the live feed's heartbeat, which
-    also re-checks each stream's credential. ``max_body_bytes``
-    (``SHOUHU_MAX_BODY_BYTES``) bounds every request body, before authentication
-    (``api/limits.py``).
+    ``settings`` is the one way in for configuration: routes, consoles and callbacks
+    read it through ``api.deps.SettingsDep``, never from the environment. Build it at
+    the entry point (``shouhu api``, ``shouhu up``), with ``database_url`` already
+    resolved (the embedded database's, when that is the one in use). Among what is
+    read: ``public_url`` and ``twilio_auth_token`` (where Twilio reaches the callbacks
+    and how their signatures are checked; with no token every callback is refused),
+    ``resolve_timeout_s``, ``timezone`` (the consoles' and the uptime route's local
+    days) and ``max_body_bytes`` (every request body, before authentication,
+    ``api/limits.py``).
     """
+    database_url = settings.database_url
+    if not database_url:
+        raise ValueError("create_app needs settings.database_url resolved: the entry point finds the embedded one")
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        app.state.pool = open_pool(database_url, name="api")
-        app.state.live_feed = live.LiveFeedListener(database_url)
+        # Runtime state, read through api.deps.get_pool and get_live_feed.
+        pool = app.state.pool = open_pool(database_url, name="api")
+        listener = app.state.live_feed = live.LiveFeedListener(database_url)
         background = [
-            asyncio.create_task(app.state.live_feed.run(), name="live-feed-listener"),
-            asyncio.create_task(_upkeep(app), name="live-feed-upkeep"),
+            asyncio.create_task(listener.run(), name="live-feed-listener"),
+            asyncio.create_task(_upkeep(app, pool), name="live-feed-upkeep"),
         ]
         try:
             yield
@@ -241,7 +240,7 @@ def create_app(
             for task in background:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            await run_in_threadpool(app.state.pool.close)
+            await run_in_threadpool(pool.close)
 
     app = FastAPI(
         title="Shouhu API",
@@ -251,7 +250,9 @@ def create_app(
     )
     # Limits first, before routing and authentication; metrics outside them, so a 413
     # or a refused NUL is counted too.
-    app.add_middleware(RequestLimits, max_body_bytes=max_body_bytes)
+    app.add_middleware(
+        RequestLimits, max_body_bytes=settings.max_body_bytes, forgiven_paths=callbacks.CALLBACK_PATHS
+    )
     app.add_middleware(_MetricsMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -270,9 +271,9 @@ def create_app(
         tags=["health"],
         responses={503: {"description": "The database is unreachable or not migrated."}},
     )
-    def read_readiness(request: Request) -> JSONResponse:
+    def read_readiness(pool: PoolDep) -> JSONResponse:
         """Ready when the database answers and every migration is applied."""
-        problem = readiness_problem(request.app.state.pool)
+        problem = readiness_problem(pool)
         if problem is not None:
             return JSONResponse(
                 status_code=status.HTTP_503_SERVICE_UNAVAILABLE, content={"detail": problem}
@@ -294,8 +295,5 @@ def create_app(
     app.include_router(callbacks.router)
     app.include_router(pages.router)
     app.mount("/console/static", StaticFiles(directory=pages.STATIC_DIR), name="console-static")
-    app.state.resolve_timeout_s = resolve_timeout_s
-    app.state.public_url = public_url
-    app.state.twilio_auth_token = twilio_auth_token
-    app.state.events_heartbeat_s = events_heartbeat_s
+    app.state.settings = settings  # read through api.deps.get_settings only
     return app

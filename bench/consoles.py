@@ -27,6 +27,7 @@ from api.main import create_app
 from bench.stats import load_average, migrated_database, percentile
 from devices.registry import load_registry
 from devices.registry_file import parse_registry
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.care_support import RULES, heard, last_will
 from tests.escalation_support import press
@@ -108,7 +109,7 @@ def main() -> None:
     with migrated_database(now) as url:
         secret = seed(url, now)
         pages = ["/console/overview", "/console/grid", "/console/tech", "/console/incidents/1"]
-        for base in serve_app(create_app(url)):
+        for base in serve_app(create_app(Settings(database_url=url))):
             served = server_times(base, secret, pages, args.requests)
             worst = max(served, browser_times(base, secret, pages, args.loads))
         verdict = "met" if worst < GOAL_MS else "NOT met"

@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import threading
@@ -44,7 +45,7 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from psycopg.types.json import Jsonb
 
-from bench.stats import percentile
+from bench.stats import cpu_spent, percentile, postmaster_pid, tree_cpu
 from shouhu.embedded.postgres import create_database, free_port, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
 from simulators.phone_network import PhoneNetwork, create_phone_network
@@ -53,6 +54,14 @@ from tests.services import SHOUHU_BIN, Mosquitto, ShouhuProcess, serve_app, shou
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 SID, TOKEN = "AC" + "3" * 32, "bench-token"
 PHONE_CHANNELS = ("voice", "sms")
+
+
+def shipped_max_inflight() -> int:
+    text = (Path(__file__).resolve().parent.parent / "deploy" / "mosquitto" / "mosquitto.conf").read_text()
+    match = re.search(r"^max_inflight_messages\s+(\d+)", text, re.MULTILINE)
+    if match is None:
+        raise RuntimeError("deploy/mosquitto/mosquitto.conf sets no max_inflight_messages")
+    return int(match.group(1))
 
 
 def summary(name: str, values: list[float], unit: str = "ms") -> str:
@@ -292,18 +301,22 @@ class CommitWatcher(threading.Thread):
                 self.stop.wait(0.02)
 
 
-def phase_two(url: str, network: PhoneNetwork, presser: Presser, burst: list[str], timeout: float) -> list[str]:
+def phase_two(
+    url: str, network: PhoneNetwork, presser: Presser, burst: list[str], timeout: float, postgres: int
+) -> list[str]:
     """Close phase 1's incidents, publish the burst, wait until every incident is paged."""
     close_all(url)
     time.sleep(1.0)
     watcher = CommitWatcher(url, burst)
     watcher.start()
+    cpu_before = tree_cpu(postgres)
     burst_start = time.monotonic()
     for device in burst:
         presser.press(device)
     last_press = time.monotonic()
     published_s = last_press - burst_start
     all_paged = wait_all_paged(url, burst, timeout)
+    cpu = cpu_spent(cpu_before, tree_cpu(postgres))
     watcher.join(timeout)
     watcher.stop.set()
     firsts = first_requests(url, network, burst)
@@ -317,6 +330,8 @@ def phase_two(url: str, network: PhoneNetwork, presser: Presser, burst: list[str
         f"  every first page sent: {max(firsts.values()) - burst_start:.2f} s after the first publish,"
         f" {max(firsts.values()) - last_press:.2f} s after the last press"
         f" (seen paged by polling at {all_paged - burst_start:.2f} s)",
+        "  CPU seconds from the first press until every incident was paged: "
+        + ", ".join(f"{name} {seconds:.2f}" for name, seconds in sorted(cpu.items(), key=lambda kv: -kv[1])),
     ]
 
 
@@ -343,7 +358,8 @@ def main() -> None:
     load_at_start = os.getloadavg()
     new_count = round(args.rate * args.window)
 
-    broker = Mosquitto()
+    # The shipped broker's in-flight window, so the hub's alarm groups are as large as in production.
+    broker = Mosquitto(max_inflight=shipped_max_inflight())
     broker.start()
     cluster = start_postgres(wheel_bin_dir())
     create_database(cluster.url(), "bench")
@@ -388,7 +404,8 @@ def main() -> None:
                 args,
             )
         )
-        lines += phase_two(url, network, presser, wristbands[args.inflight + new_count :], args.timeout)
+        burst = wristbands[args.inflight + new_count :]
+        lines += phase_two(url, network, presser, burst, args.timeout, postmaster_pid(cluster.spec.data_dir))
         print()
         print(f"policy default-sos: grid_worker → guardians → operators, wait_s={args.wait_s} each;"
               f" {args.routers} router process(es)")

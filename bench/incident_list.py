@@ -26,6 +26,7 @@ from api.main import create_app
 from bench.stats import load_average, migrated_database, percentile
 from devices.registry import load_registry
 from devices.registry_file import parse_registry
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.services import serve_app
 
@@ -147,7 +148,7 @@ def main() -> None:
             ("county operator, page 50 of 100", "/api/v1/incidents?offset=5000&limit=100", operator),
             ("grid worker of one grid, newest 100", "/api/v1/incidents", worker),
         ]
-        for base in serve_app(create_app(url)):
+        for base in serve_app(create_app(Settings(database_url=url))):
             with httpx.Client(base_url=base, timeout=30) as client:
                 reference = timed(client, "/healthz", {}, args.requests)
                 print(line("reference: GET /healthz", reference))

@@ -1,10 +1,12 @@
-"""Percentiles shared by the latency benchmarks."""
+"""Percentiles, load and CPU accounting shared by the benchmarks."""
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import datetime
+from pathlib import Path
 
 
 def percentile(values: list[float], fraction: float) -> float:
@@ -35,3 +37,60 @@ def migrated_database(now: datetime) -> Iterator[str]:
         yield url
     finally:
         cluster.remove()
+
+
+def _children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").glob("*"):
+        try:
+            found += [int(child) for child in (task / "children").read_text().split()]
+        except OSError:
+            continue
+    return found
+
+
+def _cpu_and_name(pid: int) -> tuple[float, str] | None:
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+    except OSError:
+        return None
+    ticks = int(fields[11]) + int(fields[12])  # utime, stime (fields 14 and 15 of stat)
+    return ticks / os.sysconf("SC_CLK_TCK"), cmdline
+
+
+def component(cmdline: str) -> str:
+    """Which part of a benchmark's process tree a command line is."""
+    for marker, name in (("shouhu hub", "hub"), ("shouhu router", "router"), ("mosquitto", "broker")):
+        if marker in cmdline:
+            return name
+    return "postgres" if "postgres" in cmdline else "benchmark (clients, simulators)"
+
+
+def postmaster_pid(data_dir: Path) -> int:
+    """The pid of the PostgreSQL cluster in ``data_dir`` (pg_ctl detaches it from its starter)."""
+    return int((data_dir / "postmaster.pid").read_text().split()[0])
+
+
+def tree_cpu(*roots: int) -> dict[int, tuple[float, str]]:
+    """CPU seconds (user + system) of every live process under ``roots`` and this one, by pid.
+
+    CPU time, unlike wall time, barely moves with what else the machine runs: it says
+    which part of a benchmark costs what even on a shared machine.
+    """
+    pending, seen = [os.getpid(), *roots], {}
+    while pending:
+        pid = pending.pop()
+        sample = _cpu_and_name(pid)
+        if sample is not None:
+            seen[pid] = (sample[0], component(sample[1]))
+        pending += _children(pid)
+    return seen
+
+
+def cpu_spent(before: dict[int, tuple[float, str]], after: dict[int, tuple[float, str]]) -> dict[str, float]:
+    """CPU seconds spent between two ``tree_cpu`` samples, by component (new processes count in full)."""
+    spent: dict[str, float] = {}
+    for pid, (seconds, name) in after.items():
+        spent[name] = spent.get(name, 0.0) + seconds - before.get(pid, (0.0, name))[0]
+    return spent

@@ -45,6 +45,7 @@ from devices.uptime import Span
 from devices.uptime_store import uptime_report
 from shouhu.embedded.postgres import create_database, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.services import serve_app, start_postgres
 
@@ -222,7 +223,7 @@ def time_reports(url: str, secret: str, now: datetime, args: argparse.Namespace)
     frm = (now - timedelta(days=args.report_days)).isoformat()
     params = {"area": TOWNSHIP, "from": frm, "to": now.isoformat(), "limit": "1000"}
     lines: list[str] = []
-    server = serve_app(create_app(url))
+    server = serve_app(create_app(Settings(database_url=url)))
     base = next(server)
     try:
         with httpx.Client(base_url=base, headers={"Authorization": f"Bearer {secret}"}, timeout=60) as http:

@@ -18,16 +18,13 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import date, datetime
-from typing import TYPE_CHECKING, Any
+from typing import Any
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 import psycopg
 from psycopg.rows import tuple_row
 
 from devices.uptime import Span, StateChange, Uptime, ancestry, day_buckets, measure, roll_up, total
-
-if TYPE_CHECKING:
-    from shouhu.migrations import MigrationContext
 
 # At most this long a report: a year and a leap day's worth of daily buckets.
 MAX_PERIOD_DAYS = 366
@@ -272,12 +269,10 @@ WITH NO DATA""",
     ]
 
 
-def create_timescaledb_views(conn: psycopg.Connection[Any], context: MigrationContext) -> None:
-    """Migration step 11: the continuous aggregate, on the TimescaleDB path only."""
-    from shouhu.settings import Settings
-
+def create_timescaledb_views(conn: psycopg.Connection[Any], zone: str) -> None:
+    """Migration step 11: the continuous aggregate, its days in ``zone``, on the TimescaleDB path only."""
     row = conn.execute("SELECT value FROM shouhu_meta WHERE key = 'storage_mode'").fetchone()
     if row is None or row[0] != "timescaledb":
         return
-    for statement in timescaledb_statements(Settings().timezone):
+    for statement in timescaledb_statements(zone):
         conn.execute(statement.encode())

@@ -135,7 +135,7 @@ def _run_migrations(url: str, settings: Settings) -> None:
     from shouhu.migrations import MigrationContext, MigrationError, migrate
 
     try:
-        report = migrate(url, MigrationContext(settings.retention_days, datetime.now(UTC)))
+        report = migrate(url, MigrationContext(settings.retention_days, datetime.now(UTC), settings.timezone))
     except MigrationError as exc:
         _fail(f"migration refused: {exc}")
     applied = ", ".join(map(str, report.applied)) or "none (up to date)"
@@ -254,13 +254,7 @@ def _serve_api(url: str, settings: Settings, sock: socket.socket | None = None) 
     # Bound here, not by uvicorn: a port in use is one line naming the setting, not a traceback.
     sock = sock or _listen(settings.api_host, settings.api_port, "SHOUHU_API_PORT")
     config = uvicorn.Config(
-        create_app(
-            url,
-            resolve_timeout_s=settings.resolve_timeout_s,
-            public_url=settings.public_url,
-            twilio_auth_token=settings.twilio_auth_token,
-            max_body_bytes=settings.max_body_bytes,
-        ),
+        create_app(settings.model_copy(update={"database_url": url})),
         host=settings.api_host,
         port=settings.api_port,
         log_level="info",

@@ -25,6 +25,8 @@ DEFAULT_RESOLVE_TIMEOUT_S = 1800
 DEFAULT_ACK_TIMEOUT_S = 120
 # How long after the press a wristband's cancel still stands an SOS down.
 DEFAULT_CANCEL_WINDOW_S = 30
+# SHOUHU_TIMEZONE's default: where duty rosters and local days are evaluated.
+DEFAULT_TIMEZONE = "Asia/Shanghai"
 
 
 def _default_hub_id() -> str:
@@ -77,7 +79,7 @@ class Settings(BaseSettings):
     repair_due_s: PositiveSeconds = 172800
     battery_low_pct: Annotated[int, Field(ge=1, le=99)] = 20
     battery_critical_pct: Annotated[int, Field(ge=1, le=99)] = 10
-    timezone: str = "Asia/Shanghai"
+    timezone: str = DEFAULT_TIMEZONE
     retention_days: Annotated[int, Field(ge=1)] = 90
     dead_letter_days: Annotated[int, Field(ge=1)] = 14
     # Where `shouhu up` keeps the embedded database and records its URL for the other

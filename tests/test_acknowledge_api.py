@@ -10,13 +10,14 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.main import create_app
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.escalation_support import DAY, press, q, wristband_in
 
 
 @pytest.fixture
 def client(county_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(county_url, resolve_timeout_s=900)) as test_client:
+    with TestClient(create_app(Settings(database_url=county_url, resolve_timeout_s=900))) as test_client:
         yield test_client
 
 

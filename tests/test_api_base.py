@@ -15,10 +15,11 @@ from fastapi.testclient import TestClient
 from prometheus_client import REGISTRY
 from psycopg import sql
 
-from api import deps
+from api import access, deps
 from api.main import create_app
 from devices.kinds import AreaLevel, DeviceKind
 from shouhu.embedded.postgres import LocalPostgres, free_port
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token, revoke_token
 from tests.utils.builders import (
     SmallCounty,
@@ -86,7 +87,7 @@ def county(db: Conn) -> County:
 
 @pytest.fixture
 def app(database_url: str) -> FastAPI:
-    return create_app(database_url)
+    return create_app(Settings(database_url=database_url))
 
 
 @pytest.fixture
@@ -141,7 +142,7 @@ def empty_database_url(postgres: LocalPostgres) -> Iterator[str]:
 
 
 def test_readyz_is_503_on_an_unmigrated_database(empty_database_url: str) -> None:
-    with TestClient(create_app(empty_database_url)) as client:
+    with TestClient(create_app(Settings(database_url=empty_database_url))) as client:
         response = client.get("/readyz")
     assert response.status_code == 503
     detail = response.json()["detail"]
@@ -158,7 +159,7 @@ def test_readyz_is_503_while_a_migration_is_missing(client: TestClient, db: Conn
 
 def test_readyz_is_503_when_the_database_is_unreachable() -> None:
     nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres?connect_timeout=1"
-    with TestClient(create_app(nowhere)) as client:
+    with TestClient(create_app(Settings(database_url=nowhere))) as client:
         assert client.get("/healthz").status_code == 200, "alive even without a database"
         response = client.get("/readyz")
     assert response.status_code == 503
@@ -458,7 +459,7 @@ def test_roles_that_need_them_see_medical_notes_and_location(
 def test_sensitive_fields_are_absent_for_roles_outside_the_sensitive_set(
     client: TestClient, db: Conn, county: County, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(deps, "SENSITIVE_READERS", frozenset({Role.ADMIN}))
+    monkeypatch.setattr(access, "SENSITIVE_READERS", frozenset({Role.ADMIN}))
     response = client.get(
         f"/api/v1/residents/{county.resident_a}", headers=bearer(db, Role.OPERATOR)
     )

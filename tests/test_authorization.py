@@ -27,6 +27,7 @@ from api.main import create_app
 from devices.registry import load_registry
 from devices.registry_file import parse_registry
 from shouhu.embedded.postgres import LocalPostgres
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token, revoke_token
 from tests.care_support import RULES, heard, last_will
 from tests.conftest import DEMO_COUNTY, fresh_database
@@ -164,7 +165,7 @@ def scenario(postgres: LocalPostgres) -> Iterator[Scenario]:
 
 @pytest.fixture(scope="module")
 def client(scenario: Scenario) -> Iterator[TestClient]:
-    app = create_app(scenario.url, twilio_auth_token="authz-twilio-token")
+    app = create_app(Settings(database_url=scenario.url, twilio_auth_token="authz-twilio-token"))
     app.dependency_overrides[deps.get_now] = lambda: NOW
     with TestClient(app) as test_client:
         yield test_client
@@ -340,3 +341,55 @@ def test_every_route_is_in_the_matrix(client: TestClient) -> None:
     routes = {(method, path) for path, item in paths.items() for method in item}
     covered = {(case.method, case.template) for case in MATRIX} | OUTSIDE_TOKENS | OWN_TESTS
     assert routes - covered == set(), "routes with no row in the authorization matrix"
+
+
+# --- a console page and the REST route it mirrors admit the same roles ------------------
+
+# (page, route, the roles both admit): written out here, not read from api/access.py.
+PAGES_AND_ROUTES: tuple[tuple[str, str, frozenset[Role]], ...] = (
+    ("/console/grid", "/api/v1/incidents", _everyone()),
+    ("/console/grid/list", "/api/v1/incidents", _everyone()),
+    ("/console/tech", "/api/v1/cameras/uptime", frozenset(REPAIR_ROLES)),
+    ("/console/tech/body", "/api/v1/cameras/uptime", frozenset(REPAIR_ROLES)),
+    ("/console/tech", "/api/v1/tasks/repair-rounds", frozenset(REPAIR_ROLES)),
+    ("/console/incidents/{incident}", "/api/v1/incidents/{incident}", frozenset(READERS)),
+    ("/console/incidents/{incident}/body", "/api/v1/incidents/{incident}", frozenset(READERS)),
+    ("/console/tasks/{visit}", "/api/v1/tasks/{visit}", frozenset(VISIT_ROLES)),
+    ("/console/tasks/{repair}", "/api/v1/tasks/{repair}", frozenset(REPAIR_ROLES)),
+)
+
+
+@pytest.fixture(scope="module")
+def sessions(client: TestClient, scenario: Scenario) -> dict[Role, str]:
+    """Each role's console session, logged in with its token as a browser does."""
+    cookies: dict[Role, str] = {}
+    for role in ROLES:
+        secret = scenario.headers[role]["Authorization"].removeprefix("Bearer ")
+        answer = client.post("/api/v1/session", json={"token": secret})
+        assert answer.status_code == 201, answer.text
+        cookies[role] = answer.cookies[deps.SESSION_COOKIE]
+        client.cookies.clear()  # each request below names its own session
+    return cookies
+
+
+@pytest.mark.parametrize(
+    ("page", "route", "admitted"), PAGES_AND_ROUTES, ids=[f"{p} {r}" for p, r, _ in PAGES_AND_ROUTES]
+)
+def test_a_console_page_and_its_rest_route_admit_the_same_roles(
+    client: TestClient, scenario: Scenario, sessions: dict[Role, str], page: str, route: str, admitted: frozenset[Role]
+) -> None:
+    by_page: set[Role] = set()
+    by_route: set[Role] = set()
+    for role in ROLES:
+        objects = scenario.own[role]
+        cookie = {"Cookie": f"{deps.SESSION_COOKIE}={sessions[role]}"}
+        shown = client.get(_fill(page, objects), headers=cookie, follow_redirects=False)
+        served = client.get(_fill(route, objects), headers=scenario.headers[role])
+        assert shown.status_code in (200, 403, 404), (page, role, shown.status_code)
+        # Refused alike, too: 403 where the role may not use the thing at all, 404 where it may not see the object.
+        assert shown.status_code == served.status_code, (page, route, role, shown.status_code, served.status_code)
+        if shown.status_code == 200:
+            by_page.add(role)
+        if served.status_code == 200:
+            by_route.add(role)
+    assert by_page == by_route == admitted

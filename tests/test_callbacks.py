@@ -30,6 +30,7 @@ from api.deps import get_now
 from api.main import create_app
 from api.routes.callbacks import SMS_CALLBACK_PATH, SMS_HELP, Settlement, SmsReply, parse_sms_reply, settle
 from shouhu.embedded.postgres import free_port
+from shouhu.settings import Settings
 from simulators.emergency_platform import create_emergency_platform
 from simulators.phone_network import gather_action
 from tests.escalation_support import (
@@ -129,7 +130,9 @@ def stack(county_url: str, phone_network: str) -> Iterator[Stack]:
     # The API must know its own public URL before it is built: Twilio signs that URL.
     port = free_port()
     api = f"http://127.0.0.1:{port}"
-    app = create_app(county_url, public_url=api, twilio_auth_token=PHONE_TOKEN, resolve_timeout_s=1800)
+    app = create_app(
+        Settings(database_url=county_url, public_url=api, twilio_auth_token=PHONE_TOKEN, resolve_timeout_s=1800)
+    )
     app.dependency_overrides[get_now] = clock
     config = {"sms_url": api + SMS_CALLBACK_PATH, "number": FROM}
     httpx.post(f"{phone_network}/_sim/config", json=config).raise_for_status()
@@ -668,6 +671,33 @@ def test_an_sms_reply_with_the_code_acknowledges_and_others_get_help_and_change_
     assert q(stack.db, "SELECT role, action, detail->>'via' FROM audit_log") == [("grid_worker", "acknowledge", "sms")]
 
 
+def test_an_sms_reply_with_nul_bytes_from_the_grid_worker_still_acknowledges(stack: Stack) -> None:
+    # A handset or gateway that pads the text with NUL: a 422 here would lose the ack,
+    # and Twilio does not send a corrected reply (api/limits.py exempts these routes).
+    case = sos(stack)
+    stack.router.run_once()
+    [page] = pages(stack.db, "sms")
+    params = {"From": page.address, "To": FROM, "Body": f"{case.code}\x00 1\x00", "MessageSid": "SM" + "2" * 32}
+    url = stack.api + SMS_CALLBACK_PATH
+    before = snapshot(stack.db)
+
+    # The signature is still checked over the fields as sent, NUL bytes and all.
+    unsigned_nul = dict(params, Body=f"{case.code} 1")
+    forged = httpx.post(url, data=params, headers={"X-Twilio-Signature": sign(url, unsigned_nul)})
+    assert forged.status_code == 403, forged.text
+    assert snapshot(stack.db) == before
+
+    answer = stack.post_signed(SMS_CALLBACK_PATH, params)
+
+    assert answer.status_code == 200, answer.text
+    assert texted(answer.text) == f"【守护】{case.code} 已确认，您已接单，请尽快前往。"
+    assert q(stack.db, "SELECT state, acknowledged_by, acknowledged_via FROM incidents") == [
+        ("acknowledged", f"staff:{page.recipient_id}", "sms")
+    ]
+    [(actor, detail)] = events(stack.db, "sms_reply")
+    assert (actor, detail) == (f"staff:{page.recipient_id}", {"provider_id": params["MessageSid"], "digit": "1"})
+
+
 def test_a_guardian_taking_it_by_sms_stops_the_chain_before_the_platform(stack: Stack) -> None:
     case = sos(stack)
     for platform in serve_app(create_emergency_platform(PLATFORM_SECRET, announce=lambda _line: None)):
@@ -774,7 +804,7 @@ def test_with_no_auth_token_configured_every_callback_is_refused(stack: Stack) -
     stack.router.run_once()
     requests = forgeable(stack, case)
     before = snapshot(stack.db)
-    unconfigured = create_app(stack.db, public_url=stack.api, twilio_auth_token="")
+    unconfigured = create_app(Settings(database_url=stack.db, public_url=stack.api, twilio_auth_token=""))
 
     with TestClient(unconfigured) as client:
         for path, params in requests:

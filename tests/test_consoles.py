@@ -24,6 +24,7 @@ from playwright.sync_api import Browser, Page, expect, sync_playwright
 
 from alerts.care_sweep import sweep
 from api.main import create_app
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.care_support import RULES, heard, last_will
 from tests.escalation_support import press, q
@@ -80,7 +81,7 @@ def site(county_url: str) -> Iterator[dict[str, Any]]:
             (GRID_B,),
         ).fetchone()
     assert other is not None
-    for base in serve_app(create_app(county_url)):
+    for base in serve_app(create_app(Settings(database_url=county_url))):
         yield {"base": base, "url": county_url, "tokens": tokens, "wristbands": wristbands, "other_band": other[0]}
 
 

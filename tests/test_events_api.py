@@ -25,10 +25,12 @@ from psycopg.rows import dict_row
 from api import live
 from api.deps import SESSION_COOKIE, get_now
 from api.main import create_app
+from api.routes.events import get_heartbeat_s
 from devices.kinds import DeviceKind
 from hub.liveness import LivenessDefaults, record_sightings
 from hub.sightings import Sighting
 from shouhu.sessions import SESSION_LIFETIME
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token, revoke_token
 from tests.escalation_support import DAY, Clock, press, q
 from tests.services import serve_app
@@ -56,8 +58,9 @@ def api(county_url: str) -> Iterator[Api]:
     # The app's clock starts at the real time (tokens and sessions are stamped with
     # it) and moves only when a test moves it.
     clock = Clock(datetime.now(UTC))
-    app = create_app(county_url, events_heartbeat_s=HEARTBEAT_S)
+    app = create_app(Settings(database_url=county_url))
     app.dependency_overrides[get_now] = clock
+    app.dependency_overrides[get_heartbeat_s] = lambda: HEARTBEAT_S
     for url in serve_app(app):
         yield Api(url, county_url, clock)
 

@@ -15,6 +15,7 @@ from prometheus_client import REGISTRY
 
 from api.main import create_app
 from hub.service import Hub
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from simulators.wristband import publish_raw
 from tests.services import Mosquitto
@@ -41,7 +42,7 @@ def test_telemetry_shows_in_the_device_state_the_api_serves(hub: Hub, county_url
     )
     with psycopg.connect(county_url) as conn:
         secret = create_token(conn, role=Role.OPERATOR, areas=[], label="t", now=datetime.now(UTC), expires_at=None)
-    with TestClient(create_app(county_url)) as client:
+    with TestClient(create_app(Settings(database_url=county_url))) as client:
         device = client.get("/api/v1/devices/wb-0001", headers={"Authorization": f"Bearer {secret}"}).json()
     state = device["state"]
     assert (state["online"], state["battery"], state["worn"]) == (True, 77, True)

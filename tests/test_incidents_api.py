@@ -21,6 +21,7 @@ from alerts.router import Router, RouterConfig
 from api.main import create_app
 from devices.contract import payload_hash
 from devices.kinds import Channel, DeviceKind, IncidentKind
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.utils.builders import SmallCounty, add_device, add_resident, add_small_county
 
@@ -205,7 +206,7 @@ def world(database_url: str, db: Conn) -> World:
 
 @pytest.fixture
 def app(database_url: str) -> FastAPI:
-    return create_app(database_url)
+    return create_app(Settings(database_url=database_url))
 
 
 @pytest.fixture

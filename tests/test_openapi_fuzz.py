@@ -25,6 +25,7 @@ from api.main import create_app
 from devices.registry import load_registry
 from devices.registry_file import parse_registry
 from shouhu.embedded.postgres import LocalPostgres
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.care_support import RULES, heard, last_will
 from tests.conftest import DEMO_COUNTY, fresh_database
@@ -47,12 +48,13 @@ def served(postgres: LocalPostgres) -> Iterator[tuple[str, str]]:
             heard(conn, "cam-002", NOW - timedelta(hours=1), reported_online=False, reported_reason="power")
             sweep(conn, NOW, RULES, lock_key=0x7E57_F022)
             secret = create_token(conn, role=Role.ADMIN, areas=[], label="fuzz", now=NOW, expires_at=None)
-        for base in serve_app(create_app(url, twilio_auth_token="fuzz-twilio-token")):
+        for base in serve_app(create_app(Settings(database_url=url, twilio_auth_token="fuzz-twilio-token"))):
             yield base, secret
 
 
 # The document is the app's own; it needs no database to be generated.
-schema = schemathesis.openapi.from_dict(create_app("postgresql://unused@127.0.0.1:1/unused").openapi()).exclude(
+UNUSED = Settings(database_url="postgresql://unused@127.0.0.1:1/unused")
+schema = schemathesis.openapi.from_dict(create_app(UNUSED).openapi()).exclude(
     path=NOT_FUZZED[0]
 )
 

@@ -6,6 +6,7 @@ port; nothing here mocks the twilio client.
 
 from __future__ import annotations
 
+import logging
 import queue
 import socket
 import threading
@@ -316,6 +317,48 @@ def test_rebasing_client_sends_other_hosts_where_they_point(simulator: Simulator
     response = client.request("GET", f"{simulator.url}/_sim/messages")
 
     assert (response.status_code, response.text) == (200, "[]")
+
+
+def test_rebasing_client_reads_the_proxy_once_and_still_uses_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The environment's proxy is read when the client is made (requests would re-read it
+    on every page); a page still goes through it, and NO_PROXY still exempts a host."""
+    received: list[bytes] = []
+    proxy = socket.create_server(("127.0.0.1", 0))
+    proxy_port = proxy.getsockname()[1]
+
+    def answer_once() -> None:
+        conn, _ = proxy.accept()
+        with conn:
+            received.append(conn.recv(65536))
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}")
+
+    server = threading.Thread(target=answer_once, daemon=True)
+    server.start()
+    target = f"http://127.0.0.1:{free_port()}"
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy_port}")
+    monkeypatch.delenv("NO_PROXY", raising=False)
+    monkeypatch.delenv("no_proxy", raising=False)
+    client = RebasingHttpClient(target)
+    monkeypatch.delenv("HTTP_PROXY")  # read once, at construction
+
+    response = client.request("POST", "https://api.twilio.com/2010-04-01/Accounts/AC1/Calls.json", data={"To": "+1"})
+
+    server.join(5)
+    proxy.close()
+    assert response.status_code == 200
+    assert received
+    assert received[0].startswith(f"POST {target}/2010-04-01/Accounts/AC1/Calls.json ".encode())
+    monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy_port}")
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    assert RebasingHttpClient(target).proxy == {}
+
+
+def test_the_sdk_logs_no_request_lines_at_info(simulator: Simulator, caplog: pytest.LogCaptureFixture) -> None:
+    notifier = simulator.notifier()
+    with caplog.at_level(logging.INFO):
+        result = notifier.send(Delivery(1, Channel.SMS, GRID_WORKER, SOS))
+    assert result.outcome is SendOutcome.SENT
+    assert not [r for r in caplog.records if "Twilio API Request" in r.getMessage()]
 
 
 # --- the simulator's own Twilio behaviour --------------------------------------------

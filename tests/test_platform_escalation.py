@@ -16,6 +16,7 @@ from alerts.router import Router
 from api.main import create_app
 from devices.kinds import Outcome
 from shouhu.embedded.postgres import free_port
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from simulators.emergency_platform import create_emergency_platform
 from tests.escalation_support import (
@@ -121,7 +122,7 @@ def test_a_platform_dispatcher_acknowledges_through_the_api(county_url: str, pho
         secret = create_token(
             conn, role=Role.PLATFORM, areas=[], label="120调度台", now=datetime.now(UTC), expires_at=None
         )
-    for api in serve_app(create_app(county_url)):
+    for api in serve_app(create_app(Settings(database_url=county_url))):
         httpx.post(f"{platform}/_sim/dispatcher", json={"api_url": api, "token": secret}).raise_for_status()
         incident, _clock, _router = escalate_to_platform(county_url, phone_network, platform)
         deadline = time.monotonic() + 10

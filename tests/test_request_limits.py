@@ -22,8 +22,10 @@ import psycopg
 import pytest
 from fastapi.testclient import TestClient
 
+from api.limits import storable_text
 from api.main import create_app
 from shouhu.embedded.postgres import free_port
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.escalation_support import DAY, press, q, wristband_in
 
@@ -33,7 +35,7 @@ SHOUHU = shutil.which("shouhu") or str(Path(__file__).resolve().parent.parent / 
 
 @pytest.fixture
 def client(county_url: str) -> Iterator[TestClient]:
-    with TestClient(create_app(county_url)) as test_client:
+    with TestClient(create_app(Settings(database_url=county_url))) as test_client:
         yield test_client
 
 
@@ -227,3 +229,10 @@ def test_eight_concurrent_64_mib_bodies_cost_no_memory_and_healthz_stays_fast(
     assert statuses == [413] * 8
     assert grown < 100
     assert max(health) < 0.1
+
+
+def test_what_the_callbacks_keep_of_text_postgresql_cannot_hold() -> None:
+    # The Twilio callbacks skip the 422 (a provider cannot resend); they drop these instead.
+    assert storable_text("K7QX\x00 1\x00") == "K7QX 1"
+    assert storable_text("a\ud800b") == "ab"
+    assert storable_text("好的 1") == "好的 1"

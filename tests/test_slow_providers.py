@@ -402,11 +402,14 @@ def test_acks_callbacks_steps_and_two_routers_against_each_other_never_deadlock(
     from api.main import create_app
     from devices.kinds import Outcome
     from shouhu.embedded.postgres import free_port
+    from shouhu.settings import Settings
 
     _fast_policy(county_url)
     port = free_port()
     api = f"http://127.0.0.1:{port}"
-    app = create_app(county_url, public_url=api, twilio_auth_token=PHONE_TOKEN, resolve_timeout_s=1800)
+    app = create_app(
+        Settings(database_url=county_url, public_url=api, twilio_auth_token=PHONE_TOKEN, resolve_timeout_s=1800)
+    )
     httpx.post(f"{phone_network}/_sim/config", json={"sms_url": api + "/callbacks/twilio/sms", "number": FROM})
     rng = random.Random(13)
     phones = [r[0] for r in q(county_url, "SELECT phone FROM staff UNION SELECT phone FROM guardians")]

@@ -13,6 +13,7 @@ from fastapi.testclient import TestClient
 
 from api import deps
 from api.main import create_app
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.care_support import T0, heard, last_will, run, s
 from tests.escalation_support import q
@@ -29,7 +30,7 @@ def conn(county_url: str) -> Iterator[Conn]:
 
 @pytest.fixture
 def client(county_url: str) -> Iterator[TestClient]:
-    app = create_app(county_url)
+    app = create_app(Settings(database_url=county_url))
     app.dependency_overrides[deps.get_now] = lambda: NOW
     with TestClient(app) as test_client:
         yield test_client

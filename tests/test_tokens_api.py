@@ -11,6 +11,7 @@ from fastapi.testclient import TestClient
 
 from api import deps
 from api.main import create_app
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.escalation_support import q
 
@@ -19,7 +20,7 @@ NOW = datetime(2026, 11, 24, 2, 0, tzinfo=UTC)
 
 @pytest.fixture
 def client(county_url: str) -> Iterator[TestClient]:
-    app = create_app(county_url)
+    app = create_app(Settings(database_url=county_url))
     app.dependency_overrides[deps.get_now] = lambda: NOW
     with TestClient(app) as test_client:
         yield test_client

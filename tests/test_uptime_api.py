@@ -4,6 +4,7 @@ and readable errors."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any
@@ -16,8 +17,8 @@ from psycopg.types.json import Jsonb
 
 from api import deps
 from api.main import create_app
-from api.routes import uptime
 from devices.kinds import AreaLevel, DeviceKind
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.utils.builders import add_area, add_device
 
@@ -51,9 +52,8 @@ def conn(database_url: str) -> Iterator[Conn]:
 
 @pytest.fixture
 def client(database_url: str) -> Iterator[TestClient]:
-    app = create_app(database_url)
+    app = create_app(Settings(database_url=database_url, timezone=ZONE.key))
     app.dependency_overrides[deps.get_now] = lambda: NOW
-    app.dependency_overrides[uptime.get_zone] = lambda: ZONE
     with TestClient(app) as test_client:
         yield test_client
 
@@ -303,3 +303,48 @@ def test_status_messages_in_device_events_are_not_transitions(
     )
     [bucket] = day24(client, token(database_url), area="g1")["buckets"]
     assert camera(bucket, "cam-a")["online_s"] == 24 * HOUR
+
+
+# --- the technician's board and the route in a zone other than Shanghai ---------------
+
+ELSEWHERE = "America/New_York"
+# 23:30 on 2026-11-23 in New York, already 12:30 on the 24th in Shanghai: the two zones
+# disagree about which day "today" is and where it began.
+LATE_EVENING = datetime(2026, 11, 24, 4, 30, tzinfo=UTC)
+
+
+def test_the_technician_board_and_the_uptime_route_agree_on_local_days_outside_shanghai(
+    conn: Conn, database_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # cam-a online for days, then dark 10:00–16:00 UTC on the 23rd: inside New York's
+    # 23rd (which began at 05:00 UTC), before Shanghai's 24th (which began at 16:00 UTC).
+    went(conn, "cam-a", datetime(2026, 11, 15, tzinfo=UTC), True, previous="unknown")
+    went(conn, "cam-a", datetime(2026, 11, 23, 10, tzinfo=UTC), False, "reported:video_lost")
+    went(conn, "cam-a", datetime(2026, 11, 23, 16, tzinfo=UTC), True)
+    monkeypatch.setenv("SHOUHU_TIMEZONE", ELSEWHERE)
+    app = create_app(Settings(database_url=database_url))  # as `shouhu api` builds it: from the environment
+    app.dependency_overrides[deps.get_now] = lambda: LATE_EVENING
+    with psycopg.connect(database_url) as c:
+        secret = create_token(c, role=Role.TECHNICIAN, areas=[], label="田霞", now=LATE_EVENING, expires_at=None)
+
+    with TestClient(app) as client:
+        assert client.post("/api/v1/session", json={"token": secret}).status_code == 201
+        board = client.get("/console/tech")
+        headers = {"Authorization": f"Bearer {secret}"}
+        today = get(client, headers, area="g1", **{"from": "2026-11-23"})
+        week = get(client, headers, by="day", **{"from": "2026-11-17"})
+
+    assert board.status_code == 200, board.text
+    assert today["timezone"] == ELSEWHERE
+    ratio = area(today["buckets"][0], "g1")["online_ratio"]
+    assert ratio == pytest.approx(17.5 / 23.5)  # 6 of the 23.5 hours since New York's midnight
+    # The board's "today" column for the grid: the same day, the same figure.
+    row = re.search(r'<th scope="row">Area g1</th><td>[^<]*</td><td>([^<]*)</td>', board.text)
+    assert row is not None, board.text
+    assert row.group(1) == f"{ratio * 100:.1f}%"
+    # Its period ends on New York's today, and its chart's days are the route's days.
+    assert 'id="to" name="to" value="2026-11-23"' in board.text
+    days = [(b["day"], b["total"]["online_ratio"]) for b in week["buckets"]]
+    assert days[-1][0] == "2026-11-23"
+    chart = "; ".join(f"{day}: {'—' if r is None else f'{r * 100:.1f}%'}" for day, r in days)
+    assert f'<desc id="chart-desc">{chart}</desc>' in board.text

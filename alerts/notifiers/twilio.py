@@ -13,6 +13,8 @@ and everything else the client does (auth, form encoding, error parsing) is unch
 
 from __future__ import annotations
 
+import logging
+import os
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -26,6 +28,13 @@ from alerts.notifiers.base import Delivery, Message, SendOutcome, SendResult
 from alerts.notifiers.text import plain_text
 from devices.kinds import SEVERITY_OF_KIND, Channel, IncidentKind, Severity
 from shouhu.settings import TWILIO_DEFAULT_API_BASE
+
+# The SDK logs every request and response at INFO (ten lines a page, headers included):
+# in a mass event that is a tenth of the router's CPU and buries what matters. Shouhu
+# records each send itself (the timeline, the router's log); the SDK's lines are kept
+# for warnings and errors only.
+_SDK_HTTP_LOG = logging.getLogger("shouhu.twilio.http")
+_SDK_HTTP_LOG.setLevel(logging.WARNING)
 
 if TYPE_CHECKING:
     from twilio.http.response import Response
@@ -202,11 +211,20 @@ class RebasingHttpClient(TwilioHttpClient):  # type: ignore[misc]  # twilio ship
 
     Any other URL is left alone. Every request gets a timeout (``timeout`` unless the
     caller passes one), so a network that does not answer cannot hold an escalation.
+    The proxy settings of the environment (``HTTPS_PROXY``, ``NO_PROXY``) are read once,
+    here, for ``api_base``: requests would otherwise read them again on every page.
     """
 
     def __init__(self, api_base: str, *, timeout: float = HTTP_TIMEOUT_S) -> None:
-        super().__init__(timeout=timeout)
         self.api_base = api_base.rstrip("/")
+        proxies = requests.utils.get_environ_proxies(self.api_base)
+        super().__init__(timeout=timeout, logger=_SDK_HTTP_LOG, proxy=proxies or None)
+        if self.session is not None:
+            self.session.trust_env = False
+            # trust_env also read the CA bundle a site may set for its outbound proxy.
+            bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
+            if bundle:
+                self.session.verify = bundle
 
     def rebase(self, url: str) -> str:
         """``url`` with the Twilio API prefix replaced by ``api_base``."""

@@ -25,7 +25,15 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from alerts.acknowledge import Result, acknowledge, decline, resolve
 from alerts.care import close_task, start_task
-from api import deps
+from api import access, deps
+from api.access import (
+    ACKNOWLEDGERS,
+    CAMERA_CARETAKERS,
+    OVERVIEW_READERS,
+    may_see_incident,
+    may_see_task,
+    visible_incident_kinds,
+)
 from api.consoles import queries
 from api.consoles.i18n import Lang, maybe, word
 from api.consoles.uptime_chart import area_ratios, daily_ratios, svg_chart
@@ -33,24 +41,20 @@ from api.deps import (
     SESSION_COOKIE,
     ConnDep,
     Now,
+    SettingsDep,
     identify,
     require_same_origin,
     token_actor,
     tuple_rows,
     write_audit,
 )
-from api.routes.acknowledgements import ACKNOWLEDGERS
-from api.routes.incidents import may_see_incident, visible_kinds
 from api.routes.sessions import SessionCreate, create_session, delete_session
-from api.routes.tasks import TASK_KINDS_OF_ROLE, may_see_task
 from devices.kinds import REPAIR_OUTCOMES, VISIT_OUTCOMES, Outcome, TaskKind, TaskOutcome
-from shouhu.settings import DEFAULT_RESOLVE_TIMEOUT_S
 from shouhu.tokens import Role, TokenIdentity
 
 HERE = Path(__file__).resolve().parent
 STATIC_DIR = HERE / "static"
 LANG_COOKIE = "shouhu_lang"
-DEFAULT_ZONE = ZoneInfo("Asia/Shanghai")
 HOME = {
     Role.GRID_WORKER: "/console/grid",
     Role.PLATFORM: "/console/grid",
@@ -116,8 +120,8 @@ LangDep = Annotated[Lang, Depends(get_lang)]
 
 
 def _zone(request: Request) -> ZoneInfo:
-    zone: ZoneInfo = getattr(request.app.state, "zone", DEFAULT_ZONE)
-    return zone
+    """``SHOUHU_TIMEZONE``, as the uptime route has it (error pages are rendered outside a route)."""
+    return deps.get_zone(deps.get_settings(request))
 
 
 def _render(
@@ -209,7 +213,7 @@ def home(token: Viewer) -> RedirectResponse:
 
 
 def _grid_context(conn: ConnDep, token: TokenIdentity) -> dict[str, Any]:
-    kinds = [k.value for k in visible_kinds(token.role)]
+    kinds = [k.value for k in visible_incident_kinds(token.role)]
     return {"incidents": queries.open_incidents(conn, _scope(conn, token), kinds), "token": token}
 
 
@@ -239,13 +243,13 @@ def _incident_context(
     found = _visible_incident(conn, token, incident_id)
     resident = None
     guardians: list[dict[str, Any]] = []
-    if found["resident_id"] and token.role in deps.RESIDENT_READERS:
+    if found["resident_id"] and token.role in access.RESIDENT_READERS:
         resident = {
             "name": found["resident_name"],
             "address": found["resident_address"],
             "phone": found["resident_phone"],
             # Health data only for the roles the API shows it to (PIPL).
-            "medical_notes": found["medical_notes"] if token.role in deps.SENSITIVE_READERS else None,
+            "medical_notes": found["medical_notes"] if token.role in access.SENSITIVE_READERS else None,
         }
         guardians = queries.guardians(conn, found["resident_id"])
         with conn.transaction():
@@ -296,8 +300,10 @@ def _act(
 
 
 @router.post("/incidents/{incident_id}/ack")
-def acknowledge_from_console(request: Request, conn: ConnDep, token: Viewer, now: Now, incident_id: int) -> Response:
-    timeout = getattr(request.app.state, "resolve_timeout_s", DEFAULT_RESOLVE_TIMEOUT_S)
+def acknowledge_from_console(
+    request: Request, conn: ConnDep, token: Viewer, now: Now, settings: SettingsDep, incident_id: int
+) -> Response:
+    timeout = settings.resolve_timeout_s
     return _act(
         request,
         conn,
@@ -443,7 +449,7 @@ def _instant(day: date, zone: ZoneInfo) -> datetime:
 
 
 def _tech_context(request: Request, conn: ConnDep, token: TokenIdentity, now: datetime) -> dict[str, Any]:
-    if TaskKind.REPAIR not in TASK_KINDS_OF_ROLE[token.role]:
+    if token.role not in CAMERA_CARETAKERS:  # the uptime route's gate, the same set
         raise HTTPException(status.HTTP_403_FORBIDDEN, "forbidden")
     zone = _zone(request)
     start, end = _period(request, now, zone, 7)
@@ -480,7 +486,7 @@ def tech_body(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now
 
 
 def _overview_context(request: Request, conn: ConnDep, token: TokenIdentity, now: datetime) -> dict[str, Any]:
-    if token.role not in (Role.ADMIN, Role.OPERATOR):
+    if token.role not in OVERVIEW_READERS:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "forbidden")
     zone = _zone(request)
     start, end = _period(request, now, zone, 30)

@@ -9,30 +9,27 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, HTTPException, Request, status
+from fastapi import APIRouter, HTTPException, status
 from pydantic import BaseModel, Field
 
 from alerts.acknowledge import Result, acknowledge, resolve
+from api.access import ACKNOWLEDGERS, may_see_incident
 from api.deps import (
     API_PREFIX,
     ConnDep,
     CurrentToken,
     Now,
     Scope,
+    SettingsDep,
     not_found,
     token_actor,
     tuple_rows,
     write_audit,
 )
-from api.routes.incidents import may_see_incident
 from devices.kinds import IncidentState, Outcome
-from shouhu.settings import DEFAULT_RESOLVE_TIMEOUT_S
-from shouhu.tokens import Role
 
 router = APIRouter(prefix=f"{API_PREFIX}/incidents", tags=["incidents"])
 
-# Who may take or close an incident: not a technician (cameras only) for red ones.
-ACKNOWLEDGERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM})
 
 
 class AcknowledgeBody(BaseModel):
@@ -97,7 +94,7 @@ def _audit(conn: ConnDep, token: CurrentToken, now: Any, action: str, incident_i
 
 @router.post("/{incident_id}/ack")
 def acknowledge_incident(
-    request: Request,
+    settings: SettingsDep,
     conn: ConnDep,
     token: CurrentToken,
     scope: Scope,
@@ -108,11 +105,10 @@ def acknowledge_incident(
     """Take an incident: the escalation stops and everyone already paged is told who took it."""
     _check(conn, token, scope, incident_id, acknowledging=True)
     actor = token_actor(conn, token)
-    timeout = getattr(request.app.state, "resolve_timeout_s", DEFAULT_RESOLVE_TIMEOUT_S)
     note = (body or AcknowledgeBody()).note
     with conn.transaction():
         with tuple_rows(conn) as plain:
-            result = acknowledge(plain, incident_id, actor, "api", now, resolve_timeout_s=timeout)
+            result = acknowledge(plain, incident_id, actor, "api", now, resolve_timeout_s=settings.resolve_timeout_s)
         _audit(conn, token, now, "acknowledge", incident_id, {"result": result.value, "note": note})
     return _answer(conn, incident_id, result)
 

@@ -55,9 +55,9 @@ from alerts.notifiers.twilio import (
 from alerts.retry import after_failure
 from alerts.states import AttemptState, IncidentState
 from alerts.timeline import add_event
-from api.deps import ConnDep, Now, tuple_rows
+from api.deps import ConnDep, Now, SettingsDep, tuple_rows
+from api.limits import storable_text
 from devices.kinds import Channel
-from shouhu.settings import DEFAULT_RESOLVE_TIMEOUT_S
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +66,9 @@ T = TypeVar("T")
 
 # The Twilio number's inbound-SMS webhook ("A message comes in"), set on the number.
 SMS_CALLBACK_PATH = "/callbacks/twilio/sms"
+# Every route here: their form bodies skip the request limits' text check (api/limits.py),
+# because a provider cannot correct a reply; signed_form cleans the fields instead.
+CALLBACK_PATHS = frozenset({SMS_CALLBACK_PATH, KEYPRESS_CALLBACK_PATH, STATUS_CALLBACK_PATH, VOICE_CALLBACK_PATH})
 # A deadlock with a router (each holding a row the other wants) aborts one side;
 # the callback's whole transaction is simply run again.
 TRANSACTION_TRIES = 3
@@ -88,27 +91,32 @@ SMS_HELP = "【守护】未能识别您的回复。请按短信提示回复：�
 # --- the signature ---------------------------------------------------------------
 
 
-def signed_url(request: Request) -> str:
+def signed_url(request: Request, public_url: str) -> str:
     """The URL Twilio signed: the public URL, the path and the query, as Twilio was given them."""
-    public: str = getattr(request.app.state, "public_url", "")
     query = request.url.query
-    return public.rstrip("/") + request.url.path + (f"?{query}" if query else "")
+    return public_url.rstrip("/") + request.url.path + (f"?{query}" if query else "")
 
 
-async def signed_form(request: Request) -> dict[str, str]:
-    """The request's form fields once ``X-Twilio-Signature`` proves Twilio sent them; 403 otherwise."""
+async def signed_form(request: Request, settings: SettingsDep) -> dict[str, str]:
+    """The request's form fields once ``X-Twilio-Signature`` proves Twilio sent them; 403 otherwise.
+
+    The signature is checked over the fields exactly as Twilio signed them. Only then
+    is text PostgreSQL cannot hold (a NUL byte in an SMS body) dropped from them: the
+    request limits let these routes' form bodies through for that (``api/limits.py``),
+    because refusing a provider's callback would lose the acknowledgement it carries.
+    """
     # Parsed here, as the phone simulator does: no multipart package is needed.
     fields = parse_qs((await request.body()).decode("utf-8", "replace"), keep_blank_values=True)
     form = {name: values[0] for name, values in fields.items()}
-    token: str = getattr(request.app.state, "twilio_auth_token", "")
+    token = settings.twilio_auth_token
     if not token:
         log.error("refused a callback to %s: no Twilio auth token is configured", request.url.path)
         raise HTTPException(status.HTTP_403_FORBIDDEN, "callbacks are refused: no Twilio auth token is configured")
     signature = request.headers.get("X-Twilio-Signature", "")
-    if not signature or not RequestValidator(token).validate(signed_url(request), form, signature):
+    if not signature or not RequestValidator(token).validate(signed_url(request, settings.public_url), form, signature):
         log.warning("refused a callback to %s: X-Twilio-Signature missing or wrong", request.url.path)
         raise HTTPException(status.HTTP_403_FORBIDDEN, "X-Twilio-Signature is missing or does not match")
-    return form
+    return {storable_text(name): storable_text(value) for name, value in form.items()}
 
 
 SignedForm = Annotated[dict[str, str], Depends(signed_form)]
@@ -205,7 +213,7 @@ UNKNOWN_CALL = "守护紧急呼叫。请查看短信，并按短信提示回复�
 
 
 @router.post(VOICE_CALLBACK_PATH, response_class=Response, responses=REFUSED)
-def read_call_twiml(request: Request, form: SignedForm, conn: ConnDep) -> Response:
+def read_call_twiml(request: Request, form: SignedForm, conn: ConnDep, settings: SettingsDep) -> Response:
     """What a page call says, for a call placed with ``Url``: the same TwiML the router sends inline."""
     try:
         attempt_id = int(request.query_params.get("attempt", ""))
@@ -216,8 +224,7 @@ def read_call_twiml(request: Request, form: SignedForm, conn: ConnDep) -> Respon
     if attempt is None or attempt.channel is not Channel.VOICE:
         log.warning("TwiML asked for call %s naming no voice attempt (%r)", form.get("CallSid"), attempt_id)
         return Response(_say(UNKNOWN_CALL), media_type=TWIML)
-    public: str = getattr(request.app.state, "public_url", "")
-    twiml = voice_twiml(attempt.message(), keypress_url=keypress_url(public, attempt.id))
+    twiml = voice_twiml(attempt.message(), keypress_url=keypress_url(settings.public_url, attempt.id))
     return Response(twiml, media_type=TWIML)
 
 
@@ -229,7 +236,7 @@ def read_call_twiml(request: Request, form: SignedForm, conn: ConnDep) -> Respon
     response_class=Response,
     responses={**REFUSED, status.HTTP_404_NOT_FOUND: {"description": "No such attempt."}},
 )
-def receive_keypress(request: Request, form: SignedForm, conn: ConnDep, now: Now) -> Response:
+def receive_keypress(request: Request, form: SignedForm, conn: ConnDep, now: Now, settings: SettingsDep) -> Response:
     """A digit pressed on a page call: 1 = going (acknowledges), 2 = cannot (declines)."""
     try:
         attempt_id = int(request.query_params.get("attempt", ""))
@@ -237,8 +244,8 @@ def receive_keypress(request: Request, form: SignedForm, conn: ConnDep, now: Now
         raise HTTPException(status.HTTP_404_NOT_FOUND, "no attempt named in the keypress URL") from None
     call_sid = form.get("CallSid", "")
     digit = form.get("Digits", "").strip()
-    timeout = int(getattr(request.app.state, "resolve_timeout_s", DEFAULT_RESOLVE_TIMEOUT_S))
-    again = signed_url(request)
+    timeout = settings.resolve_timeout_s
+    again = signed_url(request, settings.public_url)
 
     def work(conn: Conn) -> str:
         row = _lock_attempt(conn, "id = %s", (attempt_id,))
@@ -496,12 +503,12 @@ def _paged_for(conn: Conn, code: str, phone: str) -> tuple[int, str, Actor] | No
 
 
 @router.post(SMS_CALLBACK_PATH, response_class=Response, responses=REFUSED)
-def receive_sms_reply(request: Request, form: SignedForm, conn: ConnDep, now: Now) -> Response:
+def receive_sms_reply(form: SignedForm, conn: ConnDep, now: Now, settings: SettingsDep) -> Response:
     """An SMS reply: the incident's code, then 1 (going, the default) or 2 (cannot)."""
     sender = form.get("From", "").strip()
     message_sid = form.get("MessageSid", "")
     replies = parse_sms_reply(form.get("Body", ""))
-    timeout = int(getattr(request.app.state, "resolve_timeout_s", DEFAULT_RESOLVE_TIMEOUT_S))
+    timeout = settings.resolve_timeout_s
 
     def work(conn: Conn) -> str:
         for reply in replies:

@@ -8,9 +8,9 @@ from typing import Annotated, Any
 from fastapi import APIRouter, Query
 from pydantic import BaseModel
 
+from api.access import may_see_device, visible_device_kinds
 from api.deps import (
     API_PREFIX,
-    RESIDENT_READERS,
     ConnDep,
     CurrentToken,
     Page,
@@ -20,7 +20,6 @@ from api.deps import (
 )
 from devices.kinds import DeviceKind
 from hub.liveness import Liveness
-from shouhu.tokens import Role
 
 router = APIRouter(prefix=f"{API_PREFIX}/devices", tags=["devices"])
 
@@ -78,13 +77,6 @@ _WHERE = """
 """
 
 
-def visible_kinds(role: Role) -> frozenset[DeviceKind]:
-    """A wristband leads to its wearer, so only roles that may read residents see wristbands."""
-    if role in RESIDENT_READERS:
-        return frozenset(DeviceKind)
-    return frozenset({DeviceKind.CAMERA})
-
-
 def device_public(row: dict[str, Any]) -> DevicePublic:
     """The public shape of a ``DEVICE_ROWS`` row."""
     kind = DeviceKind(row["kind"])
@@ -132,7 +124,7 @@ def read_devices(
     ] = None,
 ) -> DevicesPublic:
     """List the devices the token may see, with their latest state."""
-    kinds = visible_kinds(token.role)
+    kinds = visible_device_kinds(token.role)
     if kind is not None:
         kinds = kinds & {kind}
     within = area_filter(conn, scope, area)
@@ -165,10 +157,6 @@ def read_devices(
 def read_device(conn: ConnDep, token: CurrentToken, scope: Scope, device_id: str) -> DevicePublic:
     """Read one device and its latest state."""
     row = conn.execute(DEVICE_ROWS + " WHERE d.id = %s", (device_id,)).fetchone()
-    if (
-        row is None
-        or DeviceKind(row["kind"]) not in visible_kinds(token.role)
-        or not scope.allows(row["scope_area"])
-    ):
+    if row is None or not may_see_device(token.role, scope, row["kind"], row["scope_area"]):
         raise not_found("device", device_id)
     return device_public(row)

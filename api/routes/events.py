@@ -23,8 +23,28 @@ from fastapi.responses import StreamingResponse
 from fastapi.security import HTTPAuthorizationCredentials
 from psycopg_pool import ConnectionPool, PoolTimeout
 
-from api.deps import API_PREFIX, Now, bearer_scheme, get_area_scope, get_now, get_pool, identify, pooled
-from api.live import Audience, LiveFeedListener, Page, Topic, audience_of, newest_id, read_after, sse_frame
+from api.deps import (
+    API_PREFIX,
+    LiveFeedDep,
+    Now,
+    PoolDep,
+    bearer_scheme,
+    get_area_scope,
+    get_now,
+    identify,
+    pooled,
+)
+from api.live import (
+    HEARTBEAT_S,
+    Audience,
+    LiveFeedListener,
+    Page,
+    Topic,
+    audience_of,
+    newest_id,
+    read_after,
+    sse_frame,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +54,11 @@ router = APIRouter(prefix=f"{API_PREFIX}/events", tags=["events"])
 RETRY_MS = 3000
 # A Last-Event-ID that is not one of ours: no position to resume from, so reset.
 _UNKNOWN_POSITION = -1
+
+
+def get_heartbeat_s() -> float:
+    """Seconds between heartbeats, each re-checking the stream's credential; tests override it."""
+    return HEARTBEAT_S
 
 
 def _viewer(pool: ConnectionPool, request: Request, bearer: str | None, now: datetime) -> Audience:
@@ -129,6 +154,9 @@ async def _stream(
 async def read_events(
     request: Request,
     now: Now,
+    pool: PoolDep,
+    listener: LiveFeedDep,
+    heartbeat_s: Annotated[float, Depends(get_heartbeat_s)],
     bearer: Annotated[HTTPAuthorizationCredentials | None, Depends(bearer_scheme)],
     last_event_id: Annotated[
         int | None,
@@ -137,7 +165,6 @@ async def read_events(
     last_event_id_header: Annotated[str | None, Header(alias="Last-Event-ID")] = None,
 ) -> StreamingResponse:
     """Stream changes of the incidents, devices and care tasks the token may see."""
-    pool = get_pool(request)
     secret = None if bearer is None else bearer.credentials
     audience = await to_thread.run_sync(_viewer, pool, request, secret, now)
     position = _resume_position(last_event_id_header, last_event_id)
@@ -145,14 +172,14 @@ async def read_events(
     clock: Callable[[], datetime] = request.app.dependency_overrides.get(get_now, get_now)
     return StreamingResponse(
         _stream(
-            listener=request.app.state.live_feed,
+            listener=listener,
             pool=pool,
             request=request,
             bearer=secret,
             clock=clock,
             audience=audience,
             cursor=cursor,
-            heartbeat_s=request.app.state.events_heartbeat_s,
+            heartbeat_s=heartbeat_s,
         ),
         media_type="text/event-stream",
         # no-cache: never served from a cache; X-Accel-Buffering: nginx passes each event at once.

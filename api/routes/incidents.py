@@ -9,15 +9,13 @@ from fastapi import APIRouter, Query
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
-from api import deps
+from api.access import PHONE_READERS, may_see_incident, visible_incident_kinds
 from api.deps import API_PREFIX, ConnDep, CurrentToken, Now, Page, Rfc3339, Scope, area_filter, not_found
 from devices.kinds import Channel, IncidentKind, IncidentState, Severity
-from shouhu.tokens import Role
 
 router = APIRouter(prefix=f"{API_PREFIX}/incidents", tags=["incidents"])
 
 # Roles that see the phone numbers notifications went to; the others see them masked.
-PHONE_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR, Role.PLATFORM})
 # Timeline detail keys that hold a phone number (masked for roles outside PHONE_READERS).
 _PHONE_KEYS = frozenset({"to", "from", "phone", "callback_number"})
 # Timeline detail keys never shown to anyone: health data stays on the resident's record.
@@ -99,18 +97,6 @@ _WHERE = """
 """
 
 
-def visible_kinds(role: Role) -> frozenset[IncidentKind]:
-    """Roles that may not read residents (technicians) see camera incidents only."""
-    if role in deps.RESIDENT_READERS:
-        return frozenset(IncidentKind)
-    return frozenset({IncidentKind.CAMERA_OFFLINE})
-
-
-def may_see_incident(role: Role, scope: deps.AreaScope, kind: str, area_id: str | None) -> bool:
-    """Whether a token of ``role`` within ``scope`` sees this incident at all (else it is a 404)."""
-    return IncidentKind(kind) in visible_kinds(role) and scope.allows(area_id)
-
-
 def mask_phone(address: str) -> str:
     """``+12025550100`` → ``+1202****0100``; anything short is masked whole."""
     if len(address) < 10:
@@ -157,7 +143,7 @@ def read_incidents(
     ] = None,
 ) -> IncidentsPublic:
     """List the incidents the token may see, newest first."""
-    kinds = visible_kinds(token.role)
+    kinds = visible_incident_kinds(token.role)
     if kind is not None:
         kinds = kinds & {kind}
     within = area_filter(conn, scope, area)

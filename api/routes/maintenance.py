@@ -16,6 +16,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field, model_validator
 
+from api.access import AREA_SETTERS, MAINTAINED_KINDS_OF_ROLE
 from api.deps import (
     API_PREFIX,
     ConnDep,
@@ -29,20 +30,9 @@ from api.deps import (
     write_audit,
 )
 from devices.kinds import DeviceKind
-from shouhu.tokens import Role
 
 router = APIRouter(prefix=f"{API_PREFIX}/maintenance", tags=["maintenance"])
 
-DEVICE_KINDS_OF_ROLE: dict[Role, frozenset[DeviceKind]] = {
-    Role.ADMIN: frozenset(DeviceKind),
-    Role.OPERATOR: frozenset(DeviceKind),
-    Role.TECHNICIAN: frozenset({DeviceKind.CAMERA}),
-    Role.GRID_WORKER: frozenset({DeviceKind.WRISTBAND}),
-    Role.PLATFORM: frozenset(),
-}
-# A window over a whole area silences residents' wristbands too (visits, battery
-# notices): only roles answerable for both. A technician silences cameras one by one.
-AREA_SETTERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR})
 # How far back a window may start: clock skew, not rewriting history (uptime excludes it).
 BACKDATE_ALLOWANCE = timedelta(minutes=5)
 
@@ -107,7 +97,7 @@ def create_maintenance(
     conn: ConnDep, token: CurrentToken, scope: Scope, now: Now, body: MaintenanceCreate
 ) -> MaintenancePublic:
     """Silence non-SOS incidents for a device or an area until ``ends_at`` (an SOS is never silenced)."""
-    kinds = DEVICE_KINDS_OF_ROLE[token.role]
+    kinds = MAINTAINED_KINDS_OF_ROLE[token.role]
     if body.device_id is not None:
         found = _device_scope(conn, body.device_id)
         if found is None or not scope.allows(found[0]) or found[1] not in kinds:
@@ -163,7 +153,7 @@ def read_maintenance(
         "scope": scope.as_param(),
         "within": area_filter(conn, scope, area),
         "active": active,
-        "kinds": sorted(k.value for k in DEVICE_KINDS_OF_ROLE[token.role]),
+        "kinds": sorted(k.value for k in MAINTAINED_KINDS_OF_ROLE[token.role]),
         "limit": page.limit,
         "offset": page.offset,
     }
@@ -189,7 +179,7 @@ def end_maintenance(conn: ConnDep, token: CurrentToken, scope: Scope, now: Now, 
     """End a window now: one not yet begun is cancelled; one running ends here, its past kept."""
     row = conn.execute(_SELECT + " WHERE m.id = %(id)s", {"id": window_id, "now": now}).fetchone()
     kind_ok = row is not None and (
-        row["device_kind"] is None or DeviceKind(row["device_kind"]) in DEVICE_KINDS_OF_ROLE[token.role]
+        row["device_kind"] is None or DeviceKind(row["device_kind"]) in MAINTAINED_KINDS_OF_ROLE[token.role]
     )
     if row is None or not kind_ok or not scope.allows(row["scope_area"]):
         raise not_found("maintenance window", str(window_id))

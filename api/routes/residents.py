@@ -8,7 +8,7 @@ from fastapi import APIRouter
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
-from api import deps
+from api import access
 from api.deps import API_PREFIX, ConnDep, CurrentToken, Now, Scope, not_found
 from api.routes.devices import DEVICE_ROWS, DevicePublic, device_public
 
@@ -49,9 +49,9 @@ def read_resident(
 ) -> ResidentPublic:
     """Read one resident with guardians and devices; the read is audited."""
     # Read through the module so the role sets stay the single source of truth.
-    if token.role not in deps.RESIDENT_READERS:
+    if token.role not in access.RESIDENT_READERS:
         raise not_found("resident", resident_id)
-    sensitive = token.role in deps.SENSITIVE_READERS
+    sensitive = token.role in access.SENSITIVE_READERS
     # The read and its audit row commit together, or neither does.
     with conn.transaction():
         row = conn.execute(

@@ -14,9 +14,9 @@ from pydantic import BaseModel, Field
 
 from alerts.acknowledge import Result
 from alerts.care import close_task, start_task
+from api.access import CAMERA_CARETAKERS, TASK_KINDS_OF_ROLE, may_see_task
 from api.deps import (
     API_PREFIX,
-    AreaScope,
     ConnDep,
     CurrentToken,
     Now,
@@ -33,14 +33,6 @@ from devices.kinds import TaskKind, TaskOutcome, TaskState
 from shouhu.tokens import Role
 
 router = APIRouter(prefix=f"{API_PREFIX}/tasks", tags=["tasks"])
-
-TASK_KINDS_OF_ROLE: dict[Role, frozenset[TaskKind]] = {
-    Role.ADMIN: frozenset(TaskKind),
-    Role.OPERATOR: frozenset(TaskKind),
-    Role.GRID_WORKER: frozenset({TaskKind.VISIT}),
-    Role.TECHNICIAN: frozenset({TaskKind.REPAIR}),
-    Role.PLATFORM: frozenset(),
-}
 
 
 class TaskPublic(BaseModel):
@@ -130,11 +122,6 @@ _WHERE = """
 """
 
 
-def may_see_task(role: Role, scope: AreaScope, kind: str, area_id: str | None) -> bool:
-    """Whether a token of ``role`` within ``scope`` sees this task at all (else it is a 404)."""
-    return TaskKind(kind) in TASK_KINDS_OF_ROLE[role] and scope.allows(area_id)
-
-
 def _kinds(role: Role, kind: TaskKind | None) -> list[str]:
     allowed = TASK_KINDS_OF_ROLE[role]
     return sorted(k.value for k in allowed if kind is None or k is kind)
@@ -192,7 +179,7 @@ def read_repair_rounds(
     area: Annotated[str | None, Query(description="An area id: it and everything below it.")] = None,
 ) -> RepairRoundsPublic:
     """Open repair orders grouped by area, oldest first: a technician's round (维修巡检)."""
-    if TaskKind.REPAIR not in TASK_KINDS_OF_ROLE[token.role]:
+    if token.role not in CAMERA_CARETAKERS:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"a {token.role.value} token cannot read repair orders")
     params = {
         "kinds": [TaskKind.REPAIR.value],

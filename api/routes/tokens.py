@@ -13,6 +13,7 @@ from typing import Annotated, Any
 from fastapi import APIRouter, HTTPException, Query, status
 from pydantic import BaseModel, Field
 
+from api.access import TOKEN_ADMINS
 from api.deps import (
     API_PREFIX,
     ConnDep,
@@ -87,7 +88,7 @@ class AuditLogPublic(BaseModel):
 
 
 def _require_admin(token: TokenIdentity, *, county_wide: bool = False) -> None:
-    if token.role is not Role.ADMIN:
+    if token.role not in TOKEN_ADMINS:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"a {token.role.value} token cannot manage tokens")
     if county_wide and token.areas:
         raise HTTPException(status.HTTP_403_FORBIDDEN, "only an admin token for the whole county reads the audit log")

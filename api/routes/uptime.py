@@ -10,37 +10,21 @@ from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta
 from enum import StrEnum
-from functools import lru_cache
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
 
-from fastapi import APIRouter, Depends, HTTPException, Query, status
+from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field
 
-from api.deps import API_PREFIX, ConnDep, CurrentToken, Now, Page, Scope, area_filter, tuple_rows
+from api.access import CAMERA_CARETAKERS
+from api.deps import API_PREFIX, ConnDep, CurrentToken, Now, Page, Scope, Zone, area_filter, tuple_rows
 from devices.uptime import Span, Uptime, local_midnight
 from devices.uptime_store import MAX_PERIOD_DAYS, uptime_report
-from shouhu.settings import Settings
-from shouhu.tokens import Role
 
 router = APIRouter(prefix=f"{API_PREFIX}/cameras", tags=["cameras"])
 
-UPTIME_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR, Role.TECHNICIAN})
 DEFAULT_PERIOD = timedelta(days=7)
-
-
-@lru_cache(maxsize=1)
-def _settings_zone() -> ZoneInfo:
-    return Settings().zone
-
-
-def get_zone() -> ZoneInfo:
-    """SHOUHU_TIMEZONE, where local days begin; tests override this dependency."""
-    return _settings_zone()
-
-
-Zone = Annotated[ZoneInfo, Depends(get_zone)]
 
 
 class By(StrEnum):
@@ -245,7 +229,7 @@ def read_camera_uptime(
     by: Annotated[By, Query(description="One bucket per local day, or one for the whole period.")] = By.PERIOD,
 ) -> CameraUptimeReport:
     """Time-weighted camera uptime by camera and area, with offline reasons and repair times."""
-    if token.role not in UPTIME_READERS:
+    if token.role not in CAMERA_CARETAKERS:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"a {token.role.value} token cannot read camera uptime")
     window = report_window(from_, to, now, zone)
     within = area_filter(conn, scope, area)

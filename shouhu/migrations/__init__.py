@@ -22,6 +22,7 @@ import psycopg
 
 from devices import uptime_store
 from shouhu import timeseries
+from shouhu.settings import DEFAULT_TIMEZONE
 
 # An arbitrary constant: the advisory lock key that serialises migrations.
 MIGRATION_LOCK_KEY = 0x5348_4F55_4855_0001
@@ -31,6 +32,8 @@ MIGRATION_LOCK_KEY = 0x5348_4F55_4855_0001
 class MigrationContext:
     retention_days: int
     now: datetime
+    # SHOUHU_TIMEZONE: the day boundaries of migration 11's continuous aggregate.
+    timezone: str = DEFAULT_TIMEZONE
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,6 +57,10 @@ def _create_series_tables(conn: psycopg.Connection, context: MigrationContext) -
     conn.execute("INSERT INTO shouhu_meta (key, value) VALUES ('storage_mode', %s)", (mode.value,))
 
 
+def _create_uptime_views(conn: psycopg.Connection, context: MigrationContext) -> None:
+    uptime_store.create_timescaledb_views(conn, context.timezone)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "core schema", sql_file="0001_core.sql"),
     Migration(2, "time-series tables", apply=_create_series_tables),
@@ -65,10 +72,11 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(8, "care: visit tasks, work orders, battery notices, maintenance, quiet hours", sql_file="0008_care.sql"),
     Migration(9, "an index for the incident list", sql_file="0009_incident_list.sql"),
     # 10 was reserved for work that needed no migration; the runner does not need versions contiguous.
-    Migration(11, "camera uptime", sql_file="0011_uptime.sql", apply=uptime_store.create_timescaledb_views),
+    Migration(11, "camera uptime", sql_file="0011_uptime.sql", apply=_create_uptime_views),
     Migration(12, "live feed outbox and console sessions", sql_file="0012_events.sql"),
     # 13 is left free for parallel work on issue 13; versions need not be contiguous.
     Migration(14, "attempt leases: send outside any lock", sql_file="0014_attempt_leases.sql"),
+    Migration(15, "first pages of unpaged incidents first", sql_file="0015_unpaged_first.sql"),
 )
 
 
