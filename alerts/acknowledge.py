@@ -10,19 +10,34 @@ every action queued under the old one.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 from enum import StrEnum
 
 from psycopg.rows import class_row
 
-from alerts.attempts import lock_incident
-from alerts.retry import advance, nobody_left
+from alerts import escalation
+from alerts.attempts import cancel_pending, queue_notice, queue_platform_message, queue_repage
+from alerts.escalation import advance
+from alerts.locks import lock_incident
+from alerts.retry import nobody_left
+from alerts.states import ACTIVE, CLOSED, AttemptState, IncidentState
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import AttemptPurpose, Channel, IncidentKind, Outcome
 from shouhu.db import Conn
 
-ACTIVE = ("open", "unreached")
+__all__ = [
+    "Actor",
+    "IncidentRow",
+    "Result",
+    "acknowledge",
+    "cancel_from_device",
+    "decline",
+    "queue_notice",
+    "queue_platform_message",
+    "repage_acknowledger",
+    "resolve",
+]
 
 
 @dataclass(frozen=True, slots=True)
@@ -53,7 +68,7 @@ class IncidentRow:
     id: int
     code: str
     kind: str
-    state: str
+    state: IncidentState
     opened_at: datetime
     acknowledged_by: str | None
     acknowledged_by_name: str | None
@@ -63,7 +78,7 @@ class IncidentRow:
 def _lock(conn: Conn, incident_id: int) -> IncidentRow | None:
     if lock_incident(conn, incident_id) is None:
         return None
-    return conn.cursor(row_factory=class_row(IncidentRow)).execute(
+    row = conn.cursor(row_factory=class_row(IncidentRow)).execute(
         """
         SELECT i.id, i.code, i.kind, i.state, i.opened_at, i.acknowledged_by, i.acknowledged_by_name,
                coalesce(r.name, '未登记手环') AS resident_name
@@ -72,38 +87,19 @@ def _lock(conn: Conn, incident_id: int) -> IncidentRow | None:
         """,
         (incident_id,),
     ).fetchone()
+    return None if row is None else replace(row, state=IncidentState(row.state))
 
 
-def _stop_escalation(conn: Conn, incident_id: int, now: datetime) -> None:
-    """Retire every queued step and every page not yet started (fencing token bumped).
+def _stop_escalation(conn: Conn, incident_id: int, now: datetime) -> int:
+    """Retire every queued step (fencing token bumped) and every page not yet started; the new token.
 
-    Rows a router holds right now are skipped, not waited for: a router claims an
-    action or an attempt before it reads the incident. A skipped step is refused by
-    the bumped token when the router reaches the incident; a skipped page is cancelled
-    by the claim, which reads the incident under a share lock this transaction's
-    ``FOR UPDATE`` conflicts with. A page in flight (leased) goes on: its person is
-    told who took it (:func:`_paged_people`).
+    A page in flight (leased) goes on: its person is told who took it
+    (:func:`_paged_people`). See :func:`alerts.escalation.stop` and
+    :func:`alerts.attempts.cancel_pending` for the rows a router holds right now.
     """
-    conn.execute(
-        "UPDATE incidents SET escalation_token = escalation_token + 1, updated_at = %s WHERE id = %s",
-        (now, incident_id),
-    )
-    conn.execute(
-        """
-        UPDATE escalation_actions SET state = 'cancelled', done_at = %s
-        WHERE id IN (SELECT id FROM escalation_actions WHERE incident_id = %s AND state = 'pending'
-                     FOR UPDATE SKIP LOCKED)
-        """,
-        (now, incident_id),
-    )
-    conn.execute(
-        """
-        UPDATE notification_attempts SET state = 'cancelled', updated_at = %s
-        WHERE id IN (SELECT id FROM notification_attempts WHERE incident_id = %s AND state = 'pending'
-                     AND purpose IN ('page', 'repage') AND leased_by IS NULL FOR UPDATE SKIP LOCKED)
-        """,
-        (now, incident_id),
-    )
+    token = escalation.stop(conn, incident_id, now)
+    cancel_pending(conn, incident_id, now, pages_only=True)
+    return token
 
 
 def _paged_people(conn: Conn, incident_id: int) -> list[tuple[str, str, str]]:
@@ -111,66 +107,19 @@ def _paged_people(conn: Conn, incident_id: int) -> list[tuple[str, str, str]]:
     rows = conn.execute(
         """
         SELECT DISTINCT recipient_kind, recipient_id, address FROM notification_attempts
-        WHERE incident_id = %s AND purpose IN ('page', 'repage') AND channel IN ('sms', 'voice')
-          AND (state NOT IN ('pending', 'cancelled') OR (state = 'pending' AND leased_by IS NOT NULL))
+        WHERE incident_id = %(incident)s AND purpose = ANY(%(pages)s) AND channel = ANY(%(phones)s)
+          AND (state NOT IN (%(pending)s, %(cancelled)s) OR (state = %(pending)s AND leased_by IS NOT NULL))
         ORDER BY 1, 2
         """,
-        (incident_id,),
+        {
+            "incident": incident_id,
+            "pages": [AttemptPurpose.PAGE.value, AttemptPurpose.REPAGE.value],
+            "phones": [Channel.SMS.value, Channel.VOICE.value],
+            "pending": AttemptState.PENDING,
+            "cancelled": AttemptState.CANCELLED,
+        },
     ).fetchall()
     return [(str(k), str(i), str(a)) for k, i, a in rows]
-
-
-def queue_notice(
-    conn: Conn,
-    incident_id: int,
-    cause_event: int,
-    text: str,
-    people: list[tuple[str, str, str]],
-    now: datetime,
-    *,
-    not_before: datetime | None = None,
-) -> int:
-    """An SMS to each of ``people``, keyed by the event that caused it (so it is queued once).
-
-    ``not_before`` holds a non-urgent notice back (quiet hours); pages never use it.
-    """
-    for kind, recipient_id, phone in people:
-        conn.execute(
-            """
-            INSERT INTO notification_attempts (incident_id, purpose, round, step, recipient_kind, recipient_id,
-                address, channel, attempt, state, body, created_at, not_before)
-            VALUES (%s, 'notice', 0, %s, %s, %s, %s, 'sms', 1, 'pending', %s, %s, %s) ON CONFLICT DO NOTHING
-            """,
-            (incident_id, cause_event, kind, recipient_id, phone, text, now, not_before),
-        )
-    return len(people)
-
-
-def queue_platform_message(
-    conn: Conn, incident_id: int, cause_event: int, purpose: AttemptPurpose, now: datetime
-) -> bool:
-    """A CAP Update or Cancel, if (and only if) the platform was sent the first alert, or it is on its way.
-
-    An Alert in flight (leased) or between its tries: the Update is queued now and sent
-    once the Alert got through (``alerts.attempts``), or dropped if it never did.
-    """
-    told = conn.execute(
-        "SELECT 1 FROM notification_attempts WHERE incident_id = %s AND purpose = 'cap_alert'"
-        " AND (state = 'sent' OR (state = 'pending' AND (leased_by IS NOT NULL OR attempt > 1)))",
-        (incident_id,),
-    ).fetchone()
-    if not told:
-        return False
-    conn.execute(
-        """
-        INSERT INTO notification_attempts (incident_id, purpose, round, step, recipient_kind, recipient_id,
-            address, channel, attempt, state, created_at)
-        VALUES (%s, %s, 0, %s, 'platform', 'emergency-platform', '', 'webhook', 1, 'pending', %s)
-        ON CONFLICT DO NOTHING
-        """,
-        (incident_id, purpose.value, cause_event, now),
-    )
-    return True
 
 
 def acknowledge(
@@ -182,9 +131,9 @@ def acknowledge(
     ``resolve_timeout_s`` puts the incident back on the chain.
     """
     incident = _lock(conn, incident_id)
-    if incident is None or incident.state in ("resolved", "cancelled"):
+    if incident is None or incident.state in CLOSED:
         return Result.CLOSED
-    if incident.state == "acknowledged":
+    if incident.state is IncidentState.ACKNOWLEDGED:
         same = incident.acknowledged_by == actor.key
         add_event(
             conn,
@@ -195,14 +144,14 @@ def acknowledge(
             {"via": via, "taken_by": incident.acknowledged_by_name},
         )
         return Result.ALREADY if same else Result.TAKEN
-    _stop_escalation(conn, incident.id, now)
+    token = _stop_escalation(conn, incident.id, now)
     conn.execute(
         """
-        UPDATE incidents SET state = 'acknowledged', acknowledged_at = %s, acknowledged_by = %s,
+        UPDATE incidents SET state = %s, acknowledged_at = %s, acknowledged_by = %s,
             acknowledged_by_name = %s, acknowledged_via = %s, updated_at = %s
         WHERE id = %s
         """,
-        (now, actor.key, actor.name, via, now, incident.id),
+        (IncidentState.ACKNOWLEDGED, now, actor.key, actor.name, via, now, incident.id),
     )
     cause = add_event(
         conn, incident.id, now, "acknowledged", actor.key, {"name": actor.name, "role": actor.role, "via": via}
@@ -217,13 +166,7 @@ def acknowledge(
         now,
     )
     queue_platform_message(conn, incident.id, cause, AttemptPurpose.CAP_UPDATE, now)
-    token = conn.execute("SELECT escalation_token FROM incidents WHERE id = %s", (incident.id,)).fetchone()
-    assert token is not None
-    conn.execute(
-        "INSERT INTO escalation_actions (incident_id, kind, step, round, token, due_at)"
-        " VALUES (%s, 'resolve_check', 0, 0, %s, %s)",
-        (incident.id, token[0], now + timedelta(seconds=resolve_timeout_s)),
-    )
+    escalation.schedule_resolve_check(conn, incident.id, token, now + timedelta(seconds=resolve_timeout_s))
     wake_routers(conn)
     return Result.DONE
 
@@ -239,9 +182,9 @@ def decline(conn: Conn, incident_id: int, actor: Actor, via: str, now: datetime)
     current = conn.execute(
         """
         SELECT round, step FROM notification_attempts
-        WHERE incident_id = %s AND purpose IN ('page', 'cap_alert') ORDER BY round DESC, step DESC LIMIT 1
+        WHERE incident_id = %s AND purpose = ANY(%s) ORDER BY round DESC, step DESC LIMIT 1
         """,
-        (incident.id,),
+        (incident.id, [AttemptPurpose.PAGE.value, AttemptPurpose.CAP_ALERT.value]),
     ).fetchone()
     if current is None:
         return Result.DONE
@@ -255,13 +198,13 @@ def decline(conn: Conn, incident_id: int, actor: Actor, via: str, now: datetime)
 def resolve(conn: Conn, incident_id: int, outcome: Outcome, note: str, actor: Actor, now: datetime) -> Result:
     """Close the incident with its outcome; a platform that was told gets a CAP Update (a false alarm: Cancel)."""
     incident = _lock(conn, incident_id)
-    if incident is None or incident.state in ("resolved", "cancelled"):
+    if incident is None or incident.state in CLOSED:
         return Result.CLOSED
     _stop_escalation(conn, incident.id, now)
     conn.execute(
-        "UPDATE incidents SET state = 'resolved', resolved_at = %s, outcome = %s, resolution_note = %s, updated_at = %s"
+        "UPDATE incidents SET state = %s, resolved_at = %s, outcome = %s, resolution_note = %s, updated_at = %s"
         " WHERE id = %s",
-        (now, outcome.value, note, now, incident.id),
+        (IncidentState.RESOLVED, now, outcome.value, note, now, incident.id),
     )
     cause = add_event(
         conn, incident.id, now, "resolved", actor.key, {"name": actor.name, "outcome": outcome.value, "note": note}
@@ -276,7 +219,7 @@ def cancel_from_device(conn: Conn, incident_id: int, device_id: str, now: dateti
     """A wristband's cancel: stands an SOS down only within the window and before anyone
     acknowledged — never a fall. Whoever was paged is told."""
     incident = _lock(conn, incident_id)
-    if incident is None or incident.state in ("resolved", "cancelled"):
+    if incident is None or incident.state in CLOSED:
         return Result.CLOSED
     in_window = now - incident.opened_at <= timedelta(seconds=cancel_window_s)
     if incident.kind != IncidentKind.SOS.value or incident.state not in ACTIVE or not in_window:
@@ -291,8 +234,8 @@ def cancel_from_device(conn: Conn, incident_id: int, device_id: str, now: dateti
         return Result.REFUSED
     _stop_escalation(conn, incident.id, now)
     conn.execute(
-        "UPDATE incidents SET state = 'cancelled', cancelled_at = %s, updated_at = %s WHERE id = %s",
-        (now, now, incident.id),
+        "UPDATE incidents SET state = %s, cancelled_at = %s, updated_at = %s WHERE id = %s",
+        (IncidentState.CANCELLED, now, now, incident.id),
     )
     cause = add_event(conn, incident.id, now, "cancelled", f"device:{device_id}", {"within_s": cancel_window_s})
     queue_notice(
@@ -311,7 +254,7 @@ def cancel_from_device(conn: Conn, incident_id: int, device_id: str, now: dateti
 def repage_acknowledger(conn: Conn, incident_id: int, cause_event: int, now: datetime) -> bool:
     """A press after an acknowledgement: call and text whoever acknowledged, again."""
     row = conn.execute(
-        "SELECT acknowledged_by FROM incidents WHERE id = %s AND state = 'acknowledged'", (incident_id,)
+        "SELECT acknowledged_by FROM incidents WHERE id = %s AND state = %s", (incident_id, IncidentState.ACKNOWLEDGED)
     ).fetchone()
     if row is None or row[0] is None:
         return False
@@ -322,14 +265,6 @@ def repage_acknowledger(conn: Conn, incident_id: int, cause_event: int, now: dat
     phone = conn.execute(f"SELECT phone FROM {table} WHERE id = %s", (person,)).fetchone()
     if phone is None:
         return False
-    for channel in (Channel.VOICE, Channel.SMS):
-        conn.execute(
-            """
-            INSERT INTO notification_attempts (incident_id, purpose, round, step, recipient_kind, recipient_id,
-                address, channel, attempt, state, created_at)
-            VALUES (%s, 'repage', 0, %s, %s, %s, %s, %s, 1, 'pending', %s) ON CONFLICT DO NOTHING
-            """,
-            (incident_id, cause_event, kind, person, phone[0], channel.value, now),
-        )
+    queue_repage(conn, incident_id, cause_event, (kind, person, str(phone[0])), now)
     wake_routers(conn)
     return True

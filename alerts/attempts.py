@@ -17,10 +17,15 @@ An attempt stays ``pending`` while leased. A lease whose database session is gon
 router died) or whose time ran out is taken over and the attempt re-sent under the
 same key — once: lost a second time, it is failed, never sent a third time.
 
-Lock order, everywhere: **incident → escalation actions → notification attempts**.
-:func:`lock_incident` is how code takes the incident row; a transaction that will
-write an incident's attempts, actions or timeline takes it first, so a key-share lock
-taken by an insert never has to be upgraded under another transaction's.
+Lock order, everywhere: **incident → escalation actions → notification attempts**,
+taken through :func:`alerts.locks.lock_incident` (docs/escalation.md, "Locks").
+
+This module is the only writer of ``notification_attempts``: the pages of a step
+(:func:`queue_pages`), re-pages, notices and CAP Updates (:func:`queue_notice`,
+:func:`queue_repage`, :func:`queue_platform_message`), retries (:func:`queue_retry`),
+cancelling pages not yet started, what a provider's callback says
+(:func:`take_provider_id`, :func:`mark_answered`, :func:`record_status`) and the
+pages the hub's spool sent while the database was down (:func:`record_spooled_page`).
 """
 
 from __future__ import annotations
@@ -33,43 +38,41 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from alerts.locks import lock_incident, lock_incidents
 from alerts.notifiers.base import SendOutcome, SendResult
+from alerts.states import ACTIVE, CLOSED, AttemptState, IncidentState
 from alerts.timeline import add_event
 from devices.kinds import AttemptPurpose, Channel
 from shouhu.db import Conn
 
 log = logging.getLogger(__name__)
 
+__all__ = [
+    "LEASE_S",
+    "Lease",
+    "NewPage",
+    "cancel_pending",
+    "claim",
+    "lock_incident",
+    "lock_incidents",
+    "mark_answered",
+    "queue_notice",
+    "queue_pages",
+    "queue_platform_message",
+    "queue_repage",
+    "queue_retry",
+    "record_spooled_page",
+    "record_status",
+    "settle",
+    "take_provider_id",
+]
+
 
 # Longer than any notifier's hard timeout per request (10 s), with room: a live sender
 # always settles before its lease runs out.
 LEASE_S = 60.0
-ACTIVE = ("open", "unreached")
-CLOSED = ("resolved", "cancelled")
 # Taken over twice means it was lost in flight twice: fail it rather than send a third time.
 MAX_SENDS = 2
-
-
-def lock_incident(conn: Conn, incident_id: int, *, share: bool = False) -> str | None:
-    """Lock the incident row (``FOR UPDATE``, or ``FOR SHARE``); its state, or None if there is none.
-
-    The first lock a transaction takes on an incident's rows: incident → actions → attempts.
-    """
-    mode = "FOR SHARE" if share else "FOR UPDATE"
-    row = conn.execute(f"SELECT state FROM incidents WHERE id = %s {mode}", (incident_id,)).fetchone()
-    return None if row is None else str(row[0])
-
-
-def lock_incidents(conn: Conn, incident_ids: list[int], *, share: bool = False) -> dict[int, str]:
-    """:func:`lock_incident` for several, in id order (two lockers never wait for each other in a cycle)."""
-    mode = "FOR SHARE" if share else "FOR UPDATE"
-    rows = conn.execute(
-        f"SELECT id, state FROM incidents WHERE id = ANY(%s) ORDER BY id {mode}", (sorted(set(incident_ids)),)
-    ).fetchall()
-    return {int(i): str(s) for i, s in rows}
-
-
-IN_FLIGHT = "a.leased_until IS NOT NULL AND a.state = 'pending'"
 
 
 @dataclass(frozen=True, slots=True)
@@ -84,13 +87,13 @@ class Lease:
 
 def _cancel(conn: Conn, attempt_id: int, incident_id: int, now: datetime, why: str, worker: str) -> None:
     conn.execute(
-        "UPDATE notification_attempts SET state = 'cancelled', error = %s, updated_at = %s WHERE id = %s",
-        (why, now, attempt_id),
+        "UPDATE notification_attempts SET state = %s, error = %s, updated_at = %s WHERE id = %s",
+        (AttemptState.CANCELLED, why, now, attempt_id),
     )
     add_event(conn, incident_id, now, "attempt_cancelled", worker, {"attempt_id": attempt_id, "reason": why})
 
 
-def _keep(conn: Conn, purpose: AttemptPurpose, incident_id: int, state: str) -> tuple[bool, str | None]:
+def _keep(conn: Conn, purpose: AttemptPurpose, incident_id: int, state: IncidentState) -> tuple[bool, str | None]:
     """(send it?, why not) for a due attempt of an incident in ``state``; (False, None): not yet."""
     if purpose in (AttemptPurpose.PAGE, AttemptPurpose.CAP_ALERT) and state not in ACTIVE:
         return False, f"incident {state} before the send started"
@@ -98,9 +101,9 @@ def _keep(conn: Conn, purpose: AttemptPurpose, incident_id: int, state: str) -> 
         return False, f"incident {state} before the send started"
     if purpose in (AttemptPurpose.CAP_UPDATE, AttemptPurpose.CAP_CANCEL):
         alerts = conn.execute(
-            "SELECT bool_or(state = 'sent'), bool_or(state = 'pending') FROM notification_attempts"
-            " WHERE incident_id = %s AND purpose = 'cap_alert'",
-            (incident_id,),
+            "SELECT bool_or(state = %s), bool_or(state = %s) FROM notification_attempts"
+            " WHERE incident_id = %s AND purpose = %s",
+            (AttemptState.SENT, AttemptState.PENDING, incident_id, AttemptPurpose.CAP_ALERT),
         ).fetchone()
         sent, pending = alerts or (None, None)
         if not sent and pending:
@@ -131,7 +134,12 @@ def claim(
     tiers = (_UNPAGED_FIRST_PAGES, _FIRST_PAGES) if first_pages_only else (_UNPAGED_FIRST_PAGES, _FIRST_PAGES, "")
     for extra in tiers:
         taken = conn.execute(
-            _CLAIM.format(extra=extra), {"channels": [c.value for c in channels], "now": now, "limit": limit}
+            _CLAIM.format(extra=extra, pending=AttemptState.PENDING),
+            {
+                "channels": [c.value for c in channels],
+                "now": now,
+                "limit": limit,
+            },
         ).fetchall()
         if taken:
             break
@@ -143,13 +151,18 @@ def claim(
     for attempt_id, incident_id, purpose, sends, stored, channel in taken:
         if sends >= MAX_SENDS:
             conn.execute(
-                "UPDATE notification_attempts SET state = 'failed', error = %s, leased_until = NULL, updated_at = %s"
+                "UPDATE notification_attempts SET state = %s, error = %s, leased_until = NULL, updated_at = %s"
                 " WHERE id = %s",
-                ("lost in flight twice (its sender died): not sent a third time", now, attempt_id),
+                (
+                    AttemptState.FAILED,
+                    "lost in flight twice (its sender died): not sent a third time",
+                    now,
+                    attempt_id,
+                ),
             )
             add_event(conn, incident_id, now, "attempt_failed", worker, {"attempt_id": attempt_id, "lost": sends})
             continue
-        keep, why = _keep(conn, AttemptPurpose(purpose), incident_id, states.get(incident_id, "resolved"))
+        keep, why = _keep(conn, AttemptPurpose(purpose), incident_id, states.get(incident_id, IncidentState.RESOLVED))
         if not keep:
             if why is not None:
                 _cancel(conn, attempt_id, incident_id, now, why, worker)
@@ -178,28 +191,31 @@ def claim(
     return leases
 
 
+# State and purpose are written out (from the enums), not passed as parameters: each
+# claim must match a partial index's predicate, which a parameter cannot prove.
 _CLAIM = """
     SELECT a.id, a.incident_id, a.purpose, a.sends, a.body, a.channel FROM notification_attempts a
-    WHERE a.state = 'pending' AND a.channel = ANY(%(channels)s) AND (a.not_before IS NULL OR a.not_before <= %(now)s)
+    WHERE a.state = '{pending}' AND a.channel = ANY(%(channels)s) AND (a.not_before IS NULL OR a.not_before <= %(now)s)
       AND (a.leased_until IS NULL OR a.leased_until < %(now)s
            OR NOT EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = a.lease_pid)) {extra}
     ORDER BY a.created_at, a.id
     LIMIT %(limit)s
     FOR UPDATE OF a SKIP LOCKED
 """
-_FIRST_PAGES = "AND a.purpose = 'page' AND a.round = 0 AND a.step = 0 AND a.attempt = 1"
+_FIRST_PAGES = f"AND a.purpose = '{AttemptPurpose.PAGE}' AND a.round = 0 AND a.step = 0 AND a.attempt = 1"
 # A first page of an incident no provider has been asked about yet (migration 15).
 _UNPAGED_FIRST_PAGES = _FIRST_PAGES + " AND NOT a.behind_sibling"
-# Leasing an incident's first call or SMS puts its other first calls and SMS behind the
-# first pages of incidents not paged at all. Rows another sender holds are skipped, not
-# waited for: two senders leasing the same incident's voice and SMS must not deadlock.
-_BEHIND_SIBLING = """
+# Leasing an incident's first call or SMS puts its other first pages (calls, SMS and the
+# console, which then keep their order among themselves) behind the first pages of
+# incidents not paged at all. Rows another sender holds are skipped, not waited for:
+# two senders leasing the same incident's voice and SMS must not deadlock.
+_BEHIND_SIBLING = f"""
     UPDATE notification_attempts SET behind_sibling = true
     WHERE id IN (
         SELECT b.id FROM notification_attempts b
-        WHERE b.incident_id = %(incident)s AND b.id <> %(leased)s AND b.state = 'pending'
-          AND b.purpose = 'page' AND b.round = 0 AND b.step = 0 AND b.attempt = 1
-          AND b.channel IN ('voice', 'sms') AND NOT b.behind_sibling
+        WHERE b.incident_id = %(incident)s AND b.id <> %(leased)s AND b.state = '{AttemptState.PENDING}'
+          AND b.purpose = '{AttemptPurpose.PAGE}' AND b.round = 0 AND b.step = 0 AND b.attempt = 1
+          AND b.channel IN ('{Channel.VOICE}', '{Channel.SMS}', '{Channel.CONSOLE}') AND NOT b.behind_sibling
         FOR UPDATE SKIP LOCKED
     )
 """
@@ -220,7 +236,7 @@ def settle(
     row = conn.execute(
         """
         UPDATE notification_attempts
-        SET state = CASE WHEN state = 'pending' THEN %s ELSE state END,
+        SET state = CASE WHEN state = %s THEN %s ELSE state END,
             provider_id = coalesce(provider_id, %s), error = coalesce(%s, error),
             sent_at = CASE WHEN %s THEN %s ELSE sent_at END,
             leased_by = NULL, lease_pid = NULL, leased_until = NULL, updated_at = %s
@@ -228,6 +244,7 @@ def settle(
         RETURNING state
         """,
         (
+            AttemptState.PENDING,
             outcome,
             result.provider_id,
             result.error,
@@ -260,3 +277,253 @@ def settle(
     if result.outcome is SendOutcome.FAILED and row[0] == outcome:
         after_failure(conn, lease.attempt_id, now, final=result.final)
     return str(row[0])
+
+
+# --- queueing ---------------------------------------------------------------------------
+# Every new attempt row is written here; the router's senders claim them (above).
+
+
+@dataclass(frozen=True, slots=True)
+class NewPage:
+    """One page of an escalation step: a person (or the platform) on one channel."""
+
+    incident_id: int
+    action_id: int
+    purpose: AttemptPurpose  # PAGE, or CAP_ALERT on the webhook
+    round: int
+    step: int
+    recipient_kind: str
+    recipient_id: str
+    address: str
+    channel: Channel
+
+
+def queue_pages(conn: Conn, pages: list[NewPage], now: datetime) -> None:
+    """A step's pages, in one statement; a page already queued (same key) is left as it is."""
+    if not pages:
+        return
+    conn.cursor().executemany(
+        """
+        INSERT INTO notification_attempts (incident_id, action_id, purpose, round, step,
+            recipient_kind, recipient_id, address, channel, attempt, state, created_at)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 1, %s, %s)
+        ON CONFLICT DO NOTHING
+        """,
+        [
+            (
+                p.incident_id,
+                p.action_id,
+                p.purpose.value,
+                p.round,
+                p.step,
+                p.recipient_kind,
+                p.recipient_id,
+                p.address,
+                p.channel.value,
+                AttemptState.PENDING.value,
+                now,
+            )
+            for p in pages
+        ],
+    )
+
+
+def queue_notice(
+    conn: Conn,
+    incident_id: int,
+    cause_event: int,
+    text: str,
+    people: list[tuple[str, str, str]],
+    now: datetime,
+    *,
+    not_before: datetime | None = None,
+) -> int:
+    """An SMS to each of ``people`` (kind, id, phone), keyed by the event that caused it (so it is queued once).
+
+    ``not_before`` holds a non-urgent notice back (quiet hours); pages never use it.
+    """
+    for kind, recipient_id, phone in people:
+        conn.execute(
+            """
+            INSERT INTO notification_attempts (incident_id, purpose, round, step, recipient_kind, recipient_id,
+                address, channel, attempt, state, body, created_at, not_before)
+            VALUES (%s, %s, 0, %s, %s, %s, %s, %s, 1, %s, %s, %s, %s) ON CONFLICT DO NOTHING
+            """,
+            (
+                incident_id,
+                AttemptPurpose.NOTICE,
+                cause_event,
+                kind,
+                recipient_id,
+                phone,
+                Channel.SMS,
+                AttemptState.PENDING,
+                text,
+                now,
+                not_before,
+            ),
+        )
+    return len(people)
+
+
+def queue_platform_message(
+    conn: Conn, incident_id: int, cause_event: int, purpose: AttemptPurpose, now: datetime
+) -> bool:
+    """A CAP Update or Cancel, if (and only if) the platform was sent the first alert, or it is on its way.
+
+    An Alert in flight (leased) or between its tries: the Update is queued now and sent
+    once the Alert got through (:func:`claim`), or dropped if it never did.
+    """
+    told = conn.execute(
+        "SELECT 1 FROM notification_attempts WHERE incident_id = %s AND purpose = %s"
+        " AND (state = %s OR (state = %s AND (leased_by IS NOT NULL OR attempt > 1)))",
+        (incident_id, AttemptPurpose.CAP_ALERT, AttemptState.SENT, AttemptState.PENDING),
+    ).fetchone()
+    if not told:
+        return False
+    conn.execute(
+        """
+        INSERT INTO notification_attempts (incident_id, purpose, round, step, recipient_kind, recipient_id,
+            address, channel, attempt, state, created_at)
+        VALUES (%s, %s, 0, %s, 'platform', 'emergency-platform', '', %s, 1, %s, %s)
+        ON CONFLICT DO NOTHING
+        """,
+        (incident_id, purpose, cause_event, Channel.WEBHOOK, AttemptState.PENDING, now),
+    )
+    return True
+
+
+def queue_repage(
+    conn: Conn, incident_id: int, cause_event: int, recipient: tuple[str, str, str], now: datetime
+) -> None:
+    """Call and text ``recipient`` (kind, id, phone) again: a press after they acknowledged."""
+    kind, person, phone = recipient
+    for channel in (Channel.VOICE, Channel.SMS):
+        conn.execute(
+            """
+            INSERT INTO notification_attempts (incident_id, purpose, round, step, recipient_kind, recipient_id,
+                address, channel, attempt, state, created_at)
+            VALUES (%s, %s, 0, %s, %s, %s, %s, %s, 1, %s, %s) ON CONFLICT DO NOTHING
+            """,
+            (incident_id, AttemptPurpose.REPAGE, cause_event, kind, person, phone, channel, AttemptState.PENDING, now),
+        )
+
+
+def queue_retry(conn: Conn, attempt_id: int, now: datetime, delay_s: float, *, keep_body: bool) -> None:
+    """The next try of ``attempt_id``: a new row, ``not_before`` the backoff (never a sleep).
+
+    ``keep_body``: the same CAP message, its identifier and sent time (the platform
+    deduplicates on them).
+    """
+    conn.execute(
+        """
+        INSERT INTO notification_attempts (incident_id, action_id, purpose, round, step, recipient_kind,
+            recipient_id, address, channel, attempt, state, created_at, not_before, body)
+        SELECT incident_id, action_id, purpose, round, step, recipient_kind, recipient_id, address, channel,
+            attempt + 1, %s, %s, %s, CASE WHEN %s THEN body END
+        FROM notification_attempts WHERE id = %s
+        ON CONFLICT DO NOTHING
+        """,
+        (AttemptState.PENDING, now, now + timedelta(seconds=delay_s), keep_body, attempt_id),
+    )
+
+
+def record_spooled_page(
+    conn: Conn,
+    incident_id: int,
+    action_id: int | None,
+    recipient: tuple[str, str, str],
+    channel: Channel,
+    result: SendResult,
+    started_at: datetime,
+    finished_at: datetime,
+) -> int | None:
+    """A first-step page the hub's spool sent while the database was down (hub/spool.py), as it ended.
+
+    Its id, or None if an earlier reconcile recorded it already.
+    """
+    kind, person, phone = recipient
+    sent = result.outcome is SendOutcome.SENT
+    row = conn.execute(
+        """
+        INSERT INTO notification_attempts (incident_id, action_id, purpose, round, step, recipient_kind,
+            recipient_id, address, channel, attempt, state, provider_id, error, created_at, sent_at,
+            updated_at)
+        VALUES (%s, %s, %s, 0, 0, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, %s)
+        ON CONFLICT DO NOTHING RETURNING id
+        """,
+        (
+            incident_id,
+            action_id,
+            AttemptPurpose.PAGE,
+            kind,
+            person,
+            phone,
+            channel,
+            result.outcome.value,
+            result.provider_id,
+            result.error,
+            started_at,
+            finished_at if sent else None,
+            finished_at,
+        ),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+# --- cancelling -------------------------------------------------------------------------
+
+
+def cancel_pending(conn: Conn, incident_id: int, now: datetime, *, pages_only: bool) -> None:
+    """Cancel the incident's attempts not started yet; the incident is locked already.
+
+    ``pages_only``: pages and re-pages (an acknowledgement, a resolve, a cancel; notices
+    and CAP messages still go), else every pending attempt (a low battery charged).
+    Rows a sender holds right now are skipped, not waited for: a page already leased
+    goes on and its person is told who took it; one claimed right now reads the
+    incident under a share lock this transaction's ``FOR UPDATE`` conflicts with, so it
+    sees the incident as this transaction leaves it and cancels itself.
+    """
+    purposes = [AttemptPurpose.PAGE.value, AttemptPurpose.REPAGE.value] if pages_only else None
+    conn.execute(
+        """
+        UPDATE notification_attempts SET state = %(cancelled)s, updated_at = %(now)s
+        WHERE id IN (SELECT id FROM notification_attempts WHERE incident_id = %(incident)s AND state = %(pending)s
+                     AND (%(purposes)s::text[] IS NULL OR (purpose = ANY(%(purposes)s) AND leased_by IS NULL))
+                     FOR UPDATE SKIP LOCKED)
+        """,
+        {
+            "cancelled": AttemptState.CANCELLED,
+            "now": now,
+            "incident": incident_id,
+            "pending": AttemptState.PENDING,
+            "purposes": purposes,
+        },
+    )
+
+
+# --- what a provider's callback says (api/routes/callbacks.py) ---------------------------
+
+
+def take_provider_id(conn: Conn, attempt_id: int, provider_id: str, now: datetime) -> None:
+    """An attempt still in flight gets the sid Twilio gave it (the router's record of it may come later)."""
+    conn.execute(
+        "UPDATE notification_attempts SET provider_id = coalesce(provider_id, %s), updated_at = %s WHERE id = %s",
+        (provider_id, now, attempt_id),
+    )
+
+
+def mark_answered(conn: Conn, attempt_id: int, now: datetime) -> None:
+    """A call's person pressed 1 or 2: reached, whatever the sender records afterwards (:func:`settle`)."""
+    conn.execute(
+        "UPDATE notification_attempts SET state = %s, updated_at = %s WHERE id = %s",
+        (AttemptState.ANSWERED, now, attempt_id),
+    )
+
+
+def record_status(conn: Conn, attempt_id: int, state: AttemptState, error: str | None, now: datetime) -> None:
+    """A delivery status settled the attempt (delivered, busy, no keypress…); a failure is retried by the caller."""
+    conn.execute(
+        "UPDATE notification_attempts SET state = %s, error = coalesce(%s, error), updated_at = %s WHERE id = %s",
+        (state, error, now, attempt_id),
+    )

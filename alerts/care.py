@@ -19,10 +19,12 @@ import psycopg
 from psycopg.rows import kwargs_row
 from psycopg.types.json import Jsonb
 
-from alerts.acknowledge import Actor, Result, queue_notice
+from alerts.acknowledge import Actor, Result
+from alerts.attempts import queue_notice
 from alerts.incidents import draw_code
 from alerts.recipients import Recipient, Rosters
 from alerts.silence import area_chain
+from alerts.states import ACTIVE, OPEN_SQL, IncidentState, sql_in
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import (
     REPAIR_OUTCOMES,
@@ -40,7 +42,6 @@ from shouhu.db import Conn
 # Care incidents have no escalation chain of steps; their task's due time is the
 # escalation. The snapshot still names a policy so every incident reads the same way.
 CARE_SNAPSHOT = {"policy_id": "care-task", "steps": []}
-OPEN_STATES = ("open", "acknowledged", "unreached")
 LABEL = {TaskKind.VISIT: "探视任务", TaskKind.REPAIR: "维修工单"}
 
 
@@ -76,12 +77,12 @@ def open_care_incident(
         try:
             with conn.transaction():
                 row = conn.execute(
-                    """
+                    f"""
                     INSERT INTO incidents (code, kind, severity, resident_id, device_id, area_id, opened_at,
                         policy_snapshot)
                     VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
                     ON CONFLICT (device_id, kind) WHERE severity <> 'red'
-                        AND state IN ('open', 'acknowledged', 'unreached') DO NOTHING
+                        AND state IN {OPEN_SQL} DO NOTHING
                     RETURNING id
                     """,
                     (
@@ -237,12 +238,12 @@ def start_task(conn: Conn, task_id: int, actor: Actor, now: datetime) -> Result:
         (now, actor.key, actor.name, task.id),
     )
     conn.execute(
-        """
-        UPDATE incidents SET state = 'acknowledged', acknowledged_at = %s, acknowledged_by = %s,
+        f"""
+        UPDATE incidents SET state = %s, acknowledged_at = %s, acknowledged_by = %s,
             acknowledged_by_name = %s, acknowledged_via = 'task', updated_at = %s
-        WHERE id = %s AND state IN ('open', 'unreached')
+        WHERE id = %s AND state IN {sql_in(ACTIVE)}
         """,
-        (now, actor.key, actor.name, now, task.incident_id),
+        (IncidentState.ACKNOWLEDGED, now, actor.key, actor.name, now, task.incident_id),
     )
     add_event(conn, task.incident_id, now, "task_started", actor.key, {"task_id": task.id, "name": actor.name})
     return Result.DONE
@@ -278,9 +279,9 @@ def close_task(
         (now, actor.key, actor.name, outcome.value, note, task.id),
     )
     conn.execute(
-        "UPDATE incidents SET state = 'resolved', resolved_at = %s, outcome = %s, resolution_note = %s,"
-        " updated_at = %s WHERE id = %s AND state IN ('open', 'acknowledged', 'unreached')",
-        (now, incident_outcome.value, note, now, task.incident_id),
+        "UPDATE incidents SET state = %s, resolved_at = %s, outcome = %s, resolution_note = %s,"
+        f" updated_at = %s WHERE id = %s AND state IN {OPEN_SQL}",
+        (IncidentState.RESOLVED, now, incident_outcome.value, note, now, task.incident_id),
     )
     repair = conn.execute(
         "SELECT extract(epoch FROM coalesce(recovered_at, closed_at) - problem_since) FROM care_tasks WHERE id = %s",

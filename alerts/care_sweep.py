@@ -36,7 +36,8 @@ from zoneinfo import ZoneInfo
 import psycopg
 from prometheus_client import Counter
 
-from alerts.acknowledge import Actor, queue_notice
+from alerts.acknowledge import Actor
+from alerts.attempts import cancel_pending, queue_notice
 from alerts.care import (
     TaskRow,
     close_task,
@@ -49,6 +50,7 @@ from alerts.care import (
 )
 from alerts.recipients import duty_chain, guardians
 from alerts.silence import active_window, send_after
+from alerts.states import OPEN_SQL, IncidentState
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import IncidentKind, Outcome, TaskKind, TaskOutcome, TaskState
 from shouhu.db import Conn
@@ -144,13 +146,13 @@ _SILENCED = """
 _OFFLINE_WRISTBANDS = (
     "WITH"
     + _SILENCED
-    + """
+    + f"""
     SELECT d.id, d.resident_id, r.grid_id, s.state_at, s.offline_reason
     FROM device_state s JOIN devices d ON d.id = s.device_id JOIN residents r ON r.id = d.resident_id
     WHERE d.kind = 'wristband' AND d.active AND r.active AND s.online = false AND s.state_at IS NOT NULL
       AND greatest(s.state_at, (SELECT max(closed_at) FROM care_tasks t WHERE t.device_id = d.id)) <= %(cutoff)s
       AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'wristband_offline'
-                      AND i.state IN ('open', 'acknowledged', 'unreached'))
+                      AND i.state IN {OPEN_SQL})
       AND d.id NOT IN (SELECT id FROM silenced)
     ORDER BY s.state_at LIMIT %(limit)s
 """
@@ -158,14 +160,14 @@ _OFFLINE_WRISTBANDS = (
 _UNWORN_WRISTBANDS = (
     "WITH"
     + _SILENCED
-    + """
+    + f"""
     SELECT d.id, d.resident_id, r.grid_id, s.worn_since, 'not_worn'
     FROM device_state s JOIN devices d ON d.id = s.device_id JOIN residents r ON r.id = d.resident_id
     WHERE d.kind = 'wristband' AND d.active AND r.active AND s.online AND s.worn = false
       AND s.worn_since IS NOT NULL
       AND greatest(s.worn_since, (SELECT max(closed_at) FROM care_tasks t WHERE t.device_id = d.id)) <= %(cutoff)s
       AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'not_worn'
-                      AND i.state IN ('open', 'acknowledged', 'unreached'))
+                      AND i.state IN {OPEN_SQL})
       AND d.id NOT IN (SELECT id FROM silenced)
     ORDER BY s.worn_since LIMIT %(limit)s
 """
@@ -173,13 +175,13 @@ _UNWORN_WRISTBANDS = (
 _OFFLINE_CAMERAS = (
     "WITH"
     + _SILENCED
-    + """
+    + f"""
     SELECT d.id, NULL, d.area_id, s.state_at, s.offline_reason
     FROM device_state s JOIN devices d ON d.id = s.device_id
     WHERE d.kind = 'camera' AND d.active AND s.online = false AND s.state_at IS NOT NULL
       AND greatest(s.state_at, (SELECT max(closed_at) FROM care_tasks t WHERE t.device_id = d.id)) <= %(cutoff)s
       AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'camera_offline'
-                      AND i.state IN ('open', 'acknowledged', 'unreached'))
+                      AND i.state IN {OPEN_SQL})
       AND d.id NOT IN (SELECT id FROM silenced)
     ORDER BY s.state_at LIMIT %(limit)s
 """
@@ -433,7 +435,7 @@ def _battery_incident(
         return opened
     row = conn.execute(
         "SELECT id FROM incidents WHERE device_id = %s AND kind = 'low_battery'"
-        " AND state IN ('open', 'acknowledged', 'unreached')",
+        f" AND state IN {OPEN_SQL}",
         (device_id,),
     ).fetchone()
     # None: resolved between the two statements (charged, or by hand); the next sweep looks again.
@@ -444,9 +446,9 @@ def _charged(conn: Conn, report: CareReport, rules: CareRules, now: datetime) ->
     # NO KEY UPDATE, and attempts a sender holds skipped: a sender recording an attempt
     # takes a key-share lock on the incident, which FOR UPDATE would wait on (deadlock).
     rows = conn.execute(
-        """
+        f"""
         SELECT i.id, s.battery FROM incidents i JOIN device_state s ON s.device_id = i.device_id
-        WHERE i.kind = 'low_battery' AND i.state IN ('open', 'acknowledged', 'unreached')
+        WHERE i.kind = 'low_battery' AND i.state IN {OPEN_SQL}
           AND s.battery >= %s
         ORDER BY i.id LIMIT %s FOR NO KEY UPDATE OF i SKIP LOCKED
         """,
@@ -454,20 +456,13 @@ def _charged(conn: Conn, report: CareReport, rules: CareRules, now: datetime) ->
     ).fetchall()
     for incident_id, battery in rows:
         conn.execute(
-            "UPDATE incidents SET state = 'resolved', resolved_at = %s, outcome = 'battery_charged', updated_at = %s"
+            "UPDATE incidents SET state = %s, resolved_at = %s, outcome = 'battery_charged', updated_at = %s"
             " WHERE id = %s",
-            (now, now, incident_id),
+            (IncidentState.RESOLVED, now, now, incident_id),
         )
         # Notices still waiting for the morning are moot now; their claims go with them,
         # so a band low again later that day is told again.
-        conn.execute(
-            """
-            UPDATE notification_attempts SET state = 'cancelled', updated_at = %s
-            WHERE id IN (SELECT id FROM notification_attempts WHERE incident_id = %s AND state = 'pending'
-                         FOR UPDATE SKIP LOCKED)
-            """,
-            (now, incident_id),
-        )
+        cancel_pending(conn, incident_id, now, pages_only=False)
         conn.execute("DELETE FROM battery_notices WHERE incident_id = %s AND send_after > %s", (incident_id, now))
         add_event(conn, incident_id, now, "resolved", "care", {"outcome": "battery_charged", "battery": battery})
         report.charged.append(int(incident_id))

@@ -22,6 +22,7 @@ from psycopg.rows import kwargs_row
 from alerts.attempts import Lease, claim, settle
 from alerts.notifiers.base import Delivery, Message, Notifier, SendOutcome, SendResult
 from alerts.notifiers.platform import CapMsgType, PlatformAlert, PlatformNotifier, TriedContact
+from alerts.states import AttemptState, IncidentState
 from devices.kinds import AttemptPurpose, Channel
 from shouhu.db import Conn
 
@@ -231,28 +232,28 @@ class Dispatcher:
                 FROM notification_attempts a
                 LEFT JOIN staff s ON a.recipient_kind = 'staff' AND s.id = a.recipient_id
                 LEFT JOIN guardians g ON a.recipient_kind = 'guardian' AND g.id = a.recipient_id
-                WHERE a.incident_id = %s AND a.purpose = 'page' AND a.channel IN ('voice', 'sms')
-                  AND a.state <> 'pending'
+                WHERE a.incident_id = %s AND a.purpose = %s AND a.channel IN ('voice', 'sms')
+                  AND a.state <> %s
                 ORDER BY a.created_at, a.id
                 """,
-                (attempt.incident_id,),
+                (attempt.incident_id, AttemptPurpose.PAGE, AttemptState.PENDING),
             ).fetchall()
         )
         references: tuple[tuple[str, datetime], ...] = ()
         if attempt.purpose is not AttemptPurpose.CAP_ALERT:
             first = conn.execute(
-                "SELECT body FROM notification_attempts WHERE incident_id = %s AND purpose = 'cap_alert'"
-                " AND state = 'sent' ORDER BY id LIMIT 1",
-                (attempt.incident_id,),
+                "SELECT body FROM notification_attempts WHERE incident_id = %s AND purpose = %s"
+                " AND state = %s ORDER BY id LIMIT 1",
+                (attempt.incident_id, AttemptPurpose.CAP_ALERT, AttemptState.SENT),
             ).fetchone()
             if first and first[0]:
                 original = json.loads(first[0])
                 references = ((original["identifier"], datetime.fromisoformat(original["sent"])),)
         note = {
-            "acknowledged": f"已由{taken_by}接单处置" if taken_by else "",
-            "resolved": f"已处置：{outcome}。{resolution}" if outcome else "",
-            "cancelled": "老人已在手环上取消求助",
-        }.get(str(state), "")
+            IncidentState.ACKNOWLEDGED: f"已由{taken_by}接单处置" if taken_by else "",
+            IncidentState.RESOLVED: f"已处置：{outcome}。{resolution}" if outcome else "",
+            IncidentState.CANCELLED: "老人已在手环上取消求助",
+        }.get(IncidentState(state), "")
         return PlatformAlert(
             identifier=identifier,
             msg_type=CAP_TYPE[attempt.purpose],

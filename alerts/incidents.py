@@ -17,14 +17,16 @@ import psycopg
 from psycopg.types.json import Jsonb
 
 from alerts.acknowledge import Result, cancel_from_device, repage_acknowledger
+from alerts.escalation import schedule_first_step
 from alerts.policy import default_unregistered_policy, resolve_policy
+from alerts.states import OPEN_SQL, IncidentState
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import IncidentKind, Severity
 from shouhu.db import Conn
+from shouhu.settings import DEFAULT_CANCEL_WINDOW_S
 
 CODE_ALPHABET = "23456789ABCDEFGHJKMNPQRSTUVWXYZ"  # no 0/O, 1/I/L: read out over the phone
 CODE_LENGTH = 5
-OPEN_STATES = ("open", "acknowledged", "unreached")
 
 
 class AlarmResult(StrEnum):
@@ -103,10 +105,10 @@ def draw_code() -> str:
 def _insert_incident(conn: Conn, values: dict[str, Any]) -> int | None:
     """Insert an open red incident; None when the resident (or device) already has one."""
     conflict = (
-        "(resident_id) WHERE severity = 'red' AND state IN ('open', 'acknowledged', 'unreached')"
-        " AND resident_id IS NOT NULL"
+        # Word for word the partial unique indexes' predicates (a parameter cannot stand in).
+        f"(resident_id) WHERE severity = 'red' AND state IN {OPEN_SQL} AND resident_id IS NOT NULL"
         if values["resident_id"] is not None
-        else "(device_id) WHERE kind = 'sos_unregistered' AND state IN ('open', 'acknowledged', 'unreached')"
+        else f"(device_id) WHERE kind = 'sos_unregistered' AND state IN {OPEN_SQL}"
     )
     while True:
         code = draw_code()
@@ -128,23 +130,23 @@ def _insert_incident(conn: Conn, values: dict[str, Any]) -> int | None:
         return int(row[0]) if row else None
 
 
-def _join(conn: Conn, alarm: Alarm, resident_id: str | None) -> tuple[int, str, str | None] | None:
+def _join(conn: Conn, alarm: Alarm, resident_id: str | None) -> tuple[int, IncidentState, str | None] | None:
     column, value = ("resident_id", resident_id) if resident_id else ("device_id", alarm.device_id)
     kind_filter = "" if resident_id else " AND kind = 'sos_unregistered'"
     row = conn.execute(
         f"""
         UPDATE incidents SET urgency = urgency + 1, updated_at = %s
-        WHERE {column} = %s AND severity = 'red' AND state IN ('open', 'acknowledged', 'unreached')
+        WHERE {column} = %s AND severity = 'red' AND state IN {OPEN_SQL}
         {kind_filter}
         RETURNING id, state, acknowledged_by
         """,
         (alarm.received_at, value),
     ).fetchone()
-    return (int(row[0]), str(row[1]), row[2]) if row else None
+    return (int(row[0]), IncidentState(row[1]), row[2]) if row else None
 
 
 def record_alarm(
-    conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str, cancel_window_s: int = 30
+    conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str, cancel_window_s: int = DEFAULT_CANCEL_WINDOW_S
 ) -> AlarmOutcome:
     """Store one alarm: ledger, then open or join the red incident, then its first step.
 
@@ -176,8 +178,7 @@ def record_alarm(
     }
     if alarm.cancel:
         joined = conn.execute(
-            "SELECT id FROM incidents WHERE device_id = %s AND state IN ('open', 'acknowledged', 'unreached')"
-            " ORDER BY opened_at DESC LIMIT 1",
+            f"SELECT id FROM incidents WHERE device_id = %s AND state IN {OPEN_SQL} ORDER BY opened_at DESC LIMIT 1",
             (alarm.device_id,),
         ).fetchone()
         if joined is None:
@@ -214,10 +215,7 @@ def record_alarm(
                 {"kind": kind.value, "severity": Severity.RED.value, "policy": snapshot.policy_id},
             )
             add_event(conn, incident_id, alarm.received_at, "stored", hub_id, message_detail)
-            conn.execute(
-                "INSERT INTO escalation_actions (incident_id, step, round, token, due_at) VALUES (%s, 0, 0, 1, %s)",
-                (incident_id, alarm.received_at),
-            )
+            schedule_first_step(conn, incident_id, alarm.received_at)
             wake_routers(conn, str(incident_id))
             return AlarmOutcome(AlarmResult.OPENED, incident_id)
         joined_row = _join(conn, alarm, resident_id)
@@ -231,7 +229,7 @@ def record_alarm(
                 alarm.device_id,
                 {**message_detail, "kind": alarm.kind.value, "state": state, "acknowledged_by": acknowledged_by},
             )
-            if state == "acknowledged":
+            if state is IncidentState.ACKNOWLEDGED:
                 # Pressed again after someone took it: that person hears about it now.
                 repage_acknowledger(conn, incident_id, cause, alarm.received_at)
             return AlarmOutcome(AlarmResult.JOINED, incident_id)
@@ -271,9 +269,6 @@ def open_fallback_incident(conn: Conn, device_id: str, received_at: datetime, *,
         device_id,
         {"kind": IncidentKind.SOS_UNREGISTERED.value, "fallback": "the alarm could not be stored normally"},
     )
-    conn.execute(
-        "INSERT INTO escalation_actions (incident_id, step, round, token, due_at) VALUES (%s, 0, 0, 1, %s)",
-        (incident_id, received_at),
-    )
+    schedule_first_step(conn, incident_id, received_at)
     wake_routers(conn, str(incident_id))
     return incident_id

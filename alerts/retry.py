@@ -13,16 +13,25 @@ timer: the next people are paged now.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta
+from datetime import datetime
 
-from alerts.timeline import add_event, wake_routers
+from alerts.escalation import advance
+from alerts.locks import lock_incident
+from alerts.states import CLOSED, FAILED, AttemptState, IncidentState
+from alerts.timeline import add_event
+from devices.kinds import AttemptPurpose, Channel
 from shouhu.db import Conn
 
 MAX_TRIES = 3
 BACKOFF_S = (20, 60)  # before the 2nd and the 3rd try
 WEBHOOK_BACKOFF_S = (0.5, 1.0, 2.0, 4.0)  # before the 2nd … 5th try of a CAP message
 WEBHOOK_TRIES = len(WEBHOOK_BACKOFF_S) + 1
-FAILED_STATES = frozenset({"failed", "busy", "no_answer", "no_keypress", "undelivered"})
+FAILED_STATES = FAILED
+RETRIED = (AttemptPurpose.PAGE, AttemptPurpose.REPAGE, AttemptPurpose.CAP_ALERT)
+PLATFORM_NEWS = (AttemptPurpose.CAP_UPDATE, AttemptPurpose.CAP_CANCEL)
+STEP_PAGES = (AttemptPurpose.PAGE, AttemptPurpose.CAP_ALERT)
+
+__all__ = ["FAILED_STATES", "MAX_TRIES", "advance", "after_failure", "nobody_left"]
 
 
 def after_failure(conn: Conn, attempt_id: int, now: datetime, *, final: bool = False) -> str:
@@ -34,55 +43,35 @@ def after_failure(conn: Conn, attempt_id: int, now: datetime, *, final: bool = F
     page or CAP alert advances its step when nobody of the step is left
     (:func:`nobody_left`): "advanced".
     """
-    from alerts.attempts import lock_incident
+    from alerts.attempts import queue_retry  # the attempts' owner imports this module's rules
 
     found = conn.execute("SELECT incident_id FROM notification_attempts WHERE id = %s", (attempt_id,)).fetchone()
     assert found is not None
     lock_incident(conn, int(found[0]))
     row = conn.execute(
         """
-        SELECT a.incident_id, a.action_id, a.purpose, a.round, a.step, a.recipient_kind, a.recipient_id,
-               a.address, a.channel, a.attempt, i.state, a.body
+        SELECT a.incident_id, a.purpose, a.round, a.step, a.address, a.channel, a.attempt, i.state
         FROM notification_attempts a JOIN incidents i ON i.id = a.incident_id
         WHERE a.id = %s
         """,
         (attempt_id,),
     ).fetchone()
     assert row is not None
-    incident_id, action_id, purpose, round_, step, kind, recipient, address, channel, attempt, state, body = row
-    platform_news = purpose in ("cap_update", "cap_cancel")
-    if purpose not in ("page", "repage", "cap_alert") and not platform_news:
+    incident_id, raw_purpose, round_, step, address, channel, attempt, raw_state = row
+    purpose, state = AttemptPurpose(raw_purpose), IncidentState(raw_state)
+    platform_news = purpose in PLATFORM_NEWS
+    if purpose not in RETRIED and not platform_news:
         return "none"  # a notice: nothing waits on it
-    if not platform_news and state in ("resolved", "cancelled"):
+    if not platform_news and state in CLOSED:
         return "none"
-    if purpose in ("page", "cap_alert") and state == "acknowledged":
+    if purpose in STEP_PAGES and state is IncidentState.ACKNOWLEDGED:
         return "none"  # someone took it: no point paging the rest again
-    webhook = channel == "webhook"
+    webhook = channel == Channel.WEBHOOK
     tries, backoff = (WEBHOOK_TRIES, WEBHOOK_BACKOFF_S) if webhook else (MAX_TRIES, BACKOFF_S)
     if not final and attempt < tries:
         delay = backoff[min(attempt - 1, len(backoff) - 1)]
-        conn.execute(
-            """
-            INSERT INTO notification_attempts (incident_id, action_id, purpose, round, step, recipient_kind,
-                recipient_id, address, channel, attempt, state, created_at, not_before, body)
-            VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, 'pending', %s, %s, %s) ON CONFLICT DO NOTHING
-            """,
-            (
-                incident_id,
-                action_id,
-                purpose,
-                round_,
-                step,
-                kind,
-                recipient,
-                address,
-                channel,
-                attempt + 1,
-                now,
-                now + timedelta(seconds=delay),
-                body if webhook else None,  # the same CAP message: its identifier and sent time
-            ),
-        )
+        # The same CAP message on the webhook: its identifier and sent time.
+        queue_retry(conn, attempt_id, now, delay, keep_body=webhook)
         add_event(
             conn,
             incident_id,
@@ -100,7 +89,7 @@ def after_failure(conn: Conn, attempt_id: int, now: datetime, *, final: bool = F
         None,
         {"attempt_id": attempt_id, "channel": channel, "to": address, "tries": attempt},
     )
-    if purpose in ("page", "cap_alert"):
+    if purpose in STEP_PAGES:
         reason = nobody_left(conn, incident_id, round_, step)
         if reason is not None and advance(conn, incident_id, round_, step, now, reason):
             return "advanced"
@@ -110,7 +99,7 @@ def after_failure(conn: Conn, attempt_id: int, now: datetime, *, final: bool = F
 def _given_up(channel: str, state: str, attempt: int) -> bool:
     # A CAP alert's retry is written in the same transaction as its failure, so a
     # failed last try is given up (its tries ran out, or the platform refused it).
-    return state in FAILED_STATES and (attempt >= MAX_TRIES or channel == "webhook")
+    return state in FAILED_STATES and (attempt >= MAX_TRIES or channel == Channel.WEBHOOK)
 
 
 def nobody_left(conn: Conn, incident_id: int, round_: int, step: int) -> str | None:
@@ -128,11 +117,16 @@ def nobody_left(conn: Conn, incident_id: int, round_: int, step: int) -> str | N
                recipient_kind || ':' || recipient_id, channel, state, attempt,
                min(created_at) OVER ()
         FROM notification_attempts
-        WHERE incident_id = %s AND round = %s AND step = %s AND purpose IN ('page', 'cap_alert')
-          AND channel IN ('voice', 'sms', 'webhook')
+        WHERE incident_id = %s AND round = %s AND step = %s AND purpose = ANY(%s) AND channel = ANY(%s)
         ORDER BY recipient_kind, recipient_id, channel, attempt DESC
         """,
-        (incident_id, round_, step),
+        (
+            incident_id,
+            round_,
+            step,
+            [p.value for p in STEP_PAGES],
+            [Channel.VOICE.value, Channel.SMS.value, Channel.WEBHOOK.value],
+        ),
     ).fetchall()
     if not rows:
         return None
@@ -145,7 +139,7 @@ def nobody_left(conn: Conn, incident_id: int, round_: int, step: int) -> str | N
     }
     reachable: set[str] = set()
     for person, channel, state, attempt, _started in rows:
-        if person not in declined and state != "cancelled" and not _given_up(channel, state, attempt):
+        if person not in declined and state != AttemptState.CANCELLED and not _given_up(channel, state, attempt):
             reachable.add(person)
     if reachable:
         return None
@@ -155,17 +149,3 @@ def nobody_left(conn: Conn, incident_id: int, round_: int, step: int) -> str | N
     if people & declined:
         return "everyone paged declined or could not be reached"
     return "every channel of the step failed"
-
-
-def advance(conn: Conn, incident_id: int, round_: int, step: int, now: datetime, reason: str) -> bool:
-    """Make the step after ``step`` due now; whether it was still waiting (and so was moved)."""
-    advanced = conn.execute(
-        "UPDATE escalation_actions SET due_at = %s WHERE incident_id = %s AND state = 'pending' AND kind = 'step'"
-        " AND round = %s AND step = %s AND due_at > %s RETURNING id",
-        (now, incident_id, round_, step + 1, now),
-    ).fetchall()
-    if not advanced:
-        return False
-    add_event(conn, incident_id, now, "step_advanced", None, {"reason": reason, "step": step, "round": round_})
-    wake_routers(conn, "advanced")
-    return True

@@ -38,6 +38,7 @@ from hub.batch import SightingSink, prepare_staging, record_sightings_safely, st
 from hub.mqtt import Received
 from hub.sightings import Sighting
 from shouhu.db import Conn
+from shouhu.settings import DEFAULT_CANCEL_WINDOW_S
 
 log = logging.getLogger(__name__)
 
@@ -73,7 +74,7 @@ class AlarmReceipt:
 class IngestConfig:
     hub_id: str
     ack_timeout_s: int
-    cancel_window_s: int = 30
+    cancel_window_s: int = DEFAULT_CANCEL_WINDOW_S
 
 
 def _dead_letter(conn: Conn, message: Received, hub_id: str, reason: RejectReason, detail: str) -> None:

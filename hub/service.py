@@ -52,7 +52,7 @@ from hub.mqtt import (
 from hub.spool import Reconciled, Spool, SpoolEntry
 from hub.upkeep import Upkeep
 from shouhu.health_server import start_health_server
-from shouhu.settings import Settings
+from shouhu.settings import DEFAULT_CANCEL_WINDOW_S, Settings
 
 log = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ class Hub:
     hub_id: str
     ack_timeout_s: int
     metrics_port: int | None = None
-    cancel_window_s: int = 30
+    cancel_window_s: int = DEFAULT_CANCEL_WINDOW_S
     record_sightings: SightingSink | None = None
     # Ticked about once a second while the hub is connected (hub/upkeep.py); the hub
     # owns it and closes it when run() ends.

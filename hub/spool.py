@@ -48,11 +48,14 @@ import psycopg
 from prometheus_client import Counter, Gauge, Histogram
 from psycopg.pq import TransactionStatus
 
+from alerts.attempts import record_spooled_page
+from alerts.escalation import first_step_id
 from alerts.incidents import draw_code, open_fallback_incident
 from alerts.notifiers.base import Delivery, Message, Notifier, SendOutcome, SendResult
 from alerts.policy import resolve_policy
 from alerts.recipients import Recipient, RosterData, Rosters, Shift, read_roster_data
 from alerts.retry import after_failure
+from alerts.states import OPEN_SQL
 from alerts.timeline import add_event
 from devices.contract import DEVICE_ID, DeviceMessage, SosPayload, parse_message, payload_hash
 from devices.kinds import Channel, EscalationTarget, IncidentKind
@@ -60,6 +63,7 @@ from hub.batch import SightingSink
 from hub.ingest import IngestConfig, store_message
 from hub.mqtt import Received
 from shouhu.db import Conn
+from shouhu.settings import DEFAULT_ACK_TIMEOUT_S
 
 if TYPE_CHECKING:
     from shouhu.settings import Settings
@@ -171,7 +175,7 @@ class RosterSnapshot:
     county_name: str
 
     @classmethod
-    def read(cls, conn: Conn, now: datetime, *, ack_timeout_s: int = 120) -> RosterSnapshot:
+    def read(cls, conn: Conn, now: datetime, *, ack_timeout_s: int = DEFAULT_ACK_TIMEOUT_S) -> RosterSnapshot:
         """Read the registry: wristbands and residents, areas, shifts, operators, guardians, policies."""
         wristbands = {
             str(device_id): Wristband(str(resident_id), str(name), str(address), str(phone or ""), str(grid_id))
@@ -570,7 +574,7 @@ class Spool:
         zone: ZoneInfo,
         clock: Clock = utc_now,
         request_timeout_s: float = REQUEST_TIMEOUT_S,
-        ack_timeout_s: int = 120,
+        ack_timeout_s: int = DEFAULT_ACK_TIMEOUT_S,
     ) -> None:
         self.directory = directory
         self.notifier = notifier
@@ -1065,43 +1069,26 @@ class Spool:
             add_event(conn, incident_id, first, TIMELINE_EVENT, self.hub_id, detail)
         if not opened or not pages:
             return 0
-        action = conn.execute(
-            "SELECT id FROM escalation_actions WHERE incident_id = %s AND kind = 'step' AND step = 0 AND round = 0"
-            " ORDER BY id LIMIT 1",
-            (incident_id,),
-        ).fetchone()
+        action_id = first_step_id(conn, incident_id)
         recorded = 0
         for page in pages:
             sent = page.outcome is SendOutcome.SENT
-            row = conn.execute(
-                """
-                INSERT INTO notification_attempts (incident_id, action_id, purpose, round, step, recipient_kind,
-                    recipient_id, address, channel, attempt, state, provider_id, error, created_at, sent_at,
-                    updated_at)
-                VALUES (%s, %s, 'page', 0, 0, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, %s)
-                ON CONFLICT DO NOTHING RETURNING id
-                """,
-                (
-                    incident_id,
-                    action[0] if action else None,
-                    page.recipient.kind,
-                    page.recipient.id,
-                    page.recipient.phone,
-                    page.channel.value,
-                    page.outcome.value,
-                    page.provider_id,
-                    page.error,
-                    page.started_at,
-                    page.finished_at if sent else None,
-                    page.finished_at,
-                ),
-            ).fetchone()
-            if row is None:
+            attempt_id = record_spooled_page(
+                conn,
+                incident_id,
+                action_id,
+                (page.recipient.kind, page.recipient.id, page.recipient.phone),
+                page.channel,
+                SendResult(page.outcome, page.provider_id, page.error),
+                page.started_at,
+                page.finished_at,
+            )
+            if attempt_id is None:
                 continue  # recorded by an earlier run of this reconcile
             recorded += 1
             if not sent:
                 # The normal retry: another try after the backoff, or the next channel.
-                after_failure(conn, int(row[0]), now)
+                after_failure(conn, attempt_id, now)
         return recorded
 
     def _give_code(self, conn: Conn, incident_id: int, code: str) -> bool:
@@ -1186,7 +1173,7 @@ def _incident_of(conn: Conn, entry: SpoolEntry) -> tuple[int, str] | None:
 def _open_fallback_of(conn: Conn, device_id: str) -> int:
     row = conn.execute(
         "SELECT id FROM incidents WHERE device_id = %s AND kind = 'sos_unregistered'"
-        " AND state IN ('open', 'acknowledged', 'unreached') ORDER BY id DESC LIMIT 1",
+        f" AND state IN {OPEN_SQL} ORDER BY id DESC LIMIT 1",
         (device_id,),
     ).fetchone()
     if row is None:

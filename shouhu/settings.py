@@ -18,6 +18,13 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 TWILIO_DEFAULT_API_BASE = "https://api.twilio.com"
 
 PositiveSeconds = Annotated[int, Field(gt=0)]
+# Acknowledged but not resolved this long: the incident goes back on the chain. The one
+# default; everything else takes ``Settings.resolve_timeout_s``.
+DEFAULT_RESOLVE_TIMEOUT_S = 1800
+# How long each step of the built-in policies waits for an acknowledgement.
+DEFAULT_ACK_TIMEOUT_S = 120
+# How long after the press a wristband's cancel still stands an SOS down.
+DEFAULT_CANCEL_WINDOW_S = 30
 # SHOUHU_TIMEZONE's default: where duty rosters and local days are evaluated.
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 
@@ -57,9 +64,9 @@ class Settings(BaseSettings):
     twilio_api_base: str = TWILIO_DEFAULT_API_BASE
     emergency_webhook_url: str = ""
     emergency_webhook_secret: str = ""
-    ack_timeout_s: PositiveSeconds = 120
-    resolve_timeout_s: PositiveSeconds = 1800
-    cancel_window_s: PositiveSeconds = 30
+    ack_timeout_s: PositiveSeconds = DEFAULT_ACK_TIMEOUT_S
+    resolve_timeout_s: PositiveSeconds = DEFAULT_RESOLVE_TIMEOUT_S
+    cancel_window_s: PositiveSeconds = DEFAULT_CANCEL_WINDOW_S
     heartbeat_interval_s: PositiveSeconds = 60
     heartbeat_misses: Annotated[int, Field(ge=1)] = 3
     camera_offline_hold_s: PositiveSeconds = 300

@@ -7,6 +7,7 @@ test's clock where it is "who was told what".
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 from collections.abc import Iterator
@@ -390,7 +391,8 @@ def test_an_ack_while_the_cap_alert_is_in_flight_sends_the_platform_an_update(
 
 # --- everything at once ------------------------------------------------------------------
 
-STRESS_S = 20.0  # issue 13 asks for about 60 s; 20 s keeps the suite's budget (docs/escalation.md)
+# Issue 13 asks for 60 s of everything at once; SHOUHU_STRESS_S shortens (or lengthens) it.
+STRESS_S = float(os.environ.get("SHOUHU_STRESS_S", "60"))
 
 
 def _calls_still_playing(phone_network: str) -> list[str]:
@@ -406,8 +408,9 @@ def test_acks_callbacks_steps_and_two_routers_against_each_other_never_deadlock(
     county_url: str, phone_network: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two routers with their sender pools, due steps every second, people answering calls
-    (1, 2, voicemail, busy), status callbacks, SMS replies, API acknowledgements and
-    resolutions, presses joining open incidents: no deadlock anywhere, every callback answered."""
+    (1, 2, voicemail, busy), status callbacks, SMS replies, acknowledgements through the
+    API and the console, resolutions, presses joining open incidents, for ``STRESS_S``
+    seconds: no deadlock anywhere, every callback and every acknowledgement answered."""
     import random
 
     from alerts.acknowledge import resolve
@@ -432,6 +435,13 @@ def test_acks_callbacks_steps_and_two_routers_against_each_other_never_deadlock(
     bands = _wristbands(county_url, 10)
     stop = threading.Event()
     errors: list[BaseException] = []
+    with psycopg.connect(county_url) as conn:
+        secret = create_token(
+            conn, role=Role.OPERATOR, areas=[], label="值班长", now=datetime.now(UTC), expires_at=None
+        )
+    bearer = {"Authorization": f"Bearer {secret}"}
+    acks: list[tuple[str, int]] = []  # (via, HTTP status) of every acknowledgement
+    console: dict[str, str] = {}  # the operator's session cookie, once logged in
 
     def people() -> None:
         n = 0
@@ -445,11 +455,19 @@ def test_acks_callbacks_steps_and_two_routers_against_each_other_never_deadlock(
                 if open_:
                     incident, code = rng.choice(open_)
                     action = rng.random()
-                    with psycopg.connect(county_url) as conn:
-                        if action < 0.3:
-                            actor = Actor("token", "t1", "值班长", None, "operator")
-                            acknowledge(conn, incident, actor, "api", datetime.now(UTC), resolve_timeout_s=1800)
-                        elif action < 0.45:
+                    if action < 0.15:
+                        answer = httpx.post(f"{api}/api/v1/incidents/{incident}/ack", headers=bearer, timeout=30)
+                        acks.append(("api", answer.status_code))
+                    elif action < 0.3:
+                        answer = httpx.post(
+                            f"{api}/console/incidents/{incident}/ack",
+                            cookies=console,
+                            headers={"Origin": api},
+                            timeout=30,
+                        )
+                        acks.append(("console", answer.status_code))
+                    elif action < 0.45:
+                        with psycopg.connect(county_url) as conn:
                             actor = Actor("token", "t1", "值班长", None, "operator")
                             resolve(conn, incident, Outcome.VISITED_FINE, "", actor, datetime.now(UTC))
                     if action >= 0.45:
@@ -472,6 +490,9 @@ def test_acks_callbacks_steps_and_two_routers_against_each_other_never_deadlock(
     ]
     threads = [_run_router(router) for router in routers]
     for _url in serve_app(app, port=port):
+        login = httpx.post(f"{api}/api/v1/session", json={"token": secret})
+        assert login.status_code == 201, login.text
+        console.update(login.cookies)
         driver = threading.Thread(target=people, daemon=True)
         driver.start()
         time.sleep(STRESS_S)
@@ -490,5 +511,8 @@ def test_acks_callbacks_steps_and_two_routers_against_each_other_never_deadlock(
     assert "deadlock" not in caplog.text.lower()
     assert deadlocks == [(0,)]
     assert len(hooks) > 50, f"only {len(hooks)} callbacks in {STRESS_S} s"
+    # An acknowledgement is taken (200; the console redirects, 303) or refused as taken (409).
+    assert {via for via, _status in acks} == {"api", "console"}, acks
+    assert [a for a in acks if a[1] not in (200, 303, 409)] == []
     unanswered = [(h["kind"], h["status"], str(h.get("reply"))[:300]) for h in hooks if h["status"] != 200]
     assert unanswered == []

@@ -50,6 +50,7 @@ import requests
 from alerts.notifiers.base import SendOutcome, SendResult
 from alerts.notifiers.platform import CapMsgType, PlatformAlert, TriedContact
 from alerts.notifiers.text import plain_text
+from alerts.states import CLOSED, IncidentState
 from devices.kinds import SEVERITY_OF_KIND, IncidentKind, Severity
 
 if TYPE_CHECKING:
@@ -104,7 +105,7 @@ _OUTCOME_LABEL: dict[str, str] = {
     "busy": "占线",
     "acknowledged": "已接单",
 }
-_CLOSED_STATES = frozenset({"resolved", "cancelled"})
+_CLOSED_STATES = frozenset(CLOSED)
 
 
 def cap_time(moment: datetime, zone: ZoneInfo = DEFAULT_ZONE) -> str:
@@ -213,11 +214,11 @@ def _description(alert: PlatformAlert, zone: ZoneInfo) -> str:
 
 
 def _instruction(alert: PlatformAlert) -> str:
-    if alert.state == "cancelled" or alert.msg_type is CapMsgType.CANCEL:
+    if alert.state == IncidentState.CANCELLED or alert.msg_type is CapMsgType.CANCEL:
         return "求助已取消，无需派员。"
-    if alert.state == "resolved":
+    if alert.state == IncidentState.RESOLVED:
         return "事件已处置完毕，无需行动。"
-    if alert.state == "acknowledged":
+    if alert.state == IncidentState.ACKNOWLEDGED:
         return "已有人接单前往，请继续关注，如有需要可协助。"
     return (
         "此前联系的人员均未响应（见描述）。请立即回拨老人并就近派员上门，必要时呼叫120。"
@@ -228,7 +229,7 @@ def _instruction(alert: PlatformAlert) -> str:
 def _response_and_urgency(alert: PlatformAlert) -> tuple[str, str]:
     if _closed(alert):
         return "AllClear", "Past"
-    if alert.state == "acknowledged":
+    if alert.state == IncidentState.ACKNOWLEDGED:
         return "Monitor", "Immediate"
     return "Execute", "Immediate"
 

@@ -14,10 +14,11 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 from alerts.recipients import shift_covers
+from alerts.states import OPEN, OPEN_SQL, IncidentState
 from shouhu.db import DictConn
 
 SEVERITY_ORDER = {"red": 0, "yellow": 1, "blue": 2}
-OPEN_STATES = ("open", "unreached", "acknowledged")
+OPEN_STATES = tuple(s.value for s in OPEN)
 
 
 def open_incidents(
@@ -25,7 +26,7 @@ def open_incidents(
 ) -> list[dict[str, Any]]:
     """Open incidents, reddest then newest first, with the resident's name for the list."""
     rows = conn.execute(
-        """
+        f"""
         SELECT i.id, i.code, i.kind, i.severity, i.state, i.opened_at, i.urgency, i.area_id,
                i.acknowledged_by_name, i.device_id, r.name AS resident_name, a.name AS area_name,
                t.id AS task_id, t.kind AS task_kind, t.state AS task_state, t.due_at, t.level
@@ -36,7 +37,7 @@ def open_incidents(
         WHERE i.state = ANY(%(states)s) AND i.kind = ANY(%(kinds)s)
           AND (%(scope)s::text[] IS NULL OR i.area_id = ANY(%(scope)s))
         ORDER BY CASE i.severity WHEN 'red' THEN 0 WHEN 'yellow' THEN 1 ELSE 2 END,
-                 (i.state = 'acknowledged'), i.opened_at DESC, i.id DESC
+                 (i.state = '{IncidentState.ACKNOWLEDGED}'), i.opened_at DESC, i.id DESC
         LIMIT %(limit)s
         """,
         {"states": list(OPEN_STATES), "kinds": list(kinds), "scope": scope, "limit": limit},
@@ -187,13 +188,13 @@ def incidents_by_severity_and_area(
 ) -> list[dict[str, Any]]:
     """Per township-or-lower area: open now and opened in the period, by 红黄蓝 severity."""
     rows = conn.execute(
-        """
+        f"""
         SELECT coalesce(a.name, '—') AS area_name, i.area_id, i.severity,
-               count(*) FILTER (WHERE i.state IN ('open', 'unreached', 'acknowledged')) AS open_now,
+               count(*) FILTER (WHERE i.state IN {OPEN_SQL}) AS open_now,
                count(*) FILTER (WHERE i.opened_at >= %(since)s AND i.opened_at < %(until)s) AS in_period
         FROM incidents i LEFT JOIN areas a ON a.id = i.area_id
         WHERE (%(scope)s::text[] IS NULL OR i.area_id = ANY(%(scope)s))
-          AND (i.state IN ('open', 'unreached', 'acknowledged') OR i.opened_at >= %(since)s)
+          AND (i.state IN {OPEN_SQL} OR i.opened_at >= %(since)s)
         GROUP BY 1, 2, 3
         ORDER BY 1, 3
         """,

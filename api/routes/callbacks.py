@@ -38,7 +38,7 @@ from twilio.twiml.messaging_response import MessagingResponse
 from twilio.twiml.voice_response import VoiceResponse
 
 from alerts.acknowledge import Actor, Result, acknowledge, decline
-from alerts.attempts import lock_incident
+from alerts.attempts import lock_incident, mark_answered, record_status, take_provider_id
 from alerts.dispatch import attempt_by_id
 from alerts.incidents import CODE_ALPHABET, CODE_LENGTH
 from alerts.notifiers.text import plain_text
@@ -53,6 +53,7 @@ from alerts.notifiers.twilio import (
     voice_twiml,
 )
 from alerts.retry import after_failure
+from alerts.states import AttemptState, IncidentState
 from alerts.timeline import add_event
 from api.deps import ConnDep, Now, SettingsDep, tuple_rows
 from api.limits import storable_text
@@ -157,7 +158,7 @@ def _answer(conn: Conn, incident_id: int, actor: Actor, going: bool, result: Res
     ).fetchone()
     assert row is not None
     state, taken_by, taken_by_name = row
-    if state == "acknowledged":
+    if state == IncidentState.ACKNOWLEDGED:
         return "此事件已由您接单。" if taken_by == actor.key else f"此事件已由{taken_by_name}接单，无需前往。"
     return CLOSED
 
@@ -261,16 +262,11 @@ def receive_keypress(request: Request, form: SignedForm, conn: ConnDep, now: Now
         if actor is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"attempt {attempt_id} paged nobody known")
         # A call still in flight takes the sid Twilio gave it (its record may come later).
-        conn.execute(
-            "UPDATE notification_attempts SET provider_id = coalesce(provider_id, %s), updated_at = %s WHERE id = %s",
-            (call_sid, now, attempt_id),
-        )
+        take_provider_id(conn, attempt_id, call_sid, now)
         # Only 1 or 2 reaches the person. Any other key (5, #, nothing) leaves the call
         # unsettled: if it then ends without 1 or 2 it is not reached, and retried.
         if digit in ("1", "2"):
-            conn.execute(
-                "UPDATE notification_attempts SET state = 'answered', updated_at = %s WHERE id = %s", (now, attempt_id)
-            )
+            mark_answered(conn, attempt_id, now)
         detail = {"attempt_id": attempt_id, "provider_id": call_sid, "digit": digit}
         add_event(conn, incident_id, now, "keypress", actor.key, detail)
         if digit not in ("1", "2"):
@@ -342,7 +338,7 @@ def _lock_attempt(conn: Conn, where: str, params: tuple[Any, ...]) -> tuple[Any,
     ).fetchone()
 
 
-def _attempt_by_sid(conn: Conn, channel: str, sid: str, to: str) -> tuple[Any, ...] | None:
+def _attempt_by_sid(conn: Conn, channel: str, sid: str, to: str, now: datetime) -> tuple[Any, ...] | None:
     """(id, incident, state) of the attempt ``sid`` reports on, locked (incident first).
 
     A status may overtake the router's record of the sid. While the send is in flight
@@ -371,7 +367,7 @@ def _attempt_by_sid(conn: Conn, channel: str, sid: str, to: str) -> tuple[Any, .
             if len(flying) == 1:
                 row = _lock_attempt(conn, "id = %s", (flying[0][0],))
                 if row is not None and row[2] is None and row[5]:
-                    conn.execute("UPDATE notification_attempts SET provider_id = %s WHERE id = %s", (sid, flying[0][0]))
+                    take_provider_id(conn, flying[0][0], sid, now)
                     return flying[0][0], row[0], "sent"
                 row = _lock_attempt(conn, where, (sid, channel))
     if row is None:
@@ -406,7 +402,7 @@ def receive_delivery_status(form: SignedForm, conn: ConnDep, now: Now) -> Delive
     error_code = form.get("ErrorCode") or None
 
     def work(conn: Conn) -> DeliveryStatusPublic:
-        row = _attempt_by_sid(conn, channel, sid, form.get("To", ""))
+        row = _attempt_by_sid(conn, channel, sid, form.get("To", ""), now)
         if row is None:
             # 200 all the same: an error would only make Twilio try again.
             log.warning("status %r for unknown %s %s: nothing to update", provider_status, channel, sid)
@@ -425,11 +421,7 @@ def receive_delivery_status(form: SignedForm, conn: ConnDep, now: Now) -> Delive
             error = None
             if settlement.failed:
                 error = f"{PROVIDER}: {provider_status}" + (f" (error {error_code})" if error_code else "")
-            conn.execute(
-                "UPDATE notification_attempts SET state = %s, error = coalesce(%s, error), updated_at = %s"
-                " WHERE id = %s",
-                (state, error, now, attempt_id),
-            )
+            record_status(conn, attempt_id, AttemptState(state), error, now)
         add_event(
             conn,
             incident_id,
