@@ -36,6 +36,7 @@ from api.access import (
 )
 from api.consoles import queries
 from api.consoles.i18n import Lang, maybe, word
+from api.consoles.story import story
 from api.consoles.uptime_chart import area_ratios, daily_ratios, svg_chart
 from api.deps import (
     SESSION_COOKIE,
@@ -255,13 +256,17 @@ def _incident_context(
         with conn.transaction():
             write_audit(conn, token, now, "read_resident", f"resident:{found['resident_id']}", {"via": "console"})
     zh = lang is Lang.ZH
+    outcomes = [(o.value, words[0] if zh else words[1]) for o, words in OUTCOME_WORDS.items()]
+    attempts = queries.attempts(conn, incident_id)
     return {
         "i": found,
         "resident": resident,
         "guardians": guardians,
-        "timeline": queries.timeline(conn, incident_id),
+        "story": story(lang, queries.timeline(conn, incident_id), attempts, dict(outcomes)),
+        "paged": bool(attempts),
+        "outcome": dict(outcomes).get(found["outcome"] or "", found["outcome"]),
         "can_act": token.role in ACKNOWLEDGERS and found["severity"] == "red",
-        "outcomes": [(o.value, words[0] if zh else words[1]) for o, words in OUTCOME_WORDS.items()],
+        "outcomes": outcomes,
         "token": token,
     }
 
@@ -374,7 +379,9 @@ def task_page(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now
         lang,
         {
             "t": found,
-            "timeline": queries.timeline(conn, found["incident_id"]),
+            "story": story(
+                lang, queries.timeline(conn, found["incident_id"]), queries.attempts(conn, found["incident_id"]), {}
+            ),
             "outcomes": sorted(o.value for o in outcomes),
             "token": token,
             "label": _label(conn, token),

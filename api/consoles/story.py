@@ -1,0 +1,188 @@
+"""An incident's story, as the console tells it: each step, each call and text with its
+person and how it ended, who took it, and how it was closed.
+
+Built from the rows ``alerts/`` writes (attempts and the timeline), read through
+``queries``; nothing here writes. A provider's status callbacks, keypresses, SMS
+replies and retries are not lines of their own: each is told once, as the result of
+the attempt it belongs to, or as the person's act it caused (taken, declined).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from datetime import datetime
+from enum import StrEnum
+from typing import Any
+
+from api.consoles.i18n import WORDS, Lang, actor_label, maybe, person_label, word
+from api.consoles.queries import AttemptRow, EventRow
+from devices.kinds import AttemptPurpose, Channel
+
+# Told through the attempt they belong to (its result) or the act they caused.
+FOLDED_EVENTS = frozenset(
+    {
+        "attempt_sent",
+        "attempt_failed",
+        "attempt_cancelled",
+        "attempt_resent",
+        "attempt_result_late",
+        "retry_scheduled",
+        "channel_given_up",
+        "keypress",
+        "sms_reply",
+        "acknowledge_ignored",
+        "stored",  # the same instant as "opened"
+    }
+)
+# Events a person caused: their line names the person.
+PERSON_EVENTS = frozenset(
+    {"acknowledged", "declined", "resolved", "task_started", "task_closed", "cancel_refused", "cancelled"}
+)
+# The longest failure reason shown: a provider's error is for the log, its gist for the page.
+REASON_CHARS = 120
+
+
+class Tone(StrEnum):
+    """How a line reads at a glance (a CSS class; never colour alone: the words say it)."""
+
+    GOOD = "good"
+    BAD = "bad"
+    WAIT = "wait"
+    QUIET = "quiet"
+    NEUTRAL = "neutral"
+
+
+@dataclass(frozen=True, slots=True)
+class StoryLine:
+    at: datetime
+    kind: str  # "step", "attempt", "act" (a person's) or "event"
+    headline: str
+    result: str
+    tone: Tone
+
+
+def _w(lang: Lang, key: str, **values: Any) -> str:
+    return word(lang, key).format(**values)
+
+
+def _colon(lang: Lang) -> str:
+    return "：" if lang is Lang.ZH else ": "
+
+
+def attempt_result(lang: Lang, row: AttemptRow) -> tuple[str, Tone]:
+    """What became of one attempt, in words: rang, no answer, busy, pressed 1, delivered, failed (why)…"""
+    state = row.state
+    if state == "pending":
+        return (word(lang, "res_sending"), Tone.WAIT) if row.in_flight else (word(lang, "res_waiting"), Tone.WAIT)
+    if state == "sent":
+        key = {
+            Channel.VOICE.value: "res_rang",
+            Channel.CONSOLE.value: "res_shown",
+            Channel.WEBHOOK.value: "res_accepted",
+        }.get(row.channel, "res_sent")
+        return word(lang, key), Tone.GOOD
+    if state == "delivered":
+        return word(lang, "res_delivered"), Tone.GOOD
+    if state == "answered":
+        key = {"1": "res_pressed_1", "2": "res_pressed_2"}.get(row.digit or "", "res_answered")
+        return word(lang, key), Tone.GOOD
+    if state == "cancelled":
+        return word(lang, "res_cancelled"), Tone.QUIET
+    key = f"res_{state}"
+    text = word(lang, key) if key in WORDS else state
+    if state == "failed" and row.error:
+        text += _colon(lang) + row.error[:REASON_CHARS]
+    return text, Tone.BAD
+
+
+def _recipient(lang: Lang, row: AttemptRow) -> str:
+    if row.recipient_kind == "platform":
+        return word(lang, "role_platform")
+    return person_label(lang, row.recipient_name or row.recipient_id, row.recipient_role)
+
+
+def attempt_line(lang: Lang, row: AttemptRow) -> StoryLine:
+    channel = f"ch_{row.channel}"
+    parts = [word(lang, channel) if channel in WORDS else row.channel]
+    if row.purpose != AttemptPurpose.PAGE.value and f"purpose_{row.purpose}" in WORDS:
+        parts.append(word(lang, f"purpose_{row.purpose}"))
+    headline = " · ".join(parts) + " → " + _recipient(lang, row)
+    if row.attempt > 1:
+        tries = _w(lang, "try_n", n=row.attempt)
+        headline += f"（{tries}）" if lang is Lang.ZH else f" ({tries})"
+    result, tone = attempt_result(lang, row)
+    return StoryLine(row.created_at, "attempt", headline, result, tone)
+
+
+def _who(lang: Lang, event: EventRow) -> str:
+    if event.actor_name:
+        return person_label(lang, event.actor_name, event.actor_role)
+    return actor_label(lang, event.actor)
+
+
+def _step(lang: Lang, detail: dict[str, Any]) -> str:
+    step = _w(lang, "step_n", n=int(detail.get("step", 0)) + 1)
+    if int(detail.get("round", 0)) > 0:
+        step = _w(lang, "round_n", n=int(detail["round"]) + 1) + " " + step
+    return step
+
+
+def _via(lang: Lang, detail: dict[str, Any]) -> str:
+    key = f"via_{detail.get('via', '')}"
+    return word(lang, key) if key in WORDS else ""
+
+
+def event_line(lang: Lang, event: EventRow, outcomes: Mapping[str, str]) -> StoryLine | None:
+    """The line an event adds to the story, or None when another line tells it already."""
+    name, detail = event.event, event.detail
+    if name in FOLDED_EVENTS or name.startswith("delivery_"):
+        return None
+    if name == "step_started":
+        target = f"target_{detail.get('target', '')}"
+        whom = word(lang, target) if target in WORDS else str(detail.get("target", ""))
+        headline = f"{_step(lang, detail)}{_colon(lang)}{word(lang, 'paging')}{whom}"
+        return StoryLine(event.at, "step", headline, "", Tone.NEUTRAL)
+    if name == "no_recipients":
+        return StoryLine(event.at, "step", _step(lang, detail), word(lang, "no_recipients"), Tone.BAD)
+    if name == "opened":
+        kind = str(detail.get("kind", ""))
+        return StoryLine(event.at, "event", word(lang, "sos_stored"), maybe(lang, kind), Tone.NEUTRAL)
+    if name == "acknowledged":
+        taken = f"{_who(lang, event)} {word(lang, 'took_it')}"
+        return StoryLine(event.at, "act", taken, _via(lang, detail), Tone.GOOD)
+    if name == "declined":
+        declined = f"{_who(lang, event)} {word(lang, 'cannot_go')}"
+        return StoryLine(event.at, "act", declined, _via(lang, detail), Tone.BAD)
+    if name == "resolved":
+        outcome = str(detail.get("outcome", ""))
+        result = outcomes.get(outcome) or maybe(lang, outcome)
+        if detail.get("note"):
+            result += f"{_colon(lang)}{detail['note']}" if lang is Lang.ZH else f" — {detail['note']}"
+        who = _who(lang, event)
+        headline = f"{who} {word(lang, 'resolved_as')}" if who else word(lang, "resolved_as")
+        return StoryLine(event.at, "act", headline, result, Tone.GOOD)
+    if name == "cancelled" and (event.actor or "").startswith("device:"):
+        return StoryLine(event.at, "act", word(lang, "cancelled_on_band"), "", Tone.QUIET)
+    headline = maybe(lang, name)
+    if name in PERSON_EVENTS:
+        who = _who(lang, event)
+        headline = f"{who} · {headline}" if who else headline
+    return StoryLine(event.at, "event", headline, "", Tone.NEUTRAL)
+
+
+def story(
+    lang: Lang, events: list[EventRow], attempts: list[AttemptRow], outcomes: Mapping[str, str]
+) -> list[StoryLine]:
+    """Every line, oldest first; at the same instant an event comes before the attempts it caused.
+
+    ``outcomes``: a resolve's outcome in the words of the form that chose it.
+    """
+    lines: list[tuple[datetime, int, int, StoryLine]] = []
+    for index, event in enumerate(events):
+        line = event_line(lang, event, outcomes)
+        if line is not None:
+            lines.append((line.at, 0, index, line))
+    for index, row in enumerate(attempts):
+        lines.append((row.created_at, 1, index, attempt_line(lang, row)))
+    return [line for *_key, line in sorted(lines, key=lambda entry: entry[:3])]
