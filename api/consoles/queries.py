@@ -98,7 +98,8 @@ class AttemptRow:
     """One notification attempt (``alerts/attempts.py``): to whom, on which channel, how it ended."""
 
     id: int
-    created_at: datetime
+    created_at: datetime  # queued
+    due_at: datetime  # when it was to go out: a retry waits its backoff
     settled_at: datetime  # the row's last change: its outcome once settled
     purpose: str
     round: int
@@ -117,9 +118,11 @@ class AttemptRow:
 
 def attempts(conn: DictConn, incident_id: int) -> list[AttemptRow]:
     """Every call, SMS, console page and platform message of the incident, in the order they were queued."""
+    # greatest() skips a NULL not_before: due when queued.
     rows = conn.execute(
         """
-        SELECT a.id, a.created_at, a.updated_at AS settled_at, a.purpose, a.round, a.step, a.channel, a.attempt,
+        SELECT a.id, a.created_at, greatest(a.created_at, a.not_before) AS due_at, a.updated_at AS settled_at,
+               a.purpose, a.round, a.step, a.channel, a.attempt,
                a.state, (a.state = 'pending' AND a.leased_by IS NOT NULL) AS in_flight, a.error,
                a.recipient_kind, a.recipient_id, coalesce(s.name, g.name) AS recipient_name,
                CASE WHEN s.id IS NOT NULL THEN s.role WHEN g.id IS NOT NULL THEN 'guardian'

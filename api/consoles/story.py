@@ -66,6 +66,13 @@ def _w(lang: Lang, key: str, **values: Any) -> str:
     return word(lang, key).format(**values)
 
 
+def _joined(lang: Lang, who: str, did: str) -> str:
+    """"董思远（网格员）接单", "Dong Siyuan (grid worker) took it"."""
+    if not who:
+        return did
+    return f"{who}{did}" if lang is Lang.ZH else f"{who} {did}"
+
+
 def _colon(lang: Lang) -> str:
     return "：" if lang is Lang.ZH else ": "
 
@@ -112,7 +119,7 @@ def attempt_line(lang: Lang, row: AttemptRow) -> StoryLine:
         tries = _w(lang, "try_n", n=row.attempt)
         headline += f"（{tries}）" if lang is Lang.ZH else f" ({tries})"
     result, tone = attempt_result(lang, row)
-    return StoryLine(row.created_at, "attempt", headline, result, tone)
+    return StoryLine(row.due_at, "attempt", headline, result, tone)
 
 
 def _who(lang: Lang, event: EventRow) -> str:
@@ -149,18 +156,17 @@ def event_line(lang: Lang, event: EventRow, outcomes: Mapping[str, str]) -> Stor
         kind = str(detail.get("kind", ""))
         return StoryLine(event.at, "event", word(lang, "sos_stored"), maybe(lang, kind), Tone.NEUTRAL)
     if name == "acknowledged":
-        taken = f"{_who(lang, event)} {word(lang, 'took_it')}"
+        taken = _joined(lang, _who(lang, event), word(lang, "took_it"))
         return StoryLine(event.at, "act", taken, _via(lang, detail), Tone.GOOD)
     if name == "declined":
-        declined = f"{_who(lang, event)} {word(lang, 'cannot_go')}"
+        declined = _joined(lang, _who(lang, event), word(lang, "cannot_go"))
         return StoryLine(event.at, "act", declined, _via(lang, detail), Tone.BAD)
     if name == "resolved":
         outcome = str(detail.get("outcome", ""))
         result = outcomes.get(outcome) or maybe(lang, outcome)
         if detail.get("note"):
             result += f"{_colon(lang)}{detail['note']}" if lang is Lang.ZH else f" — {detail['note']}"
-        who = _who(lang, event)
-        headline = f"{who} {word(lang, 'resolved_as')}" if who else word(lang, "resolved_as")
+        headline = _joined(lang, _who(lang, event), word(lang, "resolved_as"))
         return StoryLine(event.at, "act", headline, result, Tone.GOOD)
     if name == "cancelled" and (event.actor or "").startswith("device:"):
         return StoryLine(event.at, "act", word(lang, "cancelled_on_band"), "", Tone.QUIET)
@@ -171,18 +177,40 @@ def event_line(lang: Lang, event: EventRow, outcomes: Mapping[str, str]) -> Stor
     return StoryLine(event.at, "event", headline, "", Tone.NEUTRAL)
 
 
+def _anchors(events: list[EventRow], attempts: list[AttemptRow]) -> dict[int, EventRow | None]:
+    """The event each attempt follows: its step's start, or the event that caused it (a notice's cause)."""
+    steps: dict[tuple[int, int], EventRow] = {}
+    by_id = {event.id: event for event in events}
+    for event in events:
+        if event.event == "step_started":
+            steps.setdefault((int(event.detail.get("round", 0)), int(event.detail.get("step", 0))), event)
+    anchors: dict[int, EventRow | None] = {}
+    for row in attempts:
+        if row.purpose in (AttemptPurpose.PAGE.value, AttemptPurpose.CAP_ALERT.value):
+            anchor = steps.get((row.round, row.step))
+        else:  # a notice, re-page or CAP update is keyed by the event that caused it (alerts/attempts.py)
+            anchor = by_id.get(row.step)
+        if anchor is None:
+            anchor = max((e for e in events if e.at <= row.due_at), key=lambda e: (e.at, e.id), default=None)
+        anchors[row.id] = anchor
+    return anchors
+
+
 def story(
     lang: Lang, events: list[EventRow], attempts: list[AttemptRow], outcomes: Mapping[str, str]
 ) -> list[StoryLine]:
-    """Every line, oldest first; at the same instant an event comes before the attempts it caused.
+    """Every line, oldest first; an attempt comes after the event that caused it, even at the same instant.
 
     ``outcomes``: a resolve's outcome in the words of the form that chose it.
     """
-    lines: list[tuple[datetime, int, int, StoryLine]] = []
-    for index, event in enumerate(events):
+    lines: list[tuple[tuple[datetime, int, int, int], StoryLine]] = []
+    for event in events:
         line = event_line(lang, event, outcomes)
         if line is not None:
-            lines.append((line.at, 0, index, line))
-    for index, row in enumerate(attempts):
-        lines.append((row.created_at, 1, index, attempt_line(lang, row)))
-    return [line for *_key, line in sorted(lines, key=lambda entry: entry[:3])]
+            lines.append(((event.at, event.id, 0, 0), line))
+    anchors = _anchors(events, attempts)
+    for row in attempts:
+        anchor = anchors[row.id]
+        at = row.due_at if anchor is None else max(row.due_at, anchor.at)
+        lines.append(((at, 0 if anchor is None else anchor.id, 1, row.id), attempt_line(lang, row)))
+    return [line for _key, line in sorted(lines, key=lambda entry: entry[0])]
