@@ -138,6 +138,7 @@ def _render(
             "w": lambda key: word(lang, key),
             "m": lambda key: maybe(lang, key),
             "local": lambda at: at.astimezone(zone).strftime("%m-%d %H:%M") if at else "",
+            "clock": lambda at: at.astimezone(zone).strftime("%H:%M:%S"),  # the story's lines, seconds apart
             "pct": lambda ratio: "—" if ratio is None else f"{ratio * 100:.1f}%",
             "seconds": lambda s: "—" if s is None else f"{s:.0f} s",
             "duration": _duration,

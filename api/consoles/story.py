@@ -67,7 +67,7 @@ def _w(lang: Lang, key: str, **values: Any) -> str:
 
 
 def _joined(lang: Lang, who: str, did: str) -> str:
-    """"董思远（网格员）接单", "Dong Siyuan (grid worker) took it"."""
+    """Who did what: 董思远（网格员）接单; in English, "Dong Siyuan (grid worker) took it"."""
     if not who:
         return did
     return f"{who}{did}" if lang is Lang.ZH else f"{who} {did}"
@@ -119,7 +119,12 @@ def attempt_line(lang: Lang, row: AttemptRow) -> StoryLine:
         tries = _w(lang, "try_n", n=row.attempt)
         headline += f"（{tries}）" if lang is Lang.ZH else f" ({tries})"
     result, tone = attempt_result(lang, row)
-    return StoryLine(row.due_at, "attempt", headline, result, tone)
+    return StoryLine(_when(row), "attempt", headline, result, tone)
+
+
+def _when(row: AttemptRow) -> datetime:
+    """When the attempt went out, or, for one that never did, when it was called off."""
+    return row.settled_at if row.state == "cancelled" else row.due_at
 
 
 def _who(lang: Lang, event: EventRow) -> str:
@@ -160,7 +165,7 @@ def event_line(lang: Lang, event: EventRow, outcomes: Mapping[str, str]) -> Stor
         return StoryLine(event.at, "act", taken, _via(lang, detail), Tone.GOOD)
     if name == "declined":
         declined = _joined(lang, _who(lang, event), word(lang, "cannot_go"))
-        return StoryLine(event.at, "act", declined, _via(lang, detail), Tone.BAD)
+        return StoryLine(event.at, "act", declined, _via(lang, detail), Tone.NEUTRAL)
     if name == "resolved":
         outcome = str(detail.get("outcome", ""))
         result = outcomes.get(outcome) or maybe(lang, outcome)
@@ -190,8 +195,8 @@ def _anchors(events: list[EventRow], attempts: list[AttemptRow]) -> dict[int, Ev
             anchor = steps.get((row.round, row.step))
         else:  # a notice, re-page or CAP update is keyed by the event that caused it (alerts/attempts.py)
             anchor = by_id.get(row.step)
-        if anchor is None:
-            anchor = max((e for e in events if e.at <= row.due_at), key=lambda e: (e.at, e.id), default=None)
+        if anchor is None or row.state == "cancelled":  # called off: after what called it off
+            anchor = max((e for e in events if e.at <= _when(row)), key=lambda e: (e.at, e.id), default=anchor)
         anchors[row.id] = anchor
     return anchors
 
@@ -211,6 +216,6 @@ def story(
     anchors = _anchors(events, attempts)
     for row in attempts:
         anchor = anchors[row.id]
-        at = row.due_at if anchor is None else max(row.due_at, anchor.at)
+        at = _when(row) if anchor is None else max(_when(row), anchor.at)
         lines.append(((at, 0 if anchor is None else anchor.id, 1, row.id), attempt_line(lang, row)))
     return [line for _key, line in sorted(lines, key=lambda entry: entry[0])]
