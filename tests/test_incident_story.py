@@ -12,8 +12,11 @@ With ``SHOUHU_SCREENSHOTS=<dir>`` the browser test saves the README's incident p
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import psycopg
+import pytest
+from fastapi.testclient import TestClient
 from playwright.sync_api import Browser, expect
 from psycopg.rows import dict_row
 
@@ -21,12 +24,15 @@ from alerts.acknowledge import Actor, Result, resolve
 from api.consoles import queries
 from api.consoles.i18n import Lang, actor_label, person_label
 from api.consoles.pages import OUTCOME_WORDS
-from api.consoles.story import StoryLine, story
+from api.consoles.story import StoryLine, attempt_line, story
+from api.deps import get_now
+from api.main import create_app
 from devices.kinds import Outcome
+from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.support.browser import SMALL_PHONE, assert_accessible_basics, assert_fits, log_in, snap
 from tests.support.callbacks import CALLBACK_DEADLINE_S, Stack
-from tests.support.escalation import press, q, wristband_in
+from tests.support.escalation import DAY, press, q, wristband_in
 from tests.support.hub import wait_until
 
 SECOND_ID, SECOND_NAME, SECOND_PHONE = "gw-story", "赵网格", "+12125550143"  # not in the demo county
@@ -214,3 +220,92 @@ def test_the_incident_page_tells_the_story_after_it_is_resolved_on_a_375_px_phon
         page.goto(f"{stack.api}{console}")
         assert_accessible_basics(page)
         assert_fits(page)
+
+
+def _attempt(**changes: Any) -> queries.AttemptRow:
+    fields: dict[str, Any] = {
+        "id": 1,
+        "created_at": DAY,
+        "due_at": DAY,
+        "settled_at": DAY,
+        "purpose": "page",
+        "round": 0,
+        "step": 0,
+        "channel": "voice",
+        "attempt": 1,
+        "state": "sent",
+        "in_flight": False,
+        "error": None,
+        "recipient_kind": "staff",
+        "recipient_id": "gw-1",
+        "recipient_name": "董思远",
+        "recipient_role": "grid_worker",
+        "digit": None,
+    }
+    return queries.AttemptRow(**(fields | changes))
+
+
+@pytest.mark.parametrize(
+    ("changes", "headline", "result"),
+    [
+        ({"state": "pending"}, "电话 → 董思远（网格员）", "等待发送"),
+        ({"state": "pending", "in_flight": True}, "电话 → 董思远（网格员）", "发送中"),
+        ({"state": "sent"}, "电话 → 董思远（网格员）", "已拨出，振铃中"),
+        ({"state": "answered", "digit": "2"}, "电话 → 董思远（网格员）", "接听并按 2：无法前往"),
+        (
+            {"state": "no_keypress", "attempt": 3},
+            "电话 → 董思远（网格员）（第 3 次）",
+            "接听但未按键（可能是语音信箱）",
+        ),
+        ({"channel": "sms", "state": "undelivered"}, "短信 → 董思远（网格员）", "短信未送达"),
+        (
+            {"channel": "sms", "state": "failed", "error": "twilio: failed (error 30003)"},
+            "短信 → 董思远（网格员）",
+            "失败：twilio: failed (error 30003)",
+        ),
+        (
+            {"channel": "sms", "purpose": "repage", "recipient_kind": "guardian", "recipient_role": "guardian"},
+            "短信 · 再次呼叫 → 董思远（监护人）",
+            "已发出",
+        ),
+        (
+            {
+                "channel": "webhook",
+                "purpose": "cap_alert",
+                "recipient_kind": "platform",
+                "recipient_id": "emergency-platform",
+                "recipient_name": None,
+                "recipient_role": "platform",
+            },
+            "平台 · 推送警报 → 应急平台",
+            "平台已接收",
+        ),
+        ({"recipient_name": None}, "电话 → gw-1（网格员）", "已拨出，振铃中"),  # deleted from the registry since
+    ],
+)
+def test_each_attempt_says_to_whom_and_how_it_ended(changes: dict[str, Any], headline: str, result: str) -> None:
+    line = attempt_line(Lang.ZH, _attempt(**changes))
+    assert (line.headline, line.result) == (headline, result)
+
+
+def test_each_console_page_says_what_an_empty_part_means(county_url: str) -> None:
+    """A county with nothing open, nothing offline and an SOS nobody was paged for yet."""
+    with psycopg.connect(county_url) as conn:
+        operator = create_token(conn, role=Role.OPERATOR, areas=[], label="综治值班", now=DAY, expires_at=None)
+    app = create_app(Settings(database_url=county_url))
+    app.dependency_overrides[get_now] = lambda: DAY
+    with TestClient(app) as client:
+        client.post("/api/v1/session", json={"token": operator}).raise_for_status()
+        grid = client.get("/console/grid").text
+        assert "暂无待处置事件" in grid
+        overview = client.get("/console/overview").text
+        assert "该时段内没有事件" in overview
+        assert "当前没有离线设备" in overview
+        assert "当前没有离线摄像头" in client.get("/console/tech").text
+        device, _grid, _resident = wristband_in(county_url, night_covered=False)
+        incident = press(county_url, device, DAY)
+        page = client.get(f"/console/incidents/{incident}").text
+        assert "尚未通知任何人" in page  # the router has not run: nobody paged yet, and it says so
+        assert "收到报警" in page
+        assert "Nobody has been paged yet" in client.get(f"/console/incidents/{incident}?lang=en").text
+        assert 'rel="icon" href="/console/static/favicon.svg"' in page
