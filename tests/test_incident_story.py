@@ -11,6 +11,7 @@ With ``SHOUHU_SCREENSHOTS=<dir>`` the browser test saves the README's incident p
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -207,6 +208,7 @@ def test_the_incident_page_tells_the_story_after_it_is_resolved_on_a_375_px_phon
     expect(story_list.locator("li", has_text=f"{SECOND_NAME}（网格员）办结")).to_contain_text(NOTE)
     for internal in INTERNAL:
         expect(page.locator("main")).not_to_contain_text(internal)
+    expect(page.locator("#next-step")).to_have_count(0)  # resolved: nothing more will happen
     assert_fits(page)
     snap(page, "incident")
 
@@ -306,6 +308,8 @@ def test_each_console_page_says_what_an_empty_part_means(county_url: str) -> Non
         incident = press(county_url, device, DAY)
         page = client.get(f"/console/incidents/{incident}").text
         assert "尚未通知任何人" in page  # the router has not run: nobody paged yet, and it says so
+        # What comes next if nobody takes it: the first step, due at the press (10:00 local).
+        assert re.search(r'id="next-step">无人接单则 <time[^>]*>10:00:00</time>：第 1 步：通知网格员<', page)
         assert "收到报警" in page
         assert "Nobody has been paged yet" in client.get(f"/console/incidents/{incident}?lang=en").text
         assert 'rel="icon" href="/console/static/favicon.svg"' in page

@@ -36,7 +36,7 @@ from api.access import (
 )
 from api.consoles import queries
 from api.consoles.i18n import Lang, maybe, word
-from api.consoles.story import story
+from api.consoles.story import next_line, story
 from api.consoles.uptime_chart import area_ratios, daily_ratios, svg_chart
 from api.deps import (
     SESSION_COOKIE,
@@ -265,6 +265,7 @@ def _incident_context(
         "guardians": guardians,
         "story": story(lang, queries.timeline(conn, incident_id), attempts, dict(outcomes)),
         "paged": bool(attempts),
+        "next": next_line(lang, upcoming) if (upcoming := queries.next_step(conn, incident_id)) else None,
         "outcome": dict(outcomes).get(found["outcome"] or "", found["outcome"]),
         "can_act": token.role in ACKNOWLEDGERS and found["severity"] == "red",
         "outcomes": outcomes,

@@ -142,6 +142,31 @@ def attempts(conn: DictConn, incident_id: int) -> list[AttemptRow]:
     return [AttemptRow(**r) for r in rows]
 
 
+@dataclass(frozen=True, slots=True)
+class NextStep:
+    """The escalation step an open incident waits for (``escalation_actions``), and whom it pages."""
+
+    due_at: datetime
+    round: int
+    step: int
+    target: str | None  # the frozen policy's target; None past its last step (the operators)
+
+
+def next_step(conn: DictConn, incident_id: int) -> NextStep | None:
+    """The next step due, while the incident escalates (a step under an older fencing token will not run)."""
+    row = conn.execute(
+        f"""
+        SELECT a.due_at, a.round, a.step, i.policy_snapshot->'steps'->a.step->>'target' AS target
+        FROM escalation_actions a JOIN incidents i ON i.id = a.incident_id
+        WHERE a.incident_id = %s AND a.state = 'pending' AND a.kind = 'step' AND a.token = i.escalation_token
+          AND i.state IN ('{IncidentState.OPEN}', '{IncidentState.UNREACHED}')
+        ORDER BY a.due_at, a.id LIMIT 1
+        """,
+        (incident_id,),
+    ).fetchone()
+    return NextStep(**row) if row else None
+
+
 def guardians(conn: DictConn, resident_id: str) -> list[dict[str, Any]]:
     rows = conn.execute(
         "SELECT name, phone, relation, priority FROM guardians WHERE resident_id = %s AND active ORDER BY priority, id",

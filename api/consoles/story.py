@@ -16,7 +16,7 @@ from enum import StrEnum
 from typing import Any
 
 from api.consoles.i18n import WORDS, Lang, actor_label, maybe, person_label, word
-from api.consoles.queries import AttemptRow, EventRow
+from api.consoles.queries import AttemptRow, EventRow, NextStep
 from devices.kinds import AttemptPurpose, Channel
 
 # Told through the attempt they belong to (its result) or the act they caused.
@@ -140,6 +140,13 @@ def _step(lang: Lang, detail: dict[str, Any]) -> str:
     return step
 
 
+def _paging(lang: Lang, detail: dict[str, Any], target: str) -> str:
+    """A step's line: 第 1 步：通知网格员."""
+    key = f"target_{target}"
+    whom = word(lang, key) if key in WORDS else target
+    return f"{_step(lang, detail)}{_colon(lang)}{word(lang, 'paging')}{whom}"
+
+
 def _via(lang: Lang, detail: dict[str, Any]) -> str:
     key = f"via_{detail.get('via', '')}"
     return word(lang, key) if key in WORDS else ""
@@ -151,10 +158,7 @@ def event_line(lang: Lang, event: EventRow, outcomes: Mapping[str, str]) -> Stor
     if name in FOLDED_EVENTS or name.startswith("delivery_"):
         return None
     if name == "step_started":
-        target = f"target_{detail.get('target', '')}"
-        whom = word(lang, target) if target in WORDS else str(detail.get("target", ""))
-        headline = f"{_step(lang, detail)}{_colon(lang)}{word(lang, 'paging')}{whom}"
-        return StoryLine(event.at, "step", headline, "", Tone.NEUTRAL)
+        return StoryLine(event.at, "step", _paging(lang, detail, str(detail.get("target", ""))), "", Tone.NEUTRAL)
     if name == "no_recipients":
         return StoryLine(event.at, "step", _step(lang, detail), word(lang, "no_recipients"), Tone.BAD)
     if name == "opened":
@@ -219,3 +223,10 @@ def story(
         at = _when(row) if anchor is None else max(_when(row), anchor.at)
         lines.append(((at, 0 if anchor is None else anchor.id, 1, row.id), attempt_line(lang, row)))
     return [line for _key, line in sorted(lines, key=lambda entry: entry[0])]
+
+
+def next_line(lang: Lang, upcoming: NextStep) -> StoryLine:
+    """What happens next if nobody takes it: "第 2 步：通知监护人" at its due time."""
+    detail = {"step": upcoming.step, "round": upcoming.round}
+    headline = _paging(lang, detail, upcoming.target or "operators")
+    return StoryLine(upcoming.due_at, "next", headline, "", Tone.WAIT)
