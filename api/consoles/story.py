@@ -55,8 +55,10 @@ class Tone(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class StoryLine:
+    """One line of the story: when, what (whom), and how it ended."""
+
     at: datetime
-    kind: str  # "step", "attempt", "act" (a person's) or "event"
+    kind: str  # "step", "attempt", "act" (a person's), "event", or "next" (the step still to come)
     headline: str
     result: str
     tone: Tone
