@@ -40,11 +40,13 @@ from shouhu.db import Conn
 SUPERVISED_EVENT = "supervised"
 
 __all__ = [
+    "FIRST_WAIT_SQL",
     "SUPERVISED_EVENT",
     "Supervised",
     "Supervision",
     "SupervisionCounts",
     "incident_due_at",
+    "is_overdue",
     "supervise_incident",
     "supervise_task",
     "supervision_counts",
@@ -90,6 +92,7 @@ def incident_due_at(
 
 
 def is_overdue(due_at: datetime | None, now: datetime) -> bool:
+    """Past its due time (an item with no due time never is)."""
     return due_at is not None and due_at <= now
 
 
