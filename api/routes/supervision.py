@@ -60,12 +60,13 @@ def _refuse(what: str, ident: int, outcome: Supervision) -> HTTPException:
 def supervise_incident_as(
     conn: ConnDep, token: TokenIdentity, scope: Scope, settings: Settings, incident_id: int, now: datetime, via: str
 ) -> SupervisionPublic:
-    """Supervise as ``token``: 404 unseen, 403 not a supervisor, 409 not overdue or closed."""
+    """Supervise as ``token``: 403 not a supervisor, 404 unseen, 409 not overdue or closed."""
+    # The role first: a refusal that names no object discloses nothing (as repair-rounds).
+    if token.role not in SUPERVISORS:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"a {token.role.value} token cannot supervise incidents")
     row = conn.execute("SELECT kind, area_id FROM incidents WHERE id = %s", (incident_id,)).fetchone()
     if row is None or not may_see_incident(token.role, scope, row["kind"], row["area_id"]):
         raise not_found("incident", str(incident_id))
-    if token.role not in SUPERVISORS:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"a {token.role.value} token cannot supervise incidents")
     actor = token_actor(conn, token)
     with conn.transaction():
         with tuple_rows(conn) as plain:
@@ -89,12 +90,12 @@ def supervise_incident_as(
 def supervise_task_as(
     conn: ConnDep, token: TokenIdentity, scope: Scope, settings: Settings, task_id: int, now: datetime, via: str
 ) -> SupervisionPublic:
-    """Supervise a task as ``token``: 404 unseen, 403 not a supervisor, 409 not overdue or closed."""
+    """Supervise a task as ``token``: 403 not a supervisor, 404 unseen, 409 not overdue or closed."""
+    if token.role not in SUPERVISORS:
+        raise HTTPException(status.HTTP_403_FORBIDDEN, f"a {token.role.value} token cannot supervise tasks")
     row = conn.execute("SELECT kind, area_id FROM care_tasks WHERE id = %s", (task_id,)).fetchone()
     if row is None or not may_see_task(token.role, scope, row["kind"], row["area_id"]):
         raise not_found("task", str(task_id))
-    if token.role not in SUPERVISORS:
-        raise HTTPException(status.HTTP_403_FORBIDDEN, f"a {token.role.value} token cannot supervise tasks")
     actor = token_actor(conn, token)
     due = settings.visit_due_s if row["kind"] == TaskKind.VISIT.value else settings.repair_due_s
     with conn.transaction():
