@@ -187,8 +187,9 @@ def supervision_counts(conn: Conn, areas: list[str] | None, since: datetime, unt
         SELECT count(DISTINCT i.id) FILTER (WHERE e.at >= %(since)s AND e.at < %(until)s),
                count(DISTINCT i.id) FILTER (WHERE i.state IN {OPEN_SQL})
         FROM incident_events e JOIN incidents i ON i.id = e.incident_id
-        WHERE e.event = %(event)s AND (%(areas)s::text[] IS NULL OR i.area_id = ANY(%(areas)s))
+        WHERE e.event = '{SUPERVISED_EVENT}' AND (%(areas)s::text[] IS NULL OR i.area_id = ANY(%(areas)s))
         """,
-        {"since": since, "until": until, "areas": areas, "event": SUPERVISED_EVENT},
+        # The event written out, not a parameter: the query must match the partial index (migration 18).
+        {"since": since, "until": until, "areas": areas},
     ).fetchone()
     return SupervisionCounts(int(row[0]), int(row[1])) if row else SupervisionCounts(0, 0)

@@ -71,3 +71,11 @@ def test_an_operator_supervises_an_overdue_sos_and_the_next_level_is_paged(brows
     assert q(stack.db, operators_paged, incident)[0][0] > 0
     page.reload()
     expect(page.locator("#timeline li", has_text="开始通知")).to_have_count(3)
+
+    # The overview counts it, beside the response figures and their telecare targets.
+    page.goto(f"{stack.api}/console/overview")
+    expect(page.locator("#supervised-in-period")).to_have_text("1")
+    expect(page.locator("#supervised-open")).to_have_text("1")
+    expect(page.locator("#within_60")).to_contain_text("目标 97.5%")
+    expect(page.locator("#within_180")).to_contain_text("目标 99.0%")
+    expect(page.locator("#within_60")).to_contain_text("未达标")  # nobody took it in 60 s

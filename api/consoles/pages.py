@@ -544,7 +544,7 @@ def _overview_context(request: Request, conn: ConnDep, token: TokenIdentity, now
     return {
         "severity": queries.incidents_by_severity_and_area(conn, scope, since, until),
         "response": queries.sos_response(conn, scope, since, until),
-        **_response_figures(conn, scope, since, min(until, now), now),
+        **_response_figures(conn, scope, since, until, now),
         "uncovered": queries.uncovered_tonight(conn, scope, now, zone),
         "offline": queries.devices_offline_by_area(conn, scope),
         "period_from": start.isoformat(),
