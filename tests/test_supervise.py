@@ -146,3 +146,22 @@ def test_an_overdue_visit_supervised_rises_one_level_and_its_new_owners_are_text
     timeline = "SELECT event FROM incident_events WHERE incident_id = %s ORDER BY id"
     events = [e[0] for e in q(stack.db, timeline, incident)]
     assert events[-2:] == ["supervised", "task_escalated"]
+
+
+def test_supervising_while_the_next_step_is_already_due_records_it_and_skips_nothing(stack: Stack) -> None:
+    operator = _bearer(stack, Role.OPERATOR, "综治值班")
+    incident = press(stack.db, _band(stack.db), DAY, msg_id="sup-2")
+    stack.router.run_once()
+    stack.clock.advance(125)  # overdue, and the guardians' step is due but no router has run it yet
+    done = httpx.post(f"{stack.api}/api/v1/incidents/{incident}/supervise", headers=operator)
+    assert done.status_code == 200, done.text
+    assert done.json()["raised"] == "already escalating"
+    stack.router.run_once()
+    # The guardians are paged now; the platform's step keeps its own wait (nothing jumped twice).
+    assert _step_pages(stack.db, incident, 1) > 0
+    pending = q(
+        stack.db,
+        "SELECT step, due_at FROM escalation_actions WHERE incident_id = %s AND state = 'pending'",
+        incident,
+    )
+    assert pending == [(2, stack.clock() + timedelta(seconds=120))]
