@@ -165,3 +165,24 @@ def test_supervising_while_the_next_step_is_already_due_records_it_and_skips_not
         incident,
     )
     assert pending == [(2, stack.clock() + timedelta(seconds=120))]
+
+
+def test_the_console_supervises_an_overdue_visit_only_from_its_own_site(stack: Stack) -> None:
+    with psycopg.connect(stack.db) as conn:
+        last_will(conn, _band(stack.db), stack.clock())
+        stack.clock.advance(RULES.visit_offline_hold.total_seconds() + RULES.visit_due.total_seconds() + 2)
+        secret = create_token(conn, role=Role.OPERATOR, areas=[], label="综治值班", now=stack.clock(), expires_at=None)
+        [task] = run(conn, stack.clock() - RULES.visit_due - timedelta(seconds=1)).opened
+    browser = httpx.Client(base_url=stack.api)
+    assert browser.post("/api/v1/session", json={"token": secret}).status_code == 201
+    level = "SELECT level FROM care_tasks WHERE id = %s"
+    assert browser.post(f"/console/tasks/{task}/supervise").status_code == 403  # no Origin: cross-site refused
+    assert q(stack.db, level, task) == [(0,)]
+    page = browser.get(f"/console/tasks/{task}")
+    assert 'id="supervise"' in page.text
+    done = browser.post(f"/console/tasks/{task}/supervise", headers={"Origin": stack.api})
+    assert done.status_code == 303
+    assert q(stack.db, level, task) == [(1,)]
+    again = browser.post(f"/console/tasks/{task}/supervise", headers={"Origin": stack.api})
+    assert again.status_code == 409  # a new deadline now: not overdue
+    assert 'id="supervise"' not in browser.get(f"/console/tasks/{task}").text

@@ -53,7 +53,16 @@ from api.deps import (
 )
 from api.routes.sessions import SessionCreate, create_session, delete_session
 from api.routes.supervision import supervise_incident_as, supervise_task_as
-from devices.kinds import REPAIR_OUTCOMES, VISIT_OUTCOMES, IncidentState, Outcome, Severity, TaskKind, TaskOutcome
+from devices.kinds import (
+    REPAIR_OUTCOMES,
+    VISIT_OUTCOMES,
+    IncidentState,
+    Outcome,
+    Severity,
+    TaskKind,
+    TaskOutcome,
+    TaskState,
+)
 from shouhu.settings import Settings
 from shouhu.tokens import Role, TokenIdentity
 
@@ -402,6 +411,7 @@ def task_page(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now
         with conn.transaction():
             write_audit(conn, token, now, "read_resident", f"resident:{found['resident_id']}", {"via": "console"})
     outcomes = VISIT_OUTCOMES if found["kind"] == TaskKind.VISIT.value else REPAIR_OUTCOMES
+    overdue = found["state"] != TaskState.CLOSED.value and is_overdue(found["due_at"], now)
     return _render(
         request,
         "task.html",
@@ -410,10 +420,8 @@ def task_page(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now
             "t": found,
             "timeline": queries.timeline(conn, found["incident_id"]),
             "outcomes": sorted(o.value for o in outcomes),
-            "overdue": found["state"] != "closed" and is_overdue(found["due_at"], now),
-            "can_supervise": found["state"] != "closed"
-            and is_overdue(found["due_at"], now)
-            and token.role in SUPERVISORS,
+            "overdue": overdue,
+            "can_supervise": overdue and token.role in SUPERVISORS,
             "token": token,
             "label": _label(conn, token),
         },
