@@ -37,7 +37,7 @@ FOLDED_EVENTS = frozenset(
 )
 # Events a person caused: their line names the person.
 PERSON_EVENTS = frozenset(
-    {"acknowledged", "declined", "resolved", "task_started", "task_closed", "cancel_refused", "cancelled"}
+    {"acknowledged", "declined", "resolved", "supervised", "task_started", "task_closed", "cancel_refused", "cancelled"}
 )
 # The longest failure reason shown: a provider's error is for the log, its gist for the page.
 REASON_CHARS = 120
