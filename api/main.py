@@ -38,6 +38,7 @@ from api.routes import (
     events,
     incidents,
     maintenance,
+    reports,
     residents,
     sessions,
     tasks,
@@ -288,7 +289,8 @@ def create_app(settings: Settings) -> FastAPI:
     # The routers carry the full /api/v1/... paths themselves, so the matched route's
     # path is the whole template the metrics label with.
     modules = (
-        areas, devices, residents, incidents, acknowledgements, tasks, maintenance, tokens, uptime, events, sessions
+        areas, devices, residents, incidents, acknowledgements, tasks, maintenance, tokens, uptime, events, sessions,
+        reports,
     )
     for module in modules:
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
