@@ -123,6 +123,8 @@ class CareReport:
     battery_incidents: list[int] = field(default_factory=list)
     battery_notices: int = 0
     charged: list[int] = field(default_factory=list)
+    follow_ups: list[int] = field(default_factory=list)  # task ids: visits after an SOS or a fall
+    scheduled: list[int] = field(default_factory=list)  # task ids: this month's or week's visits
 
 
 # Devices a maintenance window covers now: its own window, or one on its area or any
@@ -364,7 +366,7 @@ def _follow_up_one(conn: Conn, report: CareReport, rules: CareRules, now: dateti
     task_id = visits.open_follow_up(conn, row, rules.follow_up_due, now, rules.zone)
     if task_id is not None:
         CARE_EVENTS.labels("follow_up_opened").inc()
-        report.opened.append(task_id)
+        report.follow_ups.append(task_id)
 
 
 def _scheduled_visits(conn: Conn, report: CareReport, rules: CareRules, now: datetime) -> None:
@@ -378,7 +380,7 @@ def _scheduled_one(conn: Conn, report: CareReport, rules: CareRules, now: dateti
     task_id = visits.open_scheduled(conn, row, now, rules.zone)
     if task_id is not None:
         CARE_EVENTS.labels("scheduled_visit_opened").inc()
-        report.opened.append(task_id)
+        report.scheduled.append(task_id)
 
 
 # Bands low now that still have someone to tell today (a notice claimed for today, or
