@@ -536,10 +536,31 @@ def sweep(conn: Conn, now: datetime, rules: CareRules, *, lock_key: int = CARE_L
                 incident_kind=incident_kind,
                 task_kind=task_kind,
             )
-        _follow_ups(conn, report, rules, now)
-        _scheduled_visits(conn, report, rules, now)
         _charged(conn, report, rules, now)
         _batteries(conn, report, rules, now)
+    return report
+
+
+def sweep_visits(conn: Conn, now: datetime, rules: CareRules, *, lock_key: int = CARE_LOCK_KEY) -> CareReport:
+    """Open the visits from the seeds once, in one transaction, if this process leads:
+    follow-ups after an SOS or a fall, and this month's and week's recurring visits.
+
+    A pass of its own beside :func:`sweep` (the same leader lock, taken in turn), so the
+    device rules are read and tested without the registry's visit calendar.
+
+    Raises:
+        ValueError: ``now`` is naive.
+    """
+    if now.tzinfo is None:
+        raise ValueError(f"naive datetime {now!r}: the care sweeper works in timezone-aware UTC")
+    report = CareReport()
+    with conn.transaction():
+        (leader,) = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (lock_key,)).fetchone() or (False,)
+        if not leader:
+            return report
+        report.leader = True
+        _follow_ups(conn, report, rules, now)
+        _scheduled_visits(conn, report, rules, now)
     return report
 
 
@@ -560,6 +581,7 @@ class CareSweeper:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(self.database_url, application_name="shouhu-care")
                 sweep(conn, self.clock(), self.rules)
+                sweep_visits(conn, self.clock(), self.rules)
             except psycopg.OperationalError as exc:
                 log.warning("care sweeper: database unavailable (%s); retrying", exc)
                 if conn is not None:

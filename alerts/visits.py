@@ -127,12 +127,31 @@ def open_follow_up(conn: Conn, row: tuple[Any, ...], due: timedelta, now: dateti
 
 # -- recurring visits ---------------------------------------------------------------
 
+# Residents due a visit this period that have none yet. A maintenance window on their
+# band (in hospital) or on their grid or above holds it back until the window ends, as
+# it holds every care rule but an SOS or a fall; the deadline stays the period's end.
 SCHEDULED_MISSING = """
+    WITH RECURSIVE up(area_id, ancestor) AS (
+        SELECT id, id FROM areas
+        UNION ALL
+        SELECT up.area_id, a.parent_id FROM up JOIN areas a ON a.id = up.ancestor WHERE a.parent_id IS NOT NULL
+    ),
+    windows AS (
+        SELECT device_id, area_id FROM maintenance_windows
+        WHERE cancelled_at IS NULL AND starts_at <= %(now)s AND ends_at > %(now)s
+    ),
+    silenced AS (
+        SELECT d.resident_id AS id FROM windows w JOIN devices d ON d.id = w.device_id
+        WHERE d.resident_id IS NOT NULL
+        UNION
+        SELECT r.id FROM residents r JOIN up ON up.area_id = r.grid_id JOIN windows w ON w.area_id = up.ancestor
+    )
     SELECT r.id, r.grid_id, r.visit_frequency FROM residents r
     WHERE r.active AND r.visit_frequency IS NOT NULL
       AND NOT EXISTS (
           SELECT 1 FROM care_tasks t WHERE t.resident_id = r.id
              AND t.period = CASE r.visit_frequency WHEN 'monthly' THEN %(month)s ELSE %(week)s END)
+      AND r.id NOT IN (SELECT id FROM silenced WHERE id IS NOT NULL)
     ORDER BY r.id LIMIT %(limit)s
 """
 
@@ -141,6 +160,7 @@ def scheduled_params(now: datetime, zone: ZoneInfo, limit: int) -> dict[str, Any
     return {
         "month": period_of(VisitFrequency.MONTHLY, now, zone).key,
         "week": period_of(VisitFrequency.WEEKLY, now, zone).key,
+        "now": now,
         "limit": limit,
     }
 
