@@ -25,6 +25,8 @@ from jinja2 import Environment, FileSystemLoader, select_autoescape
 
 from alerts.acknowledge import Result, acknowledge, decline, resolve
 from alerts.care import close_task, start_task
+from alerts.visits import VISIT_RATE_TARGET, parse_month, visit_rates
+from alerts.visits import total as visit_total
 from api import access, deps
 from api.access import (
     ACKNOWLEDGERS,
@@ -497,10 +499,18 @@ def _overview_context(request: Request, conn: ConnDep, token: TokenIdentity, now
         "response": queries.sos_response(conn, scope, since, until),
         "uncovered": queries.uncovered_tonight(conn, scope, now, zone),
         "offline": queries.devices_offline_by_area(conn, scope),
+        "visits": _visit_rates(conn, scope, end, now, zone),
         "period_from": start.isoformat(),
         "period_to": end.isoformat(),
         "token": token,
     }
+
+
+def _visit_rates(conn: ConnDep, scope: list[str] | None, day: date, now: datetime, zone: ZoneInfo) -> dict[str, Any]:
+    """The visit rate of the month the period ends in (the REST report's figures), by grid."""
+    month = parse_month(f"{day:%Y-%m}", zone)
+    rates = visit_rates(conn, month, now, scope=scope)
+    return {"month": month.key, "areas": rates, "total": visit_total(rates), "target": VISIT_RATE_TARGET}
 
 
 @router.get("/overview")
