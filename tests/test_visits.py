@@ -223,6 +223,22 @@ def test_a_resolved_fall_through_the_api_gets_its_visit_and_old_resolutions_none
     [task] = task_rows(conn, "t.reason = 'follow_up'")
     assert (report.follow_ups, task["incident_id"], task["incident_kind"]) == ([task["id"]], fall, "fall")
     assert task_rows(conn, "t.incident_id = %s", old) == []
+    # The fall stays a fall: its page is its own story (not its visit's), and it is done.
+    with TestClient(app) as client:
+        again = client.post(
+            f"/api/v1/incidents/{fall}/resolve",
+            headers={"Authorization": f"Bearer {secret}"},
+            json={"outcome": "visited_fine"},
+        )
+        assert again.status_code == 409
+        assert "already resolved" in again.json()["detail"]
+        client.post("/api/v1/session", json={"token": secret}).raise_for_status()
+        page = client.get(f"/console/incidents/{fall}", follow_redirects=False)
+        assert page.status_code == 200
+        assert "跌倒" in page.text
+        visit = client.get(f"/console/tasks/{task['id']}")
+        assert visit.status_code == 200
+        assert "求助后回访" in visit.text
 
 
 def test_recurring_visits_open_once_per_period_at_any_hour(conn: Conn, county_url: str) -> None:

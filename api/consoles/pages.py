@@ -273,7 +273,7 @@ def incident_page(
     request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now, incident_id: int
 ) -> Response:
     found = _visible_incident(conn, token, incident_id)  # out of scope: 404 before anything is told
-    if found["task_id"] is not None:
+    if found["task_id"] is not None and found["severity"] != "red":  # a red one's task is its follow-up visit
         return RedirectResponse(f"/console/tasks/{found['task_id']}", status_code=status.HTTP_303_SEE_OTHER)
     context = _incident_context(conn, token, incident_id, lang, now)
     return _render(request, "incident.html", lang, {**context, "label": _label(conn, token)})
