@@ -236,6 +236,7 @@ def test_a_resolved_fall_through_the_api_gets_its_visit_and_old_resolutions_none
         page = client.get(f"/console/incidents/{fall}", follow_redirects=False)
         assert page.status_code == 200
         assert "跌倒" in page.text
+        assert f'<a id="follow-up" href="/console/tasks/{task["id"]}">' in page.text
         visit = client.get(f"/console/tasks/{task['id']}")
         assert visit.status_code == 200
         assert "求助后回访" in visit.text

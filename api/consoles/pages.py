@@ -38,6 +38,7 @@ from api.access import (
 )
 from api.consoles import queries
 from api.consoles.i18n import Lang, maybe, word
+from api.consoles.story import next_line, story
 from api.consoles.uptime_chart import area_ratios, daily_ratios, svg_chart
 from api.deps import (
     SESSION_COOKIE,
@@ -139,6 +140,7 @@ def _render(
             "w": lambda key: word(lang, key),
             "m": lambda key: maybe(lang, key),
             "local": lambda at: at.astimezone(zone).strftime("%m-%d %H:%M") if at else "",
+            "clock": lambda at: at.astimezone(zone).strftime("%H:%M:%S"),  # the story's lines, seconds apart
             "pct": lambda ratio: "—" if ratio is None else f"{ratio * 100:.1f}%",
             "seconds": lambda s: "—" if s is None else f"{s:.0f} s",
             "duration": _duration,
@@ -257,13 +259,18 @@ def _incident_context(
         with conn.transaction():
             write_audit(conn, token, now, "read_resident", f"resident:{found['resident_id']}", {"via": "console"})
     zh = lang is Lang.ZH
+    outcomes = [(o.value, words[0] if zh else words[1]) for o, words in OUTCOME_WORDS.items()]
+    attempts = queries.attempts(conn, incident_id)
     return {
         "i": found,
         "resident": resident,
         "guardians": guardians,
-        "timeline": queries.timeline(conn, incident_id),
+        "story": story(lang, queries.timeline(conn, incident_id), attempts, dict(outcomes)),
+        "paged": bool(attempts),
+        "next": next_line(lang, upcoming) if (upcoming := queries.next_step(conn, incident_id)) else None,
+        "outcome": dict(outcomes).get(found["outcome"] or "", found["outcome"]),
         "can_act": token.role in ACKNOWLEDGERS and found["severity"] == "red",
-        "outcomes": [(o.value, words[0] if zh else words[1]) for o, words in OUTCOME_WORDS.items()],
+        "outcomes": outcomes,
         "token": token,
     }
 
@@ -376,7 +383,9 @@ def task_page(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now
         lang,
         {
             "t": found,
-            "timeline": queries.timeline(conn, found["incident_id"]),
+            "story": story(
+                lang, queries.timeline(conn, found["incident_id"]), queries.attempts(conn, found["incident_id"]), {}
+            ),
             "outcomes": sorted(o.value for o in outcomes),
             "token": token,
             "label": _label(conn, token),
