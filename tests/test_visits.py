@@ -282,6 +282,39 @@ def test_an_unvisited_recurring_visit_goes_up_once_its_period_ends(conn: Conn, c
     [after] = task_rows(conn, "t.id = %s", task["id"])
     assert (after["level"], after["deadline"]) == (1, task["deadline"])
     assert after["owner_area_id"] != task["owner_area_id"]
+    told = q(
+        county_url,
+        "SELECT body FROM notification_attempts WHERE incident_id = %s AND purpose = 'notice'",
+        task["incident_id"],
+    )
+    assert told
+    assert all("定期探视" in body and "None" not in body for (body,) in told)
+
+
+def test_maintenance_holds_a_recurring_visit_back_until_it_ends(conn: Conn, county_url: str) -> None:
+    resident, band, grid = q(
+        county_url,
+        "SELECT r.id, d.id, r.grid_id FROM residents r JOIN devices d ON d.resident_id = r.id"
+        " WHERE r.visit_frequency = 'weekly' ORDER BY r.id LIMIT 1",
+    )[0]
+    neighbour = q(
+        county_url,
+        "SELECT r.id FROM residents r WHERE r.visit_frequency IS NOT NULL AND r.grid_id <> %s ORDER BY r.id LIMIT 1",
+        grid,
+    )[0][0]
+    in_hospital = (local(2026, 11, 30), local(2026, 12, 2))
+    conn.execute(
+        "INSERT INTO maintenance_windows (device_id, starts_at, ends_at, reason, created_by, created_at)"
+        " VALUES (%s, %s, %s, '住院', 'test', %s)",
+        (band, *in_hospital, in_hospital[0]),
+    )
+    held = visits(conn, at=local(2026, 12, 1, 9))
+    opened = {t["resident_id"] for t in task_rows(conn, "t.id = ANY(%s)", held.scheduled)}
+    assert resident not in opened
+    assert neighbour in opened
+    [task_id] = visits(conn, at=local(2026, 12, 2, 0, 1)).scheduled
+    [task] = task_rows(conn, "t.id = %s", task_id)
+    assert (task["resident_id"], task["period"], task["deadline"]) == (resident, "2026-W49", local(2026, 12, 7))
 
 
 def rated(conn: Conn) -> dict[str, Any]:
