@@ -117,7 +117,8 @@ class WatchServer:
 
     def _on_subscribe(self, *_args: Any) -> None:
         if self._loop is not None and self._subscribed is not None:
-            self._loop.call_soon_threadsafe(self._subscribed.set)
+            with contextlib.suppress(RuntimeError):  # the loop closed while we stopped
+                self._loop.call_soon_threadsafe(self._subscribed.set)
 
     def _on_receipt(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
         """On paho's thread: hand the receipt's msg_id to the event loop."""
@@ -127,7 +128,8 @@ class WatchServer:
             return
         msg_id = receipt.get("msg_id") if isinstance(receipt, dict) else None
         if isinstance(msg_id, str) and self._loop is not None:
-            self._loop.call_soon_threadsafe(self._receipted, msg_id)
+            with contextlib.suppress(RuntimeError):  # the loop closed while we stopped
+                self._loop.call_soon_threadsafe(self._receipted, msg_id)
 
     def _receipted(self, msg_id: str) -> None:
         for future in self._waiting.pop(msg_id, []):

@@ -157,3 +157,14 @@ def test_bad_input_is_counted_and_never_stops_the_others(gateway: WatchServer) -
     assert counts["dead_letter:unknown_watch"] == 1
     assert counts["ignored:unknown_command"] == 1
     assert counts["closed:bad_input"] == 1
+
+
+def test_an_alarm_that_cannot_be_read_still_pages(hub: Hub, county_url: str, gateway: WatchServer) -> None:
+    """It may be an SOS: it goes to the SOS topic as it came and the hub pages it."""
+    band = watch(gateway)
+    try:
+        band.send(frame("AL,041226,101500,A,north"))
+        assert band.answer() == b"[3G*8612345678*0002*AL]"  # at once: no msg_id can be receipted
+    finally:
+        band.close()
+    wait_until(lambda: query(county_url, "SELECT kind, payload_unreadable FROM incidents") == [("sos", True)])
