@@ -7,7 +7,9 @@ from __future__ import annotations
 import socket
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import timedelta, timezone
+from typing import Any
 
 import pytest
 
@@ -58,22 +60,31 @@ class Watch:
         self.sock.close()
 
 
-@pytest.fixture
-def gateway(broker: Mosquitto) -> Iterator[WatchServer]:
-    config = WatchServerConfig(
+@contextmanager
+def serving(broker: Mosquitto, **config: Any) -> Iterator[WatchServer]:
+    """A watch gateway on a free port, ready (subscribed to receipts) before this yields."""
+    settings = WatchServerConfig(
         mqtt_url=broker.url,
         client_id=f"test-watch-gateway-{uuid.uuid4().hex[:8]}",
         watch_tz=CHINA,
         host="127.0.0.1",
         port=0,
-        max_rejections=5,
+        **{"max_rejections": 5, **config},
     )
-    server = WatchServer(config, {WATCH: BAND}.get)
+    server = WatchServer(settings, {WATCH: BAND}.get)
     thread = server.run_in_thread()
-    yield server
-    server.stop()
-    thread.join(15)
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(15)
     assert not thread.is_alive()
+
+
+@pytest.fixture
+def gateway(broker: Mosquitto) -> Iterator[WatchServer]:
+    with serving(broker) as server:
+        yield server
 
 
 def watch(server: WatchServer) -> Watch:
@@ -168,3 +179,16 @@ def test_an_alarm_that_cannot_be_read_still_pages(hub: Hub, county_url: str, gat
     finally:
         band.close()
     wait_until(lambda: query(county_url, "SELECT kind, payload_unreadable FROM incidents") == [("sos", True)])
+
+
+def test_a_silent_connection_is_closed(broker: Mosquitto) -> None:
+    with serving(broker, idle_timeout_s=0.5) as server:
+        silent, talking = watch(server), watch(server)
+        try:
+            talking.send(frame("LK"))
+            assert talking.answer() == b"[3G*8612345678*0002*LK]"
+            assert silent.closed_by_server()
+        finally:
+            silent.close()
+            talking.close()
+        assert server.counts["closed:idle"] >= 1
