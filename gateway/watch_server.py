@@ -149,10 +149,10 @@ class WatchServer:
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
         self._subscribed = asyncio.Event()
+        server = await asyncio.start_server(self._serve_connection, self.config.host, self.config.port)
         address = BrokerAddress.parse(self.config.mqtt_url)
         self._client.connect_async(address.host, address.port)
         self._client.loop_start()
-        server = await asyncio.start_server(self._serve_connection, self.config.host, self.config.port)
         try:
             self.port = server.sockets[0].getsockname()[1]
             # Ready once the receipts subscription stands: an AL before it could miss its receipt.
