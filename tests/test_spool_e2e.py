@@ -22,6 +22,9 @@ from tests.support.hub import query, wait_until
 from tests.support.services import Mosquitto, ShouhuProcess, session_data_dir, shouhu_stack
 
 ACK_TIMEOUT_S = 6
+# The demo county's recurring visits open blue incidents as the router's sweeper runs;
+# what the spool reconciles is the one red incident.
+RED_CODES = "SELECT code FROM incidents WHERE severity = 'red'"
 
 
 @pytest.fixture
@@ -81,8 +84,8 @@ def test_an_sos_while_postgres_is_down_is_paged_from_the_spool_and_reconciled(st
         assert "spooled" in stack["hub"].output()
 
         stack["cluster"].start()
-        wait_until(lambda: query(url, "SELECT code FROM incidents"), timeout=30, what="the reconciled incident")
-        assert query(url, "SELECT code, state FROM incidents") == [(code, "open")]
+        wait_until(lambda: query(url, RED_CODES), timeout=30, what="the reconciled incident")
+        assert query(url, "SELECT code, state FROM incidents WHERE severity = 'red'") == [(code, "open")]
         attempts = query(
             url, "SELECT address, channel, state FROM notification_attempts WHERE step = 0 AND round = 0"
         )
@@ -105,7 +108,7 @@ def test_an_sos_while_postgres_is_down_is_paged_from_the_spool_and_reconciled(st
     # Nobody paged from the spool was paged a second time by the router's first step.
     for number in first_step:
         assert sum(1 for c in placed if c["to"] == number) == 1, f"{number} got a second first page"
-    assert query(url, "SELECT count(*) FROM incidents") == [(1,)]
+    assert query(url, "SELECT count(*) FROM incidents WHERE severity = 'red'") == [(1,)]
     events = {r[0] for r in query(url, "SELECT event FROM incident_events")}
     assert "spool_paged" in events or any("spool" in e for e in events), events
 
@@ -141,12 +144,12 @@ def test_a_hub_sigkilled_during_the_outage_pages_nobody_twice_and_reconciles_aft
                 what="the redelivered press recognised by the restarted hub's spool",
             )
             stack["cluster"].start()
-            wait_until(lambda: query(url, "SELECT code FROM incidents"), timeout=30, what="the reconciled incident")
+            wait_until(lambda: query(url, RED_CODES), timeout=30, what="the reconciled incident")
         finally:
             restarted.stop()
     finally:
         band.close()
-    assert query(url, "SELECT code FROM incidents") == [(code,)]
+    assert query(url, RED_CODES) == [(code,)]
     assert len(calls(phone)) >= paged_calls
     for number in first_step:
         assert sum(1 for m in messages(phone) if m["to"] == number and code in m["body"]) == 1, number
