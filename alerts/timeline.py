@@ -6,7 +6,10 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
+
+from shouhu.accounts import person_label
 
 # Routers LISTEN here; a NOTIFY in a committing transaction wakes them at once.
 ESCALATION_CHANNEL = "shouhu_escalation"
@@ -26,3 +29,42 @@ def add_event(
 
 def wake_routers(conn: psycopg.Connection[Any], reason: str = "") -> None:
     conn.execute("SELECT pg_notify(%s, %s)", (ESCALATION_CHANNEL, reason))
+
+
+def actor_names(conn: psycopg.Connection[Any], events: list[tuple[str | None, dict[str, Any]]]) -> list[str | None]:
+    """The name each timeline entry's actor goes by, for (actor, detail) pairs in order.
+
+    An entry made by a person carries the name it was made under (``detail.name``,
+    e.g. ``董思远（网格员）``); a staff member or guardian named only by key is looked
+    up; an integration is its name; a device, the system or a legacy token key is
+    shown as stored.
+    """
+    staff_ids = sorted({a.partition(":")[2] for a, d in events if a and a.startswith("staff:") and not d.get("name")})
+    guardian_ids = sorted(
+        {a.partition(":")[2] for a, d in events if a and a.startswith("guardian:") and not d.get("name")}
+    )
+    known: dict[str, str] = {}
+    if staff_ids:
+        for sid, name, role in _rows(conn, "SELECT id, name, role FROM staff WHERE id = ANY(%s)", staff_ids):
+            known[f"staff:{sid}"] = person_label(name, role)
+    if guardian_ids:
+        query = "SELECT id, name, 'guardian' FROM guardians WHERE id = ANY(%s)"
+        for gid, name, _role in _rows(conn, query, guardian_ids):
+            known[f"guardian:{gid}"] = person_label(name, "guardian")
+    names: list[str | None] = []
+    for actor, detail in events:
+        if actor is None:
+            names.append(None)
+        elif isinstance(detail.get("name"), str) and detail["name"]:
+            names.append(detail["name"])
+        elif actor.startswith("integration:"):
+            names.append(actor.partition(":")[2])
+        else:
+            names.append(known.get(actor, actor))
+    return names
+
+
+def _rows(conn: psycopg.Connection[Any], query: str, ids: list[str]) -> list[tuple[str, str, str]]:
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(query, (ids,))
+        return [(str(a), str(b), str(c)) for a, b, c in cur.fetchall()]
