@@ -79,7 +79,7 @@ def log_in(browser: Browser, base: str, token: str) -> Page:
     page = browser.new_page(viewport={"width": 412, "height": 915})  # a phone
     page.goto(f"{base}/console/login")
     page.get_by_label("访问令牌").fill(token)
-    page.get_by_role("button", name="登录").click()
+    page.get_by_role("button", name="登录", exact=True).click()
     page.wait_for_url(lambda url: "/console/login" not in url)
     return page
 
@@ -191,7 +191,7 @@ def test_a_page_without_a_session_goes_to_the_login(browser: Browser, site: dict
     page.goto(f"{site['base']}/console/grid")
     assert page.url.endswith("/console/login")
     page.get_by_label("访问令牌").fill("shh_not-a-token")
-    page.get_by_role("button", name="登录").click()
+    page.get_by_role("button", name="登录", exact=True).click()
     expect(page.get_by_role("alert")).to_contain_text("令牌无效")
 
 

@@ -123,7 +123,8 @@ def test_a_revoked_token_is_refused(conn: psycopg.Connection[Any]) -> None:
     secret = create_token(conn, role=Role.ADMIN, areas=[], label="", now=NOW, expires_at=None)
     other = create_token(conn, role=Role.ADMIN, areas=[], label="", now=NOW, expires_at=None)
     identity = authenticate(conn, secret, NOW)
-    assert identity is not None and identity.id is not None
+    assert identity is not None
+    assert identity.id is not None
     revoked_at = NOW + timedelta(minutes=5)
     assert revoke_token(conn, identity.id, revoked_at) is True
     assert authenticate(conn, secret, revoked_at) is None

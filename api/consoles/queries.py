@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 
 from alerts.recipients import shift_covers
 from alerts.states import OPEN, OPEN_SQL, IncidentState
+from alerts.timeline import actor_names
 from shouhu.db import DictConn
 
 SEVERITY_ORDER = {"red": 0, "yellow": 1, "blue": 2}
@@ -62,10 +63,12 @@ def incident(conn: DictConn, incident_id: int) -> dict[str, Any] | None:
 
 
 def timeline(conn: DictConn, incident_id: int) -> list[dict[str, Any]]:
+    """The incident's events, oldest first, each with ``actor_name``: who, as people are named."""
     rows = conn.execute(
         "SELECT at, event, actor, detail FROM incident_events WHERE incident_id = %s ORDER BY at, id", (incident_id,)
     ).fetchall()
-    return [dict(r) for r in rows]
+    names = actor_names(conn, [(r["actor"], r["detail"]) for r in rows])
+    return [{**r, "actor_name": name} for r, name in zip(rows, names, strict=True)]
 
 
 def guardians(conn: DictConn, resident_id: str) -> list[dict[str, Any]]:
