@@ -401,6 +401,11 @@ def test_the_api_and_the_sms_notice_name_the_person_who_took_it(stack: Stack) ->
     assert q(stack.db, "SELECT actor, actor_name FROM audit_log WHERE action = 'acknowledge'") == [
         (f"staff:{taker_id}", named)
     ]
+    # The live feed names them by key only (its payloads carry no names).
+    feed = "SELECT payload FROM live_events WHERE topic = 'incident' ORDER BY id DESC LIMIT 1"
+    [(payload,)] = q(stack.db, feed)
+    assert payload["acknowledged_by_id"] == f"staff:{taker_id}"
+    assert named not in str(payload)
     stack.send_due()
     notices = [m for m in messages(stack.phone) if "接单处置" in m["body"]]
     assert [m["to"] for m in notices] == [other_phone]

@@ -151,7 +151,10 @@ def _render(
             "pct": lambda ratio: "—" if ratio is None else f"{ratio * 100:.1f}%",
             "seconds": lambda s: "—" if s is None else f"{s:.0f} s",
             "duration": _duration,
-            "me": {"label": context.get("label", ""), "role": me.role.value} if me else None,
+            # A person's name already says their role ("董思远（网格员）"); an integration's does not.
+            "me": {"label": context.get("label", ""), "role": "" if me.owner.kind is OwnerKind.STAFF else me.role.value}
+            if me
+            else None,
             "nav": NAV.get(me.role, []) if me else [],
             "here": request.url.path,
             **context,

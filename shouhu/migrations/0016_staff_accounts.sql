@@ -84,3 +84,21 @@ CREATE TRIGGER staff_access_ended
     AFTER UPDATE OF active ON staff
     FOR EACH ROW WHEN (OLD.active AND NOT NEW.active)
     EXECUTE FUNCTION staff_access_ended();
+
+-- The live feed says who took an incident by key (`staff:<id>`, `integration:<name>`),
+-- never by name: its payloads carry no names (0012); a console reads the name through
+-- the list it refetches.
+CREATE OR REPLACE FUNCTION live_events_incident() RETURNS trigger
+LANGUAGE plpgsql AS $$
+BEGIN
+    PERFORM live_event_emit('incident', NEW.kind, NEW.area_id, jsonb_build_object(
+        'change', CASE TG_OP WHEN 'INSERT' THEN 'opened' ELSE 'updated' END,
+        'id', NEW.id, 'code', NEW.code, 'kind', NEW.kind, 'severity', NEW.severity,
+        'state', NEW.state, 'urgency', NEW.urgency, 'area_id', NEW.area_id,
+        'resident_id', NEW.resident_id, 'device_id', NEW.device_id,
+        'opened_at', NEW.opened_at, 'acknowledged_at', NEW.acknowledged_at,
+        'acknowledged_by_id', NEW.acknowledged_by,
+        'resolved_at', NEW.resolved_at, 'outcome', NEW.outcome));
+    RETURN NULL;
+END
+$$;
