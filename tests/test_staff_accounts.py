@@ -5,10 +5,14 @@ in the registry, and one name for whoever acted, everywhere the API and SMS say 
 
 from __future__ import annotations
 
+import os
 import re
+import subprocess
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -27,6 +31,7 @@ from shouhu.accounts import (
     issue_code,
     locked_until,
     person_label,
+    prune_sign_in,
     set_password,
     sign_in_with_code,
     sign_in_with_password,
@@ -332,6 +337,30 @@ def test_a_locked_out_sign_in_answers_429_and_both_secrets_are_exclusive(site: S
     assert site.client.post("/api/v1/session/sign-in", json=both).status_code == 422
 
 
+def test_the_consoles_sign_in_forms_refuse_another_site(site: Site) -> None:
+    evil = {"Origin": "https://evil.example"}
+    asked = site.client.post("/console/login/code", data={"phone": GRID_WORKER_PHONE}, headers=evil)
+    assert asked.status_code == 403
+    assert [m for m in messages(site.phone) if m["to"] == GRID_WORKER_PHONE] == []
+    same = {"Origin": str(site.client.base_url)}
+    sent = site.client.post("/console/login/code", data={"phone": GRID_WORKER_PHONE}, headers=same,
+                            follow_redirects=False)
+    assert sent.status_code == 303
+    code = texted_code(site.phone, GRID_WORKER_PHONE)
+    form = {"phone": GRID_WORKER_PHONE, "code": code}
+    assert site.client.post("/console/login/sign-in", data=form, headers=evil).status_code == 403
+    signed = site.client.post("/console/login/sign-in", data=form, headers=same, follow_redirects=False)
+    assert (signed.status_code, signed.headers["location"]) == (303, "/console")
+    assert SESSION_COOKIE in signed.cookies
+
+
+def test_old_codes_and_attempts_are_pruned(conn: psycopg.Connection[Any]) -> None:
+    _code_for(conn)
+    assert prune_sign_in(conn, DAY + timedelta(days=1)) == 0
+    assert prune_sign_in(conn, DAY + timedelta(days=8)) == 2  # the code and its request
+    assert q(conn.info.dsn, "SELECT count(*) FROM sign_in_codes") == [(0,)]
+
+
 def test_no_sms_provider_means_no_code(county_url: str) -> None:
     with TestClient(create_app(Settings(database_url=county_url))) as client:
         answer = client.post("/api/v1/session/code", json={"phone": GRID_WORKER_PHONE})
@@ -426,3 +455,42 @@ def test_acknowledging_by_phone_names_the_person_the_same_way(stack: Stack) -> N
     assert q(stack.db, "SELECT acknowledged_by, acknowledged_by_name FROM incidents WHERE id = %s", case.incident) == [
         (f"staff:{staff_id}", f"{name}（网格员）")
     ]
+
+
+# --- the command line ----------------------------------------------------------------------
+
+
+def _shouhu(url: str, cwd: Path, *args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOUHU_")} | {"SHOUHU_DATABASE_URL": url}
+    shouhu = Path(sys.executable).parent / "shouhu"
+    return subprocess.run(
+        [str(shouhu), *args], input=stdin, capture_output=True, text=True, env=env, cwd=cwd, timeout=120
+    )
+
+
+def test_the_command_line_makes_tokens_of_people_and_integrations_and_sets_passwords(
+    conn: psycopg.Connection[Any], county_url: str, tmp_path: Path
+) -> None:
+    url = county_url
+    person = _shouhu(url, tmp_path, "token", "create", "--staff", GRID_WORKER_PHONE)
+    assert person.returncode == 0, person.stderr
+    token = authenticate(conn, person.stdout.strip(), datetime.now(UTC))
+    assert token is not None
+    assert (token.role, token.owner.name) == (Role.GRID_WORKER, "董思远（网格员）")
+    platform = _shouhu(url, tmp_path, "token", "create", "--integration", "120调度台", "--role", "platform")
+    assert platform.returncode == 0, platform.stderr
+    integration = authenticate(conn, platform.stdout.strip(), datetime.now(UTC))
+    assert integration is not None
+    assert (integration.owner.key, integration.owner.name) == ("integration:120调度台", "120调度台")
+    both = _shouhu(url, tmp_path, "token", "create", "--staff", GRID_WORKER, "--integration", "x", "--role", "admin")
+    assert (both.returncode, "not both" in both.stderr) == (2, True)
+    nobody = _shouhu(url, tmp_path, "token", "create", "--staff", "gw-999")
+    assert (nobody.returncode, "gw-999" in nobody.stderr) == (2, True)
+
+    password = "correct horse battery\n"
+    stored = _shouhu(url, tmp_path, "staff", "set-password", OFFICER, "--password-stdin", stdin=password)
+    assert stored.returncode == 0, stored.stderr
+    assert sign_in_with_password(conn, OFFICER_PHONE, "correct horse battery", IP, DAY, RULES).id == OFFICER
+    refused = _shouhu(url, tmp_path, "staff", "set-password", GRID_WORKER, "--password-stdin", stdin="long enough pw\n")
+    assert refused.returncode == 2
+    assert "code sent to their phone" in refused.stderr
