@@ -415,7 +415,10 @@ def up(
         typer.echo(f"hub: {settings.hub_id} ready on {broker_url}; router running")
         address = api_address(settings)
         typer.echo(f"API: {address} — /api/v1 (make a token with `shouhu token create --role operator`)")
-        typer.echo(f"consoles: {address.split(' ', 1)[0]}/console (log in with such a token)")
+        typer.echo(
+            f"consoles: {address.split(' ', 1)[0]}/console (staff sign in with their phone and a code by SMS,"
+            " or log in with such a token)"
+        )
         if demo:
             demo_press(url, broker_url, settings)
         serve_api(url, settings, api_socket)

@@ -12,6 +12,7 @@ Every rule takes the clock as an argument, so tests drive expiry and lock-out.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import hmac
 import secrets
@@ -306,8 +307,14 @@ def set_password(conn: psycopg.Connection[Any], staff_id: str, password: str, no
     return staff
 
 
-# Verified against when a person has no password, so an unknown phone costs as long.
-_DUMMY_HASH = _HASHER.hash(secrets.token_urlsafe(16))
+@functools.cache
+def _dummy_hash() -> str:
+    """Verified against when a person has no password, so an unknown phone costs as long.
+
+    Made on first use, not at import: every verb imports this module, and a hash costs
+    tens of milliseconds by design.
+    """
+    return _HASHER.hash(secrets.token_urlsafe(16))
 
 
 def sign_in_with_password(
@@ -329,7 +336,7 @@ def sign_in_with_password(
                 found = cur.fetchone()
                 stored = None if found is None else str(found[0])
         try:
-            good = _HASHER.verify(stored or _DUMMY_HASH, password) and stored is not None
+            good = _HASHER.verify(stored or _dummy_hash(), password) and stored is not None
         except (VerificationError, InvalidHashError):
             good = False
         _record(conn, now, who.strip(), None if staff is None else staff.id, ip, "password", good)

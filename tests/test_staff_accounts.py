@@ -440,6 +440,13 @@ def test_the_api_and_the_sms_notice_name_the_person_who_took_it(stack: Stack) ->
     assert [m["to"] for m in notices] == [other_phone]
     assert f"已由{named}接单处置" in notices[0]["body"]
     assert "token" not in notices[0]["body"]
+    resolved = httpx.post(
+        f"{stack.api}/api/v1/incidents/{case.incident}/resolve", headers=headers, json={"outcome": "visited_fine"}
+    )
+    assert resolved.status_code == 200, resolved.text
+    detail = httpx.get(f"{stack.api}/api/v1/incidents/{case.incident}", headers=headers).json()
+    [closed] = [e for e in detail["timeline"] if e["event"] == "resolved"]
+    assert (closed["actor"], closed["actor_name"]) == (f"staff:{taker_id}", named)
 
 
 def test_acknowledging_by_phone_names_the_person_the_same_way(stack: Stack) -> None:

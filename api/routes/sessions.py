@@ -29,6 +29,7 @@ from api.deps import (
     write_audit,
 )
 from shouhu.accounts import (
+    OwnerKind,
     SignInRefused,
     SignInRules,
     StaffMember,
@@ -134,7 +135,7 @@ def _public(identity: TokenIdentity, session: NewSession) -> SessionPublic:
         areas=list(identity.areas),
         expires_at=session.expires_at,
         name=identity.owner.name,
-        staff_id=identity.owner.id if identity.owner.kind == "staff" else None,
+        staff_id=identity.owner.id if identity.owner.kind is OwnerKind.STAFF else None,
     )
 
 
