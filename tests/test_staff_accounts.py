@@ -501,3 +501,33 @@ def test_the_command_line_makes_tokens_of_people_and_integrations_and_sets_passw
     refused = _shouhu(url, tmp_path, "staff", "set-password", GRID_WORKER, "--password-stdin", stdin="long enough pw\n")
     assert refused.returncode == 2
     assert "code sent to their phone" in refused.stderr
+
+
+def test_mine_puts_the_grids_on_duty_now_first(site: Site) -> None:
+    """宋晓红 covers two grids at night; by day she is on duty in the second one only."""
+    worker, phone, first, second = "gw-004", "+12085550123", "dongguan-01-g1", "dongguan-01-g2"
+    with psycopg.connect(site.db) as db:
+        db.execute(
+            "INSERT INTO duty_shifts (staff_id, area_id, weekdays, start_time, end_time)"
+            " VALUES (%s, %s, '{1,2,3,4,5,6,7}', '09:00', '11:00')",
+            (worker, second),
+        )
+    bands = {
+        grid: q(site.db, "SELECT d.id FROM devices d JOIN residents r ON r.id = d.resident_id"
+                " WHERE r.grid_id = %s ORDER BY d.id LIMIT 1", grid)[0][0]
+        for grid in (first, second)
+    }
+    on_duty = press(site.db, bands[second], DAY - timedelta(minutes=5), msg_id="mine-on-duty")
+    newer = press(site.db, bands[first], DAY - timedelta(minutes=1), msg_id="mine-newer")
+    assert site.client.post("/api/v1/session/code", json={"phone": phone}).status_code == 202
+    signed = site.client.post("/api/v1/session/sign-in", json={"phone": phone, "code": texted_code(site.phone, phone)})
+    assert signed.status_code == 201, signed.text
+    page = site.client.get("/console/grid")
+    assert page.status_code == 200
+    assert re.findall(r'data-incident="(\d+)"', page.text) == [str(on_duty), str(newer)]
+    grids = page.text[page.text.index('id="my-grids"') :]
+    assert grids.index("东关村第二网格") < grids.index("东关村第一网格")
+    # Off duty in the evening: the newest first again.
+    site.clock.advance(4 * 3600)
+    listed = site.client.get("/console/grid/list")
+    assert re.findall(r'data-incident="(\d+)"', listed.text) == [str(newer), str(on_duty)]
