@@ -10,39 +10,31 @@ screenshot there (docs/screenshots/ holds the ones the README shows).
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
-from alerts.care_sweep import sweep
+from alerts.acknowledge import Actor, resolve
+from alerts.care import close_task
+from alerts.care_sweep import sweep, sweep_visits
+from alerts.visits import period_of
 from api.main import create_app
+from devices.kinds import Outcome, TaskOutcome, VisitFrequency
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
-from tests.support.care import RULES, heard, last_will
-from tests.support.escalation import press, q
+from tests.support.browser import assert_accessible_basics, log_in, snap
+from tests.support.care import RULES, WORKER, heard, last_will
+from tests.support.escalation import ZONE, press, q
 from tests.support.services import serve_app
 
 GRID_A, GRID_B = "dongguan-01-g1", "xiguan-02-g2"
 LIVE_WAIT_MS = 5_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed: run the README's test command")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture
@@ -75,35 +67,6 @@ def site(county_url: str) -> Iterator[dict[str, Any]]:
         yield {"base": base, "url": county_url, "tokens": tokens, "wristbands": wristbands, "other_band": other[0]}
 
 
-def log_in(browser: Browser, base: str, token: str) -> Page:
-    page = browser.new_page(viewport={"width": 412, "height": 915})  # a phone
-    page.goto(f"{base}/console/login")
-    page.get_by_label("访问令牌").fill(token)
-    page.get_by_role("button", name="登录", exact=True).click()
-    page.wait_for_url(lambda url: "/console/login" not in url)
-    return page
-
-
-def snap(page: Page, name: str) -> None:
-    folder = os.environ.get("SHOUHU_SCREENSHOTS")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
-
-
-def assert_accessible_basics(page: Page) -> None:
-    """What every page owes a screen reader: a language, one main landmark, one h1, labelled fields."""
-    assert page.locator("html").get_attribute("lang") in ("zh-CN", "en")
-    assert page.locator("main").count() == 1
-    assert page.locator("h1").count() == 1
-    for field in page.locator("input:not([type=hidden]), select").all():
-        field_id = field.get_attribute("id")
-        assert field_id, "a form field without an id cannot be labelled"
-        assert page.locator(f"label[for='{field_id}']").count() == 1, f"field {field_id} has no label"
-    for image in page.locator("svg[role=img]").all():
-        assert image.get_attribute("aria-labelledby")
-
-
 def test_a_grid_worker_sees_an_sos_arrive_live_takes_it_and_watches_the_timeline_grow(
     browser: Browser, site: dict[str, Any]
 ) -> None:
@@ -129,8 +92,7 @@ def test_a_grid_worker_sees_an_sos_arrive_live_takes_it_and_watches_the_timeline
     expect(page.locator("#incident-state")).to_have_text("已接单")
     expect(page.locator("dd", has_text="董思远")).to_be_visible()
     assert page.locator("#timeline li").count() > events_before
-    expect(page.locator("#timeline")).to_contain_text("已接单")
-    snap(page, "incident")
+    expect(page.locator("#timeline")).to_contain_text("董思远（网格员）接单")
     page.get_by_label("处置结果").select_option("visited_fine")
     page.get_by_label("备注").fill("老人无恙")
     page.get_by_role("button", name="办结").click()
@@ -170,13 +132,38 @@ def test_a_technician_closes_a_work_order_from_the_board(browser: Browser, site:
     expect(page.locator("#orders")).not_to_contain_text("cam-002")
 
 
+def follow_ups_due_this_month(url: str, bands: list[str]) -> None:
+    """Two SOS of GRID_A resolved, their follow-up visits due just now (inside this local
+    month at any hour, even a minute after it began): one visited on time, one not."""
+    now = datetime.now(UTC)
+    month_start = period_of(VisitFrequency.MONTHLY, now, ZONE).start
+    deadline = now - min(timedelta(minutes=2), (now - month_start) / 2)
+    resolved = deadline - RULES.follow_up_due
+    operator = Actor("staff", "op-01", "值班员", None, "operator")
+    with psycopg.connect(url, autocommit=True) as conn:
+        for band, msg_id in zip(bands, ("visit-1", "visit-2"), strict=True):
+            incident = press(url, band, resolved - timedelta(minutes=5), msg_id=msg_id)
+            with conn.transaction():
+                resolve(conn, incident, Outcome.VISITED_FINE, "", operator, resolved)
+        [visited, _missed] = sweep_visits(conn, resolved + timedelta(seconds=1), RULES, lock_key=0x7E57_C0DE).follow_ups
+        with conn.transaction():
+            close_task(conn, visited, TaskOutcome.RESIDENT_FINE, "", WORKER, deadline - timedelta(seconds=1))
+
+
 def test_the_governance_overview_in_chinese_and_english(browser: Browser, site: dict[str, Any]) -> None:
     press(site["url"], site["wristbands"][1], datetime.now(UTC), msg_id="console-overview")
+    follow_ups_due_this_month(site["url"], site["wristbands"][2:4])
     page = log_in(browser, site["base"], site["tokens"]["operator"])
     assert page.url.endswith("/console/overview")
     assert_accessible_basics(page)
     expect(page.locator("#severity-table")).to_contain_text("东关村第一网格")
     expect(page.locator("#sos-response")).to_contain_text("60 秒内接单")
+    # The month's visit rate against the 100 % target: one of two follow-ups on time.
+    expect(page.locator("#visit-h")).to_contain_text("本月探视率（目标 100%）")
+    row = page.locator(f"#visit-rate tr[data-area='{GRID_A}']")
+    expect(row).to_contain_text("东关村第一网格")
+    expect(row).to_have_class("below-target")
+    expect(page.locator("#visit-rate-total")).to_contain_text("50.0% / 100.0%")
     expect(page.locator("h2", has_text="今晚无网格员值班的网格")).to_be_visible()
     snap(page, "governance-overview")
     page.get_by_role("link", name="English").click()
