@@ -34,33 +34,36 @@ def wake_routers(conn: psycopg.Connection[Any], reason: str = "") -> None:
 def actor_names(conn: psycopg.Connection[Any], events: list[tuple[str | None, dict[str, Any]]]) -> list[str | None]:
     """The name each timeline entry's actor goes by, for (actor, detail) pairs in order.
 
-    An entry made by a person carries the name it was made under (``detail.name``,
-    e.g. ``董思远（网格员）``); a staff member or guardian named only by key is looked
-    up; an integration is its name; a device, the system or a legacy token key is
-    shown as stored.
+    A staff member or guardian is named with their role, ``董思远（网格员）``: by the name
+    the entry recorded (``detail.name``, with ``detail.role``), else as the registry
+    has them; an integration (``integration:<name>``) is its name; a device, the
+    system or a legacy token key is shown as stored.
     """
-    staff_ids = sorted({a.partition(":")[2] for a, d in events if a and a.startswith("staff:") and not d.get("name")})
-    guardian_ids = sorted(
-        {a.partition(":")[2] for a, d in events if a and a.startswith("guardian:") and not d.get("name")}
-    )
-    known: dict[str, str] = {}
+    staff_ids = sorted({a.partition(":")[2] for a, _ in events if a and a.startswith("staff:")})
+    guardian_ids = sorted({a.partition(":")[2] for a, _ in events if a and a.startswith("guardian:")})
+    people: dict[str, tuple[str, str]] = {}  # key → (name, role)
     if staff_ids:
         for sid, name, role in _rows(conn, "SELECT id, name, role FROM staff WHERE id = ANY(%s)", staff_ids):
-            known[f"staff:{sid}"] = person_label(name, role)
+            people[f"staff:{sid}"] = (name, role)
     if guardian_ids:
         query = "SELECT id, name, 'guardian' FROM guardians WHERE id = ANY(%s)"
-        for gid, name, _role in _rows(conn, query, guardian_ids):
-            known[f"guardian:{gid}"] = person_label(name, "guardian")
+        for gid, name, role in _rows(conn, query, guardian_ids):
+            people[f"guardian:{gid}"] = (name, role)
     names: list[str | None] = []
     for actor, detail in events:
+        recorded = detail.get("name") if isinstance(detail.get("name"), str) else None
         if actor is None:
             names.append(None)
-        elif isinstance(detail.get("name"), str) and detail["name"]:
-            names.append(detail["name"])
+        elif actor in people or (recorded and actor.startswith(("staff:", "guardian:"))):
+            name, role = people.get(actor, ("", ""))
+            name, role = recorded or name, str(detail.get("role") or role)
+            names.append(name if "（" in name else person_label(name, role))
+        elif recorded:
+            names.append(recorded)
         elif actor.startswith("integration:"):
             names.append(actor.partition(":")[2])
         else:
-            names.append(known.get(actor, actor))
+            names.append(actor)
     return names
 
 

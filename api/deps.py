@@ -313,9 +313,9 @@ def token_actor(conn: psycopg.Connection[DictRow], token: TokenIdentity) -> Acto
     """
     owner = token.owner
     if owner.kind is OwnerKind.STAFF:
-        row = conn.execute("SELECT phone, role FROM staff WHERE id = %s", (owner.id,)).fetchone()
+        row = conn.execute("SELECT name, phone, role FROM staff WHERE id = %s", (owner.id,)).fetchone()
         if row is not None:
-            return Actor("staff", owner.id, owner.name, row["phone"], row["role"])
+            return Actor("staff", owner.id, row["name"], row["phone"], row["role"])
     return Actor(owner.kind.value, owner.id, owner.name, None, token.role.value)
 
 

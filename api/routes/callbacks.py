@@ -58,7 +58,6 @@ from alerts.timeline import add_event
 from api.deps import ConnDep, Now, SettingsDep, tuple_rows
 from api.limits import storable_text
 from devices.kinds import Channel
-from shouhu.accounts import person_label
 from shouhu.db import Conn
 
 log = logging.getLogger(__name__)
@@ -143,10 +142,10 @@ def _person(conn: Conn, kind: str, person_id: str) -> Actor | None:
     """The staff member or guardian an attempt paged, as who acts."""
     if kind == "staff":
         row = conn.execute("SELECT name, phone, role FROM staff WHERE id = %s", (person_id,)).fetchone()
-        return Actor("staff", person_id, person_label(row[0], row[2]), row[1], row[2]) if row else None
+        return Actor("staff", person_id, row[0], row[1], row[2]) if row else None
     if kind == "guardian":
         row = conn.execute("SELECT name, phone FROM guardians WHERE id = %s", (person_id,)).fetchone()
-        return Actor("guardian", person_id, person_label(row[0], "guardian"), row[1], "guardian") if row else None
+        return Actor("guardian", person_id, row[0], row[1], "guardian") if row else None
     return None
 
 
@@ -182,7 +181,7 @@ def _act(
             f"incident:{incident_id}",
             Jsonb({"result": result.value, "via": via, "actor": actor.key}),
             actor.key,
-            actor.name,
+            actor.label,
         ),
     )
     return _answer(conn, incident_id, actor, going, result)
