@@ -9,36 +9,24 @@ With ``SHOUHU_SCREENSHOTS=<dir>`` the run saves the grid worker's console there
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
 from api.deps import get_now
 from api.main import create_app
 from shouhu.embedded.postgres import free_port
 from shouhu.settings import Settings
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import PHONE, assert_accessible_basics, assert_fits, snap
 from tests.support.escalation import DAY, FROM, PHONE_SID, PHONE_TOKEN, Clock, make_router, messages, press, q
 from tests.support.services import serve_app
 
 GRID_WORKER_PHONE, GRID = "+12085550185", "dongguan-01-g1"  # 董思远, 东关村第一网格
 CODE = re.compile(r"登录验证码 (\d{6})")
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed: run the README's test command")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture
@@ -82,19 +70,14 @@ def texted_code(phone_base: str, to: str) -> str:
     return found.group(1)
 
 
-def snap(page: Page, name: str) -> None:
-    folder = os.environ.get("SHOUHU_SCREENSHOTS")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
-
-
 def test_a_grid_worker_signs_in_by_a_texted_code_and_sees_their_own_list(
     browser: Browser, site: dict[str, Any]
 ) -> None:
-    page = browser.new_page(viewport={"width": 412, "height": 915})  # a phone
+    page = browser.new_page(viewport=PHONE)
     page.goto(f"{site['base']}/console/grid")
     assert page.url.endswith("/console/login")
+    assert_accessible_basics(page)
+    assert_fits(page)
     page.get_by_label("手机号", exact=True).fill(GRID_WORKER_PHONE)
     page.get_by_role("button", name="发送验证码").click()
     expect(page.get_by_role("status").filter(has_text="验证码已发送")).to_be_visible()
@@ -107,6 +90,8 @@ def test_a_grid_worker_signs_in_by_a_texted_code_and_sees_their_own_list(
     page.get_by_label("验证码", exact=True).fill(code)
     page.get_by_role("button", name="验证码登录").click()
     page.wait_for_url("**/console/grid")
+    assert_accessible_basics(page)
+    assert_fits(page)
     expect(page.locator(".who")).to_have_text("董思远（网格员）")
     expect(page.locator("#my-grids")).to_contain_text("东关村第一网格")
     expect(page.locator("#my-grids")).to_contain_text("值班中")
