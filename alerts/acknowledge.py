@@ -24,6 +24,7 @@ from alerts.retry import nobody_left
 from alerts.states import ACTIVE, CLOSED, AttemptState, IncidentState
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import AttemptPurpose, Channel, IncidentKind, Outcome
+from shouhu.accounts import person_label
 from shouhu.db import Conn
 
 __all__ = [
@@ -42,17 +43,23 @@ __all__ = [
 
 @dataclass(frozen=True, slots=True)
 class Actor:
-    """Who acts: a staff member or guardian (by phone or console), or an API token."""
+    """Who acts: a staff member or guardian (by phone or console), or an integration's token."""
 
-    kind: str  # "staff", "guardian", "token"
+    kind: str  # "staff", "guardian", "integration" ("token" before staff accounts), "system"
     id: str
-    name: str
+    name: str  # the plain name; timeline details keep it with the role, so a page can word the role
     phone: str | None = None
     role: str = ""
 
     @property
     def key(self) -> str:
         return f"{self.kind}:{self.id}"
+
+    @property
+    def label(self) -> str:
+        """How every answer and notice names them: a person with their role, ``董思远（网格员）``;
+        an integration or the system by its name alone."""
+        return person_label(self.name, self.role) if self.kind in ("staff", "guardian") else self.name
 
 
 class Result(StrEnum):
@@ -151,7 +158,7 @@ def acknowledge(
             acknowledged_by_name = %s, acknowledged_via = %s, updated_at = %s
         WHERE id = %s
         """,
-        (IncidentState.ACKNOWLEDGED, now, actor.key, actor.name, via, now, incident.id),
+        (IncidentState.ACKNOWLEDGED, now, actor.key, actor.label, via, now, incident.id),
     )
     cause = add_event(
         conn, incident.id, now, "acknowledged", actor.key, {"name": actor.name, "role": actor.role, "via": via}
@@ -161,7 +168,7 @@ def acknowledge(
         conn,
         incident.id,
         cause,
-        f"【守护】{incident.code} {incident.resident_name}的求助已由{actor.name}接单处置。",
+        f"【守护】{incident.code} {incident.resident_name}的求助已由{actor.label}接单处置。",
         others,
         now,
     )
@@ -178,7 +185,7 @@ def decline(conn: Conn, incident_id: int, actor: Actor, via: str, now: datetime)
     incident = _lock(conn, incident_id)
     if incident is None or incident.state not in ACTIVE:
         return Result.CLOSED
-    add_event(conn, incident.id, now, "declined", actor.key, {"name": actor.name, "via": via})
+    add_event(conn, incident.id, now, "declined", actor.key, {"name": actor.name, "role": actor.role, "via": via})
     current = conn.execute(
         """
         SELECT round, step FROM notification_attempts
@@ -207,7 +214,12 @@ def resolve(conn: Conn, incident_id: int, outcome: Outcome, note: str, actor: Ac
         (IncidentState.RESOLVED, now, outcome.value, note, now, incident.id),
     )
     cause = add_event(
-        conn, incident.id, now, "resolved", actor.key, {"name": actor.name, "outcome": outcome.value, "note": note}
+        conn,
+        incident.id,
+        now,
+        "resolved",
+        actor.key,
+        {"name": actor.name, "role": actor.role, "outcome": outcome.value, "note": note},
     )
     purpose = AttemptPurpose.CAP_CANCEL if outcome is Outcome.FALSE_ALARM else AttemptPurpose.CAP_UPDATE
     queue_platform_message(conn, incident.id, cause, purpose, now)

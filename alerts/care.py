@@ -308,7 +308,7 @@ def start_task(conn: Conn, task_id: int, actor: Actor, now: datetime) -> Result:
     conn.execute(
         "UPDATE care_tasks SET state = 'started', started_at = %s, started_by = %s, started_by_name = %s"
         " WHERE id = %s",
-        (now, actor.key, actor.name, task.id),
+        (now, actor.key, actor.label, task.id),
     )
     conn.execute(
         f"""
@@ -316,9 +316,16 @@ def start_task(conn: Conn, task_id: int, actor: Actor, now: datetime) -> Result:
             acknowledged_by_name = %s, acknowledged_via = 'task', updated_at = %s
         WHERE id = %s AND state IN {sql_in(ACTIVE)}
         """,
-        (IncidentState.ACKNOWLEDGED, now, actor.key, actor.name, now, task.incident_id),
+        (IncidentState.ACKNOWLEDGED, now, actor.key, actor.label, now, task.incident_id),
     )
-    add_event(conn, task.incident_id, now, "task_started", actor.key, {"task_id": task.id, "name": actor.name})
+    add_event(
+        conn,
+        task.incident_id,
+        now,
+        "task_started",
+        actor.key,
+        {"task_id": task.id, "name": actor.name, "role": actor.role},
+    )
     return Result.DONE
 
 
@@ -349,7 +356,7 @@ def close_task(
     conn.execute(
         "UPDATE care_tasks SET state = 'closed', closed_at = %s, closed_by = %s, closed_by_name = %s,"
         " outcome = %s, note = %s WHERE id = %s",
-        (now, actor.key, actor.name, outcome.value, note, task.id),
+        (now, actor.key, actor.label, outcome.value, note, task.id),
     )
     conn.execute(
         "UPDATE incidents SET state = %s, resolved_at = %s, outcome = %s, resolution_note = %s,"
@@ -369,6 +376,7 @@ def close_task(
         {
             "task_id": task.id,
             "name": actor.name,
+            "role": actor.role,
             "outcome": outcome.value,
             "note": note,
             "time_to_repair_s": round(float(repair[0])) if repair and repair[0] is not None else None,

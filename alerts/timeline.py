@@ -6,7 +6,10 @@ from datetime import datetime
 from typing import Any
 
 import psycopg
+from psycopg.rows import tuple_row
 from psycopg.types.json import Jsonb
+
+from shouhu.accounts import person_label
 
 # Routers LISTEN here; a NOTIFY in a committing transaction wakes them at once.
 ESCALATION_CHANNEL = "shouhu_escalation"
@@ -26,3 +29,45 @@ def add_event(
 
 def wake_routers(conn: psycopg.Connection[Any], reason: str = "") -> None:
     conn.execute("SELECT pg_notify(%s, %s)", (ESCALATION_CHANNEL, reason))
+
+
+def actor_names(conn: psycopg.Connection[Any], events: list[tuple[str | None, dict[str, Any]]]) -> list[str | None]:
+    """The name each timeline entry's actor goes by, for (actor, detail) pairs in order.
+
+    A staff member or guardian is named with their role, ``董思远（网格员）``: by the name
+    the entry recorded (``detail.name``, with ``detail.role``), else as the registry
+    has them; an integration (``integration:<name>``) is its name; a device, the
+    system or a legacy token key is shown as stored.
+    """
+    staff_ids = sorted({a.partition(":")[2] for a, _ in events if a and a.startswith("staff:")})
+    guardian_ids = sorted({a.partition(":")[2] for a, _ in events if a and a.startswith("guardian:")})
+    people: dict[str, tuple[str, str]] = {}  # key → (name, role)
+    if staff_ids:
+        for sid, name, role in _rows(conn, "SELECT id, name, role FROM staff WHERE id = ANY(%s)", staff_ids):
+            people[f"staff:{sid}"] = (name, role)
+    if guardian_ids:
+        query = "SELECT id, name, 'guardian' FROM guardians WHERE id = ANY(%s)"
+        for gid, name, role in _rows(conn, query, guardian_ids):
+            people[f"guardian:{gid}"] = (name, role)
+    names: list[str | None] = []
+    for actor, detail in events:
+        recorded = detail.get("name") if isinstance(detail.get("name"), str) else None
+        if actor is None:
+            names.append(None)
+        elif actor in people or (recorded and actor.startswith(("staff:", "guardian:"))):
+            name, role = people.get(actor, ("", ""))
+            name, role = recorded or name, str(detail.get("role") or role)
+            names.append(name if "（" in name else person_label(name, role))
+        elif recorded:
+            names.append(recorded)
+        elif actor.startswith("integration:"):
+            names.append(actor.partition(":")[2])
+        else:
+            names.append(actor)
+    return names
+
+
+def _rows(conn: psycopg.Connection[Any], query: str, ids: list[str]) -> list[tuple[str, str, str]]:
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(query, (ids,))
+        return [(str(a), str(b), str(c)) for a, b, c in cur.fetchall()]

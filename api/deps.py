@@ -29,6 +29,7 @@ from pydantic import AwareDatetime, BaseModel, BeforeValidator
 from alerts.acknowledge import Actor
 from api.access import AreaScope
 from api.live import LiveFeedListener
+from shouhu.accounts import OwnerKind
 from shouhu.sessions import authenticate_session
 from shouhu.settings import Settings
 from shouhu.tokens import TokenIdentity, authenticate
@@ -305,10 +306,17 @@ def tuple_rows(conn: psycopg.Connection[DictRow]) -> Iterator[psycopg.Connection
 
 
 def token_actor(conn: psycopg.Connection[DictRow], token: TokenIdentity) -> Actor:
-    """The token as the one who acts, named by its label, for timelines and notices."""
-    row = conn.execute("SELECT label FROM api_tokens WHERE id = %s", (token.id,)).fetchone()
-    label = (row["label"] if row else "") or f"{token.role.value} token {token.id}"
-    return Actor("token", str(token.id), label, None, token.role.value)
+    """Whoever the token or session speaks for, as the one who acts on timelines and in notices.
+
+    A staff member is the same actor whether they answer by phone or in a console
+    (``staff:<id>``, named ``董思远（网格员）``); an integration is ``integration:<name>``.
+    """
+    owner = token.owner
+    if owner.kind is OwnerKind.STAFF:
+        row = conn.execute("SELECT name, phone, role FROM staff WHERE id = %s", (owner.id,)).fetchone()
+        if row is not None:
+            return Actor("staff", owner.id, row["name"], row["phone"], row["role"])
+    return Actor(owner.kind.value, owner.id, owner.name, None, token.role.value)
 
 
 def write_audit(
@@ -319,10 +327,11 @@ def write_audit(
     subject: str,
     detail: dict[str, Any],
 ) -> None:
-    """One audit-log row, in the caller's transaction."""
+    """One audit-log row naming who acted, in the caller's transaction."""
     conn.execute(
-        "INSERT INTO audit_log (at, token_id, role, action, subject, detail) VALUES (%s, %s, %s, %s, %s, %s)",
-        (now, token.id, token.role.value, action, subject, Jsonb(detail)),
+        "INSERT INTO audit_log (at, token_id, role, action, subject, detail, actor, actor_name)"
+        " VALUES (%s, %s, %s, %s, %s, %s, %s, %s)",
+        (now, token.id, token.role.value, action, subject, Jsonb(detail), token.owner.key, token.owner.name),
     )
 
 

@@ -47,6 +47,7 @@ from api.routes import (
     tokens,
     uptime,
 )
+from shouhu.accounts import prune_sign_in
 from shouhu.db import Conn, open_pool
 from shouhu.migrations import MIGRATIONS
 from shouhu.sessions import prune_sessions
@@ -186,9 +187,9 @@ def readiness_problem(pool: ConnectionPool) -> str | None:
 def _prune_once(pool: ConnectionPool, events_now: datetime, sessions_now: datetime) -> None:
     with pooled(pool) as conn:
         deleted = live.prune(conn, events_now)
-        ended = prune_sessions(conn, sessions_now)
+        ended = prune_sessions(conn, sessions_now) + prune_sign_in(conn, sessions_now)
     if deleted or ended:
-        logger.info("pruned %d live events and %d old sessions", deleted, ended)
+        logger.info("pruned %d live events and %d old sessions, sign-in codes and attempts", deleted, ended)
 
 
 async def _upkeep(app: FastAPI, pool: ConnectionPool) -> None:

@@ -64,6 +64,7 @@ registry_app = typer.Typer(
     help="The registry of areas, people and devices.", no_args_is_help=True, rich_markup_mode=None
 )
 token_app = typer.Typer(help="API bearer tokens.", no_args_is_help=True, rich_markup_mode=None)
+staff_app = typer.Typer(help="Staff accounts: how staff sign in.", no_args_is_help=True, rich_markup_mode=None)
 simulate_app = typer.Typer(
     help="Simulated wristbands, cameras, phone network and emergency platform.",
     no_args_is_help=True,
@@ -71,6 +72,7 @@ simulate_app = typer.Typer(
 )
 app.add_typer(registry_app, name="registry")
 app.add_typer(token_app, name="token")
+app.add_typer(staff_app, name="staff")
 app.add_typer(simulate_app, name="simulate")
 
 
@@ -109,22 +111,42 @@ def registry_load(
 
 @token_app.command("create")
 def token_create(
-    role: Annotated[str, typer.Option(help="admin, operator, grid_worker, technician or platform")],
+    role: Annotated[
+        str | None,
+        typer.Option(help="admin, operator, grid_worker, technician or platform (with --staff: theirs by default)"),
+    ] = None,
+    staff: Annotated[
+        str | None, typer.Option(help="The staff member (id or phone) it belongs to; it sees their areas")
+    ] = None,
+    integration: Annotated[
+        str | None, typer.Option(help="The named integration it belongs to (e.g. the emergency platform)")
+    ] = None,
     area: Annotated[list[str] | None, typer.Option(help="Bind to an area and its descendants (repeatable)")] = None,
     label: Annotated[str, typer.Option(help="Who or what the token is for")] = "",
     expires_days: Annotated[int, typer.Option(min=1, help="Days until the token expires")] = 365,
 ) -> None:
-    """Print a new API bearer token (stored hashed; shown once)."""
+    """Print a new API bearer token (stored hashed; shown once), a staff member's or an integration's."""
     from shouhu.db import connect
     from shouhu.tokens import Role, create_token
 
+    if staff is not None and integration is not None:
+        fail("--staff and --integration: a token belongs to one of them, not both", 2)
+    if role is None and staff is None:
+        fail("--role is needed unless --staff gives it", 2)
     try:
-        parsed_role = Role(role)
+        parsed_role = None if role is None else Role(role)
     except ValueError:
         fail(f"--role: {role!r} is not one of {', '.join(r.value for r in Role)}", 2)
     settings = load_settings()
     now = datetime.now(UTC)
     with connect(database_url(settings)) as conn:
+        if parsed_role is None:
+            from shouhu.accounts import SESSION_ROLE_OF_STAFF, find_staff
+
+            member = find_staff(conn, staff or "")
+            if member is None:
+                fail(f"--staff: no active staff member {staff!r}", 2)
+            parsed_role = Role(SESSION_ROLE_OF_STAFF[member.role])
         try:
             secret = create_token(
                 conn,
@@ -133,11 +155,38 @@ def token_create(
                 label=label,
                 now=now,
                 expires_at=now + timedelta(days=expires_days),
+                staff=staff,
+                integration=integration,
             )
         except ValueError as exc:
-            fail(f"--area: {exc}", 2)
+            fail(f"--{'staff' if staff is not None and 'area' not in str(exc) else 'area'}: {exc}", 2)
         conn.commit()
     typer.echo(secret)
+
+
+@staff_app.command("set-password")
+def staff_set_password(
+    staff: Annotated[str, typer.Argument(help="The staff member's id or phone number")],
+    password_stdin: Annotated[
+        bool, typer.Option("--password-stdin", help="Read the password from the first line of standard input")
+    ] = False,
+) -> None:
+    """Set the password an operator or duty officer signs in with (stored as argon2id)."""
+    from shouhu.accounts import set_password
+    from shouhu.db import connect
+
+    if password_stdin:
+        password = sys.stdin.readline().rstrip("\r\n")
+    else:
+        password = typer.prompt("Password", hide_input=True, confirmation_prompt=True)
+    settings = load_settings()
+    with connect(database_url(settings)) as conn:
+        try:
+            member = set_password(conn, staff, password, datetime.now(UTC))
+        except ValueError as exc:
+            fail(str(exc), 2)
+        conn.commit()
+    typer.echo(f"password set for {member.id} ({member.name})")
 
 
 @app.command()
@@ -366,7 +415,10 @@ def up(
         typer.echo(f"hub: {settings.hub_id} ready on {broker_url}; router running")
         address = api_address(settings)
         typer.echo(f"API: {address} — /api/v1 (make a token with `shouhu token create --role operator`)")
-        typer.echo(f"consoles: {address.split(' ', 1)[0]}/console (log in with such a token)")
+        typer.echo(
+            f"consoles: {address.split(' ', 1)[0]}/console (staff sign in with their phone and a code by SMS,"
+            " or log in with such a token)"
+        )
         if demo:
             demo_press(url, broker_url, settings)
         serve_api(url, settings, api_socket)

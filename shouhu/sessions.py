@@ -1,9 +1,11 @@
-"""Console sessions: a bearer token exchanged for a cookie, stored as SHA-256, expiring.
+"""Console sessions: a bearer token, or a staff member's code or password, exchanged for a
+cookie, stored as SHA-256, expiring.
 
 A browser's EventSource cannot send an Authorization header, and a token kept in a
 page's script is a token any injected script can read; an HttpOnly cookie is
 neither. The session is a second secret bound to the token that opened it, so
-everything that ends the token (revocation, expiry) ends its sessions too.
+everything that ends the token (revocation, expiry) ends its sessions too; a session
+a staff member opened is bound to them, and ends when the registry deactivates them.
 
 The clock is passed in everywhere, so tests drive expiry instead of sleeping.
 """
@@ -18,7 +20,17 @@ from typing import Any
 import psycopg
 from psycopg.rows import tuple_row
 
-from shouhu.tokens import Role, TokenIdentity, hash_secret, plausible_secret, require_aware
+from shouhu.accounts import SESSION_ROLE_OF_STAFF, Owner, OwnerKind, StaffMember, person_label
+from shouhu.tokens import (
+    STAFF_AREAS_SQL,
+    TOKEN_IDENTITY_SQL,
+    Role,
+    TokenIdentity,
+    hash_secret,
+    plausible_secret,
+    require_aware,
+    token_identity,
+)
 
 SESSION_PREFIX = "shs_"  # a recognisable prefix, not a secret
 # A working day and a bit: a console logs in at the start of a shift.
@@ -56,6 +68,8 @@ def open_session(
         ValueError: a naive ``now``, or a token that is unknown or no longer valid.
     """
     require_aware("now", now)
+    if token.id is None:
+        raise ValueError("a session is opened with a token or by a staff member's sign-in, not from another session")
     secret = SESSION_PREFIX + secrets.token_urlsafe(32)
     with conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(
@@ -74,6 +88,36 @@ def open_session(
     return NewSession(id=row[0], secret=secret, expires_at=row[1])
 
 
+def open_staff_session(
+    conn: psycopg.Connection[Any],
+    staff: StaffMember,
+    method: str,
+    now: datetime,
+    *,
+    lifetime: timedelta = SESSION_LIFETIME,
+) -> NewSession:
+    """Store a new session for a staff member who signed in by ``method`` (``code`` or ``password``).
+
+    Raises:
+        ValueError: a naive ``now``, or a staff member who is unknown or inactive.
+    """
+    require_aware("now", now)
+    secret = SESSION_PREFIX + secrets.token_urlsafe(32)
+    with conn.cursor(row_factory=tuple_row) as cur:
+        cur.execute(
+            """
+            INSERT INTO api_sessions (session_hash, staff_id, method, created_at, expires_at)
+            SELECT %(hash)s, s.id, %(method)s, %(now)s, %(until)s FROM staff s WHERE s.id = %(staff)s AND s.active
+            RETURNING id, expires_at
+            """,
+            {"hash": hash_secret(secret), "staff": staff.id, "method": method, "now": now, "until": now + lifetime},
+        )
+        row = cur.fetchone()
+    if row is None:
+        raise ValueError(f"staff member {staff.id} is unknown or inactive")
+    return NewSession(id=row[0], secret=secret, expires_at=row[1])
+
+
 def authenticate_session(conn: psycopg.Connection[Any], secret: str, now: datetime) -> SessionIdentity | None:
     """The session behind ``secret``, or ``None`` if it is unknown, ended, expired, or its token is not valid."""
     require_aware("now", now)
@@ -81,20 +125,35 @@ def authenticate_session(conn: psycopg.Connection[Any], secret: str, now: dateti
         return None
     with conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(
-            """
-            SELECT s.id, s.expires_at, t.id, t.role, t.areas
-            FROM api_sessions s JOIN api_tokens t ON t.id = s.token_id
-            WHERE s.session_hash = %(hash)s
-              AND s.ended_at IS NULL AND s.expires_at > %(now)s
+            f"""
+            SELECT x.id, x.expires_at, {TOKEN_IDENTITY_SQL}
+            FROM api_sessions x JOIN api_tokens t ON t.id = x.token_id LEFT JOIN staff s ON s.id = t.staff_id
+            WHERE x.session_hash = %(hash)s
+              AND x.ended_at IS NULL AND x.expires_at > %(now)s
               AND t.revoked_at IS NULL AND (t.expires_at IS NULL OR t.expires_at > %(now)s)
+              AND (t.staff_id IS NULL OR s.active)
             """,
             {"hash": hash_secret(secret), "now": now},
         )
         row = cur.fetchone()
-    if row is None:
+        if row is not None:
+            token = token_identity(row[2:])
+            return None if token is None else SessionIdentity(row[0], token, row[1])
+        cur.execute(
+            f"""
+            SELECT x.id, x.expires_at, s.id, s.name, s.role, {STAFF_AREAS_SQL}
+            FROM api_sessions x JOIN staff s ON s.id = x.staff_id
+            WHERE x.session_hash = %(hash)s AND x.ended_at IS NULL AND x.expires_at > %(now)s AND s.active
+            """,
+            {"hash": hash_secret(secret), "now": now},
+        )
+        found = cur.fetchone()
+    if found is None or found[5] is None:
         return None
-    session_id, expires_at, token_id, role, areas = row
-    return SessionIdentity(session_id, TokenIdentity(id=token_id, role=Role(role), areas=tuple(areas)), expires_at)
+    session_id, expires_at, staff_id, name, staff_role, areas = found
+    owner = Owner(OwnerKind.STAFF, staff_id, person_label(name, staff_role))
+    identity = TokenIdentity(id=None, role=Role(SESSION_ROLE_OF_STAFF[staff_role]), areas=tuple(areas), owner=owner)
+    return SessionIdentity(session_id, identity, expires_at)
 
 
 def end_session(conn: psycopg.Connection[Any], session_id: int, now: datetime) -> bool:

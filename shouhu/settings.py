@@ -86,6 +86,15 @@ class Settings(BaseSettings):
     follow_up_false_alarms: bool = False
     battery_low_pct: Annotated[int, Field(ge=1, le=99)] = 20
     battery_critical_pct: Annotated[int, Field(ge=1, le=99)] = 10
+    # Staff sign-in (shouhu/accounts.py): a code sent by SMS works this long; at most so
+    # many codes per phone and per client address within the window; so many wrong codes
+    # or passwords within the window lock the account for sign_in_lockout_s.
+    sign_in_code_ttl_s: PositiveSeconds = 300
+    sign_in_window_s: PositiveSeconds = 900
+    sign_in_codes_per_phone: Annotated[int, Field(ge=1)] = 3
+    sign_in_codes_per_ip: Annotated[int, Field(ge=1)] = 10
+    sign_in_max_failures: Annotated[int, Field(ge=1)] = 5
+    sign_in_lockout_s: PositiveSeconds = 900
     timezone: str = DEFAULT_TIMEZONE
     retention_days: Annotated[int, Field(ge=1)] = 90
     dead_letter_days: Annotated[int, Field(ge=1)] = 14

@@ -20,6 +20,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import tuple_row
 
+from shouhu.accounts import PASSWORD_ROLES, SESSION_ROLE_OF_STAFF, Owner, OwnerKind, find_staff, person_label
+
 TOKEN_PREFIX = "shh_"  # noqa: S105 (a recognisable prefix, not a secret)
 # token_urlsafe(32) is 43 characters; anything much longer is not one of ours, and
 # refusing it early keeps a hostile header from costing a hash and a query.
@@ -38,11 +40,58 @@ class Role(StrEnum):
 
 @dataclass(frozen=True, slots=True)
 class TokenIdentity:
-    """Who a valid bearer token speaks for. No areas means the whole county."""
+    """Who a valid bearer token or console session speaks for. No areas means the whole county.
 
-    id: int
+    ``id`` is the token's; a session a staff member opened with a code or password
+    has none. ``owner`` is the person or integration that acts.
+    """
+
+    id: int | None
     role: Role
     areas: tuple[str, ...]
+    owner: Owner
+
+
+# A staff member's credentials see the areas the registry gives them now; one given
+# the county itself (an area without a parent) sees everything. No areas at all: no
+# access (NULL), never the whole county by accident.
+STAFF_AREAS_SQL = """
+    (SELECT CASE WHEN bool_or(a.parent_id IS NULL) THEN '{}'::text[]
+                 ELSE array_agg(sa.area_id ORDER BY sa.area_id) END
+     FROM staff_areas sa JOIN areas a ON a.id = sa.area_id WHERE sa.staff_id = s.id)
+"""
+# Joined to ``api_tokens t`` (and ``staff s`` on t.staff_id): the token's identity columns.
+TOKEN_IDENTITY_SQL = f"""
+    t.id, t.role,
+    CASE WHEN t.staff_id IS NULL THEN t.areas ELSE {STAFF_AREAS_SQL} END AS areas,
+    t.staff_id, coalesce(t.integration, ''), s.name, s.role AS staff_role
+"""
+
+
+def token_identity(row: tuple[Any, ...]) -> TokenIdentity | None:
+    """The identity from ``TOKEN_IDENTITY_SQL``'s columns; ``None`` for staff without areas."""
+    token_id, role, areas, staff_id, integration, staff_name, staff_role = row
+    if areas is None:
+        return None
+    if staff_id is not None:
+        owner = Owner(OwnerKind.STAFF, staff_id, person_label(staff_name, staff_role))
+    else:
+        owner = Owner(OwnerKind.INTEGRATION, integration, integration)
+    return TokenIdentity(id=token_id, role=Role(role), areas=tuple(areas), owner=owner)
+
+
+def staff_token_role(staff_role: str, wanted: Role | str | None) -> Role:
+    """The role of a staff member's token: their own, or admin for an operator or duty officer.
+
+    Raises:
+        ValueError: any other role.
+    """
+    own = Role(SESSION_ROLE_OF_STAFF[staff_role])
+    if wanted is None or Role(wanted) is own:
+        return own
+    if Role(wanted) is Role.ADMIN and staff_role in PASSWORD_ROLES:
+        return Role.ADMIN
+    raise ValueError(f"a {staff_role}'s token has role {own.value} (or admin for operators and duty officers)")
 
 
 def hash_secret(secret: str) -> bytes:
@@ -69,6 +118,8 @@ def create_token(
     label: str,
     now: datetime,
     expires_at: datetime | None,
+    staff: str | None = None,
+    integration: str | None = None,
 ) -> str:
     """Store a new token and return its secret, which is not kept anywhere.
 
@@ -81,12 +132,36 @@ def create_token(
         label: who or what the token is for.
         now: the current time (timezone-aware).
         expires_at: when the token stops working; ``None`` for never.
+        staff: the staff member (id or phone) it belongs to: it sees their areas in
+            the registry, and ``areas`` must be empty; ``role`` must be theirs (or admin
+            for an operator or duty officer).
+        integration: the named integration it belongs to (the emergency platform, a
+            script). With neither, the token belongs to the integration its ``label``
+            names (or ``"<role> token"``).
 
     Raises:
         ValueError: an unknown role, an area that does not exist or is deactivated,
-            a naive time, or an expiry not after ``now``.
+            a naive time, an expiry not after ``now``, both or an unknown owner.
     """
     parsed_role = Role(role)
+    staff_id: str | None = None
+    if staff is not None and integration is not None:
+        raise ValueError("a token belongs to a staff member or to an integration, not both")
+    if staff is not None:
+        member = find_staff(conn, staff)
+        if member is None:
+            raise ValueError(f"no active staff member {staff!r}")
+        if areas:
+            raise ValueError("a staff member's token sees their areas in the registry: give no areas")
+        parsed_role = staff_token_role(member.role, parsed_role)
+        staff_id = member.id
+        label = label or member.name
+    elif integration is not None:
+        integration = integration.strip()
+        if not integration:
+            raise ValueError("the integration needs a name")
+    else:
+        integration = label.strip() or f"{parsed_role.value} token"
     require_aware("now", now)
     if expires_at is not None:
         require_aware("expires_at", expires_at)
@@ -104,10 +179,10 @@ def create_token(
                 raise ValueError(f"area {area_id!r} is deactivated")
         cur.execute(
             """
-            INSERT INTO api_tokens (token_hash, role, areas, label, created_at, expires_at)
-            VALUES (%s, %s, %s, %s, %s, %s)
+            INSERT INTO api_tokens (token_hash, role, areas, label, created_at, expires_at, staff_id, integration)
+            VALUES (%s, %s, %s, %s, %s, %s, %s, %s)
             """,
-            (hash_secret(secret), parsed_role.value, wanted, label, now, expires_at),
+            (hash_secret(secret), parsed_role.value, wanted, label, now, expires_at, staff_id, integration),
         )
     return secret
 
@@ -119,19 +194,18 @@ def authenticate(conn: psycopg.Connection[Any], secret: str, now: datetime) -> T
         return None
     with conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(
-            """
-            SELECT id, role, areas FROM api_tokens
-            WHERE token_hash = %s
-              AND revoked_at IS NULL
-              AND (expires_at IS NULL OR expires_at > %s)
+            f"""
+            SELECT {TOKEN_IDENTITY_SQL}
+            FROM api_tokens t LEFT JOIN staff s ON s.id = t.staff_id
+            WHERE t.token_hash = %s
+              AND t.revoked_at IS NULL
+              AND (t.expires_at IS NULL OR t.expires_at > %s)
+              AND (t.staff_id IS NULL OR s.active)
             """,
             (hash_secret(secret), now),
         )
         row = cur.fetchone()
-    if row is None:
-        return None
-    token_id, role, areas = row
-    return TokenIdentity(id=token_id, role=Role(role), areas=tuple(areas))
+    return None if row is None else token_identity(row)
 
 
 def revoke_token(conn: psycopg.Connection[Any], token_id: int, now: datetime) -> bool:

@@ -40,7 +40,10 @@ def test_a_grid_worker_acknowledges_and_the_second_is_told_it_was_taken(
     mine = token(county_url, Role.GRID_WORKER, [grid], label="李网格")
     answer = client.post(f"/api/v1/incidents/{incident}/ack", headers=mine, json={"note": "在路上"})
     assert answer.status_code == 200, answer.text
-    assert answer.json() == {"id": incident, "state": "acknowledged", "result": "done", "acknowledged_by": "李网格"}
+    assert answer.json() == {
+        "id": incident, "state": "acknowledged", "result": "done",
+        "acknowledged_by": "李网格", "acknowledged_by_id": "integration:李网格",
+    }
     again = client.post(f"/api/v1/incidents/{incident}/ack", headers=mine)
     assert again.json()["result"] == "already"
     other = client.post(f"/api/v1/incidents/{incident}/ack", headers=token(county_url, Role.OPERATOR, label="值班长"))

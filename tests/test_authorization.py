@@ -51,7 +51,11 @@ OUTSIDE_TOKENS = {("get", "/healthz"), ("get", "/readyz")} | {("post", path) for
 # Covered by tests/test_events_api.py: the live feed streams until the client leaves
 # (its scoping and 401s are tested there over a real server), and the session routes
 # are the login itself (a token in the body) and the logout (the cookie).
-OWN_TESTS = {("get", "/api/v1/events"), ("post", "/api/v1/session"), ("delete", "/api/v1/session")}
+OWN_TESTS = {("get", "/api/v1/events"), ("post", "/api/v1/session"), ("delete", "/api/v1/session")} | {
+    # Staff sign-in: tests/test_staff_accounts.py.
+    ("post", "/api/v1/session/code"),
+    ("post", "/api/v1/session/sign-in"),
+}
 
 
 @dataclass(frozen=True)

@@ -504,7 +504,7 @@ def test_a_second_keypress_hears_who_took_it(stack: Stack) -> None:
 
     assert said(taken.text).startswith("已确认，您已接单")
     first_name = q(stack.db, "SELECT name FROM staff WHERE id = %s", first.recipient_id)[0][0]
-    assert said(late.text) == f"此事件已由{first_name}接单，无需前往。"
+    assert said(late.text) == f"此事件已由{first_name}（网格员）接单，无需前往。"
     assert q(stack.db, "SELECT acknowledged_by FROM incidents") == [(f"staff:{first.recipient_id}",)]
 
 

@@ -120,7 +120,7 @@ def test_a_started_visit_stays_open_for_the_worker_when_the_device_comes_back(co
     with conn.transaction():
         assert start_task(conn, task_id, WORKER, T0 + timedelta(hours=1, minutes=10)) is Result.DONE
     assert q(conn.info.dsn, "SELECT state, acknowledged_by_name FROM incidents WHERE id = %s", incident_id) == [
-        ("acknowledged", "测试网格员")
+        ("acknowledged", "测试网格员（网格员）")
     ]
     heard(conn, device, T0 + timedelta(hours=1, minutes=30))
     report = run(conn, T0 + timedelta(hours=1, minutes=31))

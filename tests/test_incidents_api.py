@@ -33,8 +33,8 @@ GRID_WORKER_PHONE = "+12025550100"
 TECHNICIAN_PHONE = "+12025550177"
 LIST_FIELDS = {
     "id", "code", "kind", "severity", "state", "opened_at", "urgency", "payload_unreadable",
-    "area_id", "resident_id", "device_id", "acknowledged_at", "acknowledged_by", "resolved_at",
-    "outcome", "due_at", "overdue",
+    "area_id", "resident_id", "device_id", "acknowledged_at", "acknowledged_by", "acknowledged_by_id",
+    "resolved_at", "outcome", "due_at", "overdue",
 }
 
 Headers = dict[str, str]
@@ -261,7 +261,7 @@ def test_list_is_newest_first_with_every_field(
         "id": world.sos_a, "code": code_row[0], "kind": "sos", "severity": "red", "state": "open",
         "opened_at": T0, "urgency": 2, "payload_unreadable": False, "area_id": "A",
         "resident_id": "R-A", "device_id": "W-A", "acknowledged_at": None,
-        "acknowledged_by": None, "resolved_at": None, "outcome": None,
+        "acknowledged_by": None, "acknowledged_by_id": None, "resolved_at": None, "outcome": None,
         # Nobody took it within the built-in first wait (SHOUHU_ACK_TIMEOUT_S): overdue.
         "due_at": T0 + timedelta(seconds=120), "overdue": True,
     }
@@ -457,7 +457,7 @@ def test_list_and_detail_never_show_medical_notes(
         assert "diabetic" not in response.text
         assert "medical_notes" not in response.text
     assert detail.json()["timeline"][-1] == {
-        "at": "2026-11-24T02:00:20Z", "event": "platform_alerted", "actor": "r1",
+        "at": "2026-11-24T02:00:20Z", "event": "platform_alerted", "actor": "r1", "actor_name": "r1",
         "detail": {"channel": "webhook", "cap": {}},
     }
 

@@ -27,9 +27,10 @@ from devices.registry_file import parse_registry
 from shouhu.embedded.postgres import LocalPostgres
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
+from simulators.phone_network import create_phone_network
 from tests.support.care import RULES, heard, last_will
 from tests.support.database import DEMO_COUNTY, fresh_database
-from tests.support.escalation import press
+from tests.support.escalation import FROM, PHONE_SID, press
 from tests.support.services import serve_app
 
 NOW = datetime.now(UTC)
@@ -48,8 +49,18 @@ def served(postgres: LocalPostgres) -> Iterator[tuple[str, str]]:
             heard(conn, "cam-002", NOW - timedelta(hours=1), reported_online=False, reported_reason="power")
             sweep(conn, NOW, RULES, lock_key=0x7E57_F022)
             secret = create_token(conn, role=Role.ADMIN, areas=[], label="fuzz", now=NOW, expires_at=None)
-        for base in serve_app(create_app(Settings(database_url=url, twilio_auth_token="fuzz-twilio-token"))):
-            yield base, secret
+        # A phone network, so that asking for a sign-in code is answered as documented.
+        network = create_phone_network(PHONE_SID, "fuzz-twilio-token", announce=lambda _line: None)
+        for phone in serve_app(network):
+            settings = Settings(
+                database_url=url,
+                twilio_auth_token="fuzz-twilio-token",
+                twilio_account_sid=PHONE_SID,
+                twilio_from=FROM,
+                twilio_api_base=phone,
+            )
+            for base in serve_app(create_app(settings)):
+                yield base, secret
 
 
 # The document is the app's own; it needs no database to be generated.

@@ -34,7 +34,7 @@ def _log_in(browser: Browser, stack: Stack, role: Role, areas: list[str], label:
     page = browser.new_page(viewport={"width": 412, "height": 915})
     page.goto(f"{stack.api}/console/login")
     page.get_by_label("访问令牌").fill(secret)
-    page.get_by_role("button", name="登录").click()
+    page.get_by_role("button", name="登录", exact=True).click()
     page.wait_for_url(lambda url: "/console/login" not in url)
     return page
 

@@ -11,6 +11,7 @@ import psycopg
 import pytest
 from psycopg.rows import dict_row
 
+from shouhu.accounts import Owner, OwnerKind
 from shouhu.tokens import (
     TOKEN_PREFIX,
     Role,
@@ -82,8 +83,10 @@ def test_authenticate_returns_the_identity(
     )
     identity = authenticate(conn, secret, NOW)
     token_id = _one(conn.execute("SELECT id FROM api_tokens"))[0]
+    # Made with no owner, the token is its label's integration (or "<role> token").
+    owner = Owner(OwnerKind.INTEGRATION, "technician token", "technician token")
     assert identity == TokenIdentity(
-        id=token_id, role=Role.TECHNICIAN, areas=(county.grid_b, county.grid_a)
+        id=token_id, role=Role.TECHNICIAN, areas=(county.grid_b, county.grid_a), owner=owner
     )
     assert isinstance(identity.role, Role)
 
@@ -121,6 +124,7 @@ def test_a_revoked_token_is_refused(conn: psycopg.Connection[Any]) -> None:
     other = create_token(conn, role=Role.ADMIN, areas=[], label="", now=NOW, expires_at=None)
     identity = authenticate(conn, secret, NOW)
     assert identity is not None
+    assert identity.id is not None
     revoked_at = NOW + timedelta(minutes=5)
     assert revoke_token(conn, identity.id, revoked_at) is True
     assert authenticate(conn, secret, revoked_at) is None

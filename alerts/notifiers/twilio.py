@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
 
@@ -335,8 +336,20 @@ class TwilioNotifier:
         """Send one SMS or call; a provider or network failure returns FAILED, never raises."""
         if delivery.channel not in self.channels:
             return SendResult(SendOutcome.FAILED, error=f"channel {delivery.channel} is not sent by Twilio")
+        return self._guarded(lambda: self._create(delivery))
+
+    def send_text(self, to: str, body: str) -> SendResult:
+        """Send an SMS that belongs to no incident (a sign-in code); FAILED, never raises, on failure.
+
+        No status callback is asked for: there is no attempt row to settle.
+        """
+        return self._guarded(
+            lambda: _sid(self.client.messages.create(to=to, from_=self.from_number, body=plain_text(body)))
+        )
+
+    def _guarded(self, create: Callable[[], str | None]) -> SendResult:
         try:
-            sid = self._create(delivery)
+            sid = create()
         except TwilioException as exc:
             error = _twilio_error(exc)
         except requests.Timeout as exc:
@@ -379,5 +392,9 @@ class TwilioNotifier:
                 twiml=voice_twiml(delivery.message, keypress_url=keys),
                 status_callback=status_callback,
             )
-        sid = getattr(resource, "sid", None)
-        return sid if isinstance(sid, str) else None
+        return _sid(resource)
+
+
+def _sid(resource: object) -> str | None:
+    sid = getattr(resource, "sid", None)
+    return sid if isinstance(sid, str) else None

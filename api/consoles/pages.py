@@ -16,12 +16,14 @@ import math
 from datetime import UTC, date, datetime, time, timedelta
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlencode
 from zoneinfo import ZoneInfo
 
 from fastapi import APIRouter, Depends, Form, HTTPException, Request, status
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, select_autoescape
+from pydantic import ValidationError
 
 from alerts import response
 from alerts.acknowledge import Result, acknowledge, decline, resolve
@@ -39,7 +41,7 @@ from api.access import (
     may_see_task,
     visible_incident_kinds,
 )
-from api.consoles import queries
+from api.consoles import mine, queries
 from api.consoles.i18n import Lang, maybe, word
 from api.consoles.story import next_line, story
 from api.consoles.uptime_chart import area_ratios, daily_ratios, svg_chart
@@ -54,7 +56,15 @@ from api.deps import (
     tuple_rows,
     write_audit,
 )
-from api.routes.sessions import SessionCreate, create_session, delete_session
+from api.routes.sessions import (
+    CodeCreate,
+    SessionCreate,
+    SignInCreate,
+    create_session,
+    create_sign_in_code,
+    create_staff_session,
+    delete_session,
+)
 from api.routes.supervision import supervise_incident_as, supervise_task_as
 from devices.kinds import (
     REPAIR_OUTCOMES,
@@ -66,6 +76,7 @@ from devices.kinds import (
     TaskOutcome,
     TaskState,
 )
+from shouhu.accounts import OwnerKind
 from shouhu.settings import Settings
 from shouhu.tokens import Role, TokenIdentity
 
@@ -158,7 +169,10 @@ def _render(
             "pct": lambda ratio: "—" if ratio is None else f"{ratio * 100:.1f}%",
             "seconds": lambda s: "—" if s is None else f"{s:.0f} s",
             "duration": _duration,
-            "me": {"label": context.get("label", ""), "role": me.role.value} if me else None,
+            # A person's name already says their role ("董思远（网格员）"); an integration's does not.
+            "me": {"label": context.get("label", ""), "role": "" if me.owner.kind is OwnerKind.STAFF else me.role.value}
+            if me
+            else None,
             "nav": NAV.get(me.role, []) if me else [],
             "here": request.url.path,
             **context,
@@ -179,7 +193,8 @@ def _duration(seconds: float | None) -> str:
 
 
 def _label(conn: ConnDep, token: TokenIdentity) -> str:
-    return token_actor(conn, token).name
+    """Who is signed in, as every timeline and notice names them: ``董思远（网格员）``."""
+    return token.owner.name
 
 
 def _scope(conn: ConnDep, token: TokenIdentity) -> list[str] | None:
@@ -191,7 +206,20 @@ def _scope(conn: ConnDep, token: TokenIdentity) -> list[str] | None:
 
 @router.get("/login")
 def login_page(request: Request, lang: LangDep) -> HTMLResponse:
-    return _render(request, "login.html", lang, {"error": False})
+    sent = request.query_params.get("sent") == "1"
+    phone = request.query_params.get("phone", "")[:32]
+    return _render(request, "login.html", lang, {"error": None, "sent": sent, "phone": phone})
+
+
+def _login_failed(request: Request, lang: Lang, error: str, exc: HTTPException | None, phone: str = "") -> Response:
+    """The login page again, saying why (too many tries: a 429 that says so)."""
+    code = exc.status_code if exc is not None else status.HTTP_401_UNAUTHORIZED
+    if code == status.HTTP_429_TOO_MANY_REQUESTS:
+        error = "sign_in_locked"
+    elif code == status.HTTP_503_SERVICE_UNAVAILABLE:
+        error = "code_not_sent"
+    context = {"error": error, "sent": error == "code_failed", "phone": phone}
+    return _render(request, "login.html", lang, context, status_code=code)
 
 
 @router.post("/login")
@@ -204,7 +232,58 @@ def log_in(
     try:
         create_session(SessionCreate(token=token.strip() or "-"), request, go, conn, now)
     except HTTPException:
-        return _render(request, "login.html", lang, {"error": True}, status_code=status.HTTP_401_UNAUTHORIZED)
+        return _render(
+            request, "login.html", lang, {"error": "login_failed", "sent": False, "phone": ""},
+            status_code=status.HTTP_401_UNAUTHORIZED,
+        )
+    return go
+
+
+@router.post("/login/code")
+def send_sign_in_code(
+    request: Request,
+    conn: ConnDep,
+    now: Now,
+    lang: LangDep,
+    settings: SettingsDep,
+    phone: Annotated[str, Form(max_length=32)],
+) -> Response:
+    """Text a code to the phone, as ``POST /api/v1/session/code`` does, then show the code field."""
+    require_same_origin(request)
+    phone = phone.strip()
+    try:
+        create_sign_in_code(CodeCreate(phone=phone), request, conn, now, settings)
+    except ValidationError:
+        return _login_failed(request, lang, "phone_invalid", None, phone)
+    except HTTPException as exc:
+        return _login_failed(request, lang, "code_failed", exc, phone)
+    query = urlencode({"sent": "1", "phone": phone})
+    return RedirectResponse(f"/console/login?{query}", status_code=status.HTTP_303_SEE_OTHER)
+
+
+@router.post("/login/sign-in")
+def sign_in_from_console(
+    request: Request,
+    conn: ConnDep,
+    now: Now,
+    lang: LangDep,
+    settings: SettingsDep,
+    phone: Annotated[str, Form(max_length=100)],
+    code: Annotated[str, Form(max_length=16)] = "",
+    password: Annotated[str, Form(max_length=200)] = "",
+) -> Response:
+    """A staff member's phone and code (or an operator's password) become the session cookie,
+    as ``POST /api/v1/session/sign-in`` does."""
+    require_same_origin(request)
+    go = RedirectResponse("/console", status_code=status.HTTP_303_SEE_OTHER)
+    wrong = "code_failed" if code else "password_failed"
+    try:
+        body = SignInCreate(phone=phone.strip() or "-", code=code.strip() or None, password=password or None)
+        create_staff_session(body, request, go, conn, now, settings)
+    except ValidationError:
+        return _login_failed(request, lang, wrong, None, phone.strip())
+    except HTTPException as exc:
+        return _login_failed(request, lang, wrong, exc, phone.strip())
     return go
 
 
@@ -230,21 +309,32 @@ def home(token: Viewer) -> RedirectResponse:
 # -- the grid worker's console ---------------------------------------------------------
 
 
-def _grid_context(conn: ConnDep, token: TokenIdentity) -> dict[str, Any]:
+def _grid_context(request: Request, conn: ConnDep, token: TokenIdentity, now: datetime) -> dict[str, Any]:
     kinds = [k.value for k in visible_incident_kinds(token.role)]
-    return {"incidents": queries.open_incidents(conn, _scope(conn, token), kinds), "token": token}
+    incidents = queries.open_incidents(conn, _scope(conn, token), kinds)
+    context: dict[str, Any] = {"incidents": incidents, "token": token, "grids": [], "sent_to_me": {}}
+    if token.owner.kind is OwnerKind.STAFF:
+        # "Mine": my grids, those I am on duty for now first, and what was sent to my phone.
+        grids = mine.my_grids(conn, token.owner.id, now, _zone(request))
+        on_duty = [g["area_id"] for g in grids if g["on_duty"]]
+        context["grids"] = grids
+        context["incidents"] = mine.on_duty_first(incidents, deps.area_subtree(conn, on_duty))
+        context["sent_to_me"] = mine.attempts_to(conn, token.owner.id, [i["id"] for i in incidents])
+        context["attempt_words"] = mine.ATTEMPT_WORDS
+        context["channel_words"] = mine.CHANNEL_WORDS
+    return context
 
 
 @router.get("/grid")
-def grid_console(request: Request, conn: ConnDep, token: Viewer, lang: LangDep) -> HTMLResponse:
-    """Open incidents and visits of my areas, reddest and newest first, live."""
-    context = _grid_context(conn, token)
+def grid_console(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now) -> HTMLResponse:
+    """Open incidents and visits of my areas (on duty now first, with what was sent to me), live."""
+    context = _grid_context(request, conn, token, now)
     return _render(request, "grid.html", lang, {**context, "label": _label(conn, token)})
 
 
 @router.get("/grid/list")
-def grid_list(request: Request, conn: ConnDep, token: Viewer, lang: LangDep) -> HTMLResponse:
-    return _render(request, "_incident_list.html", lang, _grid_context(conn, token))
+def grid_list(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now) -> HTMLResponse:
+    return _render(request, "_incident_list.html", lang, _grid_context(request, conn, token, now))
 
 
 def _visible_incident(conn: ConnDep, token: TokenIdentity, incident_id: int) -> dict[str, Any]:

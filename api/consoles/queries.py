@@ -82,7 +82,8 @@ def timeline(conn: DictConn, incident_id: int) -> list[EventRow]:
     rows = conn.execute(
         """
         SELECT e.id, e.at, e.event, e.actor, e.detail,
-               coalesce(nullif(e.detail->>'name', ''), s.name, g.name, nullif(t.label, '')) AS actor_name,
+               coalesce(nullif(e.detail->>'name', ''), s.name, g.name, nullif(t.label, ''),
+                        CASE WHEN e.actor LIKE 'integration:%%' THEN substr(e.actor, 13) END) AS actor_name,
                coalesce(nullif(e.detail->>'role', ''), s.role, CASE WHEN g.id IS NOT NULL THEN 'guardian' END,
                         t.role) AS actor_role
         FROM incident_events e

@@ -47,6 +47,9 @@ class IncidentActionPublic(BaseModel):
     result: Result
     """done; already (you did it before); taken (someone else acknowledged first); closed."""
     acknowledged_by: str | None
+    """Who took it, by name (``董思远（网格员）``), as the incident list says it."""
+    acknowledged_by_id: str | None
+    """The same person as a key: ``staff:<id>``, ``guardian:<id>`` or ``integration:<name>``."""
 
 
 def _check(conn: ConnDep, token: CurrentToken, scope: Scope, incident_id: int, *, acknowledging: bool) -> None:
@@ -74,10 +77,16 @@ def _check(conn: ConnDep, token: CurrentToken, scope: Scope, incident_id: int, *
 
 
 def _answer(conn: ConnDep, incident_id: int, result: Result) -> IncidentActionPublic:
-    row = conn.execute("SELECT state, acknowledged_by_name FROM incidents WHERE id = %s", (incident_id,)).fetchone()
+    row = conn.execute(
+        "SELECT state, acknowledged_by, acknowledged_by_name FROM incidents WHERE id = %s", (incident_id,)
+    ).fetchone()
     assert row is not None
     answer = IncidentActionPublic(
-        id=incident_id, state=IncidentState(row["state"]), result=result, acknowledged_by=row["acknowledged_by_name"]
+        id=incident_id,
+        state=IncidentState(row["state"]),
+        result=result,
+        acknowledged_by=row["acknowledged_by_name"],
+        acknowledged_by_id=row["acknowledged_by"],
     )
     if result in (Result.TAKEN, Result.CLOSED):
         detail = (

@@ -172,13 +172,16 @@ def _act(
     else:
         result = decline(conn, incident_id, actor, via, now)
     conn.execute(
-        "INSERT INTO audit_log (at, token_id, role, action, subject, detail) VALUES (%s, NULL, %s, %s, %s, %s)",
+        "INSERT INTO audit_log (at, token_id, role, action, subject, detail, actor, actor_name)"
+        " VALUES (%s, NULL, %s, %s, %s, %s, %s, %s)",
         (
             now,
             actor.role,
             "acknowledge" if going else "decline",
             f"incident:{incident_id}",
             Jsonb({"result": result.value, "via": via, "actor": actor.key}),
+            actor.key,
+            actor.label,
         ),
     )
     return _answer(conn, incident_id, actor, going, result)

@@ -10,6 +10,7 @@ from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
 from alerts.supervise import FIRST_WAIT_SQL, incident_due_at, is_overdue
+from alerts.timeline import actor_names
 from api.access import PHONE_READERS, may_see_incident, visible_incident_kinds
 from api.deps import (
     API_PREFIX,
@@ -51,6 +52,9 @@ class IncidentPublic(BaseModel):
     device_id: str | None
     acknowledged_at: datetime | None
     acknowledged_by: str | None
+    """Who took it, by name, as every answer and notice says it: ``董思远（网格员）``."""
+    acknowledged_by_id: str | None
+    """The same person as a key: ``staff:<id>``, ``guardian:<id>`` or ``integration:<name>``."""
     resolved_at: datetime | None
     outcome: str | None
     due_at: datetime | None
@@ -70,6 +74,9 @@ class IncidentEventPublic(BaseModel):
     event: str
     """opened, stored, joined, step_started, no_recipients, attempt_sent, attempt_failed, …"""
     actor: str | None
+    """Who or what did it, as a key: ``staff:<id>``, ``integration:<name>``, ``device:<id>``, …"""
+    actor_name: str | None
+    """The same, by name: ``董思远（网格员）``."""
     detail: dict[str, Any]
 
 
@@ -99,8 +106,8 @@ class IncidentDetailPublic(IncidentPublic):
 
 _COLUMNS = f"""
     i.id, i.code, i.kind, i.severity, i.state, i.opened_at, i.urgency, i.payload_unreadable,
-    i.area_id, i.resident_id, i.device_id, i.acknowledged_at, i.acknowledged_by,
-    i.resolved_at, i.outcome, {FIRST_WAIT_SQL} AS first_wait_s,
+    i.area_id, i.resident_id, i.device_id, i.acknowledged_at, i.acknowledged_by_name AS acknowledged_by,
+    i.acknowledged_by AS acknowledged_by_id, i.resolved_at, i.outcome, {FIRST_WAIT_SQL} AS first_wait_s,
     (SELECT t.due_at FROM care_tasks t WHERE t.incident_id = i.id) AS task_due_at
 """
 
@@ -234,8 +241,8 @@ def read_incident(
         if row["resident_id"] is not None:
             conn.execute(
                 """
-                INSERT INTO audit_log (at, token_id, role, action, subject, detail)
-                VALUES (%s, %s, %s, 'read_incident', %s, %s)
+                INSERT INTO audit_log (at, token_id, role, action, subject, detail, actor, actor_name)
+                VALUES (%s, %s, %s, 'read_incident', %s, %s, %s, %s)
                 """,
                 (
                     now,
@@ -243,16 +250,19 @@ def read_incident(
                     token.role.value,
                     f"incident:{incident_id}",
                     Jsonb({"resident_id": row["resident_id"]}),
+                    token.owner.key,
+                    token.owner.name,
                 ),
             )
     incident = _incident_public(row, settings, now)
+    names = actor_names(conn, [(e["actor"], e["detail"]) for e in events])
     return IncidentDetailPublic(
         **incident.model_dump(),
         timeline=[
             IncidentEventPublic(
-                at=e["at"], event=e["event"], actor=e["actor"], detail=_clean(e["detail"], masked)
+                at=e["at"], event=e["event"], actor=e["actor"], actor_name=name, detail=_clean(e["detail"], masked)
             )
-            for e in events
+            for e, name in zip(events, names, strict=True)
         ],
         attempts=[
             NotificationAttemptPublic(

@@ -120,7 +120,7 @@ def create_maintenance(
             INSERT INTO maintenance_windows (device_id, area_id, starts_at, ends_at, reason, created_by, created_at)
             VALUES (%s, %s, %s, %s, %s, %s, %s) RETURNING id
             """,
-            (body.device_id, body.area_id, starts_at, body.ends_at, body.reason, f"token:{token.id}", now),
+            (body.device_id, body.area_id, starts_at, body.ends_at, body.reason, token.owner.key, now),
         ).fetchone()
         assert row is not None
         write_audit(

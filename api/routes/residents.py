@@ -78,10 +78,13 @@ def read_resident(
         ).fetchall()
         conn.execute(
             """
-            INSERT INTO audit_log (at, token_id, role, action, subject, detail)
-            VALUES (%s, %s, %s, 'read_resident', %s, %s)
+            INSERT INTO audit_log (at, token_id, role, action, subject, detail, actor, actor_name)
+            VALUES (%s, %s, %s, 'read_resident', %s, %s, %s, %s)
             """,
-            (now, token.id, token.role.value, resident_id, Jsonb({"sensitive": sensitive})),
+            (
+                now, token.id, token.role.value, resident_id, Jsonb({"sensitive": sensitive}),
+                token.owner.key, token.owner.name,
+            ),
         )
     # Sensitive fields are set only for roles that may read them; the route drops
     # unset fields, so for other roles they are absent rather than null.

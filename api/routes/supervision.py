@@ -83,7 +83,7 @@ def supervise_incident_as(
         write_audit(conn, token, now, "supervise", f"incident:{incident_id}", {"raised": outcome.raised, "via": via})
     assert outcome.due_at is not None
     return SupervisionPublic(
-        id=incident_id, result=outcome.result, due_at=outcome.due_at, raised=outcome.raised, supervised_by=actor.name
+        id=incident_id, result=outcome.result, due_at=outcome.due_at, raised=outcome.raised, supervised_by=actor.label
     )
 
 
@@ -106,7 +106,7 @@ def supervise_task_as(
         write_audit(conn, token, now, "supervise", f"task:{task_id}", {"raised": outcome.raised, "via": via})
     assert outcome.due_at is not None
     return SupervisionPublic(
-        id=task_id, result=outcome.result, due_at=outcome.due_at, raised=outcome.raised, supervised_by=actor.name
+        id=task_id, result=outcome.result, due_at=outcome.due_at, raised=outcome.raised, supervised_by=actor.label
     )
 
 

@@ -38,6 +38,16 @@ class TokenCreate(BaseModel):
     areas: list[str] = Field(
         default_factory=list, description="Bind to these areas and their descendants; empty: the whole county."
     )
+    staff: str | None = Field(
+        default=None,
+        max_length=100,
+        description="The staff member (id or phone) it belongs to; it sees their areas in the registry (no areas).",
+    )
+    integration: str | None = Field(
+        default=None,
+        max_length=200,
+        description="The named integration it belongs to; without staff or integration, the label names it.",
+    )
     label: str = Field(default="", max_length=200, description="Who or what it is for: shown on timelines.")
     expires_in_days: int = Field(default=365, ge=1, le=MAX_TOKEN_DAYS)
 
@@ -53,6 +63,10 @@ class TokenPublic(BaseModel):
     role: Role
     areas: list[str]
     label: str
+    staff_id: str | None
+    """The staff member it belongs to, or null for an integration's token."""
+    integration: str | None
+    """The integration it belongs to, or null for a staff member's token."""
     created_at: datetime
     expires_at: datetime | None
     revoked_at: datetime | None
@@ -75,6 +89,10 @@ class AuditEntryPublic(BaseModel):
     at: datetime
     token_id: int | None
     role: str
+    actor: str | None
+    """Who acted: ``staff:<id>``, ``integration:<name>``, ``guardian:<id>``, ``registry``."""
+    actor_name: str | None
+    """The same, by name: ``董思远（网格员）``."""
     action: str
     """read_resident, acknowledge, resolve, task_start, task_close, token_create, …"""
     subject: str
@@ -95,7 +113,7 @@ def _require_admin(token: TokenIdentity, *, county_wide: bool = False) -> None:
 
 
 _SELECT_API_KEYS = """
-    SELECT id, role, areas, label, created_at, expires_at, revoked_at,
+    SELECT id, role, areas, label, staff_id, integration, created_at, expires_at, revoked_at,
            (revoked_at IS NULL AND (expires_at IS NULL OR expires_at > %(now)s)) AS active
     FROM api_tokens
 """
@@ -132,9 +150,12 @@ def create_api_token(
                     label=body.label,
                     now=now,
                     expires_at=now + timedelta(days=body.expires_in_days),
+                    staff=body.staff,
+                    integration=body.integration,
                 )
             except ValueError as exc:
-                raise HTTPException(422, f"body field 'areas': {exc}") from exc
+                field = "staff" if body.staff is not None and "area" not in str(exc) else "areas"
+                raise HTTPException(422, f"body field {field!r}: {exc}") from exc
         row = conn.execute(_SELECT_API_KEYS + " WHERE token_hash = %(hash)s", {"hash": hash_secret(secret), "now": now})
         created = row.fetchone()
         assert created is not None
@@ -144,7 +165,13 @@ def create_api_token(
             now,
             "token_create",
             f"token:{created['id']}",
-            {"role": body.role.value, "areas": body.areas, "label": body.label},
+            {
+                "role": created["role"],
+                "areas": body.areas,
+                "label": body.label,
+                "staff_id": created["staff_id"],
+                "integration": created["integration"],
+            },
         )
     return TokenCreatedPublic(**_token_public(created).model_dump(), secret=secret)
 
@@ -225,7 +252,7 @@ def read_audit_log(
         "offset": page.offset,
     }
     rows = conn.execute(
-        "SELECT id, at, token_id, role, action, subject, detail FROM audit_log"
+        "SELECT id, at, token_id, role, actor, actor_name, action, subject, detail FROM audit_log"
         + where
         + " ORDER BY at DESC, id DESC LIMIT %(limit)s OFFSET %(offset)s",
         params,

@@ -42,7 +42,7 @@ def log_in(browser: Browser, base: str, token: str, viewport: ViewportSize = PHO
     page = browser.new_page(viewport=viewport)
     page.goto(f"{base}/console/login")
     page.get_by_label("访问令牌").fill(token)
-    page.get_by_role("button", name="登录").click()
+    page.get_by_role("button", name="登录", exact=True).click()
     page.wait_for_url(lambda url: "/console/login" not in url)
     return page
 
