@@ -124,7 +124,8 @@ class CameraFleet:
                 camera.outage = self._reason(camera)
                 camera.back_at = start + self._repair_time(camera)
             self.cameras.append(camera)
-            self.schedule.add(start + interval * rng.random(), index)
+            # First reports spread over the fleet's interval (a device reports on connecting).
+            self.schedule.add(start + min(interval, timedelta(seconds=self.pace.interval_s)) * rng.random(), index)
 
     @property
     def intervals_s(self) -> list[float]:

@@ -124,7 +124,8 @@ class WristbandFleet:
                 spec, rng, interval, habit, battery, charge_at=rng.uniform(5, 15), heart_rate=rng.uniform(62, 84)
             )
             self.bands.append(band)
-            self.schedule.add(start + interval * rng.random(), index)
+            # First reports spread over the fleet's interval (a device reports on connecting).
+            self.schedule.add(start + min(interval, timedelta(seconds=self.pace.interval_s)) * rng.random(), index)
 
     @property
     def intervals_s(self) -> list[float]:
