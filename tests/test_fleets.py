@@ -4,6 +4,7 @@ contract parser."""
 
 from __future__ import annotations
 
+import itertools
 from collections import Counter, defaultdict
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -77,9 +78,11 @@ def test_every_message_is_valid_under_the_contract(registry: Registry) -> None:
         parsed = parse_message(message.topic, message.payload)
         assert isinstance(parsed, (DeviceMessage, StatusMessage)), (message, parsed)
         if message.channel == "status":
-            assert message.retain and message.qos == 1
+            assert message.retain
+            assert message.qos == 1
         else:
-            assert not message.retain and message.qos in (0, 1)
+            assert not message.retain
+            assert message.qos in (0, 1)
             assert message.body()["ts"].endswith("+08:00")
 
 
@@ -104,12 +107,13 @@ def test_cameras_report_every_interval_go_out_for_each_reason_flap_and_are_repai
     # Everyone is heard within the first interval, status first.
     for history in by_camera.values():
         assert history[0][0] <= T0 + timedelta(seconds=10)
-        assert history[0][1].channel == "status" and history[0][1].payload == b"online"
+        assert history[0][1].channel == "status"
+        assert history[0][1].payload == b"online"
     reasons = Counter(m.body().get("reason") for _at, m in sent if m.channel == "health" and not m.body()["online"])
     assert set(reasons) == {o.value for o in Outage}
     own = {c.id: timedelta(seconds=c.interval_s or 10) for c in registry.cameras}
     for camera, history in by_camera.items():
-        for (at, message), (later, following) in zip(history, history[1:], strict=False):
+        for (at, message), (later, following) in itertools.pairwise(history):
             if message.channel != "health":
                 continue
             body = message.body()
@@ -118,14 +122,15 @@ def test_cameras_report_every_interval_go_out_for_each_reason_flap_and_are_repai
                 assert later - at == own[camera] or following.channel == "status"
             else:
                 # No power, no network: silence until the repair, which reconnects first.
-                assert following.channel == "status" and following.payload == b"online"
+                assert following.channel == "status"
+                assert following.payload == b"online"
     repaired = sum(1 for _at, m in sent if m.channel == "status") - len(registry.cameras)
     assert repaired > 0
     # A flaky camera goes out and comes back several times.
     went_out: Counter[str] = Counter()
     for camera, history in by_camera.items():
         health = [m.body()["online"] for _at, m in history if m.channel == "health"]
-        went_out[camera] = sum(1 for was, now in zip(health, health[1:], strict=False) if was and not now)
+        went_out[camera] = sum(1 for was, now in itertools.pairwise(health) if was and not now)
     flaky = {c.spec.id for c in fleet.cameras if c.flaky}
     assert flaky
     assert min(went_out[c] for c in flaky) >= 3
@@ -155,7 +160,8 @@ def test_wristbands_wear_charge_lie_in_a_drawer_and_die(registry: Registry) -> N
             statuses[message.device_id].append(message.payload)
     drawer = [d for d, h in habits.items() if h is Habit.DRAWER]
     failing = [d for d, h in habits.items() if h is Habit.FAILING]
-    assert drawer and failing
+    assert drawer
+    assert failing
     for device in drawer:
         assert all(b["worn"] is False and "heart_rate" not in b for b in telemetry[device])
     for device in failing:
@@ -165,7 +171,8 @@ def test_wristbands_wear_charge_lie_in_a_drawer_and_die(registry: Registry) -> N
     wearing = [d for d, h in habits.items() if h is Habit.WEARS]
     for device in wearing:
         worn = [b for b in telemetry[device] if b["worn"]]
-        assert worn and all(40 <= int(str(b["heart_rate"])) <= 160 and "spo2" in b for b in worn)
+        assert worn
+        assert all(40 <= int(str(b["heart_rate"])) <= 160 and "spo2" in b for b in worn)
         assert len(telemetry[device]) >= 119
     low = [d for d in wearing if int(str(telemetry[d][0]["battery"])) <= 20]
     assert low, "the demo shows low batteries from the start"
@@ -186,7 +193,7 @@ def test_a_band_low_enough_goes_on_the_charger_and_back_on_the_wrist(registry: R
             if message.channel == "telemetry":
                 worn_by_band[message.device_id].append(bool(message.body()["worn"]))
     wears = [d for d, h in fleet.habits().items() if h is Habit.WEARS]
-    changes = [sum(a != b for a, b in zip(w, w[1:], strict=False)) for d, w in worn_by_band.items() if d in wears]
+    changes = [sum(a != b for a, b in itertools.pairwise(w)) for d, w in worn_by_band.items() if d in wears]
     assert max(changes) >= 2, "off to charge and back on"
 
 
@@ -229,7 +236,8 @@ def test_the_rate_bound_holds_in_every_second_and_is_reported(registry: Registry
     per_second = Counter(int((at - T0).total_seconds()) for at in sent)
     assert max(per_second.values()) <= 10 * 1.1 + 1
     assert len(sent) >= 10 * 110  # and it does keep up to the bound
-    assert reports and all(r.per_second <= 10 * 1.1 + 1 for r in reports)
+    assert reports
+    assert all(r.per_second <= 10 * 1.1 + 1 for r in reports)
     assert "at most 10/s" in reports[0].line()
     assert "worn" in reports[0].line()
 
