@@ -28,9 +28,9 @@ def registry() -> Registry:
     return read_registry(DEMO_COUNTY)
 
 
-def cameras(registry: Registry, seed: int = 1, **pace: float) -> CameraFleet:
+def cameras(registry: Registry, seed: int = 1, pace: CameraPace | None = None) -> CameraFleet:
     return CameraFleet(
-        registry.cameras, seed=seed, start=T0, zone=ZONE, boot_id="boot", pace=CameraPace(interval_s=10, **pace)
+        registry.cameras, seed=seed, start=T0, zone=ZONE, boot_id="boot", pace=pace or CameraPace(interval_s=10)
     )
 
 
@@ -98,7 +98,7 @@ def test_msg_ids_are_unique_per_device_and_carry_the_boot(registry: Registry) ->
 
 
 def test_cameras_report_every_interval_go_out_for_each_reason_flap_and_are_repaired(registry: Registry) -> None:
-    fleet = cameras(registry, mtbf_s=600, repair_s=(30, 120))
+    fleet = cameras(registry, pace=CameraPace(interval_s=10, mtbf_s=600, repair_s=(30, 120)))
     sent = drive(fleet, 1800)
     by_camera: dict[str, list[tuple[datetime, Publish]]] = defaultdict(list)
     for at, message in sent:
