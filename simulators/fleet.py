@@ -245,30 +245,37 @@ def run_fleet(
     report_every: timedelta = timedelta(seconds=30),
 ) -> int:
     """Publish what ``fleet`` has due, when it is due, never faster than ``bound``,
-    until ``wait`` says stop; ``report`` gets the rate published every ``report_every``.
+    until ``wait`` says stop; ``report`` gets the rate published every ``report_every``
+    and once more on stopping.
 
     Returns the number of messages published.
     """
     start = clock()
     window_start, window_count, published = start, 0, 0
+
+    def report_window(now: datetime) -> None:
+        seconds = (now - window_start).total_seconds()
+        report(RateReport(fleet.name, window_count, seconds, bound.rate, fleet.summary()))
+
     while True:
         now = clock()
         for message in fleet.due(now):
             delay = bound.reserve((clock() - start).total_seconds())
             if delay > 0 and wait(delay):
+                report_window(clock())
                 return published
             publish(message)
             published += 1
             window_count += 1
         now = clock()
         if now - window_start >= report_every:
-            seconds = (now - window_start).total_seconds()
-            report(RateReport(fleet.name, window_count, seconds, bound.rate, fleet.summary()))
+            report_window(now)
             window_start, window_count = now, 0
         upcoming = fleet.next_at()
         pause = (upcoming - now).total_seconds() if upcoming is not None else report_every.total_seconds()
         pause = min(max(pause, 0.0), (window_start + report_every - now).total_seconds())
         if wait(max(pause, 0.001)):
+            report_window(clock())  # the last stretch, on stopping
             return published
 
 

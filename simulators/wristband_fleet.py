@@ -10,7 +10,9 @@ the fleet's). Its elder has one of three habits:
   and goes back on once charged;
 - ``drawer``: left in a drawer, never worn (the hub's not-worn visit);
 - ``failing``: a battery that no longer holds a charge: it drops a point a report, and
-  at 0 % the band dies — its Last Will ``offline`` (the hub's offline visit).
+  at 0 % the band dies: its last report, and one interval later its Last Will
+  ``offline``, as the broker publishes it once it notices the silence (the hub's
+  offline visit).
 
 Alarms (SOS, falls) are not telemetry: ``shouhu simulate wristbands --press`` sends
 them, re-sent until the hub's receipt.
@@ -75,12 +77,13 @@ class _Band:
     dlat: float = 0.0
     dlon: float = 0.0
     connected: bool = False
-    dead: bool = False
+    flat: bool = False  # the battery is empty: its last report went out
+    dead: bool = False  # and its Last Will too
     counter: int = 0
 
     @property
     def worn(self) -> bool:
-        return self.habit is not Habit.DRAWER and not self.charging and not self.dead
+        return self.habit is not Habit.DRAWER and not self.charging and not self.flat
 
 
 class WristbandFleet:
@@ -148,7 +151,7 @@ class WristbandFleet:
         return {b.spec.id: b.habit for b in self.bands}
 
     def summary(self) -> str:
-        live = [b for b in self.bands if not b.dead]
+        live = [b for b in self.bands if not b.flat]
         worn = sum(b.worn for b in live)
         charging = sum(b.charging for b in live)
         low = sum(round(b.battery) <= LOW_BATTERY_PCT for b in live)
@@ -168,11 +171,14 @@ class WristbandFleet:
         local = at.astimezone(self.zone)
         if band.day != local.date():
             band.day, band.steps = local.date(), 0
+        if band.flat:
+            # The broker has noticed the silent connection: it publishes the Last Will.
+            band.dead = True
+            return [*sent, status(KIND, band.spec.id, online=False)]
         self._battery(band)
         if band.battery <= 0:
-            band.battery, band.dead = 0.0, True
-            # Its last report, then the broker publishes its Last Will.
-            return [*sent, self._telemetry(band, at, daytime=False), status(KIND, band.spec.id, online=False)]
+            band.battery, band.flat = 0.0, True
+            return [*sent, self._telemetry(band, at, daytime=False)]  # its last report
         daytime = self.pace.day_hours[0] <= local.hour < self.pace.day_hours[1]
         return [*sent, self._telemetry(band, at, daytime=daytime)]
 
