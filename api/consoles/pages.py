@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, date, datetime, time, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 from zoneinfo import ZoneInfo
@@ -50,6 +51,7 @@ from api.deps import (
 )
 from api.routes.sessions import SessionCreate, create_session, delete_session
 from devices.kinds import REPAIR_OUTCOMES, VISIT_OUTCOMES, Outcome, TaskKind, TaskOutcome
+from devices.reasons import offline_reason_text
 from shouhu.tokens import Role, TokenIdentity
 
 HERE = Path(__file__).resolve().parent
@@ -469,6 +471,7 @@ def _tech_context(request: Request, conn: ConnDep, token: TokenIdentity, now: da
         "period_from": start.isoformat(),
         "period_to": end.isoformat(),
         "token": token,
+        "reason": partial(offline_reason_text, english=get_lang(request) is Lang.EN),
     }
 
 
@@ -500,6 +503,7 @@ def _overview_context(request: Request, conn: ConnDep, token: TokenIdentity, now
         "period_from": start.isoformat(),
         "period_to": end.isoformat(),
         "token": token,
+        "reason": partial(offline_reason_text, english=get_lang(request) is Lang.EN),
     }
 
 
