@@ -62,10 +62,11 @@ def demo(database_url: str, broker: Mosquitto) -> Iterator[str]:
     assert any(re.match(r"cameras: published \d+ messages", line) for line in lines), "".join(lines)
 
 
-def session_page(base: str, token: str) -> Iterator[Page]:
+def session_page(base: str, token: str, width: int = 412, height: int = 915) -> Iterator[Page]:
+    """A signed-in page, a phone's by default."""
     with sync_playwright() as playwright:
         browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 412, "height": 915})  # a phone
+        page = browser.new_page(viewport={"width": width, "height": height})
         page.request.post(f"{base}/api/v1/session", data={"token": token}).dispose()
         yield page
         browser.close()
@@ -76,7 +77,7 @@ def test_the_simulated_county_fills_the_technician_board_and_the_grid_console(de
     with psycopg.connect(database_url, autocommit=True) as conn:
         tech = create_token(conn, role=Role.TECHNICIAN, areas=[], label="田霞", now=now, expires_at=None)
         operator = create_token(conn, role=Role.OPERATOR, areas=[], label="综治值班", now=now, expires_at=None)
-    for page in session_page(demo, tech):
+    for page in session_page(demo, tech, 1024, 768):  # the control room's screen
         page.goto(f"{demo}/console/tech")
         expect(page.locator("h1")).to_be_visible()
         # The board keeps itself current from the live feed: no reload.

@@ -157,6 +157,8 @@ def _render(
 def _duration(seconds: float | None) -> str:
     if seconds is None or math.isnan(seconds):
         return "—"
+    if seconds < 60:  # a camera out for 40 s is not "0 min"
+        return f"{max(int(seconds), 0)} s"
     minutes = int(seconds // 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
