@@ -56,7 +56,7 @@ class CameraPace:
     """How the fleet behaves; the defaults suit a demo watched for minutes."""
 
     interval_s: float = 60.0  # between health reports, where the registry sets none
-    mtbf_s: float = 3600.0  # mean time between outages of one camera
+    mtbf_s: float = 7200.0  # mean time between outages of one camera
     repair_s: tuple[float, float] = (120.0, 900.0)  # an outage lasts this long (uniform)
     down_at_start: float = 0.1  # share of cameras already out when the fleet starts
     flaky_share: float = 0.06  # share of cameras that flap
