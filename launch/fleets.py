@@ -104,7 +104,10 @@ def run(
     """Run one fleet against the broker until ``stop`` is set; the messages published."""
     fleet, line = build_fleet(kind, options, settings, datetime.now(UTC))
     echo(line)
-    publisher = MqttPublisher(broker_url, f"shouhu-sim-{kind.value}-{uuid.uuid4().hex[:8]}")
+    try:
+        publisher = MqttPublisher(broker_url, f"shouhu-sim-{kind.value}-{uuid.uuid4().hex[:8]}")
+    except OSError as exc:
+        fail(f"cannot reach the MQTT broker at {broker_url} ({exc}): start it, or set SHOUHU_MQTT_URL", 2)
     try:
         return run_fleet(
             fleet,

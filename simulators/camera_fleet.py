@@ -1,8 +1,8 @@
 """The county's cameras, simulated: a health report every interval, outages with the
 reasons cameras give, flapping cameras, and repairs.
 
-Each camera publishes its retained ``status`` ``online`` when it first connects, then
-a ``health`` report every interval (the registry's ``heartbeat_interval_s`` for it,
+Each camera publishes its retained ``status`` ``online`` when it first connects, a
+second later its first ``health`` report, then one every interval (the registry's ``heartbeat_interval_s`` for it,
 else the fleet's). An outage is one of:
 
 - ``video_lost`` and ``storage``: the camera is up and says so every interval
@@ -47,6 +47,9 @@ class Outage(StrEnum):
 SILENT = frozenset({Outage.POWER, Outage.NETWORK})
 # How often each reason is the cause, relative to the others.
 WEIGHTS = {Outage.VIDEO_LOST: 4, Outage.NETWORK: 3, Outage.POWER: 2, Outage.STORAGE: 1}
+# A camera's first health report follows its connection (and its status) by this:
+# its video pipeline comes up after the network.
+GREETING = timedelta(seconds=1)
 # A flaky camera's outages: a picture or link that drops for a moment.
 FLAKY_REASONS = (Outage.VIDEO_LOST, Outage.NETWORK)
 
@@ -78,6 +81,7 @@ class _Camera:
     outage: Outage | None = None
     back_at: datetime | None = None
     connected: bool = False
+    greeted: bool = False  # its first health report since connecting went out
     counter: int = 0
 
 
@@ -176,27 +180,26 @@ class CameraFleet:
         return camera.rng.random() < 1 - math.exp(-camera.interval.total_seconds() / mean_s)
 
     def _tick(self, camera: _Camera, at: datetime) -> tuple[list[Publish], datetime]:
-        sent: list[Publish] = []
         if not camera.connected:
-            camera.connected = True
-            sent.append(status(KIND, camera.spec.id, online=True))
-            if camera.outage is not None:
-                sent.append(self._health(camera, at))
-                return sent, self._next(camera, at)
+            # (Re)connected: its status now, its first health report a moment later.
+            camera.connected, camera.greeted = True, False
+            return [status(KIND, camera.spec.id, online=True)], at + min(GREETING, camera.interval / 2)
+        if not camera.greeted:
+            camera.greeted = True
+            return [self._health(camera, at)], self._next(camera, at)
         if camera.outage is not None and camera.back_at is not None and at >= camera.back_at:
             was = camera.outage
             camera.outage = camera.back_at = None
             if was in SILENT:
-                sent.append(status(KIND, camera.spec.id, online=True))  # reconnected
+                camera.connected = False  # repaired: it connects again
+                return self._tick(camera, at)
         elif camera.outage is not None:
-            if camera.outage not in SILENT:
-                sent.append(self._health(camera, at))
+            sent = [] if camera.outage in SILENT else [self._health(camera, at)]
             return sent, self._next(camera, at)
         elif self._breaks(camera):
             camera.outage = self._reason(camera)
             camera.back_at = at + self._repair_time(camera)
-        sent.append(self._health(camera, at))
-        return sent, self._next(camera, at)
+        return [self._health(camera, at)], self._next(camera, at)
 
     def _next(self, camera: _Camera, at: datetime) -> datetime:
         if camera.outage in SILENT and camera.back_at is not None:

@@ -48,6 +48,13 @@ def test_a_fleet_verb_without_what_to_run_says_what_to_give(tmp_path: Path) -> N
     assert result.returncode == 2
     assert "--press" in result.stderr
     assert "--fleet" in result.stderr
+    both = run_shouhu("simulate", "wristbands", "--fleet", "--press", "wb-0001", cwd=tmp_path)
+    assert both.returncode == 2
+    assert "--fleet" in both.stderr
+    no_broker = run_shouhu("simulate", "cameras", cwd=tmp_path, SHOUHU_MQTT_URL=f"mqtt://127.0.0.1:{free_port()}")
+    assert no_broker.returncode == 2
+    assert "cannot reach the MQTT broker" in no_broker.stderr
+    assert "Traceback" not in no_broker.stderr
     missing = run_shouhu("simulate", "cameras", "--registry", str(tmp_path / "nowhere.yaml"), cwd=tmp_path)
     assert missing.returncode == 2
     assert "--registry" in missing.stderr

@@ -15,6 +15,7 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import psycopg
+import pytest
 
 from alerts.care_sweep import sweep
 from devices.uptime import Span
@@ -46,15 +47,35 @@ class SteppedClock:
         return self.now >= self.end
 
 
-def publish_fleet(fleet: CameraFleet | WristbandFleet, broker: Mosquitto, seconds: float) -> list[Publish]:
-    """Run ``fleet`` for ``seconds`` of its clock through a real MQTT connection; what it sent."""
+def publish_fleet(fleet: CameraFleet | WristbandFleet, broker: Mosquitto, url: str, seconds: float) -> list[Publish]:
+    """Run ``fleet`` for ``seconds`` of its clock through a real MQTT connection; what it sent.
+
+    The fleet's clock runs ahead of the wall clock, so a device's status and its data
+    leave within microseconds of each other, and the hub takes them on two lanes
+    (status on the alarm connection, data on the bulk one) that keep no order between
+    them. In the field they are seconds apart; here a camera's status waits until the
+    hub has taken it, and a Last Will until the hub has stored everything sent before.
+    """
     clock = SteppedClock(seconds)
     publisher = MqttPublisher(broker.url, f"test-fleet-{fleet.name}")
     sent: list[Publish] = []
+    table = "camera_health" if isinstance(fleet, CameraFleet) else "telemetry"
 
     def publish(message: Publish) -> None:
+        if message.payload == b"offline":  # a Last Will comes after the device's last word
+            data = sum(1 for m in sent if m.channel != "status")
+            assert publisher.flush()
+            wait_until(lambda: count(url, table) == data, 20, "the data before a Last Will stored")
         sent.append(message)
         publisher.publish(message)
+        if message.channel == "status" and isinstance(fleet, CameraFleet):  # its health report comes after it
+            wait_until(
+                lambda: (
+                    query(url, "SELECT online FROM device_state WHERE device_id = %s", message.device_id) == [(True,)]
+                ),
+                20,
+                f"{message.device_id}'s status taken",
+            )
 
     try:
         run_fleet(fleet, publish, clock=clock, wait=clock.wait, bound=RateBound(10_000), report=lambda _r: None)
@@ -71,7 +92,7 @@ def test_the_hub_stores_the_cameras_and_the_board_has_uptime_reasons_and_orders(
     fleet = CameraFleet(
         cameras, seed=5, start=datetime.now(UTC), zone=ZONE, boot_id="it", pace=CameraPace(interval_s=10)
     )
-    sent = publish_fleet(fleet, broker, 35)
+    sent = publish_fleet(fleet, broker, county_url, 35)
     health = [m for m in sent if m.channel == "health"]
     wait_until(lambda: count(county_url, "camera_health") == len(health), 20, "every health report stored")
     assert count(county_url, "dead_letters") == 0
@@ -117,7 +138,7 @@ def test_the_hub_stores_the_wristbands_and_not_worn_and_dead_bands_get_visits(
     fleet = WristbandFleet(
         bands, seed=1, start=datetime.now(UTC), zone=ZONE, boot_id="it", pace=WristbandPace(interval_s=10)
     )
-    sent = publish_fleet(fleet, broker, 75)  # long enough for every failing battery to die
+    sent = publish_fleet(fleet, broker, county_url, 75)  # long enough for every failing battery to die
     telemetry = [m for m in sent if m.channel == "telemetry"]
     wait_until(lambda: count(county_url, "telemetry") == len(telemetry), 30, "every telemetry message stored")
     assert count(county_url, "dead_letters") == 0
@@ -149,36 +170,43 @@ def test_the_hub_stores_the_wristbands_and_not_worn_and_dead_bands_get_visits(
     assert low[0][0] >= len(failing)
 
 
-def test_simulate_cameras_prints_its_rate_and_stops_on_sigint(hub: Hub, county_url: str, broker: Mosquitto) -> None:
+@pytest.mark.parametrize(
+    ("verb", "kind", "devices"),
+    [(["cameras"], "camera", 67), (["wristbands", "--fleet"], "wristband", 240)],
+)
+def test_the_fleet_verbs_print_their_rate_and_stop_on_sigint(
+    hub: Hub, county_url: str, broker: Mosquitto, verb: list[str], kind: str, devices: int
+) -> None:
     process = subprocess.Popen(
-        [SHOUHU_BIN, "simulate", "cameras", "--rate", "40", "--seed", "3", "--interval", "5"],
+        [SHOUHU_BIN, "simulate", *verb, "--rate", "100", "--seed", "3", "--interval", "5"],
         env=shouhu_env(SHOUHU_MQTT_URL=broker.url, SHOUHU_DATABASE_URL=county_url),
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
     )
     assert process.stdout is not None
+    name = f"{kind}s"
     try:
         banner = process.stdout.readline()
-        assert "cameras: 67 from demo_county.yaml" in banner
-        assert "at most 40/s (--rate)" in banner
-        # The cameras are heard: every one of them, within the first interval.
+        assert f"{name}: {devices} from demo_county.yaml" in banner
+        assert "at most 100/s (--rate)" in banner
+        # Every device is heard, within the first interval.
         wait_until(
             lambda: (
                 query(
                     county_url,
                     "SELECT count(*) FROM device_state s JOIN devices d ON d.id = s.device_id"
-                    " WHERE d.kind = 'camera' AND s.online IS NOT NULL",
+                    " WHERE d.kind = %s AND s.online IS NOT NULL",
+                    kind,
                 )[0][0]
-                == 67
+                == devices
             ),
             30,
-            "every camera heard",
+            f"every {kind} heard",
         )
     finally:
         process.send_signal(2)
         output, _ = process.communicate(timeout=30)
     assert process.returncode == 0, output
-    [last] = [line for line in output.splitlines() if line.startswith("cameras: published")]
-    assert "/s, at most 40/s)" in last
-    assert "online" in last
+    [last] = [line for line in output.splitlines() if line.startswith(f"{name}: published")]
+    assert "/s, at most 100/s)" in last
