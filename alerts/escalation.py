@@ -570,6 +570,32 @@ def advance(conn: Conn, incident_id: int, round_: int, step: int, now: datetime,
     return True
 
 
+def bring_forward(conn: Conn, incident_id: int, now: datetime) -> tuple[ActionKind, int, int] | None:
+    """督办: make the incident's next pending action due now; its (kind, step, round), or None.
+
+    The incident is locked already (alerts/locks.py). A pending step becomes due at
+    once, so the router pages its target now — the incident rises one level, and every
+    later step comes forward with it (each wait counts from when its step ran). A
+    pending resolve check (acknowledged, not resolved in time) puts the incident back
+    on the chain now. An action a router holds right now is skipped, not waited for
+    (it is running anyway); one already due is left as it is. Either gives None.
+    """
+    row = conn.execute(
+        """
+        UPDATE escalation_actions SET due_at = %(now)s
+        WHERE id = (SELECT id FROM escalation_actions
+                    WHERE incident_id = %(incident)s AND state = %(pending)s AND due_at > %(now)s
+                    ORDER BY due_at, id LIMIT 1 FOR UPDATE SKIP LOCKED)
+        RETURNING kind, step, round
+        """,
+        {"now": now, "incident": incident_id, "pending": ActionState.PENDING},
+    ).fetchone()
+    if row is None:
+        return None
+    wake_routers(conn, "supervised")
+    return ActionKind(row[0]), int(row[1]), int(row[2])
+
+
 def sweep(conn: Conn, now: datetime, worker: str) -> list[int]:
     """Every open red incident has a pending action: find any that has none, repair it, report it.
 
@@ -625,6 +651,7 @@ __all__ = [
     "Pager",
     "Verdict",
     "advance",
+    "bring_forward",
     "claim_due",
     "decide",
     "first_step_id",

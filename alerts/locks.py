@@ -8,6 +8,10 @@ order, for several). Rows of ``escalation_actions`` come next, then
 into a child table takes on the incident never has to be upgraded under another
 transaction's, which is how "deadlock detected … relation incidents" happened.
 
+A supervision (督办, alerts/supervise.py) follows the same order: the incident, then its
+next pending action, that one taken ``SKIP LOCKED`` because a router claims actions
+before it locks their incident.
+
 A claim of due rows (``FOR UPDATE SKIP LOCKED``) may come before the incident's lock:
 a skipped row never waits, so it cannot close a cycle. docs/escalation.md, "Locks".
 

@@ -57,6 +57,10 @@ CAMERA_CARETAKERS: frozenset[Role] = frozenset(
 )
 # The governance overview (/console/overview): incidents, response times and gaps county-wide.
 OVERVIEW_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR})
+# The response figures (/api/v1/reports/response) are the overview's: the same set.
+RESPONSE_READERS = OVERVIEW_READERS
+# Who may supervise (督办) an overdue incident or task: the governance centre.
+SUPERVISORS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR})
 
 
 @dataclass(frozen=True, slots=True)

@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -26,9 +26,10 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import shouhu
+from alerts.response import ResponseCollector
 from api import live
 from api.consoles import pages
-from api.deps import ERROR_RESPONSES, PoolDep, get_now, pooled, reject_unknown_query
+from api.deps import ERROR_RESPONSES, PoolDep, get_now, pooled, reject_unknown_query, tuple_rows
 from api.limits import RequestLimits
 from api.routes import (
     acknowledgements,
@@ -38,13 +39,15 @@ from api.routes import (
     events,
     incidents,
     maintenance,
+    reports,
     residents,
     sessions,
+    supervision,
     tasks,
     tokens,
     uptime,
 )
-from shouhu.db import open_pool
+from shouhu.db import Conn, open_pool
 from shouhu.migrations import MIGRATIONS
 from shouhu.sessions import prune_sessions
 from shouhu.settings import Settings
@@ -206,6 +209,13 @@ async def _upkeep(app: FastAPI, pool: ConnectionPool) -> None:
         await asyncio.sleep(live.PRUNE_INTERVAL_S)
 
 
+@contextlib.contextmanager
+def _plain(pool: ConnectionPool) -> Iterator[Conn]:
+    """A pooled connection reading plain tuples, for the domain code's reads."""
+    with pooled(pool) as conn, tuple_rows(conn) as plain:
+        yield plain
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The API application, with its connection pool opened and closed by the lifespan.
 
@@ -227,6 +237,8 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Runtime state, read through api.deps.get_pool and get_live_feed.
         pool = app.state.pool = open_pool(database_url, name="api")
+        figures = ResponseCollector(lambda: _plain(pool))
+        REGISTRY.register(figures)  # the response figures in /metrics, read at each scrape
         listener = app.state.live_feed = live.LiveFeedListener(database_url)
         background = [
             asyncio.create_task(listener.run(), name="live-feed-listener"),
@@ -240,6 +252,7 @@ def create_app(settings: Settings) -> FastAPI:
             for task in background:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
+            REGISTRY.unregister(figures)
             await run_in_threadpool(pool.close)
 
     app = FastAPI(
@@ -288,7 +301,8 @@ def create_app(settings: Settings) -> FastAPI:
     # The routers carry the full /api/v1/... paths themselves, so the matched route's
     # path is the whole template the metrics label with.
     modules = (
-        areas, devices, residents, incidents, acknowledgements, tasks, maintenance, tokens, uptime, events, sessions
+        areas, devices, residents, incidents, acknowledgements, tasks, maintenance, tokens, uptime, events, sessions,
+        reports, supervision,
     )
     for module in modules:
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])

@@ -292,12 +292,20 @@ class CommitWatcher(threading.Thread):
         self.stop = threading.Event()
 
     def run(self) -> None:
+        # Only rows newer than the last seen id, through the primary key: the observer
+        # must not cost PostgreSQL what it measures (a scan of every incident each 20 ms
+        # was ~1.2 s of the database's CPU in a burst).
+        wanted, last_id = set(self.devices), 0
         with psycopg.connect(self.url, autocommit=True) as conn:
             while not self.stop.is_set() and len(self.seen) < len(self.devices):
-                rows = conn.execute("SELECT device_id FROM incidents WHERE device_id = ANY(%s)", (self.devices,))
+                rows = conn.execute(
+                    "SELECT id, device_id FROM incidents WHERE id > %s ORDER BY id", (last_id,)
+                ).fetchall()
                 now = time.monotonic()
-                for (device,) in rows.fetchall():
-                    self.seen.setdefault(str(device), now)
+                for incident_id, device in rows:
+                    last_id = max(last_id, int(incident_id))
+                    if device in wanted:
+                        self.seen.setdefault(str(device), now)
                 self.stop.wait(0.02)
 
 

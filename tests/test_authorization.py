@@ -40,6 +40,7 @@ ROLES = tuple(Role)
 READERS = {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER, Role.PLATFORM}  # may read residents
 VISIT_ROLES = {Role.ADMIN, Role.OPERATOR, Role.GRID_WORKER}
 REPAIR_ROLES = {Role.ADMIN, Role.OPERATOR, Role.TECHNICIAN}
+SUPERVISORS = {Role.ADMIN, Role.OPERATOR}  # 督办, and the response figures
 CALLBACKS = (
     "/callbacks/twilio/keypress",
     "/callbacks/twilio/status",
@@ -199,6 +200,14 @@ MATRIX: tuple[Case, ...] = (
     Case("get", "/api/v1/residents/{resident_id}", "/api/v1/residents/{resident}", frozenset(READERS)),
     Case("get", "/api/v1/incidents", "/api/v1/incidents?area={grid}", _everyone()),
     Case("get", "/api/v1/incidents/{incident_id}", "/api/v1/incidents/{incident}", frozenset(READERS)),
+    # Before the acknowledgement: the SOS, pressed 3 h ago and never taken, is overdue.
+    Case(
+        "post",
+        "/api/v1/incidents/{incident_id}/supervise",
+        "/api/v1/incidents/{incident}/supervise",
+        frozenset(SUPERVISORS),
+        denied=403,
+    ),
     Case("post", "/api/v1/incidents/{incident_id}/ack", "/api/v1/incidents/{incident}/ack", frozenset(READERS)),
     Case(
         "post",
@@ -218,6 +227,15 @@ MATRIX: tuple[Case, ...] = (
     ),
     Case("get", "/api/v1/tasks/{task_id}", "/api/v1/tasks/{visit}", frozenset(VISIT_ROLES)),
     Case("get", "/api/v1/tasks/{task_id}", "/api/v1/tasks/{repair}", frozenset(REPAIR_ROLES)),
+    # The visit opened at NOW is not yet due: the gate lets a supervisor through to the 409.
+    Case(
+        "post",
+        "/api/v1/tasks/{task_id}/supervise",
+        "/api/v1/tasks/{visit}/supervise",
+        frozenset(SUPERVISORS),
+        ok=409,
+        denied=403,
+    ),
     Case("post", "/api/v1/tasks/{task_id}/start", "/api/v1/tasks/{visit}/start", frozenset(VISIT_ROLES)),
     Case(
         "post",
@@ -269,6 +287,13 @@ MATRIX: tuple[Case, ...] = (
         "/api/v1/cameras/uptime",
         "/api/v1/cameras/uptime?area={grid}",
         frozenset(REPAIR_ROLES),
+        denied=403,
+    ),
+    Case(
+        "get",
+        "/api/v1/reports/response",
+        "/api/v1/reports/response?area={grid}",
+        frozenset(SUPERVISORS),
         denied=403,
     ),
     # The audit log spans the county: an admin bound to an area is refused too.

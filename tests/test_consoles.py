@@ -10,39 +10,27 @@ screenshot there (docs/screenshots/ holds the ones the README shows).
 
 from __future__ import annotations
 
-import os
 import re
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
-from pathlib import Path
 from typing import Any
 
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import Browser, Page, expect, sync_playwright
+from playwright.sync_api import Browser, expect
 
 from alerts.care_sweep import sweep
 from api.main import create_app
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
-from tests.support.browser import CHROMIUM, CHROMIUM_ARGS
+from tests.support.browser import assert_accessible_basics, log_in, snap
 from tests.support.care import RULES, heard, last_will
 from tests.support.escalation import press, q
 from tests.support.services import serve_app
 
 GRID_A, GRID_B = "dongguan-01-g1", "xiguan-02-g2"
 LIVE_WAIT_MS = 5_000
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Browser]:
-    if not Path(CHROMIUM).exists():
-        pytest.fail("Debian's chromium is not installed: run the README's test command")
-    with sync_playwright() as playwright:
-        launched = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield launched
-        launched.close()
 
 
 @pytest.fixture
@@ -75,35 +63,6 @@ def site(county_url: str) -> Iterator[dict[str, Any]]:
         yield {"base": base, "url": county_url, "tokens": tokens, "wristbands": wristbands, "other_band": other[0]}
 
 
-def log_in(browser: Browser, base: str, token: str) -> Page:
-    page = browser.new_page(viewport={"width": 412, "height": 915})  # a phone
-    page.goto(f"{base}/console/login")
-    page.get_by_label("访问令牌").fill(token)
-    page.get_by_role("button", name="登录").click()
-    page.wait_for_url(lambda url: "/console/login" not in url)
-    return page
-
-
-def snap(page: Page, name: str) -> None:
-    folder = os.environ.get("SHOUHU_SCREENSHOTS")
-    if folder:
-        Path(folder).mkdir(parents=True, exist_ok=True)
-        page.screenshot(path=str(Path(folder) / f"{name}.png"), full_page=True)
-
-
-def assert_accessible_basics(page: Page) -> None:
-    """What every page owes a screen reader: a language, one main landmark, one h1, labelled fields."""
-    assert page.locator("html").get_attribute("lang") in ("zh-CN", "en")
-    assert page.locator("main").count() == 1
-    assert page.locator("h1").count() == 1
-    for field in page.locator("input:not([type=hidden]), select").all():
-        field_id = field.get_attribute("id")
-        assert field_id, "a form field without an id cannot be labelled"
-        assert page.locator(f"label[for='{field_id}']").count() == 1, f"field {field_id} has no label"
-    for image in page.locator("svg[role=img]").all():
-        assert image.get_attribute("aria-labelledby")
-
-
 def test_a_grid_worker_sees_an_sos_arrive_live_takes_it_and_watches_the_timeline_grow(
     browser: Browser, site: dict[str, Any]
 ) -> None:
@@ -129,8 +88,7 @@ def test_a_grid_worker_sees_an_sos_arrive_live_takes_it_and_watches_the_timeline
     expect(page.locator("#incident-state")).to_have_text("已接单")
     expect(page.locator("dd", has_text="董思远")).to_be_visible()
     assert page.locator("#timeline li").count() > events_before
-    expect(page.locator("#timeline")).to_contain_text("已接单")
-    snap(page, "incident")
+    expect(page.locator("#timeline")).to_contain_text("董思远（网格员）接单")
     page.get_by_label("处置结果").select_option("visited_fine")
     page.get_by_label("备注").fill("老人无恙")
     page.get_by_role("button", name="办结").click()

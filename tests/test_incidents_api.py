@@ -34,7 +34,7 @@ TECHNICIAN_PHONE = "+12025550177"
 LIST_FIELDS = {
     "id", "code", "kind", "severity", "state", "opened_at", "urgency", "payload_unreadable",
     "area_id", "resident_id", "device_id", "acknowledged_at", "acknowledged_by", "resolved_at",
-    "outcome",
+    "outcome", "due_at", "overdue",
 }
 
 Headers = dict[str, str]
@@ -257,14 +257,17 @@ def test_list_is_newest_first_with_every_field(
     sos = by_id[world.sos_a]
     code_row = db.execute("SELECT code FROM incidents WHERE id = %s", (world.sos_a,)).fetchone()
     assert code_row is not None
-    assert {**sos, "opened_at": when(sos["opened_at"])} == {
+    assert {**sos, "opened_at": when(sos["opened_at"]), "due_at": when(sos["due_at"])} == {
         "id": world.sos_a, "code": code_row[0], "kind": "sos", "severity": "red", "state": "open",
         "opened_at": T0, "urgency": 2, "payload_unreadable": False, "area_id": "A",
         "resident_id": "R-A", "device_id": "W-A", "acknowledged_at": None,
         "acknowledged_by": None, "resolved_at": None, "outcome": None,
+        # Nobody took it within the built-in first wait (SHOUHU_ACK_TIMEOUT_S): overdue.
+        "due_at": T0 + timedelta(seconds=120), "overdue": True,
     }
     old = by_id[world.old]
     assert (old["state"], old["outcome"]) == ("resolved", "visited_fine")
+    assert (old["due_at"], old["overdue"]) == (None, False)
     assert when(old["resolved_at"]) == T0 - timedelta(minutes=30)
     assert by_id[world.unregistered]["kind"] == "sos_unregistered"
     assert by_id[world.unregistered]["area_id"] == "C", "an unknown wristband goes to the county"

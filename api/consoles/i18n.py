@@ -74,6 +74,15 @@ WORDS: dict[str, tuple[str, str]] = {
     "within_180": ("180 秒内接单", "Taken within 180 s"),
     "reached_platform": ("转应急平台", "Reached the platform"),
     "unreached": ("无人接单", "Unreached"),
+    "target": ("目标", "target"),
+    "meets_target": ("达标", "meets the target"),
+    "below_target": ("未达标", "below the target"),
+    "supervise": ("督办", "Supervise"),
+    "supervised": ("已督办", "Supervised"),
+    "overdue": ("已逾期", "Overdue"),
+    "supervision": ("督办", "Supervision"),
+    "supervised_in_period": ("时段内督办", "Supervised in the period"),
+    "supervised_open": ("督办后仍未办结", "Supervised, still open"),
     "uncovered_tonight": ("今晚无网格员值班的网格", "Grids without a grid worker on duty tonight"),
     "all_covered": ("今晚所有网格均有人值班", "Every grid is covered tonight"),
     "devices_offline": ("各区域离线设备", "Devices offline by area"),
@@ -117,6 +126,86 @@ WORDS: dict[str, tuple[str, str]] = {
     "flapped": ("设备再次离线", "Device down again"),
     "reescalated": ("超时未办结，重新通知", "Not resolved in time, paging again"),
     "battery_notice": ("电量提醒", "Battery notice"),
+    "step_advanced": ("提前转下一步", "Next step brought forward"),
+    "cancel_received": ("收到手环取消", "Cancel received from the band"),
+    "cancel_refused": ("取消未生效", "Cancel refused"),
+    "nobody_reachable": ("整轮无人可通知", "Nobody reachable in the whole round"),
+    "invariant_repaired": ("通知链中断，已从头重新通知", "Escalation restarted after a gap"),
+    "owners_told": ("已告知负责人", "Owners told"),
+    "spool_paged": ("数据库中断期间由网关直接通知", "Paged by the hub while the database was down"),
+    # The incident's story (api/consoles/story.py): steps, attempts, who acted.
+    "story": ("处置经过", "What happened"),
+    "no_story": ("尚无记录", "Nothing recorded yet"),
+    "no_attempts": ("尚未通知任何人", "Nobody has been paged yet"),
+    "no_guardians": ("未登记监护人", "No guardian registered"),
+    "nothing_offline": ("当前没有离线设备", "No device is offline"),
+    "no_offline_cameras": ("当前没有离线摄像头", "No camera is offline"),
+    "no_cameras": ("辖区内没有摄像头", "No cameras in your areas"),
+    "no_incidents_period": ("该时段内没有事件", "No incidents in this period"),
+    "no_timeline": ("尚无记录", "Nothing recorded yet"),
+    "ch_voice": ("电话", "Call"),
+    "ch_sms": ("短信", "SMS"),
+    "ch_console": ("控制台", "Console"),
+    "ch_webhook": ("平台", "Platform"),
+    "via_voice": ("电话按键", "by phone keypress"),
+    "via_sms": ("短信回复", "by SMS reply"),
+    "via_console": ("控制台", "on the console"),
+    "via_api": ("接口", "through the API"),
+    "role_grid_worker": ("网格员", "grid worker"),
+    "role_technician": ("技术员", "technician"),
+    "role_operator": ("综治中心", "operator"),
+    "role_duty_officer": ("值班员", "duty officer"),
+    "role_guardian": ("监护人", "guardian"),
+    "role_platform": ("应急平台", "emergency platform"),
+    "role_admin": ("管理员", "admin"),
+    "target_grid_worker": ("网格员", "the grid workers"),
+    "target_guardians": ("监护人", "the guardians"),
+    "target_emergency_platform": ("应急呼叫平台", "the emergency platform"),
+    "target_operators": ("综治中心值班员", "the operators"),
+    "target_technicians": ("技术员", "the technicians"),
+    "purpose_repage": ("再次呼叫", "called again"),
+    "purpose_notice": ("告知", "told"),
+    "purpose_cap_alert": ("推送警报", "alert"),
+    "purpose_cap_update": ("推送更新", "update"),
+    "purpose_cap_cancel": ("推送取消", "cancel"),
+    "res_waiting": ("等待发送", "waiting to be sent"),
+    "res_sending": ("发送中", "sending"),
+    "res_rang": ("已拨出，振铃中", "rang"),
+    "res_sent": ("已发出", "sent"),
+    "res_shown": ("已推送到控制台", "shown on the console"),
+    "res_accepted": ("平台已接收", "accepted by the platform"),
+    "res_delivered": ("短信已送达", "SMS delivered"),
+    "res_pressed_1": ("接听并按 1：前往处置", "answered, pressed 1: going"),
+    "res_pressed_2": ("接听并按 2：无法前往", "answered, pressed 2: declined"),
+    "res_answered": ("已接听", "answered"),
+    "res_busy": ("占线", "busy"),
+    "res_no_answer": ("无人接听", "no answer"),
+    "res_no_keypress": ("接听但未按键（可能是语音信箱）", "answered without a keypress (voicemail?)"),
+    "res_undelivered": ("短信未送达", "SMS not delivered"),
+    "res_failed": ("失败", "failed"),
+    "res_cancelled": ("未发送：已有人接单或事件已结束", "not sent: taken or closed first"),
+    "try_n": ("第 {n} 次", "try {n}"),
+    "step_n": ("第 {n} 步", "step {n}"),
+    "round_n": ("第 {n} 轮", "round {n}"),
+    "paging": ("通知", "paging "),
+    "next_step": ("无人接单则", "If nobody takes it"),
+    "took_it": ("接单", "took it"),
+    "cannot_go": ("无法前往", "cannot go"),
+    "resolved_as": ("办结", "resolved"),
+    "pressed_again_taker": ("老人再次求助，重新呼叫接单人", "pressed again: calling whoever took it"),
+    "cancelled_on_band": ("老人在手环上取消求助", "cancelled on the wristband"),
+    "sos_stored": ("收到报警", "Alarm received"),
+    "system": ("系统", "System"),
+    "auto_paging": ("自动通知", "Automatic paging"),
+    "device_check": ("设备巡检", "Device check"),
+    "phone_network": ("电话网络", "Phone network"),
+    "hub": ("网关", "Hub"),
+    "api_token": ("接口令牌 #{n}", "API token #{n}"),
+    "staff_member": ("工作人员 {n}", "staff member {n}"),
+    "guardian_of": ("监护人 {n}", "guardian {n}"),
+    "device_n": ("设备 {n}", "device {n}"),
+    "sms_from": ("短信 {n}", "SMS from {n}"),
+    "call_from": ("电话 {n}", "call from {n}"),
 }
 
 
@@ -131,3 +220,51 @@ def maybe(lang: Lang, key: str | None) -> str:
     if key is None:
         return ""
     return word(lang, key) if key in WORDS else key
+
+
+def person_label(lang: Lang, name: str, role: str | None) -> str:
+    """ "董思远（网格员）": a name with its role in words; a name that carries its role already is kept."""
+    key = f"role_{role}"
+    if not role or key not in WORDS or "（" in name or "(" in name:
+        return name
+    return f"{name}（{word(lang, key)}）" if lang is Lang.ZH else f"{name} ({word(lang, key)})"
+
+
+# Actors stored by machines, by prefix, in the words a person reads. Order matters:
+# "router-shouhu-hub-x" is the router of hub x, not the hub.
+_ACTOR_PREFIXES: tuple[tuple[str, str], ...] = (
+    ("token:", "api_token"),
+    ("staff:", "staff_member"),
+    ("guardian:", "guardian_of"),
+    ("device:", "device_n"),
+    ("sms:", "sms_from"),
+    ("phone:", "call_from"),
+    ("voice:", "call_from"),
+)
+_SYSTEM_ACTORS: dict[str, str] = {
+    "care": "device_check",
+    "sweeper": "system",
+    "twilio": "phone_network",
+    "emergency-platform": "role_platform",
+    "platform": "role_platform",
+}
+
+
+def actor_label(lang: Lang, actor: str | None) -> str:
+    """Who did something, as a person reads it: "token:3" → "接口令牌 #3", "router-…" → "自动通知".
+
+    A name (``董思远（网格员）``) and anything not recognised as a machine's id pass
+    through unchanged: the label never hides a person behind a category.
+    """
+    if not actor:
+        return ""
+    for prefix, key in _ACTOR_PREFIXES:
+        if actor.startswith(prefix) and len(actor) > len(prefix):
+            return word(lang, key).format(n=actor[len(prefix) :])
+    if actor in _SYSTEM_ACTORS:
+        return word(lang, _SYSTEM_ACTORS[actor])
+    if actor.startswith("router-"):
+        return word(lang, "auto_paging")
+    if actor.startswith("shouhu-hub-"):
+        return word(lang, "hub")
+    return actor

@@ -24,19 +24,23 @@ from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from fastapi.templating import Jinja2Templates
 from jinja2 import Environment, FileSystemLoader, select_autoescape
 
+from alerts import response
 from alerts.acknowledge import Result, acknowledge, decline, resolve
 from alerts.care import close_task, start_task
+from alerts.supervise import incident_due_at, is_overdue, supervision_counts
 from api import access, deps
 from api.access import (
     ACKNOWLEDGERS,
     CAMERA_CARETAKERS,
     OVERVIEW_READERS,
+    SUPERVISORS,
     may_see_incident,
     may_see_task,
     visible_incident_kinds,
 )
 from api.consoles import queries
 from api.consoles.i18n import Lang, maybe, word
+from api.consoles.story import next_line, story
 from api.consoles.uptime_chart import area_ratios, daily_ratios, svg_chart
 from api.deps import (
     SESSION_COOKIE,
@@ -50,8 +54,19 @@ from api.deps import (
     write_audit,
 )
 from api.routes.sessions import SessionCreate, create_session, delete_session
-from devices.kinds import REPAIR_OUTCOMES, VISIT_OUTCOMES, Outcome, TaskKind, TaskOutcome
+from api.routes.supervision import supervise_incident_as, supervise_task_as
+from devices.kinds import (
+    REPAIR_OUTCOMES,
+    VISIT_OUTCOMES,
+    IncidentState,
+    Outcome,
+    Severity,
+    TaskKind,
+    TaskOutcome,
+    TaskState,
+)
 from devices.reasons import offline_reason_text
+from shouhu.settings import Settings
 from shouhu.tokens import Role, TokenIdentity
 
 HERE = Path(__file__).resolve().parent
@@ -139,6 +154,7 @@ def _render(
             "w": lambda key: word(lang, key),
             "m": lambda key: maybe(lang, key),
             "local": lambda at: at.astimezone(zone).strftime("%m-%d %H:%M") if at else "",
+            "clock": lambda at: at.astimezone(zone).strftime("%H:%M:%S"),  # the story's lines, seconds apart
             "pct": lambda ratio: "—" if ratio is None else f"{ratio * 100:.1f}%",
             "seconds": lambda s: "—" if s is None else f"{s:.0f} s",
             "duration": _duration,
@@ -259,33 +275,67 @@ def _incident_context(
         with conn.transaction():
             write_audit(conn, token, now, "read_resident", f"resident:{found['resident_id']}", {"via": "console"})
     zh = lang is Lang.ZH
+    outcomes = [(o.value, words[0] if zh else words[1]) for o, words in OUTCOME_WORDS.items()]
+    attempts = queries.attempts(conn, incident_id)
     return {
         "i": found,
         "resident": resident,
         "guardians": guardians,
-        "timeline": queries.timeline(conn, incident_id),
+        "story": story(lang, queries.timeline(conn, incident_id), attempts, dict(outcomes)),
+        "paged": bool(attempts),
+        "next": next_line(lang, upcoming) if (upcoming := queries.next_step(conn, incident_id)) else None,
+        "outcome": dict(outcomes).get(found["outcome"] or "", found["outcome"]),
         "can_act": token.role in ACKNOWLEDGERS and found["severity"] == "red",
-        "outcomes": [(o.value, words[0] if zh else words[1]) for o, words in OUTCOME_WORDS.items()],
+        "outcomes": outcomes,
         "token": token,
     }
 
 
+def _due(found: dict[str, Any], token: TokenIdentity, settings: Settings, now: datetime) -> dict[str, Any]:
+    """The incident's due time, whether it is overdue, and whether this viewer may supervise it (督办)."""
+    steps = found["policy_snapshot"].get("steps") or []
+    due_at = incident_due_at(
+        Severity(found["severity"]),
+        IncidentState(found["state"]),
+        found["opened_at"],
+        found["acknowledged_at"],
+        int(steps[0]["wait_s"]) if steps else settings.ack_timeout_s,
+        settings.resolve_timeout_s,
+        None,
+    )
+    overdue = is_overdue(due_at, now)
+    return {"due_at": due_at, "overdue": overdue, "can_supervise": overdue and token.role in SUPERVISORS}
+
+
 @router.get("/incidents/{incident_id}")
 def incident_page(
-    request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now, incident_id: int
+    request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now, settings: SettingsDep, incident_id: int
 ) -> Response:
     found = _visible_incident(conn, token, incident_id)  # out of scope: 404 before anything is told
     if found["task_id"] is not None:
         return RedirectResponse(f"/console/tasks/{found['task_id']}", status_code=status.HTTP_303_SEE_OTHER)
     context = _incident_context(conn, token, incident_id, lang, now)
-    return _render(request, "incident.html", lang, {**context, "label": _label(conn, token)})
+    due = _due(context["i"], token, settings, now)
+    return _render(request, "incident.html", lang, {**context, **due, "label": _label(conn, token)})
 
 
 @router.get("/incidents/{incident_id}/body")
 def incident_body(
-    request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now, incident_id: int
+    request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now, settings: SettingsDep, incident_id: int
 ) -> HTMLResponse:
-    return _render(request, "_incident_body.html", lang, _incident_context(conn, token, incident_id, lang, now))
+    context = _incident_context(conn, token, incident_id, lang, now)
+    return _render(request, "_incident_body.html", lang, {**context, **_due(context["i"], token, settings, now)})
+
+
+@router.post("/incidents/{incident_id}/supervise")
+def supervise_from_console(
+    request: Request, conn: ConnDep, token: Viewer, now: Now, settings: SettingsDep, incident_id: int
+) -> Response:
+    """督办: the REST route's rules and answers (403, 409 as a page), then back to the incident."""
+    require_same_origin(request)
+    scope = deps.get_area_scope(conn, token)
+    supervise_incident_as(conn, token, scope, settings, incident_id, now, "console")
+    return RedirectResponse(f"/console/incidents/{incident_id}", status_code=status.HTTP_303_SEE_OTHER)
 
 
 def _act(
@@ -372,14 +422,19 @@ def task_page(request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now
         with conn.transaction():
             write_audit(conn, token, now, "read_resident", f"resident:{found['resident_id']}", {"via": "console"})
     outcomes = VISIT_OUTCOMES if found["kind"] == TaskKind.VISIT.value else REPAIR_OUTCOMES
+    overdue = found["state"] != TaskState.CLOSED.value and is_overdue(found["due_at"], now)
     return _render(
         request,
         "task.html",
         lang,
         {
             "t": found,
-            "timeline": queries.timeline(conn, found["incident_id"]),
+            "story": story(
+                lang, queries.timeline(conn, found["incident_id"]), queries.attempts(conn, found["incident_id"]), {}
+            ),
             "outcomes": sorted(o.value for o in outcomes),
+            "overdue": overdue,
+            "can_supervise": overdue and token.role in SUPERVISORS,
             "token": token,
             "label": _label(conn, token),
         },
@@ -399,6 +454,17 @@ def _task_action(
             except ValueError as exc:
                 raise HTTPException(422, str(exc)) from exc
         write_audit(conn, token, now, action, f"task:{task_id}", {"result": result.value, "via": "console"})
+    return RedirectResponse(f"/console/tasks/{task_id}", status_code=status.HTTP_303_SEE_OTHER)
+
+
+@router.post("/tasks/{task_id}/supervise")
+def supervise_task_from_console(
+    request: Request, conn: ConnDep, token: Viewer, now: Now, settings: SettingsDep, task_id: int
+) -> Response:
+    """督办 a visit or repair order: one level up, as the REST route does."""
+    require_same_origin(request)
+    scope = deps.get_area_scope(conn, token)
+    supervise_task_as(conn, token, scope, settings, task_id, now, "console")
     return RedirectResponse(f"/console/tasks/{task_id}", status_code=status.HTTP_303_SEE_OTHER)
 
 
@@ -500,6 +566,7 @@ def _overview_context(request: Request, conn: ConnDep, token: TokenIdentity, now
     return {
         "severity": queries.incidents_by_severity_and_area(conn, scope, since, until),
         "response": queries.sos_response(conn, scope, since, until),
+        **_response_figures(conn, scope, since, until, now),
         "uncovered": queries.uncovered_tonight(conn, scope, now, zone),
         "offline": queries.devices_offline_by_area(conn, scope),
         "period_from": start.isoformat(),
@@ -507,6 +574,17 @@ def _overview_context(request: Request, conn: ConnDep, token: TokenIdentity, now
         "token": token,
         "reason": partial(offline_reason_text, english=get_lang(request) is Lang.EN),
     }
+
+
+def _response_figures(
+    conn: ConnDep, scope: list[str] | None, since: datetime, until: datetime, now: datetime
+) -> dict[str, Any]:
+    """The response figures against the telecare targets, and supervisions: alerts/ computes both, as for REST."""
+    with tuple_rows(conn) as plain:
+        return {
+            "figures": response.figures(response.read_alarms(plain, since, until, scope), now),
+            "supervised": supervision_counts(plain, scope, since, until),
+        }
 
 
 @router.get("/overview")

@@ -61,11 +61,110 @@ def incident(conn: DictConn, incident_id: int) -> dict[str, Any] | None:
     return dict(row) if row else None
 
 
-def timeline(conn: DictConn, incident_id: int) -> list[dict[str, Any]]:
+@dataclass(frozen=True, slots=True)
+class EventRow:
+    """One timeline entry (``alerts/timeline.py``), with the person behind its actor when there is one."""
+
+    id: int
+    at: datetime
+    event: str
+    actor: str | None
+    detail: dict[str, Any]
+    actor_name: str | None  # the name the event recorded, else the staff member's, guardian's or token's
+    actor_role: str | None  # a staff role, "guardian", or the token's role
+
+
+def timeline(conn: DictConn, incident_id: int) -> list[EventRow]:
+    """The incident's timeline, oldest first."""
     rows = conn.execute(
-        "SELECT at, event, actor, detail FROM incident_events WHERE incident_id = %s ORDER BY at, id", (incident_id,)
+        """
+        SELECT e.id, e.at, e.event, e.actor, e.detail,
+               coalesce(nullif(e.detail->>'name', ''), s.name, g.name, nullif(t.label, '')) AS actor_name,
+               coalesce(nullif(e.detail->>'role', ''), s.role, CASE WHEN g.id IS NOT NULL THEN 'guardian' END,
+                        t.role) AS actor_role
+        FROM incident_events e
+        LEFT JOIN staff s ON e.actor = 'staff:' || s.id
+        LEFT JOIN guardians g ON e.actor = 'guardian:' || g.id
+        LEFT JOIN api_tokens t ON e.actor = 'token:' || t.id::text
+        WHERE e.incident_id = %s ORDER BY e.at, e.id
+        """,
+        (incident_id,),
     ).fetchall()
-    return [dict(r) for r in rows]
+    return [EventRow(**r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class AttemptRow:
+    """One notification attempt (``alerts/attempts.py``): to whom, on which channel, how it ended."""
+
+    id: int
+    created_at: datetime  # queued
+    due_at: datetime  # when it was to go out: a retry waits its backoff
+    settled_at: datetime  # the row's last change: its outcome once settled
+    purpose: str
+    round: int
+    step: int
+    channel: str
+    attempt: int  # 1, or the retry's number
+    state: str
+    in_flight: bool
+    error: str | None
+    recipient_kind: str
+    recipient_id: str
+    recipient_name: str | None
+    recipient_role: str | None  # a staff role, "guardian" or "platform"
+    digit: str | None  # the key pressed on a call (1 going, 2 cannot), if any
+
+
+def attempts(conn: DictConn, incident_id: int) -> list[AttemptRow]:
+    """Every call, SMS, console page and platform message of the incident, in the order they were queued."""
+    # greatest() skips a NULL not_before: due when queued.
+    rows = conn.execute(
+        """
+        SELECT a.id, a.created_at, greatest(a.created_at, a.not_before) AS due_at, a.updated_at AS settled_at,
+               a.purpose, a.round, a.step, a.channel, a.attempt,
+               a.state, (a.state = 'pending' AND a.leased_by IS NOT NULL) AS in_flight, a.error,
+               a.recipient_kind, a.recipient_id, coalesce(s.name, g.name) AS recipient_name,
+               CASE WHEN s.id IS NOT NULL THEN s.role WHEN g.id IS NOT NULL THEN 'guardian'
+                    WHEN a.recipient_kind = 'platform' THEN 'platform' END AS recipient_role,
+               (SELECT k.detail->>'digit' FROM incident_events k
+                WHERE k.incident_id = a.incident_id AND k.event = 'keypress'
+                  AND k.detail->>'attempt_id' = a.id::text AND k.detail->>'digit' IN ('1', '2')
+                ORDER BY k.id DESC LIMIT 1) AS digit
+        FROM notification_attempts a
+        LEFT JOIN staff s ON a.recipient_kind = 'staff' AND s.id = a.recipient_id
+        LEFT JOIN guardians g ON a.recipient_kind = 'guardian' AND g.id = a.recipient_id
+        WHERE a.incident_id = %s
+        ORDER BY a.created_at, a.id
+        """,
+        (incident_id,),
+    ).fetchall()
+    return [AttemptRow(**r) for r in rows]
+
+
+@dataclass(frozen=True, slots=True)
+class NextStep:
+    """The escalation step an open incident waits for (``escalation_actions``), and whom it pages."""
+
+    due_at: datetime
+    round: int
+    step: int
+    target: str | None  # the frozen policy's target; None past its last step (the operators)
+
+
+def next_step(conn: DictConn, incident_id: int) -> NextStep | None:
+    """The next step due, while the incident escalates (a step under an older fencing token will not run)."""
+    row = conn.execute(
+        f"""
+        SELECT a.due_at, a.round, a.step, i.policy_snapshot->'steps'->a.step->>'target' AS target
+        FROM escalation_actions a JOIN incidents i ON i.id = a.incident_id
+        WHERE a.incident_id = %s AND a.state = 'pending' AND a.kind = 'step' AND a.token = i.escalation_token
+          AND i.state IN ('{IncidentState.OPEN}', '{IncidentState.UNREACHED}')
+        ORDER BY a.due_at, a.id LIMIT 1
+        """,
+        (incident_id,),
+    ).fetchone()
+    return NextStep(**row) if row else None
 
 
 def guardians(conn: DictConn, resident_id: str) -> list[dict[str, Any]]:

@@ -9,9 +9,22 @@ from fastapi import APIRouter, Query
 from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 
+from alerts.supervise import FIRST_WAIT_SQL, incident_due_at, is_overdue
 from api.access import PHONE_READERS, may_see_incident, visible_incident_kinds
-from api.deps import API_PREFIX, ConnDep, CurrentToken, Now, Page, Rfc3339, Scope, area_filter, not_found
+from api.deps import (
+    API_PREFIX,
+    ConnDep,
+    CurrentToken,
+    Now,
+    Page,
+    Rfc3339,
+    Scope,
+    SettingsDep,
+    area_filter,
+    not_found,
+)
 from devices.kinds import Channel, IncidentKind, IncidentState, Severity
+from shouhu.settings import Settings
 
 router = APIRouter(prefix=f"{API_PREFIX}/incidents", tags=["incidents"])
 
@@ -40,6 +53,11 @@ class IncidentPublic(BaseModel):
     acknowledged_by: str | None
     resolved_at: datetime | None
     outcome: str | None
+    due_at: datetime | None
+    """When it should have been taken (red, not yet taken: the first step's wait after opening), resolved
+    (red, taken: SHOUHU_RESOLVE_TIMEOUT_S after it was), or its task done (yellow); null when closed or blue."""
+    overdue: bool
+    """Open and past its due time: an operator may supervise it (POST …/supervise)."""
 
 
 class IncidentsPublic(BaseModel):
@@ -79,10 +97,11 @@ class IncidentDetailPublic(IncidentPublic):
     """Every notification attempt, oldest first."""
 
 
-_COLUMNS = """
+_COLUMNS = f"""
     i.id, i.code, i.kind, i.severity, i.state, i.opened_at, i.urgency, i.payload_unreadable,
     i.area_id, i.resident_id, i.device_id, i.acknowledged_at, i.acknowledged_by,
-    i.resolved_at, i.outcome
+    i.resolved_at, i.outcome, {FIRST_WAIT_SQL} AS first_wait_s,
+    (SELECT t.due_at FROM care_tasks t WHERE t.incident_id = i.id) AS task_due_at
 """
 
 _WHERE = """
@@ -118,8 +137,18 @@ def _clean(value: Any, masked: bool) -> Any:
     return value
 
 
-def _incident_public(row: dict[str, Any]) -> IncidentPublic:
-    return IncidentPublic(**{name: row[name] for name in IncidentPublic.model_fields})
+def _incident_public(row: dict[str, Any], settings: Settings, now: datetime) -> IncidentPublic:
+    due_at = incident_due_at(
+        Severity(row["severity"]),
+        IncidentState(row["state"]),
+        row["opened_at"],
+        row["acknowledged_at"],
+        settings.ack_timeout_s if row["first_wait_s"] is None else row["first_wait_s"],
+        settings.resolve_timeout_s,
+        row["task_due_at"],
+    )
+    stored = {name: row[name] for name in IncidentPublic.model_fields if name not in ("due_at", "overdue")}
+    return IncidentPublic(**stored, due_at=due_at, overdue=is_overdue(due_at, now))
 
 
 @router.get("")
@@ -129,6 +158,8 @@ def read_incidents(
     token: CurrentToken,
     scope: Scope,
     page: Page,
+    now: Now,
+    settings: SettingsDep,
     state: Annotated[IncidentState | None, Query(description="Only incidents in this state.")] = None,
     kind: Annotated[IncidentKind | None, Query(description="Only this kind of incident.")] = None,
     severity: Annotated[Severity | None, Query(description="Only this severity.")] = None,
@@ -168,12 +199,12 @@ def read_incidents(
             params,
         ).fetchall()
     assert count_row is not None
-    return IncidentsPublic(data=[_incident_public(row) for row in rows], count=count_row["n"])
+    return IncidentsPublic(data=[_incident_public(row, settings, now) for row in rows], count=count_row["n"])
 
 
 @router.get("/{incident_id}")
 def read_incident(
-    conn: ConnDep, token: CurrentToken, scope: Scope, now: Now, incident_id: int
+    conn: ConnDep, token: CurrentToken, scope: Scope, now: Now, settings: SettingsDep, incident_id: int
 ) -> IncidentDetailPublic:
     """Read one incident with its timeline and notification attempts; audited when it names a resident."""
     masked = token.role not in PHONE_READERS
@@ -214,7 +245,7 @@ def read_incident(
                     Jsonb({"resident_id": row["resident_id"]}),
                 ),
             )
-    incident = _incident_public(row)
+    incident = _incident_public(row, settings, now)
     return IncidentDetailPublic(
         **incident.model_dump(),
         timeline=[
