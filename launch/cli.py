@@ -235,6 +235,9 @@ def simulate_wristbands(
     rate: RateOption = DEFAULT_RATE,
     seed: SeedOption = 1,
     interval: IntervalOption = None,
+    falls_per_hour: Annotated[
+        float, typer.Option(min=0, help="With --fleet: falls across the fleet an hour, each re-sent until its receipt")
+    ] = 0.0,
 ) -> None:
     """Simulated wristbands: SOS presses, cancels and falls, each re-sent until the hub's
     receipt comes back; or, with --fleet, the registry's wristbands' telemetry."""
@@ -244,7 +247,7 @@ def simulate_wristbands(
     if fleet:
         if press or cancel or fall:
             fail("--fleet runs telemetry: give it without --press, --cancel or --fall", 2)
-        _run_fleet(FleetKind.WRISTBANDS, settings, registry, rate, seed, interval)
+        _run_fleet(FleetKind.WRISTBANDS, settings, registry, rate, seed, interval, falls_per_hour)
         return
     if not (press or cancel or fall):
         fail("give --press, --cancel or --fall ID (alarms), or --fleet (the registry's telemetry)", 2)
@@ -285,9 +288,15 @@ def simulate_cameras(
 
 
 def _run_fleet(
-    kind: FleetKind, settings: Settings, registry: Path, rate: float, seed: int, interval: float | None
+    kind: FleetKind,
+    settings: Settings,
+    registry: Path,
+    rate: float,
+    seed: int,
+    interval: float | None,
+    falls_per_hour: float = 0.0,
 ) -> None:
-    options = FleetOptions(registry, seed, rate, interval or settings.heartbeat_interval_s)
+    options = FleetOptions(registry, seed, rate, interval or settings.heartbeat_interval_s, falls_per_hour)
     stop = threading.Event()
     run_until_signal(stop.set)
     run_fleet_until(kind, options, settings, mqtt_url(settings), stop)

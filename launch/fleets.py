@@ -21,7 +21,16 @@ import typer
 from launch.output import fail
 from shouhu.settings import Settings
 from simulators.camera_fleet import CameraFleet, CameraPace
-from simulators.fleet import Fleet, MqttPublisher, RateBound, RegistryFileError, read_registry, run_fleet, stretch
+from simulators.fleet import (
+    Fleet,
+    MqttPublisher,
+    RateBound,
+    Receipt,
+    RegistryFileError,
+    read_registry,
+    run_fleet,
+    stretch,
+)
 from simulators.wristband_fleet import WristbandFleet, WristbandPace
 
 DEFAULT_RATE = 50.0
@@ -40,6 +49,7 @@ class FleetOptions:
     seed: int
     rate: float  # messages a second, at most
     interval_s: float  # for devices whose registry entry sets no heartbeat interval
+    falls_per_hour: float = 0.0  # wristbands: falls across the fleet, each re-sent until its receipt
 
 
 def build_fleet(kind: FleetKind, options: FleetOptions, settings: Settings, start: datetime) -> tuple[Fleet, str]:
@@ -73,7 +83,7 @@ def build_fleet(kind: FleetKind, options: FleetOptions, settings: Settings, star
             start=start,
             zone=settings.zone,
             boot_id=boot_id,
-            pace=WristbandPace(interval_s=options.interval_s),
+            pace=WristbandPace(interval_s=options.interval_s, falls_per_hour=options.falls_per_hour),
             stretch=factor,
         )
         what = "telemetry"
@@ -101,15 +111,26 @@ def run(
     stop: threading.Event,
     echo: Callable[[str], None] = typer.echo,
 ) -> int:
-    """Run one fleet against the broker until ``stop`` is set; the messages published."""
+    """Run one fleet against the broker until ``stop`` is set; the messages published.
+
+    Exits 1 when an alarm (a fall) is still without its receipt a re-send after the
+    stop, as ``--press`` does.
+    """
     fleet, line = build_fleet(kind, options, settings, datetime.now(UTC))
     echo(line)
+
+    def receipted(receipt: Receipt) -> None:
+        echo(
+            f"{receipt.device_id}: fall {receipt.msg_id}: receipt: incident {receipt.incident} ({receipt.state})"
+            f" after {receipt.sends} send(s)"
+        )
+
     try:
-        publisher = MqttPublisher(broker_url, f"shouhu-sim-{kind.value}-{uuid.uuid4().hex[:8]}")
+        publisher = MqttPublisher(broker_url, f"shouhu-sim-{kind.value}-{uuid.uuid4().hex[:8]}", on_receipt=receipted)
     except OSError as exc:
         fail(f"cannot reach the MQTT broker at {broker_url} ({exc}): start it, or set SHOUHU_MQTT_URL", 2)
     try:
-        return run_fleet(
+        published = run_fleet(
             fleet,
             publisher.publish,
             clock=lambda: datetime.now(UTC),
@@ -117,8 +138,22 @@ def run(
             bound=RateBound(options.rate),
             report=lambda report: echo(report.line()),
         )
+        unreceipted = _await_receipts(publisher)
     finally:
         publisher.close()
+    if unreceipted:
+        fail(f"{kind.value}: {len(unreceipted)} fall(s) got no receipt (is `shouhu hub` running?)", 1)
+    return published
+
+
+def _await_receipts(publisher: MqttPublisher) -> list[tuple[str, str]]:
+    """Alarms still without a receipt once one more re-send has had its time."""
+    pause = threading.Event()  # never set: a wait that cannot be cut short
+    for _ in range(int(publisher.resend_s * 10) + 1):
+        if not publisher.unreceipted:
+            break
+        pause.wait(0.1)
+    return publisher.unreceipted
 
 
 def start_demo_fleets(settings: Settings, broker_url: str, registry: Path, stop: threading.Event) -> None:

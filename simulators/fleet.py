@@ -282,6 +282,21 @@ def run_fleet(
 # -- the broker -------------------------------------------------------------------------
 
 
+# docs/contract.md, "Receipts": an alarm is re-sent, the same bytes, this often until
+# the hub's receipt for its msg_id comes back.
+RESEND_S = 5.0
+ALARM_CHANNELS = frozenset({"sos", "fall"})
+
+
+@dataclass(frozen=True, slots=True)
+class Receipt:
+    device_id: str
+    msg_id: str
+    incident: str | None
+    state: str | None
+    sends: int  # how many times the alarm went out before its receipt
+
+
 class MqttPublisher:
     """One MQTT connection that carries a whole fleet's messages.
 
@@ -289,9 +304,22 @@ class MqttPublisher:
     hundreds shares one and publishes each device's ``status`` itself (the Last
     Will's ``offline`` where the broker would have). The hub cannot tell the
     difference: it reads topics, not client ids.
+
+    Alarms (``sos``, ``fall``) follow the receipt protocol: the connection subscribes
+    to every wristband's receipt topic on each connect, and re-sends each alarm every
+    ``resend_s`` until a receipt carrying its ``msg_id`` arrives; ``on_receipt`` hears
+    of each.
     """
 
-    def __init__(self, url: str, client_id: str, *, max_unacknowledged: int = 200) -> None:
+    def __init__(
+        self,
+        url: str,
+        client_id: str,
+        *,
+        max_unacknowledged: int = 200,
+        resend_s: float = RESEND_S,
+        on_receipt: Callable[[Receipt], None] | None = None,
+    ) -> None:
         address = BrokerAddress.parse(url)
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv311
@@ -302,13 +330,58 @@ class MqttPublisher:
             self.client.tls_set()
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(1, 5)
+        self.client.on_connect = self._on_connect
+        self.client.on_message = self._on_message
         self.max_unacknowledged = max_unacknowledged
+        self.resend_s = resend_s
+        self.on_receipt = on_receipt
+        self.receipts: list[Receipt] = []
         self._unacknowledged: list[mqtt.MQTTMessageInfo] = []
+        self._alarms: dict[tuple[str, str], tuple[Publish, int]] = {}  # (device, msg_id) → (alarm, sends)
         self._lock = threading.Lock()
+        self._subscribed = threading.Event()
+        self._stopping = threading.Event()
         self.client.connect(address.host, address.port)
         self.client.loop_start()
+        self._resender = threading.Thread(target=self._resend_loop, name=f"resend-{client_id}", daemon=True)
+        self._resender.start()
+
+    def _on_connect(self, client: mqtt.Client, *_args: Any) -> None:
+        # Again on every connect: a broker that lost the session lost the subscription too.
+        client.subscribe("shouhu/v1/wristband/+/receipt", qos=1)
+        self._subscribed.set()
+
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        try:
+            body = json.loads(message.payload)
+        except ValueError:
+            return
+        if not isinstance(body, dict) or not isinstance(body.get("msg_id"), str):
+            return
+        key = (message.topic.split("/")[3], body["msg_id"])
+        with self._lock:
+            pending = self._alarms.pop(key, None)
+            if pending is None:
+                return  # a receipt for a copy already receipted, or for another sender
+            receipt = Receipt(key[0], key[1], body.get("incident"), body.get("state"), pending[1])
+            self.receipts.append(receipt)
+        if self.on_receipt is not None:
+            self.on_receipt(receipt)
+
+    @property
+    def unreceipted(self) -> list[tuple[str, str]]:
+        """The (device, msg_id) of every alarm still waiting for its receipt."""
+        with self._lock:
+            return list(self._alarms)
 
     def publish(self, message: Publish) -> None:
+        if message.channel in ALARM_CHANNELS:
+            self._subscribed.wait(10)  # never send an alarm whose receipt could not be heard
+            with self._lock:
+                self._alarms[(message.device_id, message.body()["msg_id"])] = (message, 1)
+        self._send(message)
+
+    def _send(self, message: Publish) -> None:
         info = self.client.publish(message.topic, message.payload, qos=message.qos, retain=message.retain)
         if message.qos == 0:
             return
@@ -319,6 +392,15 @@ class MqttPublisher:
         # Never run ahead of the broker by more than max_unacknowledged messages.
         if oldest is not None:
             oldest.wait_for_publish(10)
+
+    def _resend_loop(self) -> None:
+        while not self._stopping.wait(self.resend_s):
+            with self._lock:
+                due = list(self._alarms.items())
+                for key, (alarm, sends) in due:
+                    self._alarms[key] = (alarm, sends + 1)
+            for _key, (alarm, _sends) in due:
+                self._send(alarm)  # the same bytes, the same msg_id
 
     def flush(self, timeout: float = 10.0) -> bool:
         """Wait until the broker acknowledged every QoS 1 message; False if some did not in time."""
@@ -332,6 +414,7 @@ class MqttPublisher:
         return all(info.is_published() for info in pending)
 
     def close(self) -> None:
+        self._stopping.set()
         self.flush()
         self.client.disconnect()
         self.client.loop_stop()

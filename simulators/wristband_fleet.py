@@ -14,8 +14,9 @@ the fleet's). Its elder has one of three habits:
   ``offline``, as the broker publishes it once it notices the silence (the hub's
   offline visit).
 
-Alarms (SOS, falls) are not telemetry: ``shouhu simulate wristbands --press`` sends
-them, re-sent until the hub's receipt.
+With ``falls_per_hour`` a worn band now and then detects a fall: an alarm, which the
+connection re-sends until the hub's receipt (:class:`simulators.fleet.MqttPublisher`).
+SOS presses are a person's, not the fleet's: ``shouhu simulate wristbands --press``.
 
 Deterministic: each band draws from its own generator seeded by the fleet's seed and
 its id; local days (steps) are in the zone given, from the times the core is asked at.
@@ -23,6 +24,7 @@ its id; local days (steps) are in the zone given, from the times the core is ask
 
 from __future__ import annotations
 
+import math
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -54,10 +56,11 @@ class WristbandPace:
     failing_share: float = 0.02
     day_hours: tuple[int, int] = (7, 20)  # local hours an elder is up and about
     walk_share: float = 0.25  # chance, each report by day, that a worn band's elder sets out or comes home
+    falls_per_hour: float = 0.0  # across the whole fleet; only a worn band detects a fall
 
     def __post_init__(self) -> None:
         """Refuse a pace that would never report."""
-        if self.interval_s <= 0 or self.drain_pct_per_h < 0 or self.charge_pct_per_h <= 0:
+        if self.interval_s <= 0 or self.drain_pct_per_h < 0 or self.charge_pct_per_h <= 0 or self.falls_per_hour < 0:
             raise ValueError(f"invalid wristband pace: {self}")
 
 
@@ -113,6 +116,8 @@ class WristbandFleet:
         self.boot_id = boot_id
         self.bands: list[_Band] = []
         self.schedule = Schedule()
+        self.falls = 0
+        self._falls_per_band_h = self.pace.falls_per_hour / max(len(bands), 1)
         for index, spec in enumerate(bands):
             rng = random.Random(f"{seed}:{spec.id}")  # noqa: S311 - a simulation, not a secret
             interval = timedelta(seconds=(spec.interval_s or self.pace.interval_s) * stretch)
@@ -158,7 +163,7 @@ class WristbandFleet:
         dead = len(self.bands) - len(live)
         return (
             f"{worn} worn, {len(live) - worn} not worn ({charging} charging), {dead} dead; "
-            f"{low} at or below {LOW_BATTERY_PCT} %"
+            f"{low} at or below {LOW_BATTERY_PCT} %" + (f"; {self.falls} falls" if self.falls else "")
         )
 
     # -- one band ------------------------------------------------------------------------
@@ -180,7 +185,27 @@ class WristbandFleet:
             band.battery, band.flat = 0.0, True
             return [*sent, self._telemetry(band, at, daytime=False)]  # its last report
         daytime = self.pace.day_hours[0] <= local.hour < self.pace.day_hours[1]
-        return [*sent, self._telemetry(band, at, daytime=daytime)]
+        sent.append(self._telemetry(band, at, daytime=daytime))
+        if self._falls_per_band_h and band.worn and band.rng.random() < self._fall_chance(band):
+            sent.append(self._fall(band, at))
+        return sent
+
+    def _fall_chance(self, band: _Band) -> float:
+        return 1 - math.exp(-self._falls_per_band_h * band.interval.total_seconds() / 3600)
+
+    def _fall(self, band: _Band, at: datetime) -> Publish:
+        """A fall the band detected: an alarm, re-sent until the hub's receipt."""
+        self.falls += 1
+        band.counter += 1
+        body: dict[str, Any] = {
+            "msg_id": f"{self.boot_id}-{band.counter}",
+            "ts": rfc3339(at, self.zone),
+            "confidence": round(band.rng.uniform(0.75, 0.99), 2),
+        }
+        if band.spec.lat is not None and band.spec.lon is not None:
+            body["lat"] = round(band.spec.lat + band.dlat, 6)
+            body["lon"] = round(band.spec.lon + band.dlon, 6)
+        return json_message(KIND, band.spec.id, "fall", body)
 
     def _battery(self, band: _Band) -> None:
         hours = band.interval.total_seconds() / 3600

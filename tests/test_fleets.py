@@ -262,3 +262,30 @@ class FakeClock:
     def wait(self, seconds: float) -> bool:
         self.now += timedelta(seconds=seconds)
         return self.now >= self.end
+
+
+def test_worn_bands_fall_now_and_then_and_the_same_seed_falls_alike(registry: Registry) -> None:
+    def with_falls(seed: int) -> WristbandFleet:
+        return WristbandFleet(
+            registry.wristbands,
+            seed=seed,
+            start=T0,
+            zone=ZONE,
+            boot_id="boot",
+            pace=WristbandPace(interval_s=10, falls_per_hour=600),
+        )
+
+    fleet = with_falls(1)
+    sent = drive(fleet, 300)
+    falls = [m for _at, m in sent if m.channel == "fall"]
+    assert 10 <= len(falls) == fleet.falls
+    habits = fleet.habits()
+    assert all(habits[m.device_id] is not Habit.DRAWER for m in falls)
+    for fall in falls:
+        parsed = parse_message(fall.topic, fall.payload)
+        assert isinstance(parsed, DeviceMessage)
+        assert fall.qos == 1
+        assert not fall.retain
+    assert f"{len(falls)} falls" in fleet.summary()
+    assert drive(with_falls(1), 300) == sent
+    assert not [m for _at, m in drive(bands(registry), 300) if m.channel == "fall"]

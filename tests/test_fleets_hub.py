@@ -22,7 +22,7 @@ from devices.uptime import Span
 from devices.uptime_store import uptime_report
 from hub.service import Hub
 from simulators.camera_fleet import CameraFleet, CameraPace, Outage
-from simulators.fleet import MqttPublisher, Publish, RateBound, read_registry, run_fleet
+from simulators.fleet import MqttPublisher, Publish, RateBound, Receipt, json_message, read_registry, run_fleet
 from simulators.wristband_fleet import Habit, WristbandFleet, WristbandPace
 from tests.support.care import LOCK, RULES
 from tests.support.hub import count, query, wait_until
@@ -210,3 +210,52 @@ def test_the_fleet_verbs_print_their_rate_and_stop_on_sigint(
     assert process.returncode == 0, output
     [last] = [line for line in output.splitlines() if line.startswith(f"{name}: published")]
     assert "/s, at most 100/s)" in last
+
+
+def test_fleet_falls_are_receipted_by_the_hub_and_open_incidents(hub: Hub, county_url: str, broker: Mosquitto) -> None:
+    bands = read_registry(DEMO_COUNTY).wristbands[:60]
+    fleet = WristbandFleet(
+        bands,
+        seed=2,
+        start=datetime.now(UTC),
+        zone=ZONE,
+        boot_id="falls",
+        pace=WristbandPace(interval_s=10, falls_per_hour=2000),
+    )
+    receipts: list[Receipt] = []
+    publisher = MqttPublisher(broker.url, "test-fleet-falls", on_receipt=receipts.append)
+    clock = SteppedClock(60)
+    try:
+        run_fleet(
+            fleet, publisher.publish, clock=clock, wait=clock.wait, bound=RateBound(10_000), report=lambda _r: None
+        )
+        assert fleet.falls > 0
+        wait_until(lambda: len(receipts) == fleet.falls, 30, "a receipt for every fall")
+        assert publisher.unreceipted == []
+    finally:
+        publisher.close()
+    assert all(r.incident and r.state == "open" for r in receipts)
+    fallen = {r.device_id for r in receipts}
+    # One red incident per resident: a second fall of the same band joins the first.
+    incidents = query(county_url, "SELECT device_id FROM incidents WHERE kind = 'fall'")
+    assert {row[0] for row in incidents} == fallen
+    assert len(incidents) == len(fallen)
+
+
+def test_an_alarm_goes_out_again_the_same_bytes_until_its_receipt(broker: Mosquitto) -> None:
+    # No hub listens: no receipt ever comes, and the fall keeps going out.
+    copies: list[bytes] = []
+    listener = MqttPublisher(broker.url, "test-listener")
+    listener.client.on_message = lambda _c, _u, message: copies.append(bytes(message.payload))
+    listener.client.subscribe("shouhu/v1/wristband/wb-0001/fall", qos=1)
+    sender = MqttPublisher(broker.url, "test-resender", resend_s=0.2)
+    try:
+        wait_until(listener.client.is_connected, 10, "the listener connected")
+        fall = json_message("wristband", "wb-0001", "fall", {"msg_id": "f-1", "ts": "2026-11-24T10:00:00+08:00"})
+        sender.publish(fall)
+        wait_until(lambda: len(copies) >= 3, 10, "three copies of the fall")
+        assert set(copies) == {fall.payload}
+        assert sender.unreceipted == [("wb-0001", "f-1")]
+    finally:
+        sender.close()
+        listener.close()
