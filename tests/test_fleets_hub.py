@@ -9,6 +9,7 @@ sweeper is then asked at a time the test chooses, past each hold.
 
 from __future__ import annotations
 
+import re
 import subprocess
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -172,7 +173,7 @@ def test_the_hub_stores_the_wristbands_and_not_worn_and_dead_bands_get_visits(
 
 @pytest.mark.parametrize(
     ("verb", "kind", "devices"),
-    [(["cameras"], "camera", 67), (["wristbands", "--fleet"], "wristband", 240)],
+    [(["cameras"], "camera", 67), (["wristbands", "--fleet", "--falls-per-hour", "3000"], "wristband", 240)],
 )
 def test_the_fleet_verbs_print_their_rate_and_stop_on_sigint(
     hub: Hub, county_url: str, broker: Mosquitto, verb: list[str], kind: str, devices: int
@@ -210,6 +211,8 @@ def test_the_fleet_verbs_print_their_rate_and_stop_on_sigint(
     assert process.returncode == 0, output
     [last] = [line for line in output.splitlines() if line.startswith(f"{name}: published")]
     assert "/s, at most 100/s)" in last
+    if kind == "wristband":  # its falls, each receipted by the hub
+        assert re.search(r"wb-\d+: fall \S+: receipt: incident [A-Z0-9]{5} \(open\)", output), output
 
 
 def test_fleet_falls_are_receipted_by_the_hub_and_open_incidents(hub: Hub, county_url: str, broker: Mosquitto) -> None:
