@@ -24,6 +24,7 @@ COPY devices ./devices
 COPY alerts ./alerts
 COPY api ./api
 COPY simulators ./simulators
+COPY gateway ./gateway
 COPY launch ./launch
 
 RUN pip install . \

@@ -32,6 +32,7 @@ from devices.kinds import (
     VISIT_OUTCOMES,
     IncidentKind,
     Outcome,
+    PlannedVisit,
     StaffRole,
     TaskKind,
     TaskOutcome,
@@ -44,6 +45,7 @@ from shouhu.db import Conn
 # escalation. The snapshot still names a policy so every incident reads the same way.
 CARE_SNAPSHOT = {"policy_id": "care-task", "steps": []}
 LABEL = {TaskKind.VISIT: "探视任务", TaskKind.REPAIR: "维修工单"}
+PLANNED_LABEL = {PlannedVisit.FOLLOW_UP.value: "求助后回访", PlannedVisit.SCHEDULED.value: "定期探视"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,7 +53,7 @@ class TaskRow:
     id: int
     incident_id: int
     kind: TaskKind
-    device_id: str
+    device_id: str | None  # None: a visit to a person (PlannedVisit), not about a device
     area_id: str
     owner_area_id: str
     level: int
@@ -66,13 +68,16 @@ def open_care_incident(
     conn: Conn,
     kind: IncidentKind,
     *,
-    device_id: str,
+    device_id: str | None,
     resident_id: str | None,
     area_id: str,
     at: datetime,
     detail: dict[str, Any],
 ) -> int | None:
-    """A yellow or blue incident for the device; None when one of this kind is already open."""
+    """A yellow or blue incident for the device; None when one of this kind is already open.
+
+    Without a device (a recurring visit) nothing is joined: each call opens one.
+    """
     severity = SEVERITY_OF_KIND[kind]
     while True:
         try:
@@ -198,6 +203,74 @@ def open_task(
     )
     queue_notice(conn, incident_id, cause, text, _contacts(people), now)
     wake_routers(conn, "care")
+    return task_id
+
+
+def grid_workers(conn: Conn, grid_id: str) -> list[Recipient]:
+    """The active grid workers assigned to the grid (staff_areas), on duty now or not."""
+    rows = conn.execute(
+        """
+        SELECT s.id, s.name, s.phone FROM staff s JOIN staff_areas sa ON sa.staff_id = s.id
+        WHERE sa.area_id = %s AND s.role = %s AND s.active ORDER BY s.id
+        """,
+        (grid_id, StaffRole.GRID_WORKER.value),
+    ).fetchall()
+    return [Recipient("staff", sid, name, phone, StaffRole.GRID_WORKER.value, grid_id) for sid, name, phone in rows]
+
+
+def open_visit(
+    conn: Conn,
+    incident_id: int,
+    purpose: PlannedVisit,
+    *,
+    resident_id: str,
+    grid_id: str,
+    since: datetime,
+    deadline: datetime,
+    period: str | None,
+    now: datetime,
+    zone: ZoneInfo,
+    text: str | None,
+) -> int | None:
+    """A visit to a person (after an SOS, or a recurring one): no device, so nothing but its
+    worker closes it. Given to the grid workers of the resident's grid (none: whoever
+    :func:`task_owners` finds); ``text``, if any, is texted to them.
+
+    Returns None when it exists already: one per incident, one per resident and period.
+    """
+    people = grid_workers(conn, grid_id) or task_owners(conn, TaskKind.VISIT, grid_id, 0, now, zone)
+    owner_area = next((p.area_id for p in people if p.area_id), grid_id)
+    row = conn.execute(
+        """
+        INSERT INTO care_tasks (incident_id, kind, device_id, resident_id, area_id, owner_area_id, reason,
+            opened_at, problem_since, due_at, deadline, period)
+        VALUES (%s, 'visit', NULL, %s, %s, %s, %s, %s, %s, %s, %s, %s)
+        ON CONFLICT DO NOTHING RETURNING id
+        """,
+        (incident_id, resident_id, grid_id, owner_area, purpose.value, now, since, deadline, deadline, period),
+    ).fetchone()
+    if row is None:
+        return None
+    task_id = int(row[0])
+    cause = add_event(
+        conn,
+        incident_id,
+        now,
+        "task_opened",
+        "care",
+        {
+            "task_id": task_id,
+            "task": TaskKind.VISIT.value,
+            "reason": purpose.value,
+            "period": period,
+            "owner_area": owner_area,
+            "due_at": deadline.isoformat(),
+            "owners": [{"id": p.id, "name": p.name, "role": p.role} for p in people],
+        },
+    )
+    if text:
+        queue_notice(conn, incident_id, cause, text, _contacts(people), now)
+        wake_routers(conn, "care")
     return task_id
 
 
@@ -335,9 +408,10 @@ def escalate_task(conn: Conn, task: TaskRow, now: datetime, due: timedelta, zone
             "owners": [{"id": p.id, "name": p.name, "role": p.role} for p in people],
         },
     )
+    subject = task.device_id or PLANNED_LABEL.get(task.reason, task.reason)
     text = (
         f"【守护】{LABEL[task.kind]}{task.code}逾期未完成，已升级由您督办"
-        f"（{task.device_id}，原责任区域{task.owner_area_id}），请于{_local(due_at, zone)}前落实。"
+        f"（{subject}，原责任区域{task.owner_area_id}），请于{_local(due_at, zone)}前落实。"
     )
     queue_notice(conn, task.incident_id, cause, text, _contacts(people), now)
     wake_routers(conn, "care")

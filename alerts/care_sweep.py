@@ -12,6 +12,8 @@ Rules (docs/escalation.md, "Between emergencies"):
   camera has stayed back for the same hold (a camera flapping inside that keeps its one
   order), with its time to repair;
 - a task past due → one level up the area tree, with a new deadline;
+- an SOS or a fall resolved → a follow-up visit, and a resident with ``visits:`` in
+  the registry → one visit per month or week (``alerts/visits.py``);
 - battery at or below ``SHOUHU_BATTERY_LOW_PCT`` → a blue incident; the guardian is
   told at most once a local day, the grid worker too at ``SHOUHU_BATTERY_CRITICAL_PCT``;
   quiet hours hold those notices until the morning;
@@ -36,6 +38,7 @@ from zoneinfo import ZoneInfo
 import psycopg
 from prometheus_client import Counter
 
+from alerts import visits
 from alerts.acknowledge import Actor
 from alerts.attempts import cancel_pending, queue_notice
 from alerts.care import (
@@ -54,7 +57,7 @@ from alerts.states import OPEN_SQL, IncidentState
 from alerts.timeline import add_event, wake_routers
 from devices.kinds import IncidentKind, Outcome, TaskKind, TaskOutcome, TaskState
 from shouhu.db import Conn
-from shouhu.settings import Settings
+from shouhu.settings import DEFAULT_FOLLOW_UP_DUE_S, Settings
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,8 @@ class CareRules:
     battery_low: int
     battery_critical: int
     zone: ZoneInfo
+    follow_up_due: timedelta = timedelta(seconds=DEFAULT_FOLLOW_UP_DUE_S)
+    follow_up_false_alarms: bool = False
 
     @classmethod
     def from_settings(cls, settings: Settings) -> CareRules:
@@ -95,6 +100,8 @@ class CareRules:
             battery_low=settings.battery_low_pct,
             battery_critical=min(settings.battery_critical_pct, settings.battery_low_pct),
             zone=settings.zone,
+            follow_up_due=timedelta(seconds=settings.follow_up_due_s),
+            follow_up_false_alarms=settings.follow_up_false_alarms,
         )
 
     def due(self, kind: TaskKind) -> timedelta:
@@ -116,6 +123,8 @@ class CareReport:
     battery_incidents: list[int] = field(default_factory=list)
     battery_notices: int = 0
     charged: list[int] = field(default_factory=list)
+    follow_ups: list[int] = field(default_factory=list)  # task ids: visits after an SOS or a fall
+    scheduled: list[int] = field(default_factory=list)  # task ids: this month's or week's visits
 
 
 # Devices a maintenance window covers now: its own window, or one on its area or any
@@ -313,7 +322,8 @@ def _follow_one(conn: Conn, report: CareReport, rules: CareRules, now: datetime,
         report.closed.append(task_id)
         return
     if due_at <= now and not back:
-        if active_window(conn, task.device_id, now) is not None:
+        # A visit to a person (no device) has no maintenance window of its own.
+        if task.device_id is not None and active_window(conn, task.device_id, now) is not None:
             report.silenced.append(task.device_id)
             return
         escalate_task(conn, task, now, rules.due(kind), rules.zone)
@@ -345,6 +355,34 @@ def _close_recovered(conn: Conn, task: TaskRow, now: datetime) -> None:
     tell_owners(conn, task, event, f"【守护】{label}{task.code}：{task.device_id}已恢复，任务自动销号。", now)
     wake_routers(conn, "care")
     CARE_EVENTS.labels(f"{task.kind.value}_recovered").inc()
+
+
+def _follow_ups(conn: Conn, report: CareReport, rules: CareRules, now: datetime) -> None:
+    """A follow-up visit for each SOS or fall resolved without one yet."""
+    params = {"since": now - rules.follow_up_due, "false_alarms": rules.follow_up_false_alarms, "limit": BATCH}
+    for row in conn.execute(visits.FOLLOW_UPS_MISSING, params).fetchall():
+        _isolated(conn, "follow-up visit for incident", row[0], partial(_follow_up_one, conn, report, rules, now, row))
+
+
+def _follow_up_one(conn: Conn, report: CareReport, rules: CareRules, now: datetime, row: tuple[Any, ...]) -> None:
+    task_id = visits.open_follow_up(conn, row, rules.follow_up_due, now, rules.zone)
+    if task_id is not None:
+        CARE_EVENTS.labels("follow_up_opened").inc()
+        report.follow_ups.append(task_id)
+
+
+def _scheduled_visits(conn: Conn, report: CareReport, rules: CareRules, now: datetime) -> None:
+    """This month's or this week's visit for each resident the registry asks it for."""
+    params = visits.scheduled_params(now, rules.zone, BATCH)
+    for row in conn.execute(visits.SCHEDULED_MISSING, params).fetchall():
+        _isolated(conn, "recurring visit for resident", row[0], partial(_scheduled_one, conn, report, rules, now, row))
+
+
+def _scheduled_one(conn: Conn, report: CareReport, rules: CareRules, now: datetime, row: tuple[Any, ...]) -> None:
+    task_id = visits.open_scheduled(conn, row, now, rules.zone)
+    if task_id is not None:
+        CARE_EVENTS.labels("scheduled_visit_opened").inc()
+        report.scheduled.append(task_id)
 
 
 # Bands low now that still have someone to tell today (a notice claimed for today, or
@@ -505,6 +543,29 @@ def sweep(conn: Conn, now: datetime, rules: CareRules, *, lock_key: int = CARE_L
     return report
 
 
+def sweep_visits(conn: Conn, now: datetime, rules: CareRules, *, lock_key: int = CARE_LOCK_KEY) -> CareReport:
+    """Open the visits from the seeds once, in one transaction, if this process leads:
+    follow-ups after an SOS or a fall, and this month's and week's recurring visits.
+
+    A pass of its own beside :func:`sweep` (the same leader lock, taken in turn), so the
+    device rules are read and tested without the registry's visit calendar.
+
+    Raises:
+        ValueError: ``now`` is naive.
+    """
+    if now.tzinfo is None:
+        raise ValueError(f"naive datetime {now!r}: the care sweeper works in timezone-aware UTC")
+    report = CareReport()
+    with conn.transaction():
+        (leader,) = conn.execute("SELECT pg_try_advisory_xact_lock(%s)", (lock_key,)).fetchone() or (False,)
+        if not leader:
+            return report
+        report.leader = True
+        _follow_ups(conn, report, rules, now)
+        _scheduled_visits(conn, report, rules, now)
+    return report
+
+
 class CareSweeper:
     """Runs :func:`sweep` every few seconds on its own connection until stopped."""
 
@@ -522,6 +583,7 @@ class CareSweeper:
                 if conn is None or conn.closed:
                     conn = psycopg.connect(self.database_url, application_name="shouhu-care")
                 sweep(conn, self.clock(), self.rules)
+                sweep_visits(conn, self.clock(), self.rules)
             except psycopg.OperationalError as exc:
                 log.warning("care sweeper: database unavailable (%s); retrying", exc)
                 if conn is not None:

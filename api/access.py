@@ -55,6 +55,11 @@ AREA_SETTERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR})
 CAMERA_CARETAKERS: frozenset[Role] = frozenset(
     role for role, kinds in TASK_KINDS_OF_ROLE.items() if TaskKind.REPAIR in kinds
 )
+# The visit rate (/api/v1/reports/visits): the roles that work or oversee visits, each
+# within its areas (a grid worker sees the grids it is bound to).
+VISIT_REPORT_READERS: frozenset[Role] = frozenset(
+    role for role, kinds in TASK_KINDS_OF_ROLE.items() if TaskKind.VISIT in kinds
+)
 # The governance overview (/console/overview): incidents, response times and gaps county-wide.
 OVERVIEW_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR})
 # The response figures (/api/v1/reports/response) are the overview's: the same set.

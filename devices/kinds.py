@@ -43,6 +43,7 @@ class IncidentKind(StrEnum):
     NOT_WORN = "not_worn"
     LOW_BATTERY = "low_battery"
     CAMERA_OFFLINE = "camera_offline"
+    SCHEDULED_VISIT = "scheduled_visit"  # a recurring visit came due (the registry's `visits:`)
 
 
 class Severity(StrEnum):
@@ -69,6 +70,7 @@ SEVERITY_OF_KIND: dict[IncidentKind, Severity] = {
     IncidentKind.NOT_WORN: Severity.YELLOW,
     IncidentKind.CAMERA_OFFLINE: Severity.YELLOW,
     IncidentKind.LOW_BATTERY: Severity.BLUE,
+    IncidentKind.SCHEDULED_VISIT: Severity.BLUE,
 }
 
 
@@ -129,8 +131,22 @@ class AttemptPurpose(StrEnum):
 
 
 class TaskKind(StrEnum):
-    VISIT = "visit"  # 网格员探视: a wristband offline or not worn
+    VISIT = "visit"  # 网格员探视: a wristband offline or not worn, after an SOS, or a recurring visit
     REPAIR = "repair"  # 雪亮工程 repair work order: a camera offline
+
+
+class VisitFrequency(StrEnum):
+    """A resident's recurring visit (the registry's ``visits:``): one per calendar month or ISO week."""
+
+    MONTHLY = "monthly"  # 特困老人: every month
+    WEEKLY = "weekly"  # high-risk: every week
+
+
+class PlannedVisit(StrEnum):
+    """Why a visit to a person (not about a device) opened: stored as the task's ``reason``."""
+
+    FOLLOW_UP = "follow_up"  # after an SOS or a fall was resolved
+    SCHEDULED = "scheduled"  # the resident's monthly or weekly visit
 
 
 class TaskState(StrEnum):

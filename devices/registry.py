@@ -165,6 +165,7 @@ def load_registry(conn: psycopg.Connection, registry: RegistryFile) -> LoadRepor
                     "medical_notes": r.medical_notes,
                     "lat": r.lat,
                     "lon": r.lon,
+                    "visit_frequency": r.visits.value if r.visits else None,
                 }
                 for r in registry.residents
             ],

@@ -30,6 +30,7 @@ from devices.kinds import (
     EscalationTarget,
     IncidentKind,
     StaffRole,
+    VisitFrequency,
     Weekday,
 )
 
@@ -167,6 +168,8 @@ class ResidentEntry(_Entry):
     lat: float | None = Field(default=None, ge=-90, le=90)
     lon: float | None = Field(default=None, ge=-180, le=180)
     guardians: list[GuardianEntry] = Field(default_factory=list)
+    # A recurring visit by the grid worker: monthly (特困老人) or weekly (high-risk); none by default.
+    visits: VisitFrequency | None = None
 
 
 class DeviceEntry(_Entry):

@@ -25,6 +25,8 @@ DEFAULT_RESOLVE_TIMEOUT_S = 1800
 DEFAULT_ACK_TIMEOUT_S = 120
 # How long after the press a wristband's cancel still stands an SOS down.
 DEFAULT_CANCEL_WINDOW_S = 30
+# How long a grid worker has for the follow-up visit after an SOS or a fall.
+DEFAULT_FOLLOW_UP_DUE_S = 86400
 # SHOUHU_TIMEZONE's default: where duty rosters and local days are evaluated.
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 
@@ -77,6 +79,11 @@ class Settings(BaseSettings):
     not_worn_hold_s: PositiveSeconds = 21600
     visit_due_s: PositiveSeconds = 14400
     repair_due_s: PositiveSeconds = 172800
+    # Visits from the seeds (issue #15): an SOS or a fall resolved → a follow-up visit
+    # (网格员探视) due within follow_up_due_s; a false alarm gets one only if
+    # follow_up_false_alarms says so.
+    follow_up_due_s: PositiveSeconds = DEFAULT_FOLLOW_UP_DUE_S
+    follow_up_false_alarms: bool = False
     battery_low_pct: Annotated[int, Field(ge=1, le=99)] = 20
     battery_critical_pct: Annotated[int, Field(ge=1, le=99)] = 10
     timezone: str = DEFAULT_TIMEZONE

@@ -512,6 +512,21 @@ def _build_residents(b: _Builder, homes: list[tuple[str, str, float, float]]) ->
         )
 
 
+def _assign_visits(residents: list[Entry]) -> None:
+    """Recurring visits (issue #15): some elders monthly (特困), fewer weekly (high-risk).
+
+    A random stream of its own, so the residents, staff and devices drawn from ``SEED``
+    stay exactly as they were.
+    """
+    rng = random.Random(f"{SEED}-visits")  # noqa: S311 - reproducible synthetic data
+    for resident in residents:
+        draw = rng.random()
+        if draw < 0.08:
+            resident["visits"] = "weekly"
+        elif draw < 0.25:
+            resident["visits"] = "monthly"
+
+
 def _build_cameras(b: _Builder) -> None:
     camera_areas: list[str] = []
     for area in b.areas:
@@ -575,6 +590,7 @@ def build_demo_county() -> dict[str, object]:
         operator = b.add_staff(f"op-{index:02d}", "operator", [COUNTY_ID])
         b.add_roster(operator, COUNTY_ID, start, end)
     _build_residents(b, homes)
+    _assign_visits(b.residents)
     _build_cameras(b)
     return {
         "areas": b.areas,

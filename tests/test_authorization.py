@@ -296,6 +296,13 @@ MATRIX: tuple[Case, ...] = (
         frozenset(SUPERVISORS),
         denied=403,
     ),
+    Case(
+        "get",
+        "/api/v1/reports/visits",
+        "/api/v1/reports/visits?area={grid}",
+        frozenset(VISIT_ROLES),
+        denied=403,
+    ),
     # The audit log spans the county: an admin bound to an area is refused too.
     Case("get", "/api/v1/audit", "/api/v1/audit", frozenset(), denied=403, other=0),
 )

@@ -20,13 +20,17 @@ import psycopg
 import pytest
 from playwright.sync_api import Browser, expect
 
-from alerts.care_sweep import sweep
+from alerts.acknowledge import Actor, resolve
+from alerts.care import close_task
+from alerts.care_sweep import sweep, sweep_visits
+from alerts.visits import period_of
 from api.main import create_app
+from devices.kinds import Outcome, TaskOutcome, VisitFrequency
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from tests.support.browser import assert_accessible_basics, log_in, snap
-from tests.support.care import RULES, heard, last_will
-from tests.support.escalation import press, q
+from tests.support.care import RULES, WORKER, heard, last_will
+from tests.support.escalation import ZONE, press, q
 from tests.support.services import serve_app
 
 GRID_A, GRID_B = "dongguan-01-g1", "xiguan-02-g2"
@@ -127,13 +131,38 @@ def test_a_technician_closes_a_work_order_from_the_board(browser: Browser, site:
     expect(page.locator("#orders")).not_to_contain_text("cam-002")
 
 
+def follow_ups_due_this_month(url: str, bands: list[str]) -> None:
+    """Two SOS of GRID_A resolved, their follow-up visits due just now (inside this local
+    month at any hour, even a minute after it began): one visited on time, one not."""
+    now = datetime.now(UTC)
+    month_start = period_of(VisitFrequency.MONTHLY, now, ZONE).start
+    deadline = now - min(timedelta(minutes=2), (now - month_start) / 2)
+    resolved = deadline - RULES.follow_up_due
+    operator = Actor("staff", "op-01", "值班员", None, "operator")
+    with psycopg.connect(url, autocommit=True) as conn:
+        for band, msg_id in zip(bands, ("visit-1", "visit-2"), strict=True):
+            incident = press(url, band, resolved - timedelta(minutes=5), msg_id=msg_id)
+            with conn.transaction():
+                resolve(conn, incident, Outcome.VISITED_FINE, "", operator, resolved)
+        [visited, _missed] = sweep_visits(conn, resolved + timedelta(seconds=1), RULES, lock_key=0x7E57_C0DE).follow_ups
+        with conn.transaction():
+            close_task(conn, visited, TaskOutcome.RESIDENT_FINE, "", WORKER, deadline - timedelta(seconds=1))
+
+
 def test_the_governance_overview_in_chinese_and_english(browser: Browser, site: dict[str, Any]) -> None:
     press(site["url"], site["wristbands"][1], datetime.now(UTC), msg_id="console-overview")
+    follow_ups_due_this_month(site["url"], site["wristbands"][2:4])
     page = log_in(browser, site["base"], site["tokens"]["operator"])
     assert page.url.endswith("/console/overview")
     assert_accessible_basics(page)
     expect(page.locator("#severity-table")).to_contain_text("东关村第一网格")
     expect(page.locator("#sos-response")).to_contain_text("60 秒内接单")
+    # The month's visit rate against the 100 % target: one of two follow-ups on time.
+    expect(page.locator("#visit-h")).to_contain_text("本月探视率（目标 100%）")
+    row = page.locator(f"#visit-rate tr[data-area='{GRID_A}']")
+    expect(row).to_contain_text("东关村第一网格")
+    expect(row).to_have_class("below-target")
+    expect(page.locator("#visit-rate-total")).to_contain_text("50.0% / 100.0%")
     expect(page.locator("h2", has_text="今晚无网格员值班的网格")).to_be_visible()
     snap(page, "governance-overview")
     page.get_by_role("link", name="English").click()

@@ -11,7 +11,7 @@ import phonenumbers
 import pytest
 import yaml
 
-from devices.kinds import AreaLevel, DeviceKind, StaffRole, Weekday
+from devices.kinds import AreaLevel, DeviceKind, StaffRole, VisitFrequency, Weekday
 from devices.registry_file import RegistryFile, RosterEntry, parse_registry
 from simulators.demo_county_gen import OUTPUT, build_demo_county, render_demo_county
 
@@ -95,6 +95,13 @@ def test_residents(registry: RegistryFile) -> None:
         assert abs(r.lon - 111.6) < 0.2, r.id
     grids = {a.id for a in registry.areas if a.level is AreaLevel.GRID}
     assert grids <= {r.grid for r in residents}, "every grid has residents"
+
+
+def test_some_residents_have_recurring_visits(registry: RegistryFile) -> None:
+    frequencies = Counter(r.visits for r in registry.residents)
+    assert frequencies[VisitFrequency.WEEKLY] >= 5
+    assert frequencies[VisitFrequency.MONTHLY] > frequencies[VisitFrequency.WEEKLY]
+    assert frequencies[None] > len(registry.residents) / 2, "most residents are visited only when something happens"
 
 
 def test_staff_and_rosters(registry: RegistryFile) -> None:

@@ -220,6 +220,12 @@ def test_edit_updates_in_place(database_url: str, tmp_path: Path) -> None:
             lambda d: d["devices"][0].update(model="X\x7f1"),
             "devices[0] (wb-1) field 'model': control character '\\x7f'",
         ),
+        # A visit frequency (issue 15) is monthly or weekly, nothing else.
+        (
+            lambda d: d["residents"][1].update(visits="daily"),
+            "residents[1] (r2) field 'visits': Input should be 'monthly' or 'weekly'",
+        ),
+        (lambda d: d["residents"][0].update(visits=4), "residents[0] (r1) field 'visits'"),
     ],
 )
 def test_bad_file_names_entry_and_field_and_loads_nothing(
@@ -233,6 +239,19 @@ def test_bad_file_names_entry_and_field_and_loads_nothing(
     assert any(expected in problem for problem in caught.value.problems), caught.value.problems
     with psycopg.connect(database_url) as conn:
         assert conn.execute("SELECT count(*) FROM areas").fetchone() == (0,)
+
+
+def test_visit_frequencies_load_change_and_clear(database_url: str, tmp_path: Path) -> None:
+    edited = yaml.safe_load(yaml.safe_dump(SMALL))
+    edited["residents"][0]["visits"] = "weekly"
+    edited["residents"][1]["visits"] = "monthly"
+    query = "SELECT id, visit_frequency FROM residents ORDER BY id"
+    with psycopg.connect(database_url) as conn:
+        load_registry(conn, parse_registry(_write(tmp_path, edited)))
+        assert conn.execute(query).fetchall() == [("r1", "weekly"), ("r2", "monthly")]
+        report = load_registry(conn, parse_registry(_write(tmp_path, SMALL, "plain.yaml")))
+        assert conn.execute(query).fetchall() == [("r1", None), ("r2", None)]
+    assert report.changes["residents"].upserted == 2
 
 
 def test_not_yaml_is_refused(tmp_path: Path) -> None:

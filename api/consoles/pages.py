@@ -28,6 +28,8 @@ from alerts import response
 from alerts.acknowledge import Result, acknowledge, decline, resolve
 from alerts.care import close_task, start_task
 from alerts.supervise import incident_due_at, is_overdue, supervision_counts
+from alerts.visits import VISIT_RATE_TARGET, parse_month, visit_rates
+from alerts.visits import total as visit_total
 from api import access, deps
 from api.access import (
     ACKNOWLEDGERS,
@@ -312,7 +314,7 @@ def incident_page(
     request: Request, conn: ConnDep, token: Viewer, lang: LangDep, now: Now, settings: SettingsDep, incident_id: int
 ) -> Response:
     found = _visible_incident(conn, token, incident_id)  # out of scope: 404 before anything is told
-    if found["task_id"] is not None:
+    if found["task_id"] is not None and found["severity"] != "red":  # a red one's task is its follow-up visit
         return RedirectResponse(f"/console/tasks/{found['task_id']}", status_code=status.HTTP_303_SEE_OTHER)
     context = _incident_context(conn, token, incident_id, lang, now)
     due = _due(context["i"], token, settings, now)
@@ -569,6 +571,7 @@ def _overview_context(request: Request, conn: ConnDep, token: TokenIdentity, now
         **_response_figures(conn, scope, since, until, now),
         "uncovered": queries.uncovered_tonight(conn, scope, now, zone),
         "offline": queries.devices_offline_by_area(conn, scope),
+        "visits": _visit_rates(conn, scope, end, now, zone),
         "period_from": start.isoformat(),
         "period_to": end.isoformat(),
         "token": token,
@@ -585,6 +588,11 @@ def _response_figures(
             "figures": response.figures(response.read_alarms(plain, since, until, scope), now),
             "supervised": supervision_counts(plain, scope, since, until),
         }
+def _visit_rates(conn: ConnDep, scope: list[str] | None, day: date, now: datetime, zone: ZoneInfo) -> dict[str, Any]:
+    """The visit rate of the month the period ends in (the REST report's figures), by grid."""
+    month = parse_month(f"{day:%Y-%m}", zone)
+    rates = visit_rates(conn, month, now, scope=scope)
+    return {"month": month.key, "areas": rates, "total": visit_total(rates), "target": VISIT_RATE_TARGET}
 
 
 @router.get("/overview")

@@ -24,7 +24,8 @@ OPEN_STATES = tuple(s.value for s in OPEN)
 def open_incidents(
     conn: DictConn, scope: list[str] | None, kinds: Sequence[str], limit: int = 200
 ) -> list[dict[str, Any]]:
-    """Open incidents, reddest then newest first, with the resident's name for the list."""
+    """Open incidents, reddest then newest first, with the resident's name for the list; a
+    resolved SOS whose follow-up visit is still open stays on the list with its visit."""
     rows = conn.execute(
         f"""
         SELECT i.id, i.code, i.kind, i.severity, i.state, i.opened_at, i.urgency, i.area_id,
@@ -34,7 +35,9 @@ def open_incidents(
         LEFT JOIN residents r ON r.id = i.resident_id
         LEFT JOIN areas a ON a.id = i.area_id
         LEFT JOIN care_tasks t ON t.incident_id = i.id
-        WHERE i.state = ANY(%(states)s) AND i.kind = ANY(%(kinds)s)
+        WHERE i.id IN (SELECT id FROM incidents WHERE state = ANY(%(states)s)
+                       UNION SELECT incident_id FROM care_tasks WHERE state <> 'closed')
+          AND i.kind = ANY(%(kinds)s)
           AND (%(scope)s::text[] IS NULL OR i.area_id = ANY(%(scope)s))
         ORDER BY CASE i.severity WHEN 'red' THEN 0 WHEN 'yellow' THEN 1 ELSE 2 END,
                  (i.state = '{IncidentState.ACKNOWLEDGED}'), i.opened_at DESC, i.id DESC

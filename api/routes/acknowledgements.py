@@ -60,8 +60,9 @@ def _check(conn: ConnDep, token: CurrentToken, scope: Scope, incident_id: int, *
     if token.role not in ACKNOWLEDGERS:
         raise HTTPException(status.HTTP_403_FORBIDDEN, f"a {token.role.value} token cannot act on this incident")
     # A visit or repair is taken and closed through its task, which records what was
-    # found; a blue notice asks nobody to come, so there is nothing to acknowledge.
-    if row["task_id"] is not None:
+    # found; a blue notice asks nobody to come, so there is nothing to acknowledge. (A
+    # red incident's task is its follow-up visit, opened once it is resolved.)
+    if row["task_id"] is not None and row["severity"] != "red":
         raise HTTPException(
             status.HTTP_409_CONFLICT,
             f"incident {incident_id} is a {row['kind']} task: use /api/v1/tasks/{row['task_id']}/start and /close",

@@ -40,7 +40,8 @@ class TaskPublic(BaseModel):
     incident_id: int
     incident_code: str
     kind: TaskKind
-    device_id: str
+    device_id: str | None
+    """The device it is about; null for a visit to a person (a follow-up after an SOS, a recurring visit)."""
     resident_id: str | None
     area_id: str
     """The resident's grid or the camera's area."""
@@ -49,7 +50,8 @@ class TaskPublic(BaseModel):
     level: int
     """How many times it was escalated for being overdue."""
     reason: str
-    """Why it opened: the device's offline reason (no_heartbeat, last_will, reported:video_lost, …) or not_worn."""
+    """Why it opened: the device's offline reason (no_heartbeat, last_will, reported:video_lost, …), not_worn,
+    follow_up (after an SOS or a fall) or scheduled (the registry's monthly or weekly visit)."""
     state: TaskState
     opened_at: datetime
     problem_since: datetime

@@ -83,6 +83,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     # 13 is left free for parallel work on issue 13; versions need not be contiguous.
     Migration(14, "attempt leases: send outside any lock", sql_file="0014_attempt_leases.sql"),
     Migration(15, "first pages of unpaged incidents first", sql_file="0015_unpaged_first.sql"),
+    Migration(17, "visits: follow-ups after an SOS, recurring visits", sql_file="0017_visits.sql"),
     Migration(18, "an index for supervisions", sql_file="0018_supervision.sql"),
 )
 

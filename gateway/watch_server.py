@@ -1,0 +1,287 @@
+"""The watch gateway: an asyncio TCP server speaking the 4G watch protocol to the watches
+and contract v1 to the broker (docs/contract.md, "Watch protocol").
+
+Each connection has its own ``WatchFrameDecoder``; each frame is mapped by
+``map_frame`` and its messages published at QoS 1 on one paho connection (a stable client
+id and a persistent session, so receipts wait in the broker while it reconnects). ``LK``
+is answered at once. An ``AL`` is answered only once the hub's receipt for every alarm in
+it has arrived (``shouhu/v1/wristband/+/receipt``): a watch whose alarm was not stored
+gets no answer and sends it again — the same frame, so the same ``msg_id``.
+
+Bad input never stops the server: each rejection, ignored frame and dead letter is
+counted and logged with its bytes, and a connection that sends too much of it, or goes
+silent for too long, is closed; the others are served on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import threading
+from collections import Counter
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, tzinfo
+from typing import Any
+
+import paho.mqtt.client as mqtt
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from devices.contract import TOPIC_PREFIX
+from devices.kinds import DeviceKind
+from gateway.watch_frames import MAX_FRAME_BYTES, FrameRejected, WatchFrameDecoder
+from gateway.watch_messages import (
+    Answer,
+    AnswerWhen,
+    DeadLetter,
+    Ignored,
+    Mapped,
+    WristbandLookup,
+    map_frame,
+)
+from shouhu.mqtt_address import BrokerAddress
+
+log = logging.getLogger(__name__)
+
+DEFAULT_PORT = 5093
+RECEIPTS = f"{TOPIC_PREFIX}/{DeviceKind.WRISTBAND}/+/receipt"
+READ_BYTES = 4096
+
+
+@dataclass(frozen=True, slots=True)
+class WatchServerConfig:
+    mqtt_url: str
+    client_id: str  # stable: the broker keeps this session's receipts while we reconnect
+    watch_tz: tzinfo  # the zone the watches' clocks keep
+    host: str = "0.0.0.0"  # noqa: S104 (watches connect from anywhere)
+    port: int = DEFAULT_PORT  # 0: any free port (tests)
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    # A watch sends a heartbeat every few minutes; silent this long, it is gone.
+    idle_timeout_s: float = 900.0
+    # How long an AL waits for the hub's receipts before giving up (the watch re-sends).
+    receipt_timeout_s: float = 60.0
+    # Rejected frames (garbage runs included) one connection may send before it is closed.
+    max_rejections: int = 100
+    # A peer that does not read its answers this long is dropped.
+    write_timeout_s: float = 10.0
+
+
+class WatchServer:
+    """Run with ``await run()`` (or ``run_in_thread``); ``stop()`` from any thread."""
+
+    def __init__(
+        self,
+        config: WatchServerConfig,
+        lookup: WristbandLookup,
+        clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+    ) -> None:
+        self.config = config
+        self.lookup = lookup
+        self.clock = clock
+        self.counts: Counter[str] = Counter()
+        self.ready = threading.Event()
+        self.port: int | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._stopping: asyncio.Event | None = None
+        self._subscribed: asyncio.Event | None = None
+        # msg_id → the futures of the ALs waiting for its receipt (one per copy received).
+        self._waiting: dict[str, list[asyncio.Future[None]]] = {}
+        self._connections: set[asyncio.Task[None]] = set()
+        self._client = self._mqtt_client()
+
+    # ---------------------------------------------------------------------------- MQTT
+
+    def _mqtt_client(self) -> mqtt.Client:
+        client = mqtt.Client(
+            CallbackAPIVersion.VERSION2,
+            client_id=self.config.client_id,
+            protocol=MQTTProtocolVersion.MQTTv311,
+            clean_session=False,
+        )
+        address = BrokerAddress.parse(self.config.mqtt_url)
+        if address.username:
+            client.username_pw_set(address.username, address.password)
+        if address.tls:
+            client.tls_set()
+        client.reconnect_delay_set(1, 5)
+        client.on_connect = self._on_connect
+        client.on_subscribe = self._on_subscribe
+        client.on_message = self._on_receipt
+        return client
+
+    def _on_connect(self, client: mqtt.Client, *_args: Any) -> None:
+        # On every connect: a broker that lost the session lost the subscription too.
+        client.subscribe(RECEIPTS, qos=1)
+
+    def _on_subscribe(self, *_args: Any) -> None:
+        if self._loop is not None and self._subscribed is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed while we stopped
+                self._loop.call_soon_threadsafe(self._subscribed.set)
+
+    def _on_receipt(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """On paho's thread: hand the receipt's msg_id to the event loop."""
+        try:
+            receipt = json.loads(message.payload)
+        except ValueError:
+            return
+        msg_id = receipt.get("msg_id") if isinstance(receipt, dict) else None
+        if isinstance(msg_id, str) and self._loop is not None:
+            with contextlib.suppress(RuntimeError):  # the loop closed while we stopped
+                self._loop.call_soon_threadsafe(self._receipted, msg_id)
+
+    def _receipted(self, msg_id: str) -> None:
+        for future in self._waiting.pop(msg_id, []):
+            if not future.done():
+                future.set_result(None)
+
+    def _publish(self, mapped: Mapped) -> None:
+        for publication in mapped.publications:
+            # Queued by paho while the broker is away (QoS 1), sent on reconnect.
+            self._client.publish(str(publication.topic), publication.payload, qos=1)
+            self.counts[f"published:{publication.topic.channel}"] += 1
+
+    # ----------------------------------------------------------------------- the server
+
+    async def run(self) -> None:
+        """Serve until ``stop()``."""
+        self._loop = asyncio.get_running_loop()
+        self._stopping = asyncio.Event()
+        self._subscribed = asyncio.Event()
+        server = await asyncio.start_server(self._serve_connection, self.config.host, self.config.port)
+        address = BrokerAddress.parse(self.config.mqtt_url)
+        self._client.connect_async(address.host, address.port)
+        self._client.loop_start()
+        try:
+            self.port = server.sockets[0].getsockname()[1]
+            # Ready once the receipts subscription stands: an AL before it could miss its receipt.
+            subscribed = asyncio.create_task(self._subscribed.wait())
+            stopping = asyncio.create_task(self._stopping.wait())
+            await asyncio.wait({subscribed, stopping}, return_when=asyncio.FIRST_COMPLETED)
+            subscribed.cancel()
+            if not self._stopping.is_set():
+                self.ready.set()
+                log.info("watch gateway listening on %s:%s", self.config.host, self.port)
+            await stopping
+        finally:
+            server.close()
+            for task in list(self._connections):
+                task.cancel()
+            await asyncio.gather(*self._connections, return_exceptions=True)
+            await server.wait_closed()
+            self._client.disconnect()
+            self._client.loop_stop()
+
+    def stop(self) -> None:
+        """Stop serving; safe from any thread."""
+        if self._loop is not None and self._stopping is not None:
+            self._loop.call_soon_threadsafe(self._stopping.set)
+
+    def run_in_thread(self, timeout: float = 15.0) -> threading.Thread:
+        """Run on a thread of its own event loop; returns once ready."""
+        thread = threading.Thread(target=asyncio.run, args=(self.run(),), name="watch-gateway", daemon=True)
+        thread.start()
+        if not self.ready.wait(timeout):
+            raise TimeoutError(f"watch gateway not ready within {timeout} s")
+        return thread
+
+    async def _serve_connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        assert task is not None
+        self._connections.add(task)
+        peer = writer.get_extra_info("peername")
+        answers: set[asyncio.Task[None]] = set()
+        self.counts["connections"] += 1
+        try:
+            await self._read_frames(reader, writer, answers, peer)
+        except (ConnectionError, TimeoutError) as exc:
+            log.info("watch connection %s closed: %r", peer, exc)
+        finally:
+            for answer in answers:
+                answer.cancel()
+            writer.close()
+            with contextlib.suppress(ConnectionError, TimeoutError):
+                await asyncio.wait_for(writer.wait_closed(), self.config.write_timeout_s)
+            self._connections.discard(task)
+
+    async def _read_frames(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        answers: set[asyncio.Task[None]],
+        peer: Any,
+    ) -> None:
+        decoder = WatchFrameDecoder(self.config.max_frame_bytes)
+        rejections = 0
+        while True:
+            try:
+                data = await asyncio.wait_for(reader.read(READ_BYTES), self.config.idle_timeout_s)
+            except TimeoutError:
+                self.counts["closed:idle"] += 1
+                return
+            if not data:
+                return
+            for item in decoder.feed(data):
+                if isinstance(item, FrameRejected):
+                    rejections += 1
+                    self.counts[f"rejected:{item.reason}"] += 1
+                    log.warning("watch %s: %s (%s): %r", peer, item.reason, item.detail, item.raw[:200])
+                    continue
+                result = map_frame(item, self.lookup, self.clock(), self.config.watch_tz)
+                if isinstance(result, Ignored):
+                    self.counts[f"ignored:{result.reason}"] += 1
+                    log.info("watch %s: %s ignored (%s)", item.device_id, item.command[:20], result.detail)
+                elif isinstance(result, DeadLetter):
+                    self.counts[f"dead_letter:{result.reason}"] += 1
+                    log.warning(
+                        "watch %s: dead letter %s (%s): %r", peer, result.reason, result.detail, result.raw[:500]
+                    )
+                else:
+                    self._publish(result)
+                    if result.answer is not None:
+                        await self._answer(result.answer, writer, answers)
+            if rejections > self.config.max_rejections:
+                self.counts["closed:bad_input"] += 1
+                log.warning("watch %s: closed after %d rejected frames", peer, rejections)
+                return
+
+    async def _answer(self, answer: Answer, writer: asyncio.StreamWriter, answers: set[asyncio.Task[None]]) -> None:
+        if answer.when is AnswerWhen.NOW:
+            await self._write(writer, answer.frame)
+            return
+        # Registered before the next read, and the messages were published just now: a
+        # receipt cannot come back before its waiter exists (both run on this loop).
+        assert self._loop is not None
+        futures = [self._loop.create_future() for _ in answer.receipt_msg_ids]
+        for msg_id, future in zip(answer.receipt_msg_ids, futures, strict=True):
+            self._waiting.setdefault(msg_id, []).append(future)
+        task = asyncio.create_task(self._answer_after_receipts(answer, futures, writer))
+        answers.add(task)
+        task.add_done_callback(answers.discard)
+
+    async def _answer_after_receipts(
+        self, answer: Answer, futures: list[asyncio.Future[None]], writer: asyncio.StreamWriter
+    ) -> None:
+        try:
+            await asyncio.wait_for(asyncio.gather(*futures), self.config.receipt_timeout_s)
+        except TimeoutError:
+            self.counts["unanswered:no_receipt"] += 1
+            log.warning(
+                "no receipt for %s in %s s: the watch re-sends", answer.receipt_msg_ids, self.config.receipt_timeout_s
+            )
+            return
+        finally:
+            for msg_id, future in zip(answer.receipt_msg_ids, futures, strict=True):
+                waiting = self._waiting.get(msg_id)
+                if waiting is not None and future in waiting:
+                    waiting.remove(future)
+                    if not waiting:
+                        del self._waiting[msg_id]
+        with contextlib.suppress(ConnectionError, TimeoutError):
+            await self._write(writer, answer.frame)
+            self.counts["answered:after_receipt"] += 1
+
+    async def _write(self, writer: asyncio.StreamWriter, frame: bytes) -> None:
+        writer.write(frame)
+        await asyncio.wait_for(writer.drain(), self.config.write_timeout_s)

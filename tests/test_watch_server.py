@@ -1,0 +1,194 @@
+"""gateway/watch_server.py against a real Mosquitto and a real hub over the demo county:
+watches connect over TCP, their frames become v1 messages the hub stores, ``LK`` is
+answered at once and ``AL`` only after the hub's receipt."""
+
+from __future__ import annotations
+
+import socket
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import timedelta, timezone
+from typing import Any
+
+import pytest
+
+from devices.contract import MqttChannel
+from gateway.watch_frames import FrameRejected, WatchFrame, WatchFrameDecoder, escape
+from gateway.watch_messages import make_msg_id
+from gateway.watch_server import WatchServer, WatchServerConfig
+from hub.service import Hub
+from tests.support.hub import query, start_hub, wait_until
+from tests.support.services import Mosquitto
+
+WATCH = "8612345678"
+BAND = "wb-0061"
+CHINA = timezone(timedelta(hours=8))
+SOS_BODY = "041226,101500,A,30.274085,N,120.155070,E,0.5,90.0,12.0,7,80,64,1520,0,00010000,1,255,460,0,9340,3663,35"
+
+
+def frame(content: str, watch: str = WATCH) -> bytes:
+    body = content.encode()
+    return f"[3G*{watch}*{len(body):04X}*".encode() + escape(body) + b"]"
+
+
+class Watch:
+    """A watch's TCP connection: send frames, read the server's answers."""
+
+    def __init__(self, port: int) -> None:
+        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
+        self.decoder = WatchFrameDecoder()
+        self.answers: list[WatchFrame] = []
+
+    def send(self, data: bytes) -> None:
+        self.sock.sendall(data)
+
+    def answer(self) -> bytes:
+        """The next answer's bytes (blocks until one arrives; the socket times out at 30 s)."""
+        while not self.answers:
+            data = self.sock.recv(4096)
+            assert data, "the gateway closed the connection"
+            for item in self.decoder.feed(data):
+                assert not isinstance(item, FrameRejected), item
+                self.answers.append(item)
+        return self.answers.pop(0).raw
+
+    def closed_by_server(self) -> bool:
+        return self.sock.recv(4096) == b""
+
+    def close(self) -> None:
+        self.sock.close()
+
+
+@contextmanager
+def serving(broker: Mosquitto, **config: Any) -> Iterator[WatchServer]:
+    """A watch gateway on a free port, ready (subscribed to receipts) before this yields."""
+    settings = WatchServerConfig(
+        mqtt_url=broker.url,
+        client_id=f"test-watch-gateway-{uuid.uuid4().hex[:8]}",
+        watch_tz=CHINA,
+        host="127.0.0.1",
+        port=0,
+        **{"max_rejections": 5, **config},
+    )
+    server = WatchServer(settings, {WATCH: BAND}.get)
+    thread = server.run_in_thread()
+    try:
+        yield server
+    finally:
+        server.stop()
+        thread.join(15)
+    assert not thread.is_alive()
+
+
+@pytest.fixture
+def gateway(broker: Mosquitto) -> Iterator[WatchServer]:
+    with serving(broker) as server:
+        yield server
+
+
+def watch(server: WatchServer) -> Watch:
+    assert server.port is not None
+    return Watch(server.port)
+
+
+def ledger(url: str, msg_id: str) -> list[tuple[object, ...]]:
+    return query(url, "SELECT channel FROM message_ledger WHERE device_id = %s AND msg_id = %s", BAND, msg_id)
+
+
+def test_a_heartbeat_is_answered_at_once_and_stored(hub: Hub, county_url: str, gateway: WatchServer) -> None:
+    band = watch(gateway)
+    try:
+        band.send(frame("LK,1520,0,64"))
+        assert band.answer() == b"[3G*8612345678*0002*LK]"
+    finally:
+        band.close()
+    wait_until(lambda: query(county_url, "SELECT battery FROM device_state WHERE device_id = %s", BAND) == [(64,)])
+
+
+def test_an_sos_is_answered_only_after_the_hub_has_stored_it(hub: Hub, county_url: str, gateway: WatchServer) -> None:
+    band = watch(gateway)
+    sos_id = make_msg_id(WATCH, MqttChannel.SOS, f"AL,{SOS_BODY}".encode())
+    try:
+        band.send(frame(f"AL,{SOS_BODY}"))
+        assert band.answer() == b"[3G*8612345678*0002*AL]"
+        # The receipt exists only after the hub's commit: the alarm is stored already.
+        assert ledger(county_url, sos_id) == [("sos",)]
+        [(kind, state)] = query(county_url, "SELECT kind, state FROM incidents")
+        assert (kind, state) == ("sos", "open")
+        # The watch re-sends (it missed the answer): the same msg_id, one incident.
+        band.send(frame(f"AL,{SOS_BODY}"))
+        assert band.answer() == b"[3G*8612345678*0002*AL]"
+    finally:
+        band.close()
+    assert query(county_url, "SELECT count(*) FROM incidents") == [(1,)]
+    assert gateway.counts["answered:after_receipt"] == 2
+
+
+def test_an_alarm_nobody_stored_is_not_answered_until_a_resend_is(
+    county_url: str, broker: Mosquitto, gateway: WatchServer
+) -> None:
+    band = watch(gateway)
+    try:
+        band.send(frame(f"AL,{SOS_BODY}"))
+        band.send(frame("LK"))
+        # No hub: the heartbeat sent after the alarm is answered first, the alarm not at all.
+        assert band.answer() == b"[3G*8612345678*0002*LK]"
+        assert gateway.counts["answered:after_receipt"] == 0
+        worker, thread = start_hub(county_url, broker.url)
+        try:
+            band.send(frame(f"AL,{SOS_BODY}"))
+            assert band.answer() == b"[3G*8612345678*0002*AL]"
+        finally:
+            worker.stop()
+            thread.join(10)
+    finally:
+        band.close()
+    assert query(county_url, "SELECT kind FROM incidents") == [("sos",)]
+
+
+def test_bad_input_is_counted_and_never_stops_the_others(gateway: WatchServer) -> None:
+    noisy, flooding, calm = watch(gateway), watch(gateway), watch(gateway)
+    try:
+        noisy.send(b"GET / HTTP/1.1\r\n\r\n" + frame("LK", watch="8699999999") + frame("TKQ") + "[3G*坏*".encode())
+        noisy.send(b"[3G*8612345678*0003*LK]" + frame("LK"))
+        assert noisy.answer() == b"[3G*8612345678*0002*LK]"
+        # A peer that sends nothing but bad frames is closed after max_rejections.
+        flooding.send(b"[x]" * 10)
+        assert flooding.closed_by_server()
+        calm.send(frame("LK"))
+        assert calm.answer() == b"[3G*8612345678*0002*LK]"
+    finally:
+        for connection in (noisy, flooding, calm):
+            connection.close()
+    counts = gateway.counts
+    assert counts["rejected:garbage"] == 1
+    assert counts["rejected:unterminated"] == 1
+    assert counts["rejected:wrong_length"] == 1
+    assert counts["dead_letter:unknown_watch"] == 1
+    assert counts["ignored:unknown_command"] == 1
+    assert counts["closed:bad_input"] == 1
+
+
+def test_an_alarm_that_cannot_be_read_still_pages(hub: Hub, county_url: str, gateway: WatchServer) -> None:
+    """It may be an SOS: it goes to the SOS topic as it came and the hub pages it."""
+    band = watch(gateway)
+    try:
+        band.send(frame("AL,041226,101500,A,north"))
+        assert band.answer() == b"[3G*8612345678*0002*AL]"  # at once: no msg_id can be receipted
+    finally:
+        band.close()
+    wait_until(lambda: query(county_url, "SELECT kind, payload_unreadable FROM incidents") == [("sos", True)])
+
+
+def test_a_silent_connection_is_closed(broker: Mosquitto) -> None:
+    with serving(broker, idle_timeout_s=0.5) as server:
+        silent, talking = watch(server), watch(server)
+        try:
+            talking.send(frame("LK"))
+            assert talking.answer() == b"[3G*8612345678*0002*LK]"
+            assert silent.closed_by_server()
+        finally:
+            silent.close()
+            talking.close()
+        assert server.counts["closed:idle"] >= 1
