@@ -38,6 +38,7 @@ from devices.kinds import (
     TaskOutcome,
     TaskState,
 )
+from devices.reasons import how_long_text, offline_reason_text
 from shouhu.db import Conn
 
 # Care incidents have no escalation chain of steps; their task's due time is the
@@ -192,7 +193,10 @@ def open_task(
             "owners": [{"id": p.id, "name": p.name, "role": p.role} for p in people],
         },
     )
-    what = f"离线原因：{reason}" if kind is TaskKind.REPAIR else _visit_reason(reason, now - problem_since)
+    if kind is TaskKind.REPAIR:
+        what = f"离线原因：{offline_reason_text(reason)}"
+    else:
+        what = _visit_reason(reason, now - problem_since)
     text = (
         f"【守护】{LABEL[kind]}{code}：{_subject(conn, kind, device_id, resident_id, area_id)}{what}，"
         f"请于{_local(due_at, zone)}前{'上门查看' if kind is TaskKind.VISIT else '处理'}。"
@@ -271,8 +275,9 @@ def open_visit(
 
 
 def _visit_reason(reason: str, how_long: timedelta) -> str:
-    hours = max(int(how_long.total_seconds() // 3600), 1)
-    return f"已{hours}小时未佩戴" if reason == "not_worn" else f"已离线约{hours}小时"
+    # The time as it is: a hold shorter than an hour is not "1小时".
+    since = how_long_text(how_long)
+    return f"已{since}未佩戴" if reason == "not_worn" else f"已离线约{since}"
 
 
 def _code(conn: Conn, incident_id: int) -> str:

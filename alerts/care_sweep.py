@@ -152,6 +152,8 @@ _SILENCED = """
 # covers. A task somebody closed while the device is still down restarts the hold from
 # the close: "repaired" but still dark a hold later is a new order, not an instant one.
 # Rows from before a column existed (state_at, worn_since NULL) are left alone.
+# A band has one visit open at a time: a band left off the wrist whose battery then
+# runs out is the same trip to the same elder, not a second visit (it was).
 _OFFLINE_WRISTBANDS = (
     "WITH"
     + _SILENCED
@@ -160,8 +162,8 @@ _OFFLINE_WRISTBANDS = (
     FROM device_state s JOIN devices d ON d.id = s.device_id JOIN residents r ON r.id = d.resident_id
     WHERE d.kind = 'wristband' AND d.active AND r.active AND s.online = false AND s.state_at IS NOT NULL
       AND greatest(s.state_at, (SELECT max(closed_at) FROM care_tasks t WHERE t.device_id = d.id)) <= %(cutoff)s
-      AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'wristband_offline'
-                      AND i.state IN {OPEN_SQL})
+      AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id
+                      AND i.kind IN ('wristband_offline', 'not_worn') AND i.state IN {OPEN_SQL})
       AND d.id NOT IN (SELECT id FROM silenced)
     ORDER BY s.state_at LIMIT %(limit)s
 """
@@ -175,8 +177,8 @@ _UNWORN_WRISTBANDS = (
     WHERE d.kind = 'wristband' AND d.active AND r.active AND s.online AND s.worn = false
       AND s.worn_since IS NOT NULL
       AND greatest(s.worn_since, (SELECT max(closed_at) FROM care_tasks t WHERE t.device_id = d.id)) <= %(cutoff)s
-      AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id AND i.kind = 'not_worn'
-                      AND i.state IN {OPEN_SQL})
+      AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.device_id = d.id
+                      AND i.kind IN ('wristband_offline', 'not_worn') AND i.state IN {OPEN_SQL})
       AND d.id NOT IN (SELECT id FROM silenced)
     ORDER BY s.worn_since LIMIT %(limit)s
 """

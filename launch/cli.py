@@ -24,13 +24,16 @@ from launch.demo import (
     DEMO_FROM,
     DEMO_WEBHOOK_SECRET,
     PhoneNetwork,
-    demo_press,
+    demo_care,
     demo_providers,
     demo_twilio_credentials,
     is_local,
+    run_demo,
     simulated_phone_network,
 )
-from launch.output import NOT_LANDED_EXIT, api_address, fail, not_landed
+from launch.fleets import DEFAULT_RATE, FleetKind, FleetOptions
+from launch.fleets import run as run_fleet_until
+from launch.output import NOT_LANDED_EXIT, api_address, fail
 from launch.wiring import (
     EXIT_HUB_FAILED,
     care_sweeper,
@@ -49,6 +52,7 @@ from launch.wiring import (
     serve_api,
     start_thread,
 )
+from shouhu.settings import Settings
 
 __all__ = ["DEMO_ACCOUNT_SID", "DEMO_AUTH_TOKEN", "DEMO_FROM", "EXIT_HUB_FAILED", "NOT_LANDED_EXIT", "app"]
 
@@ -74,6 +78,18 @@ app.add_typer(registry_app, name="registry")
 app.add_typer(token_app, name="token")
 app.add_typer(staff_app, name="staff")
 app.add_typer(simulate_app, name="simulate")
+
+
+RegistryOption = Annotated[Path, typer.Option(help="The registry YAML file whose devices to simulate")]
+RateOption = Annotated[float, typer.Option(min=0.1, help="At most this many messages a second (printed as it runs)")]
+SeedOption = Annotated[int, typer.Option(help="The same seed gives the same fleet: habits, outages, readings")]
+IntervalOption = Annotated[
+    float | None,
+    typer.Option(
+        min=0.1,
+        help="Seconds between a device's reports where the registry sets none (default SHOUHU_HEARTBEAT_INTERVAL_S)",
+    ),
+]
 
 
 def _version(value: bool) -> None:
@@ -261,14 +277,29 @@ def simulate_wristbands(
     receipt_timeout: Annotated[
         float, typer.Option(help="Seconds to wait (re-sending) for the hub's receipt of each alarm")
     ] = 30.0,
+    fleet: Annotated[
+        bool, typer.Option("--fleet", help="Run every wristband of the registry: telemetry until stopped")
+    ] = False,
+    registry: RegistryOption = DEMO_COUNTY,
+    rate: RateOption = DEFAULT_RATE,
+    seed: SeedOption = 1,
+    interval: IntervalOption = None,
+    falls_per_hour: Annotated[
+        float, typer.Option(min=0, help="With --fleet: falls across the fleet an hour, each re-sent until its receipt")
+    ] = 0.0,
 ) -> None:
     """Simulated wristbands: SOS presses, cancels and falls, each re-sent until the hub's
-    receipt comes back (telemetry fleets: issue #5)."""
+    receipt comes back; or, with --fleet, the registry's wristbands' telemetry."""
     from simulators.wristband import Wristband
 
     settings = load_settings()
+    if fleet:
+        if press or cancel or fall:
+            fail("--fleet runs telemetry: give it without --press, --cancel or --fall", 2)
+        _run_fleet(FleetKind.WRISTBANDS, settings, registry, rate, seed, interval, falls_per_hour)
+        return
     if not (press or cancel or fall):
-        not_landed("simulate wristbands", 5, "the telemetry fleet (without --press, --cancel or --fall)")
+        fail("give --press, --cancel or --fall ID (alarms), or --fleet (the registry's telemetry)", 2)
     url = mqtt_url(settings)
     sends = [
         *((d, "sos", "press", "SOS press") for d in press or []),
@@ -294,9 +325,30 @@ def simulate_wristbands(
 
 
 @simulate_app.command("cameras")
-def simulate_cameras() -> None:
-    """Simulated cameras: health reports, outages."""
-    not_landed("simulate cameras", 5, "the camera fleet")
+def simulate_cameras(
+    registry: RegistryOption = DEMO_COUNTY,
+    rate: RateOption = DEFAULT_RATE,
+    seed: SeedOption = 1,
+    interval: IntervalOption = None,
+) -> None:
+    """Simulated cameras: the registry's cameras' health reports, outages (video lost,
+    power, network, storage), flapping and repairs, until stopped."""
+    _run_fleet(FleetKind.CAMERAS, load_settings(), registry, rate, seed, interval)
+
+
+def _run_fleet(
+    kind: FleetKind,
+    settings: Settings,
+    registry: Path,
+    rate: float,
+    seed: int,
+    interval: float | None,
+    falls_per_hour: float = 0.0,
+) -> None:
+    options = FleetOptions(registry, seed, rate, interval or settings.heartbeat_interval_s, falls_per_hour)
+    stop = threading.Event()
+    run_until_signal(stop.set)
+    run_fleet_until(kind, options, settings, mqtt_url(settings), stop)
 
 
 @simulate_app.command("phone-network")
@@ -342,7 +394,12 @@ def simulate_emergency_platform(
 @app.command()
 def up(
     demo: Annotated[
-        bool, typer.Option("--demo", help="Also load the demo county, simulate a phone network and press SOS")
+        bool,
+        typer.Option(
+            "--demo",
+            help="Also load the demo county, simulate a phone network, press SOS and run the simulated cameras"
+            " and wristbands",
+        ),
     ] = False,
     data_dir: Annotated[
         Path | None, typer.Option(help="Where the embedded database keeps its data (default: SHOUHU_DATA_DIR)")
@@ -376,7 +433,7 @@ def up(
     with ExitStack() as stack:
         stack.callback(api_socket.close)
         if demo:
-            settings = demo_providers(settings, stack)
+            settings = demo_care(demo_providers(settings, stack))
         elif phone_network is PhoneNetwork.SIMULATE:
             settings = simulated_phone_network(settings, stack)
         if data_dir is not None and not settings.data_dir:
@@ -420,7 +477,7 @@ def up(
             " or log in with such a token)"
         )
         if demo:
-            demo_press(url, broker_url, settings)
+            run_demo(url, broker_url, settings, stack)
         serve_api(url, settings, api_socket)
 
 

@@ -30,6 +30,15 @@ DEMO_AUTH_TOKEN = "demo-auth-token"  # noqa: S105 - only ever sent to the local 
 DEMO_FROM = "+12025550100"
 DEMO_WEBHOOK_SECRET = "demo-webhook-secret"  # noqa: S105 - only ever sent to the local simulator
 LOCAL_HOSTS = frozenset({"127.0.0.1", "localhost", "::1"})
+# Short holds, so that within a minute of `shouhu up --demo` the simulated fleets have
+# filled the technician board (repair orders) and the grid console (visits). A setting
+# the user gave keeps its value.
+DEMO_CARE = {
+    "heartbeat_interval_s": 10,
+    "camera_offline_hold_s": 20,
+    "visit_offline_hold_s": 30,
+    "not_worn_hold_s": 30,
+}
 
 
 class PhoneNetwork(StrEnum):
@@ -156,12 +165,21 @@ def demo_providers(settings: Settings, stack: ExitStack) -> Settings:
     )
 
 
+def demo_care(settings: Settings) -> Settings:
+    """The demo's short heartbeat and holds (:data:`DEMO_CARE`), where the user set none."""
+    update = {name: value for name, value in DEMO_CARE.items() if name not in settings.model_fields_set}
+    if update:
+        shown = ", ".join(f"SHOUHU_{name.upper()}={value}" for name, value in update.items())
+        typer.echo(f"demo: short holds, so visits and repair orders open within a minute: {shown}")
+    return settings.model_copy(update=update)
+
+
 def demo_press(url: str, broker_url: str, settings: Settings) -> None:
-    """Press SOS on a wristband whose grid has a grid worker on duty now."""
+    """Press SOS on a wristband whose grid has a grid worker on duty now; the press is
+    re-sent until the hub's receipt, which is printed (from a thread: nothing waits)."""
     from alerts.recipients import duty_chain
     from devices.registry import active_wristbands
     from shouhu.db import connect
-    from simulators.wristband import publish_alarm
 
     with connect(url) as conn:
         now = datetime.now(UTC)
@@ -175,8 +193,36 @@ def demo_press(url: str, broker_url: str, settings: Settings) -> None:
     typer.echo(
         f"demo: {band.resident_name}'s wristband {band.device_id} (grid {band.grid_id}) presses SOS; on duty: {who}"
     )
-    publish_alarm(broker_url, band.device_id, "sos", action="press")
+    start_thread(lambda: _press_until_receipt(broker_url, band.device_id), "demo-press")
     typer.echo(
         "demo: press again with `shouhu simulate wristbands --press <id>` or "
         f"mosquitto_pub -q 1 -t shouhu/v1/wristband/<id>/sos -m '{{...}}' on {broker_url}"
     )
+
+
+def _press_until_receipt(broker_url: str, device_id: str) -> None:
+    from simulators.wristband import Wristband
+
+    band = Wristband(broker_url, device_id)
+    try:
+        msg_id = band.alarm("sos", action="press")
+        receipt = band.wait_for_receipt(msg_id, timeout=60)
+    finally:
+        band.close()
+    if receipt is None:
+        typer.secho(f"demo: no receipt for {device_id}'s press within 60 s", err=True, fg=typer.colors.RED)
+    else:
+        typer.echo(f"demo: {device_id}: receipt: incident {receipt.get('incident')} ({receipt.get('state')})")
+
+
+def run_demo(url: str, broker_url: str, settings: Settings, stack: ExitStack) -> None:
+    """The demo's life: the first SOS press, then the simulated cameras and wristbands
+    until ``stack`` closes."""
+    import threading
+
+    from launch.fleets import start_demo_fleets
+
+    demo_press(url, broker_url, settings)
+    stop = threading.Event()
+    stack.callback(stop.set)
+    start_demo_fleets(settings, broker_url, DEMO_COUNTY, stop)

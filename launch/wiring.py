@@ -126,6 +126,9 @@ def serve_api(url: str, settings: Settings, sock: socket.socket | None = None) -
         host=settings.api_host,
         port=settings.api_port,
         log_level="info",
+        # A console's live feed never ends by itself: without this a stop (Ctrl-C) waits
+        # for every open console to be closed.
+        timeout_graceful_shutdown=5,
     )
     uvicorn.Server(config).run(sockets=[sock])
 

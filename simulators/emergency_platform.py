@@ -452,7 +452,6 @@ class DispatcherRequest(BaseModel):
     token: str
 
 
-
 def create_emergency_platform(
     secret: str,
     *,

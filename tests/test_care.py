@@ -198,7 +198,7 @@ def test_a_camera_offline_past_the_hold_opens_a_repair_order_for_its_technicians
     assert told
     assert {n[1] for n in told} <= {r[0] for r in technicians}
     assert "维修工单" in told[0][3]
-    assert "video_lost" in told[0][3]
+    assert "离线原因：视频丢失" in told[0][3]
     assert q(conn.info.dsn, "SELECT kind, severity FROM incidents WHERE id = %s", incident_id) == [
         ("camera_offline", "yellow")
     ]

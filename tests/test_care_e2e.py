@@ -85,7 +85,7 @@ def test_a_camera_dark_past_the_hold_reaches_its_technicians_and_closes_when_bac
     publish_health(port, "cam-005", online=True)
     publish_health(port, "cam-005", online=False, reason="video_lost")
     orders = wait_for(lambda: sms_containing(stack["phone"], "维修工单"), "the repair order's SMS")
-    assert all("cam-005" in m["body"] and "video_lost" in m["body"] for m in orders)
+    assert all("cam-005" in m["body"] and "视频丢失" in m["body"] for m in orders)
     with psycopg.connect(stack["database_url"]) as conn:
         technicians = {
             r[0] for r in conn.execute("SELECT phone FROM staff WHERE id = ANY(%s)", (list(TOWNSHIP_TECHNICIANS),))

@@ -24,7 +24,7 @@ import psutil
 import psycopg
 import pytest
 
-from launch.cli import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM, NOT_LANDED_EXIT
+from launch.cli import DEMO_ACCOUNT_SID, DEMO_AUTH_TOKEN, DEMO_FROM
 from shouhu import __version__
 from shouhu.embedded.postgres import free_port
 from tests.support.services import Mosquitto, press_and_wait_for_ring, scratch_dir, wristband_with_grid_worker_on_duty
@@ -43,18 +43,22 @@ def run_shouhu(*args: str, cwd: Path, **env: str) -> subprocess.CompletedProcess
     return subprocess.run([SHOUHU, *args], capture_output=True, text=True, env=_env(**env), cwd=cwd, timeout=120)
 
 
-@pytest.mark.parametrize(
-    ("verb", "issue"),
-    [
-        (["simulate", "wristbands"], "#5"),
-        (["simulate", "cameras"], "#5"),
-    ],
-)
-def test_unlanded_verbs_say_so_and_fail(tmp_path: Path, verb: list[str], issue: str) -> None:
-    result = run_shouhu(*verb, cwd=tmp_path)
-    assert result.returncode == NOT_LANDED_EXIT
-    assert "not available yet" in result.stderr
-    assert issue in result.stderr
+def test_a_fleet_verb_without_what_to_run_says_what_to_give(tmp_path: Path) -> None:
+    result = run_shouhu("simulate", "wristbands", cwd=tmp_path)
+    assert result.returncode == 2
+    assert "--press" in result.stderr
+    assert "--fleet" in result.stderr
+    both = run_shouhu("simulate", "wristbands", "--fleet", "--press", "wb-0001", cwd=tmp_path)
+    assert both.returncode == 2
+    assert "--fleet" in both.stderr
+    no_broker = run_shouhu("simulate", "cameras", cwd=tmp_path, SHOUHU_MQTT_URL=f"mqtt://127.0.0.1:{free_port()}")
+    assert no_broker.returncode == 2
+    assert "cannot reach the MQTT broker" in no_broker.stderr
+    assert "Traceback" not in no_broker.stderr
+    missing = run_shouhu("simulate", "cameras", "--registry", str(tmp_path / "nowhere.yaml"), cwd=tmp_path)
+    assert missing.returncode == 2
+    assert "--registry" in missing.stderr
+    assert "nowhere.yaml" in missing.stderr
 
 
 def test_every_design_verb_is_listed(tmp_path: Path) -> None:
@@ -308,13 +312,6 @@ def test_version_and_help_without_type_columns(tmp_path: Path) -> None:
         text = run_shouhu(*verb, "--help", cwd=tmp_path).stdout
         assert "<bool>" not in text, verb
     assert "--port" in run_shouhu("up", "--help", cwd=tmp_path).stdout
-
-
-def test_the_not_available_message_has_no_stray_backtick(tmp_path: Path) -> None:
-    result = run_shouhu("simulate", "wristbands", cwd=tmp_path)
-    assert result.returncode == NOT_LANDED_EXIT
-    assert "`shouhu simulate wristbands` is not available yet" in result.stderr
-    assert result.stderr.count("`") == 2
 
 
 @pytest.fixture

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import math
 from datetime import UTC, date, datetime, time, timedelta
+from functools import partial
 from pathlib import Path
 from typing import Annotated, Any
 from urllib.parse import urlencode
@@ -76,6 +77,7 @@ from devices.kinds import (
     TaskOutcome,
     TaskState,
 )
+from devices.reasons import offline_reason_text
 from shouhu.accounts import OwnerKind
 from shouhu.settings import Settings
 from shouhu.tokens import Role, TokenIdentity
@@ -187,6 +189,8 @@ def _render(
 def _duration(seconds: float | None) -> str:
     if seconds is None or math.isnan(seconds):
         return "—"
+    if seconds < 60:  # a camera out for 40 s is not "0 min"
+        return f"{max(int(seconds), 0)} s"
     minutes = int(seconds // 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours} h {minutes:02d} min" if hours else f"{minutes} min"
@@ -627,6 +631,7 @@ def _tech_context(request: Request, conn: ConnDep, token: TokenIdentity, now: da
         "period_from": start.isoformat(),
         "period_to": end.isoformat(),
         "token": token,
+        "reason": partial(offline_reason_text, english=get_lang(request) is Lang.EN),
     }
 
 
@@ -660,6 +665,7 @@ def _overview_context(request: Request, conn: ConnDep, token: TokenIdentity, now
         "period_from": start.isoformat(),
         "period_to": end.isoformat(),
         "token": token,
+        "reason": partial(offline_reason_text, english=get_lang(request) is Lang.EN),
     }
 
 

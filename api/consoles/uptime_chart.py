@@ -12,7 +12,7 @@ from html import escape
 from zoneinfo import ZoneInfo
 
 from api.deps import tuple_rows
-from devices.uptime import Span, local_midnight
+from devices.uptime import Span, Uptime, local_midnight, total
 from devices.uptime_store import uptime_report
 from shouhu.db import DictConn
 
@@ -72,12 +72,17 @@ def svg_chart(series: list[tuple[date, float | None]], *, title: str) -> str:
 def area_ratios(
     conn: DictConn, scope: list[str] | None, since: datetime, until: datetime, zone: ZoneInfo
 ) -> dict[str, float | None]:
-    """Each area's time-weighted online ratio over [since, until) (cameras in it and below)."""
+    """Each area's time-weighted online ratio over [since, until), of the cameras the
+    area itself holds — the ones the board counts on the same row (an area's row once
+    showed "1/1" beside the ratio of everything below it)."""
     if until <= since:
         return {}
     with tuple_rows(conn) as plain:
         report = uptime_report(plain, roots=scope, window=Span(since, until), now=until, zone=zone, by_day=False)
-    return {area.area.id: area.buckets[0].ratio for area in report.areas}
+    own: dict[str, list[Uptime]] = {}
+    for camera in report.cameras:
+        own.setdefault(camera.area_id, []).append(camera.buckets[0])
+    return {area_id: total(figures).ratio for area_id, figures in own.items()}
 
 
 def daily_ratios(
