@@ -9,7 +9,8 @@ it has arrived (``shouhu/v1/wristband/+/receipt``): a watch whose alarm was not 
 gets no answer and sends it again — the same frame, so the same ``msg_id``.
 
 Bad input never stops the server: each rejection, ignored frame and dead letter is
-counted and logged with its bytes, and a connection that sends too much of it, or goes
+counted and logged with its bytes (an SOS or fall of a watch the registry does not know
+still pages, as ``sos_unregistered``), and a connection that sends too much of it, or goes
 silent for too long, is closed; the others are served on.
 """
 
@@ -238,6 +239,15 @@ class WatchServer:
                         "watch %s: dead letter %s (%s): %r", peer, result.reason, result.detail, result.raw[:500]
                     )
                 else:
+                    if result.unregistered:
+                        # Paged all the same (sos_unregistered): the registry should know this watch.
+                        self.counts["unregistered_alarm"] += 1
+                        log.warning(
+                            "watch %s is not in the registry: its alarm pages as %s (%r)",
+                            item.device_id,
+                            result.wristband_id,
+                            item.raw[:500],
+                        )
                     self._publish(result)
                     if result.answer is not None:
                         await self._answer(result.answer, writer, answers)

@@ -147,6 +147,30 @@ def test_an_alarm_nobody_stored_is_not_answered_until_a_resend_is(
     assert query(county_url, "SELECT kind FROM incidents") == [("sos",)]
 
 
+def test_an_sos_of_a_watch_the_registry_does_not_have_pages_the_county(
+    hub: Hub, county_url: str, gateway: WatchServer
+) -> None:
+    """When in doubt about an SOS, page: an unknown watch's SOS opens ``sos_unregistered``
+    under ``watch-<id>``, exactly as an unknown MQTT wristband's, answered after the receipt."""
+    stranger = "8699999999"
+    band = watch(gateway)
+    try:
+        band.send(frame(f"AL,{SOS_BODY}", watch=stranger))
+        assert band.answer() == b"[3G*8699999999*0002*AL]"
+        # Answered only after the receipt: the incident is committed already.
+        assert query(county_url, "SELECT kind, device_id, area_id, state FROM incidents") == [
+            ("sos_unregistered", f"watch-{stranger}", "county", "open")
+        ]
+        band.send(frame(f"AL,{SOS_BODY}", watch=stranger))  # re-sent: the same msg_id
+        assert band.answer() == b"[3G*8699999999*0002*AL]"
+    finally:
+        band.close()
+    assert query(county_url, "SELECT count(*), max(urgency) FROM incidents") == [(1, 1)]
+    assert gateway.counts["unregistered_alarm"] == 2
+    assert gateway.counts["answered:after_receipt"] == 2
+    assert gateway.counts["dead_letter:unknown_watch"] == 0
+
+
 def test_bad_input_is_counted_and_never_stops_the_others(gateway: WatchServer) -> None:
     noisy, flooding, calm = watch(gateway), watch(gateway), watch(gateway)
     try:
