@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import threading
 from collections import Counter
 from collections.abc import Callable
@@ -77,14 +78,19 @@ class WatchServer:
         config: WatchServerConfig,
         lookup: WristbandLookup,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        sock: socket.socket | None = None,
     ) -> None:
+        """``sock``: a socket already listening (the CLI binds it first, so a port in use
+        fails before anything starts); else ``config.host``/``config.port`` are bound."""
         self.config = config
+        self.sock = sock
         self.lookup = lookup
         self.clock = clock
         self.counts: Counter[str] = Counter()
         self.ready = threading.Event()
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested = False  # a stop() before run() got its loop (a SIGTERM at start)
         self._stopping: asyncio.Event | None = None
         self._subscribed: asyncio.Event | None = None
         # msg_id → the futures of the ALs waiting for its receipt (one per copy received).
@@ -149,8 +155,13 @@ class WatchServer:
         """Serve until ``stop()``."""
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        if self._stop_requested:
+            self._stopping.set()
         self._subscribed = asyncio.Event()
-        server = await asyncio.start_server(self._serve_connection, self.config.host, self.config.port)
+        if self.sock is not None:
+            server = await asyncio.start_server(self._serve_connection, sock=self.sock)
+        else:
+            server = await asyncio.start_server(self._serve_connection, self.config.host, self.config.port)
         address = BrokerAddress.parse(self.config.mqtt_url)
         self._client.connect_async(address.host, address.port)
         self._client.loop_start()
@@ -174,8 +185,13 @@ class WatchServer:
             self._client.disconnect()
             self._client.loop_stop()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested
+
     def stop(self) -> None:
-        """Stop serving; safe from any thread."""
+        """Stop serving; safe from any thread (and from a signal handler)."""
+        self._stop_requested = True
         if self._loop is not None and self._stopping is not None:
             self._loop.call_soon_threadsafe(self._stopping.set)
 

@@ -30,6 +30,7 @@ from launch.demo import (
     is_local,
     simulated_phone_network,
 )
+from launch.gateway import listen_for_watches, start_watch_gateway
 from launch.output import NOT_LANDED_EXIT, api_address, fail, not_landed
 from launch.wiring import (
     EXIT_HUB_FAILED,
@@ -71,7 +72,11 @@ simulate_app = typer.Typer(
 )
 app.add_typer(registry_app, name="registry")
 app.add_typer(token_app, name="token")
+gateway_app = typer.Typer(
+    help="Gateways for wristbands that do not speak Shouhu's MQTT.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(simulate_app, name="simulate")
+app.add_typer(gateway_app, name="gateway")
 
 
 def _version(value: bool) -> None:
@@ -204,6 +209,26 @@ def router() -> None:
     care_thread.join(15)
 
 
+@gateway_app.command("watch")
+def gateway_watch() -> None:
+    """Serve the 4G watches' TCP protocol (SHOUHU_WATCH_PORT) and bridge it to the broker."""
+    from launch.gateway import listen_for_watches, make_watch_gateway, run_watch_gateway, watch_lookup
+    from shouhu.health_server import PortInUse, start_health_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_settings()
+    sock = listen_for_watches(settings)
+    lookup = watch_lookup(settings)
+    server = make_watch_gateway(settings, mqtt_url(settings), sock, lookup)
+    try:
+        start_health_server(settings.metrics_port, lambda: server.ready.is_set() and not server.stopping)
+    except PortInUse as exc:
+        fail(str(exc), 2)
+    run_until_signal(server.stop)
+    typer.echo(f"watch gateway: {settings.watch_host}:{settings.watch_port}, {lookup.count} watches registered")
+    run_watch_gateway(server)
+
+
 @simulate_app.command("wristbands")
 def simulate_wristbands(
     press: Annotated[list[str] | None, typer.Option(help="Press SOS on this wristband (repeatable)")] = None,
@@ -291,7 +316,7 @@ def simulate_emergency_platform(
 
 
 @app.command()
-def up(
+def up(  # noqa: PLR0915 (one straight sequence of start-up steps reads best in one place)
     demo: Annotated[
         bool, typer.Option("--demo", help="Also load the demo county, simulate a phone network and press SOS")
     ] = False,
@@ -326,6 +351,7 @@ def up(
     api_socket = listen(settings.api_host, settings.api_port, "--port or SHOUHU_API_PORT")
     with ExitStack() as stack:
         stack.callback(api_socket.close)
+        watch_socket = stack.enter_context(listen_for_watches(settings))  # taken: fails before anything starts
         if demo:
             settings = demo_providers(settings, stack)
         elif phone_network is PhoneNetwork.SIMULATE:
@@ -364,6 +390,9 @@ def up(
         if not hub_worker.ready.wait(30):
             fail(f"the hub did not become ready: its start-up probe did not come back from {broker_url}")
         typer.echo(f"hub: {settings.hub_id} ready on {broker_url}; router running")
+        # The watch gateway beside the hub; the demo's watch ids come from the demo county.
+        demo_watches = DEMO_COUNTY if demo and not settings.registry_file else None
+        threads.append(start_watch_gateway(settings, broker_url, watch_socket, demo_watches, stack))
         address = api_address(settings)
         typer.echo(f"API: {address} — /api/v1 (make a token with `shouhu token create --role operator`)")
         typer.echo(f"consoles: {address.split(' ', 1)[0]}/console (log in with such a token)")

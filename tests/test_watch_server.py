@@ -21,7 +21,7 @@ from hub.service import Hub
 from tests.support.hub import query, start_hub, wait_until
 from tests.support.services import Mosquitto
 
-WATCH = "8612345678"
+WATCH = "8600000061"
 BAND = "wb-0061"
 CHINA = timezone(timedelta(hours=8))
 SOS_BODY = "041226,101500,A,30.274085,N,120.155070,E,0.5,90.0,12.0,7,80,64,1520,0,00010000,1,255,460,0,9340,3663,35"
@@ -100,7 +100,7 @@ def test_a_heartbeat_is_answered_at_once_and_stored(hub: Hub, county_url: str, g
     band = watch(gateway)
     try:
         band.send(frame("LK,1520,0,64"))
-        assert band.answer() == b"[3G*8612345678*0002*LK]"
+        assert band.answer() == b"[3G*8600000061*0002*LK]"
     finally:
         band.close()
     wait_until(lambda: query(county_url, "SELECT battery FROM device_state WHERE device_id = %s", BAND) == [(64,)])
@@ -111,14 +111,14 @@ def test_an_sos_is_answered_only_after_the_hub_has_stored_it(hub: Hub, county_ur
     sos_id = make_msg_id(WATCH, MqttChannel.SOS, f"AL,{SOS_BODY}".encode())
     try:
         band.send(frame(f"AL,{SOS_BODY}"))
-        assert band.answer() == b"[3G*8612345678*0002*AL]"
+        assert band.answer() == b"[3G*8600000061*0002*AL]"
         # The receipt exists only after the hub's commit: the alarm is stored already.
         assert ledger(county_url, sos_id) == [("sos",)]
         [(kind, state)] = query(county_url, "SELECT kind, state FROM incidents")
         assert (kind, state) == ("sos", "open")
         # The watch re-sends (it missed the answer): the same msg_id, one incident.
         band.send(frame(f"AL,{SOS_BODY}"))
-        assert band.answer() == b"[3G*8612345678*0002*AL]"
+        assert band.answer() == b"[3G*8600000061*0002*AL]"
     finally:
         band.close()
     assert query(county_url, "SELECT count(*) FROM incidents") == [(1,)]
@@ -133,12 +133,12 @@ def test_an_alarm_nobody_stored_is_not_answered_until_a_resend_is(
         band.send(frame(f"AL,{SOS_BODY}"))
         band.send(frame("LK"))
         # No hub: the heartbeat sent after the alarm is answered first, the alarm not at all.
-        assert band.answer() == b"[3G*8612345678*0002*LK]"
+        assert band.answer() == b"[3G*8600000061*0002*LK]"
         assert gateway.counts["answered:after_receipt"] == 0
         worker, thread = start_hub(county_url, broker.url)
         try:
             band.send(frame(f"AL,{SOS_BODY}"))
-            assert band.answer() == b"[3G*8612345678*0002*AL]"
+            assert band.answer() == b"[3G*8600000061*0002*AL]"
         finally:
             worker.stop()
             thread.join(10)
@@ -175,13 +175,13 @@ def test_bad_input_is_counted_and_never_stops_the_others(gateway: WatchServer) -
     noisy, flooding, calm = watch(gateway), watch(gateway), watch(gateway)
     try:
         noisy.send(b"GET / HTTP/1.1\r\n\r\n" + frame("LK", watch="8699999999") + frame("TKQ") + "[3G*坏*".encode())
-        noisy.send(b"[3G*8612345678*0003*LK]" + frame("LK"))
-        assert noisy.answer() == b"[3G*8612345678*0002*LK]"
+        noisy.send(b"[3G*8600000061*0003*LK]" + frame("LK"))
+        assert noisy.answer() == b"[3G*8600000061*0002*LK]"
         # A peer that sends nothing but bad frames is closed after max_rejections.
         flooding.send(b"[x]" * 10)
         assert flooding.closed_by_server()
         calm.send(frame("LK"))
-        assert calm.answer() == b"[3G*8612345678*0002*LK]"
+        assert calm.answer() == b"[3G*8600000061*0002*LK]"
     finally:
         for connection in (noisy, flooding, calm):
             connection.close()
@@ -199,7 +199,7 @@ def test_an_alarm_that_cannot_be_read_still_pages(hub: Hub, county_url: str, gat
     band = watch(gateway)
     try:
         band.send(frame("AL,041226,101500,A,north"))
-        assert band.answer() == b"[3G*8612345678*0002*AL]"  # at once: no msg_id can be receipted
+        assert band.answer() == b"[3G*8600000061*0002*AL]"  # at once: no msg_id can be receipted
     finally:
         band.close()
     wait_until(lambda: query(county_url, "SELECT kind, payload_unreadable FROM incidents") == [("sos", True)])
@@ -210,7 +210,7 @@ def test_a_silent_connection_is_closed(broker: Mosquitto) -> None:
         silent, talking = watch(server), watch(server)
         try:
             talking.send(frame("LK"))
-            assert talking.answer() == b"[3G*8612345678*0002*LK]"
+            assert talking.answer() == b"[3G*8600000061*0002*LK]"
             assert silent.closed_by_server()
         finally:
             silent.close()
