@@ -186,7 +186,12 @@ def _running_up(mosquitto: Mosquitto, *options: str, prefix: str, port_option: b
     port = free_port()
     data_dir = scratch_dir(f"shouhu-{prefix}-")
     port_args = ["--port", str(port)] if port_option else []
-    env = _env(SHOUHU_MQTT_URL=mosquitto.url, SHOUHU_HUB_ID=f"{prefix}-{port}")
+    env = _env(
+        SHOUHU_MQTT_URL=mosquitto.url,
+        SHOUHU_HUB_ID=f"{prefix}-{port}",
+        SHOUHU_WATCH_PORT=str(free_port()),
+        SHOUHU_WATCH_GATEWAY_ID=f"{prefix}-watch-{port}",
+    )
     if not port_option:
         env["SHOUHU_API_PORT"] = str(port)
     process = subprocess.Popen(
@@ -335,11 +340,15 @@ def taken_port() -> Iterator[int]:
             {"SHOUHU_TWILIO_ACCOUNT_SID": "AC1", "SHOUHU_TWILIO_AUTH_TOKEN": "t", "SHOUHU_TWILIO_FROM": "+12025550100"},
         ),
         (["up", "--data-dir", "data"], "SHOUHU_API_PORT", {}),
+        (["gateway", "watch"], "SHOUHU_WATCH_PORT", {}),
+        (["up", "--data-dir", "data"], "SHOUHU_WATCH_PORT", {"SHOUHU_API_PORT": "free"}),
+        (["gateway", "watch"], "SHOUHU_METRICS_PORT", {"SHOUHU_WATCH_PORT": "free"}),
     ],
 )
 def test_a_port_in_use_is_one_line_naming_the_port_and_the_setting(
     taken_port: int, tmp_path: Path, verb: list[str], setting: str, extra: dict[str, str]
 ) -> None:
+    extra = {name: str(free_port()) if value == "free" else value for name, value in extra.items()}
     result = run_shouhu(
         *verb,
         cwd=tmp_path,

@@ -4,11 +4,13 @@ answered at once and ``AL`` only after the hub's receipt."""
 
 from __future__ import annotations
 
+import signal
 import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from datetime import timedelta, timezone
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -18,8 +20,9 @@ from gateway.watch_frames import FrameRejected, WatchFrame, WatchFrameDecoder, e
 from gateway.watch_messages import make_msg_id
 from gateway.watch_server import WatchServer, WatchServerConfig
 from hub.service import Hub
+from shouhu.embedded.postgres import free_port
 from tests.support.hub import query, start_hub, wait_until
-from tests.support.services import Mosquitto
+from tests.support.services import Mosquitto, ShouhuProcess, shouhu_env
 
 WATCH = "8600000061"
 BAND = "wb-0061"
@@ -216,3 +219,84 @@ def test_a_silent_connection_is_closed(broker: Mosquitto) -> None:
             silent.close()
             talking.close()
         assert server.counts["closed:idle"] >= 1
+
+
+# ------------------------------------------------------------- `shouhu gateway watch`
+
+DEMO_COUNTY = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+
+
+def gateway_process(broker: Mosquitto, gateway_id: str, watch_port: int) -> ShouhuProcess:
+    """`shouhu gateway watch` over the demo county's watch ids, ready once /readyz says so."""
+    metrics = free_port()
+    return ShouhuProcess(
+        ["gateway", "watch"],
+        shouhu_env(
+            SHOUHU_MQTT_URL=broker.url,
+            SHOUHU_WATCH_PORT=str(watch_port),
+            SHOUHU_WATCH_GATEWAY_ID=gateway_id,
+            SHOUHU_METRICS_PORT=str(metrics),
+            SHOUHU_REGISTRY_FILE=str(DEMO_COUNTY),
+        ),
+        ready_url=f"http://127.0.0.1:{metrics}/readyz",
+    )
+
+
+def test_the_verb_serves_the_registry_watches_and_stops_cleanly_on_sigterm(hub: Hub, broker: Mosquitto) -> None:
+    port = free_port()
+    process = gateway_process(broker, f"test-gateway-{port}", port).start()
+    try:
+        band = Watch(port)
+        try:
+            band.send(frame("LK"))  # wb-0061's watch, from the demo county's registry file
+            assert band.answer() == b"[3G*8600000061*0002*LK]"
+        finally:
+            band.close()
+        assert process.process is not None
+        process.process.send_signal(signal.SIGTERM)
+        assert process.process.wait(15) == 0, process.output()
+    finally:
+        process.kill()
+    assert "watch gateway: 127.0.0.1:" in process.output()
+    assert "10 watches registered" in process.output()
+    assert "Traceback" not in process.output()
+
+
+def test_after_a_kill_and_a_restart_the_resent_alarm_is_answered_and_stored_once(
+    county_url: str, broker: Mosquitto
+) -> None:
+    """The gateway dies (SIGKILL) holding an alarm it could not answer yet (the hub was
+    away); the watch reconnects to the restarted gateway and re-sends it: answered, and
+    one ledger row, one incident, though the first copy waited in the broker for the hub."""
+    port = free_port()
+    hub_id = f"test-hub-{uuid.uuid4().hex[:8]}"
+    worker, thread = start_hub(county_url, broker.url, hub_id)
+    worker.stop()  # its sessions stay: the broker keeps the alarm for its return
+    thread.join(10)
+    first = gateway_process(broker, f"test-gateway-{port}", port).start()
+    band = Watch(port)
+    try:
+        band.send(frame(f"AL,{SOS_BODY}"))
+        band.send(frame("LK"))
+        assert band.answer() == b"[3G*8600000061*0002*LK]"  # read in order: the AL was published
+        first.kill(signal.SIGKILL)
+        assert band.closed_by_server()
+    finally:
+        band.close()
+        first.kill()
+    worker, thread = start_hub(county_url, broker.url, hub_id)
+    second = gateway_process(broker, f"test-gateway-{port}", port).start()
+    try:
+        band = Watch(port)
+        try:
+            band.send(frame(f"AL,{SOS_BODY}"))  # the watch never had its answer: it re-sends
+            assert band.answer() == b"[3G*8600000061*0002*AL]"
+        finally:
+            band.close()
+    finally:
+        second.stop()
+        worker.stop()
+        thread.join(10)
+    sos_id = make_msg_id(WATCH, MqttChannel.SOS, f"AL,{SOS_BODY}".encode())
+    assert ledger(county_url, sos_id) == [("sos",)]
+    assert query(county_url, "SELECT kind, device_id, urgency FROM incidents") == [("sos", BAND, 1)]
