@@ -26,6 +26,7 @@ class RegistryWatches:
         self._lock = threading.Lock()
         self._mtime_ns: int | None = None
         self._watches: dict[str, str] = {}
+        self._unreadable = False
         if path is not None:
             self._reload()  # at start a bad file is the operator's to fix: raise
             if self._mtime_ns is None:
@@ -45,9 +46,11 @@ class RegistryWatches:
         try:
             mtime_ns = self.path.stat().st_mtime_ns
         except OSError as exc:
-            if self._mtime_ns is not None:
+            if self._mtime_ns is not None and not self._unreadable:  # once, not on every frame
                 log.warning("registry file %s unreadable (%s): keeping %d watches", self.path, exc, len(self._watches))
+            self._unreadable = True
             return
+        self._unreadable = False
         with self._lock:
             if mtime_ns == self._mtime_ns:
                 return

@@ -13,7 +13,25 @@ import yaml
 from devices.registry_file import RegistryFileError, parse_registry, watch_wristbands
 from gateway.watch_registry import RegistryWatches
 from simulators.demo_county_gen import WATCH_WRISTBANDS, watch_id_of
-from tests.test_registry import DEMO, SMALL
+
+DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
+SMALL: dict[str, Any] = {
+    "areas": [
+        {"id": "county", "name": "守护县", "level": "county"},
+        {"id": "t1", "name": "东关镇", "level": "township", "parent": "county"},
+        {"id": "c1", "name": "东关村", "level": "community", "parent": "t1"},
+        {"id": "g1", "name": "一网格", "level": "grid", "parent": "c1"},
+    ],
+    "residents": [
+        {"id": "r1", "name": "王奶奶", "grid": "g1", "address": "东关村1组1号"},
+        {"id": "r2", "name": "张爷爷", "grid": "g1", "address": "东关村2组2号"},
+    ],
+    "devices": [
+        {"id": "wb-1", "kind": "wristband", "resident": "r1"},
+        {"id": "wb-2", "kind": "wristband", "resident": "r2"},
+        {"id": "cam-1", "kind": "camera", "area": "g1"},
+    ],
+}
 
 
 def _registry(tmp_path: Path, **devices: dict[str, Any]) -> Path:
@@ -91,3 +109,14 @@ def test_no_file_maps_no_watch_and_a_missing_or_bad_one_is_refused_at_start(tmp_
     bad.write_text("devices: [", encoding="utf-8")
     with pytest.raises(RegistryFileError, match="not valid YAML"):
         RegistryWatches(bad)
+
+
+def test_a_file_that_disappears_keeps_the_watches_mapped(tmp_path: Path) -> None:
+    path = _registry(tmp_path, wb_1={"watch_id": "8612345678"})
+    lookup = RegistryWatches(path)
+    path.unlink()  # an editor's save in two steps, a volume remounted
+    assert lookup("8612345678") == "wb-1"
+    _registry(tmp_path, wb_1={"watch_id": "8612345679"})
+    _touch_later(path)
+    assert lookup("8612345678") is None
+    assert lookup("8612345679") == "wb-1"

@@ -16,7 +16,7 @@ from shouhu.embedded.postgres import free_port
 from simulators.watch import PressResult, fleet_ids, frame, press_alarm
 from tests.support.hub import query, start_hub, wait_until
 from tests.support.services import SHOUHU_BIN, Mosquitto, shouhu_env, shouhu_stack
-from tests.test_watch_server import BAND, CHINA, WATCH, gateway_process, serving
+from tests.support.watch import BAND, CHINA, WATCH, gateway_process, serving
 
 SIMULATED = "8600000062"  # wb-0062's watch in the demo county
 
