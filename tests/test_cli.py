@@ -271,6 +271,20 @@ def test_mosquitto_pub_on_a_fresh_up_rings_within_a_second(running_up: RunningUp
     assert ring.seconds < 1.0, f"first ring after {ring.seconds:.3f}s"
 
 
+def test_up_demo_runs_the_watch_gateway_beside_the_hub(running_up: RunningUp, tmp_path: Path) -> None:
+    """A simulated 4G watch of the demo county is answered by `up`'s gateway: its alarm
+    went through the broker to the hub and was stored (the answer waits for the receipt)."""
+    line = running_up.wait_for_line("watch gateway: ")
+    assert "(10 watches registered)" in line
+    port = re.search(r"127\.0\.0\.1:(\d+)", line)
+    assert port is not None
+    result = run_shouhu(
+        "simulate", "watch", "--press", "8600000063", "--gateway", f"127.0.0.1:{port.group(1)}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "8600000063: SOS press answered (AL)" in result.stdout
+
+
 def test_demo_refuses_a_real_phone_network(tmp_path: Path) -> None:
     result = run_shouhu(
         "up",
