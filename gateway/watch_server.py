@@ -23,13 +23,15 @@ import logging
 import socket
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from devices.contract import TOPIC_PREFIX
 from devices.kinds import DeviceKind
@@ -311,3 +313,25 @@ class WatchServer:
     async def _write(self, writer: asyncio.StreamWriter, frame: bytes) -> None:
         writer.write(frame)
         await asyncio.wait_for(writer.drain(), self.config.write_timeout_s)
+
+
+class WatchCountsCollector(Collector):
+    """``shouhu_watch_gateway_events_total{event=…}``: the server's counts (connections,
+    published messages by channel, answers, rejections, ignored frames, dead letters,
+    ``unregistered_alarm``, closures), read at each scrape."""
+
+    def __init__(self, server: WatchServer) -> None:
+        self._server = server
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # nothing: no clash check against another gateway in the process
+
+    def collect(self) -> Iterator[Metric]:
+        # dict.copy is one C call: the event loop cannot change the counts halfway through it.
+        counts = dict.copy(self._server.counts)
+        family = CounterMetricFamily(
+            "shouhu_watch_gateway_events", "What the watch gateway saw and did, by event", labels=["event"]
+        )
+        for event, value in sorted(counts.items()):
+            family.add_metric([event], value)
+        yield family

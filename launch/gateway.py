@@ -9,8 +9,10 @@ import threading
 from contextlib import ExitStack
 from pathlib import Path
 
+from prometheus_client import REGISTRY
+
 from gateway.watch_registry import RegistryWatches
-from gateway.watch_server import WatchServer, WatchServerConfig
+from gateway.watch_server import WatchCountsCollector, WatchServer, WatchServerConfig
 from launch.output import fail
 from launch.wiring import listen
 from shouhu.settings import Settings
@@ -50,7 +52,10 @@ def make_watch_gateway(
     )
     if lookup.path is None:
         log.warning("no SHOUHU_REGISTRY_FILE: no watch is registered; their SOS and falls page as unregistered")
-    return WatchServer(config, lookup, sock=sock)
+    server = WatchServer(config, lookup, sock=sock)
+    # In /metrics: the gateway's own (SHOUHU_METRICS_PORT), or the API's under `shouhu up`.
+    REGISTRY.register(WatchCountsCollector(server))
+    return server
 
 
 def run_watch_gateway(server: WatchServer) -> None:

@@ -8,6 +8,7 @@ import signal
 import uuid
 from collections.abc import Iterator
 
+import httpx
 import pytest
 
 from devices.contract import MqttChannel
@@ -168,8 +169,14 @@ def test_the_verb_serves_the_registry_watches_and_stops_cleanly_on_sigterm(hub: 
         try:
             band.send(frame("LK"))  # wb-0061's watch, from the demo county's registry file
             assert band.answer() == b"[3G*8600000061*0002*LK]"
+            band.send(frame("LK", watch="8699999999") + frame("LK"))  # an unknown watch: no answer
+            assert band.answer() == b"[3G*8600000061*0002*LK]"
         finally:
             band.close()
+        assert process.ready_url is not None
+        metrics = httpx.get(process.ready_url.replace("/readyz", "/metrics")).text
+        assert 'shouhu_watch_gateway_events_total{event="published:telemetry"} 2.0' in metrics
+        assert 'shouhu_watch_gateway_events_total{event="dead_letter:unknown_watch"} 1.0' in metrics
         assert process.process is not None
         process.process.send_signal(signal.SIGTERM)
         assert process.process.wait(15) == 0, process.output()
