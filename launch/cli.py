@@ -286,52 +286,17 @@ def simulate_watch(
 ) -> None:
     """Simulated 4G watches speaking the TCP watch protocol to `shouhu gateway watch`:
     SOS presses and falls re-sent until answered, and fleets of heartbeating watches."""
-    import asyncio
-
-    from simulators.watch import fleet_ids, press_alarm, run_fleet
+    from launch.simulate_watch import FleetOptions, PressOptions, simulate_watches
 
     settings = load_settings()
     if not (press or fall or fleet):
         fail("simulate watch: give --press ID, --fall ID or --fleet N", 2)
-    host, _, port_text = (gateway or f"127.0.0.1:{settings.watch_port}").rpartition(":")
-    if not host or not port_text.isdigit():
-        fail(f"--gateway: {gateway!r} is not HOST:PORT", 2)
-    port = int(port_text)
-    unanswered = 0
-    for watch_id, is_fall in [*((w, False) for w in press or []), *((w, True) for w in fall or [])]:
-        label = "fall" if is_fall else "SOS press"
-        try:
-            result = asyncio.run(
-                press_alarm(
-                    host, port, watch_id, zone=settings.zone, fall=is_fall, resend_s=resend, timeout_s=receipt_timeout
-                )
-            )
-        except ValueError as exc:
-            fail(f"--{'fall' if is_fall else 'press'}: {exc}", 2)
-        if result.answered:
-            typer.echo(f"{watch_id}: {label} answered (AL) after {result.sends} send(s)")
-        else:
-            unanswered += 1
-            typer.secho(
-                f"{watch_id}: {label} not answered within {receipt_timeout:.0f}s after {result.sends} send(s)"
-                " (is `shouhu gateway watch` running, the hub with it?)",
-                err=True,
-            )
-    if fleet:
-        try:
-            ids = fleet_ids(first_id, fleet)
-        except ValueError as exc:
-            fail(f"--first-id: {exc}", 2)
-        typer.echo(f"fleet: {fleet} watches from {ids[0]} to {host}:{port}")
-        counts = asyncio.run(
-            run_fleet(host, port, ids, heartbeats=heartbeats, interval_s=interval, answer_s=answer_timeout)
-        )
-        typer.echo(f"fleet: {counts.connected} connected, {counts.answered} of {counts.heartbeats} heartbeats answered")
-        for error in counts.errors[:10]:
-            typer.secho(f"  {error}", err=True)
-        unanswered += len(counts.errors)
-    if unanswered:
-        raise typer.Exit(1)
+    simulate_watches(
+        settings,
+        gateway,
+        PressOptions(press or [], fall or [], receipt_timeout, resend),
+        FleetOptions(fleet, first_id, heartbeats, interval, answer_timeout),
+    )
 
 
 @simulate_app.command("cameras")

@@ -186,10 +186,12 @@ async def run_fleet(
     heartbeats: int = 0,
     interval_s: float = 60.0,
     answer_s: float = 30.0,
+    counts: FleetCounts | None = None,
 ) -> FleetCounts:
     """Each watch connects and sends ``heartbeats`` heartbeats (0: until cancelled),
-    ``interval_s`` apart, each awaiting its ``LK`` answer for at most ``answer_s``."""
-    counts = FleetCounts()
+    ``interval_s`` apart, each awaiting its ``LK`` answer for at most ``answer_s``.
+    ``counts`` (returned) is kept current, so a caller that cancels still has them."""
+    counts = counts if counts is not None else FleetCounts()
 
     async def one(watch_id: str) -> None:
         try:

@@ -4,6 +4,7 @@ frames to the real gateway, broker, hub and router, end to end to the phone netw
 from __future__ import annotations
 
 import asyncio
+import signal
 import subprocess
 import threading
 from collections.abc import Iterator
@@ -69,6 +70,36 @@ def test_a_fleet_heartbeats_and_every_heartbeat_is_answered(broker: Mosquitto) -
     assert result.returncode == 0, result.stdout + result.stderr
     assert "fleet: 4 watches from 8600000061" in result.stdout
     assert "fleet: 4 connected, 8 of 8 heartbeats answered" in result.stdout
+
+
+def test_a_fleet_runs_until_sigterm_and_prints_its_counts(broker: Mosquitto) -> None:
+    port = free_port()
+    gateway = gateway_process(broker, f"fleet-gateway-{port}", port).start()
+    assert gateway.ready_url is not None
+    metrics = gateway.ready_url.replace("/readyz", "/metrics")
+    fleet = subprocess.Popen(
+        [SHOUHU_BIN, "simulate", "watch", "--fleet", "2", "--interval", "0.05", "--gateway", f"127.0.0.1:{port}"],
+        env=shouhu_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        heartbeats = 'shouhu_watch_gateway_events_total{event="published:telemetry"} '
+        wait_until(
+            lambda: heartbeats in (text := httpx.get(metrics).text)
+            and float(text.split(heartbeats)[1].split()[0]) >= 6,
+            what="three heartbeats from each watch",
+        )
+        fleet.send_signal(signal.SIGTERM)
+        out, err = fleet.communicate(timeout=15)
+    finally:
+        fleet.kill()
+        gateway.stop()
+    assert fleet.returncode == 0, out + err
+    assert "fleet: stopped" in out
+    assert "fleet: 2 connected" in out
+    assert "Traceback" not in err
 
 
 def test_an_unregistered_fleet_goes_unanswered_and_says_so(broker: Mosquitto) -> None:
