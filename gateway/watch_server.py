@@ -68,6 +68,9 @@ class WatchServerConfig:
     receipt_timeout_s: float = 60.0
     # Rejected frames (garbage runs included) one connection may send before it is closed.
     max_rejections: int = 100
+    # Unknown watch ids one connection may page for. A watch is one id; a peer that
+    # invents ids would open one sos_unregistered incident per id for the operators.
+    max_unregistered_ids: int = 1
     # A peer that does not read its answers this long is dropped.
     write_timeout_s: float = 10.0
 
@@ -195,7 +198,8 @@ class WatchServer:
         """Stop serving; safe from any thread (and from a signal handler)."""
         self._stop_requested = True
         if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
+            with contextlib.suppress(RuntimeError):  # the loop already closed: a second signal
+                self._loop.call_soon_threadsafe(self._stopping.set)
 
     def run_in_thread(self, timeout: float = 15.0) -> threading.Thread:
         """Run on a thread of its own event loop; returns once ready."""
@@ -233,6 +237,7 @@ class WatchServer:
     ) -> None:
         decoder = WatchFrameDecoder(self.config.max_frame_bytes)
         rejections = 0
+        unregistered: set[str] = set()
         while True:
             try:
                 data = await asyncio.wait_for(reader.read(READ_BYTES), self.config.idle_timeout_s)
@@ -258,6 +263,16 @@ class WatchServer:
                     )
                 else:
                     if result.unregistered:
+                        if item.device_id not in unregistered and len(unregistered) >= self.config.max_unregistered_ids:
+                            self.counts["dead_letter:unregistered_flood"] += 1
+                            log.warning(
+                                "watch %s: an alarm of a further unknown watch %s, not paged: %r",
+                                peer,
+                                item.device_id,
+                                item.raw[:500],
+                            )
+                            continue
+                        unregistered.add(item.device_id)
                         # Paged all the same (sos_unregistered): the registry should know this watch.
                         self.counts["unregistered_alarm"] += 1
                         log.warning(

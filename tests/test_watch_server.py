@@ -103,8 +103,12 @@ def test_an_sos_of_a_watch_the_registry_does_not_have_pages_the_county(
         ]
         band.send(frame(f"AL,{SOS_BODY}", watch=stranger))  # re-sent: the same msg_id
         assert band.answer() == b"[3G*8699999999*0002*AL]"
+        # A second unknown id on the same connection is no watch: not paged, not answered.
+        band.send(frame(f"AL,{SOS_BODY}", watch="8688888888") + frame("LK"))
+        assert band.answer() == b"[3G*8600000061*0002*LK]"
     finally:
         band.close()
+    assert gateway.counts["dead_letter:unregistered_flood"] == 1
     assert query(county_url, "SELECT count(*), max(urgency) FROM incidents") == [(1, 1)]
     assert gateway.counts["unregistered_alarm"] == 2
     assert gateway.counts["answered:after_receipt"] == 2
