@@ -44,7 +44,7 @@ USER shouhu:shouhu
 WORKDIR /home/shouhu
 
 # SHOUHU_API_PORT and SHOUHU_METRICS_PORT defaults (shouhu/settings.py).
-EXPOSE 8000 9100
+EXPOSE 8000 9100 5093
 # Outside a container the API binds 127.0.0.1; inside one, loopback is unreachable.
 ENV SHOUHU_API_HOST=0.0.0.0
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import re
 from datetime import time
+from enum import StrEnum
 from pathlib import Path
 from typing import Annotated, Any
 
@@ -20,6 +21,7 @@ from pydantic import (
     ConfigDict,
     Field,
     ValidationError,
+    field_validator,
     model_validator,
 )
 
@@ -172,6 +174,13 @@ class ResidentEntry(_Entry):
     visits: VisitFrequency | None = None
 
 
+class WatchProtocol(StrEnum):
+    """The protocol a wristband speaks when it is not Shouhu's own MQTT."""
+
+    # The 4G elder watches' text protocol over TCP (``[3G*ID*LEN*…]``), `shouhu gateway watch`.
+    WATCH = "watch"
+
+
 class DeviceEntry(_Entry):
     id: EntryId
     kind: DeviceKind
@@ -180,11 +189,29 @@ class DeviceEntry(_Entry):
     model: Line = ""
     heartbeat_interval_s: int | None = Field(default=None, gt=0)
     heartbeat_misses: int | None = Field(default=None, ge=1)
+    # A 4G watch's own id (the ``ID`` of its frames): the gateway publishes its frames as
+    # this wristband. Quoted in YAML, so leading zeros stay.
+    watch_id: str | None = Field(default=None, pattern=r"^[0-9]{10,15}$")
+    protocol: WatchProtocol | None = None
+
+    @field_validator("watch_id", mode="before")
+    @classmethod
+    def _quoted_watch_id(cls, value: Any) -> Any:
+        if isinstance(value, int) and not isinstance(value, bool):
+            raise ValueError(
+                f"watch id {value} must be quoted ('{value}'): YAML reads an unquoted one as a number"
+                " and drops its leading zeros"
+            )
+        return value
 
     @model_validator(mode="after")
     def _bound(self) -> DeviceEntry:
         if self.kind is DeviceKind.WRISTBAND and self.resident is None:
             raise ValueError("a wristband must name its resident")
+        if self.watch_id is not None and self.kind is not DeviceKind.WRISTBAND:
+            raise ValueError("only a wristband may have a watch_id")
+        if self.protocol is not None and self.watch_id is None:
+            raise ValueError("a protocol needs the watch_id it applies to")
         if self.kind is DeviceKind.CAMERA and self.area is None:
             raise ValueError("a camera must name its area")
         if self.kind is DeviceKind.CAMERA and self.resident is not None:
@@ -256,6 +283,22 @@ def _duplicates(section: str, ids: list[str]) -> list[str]:
     return problems
 
 
+def _watch_id_problems(registry: RegistryFile) -> list[str]:
+    # One watch, one wristband: two would make the gateway page the wrong resident.
+    owner: dict[str, str] = {}
+    problems = []
+    for index, device in enumerate(registry.devices):
+        if device.watch_id is None:
+            continue
+        if device.watch_id in owner:
+            problems.append(
+                f"devices[{index}] ({device.id}) field 'watch_id': {device.watch_id!r} is "
+                f"already {owner[device.watch_id]!r}'s"
+            )
+        owner.setdefault(device.watch_id, device.id)
+    return problems
+
+
 def _area_problems(registry: RegistryFile, areas: dict[str, AreaEntry]) -> list[str]:
     problems = []
     for index, area in enumerate(registry.areas):
@@ -324,6 +367,7 @@ def reference_problems(registry: RegistryFile) -> list[str]:
     problems += _duplicates("staff", [s.id for s in registry.staff])
     problems += _duplicates("residents", [r.id for r in registry.residents])
     problems += _duplicates("devices", [d.id for d in registry.devices])
+    problems += _watch_id_problems(registry)
     problems += _duplicates("policies", [p.id for p in registry.policies])
     problems += _duplicates("guardians", [g.id for r in registry.residents for g in r.guardians])
     problems += _area_problems(registry, areas)
@@ -408,3 +452,9 @@ def parse_registry(path: Path) -> RegistryFile:
             else:
                 problems.extend(message.split("; "))
         raise RegistryFileError(path, problems) from exc
+
+
+def watch_wristbands(registry: RegistryFile) -> dict[str, str]:
+    """Watch id → wristband id, for the watch gateway. Not written to the database: the
+    gateway reads it from the registry file itself (``SHOUHU_REGISTRY_FILE``)."""
+    return {d.watch_id: d.id for d in registry.devices if d.watch_id is not None}

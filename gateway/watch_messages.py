@@ -10,6 +10,13 @@ gives one of:
 - ``DeadLetter``: a watch the registry does not know, or a frame whose fields cannot be
   read; with the raw bytes.
 
+An SOS or a fall from a watch the registry does not know is the exception: when in doubt
+about an SOS, page. Its alarms (and only they) are ``Mapped`` to the wristband id
+``unregistered_device_id(watch id)`` (``watch-<id>``), which the registry has not either,
+so the hub opens its ``sos_unregistered`` incident for the county's operators exactly as
+for an unknown MQTT wristband; ``Mapped.unregistered`` says so, and the ``AL`` is still
+answered only after the hub's receipt.
+
 What is read:
 
 - ``LK[,steps,rolls,battery]``: the heartbeat → telemetry (``steps``, ``battery``).
@@ -110,6 +117,8 @@ class Mapped:
     wristband_id: str
     publications: tuple[Publication, ...]
     answer: Answer | None
+    # The watch is not in the registry: only its alarms are here, under the derived id.
+    unregistered: bool = False
 
 
 @dataclass(frozen=True, slots=True)
@@ -201,6 +210,15 @@ def _bit(status: int, *bits: int) -> bool:
     return any(status >> bit & 1 for bit in bits)
 
 
+UNREGISTERED_PREFIX = "watch-"
+
+
+def unregistered_device_id(watch_id: str) -> str:
+    """The v1 device id an unregistered watch's alarms are published under: stable, so a
+    re-sent alarm joins the same ``sos_unregistered`` incident, and it names the watch."""
+    return f"{UNREGISTERED_PREFIX}{watch_id}"
+
+
 def make_msg_id(watch_id: str, channel: MqttChannel, content: bytes, clock: str = "") -> str:
     """The v1 ``msg_id`` of what a frame says on ``channel``: the same for a re-sent frame.
 
@@ -265,7 +283,9 @@ def _status_fields(position: _Position) -> dict[str, Any]:
     }
 
 
-def _map_position(frame: WatchFrame, body: str, wristband_id: str, now: datetime, watch_tz: tzinfo) -> Mapped:
+def _map_position(
+    frame: WatchFrame, body: str, wristband_id: str, now: datetime, watch_tz: tzinfo, registered: bool = True
+) -> Mapped:
     position = _position(body, watch_tz)
     clock = "" if position.ts else now.isoformat()
     build = _Builder(frame, wristband_id, position.ts or now, clock)
@@ -276,12 +296,13 @@ def _map_position(frame: WatchFrame, body: str, wristband_id: str, now: datetime
             receipts.append(build.add(MqttChannel.SOS, {"action": "press", **where, "battery": position.battery}))
         if _bit(position.status, *FALL_BITS):
             receipts.append(build.add(MqttChannel.FALL, where))
-    build.add(MqttChannel.TELEMETRY, _status_fields(position))
+    if registered:  # an unregistered watch's telemetry would only be dead-lettered by the hub
+        build.add(MqttChannel.TELEMETRY, _status_fields(position))
     answer = None
     if frame.command in ALARMS:
         when = AnswerWhen.AFTER_RECEIPTS if receipts else AnswerWhen.NOW
         answer = Answer(answer_alarm(frame), when, tuple(receipts))
-    return Mapped(wristband_id, tuple(build.publications), answer)
+    return Mapped(wristband_id, tuple(build.publications), answer, unregistered=not registered)
 
 
 def _numbers(body: str, name: str) -> list[float]:
@@ -337,12 +358,28 @@ def _map_heartbeat(frame: WatchFrame, body: str, wristband_id: str, now: datetim
     return Mapped(wristband_id, tuple(build.publications), Answer(answer_heartbeat(frame), AnswerWhen.NOW))
 
 
-def _unreadable_alarm(frame: WatchFrame, wristband_id: str) -> Mapped:
+def _unreadable_alarm(frame: WatchFrame, wristband_id: str, registered: bool = True) -> Mapped:
     """An ``AL`` whose body cannot be read may still be an SOS: it goes to the SOS topic as
     it came, so the hub pages it as ``payload_unreadable`` and keeps its bytes."""
     topic = Topic(DeviceKind.WRISTBAND, wristband_id, MqttChannel.SOS)
     # No msg_id can come back in the hub's receipt: the watch is answered at once.
-    return Mapped(wristband_id, (Publication(topic, None, frame.raw),), Answer(answer_alarm(frame), AnswerWhen.NOW))
+    answer = Answer(answer_alarm(frame), AnswerWhen.NOW)
+    return Mapped(wristband_id, (Publication(topic, None, frame.raw),), answer, unregistered=not registered)
+
+
+def _map_unregistered(frame: WatchFrame, now: datetime, watch_tz: tzinfo) -> MapResult:
+    """A frame of a watch the registry does not know: an alarm that may be an SOS or a fall
+    pages under the derived id; everything else is a dead letter."""
+    letter = DeadLetter(DeadLetterReason.UNKNOWN_WATCH, f"watch {frame.device_id}", frame.device_id, frame.raw)
+    if frame.command not in ALARMS:
+        return letter
+    device_id = unregistered_device_id(frame.device_id)
+    try:
+        mapped = _map_position(frame, frame.body.decode("ascii"), device_id, now, watch_tz, registered=False)
+    except (UnicodeDecodeError, _Unreadable):
+        return _unreadable_alarm(frame, device_id, registered=False)
+    # An alarm without SOS or fall bits (low battery, band removed) pages nobody.
+    return mapped if mapped.publications else letter
 
 
 def map_frame(frame: WatchFrame, lookup: WristbandLookup, now: datetime, watch_tz: tzinfo) -> MapResult:
@@ -354,7 +391,7 @@ def map_frame(frame: WatchFrame, lookup: WristbandLookup, now: datetime, watch_t
         raise ValueError("now must be timezone-aware")
     wristband_id = lookup(frame.device_id)
     if wristband_id is None:
-        return DeadLetter(DeadLetterReason.UNKNOWN_WATCH, f"watch {frame.device_id}", frame.device_id, frame.raw)
+        return _map_unregistered(frame, now, watch_tz)
     command = frame.command
     if command not in ALARMS | POSITIONS | HEALTH | {HEARTBEAT}:
         return Ignored(IgnoreReason.UNKNOWN_COMMAND, f"command {command[:40]!r}")

@@ -9,7 +9,8 @@ it has arrived (``shouhu/v1/wristband/+/receipt``): a watch whose alarm was not 
 gets no answer and sends it again — the same frame, so the same ``msg_id``.
 
 Bad input never stops the server: each rejection, ignored frame and dead letter is
-counted and logged with its bytes, and a connection that sends too much of it, or goes
+counted and logged with its bytes (an SOS or fall of a watch the registry does not know
+still pages, as ``sos_unregistered``), and a connection that sends too much of it, or goes
 silent for too long, is closed; the others are served on.
 """
 
@@ -19,15 +20,18 @@ import asyncio
 import contextlib
 import json
 import logging
+import socket
 import threading
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime, tzinfo
 from typing import Any
 
 import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from prometheus_client.core import CounterMetricFamily, Metric
+from prometheus_client.registry import Collector
 
 from devices.contract import TOPIC_PREFIX
 from devices.kinds import DeviceKind
@@ -64,6 +68,9 @@ class WatchServerConfig:
     receipt_timeout_s: float = 60.0
     # Rejected frames (garbage runs included) one connection may send before it is closed.
     max_rejections: int = 100
+    # Unknown watch ids one connection may page for. A watch is one id; a peer that
+    # invents ids would open one sos_unregistered incident per id for the operators.
+    max_unregistered_ids: int = 1
     # A peer that does not read its answers this long is dropped.
     write_timeout_s: float = 10.0
 
@@ -76,14 +83,19 @@ class WatchServer:
         config: WatchServerConfig,
         lookup: WristbandLookup,
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
+        sock: socket.socket | None = None,
     ) -> None:
+        """``sock``: a socket already listening (the CLI binds it first, so a port in use
+        fails before anything starts); else ``config.host``/``config.port`` are bound."""
         self.config = config
+        self.sock = sock
         self.lookup = lookup
         self.clock = clock
         self.counts: Counter[str] = Counter()
         self.ready = threading.Event()
         self.port: int | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._stop_requested = False  # a stop() before run() got its loop (a SIGTERM at start)
         self._stopping: asyncio.Event | None = None
         self._subscribed: asyncio.Event | None = None
         # msg_id → the futures of the ALs waiting for its receipt (one per copy received).
@@ -148,8 +160,13 @@ class WatchServer:
         """Serve until ``stop()``."""
         self._loop = asyncio.get_running_loop()
         self._stopping = asyncio.Event()
+        if self._stop_requested:
+            self._stopping.set()
         self._subscribed = asyncio.Event()
-        server = await asyncio.start_server(self._serve_connection, self.config.host, self.config.port)
+        if self.sock is not None:
+            server = await asyncio.start_server(self._serve_connection, sock=self.sock)
+        else:
+            server = await asyncio.start_server(self._serve_connection, self.config.host, self.config.port)
         address = BrokerAddress.parse(self.config.mqtt_url)
         self._client.connect_async(address.host, address.port)
         self._client.loop_start()
@@ -173,10 +190,16 @@ class WatchServer:
             self._client.disconnect()
             self._client.loop_stop()
 
+    @property
+    def stopping(self) -> bool:
+        return self._stop_requested
+
     def stop(self) -> None:
-        """Stop serving; safe from any thread."""
+        """Stop serving; safe from any thread (and from a signal handler)."""
+        self._stop_requested = True
         if self._loop is not None and self._stopping is not None:
-            self._loop.call_soon_threadsafe(self._stopping.set)
+            with contextlib.suppress(RuntimeError):  # the loop already closed: a second signal
+                self._loop.call_soon_threadsafe(self._stopping.set)
 
     def run_in_thread(self, timeout: float = 15.0) -> threading.Thread:
         """Run on a thread of its own event loop; returns once ready."""
@@ -214,6 +237,7 @@ class WatchServer:
     ) -> None:
         decoder = WatchFrameDecoder(self.config.max_frame_bytes)
         rejections = 0
+        unregistered: set[str] = set()
         while True:
             try:
                 data = await asyncio.wait_for(reader.read(READ_BYTES), self.config.idle_timeout_s)
@@ -238,6 +262,25 @@ class WatchServer:
                         "watch %s: dead letter %s (%s): %r", peer, result.reason, result.detail, result.raw[:500]
                     )
                 else:
+                    if result.unregistered:
+                        if item.device_id not in unregistered and len(unregistered) >= self.config.max_unregistered_ids:
+                            self.counts["dead_letter:unregistered_flood"] += 1
+                            log.warning(
+                                "watch %s: an alarm of a further unknown watch %s, not paged: %r",
+                                peer,
+                                item.device_id,
+                                item.raw[:500],
+                            )
+                            continue
+                        unregistered.add(item.device_id)
+                        # Paged all the same (sos_unregistered): the registry should know this watch.
+                        self.counts["unregistered_alarm"] += 1
+                        log.warning(
+                            "watch %s is not in the registry: its alarm pages as %s (%r)",
+                            item.device_id,
+                            result.wristband_id,
+                            item.raw[:500],
+                        )
                     self._publish(result)
                     if result.answer is not None:
                         await self._answer(result.answer, writer, answers)
@@ -285,3 +328,25 @@ class WatchServer:
     async def _write(self, writer: asyncio.StreamWriter, frame: bytes) -> None:
         writer.write(frame)
         await asyncio.wait_for(writer.drain(), self.config.write_timeout_s)
+
+
+class WatchCountsCollector(Collector):
+    """``shouhu_watch_gateway_events_total{event=…}``: the server's counts (connections,
+    published messages by channel, answers, rejections, ignored frames, dead letters,
+    ``unregistered_alarm``, closures), read at each scrape."""
+
+    def __init__(self, server: WatchServer) -> None:
+        self._server = server
+
+    def describe(self) -> Iterator[Metric]:
+        return iter(())  # nothing: no clash check against another gateway in the process
+
+    def collect(self) -> Iterator[Metric]:
+        # dict.copy is one C call: the event loop cannot change the counts halfway through it.
+        counts = dict.copy(self._server.counts)
+        family = CounterMetricFamily(
+            "shouhu_watch_gateway_events", "What the watch gateway saw and did, by event", labels=["event"]
+        )
+        for event, value in sorted(counts.items()):
+            family.add_metric([event], value)
+        yield family

@@ -33,6 +33,7 @@ from launch.demo import (
 )
 from launch.fleets import DEFAULT_RATE, FleetKind, FleetOptions
 from launch.fleets import run as run_fleet_until
+from launch.gateway import listen_for_watches, start_watch_gateway
 from launch.output import NOT_LANDED_EXIT, api_address, fail
 from launch.wiring import (
     EXIT_HUB_FAILED,
@@ -77,7 +78,11 @@ simulate_app = typer.Typer(
 app.add_typer(registry_app, name="registry")
 app.add_typer(token_app, name="token")
 app.add_typer(staff_app, name="staff")
+gateway_app = typer.Typer(
+    help="Gateways for wristbands that do not speak Shouhu's MQTT.", no_args_is_help=True, rich_markup_mode=None
+)
 app.add_typer(simulate_app, name="simulate")
+app.add_typer(gateway_app, name="gateway")
 
 
 RegistryOption = Annotated[Path, typer.Option(help="The registry YAML file whose devices to simulate")]
@@ -269,6 +274,26 @@ def router() -> None:
     care_thread.join(15)
 
 
+@gateway_app.command("watch")
+def gateway_watch() -> None:
+    """Serve the 4G watches' TCP protocol (SHOUHU_WATCH_PORT) and bridge it to the broker."""
+    from launch.gateway import listen_for_watches, make_watch_gateway, run_watch_gateway, watch_lookup
+    from shouhu.health_server import PortInUse, start_health_server
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    settings = load_settings()
+    sock = listen_for_watches(settings)
+    lookup = watch_lookup(settings)
+    server = make_watch_gateway(settings, mqtt_url(settings), sock, lookup)
+    try:
+        start_health_server(settings.metrics_port, lambda: server.ready.is_set() and not server.stopping)
+    except PortInUse as exc:
+        fail(str(exc), 2)
+    run_until_signal(server.stop)
+    typer.echo(f"watch gateway: {settings.watch_host}:{settings.watch_port}, {lookup.count} watches registered")
+    run_watch_gateway(server)
+
+
 @simulate_app.command("wristbands")
 def simulate_wristbands(
     press: Annotated[list[str] | None, typer.Option(help="Press SOS on this wristband (repeatable)")] = None,
@@ -322,6 +347,36 @@ def simulate_wristbands(
             typer.echo(f"{device_id}: receipt: incident {receipt.get('incident')} ({receipt.get('state')})")
     if unanswered:
         raise typer.Exit(1)
+
+
+@simulate_app.command("watch")
+def simulate_watch(
+    press: Annotated[list[str] | None, typer.Option(help="Press SOS on the watch with this id (repeatable)")] = None,
+    fall: Annotated[list[str] | None, typer.Option(help="Report a fall from this watch (repeatable)")] = None,
+    fleet: Annotated[int, typer.Option(min=0, help="Run this many watches sending heartbeats")] = 0,
+    first_id: Annotated[str, typer.Option(help="The fleet's first watch id; the others follow it")] = "8600000061",
+    heartbeats: Annotated[int, typer.Option(min=0, help="Heartbeats per fleet watch (0: until stopped)")] = 0,
+    interval: Annotated[float, typer.Option(min=0.01, help="Seconds between a fleet watch's heartbeats")] = 60.0,
+    gateway: Annotated[str, typer.Option(help="HOST:PORT of the gateway (default 127.0.0.1:SHOUHU_WATCH_PORT)")] = "",
+    receipt_timeout: Annotated[
+        float, typer.Option(help="Seconds to keep re-sending each alarm until the gateway answers it")
+    ] = 30.0,
+    resend: Annotated[float, typer.Option(min=0.01, help="Seconds between re-sends of an unanswered alarm")] = 10.0,
+    answer_timeout: Annotated[float, typer.Option(min=0.01, help="Seconds a fleet watch waits for each LK")] = 30.0,
+) -> None:
+    """Simulated 4G watches speaking the TCP watch protocol to `shouhu gateway watch`:
+    SOS presses and falls re-sent until answered, and fleets of heartbeating watches."""
+    from launch.simulate_watch import FleetOptions, PressOptions, simulate_watches
+
+    settings = load_settings()
+    if not (press or fall or fleet):
+        fail("simulate watch: give --press ID, --fall ID or --fleet N", 2)
+    simulate_watches(
+        settings,
+        gateway,
+        PressOptions(press or [], fall or [], receipt_timeout, resend),
+        FleetOptions(fleet, first_id, heartbeats, interval, answer_timeout),
+    )
 
 
 @simulate_app.command("cameras")
@@ -392,7 +447,7 @@ def simulate_emergency_platform(
 
 
 @app.command()
-def up(
+def up(  # noqa: PLR0915 (one straight sequence of start-up steps reads best in one place)
     demo: Annotated[
         bool,
         typer.Option(
@@ -432,6 +487,7 @@ def up(
     api_socket = listen(settings.api_host, settings.api_port, "--port or SHOUHU_API_PORT")
     with ExitStack() as stack:
         stack.callback(api_socket.close)
+        watch_socket = stack.enter_context(listen_for_watches(settings))  # taken: fails before anything starts
         if demo:
             settings = demo_care(demo_providers(settings, stack))
         elif phone_network is PhoneNetwork.SIMULATE:
@@ -470,6 +526,9 @@ def up(
         if not hub_worker.ready.wait(30):
             fail(f"the hub did not become ready: its start-up probe did not come back from {broker_url}")
         typer.echo(f"hub: {settings.hub_id} ready on {broker_url}; router running")
+        # The watch gateway beside the hub; the demo's watch ids come from the demo county.
+        demo_watches = DEMO_COUNTY if demo and not settings.registry_file else None
+        threads.append(start_watch_gateway(settings, broker_url, watch_socket, demo_watches, stack))
         address = api_address(settings)
         typer.echo(f"API: {address} — /api/v1 (make a token with `shouhu token create --role operator`)")
         typer.echo(

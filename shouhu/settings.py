@@ -31,6 +31,12 @@ DEFAULT_FOLLOW_UP_DUE_S = 86400
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 
 
+def _default_watch_gateway_id() -> str:
+    # Stable per host, as the hub's: the broker keeps the gateway's session (and the
+    # receipts it is owed) across its restarts.
+    return f"shouhu-watch-gateway-{socket.gethostname()}"[:64]
+
+
 def _default_hub_id() -> str:
     # A stable id per host keeps the broker session (and its queued QoS 1 messages)
     # across restarts of the same hub.
@@ -98,6 +104,14 @@ class Settings(BaseSettings):
     timezone: str = DEFAULT_TIMEZONE
     retention_days: Annotated[int, Field(ge=1)] = 90
     dead_letter_days: Annotated[int, Field(ge=1)] = 14
+    # The watch gateway (`shouhu gateway watch`, docs/contract.md "Watch protocol"): the
+    # address the 4G watches connect to (loopback unless told otherwise, as the API; the
+    # container sets 0.0.0.0), its MQTT client id, and the registry YAML it reads the
+    # wristbands' watch ids from (empty: none; an unknown watch's SOS still pages).
+    watch_host: str = Field(default="127.0.0.1", min_length=1)
+    watch_port: int = Field(default=5093, ge=1, le=65535)
+    watch_gateway_id: str = Field(default_factory=_default_watch_gateway_id, min_length=1, max_length=64)
+    registry_file: str = ""
     # Where `shouhu up` keeps the embedded database and records its URL for the other
     # verbs (docs/architecture.md); empty: /var/lib/shouhu as root, else $XDG_DATA_HOME/shouhu.
     data_dir: str = ""

@@ -527,6 +527,23 @@ def _assign_visits(residents: list[Entry]) -> None:
             resident["visits"] = "monthly"
 
 
+# Wristbands that are 4G watches (issue #16): they speak the watch protocol to
+# `shouhu gateway watch`, which maps their watch id (``86`` + 8 digits of the index) to them.
+WATCH_WRISTBANDS = range(61, 71)
+
+
+def watch_id_of(index: int) -> str:
+    """The demo watch id of wristband ``wb-<index>``."""
+    return f"86{index:08d}"
+
+
+def _assign_watches(devices: list[Entry]) -> None:
+    for index in WATCH_WRISTBANDS:
+        device = devices[index - 1]
+        assert device["id"] == f"wb-{index:04d}", device
+        device.update({"watch_id": watch_id_of(index), "protocol": "watch"})
+
+
 def _build_cameras(b: _Builder) -> None:
     camera_areas: list[str] = []
     for area in b.areas:
@@ -591,6 +608,7 @@ def build_demo_county() -> dict[str, object]:
         b.add_roster(operator, COUNTY_ID, start, end)
     _build_residents(b, homes)
     _assign_visits(b.residents)
+    _assign_watches(b.devices)
     _build_cameras(b)
     return {
         "areas": b.areas,

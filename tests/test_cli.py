@@ -190,7 +190,12 @@ def _running_up(mosquitto: Mosquitto, *options: str, prefix: str, port_option: b
     port = free_port()
     data_dir = scratch_dir(f"shouhu-{prefix}-")
     port_args = ["--port", str(port)] if port_option else []
-    env = _env(SHOUHU_MQTT_URL=mosquitto.url, SHOUHU_HUB_ID=f"{prefix}-{port}")
+    env = _env(
+        SHOUHU_MQTT_URL=mosquitto.url,
+        SHOUHU_HUB_ID=f"{prefix}-{port}",
+        SHOUHU_WATCH_PORT=str(free_port()),
+        SHOUHU_WATCH_GATEWAY_ID=f"{prefix}-watch-{port}",
+    )
     if not port_option:
         env["SHOUHU_API_PORT"] = str(port)
     process = subprocess.Popen(
@@ -270,6 +275,20 @@ def test_mosquitto_pub_on_a_fresh_up_rings_within_a_second(running_up: RunningUp
     assert ring.seconds < 1.0, f"first ring after {ring.seconds:.3f}s"
 
 
+def test_up_demo_runs_the_watch_gateway_beside_the_hub(running_up: RunningUp, tmp_path: Path) -> None:
+    """A simulated 4G watch of the demo county is answered by `up`'s gateway: its alarm
+    went through the broker to the hub and was stored (the answer waits for the receipt)."""
+    line = running_up.wait_for_line("watch gateway: ")
+    assert "(10 watches registered)" in line
+    port = re.search(r"127\.0\.0\.1:(\d+)", line)
+    assert port is not None
+    result = run_shouhu(
+        "simulate", "watch", "--press", "8600000063", "--gateway", f"127.0.0.1:{port.group(1)}", cwd=tmp_path
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert "8600000063: SOS press answered (AL)" in result.stdout
+
+
 def test_demo_refuses_a_real_phone_network(tmp_path: Path) -> None:
     result = run_shouhu(
         "up",
@@ -332,11 +351,15 @@ def taken_port() -> Iterator[int]:
             {"SHOUHU_TWILIO_ACCOUNT_SID": "AC1", "SHOUHU_TWILIO_AUTH_TOKEN": "t", "SHOUHU_TWILIO_FROM": "+12025550100"},
         ),
         (["up", "--data-dir", "data"], "SHOUHU_API_PORT", {}),
+        (["gateway", "watch"], "SHOUHU_WATCH_PORT", {}),
+        (["up", "--data-dir", "data"], "SHOUHU_WATCH_PORT", {"SHOUHU_API_PORT": "free"}),
+        (["gateway", "watch"], "SHOUHU_METRICS_PORT", {"SHOUHU_WATCH_PORT": "free"}),
     ],
 )
 def test_a_port_in_use_is_one_line_naming_the_port_and_the_setting(
     taken_port: int, tmp_path: Path, verb: list[str], setting: str, extra: dict[str, str]
 ) -> None:
+    extra = {name: str(free_port()) if value == "free" else value for name, value in extra.items()}
     result = run_shouhu(
         *verb,
         cwd=tmp_path,

@@ -29,7 +29,7 @@ ROOT = Path(__file__).resolve().parent.parent
 COMPOSE = ROOT / "docker-compose.yml"
 DOCKERFILE = ROOT / "Dockerfile"
 
-APP_SERVICES = ("migrate", "hub", "router", "api")
+APP_SERVICES = ("migrate", "hub", "router", "api", "gateway")
 LONG_RUNNING_APP_SERVICES = ("hub", "router", "api")
 MIN_MOSQUITTO = (2, 0, 18)
 # The hub's dedup ledger keeps (device_id, msg_id) at least this long (DESIGN.md).
@@ -39,7 +39,8 @@ CONTRACT_MAX_PAYLOAD = 64 * 1024
 # Settings whose compose default deliberately differs from the settings default:
 # empty means "embedded", and production must point at the compose services.
 # The container's API binds every address (DESIGN.md: 0.0.0.0 in the container).
-COMPOSE_SPECIFIC_DEFAULTS = {"SHOUHU_DATABASE_URL", "SHOUHU_MQTT_URL", "SHOUHU_API_HOST"}
+# So must the watch gateway (the watches connect from the mobile network).
+COMPOSE_SPECIFIC_DEFAULTS = {"SHOUHU_DATABASE_URL", "SHOUHU_MQTT_URL", "SHOUHU_API_HOST", "SHOUHU_WATCH_HOST"}
 
 MISSING_COMPOSE = (
     "docker-compose is not installed. The test command installs it "
@@ -363,6 +364,8 @@ def test_app_services_wait_for_migrations_and_long_running_ones_are_checked(
         assert isinstance(depends, dict), f"{name}: depends_on needs conditions"
         assert depends["migrate"]["condition"] == "service_completed_successfully", name
     assert services["hub"]["depends_on"]["mosquitto"]["condition"] == "service_healthy"
+    # The watch gateway needs the broker alone (no database): it waits for it, not for migrations.
+    assert services["gateway"]["depends_on"] == {"mosquitto": {"condition": "service_healthy"}}
     for name, service in services.items():
         if name == "migrate":
             continue
@@ -394,9 +397,11 @@ def test_every_setting_is_in_the_compose_file_and_nothing_else(raw: dict[str, An
     for name in APP_SERVICES:
         missing = set(shared) - _env_keys(services[name])
         assert not missing, f"{name} does not get x-shouhu-env: {sorted(missing)}"
-    # The hub gets every setting; SHOUHU_HUB_ID and SHOUHU_HUB_SHARED are its own, not shared.
-    assert known - _env_keys(services["hub"]) == set()
-    assert known - set(shared) <= {"SHOUHU_HUB_ID", "SHOUHU_HUB_SHARED"}
+    # The hub gets every setting; SHOUHU_HUB_ID and SHOUHU_HUB_SHARED are its own, not shared,
+    # as SHOUHU_WATCH_GATEWAY_ID is the gateway's.
+    assert known - _env_keys(services["hub"]) == {"SHOUHU_WATCH_GATEWAY_ID"}
+    assert known - set(shared) <= {"SHOUHU_HUB_ID", "SHOUHU_HUB_SHARED", "SHOUHU_WATCH_GATEWAY_ID"}
+    assert "SHOUHU_WATCH_GATEWAY_ID" in _env_keys(services["gateway"])
 
 
 def test_compose_defaults_match_the_settings_defaults(raw: dict[str, Any]) -> None:
@@ -502,9 +507,13 @@ def test_ports_match_the_settings_defaults(raw: dict[str, Any]) -> None:
         assert metrics_port in _service_ports(services[name]), name
         assert "/healthz" in " ".join(_argv(services[name]["healthcheck"]["test"]))
     assert "/healthz" in " ".join(_argv(services["api"]["healthcheck"]["test"]))
+    watch_port = Settings.model_fields["watch_port"].default
+    assert str(raw["x-shouhu-env"]["SHOUHU_WATCH_PORT"]) == str(watch_port)
+    assert {watch_port, metrics_port} <= _service_ports(services["gateway"])
+    assert "/readyz" in " ".join(_argv(services["gateway"]["healthcheck"]["test"]))
 
     exposed = " ".join(_dockerfile_instruction("EXPOSE")).split()
-    assert {str(api_port), str(metrics_port)} <= set(exposed)
+    assert {str(api_port), str(metrics_port), str(watch_port)} <= set(exposed)
 
 
 def test_prometheus_scrapes_every_long_running_process(raw: dict[str, Any]) -> None:
@@ -517,4 +526,4 @@ def test_prometheus_scrapes_every_long_running_process(raw: dict[str, Any]) -> N
             targets.update(static["targets"])
     api_port = Settings.model_fields["api_port"].default
     metrics_port = Settings.model_fields["metrics_port"].default
-    assert {f"hub:{metrics_port}", f"router:{metrics_port}", f"api:{api_port}"} <= targets
+    assert {f"hub:{metrics_port}", f"router:{metrics_port}", f"gateway:{metrics_port}", f"api:{api_port}"} <= targets

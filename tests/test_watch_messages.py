@@ -24,6 +24,7 @@ from gateway.watch_messages import (
     MapResult,
     Publication,
     map_frame,
+    unregistered_device_id,
 )
 
 WATCH = "8612345678"
@@ -356,11 +357,35 @@ def test_a_command_shouhu_does_not_read_is_ignored(content: str) -> None:
     assert result.reason is IgnoreReason.UNKNOWN_COMMAND
 
 
-@pytest.mark.parametrize("content", ["LK", "AL," + position("00010000"), "heart,70"])
+@pytest.mark.parametrize("content", ["LK", "UD," + position("00010000"), "AL," + position("00100000"), "heart,70"])
 def test_a_watch_the_registry_does_not_have_is_a_dead_letter_with_its_bytes(content: str) -> None:
     frame = watch_frame(content, watch="8699999999")
     result = map_frame(frame, lookup, NOW, CHINA)
     assert result == DeadLetter(DeadLetterReason.UNKNOWN_WATCH, "watch 8699999999", "8699999999", frame.raw)
+
+
+@pytest.mark.parametrize(
+    ("status", "channels"), [("00010000", ["sos"]), ("00200000", ["fall"]), ("00410000", ["sos", "fall"])]
+)
+def test_an_sos_or_fall_of_a_watch_the_registry_does_not_have_still_pages(status: str, channels: list[str]) -> None:
+    """When in doubt about an SOS, page: its alarms alone, under the derived id the hub
+    does not know either (so it opens ``sos_unregistered``), answered after the receipt."""
+    result = map_frame(watch_frame("AL," + position(status), watch="8699999999"), lookup, NOW, CHINA)
+    assert isinstance(result, Mapped)
+    assert result.unregistered
+    assert result.wristband_id == unregistered_device_id("8699999999") == "watch-8699999999"
+    assert [p.topic.channel.value for p in result.publications] == channels
+    assert all(hub_reads(p).topic.device_id == "watch-8699999999" for p in result.publications)
+    assert result.answer is not None
+    assert result.answer.when is AnswerWhen.AFTER_RECEIPTS
+    assert result.answer.receipt_msg_ids == tuple(p.msg_id for p in result.publications)
+
+
+def test_an_unreadable_alarm_of_a_watch_the_registry_does_not_have_still_pages() -> None:
+    result = map_frame(watch_frame("AL,041226,101500,A,north", watch="8699999999"), lookup, NOW, CHINA)
+    assert isinstance(result, Mapped)
+    assert result.unregistered
+    assert [str(p.topic) for p in result.publications] == ["shouhu/v1/wristband/watch-8699999999/sos"]
 
 
 @pytest.mark.parametrize(

@@ -4,81 +4,21 @@ answered at once and ``AL`` only after the hub's receipt."""
 
 from __future__ import annotations
 
-import socket
+import signal
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
-from datetime import timedelta, timezone
-from typing import Any
 
+import httpx
 import pytest
 
 from devices.contract import MqttChannel
-from gateway.watch_frames import FrameRejected, WatchFrame, WatchFrameDecoder, escape
 from gateway.watch_messages import make_msg_id
-from gateway.watch_server import WatchServer, WatchServerConfig
+from gateway.watch_server import WatchServer
 from hub.service import Hub
+from shouhu.embedded.postgres import free_port
 from tests.support.hub import query, start_hub, wait_until
 from tests.support.services import Mosquitto
-
-WATCH = "8612345678"
-BAND = "wb-0061"
-CHINA = timezone(timedelta(hours=8))
-SOS_BODY = "041226,101500,A,30.274085,N,120.155070,E,0.5,90.0,12.0,7,80,64,1520,0,00010000,1,255,460,0,9340,3663,35"
-
-
-def frame(content: str, watch: str = WATCH) -> bytes:
-    body = content.encode()
-    return f"[3G*{watch}*{len(body):04X}*".encode() + escape(body) + b"]"
-
-
-class Watch:
-    """A watch's TCP connection: send frames, read the server's answers."""
-
-    def __init__(self, port: int) -> None:
-        self.sock = socket.create_connection(("127.0.0.1", port), timeout=30)
-        self.decoder = WatchFrameDecoder()
-        self.answers: list[WatchFrame] = []
-
-    def send(self, data: bytes) -> None:
-        self.sock.sendall(data)
-
-    def answer(self) -> bytes:
-        """The next answer's bytes (blocks until one arrives; the socket times out at 30 s)."""
-        while not self.answers:
-            data = self.sock.recv(4096)
-            assert data, "the gateway closed the connection"
-            for item in self.decoder.feed(data):
-                assert not isinstance(item, FrameRejected), item
-                self.answers.append(item)
-        return self.answers.pop(0).raw
-
-    def closed_by_server(self) -> bool:
-        return self.sock.recv(4096) == b""
-
-    def close(self) -> None:
-        self.sock.close()
-
-
-@contextmanager
-def serving(broker: Mosquitto, **config: Any) -> Iterator[WatchServer]:
-    """A watch gateway on a free port, ready (subscribed to receipts) before this yields."""
-    settings = WatchServerConfig(
-        mqtt_url=broker.url,
-        client_id=f"test-watch-gateway-{uuid.uuid4().hex[:8]}",
-        watch_tz=CHINA,
-        host="127.0.0.1",
-        port=0,
-        **{"max_rejections": 5, **config},
-    )
-    server = WatchServer(settings, {WATCH: BAND}.get)
-    thread = server.run_in_thread()
-    try:
-        yield server
-    finally:
-        server.stop()
-        thread.join(15)
-    assert not thread.is_alive()
+from tests.support.watch import BAND, SOS_BODY, WATCH, Watch, frame, gateway_process, serving
 
 
 @pytest.fixture
@@ -100,7 +40,7 @@ def test_a_heartbeat_is_answered_at_once_and_stored(hub: Hub, county_url: str, g
     band = watch(gateway)
     try:
         band.send(frame("LK,1520,0,64"))
-        assert band.answer() == b"[3G*8612345678*0002*LK]"
+        assert band.answer() == b"[3G*8600000061*0002*LK]"
     finally:
         band.close()
     wait_until(lambda: query(county_url, "SELECT battery FROM device_state WHERE device_id = %s", BAND) == [(64,)])
@@ -111,14 +51,14 @@ def test_an_sos_is_answered_only_after_the_hub_has_stored_it(hub: Hub, county_ur
     sos_id = make_msg_id(WATCH, MqttChannel.SOS, f"AL,{SOS_BODY}".encode())
     try:
         band.send(frame(f"AL,{SOS_BODY}"))
-        assert band.answer() == b"[3G*8612345678*0002*AL]"
+        assert band.answer() == b"[3G*8600000061*0002*AL]"
         # The receipt exists only after the hub's commit: the alarm is stored already.
         assert ledger(county_url, sos_id) == [("sos",)]
         [(kind, state)] = query(county_url, "SELECT kind, state FROM incidents")
         assert (kind, state) == ("sos", "open")
         # The watch re-sends (it missed the answer): the same msg_id, one incident.
         band.send(frame(f"AL,{SOS_BODY}"))
-        assert band.answer() == b"[3G*8612345678*0002*AL]"
+        assert band.answer() == b"[3G*8600000061*0002*AL]"
     finally:
         band.close()
     assert query(county_url, "SELECT count(*) FROM incidents") == [(1,)]
@@ -133,12 +73,12 @@ def test_an_alarm_nobody_stored_is_not_answered_until_a_resend_is(
         band.send(frame(f"AL,{SOS_BODY}"))
         band.send(frame("LK"))
         # No hub: the heartbeat sent after the alarm is answered first, the alarm not at all.
-        assert band.answer() == b"[3G*8612345678*0002*LK]"
+        assert band.answer() == b"[3G*8600000061*0002*LK]"
         assert gateway.counts["answered:after_receipt"] == 0
         worker, thread = start_hub(county_url, broker.url)
         try:
             band.send(frame(f"AL,{SOS_BODY}"))
-            assert band.answer() == b"[3G*8612345678*0002*AL]"
+            assert band.answer() == b"[3G*8600000061*0002*AL]"
         finally:
             worker.stop()
             thread.join(10)
@@ -147,17 +87,45 @@ def test_an_alarm_nobody_stored_is_not_answered_until_a_resend_is(
     assert query(county_url, "SELECT kind FROM incidents") == [("sos",)]
 
 
+def test_an_sos_of_a_watch_the_registry_does_not_have_pages_the_county(
+    hub: Hub, county_url: str, gateway: WatchServer
+) -> None:
+    """When in doubt about an SOS, page: an unknown watch's SOS opens ``sos_unregistered``
+    under ``watch-<id>``, exactly as an unknown MQTT wristband's, answered after the receipt."""
+    stranger = "8699999999"
+    band = watch(gateway)
+    try:
+        band.send(frame(f"AL,{SOS_BODY}", watch=stranger))
+        assert band.answer() == b"[3G*8699999999*0002*AL]"
+        # Answered only after the receipt: the incident is committed already.
+        assert query(county_url, "SELECT kind, device_id, area_id, state FROM incidents") == [
+            ("sos_unregistered", f"watch-{stranger}", "county", "open")
+        ]
+        band.send(frame(f"AL,{SOS_BODY}", watch=stranger))  # re-sent: the same msg_id
+        assert band.answer() == b"[3G*8699999999*0002*AL]"
+        # A second unknown id on the same connection is no watch: not paged, not answered.
+        band.send(frame(f"AL,{SOS_BODY}", watch="8688888888") + frame("LK"))
+        assert band.answer() == b"[3G*8600000061*0002*LK]"
+    finally:
+        band.close()
+    assert gateway.counts["dead_letter:unregistered_flood"] == 1
+    assert query(county_url, "SELECT count(*), max(urgency) FROM incidents") == [(1, 1)]
+    assert gateway.counts["unregistered_alarm"] == 2
+    assert gateway.counts["answered:after_receipt"] == 2
+    assert gateway.counts["dead_letter:unknown_watch"] == 0
+
+
 def test_bad_input_is_counted_and_never_stops_the_others(gateway: WatchServer) -> None:
     noisy, flooding, calm = watch(gateway), watch(gateway), watch(gateway)
     try:
         noisy.send(b"GET / HTTP/1.1\r\n\r\n" + frame("LK", watch="8699999999") + frame("TKQ") + "[3G*坏*".encode())
-        noisy.send(b"[3G*8612345678*0003*LK]" + frame("LK"))
-        assert noisy.answer() == b"[3G*8612345678*0002*LK]"
+        noisy.send(b"[3G*8600000061*0003*LK]" + frame("LK"))
+        assert noisy.answer() == b"[3G*8600000061*0002*LK]"
         # A peer that sends nothing but bad frames is closed after max_rejections.
         flooding.send(b"[x]" * 10)
         assert flooding.closed_by_server()
         calm.send(frame("LK"))
-        assert calm.answer() == b"[3G*8612345678*0002*LK]"
+        assert calm.answer() == b"[3G*8600000061*0002*LK]"
     finally:
         for connection in (noisy, flooding, calm):
             connection.close()
@@ -175,7 +143,7 @@ def test_an_alarm_that_cannot_be_read_still_pages(hub: Hub, county_url: str, gat
     band = watch(gateway)
     try:
         band.send(frame("AL,041226,101500,A,north"))
-        assert band.answer() == b"[3G*8612345678*0002*AL]"  # at once: no msg_id can be receipted
+        assert band.answer() == b"[3G*8600000061*0002*AL]"  # at once: no msg_id can be receipted
     finally:
         band.close()
     wait_until(lambda: query(county_url, "SELECT kind, payload_unreadable FROM incidents") == [("sos", True)])
@@ -186,9 +154,78 @@ def test_a_silent_connection_is_closed(broker: Mosquitto) -> None:
         silent, talking = watch(server), watch(server)
         try:
             talking.send(frame("LK"))
-            assert talking.answer() == b"[3G*8612345678*0002*LK]"
+            assert talking.answer() == b"[3G*8600000061*0002*LK]"
             assert silent.closed_by_server()
         finally:
             silent.close()
             talking.close()
         assert server.counts["closed:idle"] >= 1
+
+
+# ------------------------------------------------------------- `shouhu gateway watch`
+
+
+def test_the_verb_serves_the_registry_watches_and_stops_cleanly_on_sigterm(hub: Hub, broker: Mosquitto) -> None:
+    port = free_port()
+    process = gateway_process(broker, f"test-gateway-{port}", port).start()
+    try:
+        band = Watch(port)
+        try:
+            band.send(frame("LK"))  # wb-0061's watch, from the demo county's registry file
+            assert band.answer() == b"[3G*8600000061*0002*LK]"
+            band.send(frame("LK", watch="8699999999") + frame("LK"))  # an unknown watch: no answer
+            assert band.answer() == b"[3G*8600000061*0002*LK]"
+        finally:
+            band.close()
+        assert process.ready_url is not None
+        metrics = httpx.get(process.ready_url.replace("/readyz", "/metrics")).text
+        assert 'shouhu_watch_gateway_events_total{event="published:telemetry"} 2.0' in metrics
+        assert 'shouhu_watch_gateway_events_total{event="dead_letter:unknown_watch"} 1.0' in metrics
+        assert process.process is not None
+        process.process.send_signal(signal.SIGTERM)
+        assert process.process.wait(15) == 0, process.output()
+    finally:
+        process.kill()
+    assert "watch gateway: 127.0.0.1:" in process.output()
+    assert "10 watches registered" in process.output()
+    assert "Traceback" not in process.output()
+
+
+def test_after_a_kill_and_a_restart_the_resent_alarm_is_answered_and_stored_once(
+    county_url: str, broker: Mosquitto
+) -> None:
+    """The gateway dies (SIGKILL) holding an alarm it could not answer yet (the hub was
+    away); the watch reconnects to the restarted gateway and re-sends it: answered, and
+    one ledger row, one incident, though the first copy waited in the broker for the hub."""
+    port = free_port()
+    hub_id = f"test-hub-{uuid.uuid4().hex[:8]}"
+    worker, thread = start_hub(county_url, broker.url, hub_id)
+    worker.stop()  # its sessions stay: the broker keeps the alarm for its return
+    thread.join(10)
+    first = gateway_process(broker, f"test-gateway-{port}", port).start()
+    band = Watch(port)
+    try:
+        band.send(frame(f"AL,{SOS_BODY}"))
+        band.send(frame("LK"))
+        assert band.answer() == b"[3G*8600000061*0002*LK]"  # read in order: the AL was published
+        first.kill(signal.SIGKILL)
+        assert band.closed_by_server()
+    finally:
+        band.close()
+        first.kill()
+    worker, thread = start_hub(county_url, broker.url, hub_id)
+    second = gateway_process(broker, f"test-gateway-{port}", port).start()
+    try:
+        band = Watch(port)
+        try:
+            band.send(frame(f"AL,{SOS_BODY}"))  # the watch never had its answer: it re-sends
+            assert band.answer() == b"[3G*8600000061*0002*AL]"
+        finally:
+            band.close()
+    finally:
+        second.stop()
+        worker.stop()
+        thread.join(10)
+    sos_id = make_msg_id(WATCH, MqttChannel.SOS, f"AL,{SOS_BODY}".encode())
+    assert ledger(county_url, sos_id) == [("sos",)]
+    assert query(county_url, "SELECT kind, device_id, urgency FROM incidents") == [("sos", BAND, 1)]
