@@ -15,7 +15,7 @@ import psycopg
 from fastapi import Depends, FastAPI, Request, status
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse, RedirectResponse, Response
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
 from psycopg.rows import tuple_row
@@ -298,6 +298,11 @@ def create_app(settings: Settings) -> FastAPI:
     def read_metrics() -> Response:
         """Prometheus metrics from the default registry."""
         return Response(generate_latest(REGISTRY), media_type=CONTENT_TYPE_LATEST)
+
+    @app.get("/favicon.ico", include_in_schema=False)
+    def read_favicon() -> FileResponse:
+        """The consoles' icon: browsers ask for /favicon.ico whatever the page links, so the same SVG."""
+        return FileResponse(pages.STATIC_DIR / "favicon.svg", media_type="image/svg+xml")
 
     # The routers carry the full /api/v1/... paths themselves, so the matched route's
     # path is the whole template the metrics label with.

@@ -18,11 +18,12 @@ from typing import Any
 import httpx
 import psycopg
 import pytest
-from playwright.sync_api import Browser, expect
+from playwright.sync_api import Browser, ViewportSize, expect
 
-from alerts.acknowledge import Actor, resolve
+from alerts.acknowledge import Actor, acknowledge, resolve
 from alerts.care import close_task
 from alerts.care_sweep import sweep, sweep_visits
+from alerts.supervise import Supervised, supervise_incident
 from alerts.visits import period_of
 from api.main import create_app
 from devices.kinds import Outcome, TaskOutcome, VisitFrequency
@@ -149,14 +150,34 @@ def follow_ups_due_this_month(url: str, bands: list[str]) -> None:
             close_task(conn, visited, TaskOutcome.RESIDENT_FINE, "", WORKER, deadline - timedelta(seconds=1))
 
 
+def taken_and_supervised(url: str, bands: list[str]) -> None:
+    """An SOS taken 25 s after the press, and one nobody took, overdue and supervised (督办)."""
+    now = datetime.now(UTC)
+    operator = Actor("staff", "op-01", "值班员", None, "operator")
+    pressed = now - timedelta(minutes=20)
+    taken = press(url, bands[0], pressed, msg_id="console-taken")
+    untaken = press(url, bands[1], now - timedelta(minutes=10), msg_id="console-overview")
+    with psycopg.connect(url, autocommit=True) as conn:
+        with conn.transaction():
+            acknowledge(conn, taken, WORKER, "console", pressed + timedelta(seconds=25), resolve_timeout_s=1800)
+        with conn.transaction():
+            done = supervise_incident(conn, untaken, operator, now, ack_timeout_s=120, resolve_timeout_s=1800)
+    assert done.result is Supervised.DONE
+
+
 def test_the_governance_overview_in_chinese_and_english(browser: Browser, site: dict[str, Any]) -> None:
-    press(site["url"], site["wristbands"][1], datetime.now(UTC), msg_id="console-overview")
+    taken_and_supervised(site["url"], [site["wristbands"][4], site["wristbands"][1]])
     follow_ups_due_this_month(site["url"], site["wristbands"][2:4])
-    page = log_in(browser, site["base"], site["tokens"]["operator"])
+    page = log_in(browser, site["base"], site["tokens"]["operator"], ViewportSize(width=1024, height=768))
     assert page.url.endswith("/console/overview")
     assert_accessible_basics(page)
     expect(page.locator("#severity-table")).to_contain_text("东关村第一网格")
     expect(page.locator("#sos-response")).to_contain_text("60 秒内接单")
+    # The response figures against the telecare targets, and the supervision counts.
+    # Of four SOS in the period one was taken within 60 s (the two follow-ups' were taken at 5 min).
+    expect(page.locator("#within_60")).to_contain_text("25.0% （目标 97.5%，未达标）")
+    expect(page.locator("#supervised-in-period")).to_have_text("1")
+    expect(page.locator("#supervised-open")).to_have_text("1")
     # The month's visit rate against the 100 % target: one of two follow-ups on time.
     expect(page.locator("#visit-h")).to_contain_text("本月探视率（目标 100%）")
     row = page.locator(f"#visit-rate tr[data-area='{GRID_A}']")

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Iterator
+from datetime import datetime, timedelta
 from typing import Any
 
 import httpx
@@ -57,7 +58,7 @@ def site(county_url: str, phone_network: str) -> Iterator[dict[str, Any]]:
         router.run_due_steps()
         router.send_pending()
         for url in serve_app(app, port=port):
-            yield {"base": url, "phone": phone_network, "incident": incident}
+            yield {"base": url, "phone": phone_network, "incident": incident, "clock": clock, "db": county_url}
     finally:
         router.close()
 
@@ -102,7 +103,22 @@ def test_a_grid_worker_signs_in_by_a_texted_code_and_sees_their_own_list(
     expect(sent).to_contain_text("短信")
     # Nothing of another grid: a grid worker's list is theirs.
     assert page.locator("#incident-list [data-incident]").count() == 1
+    # The untaken SOS is due when its first step's wait runs out; not overdue yet.
+    [(wait_s,)] = q(
+        site["db"],
+        "SELECT (policy_snapshot->'steps'->0->>'wait_s')::int FROM incidents WHERE id = %s",
+        site["incident"],
+    )
+    due = row.locator("[data-due] time")
+    expect(due).to_contain_text("截止")
+    assert datetime.fromisoformat(due.get_attribute("datetime") or "") == DAY + timedelta(seconds=wait_s)
+    expect(row.locator(".badge.overdue")).to_have_count(0)
     snap(page, "grid-console")
+    site["clock"].advance(wait_s)  # due now: overdue, on the list as on the incident page
+    page.reload()
+    expect(row.locator(".badge.overdue")).to_have_text("已逾期")
+    page.goto(f"{site['base']}/console/incidents/{site['incident']}")
+    expect(page.locator("#incident-due")).to_contain_text("已逾期")
 
     # The session is theirs: the API says who, and the code cannot be used twice.
     cookies = {c["name"]: c["value"] for c in page.context.cookies()}

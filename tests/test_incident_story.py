@@ -313,3 +313,9 @@ def test_each_console_page_says_what_an_empty_part_means(county_url: str) -> Non
         assert "收到报警" in page
         assert "Nobody has been paged yet" in client.get(f"/console/incidents/{incident}?lang=en").text
         assert 'rel="icon" href="/console/static/favicon.svg"' in page
+        # Browsers ask for /favicon.ico whatever the page links: the same icon, typed as SVG.
+        icon = client.get("/favicon.ico")
+        assert icon.status_code == 200
+        assert icon.headers["content-type"] == "image/svg+xml"
+        assert icon.content == client.get("/console/static/favicon.svg").content
+        assert icon.content.lstrip().startswith(b"<svg")

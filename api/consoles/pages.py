@@ -316,6 +316,11 @@ def home(token: Viewer) -> RedirectResponse:
 def _grid_context(request: Request, conn: ConnDep, token: TokenIdentity, now: datetime) -> dict[str, Any]:
     kinds = [k.value for k in visible_incident_kinds(token.role)]
     incidents = queries.open_incidents(conn, _scope(conn, token), kinds)
+    settings = deps.get_settings(request)
+    for incident in incidents:  # a red one's own due time, as its page shows it; a care one shows its task's
+        if incident["severity"] == Severity.RED.value:
+            incident["red_due_at"] = _red_due_at(incident, settings)
+            incident["overdue"] = is_overdue(incident["red_due_at"], now)
     context: dict[str, Any] = {"incidents": incidents, "token": token, "grids": [], "sent_to_me": {}}
     if token.owner.kind is OwnerKind.STAFF:
         # "Mine": my grids, those I am on duty for now first, and what was sent to my phone.
@@ -383,18 +388,23 @@ def _incident_context(
     }
 
 
-def _due(found: dict[str, Any], token: TokenIdentity, settings: Settings, now: datetime) -> dict[str, Any]:
-    """The incident's due time, whether it is overdue, and whether this viewer may supervise it (督办)."""
-    steps = found["policy_snapshot"].get("steps") or []
-    due_at = incident_due_at(
+def _red_due_at(found: dict[str, Any], settings: Settings) -> datetime | None:
+    """A red incident's own due time (to be taken, then to be resolved), for its page and the
+    grid list alike; a care incident's due time is its task's (shown with the task)."""
+    return incident_due_at(
         Severity(found["severity"]),
         IncidentState(found["state"]),
         found["opened_at"],
         found["acknowledged_at"],
-        int(steps[0]["wait_s"]) if steps else settings.ack_timeout_s,
+        settings.ack_timeout_s if found["first_wait_s"] is None else int(found["first_wait_s"]),
         settings.resolve_timeout_s,
         None,
     )
+
+
+def _due(found: dict[str, Any], token: TokenIdentity, settings: Settings, now: datetime) -> dict[str, Any]:
+    """The incident's due time, whether it is overdue, and whether this viewer may supervise it (督办)."""
+    due_at = _red_due_at(found, settings)
     overdue = is_overdue(due_at, now)
     return {"due_at": due_at, "overdue": overdue, "can_supervise": overdue and token.role in SUPERVISORS}
 

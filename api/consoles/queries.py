@@ -15,6 +15,7 @@ from zoneinfo import ZoneInfo
 
 from alerts.recipients import shift_covers
 from alerts.states import OPEN, OPEN_SQL, IncidentState
+from alerts.supervise import FIRST_WAIT_SQL
 from shouhu.db import DictConn
 
 SEVERITY_ORDER = {"red": 0, "yellow": 1, "blue": 2}
@@ -29,7 +30,8 @@ def open_incidents(
     rows = conn.execute(
         f"""
         SELECT i.id, i.code, i.kind, i.severity, i.state, i.opened_at, i.urgency, i.area_id,
-               i.acknowledged_by_name, i.device_id, r.name AS resident_name, a.name AS area_name,
+               i.acknowledged_by_name, i.acknowledged_at, {FIRST_WAIT_SQL} AS first_wait_s, i.device_id,
+               r.name AS resident_name, a.name AS area_name,
                t.id AS task_id, t.kind AS task_kind, t.state AS task_state, t.due_at, t.level
         FROM incidents i
         LEFT JOIN residents r ON r.id = i.resident_id
@@ -50,9 +52,9 @@ def open_incidents(
 
 def incident(conn: DictConn, incident_id: int) -> dict[str, Any] | None:
     row = conn.execute(
-        """
-        SELECT i.*, r.name AS resident_name, r.address AS resident_address, r.phone AS resident_phone,
-               r.medical_notes, a.name AS area_name, t.id AS task_id
+        f"""
+        SELECT i.*, {FIRST_WAIT_SQL} AS first_wait_s, r.name AS resident_name, r.address AS resident_address,
+               r.phone AS resident_phone, r.medical_notes, a.name AS area_name, t.id AS task_id
         FROM incidents i
         LEFT JOIN residents r ON r.id = i.resident_id
         LEFT JOIN areas a ON a.id = i.area_id
