@@ -112,6 +112,7 @@ class Figures:
     cancelled: int
     answered: int
     median_ack_s: float | None
+    p90_ack_s: float | None  # the same times' 90th percentile (linear, as PostgreSQL's percentile_cont)
     within_60s: Window
     within_180s: Window
     unreached: int
@@ -129,6 +130,17 @@ def _window(alarms: list[RedAlarm], seconds: float, target: float, now: datetime
     return Window(seconds, target, within, decided)
 
 
+def _percentile(values: list[float], fraction: float) -> float | None:
+    """Linear interpolation between the closest ranks (PostgreSQL's ``percentile_cont``)."""
+    if not values:
+        return None
+    ordered = sorted(values)
+    rank = fraction * (len(ordered) - 1)
+    low = int(rank)
+    high = min(low + 1, len(ordered) - 1)
+    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+
+
 def figures(alarms: Iterable[RedAlarm], now: datetime) -> Figures:
     """The figures of ``alarms`` as they stand at ``now``."""
     all_alarms = list(alarms)
@@ -139,6 +151,7 @@ def figures(alarms: Iterable[RedAlarm], now: datetime) -> Figures:
         cancelled=len(all_alarms) - len(counted),
         answered=len(times),
         median_ack_s=statistics.median(times) if times else None,
+        p90_ack_s=_percentile(times, 0.9),
         within_60s=_window(counted, WINDOW_60S, TARGET_WITHIN_60S, now),
         within_180s=_window(counted, WINDOW_180S, TARGET_WITHIN_180S, now),
         unreached=sum(a.unreached for a in counted),

@@ -57,6 +57,8 @@ def test_taken_in_time_late_and_not_yet_decided() -> None:
     got = figures(alarms, NOW)
     assert (got.incidents, got.cancelled, got.answered, got.unreached) == (5, 1, 3, 1)
     assert got.median_ack_s == 100
+    # Over the same answered times as the median (30, 100, 400), as percentile_cont would.
+    assert got.p90_ack_s == pytest.approx(340)
     assert (got.within_60s.within, got.within_60s.decided) == (1, 4)
     assert got.within_60s.share == 0.25
     assert got.within_60s.meets_target is False
@@ -78,6 +80,7 @@ def test_nothing_to_count_gives_no_shares_rather_than_zero() -> None:
     got = figures([], NOW)
     assert got.incidents == 0
     assert got.median_ack_s is None
+    assert got.p90_ack_s is None
     assert got.within_60s.share is None
     assert got.within_60s.meets_target is None
 

@@ -667,7 +667,7 @@ def _overview_context(request: Request, conn: ConnDep, token: TokenIdentity, now
     scope = _scope(conn, token)
     return {
         "severity": queries.incidents_by_severity_and_area(conn, scope, since, until),
-        "response": queries.sos_response(conn, scope, since, until),
+        "reached_platform": queries.reached_platform(conn, scope, since, until),
         **_response_figures(conn, scope, since, until, now),
         "uncovered": queries.uncovered_tonight(conn, scope, now, zone),
         "offline": queries.devices_offline_by_area(conn, scope),

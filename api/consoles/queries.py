@@ -239,53 +239,23 @@ def open_orders(conn: DictConn, scope: list[str] | None) -> list[dict[str, Any]]
     return [dict(r) for r in rows]
 
 
-@dataclass(frozen=True, slots=True)
-class Response_:
-    """How fast SOS and falls were taken over a period (the telecare targets: 60 s and 180 s)."""
+def reached_platform(conn: DictConn, scope: list[str] | None, since: datetime, until: datetime) -> int:
+    """How many SOS and falls of the period went as far as the emergency platform (a CAP alert).
 
-    incidents: int
-    acknowledged: int
-    p50_s: float | None
-    p90_s: float | None
-    within_60s: float | None  # share of all red incidents of the period
-    within_180s: float | None
-    reached_platform: int
-    unreached: int
-
-
-def sos_response(conn: DictConn, scope: list[str] | None, since: datetime, until: datetime) -> Response_:
+    The rest of the response figures (taken within 60 s / 180 s, median and P90, unreached)
+    come from ``alerts/response.py``, the one source for the overview, REST and /metrics.
+    """
     row = conn.execute(
         """
-        WITH red AS (
-            SELECT i.id, extract(epoch FROM i.acknowledged_at - i.opened_at) AS ack_s
-            FROM incidents i
-            WHERE i.kind IN ('sos', 'fall', 'sos_unregistered') AND i.opened_at >= %(since)s
-              AND i.opened_at < %(until)s AND (%(scope)s::text[] IS NULL OR i.area_id = ANY(%(scope)s))
-        )
-        SELECT count(*) AS n, count(ack_s) AS acked,
-               percentile_cont(0.5) WITHIN GROUP (ORDER BY ack_s) AS p50,
-               percentile_cont(0.9) WITHIN GROUP (ORDER BY ack_s) AS p90,
-               count(*) FILTER (WHERE ack_s <= 60) AS in60, count(*) FILTER (WHERE ack_s <= 180) AS in180,
-               (SELECT count(DISTINCT a.incident_id) FROM notification_attempts a JOIN red ON red.id = a.incident_id
-                WHERE a.purpose = 'cap_alert') AS platform,
-               (SELECT count(DISTINCT e.incident_id) FROM incident_events e JOIN red ON red.id = e.incident_id
-                WHERE e.event = 'unreached') AS unreached
-        FROM red
+        SELECT count(DISTINCT a.incident_id) AS platform
+        FROM incidents i JOIN notification_attempts a ON a.incident_id = i.id
+        WHERE i.kind IN ('sos', 'fall', 'sos_unregistered') AND i.opened_at >= %(since)s
+          AND i.opened_at < %(until)s AND (%(scope)s::text[] IS NULL OR i.area_id = ANY(%(scope)s))
+          AND a.purpose = 'cap_alert'
         """,
         {"since": since, "until": until, "scope": scope},
     ).fetchone()
-    assert row is not None
-    total = int(row["n"])
-    return Response_(
-        incidents=total,
-        acknowledged=int(row["acked"]),
-        p50_s=float(row["p50"]) if row["p50"] is not None else None,
-        p90_s=float(row["p90"]) if row["p90"] is not None else None,
-        within_60s=int(row["in60"]) / total if total else None,
-        within_180s=int(row["in180"]) / total if total else None,
-        reached_platform=int(row["platform"]),
-        unreached=int(row["unreached"]),
-    )
+    return int(row["platform"]) if row else 0
 
 
 def incidents_by_severity_and_area(
