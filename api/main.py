@@ -45,6 +45,7 @@ from api.routes import (
     supervision,
     tasks,
     tokens,
+    traccar,
     uptime,
 )
 from shouhu.accounts import prune_sign_in
@@ -254,6 +255,7 @@ def create_app(settings: Settings) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             REGISTRY.unregister(figures)
+            await run_in_threadpool(traccar.close_publisher, app)
             await run_in_threadpool(pool.close)
 
     app = FastAPI(
@@ -308,6 +310,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in modules:
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
     app.include_router(callbacks.router)
+    app.include_router(traccar.router)
     app.include_router(pages.router)
     app.mount("/console/static", StaticFiles(directory=pages.STATIC_DIR), name="console-static")
     app.state.settings = settings  # read through api.deps.get_settings only
