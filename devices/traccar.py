@@ -144,6 +144,7 @@ def _key(forward: TraccarForward, now: datetime) -> tuple[str, datetime]:
     """What identifies this forward across retries, and the time its messages carry."""
     event, position = forward.event, forward.position
     parts = [
+        f"device:{forward.device.uniqueId}",
         f"event:{event.id}:{event.type}:{event.eventTime}:{event.attributes.get('alarm')}" if event else "",
         f"position:{position.id}:{position.fixTime}" if position else "",
     ]
@@ -232,7 +233,7 @@ def map_forward(forward: TraccarForward, wristband_id: str | None, now: datetime
             {
                 "battery": battery,
                 "heart_rate": _number(attributes, "heartRate"),
-                "steps": int(steps) if steps is not None and steps.is_integer() else None,
+                "steps": int(steps) if steps is not None and float(steps).is_integer() else None,
                 **where,
             },
         )
