@@ -100,8 +100,10 @@ class BrokerPublisher:
     def _on_disconnect(self, *_args: Any) -> None:
         self._connected.clear()
 
-    def publish(self, publications: Sequence[Publication], timeout: float = PUBACK_TIMEOUT_S) -> bool:
-        """True once the broker has acknowledged every publication within ``timeout``."""
+    def publish(self, publications: Sequence[Publication], timeout: float | None = None) -> bool:
+        """True once the broker has acknowledged every publication within ``timeout``
+        (default ``PUBACK_TIMEOUT_S``)."""
+        timeout = PUBACK_TIMEOUT_S if timeout is None else timeout
         deadline = time.monotonic() + timeout
         if not self._connected.wait(timeout):
             return False
