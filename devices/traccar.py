@@ -38,7 +38,7 @@ from typing import Annotated, Any
 
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
 
-from devices.contract import DEVICE_ID, PAYLOAD_MODELS, MqttChannel, Topic
+from devices.contract import ALARM_CHANNELS, DEVICE_ID, PAYLOAD_MODELS, MqttChannel, Topic
 from devices.kinds import DeviceKind
 
 UNREGISTERED_PREFIX = "traccar-"
@@ -125,13 +125,18 @@ def unregistered_device_id(unique_id: str) -> str:
     return f"{UNREGISTERED_PREFIX}{hashlib.sha256(unique_id.encode()).hexdigest()[:40]}"
 
 
-def alarms_of(event: TraccarEvent) -> list[TraccarAlarm]:
-    """The alarms an event names that Shouhu reads, in order, once each."""
-    if event.type != ALARM_EVENT:
-        return []
-    names = str(event.attributes.get("alarm", "")).split(",")
+def _alarm_names(attributes: dict[str, Any]) -> list[TraccarAlarm]:
+    names = str(attributes.get("alarm", "")).split(",")
     found = [ALARM_NAMES[name.strip()] for name in names if name.strip() in ALARM_NAMES]
     return list(dict.fromkeys(found))
+
+
+def alarms_of(forward: TraccarForward) -> list[TraccarAlarm]:
+    """The alarms a forward names that Shouhu reads, in order, once each: an ``alarm``
+    event's, or (a position without an event) the position's own ``attributes.alarm``."""
+    if forward.event is not None:
+        return _alarm_names(forward.event.attributes) if forward.event.type == ALARM_EVENT else []
+    return _alarm_names(forward.position.attributes) if forward.position is not None else []
 
 
 def make_msg_id(device_id: str, channel: MqttChannel, key: str) -> str:
@@ -140,21 +145,34 @@ def make_msg_id(device_id: str, channel: MqttChannel, key: str) -> str:
     return f"traccar-{digest.hexdigest()[:40]}"
 
 
-def _key(forward: TraccarForward, now: datetime) -> tuple[str, datetime]:
-    """What identifies this forward across retries, and the time its messages carry."""
+@dataclass(frozen=True, slots=True)
+class _Identity:
+    """What identifies a forward's messages across retries, and the time they carry."""
+
+    alarm_key: str  # the SOS and the fall: the same from the event and from its position
+    key: str  # the telemetry: this forward's own
+    alarm_ts: datetime
+    ts: datetime
+
+
+def _identity(forward: TraccarForward, now: datetime) -> _Identity:
     event, position = forward.event, forward.position
-    parts = [
-        f"device:{forward.device.uniqueId}",
-        f"event:{event.id}:{event.type}:{event.eventTime}:{event.attributes.get('alarm')}" if event else "",
-        f"position:{position.id}:{position.fixTime}" if position else "",
-    ]
-    when = (event.eventTime or event.serverTime if event else None) or (
-        position.fixTime or position.deviceTime if position else None
-    )
-    if when is None:
+    device = f"device:{forward.device.uniqueId}"
+    event_part = f"event:{event.id}:{event.type}:{event.eventTime}:{event.attributes.get('alarm')}" if event else ""
+    position_time = (position.fixTime or position.deviceTime) if position else None
+    event_time = (event.eventTime or event.serverTime) if event else None
+    key = "|".join([device, event_part, f"position:{position.id}:{position.fixTime}" if position else ""])
+    ts = event_time or position_time
+    if ts is None:
         # Nothing of Traccar's own time: a retry cannot be told from a new one.
-        parts.append(f"now:{now.isoformat()}")
-    return "|".join(parts), when or now
+        key += f"|now:{now.isoformat()}"
+    if position is not None and (position.id is not None or position.fixTime is not None):
+        # An alarm comes twice when both forwardings are on: in the event and in the
+        # position it was decoded from. Keyed and stamped by that position, both copies
+        # are one message to the hub's ledger.
+        alarm_key = f"{device}|alarm-position:{position.id}:{position.fixTime}"
+        return _Identity(alarm_key, key, position_time or ts or now, ts or now)
+    return _Identity(key, key, ts or now, ts or now)
 
 
 def _number(attributes: dict[str, Any], name: str) -> float | None:
@@ -199,7 +217,7 @@ def map_forward(forward: TraccarForward, wristband_id: str | None, now: datetime
         raise ValueError("now must be timezone-aware")
     registered = wristband_id is not None
     device_id = wristband_id if wristband_id is not None else unregistered_device_id(forward.device.uniqueId)
-    key, when = _key(forward, now)
+    identity = _identity(forward, now)
     position = forward.position
     attributes = position.attributes if position else {}
     where = _where(position)
@@ -207,36 +225,35 @@ def map_forward(forward: TraccarForward, wristband_id: str | None, now: datetime
     publications: list[Publication] = []
 
     def add(channel: MqttChannel, fields: dict[str, Any]) -> None:
-        msg_id = make_msg_id(device_id, channel, key)
-        payload = _payload(channel, {"msg_id": msg_id, "ts": when.isoformat(), **fields})
+        alarm = channel in ALARM_CHANNELS
+        msg_id = make_msg_id(device_id, channel, identity.alarm_key if alarm else identity.key)
+        ts = identity.alarm_ts if alarm else identity.ts
+        payload = _payload(channel, {"msg_id": msg_id, "ts": ts.isoformat(), **fields})
         publications.append(Publication(Topic(DeviceKind.WRISTBAND, device_id, channel), msg_id, payload))
 
     event = forward.event
-    if event is not None:
-        alarms = alarms_of(event)
-        if not alarms:
-            return Mapped(device_id, (), not registered, ignored=f"event {event.type[:64]!r} is not read")
-        if TraccarAlarm.SOS in alarms:
-            add(MqttChannel.SOS, {"action": "press", **where, "battery": battery})
-        if TraccarAlarm.FALL in alarms:
-            add(MqttChannel.FALL, where)
-        if registered:  # an unregistered device's telemetry would only be dead-lettered by the hub
-            others = [alarm for alarm in alarms if alarm in (TraccarAlarm.LOW_BATTERY, TraccarAlarm.REMOVING)]
-            if others:
-                worn = False if TraccarAlarm.REMOVING in others else None
-                fields = {"battery": battery, "worn": worn, **where, "traccar_alarm": ",".join(others)}
-                add(MqttChannel.TELEMETRY, fields)
-    elif position is not None and registered:
+    alarms = alarms_of(forward)
+    if event is not None and not alarms:
+        return Mapped(device_id, (), not registered, ignored=f"event {event.type[:64]!r} is not read")
+    if TraccarAlarm.SOS in alarms:
+        add(MqttChannel.SOS, {"action": "press", **where, "battery": battery})
+    if TraccarAlarm.FALL in alarms:
+        add(MqttChannel.FALL, where)
+    # An unregistered device's telemetry would only be dead-lettered by the hub.
+    others = [alarm for alarm in alarms if alarm in (TraccarAlarm.LOW_BATTERY, TraccarAlarm.REMOVING)]
+    fields: dict[str, Any] = {
+        "battery": battery,
+        "worn": False if TraccarAlarm.REMOVING in others else None,
+        **where,
+        "traccar_alarm": ",".join(others) or None,
+    }
+    if registered and event is not None and others:
+        add(MqttChannel.TELEMETRY, fields)
+    elif registered and event is None and position is not None:
         steps = _number(attributes, "steps")
-        add(
-            MqttChannel.TELEMETRY,
-            {
-                "battery": battery,
-                "heart_rate": _number(attributes, "heartRate"),
-                "steps": int(steps) if steps is not None and float(steps).is_integer() else None,
-                **where,
-            },
-        )
+        fields["heart_rate"] = _number(attributes, "heartRate")
+        fields["steps"] = int(steps) if steps is not None and float(steps).is_integer() else None
+        add(MqttChannel.TELEMETRY, fields)
     if not publications:
         why = "the registry has no wristband with this uniqueId" if not registered else "nothing to read"
         return Mapped(device_id, (), not registered, ignored=why)

@@ -69,6 +69,14 @@ def alarm(unique_id: str, name: str, event_id: int = 7001) -> dict[str, Any]:
     }
 
 
+def position(unique_id: str) -> dict[str, Any]:
+    """A position as Traccar's ``forward.url`` (``forward.type`` json) posts it: no event, no alarm."""
+    body = alarm(unique_id, "sos")
+    del body["event"]
+    body["position"]["attributes"] = {"batteryLevel": 57, "steps": 1520}
+    return body
+
+
 def post(api: TestClient, body: Any, secret: str | None = SECRET) -> Any:
     headers = {SECRET_HEADER: secret} if secret is not None else {}
     return api.post(TRACCAR_CALLBACK_PATH, content=json.dumps(body), headers=headers)
@@ -114,11 +122,17 @@ def test_an_sos_opens_an_incident_and_a_retried_post_is_the_same_one(
         # Traccar retries (its answer was lost): the same msg_id, receipted again, one incident.
         assert post(api, body).status_code == 200
         _topic, second = receipts.next()
+        # The same alarm by position forwarding (its position's attributes.alarm): the same SOS.
+        as_position = {key: value for key, value in body.items() if key != "event"}
+        assert post(api, as_position).json()["published"] == ["sos", "telemetry"]
+        _topic, third = receipts.next()
     finally:
         receipts.close()
     assert second == first
+    assert third == first
     assert query(county_url, "SELECT count(*) FROM incidents") == [(1,)]
-    assert query(county_url, "SELECT channel FROM message_ledger WHERE device_id = %s", BAND) == [("sos",)]
+    sos = "SELECT count(*) FROM message_ledger WHERE device_id = %s AND channel = 'sos'"
+    assert query(county_url, sos, BAND) == [(1,)]
 
 
 def test_an_unknown_devices_sos_pages_the_county_as_unregistered(hub: Hub, api: TestClient, county_url: str) -> None:
@@ -131,8 +145,7 @@ def test_an_unknown_devices_sos_pages_the_county_as_unregistered(hub: Hub, api: 
         ("sos_unregistered", f"traccar-{STRANGER}", "county", "open")
     ]
     # Its position is nobody's: not published, and still 200 (Traccar must not retry it).
-    position = {key: value for key, value in alarm(STRANGER, "sos").items() if key != "event"}
-    assert post(api, position).json() == {
+    assert post(api, position(STRANGER)).json() == {
         "device_id": f"traccar-{STRANGER}",
         "unregistered": True,
         "published": [],
@@ -141,8 +154,7 @@ def test_an_unknown_devices_sos_pages_the_county_as_unregistered(hub: Hub, api: 
 
 
 def test_a_position_and_a_removed_band_become_telemetry(hub: Hub, api: TestClient, county_url: str) -> None:
-    position = {key: value for key, value in alarm(BAND, "sos").items() if key != "event"}
-    assert post(api, position).json()["published"] == ["telemetry"]
+    assert post(api, position(BAND)).json()["published"] == ["telemetry"]
     wait_until(lambda: query(county_url, "SELECT battery FROM device_state WHERE device_id = %s", BAND) == [(57,)])
     assert post(api, alarm(BAND, "removing", event_id=7002)).json()["published"] == ["telemetry"]
     wait_until(lambda: query(county_url, "SELECT worn FROM device_state WHERE device_id = %s", BAND) == [(False,)])

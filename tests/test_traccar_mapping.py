@@ -61,15 +61,16 @@ def payloads(result_forward: TraccarForward, band: str | None = BAND) -> list[tu
 
 TOPIC = f"shouhu/v1/wristband/{BAND}"
 WHERE = {"lat": 30.274085, "lon": 120.15507}
-TS = "2026-12-04T02:29:58+00:00"
+TS = "2026-12-04T02:29:58+00:00"  # the event's time
+FIX = "2026-12-04T02:29:50+00:00"  # its position's: an alarm's time
 
 
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
-        (forward("sos"), [(f"{TOPIC}/sos", {"ts": TS, "action": "press", **WHERE, "battery": 64})]),
-        (forward("fall"), [(f"{TOPIC}/fall", {"ts": TS, **WHERE})]),
-        (forward("fallDown"), [(f"{TOPIC}/fall", {"ts": TS, **WHERE})]),
+        (forward("sos"), [(f"{TOPIC}/sos", {"ts": FIX, "action": "press", **WHERE, "battery": 64})]),
+        (forward("fall"), [(f"{TOPIC}/fall", {"ts": FIX, **WHERE})]),
+        (forward("fallDown"), [(f"{TOPIC}/fall", {"ts": FIX, **WHERE})]),
         (
             forward("lowBattery"),
             [(f"{TOPIC}/telemetry", {"ts": TS, "battery": 64, **WHERE, "traccar_alarm": "lowBattery"})],
@@ -81,7 +82,7 @@ TS = "2026-12-04T02:29:58+00:00"
         (
             forward("sos,lowBattery"),
             [
-                (f"{TOPIC}/sos", {"ts": TS, "action": "press", **WHERE, "battery": 64}),
+                (f"{TOPIC}/sos", {"ts": FIX, "action": "press", **WHERE, "battery": 64}),
                 (f"{TOPIC}/telemetry", {"ts": TS, "battery": 64, **WHERE, "traccar_alarm": "lowBattery"}),
             ],
         ),
@@ -91,18 +92,23 @@ TS = "2026-12-04T02:29:58+00:00"
             [
                 (
                     f"{TOPIC}/telemetry",
-                    {"ts": "2026-12-04T02:29:50+00:00", "battery": 64, "heart_rate": 72, "steps": 1520, **WHERE},
+                    {"ts": FIX, "battery": 64, **WHERE, "heart_rate": 72, "steps": 1520},
                 )
             ],
         ),
+        # A position whose own attributes name alarms (position forwarding): read as well.
+        (
+            forward(None, position={"attributes": {"alarm": "removing", "batteryLevel": 64}}),
+            [(f"{TOPIC}/telemetry", {"ts": FIX, "battery": 64, "worn": False, **WHERE, "traccar_alarm": "removing"})],
+        ),
         # No valid fix: no position, the rest still.
-        (forward("sos", position={"valid": False}), [(f"{TOPIC}/sos", {"ts": TS, "action": "press", "battery": 64})]),
+        (forward("sos", position={"valid": False}), [(f"{TOPIC}/sos", {"ts": FIX, "action": "press", "battery": 64})]),
         # An SOS without a position at all still pages.
         (forward("sos", with_position=False), [(f"{TOPIC}/sos", {"ts": TS, "action": "press"})]),
         # A value out of the contract's range is left out, never costing the SOS.
         (
             forward("sos", position={"latitude": 91.0, "attributes": {"batteryLevel": 140}}),
-            [(f"{TOPIC}/sos", {"ts": TS, "action": "press"})],
+            [(f"{TOPIC}/sos", {"ts": FIX, "action": "press"})],
         ),
         # Events and alarms Shouhu does not read: nothing.
         (forward(event_type="deviceOnline"), []),
@@ -121,9 +127,13 @@ STRANGER = f"shouhu/v1/wristband/traccar-{UNIQUE}"
 @pytest.mark.parametrize(
     ("given", "expected"),
     [
-        (forward("sos"), [(f"{STRANGER}/sos", {"ts": TS, "action": "press", **WHERE, "battery": 64})]),
-        (forward("fallDown"), [(f"{STRANGER}/fall", {"ts": TS, **WHERE})]),
-        (forward("sos,removing"), [(f"{STRANGER}/sos", {"ts": TS, "action": "press", **WHERE, "battery": 64})]),
+        (forward("sos"), [(f"{STRANGER}/sos", {"ts": FIX, "action": "press", **WHERE, "battery": 64})]),
+        (forward("fallDown"), [(f"{STRANGER}/fall", {"ts": FIX, **WHERE})]),
+        (forward("sos,removing"), [(f"{STRANGER}/sos", {"ts": FIX, "action": "press", **WHERE, "battery": 64})]),
+        (
+            forward(None, position={"attributes": {"alarm": "sos"}}),
+            [(f"{STRANGER}/sos", {"ts": FIX, "action": "press", **WHERE})],
+        ),
         # The hub would only dead-letter an unknown device's telemetry.
         (forward("lowBattery"), []),
         (forward("removing"), []),
@@ -150,15 +160,27 @@ def test_a_retry_publishes_the_same_msg_ids_and_bytes() -> None:
 @pytest.mark.parametrize(
     "other",
     [
-        forward("sos", event={"id": 43335}),
-        forward("sos", event={"eventTime": "2026-12-04T02:31:00.000+00:00"}),
+        forward("sos", position={"id": 9002}),
+        forward("sos", position={"fixTime": "2026-12-04T02:31:00.000+00:00"}),
         forward("sos", device={"uniqueId": "868618052108910"}),
     ],
 )
-def test_another_event_has_another_msg_id(other: TraccarForward) -> None:
+def test_another_alarm_has_another_msg_id(other: TraccarForward) -> None:
     [first] = map_forward(forward("sos"), BAND, NOW).publications
     [second] = map_forward(other, BAND, NOW).publications
     assert first.msg_id != second.msg_id
+
+
+def test_an_alarm_forwarded_as_event_and_as_position_is_one_message() -> None:
+    """With both forwardings on, Traccar sends an alarm twice: in the event, and in the
+    ``attributes.alarm`` of its position. Both give the same SOS, msg_id and bytes."""
+    as_event = map_forward(forward("sos", position={"attributes": {"alarm": "sos", "batteryLevel": 64}}), BAND, NOW)
+    as_position = map_forward(forward(None, position={"attributes": {"alarm": "sos", "batteryLevel": 64}}), BAND, NOW)
+    assert [p.topic.channel for p in as_event.publications] == ["sos"]
+    assert [p.topic.channel for p in as_position.publications] == ["sos", "telemetry"]
+    assert as_event.publications[0] == as_position.publications[0]
+    # The telemetry has its own msg_id.
+    assert as_position.publications[1].msg_id != as_event.publications[0].msg_id
 
 
 def test_a_forward_without_any_time_is_stamped_now() -> None:
