@@ -8,10 +8,12 @@ answer and the clock are passed in.
 
 What is read:
 
-- an ``alarm`` event whose ``attributes.alarm`` names ``sos`` → an SOS press; ``fall``
-  (Traccar writes ``fallDown``) → a fall; ``lowBattery`` and ``removing`` → telemetry
-  (``battery`` when the position carries ``batteryLevel``; ``worn`` false for
-  ``removing``), the alarm kept as ``traccar_alarm``. Several alarms come comma-separated.
+- the alarms an ``alarm`` event names in ``attributes.alarm`` — or, for a position
+  without an event, the position's own ``attributes.alarm`` (Traccar writes the decoded
+  alarm there too): ``sos`` → an SOS press; ``fall`` (Traccar writes ``fallDown``) → a
+  fall; ``lowBattery`` and ``removing`` → telemetry (``battery`` when the position carries
+  ``batteryLevel``; ``worn`` false for ``removing``), the alarm kept as ``traccar_alarm``.
+  Several alarms come comma-separated.
 - a position without an event → telemetry: ``lat``/``lon`` from a valid fix,
   ``battery`` (``batteryLevel``), ``steps``, ``heart_rate`` (``heartRate``).
 - any other event (``deviceOnline``, ``geofenceEnter``, ``overspeed`` …) → nothing.
@@ -20,10 +22,11 @@ A device the registry does not have pages only its SOS and fall, under
 ``traccar-<uniqueId>``: the hub opens ``sos_unregistered`` for the county (when in doubt
 about an SOS, page). Its other messages are dropped.
 
-``msg_id`` is derived from the device, the channel and Traccar's own ids and times (the
-event's ``id``, the position's ``id``, ``eventTime``/``fixTime``), and the payload holds
-only what Traccar sent: a retried POST publishes the same ``msg_id`` with the same bytes,
-which the hub's ledger folds into one message.
+``msg_id`` is derived from the device, the channel and Traccar's own ids and times, and
+the payload holds only what Traccar sent: a retried POST publishes the same ``msg_id``
+with the same bytes, which the hub's ledger folds into one message. An SOS or a fall is
+keyed and stamped by the position it was decoded from (its ``id`` and ``fixTime``), so
+the copy in the event and the copy in the forwarded position are one message too.
 """
 
 from __future__ import annotations
