@@ -18,6 +18,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from api.main import create_app
 from api.routes import traccar
 from api.routes.traccar import SECRET_HEADER, TRACCAR_CALLBACK_PATH
+from devices.contract import DEVICE_ID
 from hub.service import Hub
 from shouhu.embedded.postgres import free_port
 from shouhu.settings import Settings
@@ -144,6 +145,11 @@ def test_an_unknown_devices_sos_pages_the_county_as_unregistered(hub: Hub, api: 
     assert query(county_url, "SELECT kind, device_id, area_id, state FROM incidents") == [
         ("sos_unregistered", f"traccar-{STRANGER}", "county", "open")
     ]
+    # A uniqueId no topic can hold (a NUL, a slash) pages under its digest, never a 500.
+    odd = post(api, alarm("imei/\u0000/1", "sos", event_id=7003))
+    assert odd.status_code == 200, odd.text
+    assert odd.json()["unregistered"] is True
+    assert DEVICE_ID.fullmatch(odd.json()["device_id"])
     # Its position is nobody's: not published, and still 200 (Traccar must not retry it).
     assert post(api, position(STRANGER)).json() == {
         "device_id": f"traccar-{STRANGER}",

@@ -34,6 +34,7 @@ from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from pydantic import BaseModel, ValidationError
 
 from api.deps import ConnDep, Now, SettingsDep
+from devices.contract import DEVICE_ID
 from devices.kinds import DeviceKind
 from devices.traccar import Publication, TraccarForward, map_forward
 from shouhu.embedded.broker import DEFAULT_PORT
@@ -178,9 +179,13 @@ Publisher = Annotated[BrokerPublisher, Depends(broker_publisher)]
 def receive_traccar_forward(forward: Forward, conn: ConnDep, now: Now, publisher: Publisher) -> TraccarForwardPublic:
     """An event or a position forwarded by Traccar: its v1 messages, acknowledged by the broker."""
     unique_id = forward.device.uniqueId
-    row = conn.execute(
-        "SELECT id FROM devices WHERE id = %s AND kind = %s", (unique_id, DeviceKind.WRISTBAND.value)
-    ).fetchone()
+    row = None
+    # An id no topic can carry is no registered wristband's (and may hold a NUL, which
+    # PostgreSQL refuses): it is not looked up.
+    if DEVICE_ID.fullmatch(unique_id):
+        row = conn.execute(
+            "SELECT id FROM devices WHERE id = %s AND kind = %s", (unique_id, DeviceKind.WRISTBAND.value)
+        ).fetchone()
     mapped = map_forward(forward, row["id"] if row else None, now)
     if mapped.publications and not publisher.publish(mapped.publications):
         log.warning("Traccar forward of %r: the broker did not acknowledge in time", unique_id)
