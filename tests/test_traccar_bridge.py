@@ -24,15 +24,21 @@ from shouhu.embedded.postgres import free_port
 from shouhu.settings import Settings
 from tests.support.hub import query, wait_until
 from tests.support.services import Mosquitto
+from tests.support.watch import BAND, DEMO_COUNTY, WATCH
 
 SECRET = "traccar-shared-secret-for-tests"
-BAND = "wb-0061"  # a wristband of the demo county
 STRANGER = "359710049990001"  # a uniqueId the registry does not have
 RECEIVE_S = 15
 
 
-def bridge(database_url: str, mqtt_url: str, secret: str = SECRET) -> TestClient:
-    settings = Settings(_env_file=None, database_url=database_url, mqtt_url=mqtt_url, traccar_secret=secret)  # type: ignore[call-arg]
+def bridge(database_url: str, mqtt_url: str, secret: str = SECRET, registry_file: str = "") -> TestClient:
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None,
+        database_url=database_url,
+        mqtt_url=mqtt_url,
+        traccar_secret=secret,
+        registry_file=registry_file,
+    )
     return TestClient(create_app(settings))
 
 
@@ -157,6 +163,15 @@ def test_an_unknown_devices_sos_pages_the_county_as_unregistered(hub: Hub, api: 
         "published": [],
         "ignored": "the registry has no wristband with this uniqueId",
     }
+
+
+def test_a_watch_id_of_the_registry_file_is_its_wristband(hub: Hub, county_url: str, broker: Mosquitto) -> None:
+    """A 4G watch sent through Traccar (its ``watch`` protocol): the uniqueId is the watch id."""
+    with bridge(county_url, broker.url, registry_file=str(DEMO_COUNTY)) as api:
+        answer = post(api, alarm(WATCH, "sos"))
+    assert answer.json() == {"device_id": BAND, "unregistered": False, "published": ["sos"], "ignored": None}
+    wait_until(lambda: query(county_url, "SELECT count(*) FROM incidents") == [(1,)], RECEIVE_S, "the incident")
+    assert query(county_url, "SELECT kind, device_id FROM incidents") == [("sos", BAND)]
 
 
 def test_a_position_and_a_removed_band_become_telemetry(hub: Hub, api: TestClient, county_url: str) -> None:

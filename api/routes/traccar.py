@@ -10,11 +10,11 @@ request is answered before its body is read, and nothing is published.
 
 The mapping is ``devices.traccar`` (pure; the api may not import the watch gateway,
 tests/test_layering.py). A ``uniqueId`` is a registered wristband when the registry has
-a wristband with that id. The messages are published at QoS 1 as a device publishes
-them, on one MQTT connection of the API process opened at the first forward, and the
-answer is 200 only once the broker has acknowledged every one (PUBACK): otherwise 503,
-and Traccar's retry publishes the same ``msg_id`` and bytes, which the hub's ledger
-folds into one message.
+a wristband with that id, or (``SHOUHU_REGISTRY_FILE``) one with that ``watch_id``. The
+messages are published at QoS 1 as a device publishes them, on one MQTT connection of
+the API process opened at the first forward, and the answer is 200 only once the broker
+has acknowledged every one (PUBACK): otherwise 503, and Traccar's retry publishes the
+same ``msg_id`` and bytes, which the hub's ledger folds into one message.
 """
 
 from __future__ import annotations
@@ -25,17 +25,21 @@ import threading
 import time
 import uuid
 from collections.abc import Sequence
+from pathlib import Path
 from typing import Annotated, Any
 
 import paho.mqtt.client as mqtt
+import psycopg
 from fastapi import APIRouter, Depends, FastAPI, HTTPException, Request, status
 from fastapi.exceptions import RequestValidationError
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from psycopg.rows import DictRow
 from pydantic import BaseModel, ValidationError
 
 from api.deps import ConnDep, Now, SettingsDep
 from devices.contract import DEVICE_ID
 from devices.kinds import DeviceKind
+from devices.registry_file import RegistryFileError, parse_registry, watch_wristbands
 from devices.traccar import Publication, TraccarForward, map_forward
 from shouhu.embedded.broker import DEFAULT_PORT
 from shouhu.mqtt_address import BrokerAddress
@@ -145,6 +149,62 @@ def close_publisher(app: FastAPI) -> None:
         publisher.close()
 
 
+# --- which wristband ------------------------------------------------------------
+
+
+class RegistryWatchIds:
+    """The ``watch_id`` → wristband map of the registry file (``SHOUHU_REGISTRY_FILE``),
+    the one the watch gateway reads: a 4G watch sent through Traccar (its ``watch``
+    protocol) has its watch id as ``uniqueId``. Re-read when the file's modification time
+    changes; a file that no longer parses keeps the last good map (logged)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._lock = threading.Lock()
+        self._mtime_ns: int | None = None
+        self._watches: dict[str, str] = {}
+
+    def __call__(self, unique_id: str) -> str | None:
+        try:
+            mtime_ns = self.path.stat().st_mtime_ns
+        except OSError as exc:
+            log.warning("registry file %s unreadable (%s): keeping %d watch ids", self.path, exc, len(self._watches))
+            return self._watches.get(unique_id)
+        with self._lock:
+            if mtime_ns != self._mtime_ns:
+                self._mtime_ns = mtime_ns
+                try:
+                    self._watches = watch_wristbands(parse_registry(self.path))
+                except RegistryFileError as exc:
+                    log.error("registry file %s refused, keeping %d watch ids: %s", self.path, len(self._watches), exc)
+            return self._watches.get(unique_id)
+
+
+def registry_watch_ids(request: Request, settings: SettingsDep) -> RegistryWatchIds | None:
+    """The process's watch-id map, or None while no registry file is configured."""
+    if not settings.registry_file:
+        return None
+    with _publisher_lock:
+        watches: RegistryWatchIds | None = getattr(request.app.state, "traccar_watch_ids", None)
+        if watches is None:
+            watches = request.app.state.traccar_watch_ids = RegistryWatchIds(Path(settings.registry_file))
+        return watches
+
+
+def find_wristband(conn: psycopg.Connection[DictRow], watches: RegistryWatchIds | None, unique_id: str) -> str | None:
+    """The registry's wristband for a Traccar ``uniqueId``: the wristband of that id, else the
+    wristband whose ``watch_id`` it is; None for neither."""
+    # An id no topic can carry is no registered wristband's (and may hold a NUL, which
+    # PostgreSQL refuses): it is not looked up.
+    if DEVICE_ID.fullmatch(unique_id):
+        row = conn.execute(
+            "SELECT id FROM devices WHERE id = %s AND kind = %s", (unique_id, DeviceKind.WRISTBAND.value)
+        ).fetchone()
+        if row is not None:
+            return str(row["id"])
+    return watches(unique_id) if watches is not None else None
+
+
 # --- the route --------------------------------------------------------------------
 
 
@@ -173,20 +233,16 @@ async def traccar_forward(request: Request, _secret: Annotated[None, Depends(che
 
 Forward = Annotated[TraccarForward, Depends(traccar_forward)]
 Publisher = Annotated[BrokerPublisher, Depends(broker_publisher)]
+WatchIds = Annotated[RegistryWatchIds | None, Depends(registry_watch_ids)]
 
 
 @router.post(TRACCAR_CALLBACK_PATH, responses=RESPONSES)
-def receive_traccar_forward(forward: Forward, conn: ConnDep, now: Now, publisher: Publisher) -> TraccarForwardPublic:
+def receive_traccar_forward(
+    forward: Forward, conn: ConnDep, now: Now, publisher: Publisher, watches: WatchIds
+) -> TraccarForwardPublic:
     """An event or a position forwarded by Traccar: its v1 messages, acknowledged by the broker."""
     unique_id = forward.device.uniqueId
-    row = None
-    # An id no topic can carry is no registered wristband's (and may hold a NUL, which
-    # PostgreSQL refuses): it is not looked up.
-    if DEVICE_ID.fullmatch(unique_id):
-        row = conn.execute(
-            "SELECT id FROM devices WHERE id = %s AND kind = %s", (unique_id, DeviceKind.WRISTBAND.value)
-        ).fetchone()
-    mapped = map_forward(forward, row["id"] if row else None, now)
+    mapped = map_forward(forward, find_wristband(conn, watches, unique_id), now)
     if mapped.publications and not publisher.publish(mapped.publications):
         log.warning("Traccar forward of %r: the broker did not acknowledge in time", unique_id)
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, "the broker did not acknowledge; send it again")
