@@ -267,7 +267,11 @@ def create_app(settings: Settings) -> FastAPI:
     # Limits first, before routing and authentication; metrics outside them, so a 413
     # or a refused NUL is counted too.
     app.add_middleware(
-        RequestLimits, max_body_bytes=settings.max_body_bytes, forgiven_paths=callbacks.CALLBACK_PATHS
+        RequestLimits,
+        max_body_bytes=settings.max_body_bytes,
+        # Traccar's too: a NUL in some tracker's text attribute must not cost its SOS (the
+        # route stores no text of Traccar's, api/routes/traccar.py).
+        forgiven_paths=callbacks.CALLBACK_PATHS | {traccar.TRACCAR_CALLBACK_PATH},
     )
     app.add_middleware(_MetricsMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
