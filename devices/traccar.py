@@ -22,8 +22,9 @@ A device the registry does not have pages only its SOS and fall, under
 ``traccar-<uniqueId>``: the hub opens ``sos_unregistered`` for the county (when in doubt
 about an SOS, page). Its other messages are dropped.
 
-``msg_id`` is derived from the device, the channel and Traccar's own ids and times, and
-the payload holds only what Traccar sent: a retried POST publishes the same ``msg_id``
+``msg_id`` is derived from the device, the channel, Traccar's own ids and times and the
+message's fields (one ``msg_id`` is never two payloads), and the payload holds only what
+Traccar sent: a retried POST publishes the same ``msg_id``
 with the same bytes, which the hub's ledger folds into one message. An SOS or a fall is
 keyed and stamped by the position it was decoded from (its ``id`` and ``fixTime``), so
 the copy in the event and the copy in the forwarded position are one message too.
@@ -174,7 +175,10 @@ def _identity(forward: TraccarForward, now: datetime) -> _Identity:
         # position it was decoded from. Keyed and stamped by that position, both copies
         # are one message to the hub's ledger.
         alarm_key = f"{device}|alarm-position:{position.id}:{position.fixTime}"
-        return _Identity(alarm_key, key, position_time or ts or now, ts or now)
+        alarm_ts = position_time or ts
+        if alarm_ts is None:
+            alarm_key += f"|now:{now.isoformat()}"  # as above: never one msg_id for two payloads
+        return _Identity(alarm_key, key, alarm_ts or now, ts or now)
     return _Identity(key, key, ts or now, ts or now)
 
 
@@ -229,8 +233,11 @@ def map_forward(forward: TraccarForward, wristband_id: str | None, now: datetime
 
     def add(channel: MqttChannel, fields: dict[str, Any]) -> None:
         alarm = channel in ALARM_CHANNELS
-        msg_id = make_msg_id(device_id, channel, identity.alarm_key if alarm else identity.key)
         ts = identity.alarm_ts if alarm else identity.ts
+        # What the message says is part of its msg_id too: one msg_id is never two payloads
+        # (the hub dead-letters that), whatever ids and times Traccar left out.
+        said = json.dumps({"ts": ts.isoformat(), **fields}, sort_keys=True, ensure_ascii=False)
+        msg_id = make_msg_id(device_id, channel, f"{identity.alarm_key if alarm else identity.key}|{said}")
         payload = _payload(channel, {"msg_id": msg_id, "ts": ts.isoformat(), **fields})
         publications.append(Publication(Topic(DeviceKind.WRISTBAND, device_id, channel), msg_id, payload))
 

@@ -223,3 +223,32 @@ def test_what_is_not_traccars_json_names_the_field(body: dict[str, Any], field: 
 def test_now_must_be_aware() -> None:
     with pytest.raises(ValueError, match="aware"):
         map_forward(forward("sos"), BAND, datetime(2026, 12, 4, 2, 30))  # noqa: DTZ001
+
+
+def _timeless(body: dict[str, Any]) -> TraccarForward:
+    return TraccarForward.model_validate({"device": {"uniqueId": UNIQUE}, **body})
+
+
+TIMELESS = [
+    _timeless({"event": {"type": "alarm", "attributes": {"alarm": "sos"}}}),
+    _timeless({"event": {"id": 1, "type": "alarm", "attributes": {"alarm": "sos"}}, "position": {"id": 5}}),
+    _timeless({"position": {"id": 5, "attributes": {"alarm": "sos,removing"}}}),
+    _timeless(
+        {"event": {"type": "alarm", "eventTime": EVENT_TIME, "attributes": {"alarm": "fall"}}, "position": {"id": 5}}
+    ),
+    _timeless({"position": {"id": 5, "attributes": {"alarm": "fall"}}}),
+    forward("sos,lowBattery"),
+    forward(None, position={"attributes": {"alarm": "sos,lowBattery", "batteryLevel": 64}}),
+    forward(),
+]
+
+
+def test_one_msg_id_is_never_two_payloads() -> None:
+    """The hub dead-letters a msg_id re-used with other bytes: whatever Traccar leaves out,
+    at whatever time it is mapped, a msg_id always carries the same payload."""
+    seen: dict[str, bytes] = {}
+    for given in TIMELESS:
+        for now in (NOW, datetime(2026, 12, 4, 3, 0, tzinfo=UTC)):
+            for publication in map_forward(given, BAND, now).publications:
+                assert seen.setdefault(publication.msg_id, publication.payload) == publication.payload
+    assert len(seen) > len(TIMELESS)
