@@ -127,12 +127,13 @@ class BrokerPublisher:
         self._client.loop_stop()
 
 
-_publisher_lock = threading.Lock()
+# Guards the lazily made state on app.state (the broker connection, the watch-id map).
+_state_lock = threading.Lock()
 
 
 def broker_publisher(request: Request, settings: SettingsDep) -> BrokerPublisher:
     """The process's bridge connection, opened at the first forward that passed the secret."""
-    with _publisher_lock:
+    with _state_lock:
         publisher: BrokerPublisher | None = getattr(request.app.state, "traccar_publisher", None)
         if publisher is None:
             url = settings.mqtt_url or f"mqtt://127.0.0.1:{DEFAULT_PORT}"  # the embedded broker's
@@ -142,7 +143,7 @@ def broker_publisher(request: Request, settings: SettingsDep) -> BrokerPublisher
 
 def close_publisher(app: FastAPI) -> None:
     """Close the bridge connection, if a forward opened one (the API's lifespan ends)."""
-    with _publisher_lock:
+    with _state_lock:
         publisher: BrokerPublisher | None = getattr(app.state, "traccar_publisher", None)
         app.state.traccar_publisher = None
     if publisher is not None:
@@ -184,7 +185,7 @@ def registry_watch_ids(request: Request, settings: SettingsDep) -> RegistryWatch
     """The process's watch-id map, or None while no registry file is configured."""
     if not settings.registry_file:
         return None
-    with _publisher_lock:
+    with _state_lock:
         watches: RegistryWatchIds | None = getattr(request.app.state, "traccar_watch_ids", None)
         if watches is None:
             watches = request.app.state.traccar_watch_ids = RegistryWatchIds(Path(settings.registry_file))
