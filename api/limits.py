@@ -13,7 +13,8 @@
   there would lose the acknowledgement an SMS carries. Their form bodies pass through
   unchecked; the route checks the signature over the fields as Twilio signed them, then
   drops what cannot be stored with :func:`storable_text`. Their path, query and body
-  size are checked as everywhere.
+  size are checked as everywhere. Traccar's forwards (``api/routes/traccar.py``) are
+  forgiven alike: that route stores none of their text.
 
 Both live in one ASGI middleware because both need the body before the application
 sees it: the body (at most the limit) is read here, checked, and handed on unchanged.

@@ -45,6 +45,7 @@ from api.routes import (
     supervision,
     tasks,
     tokens,
+    traccar,
     uptime,
 )
 from shouhu.accounts import prune_sign_in
@@ -254,6 +255,7 @@ def create_app(settings: Settings) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             REGISTRY.unregister(figures)
+            await run_in_threadpool(traccar.close_publisher, app)
             await run_in_threadpool(pool.close)
 
     app = FastAPI(
@@ -265,7 +267,11 @@ def create_app(settings: Settings) -> FastAPI:
     # Limits first, before routing and authentication; metrics outside them, so a 413
     # or a refused NUL is counted too.
     app.add_middleware(
-        RequestLimits, max_body_bytes=settings.max_body_bytes, forgiven_paths=callbacks.CALLBACK_PATHS
+        RequestLimits,
+        max_body_bytes=settings.max_body_bytes,
+        # Traccar's too: a NUL in some tracker's text attribute must not cost its SOS (the
+        # route stores no text of Traccar's, api/routes/traccar.py).
+        forgiven_paths=callbacks.CALLBACK_PATHS | {traccar.TRACCAR_CALLBACK_PATH},
     )
     app.add_middleware(_MetricsMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
@@ -313,6 +319,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in modules:
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
     app.include_router(callbacks.router)
+    app.include_router(traccar.router)
     app.include_router(pages.router)
     app.mount("/console/static", StaticFiles(directory=pages.STATIC_DIR), name="console-static")
     app.state.settings = settings  # read through api.deps.get_settings only

@@ -72,6 +72,9 @@ class Settings(BaseSettings):
     twilio_api_base: str = TWILIO_DEFAULT_API_BASE
     emergency_webhook_url: str = ""
     emergency_webhook_secret: str = ""
+    # The Traccar bridge (`POST /callbacks/traccar`): the shared secret Traccar sends in
+    # `X-Shouhu-Traccar-Secret`. Empty: every forward is refused.
+    traccar_secret: str = ""
     ack_timeout_s: PositiveSeconds = DEFAULT_ACK_TIMEOUT_S
     resolve_timeout_s: PositiveSeconds = DEFAULT_RESOLVE_TIMEOUT_S
     cancel_window_s: PositiveSeconds = DEFAULT_CANCEL_WINDOW_S

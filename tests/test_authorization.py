@@ -55,6 +55,8 @@ OWN_TESTS = {("get", "/api/v1/events"), ("post", "/api/v1/session"), ("delete", 
     # Staff sign-in: tests/test_staff_accounts.py.
     ("post", "/api/v1/session/code"),
     ("post", "/api/v1/session/sign-in"),
+    # The Traccar bridge (its shared secret, not a token): tests/test_traccar_bridge.py.
+    ("post", "/callbacks/traccar"),
 }
 
 
