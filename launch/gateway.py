@@ -11,7 +11,7 @@ from pathlib import Path
 
 from prometheus_client import REGISTRY
 
-from gateway.watch_registry import RegistryWatches
+from devices.watch_ids import RegistryWatches
 from gateway.watch_server import WatchCountsCollector, WatchServer, WatchServerConfig
 from launch.output import fail
 from launch.wiring import listen

@@ -1,5 +1,5 @@
 """Watch ids in the registry file (devices/registry_file.py) and the gateway's lookup over
-that file (gateway/watch_registry.py): validation, the mapping, re-reading on change."""
+that file (devices/watch_ids.py): validation, the mapping, re-reading on change."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ import pytest
 import yaml
 
 from devices.registry_file import RegistryFileError, parse_registry, watch_wristbands
-from gateway.watch_registry import RegistryWatches
+from devices.watch_ids import RegistryWatches
 from simulators.demo_county_gen import WATCH_WRISTBANDS, watch_id_of
 
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"

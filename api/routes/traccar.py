@@ -39,8 +39,9 @@ from pydantic import BaseModel, ValidationError
 from api.deps import ConnDep, Now, SettingsDep
 from devices.contract import DEVICE_ID
 from devices.kinds import DeviceKind
-from devices.registry_file import RegistryFileError, parse_registry, watch_wristbands
+from devices.registry_file import RegistryFileError
 from devices.traccar import Publication, TraccarForward, map_forward
+from devices.watch_ids import RegistryWatches
 from shouhu.embedded.broker import DEFAULT_PORT
 from shouhu.mqtt_address import BrokerAddress
 
@@ -153,46 +154,25 @@ def close_publisher(app: FastAPI) -> None:
 # --- which wristband ------------------------------------------------------------
 
 
-class RegistryWatchIds:
-    """The ``watch_id`` → wristband map of the registry file (``SHOUHU_REGISTRY_FILE``),
-    the one the watch gateway reads: a 4G watch sent through Traccar (its ``watch``
-    protocol) has its watch id as ``uniqueId``. Re-read when the file's modification time
-    changes; a file that no longer parses keeps the last good map (logged)."""
-
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._lock = threading.Lock()
-        self._mtime_ns: int | None = None
-        self._watches: dict[str, str] = {}
-
-    def __call__(self, unique_id: str) -> str | None:
-        try:
-            mtime_ns = self.path.stat().st_mtime_ns
-        except OSError as exc:
-            log.warning("registry file %s unreadable (%s): keeping %d watch ids", self.path, exc, len(self._watches))
-            return self._watches.get(unique_id)
-        with self._lock:
-            if mtime_ns != self._mtime_ns:
-                self._mtime_ns = mtime_ns
-                try:
-                    self._watches = watch_wristbands(parse_registry(self.path))
-                except RegistryFileError as exc:
-                    log.error("registry file %s refused, keeping %d watch ids: %s", self.path, len(self._watches), exc)
-            return self._watches.get(unique_id)
-
-
-def registry_watch_ids(request: Request, settings: SettingsDep) -> RegistryWatchIds | None:
-    """The process's watch-id map, or None while no registry file is configured."""
+def registry_watch_ids(request: Request, settings: SettingsDep) -> RegistryWatches | None:
+    """The process's watch-id map (the one the watch gateway reads: a 4G watch sent through
+    Traccar has its watch id as ``uniqueId``), or None while no registry file is configured
+    or while it cannot be read at first (logged; an unknown device's SOS still pages)."""
     if not settings.registry_file:
         return None
     with _state_lock:
-        watches: RegistryWatchIds | None = getattr(request.app.state, "traccar_watch_ids", None)
+        watches: RegistryWatches | None = getattr(request.app.state, "traccar_watch_ids", None)
         if watches is None:
-            watches = request.app.state.traccar_watch_ids = RegistryWatchIds(Path(settings.registry_file))
+            try:
+                watches = RegistryWatches(Path(settings.registry_file))
+            except RegistryFileError as exc:
+                log.error("Traccar forwards: registry file refused, no watch id known yet: %s", exc)
+                return None
+            request.app.state.traccar_watch_ids = watches
         return watches
 
 
-def find_wristband(conn: psycopg.Connection[DictRow], watches: RegistryWatchIds | None, unique_id: str) -> str | None:
+def find_wristband(conn: psycopg.Connection[DictRow], watches: RegistryWatches | None, unique_id: str) -> str | None:
     """The registry's wristband for a Traccar ``uniqueId``: the wristband of that id, else the
     wristband whose ``watch_id`` it is; None for neither."""
     # An id no topic can carry is no registered wristband's (and may hold a NUL, which
@@ -234,7 +214,7 @@ async def traccar_forward(request: Request, _secret: Annotated[None, Depends(che
 
 Forward = Annotated[TraccarForward, Depends(traccar_forward)]
 Publisher = Annotated[BrokerPublisher, Depends(broker_publisher)]
-WatchIds = Annotated[RegistryWatchIds | None, Depends(registry_watch_ids)]
+WatchIds = Annotated[RegistryWatches | None, Depends(registry_watch_ids)]
 
 
 @router.post(TRACCAR_CALLBACK_PATH, responses=RESPONSES)

@@ -364,7 +364,11 @@ def serve_app(app: Any, *, port: int | None = None) -> Iterator[str]:
     import uvicorn
 
     port = port or free_port()
-    server = uvicorn.Server(uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning"))
+    # An open live feed (a browser test's page) never ends by itself: after 1 s of
+    # graceful shutdown uvicorn cancels it, instead of each such test's teardown waiting
+    # out the join below.
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_graceful_shutdown=1)
+    server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_for_port(port)

@@ -1,7 +1,7 @@
 """Which wristband a watch is: the ``watch_id`` of the registry file's wristbands
 (docs/contract.md, "Registry file").
 
-The gateway reads the registry YAML itself (``SHOUHU_REGISTRY_FILE``), the same file
+The watch gateway and the Traccar bridge read the registry YAML themselves (``SHOUHU_REGISTRY_FILE``), the same file
 `shouhu registry load` loads, so it needs no database. It re-reads the file when its
 modification time changes; a file that no longer parses keeps the last good mapping
 (logged), so a typo never unmaps every watch at once.
