@@ -34,7 +34,7 @@ from launch.demo import (
 from launch.fleets import DEFAULT_RATE, FleetKind, FleetOptions
 from launch.fleets import run as run_fleet_until
 from launch.gateway import listen_for_watches, start_watch_gateway
-from launch.output import NOT_LANDED_EXIT, api_address, fail
+from launch.output import api_address, fail
 from launch.wiring import (
     EXIT_HUB_FAILED,
     care_sweeper,
@@ -55,7 +55,7 @@ from launch.wiring import (
 )
 from shouhu.settings import Settings
 
-__all__ = ["DEMO_ACCOUNT_SID", "DEMO_AUTH_TOKEN", "DEMO_FROM", "EXIT_HUB_FAILED", "NOT_LANDED_EXIT", "app"]
+__all__ = ["DEMO_ACCOUNT_SID", "DEMO_AUTH_TOKEN", "DEMO_FROM", "EXIT_HUB_FAILED", "app"]
 
 # Plain help: typer's rich help prints a "<bool>" type column beside every flag.
 app = typer.Typer(

@@ -13,18 +13,10 @@ if TYPE_CHECKING:
     from shouhu.migrations import MigrationReport
     from shouhu.settings import Settings
 
-NOT_LANDED_EXIT = 3
-
-
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print ``message`` in red on stderr and exit with ``code``."""
     typer.secho(message, fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
-
-
-def not_landed(verb: str, issue: int, what: str) -> NoReturn:
-    """A verb whose issue has not landed says so and exits 3; it never pretends to run."""
-    fail(f"`shouhu {verb}` is not available yet: {what} lands with issue #{issue}.", NOT_LANDED_EXIT)
 
 
 def api_address(settings: Settings) -> str:
