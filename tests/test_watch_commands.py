@@ -166,10 +166,15 @@ def test_no_gateway_answering_is_not_delivered(
     assert response.json()["reason"] == "no_gateway"
 
 
-@pytest.mark.parametrize("role", [Role.GRID_WORKER, Role.TECHNICIAN, Role.PLATFORM])
-def test_other_roles_may_not_command(api: TestClient, county_url: str, role: Role) -> None:
+@pytest.mark.parametrize(
+    ("role", "status"),
+    [(Role.ADMIN, 202), (Role.OPERATOR, 202), (Role.GRID_WORKER, 403), (Role.TECHNICIAN, 403), (Role.PLATFORM, 403)],
+)
+def test_admins_and_operators_may_command(
+    api: TestClient, county_url: str, gateway: WatchServer, role: Role, status: int
+) -> None:
     response = post(api, bearer(county_url, role), {"command": "locate"})
-    assert response.status_code == 403, response.text
+    assert response.status_code == status, response.text
 
 
 def test_a_wristband_outside_the_tokens_areas_is_not_found(api: TestClient, county_url: str) -> None:
