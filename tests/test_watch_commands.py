@@ -16,6 +16,8 @@ from fastapi.testclient import TestClient
 from api import deps
 from api.main import create_app
 from api.routes import commands
+from devices.commands import command_topic, result_topic
+from devices.contract import is_outbound
 from gateway.watch_server import WatchServer
 from shouhu.settings import DEFAULT_TIMEZONE, Settings
 from shouhu.tokens import Role, create_token
@@ -210,3 +212,10 @@ def test_a_bad_body_is_422_naming_the_field(
     response = post(api, operator, body)
     assert response.status_code == 422, response.text
     assert field in response.json()["detail"]
+
+
+def test_the_hub_takes_commands_and_results_as_outbound_never_as_data() -> None:
+    # The hub's bulk subscription `shouhu/v1/#` sees both; neither may become a dead letter.
+    assert is_outbound(command_topic(BAND))
+    assert is_outbound(result_topic(BAND))
+    assert not is_outbound(f"shouhu/v1/wristband/{BAND}/telemetry")
