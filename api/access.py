@@ -66,6 +66,8 @@ OVERVIEW_READERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR})
 RESPONSE_READERS = OVERVIEW_READERS
 # Who may supervise (督办) an overdue incident or task: the governance centre.
 SUPERVISORS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR})
+# Who may send commands to a connected watch (locate, SOS numbers, reporting interval).
+WATCH_COMMANDERS: frozenset[Role] = frozenset({Role.ADMIN, Role.OPERATOR})
 
 
 @dataclass(frozen=True, slots=True)

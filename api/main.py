@@ -35,6 +35,7 @@ from api.routes import (
     acknowledgements,
     areas,
     callbacks,
+    commands,
     devices,
     events,
     incidents,
@@ -314,7 +315,7 @@ def create_app(settings: Settings) -> FastAPI:
     # path is the whole template the metrics label with.
     modules = (
         areas, devices, residents, incidents, acknowledgements, tasks, maintenance, tokens, uptime, events, sessions,
-        reports, supervision,
+        reports, supervision, commands,
     )
     for module in modules:
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])

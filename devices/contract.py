@@ -30,8 +30,9 @@ MAX_JSON_DEPTH = 32
 # (or, worse, a silently wrapped integer).
 INT4_MAX = 2**31 - 1
 FLOAT4_MAX = 3.4e38
-# Channels devices receive on and the hub publishes to: never data for the hub.
-OUTBOUND_CHANNELS = frozenset({"receipt"})
+# Channels devices receive on and the hub publishes to, and the watch gateway's answers
+# to commands (devices/commands.py): never data for the hub.
+OUTBOUND_CHANNELS = frozenset({"receipt", "command", "command_result"})
 
 
 class MqttChannel(StrEnum):

@@ -8,6 +8,11 @@ is answered at once. An ``AL`` is answered only once the hub's receipt for every
 it has arrived (``shouhu/v1/wristband/+/receipt``): a watch whose alarm was not stored
 gets no answer and sends it again — the same frame, so the same ``msg_id``.
 
+Commands (``devices/commands.py``): the server subscribes to every wristband's
+``…/command`` topic and writes the command's frames (``CR``, ``SOS1..3``, ``UPLOAD``) to
+that wristband's watch when it is connected — the connection its latest frame came on —
+then publishes the outcome on ``…/command_result``: delivered, or why not.
+
 Bad input never stops the server: each rejection, ignored frame and dead letter is
 counted and logged with its bytes (an SOS or fall of a watch the registry does not know
 still pages, as ``sos_unregistered``), and a connection that sends too much of it, or goes
@@ -32,10 +37,28 @@ import paho.mqtt.client as mqtt
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from prometheus_client.core import CounterMetricFamily, Metric
 from prometheus_client.registry import Collector
+from pydantic import ValidationError
 
+from devices.commands import (
+    COMMAND_CHANNEL,
+    COMMANDS,
+    CommandName,
+    CommandResult,
+    NotDelivered,
+    WatchCommand,
+    result_topic,
+)
 from devices.contract import TOPIC_PREFIX
 from devices.kinds import DeviceKind
-from gateway.watch_frames import MAX_FRAME_BYTES, FrameRejected, WatchFrameDecoder
+from gateway.watch_frames import (
+    MAX_FRAME_BYTES,
+    FrameRejected,
+    WatchFrame,
+    WatchFrameDecoder,
+    command_locate,
+    command_sos_number,
+    command_upload_interval,
+)
 from gateway.watch_messages import (
     Answer,
     AnswerWhen,
@@ -75,6 +98,33 @@ class WatchServerConfig:
     write_timeout_s: float = 10.0
 
 
+@dataclass(frozen=True, slots=True)
+class WatchLink:
+    """Where a wristband's watch is connected: the commands' frames go there, in its own
+    maker prefix, id and index."""
+
+    writer: asyncio.StreamWriter
+    maker: str
+    watch_id: str
+    index: str | None
+
+
+def command_frames(command: WatchCommand, link: WatchLink) -> list[bytes]:
+    """The frames of ``command`` for that watch; ``ValueError`` for a command they cannot carry."""
+    if command.command is CommandName.LOCATE:
+        return [command_locate(link.maker, link.watch_id, link.index)]
+    if command.command is CommandName.SET_SOS_NUMBERS:
+        if not command.phones:
+            raise ValueError("set_sos_numbers without a phone")
+        return [
+            command_sos_number(link.maker, link.watch_id, slot, phone, link.index)
+            for slot, phone in enumerate(command.phones, start=1)
+        ]
+    if command.seconds is None:
+        raise ValueError("set_upload_interval without seconds")
+    return [command_upload_interval(link.maker, link.watch_id, command.seconds, link.index)]
+
+
 class WatchServer:
     """Run with ``await run()`` (or ``run_in_thread``); ``stop()`` from any thread."""
 
@@ -101,6 +151,9 @@ class WatchServer:
         # msg_id → the futures of the ALs waiting for its receipt (one per copy received).
         self._waiting: dict[str, list[asyncio.Future[None]]] = {}
         self._connections: set[asyncio.Task[None]] = set()
+        # wristband id → the connection its watch last sent a frame on (commands go there).
+        self._links: dict[str, WatchLink] = {}
+        self._commands: set[asyncio.Task[None]] = set()
         self._client = self._mqtt_client()
 
     # ---------------------------------------------------------------------------- MQTT
@@ -120,20 +173,26 @@ class WatchServer:
         client.reconnect_delay_set(1, 5)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe
-        client.on_message = self._on_receipt
+        client.on_message = self._on_message
         return client
 
     def _on_connect(self, client: mqtt.Client, *_args: Any) -> None:
         # On every connect: a broker that lost the session lost the subscription too.
-        client.subscribe(RECEIPTS, qos=1)
+        client.subscribe([(RECEIPTS, 1), (COMMANDS, 1)])
 
     def _on_subscribe(self, *_args: Any) -> None:
         if self._loop is not None and self._subscribed is not None:
             with contextlib.suppress(RuntimeError):  # the loop closed while we stopped
                 self._loop.call_soon_threadsafe(self._subscribed.set)
 
-    def _on_receipt(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        """On paho's thread: hand the receipt's msg_id to the event loop."""
+    def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        """On paho's thread: a command goes to the event loop whole, a receipt by its msg_id."""
+        parts = message.topic.split("/")
+        if len(parts) == 5 and parts[4] == COMMAND_CHANNEL:
+            if self._loop is not None:
+                with contextlib.suppress(RuntimeError):  # the loop closed while we stopped
+                    self._loop.call_soon_threadsafe(self._command, parts[3], bytes(message.payload))
+            return
         try:
             receipt = json.loads(message.payload)
         except ValueError:
@@ -147,6 +206,43 @@ class WatchServer:
         for future in self._waiting.pop(msg_id, []):
             if not future.done():
                 future.set_result(None)
+
+    def _command(self, wristband_id: str, payload: bytes) -> None:
+        """On the event loop: write a command's frames to the watch, if it is connected."""
+        try:
+            command = WatchCommand.model_validate_json(payload)
+        except ValidationError as exc:
+            self.counts["command:unreadable"] += 1
+            log.warning("command for %s unreadable (%s): %r", wristband_id, exc.errors()[:1], payload[:200])
+            return  # no command_id to answer: the API's wait ends as no_gateway
+        link = self._links.get(wristband_id)
+        if link is None:
+            self._command_done(wristband_id, command.command_id, NotDelivered.NOT_CONNECTED)
+            return
+        try:
+            frames = command_frames(command, link)
+        except ValueError as exc:
+            log.warning("command %s for %s cannot be framed: %s", command.command_id, wristband_id, exc)
+            self._command_done(wristband_id, command.command_id, NotDelivered.UNREADABLE)
+            return
+        task = asyncio.create_task(self._send_command(wristband_id, command.command_id, link, frames))
+        self._commands.add(task)
+        task.add_done_callback(self._commands.discard)
+
+    async def _send_command(self, wristband_id: str, command_id: str, link: WatchLink, frames: list[bytes]) -> None:
+        try:
+            for frame in frames:
+                await self._write(link.writer, frame)
+        except (ConnectionError, TimeoutError) as exc:
+            log.info("command %s for %s not written: %r", command_id, wristband_id, exc)
+            self._command_done(wristband_id, command_id, NotDelivered.WRITE_FAILED)
+            return
+        self._command_done(wristband_id, command_id, None)
+
+    def _command_done(self, wristband_id: str, command_id: str, reason: NotDelivered | None) -> None:
+        self.counts[f"command:{reason or 'delivered'}"] += 1
+        result = CommandResult(command_id=command_id, delivered=reason is None, reason=reason)
+        self._client.publish(result_topic(wristband_id), result.model_dump_json(), qos=1)
 
     def _publish(self, mapped: Mapped) -> None:
         for publication in mapped.publications:
@@ -183,7 +279,7 @@ class WatchServer:
             await stopping
         finally:
             server.close()
-            for task in list(self._connections):
+            for task in [*self._connections, *self._commands]:
                 task.cancel()
             await asyncio.gather(*self._connections, return_exceptions=True)
             await server.wait_closed()
@@ -223,6 +319,8 @@ class WatchServer:
         finally:
             for answer in answers:
                 answer.cancel()
+            for band in [band for band, link in self._links.items() if link.writer is writer]:
+                del self._links[band]
             writer.close()
             with contextlib.suppress(ConnectionError, TimeoutError):
                 await asyncio.wait_for(writer.wait_closed(), self.config.write_timeout_s)
@@ -252,6 +350,7 @@ class WatchServer:
                     self.counts[f"rejected:{item.reason}"] += 1
                     log.warning("watch %s: %s (%s): %r", peer, item.reason, item.detail, item.raw[:200])
                     continue
+                self._note_link(item, writer)
                 result = map_frame(item, self.lookup, self.clock(), self.config.watch_tz)
                 if isinstance(result, Ignored):
                     self.counts[f"ignored:{result.reason}"] += 1
@@ -288,6 +387,12 @@ class WatchServer:
                 self.counts["closed:bad_input"] += 1
                 log.warning("watch %s: closed after %d rejected frames", peer, rejections)
                 return
+
+    def _note_link(self, frame: WatchFrame, writer: asyncio.StreamWriter) -> None:
+        """The latest connection a registered watch spoke on is where its commands go."""
+        band = self.lookup(frame.device_id)
+        if band is not None:
+            self._links[band] = WatchLink(writer, frame.maker, frame.device_id, frame.index)
 
     async def _answer(self, answer: Answer, writer: asyncio.StreamWriter, answers: set[asyncio.Task[None]]) -> None:
         if answer.when is AnswerWhen.NOW:

@@ -57,6 +57,8 @@ OWN_TESTS = {("get", "/api/v1/events"), ("post", "/api/v1/session"), ("delete", 
     ("post", "/api/v1/session/sign-in"),
     # The Traccar bridge (its shared secret, not a token): tests/test_traccar_bridge.py.
     ("post", "/callbacks/traccar"),
+    # Commands to watches (a broker and the watch gateway): tests/test_watch_commands.py.
+    ("post", "/api/v1/devices/{device_id}/commands"),
 }
 
 

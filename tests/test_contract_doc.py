@@ -21,6 +21,7 @@ from fastapi.routing import iter_route_contexts
 from typer.core import TyperGroup, TyperOption
 
 from api.main import create_app
+from devices.commands import command_topic, result_topic
 from devices.contract import CHANNELS_OF_KIND, PAYLOAD_MODELS, TOPIC_PREFIX, RejectReason
 from hub.mqtt import ALARM_SUBSCRIPTIONS, bulk_subscriptions, probe_topic, receipt_topic, share_probe_topic
 from hub.service import SHARE_PROBE_GROUP
@@ -215,7 +216,7 @@ def device_topics() -> set[str]:
     topics = {
         f"{TOPIC_PREFIX}/{kind}/{{id}}/{channel}" for kind, channels in CHANNELS_OF_KIND.items() for channel in channels
     }
-    return topics | {receipt_topic("{id}")}
+    return topics | {receipt_topic("{id}"), command_topic("{id}"), result_topic("{id}")}
 
 
 def test_every_topic_is_named_and_no_other() -> None:
