@@ -372,7 +372,9 @@ def _attempt_by_sid(conn: Conn, channel: str, sid: str, to: str, now: datetime) 
                 if row is not None and row[2] is None and row[5]:
                     take_provider_id(conn, flying[0][0], sid, now)
                     return flying[0][0], row[0], "sent"
-                row = _lock_attempt(conn, where, (sid, channel))
+            # A settle that committed since the look above (nothing in flight any more)
+            # has recorded the sid: look once more, or its status would be lost.
+            row = _lock_attempt(conn, where, (sid, channel))
     if row is None:
         return None
     found = conn.execute(
