@@ -300,10 +300,12 @@ async def one_run(
     )
 
 
-def spread(name: str, values: list[float], unit: str = "") -> str:
-    return (
-        f"{name}: min {min(values):.3f}{unit} median {statistics.median(values):.3f}{unit} max {max(values):.3f}{unit}"
-    )
+def spread(name: str, values: list[float], unit: str = "", digits: int = 1) -> str:
+    """Min, median and max over the runs (the figure repeated, to judge its noise)."""
+    if not values:
+        return f"{name}: no run"
+    low, mid, high = min(values), statistics.median(values), max(values)
+    return f"{name}: min {low:.{digits}f}{unit} median {mid:.{digits}f}{unit} max {high:.{digits}f}{unit}"
 
 
 async def measure(
@@ -334,6 +336,7 @@ async def measure(
                 f" gateway CPU {run.gateway_cpu_s:.2f} s over {run.window_s:.0f} s, {run.heartbeats} heartbeats",
                 flush=True,
             )
+        end = sample(gateway_pid)
     finally:
         for task in beating:
             task.cancel()
@@ -352,12 +355,20 @@ async def measure(
         f" heartbeats every {args.interval:g} s ({args.watches / args.interval:.0f}/s);"
         f" {counts.heartbeats} heartbeats sent, {counts.answered} answered, {len(counts.errors)} errors",
         f"  gateway RSS: {baseline.rss_kib / 1024:.1f} MiB with no watch, {connected.rss_kib / 1024:.1f} MiB connected"
+        f" ({end.rss_kib / 1024:.1f} MiB after the runs)"
         f" → {(connected.rss_kib - baseline.rss_kib) / 1024 / per_k:.2f} MiB per 1,000 connections",
         f"  gateway CPU connecting them (and their first heartbeat): {connected.cpu_s - baseline.cpu_s:.2f} s"
         f" → {(connected.cpu_s - baseline.cpu_s) / per_k:.3f} s per 1,000 connections",
         "  "
         + spread(
-            "gateway CPU holding them, per 1,000 connections per minute of heartbeats (runs)", cpu_per_k_min, " s"
+            "gateway CPU holding them, per 1,000 connections per minute of heartbeats (runs)", cpu_per_k_min, " s", 3
+        ),
+        "  "
+        + spread(
+            "gateway CPU per 1,000 heartbeats (runs)",
+            [r.gateway_cpu_s / r.heartbeats * 1000 for r in runs if r.heartbeats],
+            " s",
+            3,
         ),
         "  " + spread("gateway CPU share of one core (runs)", [r.gateway_cpu_s / r.window_s * 100 for r in runs], " %"),
         "  " + summary("LK written → LK answer (every heartbeat)", lk),
