@@ -319,6 +319,7 @@ async def measure(
     started = time.monotonic()
     await connect_all([*fleet, *pressers.values()], port, counts)
     connect_s = time.monotonic() - started
+    first_lk = len(counts.answer_s)  # the first heartbeats: in the connecting burst
     await asyncio.sleep(2.0)  # let the gateway settle after the burst of first heartbeats
     connected = sample(gateway_pid)
     if counts.errors:
@@ -349,7 +350,6 @@ async def measure(
     answered = [v for r in runs for v in r.answer_s]
     cpu_per_k_min = [r.gateway_cpu_s / per_k / (r.window_s / 60) for r in runs]
     lk = counts.answer_s
-    first_lk = len(fleet) + len(pressers)  # the first heartbeats arrive in the connecting burst
     presses = len(PRESS_WATCHES) * args.runs
     return [
         f"{held} watches connected (of {args.watches + len(PRESS_WATCHES)}) in {connect_s:.1f} s;"
