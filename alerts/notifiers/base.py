@@ -13,6 +13,13 @@ from typing import Protocol
 from devices.kinds import Channel
 
 
+class Provider(StrEnum):
+    """Who carries a phone page: the notifiers for voice and SMS each belong to one."""
+
+    TWILIO = "twilio"
+    ALIYUN = "aliyun"
+
+
 class SendOutcome(StrEnum):
     SENT = "sent"  # the provider accepted it; delivery callbacks may follow
     FAILED = "failed"  # the provider refused it or could not be reached
@@ -50,6 +57,9 @@ class SendResult:
     provider_id: str | None = None
     error: str | None = None
     final: bool = False  # a refusal that would be refused again (a 4xx): not retried
+    # A failure retrying on this provider cannot fix (refused, 5xx, timeout, flow
+    # control) but another provider may: the page goes out on the secondary provider.
+    fall_back: bool = False
 
 
 class Notifier(Protocol):
