@@ -7,6 +7,8 @@ dead-letters what it cannot read and keeps going.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import hashlib
 import json
 import math
@@ -67,6 +69,19 @@ class RejectReason(StrEnum):
     UNKNOWN_DEVICE = "unknown_device"
     REUSED_MSG_ID = "reused_msg_id"
     STORE_FAILED = "store_failed"  # valid input the hub failed to store (a bug); kept here
+    # What a gateway could not turn into v1 messages, sent on for the dead letters with
+    # the device's own bytes (``gateway_dead_letter_topic``):
+    UNKNOWN_WATCH = "unknown_watch"  # a watch frame from an id the registry does not know
+    UNREADABLE_FRAME = "unreadable_frame"  # a known command whose fields cannot be read
+    BAD_FRAME = "bad_frame"  # bytes that are not a frame: wrong length, garbage, oversize
+
+
+# What a gateway may put in a dead letter it sends on (``GatewayDeadLetter.reason``).
+GATEWAY_REASONS = frozenset({RejectReason.UNKNOWN_WATCH, RejectReason.UNREADABLE_FRAME, RejectReason.BAD_FRAME})
+GATEWAY_KIND = "gateway"
+DEAD_LETTER_CHANNEL = "dead_letter"
+# The device's bytes a gateway keeps in one dead letter; longer ones are cut (and say so).
+MAX_GATEWAY_RAW_BYTES = 4096
 
 
 class _Payload(BaseModel):
@@ -141,6 +156,50 @@ class Rejected:
     reason: RejectReason
     detail: str
     topic: Topic | None = None
+    # What to keep instead of the MQTT payload: a gateway's dead letter keeps the
+    # bytes the device sent, not the envelope they came in.
+    raw: bytes | None = None
+
+
+class GatewayDeadLetter(BaseModel):
+    """The payload on ``shouhu/v1/gateway/{gateway_id}/dead_letter``: bytes from a device
+    that the gateway could not turn into v1 messages, for the hub's dead letters."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    reason: RejectReason
+    detail: Annotated[str, Field(max_length=500)]
+    device: Annotated[str, Field(max_length=64)] = ""  # the id the device claimed, if any
+    peer: Annotated[str, Field(max_length=100)] = ""  # where it connected from
+    raw_base64: Annotated[str, Field(max_length=(MAX_GATEWAY_RAW_BYTES + 2) // 3 * 4)]
+
+
+_GATEWAY_TOPICS = f"{TOPIC_PREFIX}/{GATEWAY_KIND}/"
+
+
+def gateway_dead_letter_topic(gateway_id: str) -> str:
+    return f"{TOPIC_PREFIX}/{GATEWAY_KIND}/{gateway_id}/{DEAD_LETTER_CHANNEL}"
+
+
+def gateway_dead_letter(topic: str, raw: bytes) -> Rejected | None:
+    """A gateway's dead letter, as the hub stores it; None when ``topic`` is not one.
+
+    An envelope that does not read is itself a dead letter (``schema``), kept whole."""
+    if not topic.startswith(_GATEWAY_TOPICS):  # every device message: one cheap test
+        return None
+    parts = topic.split("/")
+    if len(parts) != 5 or parts[4] != DEAD_LETTER_CHANNEL or not DEVICE_ID.fullmatch(parts[3]):
+        return None
+    try:
+        letter = GatewayDeadLetter.model_validate_json(raw)
+        device_bytes = base64.b64decode(letter.raw_base64, validate=True)
+    except (ValidationError, binascii.Error) as exc:
+        return Rejected(RejectReason.SCHEMA, f"a gateway dead letter that does not read: {str(exc)[:200]}")
+    if letter.reason not in GATEWAY_REASONS:
+        return Rejected(RejectReason.SCHEMA, f"a gateway dead letter's reason must be one of {sorted(GATEWAY_REASONS)}")
+    origin = ", ".join(part for part in (f"device {letter.device}" if letter.device else "", letter.peer) if part)
+    detail = f"gateway {parts[3]}" + (f" ({origin})" if origin else "") + f": {letter.detail}"
+    return Rejected(letter.reason, detail, raw=device_bytes)
 
 
 @dataclass(frozen=True, slots=True)
@@ -236,6 +295,9 @@ def _schema_detail(error: ValidationError) -> str:
 
 def parse_message(topic: str, raw: bytes) -> DeviceMessage | StatusMessage | Rejected:
     """Parse one MQTT message under contract v1; never raises on bad input."""
+    sent_on = gateway_dead_letter(topic, raw)
+    if sent_on is not None:
+        return sent_on
     parsed = parse_topic(topic)
     if isinstance(parsed, Rejected):
         return parsed

@@ -22,6 +22,7 @@ silent for too long, is closed; the others are served on.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import json
 import logging
@@ -48,7 +49,13 @@ from devices.commands import (
     WatchCommand,
     result_topic,
 )
-from devices.contract import TOPIC_PREFIX
+from devices.contract import (
+    MAX_GATEWAY_RAW_BYTES,
+    TOPIC_PREFIX,
+    GatewayDeadLetter,
+    RejectReason,
+    gateway_dead_letter_topic,
+)
 from devices.kinds import DeviceKind
 from gateway.watch_frames import (
     MAX_FRAME_BYTES,
@@ -63,6 +70,7 @@ from gateway.watch_messages import (
     Answer,
     AnswerWhen,
     DeadLetter,
+    DeadLetterReason,
     Ignored,
     Mapped,
     WristbandLookup,
@@ -96,6 +104,9 @@ class WatchServerConfig:
     max_unregistered_ids: int = 1
     # A peer that does not read its answers this long is dropped.
     write_timeout_s: float = 10.0
+    # Dead letters one connection may send on to the hub; further ones are only counted
+    # and logged, so a peer sending garbage cannot flood the dead-letter table.
+    max_dead_letters: int = 20
 
 
 @dataclass(frozen=True, slots=True)
@@ -244,6 +255,11 @@ class WatchServer:
         result = CommandResult(command_id=command_id, delivered=reason is None, reason=reason)
         self._client.publish(result_topic(wristband_id), result.model_dump_json(), qos=1)
 
+    def publish_dead_letter(self, letter: GatewayDeadLetter) -> None:
+        topic = gateway_dead_letter_topic(self.config.client_id)
+        self._client.publish(topic, letter.model_dump_json(), qos=1)
+        self.counts[f"dead_letter_sent:{letter.reason}"] += 1
+
     def _publish(self, mapped: Mapped) -> None:
         for publication in mapped.publications:
             # Queued by paho while the broker is away (QoS 1), sent on reconnect.
@@ -335,6 +351,7 @@ class WatchServer:
     ) -> None:
         decoder = WatchFrameDecoder(self.config.max_frame_bytes)
         rejections = 0
+        letters = _DeadLetters(self, str(peer))
         unregistered: set[str] = set()
         while True:
             try:
@@ -349,6 +366,7 @@ class WatchServer:
                     rejections += 1
                     self.counts[f"rejected:{item.reason}"] += 1
                     log.warning("watch %s: %s (%s): %r", peer, item.reason, item.detail, item.raw[:200])
+                    letters.send(RejectReason.BAD_FRAME, f"{item.reason}: {item.detail}", "", item.raw)
                     continue
                 self._note_link(item, writer)
                 result = map_frame(item, self.lookup, self.clock(), self.config.watch_tz)
@@ -360,6 +378,7 @@ class WatchServer:
                     log.warning(
                         "watch %s: dead letter %s (%s): %r", peer, result.reason, result.detail, result.raw[:500]
                     )
+                    letters.send(GATEWAY_REASON[result.reason], result.detail, result.watch_id, result.raw)
                 else:
                     if result.unregistered:
                         if item.device_id not in unregistered and len(unregistered) >= self.config.max_unregistered_ids:
@@ -433,6 +452,39 @@ class WatchServer:
     async def _write(self, writer: asyncio.StreamWriter, frame: bytes) -> None:
         writer.write(frame)
         await asyncio.wait_for(writer.drain(), self.config.write_timeout_s)
+
+
+GATEWAY_REASON = {
+    DeadLetterReason.UNKNOWN_WATCH: RejectReason.UNKNOWN_WATCH,
+    DeadLetterReason.UNREADABLE: RejectReason.UNREADABLE_FRAME,
+}
+
+
+class _DeadLetters:
+    """One connection's dead letters, sent on to the hub (its ``dead_letters`` table)
+    with the watch's own bytes, at most ``max_dead_letters`` of them."""
+
+    def __init__(self, server: WatchServer, peer: str) -> None:
+        self.server = server
+        self.peer = peer[:100]
+        self.sent = 0
+
+    def send(self, reason: RejectReason, detail: str, device: str, raw: bytes) -> None:
+        if self.sent >= self.server.config.max_dead_letters:
+            self.server.counts["dead_letter_not_sent:connection_limit"] += 1
+            return
+        self.sent += 1
+        if len(raw) > MAX_GATEWAY_RAW_BYTES:
+            detail = f"{detail} (the first {MAX_GATEWAY_RAW_BYTES} of {len(raw)} bytes kept)"
+            raw = raw[:MAX_GATEWAY_RAW_BYTES]
+        letter = GatewayDeadLetter(
+            reason=reason,
+            detail=detail[:500],
+            device=device[:64],
+            peer=self.peer,
+            raw_base64=base64.b64encode(raw).decode("ascii"),
+        )
+        self.server.publish_dead_letter(letter)
 
 
 class WatchCountsCollector(Collector):

@@ -132,6 +132,7 @@ class DeadLetter:
     message: Received
     reason: RejectReason
     detail: str
+    payload: bytes | None = None  # kept instead of the MQTT payload (a gateway's dead letter)
 
 
 def _dead_letters(conn: Conn, letters: list[DeadLetter], hub_id: str, result: BatchResult) -> None:
@@ -144,7 +145,7 @@ def _dead_letters(conn: Conn, letters: list[DeadLetter], hub_id: str, result: Ba
                     d.message.received_at,
                     hub_id,
                     storable_text(d.message.topic[:1024]),
-                    d.message.payload,
+                    d.message.payload if d.payload is None else d.payload,
                     d.reason.value,
                     storable_text(d.detail),
                 )
@@ -293,7 +294,7 @@ def store_batch(
         channel = parsed.topic.channel.value if parsed.topic else "invalid"
         metrics.MESSAGES_RECEIVED.labels(channel).inc()
         if isinstance(parsed, Rejected):
-            letters.append(DeadLetter(message, parsed.reason, parsed.detail))
+            letters.append(DeadLetter(message, parsed.reason, parsed.detail, parsed.raw))
         else:
             parsed_items.append((message, parsed))
     known = _known_devices(conn, {p.topic.device_id for _m, p in parsed_items})

@@ -4,6 +4,7 @@ parser (devices/contract.py), so what the gateway sends is what the hub stores."
 
 from __future__ import annotations
 
+import base64
 import json
 from datetime import UTC, datetime, timedelta, timezone
 from typing import Any
@@ -12,7 +13,15 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from devices.contract import DeviceMessage, MqttChannel, Rejected, RejectReason, parse_message
+from devices.contract import (
+    DeviceMessage,
+    GatewayDeadLetter,
+    MqttChannel,
+    Rejected,
+    RejectReason,
+    gateway_dead_letter_topic,
+    parse_message,
+)
 from gateway.watch_frames import WatchFrame, escape, parse_frame
 from gateway.watch_messages import (
     AnswerWhen,
@@ -488,3 +497,37 @@ def test_fuzz_any_readable_position_maps_to_messages_the_hub_stores(command: str
     status = int(body.split(",")[15], 16)
     pages = command.startswith("AL") and bool(status & (1 << 16 | 1 << 21 | 1 << 22))
     assert any(p.alarm for p in result.publications) is pages
+
+
+def test_a_gateway_dead_letter_keeps_the_watchs_bytes_and_reason() -> None:
+    topic = gateway_dead_letter_topic("gw-1")
+    letter = GatewayDeadLetter(
+        reason=RejectReason.UNKNOWN_WATCH,
+        detail="watch 8699999999",
+        device="8699999999",
+        peer="10.0.0.5:40000",
+        raw_base64=base64.b64encode(b"[3G*8699999999*0002*LK]").decode(),
+    )
+    parsed = parse_message(topic, letter.model_dump_json().encode())
+    assert parsed == Rejected(
+        RejectReason.UNKNOWN_WATCH,
+        "gateway gw-1 (device 8699999999, 10.0.0.5:40000): watch 8699999999",
+        raw=b"[3G*8699999999*0002*LK]",
+    )
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"not json",
+        b'{"reason": "unknown_watch", "detail": "x", "raw_base64": "%%%"}',
+        b'{"reason": "unknown_watch", "detail": "x", "raw_base64": "", "extra": 1}',
+        # Only the gateway's own reasons: a dead letter cannot pretend to be another kind.
+        b'{"reason": "store_failed", "detail": "x", "raw_base64": ""}',
+    ],
+)
+def test_a_gateway_dead_letter_that_does_not_read_is_kept_whole_as_schema(payload: bytes) -> None:
+    parsed = parse_message(gateway_dead_letter_topic("gw-1"), payload)
+    assert isinstance(parsed, Rejected)
+    assert parsed.reason is RejectReason.SCHEMA
+    assert parsed.raw is None  # the envelope itself is what the hub keeps

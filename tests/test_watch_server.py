@@ -138,6 +138,38 @@ def test_bad_input_is_counted_and_never_stops_the_others(gateway: WatchServer) -
     assert counts["closed:bad_input"] == 1
 
 
+def test_unknown_watches_and_bad_frames_reach_the_dead_letters_with_their_bytes(
+    hub: Hub, county_url: str, broker: Mosquitto
+) -> None:
+    """The hub stores what the gateway could not use, the watch's own bytes and a reason;
+    one connection sends at most ``max_dead_letters`` and is closed as before."""
+    oversize = b"[3G*8600000061*2000*" + b"x" * 9000
+    with serving(broker, max_dead_letters=3, max_frame_bytes=8192) as gateway:
+        first, second = watch(gateway), watch(gateway)
+        try:
+            first.send(frame("LK", watch="8699999999") + frame("UD,nonsense") + b"[x]" + b"[x]" + frame("LK"))
+            assert first.answer() == b"[3G*8600000061*0002*LK]"
+            second.send(oversize + frame("LK"))
+            assert second.answer() == b"[3G*8600000061*0002*LK]"
+        finally:
+            first.close()
+            second.close()
+        assert gateway.counts["dead_letter_not_sent:connection_limit"] == 1
+    wait_until(lambda: len(query(county_url, "SELECT 1 FROM dead_letters")) == 4)
+    letters = query(county_url, "SELECT reason, topic, payload, detail FROM dead_letters ORDER BY id")
+    reasons = [(reason, bytes(payload)) for reason, _topic, payload, _detail in letters]
+    assert reasons[:3] == [
+        ("unknown_watch", frame("LK", watch="8699999999")),
+        ("unreadable_frame", frame("UD,nonsense")),
+        ("bad_frame", b"[x]"),
+    ]
+    assert reasons[3][0] == "bad_frame"
+    assert reasons[3][1] == oversize[:4096]
+    assert all(topic.startswith("shouhu/v1/gateway/test-watch-gateway-") for _r, topic, _p, _d in letters)
+    assert "device 8699999999" in letters[0][3]
+    assert "the first 4096 of" in letters[3][3]
+
+
 def test_an_alarm_that_cannot_be_read_still_pages(hub: Hub, county_url: str, gateway: WatchServer) -> None:
     """It may be an SOS: it goes to the SOS topic as it came and the hub pages it."""
     band = watch(gateway)
