@@ -12,7 +12,7 @@ from __future__ import annotations
 from enum import StrEnum
 from typing import Annotated
 
-from pydantic import BaseModel, Field, StringConstraints
+from pydantic import AwareDatetime, BaseModel, Field, StringConstraints
 
 from devices.contract import TOPIC_PREFIX
 from devices.kinds import DeviceKind
@@ -20,6 +20,7 @@ from devices.kinds import DeviceKind
 COMMAND_CHANNEL = "command"
 RESULT_CHANNEL = "command_result"
 COMMANDS = f"{TOPIC_PREFIX}/{DeviceKind.WRISTBAND}/+/{COMMAND_CHANNEL}"
+RESULTS = f"{TOPIC_PREFIX}/{DeviceKind.WRISTBAND}/+/{RESULT_CHANNEL}"
 MAX_SOS_NUMBERS = 3
 MAX_UPLOAD_INTERVAL_S = 86_400
 
@@ -48,6 +49,7 @@ class NotDelivered(StrEnum):
     WRITE_FAILED = "write_failed"  # the connection broke while the frames were written
     UNREADABLE = "unreadable"  # the gateway could not read the command
     NO_GATEWAY = "no_gateway"  # no gateway answered in time (the API's own verdict)
+    EXPIRED = "expired"  # it reached the gateway after its sender stopped waiting: not sent
 
 
 class WatchCommand(BaseModel):
@@ -57,6 +59,8 @@ class WatchCommand(BaseModel):
     command: CommandName
     phones: list[WatchPhone] = Field(default_factory=list, max_length=MAX_SOS_NUMBERS)
     seconds: int | None = Field(default=None, ge=1, le=MAX_UPLOAD_INTERVAL_S)
+    # When the sender stops waiting for the result; later the gateway does not send it.
+    expires_at: AwareDatetime | None = None
 
 
 class CommandResult(BaseModel):

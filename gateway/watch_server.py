@@ -226,6 +226,10 @@ class WatchServer:
             self.counts["command:unreadable"] += 1
             log.warning("command for %s unreadable (%s): %r", wristband_id, exc.errors()[:1], payload[:200])
             return  # no command_id to answer: the API's wait ends as no_gateway
+        if command.expires_at is not None and command.expires_at <= self.clock():
+            # Its sender was told no_gateway already (the broker kept it while we were away).
+            self._command_done(wristband_id, command.command_id, NotDelivered.EXPIRED)
+            return
         link = self._links.get(wristband_id)
         if link is None:
             self._command_done(wristband_id, command.command_id, NotDelivered.NOT_CONNECTED)

@@ -124,10 +124,18 @@ def migrate() -> None:
 @registry_app.command("load")
 def registry_load(
     file: Annotated[Path, typer.Argument(help="Registry YAML file", exists=False)],
+    push_sos_numbers: Annotated[
+        bool,
+        typer.Option(
+            "--push-sos-numbers/--no-push-sos-numbers",
+            help="Then send the registry's connected watches their SOS numbers (through the watch gateway)",
+        ),
+    ] = True,
 ) -> None:
-    """Load the registry from YAML: upsert, deactivate what is missing, report gaps."""
+    """Load the registry from YAML: upsert, deactivate what is missing, report gaps;
+    then give the connected watches their SOS numbers."""
     settings = load_settings()
-    load_registry_file(database_url(settings), file)
+    load_registry_file(database_url(settings), file, settings if push_sos_numbers else None)
 
 
 @token_app.command("create")

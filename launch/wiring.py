@@ -98,10 +98,13 @@ def run_migrations(url: str, settings: Settings) -> None:
     report_migrations(report)
 
 
-def load_registry_file(url: str, path: Path) -> None:
-    """Load the registry YAML at ``path`` and print the report; a bad file loads nothing."""
+def load_registry_file(url: str, path: Path, settings: Settings | None = None) -> None:
+    """Load the registry YAML at ``path`` and print the report; a bad file loads nothing.
+
+    With ``settings`` the registry's watches that are connected to a watch gateway are
+    then given their SOS numbers (``push_sos_numbers``)."""
     from devices.registry import load_registry
-    from devices.registry_file import RegistryFileError, parse_registry
+    from devices.registry_file import RegistryFileError, parse_registry, watch_wristbands
     from shouhu.db import connect
 
     try:
@@ -111,6 +114,52 @@ def load_registry_file(url: str, path: Path) -> None:
     with connect(url) as conn:
         report = load_registry(conn, registry)
     report_registry(path, report)
+    watches = sorted(set(watch_wristbands(registry).values()))
+    if settings is not None and watches:
+        push_sos_numbers(url, settings, watches)
+
+
+# How long `registry load` waits for a watch gateway's first answer (it answers every
+# command at once, so silence means none runs) and then for all of them.
+PUSH_FIRST_ANSWER_S = 1.0
+PUSH_ANSWERS_S = 10.0
+
+
+def push_sos_numbers(url: str, settings: Settings, wristbands: list[str], at: datetime | None = None) -> None:
+    """Send each watch its SOS numbers as of ``at`` (now), through the broker and the
+    watch gateway; print what reached connected watches. The registry is loaded either
+    way: a broker or gateway that is away is reported, never an error."""
+    import uuid
+
+    from alerts.watch_numbers import sos_numbers_of
+    from devices.command_exchange import BrokerUnavailable, exchange
+    from devices.commands import CommandName, WatchCommand
+    from shouhu.db import connect
+    from shouhu.embedded.broker import DEFAULT_PORT
+
+    with connect(url) as conn:
+        numbers = sos_numbers_of(conn, wristbands, at or datetime.now(UTC), settings.zone)
+    commands = [
+        (band, WatchCommand(command_id=uuid.uuid4().hex, command=CommandName.SET_SOS_NUMBERS, phones=phones))
+        for band, phones in numbers.items()
+        if phones
+    ]
+    nobody = len(numbers) - len(commands)
+    mqtt_url = settings.mqtt_url or f"mqtt://127.0.0.1:{DEFAULT_PORT}"  # the embedded broker's
+    try:
+        results = exchange(mqtt_url, commands, PUSH_ANSWERS_S, first_within=PUSH_FIRST_ANSWER_S)
+    except BrokerUnavailable as exc:
+        typer.echo(f"watches' SOS numbers not sent: the broker is unavailable ({exc})")
+        return
+    if commands and not results:
+        typer.echo(f"watches' SOS numbers not sent: no watch gateway answered within {PUSH_FIRST_ANSWER_S:g} s")
+        return
+    delivered = sum(1 for result in results.values() if result.delivered)
+    typer.echo(
+        f"watches' SOS numbers: sent to {delivered} connected, "
+        f"{len(results) - delivered} not connected or not written, {len(commands) - len(results)} unanswered"
+        + (f"; {nobody} with nobody on duty and no guardian" if nobody else "")
+    )
 
 
 def serve_api(url: str, settings: Settings, sock: socket.socket | None = None) -> None:

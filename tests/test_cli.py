@@ -80,11 +80,17 @@ def test_migrate_registry_and_token_against_a_configured_database(database_url: 
     migrate = run_shouhu("migrate", cwd=tmp_path, SHOUHU_DATABASE_URL=database_url)
     assert migrate.returncode == 0, migrate.stderr
     assert "up to date" in migrate.stdout
-    load = run_shouhu("registry", "load", str(demo), cwd=tmp_path, SHOUHU_DATABASE_URL=database_url)
+    nowhere = f"mqtt://127.0.0.1:{free_port()}"  # no broker: the watches' numbers cannot go
+    load = run_shouhu(
+        "registry", "load", str(demo), cwd=tmp_path, SHOUHU_DATABASE_URL=database_url, SHOUHU_MQTT_URL=nowhere
+    )
     assert load.returncode == 0, load.stderr
     assert "240 residents" in load.stdout
     assert "have hours with no grid worker on duty" in load.stdout  # the night gaps are reported
-    again = run_shouhu("registry", "load", str(demo), cwd=tmp_path, SHOUHU_DATABASE_URL=database_url)
+    assert "watches' SOS numbers not sent: the broker is unavailable" in load.stdout
+    again = run_shouhu(
+        "registry", "load", "--no-push-sos-numbers", str(demo), cwd=tmp_path, SHOUHU_DATABASE_URL=database_url
+    )
     assert "no changes" in again.stdout
     token = run_shouhu(
         "token",
@@ -237,9 +243,7 @@ def test_up_demo_serves_the_demo_county(running_up: RunningUp, tmp_path: Path) -
     # `shouhu token create` in another terminal reaches the embedded database through
     # the URL recorded in the data directory (SHOUHU_DATA_DIR, as --data-dir for `up`).
     assert json.loads((running_up.data_dir / "embedded.json").read_text())["database_url"]
-    token = run_shouhu(
-        "token", "create", "--role", "operator", cwd=tmp_path, SHOUHU_DATA_DIR=str(running_up.data_dir)
-    )
+    token = run_shouhu("token", "create", "--role", "operator", cwd=tmp_path, SHOUHU_DATA_DIR=str(running_up.data_dir))
     assert token.returncode == 0, token.stderr
     status, body = _get(f"http://127.0.0.1:{port}/api/v1/areas?limit=500", token.stdout.strip())
     assert status == 200, body

@@ -4,6 +4,8 @@ writes its frames to the connected watch and the API says honestly whether it di
 
 from __future__ import annotations
 
+import subprocess
+import uuid
 from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
@@ -19,11 +21,12 @@ from api.routes import commands
 from devices.commands import command_topic, result_topic
 from devices.contract import is_outbound
 from gateway.watch_server import WatchServer
+from launch.wiring import push_sos_numbers
 from shouhu.settings import DEFAULT_TIMEZONE, Settings
 from shouhu.tokens import Role, create_token
 from tests.support.hub import wait_until
-from tests.support.services import Mosquitto
-from tests.support.watch import BAND, WATCH, Watch, frame, serving
+from tests.support.services import SHOUHU_BIN, Mosquitto, shouhu_env
+from tests.support.watch import BAND, DEMO_COUNTY, WATCH, Watch, frame, serving
 
 ZONE = ZoneInfo(DEFAULT_TIMEZONE)
 # A Wednesday: at noon gw-019 is on duty for xiguan-01-g1 (08:00-20:00), at 03:00 gw-023
@@ -121,6 +124,38 @@ def test_sos_numbers_at_night_are_the_night_worker(api: TestClient, operator: He
     assert [watch.answer() for _ in range(3)] == sos_frames([NIGHT_WORKER, *GUARDIANS])
 
 
+def test_a_registry_load_sends_the_connected_watches_their_sos_numbers(
+    county_url: str, broker: Mosquitto, watch: Watch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """wb-0061's watch is connected, wb-0062's is not; wb-0001 has no watch id."""
+    settings = Settings(_env_file=None, database_url=county_url, mqtt_url=broker.url)  # type: ignore[call-arg]
+    push_sos_numbers(county_url, settings, [BAND, "wb-0062"], at=NOON)
+    assert [watch.answer() for _ in range(3)] == sos_frames([DAY_WORKER, *GUARDIANS])
+    said = capsys.readouterr().out
+    assert "sent to 1 connected, 1 not connected or not written, 0 unanswered" in said
+
+
+def test_a_registry_load_with_no_gateway_running_says_so_and_loads(
+    county_url: str, broker: Mosquitto, capsys: pytest.CaptureFixture[str]
+) -> None:
+    settings = Settings(_env_file=None, database_url=county_url, mqtt_url=broker.url)  # type: ignore[call-arg]
+    push_sos_numbers(county_url, settings, [BAND], at=NOON)
+    assert "not sent: no watch gateway answered within 1 s" in capsys.readouterr().out
+
+
+def test_the_verb_sends_the_numbers_after_loading(county_url: str, broker: Mosquitto, watch: Watch) -> None:
+    """At whatever hour the suite runs, someone is on duty for wb-0061 and it has two
+    guardians: three numbers, SOS1 to SOS3."""
+    env = shouhu_env(SHOUHU_DATABASE_URL=county_url, SHOUHU_MQTT_URL=broker.url)
+    load = subprocess.run(
+        [SHOUHU_BIN, "registry", "load", str(DEMO_COUNTY)], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert load.returncode == 0, load.stderr
+    assert "watches' SOS numbers: sent to 1 connected, 9 not connected" in load.stdout
+    answers = [watch.answer() for _ in range(3)]
+    assert [answer.split(b"*")[3][:5] for answer in answers] == [b"SOS1,", b"SOS2,", b"SOS3,"]
+
+
 def test_upload_interval_reaches_the_watch(api: TestClient, operator: Headers, watch: Watch) -> None:
     response = post(api, operator, {"command": "set_upload_interval", "seconds": 60})
     assert response.status_code == 202, response.text
@@ -168,6 +203,23 @@ def test_no_gateway_answering_is_not_delivered(
     assert response.json()["reason"] == "no_gateway"
 
 
+def test_a_command_that_reaches_the_gateway_after_its_wait_is_not_sent(
+    api: TestClient, operator: Headers, broker: Mosquitto, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The gateway was down: the API answered no_gateway, and the broker kept the command
+    in the gateway's persistent session. Back up, the gateway must not send it now."""
+    session = f"test-watch-gateway-{uuid.uuid4().hex[:8]}"
+    with serving(broker, client_id=session):
+        pass  # its session and subscriptions stay with the broker
+    monkeypatch.setattr(commands, "RESULT_TIMEOUT_S", 0.3)
+    response = post(api, operator, {"command": "locate"})
+    assert response.json()["reason"] == "no_gateway"
+    with serving(broker, client_id=session) as gateway:
+        wait_until(lambda: gateway.counts["command:expired"] == 1)
+        assert gateway.counts["command:not_connected"] == 0
+        assert gateway.counts["command:delivered"] == 0
+
+
 @pytest.mark.parametrize(
     ("role", "status"),
     [(Role.ADMIN, 202), (Role.OPERATOR, 202), (Role.GRID_WORKER, 403), (Role.TECHNICIAN, 403), (Role.PLATFORM, 403)],
@@ -179,7 +231,10 @@ def test_admins_and_operators_may_command(
     assert response.status_code == status, response.text
 
 
-def test_a_wristband_outside_the_tokens_areas_is_not_found(api: TestClient, county_url: str) -> None:
+def test_a_wristband_outside_the_tokens_areas_is_not_found(
+    api: TestClient, county_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(commands, "RESULT_TIMEOUT_S", 0.5)  # no gateway here: do not wait 5 s
     elsewhere = bearer(county_url, Role.OPERATOR, ("xiguan-02",))
     response = post(api, elsewhere, {"command": "locate"})
     assert response.status_code == 404, response.text

@@ -15,16 +15,13 @@ most three, the watch's SOS1 … SOS3.
 
 from __future__ import annotations
 
-import threading
 import uuid
-from typing import Any
 
-import paho.mqtt.client as mqtt
 from fastapi import APIRouter, HTTPException, status
-from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
-from pydantic import BaseModel, Field, ValidationError, model_validator
+from pydantic import BaseModel, Field, model_validator
 
 from alerts.recipients import Rosters
+from alerts.watch_numbers import sos_numbers
 from api.access import WATCH_COMMANDERS, may_see_device
 from api.deps import (
     API_PREFIX,
@@ -38,19 +35,16 @@ from api.deps import (
     tuple_rows,
     write_audit,
 )
+from devices.command_exchange import BrokerUnavailable, exchange
 from devices.commands import (
-    MAX_SOS_NUMBERS,
     MAX_UPLOAD_INTERVAL_S,
     CommandName,
     CommandResult,
     NotDelivered,
     WatchCommand,
-    command_topic,
-    result_topic,
 )
 from devices.kinds import DeviceKind
 from shouhu.embedded.broker import DEFAULT_PORT
-from shouhu.mqtt_address import BrokerAddress
 
 router = APIRouter(prefix=f"{API_PREFIX}/devices", tags=["devices"])
 
@@ -77,78 +71,6 @@ class CommandPublic(BaseModel):
     delivered: bool
     reason: NotDelivered | None
     """Why not delivered: not_connected, write_failed, unreadable, no_gateway; null when delivered."""
-
-
-class BrokerUnavailable(Exception):
-    pass
-
-
-def exchange(mqtt_url: str, wristband_id: str, command: WatchCommand, timeout: float) -> CommandResult | None:
-    """Publish ``command`` and await its result; None when no gateway answered in time.
-
-    One short-lived connection per command: subscribed to the result topic before the
-    command goes out, so a gateway's immediate answer cannot be missed."""
-    done = threading.Event()
-    found: list[CommandResult] = []
-    client = mqtt.Client(
-        CallbackAPIVersion.VERSION2,
-        client_id=f"shouhu-api-command-{uuid.uuid4().hex[:12]}",
-        protocol=MQTTProtocolVersion.MQTTv311,
-        clean_session=True,
-    )
-    address = BrokerAddress.parse(mqtt_url)
-    if address.username:
-        client.username_pw_set(address.username, address.password)
-    if address.tls:
-        client.tls_set()
-    subscribed = threading.Event()
-
-    def on_connect(c: mqtt.Client, _userdata: Any, _flags: Any, reason: Any, *_rest: Any) -> None:
-        if not reason.is_failure:
-            c.subscribe(result_topic(wristband_id), qos=1)
-
-    def on_subscribe(c: mqtt.Client, *_args: Any) -> None:
-        subscribed.set()
-        c.publish(command_topic(wristband_id), command.model_dump_json(), qos=1)
-
-    def on_message(_c: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        try:
-            result = CommandResult.model_validate_json(message.payload)
-        except ValidationError:
-            return
-        if result.command_id == command.command_id:
-            found.append(result)
-            done.set()
-
-    client.on_connect = on_connect
-    client.on_subscribe = on_subscribe
-    client.on_message = on_message
-    try:
-        client.connect(address.host, address.port, keepalive=30)
-    except OSError as exc:
-        raise BrokerUnavailable(str(exc)) from exc
-    client.loop_start()
-    try:
-        done.wait(timeout)
-        if not subscribed.is_set():
-            raise BrokerUnavailable("no subscription acknowledged")
-    finally:
-        client.disconnect()
-        client.loop_stop()
-    return found[0] if found else None
-
-
-def sos_numbers(rosters: Rosters, grid_id: str | None, resident_id: str | None) -> list[str]:
-    """The grid workers on duty, then the guardians: distinct numbers, at most three."""
-    people = (rosters.duty_chain(grid_id) if grid_id else []) + (
-        rosters.guardians(resident_id) if resident_id else []
-    )
-    numbers: list[str] = []
-    for person in people:
-        phone = person.phone.replace(" ", "").replace("-", "")
-        if phone and phone not in numbers:
-            numbers.append(phone)
-    return numbers[:MAX_SOS_NUMBERS]
 
 
 @router.post(
@@ -195,11 +117,12 @@ def create_command(
     )
     url = settings.mqtt_url or f"mqtt://127.0.0.1:{DEFAULT_PORT}"  # the embedded broker's
     try:
-        result = exchange(url, device_id, command, RESULT_TIMEOUT_S)
+        results = exchange(url, [(device_id, command)], RESULT_TIMEOUT_S)
     except BrokerUnavailable as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the broker is unavailable: {exc}") from exc
-    if result is None:
-        result = CommandResult(command_id=command.command_id, delivered=False, reason=NotDelivered.NO_GATEWAY)
+    result = results.get(command.command_id) or CommandResult(
+        command_id=command.command_id, delivered=False, reason=NotDelivered.NO_GATEWAY
+    )
     with conn.transaction():
         # The numbers themselves stay out of the audit log: how many were set is enough.
         write_audit(

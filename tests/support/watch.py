@@ -61,11 +61,10 @@ def serving(broker: Mosquitto, **config: Any) -> Iterator[WatchServer]:
     """A watch gateway on a free port, ready (subscribed to receipts) before this yields."""
     settings = WatchServerConfig(
         mqtt_url=broker.url,
-        client_id=f"test-watch-gateway-{uuid.uuid4().hex[:8]}",
         watch_tz=CHINA,
         host="127.0.0.1",
         port=0,
-        **{"max_rejections": 5, **config},
+        **{"max_rejections": 5, "client_id": f"test-watch-gateway-{uuid.uuid4().hex[:8]}", **config},
     )
     server = WatchServer(settings, {WATCH: BAND}.get)
     thread = server.run_in_thread()
