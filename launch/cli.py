@@ -544,7 +544,7 @@ def up(  # noqa: PLR0915 (one straight sequence of start-up steps reads best in 
             " or log in with such a token)"
         )
         if demo:
-            run_demo(url, broker_url, settings, stack)
+            run_demo(url, broker_url, settings, watch_socket.getsockname()[1], stack)
         serve_api(url, settings, api_socket)
 
 

@@ -215,9 +215,9 @@ def _press_until_receipt(broker_url: str, device_id: str) -> None:
         typer.echo(f"demo: {device_id}: receipt: incident {receipt.get('incident')} ({receipt.get('state')})")
 
 
-def run_demo(url: str, broker_url: str, settings: Settings, stack: ExitStack) -> None:
-    """The demo's life: the first SOS press, then the simulated cameras and wristbands
-    until ``stack`` closes."""
+def run_demo(url: str, broker_url: str, settings: Settings, watch_port: int, stack: ExitStack) -> None:
+    """The demo's life: the first SOS press, then the simulated cameras, wristbands and
+    4G watches (to the watch gateway on ``watch_port``) until ``stack`` closes."""
     import threading
 
     from launch.fleets import start_demo_fleets
@@ -225,4 +225,4 @@ def run_demo(url: str, broker_url: str, settings: Settings, stack: ExitStack) ->
     demo_press(url, broker_url, settings)
     stop = threading.Event()
     stack.callback(stop.set)
-    start_demo_fleets(settings, broker_url, DEMO_COUNTY, stop)
+    start_demo_fleets(settings, broker_url, DEMO_COUNTY, watch_port, stop)

@@ -7,6 +7,8 @@ get a registry file, a broker, the wall clock, a rate bound and a terminal.
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
 import uuid
 from collections.abc import Callable
@@ -31,6 +33,8 @@ from simulators.fleet import (
     run_fleet,
     stretch,
 )
+from simulators.watch import FleetCounts
+from simulators.watch import run_fleet as run_watch_fleet
 from simulators.wristband_fleet import WristbandFleet, WristbandPace
 
 DEFAULT_RATE = 50.0
@@ -50,6 +54,8 @@ class FleetOptions:
     rate: float  # messages a second, at most
     interval_s: float  # for devices whose registry entry sets no heartbeat interval
     falls_per_hour: float = 0.0  # wristbands: falls across the fleet, each re-sent until its receipt
+    # Wristbands: leave out those with a watch id (the demo runs them as TCP watches).
+    without_watches: bool = False
 
 
 def build_fleet(kind: FleetKind, options: FleetOptions, settings: Settings, start: datetime) -> tuple[Fleet, str]:
@@ -75,10 +81,11 @@ def build_fleet(kind: FleetKind, options: FleetOptions, settings: Settings, star
         )
         what = "a health report"
     else:
-        specs_s = [b.interval_s or options.interval_s for b in registry.wristbands]
+        bands = [b for b in registry.wristbands if not (options.without_watches and b.watch_id)]
+        specs_s = [b.interval_s or options.interval_s for b in bands]
         factor = stretch(specs_s, options.rate)
         fleet = WristbandFleet(
-            registry.wristbands,
+            bands,
             seed=options.seed,
             start=start,
             zone=settings.zone,
@@ -156,14 +163,65 @@ def _await_receipts(publisher: MqttPublisher) -> list[tuple[str, str]]:
     return publisher.unreceipted
 
 
-def start_demo_fleets(settings: Settings, broker_url: str, registry: Path, stop: threading.Event) -> None:
+def start_demo_fleets(
+    settings: Settings, broker_url: str, registry: Path, watch_port: int, stop: threading.Event
+) -> None:
     """Both fleets on threads beside ``shouhu up --demo``, reporting at the hub's
-    heartbeat interval, until ``stop`` is set."""
+    heartbeat interval, until ``stop`` is set; the registry's wristbands that have a
+    watch id are simulated 4G watches instead, speaking TCP to the watch gateway."""
     from launch.wiring import start_thread
 
     for kind in FleetKind:
-        options = FleetOptions(registry, seed=1, rate=DEFAULT_RATE, interval_s=settings.heartbeat_interval_s)
+        options = FleetOptions(
+            registry, seed=1, rate=DEFAULT_RATE, interval_s=settings.heartbeat_interval_s, without_watches=True
+        )
         start_thread(partial(_quietly, run, kind, options, settings, broker_url, stop), f"fleet-{kind.value}")
+    watch_ids = read_registry(registry).watch_ids
+    if watch_ids:
+        interval_s = settings.heartbeat_interval_s
+        start_thread(lambda: _watches_quietly(watch_ids, watch_port, interval_s, stop), "fleet-watches")
+
+
+def _watches_quietly(watch_ids: list[str], port: int, interval_s: float, stop: threading.Event) -> None:
+    try:
+        run_watches(watch_ids, port, interval_s, stop)
+    except Exception as exc:  # as _quietly: the demo goes on without its watches
+        typer.secho(f"watches: the simulated watches stopped: {exc}", err=True, fg=typer.colors.RED)
+
+
+def run_watches(
+    watch_ids: list[str], port: int, interval_s: float, stop: threading.Event, echo: Callable[[str], None] = typer.echo
+) -> FleetCounts:
+    """Simulated 4G watches heartbeating to the watch gateway on this host until ``stop``."""
+
+    async def watches() -> None:
+        await run_watch_fleet("127.0.0.1", port, watch_ids, interval_s=interval_s, counts=counts)
+
+    finished = threading.Event()  # the fleet ended by itself: the waiting thread ends too
+
+    def wait_for_stop() -> None:
+        while not stop.wait(0.5) and not finished.is_set():
+            pass
+
+    async def stopped() -> None:
+        await asyncio.to_thread(wait_for_stop)
+
+    async def until_stopped() -> None:
+        fleet, waiting = asyncio.create_task(watches()), asyncio.create_task(stopped())
+        await asyncio.wait({fleet, waiting}, return_when=asyncio.FIRST_COMPLETED)
+        fleet.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await fleet
+        finished.set()
+        await waiting
+
+    counts = FleetCounts()
+    echo(f"watches: {len(watch_ids)} from the registry, a heartbeat (LK) every {interval_s:g} s to 127.0.0.1:{port}")
+    asyncio.run(until_stopped())
+    echo(f"watches: {counts.connected} connected, {counts.answered} of {counts.heartbeats} heartbeats answered")
+    for error in counts.errors[:10]:
+        echo(f"  {error}")
+    return counts
 
 
 def _quietly(

@@ -91,12 +91,18 @@ class WristbandSpec:
     lat: float | None
     lon: float | None
     interval_s: float | None
+    watch_id: str | None = None  # a 4G watch speaking the TCP protocol (`shouhu simulate watch`)
 
 
 @dataclass(frozen=True, slots=True)
 class Registry:
     cameras: tuple[CameraSpec, ...]
     wristbands: tuple[WristbandSpec, ...]
+
+    @property
+    def watch_ids(self) -> list[str]:
+        """The watch ids of the wristbands that are 4G watches, in registry order."""
+        return [band.watch_id for band in self.wristbands if band.watch_id]
 
 
 class RegistryFileError(ValueError):
@@ -139,6 +145,7 @@ def read_registry(path: Path) -> Registry:
                     float(lat) if isinstance(lat, (int, float)) else None,
                     float(lon) if isinstance(lon, (int, float)) else None,
                     interval_s,
+                    str(entry["watch_id"]) if entry.get("watch_id") else None,
                 )
             )
     return Registry(tuple(cameras), tuple(wristbands))

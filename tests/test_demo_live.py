@@ -51,7 +51,9 @@ def demo(database_url: str, broker: Mosquitto) -> Iterator[str]:
             lambda: process.poll() is not None or http_status(f"{base}/readyz") == 200, 90, "shouhu up --demo ready"
         )
         assert process.poll() is None, "".join(lines)
-        wait_until(lambda: any(line.startswith("wristbands: 240 from") for line in lines), 30, "both fleets running")
+        # wb-0061 … wb-0070 have watch ids: they are simulated 4G watches, not MQTT wristbands.
+        wait_until(lambda: any(line.startswith("wristbands: 230 from") for line in lines), 30, "both fleets running")
+        wait_until(lambda: any(line.startswith("watches: 10 from the registry") for line in lines), 30, "watches")
         yield base
     finally:
         process.send_signal(2)
@@ -92,4 +94,12 @@ def test_the_simulated_county_fills_the_technician_board_and_the_grid_console(
     page = log_in(browser, demo, grid)
     assert page.url.endswith("/console/grid")
     expect(page.locator("#incident-list")).to_contain_text("手环未佩戴", timeout=WITHIN_A_MINUTE_MS)
+    # The demo's watches reached the hub through the watch gateway: their heartbeats are
+    # telemetry of their wristbands, under the gateway's msg_ids.
+    with psycopg.connect(database_url) as conn:
+        row = conn.execute(
+            "SELECT count(DISTINCT device_id) FROM message_ledger WHERE msg_id LIKE 'watch-%'"
+            " AND device_id BETWEEN 'wb-0061' AND 'wb-0070'"
+        ).fetchone()
+    assert row == (10,)
     # This console stays open, its live feed with it: Ctrl-C must stop the demo all the same.
