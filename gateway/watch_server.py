@@ -334,7 +334,12 @@ class WatchServer:
         self.counts["connections"] += 1
         try:
             await self._read_frames(reader, writer, answers, peer)
-        except (ConnectionError, TimeoutError) as exc:
+        except TimeoutError:
+            # Only a write times out here (reads are waited for in _read_frames): a peer
+            # that does not read its answers holds buffers, not the other watches.
+            self.counts["closed:slow_reader"] += 1
+            log.info("watch connection %s closed: answers unread for %s s", peer, self.config.write_timeout_s)
+        except ConnectionError as exc:
             log.info("watch connection %s closed: %r", peer, exc)
         finally:
             for answer in answers:

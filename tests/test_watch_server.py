@@ -4,7 +4,10 @@ answered at once and ``AL`` only after the hub's receipt."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import socket
+import time
 import uuid
 from collections.abc import Iterator
 
@@ -168,6 +171,50 @@ def test_unknown_watches_and_bad_frames_reach_the_dead_letters_with_their_bytes(
     assert all(topic.startswith("shouhu/v1/gateway/test-watch-gateway-") for _r, topic, _p, _d in letters)
     assert "device 8699999999" in letters[0][3]
     assert "the first 4096 of" in letters[3][3]
+
+
+def test_a_peer_that_never_reads_and_hundreds_of_idle_ones_do_not_stop_the_others(broker: Mosquitto) -> None:
+    """A peer sending heartbeats without reading the answers is dropped once a write
+    waits ``write_timeout_s``; hundreds of connections that say nothing, or half a frame,
+    are held; a watch is answered at once through all of it. (10,000 connections:
+    bench/watch_gateway.py.)"""
+    listener = socket.socket()
+    # Inherited by the accepted connections: the deaf peer's answers fill the kernel's
+    # buffers after a few thousand bytes, not megabytes.
+    listener.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(2048)
+    with serving(broker, listener, write_timeout_s=0.5) as gateway:
+        assert gateway.port is not None
+        idle = [socket.create_connection(("127.0.0.1", gateway.port)) for _ in range(300)]
+        try:
+            for half in idle[::10]:
+                half.sendall(b"[3G*8600000061*0002*L")
+            deaf = socket.socket()
+            deaf.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+            deaf.connect(("127.0.0.1", gateway.port))
+            deaf.setblocking(False)
+            heartbeats = frame("LK") * 200
+            sent = 0
+            deadline = time.monotonic() + 30
+            while gateway.counts["closed:slow_reader"] == 0:
+                assert time.monotonic() < deadline, "the deaf peer was never dropped"
+                with contextlib.suppress(BlockingIOError):
+                    sent += deaf.send(heartbeats)
+                calm = watch(gateway)
+                calm.send(frame("LK"))
+                assert calm.answer() == b"[3G*8600000061*0002*LK]"
+                calm.close()
+            assert sent > 0
+            deaf.close()
+            calm = watch(gateway)
+            calm.send(frame("LK"))
+            assert calm.answer() == b"[3G*8600000061*0002*LK]"
+            calm.close()
+            assert gateway.counts["connections"] >= 302
+        finally:
+            for connection in idle:
+                connection.close()
 
 
 def test_an_alarm_that_cannot_be_read_still_pages(hub: Hub, county_url: str, gateway: WatchServer) -> None:

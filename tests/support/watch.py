@@ -57,8 +57,9 @@ class Watch:
 
 
 @contextmanager
-def serving(broker: Mosquitto, **config: Any) -> Iterator[WatchServer]:
-    """A watch gateway on a free port, ready (subscribed to receipts) before this yields."""
+def serving(broker: Mosquitto, sock: socket.socket | None = None, **config: Any) -> Iterator[WatchServer]:
+    """A watch gateway on a free port (or ``sock``, listening), ready (subscribed to
+    receipts) before this yields."""
     settings = WatchServerConfig(
         mqtt_url=broker.url,
         watch_tz=CHINA,
@@ -66,7 +67,7 @@ def serving(broker: Mosquitto, **config: Any) -> Iterator[WatchServer]:
         port=0,
         **{"max_rejections": 5, "client_id": f"test-watch-gateway-{uuid.uuid4().hex[:8]}", **config},
     )
-    server = WatchServer(settings, {WATCH: BAND}.get)
+    server = WatchServer(settings, {WATCH: BAND}.get, sock=sock)
     thread = server.run_in_thread()
     try:
         yield server
