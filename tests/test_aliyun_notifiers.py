@@ -10,11 +10,13 @@ from __future__ import annotations
 
 import json
 import queue
+import re
 import threading
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -32,9 +34,15 @@ from alerts.notifiers.aliyun import (
 from alerts.notifiers.aliyun_text import (
     ADDRESS_MAX_CHARS,
     NAME_MAX_CHARS,
+    SMS_NOTICE_TEMPLATE,
     SMS_PAGE_TEMPLATE,
+    TTS_DECLINED_TEMPLATE,
+    TTS_PAGE_TEMPLATE,
+    TTS_TAKEN_TEMPLATE,
     VARIABLE_MAX_CHARS,
+    rendered,
     sms_length,
+    sms_notice_params,
     sms_page_params,
     tts_page_params,
 )
@@ -175,6 +183,7 @@ def test_a_voice_page_is_an_ivr_call_with_the_page_variables_the_keys_and_the_at
     }
     assert keys == {"1": "TTS_100002", "2": "TTS_100003"}
     assert record["template_params"] == {
+        "level": "紧急呼叫",
         "name": "王奶奶",
         "address": "东关村1组1号",
         "event": "按下SOS",
@@ -207,6 +216,7 @@ def test_an_sms_page_and_a_notice_use_their_own_templates(simulator: Simulator) 
     assert first["params"]["SignName"] == "守护"
     assert first["params"]["TemplateCode"] == "SMS_200001"
     assert first["template_params"] == {
+        "level": "紧急呼叫",
         "name": "王奶奶",
         "address": "东关村1组1号",
         "event": "按下SOS",
@@ -328,6 +338,42 @@ def test_long_names_and_addresses_are_clipped_and_the_code_and_number_kept(simul
     assert result.outcome is SendOutcome.SENT, result.error
     [record] = simulator.requests()
     assert record["template_params"] == sms_page_params(LONG)
+
+
+KINDS = [
+    SOS,
+    replace(SOS, callback_number="", address=""),
+    replace(SOS, incident_kind="sos_unregistered", resident_name="未登记手环", device_id="wb-0042", address=""),
+    replace(SOS, incident_kind="camera_offline", resident_name="", device_id="cam-7", callback_number=""),
+    replace(SOS, incident_kind="low_battery"),
+]
+
+
+@pytest.mark.parametrize("message", KINDS, ids=[m.incident_kind + str(i) for i, m in enumerate(KINDS)])
+def test_every_template_variable_is_filled_and_no_other(message: Message) -> None:
+    for template, params in (
+        (TTS_PAGE_TEMPLATE, tts_page_params(message)),
+        (SMS_PAGE_TEMPLATE, sms_page_params(message)),
+        (SMS_NOTICE_TEMPLATE, sms_notice_params(replace(message, notice="【守护】已取消"))),
+    ):
+        assert set(re.findall(r"\$\{(\w+)\}", template)) == set(params)
+        assert "${" not in rendered(template, params)
+        assert all(1 <= len(value) <= VARIABLE_MAX_CHARS for value in params.values()), params
+    # No character a TTS template may not hold reaches the spoken text.
+    assert not set("#/:-%¥【】") & set(rendered(TTS_PAGE_TEMPLATE, tts_page_params(message)))
+
+
+def test_the_templates_to_have_approved_are_in_the_docs_word_for_word() -> None:
+    escalation = (Path(__file__).resolve().parent.parent / "docs" / "escalation.md").read_text(encoding="utf-8")
+
+    for template in (
+        TTS_PAGE_TEMPLATE,
+        TTS_TAKEN_TEMPLATE,
+        TTS_DECLINED_TEMPLATE,
+        SMS_PAGE_TEMPLATE,
+        SMS_NOTICE_TEMPLATE,
+    ):
+        assert f"`{template}`" in escalation
 
 
 def test_control_characters_never_reach_a_template(simulator: Simulator) -> None:

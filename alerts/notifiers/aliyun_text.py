@@ -12,7 +12,7 @@ no control character (``plain_text``, through the Twilio text's ``_plain``).
 from __future__ import annotations
 
 from alerts.notifiers.base import Message
-from alerts.notifiers.twilio import _clip, _event, _kind, _plain, _spelled, _subject
+from alerts.notifiers.twilio import _clip, _event, _headline, _kind, _plain, _spelled, _subject
 from devices.kinds import IncidentKind
 
 # Aliyun's SMS templates: a variable holds 1 to 35 characters (申请短信模板, 变量规范).
@@ -23,16 +23,25 @@ VARIABLE_MAX_CHARS = 35
 # page stays within two segments (2 × 67 characters, the signature included).
 NAME_MAX_CHARS = 12
 ADDRESS_MAX_CHARS = 24
-# The SMS page template's fixed text, and the signature Aliyun puts before it
-# (【守护】): what the page's length is counted with (sms_length).
-SMS_PAGE_TEMPLATE = (
-    "守护提醒：${name}（${address}）${event}。回拨${callback}。事件编号${code}，回复“编号 1”接单，“编号 2”无法前往。"
+# The templates to have approved, word for word (docs/escalation.md repeats them): what
+# the variables below fill, and what a page's length is counted with (sms_length).
+# Aliyun puts the signature (【守护】) before an SMS; a TTS template may hold none of
+# # / : - % ¥ 【 】, and no template two variables side by side or one twice.
+TTS_PAGE_TEMPLATE = (
+    "您好，这里是守护平台${level}。${name}，地址${address}，${event}。"
+    "回拨电话${callback}。事件编号${code}。前往处置请按1，无法前往请按2。"
 )
-SMS_NOTICE_TEMPLATE = "守护平台通知：${content}"
+TTS_TAKEN_TEMPLATE = "已为您接单，请尽快前往处置，谢谢。"
+TTS_DECLINED_TEMPLATE = "已记录您无法前往，我们将继续通知其他人员，谢谢。"
+SMS_PAGE_TEMPLATE = (
+    "${level}：${name}（${address}）${event}。回拨${callback}。事件编号${code}，回复“编号 1”接单，“编号 2”无法前往。"
+)
+SMS_NOTICE_TEMPLATE = "通知：${content}"
 SIGNATURE_CHARS = len("【守护】")
 # Said for an empty part: a template variable may not be empty (1 to 35 characters).
-NO_ADDRESS = "地址未登记"
-NO_CALLBACK = "无"
+NO_ADDRESS = "地址未登记"  # in brackets after the name (SMS)
+NO_ADDRESS_SPOKEN = "未登记"  # after "地址" (TTS)
+NO_CALLBACK = "无号码"
 
 
 def national(number: str) -> str:
@@ -59,12 +68,12 @@ def _name(message: Message) -> str:
     return _variable(subject, NAME_MAX_CHARS)
 
 
-def _address(message: Message) -> str:
-    return _variable(message.address, ADDRESS_MAX_CHARS) if message.address else NO_ADDRESS
+def _address(message: Message, missing: str = NO_ADDRESS) -> str:
+    return _variable(message.address, ADDRESS_MAX_CHARS) if message.address else missing
 
 
 def tts_page_params(message: Message) -> dict[str, str]:
-    """The page's TTS variables (``name``, ``address``, ``event``, ``callback``, ``code``).
+    """The page's TTS variables (``level``, ``name``, ``address``, ``event``, ``callback``, ``code``).
 
     The code and the callback number are spelled out one character at a time, so the
     voice reads "1 3 8…" and not a large number.
@@ -77,8 +86,9 @@ def tts_page_params(message: Message) -> dict[str, str]:
             if name.startswith(label) and len(name) > len(label):
                 name = _variable(f"{label}，编号{_spelled(name[len(label) :])}")
     return {
+        "level": _headline(kind),
         "name": name,
-        "address": _address(message),
+        "address": _address(message, NO_ADDRESS_SPOKEN),
         "event": _variable(_event(kind)),
         "callback": _variable(_spelled(_callback(message))) if message.callback_number else NO_CALLBACK,
         "code": _spelled(message.incident_code),
@@ -86,9 +96,10 @@ def tts_page_params(message: Message) -> dict[str, str]:
 
 
 def sms_page_params(message: Message) -> dict[str, str]:
-    """The SMS page's template variables (``name``, ``address``, ``event``, ``callback``, ``code``)."""
+    """The SMS page's template variables (``level``, ``name``, ``address``, ``event``, ``callback``, ``code``)."""
     message = _plain(message)
     return {
+        "level": _headline(_kind(message)),
         "name": _name(message),
         "address": _address(message),
         "event": _variable(_event(_kind(message))),
