@@ -552,8 +552,9 @@ def _accept_call(
     report = None
     if behaviour.answer is not None:
         answer = behaviour.answer
-        if action == "SingleCallByTts" and answer in DTMF_OF_ANSWER:
-            answer = "voicemail"  # a notification call takes no key
+        takes_keys = action == "IvrCall" and any(name.startswith("MenuKeyMap.") for name in taken.params)
+        if answer in DTMF_OF_ANSWER and not takes_keys:
+            answer = "voicemail"  # a call with no key map takes no key: heard to the end, no dtmf
         batch = [service.voice_report(taken, answer)]
         report = BackgroundTask(service.start_push, "voice_report", batch, behaviour.answer_after_s + 0.05)
     return JSONResponse(

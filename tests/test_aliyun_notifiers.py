@@ -9,8 +9,12 @@ mocks an SDK.
 from __future__ import annotations
 
 import json
+import os
 import queue
 import re
+import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -48,10 +52,11 @@ from alerts.notifiers.aliyun_text import (
 )
 from alerts.notifiers.base import Delivery, Message, SendOutcome, SendResult
 from devices.kinds import Channel
+from shouhu.embedded.postgres import free_port
 from shouhu.settings import Settings
 from simulators.aliyun import create_aliyun_service
 from tests.support.hub import wait_until
-from tests.support.services import serve_app
+from tests.support.services import serve_app, wait_for_port
 
 KEY_ID = "LTAItestShouhu"
 SECRET = "test-aliyun-secret"
@@ -413,6 +418,53 @@ def test_a_keypress_comes_back_as_a_voice_report_pushed_again_until_answered_200
     assert int(report["duration"]) > 0
     pushes = wait_until(lambda: len(simulator.pushes()) == 2 and simulator.pushes(), what="both pushes recorded")
     assert [(p["attempt"], p["status"]) for p in pushes] == [(1, 500), (2, 200)]
+
+
+def test_a_key_pressed_in_a_call_with_no_key_map_is_not_reported(simulator: Simulator, receiver: Receiver) -> None:
+    simulator.post("config", {"push_base": receiver.url})
+    simulator.post("behaviour", {"to": GRID_WORKER, "answer": "press1"})
+
+    voice(simulator).send(page(Channel.VOICE, attempt_id=0))
+    _, [report] = receiver.take()
+
+    assert report["out_id"] is None
+    assert report["dtmf"] == ""
+    assert report["status_code"] == "200000"
+
+
+def test_the_verb_serves_the_simulator_with_the_key_it_prints(tmp_path: Path) -> None:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith("SHOUHU_")}
+    shouhu = shutil.which("shouhu") or str(Path(sys.executable).with_name("shouhu"))
+    process = subprocess.Popen(
+        [shouhu, "simulate", "aliyun", "--port", str(port)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=tmp_path,
+        env=env,
+    )
+    assert process.stdout is not None
+    try:
+        banner = dict(
+            line.strip().split("=", 1) for line in (process.stdout.readline() for _ in range(5)) if "=" in line
+        )
+        wait_for_port(port)
+        account = replace(
+            ACCOUNT,
+            endpoint=banner["SHOUHU_ALIYUN_ENDPOINT"],
+            access_key_id=banner["SHOUHU_ALIYUN_ACCESS_KEY_ID"],
+            access_key_secret=banner["SHOUHU_ALIYUN_ACCESS_KEY_SECRET"],
+        )
+        result = AliyunSmsNotifier(account).send(page(Channel.SMS))
+        [record] = httpx.get(f"http://127.0.0.1:{port}/_sim/requests").json()
+    finally:
+        process.terminate()
+        process.wait(15)
+
+    assert banner["SHOUHU_ALIYUN_ENDPOINT"] == f"http://127.0.0.1:{port}"
+    assert result.outcome is SendOutcome.SENT, result.error
+    assert record["provider_id"] == result.provider_id
 
 
 def test_a_delivery_report_and_a_reply_are_pushed(simulator: Simulator, receiver: Receiver) -> None:
