@@ -8,6 +8,7 @@ mocks an SDK.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import queue
@@ -25,6 +26,8 @@ from typing import Any
 
 import httpx
 import pytest
+from alibabacloud_tea_openapi.utils import Utils as OpenApiUtils
+from darabonba.request import DaraRequest
 
 from alerts.notifiers.aliyun import (
     FALL_BACK_CODES,
@@ -265,6 +268,40 @@ def test_an_unsigned_request_is_refused_in_aliyuns_shape(simulator: Simulator) -
     assert answer.status_code == 400
     assert answer.json()["Code"] == "IncompleteSignature"
     assert {"RequestId", "Message"} <= set(answer.json())
+
+
+def test_a_request_changed_after_signing_is_refused(simulator: Simulator) -> None:
+    # Signed by the SDK's own signer, then sent as signed and with the number changed.
+    request = DaraRequest()
+    request.method, request.pathname = "POST", "/"
+    request.query = {
+        "PhoneNumbers": "13800138000",
+        "SignName": "守护",
+        "TemplateCode": "SMS_200001",
+        "TemplateParam": json.dumps({"name": "王奶奶"}, ensure_ascii=False),
+    }
+    request.headers = {
+        "host": simulator.url.removeprefix("http://"),
+        "x-acs-action": "SendSms",
+        "x-acs-version": "2017-05-25",
+        "x-acs-date": "2026-12-04T08:00:00Z",
+        "x-acs-signature-nonce": "n0nce",
+        "x-acs-content-sha256": hashlib.sha256(b"").hexdigest(),
+    }
+    request.headers["Authorization"] = OpenApiUtils.get_authorization(
+        request, "ACS3-HMAC-SHA256", hashlib.sha256(b"").hexdigest(), KEY_ID, SECRET
+    )
+
+    def send(query: dict[str, str]) -> httpx.Response:
+        return httpx.post(f"{simulator.url}/", params=query, headers=request.headers)
+
+    signed = send(request.query)
+    changed = send(request.query | {"PhoneNumbers": "13900139000"})
+
+    assert signed.status_code == 200, signed.text
+    assert signed.json()["Code"] == "OK"
+    assert changed.status_code == 400
+    assert changed.json()["Code"] == "SignatureDoesNotMatch"
 
 
 def test_flow_control_and_a_5xx_fall_back_and_an_illegal_number_gives_up(simulator: Simulator) -> None:
