@@ -222,7 +222,7 @@ class _AliyunSender:
         except (RetryError, UnretryableException) as exc:  # not reached, or no answer in time
             return SendResult(
                 SendOutcome.FAILED,
-                error=f"no answer from {self.endpoint} within {self.timeout:g} s: {exc}",
+                error=f"no answer from {self.endpoint} (timeout {self.timeout:g} s): {exc}",
                 fall_back=True,
             )
         except (ValueError, KeyError, TypeError) as exc:  # a 2xx answer that is not Aliyun's JSON

@@ -57,7 +57,8 @@ def _callback(message: Message) -> str:
 
 
 def _variable(text: str, limit: int = VARIABLE_MAX_CHARS) -> str:
-    return _clip(text, min(limit, VARIABLE_MAX_CHARS)) or NO_CALLBACK
+    # A template variable may not be empty: "无" (none) stands in for what is missing.
+    return _clip(text, min(limit, VARIABLE_MAX_CHARS)) or "无"
 
 
 def _name(message: Message) -> str:
