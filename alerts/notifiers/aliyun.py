@@ -30,10 +30,12 @@ from alibabacloud_dysmsapi20170525.client import Client as SmsClient
 from alibabacloud_dyvmsapi20170525 import models as voice_models
 from alibabacloud_dyvmsapi20170525.client import Client as VoiceClient
 from alibabacloud_tea_openapi.utils_models import Config
-from darabonba.exceptions import ResponseException, RetryError, UnretryableException
+from darabonba.exceptions import ResponseException, RetryError, UnretryableException, ValidateException
+from Tea.exceptions import TeaException
+from Tea.exceptions import ValidateException as TeaValidateException
 
 from alerts.notifiers.aliyun_text import national, sms_notice_params, sms_page_params, tts_page_params
-from alerts.notifiers.base import Delivery, Notifier, SendOutcome, SendResult
+from alerts.notifiers.base import Delivery, Notifier, Provider, SendOutcome, SendResult
 from devices.kinds import Channel
 
 if TYPE_CHECKING:
@@ -207,7 +209,7 @@ def _out_id(delivery: Delivery) -> str | None:
 class _AliyunSender:
     """What both notifiers share: one SDK call, with every failure turned into a ``SendResult``."""
 
-    provider_name = "Aliyun"
+    provider = Provider.ALIYUN
 
     def __init__(self, endpoint: str, timeout: float) -> None:
         self.endpoint = endpoint
@@ -229,6 +231,8 @@ class _AliyunSender:
             return SendResult(
                 SendOutcome.FAILED, error=f"unreadable answer from {self.endpoint}: {exc}", fall_back=True
             )
+        except (TeaException, ValidateException, TeaValidateException) as exc:  # the SDK refused it (a model check)
+            return SendResult(SendOutcome.FAILED, error=f"the Aliyun SDK did not send it: {exc}", fall_back=True)
         code = getattr(body, "code", None)
         if code != "OK":  # a business refusal answered 200, as the SMS API does
             return refused(code, str(getattr(body, "message", "")))
