@@ -7,6 +7,8 @@ receipts"); the field names are Aliyun's own:
   ``callee``… The result settles the page call as Twilio's status does: heard or
   hung up without 1 or 2 (a voicemail, a key timeout) is not reached, as are busy,
   no answer, unreachable; each is retried as today (``alerts/delivery_status.py``).
+  An ``IvrCall``'s result may carry the key in ``dtmf`` too: it is taken as the
+  keypress, once, whichever of the two pushes brings it first.
 - ``VoiceCallReport`` (during the call): ``call_id``, ``status_code``, ``out_id``,
   ``status_time`` and, when ``status_code`` is ``300000``, ``dtmf``: the key pressed on
   the ``IvrCall``. 1 takes the incident, 2 declines, through the same path as
@@ -31,6 +33,7 @@ from datetime import datetime
 from enum import StrEnum
 from typing import Annotated, Any
 
+from psycopg.types.json import Jsonb
 from pydantic import BaseModel, ConfigDict, StringConstraints, TypeAdapter
 
 from alerts.answers import parse_sms_reply, person, record_keypress, take_sms_reply
@@ -101,15 +104,16 @@ class _Item(BaseModel):
 class VoiceReport(_Item):
     call_id: Id
     status_code: Code
-    out_id: Id
     callee: Phone
+    out_id: Short | None = None  # none, or one Shouhu never set: refused (audited), not malformed
     status_msg: Note = ""
+    dtmf: Short = ""  # an IvrCall's key, when the result carries it
 
 
 class VoiceCallReport(_Item):
     call_id: Id
     status_code: Code
-    out_id: Id
+    out_id: Short | None = None
     status_time: Short = ""
     dtmf: Short = ""
 
@@ -118,7 +122,7 @@ class SmsReport(_Item):
     phone_number: Phone
     success: bool
     biz_id: Id
-    out_id: Id
+    out_id: Short | None = None
     err_code: Short = ""
     err_msg: Note = ""
     report_time: Short = ""
@@ -155,15 +159,15 @@ def new_receipt(kind: ReceiptKind, item: Item, raw: dict[str, Any]) -> NewReceip
     into the real one (and refused on its own).
     """
     if isinstance(item, VoiceReport):
-        key = f"{item.call_id}:{item.status_code}:{item.out_id}"
+        key = f"{item.call_id}:{item.status_code}:{item.out_id or ''}"
         return NewReceipt(kind, key, raw, ref=item.call_id, final=True)
     if isinstance(item, VoiceCallReport):
-        key = f"{item.call_id}:{item.status_code}:{item.out_id}"
+        key = f"{item.call_id}:{item.status_code}:{item.out_id or ''}"
         if item.status_code == KEYPRESS:  # several keys on one call are several receipts
             key += f":{item.dtmf}:{item.status_time}"
         return NewReceipt(kind, key, raw, ref=item.call_id)
     if isinstance(item, SmsReport):
-        key = f"{item.biz_id}:{item.phone_number}:{item.success}:{item.err_code}:{item.out_id}"
+        key = f"{item.biz_id}:{item.phone_number}:{item.success}:{item.err_code}:{item.out_id or ''}"
         return NewReceipt(kind, key, raw)
     return NewReceipt(kind, str(item.sequence_id), raw)
 
@@ -176,10 +180,10 @@ class _Refused(Exception):
 
 
 def _attempt(
-    conn: Conn, out_id: str, channel: str, provider_id: str, number: str | None, now: datetime
+    conn: Conn, out_id: str | None, channel: str, provider_id: str, number: str | None, now: datetime
 ) -> LockedAttempt:
     """The attempt an item reports on, locked (incident first), once it proves it names it."""
-    attempt_id = parse_out_id(out_id)
+    attempt_id = parse_out_id(out_id or "")
     found = None if attempt_id is None else lock_attempt(conn, "id = %s", (attempt_id,))
     if found is None:
         raise _Refused("unknown out_id")
@@ -211,40 +215,49 @@ def _delivery(conn: Conn, delivery: Delivery, now: datetime) -> ReceiptOutcome:
     }[outcome.handled]
 
 
-def _voice_report(conn: Conn, item: VoiceReport, now: datetime) -> ReceiptOutcome:
-    found = _attempt(conn, item.out_id, "voice", item.call_id, item.callee, now)
-    status, ending = VOICE_RESULTS.get(item.status_code, ("failed", AttemptState.FAILED))
-    delivery = Delivery(
-        found.id, found.incident_id, _current(found), PROVIDER, "voice", item.call_id, status, ending, item.status_code
-    )
-    return _delivery(conn, delivery, now)
-
-
-def _voice_call_report(conn: Conn, item: VoiceCallReport, now: datetime, resolve_timeout_s: int) -> ReceiptOutcome:
-    found = _attempt(conn, item.out_id, "voice", item.call_id, None, now)
-    if item.status_code != KEYPRESS:
-        status = CALL_PROGRESS.get(item.status_code, "progress")
-        delivery = Delivery(
-            found.id,
-            found.incident_id,
-            _current(found),
-            PROVIDER,
-            "voice",
-            item.call_id,
-            status,
-            None,
-            item.status_code,
-        )
-        return _delivery(conn, delivery, now)
+def _keypress(conn: Conn, found: LockedAttempt, call_id: str, dtmf: str, now: datetime, timeout: int) -> ReceiptOutcome:
+    """The key pressed on a page call: 1 takes, 2 declines (``alerts/answers.py``), once per key and call."""
+    digit = dtmf.strip()
+    seen = conn.execute(
+        "SELECT 1 FROM incident_events WHERE incident_id = %s AND event = 'keypress' AND detail @> %s LIMIT 1",
+        (found.incident_id, Jsonb({"attempt_id": found.id, "provider_id": call_id, "digit": digit})),
+    ).fetchone()
+    if seen:  # a key reported in both the call's progress and its result
+        return ReceiptOutcome.DUPLICATE
     actor = person(conn, found.recipient_kind, found.recipient_id)
     if actor is None:
         log.warning("aliyun keypress on attempt %s, which paged nobody known: nothing done", found.id)
         return ReceiptOutcome.NOT_UNDERSTOOD
-    digit = item.dtmf.strip()
-    answer = record_keypress(conn, found.id, found.incident_id, actor, item.call_id, digit, now, resolve_timeout_s)
-    if answer is None:
+    if record_keypress(conn, found.id, found.incident_id, actor, call_id, digit, now, timeout) is None:
         return ReceiptOutcome.KEY_IGNORED
     return ReceiptOutcome.TAKEN if digit == "1" else ReceiptOutcome.DECLINED
+
+
+def _voice_report(conn: Conn, item: VoiceReport, now: datetime, resolve_timeout_s: int) -> ReceiptOutcome:
+    found = _attempt(conn, item.out_id, "voice", item.call_id, item.callee, now)
+    current = _current(found)
+    key = None
+    if item.dtmf.strip():  # the result carries the key (as well as, or instead of, VoiceCallReport)
+        key = _keypress(conn, found, item.call_id, item.dtmf, now, resolve_timeout_s)
+        if key in (ReceiptOutcome.TAKEN, ReceiptOutcome.DECLINED):
+            current = AttemptState.ANSWERED.value
+    status, ending = VOICE_RESULTS.get(item.status_code, ("failed", AttemptState.FAILED))
+    delivery = Delivery(
+        found.id, found.incident_id, current, PROVIDER, "voice", item.call_id, status, ending, item.status_code
+    )
+    settled = _delivery(conn, delivery, now)
+    return key if key in (ReceiptOutcome.TAKEN, ReceiptOutcome.DECLINED) else settled
+
+
+def _voice_call_report(conn: Conn, item: VoiceCallReport, now: datetime, resolve_timeout_s: int) -> ReceiptOutcome:
+    found = _attempt(conn, item.out_id, "voice", item.call_id, None, now)
+    if item.status_code == KEYPRESS:
+        return _keypress(conn, found, item.call_id, item.dtmf, now, resolve_timeout_s)
+    status = CALL_PROGRESS.get(item.status_code, "progress")
+    delivery = Delivery(
+        found.id, found.incident_id, _current(found), PROVIDER, "voice", item.call_id, status, None, item.status_code
+    )
+    return _delivery(conn, delivery, now)
 
 
 def _sms_report(conn: Conn, item: SmsReport, now: datetime) -> ReceiptOutcome:
@@ -280,7 +293,7 @@ def handle(conn: Conn, receipt: Receipt, now: datetime, *, resolve_timeout_s: in
     try:
         with conn.transaction():
             if isinstance(item, VoiceReport):
-                return _voice_report(conn, item, now)
+                return _voice_report(conn, item, now, resolve_timeout_s)
             if isinstance(item, VoiceCallReport):
                 return _voice_call_report(conn, item, now, resolve_timeout_s)
             if isinstance(item, SmsReport):

@@ -290,7 +290,7 @@ class ReceiptWorker:
                 if self._last_prune + PRUNE_INTERVAL_S <= time.monotonic():
                     self._last_prune = time.monotonic()
                     self.prune()
-                select.select([listener.fileno(), self._wake_read], [], [], self.poll_s)
+                select.select([listener.fileno(), self._wake_read.fileno()], [], [], self.poll_s)
                 for _ in listener.notifies(timeout=0, stop_after=100):
                     pass
             except psycopg.Error as exc:

@@ -235,17 +235,35 @@ def test_keypress_1_takes_the_incident_everyone_told_once_and_a_repeated_push_ch
     assert code  # the incident's code is never needed on a call
 
 
-def test_keypress_2_declines_and_the_guardians_are_paged_at_once(stack: Stack) -> None:
+def test_keypress_2_declines_once_though_both_pushes_carry_it_and_the_guardians_are_paged_at_once(
+    stack: Stack,
+) -> None:
     incident, _code, [call], _sms = paged(stack)
 
     stack.post("voice_call_report", [keypress(call, "2")]).raise_for_status()
+    stack.post("voice_report", [call_result(call, "200000") | {"dtmf": "2"}]).raise_for_status()  # the key again
     stack.wait_handled()
 
-    assert stack.outcomes() == [("voice_call_report", "declined")]
+    assert stack.outcomes() == [("voice_call_report", "declined"), ("voice_report", "recorded")]
     assert q(stack.db, "SELECT state FROM incidents WHERE id = %s", incident) == [("open",)]
     assert state_of(stack, call.id) == "answered"
+    assert q(stack.db, "SELECT count(*) FROM incident_events WHERE event IN ('keypress', 'declined')") == [(2,)]
     reasons = q(stack.db, "SELECT detail->>'reason' FROM incident_events WHERE event = 'step_advanced'")
     assert reasons == [("everyone paged declined",)]
+
+
+def test_a_result_carrying_the_key_takes_the_incident(stack: Stack) -> None:
+    incident, _code, [call], _sms = paged(stack)
+
+    stack.post("voice_report", [call_result(call, "200000") | {"dtmf": "1"}]).raise_for_status()
+    stack.wait_handled()
+
+    assert stack.outcomes() == [("voice_report", "taken")]
+    assert q(stack.db, "SELECT state, acknowledged_via FROM incidents WHERE id = %s", incident) == [
+        ("acknowledged", "voice")
+    ]
+    assert state_of(stack, call.id) == "answered"
+    assert retries(stack, call) == []
 
 
 def test_a_call_not_answered_with_1_or_2_is_not_reached_and_retried(stack: Stack) -> None:
@@ -318,15 +336,17 @@ def test_unknown_out_ids_other_calls_and_other_numbers_are_audited_and_change_no
     _incident, _code, [call, *_], [text, *_] = paged(stack)
     before = snapshot(stack.db)
     unknown = keypress(call, "1") | {"out_id": "999999"}
+    spooled = keypress(call, "1") | {"out_id": None, "status_time": "2026-11-24 10:00:09"}  # a page sent with none
     other_call = keypress(call, "1") | {"call_id": "1160999^10999"}
     sms_as_call = keypress(call, "1") | {"out_id": aliyun_out_id(text.id)}
     other_callee = call_result(call, "200002") | {"callee": STRANGER}
 
-    stack.post("voice_call_report", [unknown, other_call, sms_as_call]).raise_for_status()
+    stack.post("voice_call_report", [unknown, spooled, other_call, sms_as_call]).raise_for_status()
     stack.post("voice_report", [other_callee]).raise_for_status()
     stack.wait_handled()
 
     assert refusals(stack) == [
+        "unknown out_id",
         "unknown out_id",
         "not the provider id the attempt was given",
         "out_id names a sms attempt, not voice",
@@ -344,17 +364,17 @@ def test_unknown_out_ids_other_calls_and_other_numbers_are_audited_and_change_no
 def test_a_malformed_item_is_422_naming_the_field_and_dead_lettered_its_batch_queued(stack: Stack) -> None:
     _incident, _code, [call], _sms = paged(stack)
     missing = keypress(call, "1")
-    del missing["out_id"]
+    del missing["call_id"]
 
     alone = stack.post("voice_call_report", [missing])
-    mixed = stack.post("voice_call_report", [progress(call, "200201"), progress(call, "200102") | {"call_id": 7}])
+    mixed = stack.post("voice_call_report", [progress(call, "200201"), progress(call, "200102") | {"status_code": 7}])
     not_a_batch = stack.post("voice_call_report", {"call_id": call.provider_id})
     stack.wait_handled()
 
     assert alone.status_code == 422
-    assert "body field '0.out_id'" in alone.json()["detail"]
+    assert "body field '0.call_id'" in alone.json()["detail"]
     assert mixed.status_code == 422
-    assert "body field '1.call_id'" in mixed.json()["detail"]
+    assert "body field '1.status_code'" in mixed.json()["detail"]
     assert not_a_batch.status_code == 422
     assert stack.outcomes() == [
         ("voice_call_report", "malformed"),
