@@ -65,6 +65,8 @@ BACKOFF_S = (1.0, 5.0, 30.0, 120.0)
 MAX_TRIES = len(BACKOFF_S) + 1
 # How long an idle worker sleeps when no NOTIFY wakes it (receipts in backoff come due).
 POLL_S = 1.0
+# Pauses before reconnecting while the database is away.
+RETRY_S = (1.0, 2.0, 5.0, 10.0, 30.0)
 # Handled receipts are kept this long, then deleted (checked at most once an hour).
 KEEP_HANDLED_DAYS = 30
 PRUNE_INTERVAL_S = 3600.0
@@ -279,8 +281,13 @@ class ReceiptWorker:
         self._wake_write.close()
 
     def _run(self) -> None:
-        """Loop until stopped: handle what is due, then wait for a NOTIFY or ``poll_s``."""
+        """Loop until stopped: handle what is due, then wait for a NOTIFY or ``poll_s``.
+
+        While the database is away (or not migrated yet) it tries again after growing
+        pauses, saying so once per outage.
+        """
         listener: Conn | None = None
+        failures = 0
         while not self.stopping.is_set():
             try:
                 if listener is None or listener.closed:
@@ -290,16 +297,22 @@ class ReceiptWorker:
                 if self._last_prune + PRUNE_INTERVAL_S <= time.monotonic():
                     self._last_prune = time.monotonic()
                     self.prune()
+                if failures:
+                    log.info("receipts: the database is back; handling receipts again")
+                failures = 0
                 select.select([listener.fileno(), self._wake_read.fileno()], [], [], self.poll_s)
                 for _ in listener.notifies(timeout=0, stop_after=100):
                     pass
             except psycopg.Error as exc:
-                log.warning("receipts: database unavailable (%s); retrying", exc)
+                if not failures:
+                    log.warning("receipts: the database is unavailable or not migrated (%s); retrying", exc)
+                pause = RETRY_S[min(failures, len(RETRY_S) - 1)]
+                failures += 1
                 for conn in (listener, self._conn):
                     if conn is not None:
                         conn.close()
                 listener = self._conn = None
-                self.stopping.wait(1.0)
+                self.stopping.wait(pause)
             except Exception:
                 log.exception("receipts: the worker failed; going on")
                 self.stopping.wait(1.0)
