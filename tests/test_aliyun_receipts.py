@@ -9,6 +9,7 @@ VoiceCallReport, SmsReport, SmsUp) and wait, with a deadline, for the worker.
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -26,6 +27,7 @@ from alerts.receipts import MAX_TRIES, RECEIPTS_CHANNEL
 from alerts.router import Router, RouterConfig
 from api.deps import get_now
 from api.main import create_app
+from api.routes.aliyun import RedactToken
 from devices.kinds import Channel
 from shouhu.embedded.postgres import free_port
 from shouhu.settings import Settings
@@ -198,6 +200,16 @@ def test_out_ids_and_numbers_round_trip() -> None:
     assert address_from_aliyun(aliyun_number("+12085550191")) == "+12085550191"
     assert VOICE_RESULTS["200002"] == ("busy", "busy")
     assert VOICE_RESULTS["200003"] == ("no_answer", "no_answer")
+
+
+def test_the_access_log_never_shows_the_token() -> None:
+    args = ("127.0.0.1:50000", "POST", f"/callbacks/aliyun/{TOKEN}/sms_up", "1.1", 200)
+    record = logging.LogRecord("uvicorn.access", logging.INFO, "", 0, '%s - "%s %s HTTP/%s" %d', args, None)
+
+    assert RedactToken().filter(record)
+
+    assert TOKEN not in record.getMessage()
+    assert "/callbacks/aliyun/***/sms_up" in record.getMessage()
 
 
 # --- by voice ---------------------------------------------------------------------------
