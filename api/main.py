@@ -18,6 +18,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 from starlette.concurrency import run_in_threadpool
@@ -30,6 +32,7 @@ from alerts.response import ResponseCollector
 from api import live
 from api.consoles import pages
 from api.deps import ERROR_RESPONSES, PoolDep, get_now, pooled, reject_unknown_query, tuple_rows
+from api.fleet_metrics import FleetCollector
 from api.limits import RequestLimits
 from api.routes import (
     acknowledgements,
@@ -58,6 +61,7 @@ from shouhu.settings import Settings
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 2.0
+DATABASE_UNREACHABLE = "database unreachable"
 
 REQUESTS = Counter(
     "shouhu_api_requests", "HTTP requests answered, by route template and status.",
@@ -178,12 +182,31 @@ def readiness_problem(pool: ConnectionPool) -> str | None:
                 applied = {version for (version,) in cur.fetchall()}
     except (psycopg.Error, PoolTimeout) as exc:
         logger.warning("readiness: database unreachable: %s", exc)
-        return "database unreachable"
+        return DATABASE_UNREACHABLE
     missing = sorted(m.version for m in MIGRATIONS if m.version not in applied)
     if missing:
         versions = ", ".join(str(v) for v in missing)
         return f"database schema not migrated: missing migrations {versions}; run `shouhu migrate`"
     return None
+
+
+class ReadinessCollector(Collector):
+    """``shouhu_ready`` (as ``/readyz``) and ``shouhu_database_up`` (the database answers), at each scrape."""
+
+    def __init__(self, pool: ConnectionPool) -> None:
+        self._pool = pool
+
+    def describe(self) -> Iterator[Metric]:
+        # Nothing: several apps in one process (tests) may each register one.
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        problem = readiness_problem(self._pool)
+        ready = GaugeMetricFamily("shouhu_ready", "1 while the process is ready (its /readyz answers 200), else 0")
+        ready.add_metric([], 1.0 if problem is None else 0.0)
+        database = GaugeMetricFamily("shouhu_database_up", "1 while the API's database answers, else 0")
+        database.add_metric([], 0.0 if problem == DATABASE_UNREACHABLE else 1.0)
+        yield from (ready, database)
 
 
 def _prune_once(pool: ConnectionPool, events_now: datetime, sessions_now: datetime) -> None:
@@ -240,8 +263,11 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Runtime state, read through api.deps.get_pool and get_live_feed.
         pool = app.state.pool = open_pool(database_url, name="api")
-        figures = ResponseCollector(lambda: _plain(pool))
-        REGISTRY.register(figures)  # the response figures in /metrics, read at each scrape
+        # Read at each scrape for /metrics: the response figures, the fleet, readiness.
+        collectors = (ResponseCollector(lambda: _plain(pool)), FleetCollector(lambda: _plain(pool)),
+                      ReadinessCollector(pool))
+        for collector in collectors:
+            REGISTRY.register(collector)
         listener = app.state.live_feed = live.LiveFeedListener(database_url)
         background = [
             asyncio.create_task(listener.run(), name="live-feed-listener"),
@@ -255,7 +281,8 @@ def create_app(settings: Settings) -> FastAPI:
             for task in background:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            REGISTRY.unregister(figures)
+            for collector in collectors:
+                REGISTRY.unregister(collector)
             await run_in_threadpool(traccar.close_publisher, app)
             await run_in_threadpool(pool.close)
 
