@@ -6,7 +6,7 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -191,10 +191,17 @@ def readiness_problem(pool: ConnectionPool) -> str | None:
 
 
 class ReadinessCollector(Collector):
-    """``shouhu_ready`` (as ``/readyz``) and ``shouhu_database_up`` (the database answers), at each scrape."""
+    """``shouhu_ready`` (as ``/readyz``) and ``shouhu_database_up``, then what ``readers`` read
+    from the database, at each scrape.
 
-    def __init__(self, pool: ConnectionPool) -> None:
+    The readers run only when the database answered: while it is away a scrape costs
+    one readiness check (``READY_TIMEOUT_S``), not a pool timeout per reader, and stays
+    well inside Prometheus's scrape timeout, so ``shouhu_database_up 0`` is seen.
+    """
+
+    def __init__(self, pool: ConnectionPool, readers: Sequence[Collector]) -> None:
         self._pool = pool
+        self._readers = tuple(readers)
 
     def describe(self) -> Iterator[Metric]:
         # Nothing: several apps in one process (tests) may each register one.
@@ -207,6 +214,9 @@ class ReadinessCollector(Collector):
         database = GaugeMetricFamily("shouhu_database_up", "1 while the API's database answers, else 0")
         database.add_metric([], 0.0 if problem == DATABASE_UNREACHABLE else 1.0)
         yield from (ready, database)
+        if problem != DATABASE_UNREACHABLE:
+            for reader in self._readers:
+                yield from reader.collect()
 
 
 def _prune_once(pool: ConnectionPool, events_now: datetime, sessions_now: datetime) -> None:
@@ -263,11 +273,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Runtime state, read through api.deps.get_pool and get_live_feed.
         pool = app.state.pool = open_pool(database_url, name="api")
-        # Read at each scrape for /metrics: the response figures, the fleet, readiness.
-        collectors = (ResponseCollector(lambda: _plain(pool)), FleetCollector(lambda: _plain(pool)),
-                      ReadinessCollector(pool))
-        for collector in collectors:
-            REGISTRY.register(collector)
+        # Read at each scrape for /metrics: readiness, then the response figures and the fleet.
+        readers = [ResponseCollector(lambda: _plain(pool)), FleetCollector(lambda: _plain(pool))]
+        figures = ReadinessCollector(pool, readers)
+        REGISTRY.register(figures)
         listener = app.state.live_feed = live.LiveFeedListener(database_url)
         background = [
             asyncio.create_task(listener.run(), name="live-feed-listener"),
@@ -281,8 +290,7 @@ def create_app(settings: Settings) -> FastAPI:
             for task in background:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
-            for collector in collectors:
-                REGISTRY.unregister(collector)
+            REGISTRY.unregister(figures)
             await run_in_threadpool(traccar.close_publisher, app)
             await run_in_threadpool(pool.close)
 

@@ -30,9 +30,10 @@ from prometheus_client.parser import text_string_to_metric_families
 from api.main import create_app
 from devices.watch_ids import RegistryWatches
 from gateway.watch_server import WatchCountsCollector, WatchServer, WatchServerConfig
-from shouhu.embedded.postgres import free_port
+from shouhu.embedded.postgres import LocalPostgres, free_port
 from shouhu.health_server import start_health_server
 from shouhu.settings import Settings
+from tests.support.database import fresh_database
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -99,7 +100,7 @@ def exported_sample_names(text: str) -> set[str]:
         "gaugehistogram": ("_bucket", "_gcount", "_gsum"),
         "unknown": ("",),
     }
-    names = set()
+    names: set[str] = set()
     for family in text_string_to_metric_families(text):
         names.update(family.name + suffix for suffix in suffixes[family.type])
         names.update(sample.name for sample in family.samples)
@@ -140,34 +141,41 @@ def _heading_anchors(markdown: str) -> set[str]:
     return anchors
 
 
-@pytest.fixture(scope="module")
-def exported(postgres: Any) -> Iterator[set[str]]:
-    """Every metric name the hub, router, gateway and API export, scraped from their /metrics."""
-    from tests.support.database import fresh_database
-
-    for module in PROCESS_MODULES:
-        importlib.import_module(module)
-    databases = fresh_database(postgres)
-    url = next(databases)
-    try:
+def _api_metrics(postgres: LocalPostgres) -> str:
+    """The API's /metrics, served against a fresh database (its collectors read it)."""
+    for url in fresh_database(postgres):  # one database, dropped when the loop ends
         with TestClient(create_app(Settings(database_url=url))) as client:
             response = client.get("/metrics")
-            assert response.status_code == 200
-            texts = [response.text]
-        server = start_health_server(free_port(), lambda: True, host="127.0.0.1")
-        try:
-            with urlopen(f"http://127.0.0.1:{server.server_address[1]}/metrics", timeout=5) as reply:  # noqa: S310
-                texts.append(reply.read().decode())
-        finally:
-            server.shutdown()
-            server.server_close()
-        gateway = CollectorRegistry(auto_describe=False)
-        config = WatchServerConfig("mqtt://127.0.0.1:1", "metrics-names", UTC, host="127.0.0.1", port=0)
-        gateway.register(WatchCountsCollector(WatchServer(config, RegistryWatches(None))))
-        texts.append(generate_latest(gateway).decode())
+    assert response.status_code == 200
+    return str(response.text)
+
+
+def _health_server_metrics() -> str:
+    """A health server's /metrics, as the hub, the router and the gateway serve it."""
+    server = start_health_server(free_port(), lambda: True, host="127.0.0.1")
+    try:
+        with urlopen(f"http://127.0.0.1:{server.server_address[1]}/metrics", timeout=5) as reply:
+            return str(reply.read().decode())
     finally:
-        next(databases, None)
-    yield set().union(*(exported_sample_names(text) for text in texts)) | PROMETHEUS_MADE
+        server.shutdown()
+        server.server_close()
+
+
+def _gateway_metrics() -> str:
+    """The gateway's counts, as `shouhu gateway watch` registers them (never connected here)."""
+    registry = CollectorRegistry(auto_describe=False)
+    config = WatchServerConfig("mqtt://127.0.0.1:1", "metrics-names", UTC, host="127.0.0.1", port=0)
+    registry.register(WatchCountsCollector(WatchServer(config, RegistryWatches(None))))
+    return generate_latest(registry).decode()
+
+
+@pytest.fixture(scope="module")
+def exported(postgres: LocalPostgres) -> set[str]:
+    """Every metric name the hub, router, gateway and API export, scraped from their /metrics."""
+    for module in PROCESS_MODULES:
+        importlib.import_module(module)
+    texts = (_api_metrics(postgres), _health_server_metrics(), _gateway_metrics())
+    return set().union(*(exported_sample_names(text) for text in texts)) | PROMETHEUS_MADE
 
 
 # --------------------------------------------------------------------------- promtool
@@ -194,7 +202,7 @@ def test_the_unit_tests_show_the_unreached_and_hub_not_ready_alerts_firing() -> 
         for case in test.get("alert_rule_test", [])
         if case.get("exp_alerts")
     }
-    assert MUST_FIRE_IN_UNIT_TESTS <= fired
+    assert fired >= MUST_FIRE_IN_UNIT_TESTS
 
 
 # --------------------------------------------------------------------------- rules
