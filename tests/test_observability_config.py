@@ -15,25 +15,31 @@ import json
 import re
 import shutil
 import subprocess
+import time
 from collections.abc import Iterator
-from datetime import UTC
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.request import urlopen
 
+import psycopg
 import pytest
 import yaml
 from fastapi.testclient import TestClient
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import REGISTRY, CollectorRegistry, generate_latest
 from prometheus_client.parser import text_string_to_metric_families
 
-from api.main import create_app
+from alerts.escalation import claim_due
+from api.main import READY_TIMEOUT_S, create_app
+from devices.kinds import DeviceKind
 from devices.watch_ids import RegistryWatches
 from gateway.watch_server import WatchCountsCollector, WatchServer, WatchServerConfig
 from shouhu.embedded.postgres import LocalPostgres, free_port
 from shouhu.health_server import start_health_server
 from shouhu.settings import Settings
+from tests.support.builders import add_device, add_resident, add_small_county
 from tests.support.database import fresh_database
+from tests.support.escalation import press
 
 ROOT = Path(__file__).resolve().parent.parent
 PROMETHEUS_DIR = ROOT / "deploy" / "prometheus"
@@ -325,3 +331,68 @@ def test_compose_mounts_what_grafana_and_prometheus_are_told_to_read() -> None:
     config = yaml.safe_load((PROMETHEUS_DIR / "prometheus.yml").read_text())
     for rule_file in config["rule_files"]:
         assert prometheus[f"/etc/prometheus/{rule_file}"] == f"./deploy/prometheus/{rule_file}"
+
+
+# --------------------------------------------------------------------------- the metrics the rules need
+
+
+def _value(text: str, name: str, labels: dict[str, str] | None = None) -> float | None:
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            if sample.name == name and sample.labels == (labels or {}):
+                return float(sample.value)
+    return None
+
+
+def test_a_health_server_reports_shouhu_ready_as_its_readyz() -> None:
+    ready = [True]
+    server = start_health_server(free_port(), lambda: ready[0], host="127.0.0.1")
+    base = f"http://127.0.0.1:{server.server_address[1]}"
+    try:
+        with urlopen(f"{base}/metrics", timeout=5) as reply:
+            assert _value(reply.read().decode(), "shouhu_ready") == 1.0
+        ready[0] = False
+        with urlopen(f"{base}/metrics", timeout=5) as reply:
+            assert _value(reply.read().decode(), "shouhu_ready") == 0.0
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_the_api_reports_ready_and_the_database_up(database_url: str) -> None:
+    with TestClient(create_app(Settings(database_url=database_url))) as client:
+        text = client.get("/metrics").text
+    assert _value(text, "shouhu_ready") == 1.0
+    assert _value(text, "shouhu_database_up") == 1.0
+
+
+def test_a_scrape_while_the_database_is_away_says_so_quickly() -> None:
+    nowhere = f"postgresql://postgres@127.0.0.1:{free_port()}/postgres?connect_timeout=1"
+    with TestClient(create_app(Settings(database_url=nowhere))) as client:
+        started = time.monotonic()
+        response = client.get("/metrics")
+        took = time.monotonic() - started
+    assert response.status_code == 200
+    assert _value(response.text, "shouhu_ready") == 0.0
+    assert _value(response.text, "shouhu_database_up") == 0.0
+    assert "shouhu_camera_uptime_ratio" not in response.text, "the readers were not skipped"
+    # One readiness check, not a pool timeout per reader: well inside a 10 s scrape timeout.
+    assert took < READY_TIMEOUT_S + 1.5
+
+
+def test_a_step_claimed_late_is_measured(database_url: str) -> None:
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        tree = add_small_county(conn)
+        add_resident(conn, "R", grid=tree.grid_a)
+        add_device(conn, "W", kind=DeviceKind.WRISTBAND, resident="R")
+    pressed = datetime(2026, 12, 1, 8, 0, tzinfo=UTC)
+    press(database_url, "W", pressed)
+    labels = {"kind": "step"}
+    count = REGISTRY.get_sample_value("shouhu_router_step_lateness_seconds_count", labels) or 0.0
+    total = REGISTRY.get_sample_value("shouhu_router_step_lateness_seconds_sum", labels) or 0.0
+    late = REGISTRY.get_sample_value("shouhu_router_step_lateness_seconds_bucket", {**labels, "le": "30.0"}) or 0.0
+    with psycopg.connect(database_url) as conn:
+        assert len(claim_due(conn, pressed + timedelta(seconds=42), 10)) == 1
+    assert REGISTRY.get_sample_value("shouhu_router_step_lateness_seconds_count", labels) == count + 1
+    assert REGISTRY.get_sample_value("shouhu_router_step_lateness_seconds_sum", labels) == pytest.approx(total + 42)
+    assert REGISTRY.get_sample_value("shouhu_router_step_lateness_seconds_bucket", {**labels, "le": "30.0"}) == late
