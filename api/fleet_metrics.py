@@ -13,7 +13,6 @@ each scrape. A scrape while the database is away leaves these out rather than fa
 
 from __future__ import annotations
 
-import logging
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -21,18 +20,14 @@ from contextlib import AbstractContextManager
 from datetime import UTC, datetime, timedelta
 from zoneinfo import ZoneInfo
 
-import psycopg
 from prometheus_client.core import GaugeMetricFamily, Metric
-from prometheus_client.registry import Collector
-from psycopg_pool import PoolTimeout
 
 from alerts.response import group_of, read_areas
 from devices.kinds import AreaLevel
 from devices.uptime import Span
 from devices.uptime_store import uptime_report
 from shouhu.db import Conn
-
-log = logging.getLogger(__name__)
+from shouhu.db_collector import DatabaseCollector
 
 UPTIME_WINDOW = timedelta(days=1)
 UPTIME_REFRESH_S = 300.0
@@ -80,8 +75,10 @@ def camera_uptime(conn: Conn, now: datetime) -> dict[tuple[str, str], float]:
     return ratios
 
 
-class FleetCollector(Collector):
+class FleetCollector(DatabaseCollector):
     """``shouhu_devices_by_area{kind,state,township}`` and ``shouhu_camera_uptime_ratio{area,level}``."""
+
+    figures = "fleet figures"
 
     def __init__(
         self,
@@ -89,25 +86,16 @@ class FleetCollector(Collector):
         clock: Callable[[], datetime] = lambda: datetime.now(UTC),
         refresh_s: float = UPTIME_REFRESH_S,
     ) -> None:
-        self._connect = connect
+        super().__init__(connect)
         self._clock = clock
         self._refresh_s = refresh_s
         self._lock = threading.Lock()
         self._uptime: dict[tuple[str, str], float] = {}
         self._uptime_read: float | None = None
 
-    def describe(self) -> Iterator[Metric]:
-        # Nothing: several apps in one process (tests) may each register one.
-        return iter(())
-
-    def collect(self) -> Iterator[Metric]:
-        try:
-            with self._connect() as conn:
-                devices = devices_by_township(conn)
-                uptime = self._camera_uptime(conn)
-        except (psycopg.Error, PoolTimeout) as exc:
-            log.warning("fleet figures left out of this scrape: %s", exc)
-            return
+    def read(self, conn: Conn) -> Iterator[Metric]:
+        devices = devices_by_township(conn)
+        uptime = self._camera_uptime(conn)
         by_area = GaugeMetricFamily(
             "shouhu_devices_by_area",
             "Active devices by kind, liveness (online, offline, unknown) and township",
