@@ -26,7 +26,7 @@ from enum import StrEnum
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from prometheus_client import Counter
+from prometheus_client import Counter, Histogram
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
@@ -41,6 +41,12 @@ from shouhu.db import Conn
 log = logging.getLogger(__name__)
 
 STEPS = Counter("shouhu_router_steps_total", "Escalation steps run, by target and result", ["target", "result"])
+STEP_LATENESS = Histogram(
+    "shouhu_router_step_lateness_seconds",
+    "From when an escalation action fell due to when a router claimed it, by kind (step, resolve_check)",
+    ["kind"],
+    buckets=(0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60, 120, 300),
+)
 INVARIANT_BREACHES = Counter(
     "shouhu_router_invariant_breaches_total",
     "Open red incidents found with no pending escalation action (repaired)",
@@ -168,6 +174,8 @@ class DueAction:
     round: int
     token: int
     kind: str = ActionKind.STEP.value
+    # When it fell due (its lateness is measured when it is claimed).
+    due_at: datetime | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -203,7 +211,7 @@ def claim_due(conn: Conn, now: datetime, limit: int) -> list[DueAction]:
         # The state written out, not a parameter: the query must match the partial index.
         rows = cursor.execute(
             f"""
-            SELECT id, incident_id, step, round, token, kind FROM escalation_actions
+            SELECT id, incident_id, step, round, token, kind, due_at FROM escalation_actions
             WHERE state = '{ActionState.PENDING}' AND due_at <= %(now)s
               AND (NOT %(first)s OR (kind = '{ActionKind.STEP}' AND step = 0 AND round = 0))
             ORDER BY due_at, id LIMIT %(limit)s FOR UPDATE SKIP LOCKED
@@ -214,6 +222,9 @@ def claim_due(conn: Conn, now: datetime, limit: int) -> list[DueAction]:
             actions: dict[int, DueAction] = {}
             for action in rows:
                 actions.setdefault(action.incident_id, action)
+            for action in actions.values():
+                if action.due_at is not None:
+                    STEP_LATENESS.labels(action.kind).observe(max(0.0, (now - action.due_at).total_seconds()))
             return list(actions.values())
     return []
 

@@ -22,18 +22,15 @@ from __future__ import annotations
 
 import logging
 import statistics
-from collections.abc import Callable, Iterable, Iterator, Mapping
-from contextlib import AbstractContextManager
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 from datetime import datetime
 
-import psycopg
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily, Metric
-from prometheus_client.registry import Collector
-from psycopg_pool import PoolTimeout
 
 from devices.kinds import AreaLevel, IncidentState, Severity
 from shouhu.db import Conn
+from shouhu.db_collector import DatabaseCollector
 
 log = logging.getLogger(__name__)
 
@@ -291,7 +288,7 @@ def cumulative(conn: Conn, level: AreaLevel = AreaLevel.TOWNSHIP) -> dict[str, C
 # --- /metrics ---------------------------------------------------------------------------
 
 
-class ResponseCollector(Collector):
+class ResponseCollector(DatabaseCollector):
     """``shouhu_ack_seconds``, ``shouhu_red_incidents_total`` and ``shouhu_incidents_unreached_total``
     by township, read from the database at each scrape.
 
@@ -302,20 +299,10 @@ class ResponseCollector(Collector):
     not ``sum``). A scrape while the database is away leaves these out rather than fail.
     """
 
-    def __init__(self, connect: Callable[[], AbstractContextManager[Conn]]) -> None:
-        self._connect = connect
+    figures = "response figures"
 
-    def describe(self) -> Iterator[Metric]:
-        # Nothing: several apps in one process (tests) may each register one.
-        return iter(())
-
-    def collect(self) -> Iterator[Metric]:
-        try:
-            with self._connect() as conn:
-                groups = cumulative(conn)
-        except (psycopg.Error, PoolTimeout) as exc:
-            log.warning("response figures left out of this scrape: %s", exc)
-            return
+    def read(self, conn: Conn) -> Iterator[Metric]:
+        groups = cumulative(conn)
         ack = HistogramMetricFamily(
             "shouhu_ack_seconds",
             "Seconds from an SOS or fall to a person taking it, by township (cancels left out)",

@@ -7,7 +7,7 @@ import contextlib
 import functools
 import logging
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Iterator, Sequence
 from contextlib import asynccontextmanager
 from datetime import UTC, datetime
 from typing import Any
@@ -19,6 +19,8 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
 from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, Counter, Histogram, generate_latest
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
 from psycopg.rows import tuple_row
 from psycopg_pool import ConnectionPool, PoolTimeout
 from starlette.concurrency import run_in_threadpool
@@ -33,6 +35,7 @@ from alerts.response import ResponseCollector
 from api import live
 from api.consoles import pages
 from api.deps import ERROR_RESPONSES, PoolDep, get_now, pooled, reject_unknown_query, tuple_rows
+from api.fleet_metrics import FleetCollector
 from api.limits import RequestLimits
 from api.routes import (
     acknowledgements,
@@ -62,6 +65,7 @@ from shouhu.settings import Settings
 logger = logging.getLogger(__name__)
 
 READY_TIMEOUT_S = 2.0
+DATABASE_UNREACHABLE = "database unreachable"
 
 REQUESTS = Counter(
     "shouhu_api_requests", "HTTP requests answered, by route template and status.",
@@ -182,12 +186,41 @@ def readiness_problem(pool: ConnectionPool) -> str | None:
                 applied = {version for (version,) in cur.fetchall()}
     except (psycopg.Error, PoolTimeout) as exc:
         logger.warning("readiness: database unreachable: %s", exc)
-        return "database unreachable"
+        return DATABASE_UNREACHABLE
     missing = sorted(m.version for m in MIGRATIONS if m.version not in applied)
     if missing:
         versions = ", ".join(str(v) for v in missing)
         return f"database schema not migrated: missing migrations {versions}; run `shouhu migrate`"
     return None
+
+
+class ReadinessCollector(Collector):
+    """``shouhu_ready`` (as ``/readyz``) and ``shouhu_database_up``, then what ``readers`` read
+    from the database, at each scrape.
+
+    The readers run only when the database answered: while it is away a scrape costs
+    one readiness check (``READY_TIMEOUT_S``), not a pool timeout per reader, and stays
+    well inside Prometheus's scrape timeout, so ``shouhu_database_up 0`` is seen.
+    """
+
+    def __init__(self, pool: ConnectionPool, readers: Sequence[Collector]) -> None:
+        self._pool = pool
+        self._readers = tuple(readers)
+
+    def describe(self) -> Iterator[Metric]:
+        # Nothing: several apps in one process (tests) may each register one.
+        return iter(())
+
+    def collect(self) -> Iterator[Metric]:
+        problem = readiness_problem(self._pool)
+        ready = GaugeMetricFamily("shouhu_ready", "1 while the process is ready (its /readyz answers 200), else 0")
+        ready.add_metric([], 1.0 if problem is None else 0.0)
+        database = GaugeMetricFamily("shouhu_database_up", "1 while the API's database answers, else 0")
+        database.add_metric([], 0.0 if problem == DATABASE_UNREACHABLE else 1.0)
+        yield from (ready, database)
+        if problem != DATABASE_UNREACHABLE:
+            for reader in self._readers:
+                yield from reader.collect()
 
 
 def _prune_once(pool: ConnectionPool, events_now: datetime, sessions_now: datetime) -> None:
@@ -258,8 +291,10 @@ def create_app(settings: Settings) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         # Runtime state, read through api.deps.get_pool and get_live_feed.
         pool = app.state.pool = open_pool(database_url, name="api")
-        figures = ResponseCollector(lambda: _plain(pool))
-        REGISTRY.register(figures)  # the response figures in /metrics, read at each scrape
+        # Read at each scrape for /metrics: readiness, then the response figures and the fleet.
+        readers = [ResponseCollector(lambda: _plain(pool)), FleetCollector(lambda: _plain(pool))]
+        figures = ReadinessCollector(pool, readers)
+        REGISTRY.register(figures)
         listener = app.state.live_feed = live.LiveFeedListener(database_url)
         receipts = _receipt_worker(app, database_url, settings)
         background = [

@@ -1,4 +1,4 @@
-"""A small HTTP server for the hub and router: /metrics, /healthz and /readyz.
+"""A small HTTP server for the hub, the router and the watch gateway: /metrics, /healthz and /readyz.
 
 The API serves these through FastAPI; the workers have no web framework, so the
 standard library's threading server carries them on SHOUHU_METRICS_PORT.
@@ -11,11 +11,25 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+
+READY_METRIC = "shouhu_ready"
 
 
 class PortInUse(OSError):
     """The metrics port cannot be listened on; the message names the port and its setting."""
+
+
+def readiness_registry(ready: Callable[[], bool]) -> CollectorRegistry:
+    """A registry of one gauge, ``shouhu_ready``: 1 while ``ready()`` holds (``/readyz`` 200), else 0.
+
+    Its own registry, not the default one: each server reports its own process, and
+    tests run several in one process.
+    """
+    registry = CollectorRegistry(auto_describe=False)
+    gauge = Gauge(READY_METRIC, "1 while the process is ready (its /readyz answers 200), else 0", registry=registry)
+    gauge.set_function(lambda: 1.0 if ready() else 0.0)
+    return registry
 
 
 def start_health_server(port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104
@@ -26,10 +40,12 @@ def start_health_server(port: int, ready: Callable[[], bool], host: str = "0.0.0
             which port and that ``SHOUHU_METRICS_PORT`` moves it.
     """
 
+    own = readiness_registry(ready)
+
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/metrics":
-                self._reply(200, generate_latest(), CONTENT_TYPE_LATEST)
+                self._reply(200, generate_latest() + generate_latest(own), CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
                 self._reply(200, b"ok\n", "text/plain")
             elif self.path == "/readyz":
