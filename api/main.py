@@ -270,6 +270,28 @@ def _receipt_worker(app: FastAPI, database_url: str, settings: Settings) -> Rece
     return worker
 
 
+def _guard(app: FastAPI, settings: Settings) -> None:
+    """The middleware every request passes and the one error shape for every failure."""
+    # Limits first, before routing and authentication; metrics outside them, so a 413
+    # or a refused NUL is counted too.
+    app.add_middleware(
+        RequestLimits,
+        max_body_bytes=settings.max_body_bytes,
+        # Traccar's too: a NUL in some tracker's text attribute must not cost its SOS (the
+        # route stores no text of Traccar's, api/routes/traccar.py).
+        forgiven_paths=callbacks.CALLBACK_PATHS | {traccar.TRACCAR_CALLBACK_PATH},
+        forgiven_prefixes=(aliyun.ALIYUN_CALLBACK_PREFIX,),
+    )
+    aliyun.redact_access_log()
+    app.add_middleware(_MetricsMiddleware)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _http_error)
+    app.add_exception_handler(pages.LoginRequired, _login_required)
+    app.add_exception_handler(psycopg.OperationalError, _database_unavailable)
+    app.add_exception_handler(PoolTimeout, _database_unavailable)
+    app.add_exception_handler(Exception, _internal_error)
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The API application, with its connection pool opened and closed by the lifespan.
 
@@ -320,24 +342,7 @@ def create_app(settings: Settings) -> FastAPI:
         description="守护: elder-care SOS escalation and camera uptime.",
         lifespan=lifespan,
     )
-    # Limits first, before routing and authentication; metrics outside them, so a 413
-    # or a refused NUL is counted too.
-    app.add_middleware(
-        RequestLimits,
-        max_body_bytes=settings.max_body_bytes,
-        # Traccar's too: a NUL in some tracker's text attribute must not cost its SOS (the
-        # route stores no text of Traccar's, api/routes/traccar.py).
-        forgiven_paths=callbacks.CALLBACK_PATHS | {traccar.TRACCAR_CALLBACK_PATH},
-        forgiven_prefixes=(aliyun.ALIYUN_CALLBACK_PREFIX,),
-    )
-    aliyun.redact_access_log()
-    app.add_middleware(_MetricsMiddleware)
-    app.add_exception_handler(RequestValidationError, _validation_error)
-    app.add_exception_handler(StarletteHTTPException, _http_error)
-    app.add_exception_handler(pages.LoginRequired, _login_required)
-    app.add_exception_handler(psycopg.OperationalError, _database_unavailable)
-    app.add_exception_handler(PoolTimeout, _database_unavailable)
-    app.add_exception_handler(Exception, _internal_error)
+    _guard(app, settings)
 
     @app.get("/healthz", tags=["health"])
     def read_health() -> dict[str, str]:
