@@ -224,6 +224,7 @@ def load_registry(conn: psycopg.Connection, registry: RegistryFile) -> LoadRepor
         )
         changes["heartbeat_policies"] = _sync_heartbeats(conn, registry)
         changes["quiet_hours"] = _sync_quiet_hours(conn, registry)
+        changes["area_phone_providers"] = _sync_phone_providers(conn, registry)
         return LoadReport(
             changes=changes,
             residents_without_guardian=residents_without_guardian(conn),
@@ -267,6 +268,25 @@ def _sync_quiet_hours(conn: psycopg.Connection, registry: RegistryFile) -> Table
                   (EXCLUDED.start_time, EXCLUDED.end_time)
             """,
             (quiet.area, quiet.start, quiet.end),
+        ).rowcount
+    return TableChange(max(upserted, 0), max(removed, 0))
+
+
+def _sync_phone_providers(conn: psycopg.Connection, registry: RegistryFile) -> TableChange:
+    """Phone providers are configuration, as quiet hours: an area left out has none of its own."""
+    listed = [p.area for p in registry.phone_providers]
+    removed = conn.execute("DELETE FROM area_phone_providers WHERE NOT (area_id = ANY(%s))", (listed,)).rowcount
+    upserted = 0
+    for entry in registry.phone_providers:
+        upserted += conn.execute(
+            """
+            INSERT INTO area_phone_providers (area_id, primary_provider, secondary_provider) VALUES (%s, %s, %s)
+            ON CONFLICT (area_id) DO UPDATE SET primary_provider = EXCLUDED.primary_provider,
+                secondary_provider = EXCLUDED.secondary_provider, updated_at = now()
+            WHERE (area_phone_providers.primary_provider, area_phone_providers.secondary_provider)
+                  IS DISTINCT FROM (EXCLUDED.primary_provider, EXCLUDED.secondary_provider)
+            """,
+            (entry.area, entry.primary, entry.secondary),
         ).rowcount
     return TableChange(max(upserted, 0), max(removed, 0))
 

@@ -11,7 +11,7 @@ import re
 from datetime import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import phonenumbers
 import yaml
@@ -255,6 +255,27 @@ class QuietHoursEntry(_DailyWindow):
         return self
 
 
+# The providers that carry phone pages: the values of ``alerts.notifiers.base.Provider``
+# (devices/ sits below alerts/, so the names are repeated here; tests/test_provider_failover.py
+# checks they agree).
+PhoneProvider = Literal["twilio", "aliyun"]
+
+
+class PhoneProvidersEntry(_Entry):
+    """The providers that carry an area's voice and SMS pages, and everything below it
+    (the nearest area wins): the primary, and the secondary a page fails over to."""
+
+    area: EntryId
+    primary: PhoneProvider
+    secondary: PhoneProvider | None = None
+
+    @model_validator(mode="after")
+    def _two_providers(self) -> PhoneProvidersEntry:
+        if self.secondary == self.primary:
+            raise ValueError(f"the secondary is the primary ({self.primary}): name another provider or none")
+        return self
+
+
 class RegistryFile(_Entry):
     areas: list[AreaEntry] = Field(default_factory=list)
     staff: list[StaffEntry] = Field(default_factory=list)
@@ -264,6 +285,7 @@ class RegistryFile(_Entry):
     policies: list[PolicyEntry] = Field(default_factory=list)
     heartbeats: dict[DeviceKind, HeartbeatEntry] = Field(default_factory=dict)
     quiet_hours: list[QuietHoursEntry] = Field(default_factory=list)
+    phone_providers: list[PhoneProvidersEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references(self) -> RegistryFile:
@@ -394,6 +416,13 @@ def reference_problems(registry: RegistryFile) -> list[str]:
         if quiet.area in quiet_areas:
             problems.append(f"quiet_hours[{index}] field 'area': a second entry for {quiet.area!r}")
         quiet_areas.add(quiet.area)
+    provider_areas: set[str] = set()
+    for index, entry in enumerate(registry.phone_providers):
+        if entry.area not in areas:
+            problems.append(f"phone_providers[{index}] field 'area': unknown area {entry.area!r}")
+        if entry.area in provider_areas:
+            problems.append(f"phone_providers[{index}] field 'area': a second entry for {entry.area!r}")
+        provider_areas.add(entry.area)
     return problems
 
 

@@ -26,6 +26,7 @@ from shouhu.settings import Settings
 
 if TYPE_CHECKING:
     from alerts.care_sweep import CareSweeper
+    from alerts.providers import PhoneProviders
     from alerts.router import Router
     from hub.service import Hub
 
@@ -157,23 +158,69 @@ def run_hub_or_exit(worker: Hub) -> None:
         os._exit(EXIT_HUB_FAILED)
 
 
+def phone_providers(settings: Settings) -> PhoneProviders:
+    """The configured phone providers' notifiers and the default choice
+    (``SHOUHU_PHONE_PRIMARY`` / ``_SECONDARY``, else the one provider configured).
+
+    A provider named but not configured is a one-line failure (exit 2).
+    """
+    from alerts.notifiers.base import Notifier, Provider
+    from alerts.notifiers.twilio import TwilioNotifier
+    from alerts.providers import PhoneProviders, ProviderChoice
+
+    providers: dict[Provider, Notifier] = {}
+    if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from:
+        providers[Provider.TWILIO] = TwilioNotifier.from_settings(settings)
+    default = None
+    if settings.phone_primary:
+        secondary = Provider(settings.phone_secondary) if settings.phone_secondary else None
+        try:
+            default = ProviderChoice(Provider(settings.phone_primary), secondary)
+        except ValueError as exc:
+            fail(f"SHOUHU_PHONE_SECONDARY: {exc}", 2)
+    elif settings.phone_secondary:
+        fail("SHOUHU_PHONE_SECONDARY is set but SHOUHU_PHONE_PRIMARY is not: name the primary provider too", 2)
+    try:
+        phone = PhoneProviders.of(providers, default)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    if default is not None:
+        for field, why in phone.unconfigured(default):
+            fail(f"SHOUHU_PHONE_{field.upper()}: {why}", 2)
+    return phone
+
+
+def check_area_providers(url: str, phone: PhoneProviders) -> None:
+    """Every provider the registry names for an area is configured, or a failure naming the area and field."""
+    from alerts.providers import area_choices
+    from shouhu.db import connect
+
+    with connect(url) as conn:
+        choices = area_choices(conn)
+    problems = [
+        f"phone_providers (area {area}) field '{field}': {why}"
+        for area, choice in choices
+        for field, why in phone.unconfigured(choice)
+    ]
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        fail(f"the registry names phone providers that are not configured:\n{lines}", 2)
+
+
 def make_router(settings: Settings, url: str, *, exercise: bool = False, phone_optional: bool = False) -> Router:
     """The escalation worker with its notifiers.
 
-    ``phone_optional`` (``shouhu up``): with no Twilio settings it runs on the consoles
-    and the emergency platform alone, and says so loudly; ``shouhu router`` refuses to.
+    ``phone_optional`` (``shouhu up``): with no phone provider configured it runs on the
+    consoles and the emergency platform alone, and says so loudly; ``shouhu router``
+    refuses to. Every provider the settings or the registry name must be configured.
     """
-    from alerts.notifiers.base import Notifier
     from alerts.notifiers.console import ConsoleNotifier
-    from alerts.notifiers.twilio import TwilioNotifier
     from alerts.notifiers.webhook import WebhookNotifier
     from alerts.router import Router, RouterConfig
-    from devices.kinds import Channel
 
-    notifiers: dict[Channel, Notifier] = {Channel.CONSOLE: ConsoleNotifier()}
-    if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from:
-        twilio = TwilioNotifier.from_settings(settings)
-        notifiers |= {Channel.SMS: twilio, Channel.VOICE: twilio}
+    phone = phone_providers(settings)
+    if phone.default is not None:
+        check_area_providers(url, phone)
     elif phone_optional:
         typer.secho(
             "NO PHONE PROVIDER: no SMS and no voice call will go out; SOS pages reach only the consoles"
@@ -201,7 +248,8 @@ def make_router(settings: Settings, url: str, *, exercise: bool = False, phone_o
     return Router(
         url,
         RouterConfig(router_id=f"router-{settings.hub_id}", zone=settings.zone),
-        notifiers,
+        phone,
+        console=ConsoleNotifier(),
         platform=platform,
         exercise=exercise,
     )
