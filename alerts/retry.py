@@ -71,14 +71,14 @@ def after_failure(
     lock_incident(conn, int(found[0]))
     row = conn.execute(
         """
-        SELECT a.incident_id, a.purpose, a.round, a.step, a.address, a.channel, a.attempt, i.state
+        SELECT a.incident_id, a.purpose, a.round, a.step, a.address, a.channel, a.attempt, i.state, a.provider
         FROM notification_attempts a JOIN incidents i ON i.id = a.incident_id
         WHERE a.id = %s
         """,
         (attempt_id,),
     ).fetchone()
     assert row is not None
-    incident_id, raw_purpose, round_, step, address, channel, attempt, raw_state = row
+    incident_id, raw_purpose, round_, step, address, channel, attempt, raw_state, raw_provider = row
     purpose, state = AttemptPurpose(raw_purpose), IncidentState(raw_state)
     platform_news = purpose in PLATFORM_NEWS
     if purpose not in RETRIED and not platform_news:
@@ -90,21 +90,26 @@ def after_failure(
     webhook = channel == Channel.WEBHOOK
     tries, backoff = (WEBHOOK_TRIES, WEBHOOK_BACKOFF_S) if webhook else (MAX_TRIES, BACKOFF_S)
     retry_on: Provider | None = None
+    person_try = attempt  # which of the person's MAX_TRIES this was
     if channel in (Channel.VOICE, Channel.SMS):
         tried = tried_providers(conn, attempt_id)
-        # A try that fell back to another provider is not one of the person's tries.
-        tries += max(len(tried) - 1, 0)
-        if fall_back and tried and not final:
-            PROVIDER_FAILURES.labels(tried[-1].value, channel).inc()
+        # A try that fell back to another provider is not one of the person's tries:
+        # with every provider down the page is given up when it would be with one.
+        fallbacks = max(len(tried) - 1, 0)
+        tries += fallbacks
+        person_try -= fallbacks
+        if fall_back and raw_provider and not final:
+            failed = Provider(raw_provider)
+            PROVIDER_FAILURES.labels(failed.value, channel).inc()
             nxt = failover.choice.next_after(tried) if failover else None
             if nxt is not None:
-                _fall_back(conn, attempt_id, incident_id, now, channel, address, attempt, tried[-1], nxt)
+                _fall_back(conn, attempt_id, incident_id, now, channel, address, attempt, failed, nxt)
                 return "fell_back"
             if failover is not None:
                 _providers_down(conn, incident_id, now, channel, round_, step, tried, failover)
                 retry_on = failover.choice.primary  # no provider is left: retry where pages start
     if not final and attempt < tries:
-        delay = backoff[min(attempt - 1, len(backoff) - 1)]
+        delay = backoff[min(person_try - 1, len(backoff) - 1)]
         # The same CAP message on the webhook: its identifier and sent time.
         queue_retry(conn, attempt_id, now, delay, keep_body=webhook, provider=retry_on)
         add_event(

@@ -18,8 +18,10 @@ Faults are injected per number with ``POST /_sim/faults``:
 
 - ``hang``: the request gets no answer for ``hang_s`` seconds (default 60), then is
   handled as usual: a provider that hangs (past the client's timeout) or is slow (a
-  shorter ``hang_s``: the send is provably in flight meanwhile). ``to`` ``*`` hangs
-  every number.
+  shorter ``hang_s``: the send is provably in flight meanwhile).
+
+``to`` ``*`` applies a fault to every number (a provider down), after any fault set
+on the number itself.
 
 A fault may be narrowed: ``only`` (``call`` or ``sms``) applies it to that kind of
 request alone, and ``times`` to the next N such requests to the number, after
@@ -242,7 +244,8 @@ class NumberFault:
 
     def applies_to(self, kind: RequestKind) -> bool:
         # Busy and no-answer are how a call ends; an SMS to that phone goes through.
-        return (self.only is None or self.only == kind) and (kind == "call" or self.fail in ("error", "unavailable", "hang"))
+        refusals = ("error", "unavailable", "hang")
+        return (self.only is None or self.only == kind) and (kind == "call" or self.fail in refusals)
 
     def public(self) -> dict[str, Any]:
         public: dict[str, Any] = {"fail": self.fail, "only": self.only, "remaining": self.remaining}
@@ -366,17 +369,14 @@ class PhoneNetwork:
                 del self._faults[number]
 
     def take_fault(self, to: str, kind: RequestKind) -> Fault | None:
-        """The fault this request to ``to`` meets, if any; a counted fault is used up by it."""
+        """The fault this request to ``to`` meets, if any (``*``: any number); a counted fault is used up by it."""
         with self._lock:
-            fault = self._faults.get(to)
-            if fault is None or fault.fail == "hang" or not fault.applies_to(kind):
-                return None
-            if fault.remaining is not None:
-                if fault.remaining > 1:
-                    self._faults[to] = replace(fault, remaining=fault.remaining - 1)
-                else:
-                    del self._faults[to]
-            return fault.fail
+            for number in (to, "*"):
+                fault = self._faults.get(number)
+                if fault is not None and fault.fail != "hang" and fault.applies_to(kind):
+                    self._use(number, fault)
+                    return fault.fail
+            return None
 
     def set_behaviour(self, to: str, changes: dict[str, Any]) -> dict[str, dict[str, str | None]]:
         """Change the named fields of ``to``'s behaviour; a number left with none is forgotten."""
