@@ -87,18 +87,32 @@ class PhoneProviders:
 
     @classmethod
     def of(cls, providers: Mapping[Provider, Notifier], default: ProviderChoice | None = None) -> PhoneProviders:
-        """Each provider's notifier for the phone channels it handles; the default choice is
-        ``default``, else the one provider given (several need an explicit default)."""
-        notifiers = {
-            (provider, channel): notifier
-            for provider, notifier in providers.items()
-            for channel in notifier.channels & PHONE_CHANNELS
-        }
-        if default is None and len(providers) == 1:
-            default = ProviderChoice(next(iter(providers)))
-        if default is None and providers:
+        """Each provider's notifier, for the phone channels it handles (:meth:`build`)."""
+        return cls.build(
+            {
+                (provider, channel): notifier
+                for provider, notifier in providers.items()
+                for channel in notifier.channels & PHONE_CHANNELS
+            },
+            default,
+        )
+
+    @classmethod
+    def build(
+        cls, notifiers: Mapping[tuple[Provider, Channel], Notifier], default: ProviderChoice | None = None
+    ) -> PhoneProviders:
+        """The notifiers by (provider, channel); the default choice is ``default``, else the
+        one provider given (several need an explicit default).
+
+        Raises:
+            ValueError: several providers and no default.
+        """
+        configured = {provider for provider, _channel in notifiers}
+        if default is None and len(configured) == 1:
+            default = ProviderChoice(next(iter(configured)))
+        if default is None and configured:
             raise ValueError("several phone providers are configured: name the primary (SHOUHU_PHONE_PRIMARY)")
-        return cls(notifiers, default)
+        return cls(dict(notifiers), default)
 
     @property
     def configured(self) -> frozenset[Provider]:

@@ -19,6 +19,7 @@ import psycopg
 import pytest
 import typer
 from prometheus_client import REGISTRY
+from psycopg.rows import dict_row
 
 from alerts.attempts import record_status
 from alerts.notifiers.base import Provider
@@ -28,6 +29,9 @@ from alerts.providers import PhoneProviders, ProviderChoice, choice_for_area
 from alerts.retry import BACKOFF_S, after_failure
 from alerts.router import Router, RouterConfig
 from alerts.states import AttemptState
+from api.consoles.i18n import Lang
+from api.consoles.queries import timeline
+from api.consoles.story import event_line
 from devices.registry import load_registry
 from devices.registry_file import PhoneProvider, PhoneProvidersEntry, parse_registry
 from launch.wiring import check_area_providers, phone_providers
@@ -106,6 +110,13 @@ def _events(url: str, incident: int, name: str) -> list[dict[str, Any]]:
         url, "SELECT detail FROM incident_events WHERE incident_id = %s AND event = %s ORDER BY id", incident, name
     )
     return [dict(r[0]) for r in rows]
+
+
+def _story(url: str, incident: int, name: str) -> list[str]:
+    """The console's story lines (in Chinese) for the incident's ``name`` events."""
+    with psycopg.connect(url, row_factory=dict_row) as conn:
+        lines = [event_line(Lang.ZH, e, {}) for e in timeline(conn, incident) if e.event == name]
+    return [line.headline for line in lines if line is not None]
 
 
 def _metric(name: str, **labels: str) -> float:
@@ -205,6 +216,9 @@ def test_a_primary_refusing_with_503_pages_through_the_secondary_at_once(
     assert {(e["failed"], e["to_provider"]) for e in events} == {("twilio", "aliyun")}
     assert all("503" in e["error"] for e in events), events
     assert _events(county_url, incident, "providers_down") == []
+    assert set(_story(county_url, incident, "provider_fallback")) == {
+        "呼叫失败（twilio：twilio error 20503 (HTTP 503): Service unavailable），改由aliyun发送"
+    }
     assert _metric("shouhu_provider_fallbacks_total", failed="twilio", to="aliyun") - fallbacks == len(events)
 
 
@@ -309,6 +323,7 @@ def test_both_providers_down_alarm_the_consoles_and_the_step_advances(
         [alarm] = _events(county_url, incident, "providers_down")
         assert alarm["providers"] == ["twilio", "aliyun"]
         assert alarm["step"] == 0
+        assert _story(county_url, incident, "providers_down") == ["电话服务商全部故障（twilio、aliyun），已告警值班员"]
         operators = q(
             county_url,
             "SELECT recipient_id, state, body FROM notification_attempts WHERE incident_id = %s"
