@@ -71,7 +71,7 @@ registry_app = typer.Typer(
 token_app = typer.Typer(help="API bearer tokens.", no_args_is_help=True, rich_markup_mode=None)
 staff_app = typer.Typer(help="Staff accounts: how staff sign in.", no_args_is_help=True, rich_markup_mode=None)
 simulate_app = typer.Typer(
-    help="Simulated wristbands, cameras, phone network and emergency platform.",
+    help="Simulated wristbands, cameras, phone networks (Twilio, Aliyun) and emergency platform.",
     no_args_is_help=True,
     rich_markup_mode=None,
 )
@@ -423,6 +423,35 @@ def simulate_phone_network(
     typer.echo(f"  SHOUHU_TWILIO_AUTH_TOKEN={shown}")
     typer.echo(f"  SHOUHU_TWILIO_FROM={settings.twilio_from or DEMO_FROM}")
     serve_phone_network("127.0.0.1", port, sid, token)
+
+
+@simulate_app.command("aliyun")
+def simulate_aliyun(
+    port: Annotated[int, typer.Option(help="Port to listen on (127.0.0.1)")] = 8300,
+    push_base: Annotated[
+        str,
+        typer.Option(
+            help="Where receipts are pushed: <base>/voice_report, /sms_report, /sms_up (Shouhu's"
+            " SHOUHU_PUBLIC_URL/callbacks/aliyun/<token>); empty: none is pushed"
+        ),
+    ] = "",
+) -> None:
+    """An Aliyun-compatible voice and SMS service that checks signatures, records and pushes receipts."""
+    from simulators.aliyun import DEMO_ACCESS_KEY_ID, DEMO_ACCESS_KEY_SECRET, DEMO_VOICE_NUMBER, serve_aliyun
+
+    settings = load_settings()
+    key_id = settings.aliyun_access_key_id or DEMO_ACCESS_KEY_ID
+    secret = settings.aliyun_access_key_secret or DEMO_ACCESS_KEY_SECRET
+    typer.echo(f"aliyun: http://127.0.0.1:{port}; it accepts only this AccessKey — point Shouhu at it with")
+    typer.echo(f"  SHOUHU_ALIYUN_ENDPOINT=http://127.0.0.1:{port}")
+    typer.echo(f"  SHOUHU_ALIYUN_ACCESS_KEY_ID={key_id}")
+    # Never echo a secret the user set (it may be a real AccessKey's): only the demo's.
+    shown = secret if secret == DEMO_ACCESS_KEY_SECRET else "<the SHOUHU_ALIYUN_ACCESS_KEY_SECRET set here>"
+    typer.echo(f"  SHOUHU_ALIYUN_ACCESS_KEY_SECRET={shown}")
+    typer.echo(f"  SHOUHU_ALIYUN_VOICE_NUMBER={settings.aliyun_voice_number or DEMO_VOICE_NUMBER}")
+    typer.echo("  and any template codes and signature name (the simulator takes every one)")
+    typer.echo(f"receipts: pushed to {push_base}/…" if push_base else "receipts: not pushed (no --push-base)")
+    serve_aliyun("127.0.0.1", port, key_id, secret, push_base or None)
 
 
 @simulate_app.command("emergency-platform")

@@ -164,13 +164,18 @@ def phone_providers(settings: Settings) -> PhoneProviders:
 
     A provider named but not configured is a one-line failure (exit 2).
     """
+    from alerts.notifiers.aliyun import aliyun_notifiers
     from alerts.notifiers.base import Notifier, Provider
     from alerts.notifiers.twilio import TwilioNotifier
     from alerts.providers import PhoneProviders, ProviderChoice
+    from devices.kinds import Channel
 
-    providers: dict[Provider, Notifier] = {}
+    notifiers: dict[tuple[Provider, Channel], Notifier] = {}
     if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from:
-        providers[Provider.TWILIO] = TwilioNotifier.from_settings(settings)
+        twilio = TwilioNotifier.from_settings(settings)
+        notifiers |= {(Provider.TWILIO, Channel.VOICE): twilio, (Provider.TWILIO, Channel.SMS): twilio}
+    # A channel Aliyun is not configured for falls back to the other provider, if any.
+    notifiers |= {(Provider.ALIYUN, channel): notifier for channel, notifier in aliyun_notifiers(settings).items()}
     default = None
     if settings.phone_primary:
         secondary = Provider(settings.phone_secondary) if settings.phone_secondary else None
@@ -181,7 +186,7 @@ def phone_providers(settings: Settings) -> PhoneProviders:
     elif settings.phone_secondary:
         fail("SHOUHU_PHONE_SECONDARY is set but SHOUHU_PHONE_PRIMARY is not: name the primary provider too", 2)
     try:
-        phone = PhoneProviders.of(providers, default)
+        phone = PhoneProviders.build(notifiers, default)
     except ValueError as exc:
         fail(str(exc), 2)
     if default is not None:
@@ -225,14 +230,19 @@ def make_router(settings: Settings, url: str, *, exercise: bool = False, phone_o
         typer.secho(
             "NO PHONE PROVIDER: no SMS and no voice call will go out; SOS pages reach only the consoles"
             " and the emergency platform.\n"
-            f"  To page by phone set {TWILIO_SETTINGS}; to try Shouhu with a simulated phone network,"
+            f"  To page by phone set {TWILIO_SETTINGS} (or SHOUHU_ALIYUN_*); to try Shouhu with a simulated"
+            " phone network,"
             " run `shouhu up --demo`.",
             fg=typer.colors.RED,
             bold=True,
             err=True,
         )
     else:
-        fail(f"{TWILIO_SETTINGS} must be set: without them the router cannot page anyone by phone", 2)
+        fail(
+            f"{TWILIO_SETTINGS} (or SHOUHU_ALIYUN_*) must be set: without a phone provider the router cannot"
+            " page anyone by phone",
+            2,
+        )
     platform = None
     if settings.emergency_webhook_url:
         try:

@@ -76,6 +76,20 @@ class Settings(BaseSettings):
     # configured; empty secondary: no failover. A provider named must be configured.
     phone_primary: Literal["", "twilio", "aliyun"] = ""
     phone_secondary: Literal["", "twilio", "aliyun"] = ""
+    # Aliyun voice (dyvmsapi) and SMS (dysmsapi), alerts/notifiers/aliyun.py: the AccessKey,
+    # one endpoint for both APIs (http(s)://host:port, the simulator's; empty: Aliyun's
+    # own hosts), the caller number, the approved TTS and SMS templates' codes and the
+    # SMS signature (docs/escalation.md, "Aliyun (阿里云) voice and SMS").
+    aliyun_access_key_id: str = ""
+    aliyun_access_key_secret: str = ""
+    aliyun_endpoint: str = ""
+    aliyun_voice_number: str = ""
+    aliyun_tts_page_code: str = ""
+    aliyun_tts_taken_code: str = ""
+    aliyun_tts_declined_code: str = ""
+    aliyun_sms_sign_name: str = ""
+    aliyun_sms_page_template: str = ""
+    aliyun_sms_notice_template: str = ""
     emergency_webhook_url: str = ""
     emergency_webhook_secret: str = ""
     # The Traccar bridge (`POST /callbacks/traccar`): the shared secret Traccar sends in
@@ -132,6 +146,13 @@ class Settings(BaseSettings):
             ZoneInfo(value)
         except (ZoneInfoNotFoundError, ValueError) as exc:
             raise ValueError(f"unknown time zone {value!r}") from exc
+        return value
+
+    @field_validator("aliyun_endpoint")
+    @classmethod
+    def _aliyun_scheme(cls, value: str) -> str:
+        if value and urlsplit(value).scheme not in ("http", "https"):
+            raise ValueError("SHOUHU_ALIYUN_ENDPOINT must start with http:// or https://")
         return value
 
     @field_validator("mqtt_url")
