@@ -399,6 +399,8 @@ def test_both_providers_down_alarm_the_consoles_and_the_step_advances(
         )
         assert [(r, s) for r, s, _b in notices] == [("op", "sent")]
         assert "twilio、aliyun" in notices[0][2]
+        live = q(county, "SELECT payload->>'id' FROM live_events WHERE payload->>'change' = 'providers_down'")
+        assert live == [(str(incident),)], "the consoles were not told on the live feed"
         assert _metric("shouhu_providers_down_total", channel="voice") - down == 1
         # The person's second and third tries, on the primary, as after any failure.
         clock.advance(BACKOFF_S[0])

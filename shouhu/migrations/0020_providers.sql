@@ -18,3 +18,29 @@ CREATE TABLE area_phone_providers (
     updated_at timestamptz NOT NULL DEFAULT now(),
     CHECK (secondary_provider IS DISTINCT FROM primary_provider)
 );
+
+-- Every provider failed a page (alerts/retry.py, `providers_down`): the operators' console
+-- notices are queued as attempts; the live feed tells the consoles at once, as an
+-- incident event with change 'providers_down' (the same fields as the incident's own).
+CREATE FUNCTION live_events_console_alarm() RETURNS trigger
+LANGUAGE plpgsql AS $$
+DECLARE
+    i incidents%ROWTYPE;
+BEGIN
+    SELECT * INTO i FROM incidents WHERE id = NEW.incident_id;
+    PERFORM live_event_emit('incident', i.kind, i.area_id, jsonb_build_object(
+        'change', 'providers_down',
+        'id', i.id, 'code', i.code, 'kind', i.kind, 'severity', i.severity,
+        'state', i.state, 'urgency', i.urgency, 'area_id', i.area_id,
+        'resident_id', i.resident_id, 'device_id', i.device_id,
+        'opened_at', i.opened_at, 'acknowledged_at', i.acknowledged_at,
+        'acknowledged_by_id', i.acknowledged_by,
+        'resolved_at', i.resolved_at, 'outcome', i.outcome));
+    RETURN NULL;
+END
+$$;
+CREATE CONSTRAINT TRIGGER live_events_console_alarm
+    AFTER INSERT ON notification_attempts DEFERRABLE INITIALLY DEFERRED
+    FOR EACH ROW
+    WHEN (NEW.channel = 'console' AND NEW.purpose = 'notice')
+    EXECUTE FUNCTION live_events_console_alarm();
