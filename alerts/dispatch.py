@@ -117,6 +117,11 @@ _ATTEMPTS = """
 """
 
 
+# A leased attempt ready to send: its lease, what it is, the CAP alert (webhook), whether it
+# is the incident's first page, and what it may fall back on (phone).
+_Work = tuple[Lease, PendingAttempt, PlatformAlert | None, bool, Failover | None]
+
+
 class Dispatcher:
     """Sends what the escalation queued, through the notifiers it was given.
 
@@ -165,15 +170,16 @@ class Dispatcher:
             channels = self.channels() if channel is None else (channel,)
             leases = claim(conn, channels, now, self.worker_id, limit=limit, first_pages_only=first_pages_only)
             work = [self._prepare(conn, lease) for lease in leases]
+        self._send(conn, work)
+        return len(leases)
+
+    def _send(self, conn: Conn, work: list[_Work]) -> None:
         for lease, attempt, alert, first, failover in work:
             result = self._send_one(conn, lease, attempt, alert, first, failover)
             if result.fall_back and failover is not None:
                 self._send_fallback(conn, attempt.id)
-        return len(leases)
 
-    def _prepare(
-        self, conn: Conn, lease: Lease
-    ) -> tuple[Lease, PendingAttempt, PlatformAlert | None, bool, Failover | None]:
+    def _prepare(self, conn: Conn, lease: Lease) -> _Work:
         """What sending a leased attempt needs, read in the claim's transaction; a phone
         attempt gets its provider here (its own, else its area's primary)."""
         attempt = attempt_by_id(conn, lease.attempt_id)
@@ -197,10 +203,7 @@ class Dispatcher:
             assert attempt is not None
             leases = claim(conn, (attempt.channel,), self.clock(), self.worker_id, only=fallback)
             work = [self._prepare(conn, lease) for lease in leases]
-        for lease, attempt, alert, first, failover in work:
-            result = self._send_one(conn, lease, attempt, alert, first, failover)
-            if result.fall_back and failover is not None:
-                self._send_fallback(conn, attempt.id)
+        self._send(conn, work)  # a fallback that fails so again goes on to the next provider, if any
 
     def _is_first_page(self, conn: Conn, attempt: PendingAttempt, sends: int) -> bool:
         """The incident's first page, counted once even with several senders: the lowest page

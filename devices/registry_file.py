@@ -409,20 +409,21 @@ def reference_problems(registry: RegistryFile) -> list[str]:
         scopes.add((policy.kind, policy.area))
         if policy.area is not None and policy.area not in areas:
             problems.append(f"policies[{index}] ({policy.id}) field 'area': unknown area {policy.area!r}")
-    quiet_areas: set[str] = set()
-    for index, quiet in enumerate(registry.quiet_hours):
-        if quiet.area not in areas:
-            problems.append(f"quiet_hours[{index}] field 'area': unknown area {quiet.area!r}")
-        if quiet.area in quiet_areas:
-            problems.append(f"quiet_hours[{index}] field 'area': a second entry for {quiet.area!r}")
-        quiet_areas.add(quiet.area)
-    provider_areas: set[str] = set()
-    for index, entry in enumerate(registry.phone_providers):
-        if entry.area not in areas:
-            problems.append(f"phone_providers[{index}] field 'area': unknown area {entry.area!r}")
-        if entry.area in provider_areas:
-            problems.append(f"phone_providers[{index}] field 'area': a second entry for {entry.area!r}")
-        provider_areas.add(entry.area)
+    problems += _per_area_problems("quiet_hours", [q.area for q in registry.quiet_hours], areas)
+    problems += _per_area_problems("phone_providers", [p.area for p in registry.phone_providers], areas)
+    return problems
+
+
+def _per_area_problems(section: str, area_ids: list[str], areas: dict[str, AreaEntry]) -> list[str]:
+    """A section of per-area settings (one entry per area at most): unknown and repeated areas."""
+    problems = []
+    seen: set[str] = set()
+    for index, area_id in enumerate(area_ids):
+        if area_id not in areas:
+            problems.append(f"{section}[{index}] field 'area': unknown area {area_id!r}")
+        if area_id in seen:
+            problems.append(f"{section}[{index}] field 'area': a second entry for {area_id!r}")
+        seen.add(area_id)
     return problems
 
 
