@@ -137,7 +137,7 @@ class PhoneProviders:
 # What makes a provider configured: its credentials (launch/wiring.py builds its notifier from them).
 CREDENTIALS: dict[Provider, str] = {
     Provider.TWILIO: "set SHOUHU_TWILIO_ACCOUNT_SID, SHOUHU_TWILIO_AUTH_TOKEN and SHOUHU_TWILIO_FROM",
-    Provider.ALIYUN: "set SHOUHU_ALIYUN_ACCESS_KEY_ID and SHOUHU_ALIYUN_ACCESS_KEY_SECRET",
+    Provider.ALIYUN: "set SHOUHU_ALIYUN_ACCESS_KEY_ID, SHOUHU_ALIYUN_ACCESS_KEY_SECRET and the voice or SMS settings",
 }
 
 

@@ -31,7 +31,7 @@ from alerts.notifiers.aliyun import AliyunAccount, AliyunSmsNotifier, AliyunVoic
 from alerts.notifiers.base import Notifier, Provider
 from alerts.notifiers.console import ConsoleNotifier
 from alerts.notifiers.twilio import HTTP_TIMEOUT_S, TwilioNotifier
-from alerts.providers import PhoneProviders, ProviderChoice, choice_for_area
+from alerts.providers import CREDENTIALS, PhoneProviders, ProviderChoice, choice_for_area
 from alerts.retry import BACKOFF_S, after_failure
 from alerts.router import Router, RouterConfig
 from alerts.states import AttemptState
@@ -201,7 +201,7 @@ def test_an_area_inherits_its_parents_providers_then_the_default(county: str) ->
     with pytest.raises(typer.Exit):
         check_area_providers(county, twilio_only)
     assert twilio_only.unconfigured(ProviderChoice(ALIYUN)) == [
-        ("primary", "aliyun is not configured (set SHOUHU_ALIYUN_ACCESS_KEY_ID and SHOUHU_ALIYUN_ACCESS_KEY_SECRET)")
+        ("primary", f"aliyun is not configured ({CREDENTIALS[ALIYUN]})")
     ]
 
 
@@ -248,6 +248,7 @@ def test_twilio_refusing_with_503_pages_through_aliyun_at_once(
     _fail(phone_network, "unavailable")
     router = _router(county, phone_network, aliyun_sim, Clock(DAY))
     fallbacks = _metric("shouhu_provider_fallbacks_total", failed="twilio", to="aliyun")
+    failures = _metric("shouhu_provider_failures_total", provider="twilio", channel="voice")
     started = time.monotonic()
     incident = press(county, WRISTBAND, DAY)
     try:
@@ -271,6 +272,7 @@ def test_twilio_refusing_with_503_pages_through_aliyun_at_once(
     }
     assert _events(county, incident, "providers_down") == []
     assert _metric("shouhu_provider_fallbacks_total", failed="twilio", to="aliyun") - fallbacks == 2
+    assert _metric("shouhu_provider_failures_total", provider="twilio", channel="voice") - failures == 1
 
 
 def test_a_hung_twilio_is_given_up_and_the_page_goes_out_on_aliyun_within_10_s(county: str, aliyun_sim: str) -> None:
