@@ -27,7 +27,7 @@ from psycopg.rows import dict_row
 
 from alerts.attempts import record_status
 from alerts.notifiers import aliyun
-from alerts.notifiers.aliyun import AliyunAccount, AliyunSmsNotifier, AliyunVoiceNotifier
+from alerts.notifiers.aliyun import aliyun_notifiers
 from alerts.notifiers.base import Notifier, Provider
 from alerts.notifiers.console import ConsoleNotifier
 from alerts.notifiers.twilio import HTTP_TIMEOUT_S, TwilioNotifier
@@ -96,19 +96,8 @@ def aliyun_sim() -> Iterator[str]:
 
 
 def _aliyun(base: str) -> dict[Channel, Notifier]:
-    account = AliyunAccount(
-        access_key_id=KEY_ID,
-        access_key_secret=KEY_SECRET,
-        endpoint=base,
-        voice_number="057188880000",
-        tts_page_code="TTS_100001",
-        tts_taken_code="TTS_100002",
-        tts_declined_code="TTS_100003",
-        sms_sign_name="守护",
-        sms_page_template="SMS_200001",
-        sms_notice_template="SMS_200002",
-    )
-    return {Channel.VOICE: AliyunVoiceNotifier(account), Channel.SMS: AliyunSmsNotifier(account)}
+    """Aliyun's voice and SMS notifiers, built as the router builds them, against the simulator at ``base``."""
+    return aliyun_notifiers(Settings.model_validate(ALIYUN_SETTINGS | {"aliyun_endpoint": base}))
 
 
 def _router(url: str, twilio: str, aliyun_base: str, clock: Any, default: ProviderChoice | None = None) -> Router:
@@ -173,6 +162,16 @@ def _metric(name: str, **labels: str) -> float:
 
 
 BOTH = {("voice", WORKER), ("sms", WORKER)}
+
+
+def _press_and_page(url: str, router: Router) -> int:
+    """The wristband's SOS, and one router pass: the first step's pages and what follows at once."""
+    incident = press(url, WRISTBAND, DAY)
+    try:
+        router.run_once()
+    finally:
+        router.close()
+    return incident
 
 
 # --- which provider pages whom ---------------------------------------------------------------
@@ -250,11 +249,7 @@ def test_twilio_refusing_with_503_pages_through_aliyun_at_once(
     fallbacks = _metric("shouhu_provider_fallbacks_total", failed="twilio", to="aliyun")
     failures = _metric("shouhu_provider_failures_total", provider="twilio", channel="voice")
     started = time.monotonic()
-    incident = press(county, WRISTBAND, DAY)
-    try:
-        router.run_once()
-    finally:
-        router.close()
+    incident = _press_and_page(county, router)
     elapsed = time.monotonic() - started
     assert _aliyun_reached(aliyun_sim) == BOTH
     assert _twilio_reached(phone_network) == set()
@@ -312,11 +307,7 @@ def test_an_area_on_aliyun_falls_back_to_twilio(county: str, phone_network: str,
     _fail(aliyun_sim, "error")
     router = _router(county, phone_network, aliyun_sim, Clock(DAY), default=ProviderChoice(TWILIO))
     started = time.monotonic()
-    incident = press(county, WRISTBAND, DAY)
-    try:
-        router.run_once()
-    finally:
-        router.close()
+    incident = _press_and_page(county, router)
     assert time.monotonic() - started < FAILOVER_S
     assert _twilio_reached(phone_network) == BOTH
     assert _aliyun_reached(aliyun_sim) == set()
@@ -332,11 +323,7 @@ def test_an_area_on_aliyun_falls_back_to_twilio(county: str, phone_network: str,
 def test_aliyun_failing_alone_changes_nothing_on_twilios_path(county: str, phone_network: str, aliyun_sim: str) -> None:
     _fail(aliyun_sim, "error")
     router = _router(county, phone_network, aliyun_sim, Clock(DAY))
-    incident = press(county, WRISTBAND, DAY)
-    try:
-        router.run_once()
-    finally:
-        router.close()
+    incident = _press_and_page(county, router)
     assert _twilio_reached(phone_network) == BOTH
     assert httpx.get(f"{aliyun_sim}/_sim/requests").json() == []
     assert {(n, p, s) for _a, _c, n, p, s in _attempts(county, incident)} == {(1, "twilio", "sent")}
