@@ -24,8 +24,11 @@ This module is the only writer of ``notification_attempts``: the pages of a step
 (:func:`queue_pages`), re-pages, notices and CAP Updates (:func:`queue_notice`,
 :func:`queue_repage`, :func:`queue_platform_message`), retries (:func:`queue_retry`),
 cancelling pages not yet started, what a provider's callback says
-(:func:`take_provider_id`, :func:`mark_answered`, :func:`record_status`) and the
-pages the hub's spool sent while the database was down (:func:`record_spooled_page`).
+(:func:`take_provider_id`, :func:`mark_answered`, :func:`record_status`), the
+pages the hub's spool sent while the database was down (:func:`record_spooled_page`),
+the provider a phone attempt goes out on (:func:`assign_provider`; a fallback is a
+retry on another one) and the consoles' alarm when every provider failed
+(:func:`queue_console_alarm`).
 """
 
 from __future__ import annotations
@@ -39,7 +42,8 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from alerts.locks import lock_incident, lock_incidents
-from alerts.notifiers.base import SendOutcome, SendResult
+from alerts.notifiers.base import Provider, SendOutcome, SendResult
+from alerts.providers import Failover
 from alerts.states import ACTIVE, CLOSED, AttemptState, IncidentState
 from alerts.timeline import add_event
 from devices.kinds import AttemptPurpose, Channel
@@ -52,12 +56,15 @@ __all__ = [
     "Lease",
     "LockedAttempt",
     "NewPage",
+    "assign_provider",
     "cancel_pending",
     "claim",
     "lock_attempt",
     "lock_incident",
     "lock_incidents",
     "mark_answered",
+    "next_try",
+    "queue_console_alarm",
     "queue_notice",
     "queue_pages",
     "queue_platform_message",
@@ -67,6 +74,7 @@ __all__ = [
     "record_status",
     "settle",
     "take_provider_id",
+    "tried_providers",
 ]
 
 
@@ -124,6 +132,7 @@ def claim(
     limit: int = 1,
     lease_s: float = LEASE_S,
     first_pages_only: bool = False,
+    only: int | None = None,
 ) -> list[Lease]:
     """Lease up to ``limit`` due attempts of ``channels`` for ``worker``, oldest first; in the caller's transaction.
 
@@ -131,9 +140,14 @@ def claim(
     those of incidents no provider has been asked about yet: in a mass event every
     incident gets one call or SMS out before any gets its second channel. Each query is
     served by a partial index. Commit before sending: the lease is what other senders see.
+    ``only``: that attempt alone, if it is due and free (a fallback its sender sends at once).
     """
     taken: list[tuple[Any, ...]] = []
-    tiers = (_UNPAGED_FIRST_PAGES, _FIRST_PAGES) if first_pages_only else (_UNPAGED_FIRST_PAGES, _FIRST_PAGES, "")
+    tiers: tuple[str, ...] = (_UNPAGED_FIRST_PAGES, _FIRST_PAGES)
+    if not first_pages_only:
+        tiers += ("",)
+    if only is not None:
+        tiers = (f"AND a.id = {int(only)}",)
     for extra in tiers:
         taken = conn.execute(
             _CLAIM.format(extra=extra, pending=AttemptState.PENDING),
@@ -224,12 +238,20 @@ _BEHIND_SIBLING = f"""
 
 
 def settle(
-    conn: Conn, lease: Lease, result: SendResult, now: datetime, worker: str, detail: dict[str, Any]
+    conn: Conn,
+    lease: Lease,
+    result: SendResult,
+    now: datetime,
+    worker: str,
+    detail: dict[str, Any],
+    *,
+    failover: Failover | None = None,
 ) -> str | None:
     """Record a send's outcome, in the caller's (new) transaction; the attempt's state, or None if fenced out.
 
     A keypress may have answered the call before its sid came back: the attempt keeps
-    ``answered`` and gets its sid. A failure is retried or given up (``alerts.retry``).
+    ``answered`` and gets its sid. A failure is retried, falls back to the next
+    provider of ``failover`` or is given up (``alerts.retry``).
     """
     from alerts.retry import after_failure  # retry queues attempts through this module's rules
 
@@ -277,7 +299,7 @@ def settle(
         detail | {"attempt_id": lease.attempt_id, "provider_id": result.provider_id, "error": result.error},
     )
     if result.outcome is SendOutcome.FAILED and row[0] == outcome:
-        after_failure(conn, lease.attempt_id, now, final=result.final)
+        after_failure(conn, lease.attempt_id, now, final=result.final, fall_back=result.fall_back, failover=failover)
     return str(row[0])
 
 
@@ -411,23 +433,98 @@ def queue_repage(
         )
 
 
-def queue_retry(conn: Conn, attempt_id: int, now: datetime, delay_s: float, *, keep_body: bool) -> None:
+def queue_retry(
+    conn: Conn, attempt_id: int, now: datetime, delay_s: float, *, keep_body: bool, provider: Provider | None = None
+) -> None:
     """The next try of ``attempt_id``: a new row, ``not_before`` the backoff (never a sleep).
 
     ``keep_body``: the same CAP message, its identifier and sent time (the platform
-    deduplicates on them).
+    deduplicates on them). The try goes out on ``provider`` (a fallback), else on the
+    failed try's provider.
     """
     conn.execute(
         """
         INSERT INTO notification_attempts (incident_id, action_id, purpose, round, step, recipient_kind,
-            recipient_id, address, channel, attempt, state, created_at, not_before, body)
+            recipient_id, address, channel, attempt, state, created_at, not_before, body, provider)
         SELECT incident_id, action_id, purpose, round, step, recipient_kind, recipient_id, address, channel,
-            attempt + 1, %s, %s, %s, CASE WHEN %s THEN body END
+            attempt + 1, %s, %s, %s, CASE WHEN %s THEN body END, coalesce(%s, provider)
         FROM notification_attempts WHERE id = %s
         ON CONFLICT DO NOTHING
         """,
-        (AttemptState.PENDING, now, now + timedelta(seconds=delay_s), keep_body, attempt_id),
+        (AttemptState.PENDING, now, now + timedelta(seconds=delay_s), keep_body, provider, attempt_id),
     )
+
+
+def next_try(conn: Conn, attempt_id: int) -> int | None:
+    """The id of the try queued after ``attempt_id`` and not started yet, if there is one."""
+    row = conn.execute(
+        """
+        SELECT n.id FROM notification_attempts a JOIN notification_attempts n
+          ON n.incident_id = a.incident_id AND n.purpose = a.purpose AND n.round = a.round AND n.step = a.step
+         AND n.recipient_id = a.recipient_id AND n.channel = a.channel AND n.attempt = a.attempt + 1
+        WHERE a.id = %s AND n.state = %s AND n.leased_by IS NULL
+        """,
+        (attempt_id, AttemptState.PENDING),
+    ).fetchone()
+    return None if row is None else int(row[0])
+
+
+def tried_providers(conn: Conn, attempt_id: int) -> list[Provider]:
+    """The providers this page (every try of it so far, ``attempt_id``'s included) went out on, first first."""
+    rows = conn.execute(
+        """
+        SELECT t.provider FROM notification_attempts a JOIN notification_attempts t
+          ON t.incident_id = a.incident_id AND t.purpose = a.purpose AND t.round = a.round AND t.step = a.step
+         AND t.recipient_id = a.recipient_id AND t.channel = a.channel AND t.attempt <= a.attempt
+        WHERE a.id = %s AND t.provider IS NOT NULL
+        GROUP BY t.provider ORDER BY min(t.attempt)
+        """,
+        (attempt_id,),
+    ).fetchall()
+    return [Provider(r[0]) for r in rows]
+
+
+def assign_provider(conn: Conn, attempt_id: int, provider: Provider) -> Provider:
+    """The provider a phone attempt goes out on: the one it has (a retry's, a fallback's), else ``provider``.
+
+    Set when a sender claims the attempt (in the claim's transaction), so every try
+    records where it went.
+    """
+    row = conn.execute(
+        "UPDATE notification_attempts SET provider = coalesce(provider, %s) WHERE id = %s RETURNING provider",
+        (provider, attempt_id),
+    ).fetchone()
+    assert row is not None
+    return Provider(row[0])
+
+
+def queue_console_alarm(
+    conn: Conn, incident_id: int, cause_event: int, text: str, people: list[tuple[str, str]], now: datetime
+) -> int:
+    """A console notice to each of ``people`` (kind, id), keyed by the event that caused it (queued once).
+
+    What the consoles show when no phone page could go out: every provider failed.
+    """
+    for kind, recipient_id in people:
+        conn.execute(
+            """
+            INSERT INTO notification_attempts (incident_id, purpose, round, step, recipient_kind, recipient_id,
+                address, channel, attempt, state, body, created_at)
+            VALUES (%s, %s, 0, %s, %s, %s, '', %s, 1, %s, %s, %s) ON CONFLICT DO NOTHING
+            """,
+            (
+                incident_id,
+                AttemptPurpose.NOTICE,
+                cause_event,
+                kind,
+                recipient_id,
+                Channel.CONSOLE,
+                AttemptState.PENDING,
+                text,
+                now,
+            ),
+        )
+    return len(people)
 
 
 def record_spooled_page(
@@ -450,8 +547,8 @@ def record_spooled_page(
         """
         INSERT INTO notification_attempts (incident_id, action_id, purpose, round, step, recipient_kind,
             recipient_id, address, channel, attempt, state, provider_id, error, created_at, sent_at,
-            updated_at)
-        VALUES (%s, %s, %s, 0, 0, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, %s)
+            updated_at, provider)
+        VALUES (%s, %s, %s, 0, 0, %s, %s, %s, %s, 1, %s, %s, %s, %s, %s, %s, %s)
         ON CONFLICT DO NOTHING RETURNING id
         """,
         (
@@ -468,6 +565,8 @@ def record_spooled_page(
             started_at,
             finished_at if sent else None,
             finished_at,
+            # The hub's spool pages through Twilio (hub/spool.py).
+            Provider.TWILIO if channel in (Channel.VOICE, Channel.SMS) else None,
         ),
     ).fetchone()
     return None if row is None else int(row[0])

@@ -5,23 +5,32 @@ transaction or lock open, then settled with the provider's id in a new transacti
 A worker that dies mid-send leaves its leases behind; the next sender takes them over
 and sends those attempts again under the same keys — at most the attempts in flight
 are sent twice, none a third time.
+
+A voice or SMS attempt goes out on a provider (``alerts/providers.py``): the one its
+row names (a retry's, a fallback's), else the primary of its incident's area, written
+on the row when it is claimed. A send that falls back queues the next try on the
+other provider, and the sender that saw the failure sends that try at once itself:
+no other sender, busy or held by the hung provider, stands between the failure and
+the page going out again.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
+from zoneinfo import ZoneInfo
 
 from prometheus_client import Counter, Histogram
 from psycopg.rows import kwargs_row
 
-from alerts.attempts import Lease, claim, settle
-from alerts.notifiers.base import Delivery, Message, Notifier, SendOutcome, SendResult
+from alerts.attempts import Lease, assign_provider, claim, next_try, settle
+from alerts.notifiers.base import Delivery, Message, Notifier, Provider, SendOutcome, SendResult
 from alerts.notifiers.platform import CapMsgType, PlatformAlert, PlatformNotifier, TriedContact
+from alerts.providers import PHONE_CHANNELS, Failover, PhoneProviders, choice_for_area
 from alerts.states import AttemptState, IncidentState
 from devices.kinds import AttemptPurpose, Channel
 from shouhu.db import Conn
@@ -65,6 +74,8 @@ class PendingAttempt:
     resident_address: str
     resident_phone: str | None
     device_id: str | None = None
+    area_id: str | None = None
+    provider: Provider | None = None
 
     def message(self) -> Message:
         """What the person is told: the minimum, never medical notes (PIPL)."""
@@ -86,18 +97,29 @@ def attempt_by_id(conn: Conn, attempt_id: int) -> PendingAttempt | None:
     return cursor.execute(_ATTEMPTS + " WHERE a.id = %s", (attempt_id,)).fetchone()
 
 
-def _attempt(*, purpose: str, channel: str, **columns: Any) -> PendingAttempt:
-    return PendingAttempt(purpose=AttemptPurpose(purpose), channel=Channel(channel), **columns)
+def _attempt(*, purpose: str, channel: str, provider: str | None, **columns: Any) -> PendingAttempt:
+    return PendingAttempt(
+        purpose=AttemptPurpose(purpose),
+        channel=Channel(channel),
+        provider=Provider(provider) if provider else None,
+        **columns,
+    )
 
 
 _ATTEMPTS = """
     SELECT a.id, a.incident_id, a.purpose, a.channel, a.address, a.step, a.round, a.attempt, a.body,
            i.code, i.kind, i.opened_at, coalesce(r.name, '未登记手环') AS resident_name,
-           coalesce(r.address, '') AS resident_address, r.phone AS resident_phone, i.device_id
+           coalesce(r.address, '') AS resident_address, r.phone AS resident_phone, i.device_id,
+           i.area_id, a.provider
     FROM notification_attempts a
     JOIN incidents i ON i.id = a.incident_id
     LEFT JOIN residents r ON r.id = i.resident_id
 """
+
+
+# A leased attempt ready to send: its lease, what it is, the CAP alert (webhook), whether it
+# is the incident's first page, and what it may fall back on (phone).
+_Work = tuple[Lease, PendingAttempt, PlatformAlert | None, bool, Failover | None]
 
 
 class Dispatcher:
@@ -105,27 +127,36 @@ class Dispatcher:
 
     One channel at a time (each channel has its own senders, ``alerts/router.py``): an
     attempt is leased in one short transaction (``alerts/attempts.py``), sent with no
-    transaction open, and settled in another.
+    transaction open, and settled in another. Voice and SMS go out through ``phone``,
+    by the attempt's provider; the console through ``console``.
     """
 
     def __init__(
         self,
-        notifiers: Mapping[Channel, Notifier],
+        phone: PhoneProviders,
         platform: PlatformNotifier | None,
         *,
         worker_id: str,
         clock: Callable[[], datetime],
+        zone: ZoneInfo,
+        console: Notifier | None = None,
         exercise: bool = False,
     ) -> None:
-        self.notifiers = dict(notifiers)
+        self.phone = phone
+        self.console = console
         self.platform = platform
         self.worker_id = worker_id
         self.clock = clock
+        self.zone = zone
         self.exercise = exercise
 
     def channels(self) -> frozenset[Channel]:
         """Every channel this dispatcher can send on."""
-        return frozenset(self.notifiers) | ({Channel.WEBHOOK} if self.platform else frozenset())
+        return (
+            self.phone.channels
+            | ({Channel.CONSOLE} if self.console else frozenset())
+            | ({Channel.WEBHOOK} if self.platform else frozenset())
+        )
 
     def send_due(
         self, conn: Conn, channel: Channel | None = None, *, limit: int = 1, first_pages_only: bool = False
@@ -138,15 +169,41 @@ class Dispatcher:
             now = self.clock()
             channels = self.channels() if channel is None else (channel,)
             leases = claim(conn, channels, now, self.worker_id, limit=limit, first_pages_only=first_pages_only)
-            work: list[tuple[Lease, PendingAttempt, PlatformAlert | None, bool]] = []
-            for lease in leases:
-                attempt = attempt_by_id(conn, lease.attempt_id)
-                assert attempt is not None
-                alert = self._cap_alert(conn, attempt) if attempt.channel is Channel.WEBHOOK else None
-                work.append((lease, attempt, alert, self._is_first_page(conn, attempt, lease.sends)))
-        for lease, attempt, alert, first in work:
-            self._send_one(conn, lease, attempt, alert, first)
+            work = [self._prepare(conn, lease) for lease in leases]
+        self._send(conn, work)
         return len(leases)
+
+    def _send(self, conn: Conn, work: list[_Work]) -> None:
+        for lease, attempt, alert, first, failover in work:
+            result = self._send_one(conn, lease, attempt, alert, first, failover)
+            if result.fall_back and failover is not None:
+                self._send_fallback(conn, attempt.id)
+
+    def _prepare(self, conn: Conn, lease: Lease) -> _Work:
+        """What sending a leased attempt needs, read in the claim's transaction; a phone
+        attempt gets its provider here (its own, else its area's primary)."""
+        attempt = attempt_by_id(conn, lease.attempt_id)
+        assert attempt is not None
+        alert = self._cap_alert(conn, attempt) if attempt.channel is Channel.WEBHOOK else None
+        failover = None
+        if attempt.channel in PHONE_CHANNELS and self.phone.default is not None:
+            choice = choice_for_area(conn, attempt.area_id, self.phone.default)
+            provider = assign_provider(conn, attempt.id, attempt.provider or choice.primary)
+            attempt = replace(attempt, provider=provider)
+            failover = Failover(choice, self.zone)
+        return lease, attempt, alert, self._is_first_page(conn, attempt, lease.sends), failover
+
+    def _send_fallback(self, conn: Conn, failed_id: int) -> None:
+        """Send the try queued on the next provider after ``failed_id`` fell back, now, in this thread."""
+        with conn.transaction():
+            fallback = next_try(conn, failed_id)
+            if fallback is None:
+                return  # no provider left (the step goes on as after any failure), or another sender has it
+            attempt = attempt_by_id(conn, fallback)
+            assert attempt is not None
+            leases = claim(conn, (attempt.channel,), self.clock(), self.worker_id, only=fallback)
+            work = [self._prepare(conn, lease) for lease in leases]
+        self._send(conn, work)  # a fallback that fails so again goes on to the next provider, if any
 
     def _is_first_page(self, conn: Conn, attempt: PendingAttempt, sends: int) -> bool:
         """The incident's first page, counted once even with several senders: the lowest page
@@ -161,7 +218,13 @@ class Dispatcher:
         return bool(row and row[0])
 
     def _send_one(
-        self, conn: Conn, lease: Lease, attempt: PendingAttempt, alert: PlatformAlert | None, first: bool
+        self,
+        conn: Conn,
+        lease: Lease,
+        attempt: PendingAttempt,
+        alert: PlatformAlert | None,
+        first: bool,
+        failover: Failover | None,
     ) -> SendResult:
         started = self.clock()
         if first:
@@ -191,14 +254,24 @@ class Dispatcher:
                     "to": attempt.address,
                     "step": attempt.step,
                     "round": attempt.round,
-                },
+                }
+                | ({"provider": attempt.provider.value} if attempt.provider else {}),
+                failover=failover,
             )
         return result
 
     def _send_phone(self, attempt: PendingAttempt) -> SendResult:
-        notifier = self.notifiers.get(attempt.channel)
+        if attempt.channel is Channel.CONSOLE:
+            notifier = self.console
+        elif attempt.provider is not None:
+            notifier = self.phone.notifier(attempt.provider, attempt.channel)
+        else:
+            notifier = None
         if notifier is None:
-            return SendResult(SendOutcome.FAILED, error=f"no notifier for {attempt.channel}")
+            where = f"{attempt.provider} {attempt.channel}" if attempt.provider else str(attempt.channel)
+            # Another provider may carry it: a provider named for an area but not configured here.
+            fall_back = attempt.channel in PHONE_CHANNELS
+            return SendResult(SendOutcome.FAILED, error=f"no notifier for {where}", fall_back=fall_back)
         return notifier.send(Delivery(attempt.id, attempt.channel, attempt.address, attempt.message()))
 
     def _cap_alert(self, conn: Conn, attempt: PendingAttempt) -> PlatformAlert | None:

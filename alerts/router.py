@@ -20,7 +20,7 @@ import logging
 import select
 import threading
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from zoneinfo import ZoneInfo
@@ -31,6 +31,7 @@ from alerts import escalation
 from alerts.dispatch import PRESS_TO_FIRST_REQUEST, Dispatcher
 from alerts.notifiers.base import Notifier
 from alerts.notifiers.platform import PlatformNotifier
+from alerts.providers import PhoneProviders
 from alerts.timeline import ESCALATION_CHANNEL, wake_routers
 from devices.kinds import Channel
 from shouhu.db import Conn
@@ -71,16 +72,27 @@ class Router:
         self,
         database_url: str,
         config: RouterConfig,
-        notifiers: Mapping[Channel, Notifier],
+        phone: PhoneProviders,
         *,
+        console: Notifier | None = None,
         platform: PlatformNotifier | None = None,
         clock: Clock = utc_now,
         exercise: bool = False,
     ) -> None:
+        """``phone``: the providers' notifiers for voice and SMS and the default choice;
+        ``console``: the consoles' (``ConsoleNotifier``), None for no console pages."""
         self.database_url = database_url
         self.config = config
         self.clock = clock
-        self.dispatcher = Dispatcher(notifiers, platform, worker_id=config.router_id, clock=clock, exercise=exercise)
+        self.dispatcher = Dispatcher(
+            phone,
+            platform,
+            worker_id=config.router_id,
+            clock=clock,
+            console=console,
+            zone=config.zone,
+            exercise=exercise,
+        )
         self.stopping = threading.Event()
         # One connection per thread: the loop and each sender thread hold their own.
         self._local = threading.local()

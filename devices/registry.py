@@ -51,25 +51,32 @@ class LoadReport:
         return any(c.upserted or c.deactivated for c in self.changes.values())
 
 
-def _upsert(conn: psycopg.Connection, table: str, keys: Sequence[str], rows: list[Row]) -> int:
-    """Insert or update ``rows``, reactivating them; unchanged rows are left alone."""
+def _upsert(conn: psycopg.Connection, table: str, keys: Sequence[str], rows: list[Row], *, active: bool = True) -> int:
+    """Insert or update ``rows``, reactivating them (``active``: the table has that flag);
+    unchanged rows are left alone."""
     if not rows:
         return 0
     columns = list(rows[0])
     updated = [c for c in columns if c not in keys]
+    flag = sql.SQL(", active") if active else sql.SQL("")
+    true = sql.SQL(", true") if active else sql.SQL("")
     statement = sql.SQL(
-        "INSERT INTO {table} ({cols}, active) VALUES ({vals}, true) "
-        "ON CONFLICT ({keys}) DO UPDATE SET {sets}, active = true, updated_at = now() "
-        "WHERE ({old}, {table}.active) IS DISTINCT FROM ({new}, true)"
+        "INSERT INTO {table} ({cols}{flag}) VALUES ({vals}{true}) "
+        "ON CONFLICT ({keys}) DO UPDATE SET {sets}{reactivate}, updated_at = now() "
+        "WHERE ({old}{old_flag}) IS DISTINCT FROM ({new}{true})"
     ).format(
         table=sql.Identifier(table),
         cols=sql.SQL(", ").join(map(sql.Identifier, columns)),
+        flag=flag,
         vals=sql.SQL(", ").join(sql.Placeholder(c) for c in columns),
+        true=true,
         keys=sql.SQL(", ").join(map(sql.Identifier, keys)),
         sets=sql.SQL(", ").join(sql.SQL("{c} = EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updated),
+        reactivate=sql.SQL(", active = true") if active else sql.SQL(""),
         old=sql.SQL(", ").join(
             sql.SQL("{t}.{c}").format(t=sql.Identifier(table), c=sql.Identifier(c)) for c in updated
         ),
+        old_flag=sql.SQL(", {t}.active").format(t=sql.Identifier(table)) if active else sql.SQL(""),
         new=sql.SQL(", ").join(sql.SQL("EXCLUDED.{c}").format(c=sql.Identifier(c)) for c in updated),
     )
     with conn.cursor() as cur:
@@ -224,6 +231,7 @@ def load_registry(conn: psycopg.Connection, registry: RegistryFile) -> LoadRepor
         )
         changes["heartbeat_policies"] = _sync_heartbeats(conn, registry)
         changes["quiet_hours"] = _sync_quiet_hours(conn, registry)
+        changes["area_phone_providers"] = _sync_phone_providers(conn, registry)
         return LoadReport(
             changes=changes,
             residents_without_guardian=residents_without_guardian(conn),
@@ -253,22 +261,27 @@ def _sync_heartbeats(conn: psycopg.Connection, registry: RegistryFile) -> TableC
 
 
 def _sync_quiet_hours(conn: psycopg.Connection, registry: RegistryFile) -> TableChange:
-    """Quiet hours are configuration, not entities: an area left out has none of its own."""
-    listed = [q.area for q in registry.quiet_hours]
-    removed = conn.execute("DELETE FROM quiet_hours WHERE NOT (area_id = ANY(%s))", (listed,)).rowcount
-    upserted = 0
-    for quiet in registry.quiet_hours:
-        upserted += conn.execute(
-            """
-            INSERT INTO quiet_hours (area_id, start_time, end_time) VALUES (%s, %s, %s)
-            ON CONFLICT (area_id) DO UPDATE SET start_time = EXCLUDED.start_time, end_time = EXCLUDED.end_time,
-                updated_at = now()
-            WHERE (quiet_hours.start_time, quiet_hours.end_time) IS DISTINCT FROM
-                  (EXCLUDED.start_time, EXCLUDED.end_time)
-            """,
-            (quiet.area, quiet.start, quiet.end),
-        ).rowcount
-    return TableChange(max(upserted, 0), max(removed, 0))
+    rows = [{"area_id": q.area, "start_time": q.start, "end_time": q.end} for q in registry.quiet_hours]
+    return _sync_per_area(conn, "quiet_hours", rows)
+
+
+def _sync_phone_providers(conn: psycopg.Connection, registry: RegistryFile) -> TableChange:
+    rows = [
+        {"area_id": p.area, "primary_provider": p.primary, "secondary_provider": p.secondary}
+        for p in registry.phone_providers
+    ]
+    return _sync_per_area(conn, "area_phone_providers", rows)
+
+
+def _sync_per_area(conn: psycopg.Connection, table: str, rows: list[Row]) -> TableChange:
+    """Per-area settings (quiet hours, phone providers) are configuration, not entities:
+    an area left out has none of its own (its row is deleted); an unchanged row is left alone."""
+    listed = [row["area_id"] for row in rows]
+    removed = conn.execute(
+        sql.SQL("DELETE FROM {} WHERE NOT (area_id = ANY(%s))").format(sql.Identifier(table)), (listed,)
+    ).rowcount
+    upserted = _upsert(conn, table, ["area_id"], rows, active=False)
+    return TableChange(upserted, max(removed, 0))
 
 
 def _counts(conn: psycopg.Connection) -> dict[str, int]:

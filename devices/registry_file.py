@@ -11,7 +11,7 @@ import re
 from datetime import time
 from enum import StrEnum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import phonenumbers
 import yaml
@@ -259,6 +259,27 @@ class QuietHoursEntry(_DailyWindow):
         return self
 
 
+# The providers that carry phone pages: the values of ``alerts.notifiers.base.Provider``
+# (devices/ sits below alerts/, so the names are repeated here; tests/test_provider_failover.py
+# checks they agree).
+PhoneProvider = Literal["twilio", "aliyun"]
+
+
+class PhoneProvidersEntry(_Entry):
+    """The providers that carry an area's voice and SMS pages, and everything below it
+    (the nearest area wins): the primary, and the secondary a page fails over to."""
+
+    area: EntryId
+    primary: PhoneProvider
+    secondary: PhoneProvider | None = None
+
+    @model_validator(mode="after")
+    def _two_providers(self) -> PhoneProvidersEntry:
+        if self.secondary == self.primary:
+            raise ValueError(f"the secondary is the primary ({self.primary}): name another provider or none")
+        return self
+
+
 class RegistryFile(_Entry):
     areas: list[AreaEntry] = Field(default_factory=list)
     staff: list[StaffEntry] = Field(default_factory=list)
@@ -268,6 +289,7 @@ class RegistryFile(_Entry):
     policies: list[PolicyEntry] = Field(default_factory=list)
     heartbeats: dict[DeviceKind, HeartbeatEntry] = Field(default_factory=dict)
     quiet_hours: list[QuietHoursEntry] = Field(default_factory=list)
+    phone_providers: list[PhoneProvidersEntry] = Field(default_factory=list)
 
     @model_validator(mode="after")
     def _references(self) -> RegistryFile:
@@ -391,13 +413,21 @@ def reference_problems(registry: RegistryFile) -> list[str]:
         scopes.add((policy.kind, policy.area))
         if policy.area is not None and policy.area not in areas:
             problems.append(f"policies[{index}] ({policy.id}) field 'area': unknown area {policy.area!r}")
-    quiet_areas: set[str] = set()
-    for index, quiet in enumerate(registry.quiet_hours):
-        if quiet.area not in areas:
-            problems.append(f"quiet_hours[{index}] field 'area': unknown area {quiet.area!r}")
-        if quiet.area in quiet_areas:
-            problems.append(f"quiet_hours[{index}] field 'area': a second entry for {quiet.area!r}")
-        quiet_areas.add(quiet.area)
+    problems += _per_area_problems("quiet_hours", [q.area for q in registry.quiet_hours], areas)
+    problems += _per_area_problems("phone_providers", [p.area for p in registry.phone_providers], areas)
+    return problems
+
+
+def _per_area_problems(section: str, area_ids: list[str], areas: dict[str, AreaEntry]) -> list[str]:
+    """A section of per-area settings (one entry per area at most): unknown and repeated areas."""
+    problems = []
+    seen: set[str] = set()
+    for index, area_id in enumerate(area_ids):
+        if area_id not in areas:
+            problems.append(f"{section}[{index}] field 'area': unknown area {area_id!r}")
+        if area_id in seen:
+            problems.append(f"{section}[{index}] field 'area': a second entry for {area_id!r}")
+        seen.add(area_id)
     return problems
 
 

@@ -26,6 +26,7 @@ from shouhu.settings import Settings
 
 if TYPE_CHECKING:
     from alerts.care_sweep import CareSweeper
+    from alerts.providers import PhoneProviders
     from alerts.router import Router
     from hub.service import Hub
 
@@ -206,35 +207,91 @@ def run_hub_or_exit(worker: Hub) -> None:
         os._exit(EXIT_HUB_FAILED)
 
 
+def phone_providers(settings: Settings) -> PhoneProviders:
+    """The configured phone providers' notifiers and the default choice
+    (``SHOUHU_PHONE_PRIMARY`` / ``_SECONDARY``, else the one provider configured).
+
+    A provider named but not configured is a one-line failure (exit 2).
+    """
+    from alerts.notifiers.aliyun import aliyun_notifiers
+    from alerts.notifiers.base import Notifier, Provider
+    from alerts.notifiers.twilio import TwilioNotifier
+    from alerts.providers import PhoneProviders, ProviderChoice
+    from devices.kinds import Channel
+
+    notifiers: dict[tuple[Provider, Channel], Notifier] = {}
+    if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from:
+        twilio = TwilioNotifier.from_settings(settings)
+        notifiers |= {(Provider.TWILIO, Channel.VOICE): twilio, (Provider.TWILIO, Channel.SMS): twilio}
+    # A channel Aliyun is not configured for falls back to the other provider, if any.
+    notifiers |= {(Provider.ALIYUN, channel): notifier for channel, notifier in aliyun_notifiers(settings).items()}
+    default = None
+    if settings.phone_primary:
+        secondary = Provider(settings.phone_secondary) if settings.phone_secondary else None
+        try:
+            default = ProviderChoice(Provider(settings.phone_primary), secondary)
+        except ValueError as exc:
+            fail(f"SHOUHU_PHONE_SECONDARY: {exc}", 2)
+    elif settings.phone_secondary:
+        fail("SHOUHU_PHONE_SECONDARY is set but SHOUHU_PHONE_PRIMARY is not: name the primary provider too", 2)
+    try:
+        phone = PhoneProviders.build(notifiers, default)
+    except ValueError as exc:
+        fail(str(exc), 2)
+    if default is not None:
+        for field, why in phone.unconfigured(default):
+            fail(f"SHOUHU_PHONE_{field.upper()}: {why}", 2)
+    return phone
+
+
+def check_area_providers(url: str, phone: PhoneProviders) -> None:
+    """Every provider the registry names for an area is configured, or a failure naming the area and field."""
+    from alerts.providers import area_choices
+    from shouhu.db import connect
+
+    with connect(url) as conn:
+        choices = area_choices(conn)
+    problems = [
+        f"phone_providers (area {area}) field '{field}': {why}"
+        for area, choice in choices
+        for field, why in phone.unconfigured(choice)
+    ]
+    if problems:
+        lines = "\n".join(f"  - {p}" for p in problems)
+        fail(f"the registry names phone providers that are not configured:\n{lines}", 2)
+
+
 def make_router(settings: Settings, url: str, *, exercise: bool = False, phone_optional: bool = False) -> Router:
     """The escalation worker with its notifiers.
 
-    ``phone_optional`` (``shouhu up``): with no Twilio settings it runs on the consoles
-    and the emergency platform alone, and says so loudly; ``shouhu router`` refuses to.
+    ``phone_optional`` (``shouhu up``): with no phone provider configured it runs on the
+    consoles and the emergency platform alone, and says so loudly; ``shouhu router``
+    refuses to. Every provider the settings or the registry name must be configured.
     """
-    from alerts.notifiers.base import Notifier
     from alerts.notifiers.console import ConsoleNotifier
-    from alerts.notifiers.twilio import TwilioNotifier
     from alerts.notifiers.webhook import WebhookNotifier
     from alerts.router import Router, RouterConfig
-    from devices.kinds import Channel
 
-    notifiers: dict[Channel, Notifier] = {Channel.CONSOLE: ConsoleNotifier()}
-    if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from:
-        twilio = TwilioNotifier.from_settings(settings)
-        notifiers |= {Channel.SMS: twilio, Channel.VOICE: twilio}
+    phone = phone_providers(settings)
+    if phone.default is not None:
+        check_area_providers(url, phone)
     elif phone_optional:
         typer.secho(
             "NO PHONE PROVIDER: no SMS and no voice call will go out; SOS pages reach only the consoles"
             " and the emergency platform.\n"
-            f"  To page by phone set {TWILIO_SETTINGS}; to try Shouhu with a simulated phone network,"
+            f"  To page by phone set {TWILIO_SETTINGS} (or SHOUHU_ALIYUN_*); to try Shouhu with a simulated"
+            " phone network,"
             " run `shouhu up --demo`.",
             fg=typer.colors.RED,
             bold=True,
             err=True,
         )
     else:
-        fail(f"{TWILIO_SETTINGS} must be set: without them the router cannot page anyone by phone", 2)
+        fail(
+            f"{TWILIO_SETTINGS} (or SHOUHU_ALIYUN_*) must be set: without a phone provider the router cannot"
+            " page anyone by phone",
+            2,
+        )
     platform = None
     if settings.emergency_webhook_url:
         try:
@@ -250,7 +307,8 @@ def make_router(settings: Settings, url: str, *, exercise: bool = False, phone_o
     return Router(
         url,
         RouterConfig(router_id=f"router-{settings.hub_id}", zone=settings.zone),
-        notifiers,
+        phone,
+        console=ConsoleNotifier(),
         platform=platform,
         exercise=exercise,
     )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import socket
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
@@ -70,6 +70,12 @@ class Settings(BaseSettings):
     twilio_auth_token: str = ""
     twilio_from: str = ""
     twilio_api_base: str = TWILIO_DEFAULT_API_BASE
+    # Who carries voice and SMS pages (issue 17, docs/escalation.md "Choosing providers and
+    # failover"): the default primary and the secondary a page fails over to, for every
+    # area the registry's `phone_providers:` does not name. Empty primary: the one provider
+    # configured; empty secondary: no failover. A provider named must be configured.
+    phone_primary: Literal["", "twilio", "aliyun"] = ""
+    phone_secondary: Literal["", "twilio", "aliyun"] = ""
     # Aliyun voice (dyvmsapi) and SMS (dysmsapi), alerts/notifiers/aliyun.py: the AccessKey,
     # one endpoint for both APIs (http(s)://host:port, the simulator's; empty: Aliyun's
     # own hosts), the caller number, the approved TTS and SMS templates' codes and the

@@ -9,6 +9,8 @@ demo shows the phone ring) and listed under ``/_sim/…`` for tests and the demo
 Faults are injected per number with ``POST /_sim/faults``:
 
 - ``error``: every request to that number answers Twilio's 500 (error 20500);
+- ``unavailable``: every request to that number answers 503 (error 20503), as Twilio
+  does when it cannot take requests: the provider is down, another one may not be;
 - ``busy`` / ``no-answer``: a call is accepted (201, ``queued``, as Twilio does) and
   then ends ``busy`` / ``no-answer``; if the request gave a ``StatusCallback`` the
   network posts that final status to it, signed with ``X-Twilio-Signature`` like
@@ -16,8 +18,10 @@ Faults are injected per number with ``POST /_sim/faults``:
 
 - ``hang``: the request gets no answer for ``hang_s`` seconds (default 60), then is
   handled as usual: a provider that hangs (past the client's timeout) or is slow (a
-  shorter ``hang_s``: the send is provably in flight meanwhile). ``to`` ``*`` hangs
-  every number.
+  shorter ``hang_s``: the send is provably in flight meanwhile).
+
+``to`` ``*`` applies a fault to every number (a provider down), after any fault set
+on the number itself.
 
 A fault may be narrowed: ``only`` (``call`` or ``sms``) applies it to that kind of
 request alone, and ``times`` to the next N such requests to the number, after
@@ -77,7 +81,7 @@ E164 = re.compile(r"\+[1-9]\d{1,14}")
 SMS_BODY_LIMIT = 1600  # Twilio refuses a longer concatenated body (error 21617)
 CALLBACK_TIMEOUT_S = 5.0
 
-Fault = Literal["busy", "no-answer", "error", "hang"]
+Fault = Literal["busy", "no-answer", "error", "unavailable", "hang"]
 RequestKind = Literal["call", "sms"]
 Answer = Literal["press1", "press2", "press5", "press#", "hangup", "voicemail", "busy", "no-answer", "unreachable"]
 WebhookKind = Literal["status", "keypress", "inbound_sms", "twiml"]
@@ -240,7 +244,8 @@ class NumberFault:
 
     def applies_to(self, kind: RequestKind) -> bool:
         # Busy and no-answer are how a call ends; an SMS to that phone goes through.
-        return (self.only is None or self.only == kind) and (kind == "call" or self.fail in ("error", "hang"))
+        refusals = ("error", "unavailable", "hang")
+        return (self.only is None or self.only == kind) and (kind == "call" or self.fail in refusals)
 
     def public(self) -> dict[str, Any]:
         public: dict[str, Any] = {"fail": self.fail, "only": self.only, "remaining": self.remaining}
@@ -364,17 +369,14 @@ class PhoneNetwork:
                 del self._faults[number]
 
     def take_fault(self, to: str, kind: RequestKind) -> Fault | None:
-        """The fault this request to ``to`` meets, if any; a counted fault is used up by it."""
+        """The fault this request to ``to`` meets, if any (``*``: any number); a counted fault is used up by it."""
         with self._lock:
-            fault = self._faults.get(to)
-            if fault is None or fault.fail == "hang" or not fault.applies_to(kind):
-                return None
-            if fault.remaining is not None:
-                if fault.remaining > 1:
-                    self._faults[to] = replace(fault, remaining=fault.remaining - 1)
-                else:
-                    del self._faults[to]
-            return fault.fail
+            for number in (to, "*"):
+                fault = self._faults.get(number)
+                if fault is not None and fault.fail != "hang" and fault.applies_to(kind):
+                    self._use(number, fault)
+                    return fault.fail
+            return None
 
     def set_behaviour(self, to: str, changes: dict[str, Any]) -> dict[str, dict[str, str | None]]:
         """Change the named fields of ``to``'s behaviour; a number left with none is forgotten."""
@@ -606,6 +608,9 @@ def _injected_fault(network: PhoneNetwork, to: str, kind: RequestKind) -> Fault 
     if fault == "error":
         network.announce(f"✖  network error for {to} (injected fault)")
         raise TwilioApiError(500, 20500, "An internal server error has occurred")
+    if fault == "unavailable":
+        network.announce(f"✖  service unavailable for {to} (injected fault)")
+        raise TwilioApiError(503, 20503, "Service unavailable")
     return fault
 
 
@@ -826,7 +831,7 @@ def create_phone_network(
 
     @app.post("/_sim/faults")
     async def set_fault(fault: FaultRequest) -> dict[str, dict[str, Any]]:
-        """Make a number fail (``busy``, ``no-answer``, ``error``, ``hang``), or heal it (``null``).
+        """Make a number fail (``busy``, ``no-answer``, ``error``, ``unavailable``, ``hang``), or heal it (``null``).
 
         ``only`` narrows it to calls or SMS; ``times`` to the next N of those requests.
         """

@@ -15,8 +15,9 @@ from fastapi.testclient import TestClient
 from psycopg.types.json import Jsonb
 
 from alerts.incidents import Alarm, record_alarm
-from alerts.notifiers.base import Delivery, SendOutcome, SendResult
+from alerts.notifiers.base import Delivery, Provider, SendOutcome, SendResult
 from alerts.notifiers.console import ConsoleNotifier
+from alerts.providers import PhoneProviders, ProviderChoice
 from alerts.router import Router, RouterConfig
 from api.main import create_app
 from devices.contract import payload_hash
@@ -163,7 +164,11 @@ def world(database_url: str, db: Conn) -> World:
     router = Router(
         database_url,
         RouterConfig("r1", ZONE),
-        {Channel.VOICE: _Voice(), Channel.SMS: _Sms(), Channel.CONSOLE: ConsoleNotifier()},
+        PhoneProviders(
+            {(Provider.TWILIO, Channel.VOICE): _Voice(), (Provider.TWILIO, Channel.SMS): _Sms()},
+            ProviderChoice(Provider.TWILIO),
+        ),
+        console=ConsoleNotifier(),
         clock=lambda: T0 + timedelta(seconds=5),
     )
     try:

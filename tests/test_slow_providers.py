@@ -21,11 +21,12 @@ import pytest
 from twilio.request_validator import RequestValidator
 
 from alerts.acknowledge import Actor, acknowledge
+from alerts.notifiers.base import Provider
 from alerts.notifiers.console import ConsoleNotifier
 from alerts.notifiers.twilio import TwilioNotifier, keypress_url
 from alerts.notifiers.webhook import WebhookNotifier
+from alerts.providers import PhoneProviders
 from alerts.router import DEFAULT_SENDERS, Router, RouterConfig
-from devices.kinds import Channel
 from shouhu.tokens import Role, create_token
 from simulators.emergency_platform import create_emergency_platform
 from tests.support.callbacks import Stack
@@ -86,7 +87,8 @@ def _router(
     return Router(
         url,
         RouterConfig(name, ZONE),
-        {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: ConsoleNotifier()},
+        PhoneProviders.of({Provider.TWILIO: twilio}),
+        console=ConsoleNotifier(),
         platform=webhook,
         clock=lambda: datetime.now(UTC),
     )

@@ -42,7 +42,11 @@ if TYPE_CHECKING:
 
     from shouhu.settings import Settings
 
-HTTP_TIMEOUT_S = 10.0
+# Each request's hard timeout. A hung Twilio must be given up in time for the page to go
+# out on the secondary provider within 10 s of the send starting (issue 17): 6 s leaves
+# 4 s for settling, the claim of the fallback and the other provider's own request.
+# Twilio answers a create in well under a second; 6 s is many times its usual latency.
+HTTP_TIMEOUT_S = 6.0
 SMS_MAX_CHARS = 140
 NAME_MAX_CHARS = 12
 # Twilio's <Say> takes the Polly/Google language id; Mandarin is cmn-CN, and Zhiyu is
@@ -257,6 +261,22 @@ class RebasingHttpClient(TwilioHttpClient):  # type: ignore[misc]  # twilio ship
         return response
 
 
+# HTTP statuses Twilio answers when retrying on Twilio cannot help but another provider
+# may: the account's credentials refused (401, 403), too many requests (429).
+_FALL_BACK_STATUSES = frozenset({401, 403, 429})
+
+
+def falls_back(exc: TwilioException) -> bool:
+    """Whether a refusal means "send it through another provider": the credentials were
+    refused (401, 403), Twilio throttles the account (429), or Twilio failed (5xx).
+
+    Any other 4xx is about the message itself (an invalid number, a number that cannot
+    take SMS): another provider would refuse it too, so it is retried as before.
+    """
+    status = getattr(exc, "status", None)
+    return isinstance(status, int) and (status in _FALL_BACK_STATUSES or status >= 500)
+
+
 def _twilio_error(exc: TwilioException) -> str:
     # str() of twilio's exceptions is a coloured multi-line text when stderr is a
     # terminal; the timeline wants one plain line.
@@ -348,21 +368,32 @@ class TwilioNotifier:
         )
 
     def _guarded(self, create: Callable[[], str | None]) -> SendResult:
+        """Run ``create``; a failure is FAILED, with ``fall_back`` when only another provider can help.
+
+        Falls back: credentials refused (401, 403), throttled (429), a 5xx, no answer
+        within the timeout, a refused or broken connection. Not: any other 4xx (the
+        message or number is wrong), or a 2xx Twilio may have acted on (an unreadable
+        answer, no sid) — falling back then could page the person twice at once.
+        """
+        fall_back = True
         try:
             sid = create()
         except TwilioException as exc:
             error = _twilio_error(exc)
+            fall_back = falls_back(exc)
         except requests.Timeout as exc:
             error = f"no answer from {self.api_base} within {self.timeout:g} s: {exc}"
         except requests.RequestException as exc:
             error = f"cannot reach {self.api_base}: {exc}"
         except ValueError as exc:  # a 2xx answer that is not Twilio's JSON
             error = f"unreadable answer from {self.api_base}: {exc}"
+            fall_back = False
         else:
             if sid:
                 return SendResult(SendOutcome.SENT, provider_id=sid)
             error = "Twilio accepted it but gave no sid"
-        return SendResult(SendOutcome.FAILED, error=error)
+            fall_back = False
+        return SendResult(SendOutcome.FAILED, error=error, fall_back=fall_back)
 
     def _create(self, delivery: Delivery) -> str | None:
         """Create the Message or Call resource; returns its sid."""

@@ -162,6 +162,14 @@ WORDS: dict[str, tuple[str, str]] = {
     "cancel_received": ("收到手环取消", "Cancel received from the band"),
     "cancel_refused": ("取消未生效", "Cancel refused"),
     "nobody_reachable": ("整轮无人可通知", "Nobody reachable in the whole round"),
+    "provider_fallback": (
+        "呼叫失败（{failed}：{error}），改由{to}发送",
+        "{failed} failed ({error}); sent through {to}",
+    ),
+    "providers_down": (
+        "电话服务商全部故障（{providers}），已告警值班员",
+        "Every phone provider failed ({providers}); operators alarmed",
+    ),
     "invariant_repaired": ("通知链中断，已从头重新通知", "Escalation restarted after a gap"),
     "owners_told": ("已告知负责人", "Owners told"),
     "spool_paged": ("数据库中断期间由网关直接通知", "Paged by the hub while the database was down"),

@@ -181,6 +181,13 @@ def event_line(lang: Lang, event: EventRow, outcomes: Mapping[str, str]) -> Stor
         return StoryLine(event.at, "act", headline, result, Tone.GOOD)
     if name == "cancelled" and (event.actor or "").startswith("device:"):
         return StoryLine(event.at, "act", word(lang, "cancelled_on_band"), "", Tone.QUIET)
+    if name == "provider_fallback":
+        error = str(detail.get("error") or "")[:REASON_CHARS]
+        failed, to = str(detail.get("failed", "")), str(detail.get("to_provider", ""))
+        return StoryLine(event.at, "event", _w(lang, name, failed=failed, error=error, to=to), "", Tone.NEUTRAL)
+    if name == "providers_down":
+        providers = "、".join(str(p) for p in detail.get("providers", []))
+        return StoryLine(event.at, "event", _w(lang, name, providers=providers), "", Tone.BAD)
     headline = maybe(lang, name)
     if name in PERSON_EVENTS:
         who = _who(lang, event)

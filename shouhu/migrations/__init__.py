@@ -87,6 +87,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(17, "visits: follow-ups after an SOS, recurring visits", sql_file="0017_visits.sql"),
     Migration(18, "an index for supervisions", sql_file="0018_supervision.sql"),
     Migration(19, "provider receipts: a queue for Aliyun's pushes", sql_file="0019_provider_receipts.sql"),
+    Migration(20, "phone providers per area; each attempt's provider", sql_file="0020_providers.sql"),
 )
 
 

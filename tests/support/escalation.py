@@ -14,13 +14,15 @@ import httpx
 import psycopg
 
 from alerts.incidents import Alarm, record_alarm
+from alerts.notifiers.base import Provider
 from alerts.notifiers.console import ConsoleNotifier
 from alerts.notifiers.platform import PlatformNotifier
 from alerts.notifiers.twilio import TwilioNotifier
 from alerts.notifiers.webhook import WebhookNotifier
+from alerts.providers import PhoneProviders
 from alerts.router import Router, RouterConfig
 from devices.contract import payload_hash
-from devices.kinds import Channel, IncidentKind
+from devices.kinds import IncidentKind
 
 ZONE = ZoneInfo("Asia/Shanghai")
 PHONE_SID, PHONE_TOKEN, FROM = "AC" + "0" * 32, "router-test-token", "+12025550100"
@@ -67,7 +69,8 @@ def make_router(
     return Router(
         url,
         RouterConfig(name, ZONE),
-        {Channel.SMS: twilio, Channel.VOICE: twilio, Channel.CONSOLE: ConsoleNotifier()},
+        PhoneProviders.of({Provider.TWILIO: twilio}),
+        console=ConsoleNotifier(),
         platform=platform,
         clock=clock,
         exercise=exercise,
