@@ -21,8 +21,9 @@ import pytest
 
 from alerts.aliyun_receipts import VOICE_RESULTS
 from alerts.notifiers.aliyun_keys import address_from_aliyun, aliyun_number, aliyun_out_id, parse_out_id
-from alerts.notifiers.base import Delivery, SendOutcome, SendResult
+from alerts.notifiers.base import Delivery, Provider, SendOutcome, SendResult
 from alerts.notifiers.console import ConsoleNotifier
+from alerts.providers import PhoneProviders, ProviderChoice
 from alerts.receipts import MAX_TRIES, RECEIPTS_CHANNEL
 from alerts.router import Router, RouterConfig
 from api.deps import get_now
@@ -82,7 +83,8 @@ def stack(county_url: str) -> Iterator[Stack]:
     router = Router(
         county_url,
         RouterConfig("r1", ZONE),
-        {Channel.VOICE: provider, Channel.SMS: provider, Channel.CONSOLE: ConsoleNotifier()},
+        PhoneProviders.of({Provider.ALIYUN: provider}, ProviderChoice(Provider.ALIYUN)),
+        console=ConsoleNotifier(),
         clock=clock,
     )
     for url in serve_app(app, port=port):
