@@ -38,6 +38,7 @@ from api.routes import (
     commands,
     devices,
     events,
+    exports,
     incidents,
     maintenance,
     reports,
@@ -315,7 +316,7 @@ def create_app(settings: Settings) -> FastAPI:
     # path is the whole template the metrics label with.
     modules = (
         areas, devices, residents, incidents, acknowledgements, tasks, maintenance, tokens, uptime, events, sessions,
-        reports, supervision, commands,
+        reports, supervision, commands, exports,
     )
     for module in modules:
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
