@@ -29,7 +29,7 @@ import shouhu
 from alerts.response import ResponseCollector
 from api import live
 from api.consoles import pages
-from api.deps import ERROR_RESPONSES, PoolDep, get_now, pooled, reject_unknown_query, tuple_rows
+from api.deps import ERROR_RESPONSES, PoolDep, pooled, reject_unknown_query, tuple_rows
 from api.limits import RequestLimits
 from api.routes import (
     acknowledgements,
@@ -50,10 +50,8 @@ from api.routes import (
     traccar,
     uptime,
 )
-from shouhu.accounts import prune_sign_in
 from shouhu.db import Conn, open_pool
 from shouhu.migrations import MIGRATIONS
-from shouhu.sessions import prune_sessions
 from shouhu.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -187,27 +185,23 @@ def readiness_problem(pool: ConnectionPool) -> str | None:
     return None
 
 
-def _prune_once(pool: ConnectionPool, events_now: datetime, sessions_now: datetime) -> None:
+def _prune_once(pool: ConnectionPool, now: datetime) -> None:
     with pooled(pool) as conn:
-        deleted = live.prune(conn, events_now)
-        ended = prune_sessions(conn, sessions_now) + prune_sign_in(conn, sessions_now)
-    if deleted or ended:
-        logger.info("pruned %d live events and %d old sessions, sign-in codes and attempts", deleted, ended)
+        deleted = live.prune(conn, now)
+    if deleted:
+        logger.info("pruned %d live events", deleted)
 
 
-async def _upkeep(app: FastAPI, pool: ConnectionPool) -> None:
-    """Keeps the live-feed outbox to its retention window and drops long-dead sessions.
+async def _upkeep(pool: ConnectionPool) -> None:
+    """Keeps the live-feed outbox to its retention window.
 
     Every API process does it; the deletes are idempotent, so several at once only
-    repeat each other's work.
+    repeat each other's work. (Sessions and sign-in codes are pruned with the other
+    personal data by the hubs' retention pass, ``hub/retention.py``.)
     """
     while True:
-        # Each table by the clock that stamped it: the outbox by the database's real
-        # clock, sessions by the routes' clock (which tests move).
-        events_now = datetime.now(UTC)
-        sessions_now = app.dependency_overrides.get(get_now, get_now)()
         try:
-            await run_in_threadpool(_prune_once, pool, events_now, sessions_now)
+            await run_in_threadpool(_prune_once, pool, datetime.now(UTC))
         except (psycopg.Error, PoolTimeout) as exc:
             logger.warning("live feed: pruning failed, retrying later: %s", exc)
         await asyncio.sleep(live.PRUNE_INTERVAL_S)
@@ -246,7 +240,7 @@ def create_app(settings: Settings) -> FastAPI:
         listener = app.state.live_feed = live.LiveFeedListener(database_url)
         background = [
             asyncio.create_task(listener.run(), name="live-feed-listener"),
-            asyncio.create_task(_upkeep(app, pool), name="live-feed-upkeep"),
+            asyncio.create_task(_upkeep(pool), name="live-feed-upkeep"),
         ]
         try:
             yield

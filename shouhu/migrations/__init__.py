@@ -86,6 +86,8 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(16, "staff accounts: tokens and sessions of people and integrations", sql_file="0016_staff_accounts.sql"),
     Migration(17, "visits: follow-ups after an SOS, recurring visits", sql_file="0017_visits.sql"),
     Migration(18, "an index for supervisions", sql_file="0018_supervision.sql"),
+    # 19 and 20 are left free for parallel work on issue 18.
+    Migration(21, "retention of personal data: indexes", sql_file="0021_personal_data_retention.sql"),
 )
 
 
