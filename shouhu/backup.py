@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import psycopg
+from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
 from shouhu.migrations import MigrationError, pending_migrations
 
@@ -171,11 +172,28 @@ def _data_tables(conninfo: str, with_telemetry: bool) -> list[str]:
     return [t for t in tables if not any(t.split(".", 1)[1].startswith(s) for s in SERIES_TABLES)]
 
 
+def _without_password(conninfo: str) -> tuple[str, dict[str, str]]:
+    """The connection string without its password, and the environment that carries it instead.
+
+    A password in a program's arguments is readable by every user of the host
+    (``ps``, ``/proc/<pid>/cmdline``); libpq reads ``PGPASSWORD`` from the environment.
+    """
+    params = conninfo_to_dict(conninfo)
+    password = params.pop("password", None)
+    env = {**os.environ, "PGCONNECT_TIMEOUT": os.environ.get("PGCONNECT_TIMEOUT", "10")}
+    if password is not None:
+        env["PGPASSWORD"] = str(password)
+    return make_conninfo(**{k: str(v) for k, v in params.items() if v is not None}), env
+
+
 def _run_verbose(
-    argv: list[str], pattern: re.Pattern[str], total: int, on_progress: Callable[[Progress], None]
+    argv: list[str],
+    env: dict[str, str],
+    pattern: re.Pattern[str],
+    total: int,
+    on_progress: Callable[[Progress], None],
 ) -> list[str]:
     """Run ``argv``, turning its --verbose table lines into progress; returns the other stderr lines."""
-    env = {**os.environ, "PGCONNECT_TIMEOUT": os.environ.get("PGCONNECT_TIMEOUT", "10")}
     process = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=env)
     assert process.stderr is not None
     done = 0
@@ -218,9 +236,10 @@ def backup(
     if not with_telemetry:
         for table in SERIES_TABLES:
             argv.append(f"--exclude-table-data=public.{table}*")
-    argv.append(f"--dbname={conninfo}")
+    dbname, env = _without_password(conninfo)
+    argv.append(f"--dbname={dbname}")
     try:
-        _run_verbose(argv, _DUMPED, len(tables), on_progress)
+        _run_verbose(argv, env, _DUMPED, len(tables), on_progress)
     except BackupError:
         partial.unlink(missing_ok=True)
         raise
@@ -279,8 +298,9 @@ def restore(
     argv = [tools.pg_restore, "--verbose", "--no-owner", "--no-privileges", "--single-transaction", "--exit-on-error"]
     if force:
         argv += ["--clean", "--if-exists"]
-    argv += [f"--dbname={conninfo}", str(path)]
-    _run_verbose(argv, _RESTORED, len(tables), on_progress)
+    dbname, env = _without_password(conninfo)
+    argv += [f"--dbname={dbname}", str(path)]
+    _run_verbose(argv, env, _RESTORED, len(tables), on_progress)
     try:
         pending = pending_migrations(conninfo)
     except MigrationError as exc:

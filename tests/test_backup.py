@@ -11,12 +11,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import psycopg
+import psycopg.conninfo
 import pytest
 from psycopg import sql
 from psycopg.types.json import Jsonb
 from typer.testing import CliRunner
 
 from launch.cli import app
+from shouhu.backup import _without_password
 from shouhu.embedded.postgres import LocalPostgres, debian_bin_dirs
 from tests.support.builders import add_incident, add_task
 
@@ -194,3 +196,12 @@ def test_errors_name_the_version_mismatch_and_a_missing_pg_dump(
     code, _, err = shouhu(new_database, "restore", str(tmp_path / "garbage.dump"))
     assert code == 1
     assert "is not a backup pg_restore can read" in err
+
+
+def test_the_password_goes_to_pg_dump_in_its_environment_never_its_arguments() -> None:
+    dbname, env = _without_password("postgresql://shouhu:s3cr%40t@db.example:5432/shouhu?sslmode=require")
+    assert "s3cr" not in dbname
+    assert env["PGPASSWORD"] == "s3cr@t"
+    assert psycopg.conninfo.conninfo_to_dict(dbname) == {
+        "user": "shouhu", "host": "db.example", "port": "5432", "dbname": "shouhu", "sslmode": "require",
+    }
