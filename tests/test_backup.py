@@ -18,7 +18,7 @@ from psycopg.types.json import Jsonb
 from typer.testing import CliRunner
 
 from launch.cli import app
-from shouhu.backup import _without_password
+from shouhu.backup import _read_archive, _without_password, candidate_bin_dirs, find_tools
 from shouhu.embedded.postgres import LocalPostgres, debian_bin_dirs
 from tests.support.builders import add_incident, add_task
 
@@ -205,3 +205,18 @@ def test_the_password_goes_to_pg_dump_in_its_environment_never_its_arguments() -
     assert psycopg.conninfo.conninfo_to_dict(dbname) == {
         "user": "shouhu", "host": "db.example", "port": "5432", "dbname": "shouhu", "sslmode": "require",
     }
+
+
+def test_the_archive_names_its_extensions_so_a_timescaledb_restore_is_bracketed(
+    county_url: str, tmp_path: Path
+) -> None:
+    """The TimescaleDB bracket itself needs TimescaleDB, which is not here; what decides
+    it — the archive's list of extensions, as pg_restore prints it — is checked on citext."""
+    with psycopg.connect(county_url, autocommit=True) as conn:
+        conn.execute("CREATE EXTENSION citext")
+    file = tmp_path / "ext.dump"
+    assert shouhu(county_url, "backup", str(file))[0] == 0
+    tools = find_tools(18, candidate_bin_dirs())
+    archive = _read_archive(tools, file)
+    assert archive.extensions == {"citext"}
+    assert "public.incidents" in archive.tables
