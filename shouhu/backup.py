@@ -22,6 +22,7 @@ half done; then the migrations are checked against this code.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import shutil
@@ -34,6 +35,7 @@ from pathlib import Path
 import psycopg
 from psycopg.conninfo import conninfo_to_dict, make_conninfo
 
+from shouhu.embedded.postgres import PostgresStartError, debian_bin_dirs, wheel_bin_dir
 from shouhu.migrations import MigrationError, pending_migrations
 
 # The raw time series whose rows a backup leaves out by default (their partitions are
@@ -102,13 +104,9 @@ def candidate_bin_dirs() -> list[Path]:
     found = shutil.which("pg_dump")
     if found:
         dirs.append(Path(found).resolve().parent)
-    try:
-        from shouhu.embedded.postgres import debian_bin_dirs, wheel_bin_dir
-
+    with contextlib.suppress(PostgresStartError):  # no wheel: one place fewer to look
         dirs.append(wheel_bin_dir())
-        dirs.extend(debian_bin_dirs())
-    except Exception:  # noqa: S110 - a missing wheel only means one place fewer to look
-        pass
+    dirs.extend(debian_bin_dirs())
     unique: list[Path] = []
     for d in dirs:
         if d not in unique:
