@@ -45,6 +45,7 @@ from api.routes import (
     commands,
     devices,
     events,
+    exports,
     incidents,
     maintenance,
     reports,
@@ -56,10 +57,8 @@ from api.routes import (
     traccar,
     uptime,
 )
-from shouhu.accounts import prune_sign_in
 from shouhu.db import Conn, open_pool
 from shouhu.migrations import MIGRATIONS
-from shouhu.sessions import prune_sessions
 from shouhu.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -223,27 +222,23 @@ class ReadinessCollector(Collector):
                 yield from reader.collect()
 
 
-def _prune_once(pool: ConnectionPool, events_now: datetime, sessions_now: datetime) -> None:
+def _prune_once(pool: ConnectionPool, now: datetime) -> None:
     with pooled(pool) as conn:
-        deleted = live.prune(conn, events_now)
-        ended = prune_sessions(conn, sessions_now) + prune_sign_in(conn, sessions_now)
-    if deleted or ended:
-        logger.info("pruned %d live events and %d old sessions, sign-in codes and attempts", deleted, ended)
+        deleted = live.prune(conn, now)
+    if deleted:
+        logger.info("pruned %d live events", deleted)
 
 
-async def _upkeep(app: FastAPI, pool: ConnectionPool) -> None:
-    """Keeps the live-feed outbox to its retention window and drops long-dead sessions.
+async def _upkeep(pool: ConnectionPool) -> None:
+    """Keeps the live-feed outbox to its retention window.
 
     Every API process does it; the deletes are idempotent, so several at once only
-    repeat each other's work.
+    repeat each other's work. (Sessions and sign-in codes are pruned with the other
+    personal data by the hubs' retention pass, ``hub/retention.py``.)
     """
     while True:
-        # Each table by the clock that stamped it: the outbox by the database's real
-        # clock, sessions by the routes' clock (which tests move).
-        events_now = datetime.now(UTC)
-        sessions_now = app.dependency_overrides.get(get_now, get_now)()
         try:
-            await run_in_threadpool(_prune_once, pool, events_now, sessions_now)
+            await run_in_threadpool(_prune_once, pool, datetime.now(UTC))
         except (psycopg.Error, PoolTimeout) as exc:
             logger.warning("live feed: pruning failed, retrying later: %s", exc)
         await asyncio.sleep(live.PRUNE_INTERVAL_S)
@@ -321,7 +316,7 @@ def create_app(settings: Settings) -> FastAPI:
         receipts = _receipt_worker(app, database_url, settings)
         background = [
             asyncio.create_task(listener.run(), name="live-feed-listener"),
-            asyncio.create_task(_upkeep(app, pool), name="live-feed-upkeep"),
+            asyncio.create_task(_upkeep(pool), name="live-feed-upkeep"),
         ]
         try:
             yield
@@ -377,7 +372,7 @@ def create_app(settings: Settings) -> FastAPI:
     # path is the whole template the metrics label with.
     modules = (
         areas, devices, residents, incidents, acknowledgements, tasks, maintenance, tokens, uptime, events, sessions,
-        reports, supervision, commands,
+        reports, supervision, commands, exports,
     )
     for module in modules:
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])

@@ -51,7 +51,10 @@ LANE_ERRORS = Counter(
     ["lane"],
 )
 PRUNED = Counter(
-    "shouhu_hub_pruned_rows_total", "Rows deleted past retention (message_ledger, dead_letters), by table", ["table"]
+    "shouhu_hub_pruned_rows_total",
+    "Rows deleted (or locations cleared) past retention, by table: message_ledger, dead_letters, audit_log,"
+    " incident_locations, sessions",
+    ["table"],
 )
 ALARM_GROUP_SIZE = Histogram(
     "shouhu_hub_alarm_group_size",

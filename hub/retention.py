@@ -1,10 +1,19 @@
-"""Retention of the hub's own tables: the message ledger and the dead letters.
+"""Retention of personal data and of the hub's own tables, one pass an hour.
 
-The ledger keeps each ``(device_id, msg_id)`` at least ``LEDGER_KEEP`` (DESIGN.md:
-at least 7 days), so a device's or broker's redelivery within that time is still
-recognised; dead letters hold raw payloads (location, heart rate) and are kept
-``SHOUHU_DEAD_LETTER_DAYS``. Both are pruned by their ``received_at``, strictly
-older than the cutoff: a row exactly as old as the limit stays until the next pass.
+| what | kept | by |
+|---|---|---|
+| message ledger keys | ``LEDGER_KEEP`` (7 days, DESIGN.md: at least 7) | ``received_at`` |
+| dead letters (raw payloads: location, heart rate) | ``SHOUHU_DEAD_LETTER_DAYS`` | ``received_at`` |
+| audit log (who read whose data) | ``SHOUHU_AUDIT_DAYS`` | ``at`` |
+| an incident's location (``lat``, ``lon``) | ``SHOUHU_LOCATION_DAYS``, once closed | ``opened_at`` |
+| console sessions, sign-in codes and attempts | ``SHOUHU_SESSION_DAYS`` after they ended | their end |
+
+Each goes strictly older than its cutoff: a row exactly as old as the limit stays
+until the next pass. The incident itself stays (the county's figures count it): only
+its location is cleared, and only when it is resolved or cancelled. Raw telemetry has
+its own path (``SHOUHU_RETENTION_DAYS``: partitions or TimescaleDB, ``shouhu/timeseries.py``).
+Sessions and sign-in rows are deleted through their owners (``shouhu/sessions.py``,
+``shouhu/accounts.py``); this module only schedules them.
 
 One hub at a time prunes (a session-level advisory lock, held across the batches
 of a pass and released at its end). Each batch is one statement of at most
@@ -17,12 +26,16 @@ heartbeat must beat within ``liveness.INGEST_GRACE``).
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from psycopg import sql
 
+from shouhu.accounts import prune_sign_in
 from shouhu.db import Conn
+from shouhu.sessions import prune_sessions
+from shouhu.settings import DEFAULT_AUDIT_DAYS, DEFAULT_LOCATION_DAYS, DEFAULT_SESSION_DAYS
 
 LEDGER_KEEP = timedelta(days=7)
 BATCH_ROWS = 10_000
@@ -33,39 +46,103 @@ RETENTION_LOCK_KEY = 0x5348_4F55_4855_0006
 
 # One batch of a table. Its rows are found by ctid, a TID scan: the ledger has no
 # surrogate key, and a join on its (device_id, msg_id) could be hashed against the
-# whole table. Neither table's rows are ever updated, so a ctid stays its row's own
-# within the statement; received_at is checked again anyway. The inner scan walks the
-# received_at index oldest first and stops at the limit.
+# whole table. None of these tables' rows are ever updated, so a ctid stays its row's
+# own within the statement; the time is checked again anyway. The inner scan walks the
+# time's index oldest first and stops at the limit.
 _PRUNE_BATCH = sql.SQL(
     """
     DELETE FROM {table}
     WHERE ctid = ANY(ARRAY(
         SELECT ctid FROM {table}
-        WHERE received_at < %(cutoff)s
-        ORDER BY received_at
+        WHERE {column} < %(cutoff)s
+        ORDER BY {column}
         LIMIT %(limit)s
     ))
-    AND received_at < %(cutoff)s
+    AND {column} < %(cutoff)s
     """
 )
 
+# Closed incidents' locations, oldest first, through incidents_located_idx (0021): a
+# cleared row leaves that index, so each batch starts where the last one stopped. The
+# incident's other fields stay: the response figures and exports count it for years.
+_CLEAR_LOCATIONS = """
+    UPDATE incidents SET lat = NULL, lon = NULL
+    WHERE id = ANY(ARRAY(
+        SELECT id FROM incidents
+        WHERE (lat IS NOT NULL OR lon IS NOT NULL) AND opened_at < %(cutoff)s
+          AND state IN ('resolved', 'cancelled')
+        ORDER BY opened_at
+        LIMIT %(limit)s
+    ))
+"""
+
+
+@dataclass(frozen=True, slots=True)
+class Periods:
+    """How long each kind of personal data is kept (the settings of the table above)."""
+
+    dead_letter_days: int
+    audit_days: int = DEFAULT_AUDIT_DAYS
+    location_days: int = DEFAULT_LOCATION_DAYS
+    session_days: int = DEFAULT_SESSION_DAYS
+
 
 @dataclass(slots=True)
-class _Table:
+class _Job:
     name: str
-    cutoff: datetime
-    deleted: int = 0
+    batch: Callable[[Conn, int], int]
+    """One batch of at most the given rows; returns how many it removed or cleared."""
+    done: int = 0
     more: bool = True
 
 
 @dataclass(frozen=True, slots=True)
 class Pruned:
-    """What one pass deleted, in how many batches, and whether rows past retention remain."""
+    """What one pass deleted (or cleared), in how many batches, and whether rows past retention remain."""
 
     ledger: int
     dead_letters: int
     batches: int
     more: bool
+    audit: int = 0
+    locations: int = 0
+    """Incidents whose location was cleared."""
+    sessions: int = 0
+    """Sessions, sign-in codes and sign-in attempts deleted."""
+
+    def by_table(self) -> dict[str, int]:
+        """The counts by the ``table`` label of ``shouhu_hub_pruned_rows_total``."""
+        return {
+            "message_ledger": self.ledger,
+            "dead_letters": self.dead_letters,
+            "audit_log": self.audit,
+            "incident_locations": self.locations,
+            "sessions": self.sessions,
+        }
+
+
+def _delete_older(table: str, column: str, cutoff: datetime) -> Callable[[Conn, int], int]:
+    statement = _PRUNE_BATCH.format(table=sql.Identifier(table), column=sql.Identifier(column))
+    return lambda conn, limit: conn.execute(statement, {"cutoff": cutoff, "limit": limit}).rowcount
+
+
+def _jobs(now: datetime, periods: Periods) -> tuple[_Job, ...]:
+    def days(n: int) -> datetime:
+        return now - timedelta(days=n)
+
+    def locations(conn: Conn, limit: int) -> int:
+        return conn.execute(_CLEAR_LOCATIONS, {"cutoff": days(periods.location_days), "limit": limit}).rowcount
+
+    keep_sessions = timedelta(days=periods.session_days)
+    return (
+        _Job("message_ledger", _delete_older("message_ledger", "received_at", now - LEDGER_KEEP)),
+        _Job("dead_letters", _delete_older("dead_letters", "received_at", days(periods.dead_letter_days))),
+        _Job("audit_log", _delete_older("audit_log", "at", days(periods.audit_days))),
+        _Job("incident_locations", locations),
+        _Job("sessions", lambda conn, limit: prune_sessions(conn, now, keep=keep_sessions, limit=limit)),
+        # Codes and attempts: one batch of each per call, so a full batch of either means more.
+        _Job("sign_in", lambda conn, limit: prune_sign_in(conn, now, keep=keep_sessions, limit=limit)),
+    )
 
 
 def prune(
@@ -73,15 +150,18 @@ def prune(
     now: datetime,
     *,
     dead_letter_days: int,
+    audit_days: int = DEFAULT_AUDIT_DAYS,
+    location_days: int = DEFAULT_LOCATION_DAYS,
+    session_days: int = DEFAULT_SESSION_DAYS,
     lock_key: int = RETENTION_LOCK_KEY,
     batch_rows: int = BATCH_ROWS,
     budget_s: float = PASS_BUDGET_S,
 ) -> Pruned | None:
-    """Delete ledger keys older than ``LEDGER_KEEP`` and dead letters older than
-    ``dead_letter_days``, relative to ``now``, in batches of ``batch_rows``.
+    """Delete or clear, relative to ``now``, what is past its period (the module's table),
+    in batches of ``batch_rows``.
 
     ``conn`` must be in autocommit mode: each batch commits on its own. A pass runs
-    rounds of one batch per table that still has rows past retention, until none has
+    rounds of one batch per job that still has rows past retention, until none has
     or ``budget_s`` has passed (at least one round).
 
     Returns:
@@ -95,22 +175,28 @@ def prune(
     if not (locked and locked[0]):
         return None
     try:
-        ledger = _Table("message_ledger", now - LEDGER_KEEP)
-        dead_letters = _Table("dead_letters", now - timedelta(days=dead_letter_days))
-        tables = (ledger, dead_letters)
+        jobs = _jobs(now, Periods(dead_letter_days, audit_days, location_days, session_days))
         started = time.monotonic()
         batches = 0
         while True:
-            for table in tables:
-                if table.more:
-                    statement = _PRUNE_BATCH.format(table=sql.Identifier(table.name))
-                    deleted = conn.execute(statement, {"cutoff": table.cutoff, "limit": batch_rows}).rowcount
-                    table.deleted += deleted
-                    table.more = deleted == batch_rows  # a short batch took the last of them
+            for job in jobs:
+                if job.more:
+                    done = job.batch(conn, batch_rows)
+                    job.done += done
+                    job.more = done >= batch_rows  # a short batch took the last of them
                     batches += 1
-            more = any(table.more for table in tables)
+            more = any(job.more for job in jobs)
             if not more or time.monotonic() - started >= budget_s:
-                return Pruned(ledger.deleted, dead_letters.deleted, batches, more)
+                by_name = {job.name: job.done for job in jobs}
+                return Pruned(
+                    ledger=by_name["message_ledger"],
+                    dead_letters=by_name["dead_letters"],
+                    batches=batches,
+                    more=more,
+                    audit=by_name["audit_log"],
+                    locations=by_name["incident_locations"],
+                    sessions=by_name["sessions"] + by_name["sign_in"],
+                )
     finally:
         if not conn.broken:  # a lost connection took its session lock with it
             conn.execute("SELECT pg_advisory_unlock(%s)", (lock_key,))

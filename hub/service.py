@@ -584,6 +584,9 @@ def build_hub(
         hub_name,
         retention_days=settings.retention_days,
         dead_letter_days=settings.dead_letter_days,
+        audit_days=settings.audit_days,
+        location_days=settings.location_days,
+        session_days=settings.session_days,
         clock=lambda: datetime.now(UTC),
     )
     hub = Hub(

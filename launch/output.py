@@ -3,6 +3,9 @@ migrations and registry loads."""
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, NoReturn
 
@@ -10,6 +13,7 @@ import typer
 
 if TYPE_CHECKING:
     from devices.registry import LoadReport
+    from shouhu.backup import Progress
     from shouhu.migrations import MigrationReport
     from shouhu.settings import Settings
 
@@ -64,3 +68,30 @@ def report_registry(path: Path, report: LoadReport) -> None:
                 f"grid {gap.grid_id}: nobody on duty, grid or above, {gap.uncovered_after_fallback:g} h/week",
                 fg=typer.colors.RED,
             )
+
+
+@contextmanager
+def progress_printer(verb: str) -> Iterator[Callable[[Progress], None]]:
+    """A table-by-table progress display on stderr: one line rewritten on a terminal,
+    a line per table otherwise (a log keeps them all)."""
+    terminal = sys.stderr.isatty()
+    shown = False
+
+    def show(progress: Progress) -> None:
+        nonlocal shown
+        width = 24
+        filled = width * progress.done // max(progress.total, 1)
+        bar = "#" * filled + "." * (width - filled)
+        line = f"[{bar}] {progress.done}/{progress.total} tables {verb}: {progress.table}"
+        if terminal:
+            sys.stderr.write("\r\x1b[K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+        shown = True
+
+    try:
+        yield show
+    finally:
+        if terminal and shown:
+            sys.stderr.write("\n")

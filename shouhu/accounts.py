@@ -345,9 +345,21 @@ def sign_in_with_password(
     raise SignInRefused(SignInRefused.WRONG, "the phone number or password is wrong")
 
 
-def prune_sign_in(conn: psycopg.Connection[Any], now: datetime, *, keep: timedelta = timedelta(days=7)) -> int:
-    """Delete codes and attempts older than ``keep``; the audit log keeps the sign-ins."""
+def prune_sign_in(
+    conn: psycopg.Connection[Any], now: datetime, *, keep: timedelta = timedelta(days=7), limit: int | None = None
+) -> int:
+    """Delete codes and attempts (phone numbers, client addresses) older than ``keep``, at most
+    ``limit`` of each; the audit log keeps the sign-ins. Run by ``hub/retention.py``."""
     require_aware("now", now)
-    deleted = conn.execute("DELETE FROM sign_in_codes WHERE expires_at < %s", (now - keep,)).rowcount
-    deleted += conn.execute("DELETE FROM sign_in_attempts WHERE at < %s", (now - keep,)).rowcount
+    params = {"cutoff": now - keep, "limit": limit}
+    deleted = conn.execute(
+        "DELETE FROM sign_in_codes WHERE id IN"
+        " (SELECT id FROM sign_in_codes WHERE expires_at < %(cutoff)s ORDER BY id LIMIT %(limit)s)",
+        params,
+    ).rowcount
+    deleted += conn.execute(
+        "DELETE FROM sign_in_attempts WHERE id IN"
+        " (SELECT id FROM sign_in_attempts WHERE at < %(cutoff)s ORDER BY at LIMIT %(limit)s)",
+        params,
+    ).rowcount
     return max(deleted, 0)

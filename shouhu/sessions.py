@@ -167,15 +167,22 @@ def end_session(conn: psycopg.Connection[Any], session_id: int, now: datetime) -
         return cur.rowcount == 1
 
 
-def prune_sessions(conn: psycopg.Connection[Any], now: datetime, *, keep: timedelta = timedelta(days=7)) -> int:
-    """Delete sessions that expired or ended more than ``keep`` ago; returns how many.
+def prune_sessions(
+    conn: psycopg.Connection[Any], now: datetime, *, keep: timedelta = timedelta(days=7), limit: int | None = None
+) -> int:
+    """Delete sessions that expired or ended more than ``keep`` ago, at most ``limit``; returns how many.
 
-    The audit log keeps the logins and logouts; a dead session row only costs space.
+    The audit log keeps the logins and logouts; a dead session row only costs space
+    (and names who was signed in, when: SHOUHU_SESSION_DAYS, run by ``hub/retention.py``).
     """
     require_aware("now", now)
     with conn.cursor(row_factory=tuple_row) as cur:
         cur.execute(
-            "DELETE FROM api_sessions WHERE least(expires_at, coalesce(ended_at, expires_at)) < %s",
-            (now - keep,),
+            """
+            DELETE FROM api_sessions WHERE id IN (
+                SELECT id FROM api_sessions WHERE least(expires_at, coalesce(ended_at, expires_at)) < %(cutoff)s
+                ORDER BY id LIMIT %(limit)s)
+            """,
+            {"cutoff": now - keep, "limit": limit},
         )
         return cur.rowcount

@@ -27,6 +27,15 @@ DEFAULT_ACK_TIMEOUT_S = 120
 DEFAULT_CANCEL_WINDOW_S = 30
 # How long a grid worker has for the follow-up visit after an SOS or a fall.
 DEFAULT_FOLLOW_UP_DUE_S = 86400
+# Retention of personal data (hub/retention.py). The audit log: at least 180 days, as
+# China's Cybersecurity Law (网络安全法, art. 21) asks of network logs (six months).
+DEFAULT_AUDIT_DAYS = 365
+MIN_AUDIT_DAYS = 180
+# An incident's location, once it is closed: long enough for the follow-up visit and a
+# month's report to be checked against it.
+DEFAULT_LOCATION_DAYS = 90
+# Ended or expired console sessions, sign-in codes and sign-in attempts.
+DEFAULT_SESSION_DAYS = 7
 # SHOUHU_TIMEZONE's default: where duty rosters and local days are evaluated.
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 
@@ -131,6 +140,10 @@ class Settings(BaseSettings):
     timezone: str = DEFAULT_TIMEZONE
     retention_days: Annotated[int, Field(ge=1)] = 90
     dead_letter_days: Annotated[int, Field(ge=1)] = 14
+    # Retention of personal data (docs/operations.md, "Retention of personal data").
+    audit_days: Annotated[int, Field(ge=MIN_AUDIT_DAYS)] = DEFAULT_AUDIT_DAYS
+    location_days: Annotated[int, Field(ge=1)] = DEFAULT_LOCATION_DAYS
+    session_days: Annotated[int, Field(ge=1)] = DEFAULT_SESSION_DAYS
     # The watch gateway (`shouhu gateway watch`, docs/contract.md "Watch protocol"): the
     # address the 4G watches connect to (loopback unless told otherwise, as the API; the
     # container sets 0.0.0.0), its MQTT client id, and the registry YAML it reads the

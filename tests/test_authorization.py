@@ -310,6 +310,13 @@ MATRIX: tuple[Case, ...] = (
         frozenset(VISIT_ROLES),
         denied=403,
     ),
+    # The exports are gated as the list or report each mirrors (api/routes/exports.py).
+    Case("get", "/api/v1/exports/incidents", "/api/v1/exports/incidents?area={grid}", _everyone()),
+    Case("get", "/api/v1/exports/visits", "/api/v1/exports/visits?area={grid}", frozenset(VISIT_ROLES), denied=403),
+    Case(
+        "get", "/api/v1/exports/repairs", "/api/v1/exports/repairs?area={grid}", frozenset(REPAIR_ROLES), denied=403
+    ),
+    Case("get", "/api/v1/exports/uptime", "/api/v1/exports/uptime?area={grid}", frozenset(REPAIR_ROLES), denied=403),
     # The audit log spans the county: an admin bound to an area is refused too.
     Case("get", "/api/v1/audit", "/api/v1/audit", frozenset(), denied=403, other=0),
 )

@@ -674,6 +674,8 @@ def _overview_context(request: Request, conn: ConnDep, token: TokenIdentity, now
         "visits": _visit_rates(conn, scope, end, now, zone),
         "period_from": start.isoformat(),
         "period_to": end.isoformat(),
+        # The exports take [from, to) and a date means its local midnight: the day after the last one shown.
+        "export_to": (end + timedelta(days=1)).isoformat(),
         "token": token,
         "reason": partial(offline_reason_text, english=get_lang(request) is Lang.EN),
     }

@@ -88,6 +88,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(18, "an index for supervisions", sql_file="0018_supervision.sql"),
     Migration(19, "provider receipts: a queue for Aliyun's pushes", sql_file="0019_provider_receipts.sql"),
     Migration(20, "phone providers per area; each attempt's provider", sql_file="0020_providers.sql"),
+    Migration(21, "retention of personal data: indexes", sql_file="0021_personal_data_retention.sql"),
 )
 
 
@@ -122,6 +123,29 @@ def storage_mode(conn: psycopg.Connection) -> timeseries.StorageMode:
     if row is None:
         raise MigrationError("the schema has no storage mode: run `shouhu migrate`")
     return timeseries.StorageMode(row[0])
+
+
+def pending_migrations(conninfo: str) -> tuple[int, ...]:
+    """The steps this code has that the database has not applied, checking those it has.
+
+    Raises:
+        MigrationError: an applied SQL step differs from the file shipped here, the
+            database has a step this code does not know, or it has no schema at all.
+    """
+    with psycopg.connect(conninfo) as conn:
+        exists = conn.execute("SELECT to_regclass('schema_migrations') IS NOT NULL").fetchone()
+        if not (exists and exists[0]):
+            raise MigrationError("the database has no schema_migrations table: it is not a Shouhu database")
+        rows = conn.execute("SELECT version, checksum FROM schema_migrations").fetchall()
+    applied: dict[int, str | None] = dict(rows)
+    known = {m.version: m for m in MIGRATIONS}
+    newer = sorted(v for v in applied if v not in known)
+    if newer:
+        raise MigrationError(f"the database has migrations {newer} this version does not know")
+    for version, checksum in applied.items():
+        if checksum != known[version].checksum():
+            raise MigrationError(f"migration {version} ({known[version].name}) was applied from a different file")
+    return tuple(v for v in sorted(known) if v not in applied)
 
 
 def migrate(conninfo: str, context: MigrationContext) -> MigrationReport:

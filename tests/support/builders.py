@@ -144,3 +144,65 @@ def add_small_county(conn: Conn) -> SmallCounty:
     add_area(conn, tree.grid_b, level=AreaLevel.GRID, parent=tree.community)
     add_area(conn, tree.micro_a, level=AreaLevel.MICRO_GRID, parent=tree.grid_a)
     return tree
+
+
+def add_incident(
+    conn: Conn,
+    code: str,
+    *,
+    kind: str = "sos",
+    severity: str = "red",
+    state: str = "resolved",
+    area: str | None = None,
+    resident: str | None = None,
+    device: str | None = None,
+    opened_at: datetime,
+    acknowledged_at: datetime | None = None,
+    acknowledged_by_name: str | None = None,
+    resolved_at: datetime | None = None,
+    outcome: str | None = None,
+    lat: float | None = None,
+    lon: float | None = None,
+) -> int:
+    """An incident row as the hub and router leave it (no timeline, no actions); returns its id."""
+    row = conn.execute(
+        """
+        INSERT INTO incidents (code, kind, severity, state, area_id, resident_id, device_id, opened_at,
+                               acknowledged_at, acknowledged_by_name, resolved_at, outcome, lat, lon)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id
+        """,
+        (code, kind, severity, state, area, resident, device, opened_at, acknowledged_at, acknowledged_by_name,
+         resolved_at, outcome, lat, lon),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
+
+
+def add_task(
+    conn: Conn,
+    incident_id: int,
+    *,
+    kind: str,
+    area: str,
+    opened_at: datetime,
+    due_at: datetime,
+    device: str | None = None,
+    resident: str | None = None,
+    reason: str = "no_heartbeat",
+    closed_at: datetime | None = None,
+    outcome: str | None = None,
+    deadline: datetime | None = None,
+    period: str | None = None,
+) -> int:
+    """A visit or repair order on ``incident_id``, closed when ``closed_at`` is given; returns its id."""
+    row = conn.execute(
+        """
+        INSERT INTO care_tasks (incident_id, kind, device_id, resident_id, area_id, owner_area_id, reason, state,
+                                opened_at, problem_since, due_at, closed_at, closed_by_name, outcome, deadline, period)
+        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s, %s) RETURNING id
+        """,
+        (incident_id, kind, device, resident, area, area, reason, "closed" if closed_at else "open", opened_at,
+         opened_at, due_at, closed_at, "董思远（网格员）" if closed_at else None, outcome, deadline, period),
+    ).fetchone()
+    assert row is not None
+    return int(row[0])
