@@ -58,6 +58,11 @@ OWN_TESTS = {("get", "/api/v1/events"), ("post", "/api/v1/session"), ("delete", 
     ("post", "/callbacks/traccar"),
     # Commands to watches (a broker and the watch gateway): tests/test_watch_commands.py.
     ("post", "/api/v1/devices/{device_id}/commands"),
+    # Aliyun's receipt pushes (a token in the URL, not a bearer token): tests/test_aliyun_receipts.py.
+    *(
+        ("post", f"/callbacks/aliyun/{{token}}/{push}")
+        for push in ("voice_report", "voice_call_report", "sms_report", "sms_up")
+    ),
 }
 
 
