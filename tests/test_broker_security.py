@@ -1,0 +1,222 @@
+"""Per-device broker accounts, ACLs and TLS against a real Mosquitto on the shipped
+configuration, with the files `shouhu broker credentials` writes and a CA made here."""
+
+from __future__ import annotations
+
+import csv
+import json
+import ssl
+import subprocess
+import threading
+import uuid
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import paho.mqtt.client as mqtt
+import pytest
+import yaml
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from typer.testing import CliRunner
+
+from devices.command_exchange import exchange
+from devices.commands import CommandName, WatchCommand
+from hub.service import Hub
+from launch.cli import app
+from shouhu.embedded.postgres import LocalPostgres, free_port
+from shouhu.mosquitto_passwd import line_matches
+from shouhu.mqtt_address import BrokerAddress
+from simulators.wristband import Wristband, alarm_payload
+from tests.support.database import fresh_database
+from tests.support.hub import query, start_hub, wait_until
+from tests.support.secure_broker import SecureBroker
+from tests.support.services import scratch_dir
+from tests.support.tls import make_pki
+
+DEMO = Path(__file__).resolve().parents[1] / "simulators" / "demo_county.yaml"
+SECRET = "test-device-secret-0123456789"
+GATEWAY = "gw-test-1"
+API = "shouhu-api"
+
+
+def write_credentials(registry: Path, broker: SecureBroker, hub_id: str, csv_path: Path) -> dict[str, str]:
+    """Run the verb; the accounts' passwords from its CSV."""
+    result = CliRunner().invoke(
+        app,
+        [
+            "broker", "credentials", str(registry),
+            "--password-file", str(broker.password_file), "--acl-file", str(broker.acl_file),
+            "--out-credentials", str(csv_path), "--hub", hub_id, "--gateway", GATEWAY, "--api", API,
+        ],
+        env={"SHOUHU_DEVICE_SECRET": SECRET},
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    with csv_path.open(newline="") as handle:
+        return {row["account"]: row["password"] for row in csv.DictReader(handle)}
+
+
+def connack(url: str, client_id: str | None = None) -> Any:
+    """The broker's answer to a 3.1.1 CONNECT with the URL's account (0: accepted)."""
+    address = BrokerAddress.parse(url)
+    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or uuid.uuid4().hex, protocol=MQTTProtocolVersion.MQTTv311)
+    address.configure(client)
+    answered = threading.Event()
+    codes: list[Any] = []
+
+    def on_connect(_c: mqtt.Client, _u: Any, _f: Any, reason: Any, *_rest: Any) -> None:
+        codes.append(reason)
+        answered.set()
+
+    client.on_connect = on_connect
+    client.connect(address.host, address.port)
+    client.loop_start()
+    try:
+        assert answered.wait(5), "no CONNACK"
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    return codes[0]
+
+
+@pytest.fixture(scope="module")
+def county(postgres: LocalPostgres) -> Iterator[str]:
+    from devices.registry import load_registry
+    from devices.registry_file import parse_registry
+
+    import psycopg
+
+    for url in fresh_database(postgres):
+        with psycopg.connect(url) as conn:
+            load_registry(conn, parse_registry(DEMO))
+        yield url
+
+
+@pytest.fixture(scope="module")
+def secure() -> Iterator[tuple[SecureBroker, dict[str, str], str]]:
+    directory = scratch_dir("shouhu-secure-mqtt-")
+    broker = SecureBroker(directory, make_pki(directory), free_port(), free_port())
+    hub_id = f"test-hub-{uuid.uuid4().hex[:8]}"
+    passwords = write_credentials(DEMO, broker, hub_id, directory / "credentials.csv")
+    broker.start()
+    yield broker, passwords, hub_id
+    broker.stop()
+
+
+@pytest.fixture(scope="module")
+def tls_hub(county: str, secure: tuple[SecureBroker, dict[str, str], str]) -> Iterator[Hub]:
+    """A hub on its own account, over TLS trusting the session's CA."""
+    broker, passwords, hub_id = secure
+    hub, thread = start_hub(county, broker.url(hub_id, passwords[hub_id], tls=True), hub_id)
+    yield hub
+    hub.stop()
+    thread.join(10)
+
+
+def test_our_hash_is_mosquitto_passwd_s(tmp_path: Path) -> None:
+    path = tmp_path / "passwd"
+    subprocess.run(["mosquitto_passwd", "-c", "-b", str(path), "wb-0001", "p@ss:word"], check=True)
+    line = path.read_text()
+    assert line_matches(line, "wb-0001", "p@ss:word")
+    assert not line_matches(line, "wb-0001", "p@ss:worD")
+
+
+def test_a_device_cannot_publish_as_another_and_the_hub_sees_its_own(
+    county: str, secure: tuple[SecureBroker, dict[str, str], str], tls_hub: Hub
+) -> None:
+    broker, passwords, _hub_id = secure
+    band = Wristband(broker.url("wb-0001", passwords["wb-0001"], tls=True), "wb-0001", resend_s=1)
+    try:
+        # As wb-0002, and a camera's channel under its own id: the broker drops both.
+        band.client.publish("shouhu/v1/wristband/wb-0002/sos", alarm_payload("sos"), qos=1).wait_for_publish(5)
+        band.client.publish("shouhu/v1/camera/wb-0001/health", b"{}", qos=1).wait_for_publish(5)
+        # Its own press, after them on the same connection: receipted by the hub (its
+        # receipt topic readable), so whatever came before has been through the hub.
+        receipt = band.wait_for_receipt(band.alarm("sos"), 10)
+    finally:
+        band.close()
+    assert receipt is not None and receipt["state"] == "open"
+    assert query(county, "SELECT count(*) FROM incidents WHERE device_id = 'wb-0001'") == [(1,)]
+    assert query(county, "SELECT count(*) FROM message_ledger WHERE device_id = 'wb-0002'") == [(0,)]
+    assert query(county, "SELECT count(*) FROM incidents WHERE device_id = 'wb-0002'") == [(0,)]
+    assert query(county, "SELECT count(*) FROM dead_letters WHERE topic LIKE %s", "%/camera/wb-0001/%") == [(0,)]
+
+
+def test_wrong_passwords_and_clients_without_the_ca_are_refused(
+    secure: tuple[SecureBroker, dict[str, str], str],
+) -> None:
+    broker, passwords, _hub_id = secure
+    assert connack(broker.url("wb-0001", passwords["wb-0001"])) == 0
+    assert connack(broker.url("wb-0001", passwords["wb-0002"])) != 0
+    assert connack(broker.url("nobody", passwords["wb-0001"])) != 0
+    assert connack(broker.url("wb-0001", passwords["wb-0001"], tls=True)) == 0
+    with pytest.raises(ssl.SSLCertVerificationError):
+        connack(broker.url("wb-0001", passwords["wb-0001"], tls=True, ca=False))
+
+
+def test_gateway_and_api_accounts_do_their_work(
+    county: str, secure: tuple[SecureBroker, dict[str, str], str], tls_hub: Hub
+) -> None:
+    broker, passwords, _hub_id = secure
+    gateway_url = broker.url(GATEWAY, passwords[GATEWAY])
+    address = BrokerAddress.parse(gateway_url)
+    gateway = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=GATEWAY, protocol=MQTTProtocolVersion.MQTTv311)
+    address.configure(gateway)
+    subscribed = threading.Event()
+
+    def answer(client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        command = json.loads(message.payload)
+        result = {"command_id": command["command_id"], "delivered": True, "reason": None}
+        client.publish(message.topic + "_result", json.dumps(result), qos=1)
+
+    gateway.on_message = answer
+    gateway.on_subscribe = lambda *_args: subscribed.set()
+    gateway.connect(address.host, address.port)
+    gateway.loop_start()
+    try:
+        gateway.subscribe("shouhu/v1/wristband/+/command", qos=1)
+        assert subscribed.wait(5)
+        # The API's account sends a command and reads the gateway's result.
+        command = WatchCommand(command_id=uuid.uuid4().hex, command=CommandName.LOCATE)
+        results = exchange(broker.url(API, passwords[API]), [("wb-0061", command)], 5)
+        assert results[command.command_id].delivered
+        # The gateway's dead letters: under another gateway's id dropped, under its own stored.
+        letter = {"reason": "bad_frame", "detail": "", "device": "", "peer": "x:1", "raw_base64": ""}
+        for gateway_id in ("gw-other", GATEWAY):
+            gateway.publish(f"shouhu/v1/gateway/{gateway_id}/dead_letter", json.dumps(letter), qos=1)
+        wait_until(
+            lambda: query(county, "SELECT count(*) FROM dead_letters WHERE topic LIKE %s", f"%{GATEWAY}%") == [(1,)],
+            what="the gateway's own dead letter",
+        )
+    finally:
+        gateway.disconnect()
+        gateway.loop_stop()
+    assert query(county, "SELECT count(*) FROM dead_letters WHERE topic LIKE %s", "%gw-other%") == [(0,)]
+
+
+def test_a_deactivated_device_is_locked_out_after_a_reload(
+    secure: tuple[SecureBroker, dict[str, str], str], tmp_path: Path
+) -> None:
+    broker, passwords, hub_id = secure
+    registry = yaml.safe_load(DEMO.read_text(encoding="utf-8"))
+    registry["devices"] = [d for d in registry["devices"] if d["id"] != "wb-0003"]
+    # And wb-0004's password rotated alone.
+    for device in registry["devices"]:
+        if device["id"] == "wb-0004":
+            device["credential_version"] = 2
+    smaller = tmp_path / "registry.yaml"
+    smaller.write_text(yaml.safe_dump(registry, allow_unicode=True), encoding="utf-8")
+    band = Wristband(broker.url("wb-0003", passwords["wb-0003"]), "wb-0003")
+    try:
+        wait_until(band.client.is_connected, what="wb-0003 connected")
+        rotated = write_credentials(smaller, broker, hub_id, tmp_path / "credentials.csv")
+        assert "wb-0003" not in rotated and rotated["wb-0005"] == passwords["wb-0005"]
+        assert rotated["wb-0004"] != passwords["wb-0004"]
+        broker.reload()
+        # Mosquitto checks the connected clients again at the reload: wb-0003 is dropped.
+        wait_until(lambda: not band.client.is_connected(), what="wb-0003 disconnected")
+    finally:
+        band.close()
+    wait_until(lambda: connack(broker.url("wb-0003", passwords["wb-0003"])) != 0, what="wb-0003 refused")
+    assert connack(broker.url("wb-0004", passwords["wb-0004"])) != 0
+    assert connack(broker.url("wb-0004", rotated["wb-0004"])) == 0
+    assert connack(broker.url("wb-0005", passwords["wb-0005"])) == 0
