@@ -26,6 +26,9 @@ from shouhu.mqtt_address import broker_url
 from shouhu.settings import Settings
 
 if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
+
     from alerts.care_sweep import CareSweeper
     from alerts.router import Router
     from hub.service import Hub
@@ -167,16 +170,26 @@ def serve_api(url: str, settings: Settings, sock: socket.socket | None = None) -
 
     # Bound here, not by uvicorn: a port in use is one line naming the setting, not a traceback.
     sock = sock or listen(settings.api_host, settings.api_port, "SHOUHU_API_PORT")
-    config = uvicorn.Config(
-        create_app(settings.model_copy(update={"database_url": url})),
+    config = api_server_config(create_app(settings.model_copy(update={"database_url": url})), settings)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def api_server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn's configuration of the API: behind a TLS proxy in SHOUHU_FORWARDED_ALLOW_IPS
+    the request's scheme and client are the forwarded ones (session cookies ``Secure``)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
         host=settings.api_host,
         port=settings.api_port,
         log_level="info",
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         # A console's live feed never ends by itself: without this a stop (Ctrl-C) waits
         # for every open console to be closed.
         timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(config).run(sockets=[sock])
 
 
 def make_hub(settings: Settings, url: str, broker_url: str, *, metrics_port: int | None, leave: bool = False) -> Hub:

@@ -16,16 +16,20 @@ from typing import Any
 import paho.mqtt.client as mqtt
 import pytest
 import yaml
+from fastapi.testclient import TestClient
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from typer.testing import CliRunner
 
+from api.main import create_app
 from devices.command_exchange import exchange
 from devices.commands import CommandName, WatchCommand
 from hub.service import Hub
 from launch.cli import app
+from launch.wiring import api_server_config
 from shouhu.embedded.postgres import LocalPostgres, free_port
 from shouhu.mosquitto_passwd import line_matches
 from shouhu.mqtt_address import BrokerAddress
+from shouhu.settings import Settings
 from simulators.wristband import Wristband, alarm_payload
 from tests.support.database import fresh_database
 from tests.support.hub import query, start_hub, wait_until
@@ -58,7 +62,9 @@ def write_credentials(registry: Path, broker: SecureBroker, hub_id: str, csv_pat
 def connack(url: str, client_id: str | None = None) -> Any:
     """The broker's answer to a 3.1.1 CONNECT with the URL's account (0: accepted)."""
     address = BrokerAddress.parse(url)
-    client = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=client_id or uuid.uuid4().hex, protocol=MQTTProtocolVersion.MQTTv311)
+    client = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=client_id or uuid.uuid4().hex, protocol=MQTTProtocolVersion.MQTTv311
+    )
     address.configure(client)
     answered = threading.Event()
     codes: list[Any] = []
@@ -80,10 +86,10 @@ def connack(url: str, client_id: str | None = None) -> Any:
 
 @pytest.fixture(scope="module")
 def county(postgres: LocalPostgres) -> Iterator[str]:
+    import psycopg
+
     from devices.registry import load_registry
     from devices.registry_file import parse_registry
-
-    import psycopg
 
     for url in fresh_database(postgres):
         with psycopg.connect(url) as conn:
@@ -134,7 +140,8 @@ def test_a_device_cannot_publish_as_another_and_the_hub_sees_its_own(
         receipt = band.wait_for_receipt(band.alarm("sos"), 10)
     finally:
         band.close()
-    assert receipt is not None and receipt["state"] == "open"
+    assert receipt is not None
+    assert receipt["state"] == "open"
     assert query(county, "SELECT count(*) FROM incidents WHERE device_id = 'wb-0001'") == [(1,)]
     assert query(county, "SELECT count(*) FROM message_ledger WHERE device_id = 'wb-0002'") == [(0,)]
     assert query(county, "SELECT count(*) FROM incidents WHERE device_id = 'wb-0002'") == [(0,)]
@@ -209,7 +216,8 @@ def test_a_deactivated_device_is_locked_out_after_a_reload(
     try:
         wait_until(band.client.is_connected, what="wb-0003 connected")
         rotated = write_credentials(smaller, broker, hub_id, tmp_path / "credentials.csv")
-        assert "wb-0003" not in rotated and rotated["wb-0005"] == passwords["wb-0005"]
+        assert "wb-0003" not in rotated
+        assert rotated["wb-0005"] == passwords["wb-0005"]
         assert rotated["wb-0004"] != passwords["wb-0004"]
         broker.reload()
         # Mosquitto checks the connected clients again at the reload: wb-0003 is dropped.
@@ -220,3 +228,22 @@ def test_a_deactivated_device_is_locked_out_after_a_reload(
     assert connack(broker.url("wb-0004", passwords["wb-0004"])) != 0
     assert connack(broker.url("wb-0004", rotated["wb-0004"])) == 0
     assert connack(broker.url("wb-0005", passwords["wb-0005"])) == 0
+
+
+@pytest.mark.parametrize(("proxy", "secure_cookie"), [("10.0.0.5", True), ("10.0.0.6", False)])
+def test_behind_a_trusted_tls_proxy_the_session_cookie_is_secure(county: str, proxy: str, secure_cookie: bool) -> None:
+    from datetime import UTC, datetime
+
+    import psycopg
+
+    from shouhu.tokens import create_token
+
+    with psycopg.connect(county) as conn:
+        token = create_token(conn, role="admin", areas=[], label="proxy", now=datetime.now(UTC), expires_at=None)
+    settings = Settings(_env_file=None, database_url=county, forwarded_allow_ips="10.0.0.5")  # type: ignore[call-arg]
+    config = api_server_config(create_app(settings), settings)
+    config.load()  # wraps the app in uvicorn's proxy-headers middleware, as the server does
+    with TestClient(config.loaded_app, client=(proxy, 40000)) as client:
+        answer = client.post("/api/v1/session", json={"token": token}, headers={"X-Forwarded-Proto": "https"})
+    assert answer.status_code == 201, answer.text
+    assert ("secure" in answer.headers["set-cookie"].lower()) is secure_cookie

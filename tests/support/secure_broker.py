@@ -45,7 +45,9 @@ class SecureBroker:
             path.chmod(0o644)
         conf = self.directory / "mosquitto.conf"
         conf.write_text(_localised(self.directory, self.pki, self.port, self.tls_port))
-        self.process = subprocess.Popen(["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        self.process = subprocess.Popen(
+            ["mosquitto", "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
         STARTED_PROCESSES.append(self.process)
         wait_for_port(self.port)
         wait_for_port(self.tls_port)
