@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import csv
 import json
+import shutil
 import ssl
 import subprocess
 import threading
@@ -106,6 +107,7 @@ def secure() -> Iterator[tuple[SecureBroker, dict[str, str], str]]:
     broker.start()
     yield broker, passwords, hub_id
     broker.stop()
+    shutil.rmtree(directory, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
