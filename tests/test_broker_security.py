@@ -249,3 +249,21 @@ def test_behind_a_trusted_tls_proxy_the_session_cookie_is_secure(county: str, pr
         answer = client.post("/api/v1/session", json={"token": token}, headers={"X-Forwarded-Proto": "https"})
     assert answer.status_code == 201, answer.text
     assert ("secure" in answer.headers["set-cookie"].lower()) is secure_cookie
+
+
+def test_tls_files_ride_in_the_broker_url_and_need_mqtts() -> None:
+    from pydantic import ValidationError
+
+    from shouhu.mqtt_address import broker_url
+
+    settings = Settings(  # type: ignore[call-arg]
+        _env_file=None, mqtt_url="mqtts://hub:p%40ss@broker:8883", mqtt_ca_file="/etc/ca dir/ca.pem"
+    )
+    address = BrokerAddress.parse(broker_url(settings))
+    assert (address.host, address.port, address.tls) == ("broker", 8883, True)
+    assert (address.username, address.password, address.ca_file) == ("hub", "p@ss", "/etc/ca dir/ca.pem")
+    assert address.cert_file is None
+    with pytest.raises(ValidationError, match="mqtts"):
+        Settings(_env_file=None, mqtt_url="mqtt://broker:1883", mqtt_ca_file="/ca.pem")  # type: ignore[call-arg]
+    with pytest.raises(ValidationError, match="go together"):
+        Settings(_env_file=None, mqtt_url="mqtts://broker", mqtt_cert_file="/c.pem")  # type: ignore[call-arg]
