@@ -24,6 +24,7 @@ from typer.testing import CliRunner
 from api.main import create_app
 from devices.command_exchange import exchange
 from devices.commands import CommandName, WatchCommand
+from gateway.watch_server import WatchServer, WatchServerConfig
 from hub.service import Hub
 from launch.cli import app
 from launch.wiring import api_server_config
@@ -37,6 +38,7 @@ from tests.support.hub import query, start_hub, wait_until
 from tests.support.secure_broker import SecureBroker
 from tests.support.services import scratch_dir
 from tests.support.tls import make_pki
+from tests.support.watch import BAND, CHINA, SOS_BODY, WATCH, Watch, frame
 
 DEMO = Path(__file__).resolve().parents[1] / "simulators" / "demo_county.yaml"
 SECRET = "test-device-secret-0123456789"
@@ -162,38 +164,67 @@ def test_wrong_passwords_and_clients_without_the_ca_are_refused(
         connack(broker.url("wb-0001", passwords["wb-0001"], tls=True, ca=False))
 
 
-def test_gateway_and_api_accounts_do_their_work(
+def test_the_watch_gateway_and_the_api_work_on_their_accounts_over_tls(
     county: str, secure: tuple[SecureBroker, dict[str, str], str], tls_hub: Hub
 ) -> None:
     broker, passwords, _hub_id = secure
-    gateway_url = broker.url(GATEWAY, passwords[GATEWAY])
-    address = BrokerAddress.parse(gateway_url)
-    gateway = mqtt.Client(CallbackAPIVersion.VERSION2, client_id=GATEWAY, protocol=MQTTProtocolVersion.MQTTv311)
+    config = WatchServerConfig(
+        mqtt_url=broker.url(GATEWAY, passwords[GATEWAY], tls=True),
+        client_id=GATEWAY,
+        watch_tz=CHINA,
+        host="127.0.0.1",
+        port=0,
+    )
+    server = WatchServer(config, {WATCH: BAND}.get)
+    thread = server.run_in_thread()
+    try:
+        assert server.port is not None
+        watch = Watch(server.port)
+        try:
+            # The watch's SOS, published by the gateway for wb-0061: answered once the hub's
+            # receipt came back to the gateway.
+            watch.send(frame(f"AL,{SOS_BODY}"))
+            assert watch.answer() == f"[3G*{WATCH}*0002*AL]".encode()
+            # The API's account commands the watch and reads the gateway's result.
+            command = WatchCommand(command_id=uuid.uuid4().hex, command=CommandName.LOCATE)
+            results = exchange(broker.url(API, passwords[API], tls=True), [(BAND, command)], 5)
+            assert results[command.command_id].delivered
+            assert watch.answer() == f"[3G*{WATCH}*0002*CR]".encode()
+            # Garbage: the gateway's dead letter, on its own topic, reaches the hub.
+            watch.send(b"garbage" + frame("LK"))
+            assert watch.answer() == f"[3G*{WATCH}*0002*LK]".encode()
+        finally:
+            watch.close()
+    finally:
+        server.stop()
+        thread.join(15)
+    assert query(county, "SELECT count(*) FROM incidents WHERE device_id = %s", BAND) == [(1,)]
+    wait_until(
+        lambda: query(
+            county, "SELECT reason FROM dead_letters WHERE topic = %s", f"shouhu/v1/gateway/{GATEWAY}/dead_letter"
+        ),
+        what="the gateway's dead letter",
+    )
+
+
+def test_a_gateway_cannot_write_another_gateways_dead_letters(
+    county: str, secure: tuple[SecureBroker, dict[str, str], str], tls_hub: Hub
+) -> None:
+    broker, passwords, _hub_id = secure
+    address = BrokerAddress.parse(broker.url(GATEWAY, passwords[GATEWAY]))
+    gateway = mqtt.Client(
+        CallbackAPIVersion.VERSION2, client_id=f"{GATEWAY}-raw", protocol=MQTTProtocolVersion.MQTTv311
+    )
     address.configure(gateway)
-    subscribed = threading.Event()
-
-    def answer(client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
-        command = json.loads(message.payload)
-        result = {"command_id": command["command_id"], "delivered": True, "reason": None}
-        client.publish(message.topic + "_result", json.dumps(result), qos=1)
-
-    gateway.on_message = answer
-    gateway.on_subscribe = lambda *_args: subscribed.set()
     gateway.connect(address.host, address.port)
     gateway.loop_start()
+    letter = {"reason": "bad_frame", "detail": "marker", "device": "", "peer": "x:1", "raw_base64": ""}
     try:
-        gateway.subscribe("shouhu/v1/wristband/+/command", qos=1)
-        assert subscribed.wait(5)
-        # The API's account sends a command and reads the gateway's result.
-        command = WatchCommand(command_id=uuid.uuid4().hex, command=CommandName.LOCATE)
-        results = exchange(broker.url(API, passwords[API]), [("wb-0061", command)], 5)
-        assert results[command.command_id].delivered
-        # The gateway's dead letters: under another gateway's id dropped, under its own stored.
-        letter = {"reason": "bad_frame", "detail": "", "device": "", "peer": "x:1", "raw_base64": ""}
+        # In this order on one connection: once the second is stored, the first had its chance.
         for gateway_id in ("gw-other", GATEWAY):
             gateway.publish(f"shouhu/v1/gateway/{gateway_id}/dead_letter", json.dumps(letter), qos=1)
         wait_until(
-            lambda: query(county, "SELECT count(*) FROM dead_letters WHERE topic LIKE %s", f"%{GATEWAY}%") == [(1,)],
+            lambda: query(county, "SELECT count(*) FROM dead_letters WHERE detail LIKE %s", "%marker%") == [(1,)],
             what="the gateway's own dead letter",
         )
     finally:
