@@ -50,9 +50,11 @@ log = logging.getLogger(__name__)
 __all__ = [
     "LEASE_S",
     "Lease",
+    "LockedAttempt",
     "NewPage",
     "cancel_pending",
     "claim",
+    "lock_attempt",
     "lock_incident",
     "lock_incidents",
     "mark_answered",
@@ -502,7 +504,40 @@ def cancel_pending(conn: Conn, incident_id: int, now: datetime, *, pages_only: b
     )
 
 
-# --- what a provider's callback says (api/routes/callbacks.py) ---------------------------
+# --- what a provider's callback says (api/routes/callbacks.py, alerts/aliyun_receipts.py) ---
+
+
+@dataclass(frozen=True, slots=True)
+class LockedAttempt:
+    """An attempt a provider's callback names, read under its lock."""
+
+    id: int
+    incident_id: int
+    channel: str
+    provider_id: str | None
+    recipient_kind: str
+    recipient_id: str
+    address: str
+    state: str
+    in_flight: bool  # leased by a sender right now: its provider id may not be recorded yet
+
+
+def lock_attempt(conn: Conn, where: str, params: tuple[Any, ...]) -> LockedAttempt | None:
+    """The attempt found by ``where``, locked in the lock order: its incident first, then it.
+
+    ``where`` is a fixed SQL condition of the caller's (never input) with ``params``.
+    No lock is waited for while a provider is called: a router holds none across its send.
+    """
+    found = conn.execute(f"SELECT id, incident_id FROM notification_attempts WHERE {where}", params).fetchone()
+    if found is None:
+        return None
+    lock_incident(conn, int(found[1]))
+    row = conn.execute(
+        "SELECT id, incident_id, channel, provider_id, recipient_kind, recipient_id, address, state,"
+        " state = 'pending' AND leased_by IS NOT NULL FROM notification_attempts WHERE id = %s FOR UPDATE",
+        (found[0],),
+    ).fetchone()
+    return None if row is None else LockedAttempt(*row)
 
 
 def take_provider_id(conn: Conn, attempt_id: int, provider_id: str, now: datetime) -> None:

@@ -14,7 +14,9 @@
   unchecked; the route checks the signature over the fields as Twilio signed them, then
   drops what cannot be stored with :func:`storable_text`. Their path, query and body
   size are checked as everywhere. Traccar's forwards (``api/routes/traccar.py``) are
-  forgiven alike: that route stores none of their text.
+  forgiven alike: that route stores none of their text. So are Aliyun's pushes
+  (``forgiven_prefixes``, ``api/routes/aliyun.py``, whose paths carry a token): the
+  route drops what cannot be stored from each item before it queues it.
 
 Both live in one ASGI middleware because both need the body before the application
 sees it: the body (at most the limit) is read here, checked, and handed on unchanged.
@@ -128,7 +130,8 @@ class RequestLimits:
     """The body limit and the text checks, as an ASGI middleware (outermost but metrics).
 
     ``forgiven_paths``: paths whose body text is not checked here, because their route
-    cleans it (the provider callbacks; see the module's docstring).
+    cleans it (the provider callbacks; see the module's docstring); ``forgiven_prefixes``
+    the same for every path that starts with one of them.
     """
 
     def __init__(
@@ -137,10 +140,12 @@ class RequestLimits:
         *,
         max_body_bytes: int,
         forgiven_paths: frozenset[str] = frozenset(),
+        forgiven_prefixes: tuple[str, ...] = (),
     ) -> None:
         self.app = app
         self.max_body_bytes = max_body_bytes
         self.forgiven_paths = forgiven_paths
+        self.forgiven_prefixes = forgiven_prefixes
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -173,7 +178,9 @@ class RequestLimits:
             return
         except _Disconnected:
             return
-        problem = None if scope["path"] in self.forgiven_paths else _body_problem(headers, body)
+        path = scope["path"]
+        forgiven = path in self.forgiven_paths or path.startswith(self.forgiven_prefixes)
+        problem = None if forgiven else _body_problem(headers, body)
         if problem is not None:
             await _invalid("body", *problem)(scope, receive, send)
             return

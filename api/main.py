@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import logging
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -26,6 +27,8 @@ from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import shouhu
+from alerts import aliyun_receipts
+from alerts.receipts import ReceiptWorker
 from alerts.response import ResponseCollector
 from api import live
 from api.consoles import pages
@@ -33,6 +36,7 @@ from api.deps import ERROR_RESPONSES, PoolDep, get_now, pooled, reject_unknown_q
 from api.limits import RequestLimits
 from api.routes import (
     acknowledgements,
+    aliyun,
     areas,
     callbacks,
     commands,
@@ -219,6 +223,20 @@ def _plain(pool: ConnectionPool) -> Iterator[Conn]:
         yield plain
 
 
+def _receipt_worker(app: FastAPI, database_url: str, settings: Settings) -> ReceiptWorker:
+    """The API process's receipt worker, started: Aliyun's pushes are handled here, in every
+    API process, because the process that takes them must be up for them to arrive at all
+    (docs/contract.md, "Aliyun receipts"). It runs on the routes' clock."""
+    worker = ReceiptWorker(
+        database_url,
+        functools.partial(aliyun_receipts.handle, resolve_timeout_s=settings.resolve_timeout_s),
+        app.dependency_overrides.get(get_now, get_now),
+        name="api-receipts",
+    )
+    worker.start()
+    return worker
+
+
 def create_app(settings: Settings) -> FastAPI:
     """The API application, with its connection pool opened and closed by the lifespan.
 
@@ -243,6 +261,7 @@ def create_app(settings: Settings) -> FastAPI:
         figures = ResponseCollector(lambda: _plain(pool))
         REGISTRY.register(figures)  # the response figures in /metrics, read at each scrape
         listener = app.state.live_feed = live.LiveFeedListener(database_url)
+        receipts = _receipt_worker(app, database_url, settings)
         background = [
             asyncio.create_task(listener.run(), name="live-feed-listener"),
             asyncio.create_task(_upkeep(app, pool), name="live-feed-upkeep"),
@@ -256,6 +275,7 @@ def create_app(settings: Settings) -> FastAPI:
                 with contextlib.suppress(asyncio.CancelledError):
                     await task
             REGISTRY.unregister(figures)
+            await run_in_threadpool(receipts.stop)
             await run_in_threadpool(traccar.close_publisher, app)
             await run_in_threadpool(pool.close)
 
@@ -273,7 +293,9 @@ def create_app(settings: Settings) -> FastAPI:
         # Traccar's too: a NUL in some tracker's text attribute must not cost its SOS (the
         # route stores no text of Traccar's, api/routes/traccar.py).
         forgiven_paths=callbacks.CALLBACK_PATHS | {traccar.TRACCAR_CALLBACK_PATH},
+        forgiven_prefixes=(aliyun.ALIYUN_CALLBACK_PREFIX,),
     )
+    aliyun.redact_access_log()
     app.add_middleware(_MetricsMiddleware)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _http_error)
@@ -320,6 +342,7 @@ def create_app(settings: Settings) -> FastAPI:
     for module in modules:
         app.include_router(module.router, responses=ERROR_RESPONSES, dependencies=[Depends(reject_unknown_query)])
     app.include_router(callbacks.router)
+    app.include_router(aliyun.router)
     app.include_router(traccar.router)
     app.include_router(pages.router)
     app.mount("/console/static", StaticFiles(directory=pages.STATIC_DIR), name="console-static")

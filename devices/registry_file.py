@@ -36,6 +36,10 @@ from devices.kinds import (
     Weekday,
 )
 
+# libyaml's safe loader where PyYAML was built with it (the wheels are): the same
+# documents, a third of the time — the demo county (6,000 lines) loads in 0.1 s, not 0.4.
+SAFE_LOADER: type[yaml.SafeLoader] = getattr(yaml, "CSafeLoader", yaml.SafeLoader)
+
 ID_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
 EntryId = Annotated[str, Field(pattern=ID_PATTERN)]
 
@@ -437,7 +441,7 @@ def parse_registry(path: Path) -> RegistryFile:
         RegistryFileError: the file is unreadable, not YAML, or fails validation.
     """
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=SAFE_LOADER)  # noqa: S506 (a safe loader)
     except OSError as exc:
         raise RegistryFileError(path, [f"cannot read: {exc.strerror}"]) from exc
     except (yaml.YAMLError, UnicodeDecodeError) as exc:

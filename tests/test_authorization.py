@@ -25,12 +25,11 @@ from alerts.care_sweep import sweep
 from api import deps
 from api.main import create_app
 from devices.registry import load_registry
-from devices.registry_file import parse_registry
 from shouhu.embedded.postgres import LocalPostgres
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token, revoke_token
 from tests.support.care import RULES, heard, last_will
-from tests.support.database import DEMO_COUNTY, fresh_database
+from tests.support.database import demo_county, fresh_database
 from tests.support.escalation import press
 
 NOW = datetime(2026, 11, 24, 4, 0, tzinfo=UTC)  # 12:00 in Asia/Shanghai
@@ -129,7 +128,7 @@ def _objects(conn: psycopg.Connection[Any], url: str, grid: str, town: str, inde
 def scenario(postgres: LocalPostgres) -> Iterator[Scenario]:
     for url in fresh_database(postgres):
         with psycopg.connect(url, autocommit=True) as conn:
-            load_registry(conn, parse_registry(DEMO_COUNTY))
+            load_registry(conn, demo_county())
             own = {role: _objects(conn, url, GRID_A, TOWN_A, i) for i, role in enumerate(ROLES)}
             other = {role: _objects(conn, url, GRID_B, TOWN_B, i) for i, role in enumerate(ROLES)}
             # Cameras dark for 3 h and bands silent for 3 h: repair orders and visits open

@@ -23,13 +23,12 @@ from schemathesis.checks import positive_data_acceptance
 from alerts.care_sweep import sweep
 from api.main import create_app
 from devices.registry import load_registry
-from devices.registry_file import parse_registry
 from shouhu.embedded.postgres import LocalPostgres
 from shouhu.settings import Settings
 from shouhu.tokens import Role, create_token
 from simulators.phone_network import create_phone_network
 from tests.support.care import RULES, heard, last_will
-from tests.support.database import DEMO_COUNTY, fresh_database
+from tests.support.database import demo_county, fresh_database
 from tests.support.escalation import FROM, PHONE_SID, press
 from tests.support.services import serve_app
 
@@ -43,7 +42,7 @@ def served(postgres: LocalPostgres) -> Iterator[tuple[str, str]]:
     """(base URL, admin token) of the API over a county with something in it."""
     for url in fresh_database(postgres):
         with psycopg.connect(url, autocommit=True) as conn:
-            load_registry(conn, parse_registry(DEMO_COUNTY))
+            load_registry(conn, demo_county())
             press(url, "wb-0001", NOW - timedelta(minutes=5))
             last_will(conn, "wb-0002", NOW - timedelta(hours=2))
             heard(conn, "cam-002", NOW - timedelta(hours=1), reported_online=False, reported_reason="power")

@@ -19,10 +19,7 @@ waits on another channel.
 from __future__ import annotations
 
 import logging
-import re
-import unicodedata
 from collections.abc import Callable
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Annotated, Any, Literal, TypeVar
 from urllib.parse import parse_qs
@@ -31,16 +28,15 @@ import psycopg
 from fastapi import APIRouter, Depends, HTTPException, Request, status
 from fastapi.responses import Response
 from psycopg.rows import DictRow
-from psycopg.types.json import Jsonb
 from pydantic import BaseModel
 from twilio.request_validator import RequestValidator
 from twilio.twiml.messaging_response import MessagingResponse
 from twilio.twiml.voice_response import VoiceResponse
 
-from alerts.acknowledge import Actor, Result, acknowledge, decline
-from alerts.attempts import lock_incident, mark_answered, record_status, take_provider_id
+from alerts.answers import SMS_HELP, SmsReply, parse_sms_reply, person, record_keypress, take_sms_reply
+from alerts.attempts import LockedAttempt, lock_attempt, take_provider_id
+from alerts.delivery_status import Delivery, Settlement, record_delivery, settlement
 from alerts.dispatch import attempt_by_id
-from alerts.incidents import CODE_ALPHABET, CODE_LENGTH
 from alerts.notifiers.text import plain_text
 from alerts.notifiers.twilio import (
     GATHER_TIMEOUT_S,
@@ -52,9 +48,7 @@ from alerts.notifiers.twilio import (
     keypress_url,
     voice_twiml,
 )
-from alerts.retry import after_failure
-from alerts.states import AttemptState, IncidentState
-from alerts.timeline import add_event
+from alerts.states import AttemptState
 from api.deps import ConnDep, Now, SettingsDep, tuple_rows
 from api.limits import storable_text
 from devices.kinds import Channel
@@ -81,11 +75,9 @@ REFUSED: dict[int | str, dict[str, Any]] = {
     status.HTTP_403_FORBIDDEN: {"description": "Not signed by Twilio with the configured auth token."}
 }
 
-GOING = "已确认，您已接单，请尽快前往。"
-CANNOT = "已记录，您无法前往，我们将继续联系他人。"
-CLOSED = "此事件已结束，无需前往。"
 ASK_AGAIN = "未能识别您的按键。前往处置请按1，无法前往请按2。"
-SMS_HELP = "【守护】未能识别您的回复。请按短信提示回复：事件编号 1 接单，事件编号 2 无法前往。"
+# Re-exported: the SMS reply's help text and parsing live in alerts/answers.py.
+__all__ = ["SMS_CALLBACK_PATH", "SMS_HELP", "Settlement", "SmsReply", "parse_sms_reply", "router", "settle"]
 
 
 # --- the signature ---------------------------------------------------------------
@@ -136,55 +128,6 @@ def in_transaction(conn: psycopg.Connection[DictRow], work: Callable[[Conn], T])
                 raise
             log.warning("a callback's transaction deadlocked (try %s of %s): run again", attempt, TRANSACTION_TRIES)
     raise AssertionError("unreachable")
-
-
-def _person(conn: Conn, kind: str, person_id: str) -> Actor | None:
-    """The staff member or guardian an attempt paged, as who acts."""
-    if kind == "staff":
-        row = conn.execute("SELECT name, phone, role FROM staff WHERE id = %s", (person_id,)).fetchone()
-        return Actor("staff", person_id, row[0], row[1], row[2]) if row else None
-    if kind == "guardian":
-        row = conn.execute("SELECT name, phone FROM guardians WHERE id = %s", (person_id,)).fetchone()
-        return Actor("guardian", person_id, row[0], row[1], "guardian") if row else None
-    return None
-
-
-def _answer(conn: Conn, incident_id: int, actor: Actor, going: bool, result: Result) -> str:
-    """What the person is told: taken, declined, or who took it first."""
-    if result in (Result.DONE, Result.ALREADY):
-        return GOING if going else CANNOT
-    row = conn.execute(
-        "SELECT state, acknowledged_by, acknowledged_by_name FROM incidents WHERE id = %s", (incident_id,)
-    ).fetchone()
-    assert row is not None
-    state, taken_by, taken_by_name = row
-    if state == IncidentState.ACKNOWLEDGED:
-        return "此事件已由您接单。" if taken_by == actor.key else f"此事件已由{taken_by_name}接单，无需前往。"
-    return CLOSED
-
-
-def _act(
-    conn: Conn, incident_id: int, actor: Actor, going: bool, via: str, now: datetime, resolve_timeout_s: int
-) -> str:
-    """Acknowledge or decline as ``actor``, audited like the API's acknowledgements; returns the answer."""
-    if going:
-        result = acknowledge(conn, incident_id, actor, via, now, resolve_timeout_s=resolve_timeout_s)
-    else:
-        result = decline(conn, incident_id, actor, via, now)
-    conn.execute(
-        "INSERT INTO audit_log (at, token_id, role, action, subject, detail, actor, actor_name)"
-        " VALUES (%s, NULL, %s, %s, %s, %s, %s, %s)",
-        (
-            now,
-            actor.role,
-            "acknowledge" if going else "decline",
-            f"incident:{incident_id}",
-            Jsonb({"result": result.value, "via": via, "actor": actor.key}),
-            actor.key,
-            actor.label,
-        ),
-    )
-    return _answer(conn, incident_id, actor, going, result)
 
 
 def _say(text: str) -> str:
@@ -251,68 +194,53 @@ def receive_keypress(request: Request, form: SignedForm, conn: ConnDep, now: Now
     again = signed_url(request, settings.public_url)
 
     def work(conn: Conn) -> str:
-        row = _lock_attempt(conn, "id = %s", (attempt_id,))
-        if row is None:
+        found = lock_attempt(conn, "id = %s", (attempt_id,))
+        if found is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"attempt {attempt_id} not found")
-        incident_id, channel, provider_id, kind, person_id, in_flight = row
         # A call still in flight (the router has not had Twilio's answer yet) has no sid
         # recorded: it takes the one Twilio signed for this attempt's keypress URL.
-        known = provider_id == call_sid or (provider_id is None and in_flight)
-        if channel != "voice" or not call_sid or not known:
+        known = found.provider_id == call_sid or (found.provider_id is None and found.in_flight)
+        if found.channel != "voice" or not call_sid or not known:
             # Signed, but not this attempt's call: a replay onto another attempt.
             raise HTTPException(status.HTTP_403_FORBIDDEN, f"call {call_sid!r} is not attempt {attempt_id}'s")
-        actor = _person(conn, kind, person_id)
+        actor = person(conn, found.recipient_kind, found.recipient_id)
         if actor is None:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"attempt {attempt_id} paged nobody known")
-        # A call still in flight takes the sid Twilio gave it (its record may come later).
-        take_provider_id(conn, attempt_id, call_sid, now)
-        # Only 1 or 2 reaches the person. Any other key (5, #, nothing) leaves the call
-        # unsettled: if it then ends without 1 or 2 it is not reached, and retried.
-        if digit in ("1", "2"):
-            mark_answered(conn, attempt_id, now)
-        detail = {"attempt_id": attempt_id, "provider_id": call_sid, "digit": digit}
-        add_event(conn, incident_id, now, "keypress", actor.key, detail)
-        if digit not in ("1", "2"):
-            return _ask_again(again)
-        return _say(_act(conn, incident_id, actor, digit == "1", "voice", now, timeout))
+        answer = record_keypress(conn, attempt_id, found.incident_id, actor, call_sid, digit, now, timeout)
+        return _ask_again(again) if answer is None else _say(answer)
 
     return Response(in_transaction(conn, work), media_type=TWIML)
 
 
 # --- delivery and call status ----------------------------------------------------
 
-CALL_FAILURES = {"busy": "busy", "no-answer": "no_answer", "failed": "failed", "canceled": "failed"}
-SMS_ENDINGS = {"delivered": "delivered", "undelivered": "undelivered", "failed": "failed"}
-# Attempts still waiting for their outcome; any other state is settled for good.
-UNSETTLED = frozenset({"sent", "answered"})
+CALL_FAILURES = {
+    "busy": AttemptState.BUSY,
+    "no-answer": AttemptState.NO_ANSWER,
+    "failed": AttemptState.FAILED,
+    "canceled": AttemptState.FAILED,
+}
+SMS_ENDINGS = {
+    "delivered": AttemptState.DELIVERED,
+    "undelivered": AttemptState.UNDELIVERED,
+    "failed": AttemptState.FAILED,
+}
 
 
-@dataclass(frozen=True, slots=True)
-class Settlement:
-    """What a provider's status makes of an attempt."""
+def twilio_ending(channel: str, provider_status: str) -> AttemptState | None:
+    """What a Twilio status ends an attempt as, or ``None`` (ringing, queued, sent…).
 
-    state: str
-    failed: bool  # retried, or the channel given up (alerts.retry)
+    A call ``completed`` without a keypress settling it (a voicemail, a hang-up) did
+    not reach anyone: it fails like a busy line.
+    """
+    if channel == "voice":
+        return AttemptState.NO_KEYPRESS if provider_status == "completed" else CALL_FAILURES.get(provider_status)
+    return SMS_ENDINGS.get(provider_status)
 
 
 def settle(channel: str, provider_status: str, current: str) -> Settlement | None:
-    """The attempt's outcome from a provider status, or ``None``: the status only goes on the timeline.
-
-    Only an attempt still waiting for its outcome is settled, so a late, repeated
-    or out-of-order callback never moves it again. A call answered with no keypress
-    (a voicemail) did not reach anyone: it fails like a busy line.
-    """
-    if current not in UNSETTLED:
-        return None
-    if channel == "voice":
-        if current == "answered":
-            return None  # the keypress reached us: the call has done its work
-        if provider_status == "completed":
-            return Settlement("no_keypress", failed=True)
-        ending = CALL_FAILURES.get(provider_status)
-        return Settlement(ending, failed=True) if ending else None
-    ending = SMS_ENDINGS.get(provider_status)
-    return Settlement(ending, failed=ending != "delivered") if ending else None
+    """The attempt's outcome from a Twilio status, or ``None``: the status only goes on the timeline."""
+    return settlement(channel, twilio_ending(channel, provider_status), current)
 
 
 class DeliveryStatusPublic(BaseModel):
@@ -324,24 +252,7 @@ class DeliveryStatusPublic(BaseModel):
     """After a failure: retry, given_up, advanced (the next step paged now), or none."""
 
 
-def _lock_attempt(conn: Conn, where: str, params: tuple[Any, ...]) -> tuple[Any, ...] | None:
-    """The attempt found by ``where``, locked in the lock order: its incident first, then it.
-
-    (incident, channel, provider id, recipient kind, recipient id, in flight). No lock
-    is waited for while a provider is called: a router holds none across its send.
-    """
-    found = conn.execute(f"SELECT id, incident_id FROM notification_attempts WHERE {where}", params).fetchone()
-    if found is None:
-        return None
-    lock_incident(conn, int(found[1]))
-    return conn.execute(
-        "SELECT incident_id, channel, provider_id, recipient_kind, recipient_id,"
-        " state = 'pending' AND leased_by IS NOT NULL FROM notification_attempts WHERE id = %s FOR UPDATE",
-        (found[0],),
-    ).fetchone()
-
-
-def _attempt_by_sid(conn: Conn, channel: str, sid: str, to: str, now: datetime) -> tuple[Any, ...] | None:
+def _attempt_by_sid(conn: Conn, channel: str, sid: str, to: str, now: datetime) -> tuple[int, int, str] | None:
     """(id, incident, state) of the attempt ``sid`` reports on, locked (incident first).
 
     A status may overtake the router's record of the sid. While the send is in flight
@@ -349,7 +260,7 @@ def _attempt_by_sid(conn: Conn, channel: str, sid: str, to: str, now: datetime) 
     sid and counts as sent; a router settling it right now is waited for.
     """
     where = "provider_id = %s AND channel = %s ORDER BY id DESC LIMIT 1"
-    row = _lock_attempt(conn, where, (sid, channel))
+    row: LockedAttempt | None = lock_attempt(conn, where, (sid, channel))
     if row is None and to:
         # Wait for the transactions holding that number's pending attempts (a claim or a
         # settle, never a send), holding no other lock meanwhile, and let go of those
@@ -360,7 +271,7 @@ def _attempt_by_sid(conn: Conn, channel: str, sid: str, to: str, now: datetime) 
                 " FOR SHARE",
                 (channel, to),
             )
-        row = _lock_attempt(conn, where, (sid, channel))
+        row = lock_attempt(conn, where, (sid, channel))
         if row is None:
             flying = conn.execute(
                 "SELECT id FROM notification_attempts WHERE state = 'pending' AND leased_by IS NOT NULL"
@@ -368,13 +279,13 @@ def _attempt_by_sid(conn: Conn, channel: str, sid: str, to: str, now: datetime) 
                 (channel, to),
             ).fetchall()
             if len(flying) == 1:
-                row = _lock_attempt(conn, "id = %s", (flying[0][0],))
-                if row is not None and row[2] is None and row[5]:
-                    take_provider_id(conn, flying[0][0], sid, now)
-                    return flying[0][0], row[0], "sent"
+                row = lock_attempt(conn, "id = %s", (flying[0][0],))
+                if row is not None and row.provider_id is None and row.in_flight:
+                    take_provider_id(conn, row.id, sid, now)
+                    return row.id, row.incident_id, AttemptState.SENT.value
             # A settle that committed since the look above (nothing in flight any more)
             # has recorded the sid: look once more, or its status would be lost.
-            row = _lock_attempt(conn, where, (sid, channel))
+            row = lock_attempt(conn, where, (sid, channel))
     if row is None:
         return None
     found = conn.execute(
@@ -382,13 +293,7 @@ def _attempt_by_sid(conn: Conn, channel: str, sid: str, to: str, now: datetime) 
         (sid, channel),
     ).fetchone()
     assert found is not None
-    return found[0], row[0], found[1]
-
-
-def _event_name(provider_status: str, settlement: Settlement | None) -> str:
-    if settlement is not None and settlement.state == "no_keypress":
-        return "delivery_no_keypress"
-    return "delivery_" + (re.sub(r"[^a-z]+", "_", provider_status) or "unknown")
+    return int(found[0]), row.incident_id, str(found[1])
 
 
 @router.post(STATUS_CALLBACK_PATH, responses=REFUSED)
@@ -413,98 +318,21 @@ def receive_delivery_status(form: SignedForm, conn: ConnDep, now: Now) -> Delive
             log.warning("status %r for unknown %s %s: nothing to update", provider_status, channel, sid)
             return DeliveryStatusPublic(attempt_id=None, state=None, handled="unknown")
         attempt_id, incident_id, current = row
-        seen = conn.execute(
-            "SELECT 1 FROM incident_events WHERE incident_id = %s AND event LIKE 'delivery%%' AND detail @> %s LIMIT 1",
-            (incident_id, Jsonb({"attempt_id": attempt_id, "status": provider_status})),
-        ).fetchone()
-        if seen:
-            log.info("status %r for %s %s seen before: ignored", provider_status, channel, sid)
-            return DeliveryStatusPublic(attempt_id=attempt_id, state=current, handled="duplicate")
-        settlement = settle(channel, provider_status, current)
-        state = current if settlement is None else settlement.state
-        if settlement is not None:
-            error = None
-            if settlement.failed:
-                error = f"{PROVIDER}: {provider_status}" + (f" (error {error_code})" if error_code else "")
-            record_status(conn, attempt_id, AttemptState(state), error, now)
-        add_event(
-            conn,
-            incident_id,
-            now,
-            _event_name(provider_status, settlement),
-            PROVIDER,
-            {
-                "attempt_id": attempt_id,
-                "provider_id": sid,
-                "channel": channel,
-                "status": provider_status,
-                "state": state,
-                "error_code": error_code,
-            },
+        ending = twilio_ending(channel, provider_status)
+        delivery = Delivery(
+            attempt_id, incident_id, current, PROVIDER, channel, sid, provider_status, ending, error_code
         )
-        if settlement is None:
-            return DeliveryStatusPublic(attempt_id=attempt_id, state=state, handled="recorded")
-        follow_up = after_failure(conn, attempt_id, now) if settlement.failed else None
-        return DeliveryStatusPublic(attempt_id=attempt_id, state=state, handled="settled", follow_up=follow_up)
+        outcome = record_delivery(conn, delivery, now)
+        if outcome.handled == "duplicate":
+            log.info("status %r for %s %s seen before: ignored", provider_status, channel, sid)
+        return DeliveryStatusPublic(
+            attempt_id=attempt_id, state=outcome.state, handled=outcome.handled, follow_up=outcome.follow_up
+        )
 
     return in_transaction(conn, work)
 
 
 # --- SMS replies -----------------------------------------------------------------
-
-_TOKEN = re.compile(r"[0-9A-Z]+")
-
-
-@dataclass(frozen=True, slots=True)
-class SmsReply:
-    """An incident code found in an SMS, and the digits that follow it ("" for none)."""
-
-    code: str
-    digits: str
-
-    @property
-    def going(self) -> bool | None:
-        """1 or nothing: going; 2: cannot; anything else: not understood."""
-        return {"": True, "1": True, "2": False}.get(self.digits)
-
-
-def _is_code(token: str) -> bool:
-    return len(token) == CODE_LENGTH and all(char in CODE_ALPHABET for char in token)
-
-
-def parse_sms_reply(body: str) -> list[SmsReply]:
-    """Every incident code in an SMS reply, in order, each with the digits after it.
-
-    Case and full-width characters do not matter, and the digit may follow the code
-    directly: "k7p2q 1", "收到K7P2Q，2", "Ｋ７Ｐ２Ｑ１".
-    """
-    tokens = _TOKEN.findall(unicodedata.normalize("NFKC", body).upper())
-    replies: list[SmsReply] = []
-    for index, token in enumerate(tokens):
-        if len(token) == CODE_LENGTH + 1 and token[-1].isdigit() and _is_code(token[:-1]):
-            replies.append(SmsReply(token[:-1], token[-1]))
-        elif _is_code(token):
-            following = tokens[index + 1] if index + 1 < len(tokens) else ""
-            replies.append(SmsReply(token, following if following.isdigit() else ""))
-    return replies
-
-
-def _paged_for(conn: Conn, code: str, phone: str) -> tuple[int, str, Actor] | None:
-    """The incident with ``code`` and the staff member or guardian at ``phone`` it paged, if any."""
-    row = conn.execute(
-        """
-        SELECT i.id, i.code, a.recipient_kind, a.recipient_id FROM incidents i
-        JOIN notification_attempts a ON a.incident_id = i.id
-        WHERE i.code = %s AND a.address = %s AND a.purpose IN ('page', 'repage')
-          AND a.recipient_kind IN ('staff', 'guardian')
-        ORDER BY a.id LIMIT 1
-        """,
-        (code, phone),
-    ).fetchone()
-    if row is None:
-        return None
-    actor = _person(conn, row[2], row[3])
-    return (int(row[0]), str(row[1]), actor) if actor else None
 
 
 @router.post(SMS_CALLBACK_PATH, response_class=Response, responses=REFUSED)
@@ -512,30 +340,13 @@ def receive_sms_reply(form: SignedForm, conn: ConnDep, now: Now, settings: Setti
     """An SMS reply: the incident's code, then 1 (going, the default) or 2 (cannot)."""
     sender = form.get("From", "").strip()
     message_sid = form.get("MessageSid", "")
-    replies = parse_sms_reply(form.get("Body", ""))
     timeout = settings.resolve_timeout_s
 
     def work(conn: Conn) -> str:
-        for reply in replies:
-            found = _paged_for(conn, reply.code, sender)
-            if found is None:
-                continue
-            incident_id, code, actor = found
-            if reply.going is None:
-                log.info("SMS %s: %s followed by %r, neither 1 nor 2: help sent", message_sid, code, reply.digits)
-                return SMS_HELP
-            lock_incident(conn, incident_id)  # before the timeline's insert: incident → attempts
-            add_event(
-                conn,
-                incident_id,
-                now,
-                "sms_reply",
-                actor.key,
-                {"provider_id": message_sid, "digit": reply.digits or "1"},
-            )
-            return f"【守护】{code} " + _act(conn, incident_id, actor, reply.going, "sms", now, timeout)
-        # The same answer for an unknown phone and an unknown code: neither is disclosed.
-        log.info("SMS %s: no incident code this sender was paged for: help sent", message_sid)
-        return SMS_HELP
+        outcome = take_sms_reply(conn, form.get("Body", ""), sender, message_sid, now, timeout)
+        if outcome.going is None:
+            # The same answer for an unknown phone and an unknown code: neither is disclosed.
+            log.info("SMS %s: no 1 or 2 after an incident code this sender was paged for: help sent", message_sid)
+        return outcome.text
 
     return Response(_sms(in_transaction(conn, work)), media_type=TWIML)

@@ -86,6 +86,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(16, "staff accounts: tokens and sessions of people and integrations", sql_file="0016_staff_accounts.sql"),
     Migration(17, "visits: follow-ups after an SOS, recurring visits", sql_file="0017_visits.sql"),
     Migration(18, "an index for supervisions", sql_file="0018_supervision.sql"),
+    Migration(19, "provider receipts: a queue for Aliyun's pushes", sql_file="0019_provider_receipts.sql"),
 )
 
 
