@@ -11,6 +11,7 @@ import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +33,8 @@ from shouhu.embedded.postgres import LocalPostgres, free_port
 from shouhu.mosquitto_passwd import line_matches
 from shouhu.mqtt_address import BrokerAddress
 from shouhu.settings import Settings
-from simulators.wristband import Wristband, alarm_payload
+from simulators.wristband import Wristband, alarm_payload, publish_raw
+from tests.support.broker import telemetry
 from tests.support.database import fresh_database
 from tests.support.hub import query, start_hub, wait_until
 from tests.support.secure_broker import SecureBroker
@@ -134,22 +136,31 @@ def test_a_device_cannot_publish_as_another_and_the_hub_sees_its_own(
     county: str, secure: tuple[SecureBroker, dict[str, str], str], tls_hub: Hub
 ) -> None:
     broker, passwords, _hub_id = secure
+    camera = broker.url("cam-001", passwords["cam-001"], tls=True)
+    # A camera cannot raise an SOS, not even under its own id; its health goes through.
+    publish_raw(camera, "shouhu/v1/wristband/cam-001/sos", alarm_payload("sos"))
+    health = {"msg_id": uuid.uuid4().hex, "ts": datetime.now(UTC).isoformat(), "online": True}
+    publish_raw(camera, "shouhu/v1/camera/cam-001/health", json.dumps(health).encode())
     band = Wristband(broker.url("wb-0001", passwords["wb-0001"], tls=True), "wb-0001", resend_s=1)
     try:
         # As wb-0002, and a camera's channel under its own id: the broker drops both.
         band.client.publish("shouhu/v1/wristband/wb-0002/sos", alarm_payload("sos"), qos=1).wait_for_publish(5)
-        band.client.publish("shouhu/v1/camera/wb-0001/health", b"{}", qos=1).wait_for_publish(5)
-        # Its own press, after them on the same connection: receipted by the hub (its
-        # receipt topic readable), so whatever came before has been through the hub.
+        band.client.publish("shouhu/v1/camera/wb-0001/health", json.dumps(health).encode(), qos=1).wait_for_publish(5)
+        band.client.publish("shouhu/v1/wristband/wb-0001/telemetry", telemetry(), qos=1).wait_for_publish(5)
+        # Its own press, after them all: receipted by the hub (its receipt topic readable),
+        # so the alarms that came before it have been through the hub.
         receipt = band.wait_for_receipt(band.alarm("sos"), 10)
     finally:
         band.close()
     assert receipt is not None
     assert receipt["state"] == "open"
-    assert query(county, "SELECT count(*) FROM incidents WHERE device_id = 'wb-0001'") == [(1,)]
+    ledger = "SELECT device_id, channel FROM message_ledger WHERE device_id IN ('wb-0001', 'cam-001') ORDER BY 1, 2"
+    wait_until(lambda: len(query(county, ledger)) == 3, what="the devices' own messages stored")
+    assert query(county, ledger) == [("cam-001", "health"), ("wb-0001", "sos"), ("wb-0001", "telemetry")]
+    opened = "SELECT device_id, kind FROM incidents WHERE device_id IN ('wb-0001', 'wb-0002', 'cam-001')"
+    assert query(county, opened) == [("wb-0001", "sos")]
     assert query(county, "SELECT count(*) FROM message_ledger WHERE device_id = 'wb-0002'") == [(0,)]
-    assert query(county, "SELECT count(*) FROM incidents WHERE device_id = 'wb-0002'") == [(0,)]
-    assert query(county, "SELECT count(*) FROM dead_letters WHERE topic LIKE %s", "%/camera/wb-0001/%") == [(0,)]
+    assert query(county, "SELECT count(*) FROM dead_letters WHERE topic LIKE %s", "%wb-0001%") == [(0,)]
 
 
 def test_wrong_passwords_and_clients_without_the_ca_are_refused(
@@ -265,8 +276,6 @@ def test_a_deactivated_device_is_locked_out_after_a_reload(
 
 @pytest.mark.parametrize(("proxy", "secure_cookie"), [("10.0.0.5", True), ("10.0.0.6", False)])
 def test_behind_a_trusted_tls_proxy_the_session_cookie_is_secure(county: str, proxy: str, secure_cookie: bool) -> None:
-    from datetime import UTC, datetime
-
     import psycopg
 
     from shouhu.tokens import create_token
@@ -298,3 +307,25 @@ def test_tls_files_ride_in_the_broker_url_and_need_mqtts() -> None:
         Settings(_env_file=None, mqtt_url="mqtt://broker:1883", mqtt_ca_file="/ca.pem")  # type: ignore[call-arg]
     with pytest.raises(ValidationError, match="go together"):
         Settings(_env_file=None, mqtt_url="mqtts://broker", mqtt_cert_file="/c.pem")  # type: ignore[call-arg]
+
+
+def test_the_verb_refuses_a_short_secret_a_bad_file_and_a_name_twice_and_repeats_itself(tmp_path: Path) -> None:
+    def run(registry: Path, secret: str, *extra: str) -> Any:
+        files = ["--password-file", str(tmp_path / "passwd"), "--acl-file", str(tmp_path / "acl")]
+        return CliRunner().invoke(
+            app, ["broker", "credentials", str(registry), *files, *extra], env={"SHOUHU_DEVICE_SECRET": secret}
+        )
+
+    assert run(DEMO, "too-short").exit_code == 2
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("devices:\n- id: wb-1\n  kind: wristband\n  credential_version: 0\n", encoding="utf-8")
+    refused = run(bad, SECRET)
+    assert refused.exit_code == 1
+    assert "nothing written" in refused.output
+    assert run(DEMO, SECRET, "--hub", "wb-0001").exit_code == 1
+    assert not (tmp_path / "passwd").exists()
+    assert run(DEMO, SECRET).exit_code == 0
+    first = (tmp_path / "passwd").read_bytes(), (tmp_path / "acl").read_bytes()
+    assert run(DEMO, SECRET).exit_code == 0
+    assert ((tmp_path / "passwd").read_bytes(), (tmp_path / "acl").read_bytes()) == first
+    assert (tmp_path / "passwd").stat().st_mode & 0o777 == 0o600
