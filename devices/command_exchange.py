@@ -89,10 +89,7 @@ def exchange(
         clean_session=True,
     )
     address = BrokerAddress.parse(mqtt_url)
-    if address.username:
-        client.username_pw_set(address.username, address.password)
-    if address.tls:
-        client.tls_set()
+    address.configure(client)
     client.on_connect = state.on_connect
     client.on_subscribe = state.on_subscribe
     client.on_message = state.on_message

@@ -197,6 +197,9 @@ class DeviceEntry(_Entry):
     # this wristband. Quoted in YAML, so leading zeros stay.
     watch_id: str | None = Field(default=None, pattern=r"^[0-9]{10,15}$")
     protocol: WatchProtocol | None = None
+    # Raised by one to re-issue this device's broker password alone (`shouhu broker
+    # credentials`); the old one stops working when the broker re-reads its files.
+    credential_version: int = Field(default=1, ge=1)
 
     @field_validator("watch_id", mode="before")
     @classmethod

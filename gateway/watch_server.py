@@ -177,10 +177,7 @@ class WatchServer:
             clean_session=False,
         )
         address = BrokerAddress.parse(self.config.mqtt_url)
-        if address.username:
-            client.username_pw_set(address.username, address.password)
-        if address.tls:
-            client.tls_set()
+        address.configure(client)
         client.reconnect_delay_set(1, 5)
         client.on_connect = self._on_connect
         client.on_subscribe = self._on_subscribe

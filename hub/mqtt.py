@@ -169,10 +169,7 @@ class HubConnection:
             clean_session=clean if protocol != MQTTProtocolVersion.MQTTv5 else None,
             manual_ack=True,
         )
-        if self.address.username:
-            client.username_pw_set(self.address.username, self.address.password)
-        if self.address.tls:
-            client.tls_set()
+        self.address.configure(client)
         # Short: after a broker restart every second before we subscribe again is a
         # second of shared-subscription traffic Mosquitto 2.0 drops (docs/contract.md).
         client.reconnect_delay_set(min_delay=1, max_delay=2)

@@ -83,6 +83,8 @@ gateway_app = typer.Typer(
 )
 app.add_typer(simulate_app, name="simulate")
 app.add_typer(gateway_app, name="gateway")
+broker_app = typer.Typer(help="The MQTT broker's accounts and ACLs.", no_args_is_help=True, rich_markup_mode=None)
+app.add_typer(broker_app, name="broker")
 
 
 RegistryOption = Annotated[Path, typer.Option(help="The registry YAML file whose devices to simulate")]
@@ -136,6 +138,43 @@ def registry_load(
     then give the connected watches their SOS numbers."""
     settings = load_settings()
     load_registry_file(database_url(settings), file, settings if push_sos_numbers else None)
+
+
+@broker_app.command("credentials")
+def broker_credentials(
+    file: Annotated[Path, typer.Argument(help="Registry YAML file: every device in it gets an account")],
+    password_file: Annotated[Path, typer.Option(help="Write Mosquitto's password file here")],
+    acl_file: Annotated[Path, typer.Option(help="Write Mosquitto's ACL file here")],
+    out_credentials: Annotated[
+        Path | None, typer.Option(help="Also write every account's password to this CSV (for provisioning)")
+    ] = None,
+    hub: Annotated[
+        list[str] | None, typer.Option(help="A hub's account, named by its SHOUHU_HUB_ID (repeatable; default: it)")
+    ] = None,
+    gateway: Annotated[
+        list[str] | None,
+        typer.Option(help="A watch gateway's account, by its SHOUHU_WATCH_GATEWAY_ID (repeatable; default: it)"),
+    ] = None,
+    api: Annotated[
+        list[str] | None,
+        typer.Option(help="An API or operators' account: commands, the Traccar bridge (repeatable)"),
+    ] = None,
+) -> None:
+    """Write the broker's password and ACL files: an account for each device of the
+    registry (passwords derived from SHOUHU_DEVICE_SECRET), each hub, gateway and API."""
+    from launch.broker import write_broker_credentials
+
+    settings = load_settings()
+    write_broker_credentials(
+        file,
+        settings.device_secret,
+        password_file=password_file,
+        acl_file=acl_file,
+        out_credentials=out_credentials,
+        hubs=hub or [settings.hub_id],
+        gateways=gateway or [settings.watch_gateway_id],
+        apis=api or ["shouhu-api"],
+    )
 
 
 @token_app.command("create")

@@ -17,10 +17,16 @@ if TYPE_CHECKING:
     from shouhu.migrations import MigrationReport
     from shouhu.settings import Settings
 
+
 def fail(message: str, code: int = 1) -> NoReturn:
     """Print ``message`` in red on stderr and exit with ``code``."""
     typer.secho(message, fg=typer.colors.RED, err=True)
     raise typer.Exit(code)
+
+
+def problems_text(path: object, problems: list[str], outcome: str) -> str:
+    """``<path>: <outcome>; N problem(s):`` and one line per problem, for a refused file."""
+    return f"{path}: {outcome}; {len(problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in problems)
 
 
 def api_address(settings: Settings) -> str:

@@ -21,10 +21,14 @@ from typing import TYPE_CHECKING
 import typer
 from pydantic import ValidationError
 
-from launch.output import fail, report_migrations, report_registry
+from launch.output import fail, problems_text, report_migrations, report_registry
+from shouhu.mqtt_address import broker_url
 from shouhu.settings import Settings
 
 if TYPE_CHECKING:
+    import uvicorn
+    from fastapi import FastAPI
+
     from alerts.care_sweep import CareSweeper
     from alerts.providers import PhoneProviders
     from alerts.router import Router
@@ -40,7 +44,9 @@ def load_settings() -> Settings:
     try:
         return Settings()
     except ValidationError as exc:
-        lines = [f"  SHOUHU_{str(e['loc'][0]).upper()}: {e['msg']}" for e in exc.errors() if e["loc"]]
+        lines = [
+            f"  SHOUHU_{str(e['loc'][0]).upper()}: {e['msg']}" if e["loc"] else f"  {e['msg']}" for e in exc.errors()
+        ]
         fail("invalid configuration:\n" + "\n".join(lines), 2)
 
 
@@ -60,12 +66,8 @@ def database_url(settings: Settings) -> str:
 
 
 def mqtt_url(settings: Settings) -> str:
-    """The configured broker, or the embedded one's address."""
-    if settings.mqtt_url:
-        return settings.mqtt_url
-    from shouhu.embedded.broker import DEFAULT_PORT
-
-    return f"mqtt://127.0.0.1:{DEFAULT_PORT}"
+    """The configured broker (with its TLS files), or the embedded one's address."""
+    return broker_url(settings)
 
 
 def _in_use_message(exc: OSError, host: str, port: int, setting: str) -> str:
@@ -111,7 +113,7 @@ def load_registry_file(url: str, path: Path, settings: Settings | None = None) -
     try:
         registry = parse_registry(path)
     except RegistryFileError as exc:
-        fail(f"{path}: nothing loaded; {len(exc.problems)} problem(s):\n" + "\n".join(f"  - {p}" for p in exc.problems))
+        fail(problems_text(path, exc.problems, "nothing loaded"))
     with connect(url) as conn:
         report = load_registry(conn, registry)
     report_registry(path, report)
@@ -136,7 +138,6 @@ def push_sos_numbers(url: str, settings: Settings, wristbands: list[str], at: da
     from devices.command_exchange import BrokerUnavailable, exchange
     from devices.commands import CommandName, WatchCommand
     from shouhu.db import connect
-    from shouhu.embedded.broker import DEFAULT_PORT
 
     with connect(url) as conn:
         numbers = sos_numbers_of(conn, wristbands, at or datetime.now(UTC), settings.zone)
@@ -146,9 +147,8 @@ def push_sos_numbers(url: str, settings: Settings, wristbands: list[str], at: da
         if phones
     ]
     nobody = len(numbers) - len(commands)
-    mqtt_url = settings.mqtt_url or f"mqtt://127.0.0.1:{DEFAULT_PORT}"  # the embedded broker's
     try:
-        results = exchange(mqtt_url, commands, PUSH_ANSWERS_S, first_within=PUSH_FIRST_ANSWER_S)
+        results = exchange(broker_url(settings), commands, PUSH_ANSWERS_S, first_within=PUSH_FIRST_ANSWER_S)
     except BrokerUnavailable as exc:
         typer.echo(f"watches' SOS numbers not sent: the broker is unavailable ({exc})")
         return
@@ -171,16 +171,26 @@ def serve_api(url: str, settings: Settings, sock: socket.socket | None = None) -
 
     # Bound here, not by uvicorn: a port in use is one line naming the setting, not a traceback.
     sock = sock or listen(settings.api_host, settings.api_port, "SHOUHU_API_PORT")
-    config = uvicorn.Config(
-        create_app(settings.model_copy(update={"database_url": url})),
+    config = api_server_config(create_app(settings.model_copy(update={"database_url": url})), settings)
+    uvicorn.Server(config).run(sockets=[sock])
+
+
+def api_server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
+    """uvicorn's configuration of the API: behind a TLS proxy in SHOUHU_FORWARDED_ALLOW_IPS
+    the request's scheme and client are the forwarded ones (session cookies ``Secure``)."""
+    import uvicorn
+
+    return uvicorn.Config(
+        app,
         host=settings.api_host,
         port=settings.api_port,
         log_level="info",
+        proxy_headers=True,
+        forwarded_allow_ips=settings.forwarded_allow_ips,
         # A console's live feed never ends by itself: without this a stop (Ctrl-C) waits
         # for every open console to be closed.
         timeout_graceful_shutdown=5,
     )
-    uvicorn.Server(config).run(sockets=[sock])
 
 
 def make_hub(settings: Settings, url: str, broker_url: str, *, metrics_port: int | None, leave: bool = False) -> Hub:
@@ -335,7 +345,7 @@ def resolve_broker(settings: Settings, stack: ExitStack) -> str:
     """The configured broker, one already on the embedded port, or an embedded one
     started now and stopped with ``stack``."""
     if settings.mqtt_url:
-        return settings.mqtt_url
+        return broker_url(settings)
     from shouhu.embedded.broker import DEFAULT_PORT, ensure_local_broker
 
     process = ensure_local_broker(DEFAULT_PORT)

@@ -12,7 +12,7 @@ from typing import Annotated, Literal
 from urllib.parse import urlsplit
 from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 TWILIO_DEFAULT_API_BASE = "https://api.twilio.com"
@@ -58,6 +58,13 @@ class Settings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="SHOUHU_", env_file=".env", extra="ignore", frozen=True)
 
     mqtt_url: str = ""
+    # TLS to the broker (`mqtts://`): the CA that signed the broker's certificate (empty:
+    # the system's), and a client certificate and key when the broker asks for one.
+    mqtt_ca_file: str = ""
+    mqtt_cert_file: str = ""
+    mqtt_key_file: str = ""
+    # The key every broker password is derived from (`shouhu broker credentials`).
+    device_secret: str = ""
     database_url: str = ""
     hub_id: str = Field(default_factory=_default_hub_id, min_length=1, max_length=64)
     # Telemetry and health through `$share/shouhu/…` (several hubs split them). A lone
@@ -75,6 +82,9 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(default=1024 * 1024, ge=1024)
     metrics_port: int = Field(default=9100, ge=1, le=65535)
     public_url: str = "http://127.0.0.1:8000"
+    # The proxies whose X-Forwarded-Proto and X-Forwarded-For the API believes
+    # (uvicorn's forwarded_allow_ips: addresses, networks, or * for any).
+    forwarded_allow_ips: str = "127.0.0.1"
     twilio_account_sid: str = ""
     twilio_auth_token: str = ""
     twilio_from: str = ""
@@ -178,6 +188,14 @@ class Settings(BaseSettings):
         if value and urlsplit(value).scheme not in ("mqtt", "mqtts"):
             raise ValueError("SHOUHU_MQTT_URL must start with mqtt:// or mqtts://")
         return value
+
+    @model_validator(mode="after")
+    def _tls_files_need_mqtts(self) -> Settings:
+        if (self.mqtt_ca_file or self.mqtt_cert_file) and urlsplit(self.mqtt_url).scheme != "mqtts":
+            raise ValueError("SHOUHU_MQTT_CA_FILE and SHOUHU_MQTT_CERT_FILE need an mqtts:// SHOUHU_MQTT_URL")
+        if bool(self.mqtt_cert_file) != bool(self.mqtt_key_file):
+            raise ValueError("SHOUHU_MQTT_CERT_FILE and SHOUHU_MQTT_KEY_FILE go together")
+        return self
 
     @field_validator("database_url")
     @classmethod

@@ -332,10 +332,7 @@ class MqttPublisher:
         self.client = mqtt.Client(
             CallbackAPIVersion.VERSION2, client_id=client_id, protocol=MQTTProtocolVersion.MQTTv311
         )
-        if address.username:
-            self.client.username_pw_set(address.username, address.password)
-        if address.tls:
-            self.client.tls_set()
+        address.configure(self.client)
         self.client.max_inflight_messages_set(100)
         self.client.reconnect_delay_set(1, 5)
         self.client.on_connect = self._on_connect

@@ -30,10 +30,7 @@ def publish_raw(url: str, topic: str, payload: bytes, *, qos: int = 1, retain: b
     """Publish one message and wait for the broker's acknowledgement."""
     address = BrokerAddress.parse(url)
     client = mqtt.Client(CallbackAPIVersion.VERSION2, protocol=MQTTProtocolVersion.MQTTv311)
-    if address.username:
-        client.username_pw_set(address.username, address.password)
-    if address.tls:
-        client.tls_set()
+    address.configure(client)
     client.connect(address.host, address.port)
     client.loop_start()
     try:
@@ -79,10 +76,7 @@ class Wristband:
             protocol=MQTTProtocolVersion.MQTTv311,
             clean_session=False,
         )
-        if address.username:
-            self.client.username_pw_set(address.username, address.password)
-        if address.tls:
-            self.client.tls_set()
+        address.configure(self.client)
         self.client.reconnect_delay_set(1, 2)
         self.client.on_connect = self._on_connect
         self.client.on_message = self._on_message

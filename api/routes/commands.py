@@ -44,7 +44,7 @@ from devices.commands import (
     WatchCommand,
 )
 from devices.kinds import DeviceKind
-from shouhu.embedded.broker import DEFAULT_PORT
+from shouhu.mqtt_address import broker_url
 
 router = APIRouter(prefix=f"{API_PREFIX}/devices", tags=["devices"])
 
@@ -115,9 +115,8 @@ def create_command(
     command = WatchCommand(
         command_id=uuid.uuid4().hex, command=body.command, phones=phones, seconds=body.seconds
     )
-    url = settings.mqtt_url or f"mqtt://127.0.0.1:{DEFAULT_PORT}"  # the embedded broker's
     try:
-        results = exchange(url, [(device_id, command)], RESULT_TIMEOUT_S)
+        results = exchange(broker_url(settings), [(device_id, command)], RESULT_TIMEOUT_S)
     except BrokerUnavailable as exc:
         raise HTTPException(status.HTTP_503_SERVICE_UNAVAILABLE, f"the broker is unavailable: {exc}") from exc
     result = results.get(command.command_id) or CommandResult(

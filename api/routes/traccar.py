@@ -42,8 +42,7 @@ from devices.kinds import DeviceKind
 from devices.registry_file import RegistryFileError
 from devices.traccar import Publication, TraccarForward, map_forward
 from devices.watch_ids import RegistryWatches
-from shouhu.embedded.broker import DEFAULT_PORT
-from shouhu.mqtt_address import BrokerAddress
+from shouhu.mqtt_address import BrokerAddress, broker_url
 
 log = logging.getLogger(__name__)
 
@@ -89,10 +88,7 @@ class BrokerPublisher:
             clean_session=True,
         )
         address = BrokerAddress.parse(mqtt_url)
-        if address.username:
-            self._client.username_pw_set(address.username, address.password)
-        if address.tls:
-            self._client.tls_set()
+        address.configure(self._client)
         self._client.reconnect_delay_set(1, 5)
         self._client.on_connect = self._on_connect
         self._client.on_disconnect = self._on_disconnect
@@ -137,8 +133,7 @@ def broker_publisher(request: Request, settings: SettingsDep) -> BrokerPublisher
     with _state_lock:
         publisher: BrokerPublisher | None = getattr(request.app.state, "traccar_publisher", None)
         if publisher is None:
-            url = settings.mqtt_url or f"mqtt://127.0.0.1:{DEFAULT_PORT}"  # the embedded broker's
-            publisher = request.app.state.traccar_publisher = BrokerPublisher(url)
+            publisher = request.app.state.traccar_publisher = BrokerPublisher(broker_url(settings))
         return publisher
 
 

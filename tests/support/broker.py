@@ -75,6 +75,10 @@ def shipped_broker(directory: Path, port: int) -> Path:
             "log_dest",
             "per_listener_settings",
             "acl_file",
+            "cafile",
+            "certfile",
+            "keyfile",
+            "tls_version",
         ):
             continue
         kept.append(line)
