@@ -32,9 +32,9 @@ from api.routes.aliyun import RedactToken
 from devices.kinds import Channel
 from shouhu.embedded.postgres import free_port
 from shouhu.settings import Settings
+from tests.support.callbacks import add_grid_worker, snapshot
 from tests.support.escalation import DAY, ZONE, Clock, press, q, wristband_in
 from tests.support.services import serve_app
-from tests.test_callbacks import add_grid_worker, snapshot
 
 TOKEN = "k3Jx9vQ2-receipts-token-7Fh2"
 DEADLINE_S = 10.0

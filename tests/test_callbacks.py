@@ -30,7 +30,7 @@ from api.routes.callbacks import SMS_CALLBACK_PATH, SMS_HELP, Settlement, SmsRep
 from shouhu.settings import Settings
 from simulators.emergency_platform import create_emergency_platform
 from simulators.phone_network import gather_action
-from tests.support.callbacks import CALLBACK_DEADLINE_S, Stack, sign
+from tests.support.callbacks import CALLBACK_DEADLINE_S, Stack, add_grid_worker, sign, snapshot
 from tests.support.cap import cap_schema_path
 from tests.support.escalation import (
     DAY,
@@ -47,7 +47,6 @@ from tests.support.escalation import (
 from tests.support.escalation import wristband_in as _wristband_in
 from tests.support.services import serve_app
 
-SECOND_WORKER = "+12125550142"  # not in the demo county (checked when added)
 STRANGER = "+12125550177"
 
 
@@ -65,22 +64,6 @@ def sos(stack: Stack) -> Sos:
     incident = press(stack.db, device, DAY)
     code = q(stack.db, "SELECT code FROM incidents WHERE id = %s", incident)[0][0]
     return Sos(incident, code, grid, resident)
-
-
-def add_grid_worker(url: str, grid: str, phone: str = SECOND_WORKER) -> str:
-    """A second grid worker on duty in ``grid`` around the clock (the demo county has one per grid)."""
-    with psycopg.connect(url) as conn:
-        assert conn.execute("SELECT 1 FROM staff WHERE phone = %s", (phone,)).fetchone() is None
-        conn.execute(
-            "INSERT INTO staff (id, name, role, phone) VALUES ('gw-test', '赵网格', 'grid_worker', %s)", (phone,)
-        )
-        conn.execute("INSERT INTO staff_areas (staff_id, area_id) VALUES ('gw-test', %s)", (grid,))
-        conn.execute(
-            "INSERT INTO duty_shifts (staff_id, area_id, weekdays, start_time, end_time)"
-            " VALUES ('gw-test', %s, '{1,2,3,4,5,6,7}', '00:00', '00:00')",
-            (grid,),
-        )
-    return phone
 
 
 @dataclass(frozen=True)
@@ -113,20 +96,6 @@ def attempt(url: str, attempt_id: int) -> Page:
 
 def events(url: str, name: str) -> list[tuple[Any, ...]]:
     return q(url, "SELECT actor, detail FROM incident_events WHERE event = %s ORDER BY id", name)
-
-
-def snapshot(url: str) -> tuple[Any, ...]:
-    """Everything a callback could change."""
-    return q(
-        url,
-        """
-        SELECT (SELECT count(*) FROM incident_events), (SELECT count(*) FROM notification_attempts),
-               (SELECT count(*) FROM audit_log),
-               (SELECT string_agg(id || ':' || state, ',' ORDER BY id) FROM notification_attempts),
-               (SELECT string_agg(state || ':' || escalation_token, ',' ORDER BY id) FROM incidents),
-               (SELECT string_agg(id || ':' || due_at || ':' || state, ',' ORDER BY id) FROM escalation_actions)
-        """,
-    )[0]
 
 
 def said(twiml: str) -> str:

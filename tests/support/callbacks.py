@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import httpx
+import psycopg
 import pytest
 from twilio.request_validator import RequestValidator
 
@@ -22,6 +23,7 @@ from tests.support.escalation import DAY, FROM, PHONE_TOKEN, Clock, make_router,
 from tests.support.services import serve_app
 
 CALLBACK_DEADLINE_S = 10.0
+SECOND_WORKER = "+12125550142"  # not in the demo county (checked when added)
 
 
 @dataclass
@@ -108,3 +110,33 @@ def stack(county_url: str, phone_network: str) -> Iterator[Stack]:
     for _url in serve_app(app, port=port):
         yield stack
     stack.router.close()
+
+
+def add_grid_worker(url: str, grid: str, phone: str = SECOND_WORKER) -> str:
+    """A second grid worker on duty in ``grid`` around the clock (the demo county has one per grid)."""
+    with psycopg.connect(url) as conn:
+        assert conn.execute("SELECT 1 FROM staff WHERE phone = %s", (phone,)).fetchone() is None
+        conn.execute(
+            "INSERT INTO staff (id, name, role, phone) VALUES ('gw-test', '赵网格', 'grid_worker', %s)", (phone,)
+        )
+        conn.execute("INSERT INTO staff_areas (staff_id, area_id) VALUES ('gw-test', %s)", (grid,))
+        conn.execute(
+            "INSERT INTO duty_shifts (staff_id, area_id, weekdays, start_time, end_time)"
+            " VALUES ('gw-test', %s, '{1,2,3,4,5,6,7}', '00:00', '00:00')",
+            (grid,),
+        )
+    return phone
+
+
+def snapshot(url: str) -> tuple[Any, ...]:
+    """Everything a callback could change."""
+    return q(
+        url,
+        """
+        SELECT (SELECT count(*) FROM incident_events), (SELECT count(*) FROM notification_attempts),
+               (SELECT count(*) FROM audit_log),
+               (SELECT string_agg(id || ':' || state, ',' ORDER BY id) FROM notification_attempts),
+               (SELECT string_agg(state || ':' || escalation_token, ',' ORDER BY id) FROM incidents),
+               (SELECT string_agg(id || ':' || due_at || ':' || state, ',' ORDER BY id) FROM escalation_actions)
+        """,
+    )[0]
