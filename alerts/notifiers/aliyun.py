@@ -34,7 +34,8 @@ from darabonba.exceptions import ResponseException, RetryError, UnretryableExcep
 from Tea.exceptions import TeaException
 from Tea.exceptions import ValidateException as TeaValidateException
 
-from alerts.notifiers.aliyun_text import national, sms_notice_params, sms_page_params, tts_page_params
+from alerts.notifiers.aliyun_keys import OUT_ID_MAX_LENGTH, aliyun_number, aliyun_out_id
+from alerts.notifiers.aliyun_text import sms_notice_params, sms_page_params, tts_page_params
 from alerts.notifiers.base import Delivery, Notifier, Provider, SendOutcome, SendResult
 from devices.kinds import Channel
 
@@ -55,7 +56,6 @@ SMS_ENDPOINT = "dysmsapi.aliyuncs.com"
 KEY_TIMEOUT_MS = 10000
 PLAY_TIMES = 2
 # OutId: 1 to 15 bytes (IvrCall), as the attempt id always is.
-OUT_ID_MAX_BYTES = 15
 
 
 class Verdict(StrEnum):
@@ -205,8 +205,12 @@ def _json(params: dict[str, str]) -> str:
 
 
 def _out_id(delivery: Delivery) -> str | None:
-    out_id = str(delivery.attempt_id)
-    return out_id if delivery.attempt_id > 0 and len(out_id.encode()) <= OUT_ID_MAX_BYTES else None
+    """The attempt's ``OutId`` (``aliyun_keys``, which the receipts read back); None for
+    a page with no attempt row (the spool's, attempt 0) or an id past Aliyun's 15 characters."""
+    if delivery.attempt_id <= 0:
+        return None
+    out_id = aliyun_out_id(delivery.attempt_id)
+    return out_id if len(out_id) <= OUT_ID_MAX_LENGTH else None
 
 
 class _AliyunSender:
@@ -282,7 +286,7 @@ class AliyunVoiceNotifier(_AliyunSender):
                 voice_models.IvrCallRequestMenuKeyMap(key="2", code=self.account.tts_declined_code),
             ]
         return voice_models.IvrCallRequest(
-            called_number=national(delivery.to),
+            called_number=aliyun_number(delivery.to),
             called_show_number=self.account.voice_number,
             start_code=self.account.tts_page_code,
             start_tts_params=_json(tts_page_params(delivery.message)),
@@ -318,7 +322,7 @@ class AliyunSmsNotifier(_AliyunSender):
         else:
             template, params = self.account.sms_page_template, sms_page_params(message)
         return sms_models.SendSmsRequest(
-            phone_numbers=national(delivery.to),
+            phone_numbers=aliyun_number(delivery.to),
             sign_name=self.account.sms_sign_name,
             template_code=template,
             template_param=_json(params),

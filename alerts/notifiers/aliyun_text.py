@@ -11,6 +11,7 @@ no control character (``plain_text``, through the Twilio text's ``_plain``).
 
 from __future__ import annotations
 
+from alerts.notifiers.aliyun_keys import aliyun_number
 from alerts.notifiers.base import Message
 from alerts.notifiers.twilio import _clip, _event, _headline, _kind, _plain, _spelled, _subject
 from devices.kinds import IncidentKind
@@ -44,16 +45,8 @@ NO_ADDRESS_SPOKEN = "未登记"  # after "地址" (TTS)
 NO_CALLBACK = "无号码"
 
 
-def national(number: str) -> str:
-    """A Chinese mainland number as Aliyun takes it and a person reads it: ``+8613800138000`` → ``13800138000``.
-
-    Any other number is left as it is (as a callee, Aliyun refuses it: ``isv.MOBILE_NUMBER_ILLEGAL``).
-    """
-    return number.removeprefix("+86")
-
-
 def _callback(message: Message) -> str:
-    return national(message.callback_number) if message.callback_number else ""
+    return aliyun_number(message.callback_number) if message.callback_number else ""
 
 
 def _variable(text: str, limit: int = VARIABLE_MAX_CHARS) -> str:
