@@ -21,7 +21,7 @@ from tests.support.database import TEMPLATE, demo_county, fresh_database
 from tests.support.escalation import PHONE_SID, PHONE_TOKEN
 from tests.support.services import STARTED_PROCESSES, Mosquitto, serve_app, session_data_dir, start_postgres
 
-pytest_plugins = ["tests.support.browser", "tests.support.callbacks", "tests.support.hub"]
+pytest_plugins = ["tests.support.aliyun", "tests.support.browser", "tests.support.callbacks", "tests.support.hub"]
 
 
 def _migrated(cluster: LocalPostgres) -> LocalPostgres:

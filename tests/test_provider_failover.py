@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import threading
 import time
-from collections.abc import Iterator
 from typing import Any, get_args
 
 import httpx
@@ -43,58 +42,12 @@ from devices.registry import load_registry
 from devices.registry_file import PhoneProvider, PhoneProvidersEntry, RegistryFile
 from launch.wiring import check_area_providers, phone_providers
 from shouhu.settings import Settings
-from simulators.aliyun import create_aliyun_service
+from tests.support.aliyun import ALIYUN_SETTINGS, COUNTY, GUARDIAN, WORKER, WRISTBAND
 from tests.support.escalation import DAY, FROM, PHONE_SID, PHONE_TOKEN, ZONE, Clock, HangingProvider, press, q
-from tests.support.services import serve_app
 
 # Within this long of a send starting, its page is out on the secondary (issue 17).
 FAILOVER_S = 10.0
 TWILIO, ALIYUN = Provider.TWILIO, Provider.ALIYUN
-KEY_ID, KEY_SECRET = "LTAIfailoverTest", "failover-test-secret"
-WORKER, OPERATOR, GUARDIAN = "+8613800138001", "+8613800138009", "+8613700137001"
-WRISTBAND = "wb1"
-COUNTY: dict[str, Any] = {
-    "areas": [
-        {"id": "county", "name": "守护县", "level": "county"},
-        {"id": "shanli", "name": "山里镇", "level": "township", "parent": "county"},
-        {"id": "dongguan", "name": "东关社区", "level": "community", "parent": "shanli"},
-        {"id": "grid1", "name": "东关村1组", "level": "grid", "parent": "dongguan"},
-    ],
-    "staff": [
-        {"id": "gw", "name": "董思远", "role": "grid_worker", "phone": WORKER, "areas": ["grid1"]},
-        {"id": "op", "name": "值班员", "role": "operator", "phone": OPERATOR, "areas": ["county"]},
-    ],
-    "rosters": [
-        {"staff": "gw", "area": "grid1", "start": "00:00", "end": "00:00"},
-        {"staff": "op", "area": "county", "start": "00:00", "end": "00:00"},
-    ],
-    "residents": [
-        {
-            "id": "r1",
-            "name": "王奶奶",
-            "grid": "grid1",
-            "address": "东关村1组1号",
-            "phone": "+8613900139000",
-            "guardians": [{"id": "g1", "name": "王小明", "phone": GUARDIAN}],
-        }
-    ],
-    "devices": [{"id": WRISTBAND, "kind": "wristband", "resident": "r1"}],
-}
-
-
-@pytest.fixture
-def county(database_url: str) -> str:
-    with psycopg.connect(database_url) as conn:
-        load_registry(conn, RegistryFile.model_validate(COUNTY))
-    return database_url
-
-
-@pytest.fixture
-def aliyun_sim() -> Iterator[str]:
-    """The Aliyun-compatible simulator, checking the SDK's signatures with the test's AccessKey."""
-    yield from serve_app(create_aliyun_service(KEY_ID, KEY_SECRET, announce=lambda _line: None))
-
-
 def _aliyun(base: str) -> dict[Channel, Notifier]:
     """Aliyun's voice and SMS notifiers, built as the router builds them, against the simulator at ``base``."""
     return aliyun_notifiers(Settings.model_validate(ALIYUN_SETTINGS | {"aliyun_endpoint": base}))
@@ -218,19 +171,6 @@ def test_providers_named_in_the_settings_must_be_configured_and_differ() -> None
     chosen = phone_providers(both.model_copy(update={"phone_primary": "aliyun", "phone_secondary": "twilio"}))
     assert chosen.default == ProviderChoice(ALIYUN, TWILIO)
     assert chosen.configured == {TWILIO, ALIYUN}
-
-
-ALIYUN_SETTINGS = {
-    "aliyun_access_key_id": KEY_ID,
-    "aliyun_access_key_secret": KEY_SECRET,
-    "aliyun_voice_number": "057188880000",
-    "aliyun_tts_page_code": "TTS_100001",
-    "aliyun_tts_taken_code": "TTS_100002",
-    "aliyun_tts_declined_code": "TTS_100003",
-    "aliyun_sms_sign_name": "守护",
-    "aliyun_sms_page_template": "SMS_200001",
-    "aliyun_sms_notice_template": "SMS_200002",
-}
 
 
 def test_each_providers_request_timeout_leaves_room_to_fail_over_within_10_s() -> None:
