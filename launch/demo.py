@@ -152,6 +152,7 @@ def demo_providers(settings: Settings, stack: ExitStack) -> Settings:
     public_url = settings.public_url
     if is_local(public_url):
         public_url = f"http://127.0.0.1:{settings.api_port}"
+    settings = _demo_aliyun(settings, public_url, stack)
     return settings.model_copy(
         update={
             "public_url": public_url,
@@ -163,6 +164,52 @@ def demo_providers(settings: Settings, stack: ExitStack) -> Settings:
             "twilio_from": settings.twilio_from or DEMO_FROM,
         }
     )
+
+
+DEMO_ALIYUN_TOKEN = "demo-aliyun-receipts"  # noqa: S105 - the local simulator's push path
+# The demo's template codes: the simulator takes any; a real account has them approved.
+DEMO_ALIYUN_TEMPLATES = {
+    "aliyun_tts_page_code": "TTS_DEMO_PAGE",
+    "aliyun_tts_taken_code": "TTS_DEMO_TAKEN",
+    "aliyun_tts_declined_code": "TTS_DEMO_DECLINED",
+    "aliyun_sms_sign_name": "守护",
+    "aliyun_sms_page_template": "SMS_DEMO_PAGE",
+    "aliyun_sms_notice_template": "SMS_DEMO_NOTICE",
+}
+
+
+def _demo_aliyun(settings: Settings, public_url: str, stack: ExitStack) -> Settings:
+    """The simulated Aliyun beside the API as the demo's secondary phone provider: a page
+    the phone network refuses goes out there (docs/escalation.md, failover)."""
+    from simulators.aliyun import DEMO_ACCESS_KEY_ID, DEMO_ACCESS_KEY_SECRET, DEMO_VOICE_NUMBER, create_aliyun_service
+
+    endpoint = settings.aliyun_endpoint
+    if endpoint and not is_local(endpoint):
+        fail(f"--demo refuses SHOUHU_ALIYUN_ENDPOINT={endpoint}: a demo never reaches a real phone provider", 2)
+    token = settings.aliyun_callback_token or DEMO_ALIYUN_TOKEN
+    key_id = settings.aliyun_access_key_id or DEMO_ACCESS_KEY_ID
+    secret = settings.aliyun_access_key_secret or DEMO_ACCESS_KEY_SECRET
+    if not endpoint:
+        service = create_aliyun_service(
+            key_id, secret, push_base=f"{public_url}/callbacks/aliyun/{token}", any_number=True
+        )
+        endpoint = f"http://127.0.0.1:{_serve_beside(service, 'aliyun', stack)}"
+        typer.echo(
+            f"aliyun: simulated, {endpoint}, the secondary phone provider: a page the phone network"
+            " refuses goes out here (make it refuse: POST <phone network>/_sim/faults"
+            ' {"to": "*", "fail": "unavailable"})'
+        )
+    update: dict[str, object] = {
+        "aliyun_endpoint": endpoint,
+        "aliyun_access_key_id": key_id,
+        "aliyun_access_key_secret": secret,
+        "aliyun_callback_token": token,
+        "aliyun_voice_number": settings.aliyun_voice_number or DEMO_VOICE_NUMBER,
+        "phone_primary": settings.phone_primary or "twilio",
+        "phone_secondary": settings.phone_secondary or "aliyun",
+    }
+    update |= {name: value for name, value in DEMO_ALIYUN_TEMPLATES.items() if not getattr(settings, name)}
+    return settings.model_copy(update=update)
 
 
 def demo_care(settings: Settings) -> Settings:

@@ -57,6 +57,7 @@ from simulators.aliyun_signature import parse_authorization, signature
 API_VERSION = "2017-05-25"
 # A Chinese mainland mobile number, as Aliyun takes it: 11 digits from 1, an optional 86 before.
 MAINLAND_MOBILE = re.compile(r"(?:\+?86)?1\d{10}")
+ANY_NUMBER = re.compile(r"\+[1-9]\d{6,14}")  # E.164, for ``any_number``
 DEMO_ACCESS_KEY_ID = "LTAIdemoShouhuSim"
 DEMO_ACCESS_KEY_SECRET = "demo-aliyun-secret"  # noqa: S105 - only ever sent to the local simulator
 DEMO_VOICE_NUMBER = "057188880000"
@@ -265,11 +266,18 @@ class AliyunService:
     access_key_secret: str
     announce: Announce
     push: PushConfig = field(default_factory=PushConfig)
+    # The demo's county has fictional +1 555 numbers: it lets them through. Aliyun
+    # itself takes Chinese mainland mobile numbers only.
+    any_number: bool = False
     _lock: threading.Lock = field(default_factory=threading.Lock)
     _requests: list[RequestRecord] = field(default_factory=list)
     _pushes: list[PushRecord] = field(default_factory=list)
     _behaviours: dict[str, Behaviour] = field(default_factory=dict)
     _faults: dict[str, NumberFault] = field(default_factory=dict)
+
+    def takes(self, number: str) -> bool:
+        """Would the provider call or text this number (``isv.MOBILE_NUMBER_ILLEGAL`` if not)?"""
+        return bool(MAINLAND_MOBILE.fullmatch(number) or (self.any_number and ANY_NUMBER.fullmatch(number)))
 
     # -- records --
 
@@ -508,7 +516,7 @@ async def take_request(service: AliyunService, request: Request) -> Response:
         raise AliyunApiError(
             503, "ServiceUnavailable", "The request has failed due to a temporary failure of the server."
         )
-    if not MAINLAND_MOBILE.fullmatch(to):
+    if not service.takes(to):
         record("isv.MOBILE_NUMBER_ILLEGAL")
         return _answer(_refuse_business(action, "isv.MOBILE_NUMBER_ILLEGAL", f"{to} is not a mobile number."))
     if fault is not None and fault.fail == "flow-control":
@@ -570,6 +578,7 @@ def create_aliyun_service(
     push_base: str | None = None,
     push_timeout_s: float = PUSH_TIMEOUT_S,
     retry_intervals_s: tuple[float, ...] = RETRY_INTERVALS_S,
+    any_number: bool = False,
 ) -> FastAPI:
     """Build the simulator app for one AccessKey.
 
@@ -581,6 +590,8 @@ def create_aliyun_service(
             ``POST /_sim/config`` sets it later. None: nothing is pushed.
         push_timeout_s: How long a push waits for its 200.
         retry_intervals_s: The waits before each push again.
+        any_number: Take any E.164 number, not only Chinese mainland mobiles (the demo's
+            fictional +1 555 numbers); the real service refuses them.
 
     Returns:
         The FastAPI app; its ``state.service`` is the :class:`AliyunService`.
@@ -590,6 +601,7 @@ def create_aliyun_service(
         access_key_secret,
         announce or print_flushed,
         PushConfig(push_base, push_timeout_s, retry_intervals_s),
+        any_number=any_number,
     )
     app = FastAPI(title="Shouhu Aliyun simulator (dyvmsapi and dysmsapi 2017-05-25)")
     app.state.service = service
@@ -657,7 +669,7 @@ def create_aliyun_service(
     @app.post("/_sim/sms-up")
     async def send_sms_up(sms: SmsUpRequest) -> dict[str, Any]:
         """A person replies by SMS: ``SmsUp`` is pushed (retried as the provider does); the first answer is returned."""
-        if not MAINLAND_MOBILE.fullmatch(sms.from_):
+        if not service.takes(sms.from_):
             raise AliyunApiError(400, "isv.MOBILE_NUMBER_ILLEGAL", f"{sms.from_} is not a mobile number.")
         url = service.push.url("sms_up")
         if url is None:

@@ -277,6 +277,16 @@ def test_mosquitto_pub_on_a_fresh_up_rings_within_a_second(running_up: RunningUp
     ring = press_and_wait_for_ring(mosquitto.port, device_id, phone.group(0))
     assert ring.call["to"] in expected
     assert ring.seconds < 1.0, f"first ring after {ring.seconds:.3f}s"
+    # The phone network refuses (503) from now on: the next press is paged through the
+    # demo's secondary provider, the simulated Aliyun, within 10 s (issue 17).
+    aliyun = re.search(r"http://127\.0\.0\.1:\d+", running_up.wait_for_line("aliyun: simulated"))
+    assert aliyun is not None
+    httpx.post(f"{phone.group(0)}/_sim/faults", json={"to": "*", "fail": "unavailable"}).raise_for_status()
+    other, others_phones = wristband_with_grid_worker_on_duty(database_url, exclude={demo_device.group(1), device_id})
+    with pytest.raises(AssertionError, match="no call reached the phone network"):
+        press_and_wait_for_ring(mosquitto.port, other, phone.group(0), timeout=10.0)
+    calls = [r for r in httpx.get(f"{aliyun.group(0)}/_sim/requests").json() if r["action"] == "IvrCall"]
+    assert any(r["to"] in others_phones and r["provider_id"] for r in calls), calls
 
 
 def test_up_demo_runs_the_watch_gateway_beside_the_hub(running_up: RunningUp, tmp_path: Path) -> None:
