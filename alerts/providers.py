@@ -13,13 +13,17 @@ from __future__ import annotations
 
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 from zoneinfo import ZoneInfo
 
 from prometheus_client import Counter
 
-from alerts.notifiers.base import Notifier, Provider
+from alerts.notifiers.base import Delivery, Notifier, Provider, SendOutcome, SendResult
 from devices.kinds import Channel
 from shouhu.db import Conn
+
+if TYPE_CHECKING:
+    from shouhu.settings import Settings
 
 PHONE_CHANNELS = frozenset({Channel.VOICE, Channel.SMS})
 
@@ -139,6 +143,71 @@ CREDENTIALS: dict[Provider, str] = {
     Provider.TWILIO: "set SHOUHU_TWILIO_ACCOUNT_SID, SHOUHU_TWILIO_AUTH_TOKEN and SHOUHU_TWILIO_FROM",
     Provider.ALIYUN: "set SHOUHU_ALIYUN_ACCESS_KEY_ID, SHOUHU_ALIYUN_ACCESS_KEY_SECRET and the voice or SMS settings",
 }
+
+
+def configured_notifiers(
+    settings: Settings, *, timeout: float | None = None
+) -> dict[tuple[Provider, Channel], Notifier]:
+    """The notifier of each configured provider and phone channel (its credentials set);
+    ``timeout`` bounds each request (the notifiers' own default when None)."""
+    from alerts.notifiers.aliyun import aliyun_notifiers
+    from alerts.notifiers.twilio import TwilioNotifier
+
+    limit = {} if timeout is None else {"timeout": timeout}
+    notifiers: dict[tuple[Provider, Channel], Notifier] = {}
+    if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from:
+        twilio = TwilioNotifier.from_settings(settings, **limit)
+        notifiers |= {(Provider.TWILIO, Channel.VOICE): twilio, (Provider.TWILIO, Channel.SMS): twilio}
+    # A channel Aliyun is not configured for falls back to the other provider, if any.
+    aliyun = aliyun_notifiers(settings, **limit)
+    notifiers |= {(Provider.ALIYUN, channel): notifier for channel, notifier in aliyun.items()}
+    return notifiers
+
+
+def settings_choice(settings: Settings) -> ProviderChoice | None:
+    """``SHOUHU_PHONE_PRIMARY`` / ``SHOUHU_PHONE_SECONDARY``; None when no primary is named.
+
+    Raises:
+        ValueError: a secondary without a primary, or the same provider twice (the
+            message names the setting).
+    """
+    if not settings.phone_primary:
+        if settings.phone_secondary:
+            raise ValueError("SHOUHU_PHONE_SECONDARY is set but SHOUHU_PHONE_PRIMARY is not: name the primary too")
+        return None
+    secondary = Provider(settings.phone_secondary) if settings.phone_secondary else None
+    try:
+        return ProviderChoice(Provider(settings.phone_primary), secondary)
+    except ValueError as exc:
+        raise ValueError(f"SHOUHU_PHONE_SECONDARY: {exc}") from exc
+
+
+@dataclass(slots=True)  # not frozen: the Notifier protocol's ``channels`` is a plain attribute
+class ChainNotifier:
+    """A delivery sent on ``choice``'s providers in turn, the next only when the one
+    before failed in a way another provider may fix (``fall_back``): for a sender that
+    keeps no attempt rows to fall back with — the hub's spool while the database is down."""
+
+    phone: PhoneProviders
+    choice: ProviderChoice
+    channels: frozenset[Channel] = PHONE_CHANNELS
+
+    def send(self, delivery: Delivery) -> SendResult:
+        result = SendResult(SendOutcome.FAILED, error=f"no provider carries {delivery.channel}", fall_back=True)
+        providers = [p for p in (self.choice.primary, self.choice.secondary) if p is not None]
+        tried: Provider | None = None
+        for provider in providers:
+            notifier = self.phone.notifier(provider, delivery.channel)
+            if notifier is None:
+                continue
+            if tried is not None:
+                FALLBACKS.labels(tried.value, provider.value).inc()
+            result = notifier.send(delivery)
+            if result.outcome is SendOutcome.SENT or not result.fall_back:
+                return result
+            PROVIDER_FAILURES.labels(provider.value, delivery.channel.value).inc()
+            tried = provider
+        return result
 
 
 def area_choices(conn: Conn) -> list[tuple[str, ProviderChoice]]:

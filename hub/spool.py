@@ -598,18 +598,29 @@ class Spool:
 
     @classmethod
     def from_settings(cls, settings: Settings, *, clock: Clock = utc_now) -> Spool:
-        """The spool of ``SHOUHU_SPOOL_DIR``, paging through the router's Twilio notifier.
+        """The spool of ``SHOUHU_SPOOL_DIR``, paging through the configured phone providers:
+        the settings' primary, then its secondary when the primary cannot carry a page
+        (``ChainNotifier``; the registry's per-area choice is in the database, which is
+        down when the spool pages). Each provider's request is cut at ``REQUEST_TIMEOUT_S``.
 
-        Without Twilio settings it still spools (and reconciles), but pages nobody.
+        Without a phone provider it still spools (and reconciles), but pages nobody.
         """
-        from alerts.notifiers.twilio import TwilioNotifier
+        from alerts.providers import ChainNotifier, PhoneProviders, configured_notifiers, settings_choice
 
-        notifier: Notifier | None
+        notifier: Notifier | None = None
+        providers = 1
         try:
-            notifier = TwilioNotifier.from_settings(settings, timeout=REQUEST_TIMEOUT_S)
+            phone = PhoneProviders.build(
+                configured_notifiers(settings, timeout=REQUEST_TIMEOUT_S), settings_choice(settings)
+            )
         except ValueError as exc:
             log.error("the spool cannot page while the database is down: %s", exc)
-            notifier = None
+        else:
+            if phone.default is None:
+                log.error("the spool cannot page while the database is down: no phone provider is configured")
+            else:
+                notifier = ChainNotifier(phone, phone.default)
+                providers = 2 if phone.default.secondary is not None else 1
         return cls(
             settings.spool_path,
             notifier,
@@ -617,6 +628,8 @@ class Spool:
             zone=settings.zone,
             clock=clock,
             ack_timeout_s=settings.ack_timeout_s,
+            # A page may wait for the primary's timeout, then go out on the secondary.
+            request_timeout_s=REQUEST_TIMEOUT_S * providers,
         )
 
     # -- files ---------------------------------------------------------------------

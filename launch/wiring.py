@@ -223,27 +223,13 @@ def phone_providers(settings: Settings) -> PhoneProviders:
 
     A provider named but not configured is a one-line failure (exit 2).
     """
-    from alerts.notifiers.aliyun import aliyun_notifiers
-    from alerts.notifiers.base import Notifier, Provider
-    from alerts.notifiers.twilio import TwilioNotifier
-    from alerts.providers import PhoneProviders, ProviderChoice
-    from devices.kinds import Channel
+    from alerts.providers import PhoneProviders, configured_notifiers, settings_choice
 
-    notifiers: dict[tuple[Provider, Channel], Notifier] = {}
-    if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from:
-        twilio = TwilioNotifier.from_settings(settings)
-        notifiers |= {(Provider.TWILIO, Channel.VOICE): twilio, (Provider.TWILIO, Channel.SMS): twilio}
-    # A channel Aliyun is not configured for falls back to the other provider, if any.
-    notifiers |= {(Provider.ALIYUN, channel): notifier for channel, notifier in aliyun_notifiers(settings).items()}
-    default = None
-    if settings.phone_primary:
-        secondary = Provider(settings.phone_secondary) if settings.phone_secondary else None
-        try:
-            default = ProviderChoice(Provider(settings.phone_primary), secondary)
-        except ValueError as exc:
-            fail(f"SHOUHU_PHONE_SECONDARY: {exc}", 2)
-    elif settings.phone_secondary:
-        fail("SHOUHU_PHONE_SECONDARY is set but SHOUHU_PHONE_PRIMARY is not: name the primary provider too", 2)
+    notifiers = configured_notifiers(settings)
+    try:
+        default = settings_choice(settings)
+    except ValueError as exc:
+        fail(str(exc), 2)
     try:
         phone = PhoneProviders.build(notifiers, default)
     except ValueError as exc:

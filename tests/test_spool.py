@@ -31,6 +31,7 @@ from hub.mqtt import Received
 from hub.spool import JOURNAL_FILE, SNAPSHOT_FILE, TIMELINE_EVENT, Spool, SpoolBusy, SpoolPage
 from shouhu.embedded.postgres import LocalPostgres
 from shouhu.settings import Settings
+from tests.support.aliyun import ALIYUN_SETTINGS, WORKER, WRISTBAND
 from tests.support.escalation import (
     DAY,
     FROM,
@@ -533,3 +534,41 @@ def test_the_spool_directory_defaults_under_the_data_directory(tmp_path: Path, m
         assert settings.spool_path == tmp_path / "shouhu" / "spool" / "hub-east"
     monkeypatch.setenv("SHOUHU_SPOOL_DIR", str(tmp_path / "elsewhere"))
     assert Settings(_env_file=None).spool_path == tmp_path / "elsewhere"  # type: ignore[call-arg]
+
+
+def test_the_spool_pages_through_the_secondary_provider_when_the_primary_refuses(
+    county: str, phone_network: str, aliyun_sim: str, spool_dir: Path
+) -> None:
+    """Issue 17: an area's pages must not depend on one provider even while the database
+    is down. Twilio (the primary) answers 503; the spool's pages go out through Aliyun."""
+    settings = Settings.model_validate(
+        ALIYUN_SETTINGS
+        | {
+            "aliyun_endpoint": aliyun_sim,
+            "twilio_account_sid": PHONE_SID,
+            "twilio_auth_token": PHONE_TOKEN,
+            "twilio_from": FROM,
+            "twilio_api_base": phone_network,
+            "public_url": NO_API,
+            "phone_primary": "twilio",
+            "phone_secondary": "aliyun",
+            "spool_dir": str(spool_dir),
+            "hub_id": HUB,
+        }
+    )
+    httpx.post(f"{phone_network}/_sim/faults", json={"to": "*", "fail": "unavailable"}).raise_for_status()
+    spool = Spool.from_settings(settings, clock=Clock(DAY))
+    try:
+        refreshed(spool, county, DAY - timedelta(minutes=1))
+        entry = spool.record(press(WRISTBAND, DAY)).entry
+        pages = spool.page(entry)
+    finally:
+        spool.close()
+    assert {(p.recipient.phone, p.channel.value, p.outcome) for p in pages} == {
+        (WORKER, "voice", SendOutcome.SENT),
+        (WORKER, "sms", SendOutcome.SENT),
+    }
+    taken = [r for r in httpx.get(f"{aliyun_sim}/_sim/requests").json() if r["provider_id"]]
+    assert sorted(r["action"] for r in taken) == ["IvrCall", "SendSms"]
+    assert {r["to"] for r in taken} == {WORKER.removeprefix("+86")}
+    assert calls(phone_network) == []
