@@ -31,16 +31,19 @@ import select
 import socket
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any
 
 import psycopg
+from prometheus_client.core import GaugeMetricFamily, Metric
 from psycopg.types.json import Jsonb
 
 from shouhu.db import Conn
+from shouhu.db_collector import DatabaseCollector
 
 log = logging.getLogger(__name__)
 
@@ -51,6 +54,7 @@ __all__ = [
     "NewReceipt",
     "Receipt",
     "ReceiptOutcome",
+    "ReceiptQueueCollector",
     "ReceiptWorker",
     "audit_refused",
     "dead_letter",
@@ -318,3 +322,49 @@ class ReceiptWorker:
                 self.stopping.wait(1.0)
         if listener is not None:
             listener.close()
+
+
+# Providers that push receipts: each gets its figures, zero included, so an alert on
+# them has a series to watch before the first push.
+PUSHING_PROVIDERS = ("aliyun",)
+
+
+class ReceiptQueueCollector(DatabaseCollector):
+    """The receipt queue at each scrape of the API's ``/metrics``: receipts waiting, the
+    oldest one's age, and those given up as poison — a keypress that waits is an SOS
+    whose taker is not recorded."""
+
+    figures = "provider receipt figures"
+
+    def __init__(self, connect: Callable[[], AbstractContextManager[Conn]], clock: Callable[[], datetime]) -> None:
+        super().__init__(connect)
+        self._clock = clock
+
+    def read(self, conn: Conn) -> Iterator[Metric]:
+        rows = conn.execute(
+            "SELECT provider, count(*) FILTER (WHERE handled_at IS NULL),"
+            " min(received_at) FILTER (WHERE handled_at IS NULL),"
+            " count(*) FILTER (WHERE outcome = 'poison')"
+            " FROM provider_receipts GROUP BY provider"
+        ).fetchall()
+        found = {str(provider): (int(waiting), oldest, int(poison)) for provider, waiting, oldest, poison in rows}
+        now = self._clock()
+        waiting = GaugeMetricFamily(
+            "shouhu_provider_receipts_waiting", "Provider receipts queued and not yet handled", labels=["provider"]
+        )
+        oldest = GaugeMetricFamily(
+            "shouhu_provider_receipts_oldest_waiting_seconds",
+            "Age of the oldest provider receipt not yet handled (0 when none waits)",
+            labels=["provider"],
+        )
+        poison = GaugeMetricFamily(
+            "shouhu_provider_receipts_poison",
+            "Provider receipts given up after their tries (kept until pruned, 30 days)",
+            labels=["provider"],
+        )
+        for provider in sorted(set(PUSHING_PROVIDERS) | set(found)):
+            count, first, bad = found.get(provider, (0, None, 0))
+            waiting.add_metric([provider], count)
+            oldest.add_metric([provider], max((now - first).total_seconds(), 0.0) if first is not None else 0.0)
+            poison.add_metric([provider], bad)
+        yield from (waiting, oldest, poison)

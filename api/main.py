@@ -30,7 +30,7 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 import shouhu
 from alerts import aliyun_receipts
-from alerts.receipts import ReceiptWorker
+from alerts.receipts import ReceiptQueueCollector, ReceiptWorker
 from alerts.response import ResponseCollector
 from api import live
 from api.consoles import pages
@@ -309,7 +309,11 @@ def create_app(settings: Settings) -> FastAPI:
         # Runtime state, read through api.deps.get_pool and get_live_feed.
         pool = app.state.pool = open_pool(database_url, name="api")
         # Read at each scrape for /metrics: readiness, then the response figures and the fleet.
-        readers = [ResponseCollector(lambda: _plain(pool)), FleetCollector(lambda: _plain(pool))]
+        readers = [
+            ResponseCollector(lambda: _plain(pool)),
+            FleetCollector(lambda: _plain(pool)),
+            ReceiptQueueCollector(lambda: _plain(pool), lambda: datetime.now(UTC)),
+        ]
         figures = ReadinessCollector(pool, readers)
         REGISTRY.register(figures)
         listener = app.state.live_feed = live.LiveFeedListener(database_url)

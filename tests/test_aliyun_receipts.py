@@ -12,7 +12,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -24,7 +26,7 @@ from alerts.notifiers.aliyun_keys import address_from_aliyun, aliyun_number, ali
 from alerts.notifiers.base import Delivery, Provider, SendOutcome, SendResult
 from alerts.notifiers.console import ConsoleNotifier
 from alerts.providers import PhoneProviders, ProviderChoice
-from alerts.receipts import MAX_TRIES, RECEIPTS_CHANNEL
+from alerts.receipts import MAX_TRIES, RECEIPTS_CHANNEL, ReceiptQueueCollector
 from alerts.router import Router, RouterConfig
 from api.deps import get_now
 from api.main import create_app
@@ -423,6 +425,11 @@ def test_a_poison_receipt_is_marked_after_its_tries_and_never_holds_the_others(s
         ("poison", MAX_TRIES, True),
         ("recorded", 1, None),
     ]
+    # What the ShouhuReceiptPoison and ShouhuReceiptsWaiting alerts watch (deploy/prometheus).
+    metrics = httpx.get(f"{stack.api}/metrics").text
+    assert 'shouhu_provider_receipts_poison{provider="aliyun"} 1.0' in metrics
+    assert 'shouhu_provider_receipts_waiting{provider="aliyun"} 0.0' in metrics
+    assert 'shouhu_provider_receipts_oldest_waiting_seconds{provider="aliyun"} 0.0' in metrics
 
 
 def test_the_route_answers_within_200_ms_while_the_worker_is_busy_and_a_result_waits_for_its_keypress(
@@ -466,3 +473,23 @@ def test_the_route_answers_within_200_ms_while_the_worker_is_busy_and_a_result_w
     assert retries(stack, taker) == []
     result = q(stack.db, "SELECT outcome FROM provider_receipts WHERE kind = 'voice_report'")
     assert result == [("recorded",)]  # handled after the keypress, though pushed before it
+
+
+def test_the_queue_figures_count_what_waits_and_how_long(database_url: str) -> None:
+    now = datetime(2026, 12, 4, 8, 0, tzinfo=UTC)
+    with psycopg.connect(database_url) as conn:
+        conn.execute(
+            "INSERT INTO provider_receipts (provider, kind, key, body, received_at, not_before)"
+            " VALUES ('aliyun', 'voice_report', 'k1', '{}', %s, %s), ('aliyun', 'sms_up', 'k2', '{}', %s, %s)",
+            (now - timedelta(seconds=90), now, now - timedelta(seconds=5), now),
+        )
+
+    @contextmanager
+    def connect() -> Iterator[psycopg.Connection[Any]]:
+        with psycopg.connect(database_url) as conn:
+            yield conn
+
+    families = {f.name: f.samples for f in ReceiptQueueCollector(connect, lambda: now).collect()}
+    assert [(s.labels, s.value) for s in families["shouhu_provider_receipts_waiting"]] == [({"provider": "aliyun"}, 2)]
+    assert [s.value for s in families["shouhu_provider_receipts_oldest_waiting_seconds"]] == [90.0]
+    assert [s.value for s in families["shouhu_provider_receipts_poison"]] == [0]
