@@ -27,8 +27,9 @@ cancelling pages not yet started, what a provider's callback says
 (:func:`take_provider_id`, :func:`mark_answered`, :func:`record_status`), the
 pages the hub's spool sent while the database was down (:func:`record_spooled_page`),
 the provider a phone attempt goes out on (:func:`assign_provider`; a fallback is a
-retry on another one) and the consoles' alarm when every provider failed
-(:func:`queue_console_alarm`).
+retry on another one), the consoles' alarm when every provider failed
+(:func:`queue_console_alarm`) and, past ``SHOUHU_CONTACT_DAYS`` after the incident
+closed, the numbers masked and the texts cleared (:func:`mask_contacts`).
 """
 
 from __future__ import annotations
@@ -63,6 +64,7 @@ __all__ = [
     "lock_incident",
     "lock_incidents",
     "mark_answered",
+    "mask_contacts",
     "next_try",
     "queue_console_alarm",
     "queue_notice",
@@ -661,3 +663,33 @@ def record_status(conn: Conn, attempt_id: int, state: AttemptState, error: str |
         "UPDATE notification_attempts SET state = %s, error = coalesce(%s, error), updated_at = %s WHERE id = %s",
         (state, error, now, attempt_id),
     )
+
+
+# A phone number past its days: the first three characters (``+86``) and the last four
+# kept, every other one a star: ``+8613800001234`` → ``+86*******1234``. Masking a masked
+# number changes nothing. A number a provider's error text quotes (eight digits or more)
+# keeps the same three characters and four digits around four stars.
+_MASKED_NUMBER = """
+    CASE WHEN length(address) > 7 THEN left(address, 3) || repeat('*', length(address) - 7) || right(address, 4)
+         ELSE repeat('*', length(address)) END
+"""
+
+
+def mask_contacts(conn: Conn, incident_ids: list[int]) -> int:
+    """Mask the phone numbers and clear the texts of the incidents' attempts; returns how many.
+
+    Who was called (recipient kind and id, channel, provider and its id), when and what
+    came of it (state, times) stay: the record of the response. The caller holds the
+    incidents' locks (closed incidents, so nothing else writes their attempts).
+    """
+    return conn.execute(
+        f"""
+        UPDATE notification_attempts SET
+            address = CASE WHEN channel IN ('{Channel.VOICE}', '{Channel.SMS}') THEN {_MASKED_NUMBER}
+                           ELSE address END,
+            body = NULL,
+            error = regexp_replace(error, '(\\+\\d{{2}}|\\d{{3}})\\d+(\\d{{4}})', '\\1****\\2', 'g')
+        WHERE incident_id = ANY(%s)
+        """,
+        (incident_ids,),
+    ).rowcount

@@ -11,6 +11,16 @@ from psycopg.types.json import Jsonb
 
 from shouhu.accounts import person_label
 
+# What a timeline entry may say about a person, at any depth of its detail: names
+# (``name``, ``taken_by``, a step's ``recipients[].name``), numbers (``to``, ``from``,
+# ``phone``, ``callback_number``), free text (``note``, ``text``, ``body``) and where
+# (``address``, ``lat``, ``lon``, ``medical_notes``). Ids, roles, states, steps and
+# times are not: the timeline keeps them past ``SHOUHU_CONTACT_DAYS``.
+PERSONAL_KEYS = (
+    "name", "taken_by", "to", "from", "phone", "callback_number", "note", "text", "body",
+    "address", "lat", "lon", "medical_notes",
+)
+
 # Routers LISTEN here; a NOTIFY in a committing transaction wakes them at once.
 ESCALATION_CHANNEL = "shouhu_escalation"
 
@@ -25,6 +35,20 @@ def add_event(
     ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def strip_personal(conn: psycopg.Connection[Any], incident_ids: list[int]) -> int:
+    """Remove :data:`PERSONAL_KEYS` from the incidents' timeline entries; returns how many changed.
+
+    The caller holds the incidents' locks. Masked entries are left as they are.
+    """
+    return conn.execute(
+        """
+        UPDATE incident_events SET detail = jsonb_without_keys(detail, %(keys)s)
+        WHERE incident_id = ANY(%(ids)s) AND detail IS DISTINCT FROM jsonb_without_keys(detail, %(keys)s)
+        """,
+        {"ids": incident_ids, "keys": list(PERSONAL_KEYS)},
+    ).rowcount
 
 
 def wake_routers(conn: psycopg.Connection[Any], reason: str = "") -> None:
