@@ -9,6 +9,7 @@
 | console sessions, sign-in codes and attempts | ``SHOUHU_SESSION_DAYS`` after they ended | their end |
 | a closed incident's contacts (numbers called, texts, names, notes) | ``SHOUHU_CONTACT_DAYS``, masked | its close |
 | a closed task's note | ``SHOUHU_CONTACT_DAYS``, cleared | ``closed_at`` |
+| people removed from the registry: name, phone, address, notes | ``SHOUHU_REGISTRY_DAYS``, anonymised | deactivation |
 
 Each goes strictly older than its cutoff: a row exactly as old as the limit stays
 until the next pass. The incident itself stays (the county's figures count it): only
@@ -20,7 +21,8 @@ closed when resolved or cancelled (opened, if neither time is recorded). Raw tel
 its own path (``SHOUHU_RETENTION_DAYS``: partitions or TimescaleDB, ``shouhu/timeseries.py``).
 Sessions and sign-in rows are deleted, attempts, timelines and task notes masked or
 cleared, through their owners (``shouhu/sessions.py``, ``shouhu/accounts.py``,
-``alerts/attempts.py``, ``alerts/timeline.py``, ``alerts/care.py``); this module only
+``alerts/attempts.py``, ``alerts/timeline.py``, ``alerts/care.py``), removed people
+anonymised through the registry's (``devices/registry.py``); this module only
 schedules them.
 
 One hub at a time prunes (a session-level advisory lock, held across the batches
@@ -45,10 +47,17 @@ from alerts.care import clear_task_notes
 from alerts.locks import lock_incidents
 from alerts.states import CLOSED
 from alerts.timeline import strip_personal
+from devices.registry import anonymise_removed
 from shouhu.accounts import prune_sign_in
 from shouhu.db import Conn
 from shouhu.sessions import prune_sessions
-from shouhu.settings import DEFAULT_AUDIT_DAYS, DEFAULT_CONTACT_DAYS, DEFAULT_LOCATION_DAYS, DEFAULT_SESSION_DAYS
+from shouhu.settings import (
+    DEFAULT_AUDIT_DAYS,
+    DEFAULT_CONTACT_DAYS,
+    DEFAULT_LOCATION_DAYS,
+    DEFAULT_REGISTRY_DAYS,
+    DEFAULT_SESSION_DAYS,
+)
 
 LEDGER_KEEP = timedelta(days=7)
 BATCH_ROWS = 10_000
@@ -127,6 +136,7 @@ class Periods:
     location_days: int = DEFAULT_LOCATION_DAYS
     session_days: int = DEFAULT_SESSION_DAYS
     contact_days: int = DEFAULT_CONTACT_DAYS
+    registry_days: int = DEFAULT_REGISTRY_DAYS
 
 
 @dataclass(slots=True)
@@ -157,6 +167,8 @@ class Pruned:
     """Closed incidents whose attempts and timeline were masked."""
     task_notes: int = 0
     """Closed tasks whose note was cleared."""
+    people: int = 0
+    """Residents, guardians and staff removed from the registry and anonymised."""
 
     def by_table(self) -> dict[str, int]:
         """The counts by the ``table`` label of ``shouhu_hub_pruned_rows_total``."""
@@ -168,6 +180,7 @@ class Pruned:
             "sessions": self.sessions,
             "incident_contacts": self.contacts,
             "task_notes": self.task_notes,
+            "removed_people": self.people,
         }
 
 
@@ -189,6 +202,9 @@ def _jobs(now: datetime, periods: Periods) -> tuple[_Job, ...]:
     def task_notes(conn: Conn, limit: int) -> int:
         return clear_task_notes(conn, days(periods.contact_days), limit)
 
+    def people(conn: Conn, limit: int) -> int:
+        return anonymise_removed(conn, days(periods.registry_days), now, limit)
+
     keep_sessions = timedelta(days=periods.session_days)
     return (
         _Job("message_ledger", _delete_older("message_ledger", "received_at", now - LEDGER_KEEP)),
@@ -200,6 +216,8 @@ def _jobs(now: datetime, periods: Periods) -> tuple[_Job, ...]:
         _Job("sign_in", lambda conn, limit: prune_sign_in(conn, now, keep=keep_sessions, limit=limit)),
         _Job("incident_contacts", contacts, rows_per_item=ROWS_PER_INCIDENT),
         _Job("task_notes", task_notes),
+        # Residents, guardians and staff: one batch of each per call, as sign-in above.
+        _Job("removed_people", people),
     )
 
 
@@ -212,6 +230,7 @@ def prune(
     location_days: int = DEFAULT_LOCATION_DAYS,
     session_days: int = DEFAULT_SESSION_DAYS,
     contact_days: int = DEFAULT_CONTACT_DAYS,
+    registry_days: int = DEFAULT_REGISTRY_DAYS,
     lock_key: int = RETENTION_LOCK_KEY,
     batch_rows: int = BATCH_ROWS,
     budget_s: float = PASS_BUDGET_S,
@@ -235,7 +254,8 @@ def prune(
     if not (locked and locked[0]):
         return None
     try:
-        jobs = _jobs(now, Periods(dead_letter_days, audit_days, location_days, session_days, contact_days))
+        periods = Periods(dead_letter_days, audit_days, location_days, session_days, contact_days, registry_days)
+        jobs = _jobs(now, periods)
         started = time.monotonic()
         batches = 0
         while True:
@@ -259,6 +279,7 @@ def prune(
                     sessions=by_name["sessions"] + by_name["sign_in"],
                     contacts=by_name["incident_contacts"],
                     task_notes=by_name["task_notes"],
+                    people=by_name["removed_people"],
                 )
     finally:
         if not conn.broken:  # a lost connection took its session lock with it

@@ -588,6 +588,7 @@ def build_hub(
         location_days=settings.location_days,
         session_days=settings.session_days,
         contact_days=settings.contact_days,
+        registry_days=settings.registry_days,
         clock=lambda: datetime.now(UTC),
     )
     hub = Hub(

@@ -42,6 +42,9 @@ DEFAULT_SESSION_DAYS = 7
 # a complaint about a response is answered from them as from the audit log.
 DEFAULT_CONTACT_DAYS = 365
 MIN_CONTACT_DAYS = 180
+# A resident, guardian or staff member removed from the registry (deactivated): then
+# anonymised, unless an open incident or task still needs them.
+DEFAULT_REGISTRY_DAYS = 365
 # SHOUHU_TIMEZONE's default: where duty rosters and local days are evaluated.
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 
@@ -161,6 +164,7 @@ class Settings(BaseSettings):
     location_days: Annotated[int, Field(ge=1)] = DEFAULT_LOCATION_DAYS
     session_days: Annotated[int, Field(ge=1)] = DEFAULT_SESSION_DAYS
     contact_days: Annotated[int, Field(ge=MIN_CONTACT_DAYS)] = DEFAULT_CONTACT_DAYS
+    registry_days: Annotated[int, Field(ge=1)] = DEFAULT_REGISTRY_DAYS
     # The watch gateway (`shouhu gateway watch`, docs/contract.md "Watch protocol"): the
     # address the 4G watches connect to (loopback unless told otherwise, as the API; the
     # container sets 0.0.0.0), its MQTT client id, and the registry YAML it reads the

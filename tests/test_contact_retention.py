@@ -1,17 +1,22 @@
-"""Retention of who was called and told what (hub/retention.py) on a real PostgreSQL, the
-clock driven, never slept: SHOUHU_CONTACT_DAYS after an incident closed its attempts keep
-who, how, when and what came of each call with the number masked and the text cleared,
-its timeline keeps ids and states without names, numbers or notes, and the console's
-story of it still reads; a closed task's note is cleared after the same days."""
+"""Retention of who was called and told what, and of people removed from the registry
+(hub/retention.py), on a real PostgreSQL, the clock driven, never slept:
+SHOUHU_CONTACT_DAYS after an incident closed its attempts keep who, how, when and what
+came of each call with the number masked and the text cleared, its timeline keeps ids
+and states without names, numbers or notes, and the console's story of it still reads;
+a closed task's note is cleared after the same days; a resident, guardian or staff
+member deactivated SHOUHU_REGISTRY_DAYS ago is anonymised unless an open incident still
+needs them, and filled in again when the registry lists them again."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 from typing import Any
 
 import psycopg
 import pytest
+import yaml
 from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import ValidationError
@@ -20,10 +25,12 @@ from alerts.answers import paged_for
 from api.consoles import queries
 from api.consoles.i18n import Lang
 from api.consoles.story import story
+from devices.registry import load_registry
+from devices.registry_file import parse_registry
 from hub.retention import prune
 from hub.upkeep import Upkeep
 from shouhu.db import Conn
-from shouhu.settings import DEFAULT_CONTACT_DAYS, Settings
+from shouhu.settings import DEFAULT_CONTACT_DAYS, DEFAULT_REGISTRY_DAYS, Settings
 from tests.support.builders import add_incident, add_resident, add_small_county, add_task
 from tests.support.escalation import Clock
 
@@ -219,3 +226,87 @@ def test_contacts_are_kept_a_year_by_default_and_never_under_six_months() -> Non
     assert Settings(contact_days=180).contact_days == 180
     with pytest.raises(ValidationError, match="contact_days"):
         Settings(contact_days=179)
+    assert Settings().registry_days == DEFAULT_REGISTRY_DAYS == 365
+    with pytest.raises(ValidationError, match="registry_days"):
+        Settings(registry_days=0)
+
+
+COUNTY: dict[str, Any] = {
+    "areas": [
+        {"id": "county", "name": "守护县", "level": "county"},
+        {"id": "t1", "name": "东关镇", "level": "township", "parent": "county"},
+        {"id": "c1", "name": "东关村", "level": "community", "parent": "t1"},
+        {"id": "g1", "name": "一网格", "level": "grid", "parent": "c1"},
+    ],
+    "staff": [
+        {"id": f"gw{n}", "name": f"网格员{n}", "role": "grid_worker", "phone": f"+8613900000{n:03d}", "areas": ["g1"]}
+        for n in (1, 2, 3)
+    ],
+    "rosters": [{"staff": "gw1", "area": "g1", "start": "00:00", "end": "00:00"}],
+    "residents": [
+        {"id": f"r{n}", "name": f"老人{n}", "grid": "g1", "address": f"东关村{n}组", "phone": f"+8613700000{n:03d}",
+         "medical_notes": "高血压", "lat": 38.7, "lon": 111.6,
+         "guardians": [{"id": f"r{n}-g", "name": f"子女{n}", "phone": f"+8613600000{n:03d}", "relation": "女儿"}]}
+        for n in (1, 2, 3)
+    ],
+    "devices": [{"id": f"wb-{n}", "kind": "wristband", "resident": f"r{n}"} for n in (1, 2, 3)],
+    "policies": [{"id": "sos", "kind": "sos", "steps": [{"target": "grid_worker", "channels": ["voice"]}]}],
+}
+
+
+def people(conn: Conn) -> dict[str, tuple[Any, ...]]:
+    rows = conn.execute(
+        "SELECT id, active, name, address, phone, medical_notes, lat, lon, grid_id FROM residents"
+        " UNION ALL SELECT id, active, name, relation, phone, '', NULL, NULL, resident_id FROM guardians"
+        " UNION ALL SELECT id, active, name, '', phone, '', NULL, NULL, role FROM staff"
+    ).fetchall()
+    return {row[0]: tuple(row[1:]) for row in rows}
+
+
+def test_people_removed_from_the_registry_are_anonymised_after_their_days_unless_still_needed(
+    database_url: str, tmp_path: Path
+) -> None:
+    def load(data: dict[str, Any]) -> bool:
+        path = tmp_path / "registry.yaml"
+        path.write_text(yaml.safe_dump(data, allow_unicode=True), encoding="utf-8")
+        return load_registry(db, parse_registry(path)).changed
+
+    kept = {**COUNTY, "staff": COUNTY["staff"][:1], "residents": COUNTY["residents"][2:],
+            "devices": COUNTY["devices"][2:]}
+    with psycopg.connect(database_url, autocommit=True) as db:
+        load(COUNTY)
+        full = people(db)
+        load(kept)  # r1, r2, their guardians, gw2 and gw3 removed: deactivated now
+        # r2 is still in an incident gw2 took: both wait, and r2's guardian with them.
+        incident = add_incident(db, "K1", state="acknowledged", resident="r2", opened_at=datetime.now(UTC))
+        db.execute("UPDATE incidents SET acknowledged_by = 'staff:gw2' WHERE id = %s", (incident,))
+        removed = people(db)
+        days = timedelta(days=DEFAULT_REGISTRY_DAYS)
+
+        early = prune(db, datetime.now(UTC) + days - timedelta(hours=1), dead_letter_days=14, lock_key=LOCK)
+        assert early is not None
+        assert early.people == 0
+        assert people(db) == removed
+        pruned = prune(db, datetime.now(UTC) + days + timedelta(hours=1), dead_letter_days=14, lock_key=LOCK)
+        assert pruned is not None
+        assert (pruned.people, pruned.by_table()["removed_people"]) == (3, 3)
+        now = people(db)
+        # Cleared but for the id, the grid (the resident of a guardian, a staff member's role).
+        assert now["r1"] == (False, "", "", None, "", None, None, "g1")
+        assert now["r1-g"] == (False, "", "", "", "", None, None, "r1")
+        assert now["gw3"] == (False, "", "", "", "", None, None, "grid_worker")
+        assert {k: v for k, v in now.items() if k not in ("r1", "r1-g", "gw3")} == {
+            k: v for k, v in removed.items() if k not in ("r1", "r1-g", "gw3")
+        }
+        db.execute("UPDATE incidents SET state = 'resolved', resolved_at = now() WHERE id = %s", (incident,))
+        closed = prune(db, datetime.now(UTC) + days + timedelta(hours=2), dead_letter_days=14, lock_key=LOCK)
+        assert closed is not None
+        assert closed.people == 3
+        assert {person for person, row in people(db).items() if row[1] == ""} == {
+            "r1", "r1-g", "r2", "r2-g", "gw2", "gw3"
+        }
+        # Listed again, they are as the file has them; a second load changes nothing.
+        assert load(COUNTY)
+        assert people(db) == full
+        assert db.execute("SELECT count(*) FROM residents WHERE anonymised_at IS NOT NULL").fetchone() == (0,)
+        assert not load(COUNTY)

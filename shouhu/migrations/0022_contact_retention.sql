@@ -31,3 +31,23 @@ BEGIN
     END CASE;
 END
 $$;
+
+-- People removed from the registry (deactivated, never deleted) are anonymised after
+-- SHOUHU_REGISTRY_DAYS: name, numbers, address, medical notes cleared; the id, the area
+-- and the links stay, so old incidents and figures still join. NULL: not (or no
+-- longer: a registry load that brings them back fills them in again and clears it).
+ALTER TABLE residents ADD COLUMN anonymised_at timestamptz;
+ALTER TABLE guardians ADD COLUMN anonymised_at timestamptz;
+ALTER TABLE staff ADD COLUMN anonymised_at timestamptz;
+-- Nothing but the registry writes these rows, and never an inactive one: its
+-- updated_at is when it was deactivated.
+CREATE INDEX residents_removed_idx ON residents (updated_at) WHERE NOT active AND anonymised_at IS NULL;
+CREATE INDEX guardians_removed_idx ON guardians (updated_at) WHERE NOT active AND anonymised_at IS NULL;
+CREATE INDEX staff_removed_idx ON staff (updated_at) WHERE NOT active AND anonymised_at IS NULL;
+-- Whether a removed person still has an open incident or task (then they wait).
+CREATE INDEX incidents_open_resident_idx ON incidents (resident_id)
+    WHERE state IN ('open', 'acknowledged', 'unreached');
+CREATE INDEX incidents_open_taker_idx ON incidents (acknowledged_by)
+    WHERE state IN ('open', 'acknowledged', 'unreached');
+CREATE INDEX care_tasks_open_resident_idx ON care_tasks (resident_id) WHERE state <> 'closed';
+CREATE INDEX care_tasks_open_starter_idx ON care_tasks (started_by) WHERE state <> 'closed';
