@@ -21,7 +21,9 @@ from psycopg.rows import dict_row
 from psycopg.types.json import Jsonb
 from pydantic import ValidationError
 
+from alerts.aliyun_receipts import ReceiptKind, handle
 from alerts.answers import paged_for
+from alerts.receipts import Receipt, ReceiptOutcome
 from api.consoles import queries
 from api.consoles.i18n import Lang
 from api.consoles.story import story
@@ -169,6 +171,34 @@ def test_closed_incidents_keep_who_was_called_when_with_the_number_masked_and_no
     assert later is not None
     assert later.contacts == 1
     assert contacts(conn, kept["EXACT"])[0][10] == MASKED
+
+
+def test_a_late_aliyun_receipt_naming_the_real_number_is_refused_once_the_number_is_masked(conn: Conn) -> None:
+    def texted(code: str, closed_at: datetime) -> int:
+        incident = add_incident(conn, code, resident="r1", opened_at=closed_at - timedelta(hours=1),
+                                resolved_at=closed_at, outcome="visited_fine")
+        row = conn.execute(
+            "INSERT INTO notification_attempts (incident_id, step, recipient_kind, recipient_id, address, channel,"
+            " state, provider, provider_id, body, created_at, sent_at)"
+            " VALUES (%s, 0, 'staff', 'gw', %s, 'sms', 'sent', 'aliyun', %s, %s, %s, %s) RETURNING id",
+            (incident, PHONE, f"9050^{code}", BODY, closed_at, closed_at),
+        ).fetchone()
+        assert row is not None
+        return int(row[0])
+
+    def receipt(attempt: int, code: str) -> ReceiptOutcome:
+        body = {"phone_number": "13800001234", "success": True, "biz_id": f"9050^{code}", "out_id": str(attempt)}
+        return handle(conn, Receipt(attempt, "aliyun", ReceiptKind.SMS_REPORT, body, 0), NOW, resolve_timeout_s=1800)
+
+    old, young = texted("OLD", NOW - DAYS - TICK), texted("YOUNG", NOW - timedelta(days=1))
+    pruned = prune(conn, NOW, dead_letter_days=14, lock_key=LOCK)
+    assert pruned is not None
+    assert pruned.contacts == 1
+    assert receipt(old, "OLD") is ReceiptOutcome.REFUSED
+    assert conn.execute("SELECT state FROM notification_attempts WHERE id = %s", (old,)).fetchone() == ("sent",)
+    refused = conn.execute("SELECT detail->>'reason' FROM audit_log WHERE action = 'receipt_refused'").fetchall()
+    assert refused == [("not the number the attempt was sent to",)]
+    assert receipt(young, "YOUNG") is ReceiptOutcome.SETTLED  # the same receipt, its number not yet masked
 
 
 def test_contacts_are_masked_oldest_first_in_batches(conn: Conn) -> None:
