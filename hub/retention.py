@@ -28,7 +28,9 @@ schedules them.
 One hub at a time prunes (a session-level advisory lock, held across the batches
 of a pass and released at its end). Each batch is one statement of at most
 ``BATCH_ROWS`` rows on an autocommit connection, so it commits on its own and holds
-its row locks briefly; a pass stops after its time budget and the caller resumes it
+its row locks briefly (incidents' contacts: one short transaction over
+``BATCH_ROWS // ROWS_PER_INCIDENT`` incidents, locked first as everywhere, then their
+attempts, timelines and the incidents themselves); a pass stops after its time budget and the caller resumes it
 on the next tick, so a backlog never holds up the upkeep tick (whose ingest
 heartbeat must beat within ``liveness.INGEST_GRACE``).
 """
