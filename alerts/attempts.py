@@ -46,7 +46,7 @@ from alerts.locks import lock_incident, lock_incidents
 from alerts.notifiers.base import Provider, SendOutcome, SendResult
 from alerts.providers import Failover
 from alerts.states import ACTIVE, CLOSED, AttemptState, IncidentState
-from alerts.timeline import add_event
+from alerts.timeline import MASKED_IN_TEXT, add_event
 from devices.kinds import AttemptPurpose, Channel
 from shouhu.db import Conn
 
@@ -667,8 +667,7 @@ def record_status(conn: Conn, attempt_id: int, state: AttemptState, error: str |
 
 # A phone number past its days: the first three characters (``+86``) and the last four
 # kept, every other one a star: ``+8613800001234`` → ``+86*******1234``. Masking a masked
-# number changes nothing. A number a provider's error text quotes (eight digits or more)
-# keeps the same three characters and four digits around four stars.
+# number changes nothing. A number a provider's error text quotes: ``MASKED_IN_TEXT``.
 _MASKED_NUMBER = """
     CASE WHEN length(address) > 7 THEN left(address, 3) || repeat('*', length(address) - 7) || right(address, 4)
          ELSE repeat('*', length(address)) END
@@ -688,7 +687,7 @@ def mask_contacts(conn: Conn, incident_ids: list[int]) -> int:
             address = CASE WHEN channel IN ('{Channel.VOICE}', '{Channel.SMS}') THEN {_MASKED_NUMBER}
                            ELSE address END,
             body = NULL,
-            error = regexp_replace(error, '(\\+\\d{{2}}|\\d{{3}})\\d+(\\d{{4}})', '\\1****\\2', 'g')
+            error = {MASKED_IN_TEXT.format(text="error")}
         WHERE incident_id = ANY(%s)
         """,
         (incident_ids,),

@@ -21,6 +21,16 @@ PERSONAL_KEYS = (
     "address", "lat", "lon", "medical_notes",
 )
 
+# A number quoted in a text (a provider's error: eight digits or more) as an SQL
+# expression of the text: its first three characters and last four digits around four
+# stars, ``+86****1234``.
+MASKED_IN_TEXT = r"regexp_replace({text}, '(\+\d{{2}}|\d{{3}})\d+(\d{{4}})', '\1****\2', 'g')"
+# A timeline entry's detail without PERSONAL_KEYS, and with its ``error`` masked.
+_STRIPPED = "jsonb_without_keys(detail, %(keys)s)"
+_ERROR_MASKED = MASKED_IN_TEXT.format(text=f"({_STRIPPED} ->> 'error')")
+_MASKED_DETAIL = f"""CASE WHEN jsonb_typeof({_STRIPPED} -> 'error') = 'string'
+    THEN jsonb_set({_STRIPPED}, '{{error}}', to_jsonb({_ERROR_MASKED})) ELSE {_STRIPPED} END"""
+
 # Routers LISTEN here; a NOTIFY in a committing transaction wakes them at once.
 ESCALATION_CHANNEL = "shouhu_escalation"
 
@@ -38,14 +48,15 @@ def add_event(
 
 
 def strip_personal(conn: psycopg.Connection[Any], incident_ids: list[int]) -> int:
-    """Remove :data:`PERSONAL_KEYS` from the incidents' timeline entries; returns how many changed.
+    """Remove :data:`PERSONAL_KEYS` from the incidents' timeline entries and mask numbers in
+    an entry's ``error`` (a provider's); returns how many changed.
 
     The caller holds the incidents' locks. Masked entries are left as they are.
     """
     return conn.execute(
-        """
-        UPDATE incident_events SET detail = jsonb_without_keys(detail, %(keys)s)
-        WHERE incident_id = ANY(%(ids)s) AND detail IS DISTINCT FROM jsonb_without_keys(detail, %(keys)s)
+        f"""
+        UPDATE incident_events SET detail = {_MASKED_DETAIL}
+        WHERE incident_id = ANY(%(ids)s) AND detail IS DISTINCT FROM {_MASKED_DETAIL}
         """,
         {"ids": incident_ids, "keys": list(PERSONAL_KEYS)},
     ).rowcount
