@@ -27,8 +27,9 @@ cancelling pages not yet started, what a provider's callback says
 (:func:`take_provider_id`, :func:`mark_answered`, :func:`record_status`), the
 pages the hub's spool sent while the database was down (:func:`record_spooled_page`),
 the provider a phone attempt goes out on (:func:`assign_provider`; a fallback is a
-retry on another one) and the consoles' alarm when every provider failed
-(:func:`queue_console_alarm`).
+retry on another one), the consoles' alarm when every provider failed
+(:func:`queue_console_alarm`) and, past ``SHOUHU_CONTACT_DAYS`` after the incident
+closed, the numbers masked and the texts cleared (:func:`mask_contacts`).
 """
 
 from __future__ import annotations
@@ -45,7 +46,7 @@ from alerts.locks import lock_incident, lock_incidents
 from alerts.notifiers.base import Provider, SendOutcome, SendResult
 from alerts.providers import Failover
 from alerts.states import ACTIVE, CLOSED, AttemptState, IncidentState
-from alerts.timeline import add_event
+from alerts.timeline import MASKED_IN_TEXT, add_event
 from devices.kinds import AttemptPurpose, Channel
 from shouhu.db import Conn
 
@@ -63,6 +64,7 @@ __all__ = [
     "lock_incident",
     "lock_incidents",
     "mark_answered",
+    "mask_contacts",
     "next_try",
     "queue_console_alarm",
     "queue_notice",
@@ -661,3 +663,32 @@ def record_status(conn: Conn, attempt_id: int, state: AttemptState, error: str |
         "UPDATE notification_attempts SET state = %s, error = coalesce(%s, error), updated_at = %s WHERE id = %s",
         (state, error, now, attempt_id),
     )
+
+
+# A phone number past its days: the first three characters (``+86``) and the last four
+# kept, every other one a star: ``+8613800001234`` → ``+86*******1234``. Masking a masked
+# number changes nothing. A number a provider's error text quotes: ``MASKED_IN_TEXT``.
+_MASKED_NUMBER = """
+    CASE WHEN length(address) > 7 THEN left(address, 3) || repeat('*', length(address) - 7) || right(address, 4)
+         ELSE repeat('*', length(address)) END
+"""
+
+
+def mask_contacts(conn: Conn, incident_ids: list[int]) -> int:
+    """Mask the phone numbers and clear the texts of the incidents' attempts; returns how many.
+
+    Who was called (recipient kind and id, channel, provider and its id), when and what
+    came of it (state, times) stay: the record of the response. The caller holds the
+    incidents' locks (closed incidents, so nothing else writes their attempts).
+    """
+    return conn.execute(
+        f"""
+        UPDATE notification_attempts SET
+            address = CASE WHEN channel IN ('{Channel.VOICE}', '{Channel.SMS}') THEN {_MASKED_NUMBER}
+                           ELSE address END,
+            body = NULL,
+            error = {MASKED_IN_TEXT.format(text="error")}
+        WHERE incident_id = ANY(%s)
+        """,
+        (incident_ids,),
+    ).rowcount

@@ -298,6 +298,24 @@ def lock_task(conn: Conn, task_id: int) -> TaskRow | None:
     ).fetchone()
 
 
+def clear_task_notes(conn: Conn, cutoff: datetime, limit: int) -> int:
+    """Clear the notes of at most ``limit`` tasks closed before ``cutoff``, oldest first; returns how many.
+
+    The outcome, who closed it and when stay. Its incident's resolution note and
+    timeline are cleared with the incident's contacts (``hub/retention.py``).
+    """
+    return conn.execute(
+        """
+        UPDATE care_tasks SET note = ''
+        WHERE id = ANY(ARRAY(
+            SELECT id FROM care_tasks WHERE note <> '' AND closed_at < %(cutoff)s
+            ORDER BY closed_at LIMIT %(limit)s
+        ))
+        """,
+        {"cutoff": cutoff, "limit": limit},
+    ).rowcount
+
+
 def _task_row(*, kind: str, state: str, **columns: Any) -> TaskRow:
     return TaskRow(kind=TaskKind(kind), state=TaskState(state), **columns)
 

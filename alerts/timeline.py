@@ -11,6 +11,26 @@ from psycopg.types.json import Jsonb
 
 from shouhu.accounts import person_label
 
+# What a timeline entry may say about a person, at any depth of its detail: names
+# (``name``, ``taken_by``, a step's ``recipients[].name``), numbers (``to``, ``from``,
+# ``phone``, ``callback_number``), free text (``note``, ``text``, ``body``) and where
+# (``address``, ``lat``, ``lon``, ``medical_notes``). Ids, roles, states, steps and
+# times are not: the timeline keeps them past ``SHOUHU_CONTACT_DAYS``.
+PERSONAL_KEYS = (
+    "name", "taken_by", "to", "from", "phone", "callback_number", "note", "text", "body",
+    "address", "lat", "lon", "medical_notes",
+)
+
+# A number quoted in a text (a provider's error: eight digits or more) as an SQL
+# expression of the text: its first three characters and last four digits around four
+# stars, ``+86****1234``.
+MASKED_IN_TEXT = r"regexp_replace({text}, '(\+\d{{2}}|\d{{3}})\d+(\d{{4}})', '\1****\2', 'g')"
+# A timeline entry's detail without PERSONAL_KEYS, and with its ``error`` masked.
+_STRIPPED = "jsonb_without_keys(detail, %(keys)s)"
+_ERROR_MASKED = MASKED_IN_TEXT.format(text=f"({_STRIPPED} ->> 'error')")
+_MASKED_DETAIL = f"""CASE WHEN jsonb_typeof({_STRIPPED} -> 'error') = 'string'
+    THEN jsonb_set({_STRIPPED}, '{{error}}', to_jsonb({_ERROR_MASKED})) ELSE {_STRIPPED} END"""
+
 # Routers LISTEN here; a NOTIFY in a committing transaction wakes them at once.
 ESCALATION_CHANNEL = "shouhu_escalation"
 
@@ -25,6 +45,21 @@ def add_event(
     ).fetchone()
     assert row is not None
     return int(row[0])
+
+
+def strip_personal(conn: psycopg.Connection[Any], incident_ids: list[int]) -> int:
+    """Remove :data:`PERSONAL_KEYS` from the incidents' timeline entries and mask numbers in
+    an entry's ``error`` (a provider's); returns how many changed.
+
+    The caller holds the incidents' locks. Masked entries are left as they are.
+    """
+    return conn.execute(
+        f"""
+        UPDATE incident_events SET detail = {_MASKED_DETAIL}
+        WHERE incident_id = ANY(%(ids)s) AND detail IS DISTINCT FROM {_MASKED_DETAIL}
+        """,
+        {"ids": incident_ids, "keys": list(PERSONAL_KEYS)},
+    ).rowcount
 
 
 def wake_routers(conn: psycopg.Connection[Any], reason: str = "") -> None:

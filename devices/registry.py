@@ -3,6 +3,11 @@
 An entry missing from the file is deactivated, never deleted, so the incidents,
 attempts and audit rows that name it stay whole; incidents themselves are never
 touched. Loading the same file twice changes nothing (not even ``updated_at``).
+
+A person (resident, guardian, staff member) deactivated for ``SHOUHU_REGISTRY_DAYS``
+is anonymised by the hubs' retention pass (:func:`anonymise_removed`): the id, the
+area and the links stay, the rest is cleared. A later load that lists them again
+fills everything in again, as for anyone else.
 """
 
 from __future__ import annotations
@@ -10,7 +15,7 @@ from __future__ import annotations
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import time
+from datetime import datetime, time
 from typing import Any
 
 import psycopg
@@ -173,6 +178,7 @@ def load_registry(conn: psycopg.Connection, registry: RegistryFile) -> LoadRepor
                     "lat": r.lat,
                     "lon": r.lon,
                     "visit_frequency": r.visits.value if r.visits else None,
+                    "anonymised_at": None,
                 }
                 for r in registry.residents
             ],
@@ -188,6 +194,7 @@ def load_registry(conn: psycopg.Connection, registry: RegistryFile) -> LoadRepor
                     "phone": g.phone,
                     "relation": g.relation,
                     "priority": g.priority,
+                    "anonymised_at": None,
                 }
                 for r in registry.residents
                 for g in r.guardians
@@ -196,7 +203,10 @@ def load_registry(conn: psycopg.Connection, registry: RegistryFile) -> LoadRepor
         changes["staff"] = _sync(
             conn,
             "staff",
-            [{"id": s.id, "name": s.name, "role": s.role.value, "phone": s.phone} for s in registry.staff],
+            [
+                {"id": s.id, "name": s.name, "role": s.role.value, "phone": s.phone, "anonymised_at": None}
+                for s in registry.staff
+            ],
         )
         changes["staff_areas"] = _sync_staff_areas(conn, registry)
         changes["duty_shifts"] = _sync_rosters(conn, registry)
@@ -238,6 +248,62 @@ def load_registry(conn: psycopg.Connection, registry: RegistryFile) -> LoadRepor
             coverage_gaps=coverage_gaps(conn),
             counts=_counts(conn),
         )
+
+
+# An open incident or task still needs the person: an open incident of the resident (a
+# guardian's resident), one a staff member or guardian took, a task of the resident or
+# one a staff member started. Open: as alerts/states.py's OPEN (open, acknowledged,
+# unreached), the partial indexes of migration 22.
+_OPEN = "('open', 'acknowledged', 'unreached')"
+_ANONYMISE = {
+    "residents": f"""
+        UPDATE residents SET name = '', address = '', phone = NULL, medical_notes = '', lat = NULL, lon = NULL,
+            anonymised_at = %(now)s
+        WHERE id = ANY(ARRAY(
+            SELECT r.id FROM residents r
+            WHERE NOT r.active AND r.anonymised_at IS NULL AND r.updated_at < %(cutoff)s
+              AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.resident_id = r.id AND i.state IN {_OPEN})
+              AND NOT EXISTS (SELECT 1 FROM care_tasks t WHERE t.resident_id = r.id AND t.state <> 'closed')
+            ORDER BY r.updated_at LIMIT %(limit)s
+        ))
+    """,
+    "guardians": f"""
+        UPDATE guardians SET name = '', phone = '', relation = '', anonymised_at = %(now)s
+        WHERE id = ANY(ARRAY(
+            SELECT g.id FROM guardians g
+            WHERE NOT g.active AND g.anonymised_at IS NULL AND g.updated_at < %(cutoff)s
+              AND NOT EXISTS (SELECT 1 FROM incidents i WHERE i.resident_id = g.resident_id AND i.state IN {_OPEN})
+              AND NOT EXISTS (SELECT 1 FROM incidents i
+                              WHERE i.acknowledged_by = 'guardian:' || g.id AND i.state IN {_OPEN})
+            ORDER BY g.updated_at LIMIT %(limit)s
+        ))
+    """,
+    "staff": f"""
+        UPDATE staff SET name = '', phone = '', anonymised_at = %(now)s
+        WHERE id = ANY(ARRAY(
+            SELECT s.id FROM staff s
+            WHERE NOT s.active AND s.anonymised_at IS NULL AND s.updated_at < %(cutoff)s
+              AND NOT EXISTS (SELECT 1 FROM incidents i
+                              WHERE i.acknowledged_by = 'staff:' || s.id AND i.state IN {_OPEN})
+              AND NOT EXISTS (SELECT 1 FROM care_tasks t
+                              WHERE t.started_by = 'staff:' || s.id AND t.state <> 'closed')
+            ORDER BY s.updated_at LIMIT %(limit)s
+        ))
+    """,
+}
+
+
+def anonymise_removed(conn: psycopg.Connection[Any], cutoff: datetime, now: datetime, limit: int) -> int:
+    """Anonymise at most ``limit`` residents, guardians and staff each, deactivated before ``cutoff``.
+
+    Name, phone, address, medical notes, home position and a guardian's relation are
+    cleared; the id, the grid or role, the links and ``active = false`` stay. Someone
+    with an open incident or task waits until it closes. A row's ``updated_at`` is when
+    it was deactivated: nothing else writes an inactive row, and this leaves it as it
+    was. Returns how many, all three together (a full batch of any one means more).
+    """
+    params = {"cutoff": cutoff, "now": now, "limit": limit}
+    return sum(conn.execute(statement, params).rowcount for statement in _ANONYMISE.values())
 
 
 def _sync_heartbeats(conn: psycopg.Connection, registry: RegistryFile) -> TableChange:

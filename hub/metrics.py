@@ -52,8 +52,8 @@ LANE_ERRORS = Counter(
 )
 PRUNED = Counter(
     "shouhu_hub_pruned_rows_total",
-    "Rows deleted (or locations cleared) past retention, by table: message_ledger, dead_letters, audit_log,"
-    " incident_locations, sessions",
+    "Rows deleted (or locations cleared, contacts masked) past retention, by table: message_ledger, dead_letters,"
+    " audit_log, incident_locations, sessions, incident_contacts (incidents), task_notes, removed_people",
     ["table"],
 )
 ALARM_GROUP_SIZE = Histogram(

@@ -7,18 +7,30 @@
 | audit log (who read whose data) | ``SHOUHU_AUDIT_DAYS`` | ``at`` |
 | an incident's location (``lat``, ``lon``) | ``SHOUHU_LOCATION_DAYS``, once closed | ``opened_at`` |
 | console sessions, sign-in codes and attempts | ``SHOUHU_SESSION_DAYS`` after they ended | their end |
+| a closed incident's contacts (numbers called, texts, names, notes) | ``SHOUHU_CONTACT_DAYS``, masked | its close |
+| a closed task's note | ``SHOUHU_CONTACT_DAYS``, cleared | ``closed_at`` |
+| people removed from the registry: name, phone, address, notes | ``SHOUHU_REGISTRY_DAYS``, anonymised | deactivation |
 
 Each goes strictly older than its cutoff: a row exactly as old as the limit stays
 until the next pass. The incident itself stays (the county's figures count it): only
-its location is cleared, and only when it is resolved or cancelled. Raw telemetry has
+its location is cleared, and only when it is resolved or cancelled. Its contacts are
+masked, not deleted: each attempt keeps who was called, how, when and what came of it
+with the number masked (``alerts/attempts.py``), each timeline entry its ids and states
+(``alerts/timeline.py``), the incident its outcome (its resolution note cleared); it
+closed when resolved or cancelled (opened, if neither time is recorded). Raw telemetry has
 its own path (``SHOUHU_RETENTION_DAYS``: partitions or TimescaleDB, ``shouhu/timeseries.py``).
-Sessions and sign-in rows are deleted through their owners (``shouhu/sessions.py``,
-``shouhu/accounts.py``); this module only schedules them.
+Sessions and sign-in rows are deleted, attempts, timelines and task notes masked or
+cleared, through their owners (``shouhu/sessions.py``, ``shouhu/accounts.py``,
+``alerts/attempts.py``, ``alerts/timeline.py``, ``alerts/care.py``), removed people
+anonymised through the registry's (``devices/registry.py``); this module only
+schedules them.
 
 One hub at a time prunes (a session-level advisory lock, held across the batches
 of a pass and released at its end). Each batch is one statement of at most
 ``BATCH_ROWS`` rows on an autocommit connection, so it commits on its own and holds
-its row locks briefly; a pass stops after its time budget and the caller resumes it
+its row locks briefly (incidents' contacts: one short transaction over
+``BATCH_ROWS // ROWS_PER_INCIDENT`` incidents, locked first as everywhere, then their
+attempts, timelines and the incidents themselves); a pass stops after its time budget and the caller resumes it
 on the next tick, so a backlog never holds up the upkeep tick (whose ingest
 heartbeat must beat within ``liveness.INGEST_GRACE``).
 """
@@ -32,16 +44,31 @@ from datetime import datetime, timedelta
 
 from psycopg import sql
 
+from alerts.attempts import mask_contacts
+from alerts.care import clear_task_notes
+from alerts.locks import lock_incidents
+from alerts.states import CLOSED
+from alerts.timeline import strip_personal
+from devices.registry import anonymise_removed
 from shouhu.accounts import prune_sign_in
 from shouhu.db import Conn
 from shouhu.sessions import prune_sessions
-from shouhu.settings import DEFAULT_AUDIT_DAYS, DEFAULT_LOCATION_DAYS, DEFAULT_SESSION_DAYS
+from shouhu.settings import (
+    DEFAULT_AUDIT_DAYS,
+    DEFAULT_CONTACT_DAYS,
+    DEFAULT_LOCATION_DAYS,
+    DEFAULT_REGISTRY_DAYS,
+    DEFAULT_SESSION_DAYS,
+)
 
 LEDGER_KEEP = timedelta(days=7)
 BATCH_ROWS = 10_000
 # Pruning time per pass; the rest waits for the next tick, about a second later.
 PASS_BUDGET_S = 1.0
 RETENTION_LOCK_KEY = 0x5348_4F55_4855_0006
+# An incident's contacts are its attempts and timeline entries, tens of rows each (an
+# SOS paged over a few rounds): a batch takes this many fewer incidents than rows.
+ROWS_PER_INCIDENT = 100
 
 
 # One batch of a table. Its rows are found by ctid, a TID scan: the ledger has no
@@ -76,6 +103,31 @@ _CLEAR_LOCATIONS = """
     ))
 """
 
+# Closed incidents whose contacts are not masked yet, oldest close first, through
+# incidents_contacts_kept_idx (0022): a masked one leaves that index.
+_CONTACTS_DUE = """
+    SELECT id FROM incidents
+    WHERE contacts_masked_at IS NULL AND state IN ('resolved', 'cancelled')
+      AND coalesce(resolved_at, cancelled_at, opened_at) < %(cutoff)s
+    ORDER BY coalesce(resolved_at, cancelled_at, opened_at)
+    LIMIT %(limit)s
+"""
+
+
+def _mask_contacts(conn: Conn, cutoff: datetime, limit: int, now: datetime) -> int:
+    """One batch of closed incidents' contacts, in one transaction; returns how many incidents."""
+    with conn.transaction():
+        due = [int(i) for (i,) in conn.execute(_CONTACTS_DUE, {"cutoff": cutoff, "limit": limit}).fetchall()]
+        if not due:
+            return 0
+        ids = [i for i, state in lock_incidents(conn, due).items() if state in CLOSED]  # incident first
+        mask_contacts(conn, ids)
+        strip_personal(conn, ids)
+        conn.execute(
+            "UPDATE incidents SET contacts_masked_at = %s, resolution_note = '' WHERE id = ANY(%s)", (now, ids)
+        )
+        return len(due)
+
 
 @dataclass(frozen=True, slots=True)
 class Periods:
@@ -85,13 +137,17 @@ class Periods:
     audit_days: int = DEFAULT_AUDIT_DAYS
     location_days: int = DEFAULT_LOCATION_DAYS
     session_days: int = DEFAULT_SESSION_DAYS
+    contact_days: int = DEFAULT_CONTACT_DAYS
+    registry_days: int = DEFAULT_REGISTRY_DAYS
 
 
 @dataclass(slots=True)
 class _Job:
     name: str
     batch: Callable[[Conn, int], int]
-    """One batch of at most the given rows; returns how many it removed or cleared."""
+    """One batch of at most the given items; returns how many it removed or cleared."""
+    rows_per_item: int = 1
+    """About how many rows one item touches: a batch takes ``BATCH_ROWS`` // this items."""
     done: int = 0
     more: bool = True
 
@@ -109,6 +165,12 @@ class Pruned:
     """Incidents whose location was cleared."""
     sessions: int = 0
     """Sessions, sign-in codes and sign-in attempts deleted."""
+    contacts: int = 0
+    """Closed incidents whose attempts and timeline were masked."""
+    task_notes: int = 0
+    """Closed tasks whose note was cleared."""
+    people: int = 0
+    """Residents, guardians and staff removed from the registry and anonymised."""
 
     def by_table(self) -> dict[str, int]:
         """The counts by the ``table`` label of ``shouhu_hub_pruned_rows_total``."""
@@ -118,6 +180,9 @@ class Pruned:
             "audit_log": self.audit,
             "incident_locations": self.locations,
             "sessions": self.sessions,
+            "incident_contacts": self.contacts,
+            "task_notes": self.task_notes,
+            "removed_people": self.people,
         }
 
 
@@ -133,6 +198,15 @@ def _jobs(now: datetime, periods: Periods) -> tuple[_Job, ...]:
     def locations(conn: Conn, limit: int) -> int:
         return conn.execute(_CLEAR_LOCATIONS, {"cutoff": days(periods.location_days), "limit": limit}).rowcount
 
+    def contacts(conn: Conn, limit: int) -> int:
+        return _mask_contacts(conn, days(periods.contact_days), limit, now)
+
+    def task_notes(conn: Conn, limit: int) -> int:
+        return clear_task_notes(conn, days(periods.contact_days), limit)
+
+    def people(conn: Conn, limit: int) -> int:
+        return anonymise_removed(conn, days(periods.registry_days), now, limit)
+
     keep_sessions = timedelta(days=periods.session_days)
     return (
         _Job("message_ledger", _delete_older("message_ledger", "received_at", now - LEDGER_KEEP)),
@@ -142,6 +216,10 @@ def _jobs(now: datetime, periods: Periods) -> tuple[_Job, ...]:
         _Job("sessions", lambda conn, limit: prune_sessions(conn, now, keep=keep_sessions, limit=limit)),
         # Codes and attempts: one batch of each per call, so a full batch of either means more.
         _Job("sign_in", lambda conn, limit: prune_sign_in(conn, now, keep=keep_sessions, limit=limit)),
+        _Job("incident_contacts", contacts, rows_per_item=ROWS_PER_INCIDENT),
+        _Job("task_notes", task_notes),
+        # Residents, guardians and staff: one batch of each per call, as sign-in above.
+        _Job("removed_people", people),
     )
 
 
@@ -153,12 +231,15 @@ def prune(
     audit_days: int = DEFAULT_AUDIT_DAYS,
     location_days: int = DEFAULT_LOCATION_DAYS,
     session_days: int = DEFAULT_SESSION_DAYS,
+    contact_days: int = DEFAULT_CONTACT_DAYS,
+    registry_days: int = DEFAULT_REGISTRY_DAYS,
     lock_key: int = RETENTION_LOCK_KEY,
     batch_rows: int = BATCH_ROWS,
     budget_s: float = PASS_BUDGET_S,
 ) -> Pruned | None:
     """Delete or clear, relative to ``now``, what is past its period (the module's table),
-    in batches of ``batch_rows``.
+    in batches of ``batch_rows`` (of incidents' contacts, ``batch_rows // ROWS_PER_INCIDENT``
+    incidents, at least one).
 
     ``conn`` must be in autocommit mode: each batch commits on its own. A pass runs
     rounds of one batch per job that still has rows past retention, until none has
@@ -175,15 +256,17 @@ def prune(
     if not (locked and locked[0]):
         return None
     try:
-        jobs = _jobs(now, Periods(dead_letter_days, audit_days, location_days, session_days))
+        periods = Periods(dead_letter_days, audit_days, location_days, session_days, contact_days, registry_days)
+        jobs = _jobs(now, periods)
         started = time.monotonic()
         batches = 0
         while True:
             for job in jobs:
                 if job.more:
-                    done = job.batch(conn, batch_rows)
+                    limit = max(1, batch_rows // job.rows_per_item)
+                    done = job.batch(conn, limit)
                     job.done += done
-                    job.more = done >= batch_rows  # a short batch took the last of them
+                    job.more = done >= limit  # a short batch took the last of them
                     batches += 1
             more = any(job.more for job in jobs)
             if not more or time.monotonic() - started >= budget_s:
@@ -196,6 +279,9 @@ def prune(
                     audit=by_name["audit_log"],
                     locations=by_name["incident_locations"],
                     sessions=by_name["sessions"] + by_name["sign_in"],
+                    contacts=by_name["incident_contacts"],
+                    task_notes=by_name["task_notes"],
+                    people=by_name["removed_people"],
                 )
     finally:
         if not conn.broken:  # a lost connection took its session lock with it

@@ -587,6 +587,8 @@ def build_hub(
         audit_days=settings.audit_days,
         location_days=settings.location_days,
         session_days=settings.session_days,
+        contact_days=settings.contact_days,
+        registry_days=settings.registry_days,
         clock=lambda: datetime.now(UTC),
     )
     hub = Hub(

@@ -18,7 +18,13 @@ from hub import liveness, metrics, retention
 from shouhu import timeseries
 from shouhu.db import Conn
 from shouhu.migrations import storage_mode
-from shouhu.settings import DEFAULT_AUDIT_DAYS, DEFAULT_LOCATION_DAYS, DEFAULT_SESSION_DAYS
+from shouhu.settings import (
+    DEFAULT_AUDIT_DAYS,
+    DEFAULT_CONTACT_DAYS,
+    DEFAULT_LOCATION_DAYS,
+    DEFAULT_REGISTRY_DAYS,
+    DEFAULT_SESSION_DAYS,
+)
 
 log = logging.getLogger(__name__)
 
@@ -44,6 +50,8 @@ class Upkeep:
         audit_days: int = DEFAULT_AUDIT_DAYS,
         location_days: int = DEFAULT_LOCATION_DAYS,
         session_days: int = DEFAULT_SESSION_DAYS,
+        contact_days: int = DEFAULT_CONTACT_DAYS,
+        registry_days: int = DEFAULT_REGISTRY_DAYS,
     ) -> None:
         self.database_url = database_url
         self.hub_id = hub_id
@@ -52,6 +60,8 @@ class Upkeep:
         self.audit_days = audit_days
         self.location_days = location_days
         self.session_days = session_days
+        self.contact_days = contact_days
+        self.registry_days = registry_days
         self.clock = clock
         self._conn: Conn | None = None
         self._last_gauges = float("-inf")
@@ -113,6 +123,8 @@ class Upkeep:
                 audit_days=self.audit_days,
                 location_days=self.location_days,
                 session_days=self.session_days,
+                contact_days=self.contact_days,
+                registry_days=self.registry_days,
             )
         except psycopg.OperationalError:
             raise

@@ -36,6 +36,15 @@ MIN_AUDIT_DAYS = 180
 DEFAULT_LOCATION_DAYS = 90
 # Ended or expired console sessions, sign-in codes and sign-in attempts.
 DEFAULT_SESSION_DAYS = 7
+# Who was called and told what, once the incident or task closed: the numbers called,
+# the texts sent, names and notes on the timeline, a task's note. Then masked or
+# cleared, the record of who was called when kept. Never under the audit log's floor:
+# a complaint about a response is answered from them as from the audit log.
+DEFAULT_CONTACT_DAYS = 365
+MIN_CONTACT_DAYS = 180
+# A resident, guardian or staff member removed from the registry (deactivated): then
+# anonymised, unless an open incident or task still needs them.
+DEFAULT_REGISTRY_DAYS = 365
 # SHOUHU_TIMEZONE's default: where duty rosters and local days are evaluated.
 DEFAULT_TIMEZONE = "Asia/Shanghai"
 
@@ -154,6 +163,8 @@ class Settings(BaseSettings):
     audit_days: Annotated[int, Field(ge=MIN_AUDIT_DAYS)] = DEFAULT_AUDIT_DAYS
     location_days: Annotated[int, Field(ge=1)] = DEFAULT_LOCATION_DAYS
     session_days: Annotated[int, Field(ge=1)] = DEFAULT_SESSION_DAYS
+    contact_days: Annotated[int, Field(ge=MIN_CONTACT_DAYS)] = DEFAULT_CONTACT_DAYS
+    registry_days: Annotated[int, Field(ge=1)] = DEFAULT_REGISTRY_DAYS
     # The watch gateway (`shouhu gateway watch`, docs/contract.md "Watch protocol"): the
     # address the 4G watches connect to (loopback unless told otherwise, as the API; the
     # container sets 0.0.0.0), its MQTT client id, and the registry YAML it reads the

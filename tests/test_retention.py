@@ -86,19 +86,19 @@ def test_more_rows_than_a_batch_go_in_batches_each_committed(conn: Conn, any_dat
     add_keys(conn, old, 250)
     add_dead_letters(conn, old, 120)
     add_keys(conn, NOW, 5, prefix="young")
-    # No time budget: one batch of each job (six: ledger, dead letters, audit, locations,
-    # sessions, sign-in), then the pass stops and says there is more.
+    # No time budget: one batch of each job (nine: ledger, dead letters, audit, locations,
+    # sessions, sign-in, incident contacts, task notes, removed people), then the pass stops and says there is more.
     first = prune(conn, NOW, dead_letter_days=14, lock_key=LOCK, batch_rows=100, budget_s=0)
     assert first is not None
-    assert (first.ledger, first.dead_letters, first.batches, first.more) == (100, 100, 6, True)
+    assert (first.ledger, first.dead_letters, first.batches, first.more) == (100, 100, 9, True)
     # Each batch committed on its own: another session sees them gone mid-pass.
     with psycopg.connect(any_database_url) as other:
         assert (count(other, "message_ledger"), count(other, "dead_letters")) == (155, 20)
     rest = prune(conn, NOW, dead_letter_days=14, lock_key=LOCK, batch_rows=100)
     assert rest is not None
-    # A round of six: ledger 100, dead letters 20 (short: the last), the others none;
+    # A round of nine: ledger 100, dead letters 20 (short: the last), the others none;
     # then the ledger alone, 50 (short: the last).
-    assert (rest.ledger, rest.dead_letters, rest.batches, rest.more) == (150, 20, 7, False)
+    assert (rest.ledger, rest.dead_letters, rest.batches, rest.more) == (150, 20, 10, False)
     assert count(conn, "message_ledger") == 5
     assert count(conn, "dead_letters") == 0
 

@@ -89,6 +89,7 @@ MIGRATIONS: tuple[Migration, ...] = (
     Migration(19, "provider receipts: a queue for Aliyun's pushes", sql_file="0019_provider_receipts.sql"),
     Migration(20, "phone providers per area; each attempt's provider", sql_file="0020_providers.sql"),
     Migration(21, "retention of personal data: indexes", sql_file="0021_personal_data_retention.sql"),
+    Migration(22, "retention: contacts, notes, removed people", sql_file="0022_contact_retention.sql"),
 )
 
 
