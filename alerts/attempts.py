@@ -26,7 +26,7 @@ This module is the only writer of ``notification_attempts``: the pages of a step
 cancelling pages not yet started, what a provider's callback says
 (:func:`take_provider_id`, :func:`mark_answered`, :func:`record_status`), the
 pages the hub's spool sent while the database was down (:func:`record_spooled_page`),
-the provider a phone attempt goes out on (:func:`assign_provider`; a fallback is a
+the provider a phone attempt went out on (recorded by :func:`settle`; a fallback is a
 retry on another one), the consoles' alarm when every provider failed
 (:func:`queue_console_alarm`) and, past ``SHOUHU_CONTACT_DAYS`` after the incident
 closed, the numbers masked and the texts cleared (:func:`mask_contacts`).
@@ -57,7 +57,6 @@ __all__ = [
     "Lease",
     "LockedAttempt",
     "NewPage",
-    "assign_provider",
     "cancel_pending",
     "claim",
     "lock_attempt",
@@ -248,8 +247,12 @@ def settle(
     detail: dict[str, Any],
     *,
     failover: Failover | None = None,
+    provider: Provider | None = None,
 ) -> str | None:
     """Record a send's outcome, in the caller's (new) transaction; the attempt's state, or None if fenced out.
+
+    ``provider``: the phone provider it went out on, recorded here with the outcome
+    (an attempt that has one keeps it), not in a statement of its own.
 
     A keypress may have answered the call before its sid came back: the attempt keeps
     ``answered`` and gets its sid. A failure is retried, falls back to the next
@@ -264,7 +267,7 @@ def settle(
         UPDATE notification_attempts
         SET state = CASE WHEN state = %s THEN %s ELSE state END,
             provider_id = coalesce(provider_id, %s), error = coalesce(%s, error),
-            sent_at = CASE WHEN %s THEN %s ELSE sent_at END,
+            sent_at = CASE WHEN %s THEN %s ELSE sent_at END, provider = coalesce(provider, %s),
             leased_by = NULL, lease_pid = NULL, leased_until = NULL, updated_at = %s
         WHERE id = %s AND leased_by = %s
         RETURNING state
@@ -276,6 +279,7 @@ def settle(
             result.error,
             result.outcome is SendOutcome.SENT,
             now,
+            None if provider is None else provider.value,
             now,
             lease.attempt_id,
             lease.token,
@@ -484,20 +488,6 @@ def tried_providers(conn: Conn, attempt_id: int) -> list[Provider]:
         (attempt_id,),
     ).fetchall()
     return [Provider(r[0]) for r in rows]
-
-
-def assign_provider(conn: Conn, attempt_id: int, provider: Provider) -> Provider:
-    """The provider a phone attempt goes out on: the one it has (a retry's, a fallback's), else ``provider``.
-
-    Set when a sender claims the attempt (in the claim's transaction), so every try
-    records where it went.
-    """
-    row = conn.execute(
-        "UPDATE notification_attempts SET provider = coalesce(provider, %s) WHERE id = %s RETURNING provider",
-        (provider, attempt_id),
-    ).fetchone()
-    assert row is not None
-    return Provider(row[0])
 
 
 def queue_console_alarm(

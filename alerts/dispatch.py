@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime
@@ -27,10 +28,10 @@ from zoneinfo import ZoneInfo
 from prometheus_client import Counter, Histogram
 from psycopg.rows import kwargs_row
 
-from alerts.attempts import Lease, assign_provider, claim, next_try, settle
+from alerts.attempts import Lease, claim, next_try, settle
 from alerts.notifiers.base import Delivery, Message, Notifier, Provider, SendOutcome, SendResult
 from alerts.notifiers.platform import CapMsgType, PlatformAlert, PlatformNotifier, TriedContact
-from alerts.providers import PHONE_CHANNELS, Failover, PhoneProviders, choice_for_area
+from alerts.providers import PHONE_CHANNELS, Failover, PhoneProviders, ProviderChoice, choice_for_area
 from alerts.states import AttemptState, IncidentState
 from devices.kinds import AttemptPurpose, Channel
 from shouhu.db import Conn
@@ -48,6 +49,9 @@ ATTEMPTS = Counter(
     "Notification attempts, by channel, purpose and outcome",
     ["channel", "purpose", "outcome"],
 )
+
+# How long a sender keeps an area's phone providers before reading them again.
+CHOICE_CACHE_S = 30.0
 
 CAP_TYPE = {
     AttemptPurpose.CAP_ALERT: CapMsgType.ALERT,
@@ -149,6 +153,9 @@ class Dispatcher:
         self.clock = clock
         self.zone = zone
         self.exercise = exercise
+        # area → (when read, its providers): one walk up the area tree per area and
+        # CHOICE_CACHE_S, not one per page — in a mass event that walk was a query per send.
+        self._choices: dict[str | None, tuple[float, ProviderChoice]] = {}
 
     def channels(self) -> frozenset[Channel]:
         """Every channel this dispatcher can send on."""
@@ -187,11 +194,22 @@ class Dispatcher:
         alert = self._cap_alert(conn, attempt) if attempt.channel is Channel.WEBHOOK else None
         failover = None
         if attempt.channel in PHONE_CHANNELS and self.phone.default is not None:
-            choice = choice_for_area(conn, attempt.area_id, self.phone.default)
-            provider = assign_provider(conn, attempt.id, attempt.provider or choice.primary)
-            attempt = replace(attempt, provider=provider)
+            choice = self._choice(conn, attempt.area_id, self.phone.default)
+            # Its own provider (a retry's, a fallback's), else the area's primary; recorded
+            # when the outcome is settled (``settle(provider=…)``).
+            attempt = replace(attempt, provider=attempt.provider or choice.primary)
             failover = Failover(choice, self.zone)
         return lease, attempt, alert, self._is_first_page(conn, attempt, lease.sends), failover
+
+    def _choice(self, conn: Conn, area_id: str | None, default: ProviderChoice) -> ProviderChoice:
+        """The area's providers (``choice_for_area``), read again after ``CHOICE_CACHE_S``: a
+        registry change of ``phone_providers:`` reaches the senders within that."""
+        cached = self._choices.get(area_id)
+        if cached is not None and time.monotonic() - cached[0] < CHOICE_CACHE_S:
+            return cached[1]
+        choice = choice_for_area(conn, area_id, default)
+        self._choices[area_id] = (time.monotonic(), choice)
+        return choice
 
     def _send_fallback(self, conn: Conn, failed_id: int) -> None:
         """Send the try queued on the next provider after ``failed_id`` fell back, now, in this thread."""
@@ -257,6 +275,7 @@ class Dispatcher:
                 }
                 | ({"provider": attempt.provider.value} if attempt.provider else {}),
                 failover=failover,
+                provider=attempt.provider,
             )
         return result
 
