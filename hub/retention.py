@@ -59,6 +59,7 @@ from shouhu.settings import (
     DEFAULT_LOCATION_DAYS,
     DEFAULT_REGISTRY_DAYS,
     DEFAULT_SESSION_DAYS,
+    Settings,
 )
 
 LEDGER_KEEP = timedelta(days=7)
@@ -139,6 +140,17 @@ class Periods:
     session_days: int = DEFAULT_SESSION_DAYS
     contact_days: int = DEFAULT_CONTACT_DAYS
     registry_days: int = DEFAULT_REGISTRY_DAYS
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Periods:
+        return cls(
+            dead_letter_days=settings.dead_letter_days,
+            audit_days=settings.audit_days,
+            location_days=settings.location_days,
+            session_days=settings.session_days,
+            contact_days=settings.contact_days,
+            registry_days=settings.registry_days,
+        )
 
 
 @dataclass(slots=True)

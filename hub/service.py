@@ -49,6 +49,7 @@ from hub.mqtt import (
     receipt_topic,
     share_probe_topic,
 )
+from hub.retention import Periods
 from hub.spool import Reconciled, Spool, SpoolEntry
 from hub.upkeep import Upkeep
 from shouhu.health_server import start_health_server
@@ -583,12 +584,7 @@ def build_hub(
         database_url,
         hub_name,
         retention_days=settings.retention_days,
-        dead_letter_days=settings.dead_letter_days,
-        audit_days=settings.audit_days,
-        location_days=settings.location_days,
-        session_days=settings.session_days,
-        contact_days=settings.contact_days,
-        registry_days=settings.registry_days,
+        periods=Periods.from_settings(settings),
         clock=lambda: datetime.now(UTC),
     )
     hub = Hub(

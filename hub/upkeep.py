@@ -7,6 +7,7 @@ pruned (``hub/retention.py``).
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Callable
@@ -18,13 +19,6 @@ from hub import liveness, metrics, retention
 from shouhu import timeseries
 from shouhu.db import Conn
 from shouhu.migrations import storage_mode
-from shouhu.settings import (
-    DEFAULT_AUDIT_DAYS,
-    DEFAULT_CONTACT_DAYS,
-    DEFAULT_LOCATION_DAYS,
-    DEFAULT_REGISTRY_DAYS,
-    DEFAULT_SESSION_DAYS,
-)
 
 log = logging.getLogger(__name__)
 
@@ -34,6 +28,8 @@ PARTITION_INTERVAL_S = 3600.0
 PARTITION_LOCK_KEY = 0x5348_4F55_4855_0004
 RETENTION_INTERVAL = timedelta(hours=1)
 DEAD_LETTER_DAYS = 14
+# The periods of a hub built without settings (tests): every default.
+DEFAULT_PERIODS = retention.Periods(DEAD_LETTER_DAYS)
 
 
 class Upkeep:
@@ -46,22 +42,12 @@ class Upkeep:
         *,
         retention_days: int,
         clock: Callable[[], datetime],
-        dead_letter_days: int = DEAD_LETTER_DAYS,
-        audit_days: int = DEFAULT_AUDIT_DAYS,
-        location_days: int = DEFAULT_LOCATION_DAYS,
-        session_days: int = DEFAULT_SESSION_DAYS,
-        contact_days: int = DEFAULT_CONTACT_DAYS,
-        registry_days: int = DEFAULT_REGISTRY_DAYS,
+        periods: retention.Periods = DEFAULT_PERIODS,
     ) -> None:
         self.database_url = database_url
         self.hub_id = hub_id
         self.retention_days = retention_days
-        self.dead_letter_days = dead_letter_days
-        self.audit_days = audit_days
-        self.location_days = location_days
-        self.session_days = session_days
-        self.contact_days = contact_days
-        self.registry_days = registry_days
+        self.periods = periods  # how long each kind of personal data is kept
         self.clock = clock
         self._conn: Conn | None = None
         self._last_gauges = float("-inf")
@@ -116,16 +102,7 @@ class Upkeep:
 
     def _prune(self, conn: Conn, now: datetime) -> None:
         try:
-            pruned = retention.prune(
-                conn,
-                now,
-                dead_letter_days=self.dead_letter_days,
-                audit_days=self.audit_days,
-                location_days=self.location_days,
-                session_days=self.session_days,
-                contact_days=self.contact_days,
-                registry_days=self.registry_days,
-            )
+            pruned = retention.prune(conn, now, **dataclasses.asdict(self.periods))
         except psycopg.OperationalError:
             raise
         except psycopg.Error:

@@ -29,7 +29,7 @@ from api.consoles.i18n import Lang
 from api.consoles.story import story
 from devices.registry import load_registry
 from devices.registry_file import parse_registry
-from hub.retention import prune
+from hub.retention import Periods, prune
 from hub.upkeep import Upkeep
 from shouhu.db import Conn
 from shouhu.settings import DEFAULT_CONTACT_DAYS, DEFAULT_REGISTRY_DAYS, Settings
@@ -240,7 +240,7 @@ def test_closed_tasks_lose_their_note_as_the_upkeeps_clock_passes_their_days(con
         rows = conn.execute("SELECT code, contacts_masked_at IS NOT NULL FROM incidents ORDER BY code").fetchall()
         return {code: bool(done) for code, done in rows}
 
-    upkeep = Upkeep(database_url, "hub-a", retention_days=90, clock=clock, contact_days=180)
+    upkeep = Upkeep(database_url, "hub-a", retention_days=90, clock=clock, periods=Periods(14, contact_days=180))
     try:
         upkeep.tick()
         assert task("T-OLD") == ("", "resident_fine", start - timedelta(days=181), "董思远（网格员）")

@@ -14,7 +14,7 @@ import psycopg
 import pytest
 from pydantic import ValidationError
 
-from hub.retention import prune
+from hub.retention import Periods, prune
 from hub.upkeep import RETENTION_INTERVAL, Upkeep
 from shouhu.db import Conn
 from shouhu.settings import DEFAULT_AUDIT_DAYS, DEFAULT_LOCATION_DAYS, DEFAULT_SESSION_DAYS, Settings
@@ -162,8 +162,8 @@ def test_the_hubs_upkeep_applies_every_period_as_its_clock_moves(conn: Conn, dat
     session_ended(conn, start - timedelta(days=4))
     session_ended(conn, start - timedelta(days=2))
     sign_in_at(conn, start - timedelta(days=4))
-    upkeep = Upkeep(database_url, "hub-a", retention_days=90, clock=clock, audit_days=180, location_days=10,
-                    session_days=3)
+    upkeep = Upkeep(database_url, "hub-a", retention_days=90, clock=clock,
+                    periods=Periods(14, audit_days=180, location_days=10, session_days=3))
     try:
         upkeep.tick()  # the first tick prunes
         assert audit_ages(conn, clock()) == [timedelta(days=179)]

@@ -13,7 +13,7 @@ import pytest
 
 from alerts.incidents import Alarm, AlarmResult, record_alarm
 from devices.kinds import IncidentKind
-from hub.retention import LEDGER_KEEP, RETENTION_LOCK_KEY, prune
+from hub.retention import LEDGER_KEEP, RETENTION_LOCK_KEY, Periods, prune
 from hub.upkeep import RETENTION_INTERVAL, Upkeep
 from shouhu.db import Conn
 from tests.support.escalation import Clock
@@ -126,7 +126,7 @@ def test_prune_refuses_a_connection_that_would_hold_one_long_transaction(databas
 
 def test_the_hubs_upkeep_prunes_hourly_on_its_clock_and_a_second_hub_waits(conn: Conn, any_database_url: str) -> None:
     clock = Clock(datetime.now(UTC))
-    upkeep = Upkeep(any_database_url, "hub-a", retention_days=90, clock=clock, dead_letter_days=3)
+    upkeep = Upkeep(any_database_url, "hub-a", retention_days=90, clock=clock, periods=Periods(3))
     try:
         add_keys(conn, clock() - timedelta(days=8))
         add_dead_letters(conn, clock() - timedelta(days=4))
