@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import AbstractContextManager
 
@@ -16,7 +17,7 @@ from shouhu.db import Conn
 log = logging.getLogger(__name__)
 
 
-class DatabaseCollector(Collector):
+class DatabaseCollector(Collector, ABC):
     """Reads its families with :meth:`read` on a connection from ``connect``, at each scrape.
 
     A scrape while the database is away leaves them out rather than fail: the rest of
@@ -42,6 +43,6 @@ class DatabaseCollector(Collector):
             return
         yield from families
 
+    @abstractmethod
     def read(self, conn: Conn) -> Iterable[Metric]:
         """The metric families, read on ``conn``."""
-        raise NotImplementedError
