@@ -72,6 +72,7 @@ DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml
 WRISTBANDS = 240  # wb-0001 … wb-0240 in the demo county
 HUB_RECEIVE_MAXIMUM = 5_000  # hub/service.py BULK_INBOX_SIZE, sent as Receive Maximum
 DRAIN_TIMEOUT_S = 600.0
+OBSERVE_EVERY_S = 0.05
 
 # The load generator: a lean MQTT 3.1.1 publisher on a raw socket (no paho), so that
 # it costs little CPU and cannot be the bottleneck. All PUBLISH packets (QoS 1,
@@ -273,6 +274,10 @@ class Drain:
     consumer_cpu: float  # CPU seconds of the consumer process(es) over the window
     broker_cpu: float
     detail: str = ""
+    postgres_cpu: float | None = None  # the hubs' drains only
+
+    def per_message_us(self, cpu: float) -> float:
+        return 1e6 * cpu / self.count
 
     @property
     def rate(self) -> float:
@@ -371,6 +376,22 @@ def joined(template: str, values: list[dict[str, float]]) -> str:
     return ", ".join(template.format(**v) for v in values)
 
 
+def ledger_rows_since(conn: psycopg.Connection[tuple[Any, ...]], since: datetime) -> int:
+    row = conn.execute("SELECT count(*) FROM message_ledger WHERE received_at >= %s", (since,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def last_commit(conn: psycopg.Connection[tuple[Any, ...]], since: datetime) -> datetime:
+    """When the last telemetry row received since ``since`` was committed (track_commit_timestamp)."""
+    row = conn.execute(
+        "SELECT max(pg_xact_commit_timestamp(xmin)) FROM telemetry WHERE received_at >= %s", (since,)
+    ).fetchone()
+    if row is None or row[0] is None:
+        raise RuntimeError("no commit timestamp: is track_commit_timestamp on?")
+    committed: datetime = row[0]
+    return committed
+
+
 def lock_waiters(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     """Backends of this database waiting on a lock right now."""
     row = conn.execute(
@@ -416,8 +437,10 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str], sos_device: str | No
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         cpu_at_first_row: float | None = None
         lock_samples: list[int] = []
-        while (rows := stack.telemetry_rows(conn)) < baseline + count:
-            if cpu_at_first_row is None and rows > baseline:
+        # Progress from the ledger's received_at index (only this drain's entries are
+        # read): a count(*) of telemetry every 20 ms took a fifth of a core from the hub.
+        while (rows := ledger_rows_since(conn, spawned)) < count or stack.telemetry_rows(conn) < baseline + count:
+            if cpu_at_first_row is None and rows > 0:
                 cpu_at_first_row = hubs_cpu(running)
             lock_samples.append(lock_waiters(conn))
             stack.sample_rss([hub for hub, _ in running])
@@ -425,8 +448,8 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str], sos_device: str | No
                 sos_seconds = time.monotonic() - spawned_monotonic
             if time.monotonic() > deadline:
                 raise TimeoutError(f"{hub_ids}: not all {count} rows committed in {DRAIN_TIMEOUT_S:.0f} s")
-            time.sleep(0.02)
-        finished = datetime.now(UTC)
+            time.sleep(OBSERVE_EVERY_S)
+        finished = last_commit(conn, spawned)
         broker_cpu = sum(broker_process.cpu_times()[:2]) - broker_before
         pg_cpu = postgres_cpu(stack) - postgres_before
         hub_cpu = hubs_cpu(running) - (cpu_at_first_row or 0.0)
@@ -463,7 +486,59 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str], sos_device: str | No
         )
     if direct:
         detail += f"; {direct} hub(s) fell back to a direct telemetry subscription (share probe behind the backlog)"
-    return Drain(name, count, rate, seconds, hub_cpu, broker_cpu, detail)
+    return Drain(name, count, rate, seconds, hub_cpu, broker_cpu, detail, pg_cpu)
+
+
+def fill_ledger(url: str, keys: int) -> float:
+    """Old entries in ``message_ledger`` until it holds ``keys``, as weeks of a county's
+    traffic leave it; returns the seconds it took. Dated 30 days back, outside any drain's window."""
+    started = time.monotonic()
+    with psycopg.connect(url, autocommit=True) as conn:
+        row = conn.execute("SELECT count(*) FROM message_ledger").fetchone()
+        have = int(row[0]) if row else 0
+        for start in range(have, keys, 1_000_000):
+            conn.execute(
+                "INSERT INTO message_ledger (device_id, msg_id, payload_hash, channel, received_at)"
+                " SELECT 'wb-' || lpad((g %% %s + 1)::text, 4, '0'), md5(g::text), sha256(g::text::bytea),"
+                " 'telemetry', now() - interval '30 days' FROM generate_series(%s, %s) g",
+                (WRISTBANDS, start, min(start + 1_000_000, keys) - 1),
+            )
+        conn.execute("VACUUM ANALYZE message_ledger")
+    return time.monotonic() - started
+
+
+def kill_check(stack: Stack, count: int) -> str:
+    """The hub SIGKILLed halfway through draining a backlog at full speed, then started
+    again: every message must be stored exactly once (no loss, no second row)."""
+    hub_id = "bench-hub-kill"
+    clear_hub_sessions(stack.broker.port, hub_id)
+    first, _ = stack.hub(hub_id, wait_ready=True)
+    first.kill(9)
+    with psycopg.connect(stack.url, autocommit=True) as conn:
+        baseline = stack.telemetry_rows(conn)
+        letters = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
+        publish_backlog(stack.broker.port, count)
+        since = datetime.now(UTC)
+        victim, _ = stack.hub(hub_id, wait_ready=False)
+        while (rows := ledger_rows_since(conn, since)) < count // 2:
+            time.sleep(0.01)
+        victim.kill(9)
+        at_kill = stack.telemetry_rows(conn) - baseline
+        again, _ = stack.hub(hub_id, wait_ready=False)
+        deadline = time.monotonic() + DRAIN_TIMEOUT_S
+        while stack.telemetry_rows(conn) < baseline + count and time.monotonic() < deadline:
+            time.sleep(0.1)
+        again.stop()
+        stored = stack.telemetry_rows(conn) - baseline
+        ledger = ledger_rows_since(conn, since)
+        letters_after = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
+    clear_hub_sessions(stack.broker.port, hub_id)
+    verdict = "kept" if stored == count == ledger and letters == letters_after else "BROKEN"
+    return (
+        f"kill -9 at full speed: SIGKILL after {rows:,} ledger entries ({at_kill:,} rows committed), restarted:"
+        f" {stored:,} of {count:,} telemetry rows, {ledger:,} ledger entries, dead letters"
+        f" {letters[0] if letters else 0} → {letters_after[0] if letters_after else 0}: exactly once {verdict}"
+    )
 
 
 def sos_opened(conn: psycopg.Connection[tuple[Any, ...]], device_id: str) -> bool:
@@ -562,9 +637,14 @@ def sos_under_load(stack: Stack, presses: int, spacing: float, load_rate: float,
 
 
 def drain_line(drain: Drain, wall: float) -> str:
+    per_message = f"CPU per message: consumer {drain.per_message_us(drain.consumer_cpu):.0f} µs, broker "
+    per_message += f"{drain.per_message_us(drain.broker_cpu):.0f} µs"
+    if drain.postgres_cpu is not None:
+        per_message += f", PostgreSQL {drain.per_message_us(drain.postgres_cpu):.0f} µs"
     return (
         f"  {drain.name}: {drain.rate:,.0f} msg/s ({drain.count:,} in {drain.seconds:.2f} s; "
-        f"consumer CPU {drain.consumer_cpu / wall:.0%} of a core, broker CPU {drain.broker_cpu / wall:.0%}); "
+        f"consumer CPU {drain.consumer_cpu / wall:.0%} of a core, broker CPU {drain.broker_cpu / wall:.0%}; "
+        f"{per_message}); "
         f"backlog published at {drain.publish_rate:,.0f} msg/s; {drain.detail}"
     )
 
@@ -603,6 +683,36 @@ def report(drains: list[Drain], sos: list[SosResult], peak_rss: dict[str, int], 
     print(f"total run time: {time.monotonic() - started:.0f} s; load average {psutil.getloadavg()}")
 
 
+def run(stack: Stack, args: argparse.Namespace) -> tuple[list[Drain], list[SosResult]]:
+    broker, url = stack.broker, stack.url
+    drains = [
+        bare_drain(broker, args.messages, 3, 0),
+        bare_drain(broker, args.messages, 5, HUB_RECEIVE_MAXIMUM),
+    ]
+    print(drain_line(drains[0], drains[0].seconds), flush=True)
+    print(drain_line(drains[1], drains[1].seconds), flush=True)
+    drains.append(hub_drain(stack, args.messages, ["bench-hub"], sos_device="wb-0240"))
+    print(drain_line(drains[-1], drains[-1].seconds), flush=True)
+    if not args.no_two_hubs:
+        drains.append(hub_drain(stack, args.messages, ["bench-hub-a", "bench-hub-b"]))
+        print(drain_line(drains[-1], drains[-1].seconds), flush=True)
+    print(kill_check(stack, args.messages), flush=True)
+    if args.ledger_keys:
+        took = fill_ledger(url, args.ledger_keys)
+        print(f"ledger filled to {args.ledger_keys:,} keys in {took:.0f} s", flush=True)
+        drains.append(hub_drain(stack, args.messages, ["bench-hub-big-ledger"]))
+        drains[-1].name = f"one shouhu hub, ledger holding {args.ledger_keys:,} keys"
+        print(drain_line(drains[-1], drains[-1].seconds), flush=True)
+    sos: list[SosResult] = []
+    if not args.no_sos:
+        sos.append(sos_under_load(stack, args.presses, args.spacing, args.load_rate, 1))
+        print(sos_lines(sos[0]), flush=True)
+    if args.context_rate > 0 and not args.no_sos:
+        sos.append(sos_under_load(stack, args.presses, args.spacing, args.context_rate, 1))
+        print(sos_lines(sos[1]), flush=True)
+    return drains, sos
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--messages", type=int, default=60_000, help="backlog size per consumer")
@@ -612,6 +722,11 @@ def main() -> None:
     )
     parser.add_argument("--presses", type=int, default=200)
     parser.add_argument("--spacing", type=float, default=0.05, help="seconds between SOS presses")
+    parser.add_argument(
+        "--ledger-keys", type=int, default=0, help="then fill the ledger to this many keys and drain with one hub again"
+    )
+    parser.add_argument("--no-sos", action="store_true", help="skip the SOS-under-load runs")
+    parser.add_argument("--no-two-hubs", action="store_true", help="skip the two-hub drain")
     args = parser.parse_args()
     started = time.monotonic()
     print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {psutil.cpu_count()} cores, load average {psutil.getloadavg()}")
@@ -620,27 +735,18 @@ def main() -> None:
     cluster = start_postgres(wheel_bin_dir())
     stack: Stack | None = None
     try:
+        # A drain ends at its last commit, read afterwards, not when a poll notices it.
+        with psycopg.connect(cluster.url(), autocommit=True) as conn:
+            conn.execute("ALTER SYSTEM SET track_commit_timestamp = on")
+        cluster.stop()
+        cluster.start()
         create_database(cluster.url(), "bench")
         url = cluster.url("bench")
         migrate(url, MigrationContext(90, datetime.now(UTC)))
         env = shouhu_env(SHOUHU_DATABASE_URL=url, SHOUHU_MQTT_URL=broker.url)
         subprocess.run([SHOUHU_BIN, "registry", "load", str(DEMO)], env=env, check=True, capture_output=True)
         stack = Stack(broker, url, env, cluster.spec.data_dir)
-        drains = [
-            bare_drain(broker, args.messages, 3, 0),
-            bare_drain(broker, args.messages, 5, HUB_RECEIVE_MAXIMUM),
-        ]
-        print(drain_line(drains[0], drains[0].seconds), flush=True)
-        print(drain_line(drains[1], drains[1].seconds), flush=True)
-        drains.append(hub_drain(stack, args.messages, ["bench-hub"], sos_device="wb-0240"))
-        print(drain_line(drains[-1], drains[-1].seconds), flush=True)
-        drains.append(hub_drain(stack, args.messages, ["bench-hub-a", "bench-hub-b"]))
-        print(drain_line(drains[-1], drains[-1].seconds), flush=True)
-        sos = [sos_under_load(stack, args.presses, args.spacing, args.load_rate, 1)]
-        print(sos_lines(sos[0]), flush=True)
-        if args.context_rate > 0:
-            sos.append(sos_under_load(stack, args.presses, args.spacing, args.context_rate, 1))
-            print(sos_lines(sos[1]), flush=True)
+        drains, sos = run(stack, args)
         report(drains, sos, stack.peak_rss, started)
     finally:
         if stack is not None:

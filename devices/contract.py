@@ -219,7 +219,26 @@ def payload_hash(raw: bytes) -> bytes:
     return hashlib.sha256(raw).digest()
 
 
+# Topics repeat (one per device and channel): their verdicts are kept, short ones only,
+# so that a flood of long hostile topics cannot grow the cache's memory.
+_TOPIC_CACHE_MAX = 100_000
+_TOPIC_CACHE_LENGTH = 160
+_topic_verdicts: dict[str, Topic | Rejected] = {}
+
+
 def parse_topic(topic: str) -> Topic | Rejected:
+    """``classify_topic``, remembered for topics seen before (both results are immutable)."""
+    verdict = _topic_verdicts.get(topic)
+    if verdict is None:
+        verdict = classify_topic(topic)
+        if len(topic) <= _TOPIC_CACHE_LENGTH:
+            if len(_topic_verdicts) >= _TOPIC_CACHE_MAX:
+                _topic_verdicts.clear()
+            _topic_verdicts[topic] = verdict
+    return verdict
+
+
+def classify_topic(topic: str) -> Topic | Rejected:
     """Classify a topic. Under ``shouhu/v1/`` anything that is not a contract topic is
     ``unknown_topic``; an alarm channel of a wristband with extra levels after it
     (``…/wb-1/sos/x``) is rejected too but keeps its ``Topic``, because it still pages."""
@@ -269,23 +288,32 @@ class _OutOfRange(ValueError):
     pass
 
 
-def _hostile_structure(data: Any) -> Rejected | None:
-    """Depth, text and numbers PostgreSQL can hold, checked without recursion."""
+# json.loads with hooks builds a decoder per call; one is enough.
+_JSON = json.JSONDecoder(parse_float=_reject_float, parse_constant=_reject_constant)
+
+
+def _hostile_structure(data: Any, *, escapes: bool = True) -> Rejected | None:
+    """Depth, text and numbers PostgreSQL can hold, checked without recursion.
+
+    ``escapes`` False: the JSON text held no ``\\u`` escape, the only way a decoded
+    string can hold a NUL or a lone surrogate (raw control characters and invalid
+    UTF-8 never decode), so the strings need no look.
+    """
     stack: list[tuple[Any, int]] = [(data, 1)]
     while stack:
         value, depth = stack.pop()
-        if isinstance(value, str):
-            if "\x00" in value:
-                return Rejected(RejectReason.BAD_TEXT, "text holds a NUL character")
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
-                return Rejected(RejectReason.BAD_TEXT, "text holds a lone surrogate (\\ud800-\\udfff)")
-        elif isinstance(value, (dict, list)):
-            if depth > MAX_JSON_DEPTH:
-                return Rejected(RejectReason.TOO_DEEP, f"nested deeper than {MAX_JSON_DEPTH}")
-            items = [*value.keys(), *value.values()] if isinstance(value, dict) else value
-            stack.extend((item, depth + 1) for item in items)
+        if depth > MAX_JSON_DEPTH:
+            return Rejected(RejectReason.TOO_DEEP, f"nested deeper than {MAX_JSON_DEPTH}")
+        for item in (*value.keys(), *value.values()) if isinstance(value, dict) else value:
+            if isinstance(item, (dict, list)):
+                stack.append((item, depth + 1))
+            elif escapes and isinstance(item, str):
+                if "\x00" in item:
+                    return Rejected(RejectReason.BAD_TEXT, "text holds a NUL character")
+                try:
+                    item.encode("utf-8")
+                except UnicodeEncodeError:
+                    return Rejected(RejectReason.BAD_TEXT, "text holds a lone surrogate (\\ud800-\\udfff)")
     return None
 
 
@@ -317,7 +345,7 @@ def _parse_payload(parsed: Topic, raw: bytes) -> DeviceMessage | StatusMessage |
             return Rejected(RejectReason.SCHEMA, f"status must be online or offline, got {value[:40]!r}", parsed)
         return StatusMessage(parsed, value == "online")
     try:
-        data = json.loads(text, parse_float=_reject_float, parse_constant=_reject_constant)
+        data = _JSON.decode(text)
     except json.JSONDecodeError as exc:
         return Rejected(RejectReason.MALFORMED_JSON, f"{exc.msg} at {exc.pos}", parsed)
     except RecursionError:
@@ -326,7 +354,7 @@ def _parse_payload(parsed: Topic, raw: bytes) -> DeviceMessage | StatusMessage |
         return Rejected(RejectReason.NUMBER_OUT_OF_RANGE, str(exc)[:200], parsed)
     if not isinstance(data, dict):
         return Rejected(RejectReason.SCHEMA, "payload must be a JSON object", parsed)
-    hostile = _hostile_structure(data)
+    hostile = _hostile_structure(data, escapes="\\u" in text)
     if hostile is not None:
         return Rejected(hostile.reason, hostile.detail, parsed)
     try:

@@ -61,6 +61,7 @@ restarts of any of them. The clock is always passed in; nothing here reads it.
 
 from __future__ import annotations
 
+import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
@@ -224,19 +225,33 @@ def apply_sightings(current: DeviceState, sightings: Sequence[Sighting], window:
     """
     new = current
     # Data: each field takes its newest value, from messages no older than what is stored.
+    # Kept in locals and written once: a backlog brings a device several times a batch.
+    worn, worn_since, battery, lat, lon = current.worn, current.worn_since, current.battery, current.lat, current.lon
+    last_seen: datetime | None = None
     for sighting in sorted((s for s in sightings if s.refreshes), key=lambda s: s.received_at):
         if current.last_seen is not None and sighting.received_at < current.last_seen:
             continue
-        worn_changed = sighting.worn is not None and (sighting.worn != new.worn or new.worn_since is None)
+        if sighting.worn is not None:
+            if sighting.worn != worn or worn_since is None:
+                worn_since = sighting.received_at
+            worn = sighting.worn
+        last_seen = sighting.received_at
+        if sighting.battery is not None:
+            battery = round(sighting.battery)
+        if sighting.lat is not None:
+            lat = sighting.lat
+        if sighting.lon is not None:
+            lon = sighting.lon
+    if last_seen is not None:
         new = replace(
             new,
-            worn_since=sighting.received_at if worn_changed else new.worn_since,
-            last_seen=sighting.received_at,
-            deadline=sighting.received_at + window,
-            battery=round(sighting.battery) if sighting.battery is not None else new.battery,
-            worn=sighting.worn if sighting.worn is not None else new.worn,
-            lat=sighting.lat if sighting.lat is not None else new.lat,
-            lon=sighting.lon if sighting.lon is not None else new.lon,
+            worn_since=worn_since,
+            last_seen=last_seen,
+            deadline=last_seen + window,
+            battery=battery,
+            worn=worn,
+            lat=lat,
+            lon=lon,
         )
     deciding = [(s.received_at, i) for i, s in enumerate(sightings) if _decides(s)]
     if deciding:
@@ -309,14 +324,26 @@ def record_sightings(conn: Conn, sightings: Sequence[Sighting], defaults: Livene
         UnknownDeviceError: a sighting names an unregistered device; nothing was written.
         ValueError: a ``received_at`` is naive.
     """
+    transitions, _states = _record(conn, _by_device(sightings), defaults)
+    return transitions
+
+
+def _by_device(sightings: Sequence[Sighting]) -> dict[str, list[Sighting]]:
     by_device: dict[str, list[Sighting]] = {}
     for sighting in sightings:
         _require_aware(sighting.received_at)
         # Retained deliveries change nothing: they must not even create a row.
         by_device.setdefault(sighting.device_id, []).append(sighting)
+    return by_device
+
+
+def _record(
+    conn: Conn, by_device: dict[str, list[Sighting]], defaults: LivenessDefaults
+) -> tuple[list[Transition], dict[str, tuple[DeviceState, timedelta]]]:
+    """``record_sightings``'s work; also returns every locked device's state after it, with its window."""
     ids = sorted(device_id for device_id, own in by_device.items() if any(_decides(s) for s in own))
     if not ids:
-        return []
+        return [], {}
     conn.execute(_ENSURE_ROWS, (ids,))
     rows = conn.cursor(row_factory=kwargs_row(_locked_device)).execute(_LOCK_ROWS, (ids,)).fetchall()
     missing = set(ids) - {row.device_id for row in rows}
@@ -324,9 +351,12 @@ def record_sightings(conn: Conn, sightings: Sequence[Sighting], defaults: Livene
         raise UnknownDeviceError(f"sightings of unregistered devices: {sorted(missing)}")
     changed: list[tuple[str, DeviceState]] = []
     transitions: list[tuple[Transition, Liveness]] = []
+    states: dict[str, tuple[DeviceState, timedelta]] = {}
     for row in rows:
         current = row.state
-        new = apply_sightings(current, by_device[row.device_id], defaults.window(row.interval_s, row.misses))
+        window = defaults.window(row.interval_s, row.misses)
+        new = apply_sightings(current, by_device[row.device_id], window)
+        states[row.device_id] = (new, window)
         if new != current:
             changed.append((row.device_id, new))
         if new.online is not None and new.online != current.online:
@@ -361,7 +391,76 @@ def record_sightings(conn: Conn, sightings: Sequence[Sighting], defaults: Livene
                 [previous.value for _, previous in transitions],
             ),
         )
-    return [t for t, _ in transitions]
+    return [t for t, _ in transitions], states
+
+
+# A device heard again within this much of what this hub last wrote for it, with
+# nothing material changed, is not written: a chatty device or a drained backlog
+# costs one row write per device per REFRESH, not one per batch. Never more than a
+# tenth of the device's window, so a deadline is at most that much early.
+REFRESH = timedelta(seconds=15)
+_MEMORY_MAX = 200_000
+
+
+@dataclass(frozen=True, slots=True)
+class _Written:
+    state: DeviceState
+    window: timedelta
+
+
+class LivenessRecorder:
+    """``record_sightings`` for a hub's lanes, remembering what it last wrote per device.
+
+    A device's sightings are skipped — no read, no lock, no write — when, applied to
+    what this hub last wrote for it, they change nothing but ``last_seen``,
+    ``deadline``, ``state_at`` and position, and ``last_seen`` moves less than the
+    refresh interval (REFRESH, or a tenth of the window if smaller). What that costs:
+    ``device_state`` may trail the newest message by up to that interval (its
+    position too; the telemetry rows hold every point), so a deadline can fall that
+    much early. Anything material — online/offline, a reason, battery, worn — and a
+    device this hub has not written yet go to the database as before. Both lanes
+    share one recorder: a Last Will stored by the alarm lane is what the bulk lane's
+    next sighting is compared with. If the transaction that wrote a device rolls
+    back, the memory is ahead of the table for at most one interval, after which the
+    device is read and written again.
+    """
+
+    def __init__(self, defaults: LivenessDefaults, refresh: timedelta = REFRESH) -> None:
+        self.defaults = defaults
+        self.refresh = refresh
+        self._written: dict[str, _Written] = {}
+        self._lock = threading.Lock()
+
+    def __call__(self, conn: Conn, sightings: Sequence[Sighting]) -> list[Transition]:
+        by_device = _by_device(sightings)
+        with self._lock:
+            needed = {d: own for d, own in by_device.items() if not self._immaterial(self._written.get(d), own)}
+        transitions, states = _record(conn, needed, self.defaults)
+        with self._lock:
+            if len(self._written) + len(states) > _MEMORY_MAX:
+                self._written.clear()
+            for device_id, (state, window) in states.items():
+                self._written[device_id] = _Written(state, window)
+        return transitions
+
+    def forget(self) -> None:
+        with self._lock:
+            self._written.clear()
+
+    def _immaterial(self, written: _Written | None, own: Sequence[Sighting]) -> bool:
+        if written is None or written.state.last_seen is None:
+            return False
+        before, seen = written.state, written.state.last_seen
+        after = apply_sightings(before, own, written.window)
+        if after.last_seen is None or after.last_seen - seen >= min(self.refresh, written.window / 10):
+            return False
+        return (after.online, after.offline_reason, after.battery, after.worn, after.worn_since) == (
+            before.online,
+            before.offline_reason,
+            before.battery,
+            before.worn,
+            before.worn_since,
+        )
 
 
 _BEAT = """

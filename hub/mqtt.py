@@ -32,7 +32,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
@@ -44,6 +44,7 @@ from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from hub import metrics
+from hub.lean_paho import LeanClient
 from shouhu.mqtt_address import BrokerAddress
 
 log = logging.getLogger(__name__)
@@ -161,8 +162,8 @@ class HubConnection:
         self._lock = threading.Lock()
         self.client = self._make_client(MQTTProtocolVersion.MQTTv5)
 
-    def _make_client(self, protocol: MQTTProtocolVersion, *, clean: bool = False) -> mqtt.Client:
-        client = mqtt.Client(
+    def _make_client(self, protocol: MQTTProtocolVersion, *, clean: bool = False) -> LeanClient:
+        client = LeanClient(
             CallbackAPIVersion.VERSION2,
             client_id=self.client_id,
             protocol=protocol,
@@ -176,6 +177,7 @@ class HubConnection:
         client.on_connect = self._on_connect
         client.on_disconnect = self._on_disconnect
         client.on_message = self._on_message
+        client.on_publish_received = self._on_publish
         client.on_subscribe = self._on_subscribe
         return client
 
@@ -374,6 +376,12 @@ class HubConnection:
         self._connack_event.set()
 
     def _on_message(self, _client: mqtt.Client, _userdata: Any, message: mqtt.MQTTMessage) -> None:
+        # paho's own path (a QoS 2 delivery, a topic alias); LeanClient's is _on_publish.
+        self._on_publish(message._topic, message.payload, message.qos, bool(message.retain), message.mid)
+
+    def _on_publish(
+        self, topic: bytes | bytearray, payload: bytes | bytearray, qos: int, retain: bool, mid: int
+    ) -> None:
         # Only hand over: storing happens on the lanes. Nothing may escape into paho's
         # network thread (it would end it); a message that cannot be handed over is
         # never acknowledged, and the hub ends so the broker redelivers it to a fresh one.
@@ -381,11 +389,11 @@ class HubConnection:
             self.deliver(
                 Received(
                     # paho's `topic` raises on bytes that are not UTF-8; keep what came.
-                    topic=message._topic.decode("utf-8", errors="replace"),
-                    payload=bytes(message.payload),
-                    qos=message.qos,
-                    retain=bool(message.retain),
-                    mid=message.mid,
+                    topic=topic.decode("utf-8", errors="replace"),
+                    payload=bytes(payload),
+                    qos=qos,
+                    retain=retain,
+                    mid=mid,
                     generation=self.generation,
                     received_at=datetime.now(UTC),
                     monotonic=time.monotonic(),
@@ -405,6 +413,22 @@ class HubConnection:
                 return False
             self.client.ack(message.mid, message.qos)
         return True
+
+    def ack_all(self, messages: Sequence[Received]) -> int:
+        """PUBACK a batch in one write, leaving out what came on an earlier connection.
+
+        Returns how many were left out (the broker redelivers those).
+        """
+        with self._lock:
+            current = [m for m in messages if m.generation == self.generation]
+            self.client.ack_many(m.mid for m in current if m.qos == 1)
+            for message in current:
+                if message.qos == 2:
+                    self.client.ack(message.mid, 2)
+        stale = sum(1 for m in messages if m.qos and m.generation != self.generation)
+        if stale:
+            metrics.STALE_ACKS.inc(stale)
+        return stale
 
     def publish(self, topic: str, payload: bytes, *, qos: int = 1) -> None:
         self.client.publish(topic, payload, qos=qos)

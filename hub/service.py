@@ -20,6 +20,7 @@ run, and the database answers.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import queue
@@ -36,7 +37,7 @@ from devices.contract import is_outbound
 from hub import metrics
 from hub.batch import SightingSink
 from hub.ingest import CONNECT_TIMEOUT_S, STORE_ALONE, AlarmReceipt, DatabaseUnavailable, IngestConfig, Writer
-from hub.liveness import LivenessDefaults, record_sightings
+from hub.liveness import LivenessDefaults, LivenessRecorder
 from hub.mqtt import (
     ALARM_SUBSCRIPTIONS,
     LEGACY_BULK_SUBSCRIPTIONS,
@@ -61,6 +62,10 @@ ALARM_INBOX_SIZE = 10_000
 STATUS_INBOX_SIZE = 50_000
 BULK_INBOX_SIZE = 5_000
 BATCH_MAX = 500
+# Bulk lanes, each with its own database connection, taking batches from the one bulk
+# inbox: while one waits for PostgreSQL (its statements, its commit's fsync) the other
+# parses and stages the next batch. PUBACKs may go out of order; MQTT allows it.
+BULK_LANES = 2
 STATUS_BATCH_MAX = 200
 # Alarms already waiting when the lane takes one are committed with it, up to this many:
 # a mass event costs tens of commits, not a thousand; a lone SOS waits for nothing.
@@ -110,7 +115,10 @@ class Hub:
     def __post_init__(self) -> None:
         config = IngestConfig(self.hub_id, self.ack_timeout_s, self.cancel_window_s)
         self.alarm_writer = Writer(self.database_url, config, lane="alarm", record_sightings=self.record_sightings)
-        self.bulk_writer = Writer(self.database_url, config, lane="bulk", record_sightings=self.record_sightings)
+        self.bulk_writers = [
+            Writer(self.database_url, config, lane="bulk", record_sightings=self.record_sightings)
+            for _ in range(BULK_LANES)
+        ]
         self.alarm_connection = HubConnection(
             self.mqtt_url,
             alarm_client_id(self.hub_id),
@@ -227,7 +235,8 @@ class Hub:
     def _close(self) -> None:
         """Close what the hub opened or was given to own: the writers, the spool, the upkeep."""
         self.alarm_writer.close()
-        self.bulk_writer.close()
+        for writer in self.bulk_writers:
+            writer.close()
         if self.spool is not None:
             self.spool.close()
         if self.upkeep is not None:
@@ -236,7 +245,15 @@ class Hub:
     def _start_lanes(self) -> None:
         self._lanes = [
             threading.Thread(target=self._lane, args=("alarm", self._alarm_lane), name="alarm-lane", daemon=True),
-            threading.Thread(target=self._lane, args=("bulk", self._bulk_lane), name="bulk-lane", daemon=True),
+            *(
+                threading.Thread(
+                    target=self._lane,
+                    args=(f"bulk {number}", functools.partial(self._bulk_lane, writer)),
+                    name=f"bulk-lane-{number}",
+                    daemon=True,
+                )
+                for number, writer in enumerate(self.bulk_writers, start=1)
+            ),
         ]
         for thread in self._lanes:
             thread.start()
@@ -511,7 +528,7 @@ class Hub:
 
     # -- the bulk lane ---------------------------------------------------------------
 
-    def _bulk_lane(self) -> None:
+    def _bulk_lane(self, writer: Writer) -> None:
         while not self._lanes_done.is_set():
             batch = self._collect()
             if not batch:
@@ -522,9 +539,8 @@ class Hub:
                     self._share_seen.set()
                 batch = [m for m in batch if m.topic != share_probe_topic(self.hub_id)]
             if batch:
-                self.bulk_writer.store_batch(batch)
-            for message in (*batch, *probes):
-                self.connection.ack(message)
+                writer.store_batch(batch)
+            self.connection.ack_all((*batch, *probes))
 
     def _collect(self) -> Sequence[Received]:
         """Up to BATCH_MAX messages, waiting at most BATCH_AGE_S after the first."""
@@ -594,7 +610,7 @@ def build_hub(
         settings.ack_timeout_s,
         metrics_port=metrics_port,
         cancel_window_s=settings.cancel_window_s,
-        record_sightings=lambda conn, sightings: record_sightings(conn, sightings, defaults),
+        record_sightings=LivenessRecorder(defaults),
         upkeep=upkeep,
         leave=leave,
         share_subscriptions=settings.hub_shared,
