@@ -150,17 +150,22 @@ def configured_notifiers(
 ) -> dict[tuple[Provider, Channel], Notifier]:
     """The notifier of each configured provider and phone channel (its credentials set);
     ``timeout`` bounds each request (the notifiers' own default when None)."""
-    from alerts.notifiers.aliyun import aliyun_notifiers
-    from alerts.notifiers.twilio import TwilioNotifier
-
+    # Each SDK is imported only when its provider is configured: the Aliyun SDKs alone
+    # take seconds to import on this hardware, and `shouhu hub` builds its spool's
+    # notifiers before it takes its first SOS.
     limit = {} if timeout is None else {"timeout": timeout}
     notifiers: dict[tuple[Provider, Channel], Notifier] = {}
     if settings.twilio_account_sid and settings.twilio_auth_token and settings.twilio_from:
+        from alerts.notifiers.twilio import TwilioNotifier
+
         twilio = TwilioNotifier.from_settings(settings, **limit)
         notifiers |= {(Provider.TWILIO, Channel.VOICE): twilio, (Provider.TWILIO, Channel.SMS): twilio}
-    # A channel Aliyun is not configured for falls back to the other provider, if any.
-    aliyun = aliyun_notifiers(settings, **limit)
-    notifiers |= {(Provider.ALIYUN, channel): notifier for channel, notifier in aliyun.items()}
+    if settings.aliyun_access_key_id and settings.aliyun_access_key_secret:
+        from alerts.notifiers.aliyun import aliyun_notifiers
+
+        # A channel Aliyun is not configured for falls back to the other provider, if any.
+        aliyun = aliyun_notifiers(settings, **limit)
+        notifiers |= {(Provider.ALIYUN, channel): notifier for channel, notifier in aliyun.items()}
     return notifiers
 
 
