@@ -443,10 +443,6 @@ class LivenessRecorder:
                 self._written[device_id] = _Written(state, window)
         return transitions
 
-    def forget(self) -> None:
-        with self._lock:
-            self._written.clear()
-
     def _immaterial(self, written: _Written | None, own: Sequence[Sighting]) -> bool:
         if written is None or written.state.last_seen is None:
             return False

@@ -68,8 +68,8 @@ def test_a_device_this_hub_never_wrote_is_read_and_written(conn: Conn) -> None:
     other_hub = LivenessRecorder(DEFAULTS)
     other_hub(conn, [seen(T0 + timedelta(seconds=2), battery=80)])
     assert stored(conn) == (True, None, T0 + timedelta(seconds=2), 80, None)
-    other_hub.forget()
-    other_hub(conn, [seen(T0 + timedelta(seconds=3), battery=80)])
+    restarted = LivenessRecorder(DEFAULTS)  # a hub starts with no memory
+    restarted(conn, [seen(T0 + timedelta(seconds=3), battery=80)])
     assert stored(conn) == (True, None, T0 + timedelta(seconds=3), 80, None)
 
 
