@@ -762,6 +762,11 @@ def main() -> None:
         # A drain ends at its last commit, read afterwards, not when a poll notices it.
         with psycopg.connect(cluster.url(), autocommit=True) as conn:
             conn.execute("ALTER SYSTEM SET track_commit_timestamp = on")
+            # The production image (timescale/timescaledb in docker-compose.yml) runs
+            # timescaledb-tune at initialisation, which sizes shared_buffers to a quarter
+            # of memory; 1 GB here, not PostgreSQL's 128 MB default, so that a large
+            # ledger's index is measured as a tuned server holds it.
+            conn.execute("ALTER SYSTEM SET shared_buffers = '1GB'")
         cluster.stop()
         cluster.start()
         create_database(cluster.url(), "bench")
