@@ -63,9 +63,15 @@ STATUS_INBOX_SIZE = 50_000
 BULK_INBOX_SIZE = 5_000
 BATCH_MAX = 500
 # Bulk lanes, each with its own database connection, taking batches from the one bulk
-# inbox: while one waits for PostgreSQL (its statements, its commit's fsync) the other
-# parses and stages the next batch. PUBACKs may go out of order; MQTT allows it.
-BULK_LANES = 2
+# inbox (PUBACKs may then go out of order, as MQTT allows). One: a second lane drained
+# a backlog faster but kept the interpreter so busy that an SOS under 5,500 msg/s of
+# telemetry took 200 ms and more to commit (docs/BENCHMARKS.md, issue 19). Alarms first.
+BULK_LANES = 1
+# How long a thread may hold the interpreter before another that waits gets it (Python's
+# default is 5 ms). The alarm lane waits for it after each of its statements; with the
+# network threads and the bulk lane busy, 5 ms a statement is most of an SOS's budget.
+# Set for the whole process by the command that runs the hub (launch/wiring.py).
+GIL_SWITCH_S = 0.0005
 STATUS_BATCH_MAX = 200
 # Alarms already waiting when the lane takes one are committed with it, up to this many:
 # a mass event costs tens of commits, not a thousand; a lone SOS waits for nothing.

@@ -204,9 +204,10 @@ def make_hub(settings: Settings, url: str, broker_url: str, *, metrics_port: int
 def run_hub_or_exit(worker: Hub) -> None:
     """Run the hub; if a lane or connection broke, end the whole process non-zero so its
     supervisor restarts it (the broker redelivers whatever was not acknowledged)."""
-    from hub.service import LaneFailed
+    from hub.service import GIL_SWITCH_S, LaneFailed
     from shouhu.health_server import PortInUse
 
+    sys.setswitchinterval(GIL_SWITCH_S)
     try:
         worker.run()
     except PortInUse as exc:
