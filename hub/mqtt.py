@@ -74,6 +74,8 @@ UNSUPPORTED_PROTOCOL = 132  # CONNACK reason code (MQTT 5) for "Unsupported prot
 # Larger than the shipped broker's limit (deploy/mosquitto/mosquitto.conf), so what
 # the broker lets through reaches the hub and is dead-lettered there if over 64 KiB.
 MAX_PACKET_BYTES = 4 * 1024 * 1024
+# A stop waits this long for paho to write what it queued, the DISCONNECT last.
+DISCONNECT_WAIT_S = 2.0
 
 
 def probe_topic(hub_id: str) -> str:
@@ -159,6 +161,7 @@ class HubConnection:
         self._subscribing: dict[int, str] = {}
         self._connack: ReasonCode | None = None
         self._connack_event = threading.Event()
+        self._gone = threading.Event()
         self._lock = threading.Lock()
         self.client = self._make_client(MQTTProtocolVersion.MQTTv5)
 
@@ -244,8 +247,17 @@ class HubConnection:
                 time.sleep(0.5)
 
     def stop(self) -> None:
-        """Disconnect, keeping the session: the broker holds our messages for our return."""
+        """Disconnect, keeping the session: the broker holds our messages for our return.
+
+        The network thread stops only once the DISCONNECT is written, and with it every
+        PUBACK queued before it: a batch acknowledged just before the stop is not
+        delivered again to the next start.
+        """
+        was_connected = self.connected.is_set()
+        self._gone.clear()
         self.client.disconnect()
+        if was_connected and not self._gone.wait(DISCONNECT_WAIT_S):
+            log.warning("%s: the DISCONNECT was not written within %.0fs", self.client_id, DISCONNECT_WAIT_S)
         self.client.loop_stop()
 
     def end_session(self) -> None:
@@ -372,6 +384,7 @@ class HubConnection:
 
     def _on_disconnect(self, *_args: Any) -> None:
         self.connected.clear()
+        self._gone.set()
         # Closed before any CONNACK: let start() decide (fallback or failure) at once.
         self._connack_event.set()
 

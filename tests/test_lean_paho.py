@@ -43,6 +43,8 @@ class Receiver:
         )
         self.client.on_publish_received = lambda *delivery: self.got.append(delivery)
         self.client.on_subscribe = lambda *_args: self.subscribed.set()
+        self.gone = threading.Event()
+        self.client.on_disconnect = lambda *_args: self.gone.set()
         properties = None
         if v5:
             properties = Properties(PacketTypes.CONNECT)  # type: ignore[no-untyped-call]
@@ -56,7 +58,10 @@ class Receiver:
         assert self.subscribed.wait(10)
 
     def close(self) -> None:
+        # paho writes DISCONNECT after everything queued before it (the PUBACKs), and
+        # calls on_disconnect once it is written: only then may its thread stop.
         self.client.disconnect()
+        assert self.gone.wait(10)
         self.client.loop_stop()
 
 
