@@ -25,11 +25,12 @@ from datetime import datetime
 from typing import Any
 from zoneinfo import ZoneInfo
 
-from prometheus_client import Counter, Histogram
+from prometheus_client import Histogram
 from psycopg.rows import kwargs_row
 
-from alerts.attempts import Lease, claim, next_try, settle
+from alerts.attempts import ATTEMPTS, Lease, claim, next_try, settle
 from alerts.notifiers.base import Delivery, Message, Notifier, Provider, SendOutcome, SendResult
+from alerts.notifiers.console import ConsoleNotifier
 from alerts.notifiers.platform import CapMsgType, PlatformAlert, PlatformNotifier, TriedContact
 from alerts.providers import PHONE_CHANNELS, Failover, PhoneProviders, ProviderChoice, choice_for_area
 from alerts.states import AttemptState, IncidentState
@@ -43,11 +44,6 @@ PRESS_TO_FIRST_REQUEST = Histogram(
     "shouhu_sos_press_to_first_request_seconds",
     "From the hub receiving an SOS or fall to the first provider request for its incident",
     buckets=(0.05, 0.1, 0.25, 0.5, 0.75, 1, 1.5, 2, 3, 5, 10, 30),
-)
-ATTEMPTS = Counter(
-    "shouhu_router_attempts_total",
-    "Notification attempts, by channel, purpose and outcome",
-    ["channel", "purpose", "outcome"],
 )
 
 # How long a sender keeps an area's phone providers before reading them again.
@@ -165,6 +161,11 @@ class Dispatcher:
             | ({Channel.WEBHOOK} if self.platform else frozenset())
         )
 
+    def recorded_channels(self) -> frozenset[Channel]:
+        """Channels whose pages are recorded as sent with their step instead of sent here: the
+        console's, when its notifier is the plain ``ConsoleNotifier`` (sending is recording)."""
+        return frozenset({Channel.CONSOLE}) if type(self.console) is ConsoleNotifier else frozenset()
+
     def send_due(
         self, conn: Conn, channel: Channel | None = None, *, limit: int = 1, first_pages_only: bool = False
     ) -> int:
@@ -224,13 +225,14 @@ class Dispatcher:
         self._send(conn, work)  # a fallback that fails so again goes on to the next provider, if any
 
     def _is_first_page(self, conn: Conn, attempt: PendingAttempt, sends: int) -> bool:
-        """The incident's first page, counted once even with several senders: the lowest page
-        attempt of the first step, on its first try and first send."""
+        """The incident's first provider request, counted once even with several senders: the
+        lowest phone or webhook page attempt of the first step, on its first try and first
+        send (a console page is recorded with its step, not requested: not counted)."""
         if attempt.purpose is not AttemptPurpose.PAGE or attempt.attempt != 1 or sends != 1:
             return False
         row = conn.execute(
             "SELECT min(id) = %s AND bool_and(sent_at IS NULL) FROM notification_attempts"
-            " WHERE incident_id = %s AND purpose = 'page' AND round = 0 AND step = 0",
+            " WHERE incident_id = %s AND purpose = 'page' AND round = 0 AND step = 0 AND channel <> 'console'",
             (attempt.id, attempt.incident_id),
         ).fetchone()
         return bool(row and row[0])
