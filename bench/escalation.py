@@ -143,28 +143,36 @@ class Presser:
         self.client.disconnect()
 
 
-def paged(url: str, devices: list[str]) -> int:
-    """How many of these wristbands' incidents have a phone attempt the provider accepted."""
+def paged(url: str, devices: list[str]) -> set[str]:
+    """Which of these wristbands' incidents have a phone attempt the provider accepted."""
     with psycopg.connect(url) as conn:
-        row = conn.execute(
+        rows = conn.execute(
             """
-            SELECT count(DISTINCT i.id) FROM incidents i JOIN notification_attempts a ON a.incident_id = i.id
+            SELECT DISTINCT i.device_id FROM incidents i JOIN notification_attempts a ON a.incident_id = i.id
             WHERE i.device_id = ANY(%s) AND a.provider_id IS NOT NULL AND a.channel = ANY(%s)
             """,
             (devices, list(PHONE_CHANNELS)),
-        ).fetchone()
-    return int(row[0]) if row else 0
+        ).fetchall()
+    return {str(r[0]) for r in rows}
 
 
 def wait_all_paged(url: str, devices: list[str], timeout: float) -> float:
-    """Poll until every wristband's incident has been paged; returns the monotonic time it was seen."""
+    """Poll until every wristband's incident has been paged; returns the monotonic time it was seen.
+
+    Each poll asks only about the wristbands not seen paged yet: the observer must not
+    cost PostgreSQL much of what it measures (asking about all of them every 0.2 s was
+    ~0.6 s of the database's CPU in a burst).
+    """
     deadline = time.monotonic() + timeout
+    remaining = list(devices)
     while True:
-        done = paged(url, devices)
-        if done >= len(devices):
+        done = paged(url, remaining)
+        remaining = [d for d in remaining if d not in done]
+        if not remaining:
             return time.monotonic()
         if time.monotonic() > deadline:
-            raise RuntimeError(f"only {done} of {len(devices)} incidents paged after {timeout:.0f} s")
+            seen = len(devices) - len(remaining)
+            raise RuntimeError(f"only {seen} of {len(devices)} incidents paged after {timeout:.0f} s")
         time.sleep(0.2)
 
 
