@@ -43,6 +43,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import Counter
+from psycopg.types.json import Jsonb
 
 from alerts.locks import lock_incident, lock_incidents
 from alerts.notifiers.base import Provider, SendOutcome, SendResult
@@ -281,51 +282,55 @@ def settle(
     # too: a share lock taken first would have to be upgraded).
     lock_incident(conn, lease.incident_id, share=result.outcome is SendOutcome.SENT)
     outcome = result.outcome.value
+    # The outcome and its timeline entry in one statement (a mass event settles thousands).
     row = conn.execute(
-        """
-        UPDATE notification_attempts
-        SET state = CASE WHEN state = %s THEN %s ELSE state END,
-            provider_id = coalesce(provider_id, %s), error = coalesce(%s, error),
-            sent_at = CASE WHEN %s THEN %s ELSE sent_at END, provider = coalesce(provider, %s),
-            leased_by = NULL, lease_pid = NULL, leased_until = NULL, updated_at = %s
-        WHERE id = %s AND leased_by = %s
-        RETURNING state
-        """,
-        (
-            AttemptState.PENDING,
-            outcome,
-            result.provider_id,
-            result.error,
-            result.outcome is SendOutcome.SENT,
-            now,
-            None if provider is None else provider.value,
-            now,
-            lease.attempt_id,
-            lease.token,
-        ),
+        _SETTLE,
+        {
+            "pending": AttemptState.PENDING,
+            "outcome": outcome,
+            "provider_id": result.provider_id,
+            "error": result.error,
+            "sent": result.outcome is SendOutcome.SENT,
+            "now": now,
+            "provider": None if provider is None else provider.value,
+            "attempt": lease.attempt_id,
+            "token": lease.token,
+            "incident": lease.incident_id,
+            "event": "attempt_" + outcome,
+            "worker": worker,
+            "detail": Jsonb(
+                detail | {"attempt_id": lease.attempt_id, "provider_id": result.provider_id, "error": result.error}
+            ),
+            "late": Jsonb({"attempt_id": lease.attempt_id, "outcome": outcome, "provider_id": result.provider_id}),
+        },
     ).fetchone()
     if row is None:
         log.warning("attempt %s: lease %s was taken over; its result is not recorded", lease.attempt_id, lease.token)
-        add_event(
-            conn,
-            lease.incident_id,
-            now,
-            "attempt_result_late",
-            worker,
-            {"attempt_id": lease.attempt_id, "outcome": outcome, "provider_id": result.provider_id},
-        )
         return None
-    add_event(
-        conn,
-        lease.incident_id,
-        now,
-        "attempt_" + outcome,
-        worker,
-        detail | {"attempt_id": lease.attempt_id, "provider_id": result.provider_id, "error": result.error},
-    )
     if result.outcome is SendOutcome.FAILED and row[0] == outcome:
         after_failure(conn, lease.attempt_id, now, final=result.final, fall_back=result.fall_back, failover=failover)
     return str(row[0])
+
+
+# A settled attempt and its timeline entry (``attempt_<outcome>``, or ``attempt_result_late``
+# when the lease was taken over and nothing is recorded): add_event's row, written here.
+_SETTLE = """
+    WITH settled AS (
+        UPDATE notification_attempts
+        SET state = CASE WHEN state = %(pending)s THEN %(outcome)s ELSE state END,
+            provider_id = coalesce(provider_id, %(provider_id)s), error = coalesce(%(error)s, error),
+            sent_at = CASE WHEN %(sent)s THEN %(now)s ELSE sent_at END, provider = coalesce(provider, %(provider)s),
+            leased_by = NULL, lease_pid = NULL, leased_until = NULL, updated_at = %(now)s
+        WHERE id = %(attempt)s AND leased_by = %(token)s
+        RETURNING state
+    ), logged AS (
+        INSERT INTO incident_events (incident_id, at, event, actor, detail)
+        SELECT %(incident)s, %(now)s, CASE WHEN s.state IS NULL THEN 'attempt_result_late' ELSE %(event)s END,
+               %(worker)s, CASE WHEN s.state IS NULL THEN %(late)s ELSE %(detail)s END
+        FROM (SELECT 1) AS one LEFT JOIN settled s ON true
+    )
+    SELECT state FROM settled
+"""
 
 
 # --- queueing ---------------------------------------------------------------------------
