@@ -154,6 +154,33 @@ def _join(conn: Conn, alarm: Alarm, resident_id: str | None) -> tuple[int, Incid
     return (int(row[0]), IncidentState(row[1]), row[2], str(row[3])) if row else None
 
 
+def _open_rest(
+    conn: Conn,
+    alarm: Alarm,
+    incident_id: int,
+    kind: IncidentKind,
+    snapshot: PolicySnapshot,
+    hub_id: str,
+    message_detail: dict[str, Any],
+) -> None:
+    """A new incident's timeline (opened, stored), its first step and the routers' wake-up."""
+    add_events(
+        conn,
+        [
+            (
+                incident_id,
+                alarm.received_at,
+                "opened",
+                alarm.device_id,
+                {"kind": kind.value, "severity": Severity.RED.value, "policy": snapshot.policy_id},
+            ),
+            (incident_id, alarm.received_at, "stored", hub_id, message_detail),
+        ],
+    )
+    schedule_first_step(conn, incident_id, alarm.received_at)
+    wake_routers(conn, str(incident_id))
+
+
 def record_alarm(
     conn: Conn,
     alarm: Alarm,
@@ -170,16 +197,20 @@ def record_alarm(
     frozen policy snapshot and a step-0 action due at once. ``policies``: the policies
     already resolved in this transaction (a group of alarms reads each area's once).
     """
-    key = _ledger(conn, alarm, alarm.kind.value)
+    # The device is read in the ledger's round trip (pipelined): a mass event stores
+    # thousands of alarms, and each round trip waits for both processes to be scheduled.
+    with conn.pipeline():
+        devices = conn.execute(
+            """
+            SELECT d.kind, d.resident_id, r.grid_id FROM devices d
+            LEFT JOIN residents r ON r.id = d.resident_id WHERE d.id = %s
+            """,
+            (alarm.device_id,),
+        )
+        key = _ledger(conn, alarm, alarm.kind.value)
+        device = devices.fetchone()
     if key is None:
         return AlarmOutcome(AlarmResult.REDELIVERY, None)
-    device = conn.execute(
-        """
-        SELECT d.kind, d.resident_id, r.grid_id FROM devices d
-        LEFT JOIN residents r ON r.id = d.resident_id WHERE d.id = %s
-        """,
-        (alarm.device_id,),
-    ).fetchone()
     registered = device is not None and device[0] == "wristband" and device[1] is not None
     resident_id: str | None = device[1] if registered and device else None
     area_id: str | None = device[2] if registered and device else _county(conn)
@@ -228,21 +259,9 @@ def record_alarm(
         )
         if opened is not None:
             incident_id, code = opened
-            add_events(
-                conn,
-                [
-                    (
-                        incident_id,
-                        alarm.received_at,
-                        "opened",
-                        alarm.device_id,
-                        {"kind": kind.value, "severity": Severity.RED.value, "policy": snapshot.policy_id},
-                    ),
-                    (incident_id, alarm.received_at, "stored", hub_id, message_detail),
-                ],
-            )
-            schedule_first_step(conn, incident_id, alarm.received_at)
-            wake_routers(conn, str(incident_id))
+            # Nothing below needs an answer: one round trip.
+            with conn.pipeline():
+                _open_rest(conn, alarm, incident_id, kind, snapshot, hub_id, message_detail)
             return AlarmOutcome(AlarmResult.OPENED, incident_id, code, IncidentState.OPEN)
         joined_row = _join(conn, alarm, resident_id)
         if joined_row is not None:
