@@ -122,8 +122,10 @@ def _insert_incident(conn: Conn, values: dict[str, Any]) -> tuple[int, str] | No
     while True:
         code = draw_code()
         try:
-            with conn.transaction():
-                row = conn.execute(
+            # Savepoint, insert and release in one round trip: the release is where a
+            # collision of the random code raises (and the savepoint is rolled back).
+            with conn.pipeline(), conn.transaction():
+                inserted = conn.execute(
                     f"""
                     INSERT INTO incidents (code, kind, severity, resident_id, device_id, area_id,
                         opened_at, payload_unreadable, policy_snapshot, lat, lon)
@@ -133,9 +135,10 @@ def _insert_incident(conn: Conn, values: dict[str, Any]) -> tuple[int, str] | No
                     RETURNING id, code
                     """,
                     {**values, "code": code},
-                ).fetchone()
+                )
         except psycopg.errors.UniqueViolation:
             continue  # the random code collided; draw another
+        row = inserted.fetchone()
         return (int(row[0]), str(row[1])) if row else None
 
 

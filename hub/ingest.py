@@ -382,9 +382,12 @@ class Writer:
             policies: PolicyCache = {}
             for index, message in enumerate(messages):
                 try:
-                    with conn.transaction():
+                    # The savepoint goes out with the alarm's first statement (pipelined), not
+                    # in a round trip of its own; its release is where an error is raised.
+                    with conn.pipeline(), conn.transaction():
                         # Liveness once for the whole group, below: it is a third of an alarm's cost.
-                        receipts.append(store_message(conn, message, self.config, None, policies))
+                        receipt = store_message(conn, message, self.config, None, policies)
+                    receipts.append(receipt)
                 except psycopg.OperationalError:
                     raise
                 except Exception:
