@@ -10,8 +10,12 @@ No database lock is held across a provider call (DESIGN.md, "Channels are isolat
    first (the acknowledgement then sees the attempt in flight and tells that person
    who took it) or the acknowledgement does (and the page never starts).
 2. **send**, outside any transaction, with the notifier's hard timeout.
-3. **settle**, a new transaction: incident first, then the attempt, fenced by the
+3. **settle**, a new transaction: incident first (``FOR SHARE`` for a send the
+   provider accepted, ``FOR UPDATE`` for a failure), then the attempt, fenced by the
    lease (a sender whose lease was taken over records nothing).
+
+A console page is not claimed at all: it is written as sent by the step that queues
+it (:func:`queue_pages`, ``recorded``), the console's "sending" being that row.
 
 An attempt stays ``pending`` while leased. A lease whose database session is gone (the
 router died) or whose time ran out is taken over and the attempt re-sent under the
