@@ -206,11 +206,8 @@ class Dispatcher:
         """Claim up to ``limit`` due attempts of ``channel`` (None: any), send each, settle each; how many.
 
         ``conn`` must have no transaction open: none is held while a provider is called.
-        The claim's statements are pipelined: what needs no answer (the leases, the
-        transaction's begin and commit) goes out with what does, in 4 round trips, not 7.
-        The pipeline's end waits for the commit: nothing is sent before the lease is.
         """
-        with conn.pipeline(), conn.transaction():
+        with conn.transaction():
             now = self.clock()
             channels = self.channels() if channel is None else (channel,)
             leases = claim(conn, channels, now, self.worker_id, limit=limit, first_pages_only=first_pages_only)
@@ -290,7 +287,7 @@ class Dispatcher:
             log.exception("sending attempt %s raised", attempt.id)
             result = SendResult(SendOutcome.FAILED, error=repr(exc)[:500])
         ATTEMPTS.labels(attempt.channel.value, attempt.purpose.value, result.outcome.value).inc()
-        with conn.pipeline(), conn.transaction():
+        with conn.transaction():
             settle(
                 conn,
                 lease,

@@ -122,10 +122,8 @@ def _insert_incident(conn: Conn, values: dict[str, Any]) -> tuple[int, str] | No
     while True:
         code = draw_code()
         try:
-            # Savepoint, insert and release in one round trip: the release is where a
-            # collision of the random code raises (and the savepoint is rolled back).
-            with conn.pipeline(), conn.transaction():
-                inserted = conn.execute(
+            with conn.transaction():
+                row = conn.execute(
                     f"""
                     INSERT INTO incidents (code, kind, severity, resident_id, device_id, area_id,
                         opened_at, payload_unreadable, policy_snapshot, lat, lon)
@@ -135,10 +133,9 @@ def _insert_incident(conn: Conn, values: dict[str, Any]) -> tuple[int, str] | No
                     RETURNING id, code
                     """,
                     {**values, "code": code},
-                )
+                ).fetchone()
         except psycopg.errors.UniqueViolation:
             continue  # the random code collided; draw another
-        row = inserted.fetchone()
         return (int(row[0]), str(row[1])) if row else None
 
 
@@ -157,33 +154,6 @@ def _join(conn: Conn, alarm: Alarm, resident_id: str | None) -> tuple[int, Incid
     return (int(row[0]), IncidentState(row[1]), row[2], str(row[3])) if row else None
 
 
-def _open_rest(
-    conn: Conn,
-    alarm: Alarm,
-    incident_id: int,
-    kind: IncidentKind,
-    snapshot: PolicySnapshot,
-    hub_id: str,
-    message_detail: dict[str, Any],
-) -> None:
-    """A new incident's timeline (opened, stored), its first step and the routers' wake-up."""
-    add_events(
-        conn,
-        [
-            (
-                incident_id,
-                alarm.received_at,
-                "opened",
-                alarm.device_id,
-                {"kind": kind.value, "severity": Severity.RED.value, "policy": snapshot.policy_id},
-            ),
-            (incident_id, alarm.received_at, "stored", hub_id, message_detail),
-        ],
-    )
-    schedule_first_step(conn, incident_id, alarm.received_at)
-    wake_routers(conn, str(incident_id))
-
-
 def record_alarm(
     conn: Conn,
     alarm: Alarm,
@@ -200,20 +170,16 @@ def record_alarm(
     frozen policy snapshot and a step-0 action due at once. ``policies``: the policies
     already resolved in this transaction (a group of alarms reads each area's once).
     """
-    # The device is read in the ledger's round trip (pipelined): a mass event stores
-    # thousands of alarms, and each round trip waits for both processes to be scheduled.
-    with conn.pipeline():
-        devices = conn.execute(
-            """
-            SELECT d.kind, d.resident_id, r.grid_id FROM devices d
-            LEFT JOIN residents r ON r.id = d.resident_id WHERE d.id = %s
-            """,
-            (alarm.device_id,),
-        )
-        key = _ledger(conn, alarm, alarm.kind.value)
-        device = devices.fetchone()
+    key = _ledger(conn, alarm, alarm.kind.value)
     if key is None:
         return AlarmOutcome(AlarmResult.REDELIVERY, None)
+    device = conn.execute(
+        """
+        SELECT d.kind, d.resident_id, r.grid_id FROM devices d
+        LEFT JOIN residents r ON r.id = d.resident_id WHERE d.id = %s
+        """,
+        (alarm.device_id,),
+    ).fetchone()
     registered = device is not None and device[0] == "wristband" and device[1] is not None
     resident_id: str | None = device[1] if registered and device else None
     area_id: str | None = device[2] if registered and device else _county(conn)
@@ -262,9 +228,21 @@ def record_alarm(
         )
         if opened is not None:
             incident_id, code = opened
-            # Nothing below needs an answer: one round trip.
-            with conn.pipeline():
-                _open_rest(conn, alarm, incident_id, kind, snapshot, hub_id, message_detail)
+            add_events(
+                conn,
+                [
+                    (
+                        incident_id,
+                        alarm.received_at,
+                        "opened",
+                        alarm.device_id,
+                        {"kind": kind.value, "severity": Severity.RED.value, "policy": snapshot.policy_id},
+                    ),
+                    (incident_id, alarm.received_at, "stored", hub_id, message_detail),
+                ],
+            )
+            schedule_first_step(conn, incident_id, alarm.received_at)
+            wake_routers(conn, str(incident_id))
             return AlarmOutcome(AlarmResult.OPENED, incident_id, code, IncidentState.OPEN)
         joined_row = _join(conn, alarm, resident_id)
         if joined_row is not None:

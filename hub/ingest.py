@@ -382,12 +382,9 @@ class Writer:
             policies: PolicyCache = {}
             for index, message in enumerate(messages):
                 try:
-                    # The savepoint goes out with the alarm's first statement (pipelined), not
-                    # in a round trip of its own; its release is where an error is raised.
-                    with conn.pipeline(), conn.transaction():
+                    with conn.transaction():
                         # Liveness once for the whole group, below: it is a third of an alarm's cost.
-                        receipt = store_message(conn, message, self.config, None, policies)
-                    receipts.append(receipt)
+                        receipts.append(store_message(conn, message, self.config, None, policies))
                 except psycopg.OperationalError:
                     raise
                 except Exception:
