@@ -384,7 +384,8 @@ class Writer:
                 try:
                     with conn.transaction():
                         # Liveness once for the whole group, below: it is a third of an alarm's cost.
-                        receipts.append(store_message(conn, message, self.config, None, policies))
+                        receipt = store_message(conn, message, self.config, None, policies)
+                    receipts.append(receipt)
                 except psycopg.OperationalError:
                     raise
                 except Exception:
