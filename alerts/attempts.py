@@ -10,8 +10,12 @@ No database lock is held across a provider call (DESIGN.md, "Channels are isolat
    first (the acknowledgement then sees the attempt in flight and tells that person
    who took it) or the acknowledgement does (and the page never starts).
 2. **send**, outside any transaction, with the notifier's hard timeout.
-3. **settle**, a new transaction: incident first, then the attempt, fenced by the
+3. **settle**, a new transaction: incident first (``FOR SHARE`` for a send the
+   provider accepted, ``FOR UPDATE`` for a failure), then the attempt, fenced by the
    lease (a sender whose lease was taken over records nothing).
+
+A console page is not claimed at all: it is written as sent by the step that queues
+it (:func:`queue_pages`, ``recorded``), the console's "sending" being that row.
 
 An attempt stays ``pending`` while leased. A lease whose database session is gone (the
 router died) or whose time ran out is taken over and the attempt re-sent under the
@@ -42,6 +46,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Any
 
+from prometheus_client import Counter
+from psycopg.types.json import Jsonb
+
 from alerts.locks import lock_incident, lock_incidents
 from alerts.notifiers.base import Provider, SendOutcome, SendResult
 from alerts.providers import Failover
@@ -53,10 +60,12 @@ from shouhu.db import Conn
 log = logging.getLogger(__name__)
 
 __all__ = [
+    "ATTEMPTS",
     "LEASE_S",
     "Lease",
     "LockedAttempt",
     "NewPage",
+    "RecordedPage",
     "cancel_pending",
     "claim",
     "lock_attempt",
@@ -78,6 +87,12 @@ __all__ = [
     "tried_providers",
 ]
 
+
+ATTEMPTS = Counter(
+    "shouhu_router_attempts_total",
+    "Notification attempts, by channel, purpose and outcome",
+    ["channel", "purpose", "outcome"],
+)
 
 # Longer than any notifier's hard timeout per request (10 s), with room: a live sender
 # always settles before its lease runs out.
@@ -209,12 +224,15 @@ def claim(
 
 
 # State and purpose are written out (from the enums), not passed as parameters: each
-# claim must match a partial index's predicate, which a parameter cannot prove.
+# claim must match a partial index's predicate, which a parameter cannot prove. A lease's
+# session is looked up with an uncorrelated ``NOT IN``, one hashed read of
+# ``pg_stat_activity`` per claim: as a correlated ``NOT EXISTS`` it was read again for
+# every attempt in flight the claim passed over (a third of a claim's cost in a mass event).
 _CLAIM = """
     SELECT a.id, a.incident_id, a.purpose, a.sends, a.body, a.channel FROM notification_attempts a
     WHERE a.state = '{pending}' AND a.channel = ANY(%(channels)s) AND (a.not_before IS NULL OR a.not_before <= %(now)s)
       AND (a.leased_until IS NULL OR a.leased_until < %(now)s
-           OR NOT EXISTS (SELECT 1 FROM pg_stat_activity s WHERE s.pid = a.lease_pid)) {extra}
+           OR coalesce(a.lease_pid, 0) NOT IN (SELECT s.pid FROM pg_stat_activity s WHERE s.pid IS NOT NULL)) {extra}
     ORDER BY a.created_at, a.id
     LIMIT %(limit)s
     FOR UPDATE OF a SKIP LOCKED
@@ -260,53 +278,63 @@ def settle(
     """
     from alerts.retry import after_failure  # retry queues attempts through this module's rules
 
-    lock_incident(conn, lease.incident_id)
+    # A send the provider accepted decides nothing (no retry, no step advanced): the
+    # incident is held FOR SHARE, which other senders' claims and successful settles
+    # share, and which an acknowledgement's or a callback's FOR UPDATE still waits for.
+    # A failure may retry, fall back or advance the step from what the other attempts
+    # say, so failures settle one at a time, FOR UPDATE (``after_failure`` locks it
+    # too: a share lock taken first would have to be upgraded).
+    lock_incident(conn, lease.incident_id, share=result.outcome is SendOutcome.SENT)
     outcome = result.outcome.value
+    # The outcome and its timeline entry in one statement (a mass event settles thousands).
     row = conn.execute(
-        """
-        UPDATE notification_attempts
-        SET state = CASE WHEN state = %s THEN %s ELSE state END,
-            provider_id = coalesce(provider_id, %s), error = coalesce(%s, error),
-            sent_at = CASE WHEN %s THEN %s ELSE sent_at END, provider = coalesce(provider, %s),
-            leased_by = NULL, lease_pid = NULL, leased_until = NULL, updated_at = %s
-        WHERE id = %s AND leased_by = %s
-        RETURNING state
-        """,
-        (
-            AttemptState.PENDING,
-            outcome,
-            result.provider_id,
-            result.error,
-            result.outcome is SendOutcome.SENT,
-            now,
-            None if provider is None else provider.value,
-            now,
-            lease.attempt_id,
-            lease.token,
-        ),
+        _SETTLE,
+        {
+            "pending": AttemptState.PENDING,
+            "outcome": outcome,
+            "provider_id": result.provider_id,
+            "error": result.error,
+            "sent": result.outcome is SendOutcome.SENT,
+            "now": now,
+            "provider": None if provider is None else provider.value,
+            "attempt": lease.attempt_id,
+            "token": lease.token,
+            "incident": lease.incident_id,
+            "event": "attempt_" + outcome,
+            "worker": worker,
+            "detail": Jsonb(
+                detail | {"attempt_id": lease.attempt_id, "provider_id": result.provider_id, "error": result.error}
+            ),
+            "late": Jsonb({"attempt_id": lease.attempt_id, "outcome": outcome, "provider_id": result.provider_id}),
+        },
     ).fetchone()
     if row is None:
         log.warning("attempt %s: lease %s was taken over; its result is not recorded", lease.attempt_id, lease.token)
-        add_event(
-            conn,
-            lease.incident_id,
-            now,
-            "attempt_result_late",
-            worker,
-            {"attempt_id": lease.attempt_id, "outcome": outcome, "provider_id": result.provider_id},
-        )
         return None
-    add_event(
-        conn,
-        lease.incident_id,
-        now,
-        "attempt_" + outcome,
-        worker,
-        detail | {"attempt_id": lease.attempt_id, "provider_id": result.provider_id, "error": result.error},
-    )
     if result.outcome is SendOutcome.FAILED and row[0] == outcome:
         after_failure(conn, lease.attempt_id, now, final=result.final, fall_back=result.fall_back, failover=failover)
     return str(row[0])
+
+
+# A settled attempt and its timeline entry (``attempt_<outcome>``, or ``attempt_result_late``
+# when the lease was taken over and nothing is recorded): add_event's row, written here.
+_SETTLE = """
+    WITH settled AS (
+        UPDATE notification_attempts
+        SET state = CASE WHEN state = %(pending)s THEN %(outcome)s ELSE state END,
+            provider_id = coalesce(provider_id, %(provider_id)s), error = coalesce(%(error)s, error),
+            sent_at = CASE WHEN %(sent)s THEN %(now)s ELSE sent_at END, provider = coalesce(provider, %(provider)s),
+            leased_by = NULL, lease_pid = NULL, leased_until = NULL, updated_at = %(now)s
+        WHERE id = %(attempt)s AND leased_by = %(token)s
+        RETURNING state
+    ), logged AS (
+        INSERT INTO incident_events (incident_id, at, event, actor, detail)
+        SELECT %(incident)s, %(now)s, CASE WHEN s.state IS NULL THEN 'attempt_result_late' ELSE %(event)s END,
+               %(worker)s, CASE WHEN s.state IS NULL THEN %(late)s ELSE %(detail)s END
+        FROM (SELECT 1) AS one LEFT JOIN settled s ON true
+    )
+    SELECT state FROM settled
+"""
 
 
 # --- queueing ---------------------------------------------------------------------------
@@ -328,34 +356,77 @@ class NewPage:
     channel: Channel
 
 
-def queue_pages(conn: Conn, pages: list[NewPage], now: datetime) -> None:
-    """A step's pages, in one statement; a page already queued (same key) is left as it is."""
+@dataclass(frozen=True, slots=True)
+class RecordedPage:
+    """A page written as sent when it was queued (a console's: see :func:`queue_pages`)."""
+
+    id: int
+    incident_id: int
+    purpose: AttemptPurpose
+    channel: Channel
+    address: str
+    step: int
+    round: int
+    provider_id: str
+
+
+def queue_pages(
+    conn: Conn, pages: list[NewPage], now: datetime, *, recorded: Collection[Channel] = ()
+) -> list[RecordedPage]:
+    """A step's pages, in one statement; a page already queued (same key) is left as it is.
+
+    A page on a channel of ``recorded`` is written as sent, now: the console's "sending"
+    is this row (alerts/notifiers/console.py), so it needs no claim, lease and settle
+    of its own (three transactions per incident in a mass event). It is written in the
+    step's transaction, which holds the incident's lock, so no acknowledgement can
+    commit between the step and it. Returns those pages, for the caller's timeline.
+    """
     if not pages:
-        return
-    conn.cursor().executemany(
+        return []
+    rows = conn.execute(
         """
-        INSERT INTO notification_attempts (incident_id, action_id, purpose, round, step,
-            recipient_kind, recipient_id, address, channel, attempt, state, created_at)
-        VALUES (%s, %s, %s, %s, %s, %s, %s, %s, %s, 1, %s, %s)
+        INSERT INTO notification_attempts (id, incident_id, action_id, purpose, round, step,
+            recipient_kind, recipient_id, address, channel, attempt, state, created_at,
+            sends, sent_at, provider_id, updated_at)
+        OVERRIDING SYSTEM VALUE
+        SELECT n.id, n.incident_id, n.action_id, n.purpose, n.round, n.step, n.recipient_kind,
+               n.recipient_id, n.address, n.channel, 1,
+               CASE WHEN n.recorded THEN %(sent)s ELSE %(pending)s END, %(now)s,
+               CASE WHEN n.recorded THEN 1 ELSE 0 END, CASE WHEN n.recorded THEN %(now)s END,
+               CASE WHEN n.recorded THEN n.channel || '-' || n.id END, %(now)s
+        FROM (SELECT nextval(pg_get_serial_sequence('notification_attempts', 'id')) AS id, p.*
+              FROM unnest(%(incident)s::bigint[], %(action)s::bigint[], %(purpose)s::text[], %(round)s::int[],
+                          %(step)s::int[], %(kind)s::text[], %(recipient)s::text[], %(address)s::text[],
+                          %(channel)s::text[], %(recorded)s::bool[])
+                   AS p(incident_id, action_id, purpose, round, step, recipient_kind, recipient_id, address,
+                        channel, recorded)) n
         ON CONFLICT DO NOTHING
+        RETURNING id, incident_id, purpose, channel, address, step, round, provider_id, state
         """,
-        [
-            (
-                p.incident_id,
-                p.action_id,
-                p.purpose.value,
-                p.round,
-                p.step,
-                p.recipient_kind,
-                p.recipient_id,
-                p.address,
-                p.channel.value,
-                AttemptState.PENDING.value,
-                now,
-            )
-            for p in pages
-        ],
-    )
+        {
+            "incident": [p.incident_id for p in pages],
+            "action": [p.action_id for p in pages],
+            "purpose": [p.purpose.value for p in pages],
+            "round": [p.round for p in pages],
+            "step": [p.step for p in pages],
+            "kind": [p.recipient_kind for p in pages],
+            "recipient": [p.recipient_id for p in pages],
+            "address": [p.address for p in pages],
+            "channel": [p.channel.value for p in pages],
+            "recorded": [p.channel in recorded and p.purpose is AttemptPurpose.PAGE for p in pages],
+            "sent": AttemptState.SENT.value,
+            "pending": AttemptState.PENDING.value,
+            "now": now,
+        },
+    ).fetchall()
+    recorded_pages = [
+        RecordedPage(int(i), int(incident), AttemptPurpose(purpose), Channel(channel), address, step, round_, sid)
+        for i, incident, purpose, channel, address, step, round_, sid, state in rows
+        if state == AttemptState.SENT
+    ]
+    for page in recorded_pages:
+        ATTEMPTS.labels(page.channel.value, page.purpose.value, SendOutcome.SENT.value).inc()
+    return recorded_pages
 
 
 def queue_notice(

@@ -30,7 +30,7 @@ from prometheus_client import Counter, Histogram
 from psycopg.rows import class_row
 from psycopg.types.json import Jsonb
 
-from alerts.attempts import NewPage, queue_pages
+from alerts.attempts import NewPage, RecordedPage, queue_pages
 from alerts.policy import PolicySnapshot
 from alerts.recipients import Recipient, Rosters
 from alerts.states import ACTIVE, OPEN_SQL, ActionKind, ActionState, IncidentState
@@ -190,12 +190,17 @@ class IncidentView:
 
 @dataclass(frozen=True, slots=True)
 class Pager:
-    """What a router can page with: who it is, the rosters' zone, its channels, whether a platform is set."""
+    """What a router can page with: who it is, the rosters' zone, its channels, whether a platform is set.
+
+    ``recorded``: channels whose pages are recorded as sent with the step, not sent by
+    a sender (the console's: its "sending" is the row, alerts/notifiers/console.py).
+    """
 
     worker: str
     zone: ZoneInfo
     channels: Collection[Channel]
     platform: bool
+    recorded: frozenset[Channel] = frozenset()
 
 
 def claim_due(conn: Conn, now: datetime, limit: int) -> list[DueAction]:
@@ -247,10 +252,12 @@ def _lock_incidents(conn: Conn, incident_ids: list[int]) -> dict[int, IncidentVi
 class _Batch:
     """The rows one batch of actions writes, gathered so they go out in a few statements."""
 
-    def __init__(self, now: datetime, actor: str) -> None:
+    def __init__(self, now: datetime, actor: str, recorded: frozenset[Channel] = frozenset()) -> None:
         self.now = now
         self.actor = actor
+        self.recorded = recorded
         self.pages: list[NewPage] = []
+        self.recorded_pages: list[RecordedPage] = []
         self.retired: list[tuple[int, str]] = []
         self.events: list[tuple[Any, ...]] = []
         self.scheduled: list[tuple[Any, ...]] = []
@@ -270,7 +277,7 @@ class _Batch:
                 "UPDATE incidents SET state = %s, updated_at = %s WHERE id = ANY(%s) AND state = %s",
                 (IncidentState.UNREACHED, self.now, self.unreached, IncidentState.OPEN),
             )
-        queue_pages(conn, self.pages, self.now)
+        self.recorded_pages = queue_pages(conn, self.pages, self.now, recorded=self.recorded)
         if self.retired:
             conn.execute(
                 """
@@ -282,6 +289,22 @@ class _Batch:
 
     def flush_rest(self, conn: Conn) -> None:
         """The timeline entries, in the order they were decided, and the next actions."""
+        for page in self.recorded_pages:
+            # What settling a sent attempt writes (alerts/attempts.py, settle), for a recorded page.
+            self.event(
+                page.incident_id,
+                "attempt_sent",
+                {
+                    "purpose": page.purpose.value,
+                    "channel": page.channel.value,
+                    "to": page.address,
+                    "step": page.step,
+                    "round": page.round,
+                    "attempt_id": page.id,
+                    "provider_id": page.provider_id,
+                    "error": None,
+                },
+            )
         if self.events:
             # add_event's row, many at once (alerts/timeline.py).
             conn.cursor().executemany(
@@ -323,7 +346,7 @@ def run_due(conn: Conn, actions: list[DueAction], now: datetime, pager: Pager) -
         decided.append((action, incident, decide(incident.snapshot, state, now)))
     rosters = Rosters(conn, now, pager.zone)
     rosters.prepare([(d.target, i.resident_id, i.area_id) for _a, i, d in decided if d.target is not None])
-    batch = _Batch(now, pager.worker)
+    batch = _Batch(now, pager.worker, pager.recorded)
     exhausted: list[tuple[IncidentView, DueAction, Decision]] = []
     for action, incident, decision in decided:
         batch.retired.append((action.id, decision.retire_as.value))

@@ -18,9 +18,9 @@ from psycopg.types.json import Jsonb
 
 from alerts.acknowledge import Result, cancel_from_device, repage_acknowledger
 from alerts.escalation import schedule_first_step
-from alerts.policy import default_unregistered_policy, resolve_policy
+from alerts.policy import PolicySnapshot, default_unregistered_policy, resolve_policy
 from alerts.states import OPEN_SQL, IncidentState
-from alerts.timeline import add_event, wake_routers
+from alerts.timeline import add_event, add_events, wake_routers
 from devices.kinds import IncidentKind, Severity
 from shouhu.db import Conn
 from shouhu.settings import DEFAULT_CANCEL_WINDOW_S
@@ -61,8 +61,17 @@ class Alarm:
 
 @dataclass(frozen=True, slots=True)
 class AlarmOutcome:
+    """What storing an alarm did; an opened or joined incident's code and state as its
+    statement returned them (the receipt needs no query of its own)."""
+
     result: AlarmResult
     incident_id: int | None
+    code: str | None = None
+    state: IncidentState | None = None
+
+
+# A group of alarms stored in one transaction resolves each (kind, area) policy once.
+PolicyCache = dict[tuple[IncidentKind, str | None, int], PolicySnapshot]
 
 
 def _ledger(conn: Conn, alarm: Alarm, channel: str) -> str | None:
@@ -102,8 +111,8 @@ def draw_code() -> str:
     return "".join(secrets.choice(CODE_ALPHABET) for _ in range(CODE_LENGTH))
 
 
-def _insert_incident(conn: Conn, values: dict[str, Any]) -> int | None:
-    """Insert an open red incident; None when the resident (or device) already has one."""
+def _insert_incident(conn: Conn, values: dict[str, Any]) -> tuple[int, str] | None:
+    """Insert an open red incident: its id and code; None when the resident (or device) already has one."""
     conflict = (
         # Word for word the partial unique indexes' predicates (a parameter cannot stand in).
         f"(resident_id) WHERE severity = 'red' AND state IN {OPEN_SQL} AND resident_id IS NOT NULL"
@@ -121,16 +130,16 @@ def _insert_incident(conn: Conn, values: dict[str, Any]) -> int | None:
                     VALUES (%(code)s, %(kind)s, 'red', %(resident_id)s, %(device_id)s, %(area_id)s,
                         %(opened_at)s, %(unreadable)s, %(snapshot)s, %(lat)s, %(lon)s)
                     ON CONFLICT {conflict} DO NOTHING
-                    RETURNING id
+                    RETURNING id, code
                     """,
                     {**values, "code": code},
                 ).fetchone()
         except psycopg.errors.UniqueViolation:
             continue  # the random code collided; draw another
-        return int(row[0]) if row else None
+        return (int(row[0]), str(row[1])) if row else None
 
 
-def _join(conn: Conn, alarm: Alarm, resident_id: str | None) -> tuple[int, IncidentState, str | None] | None:
+def _join(conn: Conn, alarm: Alarm, resident_id: str | None) -> tuple[int, IncidentState, str | None, str] | None:
     column, value = ("resident_id", resident_id) if resident_id else ("device_id", alarm.device_id)
     kind_filter = "" if resident_id else " AND kind = 'sos_unregistered'"
     row = conn.execute(
@@ -138,21 +147,28 @@ def _join(conn: Conn, alarm: Alarm, resident_id: str | None) -> tuple[int, Incid
         UPDATE incidents SET urgency = urgency + 1, updated_at = %s
         WHERE {column} = %s AND severity = 'red' AND state IN {OPEN_SQL}
         {kind_filter}
-        RETURNING id, state, acknowledged_by
+        RETURNING id, state, acknowledged_by, code
         """,
         (alarm.received_at, value),
     ).fetchone()
-    return (int(row[0]), IncidentState(row[1]), row[2]) if row else None
+    return (int(row[0]), IncidentState(row[1]), row[2], str(row[3])) if row else None
 
 
 def record_alarm(
-    conn: Conn, alarm: Alarm, *, ack_timeout_s: int, hub_id: str, cancel_window_s: int = DEFAULT_CANCEL_WINDOW_S
+    conn: Conn,
+    alarm: Alarm,
+    *,
+    ack_timeout_s: int,
+    hub_id: str,
+    cancel_window_s: int = DEFAULT_CANCEL_WINDOW_S,
+    policies: PolicyCache | None = None,
 ) -> AlarmOutcome:
     """Store one alarm: ledger, then open or join the red incident, then its first step.
 
     Runs in the caller's transaction. A press or fall whose resident already has an
     open red incident joins it (raising its urgency); otherwise it opens one with a
-    frozen policy snapshot and a step-0 action due at once.
+    frozen policy snapshot and a step-0 action due at once. ``policies``: the policies
+    already resolved in this transaction (a group of alarms reads each area's once).
     """
     key = _ledger(conn, alarm, alarm.kind.value)
     if key is None:
@@ -190,8 +206,13 @@ def record_alarm(
         cancelled = AlarmResult.CANCELLED if result is Result.DONE else AlarmResult.CANCEL_REFUSED
         return AlarmOutcome(cancelled, joined[0])
     for _ in range(3):
-        snapshot = resolve_policy(conn, kind, area_id, ack_timeout_s)
-        incident_id = _insert_incident(
+        policy_key = (kind, area_id, ack_timeout_s)
+        snapshot = policies.get(policy_key) if policies is not None else None
+        if snapshot is None:
+            snapshot = resolve_policy(conn, kind, area_id, ack_timeout_s)
+            if policies is not None:
+                policies[policy_key] = snapshot
+        opened = _insert_incident(
             conn,
             {
                 "kind": kind.value,
@@ -205,22 +226,27 @@ def record_alarm(
                 "lon": alarm.lon,
             },
         )
-        if incident_id is not None:
-            add_event(
+        if opened is not None:
+            incident_id, code = opened
+            add_events(
                 conn,
-                incident_id,
-                alarm.received_at,
-                "opened",
-                alarm.device_id,
-                {"kind": kind.value, "severity": Severity.RED.value, "policy": snapshot.policy_id},
+                [
+                    (
+                        incident_id,
+                        alarm.received_at,
+                        "opened",
+                        alarm.device_id,
+                        {"kind": kind.value, "severity": Severity.RED.value, "policy": snapshot.policy_id},
+                    ),
+                    (incident_id, alarm.received_at, "stored", hub_id, message_detail),
+                ],
             )
-            add_event(conn, incident_id, alarm.received_at, "stored", hub_id, message_detail)
             schedule_first_step(conn, incident_id, alarm.received_at)
             wake_routers(conn, str(incident_id))
-            return AlarmOutcome(AlarmResult.OPENED, incident_id)
+            return AlarmOutcome(AlarmResult.OPENED, incident_id, code, IncidentState.OPEN)
         joined_row = _join(conn, alarm, resident_id)
         if joined_row is not None:
-            incident_id, state, acknowledged_by = joined_row
+            incident_id, state, acknowledged_by, code = joined_row
             cause = add_event(
                 conn,
                 incident_id,
@@ -232,7 +258,7 @@ def record_alarm(
             if state is IncidentState.ACKNOWLEDGED:
                 # Pressed again after someone took it: that person hears about it now.
                 repage_acknowledger(conn, incident_id, cause, alarm.received_at)
-            return AlarmOutcome(AlarmResult.JOINED, incident_id)
+            return AlarmOutcome(AlarmResult.JOINED, incident_id, code, state)
         # The open incident closed between our insert and update: try again.
     raise RuntimeError(f"could not open or join an incident for {alarm.device_id}")
 
@@ -245,7 +271,7 @@ def open_fallback_incident(conn: Conn, device_id: str, received_at: datetime, *,
     so that whatever broke the normal path is unlikely to break this one too.
     """
     snapshot = default_unregistered_policy(ack_timeout_s)
-    incident_id = _insert_incident(
+    opened = _insert_incident(
         conn,
         {
             "kind": IncidentKind.SOS_UNREGISTERED.value,
@@ -259,8 +285,9 @@ def open_fallback_incident(conn: Conn, device_id: str, received_at: datetime, *,
             "lon": None,
         },
     )
-    if incident_id is None:
+    if opened is None:
         return None  # one is already open for this device: it is escalating
+    incident_id = opened[0]
     add_event(
         conn,
         incident_id,

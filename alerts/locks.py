@@ -4,7 +4,8 @@ Every transaction that writes an incident's actions, attempts or timeline locks 
 incident row first, through :func:`lock_incident` (or :func:`lock_incidents`, in id
 order, for several). Rows of ``escalation_actions`` come next, then
 ``notification_attempts``. Because the incident is always taken first and
-``FOR UPDATE`` (or ``FOR SHARE`` by a sender's claim), the key-share lock an insert
+``FOR UPDATE`` (or ``FOR SHARE`` by a sender's claim and by settling a send the
+provider accepted), the key-share lock an insert
 into a child table takes on the incident never has to be upgraded under another
 transaction's, which is how "deadlock detected … relation incidents" happened.
 

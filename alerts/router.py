@@ -101,7 +101,11 @@ class Router:
         self._wakeups: list[threading.Event] = []
         self._last_sweep = float("-inf")
         self._pager = escalation.Pager(
-            config.router_id, config.zone, self.dispatcher.channels(), self.dispatcher.platform is not None
+            config.router_id,
+            config.zone,
+            self.dispatcher.channels(),
+            self.dispatcher.platform is not None,
+            self.dispatcher.recorded_channels(),
         )
 
     # -- connections -----------------------------------------------------------

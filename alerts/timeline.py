@@ -47,6 +47,20 @@ def add_event(
     return int(row[0])
 
 
+Event = tuple[int, datetime, str, str | None, dict[str, Any]]  # incident, at, event, actor, detail
+
+
+def add_events(conn: psycopg.Connection[Any], events: list[Event]) -> None:
+    """:func:`add_event` for several (incident, at, event, actor, detail), in one statement, in order."""
+    if not events:
+        return
+    values = ", ".join(["(%s, %s, %s, %s, %s)"] * len(events))
+    conn.execute(
+        f"INSERT INTO incident_events (incident_id, at, event, actor, detail) VALUES {values}",
+        [v for incident_id, at, event, actor, detail in events for v in (incident_id, at, event, actor, Jsonb(detail))],
+    )
+
+
 def strip_personal(conn: psycopg.Connection[Any], incident_ids: list[int]) -> int:
     """Remove :data:`PERSONAL_KEYS` from the incidents' timeline entries and mask numbers in
     an entry's ``error`` (a provider's); returns how many changed.

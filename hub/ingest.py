@@ -18,7 +18,7 @@ from typing import TypeGuard, TypeVar
 
 import psycopg
 
-from alerts.incidents import Alarm, AlarmResult, open_fallback_incident, record_alarm
+from alerts.incidents import Alarm, AlarmOutcome, AlarmResult, PolicyCache, open_fallback_incident, record_alarm
 from devices.contract import (
     ALARM_CHANNELS,
     DeviceMessage,
@@ -116,7 +116,12 @@ def _alarm_from(message: Received, parsed: DeviceMessage | Rejected, topic: Topi
 
 
 def _store_alarm(
-    conn: Conn, message: Received, parsed: DeviceMessage | Rejected, topic: Topic, config: IngestConfig
+    conn: Conn,
+    message: Received,
+    parsed: DeviceMessage | Rejected,
+    topic: Topic,
+    config: IngestConfig,
+    policies: PolicyCache | None = None,
 ) -> AlarmReceipt:
     if isinstance(parsed, Rejected):
         # Kept for forensics too; the page goes out regardless (DESIGN.md exception).
@@ -127,15 +132,21 @@ def _store_alarm(
         ack_timeout_s=config.ack_timeout_s,
         hub_id=config.hub_id,
         cancel_window_s=config.cancel_window_s,
+        policies=policies,
     )
     metrics.ALARMS.labels(outcome.result.value).inc()
     if outcome.result is AlarmResult.OPENED:
         log.warning("red incident %s opened by %s on %s", outcome.incident_id, topic.device_id, topic.channel)
-    return _receipt(conn, topic.device_id, parsed, outcome.incident_id)
+    return _receipt(conn, topic.device_id, parsed, outcome)
 
 
-def _receipt(conn: Conn, device_id: str, parsed: DeviceMessage | Rejected, incident_id: int | None) -> AlarmReceipt:
+def _receipt(conn: Conn, device_id: str, parsed: DeviceMessage | Rejected, outcome: AlarmOutcome) -> AlarmReceipt:
     """The incident this alarm opened or joined; for a redelivery, the device's newest."""
+    msg_id = parsed.payload.msg_id if isinstance(parsed, DeviceMessage) else None
+    if outcome.code is not None and outcome.state is not None:
+        # Opened or joined: its statement returned the code and state (no query of its own).
+        return AlarmReceipt(device_id, msg_id, outcome.code, outcome.state.value)
+    incident_id = outcome.incident_id
     if incident_id is not None:
         row = conn.execute("SELECT code, state FROM incidents WHERE id = %s", (incident_id,)).fetchone()
     else:
@@ -143,7 +154,6 @@ def _receipt(conn: Conn, device_id: str, parsed: DeviceMessage | Rejected, incid
             "SELECT code, state FROM incidents WHERE device_id = %s ORDER BY opened_at DESC, id DESC LIMIT 1",
             (device_id,),
         ).fetchone()
-    msg_id = parsed.payload.msg_id if isinstance(parsed, DeviceMessage) else None
     return AlarmReceipt(device_id, msg_id, row[0] if row else None, row[1] if row else None)
 
 
@@ -159,18 +169,23 @@ def _pages(parsed: DeviceMessage | StatusMessage | Rejected, topic: Topic) -> Ty
 
 
 def store_message(
-    conn: Conn, message: Received, config: IngestConfig, record_sightings: SightingSink | None = None
+    conn: Conn,
+    message: Received,
+    config: IngestConfig,
+    record_sightings: SightingSink | None = None,
+    policies: PolicyCache | None = None,
 ) -> AlarmReceipt | None:
     """Store one message in the caller's transaction; bad input is dead-lettered.
 
     An alarm opens or joins its incident and returns the receipt to publish after
-    the commit; anything else is a batch of one.
+    the commit; anything else is a batch of one. ``policies``: escalation policies
+    already resolved in this transaction (a group of alarms, ``Writer.store_group``).
     """
     parsed = parse_message(message.topic, message.payload)
     topic = parsed.topic
     if topic is not None and _pages(parsed, topic):
         metrics.MESSAGES_RECEIVED.labels(topic.channel.value).inc()
-        receipt = _store_alarm(conn, message, parsed, topic, config)
+        receipt = _store_alarm(conn, message, parsed, topic, config, policies)
         if record_sightings is not None and not message.retain:
             # A press proves the wristband alive too (when it is registered).
             registered = conn.execute(
@@ -363,11 +378,14 @@ class Writer:
         def work(conn: Conn) -> list[AlarmReceipt | None]:
             alone.clear()
             receipts: list[AlarmReceipt | None] = []
+            # Each area's escalation policy read once per group, not once per alarm.
+            policies: PolicyCache = {}
             for index, message in enumerate(messages):
                 try:
                     with conn.transaction():
                         # Liveness once for the whole group, below: it is a third of an alarm's cost.
-                        receipts.append(store_message(conn, message, self.config, None))
+                        receipt = store_message(conn, message, self.config, None, policies)
+                    receipts.append(receipt)
                 except psycopg.OperationalError:
                     raise
                 except Exception:

@@ -13,7 +13,7 @@ import psycopg
 from prometheus_client import REGISTRY
 
 from hub.batch import prepare_staging
-from hub.ingest import IngestConfig, Writer, store_message
+from hub.ingest import STORE_ALONE, AlarmReceipt, IngestConfig, Writer, store_message
 from hub.mqtt import Received
 from hub.sightings import Sighting
 
@@ -97,3 +97,32 @@ def test_an_alarm_that_cannot_be_stored_normally_still_pages_the_county(county_u
     assert incidents == [("sos_unregistered", "wb-0040", "county", "open")]
     assert actions == [(0, "pending")]
     assert letters == [("store_failed",)]
+
+
+def test_a_group_member_that_fails_comes_back_to_be_stored_alone_and_the_others_keep_their_places(
+    county_url: str,
+) -> None:
+    with psycopg.connect(county_url) as conn:
+        rows = conn.execute(
+            "SELECT DISTINCT ON (r.grid_id) d.id, r.id, r.grid_id FROM devices d"
+            " JOIN residents r ON r.id = d.resident_id WHERE d.kind = 'wristband' ORDER BY r.grid_id, d.id LIMIT 3"
+        ).fetchall()
+        assert len(rows) == 3, "the demo county has wristbands in three grids"
+        # A policy the registry should never hold (a step with no target) breaks the middle one's grid.
+        conn.execute(
+            "INSERT INTO escalation_policies (id, kind, area_id, steps) VALUES ('broken', 'sos', %s, %s)",
+            (rows[1][2], json.dumps([{"channels": ["voice"]}])),
+        )
+    group = [received(f"shouhu/v1/wristband/{device}/sos", {"action": "press"}) for device, _r, _g in rows]
+    writer = Writer(county_url, IngestConfig("t", 120))
+    try:
+        results = writer.store_group(group)
+    finally:
+        writer.close()
+    assert results[1] is STORE_ALONE
+    with psycopg.connect(county_url) as conn:
+        stored: dict[str, str] = dict(conn.execute("SELECT resident_id, code FROM incidents").fetchall())
+    assert set(stored) == {rows[0][1], rows[2][1]}
+    for (device, resident, _grid), result in zip([rows[0], rows[2]], [results[0], results[2]], strict=True):
+        assert isinstance(result, AlarmReceipt)
+        assert (result.device_id, result.incident_code, result.state) == (device, stored[resident], "open")

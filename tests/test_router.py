@@ -11,9 +11,11 @@ import httpx
 import psycopg
 import pytest
 
+from alerts.attempts import LEASE_S, claim, settle
+from alerts.notifiers.base import SendOutcome, SendResult
 from alerts.recipients import Rosters, shift_covers
 from alerts.router import PRESS_TO_FIRST_REQUEST
-from devices.kinds import EscalationTarget
+from devices.kinds import Channel, EscalationTarget
 from tests.support.escalation import (
     DAY,
     NIGHT,
@@ -463,3 +465,42 @@ def test_two_routers_over_several_steps_run_each_action_once(county_url: str, ph
     sids = [c["sid"] for c in calls(phone_network)] + [m["sid"] for m in messages(phone_network)]
     assert len(sids) == phone_attempts
     assert len(set(sids)) == len(sids)
+
+
+def test_a_result_after_the_lease_was_taken_over_is_logged_late_not_recorded(
+    county_url: str, phone_network: str
+) -> None:
+    device, _grid, _resident = wristband_in(county_url, night_covered=False)
+    incident = press(county_url, device, DAY)
+    make_router(county_url, phone_network, Clock(DAY)).run_due_steps()
+    later = DAY + timedelta(seconds=LEASE_S + 1)
+    with psycopg.connect(county_url) as conn:
+        with conn.transaction():
+            [lost] = claim(conn, (Channel.VOICE,), DAY, "r-old")
+        with conn.transaction():
+            [taken] = claim(conn, (Channel.VOICE,), later, "r-new")
+        assert (taken.attempt_id, taken.sends) == (lost.attempt_id, 2)
+        with conn.transaction():
+            assert settle(conn, lost, SendResult(SendOutcome.SENT, provider_id="CA-old"), later, "r-old", {}) is None
+        with conn.transaction():
+            result = SendResult(SendOutcome.SENT, provider_id="CA-new")
+            assert settle(conn, taken, result, later, "r-new", {"channel": "voice"}) == "sent"
+    assert q(
+        county_url, "SELECT state, provider_id, leased_by FROM notification_attempts WHERE id = %s", lost.attempt_id
+    ) == [("sent", "CA-new", None)]
+    events = q(
+        county_url,
+        "SELECT event, actor, detail FROM incident_events WHERE incident_id = %s"
+        " AND (detail->>'attempt_id')::bigint = %s ORDER BY id",
+        incident,
+        lost.attempt_id,
+    )
+    assert events == [
+        ("attempt_resent", "r-new", {"attempt_id": lost.attempt_id, "sends": 2}),
+        ("attempt_result_late", "r-old", {"attempt_id": lost.attempt_id, "outcome": "sent", "provider_id": "CA-old"}),
+        (
+            "attempt_sent",
+            "r-new",
+            {"channel": "voice", "attempt_id": lost.attempt_id, "provider_id": "CA-new", "error": None},
+        ),
+    ]
