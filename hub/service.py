@@ -63,10 +63,15 @@ STATUS_INBOX_SIZE = 50_000
 BULK_INBOX_SIZE = 5_000
 BATCH_MAX = 500
 # Bulk lanes, each with its own database connection, taking batches from the one bulk
-# inbox (PUBACKs may then go out of order, as MQTT allows). One: a second lane drained
-# a backlog faster but kept the interpreter so busy that an SOS under 5,500 msg/s of
-# telemetry took 200 ms and more to commit (docs/BENCHMARKS.md, issue 19). Alarms first.
-BULK_LANES = 1
+# inbox (PUBACKs may then go out of order, as MQTT allows): while one waits for
+# PostgreSQL the other parses. Two drain a backlog half again as fast as one, and
+# alarms stay first because a batch waits for the alarm lane to be idle (below);
+# without that wait, two lanes put an SOS at 5,500 msg/s behind a second of telemetry
+# (docs/BENCHMARKS.md, issue 19).
+BULK_LANES = 2
+# A bulk batch waits at most this long for the alarm lane (a lane stuck in an outage
+# must not stop telemetry for good).
+ALARM_YIELD_MAX_S = 1.0
 # How long a thread may hold the interpreter before another that waits gets it (Python's
 # default is 5 ms). The alarm lane waits for it after each of its statements; with the
 # network threads and the bulk lane busy, 5 ms a statement is most of an SOS's budget.
@@ -144,6 +149,9 @@ class Hub:
         self._share_seen = threading.Event()
         # The lanes run until the drain after stop() is done, not until stop() itself.
         self._lanes_done = threading.Event()
+        # Clear while an alarm waits or is being stored: the bulk lanes hold their next batch.
+        self._alarms_idle = threading.Event()
+        self._alarms_idle.set()
         self._lanes: list[threading.Thread] = []
         self._failure: str | None = None
         self._database_ok = False
@@ -165,6 +173,7 @@ class Hub:
             self.status_inbox.put(message)
         else:
             self.alarm_inbox.put(message)
+            self._alarms_idle.clear()
 
     def _deliver_bulk(self, message: Received) -> None:
         if on_alarm_connection(message.topic) or is_outbound(message.topic):
@@ -378,11 +387,16 @@ class Hub:
                 if statuses:
                     self._store_statuses(statuses)
                 continue
-            waiting = _take(self.alarm_inbox, ALARM_GROUP_MAX - 1)
-            if waiting:
-                self._handle_alarms([message, *waiting])
-            else:
-                self._handle_alarm(message)
+            self._alarms_idle.clear()
+            try:
+                waiting = _take(self.alarm_inbox, ALARM_GROUP_MAX - 1)
+                if waiting:
+                    self._handle_alarms([message, *waiting])
+                else:
+                    self._handle_alarm(message)
+            finally:
+                if self.alarm_inbox.empty():
+                    self._alarms_idle.set()
 
     def _handle_alarms(self, messages: list[Received]) -> None:
         """Several alarms at once (a mass event): one transaction, then receipts and acks."""
@@ -545,6 +559,9 @@ class Hub:
                     self._share_seen.set()
                 batch = [m for m in batch if m.topic != share_probe_topic(self.hub_id)]
             if batch:
+                # Alarms first: a batch waits for the alarm lane to be done, so that the
+                # bulk lanes do not keep the interpreter and the database from it.
+                self._alarms_idle.wait(ALARM_YIELD_MAX_S)
                 writer.store_batch(batch)
             self.connection.ack_all((*batch, *probes))
 
