@@ -395,15 +395,15 @@ def test_detail_carries_the_timeline_in_time_order(
         ("opened", "W-A"),
         ("stored", "t"),
         ("step_started", "r1"),
+        ("attempt_sent", "r1"),  # the console page, written as sent with its step (issue 13)
         ("attempt_failed", "r1"),
         ("retry_scheduled", None),  # a busy line is tried again after the backoff
-        ("attempt_sent", "r1"),
         ("attempt_sent", "r1"),
         ("joined", "W-A"),
     ]
     stamps = [when(e["at"]) for e in timeline]
     assert stamps == [T0, T0] + [T0 + timedelta(seconds=5)] * 5 + [T0 + timedelta(seconds=10)]
-    opened, stored, step, failed, retry, sms, console, joined = (e["detail"] for e in timeline)
+    opened, stored, step, console, failed, retry, sms, joined = (e["detail"] for e in timeline)
     assert (retry["channel"], retry["try"]) == ("voice", 2)
     assert opened == {"kind": "sos", "severity": "red", "policy": "built-in"}
     assert (stored["msg_id"], stored["hub_id"], stored["device_id"]) == ("m1", "t", "W-A")
