@@ -172,8 +172,10 @@ class Hub:
         if message.topic.endswith("/status"):
             self.status_inbox.put(message)
         else:
-            self.alarm_inbox.put(message)
+            # Cleared before the put: cleared after, it could follow the lane's "done"
+            # for this very alarm and hold every bulk batch back until the next one.
             self._alarms_idle.clear()
+            self.alarm_inbox.put(message)
 
     def _deliver_bulk(self, message: Received) -> None:
         if on_alarm_connection(message.topic) or is_outbound(message.topic):
