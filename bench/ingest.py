@@ -17,8 +17,11 @@ consumed — counted in the bare subscriber's process, or committed rows in
   broker's default max_inflight_messages (20) bounds its QoS 1 delivery;
 - the same, MQTT 5 with Receive Maximum 5,000 — what the hub's CONNECT sets.
   The faster of the two is the "bare ceiling" the hubs are compared with;
-- one ``shouhu hub``; two ``shouhu hub`` processes (different SHOUHU_HUB_ID) sharing
-  ``$share/shouhu/…``, both subscribed before the backlog is published.
+- one ``shouhu hub``; one ``shouhu hub --workers N`` (``--workers``, default 2: the
+  hub and N − 1 bulk worker processes on its shared subscription, one process tree);
+  two ``shouhu hub`` processes (different SHOUHU_HUB_ID) sharing ``$share/shouhu/…``,
+  all subscribed before the backlog is published. A hub's CPU and memory are its
+  whole process tree's.
 
 SOS latency under load. One fresh hub runs; the same publisher, paced every 10 ms,
 sends telemetry at a steady rate (default 5,500 msg/s) and prints the rate it
@@ -37,8 +40,9 @@ A hub's drain is observed through the ledger's ``received_at`` index every 50 ms
 ``count(*)`` of ``telemetry`` every 20 ms took a fifth of a core from the hub) and ends
 at the last telemetry commit's timestamp (``track_commit_timestamp`` is turned on).
 CPU µs per message is printed for the consumer, the broker and, for hubs, PostgreSQL.
-Then a kill -9 check at full speed: a hub SIGKILLed halfway through a backlog and
-started again must store every message exactly once. ``--ledger-keys N`` fills the
+Then a kill -9 check at full speed: a hub (``--workers N``) SIGKILLed halfway through
+a backlog and started again at once must store every message exactly once. The
+big-ledger drain and the SOS runs use ``--workers N`` too. ``--ledger-keys N`` fills the
 ledger to N old keys and drains with one hub again (its cost as the ledger grows);
 ``--no-sos`` and ``--no-two-hubs`` skip those runs.
 
@@ -73,6 +77,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from hub.mqtt import alarm_client_id
+from hub.workers import REPORT_EVERY_S, bulk_client_id
 from shouhu.embedded.postgres import create_database, free_port, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
 from simulators.wristband import alarm_payload, publish_raw
@@ -342,11 +347,11 @@ class Stack:
     peak_rss: dict[str, int] = field(default_factory=dict)
     started: list[ShouhuProcess] = field(default_factory=list)
 
-    def hub(self, hub_id: str, *, wait_ready: bool) -> tuple[ShouhuProcess, int]:
+    def hub(self, hub_id: str, *, wait_ready: bool, workers: int = 1) -> tuple[ShouhuProcess, int]:
         port = free_port()
         env = {**self.env, "SHOUHU_HUB_ID": hub_id, "SHOUHU_METRICS_PORT": str(port)}
         ready = f"http://127.0.0.1:{port}/readyz" if wait_ready else None
-        process = ShouhuProcess(["hub"], env, ready_url=ready)
+        process = ShouhuProcess(["hub", "--workers", str(workers)], env, ready_url=ready)
         self.started.append(process)  # before start(): its log directory is removed at the end
         return process.start(timeout=60), port
 
@@ -355,11 +360,33 @@ class Stack:
         return int(row[0]) if row else 0
 
     def sample_rss(self, hubs: list[ShouhuProcess]) -> None:
+        """Peak resident memory of each hub's process tree (its workers included)."""
         for hub in hubs:
             if hub.process is not None and hub.process.poll() is None:
-                rss = psutil.Process(hub.process.pid).memory_info().rss
+                rss = 0
+                for process in hub_tree(hub):
+                    with contextlib.suppress(psutil.Error):
+                        rss += process.memory_info().rss
                 key = " ".join(hub.env["SHOUHU_HUB_ID"].split())
                 self.peak_rss[key] = max(self.peak_rss.get(key, 0), rss)
+
+
+def hub_tree(hub: ShouhuProcess) -> list[psutil.Process]:
+    """A hub process and its children (``--workers``: the bulk workers)."""
+    if hub.process is None:
+        return []
+    try:
+        parent = psutil.Process(hub.process.pid)
+        return [parent, *parent.children(recursive=True)]
+    except psutil.NoSuchProcess:
+        return []
+
+
+def kill_tree(hub: ShouhuProcess) -> None:
+    """SIGKILL the hub; its orphaned workers stop by themselves (within a second): wait for them."""
+    children = hub_tree(hub)[1:]
+    hub.kill(9)
+    psutil.wait_procs(children, timeout=30)
 
 
 METRICS = {
@@ -414,6 +441,12 @@ def last_commit(conn: psycopg.Connection[tuple[Any, ...]], since: datetime) -> d
     return committed
 
 
+def wal_written(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[int, int]:
+    """WAL bytes and full-page images written so far by the cluster (pg_stat_wal)."""
+    row = conn.execute("SELECT wal_bytes, wal_fpi FROM pg_stat_wal").fetchone()
+    return (int(row[0]), int(row[1])) if row else (0, 0)
+
+
 def lock_waiters(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     """Backends of this database waiting on a lock right now."""
     row = conn.execute(
@@ -423,28 +456,59 @@ def lock_waiters(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
 
 
 def hubs_cpu(running: list[tuple[ShouhuProcess, int]]) -> float:
-    """CPU seconds (user + system) the hub processes have used so far."""
-    return sum(sum(psutil.Process(hub.process.pid).cpu_times()[:2]) for hub, _ in running if hub.process is not None)
+    """CPU seconds (user + system) the hub processes, their workers included, have used so far."""
+    total = 0.0
+    for hub, _ in running:
+        for process in hub_tree(hub):
+            with contextlib.suppress(psutil.Error):
+                total += sum(process.cpu_times()[:2])
+    return total
 
 
-def clear_hub_sessions(broker: Mosquitto, hub_id: str) -> None:
-    """Both sessions of a hub: the bulk one (its id) and the alarm one (``<id>-alarm``)."""
+def clear_hub_sessions(broker: Mosquitto, hub_id: str, workers: int = 1) -> None:
+    """Every session of a hub: the bulk one (its id), the alarm one (``<id>-alarm``) and
+    its workers' (``<id>-bulk<k>``)."""
     clear_session(broker.port, hub_id)
     clear_session(broker.port, alarm_client_id(hub_id))
+    for number in range(2, workers + 1):
+        clear_session(broker.port, bulk_client_id(hub_id, number))
 
 
-def hub_drain(stack: Stack, count: int, hub_ids: list[str], sos_device: str | None = None) -> Drain:
+def scrape_hubs(running: list[tuple[ShouhuProcess, int]], seconds: float, workers: int) -> list[dict[str, float]]:
+    """Each hub's counters after a drain of ``seconds``, with batch size and lane busy time."""
+    if workers > 1:
+        time.sleep(REPORT_EVERY_S + 0.5)  # the workers' last counts reach the hub's /metrics
+    scraped = []
+    for _, port in running:
+        m = hub_metrics(port)
+        batches = max(m["batches"], 1.0)
+        busy = m["batch_seconds"] / seconds
+        scraped.append(
+            {**m, "size": m["batched"] / batches, "busy": busy, "per_batch": 1000 * m["batch_seconds"] / batches}
+        )
+    return scraped
+
+
+def make_sessions(stack: Stack, hub_ids: list[str], workers: int) -> None:
+    """Fresh sessions for the hubs (and their workers), subscribed, then left by a SIGKILL:
+    the sessions and their $share subscriptions stay in the broker for the backlog."""
+    for hub_id in hub_ids:
+        clear_hub_sessions(stack.broker, hub_id, workers)
+    first_run = [stack.hub(hub_id, wait_ready=True, workers=workers)[0] for hub_id in hub_ids]
+    for hub in first_run:
+        kill_tree(hub)
+
+
+def hub_drain(
+    stack: Stack, count: int, hub_ids: list[str], sos_device: str | None = None, workers: int = 1
+) -> Drain:
     """Sessions first (start, ready, SIGKILL), then the backlog, then restart and time the commits.
 
     With ``sos_device``, an SOS is pressed after the backlog is queued: the time from
     spawning the hub to its incident committed is the issue-12 measure (an SOS behind
     a telemetry backlog), reported in the drain's detail.
     """
-    for hub_id in hub_ids:
-        clear_hub_sessions(stack.broker, hub_id)
-    first_run = [stack.hub(hub_id, wait_ready=True)[0] for hub_id in hub_ids]
-    for hub in first_run:
-        hub.kill(9)  # session and its $share subscriptions stay in the broker
+    make_sessions(stack, hub_ids, workers)
     rate = publish_backlog(stack.broker.port, count)
     if sos_device is not None:
         publish_raw(stack.broker.url, f"shouhu/v1/wristband/{sos_device}/sos", alarm_payload("sos"))
@@ -454,8 +518,9 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str], sos_device: str | No
         baseline = stack.telemetry_rows(conn)
         spawned = datetime.now(UTC)
         broker_before, postgres_before = sum(broker_process.cpu_times()[:2]), postgres_cpu(stack)
+        wal_before = wal_written(conn)
         spawned_monotonic = time.monotonic()
-        running = [stack.hub(hub_id, wait_ready=False) for hub_id in hub_ids]
+        running = [stack.hub(hub_id, wait_ready=False, workers=workers) for hub_id in hub_ids]
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         cpu_at_first_row: float | None = None
         lock_samples: list[int] = []
@@ -474,30 +539,26 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str], sos_device: str | No
         finished = last_commit(conn, spawned)
         broker_cpu = sum(broker_process.cpu_times()[:2]) - broker_before
         pg_cpu = postgres_cpu(stack) - postgres_before
+        wal_bytes, wal_fpi = (after - before for after, before in zip(wal_written(conn), wal_before, strict=True))
         hub_cpu = hubs_cpu(running) - (cpu_at_first_row or 0.0)
         row = conn.execute("SELECT min(received_at) FROM telemetry WHERE received_at >= %s", (spawned,)).fetchone()
         first_received: datetime = row[0] if row and row[0] else spawned
     seconds = (finished - first_received).total_seconds()
-    scraped = []
-    for _, port in running:
-        m = hub_metrics(port)
-        batches = max(m["batches"], 1.0)
-        busy = m["batch_seconds"] / seconds
-        scraped.append(
-            {**m, "size": m["batched"] / batches, "busy": busy, "per_batch": 1000 * m["batch_seconds"] / batches}
-        )
+    scraped = scrape_hubs(running, seconds, workers)
     direct = sum("direct subscription" in hub.output() for hub, _ in running)
     for hub, _ in running:
         hub.stop()
     for hub_id in hub_ids:
-        clear_hub_sessions(stack.broker, hub_id)
+        clear_hub_sessions(stack.broker, hub_id, workers)
     name = "one shouhu hub" if len(hub_ids) == 1 else f"{len(hub_ids)} shouhu hubs sharing $share/shouhu/…"
+    name += f" --workers {workers}" if workers > 1 else ""
     detail = (
         f"spawn → first message {(first_received - spawned).total_seconds():.2f} s; "
         f"committed per hub: {joined('{stored:,.0f}', scraped)}; "
         f"mean batch {joined('{size:.0f}', scraped)} messages, bulk lane inside store_batch "
         f"{joined('{busy:.0%}', scraped)} of the window, {joined('{per_batch:.0f}', scraped)}"
-        f" ms per batch; PostgreSQL CPU {pg_cpu / seconds:.0%} of a core; a backend waiting on a row lock in"
+        f" ms per batch; PostgreSQL CPU {pg_cpu / seconds:.0%} of a core, WAL {wal_bytes / count:,.0f} bytes and"
+        f" {wal_fpi / count:.2f} full-page images per message; a backend waiting on a row lock in"
         f" {sum(1 for n in lock_samples if n) / max(len(lock_samples), 1):.0%} of {len(lock_samples)} samples"
     )
     if sos_device is not None:
@@ -531,24 +592,25 @@ def fill_ledger(url: str, keys: int) -> float:
     return time.monotonic() - started
 
 
-def kill_check(stack: Stack, count: int) -> str:
+def kill_check(stack: Stack, count: int, workers: int) -> str:
     """The hub SIGKILLed halfway through draining a backlog at full speed, then started
-    again: every message must be stored exactly once (no loss, no second row)."""
+    again at once (its orphaned workers still stopping): every message must be stored
+    exactly once (no loss, no second row)."""
     hub_id = "bench-hub-kill"
-    clear_hub_sessions(stack.broker, hub_id)
-    first, _ = stack.hub(hub_id, wait_ready=True)
-    first.kill(9)
+    clear_hub_sessions(stack.broker, hub_id, workers)
+    first, _ = stack.hub(hub_id, wait_ready=True, workers=workers)
+    kill_tree(first)
     with psycopg.connect(stack.url, autocommit=True) as conn:
         baseline = stack.telemetry_rows(conn)
         letters = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
         publish_backlog(stack.broker.port, count)
         since = datetime.now(UTC)
-        victim, _ = stack.hub(hub_id, wait_ready=False)
+        victim, _ = stack.hub(hub_id, wait_ready=False, workers=workers)
         while (rows := ledger_rows_since(conn, since)) < count // 2:
             time.sleep(0.01)
         victim.kill(9)
         at_kill = stack.telemetry_rows(conn) - baseline
-        again, _ = stack.hub(hub_id, wait_ready=False)
+        again, _ = stack.hub(hub_id, wait_ready=False, workers=workers)
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
         while stack.telemetry_rows(conn) < baseline + count and time.monotonic() < deadline:
             time.sleep(0.1)
@@ -556,10 +618,11 @@ def kill_check(stack: Stack, count: int) -> str:
         stored = stack.telemetry_rows(conn) - baseline
         ledger = ledger_rows_since(conn, since)
         letters_after = conn.execute("SELECT count(*) FROM dead_letters").fetchone()
-    clear_hub_sessions(stack.broker, hub_id)
+    clear_hub_sessions(stack.broker, hub_id, workers)
     verdict = "kept" if stored == count == ledger and letters == letters_after else "BROKEN"
     return (
-        f"kill -9 at full speed: SIGKILL after {rows:,} ledger entries ({at_kill:,} rows committed), restarted:"
+        f"kill -9 at full speed (--workers {workers}): SIGKILL after {rows:,} ledger entries"
+        f" ({at_kill:,} rows committed), restarted:"
         f" {stored:,} of {count:,} telemetry rows, {ledger:,} ledger entries, dead letters"
         f" {letters[0] if letters else 0} → {letters_after[0] if letters_after else 0}: exactly once {verdict}"
     )
@@ -577,6 +640,7 @@ class SosResult:
     committed_rate: float
     missing: int
     in_hub: float  # mean receipt by the hub's network thread → commit, alarm lane (hub's own histogram)
+    workers: int
 
 
 class IncidentWatcher(threading.Thread):
@@ -629,13 +693,15 @@ def press(stack: Stack, presses: int, spacing: float, first_wristband: int) -> t
     return published, committed_rate
 
 
-def sos_under_load(stack: Stack, presses: int, spacing: float, load_rate: float, first_wristband: int) -> SosResult:
+def sos_under_load(
+    stack: Stack, presses: int, spacing: float, load_rate: float, first_wristband: int, workers: int
+) -> SosResult:
     """Presses on wb-{first_wristband}… while the load generator runs; one fresh hub."""
     hub_id = "bench-hub-sos"
-    clear_session(stack.broker.port, hub_id)
+    clear_hub_sessions(stack.broker, hub_id, workers)
     with psycopg.connect(stack.url, autocommit=True) as conn:  # earlier presses' incidents: close them
         conn.execute("UPDATE incidents SET state = 'resolved', resolved_at = now() WHERE kind = 'sos'")
-    hub, metrics_port = stack.hub(hub_id, wait_ready=True)
+    hub, metrics_port = stack.hub(hub_id, wait_ready=True, workers=workers)
     warmup, tail = 3.0, 2.0
     duration = warmup + presses * spacing + tail
     loadgen = subprocess.Popen(
@@ -657,7 +723,7 @@ def sos_under_load(stack: Stack, presses: int, spacing: float, load_rate: float,
     latencies = [observed[d] - published[d] for d in published if d in observed]
     load: dict[str, float] = json.loads(out.strip().splitlines()[-1])
     in_hub = scraped["alarm_seconds"] / max(scraped["alarms"], 1.0)
-    return SosResult(latencies, load, load_rate, committed_rate, presses - len(latencies), in_hub)
+    return SosResult(latencies, load, load_rate, committed_rate, presses - len(latencies), in_hub, workers)
 
 
 def drain_line(drain: Drain, wall: float) -> str:
@@ -683,7 +749,7 @@ def sos_lines(sos: SosResult) -> str:
         f" worst lag behind schedule {load['worst_lag']:,.0f} messages; generator CPU {load['cpu']:.1f} s"
         f" including building the packets)\n"
         f"hub committed telemetry while the presses ran: {sos.committed_rate:,.0f} msg/s\n"
-        f"SOS press → incident committed, load {sos.target_rate:,.0f} msg/s: n={len(ms)}"
+        f"SOS press → incident committed, load {sos.target_rate:,.0f} msg/s, hub --workers {sos.workers}: n={len(ms)}"
         f" p50={statistics.median(ms):.1f} ms p99={percentile(ms, 0.99):.1f} ms max={max(ms):.1f} ms"
         f" (no incident within 15 s: {sos.missing}); of which inside the hub, receipt → commit (its alarm-lane"
         f" histogram): mean {1000 * sos.in_hub:.1f} ms"
@@ -717,22 +783,25 @@ def run(stack: Stack, args: argparse.Namespace) -> tuple[list[Drain], list[SosRe
     print(drain_line(drains[1], drains[1].seconds), flush=True)
     drains.append(hub_drain(stack, args.messages, ["bench-hub"], sos_device="wb-0240"))
     print(drain_line(drains[-1], drains[-1].seconds), flush=True)
+    if args.workers > 1:
+        drains.append(hub_drain(stack, args.messages, ["bench-hub-w"], sos_device="wb-0239", workers=args.workers))
+        print(drain_line(drains[-1], drains[-1].seconds), flush=True)
     if not args.no_two_hubs:
         drains.append(hub_drain(stack, args.messages, ["bench-hub-a", "bench-hub-b"]))
         print(drain_line(drains[-1], drains[-1].seconds), flush=True)
-    print(kill_check(stack, args.messages), flush=True)
+    print(kill_check(stack, args.messages, args.workers), flush=True)
     if args.ledger_keys:
         took = fill_ledger(url, args.ledger_keys)
         print(f"ledger filled to {args.ledger_keys:,} keys in {took:.0f} s", flush=True)
-        drains.append(hub_drain(stack, args.messages, ["bench-hub-big-ledger"]))
-        drains[-1].name = f"one shouhu hub, ledger holding {args.ledger_keys:,} keys"
+        drains.append(hub_drain(stack, args.messages, ["bench-hub-big-ledger"], workers=args.workers))
+        drains[-1].name += f", ledger holding {args.ledger_keys:,} keys"
         print(drain_line(drains[-1], drains[-1].seconds), flush=True)
     sos: list[SosResult] = []
     if not args.no_sos:
-        sos.append(sos_under_load(stack, args.presses, args.spacing, args.load_rate, 1))
+        sos.append(sos_under_load(stack, args.presses, args.spacing, args.load_rate, 1, args.workers))
         print(sos_lines(sos[0]), flush=True)
     if args.context_rate > 0 and not args.no_sos:
-        sos.append(sos_under_load(stack, args.presses, args.spacing, args.context_rate, 1))
+        sos.append(sos_under_load(stack, args.presses, args.spacing, args.context_rate, 1, args.workers))
         print(sos_lines(sos[1]), flush=True)
     return drains, sos
 
@@ -750,6 +819,12 @@ def main() -> None:
         "--ledger-keys", type=int, default=0, help="then fill the ledger to this many keys and drain with one hub again"
     )
     parser.add_argument("--no-sos", action="store_true", help="skip the SOS-under-load runs")
+    parser.add_argument(
+        "--workers",
+        type=int,
+        default=2,
+        help="shouhu hub --workers for a second one-hub drain, the kill check, the big ledger and the SOS runs",
+    )
     parser.add_argument("--no-two-hubs", action="store_true", help="skip the two-hub drain")
     args = parser.parse_args()
     started = time.monotonic()

@@ -30,6 +30,7 @@ import uuid
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from http.server import ThreadingHTTPServer
 
 import psycopg
 
@@ -53,6 +54,7 @@ from hub.mqtt import (
 from hub.retention import Periods
 from hub.spool import Reconciled, Spool, SpoolEntry
 from hub.upkeep import Upkeep
+from hub.workers import WorkerPool, WorkerSpec, alarms_idle_event, bulk_client_id, collect_batch
 from shouhu.health_server import start_health_server
 from shouhu.settings import DEFAULT_CANCEL_WINDOW_S, Settings
 
@@ -122,6 +124,11 @@ class Hub:
     spool: Spool | None = None
     # Share telemetry among hubs when the broker can (SHOUHU_HUB_SHARED); False: direct.
     share_subscriptions: bool = True
+    # Processes taking telemetry, this one included (``shouhu hub --workers N``): N − 1
+    # bulk worker processes join the shared subscription (hub/workers.py).
+    workers: int = 1
+    # The liveness window the workers' own recorders use (None: they record none).
+    worker_liveness: LivenessDefaults | None = None
 
     def __post_init__(self) -> None:
         config = IngestConfig(self.hub_id, self.ack_timeout_s, self.cancel_window_s)
@@ -149,9 +156,12 @@ class Hub:
         self._share_seen = threading.Event()
         # The lanes run until the drain after stop() is done, not until stop() itself.
         self._lanes_done = threading.Event()
-        # Clear while an alarm waits or is being stored: the bulk lanes hold their next batch.
-        self._alarms_idle = threading.Event()
+        # Clear while an alarm waits or is being stored: the bulk lanes (the workers' too)
+        # hold their next batch.
+        self._alarms_idle = alarms_idle_event(self.workers)
         self._alarms_idle.set()
+        self._pool = WorkerPool(self._worker_specs(), self._alarms_idle) if self.workers > 1 else None
+        self._pool_started = False
         self._lanes: list[threading.Thread] = []
         self._failure: str | None = None
         self._database_ok = False
@@ -191,13 +201,14 @@ class Hub:
     def run(self) -> None:
         """Serve until ``stop()``; blocks. Raises ``LaneFailed`` if a lane or a
         connection stopped working (the caller exits non-zero)."""
-        server = start_health_server(self.metrics_port, self.is_ready) if self.metrics_port is not None else None
+        server = self._serve_health()
         try:
             if self.spool is not None:
                 # Entries a crash left unpaged are paged now; pending ones are
                 # reconciled by the alarm lane before it stores anything new.
                 self.spool.page_unpaged()
                 self._database_down = bool(self.spool.pending())
+            self._spawn_workers()
             self.alarm_connection.start()
             self._start_lanes()
             # The same broker: a broker that refused MQTT 5 to the first connection
@@ -209,14 +220,8 @@ class Hub:
                 _version(self.alarm_connection),
                 _version(self.connection),
             )
-            self.connection.unsubscribe(LEGACY_BULK_SUBSCRIPTIONS)
-            self.shared = self.share_subscriptions and self._broker_shares()
-            if not self.shared:
-                # Going direct: drop a shared subscription an earlier run left in the
-                # session, or the hub would get its share of telemetry twice.
-                self.connection.unsubscribe(bulk_subscriptions(True))
-            self.connection.subscribe_extra(bulk_subscriptions(self.shared))
-            log.info("everything else under shouhu/v1/: %s subscription", "shared" if self.shared else "direct")
+            self._subscribe_bulk()
+            self._settle_workers()
             # Ready only once both connections are subscribed: the probe goes out now.
             self.alarm_connection.publish(probe_topic(self.hub_id), self._probe_token.encode())
             while not self.stopping.wait(1.0):
@@ -231,10 +236,14 @@ class Hub:
                 self._refresh_snapshot()
         finally:
             self.stopping.set()
+            if self._pool is not None and self._pool_started:
+                self._pool.request_stop(leave=self.leave and self._failure is None)
             self._drain()
             self._lanes_done.set()
             for thread in self._lanes:
                 thread.join(10)
+            if self._pool is not None and self._pool_started:
+                self._pool.join()
             if self.leave and self._failure is None:
                 self._leave()
             self.connection.stop()
@@ -248,6 +257,65 @@ class Hub:
                 server.shutdown()
         if self._failure is not None:
             raise LaneFailed(self._failure)
+
+    def _subscribe_bulk(self) -> None:
+        """Everything else under ``shouhu/v1/``: shared if the broker can, else direct."""
+        self.connection.unsubscribe(LEGACY_BULK_SUBSCRIPTIONS)
+        self.shared = self.share_subscriptions and self._broker_shares()
+        if not self.shared:
+            # Going direct: drop a shared subscription an earlier run left in the
+            # session, or the hub would get its share of telemetry twice.
+            self.connection.unsubscribe(bulk_subscriptions(True))
+        self.connection.subscribe_extra(bulk_subscriptions(self.shared))
+        log.info("everything else under shouhu/v1/: %s subscription", "shared" if self.shared else "direct")
+
+    def _serve_health(self) -> ThreadingHTTPServer | None:
+        if self.metrics_port is None:
+            return None
+        # With workers, /metrics sums their counters into the hub's own.
+        merged = self._pool.collector if self._pool is not None else None
+        return start_health_server(self.metrics_port, self.is_ready, metrics=merged)
+
+    def _worker_specs(self) -> list[WorkerSpec]:
+        return [
+            WorkerSpec(
+                number=number,
+                database_url=self.database_url,
+                mqtt_url=self.mqtt_url,
+                client_id=bulk_client_id(self.hub_id, number),
+                config=IngestConfig(self.hub_id, self.ack_timeout_s, self.cancel_window_s),
+                liveness=self.worker_liveness,
+                bulk_lanes=BULK_LANES,
+                batch_max=BATCH_MAX,
+                batch_age_s=BATCH_AGE_S,
+                inbox_size=BULK_INBOX_SIZE,
+                alarm_yield_max_s=ALARM_YIELD_MAX_S,
+                switch_interval_s=GIL_SWITCH_S,
+            )
+            for number in range(2, self.workers + 1)
+        ]
+
+    def _spawn_workers(self) -> None:
+        """Now, not once the share is confirmed: a worker's session may already hold its
+        share of a backlog, and spawning a process takes a second."""
+        if self._pool is not None and self.share_subscriptions:
+            self._pool.start()
+            self._pool_started = True
+
+    def _settle_workers(self) -> None:
+        """Without shared subscriptions the workers go, giving up their sessions (a share
+        an earlier run left there would otherwise park telemetry for them)."""
+        if self._pool is None or self.shared:
+            return
+        log.error(
+            "--workers %d needs a broker that shares subscriptions (and SHOUHU_HUB_SHARED on): the hub runs as one"
+            " process",
+            self.workers,
+        )
+        if self._pool_started:
+            self._pool.request_stop(leave=True)
+            self._pool.join()
+            self._pool_started = False
 
     def _close(self) -> None:
         """Close what the hub opened or was given to own: the writers, the spool, the upkeep."""
@@ -297,6 +365,8 @@ class Hub:
         for thread in self._lanes:
             if not thread.is_alive():
                 self._fail(f"the {thread.name} is not running")
+        if self._pool_started and self._pool is not None and (failure := self._pool.failure()) is not None:
+            self._fail(failure)
 
     def is_ready(self) -> bool:
         """``/readyz``: the probe came back, both lanes run, both connections are up with
@@ -308,6 +378,7 @@ class Hub:
             and all(thread.is_alive() for thread in self._lanes)
             and self.alarm_connection.subscribed()
             and self.connection.subscribed()
+            and (not self._pool_started or self._pool is None or self._pool.ready())
             and self._database_answers()
         )
 
@@ -569,21 +640,7 @@ class Hub:
 
     def _collect(self) -> Sequence[Received]:
         """Up to BATCH_MAX messages, waiting at most BATCH_AGE_S after the first."""
-        try:
-            first = self.bulk_inbox.get(timeout=0.2)
-        except queue.Empty:
-            return ()
-        batch = [first]
-        deadline = time.monotonic() + BATCH_AGE_S
-        while len(batch) < BATCH_MAX:
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                break
-            try:
-                batch.append(self.bulk_inbox.get(timeout=remaining))
-            except queue.Empty:
-                break
-        return batch
+        return collect_batch(self.bulk_inbox, BATCH_MAX, BATCH_AGE_S)
 
     def stop(self) -> None:
         self.stopping.set()
@@ -612,6 +669,7 @@ def build_hub(
     hub_id: str | None = None,
     leave: bool = False,
     spool: bool = True,
+    workers: int = 1,
 ) -> tuple[Hub, Upkeep]:
     """A hub wired to liveness (sightings in every transaction), its upkeep ticks and,
     unless ``spool`` is False, its alarm spool in SHOUHU_SPOOL_DIR.
@@ -639,6 +697,8 @@ def build_hub(
         upkeep=upkeep,
         leave=leave,
         share_subscriptions=settings.hub_shared,
+        workers=workers,
+        worker_liveness=defaults,
         spool=Spool.from_settings(settings.model_copy(update={"hub_id": hub_name})) if spool else None,
     )
     return hub, upkeep

@@ -57,6 +57,10 @@ from shouhu.settings import Settings
 
 __all__ = ["DEMO_ACCOUNT_SID", "DEMO_AUTH_TOKEN", "DEMO_FROM", "EXIT_HUB_FAILED", "app"]
 
+# `shouhu hub --workers`: each worker is a process with two database connections and a
+# broker session; more than this on one host only adds contention.
+MAX_HUB_WORKERS = 16
+
 # Plain help: typer's rich help prints a "<bool>" type column beside every flag.
 app = typer.Typer(
     name="shouhu",
@@ -341,12 +345,27 @@ def hub(
             "without it a stop keeps them and the broker holds messages for the hub's return.",
         ),
     ] = False,
+    workers: Annotated[
+        int,
+        typer.Option(
+            "--workers",
+            min=1,
+            max=MAX_HUB_WORKERS,
+            help="Processes taking telemetry, this one included: N - 1 bulk worker processes join the hub's shared"
+            " subscription (a broker that shares subscriptions is needed; alarms stay on the hub's own connection).",
+        ),
+    ] = 1,
 ) -> None:
     """Bridge MQTT into the database (SOS and falls open incidents)."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     settings = load_settings()
     worker = make_hub(
-        settings, database_url(settings), mqtt_url(settings), metrics_port=settings.metrics_port, leave=leave
+        settings,
+        database_url(settings),
+        mqtt_url(settings),
+        metrics_port=settings.metrics_port,
+        leave=leave,
+        workers=workers,
     )
     run_until_signal(worker.stop)
     run_hub_or_exit(worker)

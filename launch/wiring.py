@@ -193,11 +193,15 @@ def api_server_config(app: FastAPI, settings: Settings) -> uvicorn.Config:
     )
 
 
-def make_hub(settings: Settings, url: str, broker_url: str, *, metrics_port: int | None, leave: bool = False) -> Hub:
+def make_hub(
+    settings: Settings, url: str, broker_url: str, *, metrics_port: int | None, leave: bool = False, workers: int = 1
+) -> Hub:
     from hub.service import build_hub
 
     # The hub owns its upkeep: it ticks it and closes it when run() ends.
-    hub_worker, _upkeep = build_hub(settings, url, broker_url, metrics_port=metrics_port, leave=leave)
+    hub_worker, _upkeep = build_hub(
+        settings, url, broker_url, metrics_port=metrics_port, leave=leave, workers=workers
+    )
     return hub_worker
 
 

@@ -11,7 +11,7 @@ import threading
 from collections.abc import Callable
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Gauge, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, REGISTRY, CollectorRegistry, Gauge, generate_latest
 
 READY_METRIC = "shouhu_ready"
 
@@ -32,8 +32,16 @@ def readiness_registry(ready: Callable[[], bool]) -> CollectorRegistry:
     return registry
 
 
-def start_health_server(port: int, ready: Callable[[], bool], host: str = "0.0.0.0") -> ThreadingHTTPServer:  # noqa: S104
+def start_health_server(
+    port: int,
+    ready: Callable[[], bool],
+    host: str = "0.0.0.0",  # noqa: S104
+    metrics: CollectorRegistry | None = None,
+) -> ThreadingHTTPServer:
     """Serve metrics and health on ``port`` from a daemon thread; returns the server.
+
+    ``metrics``: what ``/metrics`` exposes besides readiness (default: the process's
+    registry; the hub passes one that adds its worker processes' samples).
 
     Raises:
         PortInUse: ``port`` is taken (or not this user's to take); the message says
@@ -41,11 +49,12 @@ def start_health_server(port: int, ready: Callable[[], bool], host: str = "0.0.0
     """
 
     own = readiness_registry(ready)
+    source = metrics if metrics is not None else REGISTRY
 
     class Handler(BaseHTTPRequestHandler):
         def do_GET(self) -> None:
             if self.path == "/metrics":
-                self._reply(200, generate_latest() + generate_latest(own), CONTENT_TYPE_LATEST)
+                self._reply(200, generate_latest(source) + generate_latest(own), CONTENT_TYPE_LATEST)
             elif self.path == "/healthz":
                 self._reply(200, b"ok\n", "text/plain")
             elif self.path == "/readyz":

@@ -1,5 +1,6 @@
-"""Hostile bytes on every topic, through a real Mosquitto into real `shouhu hub` and
-`shouhu router` processes: whatever arrives, one message's trouble is its own.
+"""Hostile bytes on every topic, through a real Mosquitto into real `shouhu hub` (with a
+bulk worker process, `--workers 2`) and `shouhu router` processes: whatever arrives, one
+message's trouble is its own, in whichever process it lands.
 
 After each batch of hostile messages a canary SOS from a wristband no hostile message
 touched must still reach the phone network (issue 12, item 1: a single SOS nested
@@ -93,7 +94,8 @@ def hostile_stack(postgres: Any) -> Iterator[dict[str, Any]]:
     databases = fresh_database(postgres)
     url = next(databases)
     try:
-        yield from shouhu_stack(url, broker, name="hostile")
+        # With a bulk worker process: hostile telemetry reaches both processes' lanes.
+        yield from shouhu_stack(url, broker, name="hostile", hub_args=("--workers", "2"))
     finally:
         broker.remove()
         next(databases, None)

@@ -451,11 +451,17 @@ def press_and_wait_for_ring(broker_port: int, device_id: str, phone_base: str, t
 
 
 def shouhu_stack(
-    database_url: str, mosquitto: Mosquitto, *, name: str, registry: Path | None = None, **settings: str
+    database_url: str,
+    mosquitto: Mosquitto,
+    *,
+    name: str,
+    registry: Path | None = None,
+    hub_args: tuple[str, ...] = (),
+    **settings: str,
 ) -> Iterator[dict[str, Any]]:
     """The demo county (or ``registry``) loaded, then `shouhu simulate phone-network`,
-    `shouhu hub` and `shouhu router` as processes, each ready before this yields;
-    stopped afterwards.
+    `shouhu hub` (with ``hub_args``) and `shouhu router` as processes, each ready before
+    this yields; stopped afterwards.
 
     ``settings`` are extra ``SHOUHU_*`` variables (short holds, say).
     """
@@ -483,7 +489,9 @@ def shouhu_stack(
             ready_url=f"http://127.0.0.1:{phone_port}/_sim/calls",
         ),
         ShouhuProcess(
-            ["hub"], {**env, "SHOUHU_METRICS_PORT": str(hub_metrics)}, ready_url=f"http://127.0.0.1:{hub_metrics}/readyz"
+            ["hub", *hub_args],
+            {**env, "SHOUHU_METRICS_PORT": str(hub_metrics)},
+            ready_url=f"http://127.0.0.1:{hub_metrics}/readyz",
         ),
         ShouhuProcess(
             ["router"],
