@@ -56,6 +56,10 @@ PRUNED = Counter(
     " audit_log, incident_locations, sessions, incident_contacts (incidents), task_notes, removed_people",
     ["table"],
 )
+BULK_YIELDS = Counter(
+    "shouhu_hub_bulk_yields_total",
+    "Bulk batches held back (at most 1 s each) because the alarm lane had an alarm in hand",
+)
 ALARM_GROUP_SIZE = Histogram(
     "shouhu_hub_alarm_group_size",
     "Alarms committed together in one transaction (a mass event); 1 is the usual case",

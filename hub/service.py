@@ -54,7 +54,7 @@ from hub.mqtt import (
 from hub.retention import Periods
 from hub.spool import Reconciled, Spool, SpoolEntry
 from hub.upkeep import Upkeep
-from hub.workers import WorkerPool, WorkerSpec, alarms_idle_event, bulk_client_id, collect_batch
+from hub.workers import WorkerPool, WorkerSpec, alarms_idle_event, bulk_client_id, collect_batch, yield_to_alarms
 from shouhu.health_server import start_health_server
 from shouhu.settings import DEFAULT_CANCEL_WINDOW_S, Settings
 
@@ -634,7 +634,7 @@ class Hub:
             if batch:
                 # Alarms first: a batch waits for the alarm lane to be done, so that the
                 # bulk lanes do not keep the interpreter and the database from it.
-                self._alarms_idle.wait(ALARM_YIELD_MAX_S)
+                yield_to_alarms(self._alarms_idle, ALARM_YIELD_MAX_S)
                 writer.store_batch(batch)
             self.connection.ack_all((*batch, *probes))
 

@@ -48,6 +48,7 @@ from prometheus_client import REGISTRY, CollectorRegistry
 from prometheus_client.metrics_core import CounterMetricFamily, GaugeMetricFamily, Metric
 
 from devices.contract import is_outbound
+from hub import metrics
 from hub.ingest import IngestConfig, Writer
 from hub.liveness import LivenessDefaults, LivenessRecorder
 from hub.mqtt import HubConnection, Received, bulk_subscriptions, on_alarm_connection
@@ -416,12 +417,19 @@ class BulkWorker:
                 batch = collect_batch(self.inbox, self.spec.batch_max, self.spec.batch_age_s)
                 if not batch:
                     continue
-                self.alarms_idle.wait(self.spec.alarm_yield_max_s)
+                yield_to_alarms(self.alarms_idle, self.spec.alarm_yield_max_s)
                 writer.store_batch(batch)
                 self.connection.ack_all(batch)
         except BaseException as exc:
             log.critical("a bulk lane of worker %d stopped: %r", self.spec.number, exc, exc_info=True)
             self._failure = f"a bulk lane stopped: {exc!r}"
+
+
+def yield_to_alarms(alarms_idle: EventLike, limit_s: float) -> None:
+    """Hold a bulk batch while the hub's alarm lane has an alarm in hand, for at most ``limit_s``."""
+    if not alarms_idle.is_set():
+        metrics.BULK_YIELDS.inc()
+        alarms_idle.wait(limit_s)
 
 
 def collect_batch(inbox: queue.Queue[Received], batch_max: int, age_s: float) -> list[Received]:
