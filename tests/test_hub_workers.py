@@ -150,3 +150,25 @@ def test_without_a_shared_subscription_the_hub_runs_alone_and_says_so(county_url
     finally:
         hub.stop()
     assert stored_once(county_url) == (300, 300)
+
+
+def test_a_tree_that_leaves_parks_nothing_in_its_workers_sessions(county_url: str, broker: Mosquitto) -> None:
+    """Scale-down of a tree: with `--leave` the worker gives its share and session up
+    too, so everything published afterwards reaches the hub that stays."""
+    staying = hub_tree(county_url, broker, f"hub-a-{uuid.uuid4().hex[:4]}", workers=1).start(timeout=60)
+    leaving = hub_tree(county_url, broker, f"hub-b-{uuid.uuid4().hex[:4]}")
+    leaving.args = [*leaving.args, "--leave"]
+    leaving.start(timeout=60)
+    (worker,) = workers_of(leaving)
+    leaving.stop()
+    assert leaving.process is not None
+    assert leaving.process.returncode == 0, leaving.output()
+    assert not worker.is_running()
+    assert "bulk worker 2 left: its session and share are given up" in leaving.output()
+    fleet = publish(broker, 2000)
+    try:
+        fleet.wait_published()
+        wait_until(lambda: count(county_url, "telemetry") == 2000, timeout=60, what="all of it by the hub that stayed")
+    finally:
+        fleet.close()
+        staying.stop()
