@@ -160,7 +160,11 @@ class Hub:
         # hold their next batch.
         self._alarms_idle = alarms_idle_event(self.workers)
         self._alarms_idle.set()
-        self._pool = WorkerPool(self._worker_specs(), self._alarms_idle) if self.workers > 1 else None
+        self._pool = (
+            WorkerPool(self._worker_specs(), self._alarms_idle, inherited=[self.spool] if self.spool else [])
+            if self.workers > 1
+            else None
+        )
         self._pool_started = False
         self._lanes: list[threading.Thread] = []
         self._failure: str | None = None
@@ -201,6 +205,8 @@ class Hub:
     def run(self) -> None:
         """Serve until ``stop()``; blocks. Raises ``LaneFailed`` if a lane or a
         connection stopped working (the caller exits non-zero)."""
+        # Before any thread of the hub starts: the workers are forked (hub/workers.py).
+        self._spawn_workers()
         server = self._serve_health()
         try:
             if self.spool is not None:
@@ -208,7 +214,6 @@ class Hub:
                 # reconciled by the alarm lane before it stores anything new.
                 self.spool.page_unpaged()
                 self._database_down = bool(self.spool.pending())
-            self._spawn_workers()
             self.alarm_connection.start()
             self._start_lanes()
             # The same broker: a broker that refused MQTT 5 to the first connection
@@ -297,7 +302,7 @@ class Hub:
 
     def _spawn_workers(self) -> None:
         """Now, not once the share is confirmed: a worker's session may already hold its
-        share of a backlog, and spawning a process takes a second."""
+        share of a backlog."""
         if self._pool is not None and self.share_subscriptions:
             self._pool.start()
             self._pool_started = True

@@ -40,7 +40,7 @@ import time
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from multiprocessing.connection import Connection
-from multiprocessing.context import SpawnProcess
+from multiprocessing.context import ForkProcess
 from multiprocessing.synchronize import Event as ProcessEvent
 from typing import Protocol
 
@@ -67,10 +67,19 @@ START_WAIT_S = 60.0
 # Exit status of a worker whose lane or connection broke (as the hub's: EX_SOFTWARE).
 EXIT_FAILED = 70
 
-SPAWN = multiprocessing.get_context("spawn")
+# Forked, not spawned: at the start of ``Hub.run`` the hub has no thread, socket or
+# database connection yet, and a forked worker is taking its share in a tenth of the
+# time a fresh interpreter needs to import the hub (half a second and more) — time a
+# backlog drain waits for. What the hub did open (its spool's directory lock) the
+# worker closes first thing, so an orphan never holds it.
+FORK = multiprocessing.get_context("fork")
 
 # (sample name, sorted labels) → value, for the families a worker reports.
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
+
+
+class Closable(Protocol):
+    def close(self) -> None: ...
 
 
 class EventLike(Protocol):
@@ -92,12 +101,12 @@ def bulk_client_id(hub_id: str, number: int) -> str:
 
 def alarms_idle_event(workers: int) -> EventLike:
     """The "alarm lane idle" flag: shared with the workers when there are any."""
-    return SPAWN.Event() if workers > 1 else threading.Event()
+    return FORK.Event() if workers > 1 else threading.Event()
 
 
 @dataclass(frozen=True, slots=True)
 class WorkerSpec:
-    """What a worker process needs to know; sent to it when it is spawned."""
+    """What a worker process needs to know."""
 
     number: int
     database_url: str
@@ -118,25 +127,29 @@ class _Signals:
     """The events a worker and its hub share."""
 
     alarms_idle: ProcessEvent | EventLike
-    ready: ProcessEvent = field(default_factory=SPAWN.Event)
-    stop: ProcessEvent = field(default_factory=SPAWN.Event)
-    leave: ProcessEvent = field(default_factory=SPAWN.Event)
+    ready: ProcessEvent = field(default_factory=FORK.Event)
+    stop: ProcessEvent = field(default_factory=FORK.Event)
+    leave: ProcessEvent = field(default_factory=FORK.Event)
 
 
 @dataclass
 class _Running:
     spec: WorkerSpec
     signals: _Signals
-    process: SpawnProcess
+    process: ForkProcess
     metrics: Connection
 
 
 class WorkerPool:
-    """The hub's side: spawns the workers, watches them, merges their metrics, stops them."""
+    """The hub's side: starts the workers, watches them, merges their metrics, stops them."""
 
-    def __init__(self, specs: Sequence[WorkerSpec], alarms_idle: EventLike) -> None:
+    def __init__(
+        self, specs: Sequence[WorkerSpec], alarms_idle: EventLike, inherited: Sequence[Closable] = ()
+    ) -> None:
         self.specs = list(specs)
         self.alarms_idle = alarms_idle
+        # What the hub holds open that a forked worker must let go of.
+        self.inherited = list(inherited)
         self._running: list[_Running] = []
         self._samples: dict[int, Samples] = {}
         self._lock = threading.Lock()
@@ -148,10 +161,10 @@ class WorkerPool:
     def start(self) -> None:
         for spec in self.specs:
             signals = _Signals(self.alarms_idle)
-            ours, theirs = SPAWN.Pipe(duplex=False)
-            process = SPAWN.Process(
+            ours, theirs = FORK.Pipe(duplex=False)
+            process = FORK.Process(
                 target=worker_main,
-                args=(spec, signals.alarms_idle, signals.ready, signals.stop, signals.leave, theirs),
+                args=(spec, signals.alarms_idle, signals.ready, signals.stop, signals.leave, theirs, self.inherited),
                 name=f"shouhu-hub-bulk{spec.number}",
                 daemon=False,
             )
@@ -301,19 +314,25 @@ def worker_main(
     stop: ProcessEvent,
     leave: ProcessEvent,
     metrics_out: Connection,
+    inherited: Sequence[Closable] = (),
 ) -> None:
     """A worker process's body: serve until the hub says stop, the hub is gone, or a
     signal; exit 70 if a lane or the connection broke."""
-    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(name)s[bulk{spec.number}] %(levelname)s %(message)s")
-    sys.setswitchinterval(spec.switch_interval_s)
-    parent = os.getppid()
     stopping = threading.Event()
 
     def on_signal(_signum: int, _frame: object) -> None:
         stopping.set()
 
+    # The hub's own handlers came with the fork: ours first.
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+    for held in inherited:
+        held.close()
+    prefix = logging.Formatter(f"%(asctime)s %(name)s[bulk{spec.number}] %(levelname)s %(message)s")
+    for handler in logging.getLogger().handlers:
+        handler.setFormatter(prefix)
+    sys.setswitchinterval(spec.switch_interval_s)
+    parent = os.getppid()
     worker = BulkWorker(spec, alarms_idle)
     failure = worker.run(ready, stopping, lambda: stop.is_set() or os.getppid() != parent, leave, metrics_out)
     if failure is not None:
@@ -341,6 +360,8 @@ class BulkWorker:
         self._lanes: list[threading.Thread] = []
         self._failure: str | None = None
         self._reported = float("-inf")
+        # What the fork copied from the hub's registry is the hub's to report, not ours.
+        self._baseline = snapshot()
 
     def _deliver(self, message: Received) -> None:
         if on_alarm_connection(message.topic) or is_outbound(message.topic):
@@ -395,7 +416,9 @@ class BulkWorker:
         self._reported = now
         # A hub that is gone cannot read it: the parent check stops this worker.
         with contextlib.suppress(OSError):
-            metrics_out.send((self.spec.number, snapshot()))
+            current = snapshot()
+            own = {key: value - self._baseline.get(key, 0.0) for key, value in current.items()}
+            metrics_out.send((self.spec.number, own))
 
     def _stop(self, leave: bool) -> None:
         if leave:

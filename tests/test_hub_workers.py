@@ -34,10 +34,11 @@ def hub_tree(url: str, broker: Mosquitto, hub_id: str, workers: int = 2, **setti
 
 
 def workers_of(hub: ShouhuProcess) -> list[psutil.Process]:
-    """The hub's bulk worker processes (multiprocessing's resource tracker left out)."""
+    """The hub's bulk worker processes: its children, forked (a multiprocessing resource
+    tracker, were there one, left out)."""
     assert hub.process is not None
     children = psutil.Process(hub.process.pid).children()
-    return [c for c in children if "spawn_main" in " ".join(c.cmdline()) and "resource_tracker" not in c.cmdline()]
+    return [c for c in children if "resource_tracker" not in " ".join(c.cmdline())]
 
 
 def metric(hub: ShouhuProcess, pattern: str) -> float:
