@@ -75,6 +75,7 @@ import psycopg
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from psycopg import sql
 
 from hub.mqtt import alarm_client_id
 from hub.workers import REPORT_EVERY_S, bulk_client_id
@@ -597,12 +598,12 @@ def ledger_size(url: str) -> str:
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute(
             "SELECT pg_relation_size('message_ledger_pkey'), current_setting('checkpoint_timeout'),"
-            " current_setting('wal_compression')"
+            " current_setting('wal_compression'), current_setting('max_wal_size')"
         ).fetchone()
     assert row is not None
     return (
         f"ledger primary key: {row[0] / 2**20:,.0f} MiB ({row[0] // 8192:,} pages); checkpoint_timeout {row[1]},"
-        f" wal_compression {row[2]}"
+        f" wal_compression {row[2]}, max_wal_size {row[3]}"
     )
 
 
@@ -838,6 +839,13 @@ def main() -> None:
     )
     parser.add_argument("--no-sos", action="store_true", help="skip the SOS-under-load runs")
     parser.add_argument(
+        "--postgres-setting",
+        action="append",
+        default=[],
+        metavar="NAME=VALUE",
+        help="a server setting for the benchmark's PostgreSQL (repeatable), e.g. wal_compression=lz4",
+    )
+    parser.add_argument(
         "--workers",
         type=int,
         default=2,
@@ -860,6 +868,9 @@ def main() -> None:
             # of memory; 1 GB here, not PostgreSQL's 128 MB default, so that a large
             # ledger's index is measured as a tuned server holds it.
             conn.execute("ALTER SYSTEM SET shared_buffers = '1GB'")
+            for setting in args.postgres_setting:
+                name, _, value = setting.partition("=")
+                conn.execute(sql.SQL("ALTER SYSTEM SET {} = {}").format(sql.Identifier(name), sql.Literal(value)))
         cluster.stop()
         cluster.start()
         create_database(cluster.url(), "bench")
