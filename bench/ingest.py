@@ -79,6 +79,7 @@ from psycopg import sql
 
 from hub.mqtt import alarm_client_id
 from hub.workers import REPORT_EVERY_S, bulk_client_id
+from shouhu.embedded.broker import start_embedded_broker
 from shouhu.embedded.postgres import create_database, free_port, wheel_bin_dir
 from shouhu.migrations import MigrationContext, migrate
 from simulators.wristband import alarm_payload, publish_raw
@@ -89,6 +90,7 @@ WRISTBANDS = 240  # wb-0001 … wb-0240 in the demo county
 HUB_RECEIVE_MAXIMUM = 5_000  # hub/service.py BULK_INBOX_SIZE, sent as Receive Maximum
 DRAIN_TIMEOUT_S = 600.0
 OBSERVE_EVERY_S = 0.05
+TELEMETRY = "shouhu/v1/+/+/telemetry"
 
 # The load generator: a lean MQTT 3.1.1 publisher on a raw socket (no paho), so that
 # it costs little CPU and cannot be the bottleneck. All PUBLISH packets (QoS 1,
@@ -180,6 +182,7 @@ PUBLISHER = textwrap.dedent(
 
 # A bare subscriber that only counts. "prepare": make the persistent session and its
 # subscription, then leave. "drain": reconnect to that session and count N messages.
+# "live": subscribe, say so, and count N messages as they are published.
 SUBSCRIBER = textwrap.dedent(
     """
     import json, sys, threading, time
@@ -189,7 +192,7 @@ SUBSCRIBER = textwrap.dedent(
     from paho.mqtt.properties import Properties
     port, mode, client_id, version, receive_max, topic = (
         int(sys.argv[1]), sys.argv[2], sys.argv[3], int(sys.argv[4]), int(sys.argv[5]), sys.argv[6])
-    count = int(sys.argv[7]) if mode == "drain" else 0
+    count = int(sys.argv[7]) if mode in ("drain", "live") else 0
     seen = 0
     first = None
     cpu_first = 0.0
@@ -199,7 +202,7 @@ SUBSCRIBER = textwrap.dedent(
     def on_connect(client, userdata, flags, reason_code, properties):
         global connected_at
         connected_at = time.time()
-        if mode == "prepare":
+        if mode in ("prepare", "live"):
             client.subscribe(topic, qos=1)
     def on_subscribe(client, userdata, mid, reason_codes, properties):
         subscribed.set()
@@ -232,6 +235,20 @@ SUBSCRIBER = textwrap.dedent(
         client.disconnect()
         client.loop_stop()
         print(json.dumps({"prepared": True}), flush=True)
+        sys.exit(0)
+    if mode == "live":
+        if not subscribed.wait(30):
+            sys.exit("no SUBACK")
+        print("subscribed", flush=True)
+        # Until all came, or nothing more for 5 s (the embedded broker loses messages).
+        counted, quiet_since = -1, time.time()
+        while not done.wait(0.1):
+            if seen != counted:
+                counted, quiet_since = seen, time.time()
+            elif time.time() - quiet_since > (5 if seen else 30):
+                break
+        print(json.dumps({"connected": connected_at, "first": first or time.time(), "last": time.time(),
+                          "cpu": time.process_time() - cpu_first, "seen": seen}), flush=True)
         sys.exit(0)
     if not done.wait(600):
         sys.exit(f"only {seen} of {count} received")
@@ -500,9 +517,7 @@ def make_sessions(stack: Stack, hub_ids: list[str], workers: int) -> None:
         kill_tree(hub)
 
 
-def hub_drain(
-    stack: Stack, count: int, hub_ids: list[str], sos_device: str | None = None, workers: int = 1
-) -> Drain:
+def hub_drain(stack: Stack, count: int, hub_ids: list[str], sos_device: str | None = None, workers: int = 1) -> Drain:
     """Sessions first (start, ready, SIGKILL), then the backlog, then restart and time the commits.
 
     With ``sos_device``, an SOS is pressed after the backlog is queued: the time from
@@ -571,6 +586,91 @@ def hub_drain(
     if direct:
         detail += f"; {direct} hub(s) fell back to a direct telemetry subscription (share probe behind the backlog)"
     return Drain(name, count, rate, seconds, hub_cpu, broker_cpu, detail, pg_cpu)
+
+
+def embedded_broker_drains(url: str, env: dict[str, str], count: int) -> list[Drain]:
+    """The embedded broker (amqtt, MQTT 3.1.1, no shared subscriptions): the bare
+    subscriber, then one hub, each subscribed before ``count`` messages are published
+    at full speed — a live stream, because amqtt delivers a persistent session's queued
+    backlog too slowly to time (20,000 messages not drained in 10 minutes). amqtt
+    acknowledges every publish but delivers only part of a burst, so each consumer
+    stops 5 s after its last message and says how many came."""
+    port = free_port()
+    broker = start_embedded_broker(port)
+    broker_process = psutil.Process(broker.pid)
+    try:
+        subscriber = subprocess.Popen(
+            [sys.executable, "-c", SUBSCRIBER, str(port), "live", "bench-bare-amqtt", "3", "0", TELEMETRY, str(count)],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert subscriber.stdout is not None
+        if subscriber.stdout.readline().strip() != "subscribed":
+            raise RuntimeError("the bare subscriber did not subscribe on the embedded broker")
+        broker_before = sum(broker_process.cpu_times()[:2])
+        rate = publish_backlog(port, count)
+        out, _ = subscriber.communicate(timeout=DRAIN_TIMEOUT_S)
+        result: dict[str, float] = json.loads(out.strip().splitlines()[-1])
+        bare = Drain(
+            f"bare paho subscriber, MQTT 3.1.1, embedded broker (amqtt), live stream: {result['seen']:,.0f} of"
+            f" {count:,} delivered",
+            max(int(result["seen"]), 1),
+            rate,
+            result["last"] - result["first"],
+            result["cpu"],
+            sum(broker_process.cpu_times()[:2]) - broker_before,
+        )
+        return [bare, embedded_hub_drain(url, env, port, broker_process, count)]
+    finally:
+        broker.terminate()
+        broker.wait(15)
+
+
+def embedded_hub_drain(url: str, env: dict[str, str], port: int, broker_process: psutil.Process, count: int) -> Drain:
+    """One hub on the embedded broker, ready before the stream is published."""
+    metrics_port = free_port()
+    hub = ShouhuProcess(
+        ["hub"],
+        {
+            **env,
+            "SHOUHU_MQTT_URL": f"mqtt://127.0.0.1:{port}",
+            "SHOUHU_HUB_ID": "bench-hub-amqtt",
+            "SHOUHU_METRICS_PORT": str(metrics_port),
+        },
+        ready_url=f"http://127.0.0.1:{metrics_port}/readyz",
+    )
+    try:
+        hub.start(timeout=90)
+        with psycopg.connect(url, autocommit=True) as conn:
+            since = datetime.now(UTC)
+            hub_before = hubs_cpu([(hub, metrics_port)])
+            broker_before = sum(broker_process.cpu_times()[:2])
+            rate = publish_backlog(port, count)
+            stored, quiet_since = -1, time.monotonic()
+            while (rows := ledger_rows_since(conn, since)) < count:
+                if rows != stored:
+                    stored, quiet_since = rows, time.monotonic()
+                elif time.monotonic() - quiet_since > (5 if rows else 30):
+                    break
+                time.sleep(OBSERVE_EVERY_S)
+            stored = ledger_rows_since(conn, since)
+            finished = last_commit(conn, since)
+            row = conn.execute("SELECT min(received_at) FROM telemetry WHERE received_at >= %s", (since,)).fetchone()
+            first: datetime = row[0] if row and row[0] else since
+            hub_cpu = hubs_cpu([(hub, metrics_port)]) - hub_before
+            broker_cpu = sum(broker_process.cpu_times()[:2]) - broker_before
+        return Drain(
+            f"one shouhu hub, embedded broker (amqtt), live stream: {stored:,} of {count:,} stored",
+            max(stored, 1),
+            rate,
+            (finished - first).total_seconds(),
+            hub_cpu,
+            broker_cpu,
+            detail="hub CPU counted from its readiness, so it includes its idle ticks",
+        )
+    finally:
+        hub.kill(9)
+        shutil.rmtree(hub.log_path.parent, ignore_errors=True)
 
 
 def fill_ledger(url: str, keys: int) -> float:
@@ -790,6 +890,11 @@ def report(drains: list[Drain], sos: list[SosResult], peak_rss: dict[str, int], 
 
 def run(stack: Stack, args: argparse.Namespace) -> tuple[list[Drain], list[SosResult]]:
     broker, url = stack.broker, stack.url
+    if args.embedded_broker:
+        drains = embedded_broker_drains(url, stack.env, args.messages)
+        for drain in drains:
+            print(drain_line(drain, drain.seconds), flush=True)
+        return drains, []
     drains = [
         bare_drain(broker, args.messages, 3, 0),
         bare_drain(broker, args.messages, 5, HUB_RECEIVE_MAXIMUM),
@@ -838,6 +943,11 @@ def main() -> None:
         "--ledger-keys", type=int, default=0, help="then fill the ledger to this many keys and drain with one hub again"
     )
     parser.add_argument("--no-sos", action="store_true", help="skip the SOS-under-load runs")
+    parser.add_argument(
+        "--embedded-broker",
+        action="store_true",
+        help="only the embedded broker (amqtt): a bare subscriber and one hub on a live stream",
+    )
     parser.add_argument(
         "--postgres-setting",
         action="append",
