@@ -44,10 +44,13 @@ Then a kill -9 check at full speed: a hub (``--workers N``) SIGKILLed halfway th
 a backlog and started again at once must store every message exactly once. The
 big-ledger drain and the SOS runs use ``--workers N`` too. ``--ledger-keys N`` fills the
 ledger to N old keys and drains with one hub again (its cost as the ledger grows);
-``--no-sos`` and ``--no-two-hubs`` skip those runs.
+``--no-sos`` and ``--no-two-hubs`` skip those runs. ``--embedded-broker`` runs only the
+embedded broker (amqtt): the bare subscriber and one hub, each subscribed before a
+full-speed burst, counting what arrives (amqtt loses most of a burst).
 
     .venv/bin/python -m bench.ingest --messages 60000
     .venv/bin/python -m bench.ingest --messages 60000 --no-sos --no-two-hubs --ledger-keys 10000000
+    .venv/bin/python -m bench.ingest --messages 2000 --embedded-broker
 """
 
 from __future__ import annotations
