@@ -209,17 +209,23 @@ class WorkerPool:
                 log.error("bulk worker %d did not stop in time: killed", running.spec.number)
                 running.process.kill()
                 running.process.join(5)
+        # The reader closes the pipes, and only it: two threads closing one pipe could
+        # close whatever file the process opened next under the same number.
         self._closed.set()
-        for running in self._running:
-            running.metrics.close()
+        if self._reader is not None:
+            self._reader.join(5)
 
     def _read_metrics(self) -> None:
+        try:
+            self._read_until_closed()
+        finally:
+            for running in self._running:
+                running.metrics.close()
+
+    def _read_until_closed(self) -> None:
         while not self._closed.is_set():
             connections = [r.metrics for r in self._running if not r.metrics.closed]
-            try:
-                ready = multiprocessing.connection.wait(connections, timeout=0.5)
-            except OSError:  # closed by stop() meanwhile
-                return
+            ready = multiprocessing.connection.wait(connections, timeout=0.5)
             for connection in ready:
                 assert isinstance(connection, Connection)
                 try:
@@ -397,8 +403,12 @@ class BulkWorker:
                     self._failure = f"{', '.join(dead)} stopped"
                 if self._failure is not None:
                     break
-                if not ready.is_set() and self.connection.subscribed() and not self.connection.refused:
+                # Ready while connected with the share subscribed: a broker restart
+                # makes the hub not ready until this worker has subscribed again.
+                if self.connection.subscribed() and not self.connection.refused:
                     ready.set()
+                else:
+                    ready.clear()
                 self._report(metrics_out)
         finally:
             ready.clear()

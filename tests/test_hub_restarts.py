@@ -14,7 +14,7 @@ import pytest
 from shouhu.embedded.postgres import LocalPostgres, free_port
 from simulators.wristband import Wristband
 from tests.support.broker import Fleet, run_shipped_broker, shipped_broker
-from tests.support.hub import count, hub_process, query, wait_until
+from tests.support.hub import count, hub_process, query, scrape, wait_until
 from tests.support.services import Mosquitto, ShouhuProcess, http_status, scratch_dir, shouhu_env
 
 MARKER = "marker-"
@@ -134,8 +134,10 @@ def test_readyz_is_503_while_the_database_is_down(own_postgres: tuple[LocalPostg
         hub.stop()
 
 
-@pytest.mark.parametrize("shared", [False, True], ids=["lone-hub-direct", "shared"])
-def test_broker_restarted_with_the_shipped_configuration(county_url: str, shared: bool) -> None:
+@pytest.mark.parametrize(
+    ("shared", "workers"), [(False, 1), (True, 1), (True, 2)], ids=["lone-hub-direct", "shared", "shared-with-a-worker"]
+)
+def test_broker_restarted_with_the_shipped_configuration(county_url: str, shared: bool, workers: int) -> None:
     """A broker restart (SIGTERM, saved) under a stream of telemetry and SOS presses.
 
     Every SOS of a wristband that waits for its receipt is stored, either way. A lone
@@ -144,7 +146,9 @@ def test_broker_restarted_with_the_shipped_configuration(county_url: str, shared
     file and queues for the hub until it is back. With the shared subscription,
     Debian's Mosquitto 2.0.11 drops what is published after the broker is back but
     before the hub has subscribed again (it does not restore shared subscriptions);
-    the number is printed and recorded in docs/BENCHMARKS.md.
+    the number is printed and recorded in docs/BENCHMARKS.md. With a bulk worker
+    (`--workers 2`) the hub is ready again only once the worker has subscribed again,
+    and the worker takes its share of what comes after.
     """
     directory = scratch_dir("shouhu-restart-")
     port = free_port()
@@ -157,7 +161,7 @@ def test_broker_restarted_with_the_shipped_configuration(county_url: str, shared
     url = f"mqtt://127.0.0.1:{port}"
     metrics_port = free_port()
     hub = ShouhuProcess(
-        ["hub"],
+        ["hub", "--workers", str(workers)],
         shouhu_env(
             SHOUHU_DATABASE_URL=county_url,
             SHOUHU_MQTT_URL=url,
@@ -185,9 +189,14 @@ def test_broker_restarted_with_the_shipped_configuration(county_url: str, shared
         fleet.marker(f"{MARKER}settled")
         wait_until(lambda: markers_stored(county_url) == 1, timeout=60, what="the marker behind the restart's blocks")
         before = fleet_rows(county_url)
+        metrics = f"http://127.0.0.1:{metrics_port}/metrics"
+        by_worker = 'shouhu_hub_worker_messages_stored_total\\{worker="2"\\}'
+        worker_before = scrape(metrics, by_worker)
         fleet.telemetry(2000, offset=10_000)
         fleet.wait_published(60)
         wait_until(lambda: fleet_rows(county_url) == before + 2000, timeout=60, what="telemetry after")
+        if workers > 1:
+            wait_until(lambda: scrape(metrics, by_worker) > worker_before, what="the worker's share after the restart")
     finally:
         fleet.close()
         band.close()

@@ -5,9 +5,7 @@ hub and to its worker."""
 
 from __future__ import annotations
 
-import re
 import signal
-import urllib.request
 import uuid
 
 import psutil
@@ -15,7 +13,7 @@ import pytest
 
 from shouhu.embedded.postgres import free_port
 from tests.support.broker import Fleet
-from tests.support.hub import count, query, wait_until
+from tests.support.hub import count, query, scrape, wait_until
 from tests.support.services import Mosquitto, ShouhuProcess, shouhu_env
 
 EXIT_HUB_FAILED = 70
@@ -43,10 +41,7 @@ def workers_of(hub: ShouhuProcess) -> list[psutil.Process]:
 
 def metric(hub: ShouhuProcess, pattern: str) -> float:
     assert hub.ready_url is not None
-    with urllib.request.urlopen(hub.ready_url.replace("/readyz", "/metrics"), timeout=5) as response:
-        text = response.read().decode()
-    found = re.search(rf"^{pattern} (\S+)$", text, re.MULTILINE)
-    return float(found.group(1)) if found else 0.0
+    return scrape(hub.ready_url.replace("/readyz", "/metrics"), pattern)
 
 
 def stored_once(url: str) -> tuple[int, int]:

@@ -18,6 +18,7 @@ import psycopg
 import pytest
 import schemathesis
 from hypothesis import HealthCheck, settings
+from schemathesis import GenerationMode
 from schemathesis.checks import positive_data_acceptance
 
 from alerts.care_sweep import sweep
@@ -67,6 +68,10 @@ UNUSED = Settings(database_url="postgresql://unused@127.0.0.1:1/unused")
 schema = schemathesis.openapi.from_dict(create_app(UNUSED).openapi()).exclude(
     path=NOT_FUZZED[0]
 )
+# Requests that fit the document. Schemathesis 4 also generates negative ones by default,
+# among them header names HTTP does not allow, which uvicorn refuses before the app sees
+# them (a 400 in text/plain): the app's own refusals are tested route by route.
+schema.config.generation.update(modes=[GenerationMode.POSITIVE])
 
 
 @schema.parametrize()

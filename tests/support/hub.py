@@ -3,8 +3,10 @@ read back through the database."""
 
 from __future__ import annotations
 
+import re
 import threading
 import time
+import urllib.request
 import uuid
 from collections.abc import Callable, Iterator
 from typing import Any
@@ -27,6 +29,14 @@ def wait_until(check: Callable[[], Any], timeout: float = 10.0, what: str = "con
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def scrape(metrics_url: str, pattern: str) -> float:
+    """One sample from a process's ``/metrics`` (``pattern``: a regex of the name and labels), 0 if absent."""
+    with urllib.request.urlopen(metrics_url, timeout=5) as response:
+        text = response.read().decode()
+    found = re.search(rf"^{pattern} (\S+)$", text, re.MULTILINE)
+    return float(found.group(1)) if found else 0.0
 
 
 def query(url: str, sql: str, *params: Any) -> list[tuple[Any, ...]]:
