@@ -9,6 +9,8 @@ import subprocess
 import urllib.request
 import uuid
 
+import pytest
+
 from shouhu.embedded.postgres import LocalPostgres, free_port
 from tests.support.broker import Fleet, run_shipped_broker, shipped_broker
 from tests.support.hub import count, hub_process, query, wait_until
@@ -52,11 +54,16 @@ def test_hub_sigkilled_mid_stream_stores_everything_exactly_once(county_url: str
     assert query(county_url, "SELECT count(*) FROM escalation_actions WHERE step = 0") == [(10,)]
 
 
+@pytest.mark.parametrize("workers", [1, 2], ids=["one-process", "with-a-worker"])
 def test_postgres_restarted_mid_stream_the_hub_waits_and_loses_nothing(
-    own_postgres: tuple[LocalPostgres, str], broker: Mosquitto
+    own_postgres: tuple[LocalPostgres, str], broker: Mosquitto, workers: int
 ) -> None:
+    """`pg_ctl stop -m immediate` under a stream; with `--workers 2` the worker's lanes
+    wait the outage out too, and the tree neither exits nor loses or doubles a message."""
     cluster, url = own_postgres
-    hub = hub_process(url, broker.url, f"hub-{uuid.uuid4().hex[:6]}").start()
+    hub = hub_process(url, broker.url, f"hub-{uuid.uuid4().hex[:6]}")
+    hub.args = ["hub", "--workers", str(workers)]
+    hub.start()
     fleet = Fleet(broker.port)
     try:
         fleet.telemetry(1000)
@@ -72,10 +79,13 @@ def test_postgres_restarted_mid_stream_the_hub_waits_and_loses_nothing(
             what="everything after the database came back",
         )
         assert "database unavailable" in hub.output()
+        assert hub.process is not None
+        assert hub.process.poll() is None, "an outage is waited out, not a reason to exit"
     finally:
         fleet.close()
         hub.stop()
     assert count(url, "message_ledger") == 2001
+    assert query(url, "SELECT count(DISTINCT msg_id) FROM telemetry") == [(2000,)]
 
 
 def test_broker_stopped_with_sigterm_and_restarted(county_url: str, broker: Mosquitto) -> None:
