@@ -353,6 +353,13 @@ def resolve_broker(settings: Settings, stack: ExitStack) -> str:
     else:
         stack.callback(stop_process, process)
         typer.echo(f"MQTT: embedded broker (amqtt, MQTT 3.1.1) on 127.0.0.1:{DEFAULT_PORT}")
+        # Measured (docs/BENCHMARKS.md): amqtt acknowledges a burst of QoS 1 messages and
+        # delivers a few percent of it. Fine for the demo's 50 msg/s; say so plainly.
+        typer.secho(
+            "MQTT: the embedded broker is for a demo: it loses messages under a burst. For anything else run"
+            " Mosquitto and set SHOUHU_MQTT_URL.",
+            err=True,
+        )
     return f"mqtt://127.0.0.1:{DEFAULT_PORT}"
 
 
