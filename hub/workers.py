@@ -175,9 +175,6 @@ class WorkerPool:
         self._reader = threading.Thread(target=self._read_metrics, name="worker-metrics", daemon=True)
         self._reader.start()
 
-    def pids(self) -> list[int]:
-        return [running.process.pid for running in self._running if running.process.pid is not None]
-
     def ready(self) -> bool:
         """Every worker alive, connected and subscribed."""
         return self.ready_count() == len(self.specs)
@@ -186,7 +183,7 @@ class WorkerPool:
         return sum(1 for r in self._running if r.process.is_alive() and r.signals.ready.is_set())
 
     def failure(self) -> str | None:
-        """Why the tree must end: a worker that is gone, or one that never got ready."""
+        """Why the tree must end: a worker that is gone (crashed, killed, or stopped alone)."""
         for running in self._running:
             if not running.process.is_alive():
                 return f"bulk worker {running.spec.number} ended (exit code {running.process.exitcode})"
@@ -412,6 +409,11 @@ class BulkWorker:
                 self._report(metrics_out)
         finally:
             ready.clear()
+            # A stop that hangs (a network thread blocked on a full inbox, say) must not
+            # leave an orphan behind for good: what it held is redelivered anyway.
+            watchdog = threading.Timer(STOP_WAIT_S + (30.0 if leave.is_set() else 0.0), os._exit, (EXIT_FAILED,))
+            watchdog.daemon = True
+            watchdog.start()
             if self._failure is None:
                 self._stop(leave.is_set())
             self._report(metrics_out, force=True)
