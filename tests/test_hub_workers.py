@@ -11,19 +11,21 @@ import uuid
 import psutil
 import pytest
 
+from shouhu.embedded.broker import ensure_local_broker
 from shouhu.embedded.postgres import free_port
-from tests.support.broker import Fleet
+from simulators.wristband import publish_raw
+from tests.support.broker import Fleet, telemetry
 from tests.support.hub import count, query, scrape, wait_until
 from tests.support.services import Mosquitto, ShouhuProcess, shouhu_env
 
 EXIT_HUB_FAILED = 70
 
 
-def hub_tree(url: str, broker: Mosquitto, hub_id: str, workers: int = 2, **settings: str) -> ShouhuProcess:
+def hub_tree(url: str, mqtt_url: str, hub_id: str, workers: int = 2, **settings: str) -> ShouhuProcess:
     port = free_port()
     env = shouhu_env(
         SHOUHU_DATABASE_URL=url,
-        SHOUHU_MQTT_URL=broker.url,
+        SHOUHU_MQTT_URL=mqtt_url,
         SHOUHU_HUB_ID=hub_id,
         SHOUHU_METRICS_PORT=str(port),
         **settings,
@@ -51,7 +53,7 @@ def stored_once(url: str) -> tuple[int, int]:
 
 def restart_and_count(url: str, broker: Mosquitto, hub_id: str, published: int) -> None:
     """The tree started again: every message published is stored, each exactly once."""
-    again = hub_tree(url, broker, hub_id).start(timeout=60)
+    again = hub_tree(url, broker.url, hub_id).start(timeout=60)
     try:
         wait_until(lambda: count(url, "telemetry") >= published, timeout=90, what=f"{published:,} rows after a restart")
     finally:
@@ -66,7 +68,7 @@ def publish(broker: Mosquitto, messages: int, offset: int = 0) -> Fleet:
 
 
 def test_a_worker_takes_a_share_and_the_hubs_metrics_count_both(county_url: str, broker: Mosquitto) -> None:
-    hub = hub_tree(county_url, broker, f"hub-{uuid.uuid4().hex[:6]}").start(timeout=60)
+    hub = hub_tree(county_url, broker.url, f"hub-{uuid.uuid4().hex[:6]}").start(timeout=60)
     try:
         (worker,) = workers_of(hub)
         fleet = publish(broker, 4000)
@@ -94,7 +96,7 @@ def test_a_worker_that_ends_ends_the_tree_and_a_restart_loses_nothing(
     """Killed or stopped alone, a worker takes the hub down (exit 70) for the supervisor
     to restart; what the worker had not acknowledged waits in its session."""
     hub_id = f"hub-{uuid.uuid4().hex[:6]}"
-    hub = hub_tree(county_url, broker, hub_id).start(timeout=60)
+    hub = hub_tree(county_url, broker.url, hub_id).start(timeout=60)
     fleet = publish(broker, 6000)
     try:
         wait_until(lambda: count(county_url, "telemetry") >= 500, timeout=60, what="the drain under way")
@@ -116,7 +118,7 @@ def test_a_hub_killed_or_stopped_leaves_no_worker_behind_and_loses_nothing(
     county_url: str, broker: Mosquitto, signal_number: int
 ) -> None:
     hub_id = f"hub-{uuid.uuid4().hex[:6]}"
-    hub = hub_tree(county_url, broker, hub_id).start(timeout=60)
+    hub = hub_tree(county_url, broker.url, hub_id).start(timeout=60)
     fleet = publish(broker, 6000)
     try:
         wait_until(lambda: count(county_url, "telemetry") >= 500, timeout=60, what="the drain under way")
@@ -134,8 +136,31 @@ def test_a_hub_killed_or_stopped_leaves_no_worker_behind_and_loses_nothing(
     restart_and_count(county_url, broker, hub_id, 7000)
 
 
+def test_on_a_broker_without_shared_subscriptions_the_workers_go_and_the_hub_runs_alone(county_url: str) -> None:
+    """The embedded broker (amqtt) has no shared subscriptions: the workers, already
+    forked, are stopped with their sessions given up, and the hub takes everything."""
+    port = free_port()
+    broker = ensure_local_broker(port)
+    assert broker is not None
+    url = f"mqtt://127.0.0.1:{port}"
+    hub = hub_tree(county_url, url, f"hub-{uuid.uuid4().hex[:6]}").start(timeout=90)
+    try:
+        wait_until(lambda: workers_of(hub) == [], timeout=30, what="the workers gone")
+        assert "needs a broker that shares subscriptions" in hub.output()
+        assert "bulk worker 2 left" in hub.output()
+        for n in range(20):  # one at a time: amqtt loses bursts (docs/BENCHMARKS.md)
+            publish_raw(url, f"shouhu/v1/wristband/wb-{n + 1:04d}/telemetry", telemetry())
+        wait_until(lambda: count(county_url, "telemetry") == 20, timeout=30, what="20 rows from the lone hub")
+    finally:
+        hub.stop()
+        broker.terminate()
+        broker.wait(10)
+    assert hub.process is not None
+    assert hub.process.returncode == 0
+
+
 def test_without_a_shared_subscription_the_hub_runs_alone_and_says_so(county_url: str, broker: Mosquitto) -> None:
-    hub = hub_tree(county_url, broker, f"hub-{uuid.uuid4().hex[:6]}", SHOUHU_HUB_SHARED="false").start(timeout=60)
+    hub = hub_tree(county_url, broker.url, f"hub-{uuid.uuid4().hex[:6]}", SHOUHU_HUB_SHARED="false").start(timeout=60)
     try:
         assert workers_of(hub) == []
         assert "needs a broker that shares subscriptions" in hub.output()
@@ -151,8 +176,8 @@ def test_without_a_shared_subscription_the_hub_runs_alone_and_says_so(county_url
 def test_a_tree_that_leaves_parks_nothing_in_its_workers_sessions(county_url: str, broker: Mosquitto) -> None:
     """Scale-down of a tree: with `--leave` the worker gives its share and session up
     too, so everything published afterwards reaches the hub that stays."""
-    staying = hub_tree(county_url, broker, f"hub-a-{uuid.uuid4().hex[:4]}", workers=1).start(timeout=60)
-    leaving = hub_tree(county_url, broker, f"hub-b-{uuid.uuid4().hex[:4]}")
+    staying = hub_tree(county_url, broker.url, f"hub-a-{uuid.uuid4().hex[:4]}", workers=1).start(timeout=60)
+    leaving = hub_tree(county_url, broker.url, f"hub-b-{uuid.uuid4().hex[:4]}")
     leaving.args = [*leaving.args, "--leave"]
     leaving.start(timeout=60)
     (worker,) = workers_of(leaving)
