@@ -144,7 +144,11 @@ class WorkerPool:
     """The hub's side: starts the workers, watches them, merges their metrics, stops them."""
 
     def __init__(
-        self, specs: Sequence[WorkerSpec], alarms_idle: EventLike, inherited: Sequence[Closable] = ()
+        self,
+        specs: Sequence[WorkerSpec],
+        alarms_idle: EventLike,
+        inherited: Sequence[Closable] = (),
+        registry: CollectorRegistry = REGISTRY,
     ) -> None:
         self.specs = list(specs)
         self.alarms_idle = alarms_idle
@@ -156,7 +160,8 @@ class WorkerPool:
         self._reader: threading.Thread | None = None
         self._closed = threading.Event()
         self._leaving = False
-        self.collector = _MergedMetrics(self)
+        # What the hub's /metrics serves: ``registry`` with the workers' samples added.
+        self.collector = _MergedMetrics(self, registry)
 
     def start(self) -> None:
         for spec in self.specs:
@@ -230,8 +235,12 @@ class WorkerPool:
                 except (EOFError, OSError):  # the worker is gone; failure() says so
                     connection.close()
                     continue
-                with self._lock:
-                    self._samples[number] = samples
+                self.record(number, samples)
+
+    def record(self, number: int, samples: Samples) -> None:
+        """Worker ``number``'s latest samples (totals since it started)."""
+        with self._lock:
+            self._samples[number] = samples
 
     def per_worker(self) -> dict[int, Samples]:
         with self._lock:
@@ -250,13 +259,14 @@ class WorkerPool:
 class _MergedMetrics(CollectorRegistry):
     """The default registry's ``shouhu_`` families with the workers' samples added in."""
 
-    def __init__(self, pool: WorkerPool) -> None:
+    def __init__(self, pool: WorkerPool, registry: CollectorRegistry) -> None:
         super().__init__(auto_describe=False)
         self.pool = pool
+        self.registry = registry
 
     def collect(self) -> Iterable[Metric]:
         extra = self.pool.worker_samples()
-        for family in REGISTRY.collect():
+        for family in self.registry.collect():
             if not family.name.startswith("shouhu_") or not extra:
                 yield family
                 continue
