@@ -185,9 +185,12 @@ def test_broker_restarted_with_the_shipped_configuration(county_url: str, shared
         fleet.wait_published(60)
         wait_until(lambda: not band.unreceipted, timeout=60, what="both presses receipted")
         wait_until(lambda: http_status(f"http://127.0.0.1:{metrics_port}/readyz") == 200, what="the hub back")
-        # The restart's blocks may still be draining: count from a marker queued behind them.
-        fleet.marker(f"{MARKER}settled")
-        wait_until(lambda: markers_stored(county_url) == 1, timeout=60, what="the marker behind the restart's blocks")
+        # The restart's blocks may still be draining: count from markers queued behind them.
+        # With a worker the share has two members, each draining its own queue in order:
+        # ten markers dealt in turns reach both, so all ten stored means both are done.
+        for n in range(10):
+            fleet.marker(f"{MARKER}settled-{n}")
+        wait_until(lambda: markers_stored(county_url) == 10, timeout=60, what="the markers behind the restart's blocks")
         before = fleet_rows(county_url)
         metrics = f"http://127.0.0.1:{metrics_port}/metrics"
         by_worker = 'shouhu_hub_worker_messages_stored_total\\{worker="2"\\}'
