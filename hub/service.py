@@ -288,7 +288,7 @@ class Hub:
                 database_url=self.database_url,
                 mqtt_url=self.mqtt_url,
                 client_id=bulk_client_id(self.hub_id, number),
-                config=IngestConfig(self.hub_id, self.ack_timeout_s, self.cancel_window_s),
+                config=self.alarm_writer.config,
                 liveness=self.worker_liveness,
                 bulk_lanes=BULK_LANES,
                 batch_max=BATCH_MAX,

@@ -61,6 +61,22 @@ def restart_and_count(url: str, broker: Mosquitto, hub_id: str, published: int) 
     assert stored_once(url) == (published, published)
 
 
+def mid_drain(url: str, broker: Mosquitto) -> tuple[str, ShouhuProcess, Fleet, psutil.Process]:
+    """A tree with a worker, draining 6,000 messages, 500 of them stored: (hub id, hub,
+    publisher, worker). The caller closes the publisher and stops the hub."""
+    hub_id = f"hub-{uuid.uuid4().hex[:6]}"
+    hub = hub_tree(url, broker.url, hub_id).start(timeout=60)
+    fleet = publish(broker, 6000)
+    try:
+        wait_until(lambda: count(url, "telemetry") >= 500, timeout=60, what="the drain under way")
+        (worker,) = workers_of(hub)
+    except BaseException:
+        fleet.close()
+        hub.kill(9)
+        raise
+    return hub_id, hub, fleet, worker
+
+
 def publish(broker: Mosquitto, messages: int, offset: int = 0) -> Fleet:
     fleet = Fleet(broker.port)
     fleet.telemetry(messages, offset)
@@ -95,12 +111,8 @@ def test_a_worker_that_ends_ends_the_tree_and_a_restart_loses_nothing(
 ) -> None:
     """Killed or stopped alone, a worker takes the hub down (exit 70) for the supervisor
     to restart; what the worker had not acknowledged waits in its session."""
-    hub_id = f"hub-{uuid.uuid4().hex[:6]}"
-    hub = hub_tree(county_url, broker.url, hub_id).start(timeout=60)
-    fleet = publish(broker, 6000)
+    hub_id, hub, fleet, worker = mid_drain(county_url, broker)
     try:
-        wait_until(lambda: count(county_url, "telemetry") >= 500, timeout=60, what="the drain under way")
-        (worker,) = workers_of(hub)
         worker.send_signal(signal_number)
         assert hub.process is not None
         assert hub.process.wait(30) == EXIT_HUB_FAILED
@@ -117,12 +129,8 @@ def test_a_worker_that_ends_ends_the_tree_and_a_restart_loses_nothing(
 def test_a_hub_killed_or_stopped_leaves_no_worker_behind_and_loses_nothing(
     county_url: str, broker: Mosquitto, signal_number: int
 ) -> None:
-    hub_id = f"hub-{uuid.uuid4().hex[:6]}"
-    hub = hub_tree(county_url, broker.url, hub_id).start(timeout=60)
-    fleet = publish(broker, 6000)
+    hub_id, hub, fleet, worker = mid_drain(county_url, broker)
     try:
-        wait_until(lambda: count(county_url, "telemetry") >= 500, timeout=60, what="the drain under way")
-        (worker,) = workers_of(hub)
         assert hub.process is not None
         hub.process.send_signal(signal_number)
         # An orphan notices its parent is gone within a second and stops by itself.
