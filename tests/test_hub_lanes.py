@@ -23,14 +23,24 @@ class LaneBreaker(BaseException):
     """Not an ``Exception``: what per-message isolation does not (and must not) swallow."""
 
 
-def breaking_sink(_conn: psycopg.Connection[Any], _sightings: Sequence[Sighting]) -> None:
-    raise LaneBreaker("the lane itself is broken")
+class BreakingSink:
+    """Breaks the lane once armed. Before, it records nothing: the session's broker is
+    shared by every test of this worker, and a status another test left retained may
+    reach the hub before its start-up probe does (it broke the lane before ready once)."""
+
+    def __init__(self) -> None:
+        self.armed = threading.Event()
+
+    def __call__(self, _conn: psycopg.Connection[Any], _sightings: Sequence[Sighting]) -> None:
+        if self.armed.is_set():
+            raise LaneBreaker("the lane itself is broken")
 
 
 def test_a_broken_alarm_lane_ends_the_hub_and_its_sos_is_paged_after_the_restart(
     county_url: str, mosquitto: Mosquitto
 ) -> None:
     hub_id = f"hub-{uuid.uuid4().hex[:6]}"
+    breaking_sink = BreakingSink()
     broken = Hub(county_url, mosquitto.url, hub_id, 120, record_sightings=breaking_sink)
     failures: list[BaseException] = []
 
@@ -45,6 +55,7 @@ def test_a_broken_alarm_lane_ends_the_hub_and_its_sos_is_paged_after_the_restart
     assert broken.ready.wait(15)
     # Ready also needs every SUBACK of both connections: the bulk one may lag the probe.
     wait_until(broken.is_ready, what="the hub ready (both connections subscribed)")
+    breaking_sink.armed.set()
     publish_raw(mosquitto.url, "shouhu/v1/wristband/wb-0071/sos", alarm_payload("sos"))
     thread.join(20)
     assert not thread.is_alive(), "the hub kept running with a dead lane"
