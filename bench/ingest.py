@@ -90,6 +90,10 @@ from tests.support.services import SHOUHU_BIN, STARTED_PROCESSES, Mosquitto, Sho
 
 DEMO = Path(__file__).resolve().parent.parent / "simulators" / "demo_county.yaml"
 WRISTBANDS = 240  # wb-0001 … wb-0240 in the demo county
+# What the load's msg_ids are (--msg-ids): "time-ordered" (UUIDv7, as the contract
+# recommends and Shouhu's gateways and simulators send: each device's new keys land at
+# the end of its range of the ledger's primary key) or "random" (UUIDv4: on random leaves).
+MSG_IDS = ["time-ordered"]
 HUB_RECEIVE_MAXIMUM = 5_000  # hub/service.py BULK_INBOX_SIZE, sent as Receive Maximum
 DRAIN_TIMEOUT_S = 600.0
 OBSERVE_EVERY_S = 0.05
@@ -107,6 +111,21 @@ PUBLISHER = textwrap.dedent(
     from datetime import UTC, datetime
     port, count, rate, duration, devices = (
         int(sys.argv[1]), int(sys.argv[2]), float(sys.argv[3]), float(sys.argv[4]), int(sys.argv[5]))
+    ordered = sys.argv[6] == "time-ordered"
+    last_ms = seq = 0
+    def uuid7():
+        # RFC 9562 UUIDv7, method 1: 48 bits of Unix ms, a 12-bit counter within the ms.
+        global last_ms, seq
+        ms = time.time_ns() // 1_000_000
+        if ms > last_ms:
+            last_ms, seq = ms, 0
+        else:
+            seq += 1
+            if seq > 0xFFF:
+                last_ms, seq = last_ms + 1, 0
+        tail = uuid.uuid4().hex
+        h = f"{last_ms:012x}"
+        return f"{h[:8]}-{h[8:]}-7{seq:03x}-{8 | int(tail[0], 16) & 3:x}{tail[1:4]}-{tail[4:16]}"
     if rate > 0:
         count = int(rate * duration) + 1
     def remaining(n):
@@ -122,8 +141,8 @@ PUBLISHER = textwrap.dedent(
     stamp = datetime.now(UTC).isoformat()
     packets = []
     for i in range(count):
-        body = json.dumps({"msg_id": str(uuid.uuid4()), "ts": stamp, "battery": 80, "heart_rate": 72,
-                           "worn": True}).encode()
+        msg_id = uuid7() if ordered else str(uuid.uuid4())
+        body = json.dumps({"msg_id": msg_id, "ts": stamp, "battery": 80, "heart_rate": 72, "worn": True}).encode()
         topic = f"shouhu/v1/wristband/wb-{i % devices + 1:04d}/telemetry"
         variable = string(topic) + (i % 65535 + 1).to_bytes(2, "big")
         packets.append(b"\x32" + remaining(len(variable) + len(body)) + variable + body)
@@ -280,7 +299,7 @@ def run_json(args: list[str]) -> dict[str, float]:
 
 def publish_backlog(port: int, count: int) -> float:
     """Queue ``count`` telemetry messages in the broker; returns the publisher's rate (msg/s)."""
-    result = run_json([PUBLISHER, str(port), str(count), "0", "0", str(WRISTBANDS)])
+    result = run_json([PUBLISHER, str(port), str(count), "0", "0", str(WRISTBANDS), MSG_IDS[0]])
     if result["acked"] < count:
         raise RuntimeError(f"the broker acknowledged only {result['acked']:,.0f} of {count:,}")
     return count / result["until_last_ack"]
@@ -468,6 +487,43 @@ def wal_written(conn: psycopg.Connection[tuple[Any, ...]]) -> tuple[int, int]:
     return (int(row[0]), int(row[1])) if row else (0, 0)
 
 
+def wal_position(conn: psycopg.Connection[tuple[Any, ...]]) -> str:
+    row = conn.execute("SELECT pg_current_wal_insert_lsn()::text").fetchone()
+    assert row is not None
+    return str(row[0])
+
+
+FULL_PAGE_REFERENCE = re.compile(r"blkref #\d+: rel \d+/\d+/(\d+)(?: fork (\w+))? blk \d+ FPW")
+
+
+def full_pages_by_relation(
+    conn: psycopg.Connection[tuple[Any, ...]], data_dir: Path, start: str, end: str
+) -> list[tuple[str, int]]:
+    """Which relations the full-page images between two WAL positions were of, most first
+    (``pg_waldump``): what a drain's first touches after a checkpoint landed on."""
+    names = {
+        str(node): str(name)
+        for node, name in conn.execute("SELECT pg_relation_filenode(oid), relname FROM pg_class").fetchall()
+        if node is not None
+    }
+    dumped = subprocess.run(
+        [str(wheel_bin_dir() / "pg_waldump"), "-p", str(data_dir / "pg_wal"), "-s", start, "-e", end],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    counts: dict[str, int] = {}
+    for match in FULL_PAGE_REFERENCE.finditer(dumped.stdout):
+        name = names.get(match.group(1), f"filenode {match.group(1)}")
+        if match.group(2):
+            name += f" ({match.group(2)})"
+        counts[name] = counts.get(name, 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    if dumped.returncode != 0:  # e.g. a checkpoint recycled the first segments already
+        ranked.insert(0, (f"pg_waldump incomplete: {dumped.stderr.strip()[:80]}", 0))
+    return ranked
+
+
 def lock_waiters(conn: psycopg.Connection[tuple[Any, ...]]) -> int:
     """Backends of this database waiting on a lock right now."""
     row = conn.execute(
@@ -537,7 +593,7 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str], sos_device: str | No
         baseline = stack.telemetry_rows(conn)
         spawned = datetime.now(UTC)
         broker_before, postgres_before = sum(broker_process.cpu_times()[:2]), postgres_cpu(stack)
-        wal_before = wal_written(conn)
+        wal_before, wal_start = wal_written(conn), wal_position(conn)
         spawned_monotonic = time.monotonic()
         running = [stack.hub(hub_id, wait_ready=False, workers=workers) for hub_id in hub_ids]
         deadline = time.monotonic() + DRAIN_TIMEOUT_S
@@ -559,6 +615,7 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str], sos_device: str | No
         broker_cpu = sum(broker_process.cpu_times()[:2]) - broker_before
         pg_cpu = postgres_cpu(stack) - postgres_before
         wal_bytes, wal_fpi = (after - before for after, before in zip(wal_written(conn), wal_before, strict=True))
+        full_pages = full_pages_by_relation(conn, stack.data_dir, wal_start, wal_position(conn))
         hub_cpu = hubs_cpu(running) - (cpu_at_first_row or 0.0)
         row = conn.execute("SELECT min(received_at) FROM telemetry WHERE received_at >= %s", (spawned,)).fetchone()
         first_received: datetime = row[0] if row and row[0] else spawned
@@ -577,7 +634,8 @@ def hub_drain(stack: Stack, count: int, hub_ids: list[str], sos_device: str | No
         f"mean batch {joined('{size:.0f}', scraped)} messages, bulk lane inside store_batch "
         f"{joined('{busy:.0%}', scraped)} of the window, {joined('{per_batch:.0f}', scraped)}"
         f" ms per batch; PostgreSQL CPU {pg_cpu / seconds:.0%} of a core, WAL {wal_bytes / count:,.0f} bytes and"
-        f" {wal_fpi / count:.2f} full-page images per message; a backend waiting on a row lock in"
+        f" {wal_fpi / count:.2f} full-page images per message"
+        f" ({', '.join(f'{name} {n:,}' for name, n in full_pages[:4]) or 'none'}); a backend waiting on a row lock in"
         f" {sum(1 for n in lock_samples if n) / max(len(lock_samples), 1):.0%} of {len(lock_samples)} samples"
     )
     if sos_device is not None:
@@ -676,19 +734,45 @@ def embedded_hub_drain(url: str, env: dict[str, str], port: int, broker_process:
         shutil.rmtree(hub.log_path.parent, ignore_errors=True)
 
 
+# Key g of a fill of {keys}: received {FILL_DAYS} days back and on, evenly, the newest an
+# hour before the drains — inside the ledger's 7-day retention, so that no hub's upkeep
+# deletes the fill during a drain (it did while the fill was dated 30 days back, and those
+# deletes' page writes were counted as the drain's).
+FILL_FIRST = "now() - interval '6 days 1 hour'"
+FILL_RECEIVED_SQL = f"{FILL_FIRST} + g * (interval '6 days' / {{keys}})"
+# A UUIDv7 text for key g, of its receiving time: each device's keys grow with g as a
+# device's own would over the week.
+ORDERED_ID_SQL = """(
+    SELECT substr(h, 1, 8) || '-' || substr(h, 9, 4) || '-7' || substr(r, 1, 3) || '-8' || substr(r, 4, 3)
+           || '-' || substr(r, 7, 12)
+    FROM (SELECT lpad(to_hex((extract(epoch FROM {received}) * 1000)::bigint), 12, '0') AS h,
+                 md5(g::text) AS r) parts
+)"""
+
+
 def fill_ledger(url: str, keys: int) -> float:
-    """Old entries in ``message_ledger`` until it holds ``keys``, as weeks of a county's
-    traffic leave it; returns the seconds it took. Dated 30 days back, outside any drain's window."""
+    """Older entries in ``message_ledger`` until it holds ``keys``, as a week of a county's
+    traffic leaves it (its retention is 7 days); returns the seconds it took."""
     started = time.monotonic()
+    received = FILL_RECEIVED_SQL.format(keys=int(keys))
     with psycopg.connect(url, autocommit=True) as conn:
         row = conn.execute("SELECT count(*) FROM message_ledger").fetchone()
         have = int(row[0]) if row else 0
         for start in range(have, keys, 1_000_000):
             conn.execute(
-                "INSERT INTO message_ledger (device_id, msg_id, payload_hash, channel, received_at)"
-                " SELECT 'wb-' || lpad((g %% %s + 1)::text, 4, '0'), md5(g::text), sha256(g::text::bytea),"
-                " 'telemetry', now() - interval '30 days' FROM generate_series(%s, %s) g",
-                (WRISTBANDS, start, min(start + 1_000_000, keys) - 1),
+                sql.SQL(
+                    "INSERT INTO message_ledger (device_id, msg_id, payload_hash, channel, received_at)"
+                    " SELECT 'wb-' || lpad((g % {devices} + 1)::text, 4, '0'), {msg_id}, sha256(g::text::bytea),"
+                    " 'telemetry', {received} FROM generate_series({first}, {last}) g"
+                ).format(
+                    devices=sql.Literal(WRISTBANDS),
+                    msg_id=sql.SQL(
+                        ORDERED_ID_SQL.format(received=received) if MSG_IDS[0] == "time-ordered" else "md5(g::text)"
+                    ),
+                    received=sql.SQL(received),
+                    first=sql.Literal(start),
+                    last=sql.Literal(min(start + 1_000_000, keys) - 1),
+                )
             )
         conn.execute("VACUUM ANALYZE message_ledger")
         # Written out now, not by a checkpoint inside the next drain's window.
@@ -823,7 +907,17 @@ def sos_under_load(
     warmup, tail = 3.0, 2.0
     duration = warmup + presses * spacing + tail
     loadgen = subprocess.Popen(
-        [sys.executable, "-c", PUBLISHER, str(stack.broker.port), "0", str(load_rate), str(duration), str(WRISTBANDS)],
+        [
+            sys.executable,
+            "-c",
+            PUBLISHER,
+            str(stack.broker.port),
+            "0",
+            str(load_rate),
+            str(duration),
+            str(WRISTBANDS),
+            MSG_IDS[0],
+        ],
         stdout=subprocess.PIPE,
         text=True,
     )
@@ -965,9 +1059,19 @@ def main() -> None:
         help="shouhu hub --workers for a second one-hub drain, the kill check, the big ledger and the SOS runs",
     )
     parser.add_argument("--no-two-hubs", action="store_true", help="skip the two-hub drain")
+    parser.add_argument(
+        "--msg-ids",
+        choices=["time-ordered", "random"],
+        default="time-ordered",
+        help="the load's (and the ledger fill's) msg_ids: UUIDv7, as the contract recommends, or UUIDv4",
+    )
     args = parser.parse_args()
+    MSG_IDS[0] = args.msg_ids
     started = time.monotonic()
-    print(f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {psutil.cpu_count()} cores, load average {psutil.getloadavg()}")
+    print(
+        f"{datetime.now(UTC):%Y-%m-%d %H:%M} UTC, {psutil.cpu_count()} cores, load average {psutil.getloadavg()},"
+        f" msg_ids {args.msg_ids}"
+    )
     broker = Mosquitto()
     broker.start()
     cluster = start_postgres(wheel_bin_dir())

@@ -44,6 +44,7 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationErro
 
 from devices.contract import ALARM_CHANNELS, DEVICE_ID, PAYLOAD_MODELS, MqttChannel, Topic
 from devices.kinds import DeviceKind
+from devices.msg_ids import derived_msg_id
 
 UNREGISTERED_PREFIX = "traccar-"
 ALARM_EVENT = "alarm"
@@ -143,10 +144,12 @@ def alarms_of(forward: TraccarForward) -> list[TraccarAlarm]:
     return _alarm_names(forward.position.attributes) if forward.position is not None else []
 
 
-def make_msg_id(device_id: str, channel: MqttChannel, key: str) -> str:
-    """The v1 ``msg_id`` of what one forwarded object says on ``channel``: the same for a retry."""
+def make_msg_id(device_id: str, channel: MqttChannel, key: str, at: datetime) -> str:
+    """The v1 ``msg_id`` of what one forwarded object says on ``channel``: the same for a
+    retry. ``at``, the message's ``ts``, comes first so that a device's ids grow
+    (devices/msg_ids.py)."""
     digest = hashlib.sha256(b"\0".join([device_id.encode(), channel.encode(), key.encode()]))
-    return f"traccar-{digest.hexdigest()[:40]}"
+    return derived_msg_id("traccar", at, digest.hexdigest())
 
 
 @dataclass(frozen=True, slots=True)
@@ -237,7 +240,7 @@ def map_forward(forward: TraccarForward, wristband_id: str | None, now: datetime
         # What the message says is part of its msg_id too: one msg_id is never two payloads
         # (the hub dead-letters that), whatever ids and times Traccar left out.
         said = json.dumps({"ts": ts.isoformat(), **fields}, sort_keys=True, ensure_ascii=False)
-        msg_id = make_msg_id(device_id, channel, f"{identity.alarm_key if alarm else identity.key}|{said}")
+        msg_id = make_msg_id(device_id, channel, f"{identity.alarm_key if alarm else identity.key}|{said}", ts)
         payload = _payload(channel, {"msg_id": msg_id, "ts": ts.isoformat(), **fields})
         publications.append(Publication(Topic(DeviceKind.WRISTBAND, device_id, channel), msg_id, payload))
 

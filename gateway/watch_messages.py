@@ -53,6 +53,7 @@ from pydantic import ValidationError
 
 from devices.contract import ALARM_CHANNELS, PAYLOAD_MODELS, MqttChannel, Topic
 from devices.kinds import DeviceKind
+from devices.msg_ids import derived_msg_id
 from gateway.watch_frames import WatchFrame, answer_alarm, answer_heartbeat
 
 # Watch id → the registry's wristband id, or None for a watch the registry does not have.
@@ -219,12 +220,14 @@ def unregistered_device_id(watch_id: str) -> str:
     return f"{UNREGISTERED_PREFIX}{watch_id}"
 
 
-def make_msg_id(watch_id: str, channel: MqttChannel, content: bytes, clock: str = "") -> str:
+def make_msg_id(watch_id: str, channel: MqttChannel, content: bytes, at: datetime, clock: str = "") -> str:
     """The v1 ``msg_id`` of what a frame says on ``channel``: the same for a re-sent frame.
 
-    ``clock`` is the gateway's time for frames that carry no time of the watch's own."""
+    ``at`` is the time the message carries (the watch's own, else the gateway's), first in
+    the id so that a watch's ids grow (devices/msg_ids.py); ``clock`` is the gateway's time
+    for frames that carry no time of the watch's own."""
     digest = hashlib.sha256(b"\0".join([watch_id.encode(), channel.encode(), content, clock.encode()]))
-    return f"watch-{digest.hexdigest()[:40]}"
+    return derived_msg_id("watch", at, digest.hexdigest())
 
 
 def _payload(channel: MqttChannel, fields: dict[str, Any]) -> bytes:
@@ -253,12 +256,13 @@ class _Builder:
     def __init__(self, frame: WatchFrame, wristband_id: str, ts: datetime, clock: str) -> None:
         self.frame = frame
         self.wristband_id = wristband_id
+        self.at = ts
         self.ts = ts.isoformat()
         self.clock = clock
         self.publications: list[Publication] = []
 
     def add(self, channel: MqttChannel, fields: dict[str, Any]) -> str:
-        msg_id = make_msg_id(self.frame.device_id, channel, self.frame.content, self.clock)
+        msg_id = make_msg_id(self.frame.device_id, channel, self.frame.content, self.at, self.clock)
         payload = _payload(channel, {"msg_id": msg_id, "ts": self.ts, **fields})
         self.publications.append(Publication(Topic(DeviceKind.WRISTBAND, self.wristband_id, channel), msg_id, payload))
         return msg_id

@@ -208,7 +208,7 @@ class CameraFleet:
 
     def _health(self, camera: _Camera, at: datetime) -> Publish:
         camera.counter += 1
-        body: dict[str, Any] = {"msg_id": f"{self.boot_id}-{camera.counter}", "ts": rfc3339(at, self.zone)}
+        body: dict[str, Any] = {"msg_id": f"{self.boot_id}-{camera.counter:010d}", "ts": rfc3339(at, self.zone)}
         if camera.outage is None:
             body |= {
                 "online": True,

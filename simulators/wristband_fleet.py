@@ -198,7 +198,7 @@ class WristbandFleet:
         self.falls += 1
         band.counter += 1
         body: dict[str, Any] = {
-            "msg_id": f"{self.boot_id}-{band.counter}",
+            "msg_id": f"{self.boot_id}-{band.counter:010d}",
             "ts": rfc3339(at, self.zone),
             "confidence": round(band.rng.uniform(0.75, 0.99), 2),
         }
@@ -241,7 +241,7 @@ class WristbandFleet:
         band.counter += 1
         rng = band.rng
         body: dict[str, Any] = {
-            "msg_id": f"{self.boot_id}-{band.counter}",
+            "msg_id": f"{self.boot_id}-{band.counter:010d}",
             "ts": rfc3339(at, self.zone),
             "battery": round(band.battery),
             "worn": band.worn,

@@ -252,3 +252,14 @@ def test_one_msg_id_is_never_two_payloads() -> None:
             for publication in map_forward(given, BAND, now).publications:
                 assert seen.setdefault(publication.msg_id, publication.payload) == publication.payload
     assert len(seen) > len(TIMELESS)
+
+
+def test_a_later_forward_of_a_device_has_a_greater_msg_id() -> None:
+    """The message's time leads its msg_id: a device's ledger keys grow (devices/msg_ids.py)."""
+    [earlier] = map_forward(forward("sos", position={"id": 9002}), BAND, NOW).publications
+    [later] = map_forward(
+        forward("sos", position={"id": 9003, "fixTime": "2026-12-04T02:31:00.000+00:00"}), BAND, NOW
+    ).publications
+    assert earlier.msg_id is not None
+    assert later.msg_id is not None
+    assert earlier.msg_id < later.msg_id

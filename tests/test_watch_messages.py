@@ -531,3 +531,16 @@ def test_a_gateway_dead_letter_that_does_not_read_is_kept_whole_as_schema(payloa
     assert isinstance(parsed, Rejected)
     assert parsed.reason is RejectReason.SCHEMA
     assert parsed.raw is None  # the envelope itself is what the hub keeps
+
+
+def test_a_later_frame_of_a_watch_has_a_greater_msg_id() -> None:
+    """The watch's own time leads its msg_id: a watch's ledger keys grow (devices/msg_ids.py)."""
+    earlier = mapped("AL," + position("00010000", time="101500"))
+    later = mapped("AL," + position("00010000", time="101501"))
+    assert earlier.publications[0].msg_id is not None
+    assert later.publications[0].msg_id is not None
+    assert earlier.publications[0].msg_id < later.publications[0].msg_id
+    heartbeat, next_heartbeat = mapped("LK,1,0,90"), mapped("LK,1,0,90", now=NOW + timedelta(seconds=1))
+    assert heartbeat.publications[0].msg_id is not None
+    assert next_heartbeat.publications[0].msg_id is not None
+    assert heartbeat.publications[0].msg_id < next_heartbeat.publications[0].msg_id

@@ -21,7 +21,7 @@ from hub.service import Hub
 from shouhu.embedded.postgres import free_port
 from tests.support.hub import query, start_hub, wait_until
 from tests.support.services import Mosquitto
-from tests.support.watch import BAND, SOS_BODY, WATCH, Watch, frame, gateway_process, serving
+from tests.support.watch import BAND, SOS_AT, SOS_BODY, WATCH, Watch, frame, gateway_process, serving
 
 
 @pytest.fixture
@@ -51,7 +51,7 @@ def test_a_heartbeat_is_answered_at_once_and_stored(hub: Hub, county_url: str, g
 
 def test_an_sos_is_answered_only_after_the_hub_has_stored_it(hub: Hub, county_url: str, gateway: WatchServer) -> None:
     band = watch(gateway)
-    sos_id = make_msg_id(WATCH, MqttChannel.SOS, f"AL,{SOS_BODY}".encode())
+    sos_id = make_msg_id(WATCH, MqttChannel.SOS, f"AL,{SOS_BODY}".encode(), SOS_AT)
     try:
         band.send(frame(f"AL,{SOS_BODY}"))
         assert band.answer() == b"[3G*8600000061*0002*AL]"
@@ -308,6 +308,6 @@ def test_after_a_kill_and_a_restart_the_resent_alarm_is_answered_and_stored_once
         second.stop()
         worker.stop()
         thread.join(10)
-    sos_id = make_msg_id(WATCH, MqttChannel.SOS, f"AL,{SOS_BODY}".encode())
+    sos_id = make_msg_id(WATCH, MqttChannel.SOS, f"AL,{SOS_BODY}".encode(), SOS_AT)
     assert ledger(county_url, sos_id) == [("sos",)]
     assert query(county_url, "SELECT kind, device_id, urgency FROM incidents") == [("sos", BAND, 1)]

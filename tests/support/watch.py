@@ -8,7 +8,7 @@ import socket
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
-from datetime import timedelta, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from typing import Any
 
@@ -21,6 +21,8 @@ WATCH = "8600000061"
 BAND = "wb-0061"
 CHINA = timezone(timedelta(hours=8))
 SOS_BODY = "041226,101500,A,30.274085,N,120.155070,E,0.5,90.0,12.0,7,80,64,1520,0,00010000,1,255,460,0,9340,3663,35"
+# The watch's own time in SOS_BODY (DDMMYY, HHMMSS, China time): its msg_id's time.
+SOS_AT = datetime(2026, 12, 4, 10, 15, tzinfo=CHINA)
 
 
 def frame(content: str, watch: str = WATCH) -> bytes:
