@@ -139,15 +139,17 @@ _COLUMNS = (
     "id", "incident_id", "purpose", "channel", "address", "step", "round", "attempt", "body", "code", "kind",
     "opened_at", "resident_name", "resident_address", "resident_phone", "device_id", "area_id", "provider",
 )
-# An incident's first provider request, counted once even with several senders: the lowest
-# page attempt of the first step on a phone, none of them sent yet, on its first try (and,
+# An incident's first provider request, counted once even with several senders: its
+# leading first page on a phone (``alerts.attempts.behind_the_leader``; of rows written
+# before leaders were chosen, the lowest), none of them sent yet, on its first try (and,
 # checked by the caller, its first send). A console page is recorded with its step, not requested.
 _FIRST_REQUEST = f"""
     (a.purpose = '{AttemptPurpose.PAGE}' AND a.attempt = 1 AND a.round = 0 AND a.step = 0
-     AND a.channel <> '{Channel.CONSOLE}'
+     AND a.channel <> '{Channel.CONSOLE}' AND NOT a.behind_sibling
      AND NOT EXISTS (SELECT 1 FROM notification_attempts f
                      WHERE f.incident_id = a.incident_id AND f.purpose = '{AttemptPurpose.PAGE}' AND f.round = 0
-                       AND f.step = 0 AND f.channel <> '{Channel.CONSOLE}' AND (f.id < a.id OR f.sent_at IS NOT NULL)))
+                       AND f.step = 0 AND f.channel <> '{Channel.CONSOLE}' AND NOT f.behind_sibling
+                       AND (f.id < a.id OR f.sent_at IS NOT NULL)))
 """
 
 

@@ -194,6 +194,21 @@ def first_requests(url: str, network: PhoneNetwork, devices: Iterable[str]) -> d
     return first
 
 
+def first_attempts_written(url: str, devices: Iterable[str]) -> dict[str, float]:
+    """Wristband → when the router's step wrote its incident's first call or SMS, on
+    CLOCK_MONOTONIC (the row's wall-clock time, moved by this process's offset)."""
+    offset = time.time() - time.monotonic()
+    with psycopg.connect(url) as conn:
+        rows = conn.execute(
+            """
+            SELECT i.device_id, min(a.created_at) FROM incidents i JOIN notification_attempts a ON a.incident_id = i.id
+            WHERE i.device_id = ANY(%s) AND a.channel = ANY(%s) AND a.round = 0 AND a.step = 0 GROUP BY i.device_id
+            """,
+            (list(devices), list(PHONE_CHANNELS)),
+        ).fetchall()
+    return {str(device): written.timestamp() - offset for device, written in rows}
+
+
 def step_lateness(url: str, start: datetime, end: datetime) -> dict[str, list[float]]:
     """Lateness of the steps run in [start, end): all, later steps only, and to their first page."""
     with psycopg.connect(url) as conn:
@@ -382,10 +397,18 @@ def phase_two(
     firsts = first_requests(url, network, burst)
     latencies = [firsts[d] - presser.published[d] for d in burst if d in firsts]
     committed = [watcher.seen[d] - presser.published[d] for d in burst if d in watcher.seen]
+    written = first_attempts_written(url, burst)
+    # Where the time goes: the hub's commit, then the router's step writing the first
+    # call and SMS, then a sender leasing and sending one.
+    to_step = [written[d] - watcher.seen[d] for d in burst if d in written and d in watcher.seen]
+    to_send = [firsts[d] - written[d] for d in burst if d in written and d in firsts]
     lines = [
         f"phase 2: {len(burst)} presses published in {published_s * 1000:.0f} ms",
         summary("  press → incident committed (burst; polled every 20 ms)", committed),
         f"  every incident committed: {max(watcher.seen.values()) - last_press:.2f} s after the last press",
+        summary("  incident committed (seen) → its first call and SMS written by the router's step", to_step),
+        f"  every first call and SMS written: {max(written.values()) - last_press:.2f} s after the last press",
+        summary("  first call and SMS written → the first of them requested from the provider", to_send),
         summary("  press → first provider request (burst)", latencies),
         f"  every first page sent: {max(firsts.values()) - burst_start:.2f} s after the first publish,"
         f" {max(firsts.values()) - last_press:.2f} s after the last press"

@@ -187,13 +187,13 @@ def test_failed_pages_are_retried_with_backoff_then_the_step_moves_on(county_url
     router.run_once()
     tries = (
         "SELECT channel, attempt, state FROM notification_attempts"
-        " WHERE address = %s AND purpose = 'page' AND channel <> 'console' ORDER BY id"
+        " WHERE address = %s AND purpose = 'page' AND channel <> 'console' ORDER BY attempt, channel"
     )
     assert q(county_url, tries, day_worker) == [
-        ("voice", 1, "failed"),
         ("sms", 1, "failed"),
-        ("voice", 2, "pending"),
+        ("voice", 1, "failed"),
         ("sms", 2, "pending"),
+        ("voice", 2, "pending"),
     ]
     clock.advance(19)
     router.run_once()
@@ -504,3 +504,42 @@ def test_a_result_after_the_lease_was_taken_over_is_logged_late_not_recorded(
             {"channel": "voice", "attempt_id": lost.attempt_id, "provider_id": "CA-new", "error": None},
         ),
     ]
+
+
+def test_each_incident_leads_with_one_first_page_so_call_and_sms_senders_page_different_incidents(
+    county_url: str, phone_network: str
+) -> None:
+    """A mass event (issue 13): each incident's first step has one leading page — a call
+    for an even incident id, an SMS for an odd one — and its other first pages wait
+    behind every leading page (``behind_sibling``, set when the step writes them). The
+    call senders and the SMS senders, claiming at the same time, each the oldest first
+    page of its channel, so page different incidents: every incident has one page out
+    before any has two. (Marked when a page was leased instead, two senders leasing an
+    incident's call and SMS at once each saw the other's row locked and both went.)"""
+    devices = [r[0] for r in q(county_url, "SELECT id FROM devices WHERE kind = 'wristband' ORDER BY id LIMIT 12")]
+    incidents = [press(county_url, device, DAY, msg_id=f"m-{device}") for device in devices]
+    make_router(county_url, phone_network, Clock(DAY)).run_due_steps()
+    leading = q(
+        county_url,
+        "SELECT incident_id, channel FROM notification_attempts"
+        " WHERE step = 0 AND round = 0 AND channel IN ('voice', 'sms') AND NOT behind_sibling ORDER BY incident_id",
+    )
+    assert leading == [(incident, "voice" if incident % 2 == 0 else "sms") for incident in sorted(incidents)]
+    phone_pages = q(county_url, "SELECT count(*) FROM notification_attempts WHERE channel IN ('voice', 'sms')")[0][0]
+    claimed: list[tuple[Channel, int]] = []
+    with psycopg.connect(county_url) as calls_pool, psycopg.connect(county_url) as sms_pool:
+        while True:
+            # Both pools claim inside open transactions: neither sees the other's lease.
+            with calls_pool.transaction(), sms_pool.transaction():
+                took = [
+                    (channel, lease.incident_id)
+                    for channel, conn in ((Channel.VOICE, calls_pool), (Channel.SMS, sms_pool))
+                    for lease in claim(conn, (channel,), DAY, f"sender-{channel}", first_pages_only=True)
+                ]
+            if not took:
+                break
+            claimed += took
+    assert len(claimed) == phone_pages
+    first_round = claimed[: len(incidents)]
+    assert sorted(incident for _channel, incident in first_round) == sorted(incidents)
+    assert all(channel is (Channel.VOICE if incident % 2 == 0 else Channel.SMS) for channel, incident in first_round)
