@@ -391,8 +391,8 @@ def test_detail_carries_the_timeline_in_time_order(
         if item["id"] == world.sos_a
     )
     timeline = body["timeline"]
-    call = [("attempt_failed", "r1"), ("retry_scheduled", None)]  # a busy line is tried again after the backoff
-    text = [("attempt_sent", "r1")]
+    call: list[tuple[str, str | None]] = [("attempt_failed", "r1"), ("retry_scheduled", None)]  # a busy line is retried
+    text: list[tuple[str, str | None]] = [("attempt_sent", "r1")]
     # The call leads an even incident's first pages, the SMS an odd one's (a mass event's
     # order, alerts/attempts.py): the one that leads is sent, and on the timeline, first.
     pages = call + text if world.sos_a % 2 == 0 else text + call
