@@ -8,7 +8,8 @@ together — and only then is the message acknowledged to the broker.
 from __future__ import annotations
 
 import secrets
-from dataclasses import dataclass
+from collections.abc import Collection
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from typing import Any
@@ -72,6 +73,40 @@ class AlarmOutcome:
 
 # A group of alarms stored in one transaction resolves each (kind, area) policy once.
 PolicyCache = dict[tuple[IncidentKind, str | None, int], PolicySnapshot]
+# A device as an alarm needs it: its kind, its resident and the resident's grid.
+DeviceRow = tuple[str, str | None, str | None]
+_DEVICE_SQL = """
+    SELECT d.id, d.kind, d.resident_id, r.grid_id FROM devices d
+    LEFT JOIN residents r ON r.id = d.resident_id WHERE d.id = ANY(%s)
+"""
+
+
+@dataclass(slots=True)
+class AlarmGroup:
+    """What the alarms stored in one transaction share (``hub.ingest.Writer.store_group``):
+    each (kind, area) policy resolved once, every device read in one statement up front,
+    and the routers woken once after the last alarm instead of once per incident opened
+    (a mass event's alarms are committed together; the routers act on the commit anyway)."""
+
+    policies: PolicyCache = field(default_factory=dict)
+    devices: dict[str, DeviceRow | None] = field(default_factory=dict)
+    opened: bool = False
+
+    def read_devices(self, conn: Conn, device_ids: Collection[str]) -> None:
+        """Read these devices in one statement; one not registered is remembered as None."""
+        wanted = sorted(set(device_ids) - self.devices.keys())
+        if not wanted:
+            return
+        found = {str(row[0]): (str(row[1]), row[2], row[3]) for row in conn.execute(_DEVICE_SQL, (wanted,))}
+        for device_id in wanted:
+            self.devices[device_id] = found.get(device_id)
+
+
+def _device(conn: Conn, device_id: str, group: AlarmGroup | None) -> DeviceRow | None:
+    if group is not None and device_id in group.devices:
+        return group.devices[device_id]
+    row = conn.execute(_DEVICE_SQL, ([device_id],)).fetchone()
+    return None if row is None else (str(row[1]), row[2], row[3])
 
 
 def _ledger(conn: Conn, alarm: Alarm, channel: str) -> str | None:
@@ -161,25 +196,20 @@ def record_alarm(
     ack_timeout_s: int,
     hub_id: str,
     cancel_window_s: int = DEFAULT_CANCEL_WINDOW_S,
-    policies: PolicyCache | None = None,
+    group: AlarmGroup | None = None,
 ) -> AlarmOutcome:
     """Store one alarm: ledger, then open or join the red incident, then its first step.
 
     Runs in the caller's transaction. A press or fall whose resident already has an
     open red incident joins it (raising its urgency); otherwise it opens one with a
-    frozen policy snapshot and a step-0 action due at once. ``policies``: the policies
-    already resolved in this transaction (a group of alarms reads each area's once).
+    frozen policy snapshot and a step-0 action due at once. ``group``: what the alarms
+    of this transaction share (policies and devices read once); with a group, the
+    caller wakes the routers once its last alarm is stored (``group.opened``).
     """
     key = _ledger(conn, alarm, alarm.kind.value)
     if key is None:
         return AlarmOutcome(AlarmResult.REDELIVERY, None)
-    device = conn.execute(
-        """
-        SELECT d.kind, d.resident_id, r.grid_id FROM devices d
-        LEFT JOIN residents r ON r.id = d.resident_id WHERE d.id = %s
-        """,
-        (alarm.device_id,),
-    ).fetchone()
+    device = _device(conn, alarm.device_id, group)
     registered = device is not None and device[0] == "wristband" and device[1] is not None
     resident_id: str | None = device[1] if registered and device else None
     area_id: str | None = device[2] if registered and device else _county(conn)
@@ -207,11 +237,11 @@ def record_alarm(
         return AlarmOutcome(cancelled, joined[0])
     for _ in range(3):
         policy_key = (kind, area_id, ack_timeout_s)
-        snapshot = policies.get(policy_key) if policies is not None else None
+        snapshot = group.policies.get(policy_key) if group is not None else None
         if snapshot is None:
             snapshot = resolve_policy(conn, kind, area_id, ack_timeout_s)
-            if policies is not None:
-                policies[policy_key] = snapshot
+            if group is not None:
+                group.policies[policy_key] = snapshot
         opened = _insert_incident(
             conn,
             {
@@ -242,7 +272,10 @@ def record_alarm(
                 ],
             )
             schedule_first_step(conn, incident_id, alarm.received_at)
-            wake_routers(conn, str(incident_id))
+            if group is None:
+                wake_routers(conn, str(incident_id))
+            else:
+                group.opened = True
             return AlarmOutcome(AlarmResult.OPENED, incident_id, code, IncidentState.OPEN)
         joined_row = _join(conn, alarm, resident_id)
         if joined_row is not None:

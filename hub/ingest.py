@@ -18,7 +18,8 @@ from typing import TypeGuard, TypeVar
 
 import psycopg
 
-from alerts.incidents import Alarm, AlarmOutcome, AlarmResult, PolicyCache, open_fallback_incident, record_alarm
+from alerts.incidents import Alarm, AlarmGroup, AlarmOutcome, AlarmResult, open_fallback_incident, record_alarm
+from alerts.timeline import wake_routers
 from devices.contract import (
     ALARM_CHANNELS,
     DeviceMessage,
@@ -121,7 +122,7 @@ def _store_alarm(
     parsed: DeviceMessage | Rejected,
     topic: Topic,
     config: IngestConfig,
-    policies: PolicyCache | None = None,
+    group: AlarmGroup | None = None,
 ) -> AlarmReceipt:
     if isinstance(parsed, Rejected):
         # Kept for forensics too; the page goes out regardless (DESIGN.md exception).
@@ -132,7 +133,7 @@ def _store_alarm(
         ack_timeout_s=config.ack_timeout_s,
         hub_id=config.hub_id,
         cancel_window_s=config.cancel_window_s,
-        policies=policies,
+        group=group,
     )
     metrics.ALARMS.labels(outcome.result.value).inc()
     if outcome.result is AlarmResult.OPENED:
@@ -173,19 +174,19 @@ def store_message(
     message: Received,
     config: IngestConfig,
     record_sightings: SightingSink | None = None,
-    policies: PolicyCache | None = None,
+    group: AlarmGroup | None = None,
 ) -> AlarmReceipt | None:
     """Store one message in the caller's transaction; bad input is dead-lettered.
 
     An alarm opens or joins its incident and returns the receipt to publish after
-    the commit; anything else is a batch of one. ``policies``: escalation policies
-    already resolved in this transaction (a group of alarms, ``Writer.store_group``).
+    the commit; anything else is a batch of one. ``group``: what the alarms of this
+    transaction share (``Writer.store_group``), which then wakes the routers itself.
     """
     parsed = parse_message(message.topic, message.payload)
     topic = parsed.topic
     if topic is not None and _pages(parsed, topic):
         metrics.MESSAGES_RECEIVED.labels(topic.channel.value).inc()
-        receipt = _store_alarm(conn, message, parsed, topic, config, policies)
+        receipt = _store_alarm(conn, message, parsed, topic, config, group)
         if record_sightings is not None and not message.retain:
             # A press proves the wristband alive too (when it is registered).
             registered = conn.execute(
@@ -378,13 +379,15 @@ class Writer:
         def work(conn: Conn) -> list[AlarmReceipt | None]:
             alone.clear()
             receipts: list[AlarmReceipt | None] = []
-            # Each area's escalation policy read once per group, not once per alarm.
-            policies: PolicyCache = {}
+            # Each area's escalation policy and every device read once per group, not once per alarm.
+            group = AlarmGroup()
+            topics = [parse_topic(m.topic) for m in messages]
+            group.read_devices(conn, [topic.device_id for topic in topics if isinstance(topic, Topic)])
             for index, message in enumerate(messages):
                 try:
                     with conn.transaction():
                         # Liveness once for the whole group, below: it is a third of an alarm's cost.
-                        receipt = store_message(conn, message, self.config, None, policies)
+                        receipt = store_message(conn, message, self.config, None, group)
                     receipts.append(receipt)
                 except psycopg.OperationalError:
                     raise
@@ -397,6 +400,8 @@ class Writer:
             if self.record_sightings is not None:
                 stored = [m for i, m in enumerate(messages) if i not in alone and receipts[i] is not None]
                 _alarm_sightings(conn, stored, self.record_sightings)
+            if group.opened:
+                wake_routers(conn, "alarms")  # once for the group; NOTIFY is delivered at the commit
             return receipts
 
         started = time.monotonic()

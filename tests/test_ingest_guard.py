@@ -126,3 +126,46 @@ def test_a_group_member_that_fails_comes_back_to_be_stored_alone_and_the_others_
     for (device, resident, _grid), result in zip([rows[0], rows[2]], [results[0], results[2]], strict=True):
         assert isinstance(result, AlarmReceipt)
         assert (result.device_id, result.incident_code, result.state) == (device, stored[resident], "open")
+
+
+def test_a_group_reads_its_devices_once_and_wakes_the_routers_once_after_the_commit(county_url: str) -> None:
+    """A mass event's alarms are committed together (issue 13): the group reads every
+    device in one statement and wakes the routers with one NOTIFY, delivered at the
+    commit, while each alarm still opens its own incident with its resident and grid;
+    an unregistered wristband in the group still pages the county (`sos_unregistered`)."""
+    with psycopg.connect(county_url) as conn:
+        bands = conn.execute(
+            "SELECT d.id, d.resident_id, r.grid_id FROM devices d JOIN residents r ON r.id = d.resident_id"
+            " WHERE d.kind = 'wristband' ORDER BY d.id LIMIT 8"
+        ).fetchall()
+    devices = [device for device, _r, _g in bands] + ["wb-not-registered"]
+    group = [received(f"shouhu/v1/wristband/{device}/sos", {"action": "press"}) for device in devices]
+    device_reads = 0
+    execute = psycopg.Connection.execute
+
+    def counting(self: psycopg.Connection[Any], query: Any, *args: Any, **kwargs: Any) -> Any:
+        nonlocal device_reads
+        device_reads += "FROM devices d" in str(query)
+        return execute(self, query, *args, **kwargs)
+
+    with psycopg.connect(county_url, autocommit=True) as listener:
+        listener.execute("LISTEN shouhu_escalation")
+        writer = Writer(county_url, IngestConfig("t", 120))
+        psycopg.Connection.execute = counting  # type: ignore[method-assign]
+        try:
+            results = writer.store_group(group)
+        finally:
+            psycopg.Connection.execute = execute  # type: ignore[method-assign]
+            writer.close()
+        woken = list(listener.notifies(timeout=1.0))
+    assert device_reads == 1
+    assert len(woken) == 1
+    assert all(isinstance(result, AlarmReceipt) for result in results)
+    with psycopg.connect(county_url) as conn:
+        opened = conn.execute("SELECT device_id, kind, resident_id, area_id FROM incidents").fetchall()
+        [(county,)] = conn.execute("SELECT id FROM areas WHERE parent_id IS NULL").fetchall()
+    assert sorted(opened, key=lambda row: str(row[0])) == sorted(
+        [(device, "sos", resident, grid) for device, resident, grid in bands]
+        + [("wb-not-registered", "sos_unregistered", None, county)],
+        key=lambda row: str(row[0]),
+    )

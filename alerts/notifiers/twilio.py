@@ -13,15 +13,21 @@ and everything else the client does (auth, form encoding, error parsing) is unch
 
 from __future__ import annotations
 
+import base64
+import json
 import logging
 import os
 from collections.abc import Callable
 from dataclasses import replace
 from typing import TYPE_CHECKING
+from urllib.parse import urlencode, urlsplit
 
+import certifi
 import requests
+import urllib3
 from twilio.base.exceptions import TwilioException, TwilioRestException
-from twilio.http.http_client import TwilioHttpClient
+from twilio.http import HttpClient
+from twilio.http.response import Response as TwilioResponse
 from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
@@ -38,8 +44,6 @@ _SDK_HTTP_LOG = logging.getLogger("shouhu.twilio.http")
 _SDK_HTTP_LOG.setLevel(logging.WARNING)
 
 if TYPE_CHECKING:
-    from twilio.http.response import Response
-
     from shouhu.settings import Settings
 
 # Each request's hard timeout. A hung Twilio must be given up in time for the page to go
@@ -47,6 +51,8 @@ if TYPE_CHECKING:
 # 4 s for settling, the claim of the fallback and the other provider's own request.
 # Twilio answers a create in well under a second; 6 s is many times its usual latency.
 HTTP_TIMEOUT_S = 6.0
+# Connections kept per provider host: more than the senders of one channel in a router.
+POOL_CONNECTIONS = 16
 SMS_MAX_CHARS = 140
 NAME_MAX_CHARS = 12
 # Twilio's <Say> takes the Polly/Google language id; Mandarin is cmn-CN, and Zhiyu is
@@ -211,25 +217,33 @@ def voice_twiml(message: Message, *, keypress_url: str | None = None) -> str:
     return xml
 
 
-class RebasingHttpClient(TwilioHttpClient):  # type: ignore[misc]  # twilio ships no types
-    """The twilio HTTP client, sending what is meant for ``https://api.twilio.com`` to ``api_base``.
+class RebasingHttpClient(HttpClient):  # type: ignore[misc]  # twilio ships no types
+    """The twilio SDK's HTTP transport: what is meant for ``https://api.twilio.com`` goes
+    to ``api_base``, any other URL where it points.
 
-    Any other URL is left alone. Every request gets a timeout (``timeout`` unless the
-    caller passes one), so a network that does not answer cannot hold an escalation.
-    The proxy settings of the environment (``HTTPS_PROXY``, ``NO_PROXY``) are read once,
-    here, for ``api_base``: requests would otherwise read them again on every page.
+    Every request gets a timeout (``timeout`` unless the caller passes one), so a
+    network that does not answer cannot hold an escalation. The proxy settings of the
+    environment (``HTTPS_PROXY``, ``NO_PROXY``) and the CA bundle a site may set for its
+    outbound proxy (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``) are read once, here.
+
+    It sends through urllib3's connection pools directly, not through the SDK's default
+    (requests): preparing and merging a requests ``Session``'s settings for every page
+    was a sixth of the router's CPU in a mass event (bench/escalation.py). The SDK
+    still builds every request; failures reach the caller as requests' exceptions,
+    ``requests.Timeout`` and ``requests.ConnectionError``, as they did.
     """
 
     def __init__(self, api_base: str, *, timeout: float = HTTP_TIMEOUT_S) -> None:
+        super().__init__(logger=_SDK_HTTP_LOG, is_async=False, timeout=timeout)
         self.api_base = api_base.rstrip("/")
-        proxies = requests.utils.get_environ_proxies(self.api_base)
-        super().__init__(timeout=timeout, logger=_SDK_HTTP_LOG, proxy=proxies or None)
-        if self.session is not None:
-            self.session.trust_env = False
-            # trust_env also read the CA bundle a site may set for its outbound proxy.
-            bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE")
-            if bundle:
-                self.session.verify = bundle
+        self.proxy: dict[str, str] = dict(requests.utils.get_environ_proxies(self.api_base))
+        bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
+        # One pool per host, as many connections as a router has senders on a channel and more.
+        self._pools = urllib3.PoolManager(maxsize=POOL_CONNECTIONS, ca_certs=bundle)
+        self._proxied = {
+            scheme: urllib3.ProxyManager(proxy, maxsize=POOL_CONNECTIONS, ca_certs=bundle)
+            for scheme, proxy in self.proxy.items()
+        }
 
     def rebase(self, url: str) -> str:
         """``url`` with the Twilio API prefix replaced by ``api_base``."""
@@ -247,18 +261,48 @@ class RebasingHttpClient(TwilioHttpClient):  # type: ignore[misc]  # twilio ship
         auth: tuple[str, str] | None = None,
         timeout: float | None = None,
         allow_redirects: bool = False,
-    ) -> Response:
-        response: Response = super().request(
-            method,
-            self.rebase(url),
-            params=params,
-            data=data,
-            headers=headers,
-            auth=auth,
-            timeout=timeout,
-            allow_redirects=allow_redirects,
-        )
-        return response
+    ) -> TwilioResponse:
+        if timeout is None:
+            timeout = self.timeout
+        elif timeout <= 0:
+            raise ValueError(timeout)
+        target = self.rebase(url)
+        if params:
+            target += ("&" if "?" in target else "?") + urlencode(_present(params), doseq=True)
+        sent = dict(headers or {})
+        body: bytes | None = None
+        if data is not None:
+            if sent.get("Content-Type") in ("application/json", "application/scim+json"):
+                body = json.dumps(data).encode()
+            else:
+                body = urlencode(_present(data), doseq=True).encode()
+                sent.setdefault("Content-Type", "application/x-www-form-urlencoded")
+        if auth is not None:
+            sent["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
+        scheme = urlsplit(target).scheme
+        pool = self._proxied.get(scheme) or self._proxied.get("all") or self._pools
+        try:
+            answer = pool.request(
+                method.upper(),
+                target,
+                body=body,
+                headers=sent,
+                timeout=urllib3.Timeout(connect=timeout, read=timeout),
+                redirect=allow_redirects,
+                retries=False,
+            )
+        except urllib3.exceptions.NewConnectionError as exc:  # urllib3 files it under timeouts too
+            raise requests.ConnectionError(str(exc)) from exc
+        except urllib3.exceptions.TimeoutError as exc:
+            raise requests.Timeout(str(exc)) from exc
+        except urllib3.exceptions.HTTPError as exc:
+            raise requests.ConnectionError(str(exc)) from exc
+        return TwilioResponse(answer.status, answer.data.decode("utf-8", errors="replace"), answer.headers)
+
+
+def _present(values: dict[str, object]) -> dict[str, object]:
+    """Form or query values without the ``None`` ones, which requests (the SDK's default) leaves out too."""
+    return {key: value for key, value in values.items() if value is not None}
 
 
 # HTTP statuses Twilio answers when retrying on Twilio cannot help but another provider
