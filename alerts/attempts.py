@@ -355,9 +355,11 @@ class RecordedPage:
     provider_id: str
 
 
-# Which channel leads an incident's first pages, by the parity of its id: calls for even
-# ids, SMS for odd ones, so that in a mass event the call senders and the SMS senders,
-# each taking the oldest leading page of its channel, page different incidents.
+# Which channel leads an incident's first pages, alternating over the incidents whose
+# steps are written together (in incident order): the call for the first, the SMS for the
+# second, and so on. An incident alone leads with its call; in a mass event the call
+# senders and the SMS senders, each taking the oldest leading page of its channel, page
+# different incidents.
 _LEADING_CHANNEL = (Channel.VOICE, Channel.SMS)
 
 
@@ -370,20 +372,23 @@ def behind_the_leader(pages: list[NewPage], recorded: Collection[Channel] = ()) 
     (``behind_sibling``, migration 15): every incident gets one call or SMS out before any
     gets its second first page.
 
-    An incident's first call or SMS leads: on the channel ``_LEADING_CHANNEL`` gives its id
-    if it has a page there, else its first phone page. Its other first pages (calls, SMS,
-    a console page that is sent rather than recorded) are behind it: claimed only when no
-    leading page of their channel waits. Chosen when the pages are written, not when one
-    is leased: at lease time two senders leasing the same incident's call and SMS at once
-    each saw the other's row locked and both went ahead (476 of 1,000 incidents in a mass
-    event, which then took half again as long to page every incident).
+    An incident's first call or SMS leads: on the channel ``_LEADING_CHANNEL`` gives its
+    place among the incidents of ``pages`` if it has a page there, else its first phone
+    page. Its other first pages (calls, SMS, a console page that is sent rather than
+    recorded) are behind it: claimed only when no leading page of their channel waits.
+    Chosen when the pages are written, not when one is leased: at lease time two
+    senders leasing the same incident's call and SMS at once each saw the other's row
+    locked and both went ahead (476 of 1,000 incidents in a mass event, which then took
+    half again as long to page every incident).
     """
+    paged = sorted({page.incident_id for page in pages if _is_first_page(page)})
+    place = {incident: number for number, incident in enumerate(paged)}
     leaders: dict[int, int] = {}
     for index, page in enumerate(pages):
         if not _is_first_page(page) or page.channel not in (Channel.VOICE, Channel.SMS):
             continue
         current = leaders.get(page.incident_id)
-        preferred = _LEADING_CHANNEL[page.incident_id % 2]
+        preferred = _LEADING_CHANNEL[place[page.incident_id] % 2]
         if current is None or (pages[current].channel is not preferred and page.channel is preferred):
             leaders[page.incident_id] = index
     return [

@@ -7,7 +7,9 @@ from datetime import timedelta
 from typing import Any
 
 import psycopg
+import pytest
 
+from alerts import incidents
 from alerts.acknowledge import Actor, Result, acknowledge, decline, resolve
 from alerts.incidents import Alarm, AlarmResult, record_alarm
 from devices.contract import payload_hash
@@ -226,3 +228,30 @@ def test_a_round_that_reaches_nobody_waits_instead_of_spinning(county_url: str, 
     assert events.count("nobody_reachable") == 1
     due = q(county_url, "SELECT due_at FROM escalation_actions WHERE state = 'pending'")
     assert due == [(DAY + timedelta(seconds=120),)]
+
+
+def test_a_code_drawn_twice_opens_the_incident_with_the_next_draw_in_the_same_transaction(
+    county_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The hub opens an alarm's incident without a savepoint of its own (two statements
+    fewer per alarm in a mass event): a drawn code already taken inserts nothing, finds
+    no open incident to join, and the next draw opens it — in the same transaction, the
+    press not lost, the other resident's incident untouched."""
+    first_device, _grid, first_resident = wristband_in(county_url, night_covered=False)
+    taken = alarm(county_url, first_device, DAY, "first")
+    assert taken.result is AlarmResult.OPENED
+    taken_code = q(county_url, "SELECT code FROM incidents WHERE id = %s", taken.incident_id)[0][0]
+    second_device = q(
+        county_url,
+        "SELECT d.id FROM devices d WHERE d.kind = 'wristband' AND d.resident_id <> %s ORDER BY d.id LIMIT 1",
+        first_resident,
+    )[0][0]
+    draws = iter([taken_code, taken_code, "Z2345"])
+    monkeypatch.setattr(incidents, "draw_code", lambda: next(draws))
+    opened = alarm(county_url, second_device, DAY, "second")
+    assert (opened.result, opened.code) == (AlarmResult.OPENED, "Z2345")
+    assert q(county_url, "SELECT device_id, code FROM incidents ORDER BY id") == [
+        (first_device, taken_code),
+        (second_device, "Z2345"),
+    ]
+    assert q(county_url, "SELECT count(*) FROM escalation_actions WHERE incident_id = %s", opened.incident_id) == [(1,)]

@@ -42,6 +42,11 @@ def test_first_step_calls_and_texts_the_grid_worker_on_duty(county_url: str, pho
     assert [m["to"] for m in messages(phone_network)] == [day_worker]
     attempts = q(county_url, "SELECT channel, state, provider_id FROM notification_attempts ORDER BY id")
     assert [(a[0], a[1]) for a in attempts] == [("voice", "sent"), ("sms", "sent"), ("console", "sent")]
+    # An incident alone leads with its call (the SMS went out at once too: nothing else waited).
+    assert q(county_url, "SELECT channel FROM notification_attempts WHERE NOT behind_sibling ORDER BY id") == [
+        ("voice",),
+        ("console",),
+    ]
     assert attempts[0][2] == calls(phone_network)[0]["sid"]
     code = q(county_url, "SELECT code FROM incidents WHERE id = %s", incident)[0][0]
     assert code in messages(phone_network)[0]["body"]
@@ -187,13 +192,13 @@ def test_failed_pages_are_retried_with_backoff_then_the_step_moves_on(county_url
     router.run_once()
     tries = (
         "SELECT channel, attempt, state FROM notification_attempts"
-        " WHERE address = %s AND purpose = 'page' AND channel <> 'console' ORDER BY attempt, channel"
+        " WHERE address = %s AND purpose = 'page' AND channel <> 'console' ORDER BY id"
     )
     assert q(county_url, tries, day_worker) == [
-        ("sms", 1, "failed"),
         ("voice", 1, "failed"),
-        ("sms", 2, "pending"),
+        ("sms", 1, "failed"),
         ("voice", 2, "pending"),
+        ("sms", 2, "pending"),
     ]
     clock.advance(19)
     router.run_once()
@@ -509,12 +514,12 @@ def test_a_result_after_the_lease_was_taken_over_is_logged_late_not_recorded(
 def test_each_incident_leads_with_one_first_page_so_call_and_sms_senders_page_different_incidents(
     county_url: str, phone_network: str
 ) -> None:
-    """A mass event (issue 13): each incident's first step has one leading page — a call
-    for an even incident id, an SMS for an odd one — and its other first pages wait
-    behind every leading page (``behind_sibling``, set when the step writes them). The
-    call senders and the SMS senders, claiming at the same time, each the oldest first
-    page of its channel, so page different incidents: every incident has one page out
-    before any has two. (Marked when a page was leased instead, two senders leasing an
+    """A mass event (issue 13): each incident's first step has one leading page — the
+    call and the SMS alternating over the incidents whose steps run together — and its
+    other first pages wait behind every leading page (``behind_sibling``, set when the
+    step writes them). The call senders and the SMS senders, claiming at the same time,
+    each the oldest first page of its channel, so page different incidents: every
+    incident has one page out before any has two. (Marked when a page was leased instead, two senders leasing an
     incident's call and SMS at once each saw the other's row locked and both went.)"""
     devices = [r[0] for r in q(county_url, "SELECT id FROM devices WHERE kind = 'wristband' ORDER BY id LIMIT 12")]
     incidents = [press(county_url, device, DAY, msg_id=f"m-{device}") for device in devices]
@@ -524,7 +529,7 @@ def test_each_incident_leads_with_one_first_page_so_call_and_sms_senders_page_di
         "SELECT incident_id, channel FROM notification_attempts"
         " WHERE step = 0 AND round = 0 AND channel IN ('voice', 'sms') AND NOT behind_sibling ORDER BY incident_id",
     )
-    assert leading == [(incident, "voice" if incident % 2 == 0 else "sms") for incident in sorted(incidents)]
+    assert leading == [(incident, ("voice", "sms")[n % 2]) for n, incident in enumerate(sorted(incidents))]
     phone_pages = q(county_url, "SELECT count(*) FROM notification_attempts WHERE channel IN ('voice', 'sms')")[0][0]
     claimed: list[tuple[Channel, int]] = []
     with psycopg.connect(county_url) as calls_pool, psycopg.connect(county_url) as sms_pool:
@@ -542,4 +547,5 @@ def test_each_incident_leads_with_one_first_page_so_call_and_sms_senders_page_di
     assert len(claimed) == phone_pages
     first_round = claimed[: len(incidents)]
     assert sorted(incident for _channel, incident in first_round) == sorted(incidents)
-    assert all(channel is (Channel.VOICE if incident % 2 == 0 else Channel.SMS) for channel, incident in first_round)
+    lead = {incident: Channel(channel) for incident, channel in leading}
+    assert all(channel is lead[incident] for channel, incident in first_round)
