@@ -41,7 +41,11 @@ def migrated_database(now: datetime) -> Iterator[str]:
 
 def _children(pid: int) -> list[int]:
     found: list[int] = []
-    for task in Path(f"/proc/{pid}/task").glob("*"):
+    try:
+        tasks = list(Path(f"/proc/{pid}/task").glob("*"))
+    except OSError:  # the process ended while the tree was read (a backend, a sender)
+        return found
+    for task in tasks:
         try:
             found += [int(child) for child in (task / "children").read_text().split()]
         except OSError:
