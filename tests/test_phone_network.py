@@ -336,8 +336,9 @@ def test_rebasing_client_reads_the_proxy_once_and_still_uses_it(monkeypatch: pyt
     server.start()
     target = f"http://127.0.0.1:{free_port()}"
     monkeypatch.setenv("HTTP_PROXY", f"http://127.0.0.1:{proxy_port}")
-    monkeypatch.delenv("NO_PROXY", raising=False)
     monkeypatch.delenv("no_proxy", raising=False)
+    # A NO_PROXY that does not name the target: its list is no proxy of its own.
+    monkeypatch.setenv("NO_PROXY", "internal.example")
     client = RebasingHttpClient(target)
     monkeypatch.delenv("HTTP_PROXY")  # read once, at construction
 

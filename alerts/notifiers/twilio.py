@@ -53,6 +53,8 @@ if TYPE_CHECKING:
 HTTP_TIMEOUT_S = 6.0
 # Connections kept per provider host: more than the senders of one channel in a router.
 POOL_CONNECTIONS = 16
+# The keys of the environment's proxies (``HTTPS_PROXY``, ``ALL_PROXY`` …) that name a proxy.
+PROXY_SCHEMES = frozenset({"http", "https", "all"})
 SMS_MAX_CHARS = 140
 NAME_MAX_CHARS = 12
 # Twilio's <Say> takes the Polly/Google language id; Mandarin is cmn-CN, and Zhiyu is
@@ -240,9 +242,12 @@ class RebasingHttpClient(HttpClient):  # type: ignore[misc]  # twilio ships no t
         bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
         # One pool per host, as many connections as a router has senders on a channel and more.
         self._pools = urllib3.PoolManager(maxsize=POOL_CONNECTIONS, ca_certs=bundle)
+        # The environment's proxies by scheme; the same dict also carries NO_PROXY's list
+        # under "no", which is no proxy (requests ignored it too).
         self._proxied = {
             scheme: urllib3.ProxyManager(proxy, maxsize=POOL_CONNECTIONS, ca_certs=bundle)
             for scheme, proxy in self.proxy.items()
+            if scheme in PROXY_SCHEMES
         }
 
     def rebase(self, url: str) -> str:
