@@ -51,7 +51,7 @@ from psycopg.types.json import Jsonb
 
 from alerts.locks import lock_incident, lock_incidents
 from alerts.notifiers.base import Provider, SendOutcome, SendResult
-from alerts.providers import Failover
+from alerts.providers import PHONE_CHANNELS, Failover
 from alerts.states import ACTIVE, CLOSED, AttemptState, IncidentState
 from alerts.timeline import MASKED_IN_TEXT, add_event
 from devices.kinds import AttemptPurpose, Channel
@@ -385,7 +385,7 @@ def behind_the_leader(pages: list[NewPage], recorded: Collection[Channel] = ()) 
     place = {incident: number for number, incident in enumerate(paged)}
     leaders: dict[int, int] = {}
     for index, page in enumerate(pages):
-        if not _is_first_page(page) or page.channel not in (Channel.VOICE, Channel.SMS):
+        if not _is_first_page(page) or page.channel not in PHONE_CHANNELS:
             continue
         current = leaders.get(page.incident_id)
         preferred = _LEADING_CHANNEL[place[page.incident_id] % 2]

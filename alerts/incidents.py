@@ -103,10 +103,10 @@ class AlarmGroup:
 
 
 def _device(conn: Conn, device_id: str, group: AlarmGroup | None) -> DeviceRow | None:
-    if group is not None and device_id in group.devices:
-        return group.devices[device_id]
-    row = conn.execute(_DEVICE_SQL, ([device_id],)).fetchone()
-    return None if row is None else (str(row[1]), row[2], row[3])
+    """The device as the group read it; read now if the group has not (or for an alarm alone)."""
+    group = group if group is not None else AlarmGroup()
+    group.read_devices(conn, [device_id])
+    return group.devices[device_id]
 
 
 def _ledger(conn: Conn, alarm: Alarm, channel: str) -> str | None:
