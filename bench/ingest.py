@@ -734,8 +734,8 @@ def embedded_hub_drain(url: str, env: dict[str, str], port: int, broker_process:
         shutil.rmtree(hub.log_path.parent, ignore_errors=True)
 
 
-# Key g of a fill of {keys}: received {FILL_DAYS} days back and on, evenly, the newest an
-# hour before the drains — inside the ledger's 7-day retention, so that no hub's upkeep
+# Key g of a fill of ``keys``: received from six days and an hour back, evenly over six
+# days, the newest an hour before the drains — inside the ledger's 7-day retention, so that no hub's upkeep
 # deletes the fill during a drain (it did while the fill was dated 30 days back, and those
 # deletes' page writes were counted as the drain's).
 FILL_FIRST = "now() - interval '6 days 1 hour'"
