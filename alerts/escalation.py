@@ -19,7 +19,7 @@ attempts (alerts/locks.py, docs/escalation.md "Locks").
 from __future__ import annotations
 
 import logging
-from collections.abc import Collection
+from collections.abc import Collection, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from enum import StrEnum
@@ -542,9 +542,17 @@ def _insert_step(conn: Conn, incident_id: int, token: int, nxt: Next) -> None:
 
 def schedule_first_step(conn: Conn, incident_id: int, due_at: datetime) -> None:
     """A new red incident's first step, due at ``due_at`` (the press), under the first fencing token."""
+    schedule_first_steps(conn, [(incident_id, due_at)])
+
+
+def schedule_first_steps(conn: Conn, steps: Sequence[tuple[int, datetime]]) -> None:
+    """:func:`schedule_first_step` for several (incident, due at) in one statement (a mass event)."""
+    if not steps:
+        return
     conn.execute(
-        "INSERT INTO escalation_actions (incident_id, step, round, token, due_at) VALUES (%s, 0, 0, 1, %s)",
-        (incident_id, due_at),
+        "INSERT INTO escalation_actions (incident_id, step, round, token, due_at)"
+        " SELECT incident_id, 0, 0, 1, due_at FROM unnest(%s::bigint[], %s::timestamptz[]) AS t(incident_id, due_at)",
+        ([incident_id for incident_id, _ in steps], [due_at for _, due_at in steps]),
     )
 
 

@@ -6,7 +6,7 @@ made concrete, so a later registry edit never changes a running escalation.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Collection, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -85,32 +85,55 @@ def resolve_policy(
 
     Fall and SOS share the SOS default when the registry names no fall policy.
     """
+    return policy_snapshot(kind, policy_rows(conn, kind, [area_id])[area_id], ack_timeout_s)
+
+
+PolicyRow = tuple[str, list[dict[str, Any]]]  # a policy's id and its steps as the registry holds them
+
+
+def policy_rows(
+    conn: psycopg.Connection[tuple[Any, ...]], kind: IncidentKind, area_ids: Collection[str | None]
+) -> dict[str | None, PolicyRow | None]:
+    """The registry's policy for ``kind`` in each area (see :func:`resolve_policy`), in one
+    statement for all of them (a mass event's alarms come from many grids at once)."""
+    areas: list[str | None] = [*sorted({a for a in area_ids if a is not None})]
+    if None in area_ids:
+        areas.append(None)  # only a policy for the whole county (area_id NULL) applies
+    found: dict[str | None, PolicyRow | None] = dict.fromkeys(area_ids)
     rows = conn.execute(
         """
-        WITH RECURSIVE up(id, depth) AS (
-            SELECT %(area)s::text, 0
+        WITH RECURSIVE up(start, id, depth) AS (
+            SELECT s, s, 0 FROM unnest(%(areas)s::text[]) AS s
             UNION ALL
-            SELECT a.parent_id, up.depth + 1 FROM areas a JOIN up ON a.id = up.id
+            SELECT up.start, a.parent_id, up.depth + 1 FROM areas a JOIN up ON a.id = up.id
             WHERE a.parent_id IS NOT NULL
         )
-        SELECT p.id, p.steps, p.kind FROM escalation_policies p
-        LEFT JOIN up ON up.id = p.area_id
-        WHERE p.active AND p.kind = ANY(%(kinds)s)
-          AND (p.area_id IS NULL OR up.id IS NOT NULL)
-        ORDER BY (p.kind = %(kind)s) DESC, coalesce(up.depth, 1000000), p.id
-        LIMIT 1
+        SELECT DISTINCT ON (s.start) s.start, p.id, p.steps FROM unnest(%(areas)s::text[]) AS s(start)
+        JOIN escalation_policies p ON p.active AND p.kind = ANY(%(kinds)s)
+        LEFT JOIN up ON up.start = s.start AND up.id = p.area_id
+        WHERE p.area_id IS NULL OR up.id IS NOT NULL
+        ORDER BY s.start, (p.kind = %(kind)s) DESC, coalesce(up.depth, 1000000), p.id
         """,
         {
-            "area": area_id,
+            "areas": areas,
             "kind": kind.value,
             "kinds": [kind.value, IncidentKind.SOS.value] if kind is IncidentKind.FALL else [kind.value],
         },
     ).fetchall()
-    if not rows:
+    for start, policy_id, steps in rows:
+        if start in found:
+            found[start] = (str(policy_id), list(steps))
+    return found
+
+
+def policy_snapshot(kind: IncidentKind, row: PolicyRow | None, ack_timeout_s: int) -> PolicySnapshot:
+    """The frozen snapshot of a registry policy (:func:`policy_rows`), or the built-in default
+    when the registry has none; raises on a policy the registry should never hold."""
+    if row is None:
         if kind is IncidentKind.SOS_UNREGISTERED:
             return default_unregistered_policy(ack_timeout_s)
         return default_red_policy(ack_timeout_s)
-    policy_id, steps, _kind = rows[0]
+    policy_id, steps = row
     return PolicySnapshot(
         policy_id,
         expand_repeats(

@@ -18,7 +18,15 @@ from typing import TypeGuard, TypeVar
 
 import psycopg
 
-from alerts.incidents import Alarm, AlarmGroup, AlarmOutcome, AlarmResult, open_fallback_incident, record_alarm
+from alerts.incidents import (
+    Alarm,
+    AlarmGroup,
+    AlarmOutcome,
+    AlarmResult,
+    open_alarms,
+    open_fallback_incident,
+    record_alarm,
+)
 from alerts.timeline import wake_routers
 from devices.contract import (
     ALARM_CHANNELS,
@@ -383,7 +391,11 @@ class Writer:
             group = AlarmGroup()
             topics = [parse_topic(m.topic) for m in messages]
             group.read_devices(conn, [topic.device_id for topic in topics if isinstance(topic, Topic)])
+            opened = self._open_together(conn, messages, group)
             for index, message in enumerate(messages):
+                if index in opened:
+                    receipts.append(opened[index])
+                    continue
                 try:
                     with conn.transaction():
                         # Liveness once for the whole group, below: it is a third of an alarm's cost.
@@ -419,6 +431,45 @@ class Writer:
             metrics.COMMIT_SECONDS.labels(self.lane).observe(done - message.monotonic)
         log.debug("%d alarms committed together in %.1f ms", len(messages), 1000 * (done - started))
         return [STORE_ALONE if index in alone else receipt for index, receipt in enumerate(receipts)]
+
+    def _open_together(self, conn: Conn, messages: Sequence[Received], group: AlarmGroup) -> dict[int, AlarmReceipt]:
+        """The group's readable presses and falls, stored together (``open_alarms``): their
+        receipts by index. The rest, and all of them if storing them together fails, are
+        left to be stored one by one, each in its own savepoint."""
+        alarms: dict[int, tuple[Alarm, DeviceMessage, Topic]] = {}
+        for index, message in enumerate(messages):
+            parsed = parse_message(message.topic, message.payload)
+            topic = parsed.topic
+            if topic is not None and _pages(parsed, topic) and isinstance(parsed, DeviceMessage):
+                alarms[index] = (_alarm_from(message, parsed, topic), parsed, topic)
+        if len(alarms) < 2:
+            return {}
+        try:
+            with conn.transaction():
+                outcomes = open_alarms(
+                    conn,
+                    [alarm for alarm, _parsed, _topic in alarms.values()],
+                    ack_timeout_s=self.config.ack_timeout_s,
+                    hub_id=self.config.hub_id,
+                    group=group,
+                )
+        except psycopg.OperationalError:
+            raise
+        except Exception:
+            if conn.broken or conn.closed:
+                raise
+            log.exception("storing %d alarms together failed; each is stored by itself", len(alarms))
+            return {}
+        receipts: dict[int, AlarmReceipt] = {}
+        for (index, (_alarm, parsed, topic)), outcome in zip(alarms.items(), outcomes, strict=True):
+            if outcome is None:
+                continue
+            metrics.MESSAGES_RECEIVED.labels(topic.channel.value).inc()
+            metrics.ALARMS.labels(outcome.result.value).inc()
+            if outcome.result is AlarmResult.OPENED:
+                log.warning("red incident %s opened by %s on %s", outcome.incident_id, topic.device_id, topic.channel)
+            receipts[index] = _receipt(conn, topic.device_id, parsed, outcome)
+        return receipts
 
     def store_batch(self, messages: Sequence[Received], *, outage_limit_s: float | None = None) -> None:
         """Commit a batch of non-alarm messages; one that breaks the batch is stored alone."""

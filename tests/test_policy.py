@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import psycopg
 
-from alerts.policy import Step, expand_repeats, resolve_policy
+from alerts.policy import Step, expand_repeats, policy_rows, resolve_policy
 from devices.kinds import Channel, EscalationTarget, IncidentKind
 from tests.support.escalation import DAY, Clock, calls, make_router, press, q, wristband_in
 
@@ -34,6 +34,21 @@ def test_the_nearest_area_policy_wins_and_fall_uses_sos_when_it_has_none(county_
     assert default.policy_id == "default-sos"
     assert default.steps[0].wait_s == 120  # no wait in the file: SHOUHU_ACK_TIMEOUT_S
     assert fall.policy_id == "default-sos"
+
+
+def test_many_areas_resolve_in_one_statement_as_each_does_alone(county_url: str) -> None:
+    """A mass event's group resolves every grid's policy at once (``policy_rows``): each
+    area gets exactly what ``resolve_policy`` gives it alone, the county's own (None) too."""
+    grids = [g for (g,) in q(county_url, "SELECT id FROM areas WHERE level = 'grid' ORDER BY id")]
+    with psycopg.connect(county_url) as conn:
+        for kind in (IncidentKind.SOS, IncidentKind.FALL):
+            together = policy_rows(conn, kind, [*grids, None])
+            alone = {area: resolve_policy(conn, kind, area, 120) for area in [*grids, None]}
+            assert {area: row[0] if row else "built-in" for area, row in together.items()} == {
+                area: snapshot.policy_id for area, snapshot in alone.items()
+            }
+            conn.execute("UPDATE escalation_policies SET active = false WHERE area_id IS NULL AND kind = 'fall'")
+    assert len({alone[g].policy_id for g in grids}) > 1, "the demo county overrides some grids"
 
 
 def test_built_in_default_without_any_policy(county_url: str) -> None:
