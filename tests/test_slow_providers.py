@@ -223,6 +223,59 @@ def test_a_hung_twilio_holds_up_neither_the_console_nor_the_platform(county_url:
     assert len(platform_alerts(platform)) == len(incidents)
 
 
+def _first_step_sent(url: str, incidents: list[int], channel: str) -> dict[int, float]:
+    """Seconds from each incident's press to its first step's page on ``channel`` settled as sent."""
+    rows = q(
+        url,
+        "SELECT i.id, extract(epoch FROM min(a.sent_at) - i.opened_at) FROM incidents i"
+        " JOIN notification_attempts a ON a.incident_id = i.id AND a.round = 0 AND a.step = 0"
+        " AND a.purpose = 'page' AND a.channel = %s AND a.sent_at IS NOT NULL"
+        " WHERE i.id = ANY(%s) GROUP BY i.id",
+        channel,
+        incidents,
+    )
+    return {int(i): float(s) for i, s in rows}
+
+
+def test_a_leading_call_hung_at_the_provider_holds_up_neither_its_sms_nor_other_incidents(
+    county_url: str, phone_network: str, platform: str
+) -> None:
+    """Each incident's first step leads with one page (an incident stepped alone: its call)
+    and its SMS waits behind the leading pages of its channel, not behind its own call:
+    with every call hanging at the provider (no answer for 8 s, the voice senders all
+    stuck), each incident's SMS still goes out within a second of the press, while its
+    leading call is provably still in flight."""
+    _fast_policy(county_url)
+    httpx.post(
+        f"{phone_network}/_sim/faults", json={"to": "*", "fail": "hang", "only": "call", "hang_s": 8}
+    ).raise_for_status()
+    router = _router(county_url, phone_network, f"{platform}/cap")
+    thread = _run_router(router)
+    try:
+        incidents = []
+        for band in _wristbands(county_url, 8):
+            incidents.append(press(county_url, band, datetime.now(UTC), msg_id="p"))
+            time.sleep(0.3)
+        _wait(
+            "not every incident's first SMS went out",
+            lambda: len(_first_step_sent(county_url, incidents, "sms")) == len(incidents),
+        )
+        sms = _first_step_sent(county_url, incidents, "sms")
+        calls_done = _first_step_sent(county_url, incidents, "voice")
+        leaders = q(
+            county_url,
+            "SELECT DISTINCT channel FROM notification_attempts WHERE incident_id = ANY(%s)"
+            " AND round = 0 AND step = 0 AND purpose = 'page' AND channel IN ('voice', 'sms') AND NOT behind_sibling",
+            incidents,
+        )
+    finally:
+        router.stop()
+        thread.join(20)
+    assert leaders == [("voice",)], "each incident, stepped alone, leads with its call"
+    assert max(sms.values()) < 1.0, f"first SMS took {sorted(sms.values())}"
+    assert calls_done == {}, "a call came back before the SMS went: the hang did not hold the leading page"
+
+
 # --- acknowledgements racing a send --------------------------------------------------------
 
 
