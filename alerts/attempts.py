@@ -165,14 +165,7 @@ def claim(
     if only is not None:
         tiers = (f"AND a.id = {int(only)}",)
     for extra in tiers:
-        taken = conn.execute(
-            _CLAIM.format(extra=extra, pending=AttemptState.PENDING),
-            {
-                "channels": [c.value for c in channels],
-                "now": now,
-                "limit": limit,
-            },
-        ).fetchall()
+        taken = conn.execute(*claim_query(extra, channels, now, limit)).fetchall()
         if taken:
             break
     if not taken:
@@ -221,6 +214,21 @@ def claim(
     return leases
 
 
+def claim_query(extra: str, channels: Collection[Channel], now: datetime, limit: int) -> tuple[str, dict[str, Any]]:
+    """One tier of :func:`claim`: its statement and parameters.
+
+    One channel (every sender's claim) is matched by equality: only then can the planner
+    read that channel's index in order and stop at the first free row. With
+    ``= ANY(array)`` its generic plan (psycopg prepares a statement run five times) walked
+    the all-channel first-pages index past every other channel's rows and every waiting
+    sibling: in a mass event, a scan of the queue per claim.
+    """
+    values = [c.value for c in channels]
+    match = "a.channel = %(channel)s" if len(values) == 1 else "a.channel = ANY(%(channels)s)"
+    query = _CLAIM.format(extra=extra, pending=AttemptState.PENDING, channel_match=match)
+    return query, {"channels": values, "channel": values[0] if values else None, "now": now, "limit": limit}
+
+
 # State and purpose are written out (from the enums), not passed as parameters: each
 # claim must match a partial index's predicate, which a parameter cannot prove. A lease's
 # session is looked up with an uncorrelated ``NOT IN``, one hashed read of
@@ -228,7 +236,7 @@ def claim(
 # every attempt in flight the claim passed over (a third of a claim's cost in a mass event).
 _CLAIM = """
     SELECT a.id, a.incident_id, a.purpose, a.sends, a.body, a.channel FROM notification_attempts a
-    WHERE a.state = '{pending}' AND a.channel = ANY(%(channels)s) AND (a.not_before IS NULL OR a.not_before <= %(now)s)
+    WHERE a.state = '{pending}' AND {channel_match} AND (a.not_before IS NULL OR a.not_before <= %(now)s)
       AND (a.leased_until IS NULL OR a.leased_until < %(now)s
            OR coalesce(a.lease_pid, 0) NOT IN (SELECT s.pid FROM pg_stat_activity s WHERE s.pid IS NOT NULL)) {extra}
     ORDER BY a.created_at, a.id

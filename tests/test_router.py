@@ -3,6 +3,7 @@ clock the test moves: rosters in Asia/Shanghai, fallback up the tree, steps and 
 
 from __future__ import annotations
 
+import re
 import threading
 from datetime import datetime, timedelta
 from typing import Any
@@ -11,6 +12,7 @@ import httpx
 import psycopg
 import pytest
 
+from alerts import attempts
 from alerts.attempts import LEASE_S, claim, settle
 from alerts.notifiers.base import SendOutcome, SendResult
 from alerts.recipients import Rosters, shift_covers
@@ -549,3 +551,40 @@ def test_each_incident_leads_with_one_first_page_so_call_and_sms_senders_page_di
     assert sorted(incident for _channel, incident in first_round) == sorted(incidents)
     lead = {incident: Channel(channel) for incident, channel in leading}
     assert all(channel is lead[incident] for channel, incident in first_round)
+
+
+@pytest.mark.parametrize("tier", ["leading", "first", "any"])
+def test_a_senders_claim_reads_its_channels_index_in_order_and_stops_at_the_first_free_row(
+    county_url: str, phone_network: str, tier: str
+) -> None:
+    """The claim of one channel, as every sender makes it, in the plan psycopg's prepared
+    statement gets (generic): an index scan in (created_at, id) order on an index that
+    starts with the channel — no sort, and not the all-channel first-pages index, which a
+    mass event's claims walked from its oldest row past every other channel's page and
+    every waiting sibling (issue 13; ``= ANY(array)`` planned so)."""
+    devices = [r[0] for r in q(county_url, "SELECT id FROM devices WHERE kind = 'wristband' ORDER BY id LIMIT 12")]
+    for device in devices:
+        press(county_url, device, DAY, msg_id=f"m-{device}")
+    make_router(county_url, phone_network, Clock(DAY)).run_due_steps()
+    extra = {"leading": attempts._UNPAGED_FIRST_PAGES, "first": attempts._FIRST_PAGES, "any": ""}[tier]
+    query, params = attempts.claim_query(extra, (Channel.SMS,), DAY, 1)
+    # As a prepared statement, with $n parameters: EXPLAIN with bound values plans for those values.
+    names = list(dict.fromkeys(re.findall(r"%\((\w+)\)s", query)))
+    numbered = re.sub(r"%\((\w+)\)s", lambda m: f"${names.index(m.group(1)) + 1}", query)
+    with psycopg.connect(county_url) as conn:
+        conn.execute("ANALYZE notification_attempts")
+        conn.execute("SET plan_cache_mode = force_generic_plan")
+        conn.execute("SET enable_seqscan = off")  # a dozen rows: the question is which index, and in what order
+        conn.execute(f"PREPARE claim_tier AS {numbered}")
+        arguments = ", ".join(["%s"] * len(names))
+        # The arguments as literals (a client-side cursor): EXECUTE's parameters are the statement's.
+        explained = psycopg.ClientCursor(conn).execute(
+            f"EXPLAIN EXECUTE claim_tier({arguments})", [params[n] for n in names]
+        )
+        plan = "\n".join(str(row[0]) for row in explained)
+        taken = conn.execute(query, params).fetchall()
+    assert "Sort" not in plan, plan
+    assert "notification_attempts_first_pages_idx" not in plan, plan
+    assert "Index Cond: (channel = $" in plan, plan
+    assert taken
+    assert all(row[5] == "sms" for row in taken)
