@@ -355,8 +355,10 @@ def open_alarms(
 ) -> list[AlarmOutcome | None]:
     """:func:`record_alarm` for a mass event's presses and falls, in a handful of statements.
 
-    The alarms this takes: readable presses and falls (not cancels) of registered
-    wristbands, one per resident in the group, whose devices the group has read. All
+    ``alarms``: all of a group's alarms, in the order received, cancels and unreadable
+    ones included. The alarms this takes: readable presses and falls of registered
+    wristbands whose devices the group has read, each its resident's first alarm in the
+    group. All
     of their ledger rows go in one statement, their incidents in one, their timelines
     in one and their first steps in one, so a group of fifty costs a few round trips
     instead of some three hundred, at a moment when the CPU is what everyone waits
@@ -371,16 +373,19 @@ def open_alarms(
     """
     outcomes: list[AlarmOutcome | None] = [None] * len(alarms)
     chosen: dict[int, tuple[Alarm, str, str | None]] = {}  # index → (alarm, resident, area)
-    residents: set[str] = set()
+    # Whose alarms came already, by resident (or device, for one with none): an alarm is
+    # taken only as its resident's first in the group, so that storing it before the
+    # others changes nothing — a cancel before it still cancels first, a press after it joins.
+    seen: set[str] = set()
     for index, alarm in enumerate(alarms):
         device = group.devices.get(alarm.device_id)
-        if alarm.cancel or alarm.msg_id is None or device is None or device[0] != "wristband":
+        resident_id = device[1] if device is not None and device[0] == "wristband" else None
+        owner = f"resident:{resident_id}" if resident_id is not None else f"device:{alarm.device_id}"
+        first_of_owner = owner not in seen
+        seen.add(owner)
+        if not first_of_owner or alarm.cancel or alarm.msg_id is None or device is None or resident_id is None:
             continue
-        resident_id, area_id = device[1], device[2]
-        if resident_id is None or resident_id in residents:
-            continue  # unregistered, or a second alarm of a resident: record_alarm joins it after
-        residents.add(resident_id)
-        chosen[index] = (alarm, resident_id, area_id)
+        chosen[index] = (alarm, resident_id, device[2])
     _read_policies(conn, [(alarm.kind, area_id) for alarm, _r, area_id in chosen.values()], ack_timeout_s, group)
     openings: dict[int, tuple[_Opening, PolicySnapshot]] = {}
     for index, (alarm, resident_id, area_id) in chosen.items():

@@ -88,7 +88,7 @@ def resolve_policy(
     return policy_snapshot(kind, policy_rows(conn, kind, [area_id])[area_id], ack_timeout_s)
 
 
-PolicyRow = tuple[str, list[dict[str, Any]]]  # a policy's id and its steps as the registry holds them
+PolicyRow = tuple[str, Any]  # a policy's id and its steps as the registry holds them (a JSON list)
 
 
 def policy_rows(
@@ -122,7 +122,7 @@ def policy_rows(
     ).fetchall()
     for start, policy_id, steps in rows:
         if start in found:
-            found[start] = (str(policy_id), list(steps))
+            found[start] = (str(policy_id), steps)
     return found
 
 

@@ -435,13 +435,23 @@ class Writer:
     def _open_together(self, conn: Conn, messages: Sequence[Received], group: AlarmGroup) -> dict[int, AlarmReceipt]:
         """The group's readable presses and falls, stored together (``open_alarms``): their
         receipts by index. The rest, and all of them if storing them together fails, are
-        left to be stored one by one, each in its own savepoint."""
-        alarms: dict[int, tuple[Alarm, DeviceMessage, Topic]] = {}
-        for index, message in enumerate(messages):
-            parsed = parse_message(message.topic, message.payload)
-            topic = parsed.topic
-            if topic is not None and _pages(parsed, topic) and isinstance(parsed, DeviceMessage):
-                alarms[index] = (_alarm_from(message, parsed, topic), parsed, topic)
+        left to be stored one by one, each in its own savepoint.
+
+        Every alarm of the group goes to ``open_alarms`` in order, cancels and unreadable
+        ones too: it takes a press only when nothing of the same resident came before it
+        in the group, so that storing it first changes no outcome."""
+        alarms: dict[int, tuple[Alarm, DeviceMessage | Rejected, Topic]] = {}
+        try:
+            for index, message in enumerate(messages):
+                parsed = parse_message(message.topic, message.payload)
+                topic = parsed.topic
+                if topic is not None and _pages(parsed, topic):
+                    alarms[index] = (_alarm_from(message, parsed, topic), parsed, topic)
+        except Exception:
+            # A message the parser chokes on (a bug): its place in the group is unknown, so
+            # nothing is stored ahead of it; each is stored alone and it fails alone.
+            log.exception("reading a group of %d alarms failed; each is stored by itself", len(messages))
+            return {}
         if len(alarms) < 2:
             return {}
         try:

@@ -160,3 +160,50 @@ def test_an_alarm_that_breaks_the_shared_statements_costs_only_itself(county_url
     # Nothing of the shared try is left behind: one ledger row and one first step each.
     assert sorted(m for (m,) in q(county_url, "SELECT msg_id FROM message_ledger")) == ["b-1", "c-1"]
     assert q(county_url, "SELECT count(*) FROM escalation_actions") == [(2,)]
+
+
+def raw(device: str, payload: bytes, *, seconds: int = 0) -> Received:
+    at = DAY + timedelta(seconds=seconds)
+    return Received(f"shouhu/v1/wristband/{device}/sos", payload, 1, False, 1, 1, at, time.monotonic())
+
+
+def test_a_cancel_before_a_press_in_the_same_group_still_comes_first(county_url: str) -> None:
+    """Stored alone, a cancel and then a new press stand the old incident down and open a new
+    one. Storing the press together with the group first would have joined it to the old
+    incident and let the cancel stand the press down with it: a press lost. A press is taken
+    into the shared statements only as its resident's first alarm in the group."""
+    (d, rd), (e, re_) = bands(county_url, 2)
+    [earlier] = store(county_url, [sos(d, "d-1"), sos(e, "e-0")])[:1]
+    assert isinstance(earlier, AlarmReceipt)
+    receipts = store(county_url, [sos(d, "d-cancel", action="cancel", seconds=5), sos(d, "d-2", seconds=6),
+                                  sos(e, "e-1", seconds=6)])
+    states = q(county_url, "SELECT code, state FROM incidents WHERE resident_id = %s ORDER BY id", rd)
+    assert states[0] == (earlier.incident_code, "cancelled")
+    assert [state for _code, state in states[1:]] == ["open"], "the press after the cancel opened its own incident"
+    press = receipts[1]
+    assert isinstance(press, AlarmReceipt)
+    assert (press.incident_code, press.state) == (states[1][0], "open")
+    assert q(county_url, "SELECT urgency FROM incidents WHERE resident_id = %s", re_) == [(2,)]
+
+
+def test_a_cancel_with_nothing_open_then_a_press_in_the_same_group_pages(county_url: str) -> None:
+    (d, rd), (e, _re) = bands(county_url, 2)
+    receipts = store(county_url, [sos(d, "d-cancel", action="cancel"), sos(d, "d-1", seconds=1), sos(e, "e-1")])
+    assert q(county_url, "SELECT state FROM incidents WHERE resident_id = %s", rd) == [("open",)]
+    assert isinstance(receipts[1], AlarmReceipt)
+    assert receipts[1].state == "open"
+
+
+def test_an_unreadable_alarm_before_a_press_of_the_same_band_opens_the_incident_as_alone(county_url: str) -> None:
+    (d, rd), (e, _re) = bands(county_url, 2)
+    store(county_url, [raw(d, b"\xff\xfe not json"), sos(d, "d-1", seconds=1), sos(e, "e-1")])
+    assert q(county_url, "SELECT payload_unreadable, urgency FROM incidents WHERE resident_id = %s", rd) == [
+        (True, 2)
+    ]
+    events = q(
+        county_url,
+        "SELECT e.event FROM incident_events e JOIN incidents i ON i.id = e.incident_id"
+        " WHERE i.resident_id = %s ORDER BY e.id",
+        rd,
+    )
+    assert [event for (event,) in events] == ["opened", "stored", "joined"]
