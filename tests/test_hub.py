@@ -7,11 +7,13 @@ broker decodes the packets, so "PUBACK only after commit" is observed, not assum
 from __future__ import annotations
 
 import json
+import signal
 import time
 import uuid
 from typing import Any
 
 import psycopg
+import pytest
 
 from hub.service import Hub
 from shouhu.embedded.broker import ensure_local_broker
@@ -219,3 +221,89 @@ def test_hub_killed_before_commit_loses_nothing_and_doubles_nothing(county_url: 
         assert json.dumps(stored[0][0]).count(hub_id) == 1
     finally:
         second.stop()
+
+
+def _wait_on_advisory_lock(key: int, devices: list[str]) -> str:
+    """A trigger on the ledger that makes a transaction storing one of ``devices`` wait
+    for advisory lock ``key`` (which the test holds)."""
+    listed = ", ".join(f"'{d}'" for d in devices)
+    return f"""
+        CREATE FUNCTION wait_{key}() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.device_id IN ({listed}) THEN PERFORM pg_advisory_xact_lock_shared({key}); END IF;
+            RETURN NEW;
+        END $$;
+        CREATE TRIGGER wait_{key} BEFORE INSERT ON message_ledger FOR EACH ROW EXECUTE FUNCTION wait_{key}();
+    """
+
+
+def _hub_statement(url: str, hub_id: str) -> str:
+    rows = query(
+        url,
+        "SELECT query FROM pg_stat_activity WHERE application_name = %s AND wait_event_type = 'Lock'",
+        f"shouhu-hub-{hub_id}",
+    )
+    return str(rows[0][0]) if rows else ""
+
+
+@pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
+def test_a_hub_stopped_inside_a_group_of_alarms_loses_none_and_doubles_none(
+    county_url: str, mosquitto: Mosquitto, signal_number: int
+) -> None:
+    """A mass event's alarms are stored together (issue 13): the hub is killed (SIGKILL) or
+    stopped (SIGTERM) while a group of fifteen presses sits in its shared statements, not
+    committed, not acknowledged. After a restart every press has its one incident, one
+    first step and one `stored` entry: nothing lost to the kill, nothing doubled by the
+    broker's redelivery."""
+    devices = [f"wb-{n:04d}" for n in range(21, 37)]
+    holder = psycopg.connect(county_url, autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(1), pg_advisory_lock(2)")
+    with psycopg.connect(county_url) as conn:
+        conn.execute(_wait_on_advisory_lock(1, devices[:1]))
+        conn.execute(_wait_on_advisory_lock(2, devices[1:]))
+    hub_id = f"hub-{uuid.uuid4().hex[:8]}"
+    tap = MqttWireTap(mosquitto.port)
+    first = hub_process(county_url, tap.url, hub_id).start()
+    try:
+        # The first press holds the alarm lane in its transaction while the others queue
+        # in its inbox; released, it commits and the lane takes the others as one group.
+        publish_raw(mosquitto.url, sos_topic(devices[0]), alarm_payload("sos"))
+        wait_until(lambda: _hub_waiting_on_lock(county_url, hub_id), what="the first press in its transaction")
+        for device in devices[1:]:
+            publish_raw(mosquitto.url, sos_topic(device), alarm_payload("sos"))
+        for device in devices[1:]:  # delivered to the hub (the broker lets 20 be in flight)
+            tap.wait_for("down", PUBLISH, topic=sos_topic(device))
+        holder.execute("SELECT pg_advisory_unlock(1)")
+        wait_until(lambda: "unnest" in _hub_statement(county_url, hub_id), what="the group in its shared statements")
+        assert len(incidents(county_url)) == 1
+        assert first.process is not None
+        first.process.send_signal(signal_number)
+        if signal_number == signal.SIGKILL:
+            first.process.wait(15)
+    finally:
+        holder.execute("SELECT pg_advisory_unlock_all()")
+        holder.close()
+    assert first.process is not None
+    first.process.wait(20)
+    tap.close()
+    second = hub_process(county_url, mosquitto.url, hub_id).start()
+    try:
+        wait_until(lambda: len(incidents(county_url)) == len(devices), timeout=20, what="every press's incident")
+        # One more press behind any redelivery on the same session: once it is stored,
+        # every second copy of the group has been handled.
+        publish_raw(mosquitto.url, sos_topic("wb-0040"), alarm_payload("sos"))
+        wait_until(lambda: len(incidents(county_url)) == len(devices) + 1, what="the press behind them")
+    finally:
+        second.stop()
+    per_device = query(
+        county_url,
+        "SELECT i.device_id, count(DISTINCT a.id), count(DISTINCT e.id) FROM incidents i"
+        " JOIN escalation_actions a ON a.incident_id = i.id"
+        " JOIN incident_events e ON e.incident_id = i.id AND e.event = 'stored'"
+        " WHERE i.device_id = ANY(%s) GROUP BY i.device_id ORDER BY i.device_id",
+        devices,
+    )
+    assert per_device == [(device, 1, 1) for device in devices]
+    assert query(county_url, "SELECT count(*) FROM message_ledger WHERE device_id = ANY(%s)", devices) == [
+        (len(devices),)
+    ]
