@@ -320,7 +320,7 @@ def _open_or_join(conn: Conn, opening: _Opening, *, ack_timeout_s: int, group: A
         if opened is not None:
             incident_id, code = opened
             add_events(conn, opening.opening_events(incident_id, snapshot))
-            schedule_first_steps(conn, [(incident_id, alarm.received_at)])
+            schedule_first_step(conn, incident_id, alarm.received_at)
             if group is None:
                 wake_routers(conn, str(incident_id))
             else:
