@@ -262,6 +262,9 @@ def settle(
 ) -> str | None:
     """Record a send's outcome, in the caller's (new) transaction; the attempt's state, or None if fenced out.
 
+    A success is recorded by one statement, which is a transaction of its own on an
+    autocommit connection (how the router's senders settle it, in one round trip).
+
     ``provider``: the phone provider it went out on, recorded here with the outcome
     (an attempt that has one keeps it), not in a statement of its own.
 
@@ -272,12 +275,14 @@ def settle(
     from alerts.retry import after_failure  # retry queues attempts through this module's rules
 
     # A send the provider accepted decides nothing (no retry, no step advanced): the
-    # incident is held FOR SHARE, which other senders' claims and successful settles
-    # share, and which an acknowledgement's or a callback's FOR UPDATE still waits for.
+    # statement holds the incident FOR SHARE, which other senders' claims and successful
+    # settles share, and which an acknowledgement's or a callback's FOR UPDATE still
+    # waits for; one statement, so the dispatcher can settle a success in one round trip.
     # A failure may retry, fall back or advance the step from what the other attempts
-    # say, so failures settle one at a time, FOR UPDATE (``after_failure`` locks it
-    # too: a share lock taken first would have to be upgraded).
-    lock_incident(conn, lease.incident_id, share=result.outcome is SendOutcome.SENT)
+    # say, so failures settle one at a time, FOR UPDATE, taken first (``after_failure``
+    # locks it too: a share lock taken first would have to be upgraded).
+    if result.outcome is not SendOutcome.SENT:
+        lock_incident(conn, lease.incident_id)
     outcome = result.outcome.value
     # The outcome and its timeline entry in one statement (a mass event settles thousands).
     row = conn.execute(
@@ -311,14 +316,18 @@ def settle(
 
 # A settled attempt and its timeline entry (``attempt_<outcome>``, or ``attempt_result_late``
 # when the lease was taken over and nothing is recorded): add_event's row, written here.
+# ``held`` is the incident's lock, first (incident → attempts): the update's condition
+# refers to it, so PostgreSQL takes it before it locks the attempt's row.
 _SETTLE = """
-    WITH settled AS (
+    WITH held AS (
+        SELECT id FROM incidents WHERE id = %(incident)s FOR SHARE
+    ), settled AS (
         UPDATE notification_attempts
         SET state = CASE WHEN state = %(pending)s THEN %(outcome)s ELSE state END,
             provider_id = coalesce(provider_id, %(provider_id)s), error = coalesce(%(error)s, error),
             sent_at = CASE WHEN %(sent)s THEN %(now)s ELSE sent_at END, provider = coalesce(provider, %(provider)s),
             leased_by = NULL, lease_pid = NULL, leased_until = NULL, updated_at = %(now)s
-        WHERE id = %(attempt)s AND leased_by = %(token)s
+        WHERE id = %(attempt)s AND leased_by = %(token)s AND EXISTS (SELECT FROM held)
         RETURNING state
     ), logged AS (
         INSERT INTO incident_events (incident_id, at, event, actor, detail)

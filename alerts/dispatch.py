@@ -20,6 +20,7 @@ import json
 import logging
 import time
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass, replace
 from datetime import datetime
 from typing import Any
@@ -289,7 +290,10 @@ class Dispatcher:
             log.exception("sending attempt %s raised", attempt.id)
             result = SendResult(SendOutcome.FAILED, error=repr(exc)[:500])
         ATTEMPTS.labels(attempt.channel.value, attempt.purpose.value, result.outcome.value).inc()
-        with conn.transaction():
+        # A success is settled by one statement: on an autocommit connection (the router's)
+        # that is its own transaction, without a BEGIN and a COMMIT around it.
+        alone = result.outcome is SendOutcome.SENT and conn.autocommit
+        with nullcontext() if alone else conn.transaction():
             settle(
                 conn,
                 lease,

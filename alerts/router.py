@@ -113,7 +113,11 @@ class Router:
     def _connection(self) -> Conn:
         conn: Conn | None = getattr(self._local, "conn", None)
         if conn is None or conn.closed:
-            conn = psycopg.connect(self.database_url, application_name=f"shouhu-router-{self.config.router_id}")
+            # Autocommit: every transaction is an explicit ``conn.transaction()``, and a
+            # sender's success is settled by one statement without a BEGIN and a COMMIT.
+            conn = psycopg.connect(
+                self.database_url, autocommit=True, application_name=f"shouhu-router-{self.config.router_id}"
+            )
             self._local.conn = conn
             with self._connections_lock:
                 self._connections = [c for c in self._connections if not c.closed]
