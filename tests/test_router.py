@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import re
 import threading
+import time
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -511,6 +512,40 @@ def test_a_result_after_the_lease_was_taken_over_is_logged_late_not_recorded(
             {"channel": "voice", "attempt_id": lost.attempt_id, "provider_id": "CA-new", "error": None},
         ),
     ]
+
+
+def test_a_successful_settle_waits_for_the_incident_before_it_touches_the_attempt(
+    county_url: str, phone_network: str
+) -> None:
+    """The lock order incident → attempts, kept by the one-statement settle of a success:
+    while an acknowledgement holds the incident FOR UPDATE, a settle on an autocommit
+    connection (the router's) waits for it without having locked the attempt's row, so
+    the acknowledgement can still update that attempt (no deadlock); then it records."""
+    device, _grid, _resident = wristband_in(county_url, night_covered=False)
+    incident = press(county_url, device, DAY)
+    make_router(county_url, phone_network, Clock(DAY)).run_due_steps()
+    with psycopg.connect(county_url, autocommit=True) as sender, psycopg.connect(county_url) as ack:
+        with sender.transaction():
+            [lease] = claim(sender, (Channel.VOICE,), DAY, "r-1")
+        ack.execute("SELECT id FROM incidents WHERE id = %s FOR UPDATE", (incident,))
+        outcome: list[str | None] = []
+        settling = threading.Thread(
+            target=lambda: outcome.append(
+                settle(sender, lease, SendResult(SendOutcome.SENT, provider_id="CA-1"), DAY, "r-1", {})
+            )
+        )
+        settling.start()
+        waiting = "SELECT wait_event_type FROM pg_stat_activity WHERE pid = %s"
+        deadline = time.monotonic() + 10
+        while ack.execute(waiting, (sender.info.backend_pid,)).fetchone() != ("Lock",):
+            assert time.monotonic() < deadline, "the settle never waited for the incident"
+        row = ack.execute(
+            "SELECT id FROM notification_attempts WHERE id = %s FOR UPDATE NOWAIT", (lease.attempt_id,)
+        ).fetchone()
+        assert row == (lease.attempt_id,)  # NOWAIT: had the settle locked it first, this would raise
+        ack.commit()
+        settling.join(10)
+    assert outcome == ["sent"]
 
 
 def test_each_incident_leads_with_one_first_page_so_call_and_sms_senders_page_different_incidents(
