@@ -12,7 +12,7 @@ import threading
 import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 
 import httpx
@@ -47,6 +47,7 @@ from tests.support.escalation import (
     q,
     wristband_in,
 )
+from tests.support.local_http import serve_in_thread
 from tests.support.services import serve_app
 
 FAST_STEPS = [
@@ -408,10 +409,7 @@ class SlowPlatform:
             def log_message(self, format: str, *args: object) -> None:
                 return
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_in_thread(Handler)
 
     def close(self) -> None:
         self.server.shutdown()

@@ -14,6 +14,7 @@ and everything else the client does (auth, form encoding, error parsing) is unch
 from __future__ import annotations
 
 import base64
+import http.client
 import json
 import logging
 import os
@@ -32,6 +33,7 @@ from twilio.rest import Client
 from twilio.twiml.voice_response import VoiceResponse
 
 from alerts.notifiers.base import Delivery, Message, SendOutcome, SendResult
+from alerts.notifiers.keepalive import KeepAliveTransport
 from alerts.notifiers.text import plain_text
 from devices.kinds import SEVERITY_OF_KIND, Channel, IncidentKind, Severity
 from shouhu.settings import TWILIO_DEFAULT_API_BASE
@@ -51,7 +53,7 @@ if TYPE_CHECKING:
 # 4 s for settling, the claim of the fallback and the other provider's own request.
 # Twilio answers a create in well under a second; 6 s is many times its usual latency.
 HTTP_TIMEOUT_S = 6.0
-# Connections kept per provider host: more than the senders of one channel in a router.
+# Connections kept per proxy: more than the senders of one channel in a router.
 POOL_CONNECTIONS = 16
 # The keys of the environment's proxies (``HTTPS_PROXY``, ``ALL_PROXY`` …) that name a proxy.
 PROXY_SCHEMES = frozenset({"http", "https", "all"})
@@ -228,11 +230,14 @@ class RebasingHttpClient(HttpClient):  # type: ignore[misc]  # twilio ships no t
     environment (``HTTPS_PROXY``, ``NO_PROXY``) and the CA bundle a site may set for its
     outbound proxy (``REQUESTS_CA_BUNDLE``, ``CURL_CA_BUNDLE``) are read once, here.
 
-    It sends through urllib3's connection pools directly, not through the SDK's default
-    (requests): preparing and merging a requests ``Session``'s settings for every page
-    was a sixth of the router's CPU in a mass event (bench/escalation.py). The SDK
-    still builds every request; failures reach the caller as requests' exceptions,
-    ``requests.Timeout`` and ``requests.ConnectionError``, as they did.
+    It does not send through the SDK's default (requests): preparing and merging a
+    requests ``Session``'s settings for every page was a sixth of the router's CPU in a
+    mass event (bench/escalation.py). Unproxied requests go over each sender thread's
+    own kept-alive connection (:mod:`alerts.notifiers.keepalive`, half urllib3's CPU per
+    request); proxied ones through urllib3's proxy pools, which speak CONNECT and HTTPS
+    proxies. The SDK still builds every request; failures reach the caller as requests'
+    exceptions, ``requests.Timeout`` and ``requests.ConnectionError`` (a URL or header
+    refused before anything was sent: ``requests.exceptions.InvalidURL``), as they did.
     """
 
     def __init__(self, api_base: str, *, timeout: float = HTTP_TIMEOUT_S) -> None:
@@ -240,8 +245,9 @@ class RebasingHttpClient(HttpClient):  # type: ignore[misc]  # twilio ships no t
         self.api_base = api_base.rstrip("/")
         self.proxy: dict[str, str] = dict(requests.utils.get_environ_proxies(self.api_base))
         bundle = os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or certifi.where()
-        # One pool per host, as many connections as a router has senders on a channel and more.
-        self._pools = urllib3.PoolManager(maxsize=POOL_CONNECTIONS, ca_certs=bundle)
+        # Unproxied: each sender thread's own kept-alive connection (urllib3's pools cost
+        # twice the CPU per request).
+        self._direct = KeepAliveTransport(bundle)
         # The environment's proxies by scheme; the same dict also carries NO_PROXY's list
         # under "no", which is no proxy (requests ignored it too).
         self._proxied = {
@@ -285,24 +291,51 @@ class RebasingHttpClient(HttpClient):  # type: ignore[misc]  # twilio ships no t
         if auth is not None:
             sent["Authorization"] = "Basic " + base64.b64encode(f"{auth[0]}:{auth[1]}".encode()).decode()
         scheme = urlsplit(target).scheme
-        pool = self._proxied.get(scheme) or self._proxied.get("all") or self._pools
+        proxy = self._proxied.get(scheme) or self._proxied.get("all")
+        if proxy is None:
+            return self._direct_request(method.upper(), target, body, sent, timeout)
+        return _proxied_request(proxy, method.upper(), target, body, sent, timeout, allow_redirects)
+
+    def _direct_request(
+        self, method: str, target: str, body: bytes | None, headers: dict[str, str], timeout: float
+    ) -> TwilioResponse:
         try:
-            answer = pool.request(
-                method.upper(),
-                target,
-                body=body,
-                headers=sent,
-                timeout=urllib3.Timeout(connect=timeout, read=timeout),
-                redirect=allow_redirects,
-                retries=False,
-            )
-        except urllib3.exceptions.NewConnectionError as exc:  # urllib3 files it under timeouts too
-            raise requests.ConnectionError(str(exc)) from exc
-        except urllib3.exceptions.TimeoutError as exc:
+            answer = self._direct.request(method, target, body=body, headers=headers, timeout=timeout)
+        except TimeoutError as exc:
             raise requests.Timeout(str(exc)) from exc
-        except urllib3.exceptions.HTTPError as exc:
-            raise requests.ConnectionError(str(exc)) from exc
-        return TwilioResponse(answer.status, answer.data.decode("utf-8", errors="replace"), answer.headers)
+        except (OSError, http.client.HTTPException) as exc:
+            raise requests.ConnectionError(str(exc) or repr(exc)) from exc
+        except ValueError as exc:  # the URL or a header refused before a byte was sent
+            raise requests.exceptions.InvalidURL(str(exc)) from exc
+        return TwilioResponse(answer.status, answer.body.decode("utf-8", errors="replace"), answer.headers)
+
+
+def _proxied_request(
+    proxy: urllib3.ProxyManager,
+    method: str,
+    target: str,
+    body: bytes | None,
+    headers: dict[str, str],
+    timeout: float,
+    allow_redirects: bool,
+) -> TwilioResponse:
+    try:
+        answer = proxy.request(
+            method,
+            target,
+            body=body,
+            headers=headers,
+            timeout=urllib3.Timeout(connect=timeout, read=timeout),
+            redirect=allow_redirects,
+            retries=False,
+        )
+    except urllib3.exceptions.NewConnectionError as exc:  # urllib3 files it under timeouts too
+        raise requests.ConnectionError(str(exc)) from exc
+    except urllib3.exceptions.TimeoutError as exc:
+        raise requests.Timeout(str(exc)) from exc
+    except urllib3.exceptions.HTTPError as exc:
+        raise requests.ConnectionError(str(exc)) from exc
+    return TwilioResponse(answer.status, answer.data.decode("utf-8", errors="replace"), answer.headers)
 
 
 def _present(values: dict[str, object]) -> dict[str, object]:

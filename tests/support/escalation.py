@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import threading
 from datetime import UTC, datetime, timedelta
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from typing import Any
 from urllib.parse import parse_qs
 from zoneinfo import ZoneInfo
@@ -23,6 +23,7 @@ from alerts.providers import PhoneProviders
 from alerts.router import Router, RouterConfig
 from devices.contract import payload_hash
 from devices.kinds import IncidentKind
+from tests.support.local_http import serve_in_thread
 
 ZONE = ZoneInfo("Asia/Shanghai")
 PHONE_SID, PHONE_TOKEN, FROM = "AC" + "0" * 32, "router-test-token", "+12025550100"
@@ -173,10 +174,7 @@ class HangingProvider:
             def log_message(self, format: str, *args: object) -> None:
                 return
 
-        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.server.daemon_threads = True
-        self.url = f"http://127.0.0.1:{self.server.server_address[1]}"
-        threading.Thread(target=self.server.serve_forever, daemon=True).start()
+        self.server, self.url = serve_in_thread(Handler)
 
     def close(self) -> None:
         self.release.set()

@@ -1,0 +1,184 @@
+"""The provider transport's kept-alive connections (alerts/notifiers/keepalive.py), against
+real sockets: reuse, a connection the server closed while idle, a server that hangs or
+breaks off its answer, and sender threads side by side."""
+
+from __future__ import annotations
+
+import socket
+import threading
+import time
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler
+
+import certifi
+import pytest
+import requests
+
+from alerts.notifiers.keepalive import KeepAliveTransport
+from alerts.notifiers.twilio import RebasingHttpClient
+from tests.support.local_http import serve_in_thread
+
+FORM = {"Content-Type": "application/x-www-form-urlencoded"}
+
+
+class EchoServer:
+    """An HTTP/1.1 server answering each POST with its body; it counts connections and
+    requests, and with ``close_after_answer`` closes every connection once it has
+    answered, without saying so (a keep-alive timeout that fires while the client idles)."""
+
+    def __init__(self, *, close_after_answer: bool = False) -> None:
+        self.connections = 0
+        self.bodies: list[bytes] = []
+        self.lock = threading.Lock()
+        self.hung_up = threading.Event()
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def setup(self) -> None:
+                super().setup()
+                with owner.lock:
+                    owner.connections += 1
+
+            def do_POST(self) -> None:
+                body = self.rfile.read(int(self.headers["Content-Length"]))
+                with owner.lock:
+                    owner.bodies.append(body)
+                self.send_response(201)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(body)))
+                self.end_headers()
+                self.wfile.write(body)
+                if close_after_answer:
+                    self.wfile.flush()
+                    self.connection.shutdown(socket.SHUT_RDWR)
+                    self.close_connection = True
+                    owner.hung_up.set()
+
+            def log_message(self, format: str, *args: object) -> None:
+                return
+
+        self.server, self.url = serve_in_thread(Handler)
+
+    def close(self) -> None:
+        self.server.shutdown()
+        self.server.server_close()
+
+
+@pytest.fixture
+def echo() -> Iterator[EchoServer]:
+    server = EchoServer()
+    yield server
+    server.close()
+
+
+def test_one_thread_keeps_one_connection_for_its_requests(echo: EchoServer) -> None:
+    transport = KeepAliveTransport(ca_bundle=certifi.where())
+    answers = [transport.request("POST", echo.url + "/x", body=b"n=%d" % n, headers=FORM, timeout=5) for n in range(20)]
+    assert [a.body for a in answers] == [b"n=%d" % n for n in range(20)]
+    assert {a.status for a in answers} == {201}
+    assert answers[0].headers["content-type"] == "application/json"  # looked up case-insensitively
+    assert echo.connections == 1
+
+
+def test_a_connection_the_server_closed_while_idle_is_replaced_before_the_request_is_written() -> None:
+    """Had the request been written to the closed socket, it would fail (or, worse, leave
+    the caller guessing whether the provider got it); it goes out once, on a new one."""
+    server = EchoServer(close_after_answer=True)
+    try:
+        transport = KeepAliveTransport(ca_bundle=certifi.where())
+        first = transport.request("POST", server.url + "/x", body=b"first", headers=FORM, timeout=5)
+        assert server.hung_up.wait(5)  # its FIN is on the client's idle socket (loopback)
+        second = transport.request("POST", server.url + "/x", body=b"second", headers=FORM, timeout=5)
+    finally:
+        server.close()
+    assert (first.body, second.body) == (b"first", b"second")
+    assert server.bodies == [b"first", b"second"]
+    assert server.connections == 2
+
+
+def test_sender_threads_each_get_their_own_answers(echo: EchoServer) -> None:
+    transport = KeepAliveTransport(ca_bundle=certifi.where())
+    mixed: list[tuple[bytes, bytes]] = []
+
+    def sender(name: int) -> None:
+        for n in range(30):
+            body = b"thread=%d&n=%d" % (name, n)
+            answer = transport.request("POST", echo.url + "/x", body=body, headers=FORM, timeout=5)
+            if answer.body != body:
+                mixed.append((body, answer.body))
+
+    threads = [threading.Thread(target=sender, args=(name,)) for name in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(30)
+    assert mixed == []
+    assert len(echo.bodies) == 6 * 30
+    assert echo.connections == 6  # one per thread, kept
+
+
+def test_a_server_that_never_answers_is_a_timeout_and_the_request_is_not_sent_again() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    received: list[bytes] = []
+
+    def swallow() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            received.append(conn.recv(65536))  # read the request, answer nothing, keep it open
+
+    threading.Thread(target=swallow, daemon=True).start()
+    client = RebasingHttpClient(f"http://127.0.0.1:{port}", timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(requests.Timeout):
+        client.request("POST", "https://api.twilio.com/2010-04-01/Accounts/AC1/Calls.json", data={"To": "+1"})
+    assert time.monotonic() - started < 3
+    listener.close()
+    assert len(received) == 1
+
+
+def test_an_answer_broken_off_is_a_connection_error_and_the_next_request_opens_a_new_connection() -> None:
+    listener = socket.create_server(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    accepted: list[bytes] = []
+
+    def break_off_then_answer() -> None:
+        conn, _ = listener.accept()
+        accepted.append(conn.recv(65536))
+        conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n{\"sid\":")  # 100 promised, 7 sent
+        conn.close()
+        conn, _ = listener.accept()
+        accepted.append(conn.recv(65536))
+        conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}")
+        conn.close()
+
+    server = threading.Thread(target=break_off_then_answer, daemon=True)
+    server.start()
+    client = RebasingHttpClient(f"http://127.0.0.1:{port}", timeout=5)
+    url = "https://api.twilio.com/2010-04-01/Accounts/AC1/Calls.json"
+    with pytest.raises(requests.ConnectionError):
+        client.request("POST", url, data={"To": "+1"})
+    assert client.request("POST", url, data={"To": "+2"}).status_code == 201
+    server.join(5)
+    listener.close()
+    assert [request.split(b"\r\n\r\n")[-1] for request in accepted] == [b"To=%2B1", b"To=%2B2"]
+
+
+def test_a_refused_connection_is_a_connection_error() -> None:
+    unused = socket.create_server(("127.0.0.1", 0))
+    port = unused.getsockname()[1]
+    unused.close()
+    with pytest.raises(requests.ConnectionError):
+        RebasingHttpClient(f"http://127.0.0.1:{port}").request("GET", f"http://127.0.0.1:{port}/")
+
+
+def test_a_header_with_a_line_break_is_refused_before_anything_is_sent(echo: EchoServer) -> None:
+    client = RebasingHttpClient(echo.url)
+    with pytest.raises(requests.exceptions.InvalidURL):
+        client.request("POST", echo.url + "/x", data={"a": "b"}, headers={"X-Note": "one\r\nX-Evil: two"})
+    assert echo.bodies == []
