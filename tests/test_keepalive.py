@@ -5,10 +5,12 @@ breaks off its answer, and sender threads side by side."""
 from __future__ import annotations
 
 import socket
+import ssl
 import threading
 import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler
+from pathlib import Path
 
 import certifi
 import pytest
@@ -17,6 +19,7 @@ import requests
 from alerts.notifiers.keepalive import KeepAliveTransport
 from alerts.notifiers.twilio import RebasingHttpClient
 from tests.support.local_http import serve_in_thread
+from tests.support.tls import make_pki
 
 FORM = {"Content-Type": "application/x-www-form-urlencoded"}
 
@@ -64,6 +67,20 @@ class EchoServer:
     def close(self) -> None:
         self.server.shutdown()
         self.server.server_close()
+
+
+def read_request(conn: socket.socket) -> bytes:
+    """One whole request off a raw connection (headers and body come in separate writes)."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = next(
+        (int(line.split(b":")[1]) for line in head.split(b"\r\n") if line.lower().startswith(b"content-length:")), 0
+    )
+    while len(body) < length:
+        body += conn.recv(65536)
+    return head + b"\r\n\r\n" + body
 
 
 @pytest.fixture
@@ -130,7 +147,7 @@ def test_a_server_that_never_answers_is_a_timeout_and_the_request_is_not_sent_ag
                 conn, _ = listener.accept()
             except OSError:
                 return
-            received.append(conn.recv(65536))  # read the request, answer nothing, keep it open
+            received.append(read_request(conn))  # read the request, answer nothing, keep it open
 
     threading.Thread(target=swallow, daemon=True).start()
     client = RebasingHttpClient(f"http://127.0.0.1:{port}", timeout=0.5)
@@ -149,11 +166,11 @@ def test_an_answer_broken_off_is_a_connection_error_and_the_next_request_opens_a
 
     def break_off_then_answer() -> None:
         conn, _ = listener.accept()
-        accepted.append(conn.recv(65536))
+        accepted.append(read_request(conn))
         conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 100\r\n\r\n{\"sid\":")  # 100 promised, 7 sent
         conn.close()
         conn, _ = listener.accept()
-        accepted.append(conn.recv(65536))
+        accepted.append(read_request(conn))
         conn.sendall(b"HTTP/1.1 201 Created\r\nContent-Length: 2\r\n\r\n{}")
         conn.close()
 
@@ -182,3 +199,22 @@ def test_a_header_with_a_line_break_is_refused_before_anything_is_sent(echo: Ech
     with pytest.raises(requests.exceptions.InvalidURL):
         client.request("POST", echo.url + "/x", data={"a": "b"}, headers={"X-Note": "one\r\nX-Evil: two"})
     assert echo.bodies == []
+
+
+def test_https_is_verified_against_the_sites_ca_bundle_and_a_peer_it_does_not_sign_is_refused(tmp_path: Path) -> None:
+    pki = make_pki(tmp_path)
+    server = EchoServer()
+    tls = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    tls.load_cert_chain(pki.cert_file, pki.key_file)
+    server.server.socket = tls.wrap_socket(server.server.socket, server_side=True)
+    url = server.url.replace("http://", "https://") + "/x"
+    try:
+        trusting = KeepAliveTransport(ca_bundle=str(pki.ca_file))
+        answers = [trusting.request("POST", url, body=b"n=%d" % n, headers=FORM, timeout=5) for n in range(3)]
+        with pytest.raises(ssl.SSLCertVerificationError):
+            KeepAliveTransport(ca_bundle=certifi.where()).request("POST", url, body=b"no", headers=FORM, timeout=5)
+    finally:
+        server.close()
+    assert [a.body for a in answers] == [b"n=0", b"n=1", b"n=2"]
+    assert server.bodies == [b"n=0", b"n=1", b"n=2"]
+    assert server.connections == 1
