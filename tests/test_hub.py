@@ -6,6 +6,7 @@ broker decodes the packets, so "PUBACK only after commit" is observed, not assum
 
 from __future__ import annotations
 
+import contextlib
 import json
 import signal
 import time
@@ -17,10 +18,10 @@ import pytest
 
 from hub.service import Hub
 from shouhu.embedded.broker import ensure_local_broker
-from shouhu.embedded.postgres import free_port
+from shouhu.embedded.postgres import LocalPostgres, free_port
 from simulators.wristband import alarm_payload, publish_raw
 from tests.support.hub import count, hub_process, incidents, query, sos_topic, start_hub, wait_until
-from tests.support.services import Mosquitto, MqttWireTap
+from tests.support.services import Mosquitto, MqttWireTap, ShouhuProcess
 
 PUBLISH, PUBACK = 3, 4
 
@@ -223,6 +224,51 @@ def test_hub_killed_before_commit_loses_nothing_and_doubles_nothing(county_url: 
         second.stop()
 
 
+@pytest.mark.parametrize("fault", ["postgres-crash", "broker-restart"])
+def test_a_database_crash_or_broker_restart_inside_a_group_of_alarms_loses_none_and_doubles_none(
+    own_postgres: tuple[LocalPostgres, str], broker: Mosquitto, fault: str
+) -> None:
+    """The other faults of a group in its shared statements (issue 13): PostgreSQL crashes
+    (`pg_ctl stop -m immediate`, the group's transaction lost with it), or the broker
+    restarts (the group commits while the hub's connection is gone, so its PUBACKs cannot
+    go out and the broker delivers the group again). Either way every press ends with
+    one incident and one first step, and the ledger one row per press."""
+    cluster, url = own_postgres
+    devices = [f"wb-{n:04d}" for n in range(21, 37)]
+    hub_id = f"hub-{uuid.uuid4().hex[:8]}"
+    tap = MqttWireTap(broker.port)
+    holder, hub = _hub_with_a_group_in_its_shared_statements(url, broker, tap, hub_id, devices)
+    try:
+        if fault == "postgres-crash":
+            cluster.stop("immediate")  # the holder's session and the group's transaction die with it
+            cluster.start()
+        else:
+            broker.stop()  # SIGTERM: the broker saves its sessions
+            broker.start()
+            holder.execute("SELECT pg_advisory_unlock_all()")  # the group commits; its PUBACKs have no connection
+        wait_until(lambda: len(incidents(url)) == len(devices), timeout=30, what="every press's incident")
+        # One more press behind any redelivery on the same session: once it is stored,
+        # every second copy of the group has been handled.
+        publish_raw(broker.url, sos_topic("wb-0040"), alarm_payload("sos"))
+        wait_until(lambda: len(incidents(url)) == len(devices) + 1, timeout=30, what="the press behind them")
+        if fault == "broker-restart":  # the fault was real: the group came down the wire again
+            assert all(len(tap.seen("down", PUBLISH, topic=sos_topic(d))) >= 2 for d in devices[1:])
+    finally:
+        with contextlib.suppress(psycopg.Error):
+            holder.close()
+        hub.stop()
+        tap.close()
+    per_device = query(
+        url,
+        "SELECT i.device_id, count(DISTINCT i.id), count(DISTINCT a.id) FROM incidents i"
+        " JOIN escalation_actions a ON a.incident_id = i.id AND a.step = 0 AND a.round = 0"
+        " WHERE i.device_id = ANY(%s) GROUP BY i.device_id ORDER BY i.device_id",
+        devices,
+    )
+    assert per_device == [(device, 1, 1) for device in devices]
+    assert query(url, "SELECT count(*) FROM message_ledger WHERE device_id = ANY(%s)", devices) == [(len(devices),)]
+
+
 def _wait_on_advisory_lock(key: int, devices: list[str]) -> str:
     """A trigger on the ledger that makes a transaction storing one of ``devices`` wait
     for advisory lock ``key`` (which the test holds)."""
@@ -246,6 +292,38 @@ def _hub_statement(url: str, hub_id: str) -> str:
     return str(rows[0][0]) if rows else ""
 
 
+def _hub_with_a_group_in_its_shared_statements(
+    url: str, broker: Mosquitto, tap: MqttWireTap, hub_id: str, devices: list[str]
+) -> tuple[psycopg.Connection[tuple[Any, ...]], ShouhuProcess]:
+    """A `shouhu hub` whose alarm lane holds ``devices[1:]`` as one group, waiting inside
+    its shared statements on advisory lock 2, which the returned connection holds.
+
+    The first press holds the lane in its transaction (lock 1) while the others queue in
+    its inbox; released, it commits and the lane takes the others as one group."""
+    holder = psycopg.connect(url, autocommit=True)
+    holder.execute("SELECT pg_advisory_lock(1), pg_advisory_lock(2)")
+    with psycopg.connect(url) as conn:
+        conn.execute(_wait_on_advisory_lock(1, devices[:1]))
+        conn.execute(_wait_on_advisory_lock(2, devices[1:]))
+    hub = hub_process(url, tap.url, hub_id).start()
+    try:
+        publish_raw(broker.url, sos_topic(devices[0]), alarm_payload("sos"))
+        wait_until(lambda: _hub_waiting_on_lock(url, hub_id), what="the first press in its transaction")
+        for device in devices[1:]:
+            publish_raw(broker.url, sos_topic(device), alarm_payload("sos"))
+        for device in devices[1:]:  # delivered to the hub (the broker lets 20 be in flight)
+            tap.wait_for("down", PUBLISH, topic=sos_topic(device))
+        holder.execute("SELECT pg_advisory_unlock(1)")
+        wait_until(lambda: "unnest" in _hub_statement(url, hub_id), what="the group in its shared statements")
+        assert len(incidents(url)) == 1
+    except BaseException:
+        hub.kill(9)
+        holder.close()
+        tap.close()
+        raise
+    return holder, hub
+
+
 @pytest.mark.parametrize("signal_number", [signal.SIGKILL, signal.SIGTERM])
 def test_a_hub_stopped_inside_a_group_of_alarms_loses_none_and_doubles_none(
     county_url: str, mosquitto: Mosquitto, signal_number: int
@@ -256,26 +334,10 @@ def test_a_hub_stopped_inside_a_group_of_alarms_loses_none_and_doubles_none(
     first step and one `stored` entry: nothing lost to the kill, nothing doubled by the
     broker's redelivery."""
     devices = [f"wb-{n:04d}" for n in range(21, 37)]
-    holder = psycopg.connect(county_url, autocommit=True)
-    holder.execute("SELECT pg_advisory_lock(1), pg_advisory_lock(2)")
-    with psycopg.connect(county_url) as conn:
-        conn.execute(_wait_on_advisory_lock(1, devices[:1]))
-        conn.execute(_wait_on_advisory_lock(2, devices[1:]))
     hub_id = f"hub-{uuid.uuid4().hex[:8]}"
     tap = MqttWireTap(mosquitto.port)
-    first = hub_process(county_url, tap.url, hub_id).start()
+    holder, first = _hub_with_a_group_in_its_shared_statements(county_url, mosquitto, tap, hub_id, devices)
     try:
-        # The first press holds the alarm lane in its transaction while the others queue
-        # in its inbox; released, it commits and the lane takes the others as one group.
-        publish_raw(mosquitto.url, sos_topic(devices[0]), alarm_payload("sos"))
-        wait_until(lambda: _hub_waiting_on_lock(county_url, hub_id), what="the first press in its transaction")
-        for device in devices[1:]:
-            publish_raw(mosquitto.url, sos_topic(device), alarm_payload("sos"))
-        for device in devices[1:]:  # delivered to the hub (the broker lets 20 be in flight)
-            tap.wait_for("down", PUBLISH, topic=sos_topic(device))
-        holder.execute("SELECT pg_advisory_unlock(1)")
-        wait_until(lambda: "unnest" in _hub_statement(county_url, hub_id), what="the group in its shared statements")
-        assert len(incidents(county_url)) == 1
         assert first.process is not None
         first.process.send_signal(signal_number)
     finally:

@@ -166,7 +166,11 @@ class MqttWireTap:
                 client, _ = self._server.accept()
             except OSError:
                 return
-            upstream = socket.create_connection(("127.0.0.1", self.broker_port))
+            try:
+                upstream = socket.create_connection(("127.0.0.1", self.broker_port))
+            except OSError:  # the broker is down (restarting): the client tries again
+                client.close()
+                continue
             self._sockets += [client, upstream]
             state: dict[str, Any] = {}  # per connection: protocol level, SUBSCRIBEs to refuse
             threading.Thread(target=self._pump, args=(client, upstream, "up", state), daemon=True).start()
