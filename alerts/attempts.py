@@ -42,7 +42,7 @@ import json
 import logging
 import uuid
 from collections.abc import Collection
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -103,12 +103,14 @@ MAX_SENDS = 2
 
 @dataclass(frozen=True, slots=True)
 class Lease:
-    """A claimed attempt: its id, the lease that fences its settling, how often it was sent."""
+    """A claimed attempt: its id, the lease that fences its settling, how often it was sent,
+    and what the claimer asked to read about it in the lease's statement (``claim(read=…)``)."""
 
     attempt_id: int
     incident_id: int
     token: str
     sends: int
+    read: tuple[Any, ...] | None = field(default=None, compare=False)
 
 
 def _cancel(conn: Conn, attempt_id: int, incident_id: int, now: datetime, why: str, worker: str) -> None:
@@ -149,6 +151,7 @@ def claim(
     lease_s: float = LEASE_S,
     first_pages_only: bool = False,
     only: int | None = None,
+    read: str = "SELECT a.id FROM leased a",
 ) -> list[Lease]:
     """Lease up to ``limit`` due attempts of ``channels`` for ``worker``, oldest first; in the caller's transaction.
 
@@ -157,6 +160,8 @@ def claim(
     incident gets one call or SMS out before any gets its second channel. Each query is
     served by a partial index. Commit before sending: the lease is what other senders see.
     ``only``: that attempt alone, if it is due and free (a fallback its sender sends at once).
+    ``read``: a query over ``leased a`` (the leased rows as updated) whose first column is
+    the attempt's id, run in the lease's own statement; each lease carries its row.
     """
     taken: list[tuple[Any, ...]] = []
     tiers: tuple[str, ...] = (_UNPAGED_FIRST_PAGES, _FIRST_PAGES)
@@ -171,8 +176,7 @@ def claim(
     if not taken:
         return []
     states = lock_incidents(conn, [int(r[1]) for r in taken], share=True)
-    leases: list[Lease] = []
-    token = f"{worker}/{uuid.uuid4().hex[:12]}"
+    leasing: list[tuple[int, int, int, str | None]] = []  # attempt, incident, sends so far, body
     for attempt_id, incident_id, purpose, sends, stored, channel in taken:
         if sends >= MAX_SENDS:
             conn.execute(
@@ -205,13 +209,41 @@ def claim(
                     "sent": now.replace(microsecond=0).isoformat(),
                 }
             )
-        conn.execute(
-            "UPDATE notification_attempts SET leased_by = %s, lease_pid = pg_backend_pid(), leased_until = %s,"
-            " sends = sends + 1, body = %s, updated_at = %s WHERE id = %s",
-            (token, now + timedelta(seconds=lease_s), body, now, attempt_id),
-        )
-        leases.append(Lease(int(attempt_id), int(incident_id), token, int(sends) + 1))
-    return leases
+        leasing.append((int(attempt_id), int(incident_id), int(sends), body))
+    if not leasing:
+        return []
+    token = f"{worker}/{uuid.uuid4().hex[:12]}"
+    rows = conn.execute(
+        _LEASE.format(read=read),
+        {
+            "ids": [attempt_id for attempt_id, *_ in leasing],
+            "bodies": [body for *_, body in leasing],
+            "token": token,
+            "until": now + timedelta(seconds=lease_s),
+            "now": now,
+        },
+    ).fetchall()
+    read_rows = {int(row[0]): tuple(row) for row in rows}
+    return [
+        Lease(attempt_id, incident_id, token, sends + 1, read_rows.get(attempt_id))
+        for attempt_id, incident_id, sends, _body in leasing
+    ]
+
+
+# The lease of the claimed attempts, and what the claimer reads about them, in one
+# statement (in a mass event a round trip per page less). The read sees the leased rows
+# as updated (``leased``); any other table as before the statement.
+_LEASE = """
+    WITH leased AS (
+        UPDATE notification_attempts a
+        SET leased_by = %(token)s, lease_pid = pg_backend_pid(), leased_until = %(until)s,
+            sends = a.sends + 1, body = l.body, updated_at = %(now)s
+        FROM unnest(%(ids)s::bigint[], %(bodies)s::text[]) AS l(id, body)
+        WHERE a.id = l.id
+        RETURNING a.*
+    )
+    {read}
+"""
 
 
 def claim_query(extra: str, channels: Collection[Channel], now: datetime, limit: int) -> tuple[str, dict[str, Any]]:

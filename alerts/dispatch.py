@@ -98,22 +98,12 @@ def attempt_by_id(conn: Conn, attempt_id: int) -> PendingAttempt | None:
     return cursor.execute(_ATTEMPTS + " WHERE a.id = %s", (attempt_id,)).fetchone()
 
 
-def _leased(conn: Conn, leases: list[Lease]) -> dict[int, tuple[PendingAttempt, bool]]:
-    """The leased attempts with what their messages need, read in one statement, each with
-    whether it may be its incident's first provider request (``_FIRST_REQUEST``)."""
-    if not leases:
-        return {}
-    rows = conn.execute(
-        _ATTEMPTS.replace("SELECT a.id,", f"SELECT {_FIRST_REQUEST} AS first_request, a.id,", 1)
-        + " WHERE a.id = ANY(%s)",
-        ([lease.attempt_id for lease in leases],),
-    ).fetchall()
-    found: dict[int, tuple[PendingAttempt, bool]] = {}
-    for row in rows:
-        first, *columns = row
-        attempt = _attempt(**dict(zip(_COLUMNS, columns, strict=True)))
-        found[attempt.id] = (attempt, bool(first))
-    return found
+def _leased(lease: Lease) -> tuple[PendingAttempt, bool]:
+    """A leased attempt with what its message needs, as the lease's statement read it
+    (``_LEASED``), and whether it may be its incident's first provider request."""
+    assert lease.read is not None, f"attempt {lease.attempt_id} leased without its row"
+    _id, first, *columns = lease.read
+    return _attempt(**dict(zip(_COLUMNS, columns, strict=True))), bool(first)
 
 
 def _attempt(*, purpose: str, channel: str, provider: str | None, **columns: Any) -> PendingAttempt:
@@ -152,6 +142,14 @@ _FIRST_REQUEST = f"""
                        AND f.step = 0 AND f.channel <> '{Channel.CONSOLE}' AND NOT f.behind_sibling
                        AND (f.id < a.id OR f.sent_at IS NOT NULL)))
 """
+
+
+# What a sender reads about the attempts it leases, in the lease's own statement
+# (``alerts.attempts.claim(read=…)``): the id, whether it is its incident's first request,
+# then the columns of ``_COLUMNS``.
+_LEASED = _ATTEMPTS.replace(
+    "SELECT a.id,", f"SELECT a.id AS leased_id, {_FIRST_REQUEST} AS first_request, a.id,", 1
+).replace("FROM notification_attempts a", "FROM leased a", 1)
 
 
 # A leased attempt ready to send: its lease, what it is, the CAP alert (webhook), whether it
@@ -213,7 +211,9 @@ class Dispatcher:
         with conn.transaction():
             now = self.clock()
             channels = self.channels() if channel is None else (channel,)
-            leases = claim(conn, channels, now, self.worker_id, limit=limit, first_pages_only=first_pages_only)
+            leases = claim(
+                conn, channels, now, self.worker_id, limit=limit, first_pages_only=first_pages_only, read=_LEASED
+            )
             work = self._prepare_all(conn, leases)
         self._send(conn, work)
         return len(leases)
@@ -225,10 +225,9 @@ class Dispatcher:
                 self._send_fallback(conn, attempt.id)
 
     def _prepare_all(self, conn: Conn, leases: list[Lease]) -> list[_Work]:
-        """What sending the leased attempts needs, read in the claim's transaction (one
-        statement for all of them: in a mass event, two per page were a fifth of the router's)."""
-        leased = _leased(conn, leases)
-        return [self._prepare(conn, lease, *leased[lease.attempt_id]) for lease in leases]
+        """What sending the leased attempts needs: their rows, read by the lease's own
+        statement (in a mass event, two statements per page were a fifth of the router's)."""
+        return [self._prepare(conn, lease, *_leased(lease)) for lease in leases]
 
     def _prepare(self, conn: Conn, lease: Lease, attempt: PendingAttempt, first_request: bool) -> _Work:
         """What sending a leased attempt needs; a phone attempt gets its provider here (its
@@ -262,7 +261,7 @@ class Dispatcher:
                 return  # no provider left (the step goes on as after any failure), or another sender has it
             attempt = attempt_by_id(conn, fallback)
             assert attempt is not None
-            leases = claim(conn, (attempt.channel,), self.clock(), self.worker_id, only=fallback)
+            leases = claim(conn, (attempt.channel,), self.clock(), self.worker_id, only=fallback, read=_LEASED)
             work = self._prepare_all(conn, leases)
         self._send(conn, work)  # a fallback that fails so again goes on to the next provider, if any
 
