@@ -47,6 +47,7 @@ from datetime import datetime, timedelta
 from typing import Any
 
 from prometheus_client import Counter
+from psycopg.pq import TransactionStatus
 from psycopg.types.json import Jsonb
 
 from alerts.locks import lock_incident, lock_incidents
@@ -314,6 +315,8 @@ def settle(
     # say, so failures settle one at a time, FOR UPDATE, taken first (``after_failure``
     # locks it too: a share lock taken first would have to be upgraded).
     if result.outcome is not SendOutcome.SENT:
+        if conn.autocommit and conn.info.transaction_status == TransactionStatus.IDLE:
+            raise RuntimeError("a failed send is settled in a transaction: its lock must hold until after_failure")
         lock_incident(conn, lease.incident_id)
     outcome = result.outcome.value
     # The outcome and its timeline entry in one statement (a mass event settles thousands).

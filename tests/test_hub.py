@@ -244,8 +244,9 @@ def test_a_database_crash_or_broker_restart_inside_a_group_of_alarms_loses_none_
             cluster.start()
         else:
             broker.stop()  # SIGTERM: the broker saves its sessions
-            broker.start()
             holder.execute("SELECT pg_advisory_unlock_all()")  # the group commits; its PUBACKs have no connection
+            wait_until(lambda: len(incidents(url)) == len(devices), what="the group committed with the broker down")
+            broker.start()
         wait_until(lambda: len(incidents(url)) == len(devices), timeout=30, what="every press's incident")
         # One more press behind any redelivery on the same session: once it is stored,
         # every second copy of the group has been handled.

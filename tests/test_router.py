@@ -539,6 +539,7 @@ def test_a_successful_settle_waits_for_the_incident_before_it_touches_the_attemp
         deadline = time.monotonic() + 10
         while ack.execute(waiting, (sender.info.backend_pid,)).fetchone() != ("Lock",):
             assert time.monotonic() < deadline, "the settle never waited for the incident"
+            time.sleep(0.01)
         row = ack.execute(
             "SELECT id FROM notification_attempts WHERE id = %s FOR UPDATE NOWAIT", (lease.attempt_id,)
         ).fetchone()
@@ -546,6 +547,22 @@ def test_a_successful_settle_waits_for_the_incident_before_it_touches_the_attemp
         ack.commit()
         settling.join(10)
     assert outcome == ["sent"]
+
+
+def test_a_failed_send_is_not_settled_outside_a_transaction(county_url: str, phone_network: str) -> None:
+    """A failure's settle may retry, fall back or advance the step under the incident's
+    FOR UPDATE: on an autocommit connection with no transaction open that lock would end
+    with its statement, so it is refused and nothing is recorded."""
+    device, _grid, _resident = wristband_in(county_url, night_covered=False)
+    press(county_url, device, DAY)
+    make_router(county_url, phone_network, Clock(DAY)).run_due_steps()
+    with psycopg.connect(county_url, autocommit=True) as sender:
+        with sender.transaction():
+            [lease] = claim(sender, (Channel.VOICE,), DAY, "r-1")
+        with pytest.raises(RuntimeError, match="in a transaction"):
+            settle(sender, lease, SendResult(SendOutcome.FAILED, error="busy"), DAY, "r-1", {})
+        with sender.transaction():
+            assert settle(sender, lease, SendResult(SendOutcome.FAILED, error="busy"), DAY, "r-1", {}) == "failed"
 
 
 def test_each_incident_leads_with_one_first_page_so_call_and_sms_senders_page_different_incidents(

@@ -5,25 +5,37 @@ own per origin needs no pool and no lock. urllib3's pools (and requests on top o
 did the same work at twice the CPU: 830 against 410 µs per request on this project's
 2-core machine, in a mass event a sixth of the router (docs/BENCHMARKS.md).
 
-A connection is reused only if the server has not closed it meanwhile: a kept-alive
-socket that has become readable (its FIN, or anything else unasked-for) is closed and a
-new one opened *before* the request is written. A request is never written twice: a
-failure while writing or reading it reaches the caller, whose page is retried as a
-scheduled row.
+A connection is reused only while it is fresh: idle for less than ``IDLE_REUSE_S`` and
+not readable (a server that closed it has sent its FIN; anything else unasked-for is as
+bad). Otherwise it is closed and a new one opened *before* the request is written. A
+request is never written twice: a failure while writing or reading it reaches the
+caller, whose page falls back or is retried as a scheduled row.
 """
 
 from __future__ import annotations
 
 import http.client
+import os
 import select
 import socket
 import ssl
 import threading
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from email.message import Message
 from urllib.parse import urlsplit
 
 _PORTS = {"http": 80, "https": 443}
+
+# A kept-alive connection idle this long is not reused. Below the shortest keep-alive
+# timeout of common servers (uvicorn's 5 s; nginx 75 s), so a request is not written as
+# the server closes the connection; and a connection a NAT or firewall dropped without a
+# word (which no readability check can see) does not cost a page its read timeout. In a
+# mass event every connection is busy and reused; a lone SOS after a quiet spell opens one.
+IDLE_REUSE_S = 4.0
+
+_Origin = tuple[str, str, int]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,17 +47,34 @@ class Answer:
     headers: Message
 
 
+@dataclass(slots=True)
+class _Kept:
+    conn: http.client.HTTPConnection
+    idle_since: float
+
+
 class KeepAliveTransport:
     """Direct (unproxied) HTTP/1.1 requests, each thread with its own connection per origin.
 
-    ``ca_bundle`` verifies TLS peers (a site's own CA for an intercepting gateway, else certifi's).
-    Raises ``TimeoutError`` when connecting or a read takes longer than ``timeout``, and
-    ``OSError`` or ``http.client.HTTPException`` when the connection fails or the answer is
-    not HTTP.
+    ``ca_bundle`` (a file, or a directory of hashed certificates, as requests takes it)
+    verifies TLS peers: a site's own CA for an intercepting gateway, else certifi's. It is
+    read at the first HTTPS request, so a wrong path fails that request (an ``OSError``),
+    never the process that builds the transport.
+
+    ``clock`` (monotonic seconds) times how long a connection has been idle.
+
+    ``timeout`` bounds each connect and each read of the socket (as urllib3's did), not the
+    request as a whole. Raises ``TimeoutError`` when one takes longer, ``OSError`` or
+    ``http.client.HTTPException`` when the connection fails or the answer is not HTTP, and
+    ``ValueError`` (``http.client.InvalidURL`` among them) for a URL or header refused
+    before anything is sent.
     """
 
-    def __init__(self, ca_bundle: str) -> None:
-        self._tls = ssl.create_default_context(cafile=ca_bundle)
+    def __init__(self, ca_bundle: str, *, clock: Callable[[], float] = time.monotonic) -> None:
+        self.ca_bundle = ca_bundle
+        self.clock = clock
+        self._tls: ssl.SSLContext | None = None
+        self._tls_lock = threading.Lock()
         self._local = threading.local()
 
     def request(self, method: str, url: str, *, body: bytes | None, headers: dict[str, str], timeout: float) -> Answer:
@@ -62,48 +91,50 @@ class KeepAliveTransport:
             response = conn.getresponse()
             answer = Answer(response.status, response.read(), response.headers)
         except BaseException:
-            self._forget(origin)
+            conn.close()  # half written or half read: no later request may follow on it
             raise
         if response.will_close:
-            self._forget(origin)
+            conn.close()
+        else:
+            self._kept()[origin] = _Kept(conn, self.clock())
         return answer
 
     def close(self) -> None:
-        """Close this thread's connections (other threads' close with their threads' end)."""
-        for origin in list(self._connections()):
-            self._forget(origin)
+        """Close this thread's connections (other threads' close when they are collected)."""
+        kept = self._kept()
+        while kept:
+            kept.popitem()[1].conn.close()
 
-    def _connections(self) -> dict[tuple[str, str, int], http.client.HTTPConnection]:
-        conns: dict[tuple[str, str, int], http.client.HTTPConnection] | None = getattr(self._local, "conns", None)
-        if conns is None:
-            conns = self._local.conns = {}
-        return conns
+    def _kept(self) -> dict[_Origin, _Kept]:
+        kept: dict[_Origin, _Kept] | None = getattr(self._local, "kept", None)
+        if kept is None:
+            kept = self._local.kept = {}
+        return kept
 
-    def _connection(self, origin: tuple[str, str, int], timeout: float) -> http.client.HTTPConnection:
-        conns = self._connections()
-        conn = conns.get(origin)
-        if conn is not None and conn.sock is not None and _closed_by_peer(conn.sock):
-            self._forget(origin)
-            conn = None
-        if conn is None:
-            scheme, host, port = origin
-            if scheme == "https":
-                conn = http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls)
-            else:
-                conn = http.client.HTTPConnection(host, port, timeout=timeout)
-            conns[origin] = conn
-        conn.timeout = timeout  # for a connection still to be opened
-        if conn.sock is not None:
-            conn.sock.settimeout(timeout)
-        return conn
+    def _connection(self, origin: _Origin, timeout: float) -> http.client.HTTPConnection:
+        kept = self._kept().pop(origin, None)
+        if kept is not None:
+            sock = kept.conn.sock
+            if sock is not None and self.clock() - kept.idle_since < IDLE_REUSE_S and not _readable(sock):
+                sock.settimeout(timeout)
+                return kept.conn
+            kept.conn.close()
+        scheme, host, port = origin
+        if scheme == "https":
+            return http.client.HTTPSConnection(host, port, timeout=timeout, context=self._tls_context())
+        return http.client.HTTPConnection(host, port, timeout=timeout)
 
-    def _forget(self, origin: tuple[str, str, int]) -> None:
-        conn = self._connections().pop(origin, None)
-        if conn is not None:
-            conn.close()
+    def _tls_context(self) -> ssl.SSLContext:
+        with self._tls_lock:
+            if self._tls is None:
+                if os.path.isdir(self.ca_bundle):
+                    self._tls = ssl.create_default_context(capath=self.ca_bundle)
+                else:
+                    self._tls = ssl.create_default_context(cafile=self.ca_bundle)
+            return self._tls
 
 
-def _closed_by_peer(sock: socket.socket) -> bool:
+def _readable(sock: socket.socket) -> bool:
     """Whether an idle kept-alive socket is readable: the server closed it (or sent
     something nobody asked for); either way it must not carry the next request."""
     poller = select.poll()  # not select(): a busy process's descriptors may pass 1024

@@ -303,6 +303,8 @@ class RebasingHttpClient(HttpClient):  # type: ignore[misc]  # twilio ships no t
             answer = self._direct.request(method, target, body=body, headers=headers, timeout=timeout)
         except TimeoutError as exc:
             raise requests.Timeout(str(exc)) from exc
+        except http.client.InvalidURL as exc:  # an HTTPException, but nothing was sent
+            raise requests.exceptions.InvalidURL(str(exc)) from exc
         except (OSError, http.client.HTTPException) as exc:
             raise requests.ConnectionError(str(exc) or repr(exc)) from exc
         except ValueError as exc:  # the URL or a header refused before a byte was sent
