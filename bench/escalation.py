@@ -376,8 +376,9 @@ def phase_two(
     timeout: float,
     postgres: int,
     statements: int = 0,
+    spread_s: float = 0.0,
 ) -> list[str]:
-    """Close phase 1's incidents, publish the burst, wait until every incident is paged."""
+    """Close phase 1's incidents, publish the burst (over ``spread_s``), wait until every incident is paged."""
     close_all(url)
     time.sleep(1.0)
     if statements:
@@ -386,7 +387,11 @@ def phase_two(
     watcher.start()
     cpu_before = tree_cpu(postgres)
     burst_start = time.monotonic()
-    for device in burst:
+    for n, device in enumerate(burst):
+        # Evenly over ``spread_s`` (the issue's "1,000 presses within 2 s"), or all at once.
+        due = burst_start + spread_s * n / len(burst)
+        while time.monotonic() < due:
+            time.sleep(min(due - time.monotonic(), 0.005))
         presser.press(device)
     last_press = time.monotonic()
     published_s = last_press - burst_start
@@ -436,6 +441,13 @@ def arguments() -> argparse.Namespace:
     )
     parser.add_argument("--timeout", type=float, default=300.0, help="give up waiting for pages after this")
     parser.add_argument("--burst-only", action="store_true", help="skip phase 1: only the burst of --burst presses")
+    parser.add_argument(
+        "--burst-over",
+        type=float,
+        default=0.0,
+        metavar="SECONDS",
+        help="publish the burst's presses evenly over this many seconds (issue 13: 1,000 within 2 s); 0: at once",
+    )
     parser.add_argument("--routers", type=int, default=1, help="`shouhu router` processes (they share by row locks)")
     parser.add_argument(
         "--statements",
@@ -506,7 +518,14 @@ def main() -> None:
         )
         burst = wristbands[args.inflight + new_count :]
         lines += phase_two(
-            url, network, presser, burst, args.timeout, postmaster_pid(cluster.spec.data_dir), args.statements
+            url,
+            network,
+            presser,
+            burst,
+            args.timeout,
+            postmaster_pid(cluster.spec.data_dir),
+            args.statements,
+            spread_s=args.burst_over,
         )
         print()
         print(f"policy default-sos: grid_worker → guardians → operators, wait_s={args.wait_s} each;"
