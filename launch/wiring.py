@@ -340,27 +340,41 @@ def run_until_signal(stop: Callable[[], None]) -> None:
     signal.signal(signal.SIGINT, handler)
 
 
-def resolve_broker(settings: Settings, stack: ExitStack) -> str:
-    """The configured broker, one already on the embedded port, or an embedded one
-    started now and stopped with ``stack``."""
+def resolve_broker(settings: Settings, stack: ExitStack, port: int | None = None) -> str:
+    """The configured broker, one already on the local port (``port``, by default the
+    embedded one's), or a local one started now and stopped with ``stack``: Mosquitto
+    when installed (its state under the data directory), else the embedded amqtt."""
     if settings.mqtt_url:
         return broker_url(settings)
-    from shouhu.embedded.broker import DEFAULT_PORT, ensure_local_broker
+    from shouhu.embedded.broker import DEFAULT_PORT, ensure_local_broker, is_listening
+    from shouhu.embedded.defaults import default_data_dir
+    from shouhu.embedded.mosquitto import mosquitto_binary, start_local_mosquitto
 
-    process = ensure_local_broker(DEFAULT_PORT)
+    local = DEFAULT_PORT if port is None else port
+    url = f"mqtt://127.0.0.1:{local}"
+    if is_listening("127.0.0.1", local):
+        typer.echo(f"MQTT: using the broker already listening on 127.0.0.1:{local}")
+        return url
+    binary = mosquitto_binary()
+    if binary is not None:
+        directory = default_data_dir(settings.data_dir) / "mosquitto"
+        stack.callback(stop_process, start_local_mosquitto(directory, local, binary))
+        typer.echo(f"MQTT: Mosquitto on 127.0.0.1:{local}, its sessions kept in {directory}")
+        return url
+    process = ensure_local_broker(local)
     if process is None:
-        typer.echo(f"MQTT: using the broker already listening on 127.0.0.1:{DEFAULT_PORT}")
-    else:
-        stack.callback(stop_process, process)
-        typer.echo(f"MQTT: embedded broker (amqtt, MQTT 3.1.1) on 127.0.0.1:{DEFAULT_PORT}")
-        # Measured (docs/BENCHMARKS.md): amqtt acknowledges a burst of QoS 1 messages and
-        # delivers a few percent of it. Fine for the demo's 50 msg/s; say so plainly.
-        typer.secho(
-            "MQTT: the embedded broker is for a demo: it loses messages under a burst. For anything else run"
-            " Mosquitto and set SHOUHU_MQTT_URL.",
-            err=True,
-        )
-    return f"mqtt://127.0.0.1:{DEFAULT_PORT}"
+        typer.echo(f"MQTT: using the broker already listening on 127.0.0.1:{local}")
+        return url
+    stack.callback(stop_process, process)
+    typer.echo(f"MQTT: embedded broker (amqtt, MQTT 3.1.1) on 127.0.0.1:{local}")
+    # Measured (docs/BENCHMARKS.md): amqtt acknowledges a burst of QoS 1 messages and
+    # delivers a few percent of it. Fine for the demo's 50 msg/s; say so plainly.
+    typer.secho(
+        "MQTT: the embedded broker is for a demo: it loses messages under a burst. For anything else"
+        " install Mosquitto (apt-get install mosquitto), which `shouhu up` then starts, or set SHOUHU_MQTT_URL.",
+        err=True,
+    )
+    return url
 
 
 def stop_process(process: subprocess.Popen[bytes]) -> None:

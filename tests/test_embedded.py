@@ -3,6 +3,7 @@ the amqtt broker."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import pwd
 import subprocess
@@ -156,3 +157,97 @@ def test_service_user_owns_data_when_root(as_root: bool) -> None:
         assert owner == expected
     finally:
         db.cluster.remove()
+
+
+# -- `shouhu up`'s local broker: Mosquitto when installed, else amqtt -----------------
+
+
+def _queued_for_a_parked_session(port: int, count: int) -> None:
+    """A persistent session subscribes and goes away; ``count`` QoS 1 messages are published for it."""
+    subscribed = threading.Event()
+    parked = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="parked-hub", clean_session=False)
+    parked.on_subscribe = lambda *_: subscribed.set()
+    parked.connect("127.0.0.1", port)
+    parked.loop_start()
+    parked.subscribe("shouhu/parked", qos=1)
+    assert subscribed.wait(5)
+    parked.loop_stop()
+    parked.disconnect()
+    publisher = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="parked-pub")
+    publisher.connect("127.0.0.1", port)
+    publisher.loop_start()
+    try:
+        for info in [publisher.publish("shouhu/parked", b"%d" % n, qos=1) for n in range(count)]:
+            info.wait_for_publish(10)  # the broker's PUBACK: it has them
+    finally:
+        publisher.loop_stop()
+        publisher.disconnect()
+
+
+def _collect_parked(port: int, count: int) -> int:
+    """The parked session comes back: how many of its queued messages it is given."""
+    received: list[bytes] = []
+    all_in = threading.Event()
+    parked = mqtt.Client(CallbackAPIVersion.VERSION2, client_id="parked-hub", clean_session=False)
+
+    def on_message(_c: mqtt.Client, _u: object, message: mqtt.MQTTMessage) -> None:
+        received.append(bytes(message.payload))
+        if len(received) >= count:
+            all_in.set()
+
+    parked.on_message = on_message
+    parked.connect("127.0.0.1", port)
+    parked.loop_start()
+    try:
+        all_in.wait(10)
+    finally:
+        parked.loop_stop()
+        parked.disconnect()
+    return len(received)
+
+
+def test_shouhu_up_starts_mosquitto_when_installed_and_what_it_acknowledged_survives_its_restart(
+    tmp_path: Path,
+) -> None:
+    """With Mosquitto installed `shouhu up` starts it, its state in the data directory: a
+    hub's session and the messages queued for it outlive a restart of `shouhu up` (amqtt
+    keeps them in memory, and loses most of a burst besides, docs/BENCHMARKS.md)."""
+    from launch.wiring import resolve_broker
+    from shouhu.embedded.mosquitto import mosquitto_binary
+    from shouhu.settings import Settings
+
+    assert mosquitto_binary() is not None, "the README's test command installs Debian's mosquitto"
+    port = free_port()
+    settings = Settings(_env_file=None, data_dir=str(tmp_path), mqtt_url="")  # type: ignore[call-arg]
+    with contextlib.ExitStack() as stack:
+        assert resolve_broker(settings, stack, port) == f"mqtt://127.0.0.1:{port}"
+        assert (tmp_path / "mosquitto" / "mosquitto.conf").exists()
+        _queued_for_a_parked_session(port, 200)
+    assert (tmp_path / "mosquitto" / "mosquitto.db").exists()  # saved at its SIGTERM
+    with contextlib.ExitStack() as stack:
+        resolve_broker(settings, stack, port)
+        assert _collect_parked(port, 200) == 200
+
+
+def test_shouhu_up_falls_back_to_amqtt_without_mosquitto(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from launch.wiring import resolve_broker
+    from shouhu.embedded import mosquitto
+    from shouhu.settings import Settings
+
+    monkeypatch.setattr(mosquitto, "mosquitto_binary", lambda: None)
+    port = free_port()
+    settings = Settings(_env_file=None, data_dir=str(tmp_path), mqtt_url="")  # type: ignore[call-arg]
+    with contextlib.ExitStack() as stack:
+        assert resolve_broker(settings, stack, port) == f"mqtt://127.0.0.1:{port}"
+        assert _roundtrip(port, MQTTProtocolVersion.MQTTv311) == [b"ping"]
+        assert not (tmp_path / "mosquitto").exists()
+
+
+def test_shouhu_up_uses_a_broker_already_listening(tmp_path: Path, mosquitto: Mosquitto) -> None:
+    from launch.wiring import resolve_broker
+    from shouhu.settings import Settings
+
+    settings = Settings(_env_file=None, data_dir=str(tmp_path), mqtt_url="")  # type: ignore[call-arg]
+    with contextlib.ExitStack() as stack:
+        assert resolve_broker(settings, stack, mosquitto.port) == mosquitto.url
+    assert not (tmp_path / "mosquitto").exists()

@@ -18,6 +18,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from typing import Any
 
 DEFAULT_PORT = 1883
@@ -60,16 +61,31 @@ def start_embedded_broker(port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> 
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
     )
-    deadline = time.monotonic() + 20
+    wait_until_listening(process, host, port, "the embedded MQTT broker")
+    return process
+
+
+def wait_until_listening(
+    process: subprocess.Popen[bytes],
+    host: str,
+    port: int,
+    name: str,
+    timeout_s: float = 20.0,
+    log: Callable[[], str] = str,
+) -> None:
+    """Wait until ``process`` (a broker just started) accepts connections on ``host``:``port``.
+
+    Raises RuntimeError, with its stderr and ``log()``, if it exits first, and kills it
+    if it does not listen within ``timeout_s``."""
+    deadline = time.monotonic() + timeout_s
     while not is_listening(host, port):
         if process.poll() is not None:
             err = process.stderr.read().decode(errors="replace") if process.stderr else ""
-            raise RuntimeError(f"the embedded MQTT broker exited: {err[-2000:]}")
+            raise RuntimeError(f"{name} exited with {process.returncode}: {err[-2000:]}{log()}")
         if time.monotonic() > deadline:
             process.kill()
-            raise RuntimeError(f"the embedded MQTT broker did not listen on {host}:{port}")
+            raise RuntimeError(f"{name} did not listen on {host}:{port} within {timeout_s:g} s")
         time.sleep(0.05)
-    return process
 
 
 def ensure_local_broker(port: int = DEFAULT_PORT) -> subprocess.Popen[bytes] | None:
