@@ -370,8 +370,9 @@ def resolve_broker(settings: Settings, stack: ExitStack, port: int | None = None
     # Measured (docs/BENCHMARKS.md): amqtt acknowledges a burst of QoS 1 messages and
     # delivers a few percent of it. Fine for the demo's 50 msg/s; say so plainly.
     typer.secho(
-        "MQTT: the embedded broker is for a demo: it loses messages under a burst. For anything else"
-        " install Mosquitto (apt-get install mosquitto), which `shouhu up` then starts, or set SHOUHU_MQTT_URL.",
+        "MQTT: the embedded broker is for a demo: it loses messages under a burst. For anything else install"
+        " Mosquitto (apt-get install mosquitto; with its system service stopped, `systemctl disable --now"
+        " mosquitto`, `shouhu up` starts its own, its state in the data directory), or set SHOUHU_MQTT_URL.",
         err=True,
     )
     return url

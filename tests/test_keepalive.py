@@ -267,8 +267,9 @@ def test_a_ca_bundle_that_is_not_there_fails_only_the_https_requests(
     monkeypatch.setenv("REQUESTS_CA_BUNDLE", str(tmp_path / "missing.pem"))
     client = RebasingHttpClient(echo.url)
     assert client.request("POST", echo.url + "/x", data={"To": "+1"}).status_code == 201
-    with pytest.raises(requests.ConnectionError):
+    with pytest.raises(requests.ConnectionError) as refused:
         client.request("POST", "https://127.0.0.1:9/x", data={"To": "+1"})
+    assert isinstance(refused.value.__cause__, FileNotFoundError)  # the bundle, not the closed port
 
 
 def test_a_ca_directory_is_read_as_hashed_certificates(tmp_path: Path) -> None:

@@ -60,6 +60,7 @@ def start_embedded_broker(port: int = DEFAULT_PORT, host: str = "127.0.0.1") -> 
         [sys.executable, "-m", "shouhu.embedded.broker", "--host", host, "--port", str(port)],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        process_group=0,  # Ctrl-C reaches `shouhu up`, which stops the hub before the broker
     )
     wait_until_listening(process, host, port, "the embedded MQTT broker")
     return process
@@ -78,12 +79,13 @@ def wait_until_listening(
     Raises RuntimeError, with its stderr and ``log()``, if it exits first, and kills it
     if it does not listen within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while not is_listening(host, port):
-        if process.poll() is not None:
+    while not is_listening(host, port) or process.poll() is not None:
+        if process.poll() is not None:  # exited (a port that answers is then someone else's)
             err = process.stderr.read().decode(errors="replace") if process.stderr else ""
             raise RuntimeError(f"{name} exited with {process.returncode}: {err[-2000:]}{log()}")
         if time.monotonic() > deadline:
             process.kill()
+            process.wait()
             raise RuntimeError(f"{name} did not listen on {host}:{port} within {timeout_s:g} s")
         time.sleep(0.05)
 

@@ -11,7 +11,7 @@ limits are the shipped configuration's (``deploy/mosquitto/mosquitto.conf``).
 
 from __future__ import annotations
 
-import getpass
+import os
 import shutil
 import subprocess
 from pathlib import Path
@@ -42,9 +42,10 @@ def mosquitto_config(directory: Path, port: int) -> str:
         "max_inflight_messages 1000\n"
         "persistent_client_expiration 7d\n"
         "message_size_limit 2097152\n"
-        # Run as root, Mosquitto would switch to the user "mosquitto", who cannot write here.
-        f"user {getpass.getuser()}\n"
-        f"log_dest file {directory}/mosquitto.log\n"
+        # Run as root, Mosquitto would switch to the user "mosquitto", who cannot write
+        # here; run as anyone else it ignores the option (so it is left out).
+        + ("user root\n" if os.geteuid() == 0 else "")
+        + f"log_dest file {directory}/mosquitto.log\n"
         "log_type error\nlog_type warning\nlog_type notice\n"
     )
 
@@ -54,8 +55,13 @@ def start_local_mosquitto(directory: Path, port: int, binary: str) -> subprocess
     directory.mkdir(parents=True, exist_ok=True)
     conf = directory / "mosquitto.conf"
     conf.write_text(mosquitto_config(directory, port))
-    process = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     log = directory / "mosquitto.log"
+    with log.open("ab") as stderr:  # not a pipe nobody reads: a full one would stop the broker
+        # Its own process group: a terminal's Ctrl-C reaches `shouhu up`, which stops the
+        # hub first and the broker after it, not the broker at once.
+        process = subprocess.Popen(
+            [binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=stderr, process_group=0
+        )
     wait_until_listening(
         process,
         "127.0.0.1",
