@@ -346,7 +346,7 @@ def resolve_broker(settings: Settings, stack: ExitStack, port: int | None = None
     when installed (its state under the data directory), else the embedded amqtt."""
     if settings.mqtt_url:
         return broker_url(settings)
-    from shouhu.embedded.broker import DEFAULT_PORT, ensure_local_broker, is_listening
+    from shouhu.embedded.broker import DEFAULT_PORT, is_listening, start_embedded_broker
     from shouhu.embedded.defaults import default_data_dir
     from shouhu.embedded.mosquitto import mosquitto_binary, start_local_mosquitto
 
@@ -361,11 +361,7 @@ def resolve_broker(settings: Settings, stack: ExitStack, port: int | None = None
         stack.callback(stop_process, start_local_mosquitto(directory, local, binary))
         typer.echo(f"MQTT: Mosquitto on 127.0.0.1:{local}, its sessions kept in {directory}")
         return url
-    process = ensure_local_broker(local)
-    if process is None:
-        typer.echo(f"MQTT: using the broker already listening on 127.0.0.1:{local}")
-        return url
-    stack.callback(stop_process, process)
+    stack.callback(stop_process, start_embedded_broker(local))
     typer.echo(f"MQTT: embedded broker (amqtt, MQTT 3.1.1) on 127.0.0.1:{local}")
     # Measured (docs/BENCHMARKS.md): amqtt acknowledges a burst of QoS 1 messages and
     # delivers a few percent of it. Fine for the demo's 50 msg/s; say so plainly.

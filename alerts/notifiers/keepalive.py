@@ -47,7 +47,7 @@ class Answer:
     headers: Message
 
 
-@dataclass(slots=True)
+@dataclass(frozen=True, slots=True)
 class _Kept:
     conn: http.client.HTTPConnection
     idle_since: float

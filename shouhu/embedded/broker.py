@@ -79,10 +79,12 @@ def wait_until_listening(
     Raises RuntimeError, with its stderr and ``log()``, if it exits first, and kills it
     if it does not listen within ``timeout_s``."""
     deadline = time.monotonic() + timeout_s
-    while not is_listening(host, port) or process.poll() is not None:
+    while True:
         if process.poll() is not None:  # exited (a port that answers is then someone else's)
             err = process.stderr.read().decode(errors="replace") if process.stderr else ""
             raise RuntimeError(f"{name} exited with {process.returncode}: {err[-2000:]}{log()}")
+        if is_listening(host, port):
+            return
         if time.monotonic() > deadline:
             process.kill()
             process.wait()

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from shouhu.embedded.mosquitto import mosquitto_binary
 from shouhu.embedded.postgres import ClusterSpec, LocalPostgres, free_port
 
 
@@ -60,8 +61,8 @@ class Mosquitto:
         return f"mqtt://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        binary = shutil.which("mosquitto") or "/usr/sbin/mosquitto"
-        if not Path(binary).exists():
+        binary = mosquitto_binary()
+        if binary is None:
             raise RuntimeError("mosquitto is not installed: run the README's test command, which installs it")
         data = self.directory / "data"
         data.mkdir(exist_ok=True)
